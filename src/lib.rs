@@ -1,0 +1,33 @@
+//! Aisle: a rules-driven caching gateway for HTTP APIs, built on Pingora.
+//!
+//! The crate is layered the way a request flows through it, so that each question has one
+//! place to look:
+//!
+//! | question                               | module            |
+//! |----------------------------------------|-------------------|
+//! | what does the operator's config say?   | [`config`]        |
+//! | which rule does a request match?       | [`rules`]         |
+//! | how is a cache key built?              | [`key`]           |
+//! | may this be stored / served (RFC 9111)?| [`policy`]        |
+//! | where do cached bytes live?            | [`storage`]       |
+//! | what does `Cache-Status` say?          | [`cache_status`]  |
+//! | the request phases (Pingora hooks)     | [`proxy`]         |
+//! | `/metrics`, `/healthz`                 | [`admin`], [`metrics`] |
+//! | wiring it all into a Pingora server    | [`server`]        |
+//!
+//! Configuration is compiled once at load time ([`config::Config::load`]) into matchers
+//! and key builders; the request path only reads the compiled form.
+
+pub mod admin;
+pub mod cache_status;
+pub mod config;
+pub mod demo;
+pub mod diag;
+pub mod key;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod rules;
+pub mod server;
+pub mod storage;
+pub mod units;

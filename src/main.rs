@@ -1,0 +1,139 @@
+//! The `aisle` command line: `run` (default), `check`, `demo`.
+
+use aisle::config::Config;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "aisle",
+    version,
+    about = "A rules-driven caching gateway for HTTP APIs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file (for the default `run`).
+    #[arg(long, default_value = "gateway.toml", global = true)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve with the given configuration (the default).
+    Run,
+    /// Validate the configuration and every rules file; print problems as file:line:col.
+    Check,
+    /// Serve the repository's gateway.toml and rules/ with a built-in demo origin.
+    Demo,
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AISLE_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|diags| {
+        for d in &diags {
+            eprintln!("{d}");
+        }
+        eprintln!(
+            "aisle: {} problem{} in the configuration; nothing was started",
+            diags.len(),
+            if diags.len() == 1 { "" } else { "s" }
+        );
+        ExitCode::FAILURE
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Check => match load(&cli.config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} rules, {} upstreams)",
+                    cli.config.display(),
+                    c.rules.len(),
+                    c.upstreams.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run => match load(&cli.config) {
+            Ok(c) => serve(c),
+            Err(code) => code,
+        },
+        Command::Demo => demo(&cli.config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    eprintln!(
+        "aisle: proxy on http://{}, admin on http://{} ({} rules)",
+        config.listen,
+        config.admin_listen,
+        config.rules.len()
+    );
+    match aisle::server::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aisle: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn demo(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let Some(origin) = config.upstreams.first().map(|u| u.address.clone()) else {
+        eprintln!("aisle demo: the configuration has no upstream to play");
+        return ExitCode::FAILURE;
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aisle demo: cannot start the demo origin: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match runtime.block_on(tokio::net::TcpListener::bind(&origin)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("aisle demo: cannot listen on {origin} for the demo origin: {e}; is something else using it?");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.spawn(async move {
+        if let Err(e) = aisle::demo::serve(listener).await {
+            eprintln!("aisle demo: the demo origin stopped: {e}");
+        }
+    });
+    let p = &config.listen;
+    let a = &config.admin_listen;
+    println!("aisle demo: origin on http://{origin}, gateway on http://{p}\n");
+    println!("Try (watch the cache-status header and origin_request in the body):");
+    println!("  curl -si 'http://{p}/api/vendors/search?location=NYC&vendorType=photographer&budget=5000'   # miss, stored");
+    println!("  curl -si 'http://{p}/api/vendors/search?location=nyc&vendorType=photographer&budget=5400&utm_source=x'   # hit: same market, budget bucket; utm ignored");
+    println!("  curl -si 'http://{p}/api/vendors/search?location=Austin,%20TX&vendorType=photographer&budget=5000'   # miss: another market");
+    println!("  curl -si 'http://{p}/api/weddings/w-42/timeline'");
+    println!("  curl -si 'http://{p}/api/weather?city=Brooklyn&date=2027-07-14'");
+    println!("  curl -s  'http://{a}/metrics' | grep aisle_requests_total\n");
+    serve(config)
+}

@@ -1,0 +1,148 @@
+//! Prometheus metrics.
+//!
+//! All metrics live in the process-wide default registry so `/metrics` is one `gather()`. Label
+//! sets known at load time (rule x cache status) are resolved into counter handles once, when a
+//! rule is compiled, so the request path increments an atomic instead of hashing label values.
+
+use once_cell::sync::Lazy;
+use prometheus::{
+    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+};
+
+/// How a request was answered, as counted in `aisle_requests_total{cache_status}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Served fresh from cache.
+    Hit,
+    /// Served stale from cache (stale-while-revalidate or stale-if-error).
+    Stale,
+    /// Nothing usable was stored; forwarded.
+    Miss,
+    /// A stored entry was stale and was refetched in full.
+    Expired,
+    /// A stored entry was stale and the origin confirmed it (304).
+    Revalidated,
+    /// Not eligible for caching (rule, method, request directives); forwarded.
+    Bypass,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 6] = [
+        Outcome::Hit,
+        Outcome::Stale,
+        Outcome::Miss,
+        Outcome::Expired,
+        Outcome::Revalidated,
+        Outcome::Bypass,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Hit => "hit",
+            Outcome::Stale => "stale",
+            Outcome::Miss => "miss",
+            Outcome::Expired => "expired",
+            Outcome::Revalidated => "revalidated",
+            Outcome::Bypass => "bypass",
+        }
+    }
+}
+
+pub struct Metrics {
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub upstream_duration: HistogramVec,
+    pub cache_entries: IntGauge,
+    pub cache_bytes: IntGauge,
+    pub evictions: IntCounter,
+    pub coalesced: IntCounter,
+}
+
+static METRICS: Lazy<Metrics> = Lazy::new(|| Metrics {
+    requests: register_int_counter_vec!(
+        "aisle_requests_total",
+        "Requests answered, by rule and cache status",
+        &["rule", "cache_status"]
+    )
+    .expect("register aisle_requests_total"),
+    request_duration: register_histogram_vec!(
+        "aisle_request_duration_seconds",
+        "Time from request to the end of the response, by rule and cache status",
+        &["rule", "cache_status"],
+        vec![
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0
+        ]
+    )
+    .expect("register aisle_request_duration_seconds"),
+    upstream_requests: register_int_counter_vec!(
+        "aisle_upstream_requests_total",
+        "Requests sent to upstreams, by upstream and response status (error: no response)",
+        &["upstream", "status"]
+    )
+    .expect("register aisle_upstream_requests_total"),
+    upstream_duration: register_histogram_vec!(
+        "aisle_upstream_duration_seconds",
+        "Time from sending a request upstream to its response header, by upstream",
+        &["upstream"],
+        vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .expect("register aisle_upstream_duration_seconds"),
+    cache_entries: register_int_gauge!("aisle_cache_entries", "Entries in the memory tier")
+        .expect("register aisle_cache_entries"),
+    cache_bytes: register_int_gauge!("aisle_cache_bytes", "Bytes held by the memory tier")
+        .expect("register aisle_cache_bytes"),
+    evictions: register_int_counter!(
+        "aisle_cache_evictions_total",
+        "Entries evicted from the memory tier to stay within its budget"
+    )
+    .expect("register aisle_cache_evictions_total"),
+    coalesced: register_int_counter!(
+        "aisle_coalesced_requests_total",
+        "Requests that waited for another request's fill of the same key instead of going upstream"
+    )
+    .expect("register aisle_coalesced_requests_total"),
+});
+
+/// The process's metrics.
+pub fn metrics() -> &'static Metrics {
+    &METRICS
+}
+
+/// Per-rule handles, resolved once when the rule is compiled.
+#[derive(Debug)]
+pub struct RuleMetrics {
+    requests: [IntCounter; 6],
+    duration: [Histogram; 6],
+}
+
+impl RuleMetrics {
+    pub fn new(rule: &str) -> Self {
+        let m = metrics();
+        RuleMetrics {
+            requests: Outcome::ALL.map(|o| m.requests.with_label_values(&[rule, o.as_str()])),
+            duration: Outcome::ALL
+                .map(|o| m.request_duration.with_label_values(&[rule, o.as_str()])),
+        }
+    }
+
+    /// Counts one answered request.
+    pub fn observe(&self, outcome: Outcome, seconds: f64) {
+        let i = outcome as usize;
+        self.requests[i].inc();
+        self.duration[i].observe(seconds);
+    }
+}
+
+/// The text exposition of every registered metric.
+pub fn render() -> String {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    let encoder = prometheus::TextEncoder::new();
+    if let Err(e) = encoder.encode(&prometheus::gather(), &mut buf) {
+        tracing::warn!("encoding metrics failed: {e}");
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}

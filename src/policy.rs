@@ -1,0 +1,467 @@
+//! RFC 9111 decisions for a shared cache: may a request use the cache, may a response be stored,
+//! for how long, and which headers the stored copy keeps.
+//!
+//! These are plain functions over headers so they can be tested without a proxy. Pingora's
+//! `CacheControl` parser is reused; the rule's own settings (ttl, stale windows, Set-Cookie policy)
+//! are layered on top here and nowhere else.
+
+use crate::rules::Rule;
+use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
+use pingora::cache::filters::calculate_expires_header_time;
+use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::time::{Duration, SystemTime};
+
+/// What the request's own `Cache-Control` / `Pragma` ask of the cache.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RequestDirectives {
+    /// Neither use nor store.
+    pub no_store: bool,
+    /// Do not use a stored response without revalidating it (`no-cache`, `Pragma: no-cache`).
+    pub no_cache: bool,
+    /// Only accept a stored response at most this old.
+    pub max_age: Option<u32>,
+    /// Answer from the cache or with 504, never from the origin.
+    pub only_if_cached: bool,
+}
+
+impl RequestDirectives {
+    pub fn parse(req: &RequestHeader) -> Self {
+        let mut d = RequestDirectives::default();
+        if let Some(cc) = CacheControl::from_req_headers(req) {
+            d.no_store = cc.no_store();
+            d.no_cache = cc.no_cache();
+            d.max_age = cc.max_age().ok().flatten();
+            d.only_if_cached = cc.only_if_cached();
+        } else if req
+            .headers
+            .get_all(http::header::PRAGMA)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+        {
+            // RFC 9111 §5.4: Pragma counts only when Cache-Control is absent.
+            d.no_cache = true;
+        }
+        d
+    }
+
+    /// Whether the request carries any directive at all (the common case is none).
+    pub fn any(&self) -> bool {
+        *self != RequestDirectives::default()
+    }
+}
+
+/// Statuses a cache may store (RFC 9110 §15.1 "heuristically cacheable", plus redirects with
+/// explicit freshness). 206 is left to pingora's range handling of full entries.
+fn storable_status(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 300 | 301 | 302 | 307 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+/// Statuses a rule's `ttl` applies to; others keep the origin's own freshness (a rule's 30
+/// minutes should not pin a 404 or a temporary redirect).
+fn rule_ttl_status(status: u16) -> bool {
+    matches!(status, 200 | 203 | 204 | 300 | 301 | 308)
+}
+
+/// The response's caching directives: `CDN-Cache-Control` (RFC 9213) when present, since a
+/// gateway is the CDN-like cache it targets; otherwise `Cache-Control`.
+pub fn response_cache_control(resp: &ResponseHeader) -> Option<CacheControl> {
+    CacheControl::from_resp_headers_named("cdn-cache-control", resp)
+        .or_else(|| CacheControl::from_resp_headers(resp))
+}
+
+/// The upstream's `Age` in seconds (RFC 9111 §5.1), 0 when absent or malformed.
+fn upstream_age(resp: &ResponseHeader) -> u64 {
+    resp.headers
+        .get(http::header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
+/// `Vary: *` can never be matched by a later request.
+fn vary_star(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get_all(http::header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim() == "*")
+}
+
+/// Decides whether `resp` may be stored under `rule`, and builds its `CacheMeta` if so.
+pub fn cacheability(
+    rule: &Rule,
+    resp: &ResponseHeader,
+    authorization_present: bool,
+    now: SystemTime,
+) -> RespCacheable {
+    use RespCacheable::Uncacheable;
+    let status = resp.status.as_u16();
+    if !storable_status(status) {
+        return Uncacheable(NoCacheReason::Custom("status"));
+    }
+    if vary_star(resp) {
+        return Uncacheable(NoCacheReason::Custom("vary-star"));
+    }
+    let has_set_cookie = resp.headers.contains_key(http::header::SET_COOKIE);
+    if has_set_cookie && !rule.cache_set_cookie {
+        return Uncacheable(NoCacheReason::Custom("set-cookie"));
+    }
+    let cc = response_cache_control(resp);
+    if cc
+        .as_ref()
+        .is_some_and(|cc| cc.is_cacheable() == Cacheable::No)
+    {
+        return Uncacheable(NoCacheReason::OriginNotCache);
+    }
+    if authorization_present
+        && !cc
+            .as_ref()
+            .is_some_and(|cc| cc.allow_caching_authorized_req())
+    {
+        return Uncacheable(NoCacheReason::Custom("authorization"));
+    }
+
+    let age = upstream_age(resp);
+    let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    let fresh_until = match rule.ttl {
+        _ if no_cache => Some(now - Duration::from_secs(1)),
+        Some(ttl) if rule_ttl_status(status) => Some(now + ttl),
+        _ => {
+            let from_cc = cc
+                .as_ref()
+                .and_then(|cc| cc.fresh_duration())
+                .map(|lifetime| {
+                    let remaining = lifetime.saturating_sub(Duration::from_secs(age));
+                    if remaining.is_zero() {
+                        now - Duration::from_secs(1)
+                    } else {
+                        now + remaining
+                    }
+                });
+            from_cc.or_else(|| calculate_expires_header_time(resp))
+        }
+    };
+    let Some(fresh_until) = fresh_until else {
+        // No explicit freshness: nothing gets a default TTL.
+        return Uncacheable(NoCacheReason::Custom("no-freshness"));
+    };
+
+    let must_revalidate = cc
+        .as_ref()
+        .is_some_and(|cc| cc.must_revalidate() || cc.proxy_revalidate());
+    let window = |rule_value: Option<Duration>, origin: Option<Duration>| -> u32 {
+        if must_revalidate {
+            return 0;
+        }
+        rule_value
+            .or(origin)
+            .map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32)
+    };
+    let swr = window(
+        rule.stale_while_revalidate,
+        cc.as_ref()
+            .and_then(|cc| cc.serve_stale_while_revalidate_duration()),
+    );
+    let sie = window(
+        rule.stale_if_error,
+        cc.as_ref()
+            .and_then(|cc| cc.serve_stale_if_error_duration()),
+    );
+
+    let mut stored = resp.clone();
+    if let Some(cc) = &cc {
+        cc.strip_private_headers(&mut stored);
+    }
+    // A cookie is never replayed to another client, even when the rule allows storing.
+    stored.remove_header(&http::header::SET_COOKIE);
+    // Age is recomputed on every answer from cache.
+    stored.remove_header(&http::header::AGE);
+
+    let mut meta = CacheMeta::new(fresh_until, now, swr, sie, stored);
+    if age > 0 {
+        meta.set_epoch_override(now - Duration::from_secs(age));
+    }
+    RespCacheable::Cacheable(meta)
+}
+
+/// The header names of a response's `Vary` (lowercased), for the variance key.
+pub fn vary_names(resp: &ResponseHeader) -> Vec<String> {
+    let mut names: Vec<String> = resp
+        .headers
+        .get_all(http::header::VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Methods whose success invalidates stored responses for the URI (RFC 9111 §4.4).
+pub fn is_unsafe(method: &http::Method) -> bool {
+    !matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{compile, Context};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    fn rule(extra: &str) -> Arc<Rule> {
+        let ups = vec!["api".to_string()];
+        let ctx = Context {
+            upstreams: &ups,
+            default_upstream: Some(0),
+        };
+        let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{extra}\n");
+        compile(&[(Path::new("r.toml"), &text)], &ctx)
+            .unwrap()
+            .rules()[0]
+            .clone()
+    }
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    fn stored(rule: &Rule, r: &ResponseHeader, auth: bool) -> Option<CacheMeta> {
+        match cacheability(rule, r, auth, SystemTime::now()) {
+            RespCacheable::Cacheable(m) => Some(m),
+            RespCacheable::Uncacheable(_) => None,
+        }
+    }
+
+    #[test]
+    fn origin_freshness() {
+        let r = rule("");
+        assert!(
+            stored(&r, &resp(200, &[]), false).is_none(),
+            "no default TTL"
+        );
+        let m = stored(&r, &resp(200, &[("cache-control", "max-age=60")]), false).unwrap();
+        assert!((55..=60).contains(&m.fresh_sec()));
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "max-age=60, s-maxage=600")]),
+            false,
+        )
+        .unwrap();
+        assert!(m.fresh_sec() > 500, "s-maxage wins for a shared cache");
+        assert!(stored(
+            &r,
+            &resp(200, &[("cache-control", "no-store, max-age=60")]),
+            false
+        )
+        .is_none());
+        assert!(stored(
+            &r,
+            &resp(200, &[("cache-control", "private, max-age=60")]),
+            false
+        )
+        .is_none());
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "no-cache, max-age=60")]),
+            false,
+        )
+        .unwrap();
+        assert!(
+            !m.is_fresh(SystemTime::now()),
+            "no-cache is stored but always revalidated"
+        );
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let m = stored(&r, &resp(200, &[("expires", &later)]), false).unwrap();
+        assert!(m.fresh_sec() > 100);
+    }
+
+    #[test]
+    fn upstream_age_counts() {
+        let r = rule("");
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "max-age=3600"), ("age", "100")]),
+            false,
+        )
+        .unwrap();
+        let left = m
+            .fresh_until()
+            .duration_since(SystemTime::now())
+            .unwrap()
+            .as_secs();
+        assert!((3490..=3500).contains(&left), "{left}");
+        assert!(m.age() >= Duration::from_secs(100));
+        assert!(m.response_header().headers.get("age").is_none());
+    }
+
+    #[test]
+    fn cdn_cache_control_is_preferred() {
+        let r = rule("");
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=60"),
+                ],
+            ),
+            false,
+        );
+        assert!(m.is_some());
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "no-store"),
+                ],
+            ),
+            false,
+        );
+        assert!(m.is_none());
+    }
+
+    #[test]
+    fn rule_ttl_overrides_freshness_not_privacy() {
+        let r = rule("ttl = \"30m\"\nstale_while_revalidate = \"1m\"\nstale_if_error = \"1h\"");
+        let m = stored(&r, &resp(200, &[("cache-control", "max-age=5")]), false).unwrap();
+        assert!(m.fresh_sec() > 1700);
+        assert_eq!(m.stale_while_revalidate_sec(), 60);
+        assert_eq!(m.stale_if_error_sec(), 3600);
+        assert!(
+            stored(&r, &resp(200, &[]), false).is_some(),
+            "the rule's ttl is explicit freshness"
+        );
+        assert!(stored(&r, &resp(200, &[("cache-control", "private")]), false).is_none());
+        assert!(
+            stored(&r, &resp(404, &[]), false).is_none(),
+            "ttl applies to success statuses only"
+        );
+        assert!(stored(&r, &resp(500, &[("cache-control", "max-age=60")]), false).is_none());
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "must-revalidate")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            m.stale_if_error_sec(),
+            0,
+            "must-revalidate forbids serving stale"
+        );
+    }
+
+    #[test]
+    fn origin_stale_windows() {
+        let r = rule("");
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[(
+                    "cache-control",
+                    "max-age=1, stale-while-revalidate=30, stale-if-error=3600",
+                )],
+            ),
+            false,
+        )
+        .unwrap();
+        assert_eq!(m.stale_while_revalidate_sec(), 30);
+        assert_eq!(m.stale_if_error_sec(), 3600);
+    }
+
+    #[test]
+    fn authorization_and_cookies() {
+        let r = rule("");
+        let cc = [("cache-control", "max-age=60")];
+        assert!(stored(&r, &resp(200, &cc), true).is_none());
+        assert!(stored(
+            &r,
+            &resp(200, &[("cache-control", "public, max-age=60")]),
+            true
+        )
+        .is_some());
+        assert!(stored(
+            &r,
+            &resp(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")]
+            ),
+            false
+        )
+        .is_none());
+        let r = rule("cache_set_cookie = true");
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!(
+            m.response_header().headers.get("set-cookie").is_none(),
+            "never replayed"
+        );
+    }
+
+    #[test]
+    fn vary() {
+        let r = rule("");
+        assert!(stored(
+            &r,
+            &resp(200, &[("cache-control", "max-age=60"), ("vary", "*")]),
+            false
+        )
+        .is_none());
+        assert_eq!(
+            vary_names(&resp(
+                200,
+                &[
+                    ("vary", "Accept-Language, accept-encoding"),
+                    ("vary", "X-A")
+                ]
+            )),
+            vec!["accept-encoding", "accept-language", "x-a"]
+        );
+    }
+
+    #[test]
+    fn request_directives() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        assert!(!RequestDirectives::parse(&req).any());
+        req.insert_header("pragma", "no-cache").unwrap();
+        assert!(RequestDirectives::parse(&req).no_cache);
+        req.insert_header("cache-control", "max-age=5, only-if-cached")
+            .unwrap();
+        let d = RequestDirectives::parse(&req);
+        assert!(
+            !d.no_cache,
+            "Pragma is ignored when Cache-Control is present"
+        );
+        assert_eq!(d.max_age, Some(5));
+        assert!(d.only_if_cached);
+        req.insert_header("cache-control", "no-store").unwrap();
+        assert!(RequestDirectives::parse(&req).no_store);
+        assert!(is_unsafe(&http::Method::POST) && !is_unsafe(&http::Method::GET));
+    }
+}

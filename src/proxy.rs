@@ -1,0 +1,565 @@
+//! The request phases: Aisle's implementation of pingora's `ProxyHttp`.
+//!
+//! Each hook does one job and leaves its findings in [`Ctx`] for later phases:
+//!
+//! | phase                    | job                                                           |
+//! |--------------------------|---------------------------------------------------------------|
+//! | `request_filter`         | match a rule (404 when nothing can serve the request)         |
+//! | `request_cache_filter`   | decide whether the cache is used at all; enable it            |
+//! | `cache_key_callback`     | build the key ([`crate::key`])                                |
+//! | `cache_hit_filter`       | apply the request's `no-cache` / `max-age` to a found entry  |
+//! | `cache_miss`             | note whether other variants of the URI exist (`vary-miss`)    |
+//! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream        |
+//! | `upstream_peer`          | pick the rule's upstream                                      |
+//! | `response_cache_filter`  | RFC 9111 storability ([`crate::policy`]), attach tags         |
+//! | `cache_vary_filter`      | the response `Vary` variance key                              |
+//! | `should_serve_stale`     | stale-while-revalidate / stale-if-error                       |
+//! | `response_filter`        | `Cache-Status`; invalidate the URI after unsafe success       |
+//! | `logging`                | metrics                                                       |
+
+use crate::cache_status::{CacheStatus, Fwd};
+use crate::config::{Config, Upstream};
+use crate::key::{self, KeyInput};
+use crate::metrics::{metrics, Outcome};
+use crate::policy::{self, RequestDirectives};
+use crate::rules::path::PathParams;
+use crate::rules::source::RequestView;
+use crate::rules::Rule;
+use crate::storage::memory::{Eviction, MemoryStorage};
+use crate::storage::EntryInfo;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::cache::key::HashBinary;
+use pingora::cache::lock::CacheKeyLockImpl;
+use pingora::cache::predictor::Predictor;
+use pingora::cache::{
+    CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, RespCacheable, VarianceBuilder,
+};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+/// The scheme of the proxy listener, part of every key.
+const SCHEME: &str = "http";
+
+/// Long-lived pieces the cache needs as `&'static` (pingora's requirement).
+pub struct CacheParts {
+    pub storage: &'static MemoryStorage,
+    pub eviction: &'static Eviction,
+    pub lock: &'static CacheKeyLockImpl,
+    pub predictor: &'static Predictor<16>,
+}
+
+/// A resolved upstream, ready to hand to pingora.
+struct Peer {
+    name: String,
+    address: SocketAddr,
+    upstream: Upstream,
+}
+
+/// The gateway's proxy logic.
+pub struct Gateway {
+    config: Arc<Config>,
+    peers: Vec<Peer>,
+    cache: CacheParts,
+}
+
+impl Gateway {
+    /// Resolves upstream addresses once, at start.
+    pub fn new(config: Arc<Config>, cache: CacheParts) -> std::io::Result<Self> {
+        use std::net::ToSocketAddrs;
+        let mut peers = Vec::new();
+        for u in &config.upstreams {
+            let address = u.address.to_socket_addrs()?.next().ok_or_else(|| {
+                std::io::Error::other(format!(
+                    "upstream {}: {} resolves to no address",
+                    u.name, u.address
+                ))
+            })?;
+            peers.push(Peer {
+                name: u.name.clone(),
+                address,
+                upstream: u.clone(),
+            });
+        }
+        Ok(Gateway {
+            config,
+            peers,
+            cache,
+        })
+    }
+}
+
+/// What one lookup found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    None,
+    Miss,
+    Fresh,
+    Stale,
+}
+
+/// Per-request state shared by the phases.
+pub struct Ctx {
+    start: Instant,
+    rule: Option<Arc<Rule>>,
+    params: PathParams,
+    uri: u64,
+    directives: RequestDirectives,
+    cache_enabled: bool,
+    lookup: Lookup,
+    /// The request's own directives made a stored entry unusable.
+    forced_by_request: bool,
+    stored: bool,
+    vary_miss: bool,
+    /// Serving stale because the upstream failed: `Some(status)` (`None` inside: no response).
+    stale_error: Option<Option<u16>>,
+    upstream_status: Option<u16>,
+    upstream_start: Option<Instant>,
+}
+
+fn host_of(req: &RequestHeader) -> &str {
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri.host())
+        .unwrap_or("")
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host
+            .split(']')
+            .next()
+            .map_or(host, |h| &host[..h.len() + 1]);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+impl Ctx {
+    fn rule(&self) -> &Rule {
+        self.rule
+            .as_deref()
+            .expect("a rule is matched in request_filter")
+    }
+
+    fn view<'a>(&'a self, req: &'a RequestHeader) -> RequestView<'a> {
+        RequestView {
+            path: req.uri.path(),
+            query: req.uri.query(),
+            headers: &req.headers,
+            params: &self.params,
+        }
+    }
+}
+
+async fn respond(
+    session: &mut Session,
+    status: u16,
+    body: &'static str,
+    cache_status: &str,
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header("cache-status", cache_status)?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
+        .await
+}
+
+impl Gateway {
+    /// What `Cache-Status` says, and the outcome counted in metrics.
+    fn status(&self, session: &Session, ctx: &Ctx) -> (CacheStatus, Outcome) {
+        let mut s = CacheStatus::default();
+        if !ctx.cache_enabled {
+            s.fwd = Some(Fwd::Bypass);
+            return (s, Outcome::Bypass);
+        }
+        let ttl = |session: &Session| {
+            session.cache.maybe_cache_meta().map(|m| {
+                let now = SystemTime::now();
+                match m.fresh_until().duration_since(now) {
+                    Ok(d) => d.as_secs() as i64,
+                    Err(e) => -(e.duration().as_secs() as i64) - 1,
+                }
+            })
+        };
+        let fwd_stale = if ctx.forced_by_request {
+            Fwd::Request
+        } else {
+            Fwd::Stale
+        };
+        let outcome = match session.cache.phase() {
+            CachePhase::Hit => {
+                s.hit = true;
+                s.ttl = ttl(session);
+                Outcome::Hit
+            }
+            CachePhase::Stale | CachePhase::StaleUpdating => {
+                s.fwd = Some(Fwd::Stale);
+                s.ttl = ttl(session);
+                match ctx.stale_error {
+                    Some(code) => {
+                        s.fwd_status = code;
+                        s.detail = Some("stale-if-error");
+                    }
+                    None => s.detail = Some("stale-while-revalidate"),
+                }
+                Outcome::Stale
+            }
+            CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => {
+                s.fwd = Some(fwd_stale);
+                s.fwd_status = Some(304);
+                s.ttl = ttl(session);
+                s.stored = matches!(session.cache.phase(), CachePhase::Revalidated);
+                Outcome::Revalidated
+            }
+            CachePhase::Expired => {
+                s.fwd = Some(fwd_stale);
+                s.fwd_status = ctx.upstream_status;
+                s.stored = ctx.stored;
+                Outcome::Expired
+            }
+            _ if ctx.lookup == Lookup::Stale => {
+                // Found stale, refetched, and the new response could not be stored.
+                s.fwd = Some(fwd_stale);
+                s.fwd_status = ctx.upstream_status;
+                Outcome::Expired
+            }
+            _ => {
+                s.fwd = Some(if ctx.vary_miss {
+                    Fwd::VaryMiss
+                } else {
+                    Fwd::UriMiss
+                });
+                s.stored = ctx.stored;
+                Outcome::Miss
+            }
+        };
+        (s, outcome)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            start: Instant::now(),
+            rule: None,
+            params: PathParams::default(),
+            uri: 0,
+            directives: RequestDirectives::default(),
+            cache_enabled: false,
+            lookup: Lookup::None,
+            forced_by_request: false,
+            stored: false,
+            vary_miss: false,
+            stale_error: None,
+            upstream_status: None,
+            upstream_start: None,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        let host = host_of(req);
+        let path = req.uri.path();
+        match self.config.rules.find(&req.method, strip_port(host), path) {
+            Some(m) => {
+                ctx.uri = key::uri_id(SCHEME, host, path);
+                ctx.params = m.params;
+                ctx.rule = Some(m.rule.clone());
+                Ok(false)
+            }
+            None => {
+                respond(
+                    session,
+                    404,
+                    "{\"error\":\"no rule matches this request and no default upstream is configured\"}",
+                    "aisle; fwd=bypass; detail=no-route",
+                )
+                .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let req = session.req_header();
+        if !matches!(req.method, http::Method::GET | http::Method::HEAD) || !ctx.rule().cache {
+            return Ok(());
+        }
+        ctx.directives = RequestDirectives::parse(req);
+        if ctx.directives.no_store {
+            return Ok(());
+        }
+        let c = &self.cache;
+        session.cache.enable(
+            c.storage,
+            Some(c.eviction),
+            Some(c.predictor),
+            Some(c.lock),
+            None,
+        );
+        session
+            .cache
+            .set_max_file_size_bytes(self.config.cache.max_object as usize);
+        ctx.cache_enabled = true;
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        let req = session.req_header();
+        let input = KeyInput {
+            scheme: SCHEME,
+            host: host_of(req),
+            method: &req.method,
+            view: ctx.view(req),
+        };
+        Ok(key::cache_key(ctx.rule(), &input))
+    }
+
+    fn cache_miss(&self, session: &mut Session, ctx: &mut Ctx) {
+        session.cache.cache_miss();
+        ctx.lookup = Lookup::Miss;
+        ctx.vary_miss = self.cache.storage.has_uri(ctx.uri);
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        ctx.lookup = if is_fresh {
+            Lookup::Fresh
+        } else {
+            Lookup::Stale
+        };
+        if !is_fresh || !ctx.directives.any() {
+            return Ok(None);
+        }
+        let too_old = ctx
+            .directives
+            .max_age
+            .is_some_and(|max| meta.age().as_secs() > u64::from(max));
+        if ctx.directives.no_cache || too_old {
+            ctx.forced_by_request = true;
+            return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        Ok(None)
+    }
+
+    async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if ctx.directives.only_if_cached {
+            respond(
+                session,
+                504,
+                "{\"error\":\"only-if-cached: no stored response\"}",
+                "aisle; fwd=miss; detail=only-if-cached",
+            )
+            .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let peer = &self.peers[ctx.rule().upstream];
+        let u = &peer.upstream;
+        let mut p = HttpPeer::new(peer.address, u.tls, u.sni.clone());
+        p.options.connection_timeout = Some(u.connect_timeout);
+        p.options.total_connection_timeout = Some(u.connect_timeout);
+        p.options.read_timeout = Some(u.read_timeout);
+        p.options.write_timeout = Some(u.read_timeout);
+        ctx.upstream_start = Some(Instant::now());
+        Ok(Box::new(p))
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let status = resp.status.as_u16();
+        ctx.upstream_status = Some(status);
+        let peer = &self.peers[ctx.rule().upstream];
+        let m = metrics();
+        m.upstream_requests
+            .with_label_values(&[peer.name.as_str(), resp.status.as_str()])
+            .inc();
+        if let Some(start) = ctx.upstream_start {
+            m.upstream_duration
+                .with_label_values(&[peer.name.as_str()])
+                .observe(start.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        let req = session.req_header();
+        let auth = req.headers.contains_key(http::header::AUTHORIZATION);
+        let rule = ctx.rule();
+        let decision = policy::cacheability(rule, resp, auth, SystemTime::now());
+        Ok(match decision {
+            RespCacheable::Cacheable(mut meta) => {
+                let tags = rule.render_tags(&ctx.view(req));
+                meta.extensions_mut().insert(EntryInfo {
+                    uri: ctx.uri,
+                    tags: tags.into_iter().map(String::into_boxed_str).collect(),
+                });
+                ctx.stored = true;
+                RespCacheable::Cacheable(meta)
+            }
+            other => other,
+        })
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut Ctx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        let names = policy::vary_names(meta.response_header());
+        if names.is_empty() {
+            return None;
+        }
+        let mut builder = VarianceBuilder::new();
+        for name in &names {
+            let value = req
+                .headers
+                .get(name.as_str())
+                .map_or(&b""[..], |v| v.as_bytes());
+            builder.add_value(name, value);
+        }
+        builder.finalize()
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Ctx,
+        error: Option<&Error>,
+    ) -> bool {
+        match error {
+            // stale-while-revalidate (the entry's window is checked by pingora), unless the
+            // request itself asked for a validated response.
+            None => !ctx.forced_by_request,
+            Some(e) => {
+                let status = match e.etype() {
+                    ErrorType::HTTPStatus(code) => Some(*code),
+                    _ => None,
+                };
+                let upstream_failed =
+                    *e.esource() == ErrorSource::Upstream || status.is_some_and(|c| c >= 500);
+                if upstream_failed {
+                    ctx.stale_error = Some(status);
+                }
+                upstream_failed
+            }
+        }
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let (status, _) = self.status(session, ctx);
+        resp.insert_header("cache-status", status.to_header_value())?;
+        let req = session.req_header();
+        let success = (200..400).contains(&resp.status.as_u16());
+        if success && ctx.upstream_status.is_some() && policy::is_unsafe(&req.method) {
+            self.invalidate_after_unsafe(req, resp, ctx);
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        let Some(rule) = ctx.rule.as_deref() else {
+            return;
+        };
+        let (status, outcome) = self.status(session, ctx);
+        rule.metrics
+            .observe(outcome, ctx.start.elapsed().as_secs_f64());
+        if ctx.upstream_start.is_some() && ctx.upstream_status.is_none() {
+            metrics()
+                .upstream_requests
+                .with_label_values(&[self.peers[rule.upstream].name.as_str(), "error"])
+                .inc();
+        }
+        if session.cache.enabled()
+            && session.cache.lock_duration().is_some()
+            && !session.cache.upstream_used()
+        {
+            metrics().coalesced.inc();
+        }
+        tracing::debug!(
+            rule = %rule.name,
+            method = %session.req_header().method,
+            uri = %session.req_header().uri,
+            status = session.response_written().map_or(0, |r| r.status.as_u16()),
+            cache_status = %status.to_header_value(),
+            error = e.map(|e| e.to_string()),
+            elapsed_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    }
+}
+
+impl Gateway {
+    /// RFC 9111 §4.4: after a successful unsafe request, drop what is stored for its URI and
+    /// for same-host `Location` / `Content-Location`.
+    fn invalidate_after_unsafe(&self, req: &RequestHeader, resp: &ResponseHeader, ctx: &Ctx) {
+        let host = host_of(req);
+        let mut removed = self.cache.storage.purge_uri(ctx.uri);
+        for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
+            let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
+                continue;
+            };
+            let Ok(uri) = target.parse::<http::Uri>() else {
+                continue;
+            };
+            let same_host = uri
+                .host()
+                .is_none_or(|h| h.eq_ignore_ascii_case(strip_port(host)));
+            if same_host && uri.path().starts_with('/') {
+                removed += self
+                    .cache
+                    .storage
+                    .purge_uri(key::uri_id(SCHEME, host, uri.path()));
+            }
+        }
+        tracing::debug!(uri = %req.uri, removed, "invalidated after unsafe request");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_without_ports() {
+        assert_eq!(strip_port("api.example.com:8080"), "api.example.com");
+        assert_eq!(strip_port("api.example.com"), "api.example.com");
+        assert_eq!(strip_port("[::1]:8080"), "[::1]");
+    }
+}

@@ -1,0 +1,874 @@
+//! Rules: which requests are cached, and how.
+//!
+//! `rules/*.toml` files are read in file-name order, parsed with positions kept, checked (unknown
+//! keys, bad durations, unknown upstreams, bad patterns and sources, duplicate names, rules an
+//! earlier one shadows) and compiled into a [`RuleSet`]. Matching is a scan of precompiled rules
+//! (method bitmask, then host, then path segments) with no allocation; the first match wins.
+//! A request no rule matches falls to the default route (the default upstream, RFC 9111 only).
+
+pub mod normalize;
+pub mod path;
+pub mod source;
+
+use crate::diag::{Diagnostic, Source as File};
+use crate::metrics::RuleMetrics;
+use crate::units::parse_duration;
+use normalize::{Fallback, Normalizer, Table};
+use path::{PathParams, PathPattern};
+use serde::Deserialize;
+use source::{RequestView, Source, Template};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+/// The name the default route reports in metrics and logs.
+pub const DEFAULT_ROUTE: &str = "_default";
+
+/// One vary entry: where the value comes from and how it is normalized.
+#[derive(Debug, Clone)]
+pub struct VaryField {
+    pub source: Source,
+    pub normalizers: Vec<Normalizer>,
+}
+
+impl VaryField {
+    /// The normalized value of this field in a request (`None`: the request lacks it).
+    pub fn value<'a>(&self, req: &RequestView<'a>) -> Option<Cow<'a, str>> {
+        let raw = self.source.extract(req)?;
+        if self.normalizers.is_empty() {
+            return Some(raw);
+        }
+        Some(match raw {
+            Cow::Borrowed(b) => normalize::apply_all(&self.normalizers, b),
+            Cow::Owned(o) => Cow::Owned(normalize::apply_all(&self.normalizers, &o).into_owned()),
+        })
+    }
+}
+
+/// A compiled rule.
+#[derive(Debug)]
+pub struct Rule {
+    pub name: Box<str>,
+    /// Where the rule was written, for messages: `rules/vendors.toml:3`.
+    pub origin: String,
+    methods: u16,
+    host: Option<HostMatch>,
+    pub path: PathPattern,
+    /// Index into [`crate::config::Config::upstreams`].
+    pub upstream: usize,
+    /// `cache = false`: proxy only.
+    pub cache: bool,
+    pub ttl: Option<Duration>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+    pub vary: Vec<VaryField>,
+    pub tags: Vec<Template>,
+    pub invalidate_on: Vec<Box<str>>,
+    pub cache_set_cookie: bool,
+    /// The default route keys on the full query string (RFC 9111: the key is the URI).
+    pub is_default: bool,
+    pub metrics: RuleMetrics,
+}
+
+impl Rule {
+    fn matches(&self, method_bit: u16, host: &str, path: &str) -> Option<PathParams> {
+        if self.methods & method_bit == 0 {
+            return None;
+        }
+        if let Some(h) = &self.host {
+            if !h.matches(host) {
+                return None;
+            }
+        }
+        self.path.matches(path)
+    }
+
+    /// Renders the entry's tags: the `tags` templates (vary values normalized as in the key) and
+    /// the `invalidate_on` event names.
+    pub fn render_tags(&self, req: &RequestView<'_>) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.tags.len() + self.invalidate_on.len());
+        for t in &self.tags {
+            out.push(t.render(|src| {
+                match self.vary.iter().find(|v| &v.source == src) {
+                    Some(field) => field.value(req),
+                    None => src.extract(req),
+                }
+                .map(|c| Cow::Owned(c.into_owned()))
+            }));
+        }
+        out.extend(self.invalidate_on.iter().map(|e| e.to_string()));
+        out
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum HostMatch {
+    Exact(Box<str>),
+    /// `*.example.com`: the suffix including the dot.
+    Suffix(Box<str>),
+}
+
+impl HostMatch {
+    fn parse(s: &str) -> Result<Self, String> {
+        let s = s.to_ascii_lowercase();
+        if let Some(rest) = s.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains('*') {
+                return Err(format!(
+                    "bad host pattern {s:?}; write \"api.example.com\" or \"*.example.com\""
+                ));
+            }
+            return Ok(HostMatch::Suffix(format!(".{rest}").into()));
+        }
+        if s.is_empty() || s.contains('*') || s.contains('/') {
+            return Err(format!(
+                "bad host pattern {s:?}; write \"api.example.com\" or \"*.example.com\""
+            ));
+        }
+        Ok(HostMatch::Exact(s.into()))
+    }
+
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            HostMatch::Suffix(sfx) => {
+                host.len() > sfx.len() && host[host.len() - sfx.len()..].eq_ignore_ascii_case(sfx)
+            }
+        }
+    }
+
+    fn covers(&self, other: &HostMatch) -> bool {
+        match (self, other) {
+            (HostMatch::Exact(a), HostMatch::Exact(b)) => a == b,
+            (HostMatch::Suffix(a), HostMatch::Exact(b)) => b.ends_with(&**a) && b.len() > a.len(),
+            (HostMatch::Suffix(a), HostMatch::Suffix(b)) => b.ends_with(&**a),
+            (HostMatch::Exact(_), HostMatch::Suffix(_)) => false,
+        }
+    }
+}
+
+const METHODS: [(&str, u16); 7] = [
+    ("GET", 1),
+    ("HEAD", 2),
+    ("POST", 4),
+    ("PUT", 8),
+    ("DELETE", 16),
+    ("PATCH", 32),
+    ("OPTIONS", 64),
+];
+const OTHER_METHOD: u16 = 128;
+const ALL_METHODS: u16 = u16::MAX;
+
+/// The bit a request method tests against a rule's method set.
+pub fn method_bit(method: &http::Method) -> u16 {
+    let m = method.as_str();
+    METHODS
+        .iter()
+        .find(|(name, _)| *name == m)
+        .map_or(OTHER_METHOD, |(_, bit)| *bit)
+}
+
+/// The compiled rules of one configuration.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    rules: Vec<Arc<Rule>>,
+    default: Option<Arc<Rule>>,
+}
+
+/// A matched rule and the path parameters it captured.
+pub struct Matched<'a> {
+    pub rule: &'a Arc<Rule>,
+    pub params: PathParams,
+}
+
+impl RuleSet {
+    /// The first rule matching the request, else the default route (if there is one).
+    pub fn find(&self, method: &http::Method, host: &str, path: &str) -> Option<Matched<'_>> {
+        let bit = method_bit(method);
+        for rule in &self.rules {
+            if let Some(params) = rule.matches(bit, host, path) {
+                return Some(Matched { rule, params });
+            }
+        }
+        self.default.as_ref().map(|rule| Matched {
+            rule,
+            params: PathParams::default(),
+        })
+    }
+
+    pub fn rules(&self) -> &[Arc<Rule>] {
+        &self.rules
+    }
+
+    pub fn default_route(&self) -> Option<&Arc<Rule>> {
+        self.default.as_ref()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+}
+
+// ---- raw (as written) -------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    rule: Vec<RawRule>,
+    #[serde(default)]
+    tables: BTreeMap<String, Spanned<RawTable>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    map: BTreeMap<String, String>,
+    fallback: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    #[serde(rename = "match")]
+    matcher: Spanned<RawMatch>,
+    upstream: Option<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    vary: Vec<Spanned<String>>,
+    #[serde(default)]
+    normalize: BTreeMap<String, Spanned<OneOrMany>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    invalidate_on: Vec<Spanned<String>>,
+    stale_while_revalidate: Option<Spanned<String>>,
+    stale_if_error: Option<Spanned<String>>,
+    cache: Option<bool>,
+    cache_set_cookie: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    method: Option<Spanned<OneOrMany>>,
+    path: Spanned<String>,
+    host: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+// ---- loading ----------------------------------------------------------------------------------
+
+/// What rules need to know about the gateway config.
+pub struct Context<'a> {
+    /// Upstream names, in index order.
+    pub upstreams: &'a [String],
+    /// Index of the upstream unmatched requests go to.
+    pub default_upstream: Option<usize>,
+}
+
+/// Loads and compiles every `*.toml` in `dir`, in file-name order.
+pub fn load_dir(dir: &Path, ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            return Err(vec![Diagnostic {
+                file: dir.to_path_buf(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read the rules directory: {e}; check [cache] rules_dir"),
+            }])
+        }
+    };
+    files.sort();
+    let mut texts = Vec::new();
+    let mut diags = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(&f) {
+            Ok(t) => texts.push((f, t)),
+            Err(e) => diags.push(Diagnostic {
+                file: f.clone(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let sources: Vec<(&Path, &str)> = texts
+        .iter()
+        .map(|(p, t)| (p.as_path(), t.as_str()))
+        .collect();
+    match compile(&sources, ctx) {
+        Ok(set) if diags.is_empty() => Ok(set),
+        Ok(_) => Err(diags),
+        Err(mut more) => {
+            diags.append(&mut more);
+            Err(diags)
+        }
+    }
+}
+
+/// Compiles rules files given as (path, text), in the order given.
+pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let mut parsed = Vec::new();
+    for (path, text) in files {
+        let src = File::new(path, text);
+        match toml::from_str::<RawFile>(text) {
+            Ok(raw) => parsed.push((src, raw)),
+            Err(e) => diags.push(src.toml_error(&e)),
+        }
+    }
+
+    // Tables first: a rule may name a table defined in any file.
+    let mut tables: HashMap<String, Arc<Table>> = HashMap::new();
+    let mut table_origin: HashMap<String, String> = HashMap::new();
+    for (src, raw) in &parsed {
+        for (name, t) in &raw.tables {
+            let (line, _) = position(src, t.span());
+            if let Some(prev) = table_origin.get(name) {
+                diags.push(src.at(
+                    t.span(),
+                    format!("table {name:?} is already defined at {prev}"),
+                ));
+                continue;
+            }
+            let fallback = match &t.get_ref().fallback {
+                None => Fallback::Keep,
+                Some(f) => match Fallback::parse(f.get_ref()) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        diags.push(src.at(f.span(), e));
+                        continue;
+                    }
+                },
+            };
+            let map = t.get_ref().map.iter().map(|(k, v)| (k.clone(), v.clone()));
+            tables.insert(name.clone(), Arc::new(Table::new(name, map, fallback)));
+            table_origin.insert(name.clone(), format!("{}:{line}", src.path.display()));
+        }
+    }
+
+    let mut rules: Vec<Arc<Rule>> = Vec::new();
+    let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new(); // (file index, name span)
+    for (file_index, (src, raw)) in parsed.iter().enumerate() {
+        for r in &raw.rule {
+            match compile_rule(src, r, &tables, ctx) {
+                Ok(rule) => {
+                    if let Some(prev) = rules.iter().find(|p| p.name == rule.name) {
+                        diags.push(src.at(
+                            r.name.span(),
+                            format!(
+                                "duplicate rule name {:?}; it is already used at {}",
+                                rule.name, prev.origin
+                            ),
+                        ));
+                        continue;
+                    }
+                    if let Some(prev) = rules.iter().find(|p| shadows(p, &rule)) {
+                        diags.push(src.at(
+                            r.name.span(),
+                            format!(
+                                "rule {:?} can never match: it is shadowed by rule {:?} at {}, which comes first and matches every request this one would; move it earlier or narrow the earlier rule",
+                                rule.name, prev.name, prev.origin
+                            ),
+                        ));
+                        continue;
+                    }
+                    rules.push(Arc::new(rule));
+                    spans.push((file_index, r.name.span()));
+                }
+                Err(mut e) => diags.append(&mut e),
+            }
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let default = ctx.default_upstream.map(|upstream| {
+        Arc::new(Rule {
+            name: DEFAULT_ROUTE.into(),
+            origin: "(default route)".into(),
+            methods: ALL_METHODS,
+            host: None,
+            path: PathPattern::parse("/*").expect("static pattern"),
+            upstream,
+            cache: true,
+            ttl: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            vary: Vec::new(),
+            tags: Vec::new(),
+            invalidate_on: Vec::new(),
+            cache_set_cookie: false,
+            is_default: true,
+            metrics: RuleMetrics::new(DEFAULT_ROUTE),
+        })
+    });
+    Ok(RuleSet { rules, default })
+}
+
+fn position(src: &File<'_>, span: std::ops::Range<usize>) -> (usize, usize) {
+    let d = src.at(span, "");
+    (d.line, d.col)
+}
+
+fn shadows(earlier: &Rule, later: &Rule) -> bool {
+    let methods_covered = later.methods & !earlier.methods == 0;
+    let host_covered = match (&earlier.host, &later.host) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => a.covers(b),
+    };
+    methods_covered && host_covered && earlier.path.covers(&later.path)
+}
+
+fn duration(
+    src: &File<'_>,
+    field: &Option<Spanned<String>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Duration> {
+    let f = field.as_ref()?;
+    match parse_duration(f.get_ref()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            diags.push(src.at(f.span(), e));
+            None
+        }
+    }
+}
+
+fn compile_rule(
+    src: &File<'_>,
+    r: &RawRule,
+    tables: &HashMap<String, Arc<Table>>,
+    ctx: &Context<'_>,
+) -> Result<Rule, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let name = r.name.get_ref().trim();
+    if name.is_empty() {
+        diags.push(src.at(r.name.span(), "a rule needs a non-empty name"));
+    }
+    let (line, _) = position(src, r.name.span());
+    let origin = format!("{}:{line}", src.path.display());
+
+    let m = r.matcher.get_ref();
+    let path = match PathPattern::parse(m.path.get_ref()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            diags.push(src.at(m.path.span(), e));
+            None
+        }
+    };
+    let mut methods = 0u16;
+    match &m.method {
+        None => methods = 1 | 2,
+        Some(list) => {
+            for item in list.get_ref().items() {
+                let upper = item.to_ascii_uppercase();
+                if upper == "*" {
+                    methods = ALL_METHODS;
+                } else if let Some((_, bit)) = METHODS.iter().find(|(n, _)| *n == upper) {
+                    methods |= bit;
+                    if *bit == 1 {
+                        methods |= 2; // HEAD is answered from GET entries.
+                    }
+                } else {
+                    diags.push(src.at(
+                        list.span(),
+                        format!("unknown method {item:?}; expected one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS or \"*\""),
+                    ));
+                }
+            }
+        }
+    }
+    let host = match &m.host {
+        None => None,
+        Some(h) => match HostMatch::parse(h.get_ref()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                diags.push(src.at(h.span(), e));
+                None
+            }
+        },
+    };
+    let upstream = match &r.upstream {
+        Some(u) => match ctx.upstreams.iter().position(|n| n == u.get_ref()) {
+            Some(i) => Some(i),
+            None => {
+                diags.push(src.at(
+                    u.span(),
+                    format!(
+                        "unknown upstream {:?}; defined upstreams: {}",
+                        u.get_ref(),
+                        ctx.upstreams.join(", ")
+                    ),
+                ));
+                None
+            }
+        },
+        None => match ctx.default_upstream {
+            Some(i) => Some(i),
+            None => {
+                diags.push(src.at(
+                    r.name.span(),
+                    "this rule names no upstream and there is no default; add upstream = \"NAME\" or [server] default_upstream",
+                ));
+                None
+            }
+        },
+    };
+    let ttl = duration(src, &r.ttl, &mut diags);
+    let swr = duration(src, &r.stale_while_revalidate, &mut diags);
+    let sie = duration(src, &r.stale_if_error, &mut diags);
+
+    let mut vary = Vec::new();
+    let mut tags = Vec::new();
+    if let Some(pattern) = &path {
+        for v in &r.vary {
+            match Source::parse(v.get_ref(), pattern) {
+                Ok(source) => {
+                    if vary.iter().any(|f: &VaryField| f.source == source) {
+                        diags.push(src.at(
+                            v.span(),
+                            format!("{:?} is listed twice in vary", v.get_ref()),
+                        ));
+                    } else {
+                        vary.push(VaryField {
+                            source,
+                            normalizers: Vec::new(),
+                        });
+                    }
+                }
+                Err(e) => diags.push(src.at(v.span(), e)),
+            }
+        }
+        for (key, steps) in &r.normalize {
+            let Some(field) = Source::parse(key, pattern)
+                .ok()
+                .and_then(|s| vary.iter_mut().find(|f| f.source == s))
+            else {
+                diags.push(src.at(
+                    steps.span(),
+                    format!("normalize names {key:?}, which is not in this rule's vary list"),
+                ));
+                continue;
+            };
+            for step in steps.get_ref().items() {
+                match Normalizer::parse(step, tables) {
+                    Ok(n) => field.normalizers.push(n),
+                    Err(e) => diags.push(src.at(steps.span(), e)),
+                }
+            }
+        }
+        for t in &r.tags {
+            match Template::parse(t.get_ref(), pattern) {
+                Ok(t) => tags.push(t),
+                Err(e) => diags.push(src.at(t.span(), e)),
+            }
+        }
+    }
+    let mut invalidate_on = Vec::new();
+    for e in &r.invalidate_on {
+        let ev = e.get_ref();
+        if ev.is_empty()
+            || ev
+                .chars()
+                .any(|c| c.is_whitespace() || c == '{' || c == '}')
+        {
+            diags.push(src.at(
+                e.span(),
+                format!("event name {ev:?} must be non-empty, without spaces or braces"),
+            ));
+        } else {
+            invalidate_on.push(ev.as_str().into());
+        }
+    }
+
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    Ok(Rule {
+        name: name.into(),
+        origin,
+        methods,
+        host,
+        path: path.expect("checked above"),
+        upstream: upstream.expect("checked above"),
+        cache: r.cache.unwrap_or(true),
+        ttl,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+        vary,
+        tags,
+        invalidate_on,
+        cache_set_cookie: r.cache_set_cookie.unwrap_or(false),
+        is_default: false,
+        metrics: RuleMetrics::new(name),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> Context<'static> {
+        static UPS: once_cell::sync::Lazy<Vec<String>> =
+            once_cell::sync::Lazy::new(|| vec!["api".to_string(), "ai".to_string()]);
+        Context {
+            upstreams: &UPS,
+            default_upstream: Some(0),
+        }
+    }
+
+    fn compile_one(text: &str) -> Result<RuleSet, Vec<Diagnostic>> {
+        compile(&[(Path::new("rules/a.toml"), text)], &ctx())
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        compile_one(text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    const SPEC: &str = r#"
+[[rule]]
+name = "vendor-search"
+match = { method = "GET", path = "/api/vendors/search" }
+upstream = "api"
+ttl = "30m"
+vary = ["query.location", "query.vendorType", "query.budget"]
+tags = ["vendors", "vendor-type:{query.vendorType}"]
+invalidate_on = ["vendor_update", "availability_change"]
+stale_while_revalidate = "1m"
+stale_if_error = "1h"
+
+[[rule]]
+name = "wedding-timeline"
+match = { method = "GET", path = "/api/weddings/:id/timeline" }
+upstream = "api"
+ttl = "5m"
+vary = ["path.id"]
+tags = ["wedding:{path.id}"]
+"#;
+
+    #[test]
+    fn spec_example_compiles_and_matches() {
+        let set = compile_one(SPEC).unwrap();
+        assert_eq!(set.len(), 2);
+        let get = http::Method::GET;
+        let m = set.find(&get, "x", "/api/weddings/42/timeline").unwrap();
+        assert_eq!(&*m.rule.name, "wedding-timeline");
+        assert_eq!(m.params.get("/api/weddings/42/timeline", 0), Some("42"));
+        assert_eq!(
+            &*set
+                .find(&http::Method::HEAD, "x", "/api/vendors/search")
+                .unwrap()
+                .rule
+                .name,
+            "vendor-search"
+        );
+        let fallback = set
+            .find(&http::Method::POST, "x", "/api/vendors/search")
+            .unwrap();
+        assert!(
+            fallback.rule.is_default,
+            "POST is not in the rule's methods"
+        );
+        let r = &set.rules()[0];
+        assert_eq!(r.ttl, Some(Duration::from_secs(1800)));
+        assert_eq!(r.stale_if_error, Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn first_match_wins_and_hosts() {
+        let set = compile_one(
+            r#"
+[[rule]]
+name = "a"
+match = { path = "/api/vendors/search", host = "*.example.com" }
+[[rule]]
+name = "b"
+match = { path = "/api/vendors/:id", method = ["GET", "POST"] }
+"#,
+        )
+        .unwrap();
+        let get = http::Method::GET;
+        assert_eq!(
+            &*set
+                .find(&get, "API.example.com", "/api/vendors/search")
+                .unwrap()
+                .rule
+                .name,
+            "a"
+        );
+        assert_eq!(
+            &*set
+                .find(&get, "other.org", "/api/vendors/search")
+                .unwrap()
+                .rule
+                .name,
+            "b"
+        );
+        assert_eq!(
+            &*set
+                .find(&http::Method::POST, "x", "/api/vendors/7")
+                .unwrap()
+                .rule
+                .name,
+            "b"
+        );
+    }
+
+    #[test]
+    fn tags_render_with_normalized_values() {
+        let set = compile_one(
+            r#"
+[tables.market]
+map = { brooklyn = "nyc" }
+fallback = "state"
+[[rule]]
+name = "s"
+match = { path = "/s" }
+vary = ["query.location"]
+normalize = { "query.location" = ["trim", "market"] }
+tags = ["market:{query.location}", "raw:{query.other}"]
+invalidate_on = ["vendor_update"]
+"#,
+        )
+        .unwrap();
+        let rule = &set.rules()[0];
+        let headers = http::HeaderMap::new();
+        let params = PathParams::default();
+        let req = RequestView {
+            path: "/s",
+            query: Some("location=Brooklyn%2C%20NY&other=X"),
+            headers: &headers,
+            params: &params,
+        };
+        assert_eq!(
+            rule.render_tags(&req),
+            vec!["market:nyc", "raw:X", "vendor_update"]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_problem() {
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nttl = \"soon\"\n");
+        assert!(e[0].starts_with("rules/a.toml:4:7: bad duration"), "{e:?}");
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\ncolour = 1\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:1:") && e[0].contains("unknown field `colour`"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nupstream = \"nope\"\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:") && e[0].contains("unknown upstream \"nope\""),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"a/b\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:3:") && e[0].contains("start with '/'"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nvary = [\"form.x\"]\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:") && e[0].contains("unknown source kind"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\n[[rule]]\nname = \"a\"\nmatch = { path = \"/b\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:5:") && e[0].contains("duplicate rule name"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"all\"\nmatch = { path = \"/api/*\" }\n[[rule]]\nname = \"one\"\nmatch = { path = \"/api/x\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:5:") && e[0].contains("shadowed by rule \"all\""),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nvary = [\"query.x\"]\nnormalize = { \"query.x\" = \"city\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:5:") && e[0].contains("unknown normalizer"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nnormalize = { \"query.x\" = \"trim\" }\n");
+        assert!(e[0].contains("not in this rule's vary list"), "{e:?}");
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\", method = \"FETCH\" }\n");
+        assert!(e[0].contains("unknown method"), "{e:?}");
+    }
+
+    #[test]
+    fn narrower_methods_or_hosts_do_not_shadow() {
+        compile_one(
+            r#"
+[[rule]]
+name = "get-only"
+match = { method = "GET", path = "/api/*" }
+[[rule]]
+name = "post"
+match = { method = "POST", path = "/api/x" }
+[[rule]]
+name = "host"
+match = { host = "a.example.com", path = "/other" }
+[[rule]]
+name = "any-host"
+match = { path = "/other" }
+"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn no_default_means_no_fallback() {
+        let ups = vec!["a".to_string(), "b".to_string()];
+        let ctx = Context {
+            upstreams: &ups,
+            default_upstream: None,
+        };
+        let set = compile(
+            &[(
+                Path::new("r.toml"),
+                "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nupstream = \"a\"\n",
+            )],
+            &ctx,
+        )
+        .unwrap();
+        assert!(set.find(&http::Method::GET, "h", "/y").is_none());
+        let err = compile(
+            &[(
+                Path::new("r.toml"),
+                "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\n",
+            )],
+            &ctx,
+        )
+        .unwrap_err();
+        assert!(err[0].message.contains("no upstream"));
+    }
+}

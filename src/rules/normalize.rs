@@ -1,0 +1,339 @@
+//! Normalizers: make equivalent request values produce one cache key.
+//!
+//! `location=NYC`, `location=nyc` and `location= Brooklyn` should share an entry; a wedding on
+//! 2027-07-14 and one on 2027-08-02 ask the same seasonal question. Each normalizer is a small
+//! pure function from value to value; a vary field applies its list in order. Lookup tables
+//! (`[tables.NAME]`) are compiled once and shared by every rule that names them.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What a lookup table answers for a value it does not list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// The part after the last comma ("Austin, TX" -> "tx"), else the value itself.
+    State,
+    /// The (trimmed, lowercased) value itself.
+    Keep,
+    /// The empty string: every unknown value shares one entry.
+    Drop,
+}
+
+impl Fallback {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "state" => Ok(Fallback::State),
+            "keep" => Ok(Fallback::Keep),
+            "drop" => Ok(Fallback::Drop),
+            other => Err(format!(
+                "unknown fallback {other:?}; expected \"state\", \"keep\" or \"drop\""
+            )),
+        }
+    }
+}
+
+/// A compiled `[tables.NAME]` lookup table, e.g. city -> market.
+#[derive(Debug)]
+pub struct Table {
+    pub name: Box<str>,
+    map: HashMap<Box<str>, Box<str>>,
+    fallback: Fallback,
+}
+
+impl Table {
+    /// Builds a table; keys are matched case-insensitively with surrounding spaces ignored.
+    pub fn new(
+        name: &str,
+        map: impl IntoIterator<Item = (String, String)>,
+        fallback: Fallback,
+    ) -> Self {
+        let map = map
+            .into_iter()
+            .map(|(k, v)| (fold(&k).into_boxed_str(), v.into_boxed_str()))
+            .collect();
+        Table {
+            name: name.into(),
+            map,
+            fallback,
+        }
+    }
+
+    fn lookup<'a>(&self, value: &'a str) -> Cow<'a, str> {
+        let folded = fold(value);
+        if let Some(hit) = self.map.get(folded.as_str()) {
+            return Cow::Owned(hit.to_string());
+        }
+        // "Brooklyn, NY": try the city part before the first comma.
+        if let Some((city, _)) = folded.split_once(',') {
+            if let Some(hit) = self.map.get(city.trim()) {
+                return Cow::Owned(hit.to_string());
+            }
+        }
+        match self.fallback {
+            Fallback::State => match folded.rsplit_once(',') {
+                Some((_, state)) => Cow::Owned(state.trim().to_string()),
+                None => Cow::Owned(folded),
+            },
+            Fallback::Keep => Cow::Owned(folded),
+            Fallback::Drop => Cow::Borrowed(""),
+        }
+    }
+}
+
+/// Lowercase, whitespace collapsed, trimmed.
+fn fold(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for word in s.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(word.chars().flat_map(char::to_lowercase));
+    }
+    out
+}
+
+/// One normalization step.
+#[derive(Debug, Clone)]
+pub enum Normalizer {
+    Lowercase,
+    Uppercase,
+    Trim,
+    /// A comma-separated list, items trimmed, empty items dropped, sorted and deduplicated.
+    SortedList,
+    /// A number floored to a multiple of the bucket width; non-numbers are kept as they are.
+    Bucket(f64),
+    /// An ISO date (`2027-07-14`, `2027-07`, or an RFC 3339 timestamp) to its meteorological
+    /// northern-hemisphere season: `winter`, `spring`, `summer`, `fall`.
+    Season,
+    /// Free text: case-folded, whitespace collapsed, trimmed.
+    Text,
+    Table(Arc<Table>),
+}
+
+impl Normalizer {
+    /// Parses a normalizer name; `tables` resolves names of lookup tables.
+    pub fn parse(name: &str, tables: &HashMap<String, Arc<Table>>) -> Result<Self, String> {
+        Ok(match name {
+            "lowercase" => Normalizer::Lowercase,
+            "uppercase" => Normalizer::Uppercase,
+            "trim" => Normalizer::Trim,
+            "sorted_list" => Normalizer::SortedList,
+            "season" => Normalizer::Season,
+            "text" => Normalizer::Text,
+            _ => {
+                if let Some(width) = name.strip_prefix("bucket:") {
+                    match width.trim().parse::<f64>() {
+                        Ok(w) if w > 0.0 && w.is_finite() => Normalizer::Bucket(w),
+                        _ => {
+                            return Err(format!(
+                                "bad bucket width in {name:?}; write a positive number, like \"bucket:1000\""
+                            ))
+                        }
+                    }
+                } else if let Some(table) = tables.get(name) {
+                    Normalizer::Table(table.clone())
+                } else {
+                    let mut known: Vec<&str> = tables.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    return Err(format!(
+                        "unknown normalizer {name:?}; expected lowercase, uppercase, trim, sorted_list, bucket:N, season, text{}{}",
+                        if known.is_empty() { "" } else { " or a table: " },
+                        known.join(", ")
+                    ));
+                }
+            }
+        })
+    }
+
+    /// Applies this step.
+    pub fn apply<'a>(&self, value: Cow<'a, str>) -> Cow<'a, str> {
+        match self {
+            Normalizer::Lowercase => {
+                if value.chars().any(char::is_uppercase) {
+                    Cow::Owned(value.to_lowercase())
+                } else {
+                    value
+                }
+            }
+            Normalizer::Uppercase => {
+                if value.chars().any(char::is_lowercase) {
+                    Cow::Owned(value.to_uppercase())
+                } else {
+                    value
+                }
+            }
+            Normalizer::Trim => match value {
+                Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
+                Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+            },
+            Normalizer::SortedList => {
+                let mut items: Vec<&str> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                items.sort_unstable();
+                items.dedup();
+                Cow::Owned(items.join(","))
+            }
+            Normalizer::Bucket(width) => match value.trim().parse::<f64>() {
+                Ok(n) if n.is_finite() => {
+                    let floored = (n / width).floor() * width;
+                    Cow::Owned(format_number(floored))
+                }
+                _ => value,
+            },
+            Normalizer::Season => match season(value.trim()) {
+                Some(s) => Cow::Borrowed(s),
+                None => value,
+            },
+            Normalizer::Text => Cow::Owned(fold(&value)),
+            Normalizer::Table(table) => Cow::Owned(table.lookup(&value).into_owned()),
+        }
+    }
+}
+
+fn format_number(n: f64) -> String {
+    if n.fract() == 0.0 && n.abs() < 1e15 {
+        format!("{}", n as i64)
+    } else {
+        format!("{n}")
+    }
+}
+
+fn season(s: &str) -> Option<&'static str> {
+    let month: u32 = if s.len() >= 10 {
+        chrono::NaiveDate::parse_from_str(&s[..10], "%Y-%m-%d")
+            .ok()
+            .map(|d| chrono::Datelike::month(&d))?
+    } else if s.len() == 7 {
+        chrono::NaiveDate::parse_from_str(&format!("{s}-01"), "%Y-%m-%d")
+            .ok()
+            .map(|d| chrono::Datelike::month(&d))?
+    } else {
+        return None;
+    };
+    Some(match month {
+        3..=5 => "spring",
+        6..=8 => "summer",
+        9..=11 => "fall",
+        _ => "winter",
+    })
+}
+
+/// Applies a list of normalizers in order.
+pub fn apply_all<'a>(steps: &[Normalizer], value: &'a str) -> Cow<'a, str> {
+    let mut v = Cow::Borrowed(value);
+    for step in steps {
+        v = step.apply(v);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn market() -> Arc<Table> {
+        Arc::new(Table::new(
+            "market",
+            [
+                ("New York".to_string(), "nyc".to_string()),
+                ("brooklyn".to_string(), "nyc".to_string()),
+                ("San  Francisco".to_string(), "sf-bay".to_string()),
+            ],
+            Fallback::State,
+        ))
+    }
+
+    fn tables() -> HashMap<String, Arc<Table>> {
+        HashMap::from([("market".to_string(), market())])
+    }
+
+    fn run(names: &[&str], v: &str) -> String {
+        let t = tables();
+        let steps: Vec<Normalizer> = names
+            .iter()
+            .map(|n| Normalizer::parse(n, &t).unwrap())
+            .collect();
+        apply_all(&steps, v).into_owned()
+    }
+
+    #[test]
+    fn case_and_trim() {
+        assert_eq!(run(&["lowercase"], "NYC"), "nyc");
+        assert_eq!(run(&["uppercase"], "ny"), "NY");
+        assert_eq!(run(&["trim"], "  nyc \t"), "nyc");
+        assert_eq!(run(&["trim", "lowercase"], " NyC "), "nyc");
+    }
+
+    #[test]
+    fn sorted_list() {
+        assert_eq!(
+            run(&["sorted_list"], "venue, caterer,,photographer,venue"),
+            "caterer,photographer,venue"
+        );
+        assert_eq!(run(&["sorted_list"], ""), "");
+    }
+
+    #[test]
+    fn bucket() {
+        assert_eq!(run(&["bucket:1000"], "5400"), "5000");
+        assert_eq!(run(&["bucket:1000"], "999.99"), "0");
+        assert_eq!(run(&["bucket:0.5"], "1.7"), "1.5");
+        assert_eq!(
+            run(&["bucket:1000"], "cheap"),
+            "cheap",
+            "non-numbers are kept"
+        );
+        assert!(Normalizer::parse("bucket:0", &tables()).is_err());
+        assert!(Normalizer::parse("bucket:x", &tables()).is_err());
+    }
+
+    #[test]
+    fn season_of_dates() {
+        assert_eq!(run(&["season"], "2027-07-14"), "summer");
+        assert_eq!(run(&["season"], "2027-12-01"), "winter");
+        assert_eq!(run(&["season"], "2028-02-29"), "winter");
+        assert_eq!(run(&["season"], "2027-04"), "spring");
+        assert_eq!(run(&["season"], "2027-10-03T15:00:00Z"), "fall");
+        assert_eq!(run(&["season"], "someday"), "someday");
+        assert_eq!(run(&["season"], "2027-13-01"), "2027-13-01");
+    }
+
+    #[test]
+    fn text() {
+        assert_eq!(
+            run(&["text"], "  Best   VENUES\nin Austin "),
+            "best venues in austin"
+        );
+    }
+
+    #[test]
+    fn table_with_state_fallback() {
+        assert_eq!(run(&["market"], "NEW YORK"), "nyc");
+        assert_eq!(run(&["market"], " Brooklyn, NY"), "nyc");
+        assert_eq!(run(&["market"], "san francisco"), "sf-bay");
+        assert_eq!(run(&["market"], "Austin, TX"), "tx");
+        assert_eq!(run(&["market"], "Smallville"), "smallville");
+    }
+
+    #[test]
+    fn table_fallbacks() {
+        let keep = Table::new("t", [("a".to_string(), "x".to_string())], Fallback::Keep);
+        assert_eq!(keep.lookup("B, C"), "b, c");
+        let drop = Table::new("t", [("a".to_string(), "x".to_string())], Fallback::Drop);
+        assert_eq!(drop.lookup("zzz"), "");
+        assert!(Fallback::parse("nope").is_err());
+    }
+
+    #[test]
+    fn unknown_names_list_alternatives() {
+        let err = Normalizer::parse("city", &tables()).unwrap_err();
+        assert!(
+            err.contains("unknown normalizer \"city\"") && err.contains("market"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,301 @@
+//! Request sources: `query.NAME`, `header.NAME`, `path.NAME`, `cookie.NAME` (and the reserved
+//! `body./json/pointer`), and the tag templates built from them (`"vendor-type:{query.vendorType}"`).
+//!
+//! A source is parsed and checked once when rules load (a `path.` source must name a parameter of
+//! the rule's pattern); extracting it from a request borrows from the request where it can.
+
+use super::path::{PathParams, PathPattern};
+use std::borrow::Cow;
+
+/// The parts of a request that rules look at.
+pub struct RequestView<'a> {
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+    pub params: &'a PathParams,
+}
+
+/// Where a vary value or tag placeholder comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Query(Box<str>),
+    /// Header names are stored lowercased.
+    Header(http::HeaderName),
+    /// Index of the parameter in the rule's path pattern.
+    Path(usize, Box<str>),
+    Cookie(Box<str>),
+    /// RFC 6901 JSON pointer into the request body (AI caching; reserved).
+    Body(Box<str>),
+}
+
+impl Source {
+    /// Parses `kind.NAME` against the rule's path pattern.
+    pub fn parse(s: &str, pattern: &PathPattern) -> Result<Self, String> {
+        let Some((kind, name)) = s.split_once('.') else {
+            return Err(format!(
+                "unknown source {s:?}; expected query.NAME, header.NAME, path.NAME, cookie.NAME or body./pointer"
+            ));
+        };
+        if name.is_empty() {
+            return Err(format!("source {s:?} has no name after the '.'"));
+        }
+        match kind {
+            "query" => Ok(Source::Query(name.into())),
+            "header" => http::HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+                .map(Source::Header)
+                .map_err(|_| format!("source {s:?}: {name:?} is not a valid header name")),
+            "path" => match pattern.param_index(name) {
+                Some(i) => Ok(Source::Path(i, name.into())),
+                None => Err(format!(
+                    "source {s:?}: the path pattern {:?} has no :{name} parameter",
+                    pattern.as_str()
+                )),
+            },
+            "cookie" => Ok(Source::Cookie(name.into())),
+            "body" => {
+                if !name.starts_with('/') {
+                    return Err(format!(
+                        "source {s:?}: a body source is a JSON pointer starting with '/', like body./query/type"
+                    ));
+                }
+                Err(format!(
+                    "source {s:?}: body sources are reserved for AI (POST) caching, which this version does not support yet"
+                ))
+            }
+            other => Err(format!(
+                "unknown source kind {other:?} in {s:?}; expected query, header, path, cookie or body"
+            )),
+        }
+    }
+
+    /// The value of this source in a request; `None` when the request does not carry it.
+    pub fn extract<'a>(&self, req: &RequestView<'a>) -> Option<Cow<'a, str>> {
+        match self {
+            Source::Query(name) => {
+                let query = req.query?;
+                let mut found: Option<Cow<'a, str>> = None;
+                for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+                    if k == **name {
+                        found = Some(match found {
+                            // Repeated parameters join as a comma list (`sorted_list` can sort it).
+                            Some(prev) => Cow::Owned(format!("{prev},{v}")),
+                            None => borrow_if_same(query, v),
+                        });
+                    }
+                }
+                found
+            }
+            Source::Header(name) => {
+                let mut values = req.headers.get_all(name).iter();
+                let first = values.next()?;
+                let mut out = Cow::Borrowed(first.to_str().ok()?);
+                for v in values {
+                    let v = v.to_str().ok()?;
+                    out = Cow::Owned(format!("{out}, {v}"));
+                }
+                Some(out)
+            }
+            Source::Path(index, _) => {
+                let raw = req.params.get(req.path, *index)?;
+                Some(percent_encoding::percent_decode_str(raw).decode_utf8_lossy())
+            }
+            Source::Cookie(name) => {
+                for header in req.headers.get_all(http::header::COOKIE) {
+                    let Ok(header) = header.to_str() else {
+                        continue;
+                    };
+                    for pair in header.split(';') {
+                        if let Some((k, v)) = pair.trim().split_once('=') {
+                            if k == &**name {
+                                return Some(Cow::Borrowed(v.trim_matches('"')));
+                            }
+                        }
+                    }
+                }
+                None
+            }
+            Source::Body(_) => None,
+        }
+    }
+
+    /// The source as written in rules (`query.location`).
+    pub fn label(&self) -> String {
+        match self {
+            Source::Query(n) => format!("query.{n}"),
+            Source::Header(n) => format!("header.{n}"),
+            Source::Path(_, n) => format!("path.{n}"),
+            Source::Cookie(n) => format!("cookie.{n}"),
+            Source::Body(p) => format!("body.{p}"),
+        }
+    }
+}
+
+/// Keeps a decoded query value borrowed when decoding changed nothing.
+fn borrow_if_same<'a>(query: &'a str, v: Cow<'_, str>) -> Cow<'a, str> {
+    match v {
+        Cow::Borrowed(b) => {
+            // `form_urlencoded` borrows from the input when nothing was decoded.
+            let base = query.as_ptr() as usize;
+            let at = b.as_ptr() as usize;
+            if at >= base && at + b.len() <= base + query.len() {
+                let start = at - base;
+                Cow::Borrowed(&query[start..start + b.len()])
+            } else {
+                Cow::Owned(b.to_string())
+            }
+        }
+        Cow::Owned(o) => Cow::Owned(o),
+    }
+}
+
+/// One piece of a tag template.
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(Box<str>),
+    Value(Source),
+}
+
+/// A tag template such as `"wedding:{path.id}"`.
+#[derive(Debug, Clone)]
+pub struct Template {
+    pieces: Vec<Piece>,
+}
+
+impl Template {
+    pub fn parse(s: &str, pattern: &PathPattern) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].into()));
+            }
+            let after = &rest[open + 1..];
+            let Some(close) = after.find('}') else {
+                return Err(format!(
+                    "tag template {s:?} has a '{{' without a closing '}}'"
+                ));
+            };
+            let source = Source::parse(&after[..close], pattern)
+                .map_err(|e| format!("tag template {s:?}: {e}"))?;
+            pieces.push(Piece::Value(source));
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!(
+                "tag template {s:?} has a '}}' without an opening '{{'"
+            ));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.into()));
+        }
+        if s.is_empty() || s.chars().any(char::is_whitespace) {
+            return Err(format!("tag {s:?} must be non-empty and contain no spaces"));
+        }
+        Ok(Template { pieces })
+    }
+
+    /// Renders the template; `value` resolves each source (already normalized by the caller).
+    pub fn render<'r>(&self, mut value: impl FnMut(&Source) -> Option<Cow<'r, str>>) -> String {
+        let mut out = String::new();
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Value(src) => {
+                    if let Some(v) = value(src) {
+                        out.push_str(&v);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderMap;
+
+    fn pattern() -> PathPattern {
+        PathPattern::parse("/api/weddings/:id/timeline").unwrap()
+    }
+
+    #[test]
+    fn parse_sources() {
+        let p = pattern();
+        assert_eq!(
+            Source::parse("query.location", &p).unwrap(),
+            Source::Query("location".into())
+        );
+        assert_eq!(
+            Source::parse("path.id", &p).unwrap(),
+            Source::Path(0, "id".into())
+        );
+        assert!(Source::parse("path.nope", &p)
+            .unwrap_err()
+            .contains("no :nope"));
+        assert!(Source::parse("form.x", &p)
+            .unwrap_err()
+            .contains("unknown source kind"));
+        assert!(Source::parse("location", &p)
+            .unwrap_err()
+            .contains("unknown source"));
+        assert!(Source::parse("header.bad header", &p)
+            .unwrap_err()
+            .contains("header name"));
+        assert!(Source::parse("body./query/type", &p)
+            .unwrap_err()
+            .contains("reserved"));
+        assert!(Source::parse("body.query", &p)
+            .unwrap_err()
+            .contains("JSON pointer"));
+    }
+
+    #[test]
+    fn extract_values() {
+        let p = pattern();
+        let path = "/api/weddings/w%2042/timeline";
+        let params = p.matches(path).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-tenant", "acme".parse().unwrap());
+        headers.insert("cookie", "a=1; session=\"abc\"; b=2".parse().unwrap());
+        let req = RequestView {
+            path,
+            query: Some("location=New%20York&type=a&type=b&empty="),
+            headers: &headers,
+            params: &params,
+        };
+        let get = |s: &str| {
+            Source::parse(s, &p)
+                .unwrap()
+                .extract(&req)
+                .map(|c| c.into_owned())
+        };
+        assert_eq!(get("query.location").as_deref(), Some("New York"));
+        assert_eq!(get("query.type").as_deref(), Some("a,b"));
+        assert_eq!(get("query.empty").as_deref(), Some(""));
+        assert_eq!(get("query.missing"), None);
+        assert_eq!(get("header.X-Tenant").as_deref(), Some("acme"));
+        assert_eq!(get("header.x-missing"), None);
+        assert_eq!(get("path.id").as_deref(), Some("w 42"));
+        assert_eq!(get("cookie.session").as_deref(), Some("abc"));
+        assert_eq!(get("cookie.none"), None);
+    }
+
+    #[test]
+    fn templates() {
+        let p = pattern();
+        let t = Template::parse("wedding:{path.id}:{query.x}", &p).unwrap();
+        let out = t.render(|s| match s {
+            Source::Path(..) => Some(Cow::Borrowed("42")),
+            _ => None,
+        });
+        assert_eq!(out, "wedding:42:");
+        assert!(Template::parse("a{path.id", &p).is_err());
+        assert!(Template::parse("a}b", &p).is_err());
+        assert!(Template::parse("a {path.id}", &p).is_err());
+        assert!(Template::parse("x:{path.zzz}", &p)
+            .unwrap_err()
+            .contains("no :zzz"));
+    }
+}

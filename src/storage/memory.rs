@@ -1,0 +1,524 @@
+//! The bounded in-process memory tier.
+//!
+//! Entries sit in a sharded map (one `RwLock` per shard, held only to clone an `Arc`), keyed by
+//! pingora's combined key hash (primary + variance). Pingora's LRU eviction manager decides what
+//! to drop when a fill would exceed `cache.memory`; it then purges victims through [`Storage::purge`].
+//!
+//! A hit must be cheap: rather than deserialising `CacheMeta` (zstd + header parsing), an entry
+//! keeps the response header parsed and the few timestamps needed to rebuild the meta, and the
+//! body as one `Bytes`. A per-URI index finds every variant of a URI (RFC 9111 §4.4 invalidation,
+//! and `vary-miss` reporting) without scanning.
+
+use super::EntryInfo;
+use crate::metrics::metrics;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::{Mutex, RwLock};
+use pingora::cache::eviction::{lru, EvictionManager};
+use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora::cache::storage::{
+    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
+    PurgeType,
+};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheEntryKeyRef, CacheKey, CacheMeta, Storage};
+use pingora::http::ResponseHeader;
+use pingora::Result;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+const SHARDS: usize = 16;
+/// Bytes charged per entry on top of its body and headers (key, map slot, bookkeeping).
+const ENTRY_OVERHEAD: usize = 256;
+
+/// The eviction manager type the memory tier is bounded by.
+pub type Eviction = lru::Manager<SHARDS>;
+
+/// What is needed to rebuild a `CacheMeta` without deserialising.
+struct StoredMeta {
+    fresh_until: SystemTime,
+    provenance: SystemTime,
+    /// When the entry's age starts (its store or last revalidation, minus upstream `Age`).
+    epoch: SystemTime,
+    swr: u32,
+    sie: u32,
+    variance: Option<HashBinary>,
+    header: ResponseHeader,
+}
+
+impl StoredMeta {
+    fn from_meta(meta: &CacheMeta) -> Self {
+        StoredMeta {
+            fresh_until: meta.fresh_until(),
+            provenance: meta.provenance(),
+            // The epoch override carries the upstream `Age` at store time; once the entry is
+            // revalidated (`updated` moves past `created`) its age restarts from then.
+            epoch: if meta.updated() > meta.created() {
+                meta.updated()
+            } else {
+                meta.epoch()
+            },
+            swr: meta.stale_while_revalidate_sec(),
+            sie: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            header: meta.response_header_copy(),
+        }
+    }
+
+    fn to_meta(&self) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.provenance,
+            self.swr,
+            self.sie,
+            self.header.clone(),
+        );
+        if self.epoch != self.provenance {
+            meta.set_epoch_override(self.epoch);
+        }
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        meta
+    }
+}
+
+struct Entry {
+    meta: RwLock<StoredMeta>,
+    body: Bytes,
+    info: EntryInfo,
+    compact: CompactCacheKey,
+    weight: usize,
+}
+
+/// The memory tier.
+pub struct MemoryStorage {
+    shards: Box<[RwLock<HashMap<u128, Arc<Entry>>>]>,
+    uris: Box<[Mutex<HashMap<u64, Vec<u128>>>]>,
+    eviction: &'static Eviction,
+    entries: AtomicI64,
+    bytes: AtomicI64,
+    evictions: AtomicU64,
+}
+
+fn id(hash: HashBinary) -> u128 {
+    u128::from_be_bytes(hash)
+}
+
+impl MemoryStorage {
+    /// A memory tier whose admissions are accounted by `eviction`.
+    pub fn new(eviction: &'static Eviction) -> Self {
+        MemoryStorage {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            uris: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            eviction,
+            entries: AtomicI64::new(0),
+            bytes: AtomicI64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, id: u128) -> &RwLock<HashMap<u128, Arc<Entry>>> {
+        &self.shards[(id as usize) % SHARDS]
+    }
+
+    fn uri_shard(&self, uri: u64) -> &Mutex<HashMap<u64, Vec<u128>>> {
+        &self.uris[(uri as usize) % SHARDS]
+    }
+
+    /// Entries currently stored.
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes currently charged (bodies, headers and per-entry overhead).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Entries evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Whether any variant of this URI is stored (a miss on it is then a `vary-miss`).
+    pub fn has_uri(&self, uri: u64) -> bool {
+        self.uri_shard(uri)
+            .lock()
+            .get(&uri)
+            .is_some_and(|v| !v.is_empty())
+    }
+
+    /// Removes every variant stored for a URI; returns how many were removed.
+    pub fn purge_uri(&self, uri: u64) -> usize {
+        let ids = self.uri_shard(uri).lock().remove(&uri).unwrap_or_default();
+        let mut n = 0;
+        for id in ids {
+            if let Some(entry) = self.remove(id) {
+                self.eviction
+                    .remove(CacheEntryKeyRef::from_entry_id(&entry.compact, None));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn insert(&self, id: u128, entry: Entry) {
+        let uri = entry.info.uri;
+        let weight = entry.weight as i64;
+        let old = self.shard(id).write().insert(id, Arc::new(entry));
+        if let Some(old) = old {
+            self.account(-1, -(old.weight as i64));
+        } else {
+            let mut uris = self.uri_shard(uri).lock();
+            let ids = uris.entry(uri).or_default();
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        self.account(1, weight);
+    }
+
+    fn remove(&self, id: u128) -> Option<Arc<Entry>> {
+        let entry = self.shard(id).write().remove(&id)?;
+        self.account(-1, -(entry.weight as i64));
+        let uri = entry.info.uri;
+        let mut uris = self.uri_shard(uri).lock();
+        if let Some(ids) = uris.get_mut(&uri) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                uris.remove(&uri);
+            }
+        }
+        Some(entry)
+    }
+
+    fn account(&self, entries: i64, bytes: i64) {
+        let e = self.entries.fetch_add(entries, Ordering::Relaxed) + entries;
+        let b = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let m = metrics();
+        m.cache_entries.set(e);
+        m.cache_bytes.set(b);
+    }
+}
+
+fn header_weight(h: &ResponseHeader) -> usize {
+    h.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + 32
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let id = id(key.combined_bin());
+        let Some(entry) = self.shard(id).read().get(&id).cloned() else {
+            return Ok(None);
+        };
+        let meta = entry.meta.read().to_meta();
+        let body = entry.body.clone();
+        let hit = MemoryHit {
+            len: body.len(),
+            body,
+            range: None,
+            done: false,
+            weight: entry.weight,
+        };
+        Ok(Some((meta, Box::new(hit))))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let info = meta
+            .extensions()
+            .get::<EntryInfo>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Box::new(MemoryMiss {
+            storage: self,
+            id: id(key.combined_bin()),
+            compact: key.to_compact(),
+            meta: Some(StoredMeta::from_meta(meta)),
+            info,
+            chunks: Vec::new(),
+            len: 0,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let id = id(target.key().combined_bin());
+        match self.remove(id) {
+            Some(entry) => {
+                match purge_type {
+                    PurgeType::Eviction => {
+                        self.evictions.fetch_add(1, Ordering::Relaxed);
+                        metrics().evictions.inc();
+                    }
+                    PurgeType::Invalidation => {
+                        self.eviction
+                            .remove(CacheEntryKeyRef::from_entry_id(&entry.compact, None));
+                    }
+                }
+                Ok(PurgeOutcome::Purged(None))
+            }
+            None => Ok(PurgeOutcome::NotFound),
+        }
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let id = id(key.combined_bin());
+        let Some(entry) = self.shard(id).read().get(&id).cloned() else {
+            return Ok(false);
+        };
+        *entry.meta.write() = StoredMeta::from_meta(meta);
+        Ok(true)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// Reads one stored body: hands out the `Bytes` (a reference count, not a copy).
+struct MemoryHit {
+    body: Bytes,
+    len: usize,
+    range: Option<(usize, usize)>,
+    done: bool,
+    weight: usize,
+}
+
+#[async_trait]
+impl HandleHit for MemoryHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        self.done = true;
+        Ok(Some(match self.range {
+            Some((start, end)) => self.body.slice(start..end),
+            None => self.body.clone(),
+        }))
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        if start >= self.len && self.len > 0 {
+            return pingora::Error::e_explain(
+                pingora::ErrorType::InternalError,
+                format!("seek start out of range {start} >= {}", self.len),
+            );
+        }
+        // `end` is exclusive.
+        let end = end.map_or(self.len, |e| e.min(self.len));
+        self.range = Some((start, end.max(start)));
+        self.done = false;
+        Ok(())
+    }
+
+    fn get_eviction_weight(&self) -> usize {
+        self.weight
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Collects a response body being filled; stores the entry on `finish`.
+struct MemoryMiss {
+    storage: &'static MemoryStorage,
+    id: u128,
+    compact: CompactCacheKey,
+    meta: Option<StoredMeta>,
+    info: EntryInfo,
+    chunks: Vec<Bytes>,
+    len: usize,
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        self.len += data.len();
+        if !data.is_empty() {
+            self.chunks.push(data);
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        let body = match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks.pop().expect("one chunk"),
+            _ => {
+                let mut buf = BytesMut::with_capacity(self.len);
+                for c in &self.chunks {
+                    buf.extend_from_slice(c);
+                }
+                buf.freeze()
+            }
+        };
+        let meta = self.meta.take().expect("finish is called once");
+        let weight = body.len() + header_weight(&meta.header) + ENTRY_OVERHEAD;
+        self.storage.insert(
+            self.id,
+            Entry {
+                meta: RwLock::new(meta),
+                body,
+                info: std::mem::take(&mut self.info),
+                compact: self.compact.clone(),
+                weight,
+            },
+        );
+        Ok(MissFinishType::Created(weight))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use once_cell::sync::Lazy;
+    use std::time::Duration;
+
+    static EVICTION: Lazy<Eviction> = Lazy::new(|| Eviction::with_capacity(1 << 20, 64));
+    static STORE: Lazy<MemoryStorage> = Lazy::new(|| MemoryStorage::new(&EVICTION));
+
+    fn meta(max_age: u64, uri: u64) -> CacheMeta {
+        let now = SystemTime::now();
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.insert_header("content-type", "application/json").unwrap();
+        let mut m = CacheMeta::new(now + Duration::from_secs(max_age), now, 5, 7, h);
+        m.extensions_mut().insert(EntryInfo {
+            uri,
+            tags: Arc::from(vec!["t1".into()]),
+        });
+        m
+    }
+
+    async fn fill(key: &CacheKey, body: &[&'static str], m: &CacheMeta) {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let mut miss = STORE.get_miss_handler(key, m, &span).await.unwrap();
+        for (i, c) in body.iter().enumerate() {
+            miss.write_body(Bytes::from_static(c.as_bytes()), i + 1 == body.len())
+                .await
+                .unwrap();
+        }
+        miss.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn fill_then_hit_shares_the_body() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k1", "");
+        assert!(STORE.lookup(&key, &span).await.unwrap().is_none());
+        let mut m = meta(60, 11);
+        let age_start = SystemTime::now() - Duration::from_secs(100);
+        m.set_epoch_override(age_start);
+        fill(&key, &["hello ", "world"], &m).await;
+        let (got, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert!(got.is_fresh(SystemTime::now()));
+        assert_eq!(got.stale_while_revalidate_sec(), 5);
+        assert_eq!(got.stale_if_error_sec(), 7);
+        assert!(
+            got.age() >= Duration::from_secs(100),
+            "upstream Age is kept"
+        );
+        assert_eq!(
+            got.response_header().headers["content-type"],
+            "application/json"
+        );
+        let a = hit.read_body().await.unwrap().unwrap();
+        assert_eq!(&a[..], b"hello world");
+        assert!(hit.read_body().await.unwrap().is_none());
+        let (_, mut hit2) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        let b = hit2.read_body().await.unwrap().unwrap();
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "a hit hands out the stored bytes, not a copy"
+        );
+        hit2.seek(6, Some(11)).unwrap();
+        assert_eq!(&hit2.read_body().await.unwrap().unwrap()[..], b"world");
+        assert!(STORE.has_uri(11));
+    }
+
+    #[tokio::test]
+    async fn purge_by_uri_removes_every_variant() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let k1 = CacheKey::new("u-a", "");
+        let k2 = CacheKey::new("u-b", "");
+        fill(&k1, &["a"], &meta(60, 22)).await;
+        fill(&k2, &["b"], &meta(60, 22)).await;
+        assert_eq!(STORE.purge_uri(22), 2);
+        assert!(STORE.lookup(&k1, &span).await.unwrap().is_none());
+        assert!(STORE.lookup(&k2, &span).await.unwrap().is_none());
+        assert!(!STORE.has_uri(22));
+    }
+
+    #[tokio::test]
+    async fn update_meta_keeps_the_body() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-upd", "");
+        fill(&key, &["body"], &meta(0, 33)).await;
+        let mut newer = meta(600, 33);
+        newer.update_freshness(SystemTime::now() + Duration::from_secs(600), 1, 2);
+        assert!(STORE.update_meta(&key, &newer, &span).await.unwrap());
+        let (got, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert!(got.is_fresh(SystemTime::now()));
+        assert_eq!(got.stale_if_error_sec(), 2);
+        assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"body");
+        let purged = STORE
+            .purge(
+                PurgeTarget::Active(&key.to_compact()),
+                PurgeType::Invalidation,
+                &span,
+            )
+            .await
+            .unwrap();
+        assert_eq!(purged, PurgeOutcome::Purged(None));
+        assert!(!STORE.update_meta(&key, &newer, &span).await.unwrap());
+    }
+}

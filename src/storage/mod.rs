@@ -1,0 +1,23 @@
+//! Where cached bytes live.
+//!
+//! Pingora's cache machinery talks to a [`pingora::cache::Storage`]; Aisle's tiers implement it.
+//! The memory tier ([`memory::MemoryStorage`]) is bounded by pingora's sharded LRU eviction
+//! manager and holds bodies as `Bytes`, so a hit hands out a reference, never a copy. A shared
+//! tier (Redis) plugs in behind the same trait as a second layer.
+//!
+//! What the cache needs to know about an entry beyond pingora's `CacheMeta` (the URI it was
+//! stored for, its tags) travels in the meta's extensions as an [`EntryInfo`], set by the proxy
+//! when it decides a response is cacheable.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+/// Aisle's facts about a stored entry.
+#[derive(Debug, Clone, Default)]
+pub struct EntryInfo {
+    /// [`crate::key::uri_id`] of the URI the entry was stored for; shared by its variants.
+    pub uri: u64,
+    /// Tags from the rule's templates and `invalidate_on` names.
+    pub tags: Arc<[Box<str>]>,
+}
