@@ -38,7 +38,9 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     };
     push(&mut out, method.as_bytes());
     push(&mut out, rule.name.as_bytes());
-    push(&mut out, input.view.path.as_bytes());
+    if rule.key_path {
+        push(&mut out, input.view.path.as_bytes());
+    }
     if rule.is_default {
         push(&mut out, input.view.query.unwrap_or("").as_bytes());
     } else {
@@ -125,6 +127,10 @@ normalize = { "query.location" = ["trim", "market"] }
 name = "timeline"
 match = { path = "/api/weddings/:id/timeline" }
 vary = ["path.id"]
+normalize = { "path.id" = "lowercase" }
+[[rule]]
+name = "items"
+match = { path = "/items/:id" }
 "#,
             )],
             &ctx,
@@ -259,6 +265,21 @@ vary = ["path.id"]
         assert_ne!(
             key(&s, "GET", "h", "/api/weddings/1/timeline", &[]),
             key(&s, "GET", "h", "/api/weddings/2/timeline", &[])
+        );
+    }
+
+    #[test]
+    fn path_is_keyed_unless_vary_determines_it() {
+        let s = rules();
+        // Every parameter is varied (and normalized): the normalized value decides.
+        assert_eq!(
+            key(&s, "GET", "h", "/api/weddings/W-1/timeline", &[]),
+            key(&s, "GET", "h", "/api/weddings/w-1/timeline", &[])
+        );
+        // A parameter not in vary: the raw path still separates entries.
+        assert_ne!(
+            key(&s, "GET", "h", "/items/1", &[]),
+            key(&s, "GET", "h", "/items/2", &[])
         );
     }
 

@@ -454,7 +454,7 @@ impl ProxyHttp for Gateway {
 
     fn should_serve_stale(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Ctx,
         error: Option<&Error>,
     ) -> bool {
@@ -471,6 +471,11 @@ impl ProxyHttp for Gateway {
                     *e.esource() == ErrorSource::Upstream || status.is_some_and(|c| c >= 500);
                 if upstream_failed {
                     ctx.stale_error = Some(status);
+                    if status.is_none() {
+                        // Pingora will not reuse the client connection after a failed upstream
+                        // connection; say so, or the client's next request on it is reset.
+                        session.set_keepalive(None);
+                    }
                 }
                 upstream_failed
             }

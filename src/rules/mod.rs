@@ -70,6 +70,10 @@ pub struct Rule {
     pub cache_set_cookie: bool,
     /// The default route keys on the full query string (RFC 9111: the key is the URI).
     pub is_default: bool,
+    /// Whether the raw request path goes into the key. It is left out only when the pattern has
+    /// no wildcard and every `:param` is in `vary`: then the (normalized) vary values determine
+    /// the path, and a normalizer on `path.id` can make `/items/ABC` and `/items/abc` share.
+    pub key_path: bool,
     pub metrics: RuleMetrics,
 }
 
@@ -427,6 +431,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             invalidate_on: Vec::new(),
             cache_set_cookie: false,
             is_default: true,
+            key_path: true,
             metrics: RuleMetrics::new(DEFAULT_ROUTE),
         })
     });
@@ -613,12 +618,18 @@ fn compile_rule(
     if !diags.is_empty() {
         return Err(diags);
     }
+    let path = path.expect("checked above");
+    let key_path = !path.determined_by(|i| {
+        vary.iter()
+            .any(|f| matches!(f.source, Source::Path(p, _) if p == i))
+    });
     Ok(Rule {
+        key_path,
         name: name.into(),
         origin,
         methods,
         host,
-        path: path.expect("checked above"),
+        path,
         upstream: upstream.expect("checked above"),
         cache: r.cache.unwrap_or(true),
         ttl,

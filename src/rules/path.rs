@@ -111,6 +111,12 @@ impl PathPattern {
         })
     }
 
+    /// Whether the path is fully determined by the literal segments and the values of `params`
+    /// (no wildcard, and every parameter is among `params`).
+    pub fn determined_by(&self, mut params: impl FnMut(usize) -> bool) -> bool {
+        !self.wildcard && (0..self.params.len()).all(&mut params)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.source
     }

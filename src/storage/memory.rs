@@ -94,10 +94,15 @@ struct Entry {
     weight: usize,
 }
 
+/// One shard of entries, by combined key hash.
+type Shard = RwLock<HashMap<u128, Arc<Entry>>>;
+/// One shard of the URI index: URI id -> combined key hashes of its variants.
+type UriShard = Mutex<HashMap<u64, Vec<u128>>>;
+
 /// The memory tier.
 pub struct MemoryStorage {
-    shards: Box<[RwLock<HashMap<u128, Arc<Entry>>>]>,
-    uris: Box<[Mutex<HashMap<u64, Vec<u128>>>]>,
+    shards: Box<[Shard]>,
+    uris: Box<[UriShard]>,
     eviction: &'static Eviction,
     entries: AtomicI64,
     bytes: AtomicI64,
@@ -121,11 +126,11 @@ impl MemoryStorage {
         }
     }
 
-    fn shard(&self, id: u128) -> &RwLock<HashMap<u128, Arc<Entry>>> {
+    fn shard(&self, id: u128) -> &Shard {
         &self.shards[(id as usize) % SHARDS]
     }
 
-    fn uri_shard(&self, uri: u64) -> &Mutex<HashMap<u64, Vec<u128>>> {
+    fn uri_shard(&self, uri: u64) -> &UriShard {
         &self.uris[(uri as usize) % SHARDS]
     }
 

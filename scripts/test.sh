@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: formatting, lints, unit tests, integration tests (which start real
+# redis-server and aisle processes on free loopback ports), and the benchmarks in test mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/deps.sh
+ensure_packages cmake:cmake redis-server:redis-server
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+cargo test --all-targets --locked
