@@ -39,6 +39,7 @@ fn bench(c: &mut Criterion) {
     let ctx = Context {
         upstreams: &ups,
         default_upstream: Some(0),
+        encryption: false,
     };
     let set = compile(&[(Path::new("bench.toml"), RULES)], &ctx).expect("bench rules compile");
     let headers = http::HeaderMap::new();

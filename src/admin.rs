@@ -1,44 +1,296 @@
-//! The admin listener: `/metrics` (Prometheus text) and `/healthz`.
+//! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the authenticated `/admin/*` API
+//! (invalidate, purge queue, audit log, live event stream).
 //!
 //! Kept apart from the proxy listener so operational endpoints are never reachable through the
-//! public port and never touch the cache. Later admin routes (`/admin/*`) land here.
+//! public port and never touch the cache. It is a small `HttpServerApp` rather than a `ServeHttp`
+//! because `/admin/events` streams (server-sent events) for as long as the client listens.
+//! Every `/admin/*` route needs `Authorization: Bearer <[admin] token>`, compared in constant time.
 
+use crate::config::Config;
+use crate::control::bearer_ok;
+use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
+use crate::storage::redis::RedisTier;
 use async_trait::async_trait;
-use http::Response;
-use pingora::apps::http_app::ServeHttp;
+use bytes::{Bytes, BytesMut};
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Largest `/admin/invalidate` body accepted.
+const MAX_BODY: usize = 1 << 20;
+/// How often an idle event stream sends a comment, so proxies keep it open.
+const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
 /// Serves the admin endpoints.
-pub struct Admin;
+pub struct Admin {
+    /// The shared tier, for `/readyz`.
+    pub redis: Option<Arc<RedisTier>>,
+    pub config: Arc<Config>,
+    pub invalidator: Arc<Invalidator>,
+}
 
-fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
-    Response::builder()
-        .status(status)
-        .header(http::header::CONTENT_TYPE, content_type)
-        .header(http::header::CONTENT_LENGTH, body.len())
-        .body(body)
-        .expect("static response parts are valid")
+/// An answer with a complete body.
+struct Reply {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+fn reply(status: u16, body: Value) -> Reply {
+    Reply {
+        status,
+        content_type: "application/json",
+        body: format!("{body}\n").into_bytes(),
+    }
+}
+
+fn error(status: u16, message: impl std::fmt::Display) -> Reply {
+    reply(status, json!({ "error": message.to_string() }))
+}
+
+/// `POST /admin/invalidate` body.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvalidateBody {
+    #[serde(default)]
+    tags: Vec<String>,
+    #[serde(default)]
+    urls: Vec<String>,
+    #[serde(default)]
+    prefixes: Vec<String>,
+    #[serde(default)]
+    events: Vec<EventBody>,
+    #[serde(default)]
+    soft: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventBody {
+    name: String,
+    #[serde(default)]
+    params: BTreeMap<String, Value>,
+}
+
+/// `since=` as unix milliseconds or an RFC 3339 time.
+fn parse_since(query: Option<&str>) -> Result<u64, String> {
+    let Some(v) = query.and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "since")
+            .map(|(_, v)| v.into_owned())
+    }) else {
+        return Ok(0);
+    };
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(&v)
+        .map(|t| t.timestamp_millis().max(0) as u64)
+        .map_err(|_| format!("since={v:?}: give unix milliseconds or an RFC 3339 time"))
+}
+
+async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
+    let mut body = BytesMut::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY {
+                    return Err(error(413, format!("the body is larger than {MAX_BODY} bytes")));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => return Err(error(400, format!("cannot read the body: {e}"))),
+        }
+    }
+}
+
+impl Admin {
+    /// `/readyz`: always 200 (the gateway serves without Redis); the body says how Redis is.
+    fn readiness(&self) -> Value {
+        match &self.redis {
+            None => json!({"ready": true, "redis": "disabled"}),
+            Some(r) => {
+                let state = if r.circuit_open() {
+                    "down"
+                } else if r.connected() {
+                    "up"
+                } else {
+                    "connecting"
+                };
+                json!({
+                    "ready": true,
+                    "redis": state,
+                    "circuit": if r.circuit_open() { "open" } else { "closed" },
+                    "subscribed": r.subscribed.load(Ordering::Acquire),
+                })
+            }
+        }
+    }
+
+    async fn invalidate(&self, session: &mut ServerSession) -> Reply {
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let parsed: InvalidateBody = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => return error(400, format!("bad invalidation request: {e}")),
+        };
+        let request = Request {
+            tags: parsed.tags,
+            urls: parsed.urls,
+            prefixes: parsed.prefixes,
+            events: parsed
+                .events
+                .into_iter()
+                .map(|e| EventCall { name: e.name, params: e.params })
+                .collect(),
+            soft: parsed.soft,
+            source: "admin".into(),
+            actor: "admin-token".into(),
+            cdn: Cdn::Always,
+        };
+        match self.invalidator.plan(request, &self.config.rules) {
+            Ok(plan) => {
+                let summary = self.invalidator.execute(plan).await;
+                reply(202, serde_json::to_value(summary).unwrap_or_default())
+            }
+            Err(e) => error(400, e),
+        }
+    }
+
+    async fn route(&self, session: &mut ServerSession) -> Reply {
+        let req = session.req_header();
+        let method = req.method.as_str().to_string();
+        let path = req.uri.path().to_string();
+        let query = req.uri.query().map(str::to_string);
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => Reply {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: crate::metrics::render().into_bytes(),
+            },
+            ("GET", "/healthz") => Reply { status: 200, content_type: "text/plain", body: b"ok\n".to_vec() },
+            ("GET", "/readyz") => reply(200, self.readiness()),
+            (_, "/metrics" | "/healthz" | "/readyz") => error(405, "use GET"),
+            (_, p) if p.starts_with("/admin/") => {
+                if !bearer_ok(&req.headers, self.config.admin.token.as_deref()) {
+                    return error(401, "missing or wrong admin token (Authorization: Bearer <[admin] token>)");
+                }
+                match (method.as_str(), p) {
+                    ("POST", "/admin/invalidate") => self.invalidate(session).await,
+                    ("GET", "/admin/purges") => match &self.invalidator.queue {
+                        Some(q) => reply(200, serde_json::to_value(q.status().await).unwrap_or_default()),
+                        None => reply(200, json!({"configured": false, "depth": 0, "in_flight": 0, "dead_letters": 0})),
+                    },
+                    ("POST", "/admin/purges/retry") => match &self.invalidator.queue {
+                        Some(q) => reply(200, json!({"retried": q.retry_dead_letters().await})),
+                        None => reply(200, json!({"retried": 0, "configured": false})),
+                    },
+                    ("GET", "/admin/audit") => match parse_since(query.as_deref()) {
+                        Ok(since) => reply(
+                            200,
+                            json!({"records": self.invalidator.audit.since(since).await}),
+                        ),
+                        Err(e) => error(400, e),
+                    },
+                    _ => error(404, "no such admin endpoint; see README (Admin API)"),
+                }
+            }
+            _ => error(404, "not found: try /metrics, /healthz, /readyz or /admin/*"),
+        }
+    }
+
+    /// Streams invalidations as server-sent events until the client goes away or shutdown.
+    async fn events(&self, session: &mut ServerSession, shutdown: &ShutdownWatch) {
+        let mut rx = self.invalidator.audit.subscribe();
+        let mut resp = ResponseHeader::build(200, Some(4)).expect("static status");
+        let _ = resp.insert_header(http::header::CONTENT_TYPE, "text/event-stream");
+        let _ = resp.insert_header(http::header::CACHE_CONTROL, "no-cache");
+        let _ = resp.insert_header(http::header::TRANSFER_ENCODING, "chunked");
+        session.set_keepalive(None);
+        if session.write_response_header(Box::new(resp)).await.is_err() {
+            return;
+        }
+        if session.write_response_body(Bytes::from_static(b": stream of invalidations\n\n"), false).await.is_err() {
+            return;
+        }
+        let mut shutdown = shutdown.clone();
+        loop {
+            let chunk = tokio::select! {
+                msg = rx.recv() => match msg {
+                    Ok(json) => format!("event: invalidation\ndata: {json}\n\n"),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n"),
+                    Err(_) => return,
+                },
+                _ = tokio::time::sleep(SSE_KEEPALIVE) => ": keep-alive\n\n".to_string(),
+                _ = shutdown.changed() => return,
+            };
+            if session.write_response_body(Bytes::from(chunk), false).await.is_err() {
+                return;
+            }
+        }
+    }
 }
 
 #[async_trait]
-impl ServeHttp for Admin {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
-        let req = session.req_header();
-        match (req.method.as_str(), req.uri.path()) {
-            ("GET", "/metrics") => reply(
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                crate::metrics::render().into_bytes(),
-            ),
-            ("GET", "/healthz") => reply(200, "text/plain", b"ok\n".to_vec()),
-            (_, "/metrics" | "/healthz") => {
-                reply(405, "text/plain", b"method not allowed\n".to_vec())
-            }
-            _ => reply(
-                404,
-                "text/plain",
-                b"not found: try /metrics or /healthz\n".to_vec(),
-            ),
+impl HttpServerApp for Admin {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if !matches!(session.read_request().await, Ok(true)) {
+            return None;
         }
+        let req = session.req_header();
+        let is_events = req.method == http::Method::GET && req.uri.path() == "/admin/events";
+        let authorized = bearer_ok(&req.headers, self.config.admin.token.as_deref());
+        if is_events && authorized {
+            self.events(&mut session, shutdown).await;
+            return None;
+        }
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let r = if is_events {
+            error(401, "missing or wrong admin token (Authorization: Bearer <[admin] token>)")
+        } else {
+            self.route(&mut session).await
+        };
+        let mut resp = ResponseHeader::build(r.status, Some(4)).ok()?;
+        resp.insert_header(http::header::CONTENT_TYPE, r.content_type).ok()?;
+        resp.insert_header(http::header::CONTENT_LENGTH, r.body.len()).ok()?;
+        if r.status == 401 {
+            resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer").ok()?;
+        }
+        session.write_response_header(Box::new(resp)).await.ok()?;
+        if !r.body.is_empty() {
+            session.write_response_body(r.body.into(), true).await.ok()?;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(stream) => stream.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+            Err(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn since_parameter() {
+        assert_eq!(parse_since(None).unwrap(), 0);
+        assert_eq!(parse_since(Some("since=1700000000000")).unwrap(), 1_700_000_000_000);
+        assert_eq!(parse_since(Some("x=1&since=2026-11-22T00:00:00Z")).unwrap(), 1_795_305_600_000);
+        assert!(parse_since(Some("since=yesterday")).is_err());
     }
 }

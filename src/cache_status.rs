@@ -15,6 +15,8 @@ pub enum Fwd {
     UriMiss,
     /// Other variants of the URI are stored, not this one.
     VaryMiss,
+    /// Nothing usable was stored (e.g. the stored entry was purged).
+    Miss,
     /// A stored response was stale.
     Stale,
     /// The request's own directives (`no-cache`, `max-age`) ruled out the stored response.
@@ -27,6 +29,7 @@ impl Fwd {
             Fwd::Bypass => "bypass",
             Fwd::UriMiss => "uri-miss",
             Fwd::VaryMiss => "vary-miss",
+            Fwd::Miss => "miss",
             Fwd::Stale => "stale",
             Fwd::Request => "request",
         }

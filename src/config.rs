@@ -25,7 +25,47 @@ pub struct Config {
     pub cache: CacheConfig,
     /// Upstreams in name order; rules refer to them by index.
     pub upstreams: Vec<Upstream>,
+    /// The shared tier; `None`: memory tier only.
+    pub redis: Option<RedisConfig>,
+    pub admin: AdminConfig,
+    pub webhooks: BTreeMap<String, WebhookConfig>,
+    pub purge: PurgeConfig,
+    /// CDN purge APIs; `None`: no CDN is purged.
+    pub cdn: Option<crate::purge::providers::CdnConfig>,
     pub rules: RuleSet,
+}
+
+/// `[redis]`: the shared second tier.
+#[derive(Clone)]
+pub struct RedisConfig {
+    /// `redis://host:port[/db]` of a single server (empty when `cluster` is set).
+    pub url: String,
+    /// Seed nodes of a Redis Cluster.
+    pub cluster: Vec<String>,
+    /// Every key and channel Aisle uses starts with it.
+    pub prefix: String,
+    /// Per-operation budget on the request path.
+    pub timeout: Duration,
+    /// AES-256 keys: (current, previous) for `encrypt = true` rules.
+    pub keys: Option<([u8; 32], Vec<[u8; 32]>)>,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url)
+            .field("cluster", &self.cluster)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field(
+                "keys",
+                &self
+                    .keys
+                    .as_ref()
+                    .map(|(_, p)| format!("<redacted>, {} previous", p.len())),
+            )
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +77,57 @@ pub struct CacheConfig {
     pub rules_dir: PathBuf,
     /// How long requests coalesced behind one fill wait before going upstream themselves.
     pub lock_timeout: Duration,
+    /// The longest an entry may live in any tier (freshness and each stale window are capped by
+    /// it); purge epochs older than twice this are forgotten.
+    pub max_ttl: Duration,
+}
+
+/// `[admin]`: who may invalidate.
+#[derive(Clone, Default)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/*` (and `PURGE` from outside `purge_allow`); `None`: admin
+    /// invalidation endpoints answer 401 to everyone.
+    pub token: Option<String>,
+    /// Client networks allowed to send `PURGE` to the proxy listener without the token.
+    pub purge_allow: Vec<ipnet::IpNet>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("purge_allow", &self.purge_allow)
+            .finish()
+    }
+}
+
+/// `[webhooks.NAME]`: one vendor's signed deliveries.
+pub struct WebhookConfig {
+    pub verifier: crate::invalidation::webhook::Verifier,
+    pub maps: Vec<crate::invalidation::webhook::Mapping>,
+    /// Larger deliveries are refused with 413.
+    pub max_body: usize,
+    /// JSON pointer to the delivery id when the scheme has no id header.
+    pub id_pointer: String,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("scheme", &self.verifier.scheme)
+            .field("maps", &self.maps)
+            .field("max_body", &self.max_body)
+            .finish()
+    }
+}
+
+/// `[purge]`: the durable CDN purge queue.
+#[derive(Debug, Clone)]
+pub struct PurgeConfig {
+    /// Directory of the local queue (used when Redis is absent or unavailable).
+    pub dir: PathBuf,
+    /// Attempts before an item becomes a dead letter.
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -59,6 +150,25 @@ struct RawConfig {
     cache: RawCache,
     #[serde(default)]
     upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    redis: Option<Spanned<RawRedis>>,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    webhooks: BTreeMap<String, Spanned<RawWebhook>>,
+    #[serde(default)]
+    purge: RawPurge,
+    cdn: Option<Spanned<crate::purge::providers::CdnConfig>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<Spanned<String>>,
+    cluster: Option<Spanned<Vec<String>>>,
+    prefix: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    encryption_key: Option<Spanned<String>>,
+    previous_keys: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -77,6 +187,51 @@ struct RawCache {
     max_object: Option<Spanned<String>>,
     rules_dir: Option<Spanned<String>>,
     lock_timeout: Option<Spanned<String>>,
+    max_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    token: Option<Spanned<String>>,
+    purge_allow: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    secret: Spanned<String>,
+    signature: Spanned<String>,
+    header: Option<String>,
+    tolerance: Option<Spanned<String>>,
+    max_body: Option<Spanned<String>>,
+    id: Option<String>,
+    #[serde(default)]
+    map: Vec<Spanned<RawMap>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMap {
+    #[serde(rename = "type")]
+    type_pointer: String,
+    when: String,
+    fire: RawFire,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFire {
+    event: String,
+    #[serde(default)]
+    params: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPurge {
+    dir: Option<String>,
+    max_attempts: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -166,6 +321,18 @@ impl Config {
         let max_object = size(&raw.cache.max_object, 8 << 20, &mut diags);
         let lock_timeout = dur(&raw.cache.lock_timeout, Duration::from_secs(10), &mut diags);
         let base = path.parent().unwrap_or(Path::new("."));
+        let max_ttl = dur(&raw.cache.max_ttl, Duration::from_secs(86_400), &mut diags);
+        let admin = admin_config(&src, &raw.admin, &mut diags);
+        let purge = PurgeConfig {
+            dir: raw.purge.dir.as_ref().map_or_else(|| base.join("purge-queue"), |d| base.join(d)),
+            max_attempts: raw.purge.max_attempts.unwrap_or(8).max(1),
+        };
+        let mut webhooks = BTreeMap::new();
+        for (name, w) in &raw.webhooks {
+            if let Some(cfg) = webhook_config(&src, w, &mut diags) {
+                webhooks.insert(name.clone(), cfg);
+            }
+        }
         let rules_dir = base.join(
             raw.cache
                 .rules_dir
@@ -199,6 +366,10 @@ impl Config {
                 Err(e) => diags.push(src.at(u_ref.url.span(), e)),
             }
         }
+        let redis = raw
+            .redis
+            .as_ref()
+            .and_then(|r| redis_config(&src, r, &mut diags));
         let names: Vec<String> = raw.upstreams.keys().cloned().collect();
         let default_upstream = match &raw.server.default_upstream {
             Some(d) => match names.iter().position(|n| n == d.get_ref()) {
@@ -228,6 +399,7 @@ impl Config {
             let ctx = rules::Context {
                 upstreams: &names,
                 default_upstream,
+                encryption: redis.as_ref().is_some_and(|r| r.keys.is_some()),
             };
             match rules::load_dir(&rules_dir, &ctx) {
                 Ok(r) => Some(r),
@@ -239,6 +411,26 @@ impl Config {
         } else {
             None
         };
+        if let Some(cdn) = &raw.cdn {
+            if let Err(e) = crate::purge::providers::build(cdn.get_ref()) {
+                diags.push(src.at(cdn.span(), e));
+            }
+        }
+        if let Some(rules) = &rules {
+            for (name, w) in &raw.webhooks {
+                for m in &w.get_ref().map {
+                    if rules.event(&m.get_ref().fire.event).is_none() {
+                        diags.push(src.at(
+                            m.span(),
+                            format!(
+                                "webhooks.{name}: fire.event {:?} is not defined; add an [[event]] with that name to a rules file",
+                                m.get_ref().fire.event
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if !diags.is_empty() {
             return Err(diags);
         }
@@ -255,11 +447,240 @@ impl Config {
                 max_object,
                 rules_dir,
                 lock_timeout,
+                max_ttl,
             },
+            admin,
+            webhooks,
+            purge,
+            cdn: raw.cdn.map(Spanned::into_inner),
             upstreams,
+            redis,
             rules: rules.expect("no diagnostics means rules loaded"),
         })
     }
+}
+
+fn admin_config(src: &Source<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic>) -> AdminConfig {
+    let token = raw.token.as_ref().and_then(|t| match expand_env(t.get_ref()) {
+        Ok(v) if v.len() >= 16 => Some(v),
+        Ok(_) => {
+            diags.push(src.at(t.span(), "the admin token must be at least 16 characters (make one with: head -c 24 /dev/urandom | base64)"));
+            None
+        }
+        Err(e) => {
+            diags.push(src.at(t.span(), e));
+            None
+        }
+    });
+    let mut purge_allow = Vec::new();
+    if let Some(list) = &raw.purge_allow {
+        for cidr in list.get_ref() {
+            let parsed = cidr
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => purge_allow.push(net),
+                Err(_) => diags.push(src.at(
+                    list.span(),
+                    format!("{cidr:?} is not a network; write CIDRs like \"127.0.0.1/32\" or \"10.0.0.0/8\""),
+                )),
+            }
+        }
+    }
+    AdminConfig { token, purge_allow }
+}
+
+fn webhook_config(
+    src: &Source<'_>,
+    raw: &Spanned<RawWebhook>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<WebhookConfig> {
+    use crate::invalidation::webhook::{Mapping, Scheme, Verifier};
+    let w = raw.get_ref();
+    let before = diags.len();
+    let scheme = Scheme::parse(w.signature.get_ref(), w.header.as_deref())
+        .map_err(|e| diags.push(src.at(w.signature.span(), e)))
+        .ok();
+    let secret = expand_env(w.secret.get_ref())
+        .map_err(|e| diags.push(src.at(w.secret.span(), e)))
+        .ok();
+    let tolerance = match &w.tolerance {
+        None => Duration::from_secs(300),
+        Some(t) => parse_duration(t.get_ref()).unwrap_or_else(|e| {
+            diags.push(src.at(t.span(), e));
+            Duration::from_secs(300)
+        }),
+    };
+    let max_body = match &w.max_body {
+        None => 1 << 20,
+        Some(m) => parse_size(m.get_ref()).unwrap_or_else(|e| {
+            diags.push(src.at(m.span(), e));
+            1 << 20
+        }) as usize,
+    };
+    let mut maps = Vec::new();
+    for m in &w.map {
+        let r = m.get_ref();
+        let pointers = std::iter::once(&r.type_pointer).chain(r.fire.params.values());
+        if let Some(bad) = pointers.into_iter().find(|p| !p.is_empty() && !p.starts_with('/')) {
+            diags.push(src.at(m.span(), format!("{bad:?} is not a JSON pointer; write it like \"/data/vendor_id\"")));
+            continue;
+        }
+        maps.push(Mapping {
+            type_pointer: r.type_pointer.clone(),
+            when: r.when.clone(),
+            event: r.fire.event.clone(),
+            params: r.fire.params.clone(),
+        });
+    }
+    let verifier = match (scheme, secret) {
+        (Some(scheme), Some(secret)) => Verifier::new(scheme, &secret, tolerance)
+            .map_err(|e| diags.push(src.at(w.secret.span(), e)))
+            .ok(),
+        _ => None,
+    };
+    if diags.len() > before {
+        return None;
+    }
+    Some(WebhookConfig {
+        verifier: verifier?,
+        maps,
+        max_body,
+        id_pointer: w.id.clone().unwrap_or_else(|| "/id".to_string()),
+    })
+}
+
+fn redis_url(
+    src: &Source<'_>,
+    span: std::ops::Range<usize>,
+    raw: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<String> {
+    let url = match expand_env(raw) {
+        Ok(u) => u,
+        Err(e) => {
+            diags.push(src.at(span, e));
+            return None;
+        }
+    };
+    if !url.starts_with("redis://") {
+        diags.push(src.at(
+            span,
+            format!("redis url {url:?} must start with redis://, like \"redis://127.0.0.1:6379\""),
+        ));
+        return None;
+    }
+    if let Err(e) = redis::Client::open(url.as_str()) {
+        diags.push(src.at(span, format!("bad redis url {url:?}: {e}")));
+        return None;
+    }
+    Some(url)
+}
+
+fn aes_key(
+    src: &Source<'_>,
+    span: std::ops::Range<usize>,
+    raw: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<[u8; 32]> {
+    use base64::Engine;
+    let value = match expand_env(raw) {
+        Ok(v) => v,
+        Err(e) => {
+            diags.push(src.at(span, e));
+            return None;
+        }
+    };
+    match base64::engine::general_purpose::STANDARD.decode(value.trim()) {
+        Ok(bytes) if bytes.len() == 32 => {
+            let mut key = [0u8; 32];
+            key.copy_from_slice(&bytes);
+            Some(key)
+        }
+        Ok(bytes) => {
+            diags.push(src.at(span, format!("an encryption key must be 32 bytes, base64-encoded; this one is {} bytes (make one with: head -c 32 /dev/urandom | base64)", bytes.len())));
+            None
+        }
+        Err(_) => {
+            diags.push(src.at(span, "an encryption key must be base64 (make one with: head -c 32 /dev/urandom | base64)"));
+            None
+        }
+    }
+}
+
+fn redis_config(
+    src: &Source<'_>,
+    raw: &Spanned<RawRedis>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<RedisConfig> {
+    let r = raw.get_ref();
+    let before = diags.len();
+    let (url, cluster) = match (&r.url, &r.cluster) {
+        (Some(u), None) => (
+            redis_url(src, u.span(), u.get_ref(), diags).unwrap_or_default(),
+            Vec::new(),
+        ),
+        (None, Some(c)) if !c.get_ref().is_empty() => {
+            let nodes = c
+                .get_ref()
+                .iter()
+                .filter_map(|n| redis_url(src, c.span(), n, diags))
+                .collect();
+            (String::new(), nodes)
+        }
+        (Some(_), Some(c)) => {
+            diags.push(src.at(
+                c.span(),
+                "give either url (one server) or cluster (a Redis Cluster), not both",
+            ));
+            return None;
+        }
+        _ => {
+            diags.push(src.at(raw.span(), "[redis] needs url = \"redis://host:port\" or cluster = [\"redis://host:port\", ...]"));
+            return None;
+        }
+    };
+    let timeout = match &r.timeout {
+        None => Duration::from_millis(50),
+        Some(t) => parse_duration(t.get_ref()).unwrap_or_else(|e| {
+            diags.push(src.at(t.span(), e));
+            Duration::from_millis(50)
+        }),
+    };
+    let keys = match &r.encryption_key {
+        None => {
+            if let Some(p) = &r.previous_keys {
+                diags.push(src.at(
+                    p.span(),
+                    "previous_keys without encryption_key: set the current key too",
+                ));
+            }
+            None
+        }
+        Some(k) => {
+            let current = aes_key(src, k.span(), k.get_ref(), diags);
+            let previous: Vec<[u8; 32]> = r
+                .previous_keys
+                .iter()
+                .flat_map(|p| p.get_ref().iter().map(move |v| (p.span(), v)))
+                .filter_map(|(span, v)| aes_key(src, span, v, diags))
+                .collect();
+            current.map(|c| (c, previous))
+        }
+    };
+    if diags.len() > before {
+        return None;
+    }
+    Some(RedisConfig {
+        url,
+        cluster,
+        prefix: r
+            .prefix
+            .as_ref()
+            .map_or("aisle:".to_string(), |p| p.get_ref().clone()),
+        timeout,
+        keys,
+    })
 }
 
 /// `http://host[:port]` or `https://host[:port]` -> (tls, "host:port", sni host).
@@ -372,6 +793,61 @@ url = "http://127.0.0.1:3000"      # https:// upstreams use TLS with SNI from th
         )
         .unwrap_err();
         assert!(e[0].to_string().contains("b.toml:4:"), "{}", e[0]);
+    }
+
+    #[test]
+    fn redis_section() {
+        let text = format!("{SPEC}[redis]\nurl = \"redis://127.0.0.1:6399\"\ntimeout = \"20ms\"\n");
+        let c = load(&text, &[]).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(
+            (r.url.as_str(), r.prefix.as_str(), r.timeout),
+            (
+                "redis://127.0.0.1:6399",
+                "aisle:",
+                Duration::from_millis(20)
+            )
+        );
+        let text = format!(
+            "{SPEC}[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n"
+        );
+        assert_eq!(load(&text, &[]).unwrap().redis.unwrap().cluster.len(), 2);
+        let text = format!("{SPEC}[redis]\nprefix = \"x:\"\n");
+        assert!(load(&text, &[]).unwrap_err()[0]
+            .message
+            .contains("needs url"));
+        let text = format!("{SPEC}[redis]\nurl = \"http://x\"\n");
+        assert!(load(&text, &[]).unwrap_err()[0]
+            .to_string()
+            .contains("gateway.toml:12:7: redis url"));
+        let text = format!("{SPEC}[redis]\nurl = \"redis://x\"\nencryption_key = \"c2hvcnQ=\"\n");
+        assert!(load(&text, &[]).unwrap_err()[0]
+            .message
+            .contains("32 bytes"));
+        std::env::set_var(
+            "AISLE_TEST_KEY",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        );
+        let text = format!(
+            "{SPEC}[redis]\nurl = \"redis://x\"\nencryption_key = \"${{AISLE_TEST_KEY}}\"\n"
+        );
+        let c = load(&text, &[]).unwrap();
+        assert!(c.redis.as_ref().unwrap().keys.is_some());
+        assert!(
+            !format!("{:?}", c.redis).contains("AAAA"),
+            "keys are never printed"
+        );
+    }
+
+    #[test]
+    fn encrypt_needs_a_key() {
+        let rule = "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nencrypt = true\n";
+        let e = load(SPEC, &[("a.toml", rule)]).unwrap_err();
+        assert!(
+            e[0].to_string().contains("a.toml:4:") && e[0].message.contains("encryption_key"),
+            "{}",
+            e[0]
+        );
     }
 
     #[test]

@@ -5,12 +5,12 @@
 //! (a path-only key was a cross-tenant poisoning CVE in pingora). The default route, which has
 //! no vary list, keys on the full query string instead: RFC 9111's key is the URI.
 //!
-//! The primary bytes are hashed once here and handed to pingora as an override, so later phases
-//! reuse the hash instead of rehashing the key.
+//! The primary bytes are hashed once here (BLAKE3) and handed to pingora as an override, so later
+//! phases reuse the hash instead of rehashing the key.
 
 use crate::rules::source::RequestView;
 use crate::rules::Rule;
-use pingora::cache::key::hash_key;
+use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
 
 /// Bumped when the key layout changes, so old entries (e.g. in a shared tier) are not misread.
@@ -57,10 +57,19 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     out
 }
 
+/// The 128-bit hash a key is stored under: BLAKE3 (collision-resistant, so keys cannot be forged
+/// to collide, and the same on every instance of a fleet).
+pub fn hash(primary: &[u8]) -> HashBinary {
+    let full = blake3::hash(primary);
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full.as_bytes()[..16]);
+    out
+}
+
 /// The pingora cache key for a request matched to `rule`.
 pub fn cache_key(rule: &Rule, input: &KeyInput<'_>) -> CacheKey {
     let primary = primary(rule, input);
-    let hash = hash_key(&primary);
+    let hash = hash(&primary);
     let mut key = CacheKey::new(primary, "");
     key.set_primary_bin_override(hash);
     key
@@ -110,6 +119,7 @@ mod tests {
         let ctx = Context {
             upstreams: &ups,
             default_upstream: Some(0),
+            encryption: false,
         };
         compile(
             &[(

@@ -21,12 +21,15 @@
 pub mod admin;
 pub mod cache_status;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod diag;
+pub mod invalidation;
 pub mod key;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod purge;
 pub mod rules;
 pub mod server;
 pub mod storage;

@@ -6,8 +6,9 @@
 
 use once_cell::sync::Lazy;
 use prometheus::{
-    register_histogram_vec, register_int_counter, register_int_counter_vec, register_int_gauge,
-    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
+    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec,
 };
 
 /// How a request was answered, as counted in `aisle_requests_total{cache_status}`.
@@ -58,9 +59,28 @@ pub struct Metrics {
     pub cache_bytes: IntGauge,
     pub evictions: IntCounter,
     pub coalesced: IntCounter,
+    pub tier_hits_memory: IntCounter,
+    pub tier_hits_redis: IntCounter,
+    pub redis_errors: IntCounterVec,
+    pub redis_duration: HistogramVec,
+    pub redis_circuit_open: IntGauge,
+    pub redis_subscribed: IntGauge,
+    pub redis_undecryptable: IntCounterVec,
+    pub broadcast_lag: Histogram,
+    /// CDN purge attempts, by provider and outcome (done, retry, fatal).
+    pub purge_requests: IntCounterVec,
+    /// Purge items waiting per provider (as this instance sees the queue).
+    pub purge_queue_depth: IntGaugeVec,
+    /// Purge items given up on per provider, until retried.
+    pub purge_dead_letters: IntGaugeVec,
+    /// From a purge job's acceptance to a CDN's confirmation, per provider.
+    pub purge_latency: HistogramVec,
+    pub invalidations: IntCounterVec,
+    pub webhooks: IntCounterVec,
 }
 
-static METRICS: Lazy<Metrics> = Lazy::new(|| Metrics {
+static METRICS: Lazy<Metrics> = Lazy::new(|| {
+    Metrics {
     requests: register_int_counter_vec!(
         "aisle_requests_total",
         "Requests answered, by rule and cache status",
@@ -104,6 +124,90 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| Metrics {
         "Requests that waited for another request's fill of the same key instead of going upstream"
     )
     .expect("register aisle_coalesced_requests_total"),
+    tier_hits_memory: TIER_HITS.with_label_values(&["memory"]),
+    tier_hits_redis: TIER_HITS.with_label_values(&["redis"]),
+    redis_errors: register_int_counter_vec!(
+        "aisle_redis_errors_total",
+        "Redis operations that failed or timed out, by operation",
+        &["op"]
+    )
+    .expect("register aisle_redis_errors_total"),
+    redis_duration: register_histogram_vec!(
+        "aisle_redis_duration_seconds",
+        "Redis operation latency, by operation",
+        &["op"],
+        vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0]
+    )
+    .expect("register aisle_redis_duration_seconds"),
+    redis_circuit_open: register_int_gauge!(
+        "aisle_redis_circuit_open",
+        "1 while the circuit breaker skips Redis after repeated failures"
+    )
+    .expect("register aisle_redis_circuit_open"),
+    redis_subscribed: register_int_gauge!(
+        "aisle_redis_subscribed",
+        "1 while this instance receives the fleet's invalidation broadcasts"
+    )
+    .expect("register aisle_redis_subscribed"),
+    redis_undecryptable: register_int_counter_vec!(
+        "aisle_redis_unusable_entries_total",
+        "Entries read from Redis that could not be used (tampered, unknown key, malformed) and were treated as misses",
+        &["reason"]
+    )
+    .expect("register aisle_redis_unusable_entries_total"),
+    broadcast_lag: register_histogram!(
+        "aisle_invalidation_broadcast_lag_seconds",
+        "Time from an invalidation on one instance to its application on this one",
+        vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0]
+    )
+    .expect("register aisle_invalidation_broadcast_lag_seconds"),
+    purge_requests: register_int_counter_vec!(
+        "aisle_purge_requests_total",
+        "CDN purge requests, by provider and outcome (done, retry, fatal)",
+        &["provider", "outcome"]
+    )
+    .expect("register aisle_purge_requests_total"),
+    purge_queue_depth: register_int_gauge_vec!(
+        "aisle_purge_queue_depth",
+        "Purge items waiting to be sent, by provider",
+        &["provider"]
+    )
+    .expect("register aisle_purge_queue_depth"),
+    purge_dead_letters: register_int_gauge_vec!(
+        "aisle_purge_dead_letters",
+        "Purge items that failed max_attempts times or fatally, by provider",
+        &["provider"]
+    )
+    .expect("register aisle_purge_dead_letters"),
+    purge_latency: register_histogram_vec!(
+        "aisle_purge_latency_seconds",
+        "Time from a purge job's acceptance to the CDN's confirmation, by provider",
+        &["provider"],
+        vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]
+    )
+    .expect("register aisle_purge_latency_seconds"),
+    invalidations: register_int_counter_vec!(
+        "aisle_invalidations_total",
+        "Things invalidated, by who asked (admin, webhook, purge, unsafe) and kind (tag, url, prefix)",
+        &["source", "kind"]
+    )
+    .expect("register aisle_invalidations_total"),
+    webhooks: register_int_counter_vec!(
+        "aisle_webhooks_total",
+        "Webhook deliveries, by source and outcome (accepted, duplicate, bad_signature, malformed, too_large, unknown_source, error)",
+        &["source", "outcome"]
+    )
+    .expect("register aisle_webhooks_total"),
+}
+});
+
+static TIER_HITS: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "aisle_tier_hits_total",
+        "Lookups answered by a cache tier",
+        &["tier"]
+    )
+    .expect("register aisle_tier_hits_total")
 });
 
 /// The process's metrics.

@@ -23,11 +23,16 @@ pub struct RequestDirectives {
     pub max_age: Option<u32>,
     /// Answer from the cache or with 504, never from the origin.
     pub only_if_cached: bool,
+    /// The request carries `Authorization` (RFC 9111 §3.5).
+    pub authorization: bool,
 }
 
 impl RequestDirectives {
     pub fn parse(req: &RequestHeader) -> Self {
-        let mut d = RequestDirectives::default();
+        let mut d = RequestDirectives {
+            authorization: req.headers.contains_key(http::header::AUTHORIZATION),
+            ..RequestDirectives::default()
+        };
         if let Some(cc) = CacheControl::from_req_headers(req) {
             d.no_store = cc.no_store();
             d.no_cache = cc.no_cache();
@@ -45,10 +50,15 @@ impl RequestDirectives {
         d
     }
 
-    /// Whether the request carries any directive at all (the common case is none).
+    /// Whether the request carries any cache directive at all (the common case is none).
     pub fn any(&self) -> bool {
-        *self != RequestDirectives::default()
+        self.no_store || self.no_cache || self.max_age.is_some() || self.only_if_cached
     }
+}
+
+/// Whether a stored response may answer a request with `Authorization` (RFC 9111 §3.5).
+pub fn serves_authorized(stored: &ResponseHeader) -> bool {
+    response_cache_control(stored).is_some_and(|cc| cc.allow_caching_authorized_req())
 }
 
 /// Statuses a cache may store (RFC 9110 §15.1 "heuristically cacheable", plus redirects with
@@ -98,6 +108,7 @@ pub fn cacheability(
     resp: &ResponseHeader,
     authorization_present: bool,
     now: SystemTime,
+    max_ttl: Duration,
 ) -> RespCacheable {
     use RespCacheable::Uncacheable;
     let status = resp.status.as_u16();
@@ -150,6 +161,7 @@ pub fn cacheability(
         // No explicit freshness: nothing gets a default TTL.
         return Uncacheable(NoCacheReason::Custom("no-freshness"));
     };
+    let fresh_until = fresh_until.min(now + max_ttl);
 
     let must_revalidate = cc
         .as_ref()
@@ -160,7 +172,7 @@ pub fn cacheability(
         }
         rule_value
             .or(origin)
-            .map_or(0, |d| d.as_secs().min(u32::MAX as u64) as u32)
+            .map_or(0, |d| d.min(max_ttl).as_secs().min(u32::MAX as u64) as u32)
     };
     let swr = window(
         rule.stale_while_revalidate,
@@ -205,6 +217,46 @@ pub fn vary_names(resp: &ResponseHeader) -> Vec<String> {
     names
 }
 
+/// Response headers through which an origin tags its responses.
+const TAG_HEADERS: [&str; 4] = ["surrogate-key", "cache-tag", "xkey", "cache-groups"];
+
+/// RFC 9875 `Cache-Groups` / `Cache-Group-Invalidation`: a list of quoted strings.
+pub fn cache_groups(resp: &ResponseHeader, name: &str) -> Vec<String> {
+    resp.headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|g| g.trim().trim_matches('"').to_string())
+        .filter(|g| !g.is_empty() && !g.contains(char::is_whitespace))
+        .collect()
+}
+
+/// Tags the origin attached: `Surrogate-Key` and `xkey` (space separated), `Cache-Tag` (comma
+/// separated), `Cache-Groups` (RFC 9875).
+pub fn origin_tags(resp: &ResponseHeader) -> Vec<String> {
+    let mut tags = Vec::new();
+    for name in ["surrogate-key", "xkey"] {
+        for v in resp.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+            tags.extend(v.split_whitespace().map(str::to_string));
+        }
+    }
+    for v in resp.headers.get_all("cache-tag").iter().filter_map(|v| v.to_str().ok()) {
+        tags.extend(v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string));
+    }
+    tags.extend(cache_groups(resp, "cache-groups"));
+    tags.sort();
+    tags.dedup();
+    tags
+}
+
+/// Removes the origin's tag headers (they are for the gateway, not for clients).
+pub fn strip_tag_headers(resp: &mut ResponseHeader) {
+    for name in TAG_HEADERS {
+        resp.remove_header(name);
+    }
+}
+
 /// Methods whose success invalidates stored responses for the URI (RFC 9111 §4.4).
 pub fn is_unsafe(method: &http::Method) -> bool {
     !matches!(
@@ -225,6 +277,7 @@ mod tests {
         let ctx = Context {
             upstreams: &ups,
             default_upstream: Some(0),
+            encryption: false,
         };
         let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{extra}\n");
         compile(&[(Path::new("r.toml"), &text)], &ctx)
@@ -242,7 +295,7 @@ mod tests {
     }
 
     fn stored(rule: &Rule, r: &ResponseHeader, auth: bool) -> Option<CacheMeta> {
-        match cacheability(rule, r, auth, SystemTime::now()) {
+        match cacheability(rule, r, auth, SystemTime::now(), Duration::from_secs(86_400)) {
             RespCacheable::Cacheable(m) => Some(m),
             RespCacheable::Uncacheable(_) => None,
         }
@@ -370,6 +423,17 @@ mod tests {
     }
 
     #[test]
+    fn max_ttl_caps_lifetimes() {
+        let r = rule("stale_if_error = \"30d\"");
+        let m = match cacheability(&r, &resp(200, &[("cache-control", "max-age=31536000")]), false, SystemTime::now(), Duration::from_secs(3600)) {
+            RespCacheable::Cacheable(m) => m,
+            RespCacheable::Uncacheable(_) => panic!("cacheable"),
+        };
+        assert!(m.fresh_sec() <= 3600);
+        assert_eq!(m.stale_if_error_sec(), 3600);
+    }
+
+    #[test]
     fn origin_stale_windows() {
         let r = rule("");
         let m = stored(
@@ -446,6 +510,21 @@ mod tests {
     }
 
     #[test]
+    fn tags_from_the_origin() {
+        let mut r = resp(200, &[
+            ("surrogate-key", "vendor:1  vendors"),
+            ("cache-tag", "a,b, c"),
+            ("xkey", "x"),
+            ("cache-groups", "\"g1\", \"g2\""),
+        ]);
+        assert_eq!(origin_tags(&r), vec!["a", "b", "c", "g1", "g2", "vendor:1", "vendors", "x"]);
+        strip_tag_headers(&mut r);
+        assert!(origin_tags(&r).is_empty());
+        let inv = resp(200, &[("cache-group-invalidation", "\"g1\"")]);
+        assert_eq!(cache_groups(&inv, "cache-group-invalidation"), vec!["g1"]);
+    }
+
+    #[test]
     fn request_directives() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         assert!(!RequestDirectives::parse(&req).any());
@@ -463,5 +542,21 @@ mod tests {
         req.insert_header("cache-control", "no-store").unwrap();
         assert!(RequestDirectives::parse(&req).no_store);
         assert!(is_unsafe(&http::Method::POST) && !is_unsafe(&http::Method::GET));
+        let mut authed = RequestHeader::build("GET", b"/", None).unwrap();
+        authed.insert_header("authorization", "Bearer x").unwrap();
+        let d = RequestDirectives::parse(&authed);
+        assert!(d.authorization && !d.any());
+        assert!(!serves_authorized(&resp(
+            200,
+            &[("cache-control", "max-age=60")]
+        )));
+        assert!(serves_authorized(&resp(
+            200,
+            &[("cache-control", "public, max-age=60")]
+        )));
+        assert!(serves_authorized(&resp(
+            200,
+            &[("cache-control", "s-maxage=60")]
+        )));
     }
 }

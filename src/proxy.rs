@@ -25,7 +25,11 @@ use crate::policy::{self, RequestDirectives};
 use crate::rules::path::PathParams;
 use crate::rules::source::RequestView;
 use crate::rules::Rule;
-use crate::storage::memory::{Eviction, MemoryStorage};
+use crate::control::{self, Replays};
+use crate::invalidation::epochs::Verdict;
+use crate::invalidation::{Cdn, Invalidator, Request};
+use crate::storage::memory::{BodyHit, Eviction};
+use crate::storage::tiered::Tiered;
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -48,7 +52,7 @@ const SCHEME: &str = "http";
 
 /// Long-lived pieces the cache needs as `&'static` (pingora's requirement).
 pub struct CacheParts {
-    pub storage: &'static MemoryStorage,
+    pub storage: &'static Tiered,
     pub eviction: &'static Eviction,
     pub lock: &'static CacheKeyLockImpl,
     pub predictor: &'static Predictor<16>,
@@ -66,11 +70,17 @@ pub struct Gateway {
     config: Arc<Config>,
     peers: Vec<Peer>,
     cache: CacheParts,
+    invalidator: Arc<Invalidator>,
+    replays: Replays,
 }
 
 impl Gateway {
     /// Resolves upstream addresses once, at start.
-    pub fn new(config: Arc<Config>, cache: CacheParts) -> std::io::Result<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        cache: CacheParts,
+        invalidator: Arc<Invalidator>,
+    ) -> std::io::Result<Self> {
         use std::net::ToSocketAddrs;
         let mut peers = Vec::new();
         for u in &config.upstreams {
@@ -87,6 +97,8 @@ impl Gateway {
             });
         }
         Ok(Gateway {
+            replays: Replays::new(invalidator.redis.clone()),
+            invalidator,
             config,
             peers,
             cache,
@@ -114,20 +126,30 @@ pub struct Ctx {
     lookup: Lookup,
     /// The request's own directives made a stored entry unusable.
     forced_by_request: bool,
+    /// What `Cache-Status` says and what metrics count, once known (set in `response_filter`).
+    answered: Option<(CacheStatus, Outcome)>,
     stored: bool,
     vary_miss: bool,
     /// Serving stale because the upstream failed: `Some(status)` (`None` inside: no response).
     stale_error: Option<Option<u16>>,
     upstream_status: Option<u16>,
     upstream_start: Option<Instant>,
+    /// Tags the origin sent (`Surrogate-Key`, `Cache-Tag`, `xkey`, `Cache-Groups`).
+    origin_tags: Vec<String>,
+    /// The entry found was hard-purged (a tag or prefix purge after it was stored).
+    purged: bool,
 }
 
+/// The request's host name, without a port: rules match it and keys contain it. The port is
+/// left out so that instances of a fleet listening on different ports share keys.
 fn host_of(req: &RequestHeader) -> &str {
-    req.headers
+    let host = req
+        .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri.host())
-        .unwrap_or("")
+        .unwrap_or("");
+    strip_port(host)
 }
 
 fn strip_port(host: &str) -> &str {
@@ -233,7 +255,12 @@ impl Gateway {
                 Outcome::Expired
             }
             _ => {
-                s.fwd = Some(if ctx.vary_miss {
+                s.fwd = Some(if ctx.purged {
+                    s.detail = Some("purged");
+                    Fwd::Miss
+                } else if ctx.forced_by_request {
+                    Fwd::Request
+                } else if ctx.vary_miss {
                     Fwd::VaryMiss
                 } else {
                     Fwd::UriMiss
@@ -260,19 +287,30 @@ impl ProxyHttp for Gateway {
             cache_enabled: false,
             lookup: Lookup::None,
             forced_by_request: false,
+            answered: None,
             stored: false,
             vary_miss: false,
             stale_error: None,
             upstream_status: None,
             upstream_start: None,
+            origin_tags: Vec::new(),
+            purged: false,
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let req = session.req_header();
+        if req.method.as_str() == "PURGE" {
+            control::purge(session, &self.config, &self.invalidator).await?;
+            return Ok(true);
+        }
+        if req.uri.path().starts_with(control::WEBHOOK_PREFIX) {
+            control::webhook(session, &self.config, &self.invalidator, &self.replays).await?;
+            return Ok(true);
+        }
         let host = host_of(req);
         let path = req.uri.path();
-        match self.config.rules.find(&req.method, strip_port(host), path) {
+        match self.config.rules.find(&req.method, host, path) {
             Some(m) => {
                 ctx.uri = key::uri_id(SCHEME, host, path);
                 ctx.params = m.params;
@@ -337,15 +375,40 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         meta: &CacheMeta,
-        _hit_handler: &mut HitHandler,
+        hit_handler: &mut HitHandler,
         is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
+        let epochs = &self.invalidator.epochs;
+        if !epochs.is_empty() {
+            if let Some(hit) = hit_handler.as_any().downcast_ref::<BodyHit>() {
+                let info = hit.info();
+                let tags = info.tags.iter().map(|t| &**t);
+                match epochs.judge(meta.created(), tags, &info.host_path) {
+                    Verdict::Valid => {}
+                    Verdict::Gone => {
+                        ctx.purged = true;
+                        return Ok(Some(ForcedFreshness::ForceMiss));
+                    }
+                    Verdict::Stale(at) => {
+                        return Ok(Some(ForcedFreshness::ForceExpiredServeStale {
+                            expired_at: Some(at),
+                        }))
+                    }
+                }
+            }
+        }
         ctx.lookup = if is_fresh {
             Lookup::Fresh
         } else {
             Lookup::Stale
         };
+        if ctx.directives.authorization && !policy::serves_authorized(meta.response_header()) {
+            // RFC 9111 §3.5: a stored response is used for a request with Authorization only if
+            // it says public, s-maxage or must-revalidate.
+            ctx.forced_by_request = true;
+            return Ok(Some(ForcedFreshness::ForceMiss));
+        }
         if !is_fresh || !ctx.directives.any() {
             return Ok(None);
         }
@@ -394,6 +457,10 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = resp.status.as_u16();
         ctx.upstream_status = Some(status);
+        ctx.origin_tags = policy::origin_tags(resp);
+        if !ctx.rule().keep_tag_headers {
+            policy::strip_tag_headers(resp);
+        }
         let peer = &self.peers[ctx.rule().upstream];
         let m = metrics();
         m.upstream_requests
@@ -416,18 +483,26 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let auth = req.headers.contains_key(http::header::AUTHORIZATION);
         let rule = ctx.rule();
-        let decision = policy::cacheability(rule, resp, auth, SystemTime::now());
+        let decision =
+            policy::cacheability(rule, resp, auth, SystemTime::now(), self.config.cache.max_ttl);
         Ok(match decision {
             RespCacheable::Cacheable(mut meta) => {
-                let tags = rule.render_tags(&ctx.view(req));
+                let mut tags = rule.render_tags(&ctx.view(req));
+                tags.extend(ctx.origin_tags.iter().cloned());
                 meta.extensions_mut().insert(EntryInfo {
                     uri: ctx.uri,
+                    host_path: format!("{}{}", host_of(req), req.uri.path()).into_boxed_str(),
                     tags: tags.into_iter().map(String::into_boxed_str).collect(),
+                    encrypt: rule.encrypt,
                 });
                 ctx.stored = true;
                 RespCacheable::Cacheable(meta)
             }
-            other => other,
+            other => {
+                // Let other instances waiting on this fill stop waiting.
+                self.cache.storage.abandon_fill(session.cache.cache_key());
+                other
+            }
         })
     }
 
@@ -488,12 +563,13 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let (status, _) = self.status(session, ctx);
-        resp.insert_header("cache-status", status.to_header_value())?;
+        let answered = self.status(session, ctx);
+        resp.insert_header("cache-status", answered.0.to_header_value())?;
+        ctx.answered = Some(answered);
         let req = session.req_header();
         let success = (200..400).contains(&resp.status.as_u16());
         if success && ctx.upstream_status.is_some() && policy::is_unsafe(&req.method) {
-            self.invalidate_after_unsafe(req, resp, ctx);
+            self.invalidate_after_unsafe(req, resp, ctx).await;
         }
         Ok(())
     }
@@ -502,7 +578,10 @@ impl ProxyHttp for Gateway {
         let Some(rule) = ctx.rule.as_deref() else {
             return;
         };
-        let (status, outcome) = self.status(session, ctx);
+        let (status, outcome) = match ctx.answered.take() {
+            Some(a) => a,
+            None => self.status(session, ctx),
+        };
         rule.metrics
             .observe(outcome, ctx.start.elapsed().as_secs_f64());
         if ctx.upstream_start.is_some() && ctx.upstream_status.is_none() {
@@ -533,9 +612,9 @@ impl ProxyHttp for Gateway {
 impl Gateway {
     /// RFC 9111 §4.4: after a successful unsafe request, drop what is stored for its URI and
     /// for same-host `Location` / `Content-Location`.
-    fn invalidate_after_unsafe(&self, req: &RequestHeader, resp: &ResponseHeader, ctx: &Ctx) {
+    async fn invalidate_after_unsafe(&self, req: &RequestHeader, resp: &ResponseHeader, ctx: &Ctx) {
         let host = host_of(req);
-        let mut removed = self.cache.storage.purge_uri(ctx.uri);
+        let mut removed = self.cache.storage.invalidate_uri(ctx.uri).await;
         for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
             let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
@@ -543,14 +622,32 @@ impl Gateway {
             let Ok(uri) = target.parse::<http::Uri>() else {
                 continue;
             };
-            let same_host = uri
-                .host()
-                .is_none_or(|h| h.eq_ignore_ascii_case(strip_port(host)));
+            let same_host = uri.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
             if same_host && uri.path().starts_with('/') {
                 removed += self
                     .cache
                     .storage
-                    .purge_uri(key::uri_id(SCHEME, host, uri.path()));
+                    .invalidate_uri(key::uri_id(SCHEME, host, uri.path()))
+                    .await;
+            }
+        }
+        let groups = policy::cache_groups(resp, "cache-group-invalidation");
+        if !groups.is_empty() {
+            let request = Request {
+                tags: groups,
+                urls: Vec::new(),
+                prefixes: Vec::new(),
+                events: Vec::new(),
+                soft: false,
+                source: "unsafe-request".into(),
+                actor: req.uri.to_string(),
+                cdn: Cdn::Never,
+            };
+            match self.invalidator.plan(request, &self.config.rules) {
+                Ok(plan) => {
+                    self.invalidator.execute(plan).await;
+                }
+                Err(e) => tracing::warn!("ignoring Cache-Group-Invalidation from the origin: {e}"),
             }
         }
         tracing::debug!(uri = %req.uri, removed, "invalidated after unsafe request");

@@ -4,10 +4,17 @@
 //! created once per process here and leaked deliberately (they live as long as the server).
 
 use crate::admin::Admin;
+use crate::invalidation::audit::Audit;
+use crate::invalidation::epochs::Epochs;
+use crate::invalidation::Invalidator;
+use crate::purge::queue::{PurgeQueue, QueueConfig};
+use crate::purge::worker::PurgeWorker;
 use crate::config::Config;
 use crate::proxy::{CacheParts, Gateway};
+use crate::storage::coherence::Subscriber;
 use crate::storage::memory::{Eviction, MemoryStorage};
-use pingora::apps::http_app::HttpServer;
+use crate::storage::redis::RedisTier;
+use crate::storage::tiered::Tiered;
 use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora::cache::predictor::Predictor;
 use pingora::server::configuration::ServerConf;
@@ -15,23 +22,35 @@ use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 use std::sync::Arc;
 
-/// Builds the cache parts for a memory budget.
-fn cache_parts(config: &Config) -> CacheParts {
+/// Builds the cache parts for a memory budget and the optional Redis tier.
+fn cache_parts(
+    config: &Config,
+    redis: Option<Arc<RedisTier>>,
+) -> (CacheParts, &'static MemoryStorage) {
     let budget = config.cache.memory as usize;
     // Capacity hint: entries expected at ~4 KiB each, bounded so tiny test budgets stay tiny.
     let capacity = (budget / 4096).clamp(64, 1 << 20);
     let eviction: &'static Eviction =
         Box::leak(Box::new(Eviction::with_capacity(budget, capacity)));
-    let storage: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
+    let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
+    let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
+        memory,
+        redis,
+        budget > 0,
+        config.cache.lock_timeout,
+    )));
     let lock: &'static CacheKeyLockImpl =
         Box::leak(Box::new(CacheLock::new(config.cache.lock_timeout)));
     let predictor: &'static Predictor<16> = Box::leak(Box::new(Predictor::new(1024, None)));
-    CacheParts {
-        storage,
-        eviction,
-        lock,
-        predictor,
-    }
+    (
+        CacheParts {
+            storage,
+            eviction,
+            lock,
+            predictor,
+        },
+        memory,
+    )
 }
 
 /// A server ready to run: the proxy on `listen`, admin on `admin_listen`.
@@ -45,12 +64,59 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let config = Arc::new(config);
-    let parts = cache_parts(&config);
-    let gateway = Gateway::new(config.clone(), parts)?;
+    let redis = match &config.redis {
+        Some(r) => Some(Arc::new(RedisTier::new(r).map_err(std::io::Error::other)?)),
+        None => None,
+    };
+    let (parts, memory) = cache_parts(&config, redis.clone());
+    let epochs = Arc::new(Epochs::default());
+    let audit = Arc::new(Audit::new(redis.clone()));
+    let queue = match &config.cdn {
+        Some(cdn) => {
+            let providers = crate::purge::providers::build(cdn).map_err(std::io::Error::other)?;
+            let mut qcfg = QueueConfig::new(&config.purge.dir);
+            qcfg.max_attempts = config.purge.max_attempts;
+            let queue = PurgeQueue::new(qcfg, providers, redis.clone(), audit.clone())?;
+            server.add_service(pingora::services::background::background_service(
+                "aisle purge worker",
+                PurgeWorker::new(queue.clone()),
+            ));
+            Some(queue)
+        }
+        None => None,
+    };
+    let invalidator = Arc::new(Invalidator::new(
+        parts.storage,
+        epochs.clone(),
+        redis.clone(),
+        queue,
+        audit.clone(),
+        config.cache.max_ttl,
+    ));
+    let gateway = Gateway::new(config.clone(), parts, invalidator.clone())?;
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "aisle proxy");
     proxy.add_tcp(&config.listen);
-    let mut admin = Service::new("aisle admin".to_string(), HttpServer::new_app(Admin));
+    if let Some(redis) = &redis {
+        let subscriber = Subscriber {
+            redis: redis.clone(),
+            memory,
+            epochs,
+            audit,
+        };
+        server.add_service(pingora::services::background::background_service(
+            "aisle invalidation subscriber",
+            subscriber,
+        ));
+    }
+    let mut admin = Service::new(
+        "aisle admin".to_string(),
+        Admin {
+            redis,
+            config: config.clone(),
+            invalidator,
+        },
+    );
     admin.add_tcp(&config.admin_listen);
     admin.threads = Some(1);
     server.add_service(proxy);

@@ -11,6 +11,7 @@ pub mod path;
 pub mod source;
 
 use crate::diag::{Diagnostic, Source as File};
+use crate::invalidation::events::{EventDef, ParamTemplate};
 use crate::metrics::RuleMetrics;
 use crate::units::parse_duration;
 use normalize::{Fallback, Normalizer, Table};
@@ -68,6 +69,11 @@ pub struct Rule {
     pub tags: Vec<Template>,
     pub invalidate_on: Vec<Box<str>>,
     pub cache_set_cookie: bool,
+    /// Seal entries with AES-256-GCM in the shared tier.
+    pub encrypt: bool,
+    /// Pass the origin's `Surrogate-Key` / `Cache-Tag` / `xkey` / `Cache-Groups` headers on to
+    /// clients (e.g. a downstream CDN) instead of removing them.
+    pub keep_tag_headers: bool,
     /// The default route keys on the full query string (RFC 9111: the key is the URI).
     pub is_default: bool,
     /// Whether the raw request path goes into the key. It is left out only when the pattern has
@@ -179,6 +185,7 @@ pub fn method_bit(method: &http::Method) -> u16 {
 pub struct RuleSet {
     rules: Vec<Arc<Rule>>,
     default: Option<Arc<Rule>>,
+    events: HashMap<String, EventDef>,
 }
 
 /// A matched rule and the path parameters it captured.
@@ -210,6 +217,16 @@ impl RuleSet {
         self.default.as_ref()
     }
 
+    /// The `[[event]]` called `name`.
+    pub fn event(&self, name: &str) -> Option<&EventDef> {
+        self.events.get(name)
+    }
+
+    /// Every defined event.
+    pub fn events(&self) -> impl Iterator<Item = &EventDef> {
+        self.events.values()
+    }
+
     pub fn len(&self) -> usize {
         self.rules.len()
     }
@@ -227,7 +244,18 @@ struct RawFile {
     #[serde(default)]
     rule: Vec<RawRule>,
     #[serde(default)]
+    event: Vec<RawEvent>,
+    #[serde(default)]
     tables: BTreeMap<String, Spanned<RawTable>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    name: Spanned<String>,
+    invalidates: Vec<Spanned<String>>,
+    #[serde(default)]
+    cdn: bool,
 }
 
 #[derive(Deserialize)]
@@ -257,6 +285,8 @@ struct RawRule {
     stale_if_error: Option<Spanned<String>>,
     cache: Option<bool>,
     cache_set_cookie: Option<bool>,
+    encrypt: Option<Spanned<bool>>,
+    keep_tag_headers: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +321,8 @@ pub struct Context<'a> {
     pub upstreams: &'a [String],
     /// Index of the upstream unmatched requests go to.
     pub default_upstream: Option<usize>,
+    /// Whether `[redis] encryption_key` is set (`encrypt = true` needs it).
+    pub encryption: bool,
 }
 
 /// Loads and compiles every `*.toml` in `dir`, in file-name order.
@@ -411,6 +443,37 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             }
         }
     }
+    let mut events: HashMap<String, EventDef> = HashMap::new();
+    for (src, raw) in &parsed {
+        for ev in &raw.event {
+            let name = ev.name.get_ref().trim();
+            let (line, _) = position(src, ev.name.span());
+            if name.is_empty() || name.chars().any(char::is_whitespace) {
+                diags.push(src.at(ev.name.span(), "an event name must be non-empty, without spaces"));
+                continue;
+            }
+            if let Some(prev) = events.get(name) {
+                diags.push(src.at(ev.name.span(), format!("duplicate event name {name:?}; it is already defined at {}", prev.origin)));
+                continue;
+            }
+            let mut invalidates = Vec::new();
+            for t in &ev.invalidates {
+                match ParamTemplate::parse(t.get_ref()) {
+                    Ok(t) => invalidates.push(t),
+                    Err(e) => diags.push(src.at(t.span(), e)),
+                }
+            }
+            events.insert(
+                name.to_string(),
+                EventDef {
+                    name: name.to_string(),
+                    invalidates,
+                    cdn: ev.cdn,
+                    origin: format!("{}:{line}", src.path.display()),
+                },
+            );
+        }
+    }
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -430,12 +493,18 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             tags: Vec::new(),
             invalidate_on: Vec::new(),
             cache_set_cookie: false,
+            encrypt: false,
+            keep_tag_headers: false,
             is_default: true,
             key_path: true,
             metrics: RuleMetrics::new(DEFAULT_ROUTE),
         })
     });
-    Ok(RuleSet { rules, default })
+    Ok(RuleSet {
+        rules,
+        default,
+        events,
+    })
 }
 
 fn position(src: &File<'_>, span: std::ops::Range<usize>) -> (usize, usize) {
@@ -615,6 +684,17 @@ fn compile_rule(
         }
     }
 
+    let encrypt = match &r.encrypt {
+        Some(e) if *e.get_ref() && !ctx.encryption => {
+            diags.push(src.at(
+                e.span(),
+                "encrypt = true needs [redis] encryption_key = \"${AISLE_CACHE_KEY}\" (32 bytes, base64) in gateway.toml",
+            ));
+            false
+        }
+        Some(e) => *e.get_ref(),
+        None => false,
+    };
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -639,6 +719,8 @@ fn compile_rule(
         tags,
         invalidate_on,
         cache_set_cookie: r.cache_set_cookie.unwrap_or(false),
+        encrypt,
+        keep_tag_headers: r.keep_tag_headers.unwrap_or(false),
         is_default: false,
         metrics: RuleMetrics::new(name),
     })
@@ -654,6 +736,7 @@ mod tests {
         Context {
             upstreams: &UPS,
             default_upstream: Some(0),
+            encryption: false,
         }
     }
 
@@ -836,6 +919,21 @@ invalidate_on = ["vendor_update"]
     }
 
     #[test]
+    fn events_compile() {
+        let set = compile_one(
+            "[[event]]\nname = \"availability_changed\"\ninvalidates = [\"availability_change\", \"vendor:{vendorId}\"]\ncdn = true\n",
+        )
+        .unwrap();
+        let ev = set.event("availability_changed").unwrap();
+        assert!(ev.cdn);
+        let params = serde_json::from_str(r#"{"vendorId": "v1"}"#).unwrap();
+        assert_eq!(ev.tags(&params).unwrap(), vec!["availability_change", "vendor:v1"]);
+        let e = errors("[[event]]\nname = \"x\"\ninvalidates = [\"a{b\"]\n[[event]]\nname = \"x\"\ninvalidates = []\n");
+        assert!(e.iter().any(|d| d.starts_with("rules/a.toml:3:") && d.contains("closing")), "{e:?}");
+        assert!(e.iter().any(|d| d.starts_with("rules/a.toml:5:") && d.contains("duplicate event")), "{e:?}");
+    }
+
+    #[test]
     fn narrower_methods_or_hosts_do_not_shadow() {
         compile_one(
             r#"
@@ -862,6 +960,7 @@ match = { path = "/other" }
         let ctx = Context {
             upstreams: &ups,
             default_upstream: None,
+            encryption: false,
         };
         let set = compile(
             &[(

@@ -21,7 +21,7 @@ use pingora::cache::storage::{
     PurgeType,
 };
 use pingora::cache::trace::SpanHandle;
-use pingora::cache::{CacheEntryKeyRef, CacheKey, CacheMeta, Storage};
+use pingora::cache::{CacheEntryKey, CacheEntryKeyRef, CacheKey, CacheMeta, Storage};
 use pingora::http::ResponseHeader;
 use pingora::Result;
 use std::any::Any;
@@ -89,7 +89,7 @@ impl StoredMeta {
 struct Entry {
     meta: RwLock<StoredMeta>,
     body: Bytes,
-    info: EntryInfo,
+    info: Arc<EntryInfo>,
     compact: CompactCacheKey,
     weight: usize,
 }
@@ -109,7 +109,8 @@ pub struct MemoryStorage {
     evictions: AtomicU64,
 }
 
-fn id(hash: HashBinary) -> u128 {
+/// The map key of a pingora key hash.
+pub fn id(hash: HashBinary) -> u128 {
     u128::from_be_bytes(hash)
 }
 
@@ -175,6 +176,67 @@ impl MemoryStorage {
         n
     }
 
+    /// Removes one entry (an invalidation from another instance); true if it was stored.
+    pub fn purge_id(&self, id: u128) -> bool {
+        match self.remove(id) {
+            Some(entry) => {
+                self.eviction
+                    .remove(CacheEntryKeyRef::from_entry_id(&entry.compact, None));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every entry; returns how many. Used when this instance may have missed
+    /// invalidations (its subscription to the fleet's broadcasts was lost).
+    pub fn clear(&self) -> usize {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            let ids: Vec<u128> = shard.read().keys().copied().collect();
+            for id in ids {
+                if self.purge_id(id) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// The body and facts of a stored entry (to rewrite it in a shared tier).
+    pub fn body_and_info(&self, id: u128) -> Option<(Bytes, EntryInfo)> {
+        let entry = self.shard(id).read().get(&id).cloned()?;
+        Some((entry.body.clone(), (*entry.info).clone()))
+    }
+
+    /// Stores an entry read from a shared tier, admitting it to the LRU (and evicting what
+    /// no longer fits) as a fill would.
+    pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: EntryInfo) {
+        let stored = StoredMeta::from_meta(meta);
+        let weight = body.len() + header_weight(&stored.header) + ENTRY_OVERHEAD;
+        let compact = key.to_compact();
+        let id = id(key.combined_bin());
+        self.insert(
+            id,
+            Entry {
+                meta: RwLock::new(stored),
+                body,
+                info: Arc::new(info),
+                compact: compact.clone(),
+                weight,
+            },
+        );
+        let victims =
+            self.eviction
+                .admit(CacheEntryKey::key_only(compact), weight, meta.fresh_until());
+        for victim in victims {
+            if self.remove(self::id(victim.key().combined_bin())).is_some() {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                metrics().evictions.inc();
+            }
+        }
+    }
+
     fn insert(&self, id: u128, entry: Entry) {
         let uri = entry.info.uri;
         let weight = entry.weight as i64;
@@ -235,13 +297,7 @@ impl Storage for MemoryStorage {
         };
         let meta = entry.meta.read().to_meta();
         let body = entry.body.clone();
-        let hit = MemoryHit {
-            len: body.len(),
-            body,
-            range: None,
-            done: false,
-            weight: entry.weight,
-        };
+        let hit = BodyHit::new(body, entry.weight, entry.info.clone());
         Ok(Some((meta, Box::new(hit))))
     }
 
@@ -311,17 +367,37 @@ impl Storage for MemoryStorage {
     }
 }
 
-/// Reads one stored body: hands out the `Bytes` (a reference count, not a copy).
-struct MemoryHit {
+/// Reads one body held in memory: hands out the `Bytes` (a reference count, not a copy).
+pub struct BodyHit {
     body: Bytes,
     len: usize,
     range: Option<(usize, usize)>,
     done: bool,
+    /// The eviction weight to report; 0 for a body that is not in the memory tier.
     weight: usize,
+    info: Arc<EntryInfo>,
+}
+
+impl BodyHit {
+    pub fn new(body: Bytes, weight: usize, info: Arc<EntryInfo>) -> Self {
+        BodyHit {
+            len: body.len(),
+            body,
+            range: None,
+            done: false,
+            weight,
+            info,
+        }
+    }
+
+    /// The entry's tags and URI, for the purge-epoch check on hits.
+    pub fn info(&self) -> &EntryInfo {
+        &self.info
+    }
 }
 
 #[async_trait]
-impl HandleHit for MemoryHit {
+impl HandleHit for BodyHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
         if self.done {
             return Ok(None);
@@ -358,6 +434,10 @@ impl HandleHit for MemoryHit {
         self.range = Some((start, end.max(start)));
         self.done = false;
         Ok(())
+    }
+
+    fn should_count_access(&self) -> bool {
+        self.weight > 0
     }
 
     fn get_eviction_weight(&self) -> usize {
@@ -413,7 +493,7 @@ impl HandleMiss for MemoryMiss {
             Entry {
                 meta: RwLock::new(meta),
                 body,
-                info: std::mem::take(&mut self.info),
+                info: Arc::new(std::mem::take(&mut self.info)),
                 compact: self.compact.clone(),
                 weight,
             },
@@ -438,7 +518,9 @@ mod tests {
         let mut m = CacheMeta::new(now + Duration::from_secs(max_age), now, 5, 7, h);
         m.extensions_mut().insert(EntryInfo {
             uri,
+            host_path: "h/p".into(),
             tags: Arc::from(vec!["t1".into()]),
+            encrypt: false,
         });
         m
     }

@@ -9,15 +9,23 @@
 //! stored for, its tags) travels in the meta's extensions as an [`EntryInfo`], set by the proxy
 //! when it decides a response is cacheable.
 
+pub mod coherence;
 pub mod memory;
+pub mod record;
+pub mod redis;
+pub mod tiered;
 
 use std::sync::Arc;
 
 /// Aisle's facts about a stored entry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EntryInfo {
     /// [`crate::key::uri_id`] of the URI the entry was stored for; shared by its variants.
     pub uri: u64,
+    /// `host/path` the entry was stored for (prefix purges match it).
+    pub host_path: Box<str>,
     /// Tags from the rule's templates and `invalidate_on` names.
     pub tags: Arc<[Box<str>]>,
+    /// Seal the entry when it is written to a shared tier (rule `encrypt = true`).
+    pub encrypt: bool,
 }

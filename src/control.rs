@@ -1,0 +1,270 @@
+//! Requests addressed to the gateway itself on the proxy listener: vendor webhooks
+//! (`POST /_aisle/webhooks/{source}`) and Varnish-style `PURGE`.
+//!
+//! They are answered here, before rule matching, and never reach an upstream or the cache.
+//! Every check happens before anything is invalidated, so a delivery with a bad signature,
+//! malformed JSON or a missing parameter changes nothing.
+
+use crate::config::Config;
+use crate::invalidation::webhook::{map_delivery, Rejection};
+use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
+use crate::metrics::metrics;
+use crate::storage::redis::RedisTier;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+
+/// Path prefix of webhook deliveries.
+pub const WEBHOOK_PREFIX: &str = "/_aisle/webhooks/";
+/// How long a delivery id is remembered to drop replays.
+const REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
+/// Writes a small JSON answer.
+pub async fn respond_json(session: &mut Session, status: u16, body: String, cache_status: &str) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    resp.insert_header("cache-status", cache_status)?;
+    if status == 401 {
+        resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
+    }
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(Bytes::from(body)), true).await
+}
+
+fn error_json(message: impl std::fmt::Display) -> String {
+    serde_json::json!({ "error": message.to_string() }).to_string()
+}
+
+/// `Authorization: Bearer <token>` compared in constant time; false when no token is configured.
+pub fn bearer_ok(headers: &http::HeaderMap, token: Option<&str>) -> bool {
+    let Some(token) = token else { return false };
+    let Some(given) = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.trim().as_bytes().ct_eq(token.as_bytes()).into()
+}
+
+/// Remembers webhook delivery ids (in Redis for the fleet when configured, else locally).
+pub struct Replays {
+    redis: Option<Arc<RedisTier>>,
+    local: Mutex<HashMap<String, Instant>>,
+}
+
+impl Replays {
+    pub fn new(redis: Option<Arc<RedisTier>>) -> Self {
+        Replays {
+            redis,
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Claims `id`: true the first time, false for a replay.
+    async fn claim(&self, id: &str) -> bool {
+        if let Some(redis) = &self.redis {
+            let cmd = redis::cmd("SET")
+                .arg(format!("{}webhook:{id}", redis.prefix))
+                .arg(1)
+                .arg("NX")
+                .arg("EX")
+                .arg(REPLAY_WINDOW.as_secs())
+                .clone();
+            if let Some(r) = redis.background::<Option<String>>("webhook", &cmd).await {
+                return r.is_some();
+            }
+        }
+        let mut local = self.local.lock();
+        let now = Instant::now();
+        if local.len() > 100_000 {
+            local.retain(|_, at| now.duration_since(*at) < REPLAY_WINDOW);
+        }
+        match local.get(id) {
+            Some(at) if now.duration_since(*at) < REPLAY_WINDOW => false,
+            _ => {
+                local.insert(id.to_string(), now);
+                true
+            }
+        }
+    }
+
+    /// Forgets a claim whose delivery was refused, so the vendor's retry is processed.
+    async fn release(&self, id: &str) {
+        self.local.lock().remove(id);
+        if let Some(redis) = &self.redis {
+            let _: Option<i64> = redis
+                .background("webhook", redis::cmd("DEL").arg(format!("{}webhook:{id}", redis.prefix)))
+                .await;
+        }
+    }
+}
+
+/// Reads the request body, refusing more than `limit` bytes.
+async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>> {
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Ok(None);
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = session.read_request_body().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Some(body.freeze()))
+}
+
+/// Handles a webhook delivery; answers it in every case.
+pub async fn webhook(
+    session: &mut Session,
+    config: &Config,
+    invalidator: &Invalidator,
+    replays: &Replays,
+) -> Result<()> {
+    let path = session.req_header().uri.path().to_string();
+    let source = path.trim_start_matches(WEBHOOK_PREFIX).trim_end_matches('/').to_string();
+    let count = |outcome: &str| {
+        metrics()
+            .webhooks
+            .with_label_values(&[source.as_str(), outcome])
+            .inc()
+    };
+    const CS: &str = "aisle; fwd=bypass; detail=webhook";
+    let Some(hook) = config.webhooks.get(&source) else {
+        count("unknown_source");
+        return respond_json(session, 404, error_json(format!("no webhook source {source:?} is configured")), CS).await;
+    };
+    if session.req_header().method != http::Method::POST {
+        count("error");
+        return respond_json(session, 405, error_json("webhooks are delivered with POST"), CS).await;
+    }
+    let Some(body) = read_body(session, hook.max_body).await? else {
+        count("too_large");
+        session.set_keepalive(None);
+        return respond_json(session, 413, error_json(format!("the delivery is larger than {} bytes", hook.max_body)), CS).await;
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    if let Err(rejection) = hook.verifier.verify(&session.req_header().headers, &body, now) {
+        count("bad_signature");
+        tracing::warn!(source, "webhook refused: {rejection}");
+        let msg = match rejection {
+            Rejection::StaleTimestamp { .. } => "stale timestamp",
+            _ => "bad or missing signature",
+        };
+        return respond_json(session, 401, error_json(msg), CS).await;
+    }
+    let json: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            count("malformed");
+            return respond_json(session, 400, error_json(format!("the body is not JSON: {e}")), CS).await;
+        }
+    };
+    let delivery = hook
+        .verifier
+        .delivery_id(&session.req_header().headers, &json, &hook.id_pointer);
+    let claim = delivery.as_ref().map(|d| format!("{source}:{d}"));
+    if let Some(c) = &claim {
+        if !replays.claim(c).await {
+            count("duplicate");
+            return respond_json(session, 202, serde_json::json!({"duplicate": true}).to_string(), CS).await;
+        }
+    }
+    let fired = match map_delivery(&hook.maps, &json) {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(c) = &claim {
+                replays.release(c).await;
+            }
+            count("malformed");
+            return respond_json(session, 400, error_json(e), CS).await;
+        }
+    };
+    let request = Request {
+        tags: Vec::new(),
+        urls: Vec::new(),
+        prefixes: Vec::new(),
+        events: fired
+            .into_iter()
+            .map(|(name, params)| EventCall { name, params })
+            .collect(),
+        soft: false,
+        source: format!("webhook:{source}"),
+        actor: delivery.unwrap_or_default(),
+        cdn: Cdn::EventsOnly,
+    };
+    let fired_n = request.events.len();
+    let plan = match invalidator.plan(request, &config.rules) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(c) = &claim {
+                replays.release(c).await;
+            }
+            count("malformed");
+            return respond_json(session, 400, error_json(e), CS).await;
+        }
+    };
+    let summary = invalidator.execute(plan).await;
+    count("accepted");
+    let body = serde_json::json!({
+        "id": summary.id, "fired": fired_n, "tags": summary.tags, "cdn": summary.cdn,
+    });
+    respond_json(session, 202, body.to_string(), CS).await
+}
+
+/// Handles `PURGE <url>` (every variant of the URI) or `PURGE` with `Surrogate-Key: t1 t2`
+/// (tags), allowed from `[admin] purge_allow` networks or with the admin token.
+pub async fn purge(session: &mut Session, config: &Config, invalidator: &Invalidator) -> Result<()> {
+    const CS: &str = "aisle; fwd=bypass; detail=purge";
+    let req = session.req_header();
+    let from_allowed = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .is_some_and(|a| config.admin.purge_allow.iter().any(|net| net.contains(&a.ip())));
+    if !from_allowed && !bearer_ok(&req.headers, config.admin.token.as_deref()) {
+        return respond_json(session, 401, error_json("PURGE needs the admin token or a client address in [admin] purge_allow"), CS).await;
+    }
+    let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
+    let soft = header("fastly-soft-purge") == Some("1");
+    let tags: Vec<String> = header("surrogate-key")
+        .map(|v| v.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default();
+    let urls = if tags.is_empty() {
+        let host = header("host").or_else(|| req.uri.host()).unwrap_or("");
+        vec![format!("http://{host}{}", req.uri.path())]
+    } else {
+        Vec::new()
+    };
+    let request = Request {
+        tags,
+        urls,
+        prefixes: Vec::new(),
+        events: Vec::new(),
+        soft,
+        source: "purge-method".into(),
+        actor: if from_allowed { "allowed-network".into() } else { "token".into() },
+        cdn: Cdn::Always,
+    };
+    match invalidator.plan(request, &config.rules) {
+        Ok(plan) => {
+            let summary = invalidator.execute(plan).await;
+            respond_json(session, 200, serde_json::to_string(&summary).unwrap_or_default(), CS).await
+        }
+        Err(e) => respond_json(session, 400, error_json(e), CS).await,
+    }
+}

@@ -1,0 +1,190 @@
+//! The audit log and the live event stream of invalidations.
+//!
+//! Every invalidation (admin API, webhook, PURGE, unsafe request groups) is recorded with who
+//! asked, what it named and, as the purge worker reports them, what each CDN answered. The log
+//! is a bounded ring in memory; with Redis it is also kept in Redis so any instance of the fleet
+//! can answer `GET /admin/audit` for all of them. Each record is also published to local
+//! `GET /admin/events` subscribers (server-sent events), together with invalidations received
+//! from other instances.
+
+use crate::purge::{Outcome, Report};
+use crate::storage::redis::RedisTier;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use tokio::sync::broadcast;
+
+/// Records kept in memory (and in Redis).
+const KEEP: usize = 10_000;
+
+/// What one CDN answered to one attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CdnAnswer {
+    pub provider: String,
+    pub attempt: u32,
+    /// `done`, `retry` or `fatal`.
+    pub outcome: String,
+    pub detail: String,
+    pub at_ms: u64,
+}
+
+/// One invalidation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct AuditRecord {
+    pub id: String,
+    pub at_ms: u64,
+    /// `admin`, `webhook:<source>`, `purge-method`, `unsafe-request`, `fleet`.
+    pub source: String,
+    /// The admin token's holder or the webhook delivery id, when known.
+    #[serde(default)]
+    pub actor: String,
+    pub tags: Vec<String>,
+    pub urls: Vec<String>,
+    pub prefixes: Vec<String>,
+    pub events: Vec<String>,
+    pub soft: bool,
+    /// `queued`, `none` (no CDN configured or not asked), `unavailable`.
+    pub cdn: String,
+    #[serde(default)]
+    pub cdn_answers: Vec<CdnAnswer>,
+}
+
+/// The audit log and the event stream.
+pub struct Audit {
+    ring: Mutex<VecDeque<AuditRecord>>,
+    events: broadcast::Sender<String>,
+    redis: Option<Arc<RedisTier>>,
+}
+
+impl Audit {
+    pub fn new(redis: Option<Arc<RedisTier>>) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        Audit {
+            ring: Mutex::new(VecDeque::new()),
+            events,
+            redis,
+        }
+    }
+
+    fn log_key(r: &RedisTier) -> String {
+        format!("{}audit", r.prefix)
+    }
+
+    fn answers_key(r: &RedisTier, id: &str) -> String {
+        format!("{}audit:cdn:{id}", r.prefix)
+    }
+
+    /// Records an invalidation and publishes it to event-stream subscribers.
+    pub fn record(&self, rec: AuditRecord) {
+        let json = serde_json::to_string(&rec).unwrap_or_default();
+        let _ = self.events.send(json.clone());
+        {
+            let mut ring = self.ring.lock();
+            ring.push_back(rec);
+            while ring.len() > KEEP {
+                ring.pop_front();
+            }
+        }
+        if let Some(redis) = self.redis.clone() {
+            tokio::spawn(async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("LPUSH").arg(Self::log_key(&redis)).arg(json).ignore();
+                pipe.cmd("LTRIM").arg(Self::log_key(&redis)).arg(0).arg(KEEP - 1).ignore();
+                let _: Option<()> = redis.background_pipe("audit", &pipe).await;
+            });
+        }
+    }
+
+    /// Publishes an invalidation another instance made (not recorded again: it has its record).
+    pub fn relay(&self, json: String) {
+        let _ = self.events.send(json);
+    }
+
+    /// A receiver of the live stream (JSON per invalidation).
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.events.subscribe()
+    }
+
+    /// Records at or after `since_ms`, oldest first (from Redis when configured, so every
+    /// instance's invalidations and every worker's CDN answers are included).
+    pub async fn since(&self, since_ms: u64) -> Vec<AuditRecord> {
+        if let Some(redis) = &self.redis {
+            let raw: Option<Vec<String>> = redis
+                .background("audit", redis::cmd("LRANGE").arg(Self::log_key(redis)).arg(0).arg(KEEP - 1))
+                .await;
+            if let Some(raw) = raw {
+                let mut out: Vec<AuditRecord> = raw
+                    .iter()
+                    .filter_map(|j| serde_json::from_str::<AuditRecord>(j).ok())
+                    .filter(|r| r.at_ms >= since_ms)
+                    .collect();
+                out.reverse();
+                for rec in out.iter_mut().rev().take(200) {
+                    let answers: Option<Vec<String>> = redis
+                        .background("audit", redis::cmd("LRANGE").arg(Self::answers_key(redis, &rec.id)).arg(0).arg(-1))
+                        .await;
+                    rec.cdn_answers = answers
+                        .unwrap_or_default()
+                        .iter()
+                        .filter_map(|j| serde_json::from_str(j).ok())
+                        .collect();
+                }
+                return out;
+            }
+        }
+        self.ring.lock().iter().filter(|r| r.at_ms >= since_ms).cloned().collect()
+    }
+}
+
+impl Report for Audit {
+    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &Outcome) {
+        let (kind, detail) = match outcome {
+            Outcome::Done(d) => ("done", d.clone()),
+            Outcome::Retry { detail, .. } => ("retry", detail.clone()),
+            Outcome::Fatal(d) => ("fatal", d.clone()),
+        };
+        let answer = CdnAnswer {
+            provider: provider.to_string(),
+            attempt,
+            outcome: kind.to_string(),
+            detail,
+            at_ms: crate::invalidation::epochs::now_ms(),
+        };
+        if let Some(rec) = self.ring.lock().iter_mut().rev().find(|r| r.id == job_id) {
+            rec.cdn_answers.push(answer.clone());
+        }
+        if let Some(redis) = self.redis.clone() {
+            let key = Self::answers_key(&redis, job_id);
+            let json = serde_json::to_string(&answer).unwrap_or_default();
+            tokio::spawn(async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("RPUSH").arg(&key).arg(json).ignore();
+                pipe.cmd("EXPIRE").arg(&key).arg(7 * 24 * 3600).ignore();
+                let _: Option<()> = redis.background_pipe("audit", &pipe).await;
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn records_answers_and_streams() {
+        let audit = Audit::new(None);
+        let mut rx = audit.subscribe();
+        audit.record(AuditRecord { id: "j1".into(), at_ms: 10, tags: vec!["t".into()], ..Default::default() });
+        audit.record(AuditRecord { id: "j2".into(), at_ms: 20, ..Default::default() });
+        audit.cdn_answer("j1", "cloudflare", 1, &Outcome::Retry { after: None, detail: "500".into() });
+        audit.cdn_answer("j1", "cloudflare", 2, &Outcome::Done("id-1".into()));
+        let all = audit.since(0).await;
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].cdn_answers.len(), 2);
+        assert_eq!(all[0].cdn_answers[1].outcome, "done");
+        assert_eq!(audit.since(15).await.len(), 1);
+        let first: AuditRecord = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
+        assert_eq!(first.id, "j1");
+    }
+}

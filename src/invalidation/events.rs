@@ -1,0 +1,149 @@
+//! Named events (`[[event]]` in rules files): what an event invalidates, given its parameters.
+//!
+//! ```toml
+//! [[event]]
+//! name = "availability_changed"
+//! invalidates = ["availability_change", "vendor:{vendorId}"]
+//! cdn = true
+//! ```
+//! Templates are compiled at load time; firing an event renders them with the event's
+//! parameters (from the admin API or a webhook mapping) into tags. A parameter a template needs
+//! but the event lacks is an error, so a malformed event invalidates nothing.
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(Box<str>),
+    Param(Box<str>),
+}
+
+/// A compiled tag template over event parameters, e.g. `vendor:{vendorId}`.
+#[derive(Debug, Clone)]
+pub struct ParamTemplate {
+    source: Box<str>,
+    pieces: Vec<Piece>,
+}
+
+impl ParamTemplate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if s.is_empty() || s.chars().any(char::is_whitespace) {
+            return Err(format!("tag {s:?} must be non-empty and contain no spaces"));
+        }
+        let mut pieces = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                pieces.push(Piece::Text(rest[..open].into()));
+            }
+            let after = &rest[open + 1..];
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("tag template {s:?} has a '{{' without a closing '}}'"))?;
+            let name = &after[..close];
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!(
+                    "tag template {s:?}: {{{name}}} is not a parameter name (letters, digits, '_')"
+                ));
+            }
+            pieces.push(Piece::Param(name.into()));
+            rest = &after[close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("tag template {s:?} has a '}}' without an opening '{{'"));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Text(rest.into()));
+        }
+        Ok(ParamTemplate { source: s.into(), pieces })
+    }
+
+    /// Renders with `params`; names the missing parameter otherwise.
+    pub fn render(&self, params: &BTreeMap<String, Value>) -> Result<String, String> {
+        let mut out = String::new();
+        for p in &self.pieces {
+            match p {
+                Piece::Text(t) => out.push_str(t),
+                Piece::Param(name) => match params.get(&**name) {
+                    Some(Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
+                        out.push_str(s)
+                    }
+                    Some(Value::Number(n)) => out.push_str(&n.to_string()),
+                    Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
+                    Some(other) => {
+                        return Err(format!(
+                            "parameter {name:?} of {:?} must be a string without spaces or a number, not {other}",
+                            self.source
+                        ))
+                    }
+                    None => {
+                        return Err(format!("parameter {name:?} is missing (needed by {:?})", self.source))
+                    }
+                },
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A compiled `[[event]]`.
+#[derive(Debug, Clone)]
+pub struct EventDef {
+    pub name: String,
+    pub invalidates: Vec<ParamTemplate>,
+    /// Also purge the CDNs.
+    pub cdn: bool,
+    /// Where it was defined, for messages.
+    pub origin: String,
+}
+
+impl EventDef {
+    /// The tags this event invalidates with these parameters.
+    pub fn tags(&self, params: &BTreeMap<String, Value>) -> Result<Vec<String>, String> {
+        self.invalidates
+            .iter()
+            .map(|t| t.render(params).map_err(|e| format!("event {:?}: {e}", self.name)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn params(v: Value) -> BTreeMap<String, Value> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn renders_tags_from_params() {
+        let ev = EventDef {
+            name: "availability_changed".into(),
+            invalidates: vec![
+                ParamTemplate::parse("availability_change").unwrap(),
+                ParamTemplate::parse("vendor:{vendorId}").unwrap(),
+            ],
+            cdn: true,
+            origin: "x".into(),
+        };
+        assert_eq!(
+            ev.tags(&params(json!({"vendorId": "v-7"}))).unwrap(),
+            vec!["availability_change", "vendor:v-7"]
+        );
+        assert_eq!(ev.tags(&params(json!({"vendorId": 7}))).unwrap()[1], "vendor:7");
+        assert!(ev.tags(&params(json!({}))).unwrap_err().contains("\"vendorId\" is missing"));
+        assert!(ev.tags(&params(json!({"vendorId": "a b"}))).is_err());
+        assert!(ev.tags(&params(json!({"vendorId": {"x": 1}}))).is_err());
+    }
+
+    #[test]
+    fn bad_templates() {
+        assert!(ParamTemplate::parse("a{b").is_err());
+        assert!(ParamTemplate::parse("a}").is_err());
+        assert!(ParamTemplate::parse("a{b-c}").is_err());
+        assert!(ParamTemplate::parse("a b").is_err());
+        assert!(ParamTemplate::parse("").is_err());
+    }
+}

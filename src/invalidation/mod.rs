@@ -1,0 +1,316 @@
+//! Invalidation: turning "these tags / URLs / prefixes / events changed" into cache state, on
+//! every instance, in Redis and at the CDNs, with a record of who asked.
+//!
+//! Every entry point (admin API, signed webhooks, `PURGE`, `Cache-Group-Invalidation` on unsafe
+//! responses) builds an [`Request`]; [`Invalidator::plan`] validates it completely (events exist
+//! and have their parameters, URLs parse) so a malformed request changes nothing, and
+//! [`Invalidator::execute`] applies it: tag and prefix purges as epochs ([`epochs`]) shared
+//! through Redis, URL purges by deleting every variant, a broadcast to the fleet, a durable CDN
+//! purge job, an audit record and a live event.
+
+pub mod audit;
+pub mod epochs;
+pub mod events;
+pub mod webhook;
+
+use crate::key;
+use crate::metrics::metrics;
+use crate::purge::queue::PurgeQueue;
+use crate::purge::PurgeJob;
+use crate::rules::RuleSet;
+use crate::storage::redis::{Message, RedisTier};
+use crate::storage::tiered::Tiered;
+use audit::{Audit, AuditRecord};
+use epochs::{now_ms, Epoch, Epochs};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Whether an invalidation also purges the CDNs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cdn {
+    /// Yes (admin API, PURGE).
+    Always,
+    /// Only for events declared with `cdn = true` (webhooks).
+    EventsOnly,
+    /// No (gateway-internal invalidations).
+    Never,
+}
+
+/// One event to fire.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventCall {
+    pub name: String,
+    pub params: BTreeMap<String, Value>,
+}
+
+/// What someone asked to invalidate.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub tags: Vec<String>,
+    /// Absolute URLs (`https://host/path`).
+    pub urls: Vec<String>,
+    /// `host/path` prefixes (a scheme, if given, is ignored).
+    pub prefixes: Vec<String>,
+    pub events: Vec<EventCall>,
+    pub soft: bool,
+    pub source: String,
+    pub actor: String,
+    pub cdn: Cdn,
+}
+
+/// A validated request.
+pub struct Plan {
+    tags: Vec<String>,
+    /// (original URL, host, path)
+    urls: Vec<(String, String, String)>,
+    prefixes: Vec<String>,
+    events: Vec<String>,
+    soft: bool,
+    source: String,
+    actor: String,
+    cdn: bool,
+}
+
+/// What an invalidation did.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Summary {
+    pub id: String,
+    pub tags: usize,
+    pub urls: usize,
+    pub prefixes: usize,
+    /// `queued`, `none` or `unavailable`.
+    pub cdn: String,
+}
+
+/// Applies invalidations.
+pub struct Invalidator {
+    pub storage: &'static Tiered,
+    pub epochs: Arc<Epochs>,
+    pub redis: Option<Arc<RedisTier>>,
+    pub queue: Option<Arc<PurgeQueue>>,
+    pub audit: Arc<Audit>,
+    seq: AtomicU64,
+    /// How long purge epochs are kept: no entry outlives twice `[cache] max_ttl`.
+    retention: std::time::Duration,
+    /// Unix ms of the last pruning of old epochs.
+    pruned_at: AtomicU64,
+}
+
+fn valid_tag(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 1024 && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// `https://Host:8443/a/b?x` -> ("host", "/a/b").
+fn url_parts(url: &str) -> Result<(String, String), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url:?} must be absolute (https://host/path) so the host is known"))?;
+    Ok((host.to_ascii_lowercase(), uri.path().to_string()))
+}
+
+impl Invalidator {
+    pub fn new(
+        storage: &'static Tiered,
+        epochs: Arc<Epochs>,
+        redis: Option<Arc<RedisTier>>,
+        queue: Option<Arc<PurgeQueue>>,
+        audit: Arc<Audit>,
+        max_ttl: std::time::Duration,
+    ) -> Self {
+        Invalidator {
+            storage,
+            epochs,
+            redis,
+            queue,
+            audit,
+            seq: AtomicU64::new(0),
+            retention: max_ttl * 2,
+            pruned_at: AtomicU64::new(now_ms()),
+        }
+    }
+
+    /// Forgets epochs no entry can be old enough to need, at most once a minute.
+    fn prune(&self, now: u64) {
+        let last = self.pruned_at.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 60_000
+            || self
+                .pruned_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        self.epochs.prune(self.retention);
+        if let Some(redis) = self.redis.clone() {
+            let cutoff = now.saturating_sub(self.retention.as_millis() as u64);
+            tokio::spawn(async move { redis.prune_epochs(cutoff).await });
+        }
+    }
+
+    /// Checks everything a request names; an error says what is wrong and nothing is applied.
+    pub fn plan(&self, req: Request, rules: &RuleSet) -> Result<Plan, String> {
+        let mut tags = Vec::new();
+        for t in &req.tags {
+            if !valid_tag(t) {
+                return Err(format!("tag {t:?} must be 1-1024 printable characters without spaces"));
+            }
+            tags.push(t.clone());
+        }
+        let mut cdn = req.cdn == Cdn::Always;
+        let mut events = Vec::new();
+        for call in &req.events {
+            let def = rules
+                .event(&call.name)
+                .ok_or_else(|| format!("unknown event {:?}; define it with [[event]] in a rules file", call.name))?;
+            tags.extend(def.tags(&call.params)?);
+            cdn |= req.cdn == Cdn::EventsOnly && def.cdn;
+            events.push(call.name.clone());
+        }
+        let mut urls = Vec::new();
+        for u in &req.urls {
+            let (host, path) = url_parts(u)?;
+            urls.push((u.clone(), host, path));
+        }
+        let mut prefixes = Vec::new();
+        for p in &req.prefixes {
+            let bare = p.split_once("://").map_or(p.as_str(), |(_, rest)| rest);
+            if bare.is_empty() || !bare.contains('/') || bare.chars().any(char::is_whitespace) {
+                return Err(format!("prefix {p:?} must look like host/path/prefix"));
+            }
+            prefixes.push(bare.to_ascii_lowercase());
+        }
+        tags.sort();
+        tags.dedup();
+        Ok(Plan {
+            tags,
+            urls,
+            prefixes,
+            events,
+            soft: req.soft,
+            source: req.source,
+            actor: req.actor,
+            cdn,
+        })
+    }
+
+    fn next_id(&self) -> String {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let instance = self.redis.as_ref().map_or(0, |r| r.instance);
+        format!("inv-{:x}-{instance:04x}-{n}", now_ms())
+    }
+
+    /// Applies a plan everywhere.
+    pub async fn execute(&self, plan: Plan) -> Summary {
+        let id = self.next_id();
+        let at_ms = now_ms();
+        self.prune(at_ms);
+        let epoch = Epoch { at_ms, soft: plan.soft };
+        let m = metrics();
+        for tag in &plan.tags {
+            self.epochs.purge_tag(tag, epoch);
+        }
+        for p in &plan.prefixes {
+            self.epochs.purge_prefix(p, epoch);
+        }
+        for (_, host, path) in &plan.urls {
+            self.storage.invalidate_uri(key::uri_id("http", host, path)).await;
+        }
+        if let Some(redis) = &self.redis {
+            for tag in &plan.tags {
+                redis.save_epoch(&format!("t:{tag}"), at_ms, plan.soft).await;
+                redis
+                    .publish(&Message::Tag { tag: tag.clone(), at_ms, soft: plan.soft })
+                    .await;
+            }
+            for p in &plan.prefixes {
+                redis.save_epoch(&format!("p:{p}"), at_ms, plan.soft).await;
+                redis
+                    .publish(&Message::Prefix { prefix: p.clone(), at_ms, soft: plan.soft })
+                    .await;
+            }
+        }
+        let source_label = plan.source.split(':').next().unwrap_or("other").to_string();
+        for (kind, n) in [("tag", plan.tags.len()), ("url", plan.urls.len()), ("prefix", plan.prefixes.len())] {
+            if n > 0 {
+                m.invalidations
+                    .with_label_values(&[source_label.as_str(), kind])
+                    .inc_by(n as u64);
+            }
+        }
+        let cdn = match (&self.queue, plan.cdn) {
+            (Some(queue), true) => {
+                let job = PurgeJob {
+                    id: id.clone(),
+                    tags: plan.tags.clone(),
+                    urls: plan.urls.iter().map(|(u, _, _)| u.clone()).collect(),
+                    prefixes: plan.prefixes.clone(),
+                    hosts: Vec::new(),
+                    soft: plan.soft,
+                    source: plan.source.clone(),
+                    created_ms: at_ms,
+                };
+                match queue.enqueue(&job).await {
+                    Ok(_) => "queued",
+                    Err(e) => {
+                        tracing::error!("purge {id} could not be queued for the CDNs: {e}");
+                        "unavailable"
+                    }
+                }
+            }
+            _ => "none",
+        };
+        let summary = Summary {
+            id: id.clone(),
+            tags: plan.tags.len(),
+            urls: plan.urls.len(),
+            prefixes: plan.prefixes.len(),
+            cdn: cdn.to_string(),
+        };
+        self.audit.record(AuditRecord {
+            id,
+            at_ms,
+            source: plan.source,
+            actor: plan.actor,
+            tags: plan.tags,
+            urls: plan.urls.into_iter().map(|(u, _, _)| u).collect(),
+            prefixes: plan.prefixes,
+            events: plan.events,
+            soft: plan.soft,
+            cdn: cdn.to_string(),
+            cdn_answers: Vec::new(),
+        });
+        summary
+    }
+
+}
+
+/// Loads the fleet's purge epochs from Redis (at start and after a lost subscription, when
+/// broadcasts may have been missed).
+pub async fn load_epochs(redis: &RedisTier, epochs: &Epochs) {
+    let Some(all) = redis.load_epochs().await else { return };
+    for (field, at_ms, soft) in all {
+        let epoch = Epoch { at_ms, soft };
+        if let Some(tag) = field.strip_prefix("t:") {
+            epochs.purge_tag(tag, epoch);
+        } else if let Some(p) = field.strip_prefix("p:") {
+            epochs.purge_prefix(p, epoch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_parts_need_a_host() {
+        assert_eq!(url_parts("https://API.example.com:8443/a/b?x=1").unwrap(), ("api.example.com".into(), "/a/b".into()));
+        assert!(url_parts("/a/b").unwrap_err().contains("absolute"));
+        assert!(valid_tag("vendor:v-1") && !valid_tag("a b") && !valid_tag(""));
+    }
+}

@@ -1,0 +1,93 @@
+//! CDN purging: every invalidation also reaches the CDNs in front of the app, through a durable,
+//! retried queue.
+//!
+//! The shape: an invalidation becomes one [`PurgeJob`] (tags, URLs, prefixes, hosts, soft or
+//! hard). Each configured [`Provider`] (Cloudflare, Fastly, CloudFront, plain HTTP PURGE/BAN)
+//! splits a job into request-sized [`Batch`]es its API accepts. The queue ([`queue`]) persists one
+//! item per (job, provider) before the job is acknowledged, so an accepted purge survives a
+//! gateway restart or a CDN outage; the worker ([`worker`]) paces, sends, retries with backoff and
+//! jitter (honouring `429` / `Retry-After`) and moves an item to the dead letters after
+//! `max_attempts` failures.
+
+pub mod providers;
+pub mod queue;
+pub mod worker;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// One invalidation, as the CDNs should see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeJob {
+    /// Unique id (also the invalidation's id in the admin API and the audit log).
+    pub id: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Absolute URLs (`https://host/path?query`).
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// `host/path/prefix` (Cloudflare's form), no scheme.
+    #[serde(default)]
+    pub prefixes: Vec<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Mark stale instead of removing, where the provider can (Fastly).
+    #[serde(default)]
+    pub soft: bool,
+    /// Who asked: `admin`, `webhook:tave`, `purge-method`, ...
+    #[serde(default)]
+    pub source: String,
+    /// Unix milliseconds when the job was accepted.
+    #[serde(default)]
+    pub created_ms: u64,
+}
+
+/// What a batch names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Tags,
+    Urls,
+    Prefixes,
+    Hosts,
+}
+
+/// One API request's worth of a job, for one provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    pub kind: Kind,
+    pub items: Vec<String>,
+    pub soft: bool,
+}
+
+/// What a provider answered to one batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted; the detail is what the API said (e.g. its purge or invalidation id).
+    Done(String),
+    /// Try again later (5xx, 429, network error); `after` from `Retry-After` when given.
+    Retry { after: Option<Duration>, detail: String },
+    /// Will never succeed as sent (4xx other than 429: bad credentials, bad request).
+    Fatal(String),
+}
+
+/// A CDN's purge API.
+#[async_trait]
+pub trait Provider: Send + Sync {
+    /// Stable name: `cloudflare`, `fastly`, `cloudfront`, `http`.
+    fn name(&self) -> &str;
+    /// Splits a job into request-sized batches this API accepts (kinds it cannot express are
+    /// dropped or mapped, e.g. CloudFront maps tags to configured path patterns).
+    fn batches(&self, job: &PurgeJob) -> Vec<Batch>;
+    /// Requests per second this provider's API allows (the worker paces to it).
+    fn rate(&self) -> f64;
+    /// Sends one batch. `idempotency` is the same on every retry of this batch (CloudFront's
+    /// `CallerReference`).
+    async fn send(&self, batch: &Batch, idempotency: &str) -> Outcome;
+}
+
+/// Where the worker reports what each CDN answered (the audit log implements it).
+pub trait Report: Send + Sync {
+    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &Outcome);
+}

@@ -1,0 +1,381 @@
+//! Plain HTTP purging for caches Aisle's operators run themselves (Varnish, nginx
+//! `proxy_cache_purge`): every purge goes to every configured host.
+//!
+//! Conventions (the notes leave this to each cache's own VCL / config, so Aisle picks the
+//! widespread ones and makes the names configurable):
+//! - a URL `https://example.com/a?b` is purged with `PURGE /a?b` (`method`) sent to each host,
+//!   with `Host: example.com`, the way `curl -X PURGE -H 'Host: ...'` is used against Varnish
+//!   and nginx. A `404` answer counts as done: nginx's purge module says 404 when the URL was
+//!   not cached, which is the state a purge wants;
+//! - tags are purged with `BAN /` (`tag_method`) carrying the tags space-separated in `xkey`
+//!   (`tag_header`), vmod-xkey's convention. A matching VCL is
+//!   `if (req.method == "BAN") { set req.http.n-gone = xkey.purge(req.http.xkey); return (synth(200)); }`
+//!   or, without the vmod, `ban("obj.http.xkey ~ " + ...)`;
+//! - prefixes and hosts have no common convention and are not sent; soft purges are hard here.
+//!
+//! A batch succeeds only when every host accepted it; any host that must be retried makes the
+//! whole batch a retry (purges are idempotent, so hosts that already purged lose nothing).
+
+use super::{base_url, classify, client, dedup, excerpt, execute, keep_valid, rate, valid_tag};
+use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use std::time::Duration;
+
+/// URLs per batch (each is one request per host).
+pub const URLS_PER_BATCH: usize = 50;
+/// Tags per tag-purge request.
+pub const TAGS_PER_BATCH: usize = 100;
+
+pub struct HttpPurge {
+    hosts: Vec<String>,
+    method: reqwest::Method,
+    tag_method: reqwest::Method,
+    tag_header: reqwest::header::HeaderName,
+    rate: f64,
+    client: reqwest::Client,
+}
+
+fn method(key: &str, raw: &str) -> Result<reqwest::Method, String> {
+    let m = raw.trim();
+    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(format!(
+            "[cdn.http] {key} = {raw:?} is not an HTTP method; write it in capitals, e.g. \
+             {key} = \"PURGE\" or \"BAN\""
+        ));
+    }
+    reqwest::Method::from_bytes(m.as_bytes())
+        .map_err(|e| format!("[cdn.http] {key} = {raw:?}: {e}"))
+}
+
+impl HttpPurge {
+    pub fn new(cfg: &super::HttpConfig) -> Result<Self, String> {
+        let t = "http";
+        let mut errors = Vec::new();
+        if cfg.hosts.is_empty() {
+            errors.push(
+                "[cdn.http] hosts is empty; list the caches to purge, e.g. hosts = \
+                 [\"http://127.0.0.1:6081\"]"
+                    .to_string(),
+            );
+        }
+        let mut hosts = Vec::new();
+        for (i, h) in cfg.hosts.iter().enumerate() {
+            match base_url(t, &format!("hosts[{i}]"), h, "http://127.0.0.1:6081") {
+                Ok(u) => hosts.push(u),
+                Err(e) => errors.push(e),
+            }
+        }
+        let m = method("method", &cfg.method);
+        let tm = method("tag_method", &cfg.tag_method);
+        let th = reqwest::header::HeaderName::from_bytes(cfg.tag_header.trim().as_bytes()).map_err(
+            |_| {
+                format!(
+                    "[cdn.http] tag_header = {:?} is not a header name; e.g. tag_header = \"xkey\"",
+                    cfg.tag_header
+                )
+            },
+        );
+        let r = rate(t, cfg.rate);
+        errors.extend(
+            [
+                m.as_ref().err(),
+                tm.as_ref().err(),
+                th.as_ref().err(),
+                r.as_ref().err(),
+            ]
+            .into_iter()
+            .flatten()
+            .cloned(),
+        );
+        if !errors.is_empty() {
+            return Err(errors.join("\n"));
+        }
+        Ok(HttpPurge {
+            // One client for all hosts; a loopback-only host list skips any proxy.
+            client: client(t, hosts.iter().all(|h| super::is_loopback(h)))?,
+            hosts,
+            method: m.unwrap(),
+            tag_method: tm.unwrap(),
+            tag_header: th.unwrap(),
+            rate: r.unwrap(),
+        })
+    }
+
+    /// One request to one host; `Ok` when the cache accepted it.
+    async fn one(
+        &self,
+        method: &reqwest::Method,
+        host: &str,
+        target: &str,
+        host_header: Option<&str>,
+        tags: Option<&str>,
+    ) -> Result<(), Outcome> {
+        let url = format!("{host}{target}");
+        let what = format!("{method} {url}");
+        let mut req = self.client.request(method.clone(), &url);
+        if let Some(h) = host_header {
+            req = req.header(reqwest::header::HOST, h);
+        }
+        if let Some(t) = tags {
+            req = req.header(self.tag_header.clone(), t);
+        }
+        let reply = execute("http", &what, req).await?;
+        let s = reply.status;
+        if s.is_success() || (s == reqwest::StatusCode::NOT_FOUND && tags.is_none()) {
+            return Ok(());
+        }
+        let hint = match s.as_u16() {
+            405 | 501 => format!(
+                "the cache does not accept {method}: allow it in its configuration (VCL / nginx \
+                 proxy_cache_purge) or change [cdn.http] method / tag_method"
+            ),
+            401 | 403 => "the cache refused this client: allow the gateway's address in its \
+                          purge ACL"
+                .into(),
+            _ => "the cache rejected the request; it will not be retried".into(),
+        };
+        Err(classify(
+            "http",
+            &what,
+            &reply,
+            &excerpt(&reply.body, 200),
+            &hint,
+        ))
+    }
+
+    /// Runs `requests` (target, Host header) against every host, hosts in parallel, each host's
+    /// requests in order, stopping a host at its first failure.
+    async fn fan_out(
+        &self,
+        method: &reqwest::Method,
+        requests: &[(String, Option<String>)],
+        tags: Option<&str>,
+    ) -> Vec<Result<(), Outcome>> {
+        join_all(self.hosts.iter().map(|host| async move {
+            for (target, host_header) in requests {
+                self.one(method, host, target, host_header.as_deref(), tags)
+                    .await?;
+            }
+            Ok(())
+        }))
+        .await
+    }
+}
+
+/// `https://example.com/a?b` -> (`/a?b`, `example.com`).
+fn split_url(u: &str) -> Option<(String, String)> {
+    let url = reqwest::Url::parse(u).ok()?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return None;
+    }
+    let host = match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str()?),
+        None => url.host_str()?.to_string(),
+    };
+    let mut target = url.path().to_string();
+    if let Some(q) = url.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    Some((target, host))
+}
+
+#[async_trait]
+impl Provider for HttpPurge {
+    fn name(&self) -> &str {
+        "http"
+    }
+
+    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
+        let mut out = Vec::new();
+        let urls = keep_valid(self.name(), "URLs", dedup(&job.urls), |u| {
+            split_url(u).is_some()
+        });
+        out.extend(super::chunked(Kind::Urls, urls, URLS_PER_BATCH, false));
+        let tags = keep_valid(self.name(), "tags", dedup(&job.tags), valid_tag);
+        out.extend(super::chunked(Kind::Tags, tags, TAGS_PER_BATCH, false));
+        out
+    }
+
+    fn rate(&self) -> f64 {
+        self.rate
+    }
+
+    async fn send(&self, batch: &Batch, _idempotency: &str) -> Outcome {
+        let results = match batch.kind {
+            Kind::Urls => {
+                let reqs: Vec<(String, Option<String>)> = batch
+                    .items
+                    .iter()
+                    .filter_map(|u| split_url(u).map(|(t, h)| (t, Some(h))))
+                    .collect();
+                if reqs.is_empty() {
+                    return Outcome::Done("http: no URL to purge".into());
+                }
+                self.fan_out(&self.method, &reqs, None).await
+            }
+            Kind::Tags => {
+                if batch.items.is_empty() {
+                    return Outcome::Done("http: no tag to purge".into());
+                }
+                let tags = batch.items.join(" ");
+                self.fan_out(&self.tag_method, &[("/".to_string(), None)], Some(&tags))
+                    .await
+            }
+            other => {
+                return Outcome::Fatal(format!(
+                    "http: {other:?} purges have no HTTP convention; this batch was not made by \
+                     the http provider"
+                ))
+            }
+        };
+        combine(batch, self.hosts.len(), results)
+    }
+}
+
+/// All hosts done -> Done; any retry -> Retry (after the longest `Retry-After`); else Fatal.
+fn combine(batch: &Batch, hosts: usize, results: Vec<Result<(), Outcome>>) -> Outcome {
+    let mut retry_after: Option<Duration> = None;
+    let mut retry = Vec::new();
+    let mut fatal = Vec::new();
+    for r in results {
+        match r {
+            Ok(()) => {}
+            Err(Outcome::Retry { after, detail }) => {
+                retry_after = retry_after.max(after);
+                retry.push(detail);
+            }
+            Err(Outcome::Fatal(d)) => fatal.push(d),
+            Err(Outcome::Done(_)) => {}
+        }
+    }
+    if !retry.is_empty() {
+        retry.extend(fatal);
+        return Outcome::Retry {
+            after: retry_after,
+            detail: retry.join("; "),
+        };
+    }
+    if !fatal.is_empty() {
+        return Outcome::Fatal(fatal.join("; "));
+    }
+    Outcome::Done(format!(
+        "http: purged {} {} on {hosts} hosts",
+        batch.items.len(),
+        if batch.kind == Kind::Tags {
+            "tags"
+        } else {
+            "URLs"
+        }
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::purge::providers::HttpConfig;
+
+    fn cfg() -> HttpConfig {
+        HttpConfig {
+            hosts: vec![
+                "http://127.0.0.1:6081".into(),
+                "http://127.0.0.1:6082/".into(),
+            ],
+            method: "PURGE".into(),
+            tag_method: "BAN".into(),
+            tag_header: "xkey".into(),
+            rate: 50.0,
+        }
+    }
+
+    #[test]
+    fn batches_urls_and_tags_only() {
+        let p = HttpPurge::new(&cfg()).unwrap();
+        let job = PurgeJob {
+            urls: (0..120).map(|i| format!("https://h/x/{i}")).collect(),
+            tags: vec!["a".into(), "b c".into()],
+            prefixes: vec!["h/x".into()],
+            hosts: vec!["h".into()],
+            soft: true,
+            ..Default::default()
+        };
+        let shape: Vec<(Kind, usize, bool)> = p
+            .batches(&job)
+            .iter()
+            .map(|b| (b.kind, b.items.len(), b.soft))
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                (Kind::Urls, 50, false),
+                (Kind::Urls, 50, false),
+                (Kind::Urls, 20, false),
+                (Kind::Tags, 1, false),
+            ]
+        );
+        assert_eq!(p.hosts, ["http://127.0.0.1:6081", "http://127.0.0.1:6082"]);
+    }
+
+    #[test]
+    fn url_split_keeps_query_and_port() {
+        assert_eq!(
+            split_url("https://example.com:8443/a/b?c=d").unwrap(),
+            ("/a/b?c=d".to_string(), "example.com:8443".to_string())
+        );
+        assert_eq!(
+            split_url("http://example.com").unwrap(),
+            ("/".to_string(), "example.com".to_string())
+        );
+        assert!(split_url("example.com/a").is_none());
+    }
+
+    #[test]
+    fn config_errors() {
+        let mut c = cfg();
+        c.method = "purge".into();
+        c.tag_header = "bad header".into();
+        c.hosts.push("unix:/var/run/varnish".into());
+        let e = match HttpPurge::new(&c) {
+            Ok(_) => panic!("expected errors"),
+            Err(e) => e,
+        };
+        assert!(e.contains("method = \"purge\""), "{e}");
+        assert!(e.contains("tag_header = \"bad header\""), "{e}");
+        assert!(e.contains("hosts[2]"), "{e}");
+    }
+
+    #[test]
+    fn combine_prefers_retry_then_fatal() {
+        let b = Batch {
+            kind: Kind::Urls,
+            items: vec!["u".into()],
+            soft: false,
+        };
+        let r = combine(
+            &b,
+            3,
+            vec![
+                Ok(()),
+                Err(Outcome::Fatal("f".into())),
+                Err(Outcome::Retry {
+                    after: Some(Duration::from_secs(3)),
+                    detail: "r".into(),
+                }),
+            ],
+        );
+        assert_eq!(
+            r,
+            Outcome::Retry {
+                after: Some(Duration::from_secs(3)),
+                detail: "r; f".into()
+            }
+        );
+        let r = combine(&b, 2, vec![Ok(()), Err(Outcome::Fatal("f".into()))]);
+        assert_eq!(r, Outcome::Fatal("f".into()));
+        assert!(matches!(
+            combine(&b, 2, vec![Ok(()), Ok(())]),
+            Outcome::Done(_)
+        ));
+    }
+}

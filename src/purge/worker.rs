@@ -1,0 +1,350 @@
+//! The purge worker: drains the durable queue ([`super::queue`]) into the CDNs.
+//!
+//! A pingora background service with one loop per provider, so a slow or failing CDN never holds
+//! up another. Each loop paces its provider to `rate()` with a local token bucket (and, for items
+//! in Redis, the fleet-wide limiter inside the claim script), keeps up to `concurrency` sends in
+//! flight, and turns each answer into a queue transition: `Done` forgets the item, `Retry` puts
+//! it back after max(exponential backoff with full jitter, `Retry-After`) and, when the CDN said
+//! when, pauses the whole provider until then (a 429 is about the account, not the batch);
+//! `Fatal`, or `max_attempts` failures, makes it a dead letter. Every attempt is reported to
+//! [`super::Report`] and counted in the metrics. The state lives in the queue, never here: a
+//! worker can be stopped or killed at any point and the next one (here or on another instance)
+//! picks up where it left.
+
+use super::queue::{ms_after, now_ms, Claim, Claimed, Finish, PurgeQueue};
+use super::{Outcome, Provider};
+use crate::metrics::metrics;
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use parking_lot::Mutex;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+
+/// Drains a [`PurgeQueue`] for every provider until shutdown.
+pub struct PurgeWorker {
+    queue: Arc<PurgeQueue>,
+}
+
+impl PurgeWorker {
+    pub fn new(queue: Arc<PurgeQueue>) -> Self {
+        PurgeWorker { queue }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for PurgeWorker {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let loops = self
+            .queue
+            .providers()
+            .iter()
+            .map(|p| drain(self.queue.clone(), p.clone(), shutdown.clone()));
+        futures_util::future::join_all(loops).await;
+    }
+}
+
+/// The retry delay after `attempt` failures: full jitter over `base * 2^(attempt-1)`, capped at
+/// `max`. `unit` is a random number in `[0, 1)`.
+pub fn backoff(attempt: u32, base: Duration, max: Duration, unit: f64) -> Duration {
+    let exp = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)));
+    exp.min(max).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+/// A random number in `[0, 1)`.
+fn unit_random() -> f64 {
+    use aes_gcm::aead::rand_core::RngCore;
+    (aes_gcm::aead::OsRng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Paces one provider: `rate` tokens per second, up to one second's worth saved up.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    capacity: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, now: Instant) -> Self {
+        let capacity = rate.max(1.0);
+        Bucket {
+            rate,
+            capacity,
+            tokens: capacity.min(1.0),
+            last: now,
+        }
+    }
+
+    fn unlimited(&self) -> bool {
+        !self.rate.is_finite() || self.rate <= 0.0
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
+        self.last = now;
+    }
+
+    /// How long until a token is available.
+    fn wait(&mut self, now: Instant) -> Duration {
+        if self.unlimited() {
+            return Duration::ZERO;
+        }
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+
+    fn take(&mut self, now: Instant) {
+        if !self.unlimited() {
+            self.refill(now);
+            self.tokens -= 1.0;
+        }
+    }
+}
+
+/// How long a busy worker goes without refreshing its provider's gauges.
+const GAUGE_EVERY: Duration = Duration::from_secs(1);
+
+fn stopping(shutdown: &ShutdownWatch) -> bool {
+    // A dropped sender can never say "stop" again: treat it as stop.
+    *shutdown.borrow() || shutdown.has_changed().is_err()
+}
+
+/// One provider's loop: claim within the pace, send, record; until shutdown.
+async fn drain(queue: Arc<PurgeQueue>, provider: Arc<dyn Provider>, mut shutdown: ShutdownWatch) {
+    let name = provider.name().to_string();
+    let cfg = queue.config().clone();
+    let rate = provider.rate();
+    if rate.is_nan() || rate <= 0.0 {
+        tracing::warn!("purge provider {name} has rate {rate}: sending unpaced");
+    }
+    let wake = queue.waker(&name);
+    let mut bucket = Bucket::new(rate, Instant::now());
+    // Set by a `Retry-After`: nothing is sent to this provider before it.
+    let paused_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let mut sends: JoinSet<()> = JoinSet::new();
+    let mut gauges_at: Option<Instant> = None;
+    let concurrency = cfg.concurrency.max(1);
+
+    while !stopping(&shutdown) {
+        while let Some(r) = sends.try_join_next() {
+            if let Err(e) = r {
+                tracing::error!("purge send task for {name} failed: {e}");
+            }
+        }
+        if gauges_at.is_none_or(|t| t.elapsed() >= GAUGE_EVERY) {
+            queue.provider_status(&name).await;
+            gauges_at = Some(Instant::now());
+        }
+        if sends.len() >= concurrency {
+            tokio::select! {
+                _ = sends.join_next() => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let paused = paused_until
+            .lock()
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+        let wait = bucket.wait(now).max(paused);
+        if !wait.is_zero() {
+            idle(&mut sends, &mut shutdown, None, wait).await;
+            continue;
+        }
+        match queue.claim(&name).await {
+            Claim::Item(claimed) => {
+                bucket.take(Instant::now());
+                sends.spawn(attempt(
+                    queue.clone(),
+                    provider.clone(),
+                    claimed,
+                    paused_until.clone(),
+                ));
+            }
+            Claim::Idle(next_due) => {
+                let until_due = next_due.map_or(cfg.poll_interval, |due| {
+                    Duration::from_millis(due.saturating_sub(now_ms()))
+                });
+                let wait = cfg.poll_interval.min(until_due).max(Duration::from_millis(1));
+                gauges_at = None;
+                idle(&mut sends, &mut shutdown, Some(&wake), wait).await;
+            }
+        }
+    }
+
+    // Let the sends in flight finish (their outcomes recorded); past the grace, dropping the set
+    // aborts them and their items come back (the file on restart, Redis after the lease).
+    let grace = tokio::time::timeout(cfg.shutdown_grace, async {
+        while sends.join_next().await.is_some() {}
+    })
+    .await;
+    if grace.is_err() {
+        tracing::warn!(
+            "purge worker for {name}: {} sends still in flight at shutdown; they will be retried",
+            sends.len()
+        );
+    }
+}
+
+/// Waits for `wait`, a wake-up, a finished send, or shutdown, whichever comes first.
+async fn idle(
+    sends: &mut JoinSet<()>,
+    shutdown: &mut ShutdownWatch,
+    wake: Option<&tokio::sync::Notify>,
+    wait: Duration,
+) {
+    let woken = async {
+        match wake {
+            Some(n) => n.notified().await,
+            None => std::future::pending().await,
+        }
+    };
+    let finished = async {
+        if sends.is_empty() {
+            std::future::pending::<()>().await;
+        } else {
+            let _ = sends.join_next().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = woken => {}
+        _ = finished => {}
+        _ = shutdown.changed() => {}
+    }
+}
+
+/// One attempt at one item: send, report, count, and record the outcome in the queue.
+async fn attempt(
+    queue: Arc<PurgeQueue>,
+    provider: Arc<dyn Provider>,
+    mut claimed: Claimed,
+    paused_until: Arc<Mutex<Option<Instant>>>,
+) {
+    let cfg = queue.config();
+    let name = provider.name();
+    let item = &mut claimed.item;
+    let n = item.attempts.saturating_add(1);
+    let send = AssertUnwindSafe(provider.send(&item.batch, &item.id)).catch_unwind();
+    let outcome = match tokio::time::timeout(cfg.send_timeout, send).await {
+        Ok(Ok(outcome)) => outcome,
+        Ok(Err(_)) => Outcome::Retry {
+            after: None,
+            detail: "the provider panicked".into(),
+        },
+        Err(_) => Outcome::Retry {
+            after: None,
+            detail: format!("no answer within {:?}", cfg.send_timeout),
+        },
+    };
+    queue.report().cdn_answer(&item.job, name, n, &outcome);
+    item.attempts = n;
+    let m = metrics();
+    let finish = match &outcome {
+        Outcome::Done(_) => {
+            m.purge_requests.with_label_values(&[name, "done"]).inc();
+            if item.created_ms > 0 {
+                let secs = now_ms().saturating_sub(item.created_ms) as f64 / 1000.0;
+                m.purge_latency.with_label_values(&[name]).observe(secs);
+            }
+            Finish::Done
+        }
+        Outcome::Retry { after, detail } => {
+            m.purge_requests.with_label_values(&[name, "retry"]).inc();
+            item.last_error = detail.clone();
+            if let Some(after) = after {
+                let until = Instant::now() + *after;
+                let mut p = paused_until.lock();
+                if p.is_none_or(|t| t < until) {
+                    *p = Some(until);
+                }
+            }
+            if n >= cfg.max_attempts {
+                tracing::warn!(
+                    "purge item {} failed {n} times ({detail}); moved to the dead letters",
+                    item.id
+                );
+                Finish::Dead
+            } else {
+                let delay = backoff(n, cfg.backoff_base, cfg.backoff_max, unit_random())
+                    .max(after.unwrap_or_default());
+                item.not_before_ms = ms_after(delay);
+                Finish::Retry
+            }
+        }
+        Outcome::Fatal(detail) => {
+            m.purge_requests.with_label_values(&[name, "fatal"]).inc();
+            tracing::warn!(
+                "purge item {} refused by {name} ({detail}); moved to the dead letters",
+                item.id
+            );
+            item.last_error = detail.clone();
+            Finish::Dead
+        }
+    };
+    queue.finish(claimed, finish).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_full_jitter() {
+        let base = Duration::from_millis(500);
+        let max = Duration::from_secs(300);
+        let top = |a| backoff(a, base, max, 1.0);
+        assert_eq!(top(1), Duration::from_millis(500));
+        assert_eq!(top(2), Duration::from_secs(1));
+        assert_eq!(top(4), Duration::from_secs(4));
+        assert_eq!(top(10), Duration::from_secs(256));
+        assert_eq!(top(11), max);
+        assert_eq!(top(u32::MAX), max, "no overflow");
+        assert_eq!(backoff(3, base, max, 0.0), Duration::ZERO);
+        assert_eq!(backoff(3, base, max, 0.5), Duration::from_secs(1));
+        for _ in 0..1000 {
+            let u = unit_random();
+            assert!((0.0..1.0).contains(&u), "{u}");
+            assert!(backoff(5, base, max, u) < Duration::from_secs(8));
+        }
+    }
+
+    #[test]
+    fn bucket_paces_to_the_rate_after_a_one_second_burst() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, t0);
+        // Starts with one token: a fresh worker does not burst.
+        assert_eq!(b.wait(t0), Duration::ZERO);
+        b.take(t0);
+        let w = b.wait(t0);
+        assert!(w > Duration::from_millis(99) && w <= Duration::from_millis(100), "{w:?}");
+        // A long idle saves up at most one second's worth.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..10 {
+            assert_eq!(b.wait(later), Duration::ZERO);
+            b.take(later);
+        }
+        assert!(b.wait(later) > Duration::ZERO);
+
+        let mut slow = Bucket::new(0.5, t0);
+        slow.take(t0);
+        let w = slow.wait(t0);
+        assert!(w > Duration::from_millis(1999) && w <= Duration::from_secs(2), "{w:?}");
+
+        let mut free = Bucket::new(f64::INFINITY, t0);
+        for _ in 0..100 {
+            assert_eq!(free.wait(t0), Duration::ZERO);
+            free.take(t0);
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The storage pingora sees: the memory tier in front of the optional Redis tier.
+//!
+//! Lookup order is memory, then Redis, then origin. A Redis hit is decoded once and promoted into
+//! memory. A fill is written to memory as the body streams and to Redis afterwards, in a spawned
+//! task, so the client never waits for Redis. When both tiers miss, the fleet fill lock makes the
+//! instances agree on one fetch: the lock holder goes to the origin, the others poll Redis for
+//! its result until a deadline and then fetch themselves. Concurrent lookups of one key inside a
+//! process share that Redis conversation.
+//!
+//! Invalidations (purges, replaced entries, unsafe requests) are applied locally, deleted in
+//! Redis, and broadcast so every other instance drops its memory copy.
+//!
+//! With `cache.memory = "0"` the memory tier is skipped: hits are served straight from Redis.
+
+use super::memory::{id, BodyHit, MemoryStorage};
+use super::record::{DecodeError, Record};
+use super::redis::{Message, RedisTier};
+use super::EntryInfo;
+use crate::metrics::metrics;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use pingora::cache::key::CacheHashKey;
+use pingora::cache::storage::{
+    HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
+};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::Result;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::OnceCell;
+
+/// How often a waiter polls Redis for another instance's fill (first poll, then doubling).
+const FILL_POLL_START: Duration = Duration::from_millis(5);
+const FILL_POLL_MAX: Duration = Duration::from_millis(50);
+
+/// Memory + Redis.
+pub struct Tiered {
+    pub memory: &'static MemoryStorage,
+    pub redis: Option<Arc<RedisTier>>,
+    /// False when `cache.memory` is 0: Redis only.
+    memory_enabled: bool,
+    /// How long to wait for another instance's fill (and the fill lock's lifetime).
+    fill_wait: Duration,
+    waits: Mutex<HashMap<u128, Arc<OnceCell<Option<Bytes>>>>>,
+}
+
+/// How long an entry stays servable from now: freshness plus the longer stale window.
+pub fn servable_for(meta: &CacheMeta, now: SystemTime) -> Duration {
+    let stale = meta
+        .stale_while_revalidate_sec()
+        .max(meta.stale_if_error_sec());
+    let until = meta.fresh_until() + Duration::from_secs(stale.into());
+    until.duration_since(now).unwrap_or_default()
+}
+
+impl Tiered {
+    pub fn new(
+        memory: &'static MemoryStorage,
+        redis: Option<Arc<RedisTier>>,
+        memory_enabled: bool,
+        fill_wait: Duration,
+    ) -> Self {
+        Tiered {
+            memory,
+            redis,
+            memory_enabled,
+            fill_wait,
+            waits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether any variant of the URI is stored locally (`vary-miss` reporting).
+    pub fn has_uri(&self, uri: u64) -> bool {
+        self.memory.has_uri(uri)
+    }
+
+    /// Drops every variant of a URI here, in Redis, and on every other instance.
+    pub async fn invalidate_uri(&self, uri: u64) -> usize {
+        let removed = self.memory.purge_uri(uri);
+        if let Some(redis) = &self.redis {
+            redis.delete_uri(uri).await;
+            redis.publish(&Message::Uri(uri)).await;
+        }
+        removed
+    }
+
+    /// A fill this instance started will not happen (the response was not storable): let other
+    /// instances stop waiting for it.
+    pub fn abandon_fill(&self, key: &CacheKey) {
+        if let Some(redis) = &self.redis {
+            let redis = redis.clone();
+            let k = id(key.combined_bin());
+            tokio::spawn(async move { redis.unlock(k).await });
+        }
+    }
+
+    /// The entry from Redis, or after waiting for another instance's fill. `None`: fetch it.
+    async fn fetch_or_wait(&self, redis: &RedisTier, k: u128) -> Option<Bytes> {
+        if let Some(v) = redis.get(k).await {
+            return Some(Bytes::from(v));
+        }
+        match redis.try_lock(k, self.fill_wait).await {
+            None => return None,
+            Some(true) => {
+                // Ours; but the previous holder may have finished just before we asked.
+                if let Some(v) = redis.get(k).await {
+                    redis.unlock(k).await;
+                    return Some(Bytes::from(v));
+                }
+                return None;
+            }
+            Some(false) => {}
+        }
+        let deadline = Instant::now() + self.fill_wait;
+        let mut pause = FILL_POLL_START;
+        while Instant::now() < deadline {
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            pause = (pause * 2).min(FILL_POLL_MAX);
+            match redis.get_with_lock(k).await {
+                Some((Some(v), _)) => {
+                    metrics().coalesced.inc();
+                    return Some(Bytes::from(v));
+                }
+                Some((None, true)) => continue,
+                // The filler gave up, or Redis went away: fetch ourselves.
+                Some((None, false)) | None => return None,
+            }
+        }
+        tracing::debug!(
+            "waited {:?} for another instance's fill; fetching",
+            self.fill_wait
+        );
+        None
+    }
+
+    /// Reads `key`'s bytes from Redis, sharing the round trip with concurrent local lookups.
+    async fn redis_fetch(&self, redis: &RedisTier, k: u128) -> Option<Bytes> {
+        let cell = self
+            .waits
+            .lock()
+            .entry(k)
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        let raw = cell
+            .get_or_init(|| self.fetch_or_wait(redis, k))
+            .await
+            .clone();
+        {
+            let mut waits = self.waits.lock();
+            if waits.get(&k).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                waits.remove(&k);
+            }
+        }
+        raw
+    }
+
+    fn decode(redis: &RedisTier, k: u128, raw: Bytes) -> Option<Record> {
+        match Record::decode(raw, redis.entry_key(k).as_bytes(), redis.keys.as_ref()) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let reason = match e {
+                    DecodeError::Malformed => "malformed",
+                    DecodeError::UnknownKey => "unknown-key",
+                    DecodeError::Tampered => "tampered",
+                    DecodeError::NoKeys => "no-keys",
+                };
+                tracing::debug!("unusable redis entry ({reason}); treating it as a miss");
+                metrics()
+                    .redis_undecryptable
+                    .with_label_values(&[reason])
+                    .inc();
+                None
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for Tiered {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if self.memory_enabled {
+            if let Some(hit) = self.memory.lookup(key, trace).await? {
+                metrics().tier_hits_memory.inc();
+                return Ok(Some(hit));
+            }
+        }
+        let Some(redis) = &self.redis else {
+            return Ok(None);
+        };
+        let k = id(key.combined_bin());
+        let Some(raw) = self.redis_fetch(redis, k).await else {
+            return Ok(None);
+        };
+        if self.memory_enabled {
+            // A concurrent lookup that shared this fetch may have promoted it already.
+            if let Some(hit) = self.memory.lookup(key, trace).await? {
+                metrics().tier_hits_redis.inc();
+                return Ok(Some(hit));
+            }
+        }
+        let Some(record) = Self::decode(redis, k, raw) else {
+            return Ok(None);
+        };
+        let meta = match CacheMeta::deserialize(&record.internal, &record.header) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!("undecodable meta in redis: {e}");
+                metrics()
+                    .redis_undecryptable
+                    .with_label_values(&["meta"])
+                    .inc();
+                return Ok(None);
+            }
+        };
+        metrics().tier_hits_redis.inc();
+        if self.memory_enabled {
+            let body = record.body.clone();
+            let info = Arc::new(record.info.clone());
+            self.memory.promote(key, &meta, record.body, record.info);
+            if let Some(hit) = self.memory.lookup(key, trace).await? {
+                return Ok(Some(hit));
+            }
+            // Evicted at once (a budget smaller than the entry): serve the copy we read.
+            return Ok(Some((meta, Box::new(BodyHit::new(body, 0, info)))));
+        }
+        Ok(Some((
+            meta,
+            Box::new(BodyHit::new(record.body, 0, Arc::new(record.info))),
+        )))
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let inner = if self.memory_enabled {
+            Some(self.memory.get_miss_handler(key, meta, trace).await?)
+        } else {
+            None
+        };
+        let redis = match &self.redis {
+            Some(r) => r.clone(),
+            None => {
+                return Ok(inner.expect("without redis the memory tier is always on"));
+            }
+        };
+        let (internal, header) = meta.serialize()?;
+        let info = meta
+            .extensions()
+            .get::<EntryInfo>()
+            .cloned()
+            .unwrap_or_default();
+        Ok(Box::new(TieredMiss {
+            inner,
+            redis,
+            k: id(key.combined_bin()),
+            internal,
+            header,
+            info,
+            ttl: servable_for(meta, SystemTime::now()),
+            chunks: Vec::new(),
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let outcome = self.memory.purge(target, purge_type, trace).await?;
+        if let (PurgeType::Invalidation, Some(redis)) = (purge_type, &self.redis) {
+            let k = id(target.key().combined_bin());
+            redis.delete(k).await;
+            redis.publish(&Message::Key(k)).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        trace: &SpanHandle,
+    ) -> Result<bool> {
+        let updated = self.memory.update_meta(key, meta, trace).await?;
+        if let Some(redis) = &self.redis {
+            let k = id(key.combined_bin());
+            if let Some((body, info)) = self.memory.body_and_info(k) {
+                let (internal, header) = meta.serialize()?;
+                let record = Record {
+                    internal,
+                    header,
+                    info,
+                    body,
+                };
+                let ttl = servable_for(meta, SystemTime::now());
+                let redis = redis.clone();
+                tokio::spawn(async move { write_record(&redis, k, record, ttl).await });
+            }
+        }
+        Ok(updated)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+/// Encodes (sealing it if asked), stores, and tells other instances to drop their old copy.
+async fn write_record(redis: &RedisTier, k: u128, record: Record, ttl: Duration) {
+    if ttl.is_zero() {
+        redis.unlock(k).await;
+        return;
+    }
+    let storage_key = redis.entry_key(k);
+    let raw = record.encode(storage_key.as_bytes(), redis.keys.as_ref());
+    if redis.put(k, record.info.uri, raw, ttl).await {
+        redis.publish(&Message::Key(k)).await;
+    }
+}
+
+/// A fill: to memory as it streams (when on), to Redis after it completes.
+struct TieredMiss {
+    inner: Option<MissHandler>,
+    redis: Arc<RedisTier>,
+    k: u128,
+    internal: Vec<u8>,
+    header: Vec<u8>,
+    info: EntryInfo,
+    ttl: Duration,
+    chunks: Vec<Bytes>,
+}
+
+#[async_trait]
+impl HandleMiss for TieredMiss {
+    async fn write_body(&mut self, data: Bytes, eof: bool) -> Result<()> {
+        if !data.is_empty() {
+            self.chunks.push(data.clone());
+        }
+        match &mut self.inner {
+            Some(inner) => inner.write_body(data, eof).await,
+            None => Ok(()),
+        }
+    }
+
+    async fn finish(self: Box<Self>) -> Result<MissFinishType> {
+        let this = *self;
+        let size = match this.inner {
+            Some(inner) => inner.finish().await?,
+            None => MissFinishType::Created(0),
+        };
+        let body = match this.chunks.len() {
+            0 => Bytes::new(),
+            1 => this.chunks[0].clone(),
+            _ => {
+                let mut buf = BytesMut::with_capacity(this.chunks.iter().map(Bytes::len).sum());
+                this.chunks.iter().for_each(|c| buf.extend_from_slice(c));
+                buf.freeze()
+            }
+        };
+        let record = Record {
+            internal: this.internal,
+            header: this.header,
+            info: this.info,
+            body,
+        };
+        let (redis, k, ttl) = (this.redis, this.k, this.ttl);
+        tokio::spawn(async move { write_record(&redis, k, record, ttl).await });
+        Ok(size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::http::ResponseHeader;
+
+    #[test]
+    fn servable_window_includes_the_longer_stale_window() {
+        let now = SystemTime::now();
+        let h = ResponseHeader::build(200, None).unwrap();
+        let m = CacheMeta::new(now + Duration::from_secs(60), now, 30, 3600, h);
+        let d = servable_for(&m, now);
+        assert_eq!(d, Duration::from_secs(3660));
+        let h = ResponseHeader::build(200, None).unwrap();
+        let gone = CacheMeta::new(now - Duration::from_secs(60), now, 0, 0, h);
+        assert!(servable_for(&gone, now).is_zero());
+    }
+}
