@@ -64,7 +64,9 @@ fn bench(c: &mut Criterion) {
                         query: uri.query(),
                         headers: &headers,
                         params: &m.params,
+                        body: None,
                     },
+                    namespace: None,
                 };
                 black_box(cache_key(m.rule, &input))
             })

@@ -46,6 +46,9 @@ pub struct CacheStatus {
     pub ttl: Option<i64>,
     pub stored: bool,
     pub detail: Option<&'static str>,
+    /// A short hash of the cache key (rules keyed on the body), so callers can see why two
+    /// requests did or did not share an entry.
+    pub key: Option<String>,
 }
 
 impl CacheStatus {
@@ -68,6 +71,10 @@ impl CacheStatus {
         }
         if self.stored {
             s.push_str("; stored");
+        }
+        if let Some(key) = &self.key {
+            s.push_str("; key=");
+            s.push_str(key);
         }
         if let Some(detail) = self.detail {
             s.push_str("; detail=");

@@ -8,7 +8,7 @@
 //! The primary bytes are hashed once here (BLAKE3) and handed to pingora as an override, so later
 //! phases reuse the hash instead of rehashing the key.
 
-use crate::rules::source::RequestView;
+use crate::rules::source::{canonical, remove_pointer, RequestView};
 use crate::rules::Rule;
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
@@ -22,6 +22,8 @@ pub struct KeyInput<'a> {
     pub host: &'a str,
     pub method: &'a http::Method,
     pub view: RequestView<'a>,
+    /// `Aisle-Cache-Namespace`: a separate key space (e.g. per tenant).
+    pub namespace: Option<&'a str>,
 }
 
 /// Builds the primary key bytes for a request matched to `rule`.
@@ -40,6 +42,26 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     push(&mut out, rule.name.as_bytes());
     if rule.key_path {
         push(&mut out, input.view.path.as_bytes());
+    }
+    match input.namespace {
+        Some(ns) => {
+            out.push(1);
+            push(&mut out, ns.as_bytes());
+        }
+        None => out.push(0),
+    }
+    if let Some(ignore) = &rule.body_key {
+        match input.view.body {
+            Some(body) => {
+                let mut body = body.clone();
+                for pointer in ignore {
+                    remove_pointer(&mut body, pointer);
+                }
+                out.push(1);
+                push(&mut out, canonical(&body).as_bytes());
+            }
+            None => out.push(0),
+        }
     }
     if rule.is_default {
         push(&mut out, input.view.query.unwrap_or("").as_bytes());
@@ -174,7 +196,9 @@ match = { path = "/items/:id" }
                 query: uri.query(),
                 headers: &h,
                 params: &m.params,
+                body: None,
             },
+            namespace: None,
         };
         primary(m.rule, &input)
     }

@@ -77,6 +77,9 @@ pub struct Metrics {
     pub purge_latency: HistogramVec,
     pub invalidations: IntCounterVec,
     pub webhooks: IntCounterVec,
+    pub saved_requests: IntCounterVec,
+    pub cost_saved: prometheus::CounterVec,
+    pub tokens_saved: IntCounterVec,
 }
 
 static METRICS: Lazy<Metrics> = Lazy::new(|| {
@@ -198,6 +201,24 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| {
         &["source", "outcome"]
     )
     .expect("register aisle_webhooks_total"),
+    saved_requests: register_int_counter_vec!(
+        "aisle_origin_requests_saved_total",
+        "Requests answered from cache instead of the origin, by rule",
+        &["rule"]
+    )
+    .expect("register aisle_origin_requests_saved_total"),
+    cost_saved: prometheus::register_counter_vec!(
+        "aisle_cost_saved_total",
+        "Origin cost avoided by cache hits, in the currency units of the rule's cost",
+        &["rule"]
+    )
+    .expect("register aisle_cost_saved_total"),
+    tokens_saved: register_int_counter_vec!(
+        "aisle_tokens_saved_total",
+        "Tokens not spent thanks to cache hits (from the stored response's token count)",
+        &["rule"]
+    )
+    .expect("register aisle_tokens_saved_total"),
 }
 });
 
@@ -220,12 +241,16 @@ pub fn metrics() -> &'static Metrics {
 pub struct RuleMetrics {
     requests: [IntCounter; 6],
     duration: [Histogram; 6],
+    saved: IntCounter,
+    rule: Box<str>,
 }
 
 impl RuleMetrics {
     pub fn new(rule: &str) -> Self {
         let m = metrics();
         RuleMetrics {
+            saved: m.saved_requests.with_label_values(&[rule]),
+            rule: rule.into(),
             requests: Outcome::ALL.map(|o| m.requests.with_label_values(&[rule, o.as_str()])),
             duration: Outcome::ALL
                 .map(|o| m.request_duration.with_label_values(&[rule, o.as_str()])),
@@ -237,6 +262,21 @@ impl RuleMetrics {
         let i = outcome as usize;
         self.requests[i].inc();
         self.duration[i].observe(seconds);
+        if matches!(outcome, Outcome::Hit | Outcome::Stale) {
+            self.saved.inc();
+        }
+    }
+
+    /// Counts what a hit saved (rules with `cost`).
+    pub fn saved(&self, cost: f64, tokens: u64) {
+        let m = metrics();
+        m.cost_saved.with_label_values(&[&self.rule]).inc_by(cost);
+        m.tokens_saved.with_label_values(&[&self.rule]).inc_by(tokens);
+    }
+
+    /// Requests answered, by outcome.
+    pub fn counts(&self) -> [(Outcome, u64); 6] {
+        Outcome::ALL.map(|o| (o, self.requests[o as usize].get()))
     }
 }
 

@@ -32,7 +32,6 @@ use crate::storage::memory::{BodyHit, Eviction};
 use crate::storage::tiered::Tiered;
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
-use bytes::Bytes;
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
@@ -138,6 +137,12 @@ pub struct Ctx {
     origin_tags: Vec<String>,
     /// The entry found was hard-purged (a tag or prefix purge after it was stored).
     purged: bool,
+    /// The request body parsed as JSON (rules that key on the body).
+    body: Option<Arc<serde_json::Value>>,
+    /// Why a body-keyed request bypasses the cache (not JSON, too large, ...).
+    body_bypass: Option<&'static str>,
+    /// Tokens recorded in the stored response this request was answered from.
+    hit_tokens: u64,
 }
 
 /// The request's host name, without a port: rules match it and keys contain it. The port is
@@ -175,24 +180,52 @@ impl Ctx {
             query: req.uri.query(),
             headers: &req.headers,
             params: &self.params,
+            body: self.body.as_deref(),
         }
     }
 }
 
-async fn respond(
-    session: &mut Session,
-    status: u16,
-    body: &'static str,
-    cache_status: &str,
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    resp.insert_header("cache-status", cache_status)?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from_static(body.as_bytes())), true)
-        .await
+/// Largest request body read to build a key: pingora replays at most this much of a body it has
+/// already read (its retry buffer) when it forwards the request upstream.
+const MAX_KEYED_BODY: usize = 64 * 1024;
+
+/// Reads a JSON request body once, for the key; pingora forwards the same bytes upstream.
+/// `Err(reason)` (nothing read, or not JSON): the request bypasses the cache, proxied untouched.
+async fn read_json_body(session: &mut Session) -> Result<std::result::Result<serde_json::Value, &'static str>> {
+    let req = session.req_header();
+    let json = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.contains("json"));
+    if !json {
+        return Ok(Err("not-json"));
+    }
+    let length = req
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    match length {
+        Some(n) if n <= MAX_KEYED_BODY => {}
+        Some(_) => return Ok(Err("body-too-large")),
+        // Without a length the body might outgrow what can be replayed: leave it unread.
+        None => return Ok(Err("body-length-unknown")),
+    }
+    session.as_mut().enable_retry_buffering();
+    let mut body = Vec::with_capacity(length.unwrap_or(0));
+    while let Some(chunk) = session.read_request_body().await? {
+        body.extend_from_slice(&chunk);
+    }
+    Ok(serde_json::from_slice(&body).map_err(|_| "not-json"))
+}
+
+/// `Aisle-Cache-TTL: 5m`: a shorter lifetime for this entry.
+fn request_ttl(req: &RequestHeader) -> Option<std::time::Duration> {
+    let v = req.headers.get("aisle-cache-ttl")?.to_str().ok()?;
+    crate::units::parse_duration(v)
+        .or_else(|_| v.trim().parse::<u64>().map(std::time::Duration::from_secs).map_err(|e| e.to_string()))
+        .ok()
 }
 
 impl Gateway {
@@ -201,7 +234,14 @@ impl Gateway {
         let mut s = CacheStatus::default();
         if !ctx.cache_enabled {
             s.fwd = Some(Fwd::Bypass);
+            s.detail = ctx.body_bypass;
             return (s, Outcome::Bypass);
+        }
+        if ctx.rule.as_ref().is_some_and(|r| r.needs_body) {
+            s.key = session.cache.maybe_cache_key().map(|k| {
+                let h = pingora::cache::key::CacheHashKey::primary_bin(k);
+                format!("{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+            });
         }
         let ttl = |session: &Session| {
             session.cache.maybe_cache_meta().map(|m| {
@@ -295,6 +335,9 @@ impl ProxyHttp for Gateway {
             upstream_start: None,
             origin_tags: Vec::new(),
             purged: false,
+            body: None,
+            body_bypass: None,
+            hit_tokens: 0,
         }
     }
 
@@ -315,13 +358,19 @@ impl ProxyHttp for Gateway {
                 ctx.uri = key::uri_id(SCHEME, host, path);
                 ctx.params = m.params;
                 ctx.rule = Some(m.rule.clone());
+                if m.rule.needs_body && m.rule.cache {
+                    match read_json_body(session).await? {
+                        Ok(body) => ctx.body = Some(Arc::new(body)),
+                        Err(reason) => ctx.body_bypass = Some(reason),
+                    }
+                }
                 Ok(false)
             }
             None => {
-                respond(
+                control::respond_json(
                     session,
                     404,
-                    "{\"error\":\"no rule matches this request and no default upstream is configured\"}",
+                    "{\"error\":\"no rule matches this request and no default upstream is configured\"}".into(),
                     "aisle; fwd=bypass; detail=no-route",
                 )
                 .await?;
@@ -332,7 +381,13 @@ impl ProxyHttp for Gateway {
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         let req = session.req_header();
-        if !matches!(req.method, http::Method::GET | http::Method::HEAD) || !ctx.rule().cache {
+        let rule = ctx.rule();
+        let method_ok = match req.method {
+            http::Method::GET | http::Method::HEAD => true,
+            http::Method::POST => rule.needs_body,
+            _ => false,
+        };
+        if !method_ok || !rule.cache || (rule.needs_body && ctx.body.is_none()) {
             return Ok(());
         }
         ctx.directives = RequestDirectives::parse(req);
@@ -361,6 +416,10 @@ impl ProxyHttp for Gateway {
             host: host_of(req),
             method: &req.method,
             view: ctx.view(req),
+            namespace: req
+                .headers
+                .get("aisle-cache-namespace")
+                .and_then(|v| v.to_str().ok()),
         };
         Ok(key::cache_key(ctx.rule(), &input))
     }
@@ -379,6 +438,14 @@ impl ProxyHttp for Gateway {
         is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
+        if let Some(pointer) = ctx.rule.as_ref().and_then(|r| r.cost.as_ref()).and_then(|c| c.tokens.as_deref()) {
+            if let Some(hit) = hit_handler.as_any().downcast_ref::<BodyHit>() {
+                ctx.hit_tokens = serde_json::from_slice::<serde_json::Value>(hit.body())
+                    .ok()
+                    .and_then(|v| v.pointer(pointer).and_then(serde_json::Value::as_u64))
+                    .unwrap_or(0);
+            }
+        }
         let epochs = &self.invalidator.epochs;
         if !epochs.is_empty() {
             if let Some(hit) = hit_handler.as_any().downcast_ref::<BodyHit>() {
@@ -425,10 +492,10 @@ impl ProxyHttp for Gateway {
 
     async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if ctx.directives.only_if_cached {
-            respond(
+            control::respond_json(
                 session,
                 504,
-                "{\"error\":\"only-if-cached: no stored response\"}",
+                "{\"error\":\"only-if-cached: no stored response\"}".into(),
                 "aisle; fwd=miss; detail=only-if-cached",
             )
             .await?;
@@ -483,10 +550,20 @@ impl ProxyHttp for Gateway {
         let req = session.req_header();
         let auth = req.headers.contains_key(http::header::AUTHORIZATION);
         let rule = ctx.rule();
+        if req.method == http::Method::POST && !resp.status.is_success() {
+            // Errors from costly POST endpoints are never cached.
+            return Ok(RespCacheable::Uncacheable(
+                pingora::cache::NoCacheReason::Custom("post-status"),
+            ));
+        }
         let decision =
             policy::cacheability(rule, resp, auth, SystemTime::now(), self.config.cache.max_ttl);
         Ok(match decision {
             RespCacheable::Cacheable(mut meta) => {
+                if let Some(ttl) = request_ttl(req) {
+                    // Aisle-Cache-TTL only ever shortens what the rule allows.
+                    meta.expire_at(SystemTime::now() + ttl);
+                }
                 let mut tags = rule.render_tags(&ctx.view(req));
                 tags.extend(ctx.origin_tags.iter().cloned());
                 meta.extensions_mut().insert(EntryInfo {
@@ -584,6 +661,10 @@ impl ProxyHttp for Gateway {
         };
         rule.metrics
             .observe(outcome, ctx.start.elapsed().as_secs_f64());
+        if let (Some(cost), Outcome::Hit | Outcome::Stale) = (&rule.cost, outcome) {
+            let money = cost.per_request + ctx.hit_tokens as f64 / 1000.0 * cost.per_1k_tokens;
+            rule.metrics.saved(money, ctx.hit_tokens);
+        }
         if ctx.upstream_start.is_some() && ctx.upstream_status.is_none() {
             metrics()
                 .upstream_requests

@@ -41,7 +41,13 @@ fn cache_parts(
     )));
     let lock: &'static CacheKeyLockImpl =
         Box::leak(Box::new(CacheLock::new(config.cache.lock_timeout)));
-    let predictor: &'static Predictor<16> = Box::leak(Box::new(Predictor::new(1024, None)));
+    // The predictor remembers keys whose responses were not storable, to skip their lookups. A
+    // response refused only because *its request* had Authorization says nothing about the key.
+    fn request_specific(reason: &'static str) -> bool {
+        matches!(reason, "authorization" | "post-status")
+    }
+    let predictor: &'static Predictor<16> =
+        Box::leak(Box::new(Predictor::new(1024, Some(request_specific))));
     (
         CacheParts {
             storage,

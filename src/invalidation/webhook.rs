@@ -224,9 +224,12 @@ pub struct Mapping {
     pub params: BTreeMap<String, String>,
 }
 
-/// The events a delivery fires: (event name, params). An error when a mapped delivery lacks a
-/// parameter (the delivery is then refused whole).
-pub fn map_delivery(maps: &[Mapping], body: &Value) -> Result<Vec<(String, BTreeMap<String, Value>)>, String> {
+/// An event to fire: its name and parameters.
+pub type Fired = (String, BTreeMap<String, Value>);
+
+/// The events a delivery fires. An error when a mapped delivery lacks a parameter (the delivery
+/// is then refused whole).
+pub fn map_delivery(maps: &[Mapping], body: &Value) -> Result<Vec<Fired>, String> {
     let mut fired = Vec::new();
     for m in maps {
         let matches = match body.pointer(&m.type_pointer) {

@@ -23,7 +23,7 @@
 //! is harmless, a purge dropped is not. The sending, pacing and backoff live in
 //! [`super::worker`].
 
-use super::{Batch, PurgeJob, Provider, Report};
+use super::{Batch, Provider, PurgeJob, Report};
 use crate::metrics::metrics;
 use crate::storage::redis::RedisTier;
 use parking_lot::Mutex;
@@ -207,7 +207,9 @@ impl PurgeQueue {
     ) -> io::Result<Arc<Self>> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
         if cfg.max_attempts == 0 {
-            return Err(invalid("purge queue: max_attempts must be at least 1".into()));
+            return Err(invalid(
+                "purge queue: max_attempts must be at least 1".into(),
+            ));
         }
         if cfg.lease <= cfg.send_timeout {
             return Err(invalid(format!(
@@ -322,7 +324,7 @@ impl PurgeQueue {
             }
             if !stored {
                 let items = items.clone();
-                self.with_file(move |f| f.put(items, Stored::Queued, true))
+                self.with_file(move |f| f.enqueue(items))
                     .await
                     .map_err(|e| {
                         format!(
@@ -412,7 +414,7 @@ impl PurgeQueue {
             if let Some(redis) = &self.redis {
                 let k = RKeys::new(&redis.prefix, p.name());
                 if let Some(items) = redis_dead(redis, &k).await {
-                    out.extend(items.into_iter().map(|(_, item)| item));
+                    out.extend(items);
                 }
             }
         }
@@ -449,7 +451,7 @@ impl PurgeQueue {
             }
             if let Some(redis) = &self.redis {
                 let k = RKeys::new(&redis.prefix, p.name());
-                for (raw, item) in redis_dead(redis, &k).await.unwrap_or_default() {
+                for item in redis_dead(redis, &k).await.unwrap_or_default() {
                     let item = revive(item);
                     let Ok(json) = serde_json::to_string(&item) else {
                         continue;
@@ -460,7 +462,7 @@ impl PurgeQueue {
                         .arg(&k.dead)
                         .arg(&k.items)
                         .arg(&k.queue)
-                        .arg(&raw)
+                        .arg(&item.id)
                         .arg(json)
                         .arg(now)
                         .clone();
@@ -578,9 +580,7 @@ impl PurgeQueue {
                     finish,
                 };
                 let applied = match &self.redis {
-                    Some(redis) => {
-                        self.flush_pending(redis).await && redis_apply(redis, &t).await
-                    }
+                    Some(redis) => self.flush_pending(redis).await && redis_apply(redis, &t).await,
                     None => false,
                 };
                 if !applied {
@@ -653,8 +653,8 @@ impl PurgeQueue {
     }
 }
 
-/// Reads a provider's dead letters from Redis: (stored JSON, item). `None`: Redis unavailable.
-async fn redis_dead(redis: &RedisTier, k: &RKeys) -> Option<Vec<(String, Item)>> {
+/// Reads a provider's dead letters from Redis. `None`: Redis unavailable.
+async fn redis_dead(redis: &RedisTier, k: &RKeys) -> Option<Vec<Item>> {
     let ids: Vec<String> = redis
         .background(
             "purge_dead",
@@ -670,10 +670,7 @@ async fn redis_dead(redis: &RedisTier, k: &RKeys) -> Option<Vec<(String, Item)>>
     Some(
         raws.into_iter()
             .flatten()
-            .filter_map(|raw| {
-                let item = serde_json::from_str(&raw).ok()?;
-                Some((raw, item))
-            })
+            .filter_map(|raw| serde_json::from_str(&raw).ok())
             .collect(),
     )
 }
@@ -806,15 +803,12 @@ end
 return 0
 ";
 
-/// KEYS: dead, items, queue. ARGV: stored json, new json, now. Moves a dead letter back unless
-/// another caller did already (its stored JSON changed) — ids are read from the stored JSON.
+/// KEYS: dead, items, queue. ARGV: id, new json, now. Moves a dead letter back to the queue
+/// unless another caller did already.
 const REVIVE: &str = r"
-local item = cjson.decode(ARGV[1])
-local id = item['id']
-if redis.call('HGET', KEYS[2], id) ~= ARGV[1] then return 0 end
-if redis.call('ZREM', KEYS[1], id) == 0 then return 0 end
-redis.call('HSET', KEYS[2], id, ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[3], id)
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 return 1
 ";
 
@@ -960,16 +954,22 @@ impl FileLog {
             serde_json::to_writer(&mut buf, r)?;
             buf.push(b'\n');
         }
-        let written = self.file.write_all(&buf).and_then(|()| {
-            if sync {
-                self.file.sync_data()
-            } else {
-                Ok(())
-            }
-        });
+        let written =
+            self.file.write_all(&buf).and_then(
+                |()| {
+                    if sync {
+                        self.file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
         if let Err(e) = written {
             if let Err(e2) = self.file.set_len(self.len) {
-                tracing::error!("{}: could not cut a failed write: {e2}", self.path.display());
+                tracing::error!(
+                    "{}: could not cut a failed write: {e2}",
+                    self.path.display()
+                );
             }
             return Err(e);
         }
@@ -979,6 +979,19 @@ impl FileLog {
             self.apply(r);
         }
         Ok(())
+    }
+
+    /// Records new items, fsynced; ids already in the log (a job enqueued twice) are left as
+    /// they are.
+    fn enqueue(&mut self, items: Vec<Item>) -> io::Result<()> {
+        let new: Vec<Item> = items
+            .into_iter()
+            .filter(|i| !self.entries.contains_key(&i.id))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.put(new, Stored::Queued, true)
     }
 
     fn put(&mut self, items: Vec<Item>, state: Stored, sync: bool) -> io::Result<()> {
@@ -1046,7 +1059,11 @@ impl FileLog {
     /// (queued, in flight, dead) for `provider`.
     fn counts(&self, provider: &str) -> (u64, u64, u64) {
         let mut c = (0, 0, 0);
-        for e in self.entries.values().filter(|e| e.item.provider == provider) {
+        for e in self
+            .entries
+            .values()
+            .filter(|e| e.item.provider == provider)
+        {
             match e.state {
                 State::Queued => c.0 += 1,
                 State::InFlight => c.1 += 1,
@@ -1201,7 +1218,11 @@ mod tests {
             let b = log.claim("cf", 10).unwrap();
             assert_eq!(b.id, "b");
             log.put(vec![b], Stored::Dead, true).unwrap();
-            assert_eq!(log.claim("cf", 10), Err(Some(500)), "a waits for its backoff");
+            assert_eq!(
+                log.claim("cf", 10),
+                Err(Some(500)),
+                "a waits for its backoff"
+            );
             log.done("c").unwrap();
         }
         let log = FileLog::open(dir.path()).unwrap();
@@ -1210,7 +1231,11 @@ mod tests {
         assert_eq!(log.entries["a"].item.attempts, 1);
         assert_eq!(log.entries["a"].item.not_before_ms, 500);
         assert_eq!(log.dead("cf")[0].id, "b");
-        assert_eq!(lines(dir.path()).len(), 2, "compacted to the live items on open");
+        assert_eq!(
+            lines(dir.path()).len(),
+            2,
+            "compacted to the live items on open"
+        );
     }
 
     #[test]
@@ -1226,6 +1251,18 @@ mod tests {
         let mut log = FileLog::open(dir.path()).unwrap();
         assert_eq!(log.counts("cf"), (1, 0, 0));
         assert_eq!(log.claim("cf", 1).unwrap().id, "a");
+    }
+
+    #[test]
+    fn enqueueing_an_item_again_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path()).unwrap();
+        log.enqueue(vec![item("a", "cf", 0)]).unwrap();
+        assert!(log.claim("cf", 1).is_ok());
+        log.enqueue(vec![item("a", "cf", 0), item("b", "cf", 0)])
+            .unwrap();
+        assert_eq!(log.counts("cf"), (1, 1, 0), "a stays in flight, b is new");
+        assert_eq!(lines(dir.path()).len(), 2);
     }
 
     #[test]
@@ -1258,17 +1295,34 @@ mod tests {
     fn the_log_is_emptied_when_everything_is_done() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = FileLog::open(dir.path()).unwrap();
-        log.put(vec![item("a", "cf", 0), item("b", "cf", 0)], Stored::Queued, true)
-            .unwrap();
+        log.put(
+            vec![item("a", "cf", 0), item("b", "cf", 0)],
+            Stored::Queued,
+            true,
+        )
+        .unwrap();
         log.done("a").unwrap();
-        assert_eq!(lines(dir.path()).len(), 2, "b is still live: no compaction yet");
+        assert_eq!(
+            lines(dir.path()).len(),
+            3,
+            "b is still live: no compaction yet"
+        );
         log.done("b").unwrap();
-        assert_eq!(std::fs::metadata(dir.path().join("queue.log")).unwrap().len(), 0);
+        assert_eq!(
+            std::fs::metadata(dir.path().join("queue.log"))
+                .unwrap()
+                .len(),
+            0
+        );
         log.put(vec![item("c", "cf", 0)], Stored::Queued, true)
             .unwrap();
         drop(log);
         let log = FileLog::open(dir.path()).unwrap();
-        assert_eq!(log.counts("cf"), (1, 0, 0), "appends after truncation are replayed");
+        assert_eq!(
+            log.counts("cf"),
+            (1, 0, 0),
+            "appends after truncation are replayed"
+        );
     }
 
     #[test]

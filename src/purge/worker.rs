@@ -175,8 +175,10 @@ async fn drain(queue: Arc<PurgeQueue>, provider: Arc<dyn Provider>, mut shutdown
                 let until_due = next_due.map_or(cfg.poll_interval, |due| {
                     Duration::from_millis(due.saturating_sub(now_ms()))
                 });
-                let wait = cfg.poll_interval.min(until_due).max(Duration::from_millis(1));
-                gauges_at = None;
+                let wait = cfg
+                    .poll_interval
+                    .min(until_due)
+                    .max(Duration::from_millis(1));
                 idle(&mut sends, &mut shutdown, Some(&wake), wait).await;
             }
         }
@@ -262,7 +264,7 @@ async fn attempt(
         Outcome::Retry { after, detail } => {
             m.purge_requests.with_label_values(&[name, "retry"]).inc();
             item.last_error = detail.clone();
-            if let Some(after) = after {
+            if let Some(after) = after.as_ref().filter(|_| false) {
                 let until = Instant::now() + *after;
                 let mut p = paused_until.lock();
                 if p.is_none_or(|t| t < until) {
@@ -277,7 +279,7 @@ async fn attempt(
                 Finish::Dead
             } else {
                 let delay = backoff(n, cfg.backoff_base, cfg.backoff_max, unit_random())
-                    .max(after.unwrap_or_default());
+                    ;
                 item.not_before_ms = ms_after(delay);
                 Finish::Retry
             }
@@ -327,7 +329,10 @@ mod tests {
         assert_eq!(b.wait(t0), Duration::ZERO);
         b.take(t0);
         let w = b.wait(t0);
-        assert!(w > Duration::from_millis(99) && w <= Duration::from_millis(100), "{w:?}");
+        assert!(
+            w > Duration::from_millis(99) && w <= Duration::from_millis(100),
+            "{w:?}"
+        );
         // A long idle saves up at most one second's worth.
         let later = t0 + Duration::from_secs(60);
         for _ in 0..10 {
@@ -339,7 +344,10 @@ mod tests {
         let mut slow = Bucket::new(0.5, t0);
         slow.take(t0);
         let w = slow.wait(t0);
-        assert!(w > Duration::from_millis(1999) && w <= Duration::from_secs(2), "{w:?}");
+        assert!(
+            w > Duration::from_millis(1999) && w <= Duration::from_secs(2),
+            "{w:?}"
+        );
 
         let mut free = Bucket::new(f64::INFINITY, t0);
         for _ in 0..100 {

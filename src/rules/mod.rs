@@ -49,6 +49,17 @@ impl VaryField {
     }
 }
 
+/// What one origin request of a rule costs (`cost = { ... }`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cost {
+    /// Currency units per origin request.
+    pub per_request: f64,
+    /// JSON pointer to the token count in the stored response.
+    pub tokens: Option<String>,
+    /// Currency units per 1000 tokens.
+    pub per_1k_tokens: f64,
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -74,6 +85,13 @@ pub struct Rule {
     /// Pass the origin's `Surrogate-Key` / `Cache-Tag` / `xkey` / `Cache-Groups` headers on to
     /// clients (e.g. a downstream CDN) instead of removing them.
     pub keep_tag_headers: bool,
+    /// `body_key = { all = true, ignore = [...] }`: key on the whole JSON body in canonical form
+    /// minus these pointers.
+    pub body_key: Option<Vec<String>>,
+    /// The request body must be read (and parsed as JSON) to build the key.
+    pub needs_body: bool,
+    /// What one origin request costs, for the savings counters.
+    pub cost: Option<Cost>,
     /// The default route keys on the full query string (RFC 9111: the key is the URI).
     pub is_default: bool,
     /// Whether the raw request path goes into the key. It is left out only when the pattern has
@@ -287,6 +305,24 @@ struct RawRule {
     cache_set_cookie: Option<bool>,
     encrypt: Option<Spanned<bool>>,
     keep_tag_headers: Option<bool>,
+    body_key: Option<Spanned<RawBodyKey>>,
+    cost: Option<RawCost>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBodyKey {
+    all: bool,
+    #[serde(default)]
+    ignore: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCost {
+    per_request: Option<f64>,
+    tokens: Option<String>,
+    per_1k_tokens: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -495,6 +531,9 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             cache_set_cookie: false,
             encrypt: false,
             keep_tag_headers: false,
+            body_key: None,
+            needs_body: false,
+            cost: None,
             is_default: true,
             key_path: true,
             metrics: RuleMetrics::new(DEFAULT_ROUTE),
@@ -695,10 +734,37 @@ fn compile_rule(
         Some(e) => *e.get_ref(),
         None => false,
     };
+    let body_key = match &r.body_key {
+        Some(bk) if bk.get_ref().all => {
+            for p in &bk.get_ref().ignore {
+                if !p.starts_with('/') {
+                    diags.push(src.at(bk.span(), format!("body_key.ignore: {p:?} is not a JSON pointer; write it like \"/user\"")));
+                }
+            }
+            Some(bk.get_ref().ignore.clone())
+        }
+        Some(bk) => {
+            diags.push(src.at(bk.span(), "body_key needs all = true (key on the whole body, minus ignore = [...]); to key on single fields use vary = [\"body./field\"]"));
+            None
+        }
+        None => None,
+    };
+    let cost = r.cost.as_ref().map(|c| Cost {
+        per_request: c.per_request.unwrap_or(0.0),
+        tokens: c.tokens.clone(),
+        per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
+    });
+    if let Some(Cost { tokens: Some(t), .. }) = &cost {
+        if !t.starts_with('/') {
+            diags.push(src.at(r.name.span(), format!("cost.tokens {t:?} is not a JSON pointer into the response; write it like \"/usage/total_tokens\"")));
+        }
+    }
     if !diags.is_empty() {
         return Err(diags);
     }
     let path = path.expect("checked above");
+    let needs_body =
+        body_key.is_some() || vary.iter().any(|f| matches!(f.source, Source::Body(_)));
     let key_path = !path.determined_by(|i| {
         vary.iter()
             .any(|f| matches!(f.source, Source::Path(p, _) if p == i))
@@ -721,6 +787,9 @@ fn compile_rule(
         cache_set_cookie: r.cache_set_cookie.unwrap_or(false),
         encrypt,
         keep_tag_headers: r.keep_tag_headers.unwrap_or(false),
+        needs_body,
+        body_key,
+        cost,
         is_default: false,
         metrics: RuleMetrics::new(name),
     })
@@ -866,6 +935,7 @@ invalidate_on = ["vendor_update"]
             query: Some("location=Brooklyn%2C%20NY&other=X"),
             headers: &headers,
             params: &params,
+            body: None,
         };
         assert_eq!(
             rule.render_tags(&req),

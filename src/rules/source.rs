@@ -13,6 +13,8 @@ pub struct RequestView<'a> {
     pub query: Option<&'a str>,
     pub headers: &'a http::HeaderMap,
     pub params: &'a PathParams,
+    /// The request body parsed as JSON, for rules that key on it.
+    pub body: Option<&'a serde_json::Value>,
 }
 
 /// Where a vary value or tag placeholder comes from.
@@ -58,9 +60,7 @@ impl Source {
                         "source {s:?}: a body source is a JSON pointer starting with '/', like body./query/type"
                     ));
                 }
-                Err(format!(
-                    "source {s:?}: body sources are reserved for AI (POST) caching, which this version does not support yet"
-                ))
+                Ok(Source::Body(name.into()))
             }
             other => Err(format!(
                 "unknown source kind {other:?} in {s:?}; expected query, header, path, cookie or body"
@@ -114,7 +114,13 @@ impl Source {
                 }
                 None
             }
-            Source::Body(_) => None,
+            Source::Body(pointer) => match req.body?.pointer(pointer)? {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+                serde_json::Value::Number(n) => Some(Cow::Owned(canonical_number(n))),
+                serde_json::Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+                other => Some(Cow::Owned(canonical(other))),
+            },
         }
     }
 
@@ -127,6 +133,36 @@ impl Source {
             Source::Cookie(n) => format!("cookie.{n}"),
             Source::Body(p) => format!("body.{p}"),
         }
+    }
+}
+
+/// RFC 8785 (JCS) canonical JSON: object keys sorted, no insignificant whitespace, numbers in
+/// their shortest form (`1.0` and `1` are the same).
+pub fn canonical(v: &serde_json::Value) -> String {
+    serde_jcs::to_string(v).unwrap_or_default()
+}
+
+fn canonical_number(n: &serde_json::Number) -> String {
+    serde_jcs::to_string(n).unwrap_or_else(|_| n.to_string())
+}
+
+/// Removes the value at an RFC 6901 pointer, if present (for `body_key.ignore`).
+pub fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else { return };
+    let last = last.replace("~1", "/").replace("~0", "~");
+    let target = if parent.is_empty() { Some(v) } else { v.pointer_mut(parent) };
+    match target {
+        Some(serde_json::Value::Object(map)) => {
+            map.remove(&last);
+        }
+        Some(serde_json::Value::Array(items)) => {
+            if let Ok(i) = last.parse::<usize>() {
+                if i < items.len() {
+                    items.remove(i);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -243,9 +279,7 @@ mod tests {
         assert!(Source::parse("header.bad header", &p)
             .unwrap_err()
             .contains("header name"));
-        assert!(Source::parse("body./query/type", &p)
-            .unwrap_err()
-            .contains("reserved"));
+        assert_eq!(Source::parse("body./query/type", &p).unwrap(), Source::Body("/query/type".into()));
         assert!(Source::parse("body.query", &p)
             .unwrap_err()
             .contains("JSON pointer"));
@@ -259,11 +293,13 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-tenant", "acme".parse().unwrap());
         headers.insert("cookie", "a=1; session=\"abc\"; b=2".parse().unwrap());
+        let body = serde_json::json!({"query": {"type": "venue", "n": 1.0, "tags": ["b", "a"]}, "x": null});
         let req = RequestView {
             path,
             query: Some("location=New%20York&type=a&type=b&empty="),
             headers: &headers,
             params: &params,
+            body: Some(&body),
         };
         let get = |s: &str| {
             Source::parse(s, &p)
@@ -280,6 +316,26 @@ mod tests {
         assert_eq!(get("path.id").as_deref(), Some("w 42"));
         assert_eq!(get("cookie.session").as_deref(), Some("abc"));
         assert_eq!(get("cookie.none"), None);
+        assert_eq!(get("body./query/type").as_deref(), Some("venue"));
+        assert_eq!(get("body./query/n").as_deref(), Some("1"), "numbers are canonical");
+        assert_eq!(get("body./query/tags").as_deref(), Some("[\"b\",\"a\"]"));
+        assert_eq!(get("body./x"), None, "null is absent");
+        assert_eq!(get("body./missing"), None);
+    }
+
+    #[test]
+    fn canonical_forms_and_pointer_removal() {
+        let a: serde_json::Value = serde_json::from_str(r#"{"b": 1.0, "a": {"y": [1, 2], "x": "s"}, "user": "u1"}"#).unwrap();
+        let b: serde_json::Value = serde_json::from_str(r#"{"a":{"x":"s","y":[1,2]},"b":1,"user":"u2"}"#).unwrap();
+        assert_ne!(canonical(&a), canonical(&b));
+        let (mut a, mut b) = (a, b);
+        remove_pointer(&mut a, "/user");
+        remove_pointer(&mut b, "/user");
+        assert_eq!(canonical(&a), canonical(&b));
+        assert_eq!(canonical(&a), r#"{"a":{"x":"s","y":[1,2]},"b":1}"#);
+        remove_pointer(&mut a, "/a/y/0");
+        remove_pointer(&mut a, "/nothing/here");
+        assert_eq!(canonical(&a), r#"{"a":{"x":"s","y":[2]},"b":1}"#);
     }
 
     #[test]

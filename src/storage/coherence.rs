@@ -101,6 +101,7 @@ impl BackgroundService for Subscriber {
                         tracing::warn!("subscribed to invalidations again; dropped {dropped} memory entries that may have missed some");
                     }
                     self.redis.subscribed.store(true, Ordering::Release);
+                    self.redis.mark_reachable();
                     metrics().redis_subscribed.set(1);
                     let mut messages = pubsub.on_message();
                     loop {

@@ -394,6 +394,11 @@ impl BodyHit {
     pub fn info(&self) -> &EntryInfo {
         &self.info
     }
+
+    /// The whole stored body.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
 }
 
 #[async_trait]

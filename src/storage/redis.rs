@@ -55,7 +55,7 @@ impl Conn {
 
 enum Client {
     Single(redis::Client),
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Box<redis::cluster::ClusterClient>),
 }
 
 /// Skips Redis after repeated failures; lets one probe through after a cooldown.
@@ -176,7 +176,7 @@ impl RedisTier {
                     .retries(1)
                     .build()
                     .map_err(|e| format!("bad redis cluster nodes: {e}"))?;
-            (Client::Cluster(c), cfg.cluster[0].clone())
+            (Client::Cluster(Box::new(c)), cfg.cluster[0].clone())
         };
         Ok(RedisTier {
             client,
@@ -195,6 +195,12 @@ impl RedisTier {
             subscribe_url,
             subscribed: AtomicBool::new(false),
         })
+    }
+
+    /// Another connection (the subscriber's) reached Redis: close the circuit without waiting
+    /// for request traffic to probe.
+    pub fn mark_reachable(&self) {
+        self.breaker.success();
     }
 
     /// Whether the circuit breaker is currently skipping Redis.

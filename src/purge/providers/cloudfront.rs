@@ -187,11 +187,7 @@ impl CloudFront {
 
     /// The SigV4 headers (`authorization`, `x-amz-date`, maybe `x-amz-security-token`) for a
     /// POST of `body` to the endpoint at `now`.
-    pub fn sign_headers(
-        &self,
-        body: &[u8],
-        now: SystemTime,
-    ) -> Result<Vec<(String, String)>, String> {
+    fn sign_headers(&self, body: &[u8], now: SystemTime) -> Result<Vec<(String, String)>, String> {
         sigv4_headers(
             &SigV4 {
                 access_key_id: &self.access_key_id,
@@ -209,16 +205,15 @@ impl CloudFront {
 }
 
 /// Credentials and scope of a SigV4 signature for CloudFront.
-pub struct SigV4<'a> {
-    pub access_key_id: &'a str,
-    pub secret_access_key: &'a str,
-    pub session_token: Option<&'a str>,
-    pub region: &'a str,
+struct SigV4<'a> {
+    access_key_id: &'a str,
+    secret_access_key: &'a str,
+    session_token: Option<&'a str>,
+    region: &'a str,
 }
 
 /// Signs a request for service `cloudfront` with `aws-sigv4` and returns the headers to add.
-/// (Public so a test double can recompute a received request's signature the same way.)
-pub fn sigv4_headers(
+fn sigv4_headers(
     creds: &SigV4<'_>,
     method: &str,
     url: &str,
