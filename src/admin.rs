@@ -135,6 +135,43 @@ impl Admin {
         }
     }
 
+    /// Per rule: requests, hit ratio, origin requests saved, cost and tokens saved, bytes stored.
+    fn stats(&self) -> Value {
+        use crate::metrics::{metrics, Outcome};
+        let bytes = self.invalidator.storage.memory.bytes_by_rule();
+        let m = metrics();
+        let rules = self
+            .config
+            .rules
+            .rules()
+            .iter()
+            .chain(self.config.rules.default_route())
+            .map(|rule| {
+                let counts = rule.metrics.counts();
+                let get = |o: Outcome| counts.iter().find(|(x, _)| *x == o).map_or(0, |(_, n)| *n);
+                let requests: u64 = counts.iter().map(|(_, n)| n).sum();
+                let hits = get(Outcome::Hit) + get(Outcome::Stale);
+                let cacheable = requests - get(Outcome::Bypass);
+                let name = &*rule.name;
+                (
+                    name.to_string(),
+                    json!({
+                        "requests": requests,
+                        "hits": hits,
+                        "misses": get(Outcome::Miss) + get(Outcome::Expired) + get(Outcome::Revalidated),
+                        "bypass": get(Outcome::Bypass),
+                        "hit_ratio": if cacheable == 0 { 0.0 } else { hits as f64 / cacheable as f64 },
+                        "origin_requests_saved": hits,
+                        "cost_saved": m.cost_saved.with_label_values(&[name]).get(),
+                        "tokens_saved": m.tokens_saved.with_label_values(&[name]).get(),
+                        "bytes_stored": bytes.get(name).copied().unwrap_or(0),
+                    }),
+                )
+            })
+            .collect::<serde_json::Map<String, Value>>();
+        json!({ "rules": rules })
+    }
+
     async fn invalidate(&self, session: &mut ServerSession) -> Reply {
         let body = match read_body(session).await {
             Ok(b) => b,
@@ -195,6 +232,7 @@ impl Admin {
                         Some(q) => reply(200, json!({"retried": q.retry_dead_letters().await})),
                         None => reply(200, json!({"retried": 0, "configured": false})),
                     },
+                    ("GET", "/admin/stats") => reply(200, self.stats()),
                     ("GET", "/admin/audit") => match parse_since(query.as_deref()) {
                         Ok(since) => reply(
                             200,

@@ -571,6 +571,7 @@ impl ProxyHttp for Gateway {
                     host_path: format!("{}{}", host_of(req), req.uri.path()).into_boxed_str(),
                     tags: tags.into_iter().map(String::into_boxed_str).collect(),
                     encrypt: rule.encrypt,
+                    rule: Arc::from(&*rule.name),
                 });
                 ctx.stored = true;
                 RespCacheable::Cacheable(meta)

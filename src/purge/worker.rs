@@ -264,7 +264,7 @@ async fn attempt(
         Outcome::Retry { after, detail } => {
             m.purge_requests.with_label_values(&[name, "retry"]).inc();
             item.last_error = detail.clone();
-            if let Some(after) = after.as_ref().filter(|_| false) {
+            if let Some(after) = after {
                 let until = Instant::now() + *after;
                 let mut p = paused_until.lock();
                 if p.is_none_or(|t| t < until) {
@@ -279,7 +279,7 @@ async fn attempt(
                 Finish::Dead
             } else {
                 let delay = backoff(n, cfg.backoff_base, cfg.backoff_max, unit_random())
-                    ;
+                    .max(after.unwrap_or_default());
                 item.not_before_ms = ms_after(delay);
                 Finish::Retry
             }

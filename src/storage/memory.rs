@@ -29,6 +29,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
+use tokio::sync::watch;
 
 const SHARDS: usize = 16;
 /// Bytes charged per entry on top of its body and headers (key, map slot, bookkeeping).
@@ -38,6 +39,7 @@ const ENTRY_OVERHEAD: usize = 256;
 pub type Eviction = lru::Manager<SHARDS>;
 
 /// What is needed to rebuild a `CacheMeta` without deserialising.
+#[derive(Clone)]
 struct StoredMeta {
     fresh_until: SystemTime,
     provenance: SystemTime,
@@ -103,6 +105,12 @@ type UriShard = Mutex<HashMap<u64, Vec<u128>>>;
 pub struct MemoryStorage {
     shards: Box<[Shard]>,
     uris: Box<[UriShard]>,
+    /// Fills in progress, readable while they stream (e.g. server-sent events): key -> (write
+    /// id, fill).
+    partials: Mutex<HashMap<u128, (u64, Arc<Partial>)>>,
+    /// Bytes held per rule (for `/admin/stats`); updated on fills and removals only.
+    rule_bytes: Mutex<HashMap<Arc<str>, i64>>,
+    next_write: AtomicU64,
     eviction: &'static Eviction,
     entries: AtomicI64,
     bytes: AtomicI64,
@@ -120,6 +128,9 @@ impl MemoryStorage {
         MemoryStorage {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
             uris: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            partials: Mutex::new(HashMap::new()),
+            rule_bytes: Mutex::new(HashMap::new()),
+            next_write: AtomicU64::new(1),
             eviction,
             entries: AtomicI64::new(0),
             bytes: AtomicI64::new(0),
@@ -237,12 +248,23 @@ impl MemoryStorage {
         }
     }
 
+    /// Bytes held per rule.
+    pub fn bytes_by_rule(&self) -> HashMap<String, u64> {
+        self.rule_bytes
+            .lock()
+            .iter()
+            .map(|(r, b)| (r.to_string(), (*b).max(0) as u64))
+            .collect()
+    }
+
     fn insert(&self, id: u128, entry: Entry) {
         let uri = entry.info.uri;
         let weight = entry.weight as i64;
+        *self.rule_bytes.lock().entry(entry.info.rule.clone()).or_default() += weight;
         let old = self.shard(id).write().insert(id, Arc::new(entry));
         if let Some(old) = old {
             self.account(-1, -(old.weight as i64));
+            *self.rule_bytes.lock().entry(old.info.rule.clone()).or_default() -= old.weight as i64;
         } else {
             let mut uris = self.uri_shard(uri).lock();
             let ids = uris.entry(uri).or_default();
@@ -256,6 +278,7 @@ impl MemoryStorage {
     fn remove(&self, id: u128) -> Option<Arc<Entry>> {
         let entry = self.shard(id).write().remove(&id)?;
         self.account(-1, -(entry.weight as i64));
+        *self.rule_bytes.lock().entry(entry.info.rule.clone()).or_default() -= entry.weight as i64;
         let uri = entry.info.uri;
         let mut uris = self.uri_shard(uri).lock();
         if let Some(ids) = uris.get_mut(&uri) {
@@ -293,12 +316,40 @@ impl Storage for MemoryStorage {
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let id = id(key.combined_bin());
         let Some(entry) = self.shard(id).read().get(&id).cloned() else {
-            return Ok(None);
+            // A fill in progress is readable as it streams.
+            let partial = self.partials.lock().get(&id).map(|(_, p)| p.clone());
+            return Ok(partial.map(|p| (p.meta.to_meta(), PartialHit::start(p))));
         };
         let meta = entry.meta.read().to_meta();
         let body = entry.body.clone();
         let hit = BodyHit::new(body, entry.weight, entry.info.clone());
         Ok(Some((meta, Box::new(hit))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        streaming_write_tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let write = streaming_write_tag
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            .map(u64::from_be_bytes);
+        let id = id(key.combined_bin());
+        let partial = self
+            .partials
+            .lock()
+            .get(&id)
+            .filter(|(w, _)| Some(*w) == write)
+            .map(|(_, p)| p.clone());
+        match partial {
+            Some(p) => Ok(Some((p.meta.to_meta(), PartialHit::start(p)))),
+            None => self.lookup(key, trace).await,
+        }
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
     }
 
     async fn get_miss_handler(
@@ -312,13 +363,22 @@ impl Storage for MemoryStorage {
             .get::<EntryInfo>()
             .cloned()
             .unwrap_or_default();
+        let partial = Arc::new(Partial {
+            meta: StoredMeta::from_meta(meta),
+            chunks: RwLock::new(Vec::new()),
+            progress: watch::channel(Progress::default()).0,
+        });
+        let write = self.next_write.fetch_add(1, Ordering::Relaxed);
+        let id = id(key.combined_bin());
+        self.partials.lock().insert(id, (write, partial.clone()));
         Ok(Box::new(MemoryMiss {
             storage: self,
-            id: id(key.combined_bin()),
+            id,
+            write,
+            write_tag: write.to_be_bytes(),
             compact: key.to_compact(),
-            meta: Some(StoredMeta::from_meta(meta)),
-            info,
-            chunks: Vec::new(),
+            partial,
+            info: Some(info),
             len: 0,
         }))
     }
@@ -458,52 +518,171 @@ impl HandleHit for BodyHit {
     }
 }
 
-/// Collects a response body being filled; stores the entry on `finish`.
+/// How far a fill has come.
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    chunks: usize,
+    /// `Some(true)`: complete; `Some(false)`: abandoned (the stream broke; nothing is stored).
+    done: Option<bool>,
+}
+
+/// A fill in progress: its header and the chunks so far, for readers that join mid-stream.
+struct Partial {
+    meta: StoredMeta,
+    chunks: RwLock<Vec<Bytes>>,
+    progress: watch::Sender<Progress>,
+}
+
+/// Reads a fill in progress chunk by chunk, waiting for the next one, so a client coalesced
+/// behind a streaming miss receives the events as they are produced.
+struct PartialHit {
+    partial: Arc<Partial>,
+    rx: watch::Receiver<Progress>,
+    next: usize,
+}
+
+impl PartialHit {
+    fn start(partial: Arc<Partial>) -> HitHandler {
+        let rx = partial.progress.subscribe();
+        Box::new(PartialHit {
+            partial,
+            rx,
+            next: 0,
+        })
+    }
+}
+
+#[async_trait]
+impl HandleHit for PartialHit {
+    async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        loop {
+            let progress = *self.rx.borrow_and_update();
+            if self.next < progress.chunks {
+                let chunk = self.partial.chunks.read()[self.next].clone();
+                self.next += 1;
+                return Ok(Some(chunk));
+            }
+            match progress.done {
+                Some(true) => return Ok(None),
+                Some(false) => {
+                    return pingora::Error::e_explain(
+                        pingora::ErrorType::InternalError,
+                        "the fill this request was reading was abandoned (the upstream stream broke)",
+                    )
+                }
+                None => {}
+            }
+            if self.rx.changed().await.is_err() {
+                return pingora::Error::e_explain(
+                    pingora::ErrorType::InternalError,
+                    "the fill this request was reading went away",
+                );
+            }
+        }
+    }
+
+    async fn finish(
+        self: Box<Self>,
+        _storage: &'static (dyn Storage + Sync),
+        _key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    fn should_count_access(&self) -> bool {
+        false
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync) {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
+        self
+    }
+}
+
+/// Collects a response body being filled, readable while it streams; stores the entry on
+/// `finish`. Dropped without `finish` (a broken upstream stream), nothing is stored.
 struct MemoryMiss {
     storage: &'static MemoryStorage,
     id: u128,
+    write: u64,
+    write_tag: [u8; 8],
     compact: CompactCacheKey,
-    meta: Option<StoredMeta>,
-    info: EntryInfo,
-    chunks: Vec<Bytes>,
+    partial: Arc<Partial>,
+    /// Taken by `finish`.
+    info: Option<EntryInfo>,
     len: usize,
+}
+
+impl MemoryMiss {
+    /// Forgets the fill in progress (if it is still ours) and tells its readers how it ended.
+    fn end(&self, complete: bool) {
+        let mut partials = self.storage.partials.lock();
+        if partials.get(&self.id).is_some_and(|(w, _)| *w == self.write) {
+            partials.remove(&self.id);
+        }
+        drop(partials);
+        self.partial.progress.send_modify(|p| p.done = Some(complete));
+    }
 }
 
 #[async_trait]
 impl HandleMiss for MemoryMiss {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
-        self.len += data.len();
-        if !data.is_empty() {
-            self.chunks.push(data);
+        if data.is_empty() {
+            return Ok(());
         }
+        self.len += data.len();
+        self.partial.chunks.write().push(data);
+        self.partial.progress.send_modify(|p| p.chunks += 1);
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.pop().expect("one chunk"),
-            _ => {
-                let mut buf = BytesMut::with_capacity(self.len);
-                for c in &self.chunks {
-                    buf.extend_from_slice(c);
+        let body = {
+            let chunks = self.partial.chunks.read();
+            match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks[0].clone(),
+                _ => {
+                    let mut buf = BytesMut::with_capacity(self.len);
+                    for c in chunks.iter() {
+                        buf.extend_from_slice(c);
+                    }
+                    buf.freeze()
                 }
-                buf.freeze()
             }
         };
-        let meta = self.meta.take().expect("finish is called once");
+        let meta = self.partial.meta.clone();
         let weight = body.len() + header_weight(&meta.header) + ENTRY_OVERHEAD;
+        let info = self.info.take().expect("finish is called once");
         self.storage.insert(
             self.id,
             Entry {
                 meta: RwLock::new(meta),
                 body,
-                info: Arc::new(std::mem::take(&mut self.info)),
+                info: Arc::new(info),
                 compact: self.compact.clone(),
                 weight,
             },
         );
+        self.end(true);
         Ok(MissFinishType::Created(weight))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.write_tag)
+    }
+}
+
+impl Drop for MemoryMiss {
+    fn drop(&mut self) {
+        if self.info.is_some() {
+            self.end(false);
+        }
     }
 }
 
@@ -526,6 +705,7 @@ mod tests {
             host_path: "h/p".into(),
             tags: Arc::from(vec!["t1".into()]),
             encrypt: false,
+            rule: Arc::from("r"),
         });
         m
     }
@@ -575,6 +755,41 @@ mod tests {
         hit2.seek(6, Some(11)).unwrap();
         assert_eq!(&hit2.read_body().await.unwrap().unwrap()[..], b"world");
         assert!(STORE.has_uri(11));
+    }
+
+    #[tokio::test]
+    async fn a_fill_is_readable_while_it_streams() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-stream", "");
+        let mut miss = STORE.get_miss_handler(&key, &meta(60, 44), &span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false).await.unwrap();
+        let (_, mut reader) = STORE.lookup(&key, &span).await.unwrap().expect("partial hit");
+        assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"data: 1\n\n");
+        let next = tokio::spawn(async move {
+            let second = reader.read_body().await.unwrap();
+            let end = reader.read_body().await.unwrap();
+            (second, end)
+        });
+        miss.write_body(Bytes::from_static(b"data: 2\n\n"), true).await.unwrap();
+        miss.finish().await.unwrap();
+        let (second, end) = next.await.unwrap();
+        assert_eq!(&second.unwrap()[..], b"data: 2\n\n", "the reader got the chunk as it came");
+        assert!(end.is_none());
+        let (_, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"data: 1\n\ndata: 2\n\n");
+    }
+
+    #[tokio::test]
+    async fn a_broken_fill_is_not_stored_and_fails_its_readers() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-broken", "");
+        let mut miss = STORE.get_miss_handler(&key, &meta(60, 45), &span).await.unwrap();
+        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false).await.unwrap();
+        let (_, mut reader) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert!(reader.read_body().await.unwrap().is_some());
+        drop(miss);
+        assert!(reader.read_body().await.is_err(), "the reader learns the stream broke");
+        assert!(STORE.lookup(&key, &span).await.unwrap().is_none(), "nothing stored");
     }
 
     #[tokio::test]

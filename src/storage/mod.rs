@@ -18,7 +18,7 @@ pub mod tiered;
 use std::sync::Arc;
 
 /// Aisle's facts about a stored entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryInfo {
     /// [`crate::key::uri_id`] of the URI the entry was stored for; shared by its variants.
     pub uri: u64,
@@ -28,4 +28,18 @@ pub struct EntryInfo {
     pub tags: Arc<[Box<str>]>,
     /// Seal the entry when it is written to a shared tier (rule `encrypt = true`).
     pub encrypt: bool,
+    /// The rule it was stored under (per-rule bytes in `/admin/stats`).
+    pub rule: Arc<str>,
+}
+
+impl Default for EntryInfo {
+    fn default() -> Self {
+        EntryInfo {
+            uri: 0,
+            host_path: "".into(),
+            tags: Arc::from(Vec::new()),
+            encrypt: false,
+            rule: Arc::from(""),
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! ```text
 //! envelope  = 0x00 payload                                   (plain)
 //!           | 0x01 key_id[4] nonce[12] AES-256-GCM(payload)  (encrypted; AAD = the storage key)
-//! payload   = "AIS2" len32 internal_meta len32 header uri64 len32 host_path ntags32 (len32 tag)*
+//! payload   = "AIS3" len32 internal_meta len32 header uri64 len32 host_path len32 rule
+//!             ntags32 (len32 tag)*
 //!             flags8 body
 //! ```
 //! The key id is derived from the key itself, so rotating keys needs no bookkeeping: records
@@ -17,7 +18,7 @@ use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-const MAGIC: &[u8; 4] = b"AIS2";
+const MAGIC: &[u8; 4] = b"AIS3";
 const PLAIN: u8 = 0;
 const SEALED: u8 = 1;
 const FLAG_ENCRYPT: u8 = 1;
@@ -90,6 +91,7 @@ impl Record {
         put(&mut out, &self.header);
         out.extend_from_slice(&self.info.uri.to_be_bytes());
         put(&mut out, self.info.host_path.as_bytes());
+        put(&mut out, self.info.rule.as_bytes());
         out.extend_from_slice(&(self.info.tags.len() as u32).to_be_bytes());
         for t in self.info.tags.iter() {
             put(&mut out, t.as_bytes());
@@ -184,7 +186,9 @@ impl Record {
             return Err(DecodeError::Malformed);
         }
         let uri = b.get_u64();
-        let host_path = String::from_utf8(take(&mut b)?.to_vec()).map_err(|_| DecodeError::Malformed)?;
+        let host_path =
+            String::from_utf8(take(&mut b)?.to_vec()).map_err(|_| DecodeError::Malformed)?;
+        let rule = String::from_utf8(take(&mut b)?.to_vec()).map_err(|_| DecodeError::Malformed)?;
         if b.remaining() < 4 {
             return Err(DecodeError::Malformed);
         }
@@ -208,6 +212,7 @@ impl Record {
             info: EntryInfo {
                 uri,
                 host_path: host_path.into_boxed_str(),
+                rule: Arc::from(rule),
                 tags: Arc::from(tags),
                 encrypt: flags & FLAG_ENCRYPT != 0,
             },
@@ -227,6 +232,7 @@ mod tests {
             info: EntryInfo {
                 uri: 77,
                 host_path: "h/p".into(),
+                rule: Arc::from("r"),
                 tags: Arc::from(vec!["a".into(), "wedding:42".into()]),
                 encrypt,
             },
@@ -288,7 +294,7 @@ mod tests {
         for raw in [
             &b""[..],
             b"\x00",
-            b"\x00AIS2\x00\x00",
+            b"\x00AIS3\x00\x00",
             b"\x05xyz",
             b"\x00NOPE",
         ] {

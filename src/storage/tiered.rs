@@ -237,6 +237,26 @@ impl Storage for Tiered {
         )))
     }
 
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        streaming_write_tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        if self.memory_enabled {
+            self.memory
+                .lookup_streaming_write(key, streaming_write_tag, trace)
+                .await
+        } else {
+            self.lookup(key, trace).await
+        }
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        // Fills are readable while they stream only from the memory tier.
+        self.memory_enabled
+    }
+
     async fn get_miss_handler(
         &'static self,
         key: &CacheKey,
@@ -352,6 +372,10 @@ impl HandleMiss for TieredMiss {
             Some(inner) => inner.write_body(data, eof).await,
             None => Ok(()),
         }
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        self.inner.as_ref().and_then(|i| i.streaming_write_tag())
     }
 
     async fn finish(self: Box<Self>) -> Result<MissFinishType> {
