@@ -157,7 +157,9 @@ struct RawConfig {
     webhooks: BTreeMap<String, Spanned<RawWebhook>>,
     #[serde(default)]
     purge: RawPurge,
-    cdn: Option<Spanned<crate::purge::providers::CdnConfig>>,
+    // Not `Spanned`: toml cannot span a table that only exists through dotted headers
+    // (`[cdn.cloudflare]` without `[cdn]`).
+    cdn: Option<crate::purge::providers::CdnConfig>,
 }
 
 #[derive(Deserialize)]
@@ -412,8 +414,8 @@ impl Config {
             None
         };
         if let Some(cdn) = &raw.cdn {
-            if let Err(e) = crate::purge::providers::build(cdn.get_ref()) {
-                diags.push(src.at(cdn.span(), e));
+            if let Err(e) = crate::purge::providers::build(cdn) {
+                diags.push(src.whole(format!("[cdn]: {e}")));
             }
         }
         if let Some(rules) = &rules {
@@ -452,7 +454,7 @@ impl Config {
             admin,
             webhooks,
             purge,
-            cdn: raw.cdn.map(Spanned::into_inner),
+            cdn: raw.cdn,
             upstreams,
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),

@@ -1,4 +1,4 @@
-//! The `aisle` command line: `run` (default), `check`, `demo`.
+//! The `aisle` command line: `run` (default), `check`, `demo`, `replay`, `trace`.
 
 use aisle::config::Config;
 
@@ -32,6 +32,35 @@ enum Command {
     Check,
     /// Serve the repository's gateway.toml and rules/ with a built-in demo origin.
     Demo,
+    /// Replay a JSON-lines request trace against the rules alone (no origin) and print the hit
+    /// ratio per rule, with and without normalizers.
+    Replay {
+        /// The trace: one JSON object per line (method, path, query, headers, body, timestamp).
+        #[arg(long)]
+        trace: PathBuf,
+        /// Lifetime of entries of rules without `ttl` (their origin would decide; a replay has none).
+        #[arg(long, default_value = "5m", value_parser = duration_arg)]
+        default_ttl: std::time::Duration,
+    },
+    /// Write a synthetic, seeded wedding-planning request trace for `aisle replay`.
+    Trace {
+        /// Number of requests.
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// The same seed gives the same trace.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Arrivals are spread over this long.
+        #[arg(long, default_value = "2h", value_parser = duration_arg)]
+        duration: std::time::Duration,
+        /// Output file (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    aisle::units::parse_duration(s)
 }
 
 fn init_logging() {
@@ -79,6 +108,55 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Demo => demo(&cli.config),
+        Command::Replay { trace, default_ttl } => match load(&cli.config) {
+            Ok(c) => aisle::replay::run(&c, &trace, default_ttl),
+            Err(code) => code,
+        },
+        Command::Trace {
+            requests,
+            seed,
+            duration,
+            out,
+        } => trace(requests, seed, duration, out.as_deref()),
+    }
+}
+
+fn trace(
+    requests: usize,
+    seed: u64,
+    duration: std::time::Duration,
+    out: Option<&Path>,
+) -> ExitCode {
+    let opts = aisle::tracegen::Options {
+        requests,
+        seed,
+        duration,
+        ..Default::default()
+    };
+    let written = match out {
+        Some(path) => std::fs::File::create(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))
+            .and_then(|f| {
+                aisle::tracegen::write_trace(&opts, &mut std::io::BufWriter::new(f))
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))
+            }),
+        None => aisle::tracegen::write_trace(&opts, &mut std::io::stdout().lock())
+            .map_err(|e| format!("cannot write the trace to standard output: {e}")),
+    };
+    match written {
+        Ok(()) => {
+            if let Some(path) = out {
+                eprintln!(
+                    "aisle trace: {requests} requests (seed {seed}) written to {}",
+                    path.display()
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aisle trace: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

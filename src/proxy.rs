@@ -646,7 +646,10 @@ impl ProxyHttp for Gateway {
         ctx.answered = Some(answered);
         let req = session.req_header();
         let success = (200..400).contains(&resp.status.as_u16());
-        if success && ctx.upstream_status.is_some() && policy::is_unsafe(&req.method) {
+        // RFC 9111 §4.4; except for body-keyed rules, where a POST is a query whose answer
+        // is itself cached (it would otherwise evict the entry it just stored).
+        let query_post = ctx.rule.as_ref().is_some_and(|r| r.needs_body);
+        if success && ctx.upstream_status.is_some() && policy::is_unsafe(&req.method) && !query_post {
             self.invalidate_after_unsafe(req, resp, ctx).await;
         }
         Ok(())

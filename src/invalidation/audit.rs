@@ -96,6 +96,13 @@ impl Audit {
         }
     }
 
+    /// Corrects a record's CDN status (the queue refused the job).
+    pub fn set_cdn(&self, id: &str, cdn: &str) {
+        if let Some(rec) = self.ring.lock().iter_mut().rev().find(|r| r.id == id) {
+            rec.cdn = cdn.to_string();
+        }
+    }
+
     /// Publishes an invalidation another instance made (not recorded again: it has its record).
     pub fn relay(&self, json: String) {
         let _ = self.events.send(json);

@@ -242,9 +242,10 @@ impl Invalidator {
                     .inc_by(n as u64);
             }
         }
-        let cdn = match (&self.queue, plan.cdn) {
-            (Some(queue), true) => {
-                let job = PurgeJob {
+        let job = match (&self.queue, plan.cdn) {
+            (Some(queue), true) => Some((
+                queue,
+                PurgeJob {
                     id: id.clone(),
                     tags: plan.tags.clone(),
                     urls: plan.urls.iter().map(|(u, _, _)| u.clone()).collect(),
@@ -253,26 +254,20 @@ impl Invalidator {
                     soft: plan.soft,
                     source: plan.source.clone(),
                     created_ms: at_ms,
-                };
-                match queue.enqueue(&job).await {
-                    Ok(_) => "queued",
-                    Err(e) => {
-                        tracing::error!("purge {id} could not be queued for the CDNs: {e}");
-                        "unavailable"
-                    }
-                }
-            }
-            _ => "none",
+                },
+            )),
+            _ => None,
         };
-        let summary = Summary {
+        let mut summary = Summary {
             id: id.clone(),
             tags: plan.tags.len(),
             urls: plan.urls.len(),
             prefixes: plan.prefixes.len(),
-            cdn: cdn.to_string(),
+            cdn: if job.is_some() { "queued" } else { "none" }.to_string(),
         };
+        // Recorded before the job is queued, so the worker's first answer finds its record.
         self.audit.record(AuditRecord {
-            id,
+            id: id.clone(),
             at_ms,
             source: plan.source,
             actor: plan.actor,
@@ -281,9 +276,16 @@ impl Invalidator {
             prefixes: plan.prefixes,
             events: plan.events,
             soft: plan.soft,
-            cdn: cdn.to_string(),
+            cdn: summary.cdn.clone(),
             cdn_answers: Vec::new(),
         });
+        if let Some((queue, job)) = job {
+            if let Err(e) = queue.enqueue(&job).await {
+                tracing::error!("purge {id} could not be queued for the CDNs: {e}");
+                summary.cdn = "unavailable".to_string();
+                self.audit.set_cdn(&id, "unavailable");
+            }
+        }
         summary
     }
 

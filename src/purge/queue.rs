@@ -7,7 +7,7 @@
 //!   own persistence goes). Per provider, in one cluster slot (`{provider}` hash tag):
 //!   `{prefix}purge:{p}:items` (hash id -> item JSON), `:queue` (zset id by `not_before_ms`),
 //!   `:processing` (zset id by lease deadline), `:dead` (zset id by time of death) and `:pace`
-//!   (the fleet-wide rate limiter's state). Every transition is one Lua script, so an item is in
+//!   (the fleet-wide rate limiter's state, which a `Retry-After` also moves forward). Every transition is one Lua script, so an item is in
 //!   exactly one of queue / processing / dead and is handed to exactly one instance. An instance
 //!   that dies mid-send leaves its items in `:processing`; once their lease passes, the next claim
 //!   by any instance puts them back in the queue (sent again: at-least-once, never lost).
@@ -496,12 +496,7 @@ impl PurgeQueue {
         if !self.flush_pending(redis).await {
             return Claim::Idle(local_next);
         }
-        let rate = self
-            .providers
-            .iter()
-            .find(|p| p.name() == provider)
-            .map_or(f64::INFINITY, |p| p.rate());
-        let (interval, burst) = pacing(rate);
+        let (interval, burst) = pacing(self.rate(provider));
         let k = RKeys::new(&redis.prefix, provider);
         // Orphans (an id without its item) are dropped by the script; bounded retries.
         for _ in 0..8 {
@@ -554,6 +549,31 @@ impl PurgeQueue {
             }
         }
         Claim::Idle(local_next)
+    }
+
+    fn rate(&self, provider: &str) -> f64 {
+        self.providers
+            .iter()
+            .find(|p| p.name() == provider)
+            .map_or(f64::INFINITY, |p| p.rate())
+    }
+
+    /// Tells the fleet that `provider` asked for no request before `until_ms` (a 429's
+    /// `Retry-After`): the claim script's limiter then holds every instance's claims until then.
+    pub(crate) async fn pause_fleet(&self, provider: &str, until_ms: u64) {
+        let Some(redis) = &self.redis else {
+            return;
+        };
+        let (_, burst) = pacing(self.rate(provider));
+        let k = RKeys::new(&redis.prefix, provider);
+        let cmd = redis::cmd("EVAL")
+            .arg(PAUSE)
+            .arg(1)
+            .arg(&k.pace)
+            .arg(until_ms + burst)
+            .arg(now_ms())
+            .clone();
+        let _ = redis.background::<i64>("purge_pause", &cmd).await;
     }
 
     /// Records how an attempt ended. Never fails: a store that cannot be written now is
@@ -790,6 +810,17 @@ if interval > 0 then
 end
 redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
 return {1, item}
+";
+
+/// KEYS: pace. ARGV: the limiter's new earliest state, now. Moves the fleet's limiter forward
+/// (never back), so claims wait until `ARGV[1] - burst`.
+const PAUSE: &str = r"
+local t = tonumber(redis.call('GET', KEYS[1]) or '0')
+local want = tonumber(ARGV[1])
+if t < want then
+  redis.call('SET', KEYS[1], want, 'PX', want - tonumber(ARGV[2]) + 1000)
+end
+return 1
 ";
 
 /// KEYS: processing, items, target zset. ARGV: id, json, score. Only an item still leased moves

@@ -5,7 +5,8 @@
 //! in Redis, the fleet-wide limiter inside the claim script), keeps up to `concurrency` sends in
 //! flight, and turns each answer into a queue transition: `Done` forgets the item, `Retry` puts
 //! it back after max(exponential backoff with full jitter, `Retry-After`) and, when the CDN said
-//! when, pauses the whole provider until then (a 429 is about the account, not the batch);
+//! when, pauses the provider until then, here and (through Redis) on every instance (a 429 is
+//! about the account, not the batch);
 //! `Fatal`, or `max_attempts` failures, makes it a dead letter. Every attempt is reported to
 //! [`super::Report`] and counted in the metrics. The state lives in the queue, never here: a
 //! worker can be stopped or killed at any point and the next one (here or on another instance)
@@ -249,7 +250,19 @@ async fn attempt(
             detail: format!("no answer within {:?}", cfg.send_timeout),
         },
     };
-    queue.report().cdn_answer(&item.job, name, n, &outcome);
+    if let Outcome::Retry {
+        after: Some(after), ..
+    } = &outcome
+    {
+        // Before anything else: the other instances should hold off as soon as possible.
+        queue.pause_fleet(name, ms_after(*after)).await;
+    }
+    let reported = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        queue.report().cdn_answer(&item.job, name, n, &outcome)
+    }));
+    if reported.is_err() {
+        tracing::error!("reporting the answer to purge item {} panicked", item.id);
+    }
     item.attempts = n;
     let m = metrics();
     let finish = match &outcome {

@@ -252,6 +252,50 @@ impl RuleSet {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
+
+    /// The same rules with every normalizer removed, so vary values are keyed as requests
+    /// write them (`body_key` canonical JSON and its `ignore` list stay). For `aisle replay`,
+    /// which shows what the normalizers buy on a trace.
+    pub fn without_normalizers(&self) -> RuleSet {
+        let strip = |r: &Arc<Rule>| {
+            Arc::new(Rule {
+                name: r.name.clone(),
+                origin: r.origin.clone(),
+                methods: r.methods,
+                host: r.host.clone(),
+                path: r.path.clone(),
+                upstream: r.upstream,
+                cache: r.cache,
+                ttl: r.ttl,
+                stale_while_revalidate: r.stale_while_revalidate,
+                stale_if_error: r.stale_if_error,
+                vary: r
+                    .vary
+                    .iter()
+                    .map(|f| VaryField {
+                        source: f.source.clone(),
+                        normalizers: Vec::new(),
+                    })
+                    .collect(),
+                tags: r.tags.clone(),
+                invalidate_on: r.invalidate_on.clone(),
+                cache_set_cookie: r.cache_set_cookie,
+                encrypt: r.encrypt,
+                keep_tag_headers: r.keep_tag_headers,
+                body_key: r.body_key.clone(),
+                needs_body: r.needs_body,
+                cost: r.cost.clone(),
+                is_default: r.is_default,
+                key_path: r.key_path,
+                metrics: RuleMetrics::new(&r.name),
+            })
+        };
+        RuleSet {
+            rules: self.rules.iter().map(strip).collect(),
+            default: self.default.as_ref().map(strip),
+            events: self.events.clone(),
+        }
+    }
 }
 
 // ---- raw (as written) -------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-//! Request sources: `query.NAME`, `header.NAME`, `path.NAME`, `cookie.NAME` (and the reserved
-//! `body./json/pointer`), and the tag templates built from them (`"vendor-type:{query.vendorType}"`).
+//! Request sources: `query.NAME`, `header.NAME`, `path.NAME`, `cookie.NAME` and `body./pointer`
+//! (a field of the JSON body), and the tag templates built from them (`"vendor-type:{query.vendorType}"`).
 //!
 //! A source is parsed and checked once when rules load (a `path.` source must name a parameter of
 //! the rule's pattern); extracting it from a request borrows from the request where it can.
@@ -26,7 +26,7 @@ pub enum Source {
     /// Index of the parameter in the rule's path pattern.
     Path(usize, Box<str>),
     Cookie(Box<str>),
-    /// RFC 6901 JSON pointer into the request body (AI caching; reserved).
+    /// RFC 6901 JSON pointer into the JSON request body.
     Body(Box<str>),
 }
 

@@ -42,7 +42,9 @@ pub type Eviction = lru::Manager<SHARDS>;
 #[derive(Clone)]
 struct StoredMeta {
     fresh_until: SystemTime,
-    provenance: SystemTime,
+    /// When the origin last vouched for this content: its fetch, or a later revalidation.
+    /// Purges are judged against it (a refetch after a soft purge is newer than the purge).
+    confirmed: SystemTime,
     /// When the entry's age starts (its store or last revalidation, minus upstream `Age`).
     epoch: SystemTime,
     swr: u32,
@@ -55,7 +57,7 @@ impl StoredMeta {
     fn from_meta(meta: &CacheMeta) -> Self {
         StoredMeta {
             fresh_until: meta.fresh_until(),
-            provenance: meta.provenance(),
+            confirmed: meta.created().max(meta.updated()),
             // The epoch override carries the upstream `Age` at store time; once the entry is
             // revalidated (`updated` moves past `created`) its age restarts from then.
             epoch: if meta.updated() > meta.created() {
@@ -73,12 +75,12 @@ impl StoredMeta {
     fn to_meta(&self) -> CacheMeta {
         let mut meta = CacheMeta::new(
             self.fresh_until,
-            self.provenance,
+            self.confirmed,
             self.swr,
             self.sie,
             self.header.clone(),
         );
-        if self.epoch != self.provenance {
+        if self.epoch != self.confirmed {
             meta.set_epoch_override(self.epoch);
         }
         if let Some(v) = self.variance {
