@@ -9,6 +9,7 @@
 //!   * Redis hit latency (R: every hit is read from Redis),
 //!   * invalidation reach: a POST through B, then A polled until it no longer serves the old
 //!     entry (time from B's answer to A's first miss).
+//!
 //! Run by `cargo test` (no `--bench` argument) it does a few iterations only, as a smoke test.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -114,9 +115,10 @@ fn gateway(
     let (port, admin) = (free_port(), free_port());
     let rules = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("rules");
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nthreads = 1\n\
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nthreads = 1\ndefault_upstream = \"api\"\n\
          [cache]\nmemory = \"{memory}\"\nrules_dir = {rules:?}\n\
          [upstreams.api]\nurl = \"http://127.0.0.1:{origin}\"\n\
+         [upstreams.ai]\nurl = \"http://127.0.0.1:{origin}\"\n\
          [redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\nprefix = \"fleet:\"\ntimeout = \"50ms\"\n"
     );
     let path = dir.join(format!("{name}.toml"));
@@ -124,11 +126,12 @@ fn gateway(
     let child = Command::new(env!("CARGO_BIN_EXE_aisle"))
         .args(["run", "--config", path.to_str().unwrap()])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
         .spawn()
         .expect("start aisle");
+    let log = dir.join(format!("{name}.log"));
     let proc = Proc(child);
-    wait_for("the gateway's readiness", || {
+    wait_for(&format!("gateway {name} (log: {})", log.display()), || {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)) else {
             return false;
         };

@@ -102,7 +102,10 @@ async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY {
-                    return Err(error(413, format!("the body is larger than {MAX_BODY} bytes")));
+                    return Err(error(
+                        413,
+                        format!("the body is larger than {MAX_BODY} bytes"),
+                    ));
                 }
                 body.extend_from_slice(&chunk);
             }
@@ -188,7 +191,10 @@ impl Admin {
             events: parsed
                 .events
                 .into_iter()
-                .map(|e| EventCall { name: e.name, params: e.params })
+                .map(|e| EventCall {
+                    name: e.name,
+                    params: e.params,
+                })
                 .collect(),
             soft: parsed.soft,
             source: "admin".into(),
@@ -215,18 +221,31 @@ impl Admin {
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 body: crate::metrics::render().into_bytes(),
             },
-            ("GET", "/healthz") => Reply { status: 200, content_type: "text/plain", body: b"ok\n".to_vec() },
+            ("GET", "/healthz") => Reply {
+                status: 200,
+                content_type: "text/plain",
+                body: b"ok\n".to_vec(),
+            },
             ("GET", "/readyz") => reply(200, self.readiness()),
             (_, "/metrics" | "/healthz" | "/readyz") => error(405, "use GET"),
             (_, p) if p.starts_with("/admin/") => {
                 if !bearer_ok(&req.headers, self.config.admin.token.as_deref()) {
-                    return error(401, "missing or wrong admin token (Authorization: Bearer <[admin] token>)");
+                    return error(
+                        401,
+                        "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
+                    );
                 }
                 match (method.as_str(), p) {
                     ("POST", "/admin/invalidate") => self.invalidate(session).await,
                     ("GET", "/admin/purges") => match &self.invalidator.queue {
-                        Some(q) => reply(200, serde_json::to_value(q.status().await).unwrap_or_default()),
-                        None => reply(200, json!({"configured": false, "depth": 0, "in_flight": 0, "dead_letters": 0})),
+                        Some(q) => reply(
+                            200,
+                            serde_json::to_value(q.status().await).unwrap_or_default(),
+                        ),
+                        None => reply(
+                            200,
+                            json!({"configured": false, "depth": 0, "in_flight": 0, "dead_letters": 0}),
+                        ),
                     },
                     ("POST", "/admin/purges/retry") => match &self.invalidator.queue {
                         Some(q) => reply(200, json!({"retried": q.retry_dead_letters().await})),
@@ -243,7 +262,10 @@ impl Admin {
                     _ => error(404, "no such admin endpoint; see README (Admin API)"),
                 }
             }
-            _ => error(404, "not found: try /metrics, /healthz, /readyz or /admin/*"),
+            _ => error(
+                404,
+                "not found: try /metrics, /healthz, /readyz or /admin/*",
+            ),
         }
     }
 
@@ -258,7 +280,11 @@ impl Admin {
         if session.write_response_header(Box::new(resp)).await.is_err() {
             return;
         }
-        if session.write_response_body(Bytes::from_static(b": stream of invalidations\n\n"), false).await.is_err() {
+        if session
+            .write_response_body(Bytes::from_static(b": stream of invalidations\n\n"), false)
+            .await
+            .is_err()
+        {
             return;
         }
         let mut shutdown = shutdown.clone();
@@ -272,7 +298,11 @@ impl Admin {
                 _ = tokio::time::sleep(SSE_KEEPALIVE) => ": keep-alive\n\n".to_string(),
                 _ = shutdown.changed() => return,
             };
-            if session.write_response_body(Bytes::from(chunk), false).await.is_err() {
+            if session
+                .write_response_body(Bytes::from(chunk), false)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -298,19 +328,28 @@ impl HttpServerApp for Admin {
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
         let r = if is_events {
-            error(401, "missing or wrong admin token (Authorization: Bearer <[admin] token>)")
+            error(
+                401,
+                "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
+            )
         } else {
             self.route(&mut session).await
         };
         let mut resp = ResponseHeader::build(r.status, Some(4)).ok()?;
-        resp.insert_header(http::header::CONTENT_TYPE, r.content_type).ok()?;
-        resp.insert_header(http::header::CONTENT_LENGTH, r.body.len()).ok()?;
+        resp.insert_header(http::header::CONTENT_TYPE, r.content_type)
+            .ok()?;
+        resp.insert_header(http::header::CONTENT_LENGTH, r.body.len())
+            .ok()?;
         if r.status == 401 {
-            resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer").ok()?;
+            resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")
+                .ok()?;
         }
         session.write_response_header(Box::new(resp)).await.ok()?;
         if !r.body.is_empty() {
-            session.write_response_body(r.body.into(), true).await.ok()?;
+            session
+                .write_response_body(r.body.into(), true)
+                .await
+                .ok()?;
         }
         let settings = HttpPersistentSettings::for_session(&session);
         match session.finish().await {
@@ -327,8 +366,14 @@ mod tests {
     #[test]
     fn since_parameter() {
         assert_eq!(parse_since(None).unwrap(), 0);
-        assert_eq!(parse_since(Some("since=1700000000000")).unwrap(), 1_700_000_000_000);
-        assert_eq!(parse_since(Some("x=1&since=2026-11-22T00:00:00Z")).unwrap(), 1_795_305_600_000);
+        assert_eq!(
+            parse_since(Some("since=1700000000000")).unwrap(),
+            1_700_000_000_000
+        );
+        assert_eq!(
+            parse_since(Some("x=1&since=2026-11-22T00:00:00Z")).unwrap(),
+            1_795_305_600_000
+        );
         assert!(parse_since(Some("since=yesterday")).is_err());
     }
 }

@@ -326,7 +326,11 @@ impl Config {
         let max_ttl = dur(&raw.cache.max_ttl, Duration::from_secs(86_400), &mut diags);
         let admin = admin_config(&src, &raw.admin, &mut diags);
         let purge = PurgeConfig {
-            dir: raw.purge.dir.as_ref().map_or_else(|| base.join("purge-queue"), |d| base.join(d)),
+            dir: raw
+                .purge
+                .dir
+                .as_ref()
+                .map_or_else(|| base.join("purge-queue"), |d| base.join(d)),
             max_attempts: raw.purge.max_attempts.unwrap_or(8).max(1),
         };
         let mut webhooks = BTreeMap::new();
@@ -524,8 +528,14 @@ fn webhook_config(
     for m in &w.map {
         let r = m.get_ref();
         let pointers = std::iter::once(&r.type_pointer).chain(r.fire.params.values());
-        if let Some(bad) = pointers.into_iter().find(|p| !p.is_empty() && !p.starts_with('/')) {
-            diags.push(src.at(m.span(), format!("{bad:?} is not a JSON pointer; write it like \"/data/vendor_id\"")));
+        if let Some(bad) = pointers
+            .into_iter()
+            .find(|p| !p.is_empty() && !p.starts_with('/'))
+        {
+            diags.push(src.at(
+                m.span(),
+                format!("{bad:?} is not a JSON pointer; write it like \"/data/vendor_id\""),
+            ));
             continue;
         }
         maps.push(Mapping {

@@ -26,7 +26,12 @@ pub const WEBHOOK_PREFIX: &str = "/_aisle/webhooks/";
 const REPLAY_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// Writes a small JSON answer.
-pub async fn respond_json(session: &mut Session, status: u16, body: String, cache_status: &str) -> Result<()> {
+pub async fn respond_json(
+    session: &mut Session,
+    status: u16,
+    body: String,
+    cache_status: &str,
+) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
@@ -35,7 +40,9 @@ pub async fn respond_json(session: &mut Session, status: u16, body: String, cach
         resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
     }
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(Bytes::from(body)), true).await
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
 }
 
 fn error_json(message: impl std::fmt::Display) -> String {
@@ -102,7 +109,10 @@ impl Replays {
         self.local.lock().remove(id);
         if let Some(redis) = &self.redis {
             let _: Option<i64> = redis
-                .background("webhook", redis::cmd("DEL").arg(format!("{}webhook:{id}", redis.prefix)))
+                .background(
+                    "webhook",
+                    redis::cmd("DEL").arg(format!("{}webhook:{id}", redis.prefix)),
+                )
                 .await;
         }
     }
@@ -137,7 +147,10 @@ pub async fn webhook(
     replays: &Replays,
 ) -> Result<()> {
     let path = session.req_header().uri.path().to_string();
-    let source = path.trim_start_matches(WEBHOOK_PREFIX).trim_end_matches('/').to_string();
+    let source = path
+        .trim_start_matches(WEBHOOK_PREFIX)
+        .trim_end_matches('/')
+        .to_string();
     let count = |outcome: &str| {
         metrics()
             .webhooks
@@ -147,19 +160,46 @@ pub async fn webhook(
     const CS: &str = "aisle; fwd=bypass; detail=webhook";
     let Some(hook) = config.webhooks.get(&source) else {
         count("unknown_source");
-        return respond_json(session, 404, error_json(format!("no webhook source {source:?} is configured")), CS).await;
+        return respond_json(
+            session,
+            404,
+            error_json(format!("no webhook source {source:?} is configured")),
+            CS,
+        )
+        .await;
     };
     if session.req_header().method != http::Method::POST {
         count("error");
-        return respond_json(session, 405, error_json("webhooks are delivered with POST"), CS).await;
+        return respond_json(
+            session,
+            405,
+            error_json("webhooks are delivered with POST"),
+            CS,
+        )
+        .await;
     }
     let Some(body) = read_body(session, hook.max_body).await? else {
         count("too_large");
         session.set_keepalive(None);
-        return respond_json(session, 413, error_json(format!("the delivery is larger than {} bytes", hook.max_body)), CS).await;
+        return respond_json(
+            session,
+            413,
+            error_json(format!(
+                "the delivery is larger than {} bytes",
+                hook.max_body
+            )),
+            CS,
+        )
+        .await;
     };
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    if let Err(rejection) = hook.verifier.verify(&session.req_header().headers, &body, now) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    if let Err(rejection) = hook
+        .verifier
+        .verify(&session.req_header().headers, &body, now)
+    {
         count("bad_signature");
         tracing::warn!(source, "webhook refused: {rejection}");
         let msg = match rejection {
@@ -172,17 +212,29 @@ pub async fn webhook(
         Ok(v) => v,
         Err(e) => {
             count("malformed");
-            return respond_json(session, 400, error_json(format!("the body is not JSON: {e}")), CS).await;
+            return respond_json(
+                session,
+                400,
+                error_json(format!("the body is not JSON: {e}")),
+                CS,
+            )
+            .await;
         }
     };
-    let delivery = hook
-        .verifier
-        .delivery_id(&session.req_header().headers, &json, &hook.id_pointer);
+    let delivery =
+        hook.verifier
+            .delivery_id(&session.req_header().headers, &json, &hook.id_pointer);
     let claim = delivery.as_ref().map(|d| format!("{source}:{d}"));
     if let Some(c) = &claim {
         if !replays.claim(c).await {
             count("duplicate");
-            return respond_json(session, 202, serde_json::json!({"duplicate": true}).to_string(), CS).await;
+            return respond_json(
+                session,
+                202,
+                serde_json::json!({"duplicate": true}).to_string(),
+                CS,
+            )
+            .await;
         }
     }
     let fired = match map_delivery(&hook.maps, &json) {
@@ -229,15 +281,31 @@ pub async fn webhook(
 
 /// Handles `PURGE <url>` (every variant of the URI) or `PURGE` with `Surrogate-Key: t1 t2`
 /// (tags), allowed from `[admin] purge_allow` networks or with the admin token.
-pub async fn purge(session: &mut Session, config: &Config, invalidator: &Invalidator) -> Result<()> {
+pub async fn purge(
+    session: &mut Session,
+    config: &Config,
+    invalidator: &Invalidator,
+) -> Result<()> {
     const CS: &str = "aisle; fwd=bypass; detail=purge";
     let req = session.req_header();
     let from_allowed = session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .is_some_and(|a| config.admin.purge_allow.iter().any(|net| net.contains(&a.ip())));
+        .is_some_and(|a| {
+            config
+                .admin
+                .purge_allow
+                .iter()
+                .any(|net| net.contains(&a.ip()))
+        });
     if !from_allowed && !bearer_ok(&req.headers, config.admin.token.as_deref()) {
-        return respond_json(session, 401, error_json("PURGE needs the admin token or a client address in [admin] purge_allow"), CS).await;
+        return respond_json(
+            session,
+            401,
+            error_json("PURGE needs the admin token or a client address in [admin] purge_allow"),
+            CS,
+        )
+        .await;
     }
     let header = |name: &str| req.headers.get(name).and_then(|v| v.to_str().ok());
     let soft = header("fastly-soft-purge") == Some("1");
@@ -257,13 +325,23 @@ pub async fn purge(session: &mut Session, config: &Config, invalidator: &Invalid
         events: Vec::new(),
         soft,
         source: "purge-method".into(),
-        actor: if from_allowed { "allowed-network".into() } else { "token".into() },
+        actor: if from_allowed {
+            "allowed-network".into()
+        } else {
+            "token".into()
+        },
         cdn: Cdn::Always,
     };
     match invalidator.plan(request, &config.rules) {
         Ok(plan) => {
             let summary = invalidator.execute(plan).await;
-            respond_json(session, 200, serde_json::to_string(&summary).unwrap_or_default(), CS).await
+            respond_json(
+                session,
+                200,
+                serde_json::to_string(&summary).unwrap_or_default(),
+                CS,
+            )
+            .await
         }
         Err(e) => respond_json(session, 400, error_json(e), CS).await,
     }

@@ -8,14 +8,24 @@
 //! glance whether a response came from the origin or from the cache. It is
 //! deliberately plain hyper 1.x and std only: no framework, no state beyond the
 //! counter.
+//!
+//! Two AI routes play the paid APIs that `rules/ai.toml` caches:
+//! `POST /api/ai/recommendations` (the planner's assistant) and an OpenAI-style
+//! `POST /v1/chat/completions`. Both answer from the JSON body, deterministically,
+//! with `usage.total_tokens` (what the gateway's cost counters read) and without
+//! `Cache-Control` (the rules set the TTL). With `"stream": true` the chat route
+//! answers `text/event-stream`, one `data:` event per body frame spread over about
+//! a second and ending with `data: [DONE]`, the way OpenAI streams, so streaming
+//! through the gateway can be watched.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, ETAG, IF_NONE_MATCH};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -27,8 +37,14 @@ use tokio::task::JoinSet;
 
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
 
-/// Largest request body the demo reads (the POST route ignores its content).
+/// Largest request body the demo reads.
 const MAX_BODY: usize = 64 * 1024;
+
+/// What every route answers with: a whole body, or (streamed chat) frames over time.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
+
+/// Events of a streamed chat answer are this far apart (about a second in all).
+const STREAM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(150);
 
 /// Serves the demo origin on `listener` until the task is dropped/aborted.
 pub async fn serve(listener: TcpListener) -> std::io::Result<()> {
@@ -65,20 +81,23 @@ fn is_per_connection(e: &std::io::Error) -> bool {
     matches!(e.kind(), ConnectionAborted | ConnectionReset | Interrupted)
 }
 
-async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let n = REQUESTS.fetch_add(1, Ordering::Relaxed) + 1;
     let (parts, body) = req.into_parts();
     tracing::debug!(method = %parts.method, uri = %parts.uri, origin_request = n, "demo origin");
-    // Read (and discard) any body so the connection can be reused.
-    if Limited::new(body, MAX_BODY).collect().await.is_err() {
-        let body = json!({"error": "body too large"});
-        return Ok(json_response(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "no-store",
-            body,
-            n,
-        ));
-    }
+    // Read the whole body (the AI routes answer from it; reading it also lets the connection
+    // be reused).
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => {
+            let body =
+                json!({"error": format!("the request body is larger than {MAX_BODY} bytes")});
+            return Ok(
+                json_response(StatusCode::PAYLOAD_TOO_LARGE, Some("no-store"), body, n)
+                    .map(|b| b.boxed_unsync()),
+            );
+        }
+    };
     let query = parse_query(parts.uri.query().unwrap_or(""));
     let q = |name: &str| query.iter().find(|(k, _)| k == name).map_or("", |(_, v)| v);
     let path: Vec<&str> = parts
@@ -93,6 +112,27 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     };
 
     use StatusCode as S;
+    if let ("POST", ["api", "ai", "recommendations"] | ["v1", "chat", "completions"]) =
+        (method, path.as_slice())
+    {
+        let Some(request) = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .filter(Value::is_object)
+        else {
+            let body = json!({"error": "the request body must be a JSON object"});
+            let resp = json_response(S::BAD_REQUEST, Some("no-store"), body, n);
+            return Ok(resp.map(|b| b.boxed_unsync()));
+        };
+        if path[0] == "v1" {
+            if request["stream"] == Value::Bool(true) {
+                return Ok(chat_stream(&request, n));
+            }
+            let body = chat_completion(&request);
+            return Ok(json_response(S::OK, None, body, n).map(|b| b.boxed_unsync()));
+        }
+        let body = recommendations(&request);
+        return Ok(json_response(S::OK, None, body, n).map(|b| b.boxed_unsync()));
+    }
     let (status, cache_control, body, etag) = match (method, path.as_slice()) {
         ("GET", ["api", "vendors", "search"]) => {
             let body = vendor_search(q("location"), q("vendorType"), q("budget"));
@@ -119,7 +159,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
             None,
         ),
     };
-    let mut resp = json_response(status, cache_control, body, n);
+    let mut resp = json_response(status, Some(cache_control), body, n);
     if let Some(etag) = etag {
         let inm = parts
             .headers
@@ -134,29 +174,40 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
         let etag = HeaderValue::from_str(&etag).expect("valid etag");
         resp.headers_mut().insert(ETAG, etag);
     }
-    Ok(resp)
+    Ok(resp.map(|b| b.boxed_unsync()))
 }
 
-/// Adds `served_at` and `origin_request` to `body` and wraps it as a JSON response.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Adds `served_at` and `origin_request` to `body` and wraps it as a JSON response
+/// (`cache_control: None`: no `Cache-Control` header).
 fn json_response(
     status: StatusCode,
-    cache_control: &'static str,
+    cache_control: Option<&'static str>,
     mut body: Value,
     n: u64,
 ) -> Response<Full<Bytes>> {
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    if let Value::Object(map) = &mut body {
-        map.insert("served_at".into(), now_ms.into());
-        map.insert("origin_request".into(), n.into());
-    }
+    stamp(&mut body, n);
     let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static(cache_control));
+    if let Some(cc) = cache_control {
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static(cc));
+    }
     resp
+}
+
+/// Adds `served_at` (unix ms) and `origin_request` to a JSON object.
+fn stamp(body: &mut Value, n: u64) {
+    if let Value::Object(map) = body {
+        map.insert("served_at".into(), now_ms().into());
+        map.insert("origin_request".into(), n.into());
+    }
 }
 
 fn valid_id(id: &str) -> bool {
@@ -310,6 +361,172 @@ fn weather(city: &str, date: &str) -> Value {
     })
 }
 
+/// A rough token count: about four characters a token, at least one.
+fn tokens(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4).max(1)
+}
+
+/// `POST /api/ai/recommendations`: a few recommendations for the question in its context.
+fn recommendations(req: &Value) -> Value {
+    let text = |p: &str| req.pointer(p).and_then(Value::as_str).unwrap_or("");
+    let kind = text("/query/type");
+    let content = text("/query/content");
+    let city = text("/weddingContext/location/city");
+    let date = text("/weddingContext/weddingDate");
+    let budget = req
+        .pointer("/weddingContext/budgetRange")
+        .map(Value::to_string)
+        .unwrap_or_default();
+    let s = seed(&[kind, content, city, date, &budget]);
+    let items: Vec<Value> = (0..3 + s % 3)
+        .map(|i| {
+            let v = s.rotate_left(9 * i as u32 + 5) ^ i;
+            json!({
+                "name": format!("{} {}", pick(ADJECTIVES, v >> 8), pick(NOUNS, v >> 16)),
+                "vendorType": match kind { "" | "overview" | "budget" | "timeline" => pick(VENDOR_TYPES, v >> 24), t => t },
+                "why": format!("Popular with couples in {} for {}.", city.trim(), pick(&["spring", "summer", "fall", "winter"], v >> 32)),
+                "score": 0.6 + ((v >> 40) % 40) as f64 / 100.0,
+            })
+        })
+        .collect();
+    let prompt_tokens = 60 + tokens(content) + tokens(city);
+    let completion_tokens = tokens(&Value::from(items.clone()).to_string());
+    json!({
+        "query": {"type": kind, "content": content},
+        "recommendations": items,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    })
+}
+
+const ANSWER_OPENINGS: &[&str] = &[
+    "Happy to help!",
+    "Here is a suggestion.",
+    "Great question.",
+    "Congratulations on the wedding!",
+];
+const ANSWER_LINES: &[&str] = &[
+    "Start with what matters most to the two of you",
+    "keep it short and personal",
+    "book the key vendors six to nine months ahead",
+    "share the plan with your planner early",
+    "leave buffer time between events",
+    "ask for references and read the contract closely",
+];
+
+/// The answer text the chat route gives for a request (deterministic: the same messages and
+/// model give the same words, streamed or not).
+fn chat_answer(req: &Value) -> (String, Vec<String>, u64) {
+    let model = req["model"].as_str().unwrap_or("demo-model");
+    let messages = req["messages"].to_string();
+    let s = seed(&[model, &messages]);
+    let mut pieces = vec![pick(ANSWER_OPENINGS, s).to_string()];
+    for i in 0..4u32 {
+        let line = pick(ANSWER_LINES, s.rotate_left(11 * i + 7));
+        pieces.push(format!(" {line}{}", if i == 3 { "." } else { ";" }));
+    }
+    (pieces.concat(), pieces, tokens(&messages))
+}
+
+fn chat_id(req: &Value) -> String {
+    format!("chatcmpl-{:016x}", seed(&[&req["messages"].to_string()]))
+}
+
+/// `POST /v1/chat/completions` without streaming: an OpenAI-style completion object.
+fn chat_completion(req: &Value) -> Value {
+    let (content, _, prompt_tokens) = chat_answer(req);
+    let completion_tokens = tokens(&content);
+    json!({
+        "id": chat_id(req),
+        "object": "chat.completion",
+        "created": now_ms() / 1000,
+        "model": req["model"].as_str().unwrap_or("demo-model"),
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop",
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    })
+}
+
+/// The `data:` events of a streamed answer, OpenAI style: a role chunk, the content in pieces,
+/// a `finish_reason` chunk, a usage chunk when `stream_options.include_usage` is set, then
+/// `[DONE]`.
+fn chat_events(req: &Value, n: u64) -> Vec<Bytes> {
+    let (content, pieces, prompt_tokens) = chat_answer(req);
+    let completion_tokens = tokens(&content);
+    let model = req["model"].as_str().unwrap_or("demo-model");
+    let id = chat_id(req);
+    let created = now_ms() / 1000;
+    let chunk = |choices: Value| {
+        let mut c = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": choices,
+        });
+        stamp(&mut c, n);
+        c
+    };
+    let mut chunks = vec![chunk(
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]),
+    )];
+    for piece in pieces {
+        chunks.push(chunk(
+            json!([{"index": 0, "delta": {"content": piece}, "finish_reason": null}]),
+        ));
+    }
+    chunks.push(chunk(
+        json!([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+    ));
+    if req.pointer("/stream_options/include_usage") == Some(&Value::Bool(true)) {
+        let mut usage = chunk(json!([]));
+        usage["usage"] = json!({
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        });
+        chunks.push(usage);
+    }
+    chunks
+        .into_iter()
+        .map(|c| Bytes::from(format!("data: {c}\n\n")))
+        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
+        .collect()
+}
+
+/// The body of a streamed answer: one frame per event, [`STREAM_INTERVAL`] apart (the first at
+/// once). Each frame is written to the connection as it is produced.
+fn event_stream(events: Vec<Bytes>) -> Body {
+    let stream = futures_util::stream::unfold(
+        (events.into_iter(), true),
+        |(mut events, first)| async move {
+            let event = events.next()?;
+            if !first {
+                tokio::time::sleep(STREAM_INTERVAL).await;
+            }
+            Some((Ok::<_, Infallible>(Frame::data(event)), (events, false)))
+        },
+    );
+    StreamBody::new(stream).boxed_unsync()
+}
+
+fn chat_stream(req: &Value, n: u64) -> Response<Body> {
+    let mut resp = Response::new(event_stream(chat_events(req, n)));
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,6 +557,31 @@ mod tests {
     /// header lines (and a small body for POST), then reads to EOF, all within a deadline.
     async fn request(addr: SocketAddr, line: &str, extra: &str) -> Reply {
         let body = if line.starts_with("POST") { "{}" } else { "" };
+        exchange(addr, line, extra, body).await
+    }
+
+    /// POSTs `body` as JSON to `path`; a chunked answer is de-chunked.
+    async fn post(addr: SocketAddr, path: &str, body: &str) -> Reply {
+        let line = format!("POST {path}");
+        let r = exchange(addr, &line, "Content-Type: application/json\r\n", body).await;
+        if !r.has("transfer-encoding: chunked") {
+            return r;
+        }
+        let (mut rest, mut out) = (r.2.as_str(), String::new());
+        // Every chunk consumes input, so this ends within rest.len() rounds.
+        for _ in 0..r.2.len() {
+            let (size, after) = rest.split_once("\r\n").expect("chunk size line");
+            let size = usize::from_str_radix(size.trim(), 16).expect("hex chunk size");
+            if size == 0 {
+                break;
+            }
+            out.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+        Reply(r.0, r.1, out)
+    }
+
+    async fn exchange(addr: SocketAddr, line: &str, extra: &str, body: &str) -> Reply {
         let exchange = async {
             let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
             let len = body.len();
@@ -432,6 +674,136 @@ mod tests {
             assert_eq!(nf.json()["error"], "not found");
         }
         server.abort();
+    }
+
+    const AI_BODY: &str = r#"{"request_id": "r1", "session": "s1", "query": {"type": "venue", "content": "Best venues?"}, "weddingContext": {"location": {"city": "NYC"}, "weddingDate": "2026-09-19", "budgetRange": {"min": 20000, "max": 35000}}}"#;
+
+    #[tokio::test]
+    async fn ai_recommendations_answer_from_the_body() {
+        let (addr, server) = start().await;
+        let a = post(addr, "/api/ai/recommendations", AI_BODY).await;
+        assert_eq!(a.0, 200);
+        assert!(a.has("content-type: application/json"));
+        assert!(
+            !a.1.contains("cache-control"),
+            "the rule sets the ttl: {}",
+            a.1
+        );
+        let ja = a.json();
+        let recs = ja["recommendations"].as_array().unwrap();
+        assert!((3..=5).contains(&recs.len()), "{ja}");
+        assert!(recs.iter().all(|r| r["vendorType"] == "venue"), "{ja}");
+        let usage = &ja["usage"];
+        let total = usage["total_tokens"].as_u64().unwrap();
+        assert!(total > 0);
+        assert_eq!(
+            total,
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        );
+        // Volatile fields do not change the answer; the question does.
+        let b = post(
+            addr,
+            "/api/ai/recommendations",
+            &AI_BODY.replace("r1", "r2"),
+        )
+        .await;
+        assert_eq!(without_stamps(ja.clone()), without_stamps(b.json()));
+        let other = AI_BODY.replace("Best venues?", "Which venues can host 150 guests?");
+        let c = post(addr, "/api/ai/recommendations", &other).await;
+        assert_ne!(
+            without_stamps(ja)["usage"],
+            without_stamps(c.json())["usage"]
+        );
+
+        for bad in ["not json", "[1, 2]"] {
+            let r = post(addr, "/api/ai/recommendations", bad).await;
+            assert!(r.0 == 400 && r.has("cache-control: no-store"), "{bad}");
+            assert!(r.json()["error"].as_str().unwrap().contains("JSON object"));
+        }
+        server.abort();
+    }
+
+    const CHAT: &str = r#"{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Suggest a rain plan."}], "user": "u1"}"#;
+
+    #[tokio::test]
+    async fn chat_completions_plain_and_streamed() {
+        let (addr, server) = start().await;
+        let plain = post(addr, "/v1/chat/completions", CHAT).await;
+        assert_eq!(plain.0, 200);
+        assert!(plain.has("content-type: application/json") && !plain.1.contains("cache-control"));
+        let plain = plain.json();
+        assert_eq!(plain["object"], "chat.completion");
+        assert_eq!(plain["model"], "gpt-4o-mini");
+        let content = plain["choices"][0]["message"]["content"].as_str().unwrap();
+        assert!(!content.is_empty());
+        assert_eq!(plain["choices"][0]["finish_reason"], "stop");
+        let total = plain["usage"]["total_tokens"].as_u64().unwrap();
+        assert!(total > 0);
+
+        let streamed_body = CHAT.replace(
+            "\"user\": \"u1\"",
+            "\"stream\": true, \"stream_options\": {\"include_usage\": true}",
+        );
+        let streamed = post(addr, "/v1/chat/completions", &streamed_body).await;
+        assert_eq!(streamed.0, 200);
+        assert!(
+            streamed.has("content-type: text/event-stream"),
+            "{}",
+            streamed.1
+        );
+        assert!(streamed.has("transfer-encoding: chunked"));
+        let events: Vec<&str> = streamed.2.split_terminator("\n\n").collect();
+        assert!(streamed.2.ends_with("data: [DONE]\n\n"), "{}", streamed.2);
+        assert!(events.iter().all(|e| e.starts_with("data: ")), "{events:?}");
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(&e["data: ".len()..]).unwrap())
+            .collect();
+        assert!(chunks.len() >= 5, "{chunks:?}");
+        assert!(chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk"));
+        // The pieces add up to the plain answer, and the usage chunk to its usage.
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, content);
+        let usage = chunks.last().unwrap();
+        assert_eq!(usage["choices"], json!([]));
+        assert_eq!(usage["usage"]["total_tokens"].as_u64(), Some(total));
+        server.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn streamed_answers_are_one_frame_per_event_about_a_second_in_all() {
+        let req =
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+        let events = chat_events(&req, 1);
+        assert!(!events.iter().any(|e| e.starts_with(b"data: {\"usage")));
+        let mut body = event_stream(events.clone());
+        let start = tokio::time::Instant::now();
+        let (mut frames, mut times) = (Vec::new(), Vec::new());
+        for _ in 0..=events.len() {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    frames.push(frame.into_data().expect("a data frame"));
+                    times.push(start.elapsed());
+                }
+                Some(Err(never)) => match never {},
+                None => break,
+            }
+        }
+        assert_eq!(frames, events, "one frame per event, in order");
+        assert_eq!(times[0], Duration::ZERO, "the first event at once");
+        for pair in times.windows(2) {
+            assert_eq!(pair[1] - pair[0], STREAM_INTERVAL);
+        }
+        let total = *times.last().unwrap();
+        assert!(
+            (Duration::from_millis(800)..=Duration::from_millis(1500)).contains(&total),
+            "{total:?}"
+        );
     }
 
     #[test]

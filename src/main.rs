@@ -140,8 +140,11 @@ fn trace(
                 aisle::tracegen::write_trace(&opts, &mut std::io::BufWriter::new(f))
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))
             }),
-        None => aisle::tracegen::write_trace(&opts, &mut std::io::stdout().lock())
-            .map_err(|e| format!("cannot write the trace to standard output: {e}")),
+        None => match aisle::tracegen::write_trace(&opts, &mut std::io::stdout().lock()) {
+            // `aisle trace | head`: the reader has seen enough.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.map_err(|e| format!("cannot write the trace to standard output: {e}")),
+        },
     };
     match written {
         Ok(()) => {
@@ -217,6 +220,8 @@ fn demo(path: &Path) -> ExitCode {
     println!("  curl -si 'http://{p}/api/vendors/search?location=Austin,%20TX&vendorType=photographer&budget=5000'   # miss: another market");
     println!("  curl -si 'http://{p}/api/weddings/w-42/timeline'");
     println!("  curl -si 'http://{p}/api/weather?city=Brooklyn&date=2027-07-14'");
+    println!("  curl -si -X POST -H 'content-type: application/json' 'http://{p}/api/ai/recommendations' -d '{{\"request_id\":\"r1\",\"query\":{{\"type\":\"venue\",\"content\":\"Best venues?\"}},\"weddingContext\":{{\"location\":{{\"city\":\"NYC\"}},\"weddingDate\":\"2026-09-19\"}}}}'   # run twice: the second is a hit");
+    println!("  curl -sN -X POST -H 'content-type: application/json' 'http://{p}/v1/chat/completions' -d '{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'   # streamed, then replayed");
     println!("  curl -s  'http://{a}/metrics' | grep aisle_requests_total\n");
     serve(config)
 }

@@ -7,8 +7,8 @@
 use once_cell::sync::Lazy;
 use prometheus::{
     register_histogram, register_histogram_vec, register_int_counter, register_int_counter_vec,
-    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter,
-    IntCounterVec, IntGauge, IntGaugeVec,
+    register_int_gauge, register_int_gauge_vec, Histogram, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec,
 };
 
 /// How a request was answered, as counted in `aisle_requests_total{cache_status}`.
@@ -271,7 +271,9 @@ impl RuleMetrics {
     pub fn saved(&self, cost: f64, tokens: u64) {
         let m = metrics();
         m.cost_saved.with_label_values(&[&self.rule]).inc_by(cost);
-        m.tokens_saved.with_label_values(&[&self.rule]).inc_by(tokens);
+        m.tokens_saved
+            .with_label_values(&[&self.rule])
+            .inc_by(tokens);
     }
 
     /// Requests answered, by outcome.

@@ -237,12 +237,27 @@ pub fn cache_groups(resp: &ResponseHeader, name: &str) -> Vec<String> {
 pub fn origin_tags(resp: &ResponseHeader) -> Vec<String> {
     let mut tags = Vec::new();
     for name in ["surrogate-key", "xkey"] {
-        for v in resp.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()) {
+        for v in resp
+            .headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+        {
             tags.extend(v.split_whitespace().map(str::to_string));
         }
     }
-    for v in resp.headers.get_all("cache-tag").iter().filter_map(|v| v.to_str().ok()) {
-        tags.extend(v.split(',').map(str::trim).filter(|t| !t.is_empty()).map(str::to_string));
+    for v in resp
+        .headers
+        .get_all("cache-tag")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        tags.extend(
+            v.split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
+        );
     }
     tags.extend(cache_groups(resp, "cache-groups"));
     tags.sort();
@@ -295,7 +310,13 @@ mod tests {
     }
 
     fn stored(rule: &Rule, r: &ResponseHeader, auth: bool) -> Option<CacheMeta> {
-        match cacheability(rule, r, auth, SystemTime::now(), Duration::from_secs(86_400)) {
+        match cacheability(
+            rule,
+            r,
+            auth,
+            SystemTime::now(),
+            Duration::from_secs(86_400),
+        ) {
             RespCacheable::Cacheable(m) => Some(m),
             RespCacheable::Uncacheable(_) => None,
         }
@@ -425,7 +446,13 @@ mod tests {
     #[test]
     fn max_ttl_caps_lifetimes() {
         let r = rule("stale_if_error = \"30d\"");
-        let m = match cacheability(&r, &resp(200, &[("cache-control", "max-age=31536000")]), false, SystemTime::now(), Duration::from_secs(3600)) {
+        let m = match cacheability(
+            &r,
+            &resp(200, &[("cache-control", "max-age=31536000")]),
+            false,
+            SystemTime::now(),
+            Duration::from_secs(3600),
+        ) {
             RespCacheable::Cacheable(m) => m,
             RespCacheable::Uncacheable(_) => panic!("cacheable"),
         };
@@ -511,13 +538,19 @@ mod tests {
 
     #[test]
     fn tags_from_the_origin() {
-        let mut r = resp(200, &[
-            ("surrogate-key", "vendor:1  vendors"),
-            ("cache-tag", "a,b, c"),
-            ("xkey", "x"),
-            ("cache-groups", "\"g1\", \"g2\""),
-        ]);
-        assert_eq!(origin_tags(&r), vec!["a", "b", "c", "g1", "g2", "vendor:1", "vendors", "x"]);
+        let mut r = resp(
+            200,
+            &[
+                ("surrogate-key", "vendor:1  vendors"),
+                ("cache-tag", "a,b, c"),
+                ("xkey", "x"),
+                ("cache-groups", "\"g1\", \"g2\""),
+            ],
+        );
+        assert_eq!(
+            origin_tags(&r),
+            vec!["a", "b", "c", "g1", "g2", "vendor:1", "vendors", "x"]
+        );
         strip_tag_headers(&mut r);
         assert!(origin_tags(&r).is_empty());
         let inv = resp(200, &[("cache-group-invalidation", "\"g1\"")]);

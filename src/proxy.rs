@@ -19,15 +19,15 @@
 
 use crate::cache_status::{CacheStatus, Fwd};
 use crate::config::{Config, Upstream};
+use crate::control::{self, Replays};
+use crate::invalidation::epochs::Verdict;
+use crate::invalidation::{Cdn, Invalidator, Request};
 use crate::key::{self, KeyInput};
 use crate::metrics::{metrics, Outcome};
 use crate::policy::{self, RequestDirectives};
 use crate::rules::path::PathParams;
 use crate::rules::source::RequestView;
 use crate::rules::Rule;
-use crate::control::{self, Replays};
-use crate::invalidation::epochs::Verdict;
-use crate::invalidation::{Cdn, Invalidator, Request};
 use crate::storage::memory::{BodyHit, Eviction};
 use crate::storage::tiered::Tiered;
 use crate::storage::EntryInfo;
@@ -191,7 +191,9 @@ const MAX_KEYED_BODY: usize = 64 * 1024;
 
 /// Reads a JSON request body once, for the key; pingora forwards the same bytes upstream.
 /// `Err(reason)` (nothing read, or not JSON): the request bypasses the cache, proxied untouched.
-async fn read_json_body(session: &mut Session) -> Result<std::result::Result<serde_json::Value, &'static str>> {
+async fn read_json_body(
+    session: &mut Session,
+) -> Result<std::result::Result<serde_json::Value, &'static str>> {
     let req = session.req_header();
     let json = req
         .headers
@@ -224,7 +226,12 @@ async fn read_json_body(session: &mut Session) -> Result<std::result::Result<ser
 fn request_ttl(req: &RequestHeader) -> Option<std::time::Duration> {
     let v = req.headers.get("aisle-cache-ttl")?.to_str().ok()?;
     crate::units::parse_duration(v)
-        .or_else(|_| v.trim().parse::<u64>().map(std::time::Duration::from_secs).map_err(|e| e.to_string()))
+        .or_else(|_| {
+            v.trim()
+                .parse::<u64>()
+                .map(std::time::Duration::from_secs)
+                .map_err(|e| e.to_string())
+        })
         .ok()
 }
 
@@ -438,7 +445,12 @@ impl ProxyHttp for Gateway {
         is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
-        if let Some(pointer) = ctx.rule.as_ref().and_then(|r| r.cost.as_ref()).and_then(|c| c.tokens.as_deref()) {
+        if let Some(pointer) = ctx
+            .rule
+            .as_ref()
+            .and_then(|r| r.cost.as_ref())
+            .and_then(|c| c.tokens.as_deref())
+        {
             if let Some(hit) = hit_handler.as_any().downcast_ref::<BodyHit>() {
                 ctx.hit_tokens = serde_json::from_slice::<serde_json::Value>(hit.body())
                     .ok()
@@ -556,8 +568,13 @@ impl ProxyHttp for Gateway {
                 pingora::cache::NoCacheReason::Custom("post-status"),
             ));
         }
-        let decision =
-            policy::cacheability(rule, resp, auth, SystemTime::now(), self.config.cache.max_ttl);
+        let decision = policy::cacheability(
+            rule,
+            resp,
+            auth,
+            SystemTime::now(),
+            self.config.cache.max_ttl,
+        );
         Ok(match decision {
             RespCacheable::Cacheable(mut meta) => {
                 if let Some(ttl) = request_ttl(req) {
@@ -649,7 +666,8 @@ impl ProxyHttp for Gateway {
         // RFC 9111 §4.4; except for body-keyed rules, where a POST is a query whose answer
         // is itself cached (it would otherwise evict the entry it just stored).
         let query_post = ctx.rule.as_ref().is_some_and(|r| r.needs_body);
-        if success && ctx.upstream_status.is_some() && policy::is_unsafe(&req.method) && !query_post {
+        if success && ctx.upstream_status.is_some() && policy::is_unsafe(&req.method) && !query_post
+        {
             self.invalidate_after_unsafe(req, resp, ctx).await;
         }
         Ok(())

@@ -22,8 +22,12 @@
 //! `"replay"`, and the namespace from `aisle-cache-namespace`). A simulated cache then says hit
 //! or miss from the trace's own clock: an entry is stored at its miss with the rule's `ttl`
 //! (capped by `[cache] max_ttl`, shortened by `Aisle-Cache-TTL`), and a later request with the
-//! same key is a hit while the entry is fresh. There is no origin, so a rule without `ttl` (whose
-//! freshness would come from the origin) uses `--default-ttl`, and the output says so.
+//! same key is a hit while the entry is fresh. Request directives are read by the gateway's own
+//! parser: `no-store` bypasses, `no-cache` and a `max-age` the entry exceeds are misses that store
+//! again, `only-if-cached` never stores, and a request with `Authorization` is a miss that does not
+//! store (whether the origin's answer allows sharing is unknown). There is no origin, so a rule
+//! without `ttl` (whose freshness would come from the origin) uses `--default-ttl`, and the output
+//! says so.
 //!
 //! The replay runs twice, with the rules as configured and with every normalizer removed
 //! ([`RuleSet::without_normalizers`]), so the table shows what normalizers buy. It is a model of
@@ -266,10 +270,14 @@ enum Decision {
         rule: usize,
         key: HashBinary,
         ttl_ms: i64,
-        /// Request directives: never use a stored entry older than this (ms); 0 = never use.
+        /// Request directives: never use a stored entry older than this (ms); -1 (`no-cache`):
+        /// never use one.
         max_age_ms: Option<i64>,
-        /// Store the answer (false for requests with `Authorization`: the origin would decide).
+        /// Store the answer (false for requests with `Authorization`: the origin would decide,
+        /// and for `only-if-cached`, which the gateway answers 504 without asking the origin).
         store: bool,
+        /// Whether a stored entry may answer (false with `Authorization`, as above).
+        use_stored: bool,
     },
 }
 
@@ -380,7 +388,8 @@ fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision 
         key,
         ttl_ms: ttl.as_millis().min(i64::MAX as u128) as i64,
         max_age_ms,
-        store: !directives.authorization,
+        store: !directives.authorization && !directives.only_if_cached,
+        use_stored: !directives.authorization,
     }
 }
 
@@ -413,16 +422,24 @@ fn request_ttl(headers: &http::HeaderMap) -> Option<Duration> {
         .or_else(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
 }
 
-/// Hits per rule for one rule set: (hits, distinct keys) indexed like `rules.rules()`, plus the
-/// bypass reasons.
+/// One rule's counts in one simulation.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    requests: u64,
+    hits: u64,
+    /// Distinct keys stored.
+    keys: u64,
+}
+
+/// Counts per rule for one rule set, indexed like `rules.rules()`, and the bypass reasons.
 fn simulate(
     rules: &RuleSet,
     trace: &[TraceRequest],
     settings: &Settings,
-) -> (Vec<(u64, u64, u64)>, BTreeMap<String, u64>) {
+) -> (Vec<Counts>, BTreeMap<String, u64>) {
     // key -> (stored at, expires at), unix ms.
     let mut cache: HashMap<HashBinary, (i64, i64)> = HashMap::new();
-    let mut per_rule = vec![(0u64, 0u64, 0u64); rules.rules().len()]; // (requests, hits, keys)
+    let mut per_rule = vec![Counts::default(); rules.rules().len()];
     let mut bypassed = BTreeMap::new();
     for req in trace {
         match decide(rules, req, settings) {
@@ -433,19 +450,20 @@ fn simulate(
                 ttl_ms,
                 max_age_ms,
                 store,
+                use_stored,
             } => {
                 let now = req.at_ms;
                 let stats = &mut per_rule[rule];
-                stats.0 += 1;
+                stats.requests += 1;
                 let usable = cache.get(&key).is_some_and(|&(stored, expires)| {
                     now < expires && max_age_ms.is_none_or(|max| now - stored <= max)
                 });
-                if usable && store {
-                    stats.1 += 1;
+                if usable && use_stored {
+                    stats.hits += 1;
                 } else if store {
                     let fresh = cache.insert(key, (now, now.saturating_add(ttl_ms)));
                     if fresh.is_none() {
-                        stats.2 += 1;
+                        stats.keys += 1;
                     }
                 }
             }
@@ -472,11 +490,11 @@ pub fn replay(rules: &RuleSet, trace: &[TraceRequest], settings: &Settings) -> R
                 .unwrap_or(settings.default_ttl)
                 .min(settings.max_ttl),
             ttl_from_rule: rule.ttl.is_some(),
-            requests: n.0,
-            hits: n.1,
-            hits_raw: r.1,
-            keys: n.2,
-            keys_raw: r.2,
+            requests: n.requests,
+            hits: n.hits,
+            hits_raw: r.hits,
+            keys: n.keys,
+            keys_raw: r.keys,
             per_request: rule.cost.as_ref().map(|c| c.per_request),
         })
         .collect();
@@ -580,8 +598,8 @@ pub fn render(report: &Report, settings: &Settings) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:lead$}{:^with_w$}  |  {}",
-        "", "with normalizers", "without normalizers"
+        "{:lead$}{:^with_w$}  |  without normalizers",
+        "", "with normalizers"
     );
     let _ = writeln!(out, "{}", line(header));
     for row in &rows {
@@ -608,11 +626,11 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         if let Some(per_request) = r.per_request.filter(|p| *p > 0.0) {
             let _ = writeln!(
                 out,
-                "{}: {} origin calls saved (x {} per_request = {:.2}; token costs need the origin's answers)",
+                "{}: {} origin calls saved, worth {:.2} at cost.per_request = {} (the token part of the cost needs the origin's answers)",
                 r.name,
                 r.hits,
-                per_request,
-                r.hits as f64 * per_request
+                r.hits as f64 * per_request,
+                per_request
             );
         }
     }
@@ -878,15 +896,21 @@ cache = false
             r#"{"timestamp": "2026-01-01T00:05:05Z", "method": "PUT", "path": "/ai"}"#,
             r#"{"timestamp": "2026-01-01T00:05:06Z", "method": "POST", "path": "/ai", "body": "not json"}"#,
             r#"{"timestamp": "2026-01-01T00:05:07Z", "method": "POST", "path": "/ai", "headers": {"content-type": "text/plain"}, "body": {"q": "x"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:08Z", "path": "/search", "query": "location=nyc", "headers": {"authorization": "Bearer t"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:09Z", "path": "/search", "query": "location=nyc", "headers": {"cache-control": "only-if-cached"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:10Z", "path": "/search", "query": "location=sf", "headers": {"cache-control": "only-if-cached"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:11Z", "path": "/search", "query": "location=sf"}"#,
         ];
         let report = replay(&rules(), &trace(&lines), &SETTINGS);
         let search = stats(&report, "search");
         // 00:00 miss (stored for the default 5m), 04:59 hit, 05:00 expired: miss (HEAD keys as
-        // GET), 05:02 no-cache: miss.
-        assert_eq!((search.requests, search.hits, search.hits_raw), (4, 1, 0));
+        // GET), 05:02 no-cache: miss, stored again; 05:08 Authorization: miss (nothing used or
+        // stored); 05:09 only-if-cached: hit; 05:10 only-if-cached: miss, not stored, so
+        // 05:11 is a miss too.
+        assert_eq!((search.requests, search.hits, search.hits_raw), (8, 2, 1));
         assert!(!search.ttl_from_rule);
         assert_eq!(search.ttl, Duration::from_secs(300));
-        assert_eq!(report.cacheable(), 4);
+        assert_eq!(report.cacheable(), 8);
         let reasons: Vec<(&str, u64)> = report
             .bypassed
             .iter()
@@ -909,6 +933,88 @@ cache = false
         let table = render(&report, &SETTINGS);
         assert!(table.contains("--default-ttl 5m was used"), "{table}");
         assert!(table.contains("total (cacheable)"), "{table}");
+    }
+
+    #[test]
+    fn without_normalizers_changes_nothing_else() {
+        let set = rules();
+        let raw = set.without_normalizers();
+        assert_eq!(set.len(), raw.len());
+        for (a, b) in set.rules().iter().zip(raw.rules()) {
+            assert_eq!((&a.name, a.ttl, a.cache), (&b.name, b.ttl, b.cache));
+            assert_eq!(
+                (&a.body_key, a.needs_body, a.key_path),
+                (&b.body_key, b.needs_body, b.key_path)
+            );
+            let sources = |r: &Rule| r.vary.iter().map(|f| f.source.clone()).collect::<Vec<_>>();
+            assert_eq!(sources(a), sources(b));
+            assert!(b.vary.iter().all(|f| f.normalizers.is_empty()));
+        }
+        assert!(set.rules()[0]
+            .vary
+            .iter()
+            .all(|f| !f.normalizers.is_empty()));
+        assert!(raw.default_route().is_some_and(|d| d.is_default));
+    }
+
+    #[test]
+    fn run_exits_1_when_no_line_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/r.toml"), RULES).unwrap();
+        let gateway = "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3000\"\n";
+        let config = Config::from_str(&dir.path().join("gateway.toml"), gateway).unwrap();
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "nope\n{\"path\": \"/search\"}\n").unwrap();
+        assert_eq!(run(&config, &bad, SETTINGS.default_ttl), ExitCode::FAILURE);
+        let good = dir.path().join("good.jsonl");
+        std::fs::write(&good, "nope\n{\"timestamp\": 1, \"path\": \"/search\"}\n").unwrap();
+        assert_eq!(run(&config, &good, SETTINGS.default_ttl), ExitCode::SUCCESS);
+    }
+
+    /// The shipped configuration on a generated trace: every AI request is cacheable and keyed,
+    /// and the normalizers are what make the difference on the rules that have them.
+    #[test]
+    fn shipped_rules_on_a_generated_trace() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = Config::load(&root.join("gateway.toml")).expect("the shipped config loads");
+        let mut text = Vec::new();
+        let opts = crate::tracegen::Options {
+            requests: 5000,
+            ..Default::default()
+        };
+        crate::tracegen::write_trace(&opts, &mut text).unwrap();
+        let trace: Vec<TraceRequest> = String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .map(|l| parse_line(l).unwrap())
+            .collect();
+        let settings = Settings {
+            default_ttl: SETTINGS.default_ttl,
+            max_ttl: config.cache.max_ttl,
+        };
+        let report = replay(&config.rules, &trace, &settings);
+        assert_eq!(report.cacheable() + report.bypassed_total(), 5000);
+        assert!(
+            report
+                .bypassed
+                .keys()
+                .all(|k| k.starts_with("default route") || k.contains("vendor-update")),
+            "{:?}",
+            report.bypassed
+        );
+        for name in ["ai-recommendations", "chat"] {
+            let r = stats(&report, name);
+            assert!(r.requests > 100 && r.hits > r.requests / 2, "{r:?}");
+        }
+        for name in ["ai-recommendations", "vendor-search", "weather"] {
+            let r = stats(&report, name);
+            assert!(r.hits > r.hits_raw && r.keys < r.keys_raw, "{r:?}");
+        }
+        // Chat keys on the canonical body: it has no normalizers to remove.
+        let chat = stats(&report, "chat");
+        assert_eq!((chat.hits, chat.keys), (chat.hits_raw, chat.keys_raw));
+        assert!(report.hits() > report.hits_raw());
     }
 
     #[test]

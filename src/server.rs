@@ -4,13 +4,13 @@
 //! created once per process here and leaked deliberately (they live as long as the server).
 
 use crate::admin::Admin;
+use crate::config::Config;
 use crate::invalidation::audit::Audit;
 use crate::invalidation::epochs::Epochs;
 use crate::invalidation::Invalidator;
+use crate::proxy::{CacheParts, Gateway};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
-use crate::config::Config;
-use crate::proxy::{CacheParts, Gateway};
 use crate::storage::coherence::Subscriber;
 use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;

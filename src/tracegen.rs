@@ -7,14 +7,15 @@
 //! `--seed`, `--requests` and `--duration` give the same file, byte for byte, for a given
 //! `Cargo.lock`.
 //!
-//! The traffic is made of visits (sessions), because that is where an API cache's hits come
-//! from: people reload and come back to the same views within minutes, and many couples share a
-//! market, a season and a budget. Each visit belongs to a couple with a profile (a market written
-//! their way: `NYC`, `new york`, ` Brooklyn`, `Brooklyn, NY`, `Austin, TX`...; a wedding date; a
-//! budget range; a wedding id; an app), starts at a uniform time in the window, opens on the
-//! dashboard and then does [`SESSION_EVENTS`] things [`THINK_MS`] apart, drawn from [`EVENTS`]:
+//! The traffic is made of visits, because that is where an API cache's hits come from: people
+//! come back to the same views within minutes, and many couples share a market, a season and a
+//! budget. A visit belongs to a couple with a profile (a market written their way: `NYC`,
+//! `new york`, ` Brooklyn`, `Brooklyn, NY`, `Austin, TX`...; a wedding date; a budget range; a
+//! wedding id; a chat model), starts at a uniform time in the window, opens on the dashboard and
+//! then does [`SESSION_EVENTS`] things [`THINK_MS`] apart, drawn from [`EVENTS`]:
 //! - the dashboard: the wedding's timeline, the weather for its city and date, and the
-//!   assistant's overview for the couple (`POST /api/ai/recommendations`);
+//!   assistant's overview for the couple (`POST /api/ai/recommendations`), then the timeline
+//!   polled every [`TIMELINE_POLL_MS`] while the page stays open ([`DASHBOARD_DWELL_MS`]);
 //! - vendor searches: vendor types by popularity (sometimes capitalised), the couple's city as
 //!   in their profile or typed another way, budgets typed as amounts around popular thousands
 //!   (`5200`), an unkeyed `utm_source` now and then, parameters in any order;
@@ -28,8 +29,11 @@
 //!   order, and per-user `user` / `metadata` / `stream_options`;
 //! - the guest list, which no rule matches (the default route).
 //!
-//! A share of visits ([`PARTNER_SHARE`]) are the partner or planner of an earlier couple, with
-//! the same profile. Lines are written in time order, timestamps as RFC 3339 with milliseconds.
+//! [`PARTNER_SHARE`] of visits are the partner or planner of an earlier couple (same profile),
+//! and [`DAY_OF_SHARE`] are someone working one of today's weddings, polling its timeline (the
+//! trace is a Saturday afternoon). Popularity is Zipf with the exponents in [`Popularity`].
+//! Every knob is a `pub const` here, so a reader of a hit ratio can see what produced it. Lines
+//! are written in time order, timestamps as RFC 3339 with milliseconds.
 
 use rand::distr::weighted::WeightedIndex;
 use rand::distr::Distribution;
@@ -116,6 +120,35 @@ pub const TIMELINE_POLL_MS: u64 = 30_000;
 
 /// What the dashboard asks the assistant on every view.
 const OVERVIEW: (&str, &str) = ("overview", "What should we focus on next?");
+
+/// Zipf exponents (rank k is drawn with weight 1/k^s): how concentrated popularity is.
+pub struct Popularity;
+
+impl Popularity {
+    /// Over [`MARKETS`] (23): the first market gets about 40% of couples.
+    pub const MARKET: f64 = 1.4;
+    /// Over vendor types (8).
+    pub const VENDOR_TYPE: f64 = 1.2;
+    /// Over 300 vendors' detail pages.
+    pub const VENDOR: f64 = 1.2;
+    /// Over the assistant's suggested questions (20).
+    pub const QUESTION: f64 = 1.3;
+    /// Over the budget ranges of the app's dropdown (5).
+    pub const BUDGET_RANGE: f64 = 1.4;
+    /// Over the chat feature's canned prompts (20).
+    pub const PROMPT: f64 = 1.3;
+    /// Over a vendor type's popular budgets (in thousands).
+    pub const BUDGET: f64 = 1.2;
+    /// Over the ways a market is written, and other small lists.
+    pub const VARIANT: f64 = 1.0;
+}
+
+/// Vendor detail pages, by id from 1000.
+const VENDOR_PAGES: usize = 300;
+
+/// Share of assistant questions and chat prompts typed from scratch (never shared).
+pub const ONE_OFF_QUESTIONS: f64 = 0.06;
+pub const ONE_OFF_PROMPTS: f64 = 0.08;
 
 /// Markets in popularity order, each with the ways people write it (most common first). The
 /// last ones are not in the `market` table: they fall back to their state.
@@ -242,7 +275,6 @@ pub fn generate(opts: &Options) -> Vec<(i64, String)> {
     // runs at most `opts.requests` times.
     while out.len() < opts.requests {
         let start = g.rng.random_range(0..span);
-        let mut visit = g.visit(&mut couples);
         if g.rng.random_bool(DAY_OF_SHARE) {
             // Someone working today's wedding keeps its timeline open: a poll every 30 s.
             let wedding = DAY_OF_FIRST_ID + g.rng.random_range(0..WEDDINGS_TODAY);
@@ -259,6 +291,7 @@ pub fn generate(opts: &Options) -> Vec<(i64, String)> {
             }
             continue;
         }
+        let mut visit = g.visit(&mut couples);
         let events = g.rng.random_range(SESSION_EVENTS);
         let mut t = start;
         for i in 0..events {
@@ -381,21 +414,21 @@ impl Generator {
         Generator {
             rng: Pcg64::seed_from_u64(seed),
             event: WeightedIndex::new(EVENTS.iter().map(|(_, w)| *w)).expect("weights"),
-            market: zipf(MARKETS.len(), 1.4),
-            vendor: zipf(VENDORS.len(), 1.2),
-            vendor_id: zipf(300, 1.2),
-            question: zipf(QUESTIONS.len(), 1.3),
-            budget: zipf(BUDGET_RANGES.len(), 1.4),
-            prompt: zipf(PROMPTS.len(), 1.3),
+            market: zipf(MARKETS.len(), Popularity::MARKET),
+            vendor: zipf(VENDORS.len(), Popularity::VENDOR_TYPE),
+            vendor_id: zipf(VENDOR_PAGES, Popularity::VENDOR),
+            question: zipf(QUESTIONS.len(), Popularity::QUESTION),
+            budget: zipf(BUDGET_RANGES.len(), Popularity::BUDGET_RANGE),
+            prompt: zipf(PROMPTS.len(), Popularity::PROMPT),
             // Wedding season: June, September and October are the busiest months.
             month: WeightedIndex::new([2u64, 2, 4, 6, 10, 14, 9, 10, 15, 15, 5, 3])
                 .expect("weights"),
         }
     }
 
-    /// One item of `items`, the first most often (Zipf, s = 1).
+    /// One item of `items`, the first most often.
     fn variant<T: Copy>(&mut self, items: &[T]) -> T {
-        items[zipf(items.len(), 1.0).sample(&mut self.rng)]
+        items[zipf(items.len(), Popularity::VARIANT).sample(&mut self.rng)]
     }
 
     fn hex(&mut self, digits: usize) -> String {
@@ -464,7 +497,7 @@ impl Generator {
                 Req::get(format!("/api/vendors/{id}"), None)
             }
             Event::Ask => {
-                let (kind, content) = if self.rng.random_bool(0.06) {
+                let (kind, content) = if self.rng.random_bool(ONE_OFF_QUESTIONS) {
                     // A one-off question typed by hand: nothing can share it.
                     let n = self.hex(6);
                     ("venue", format!("Is venue {n} good for a small wedding?"))
@@ -530,7 +563,7 @@ impl Generator {
         };
         // Typed amounts: a popular thousand plus 0..900 in steps of 100; the same visit
         // searching the same vendor type again types the same amount.
-        let typed = budgets[zipf(budgets.len(), 1.2).sample(&mut self.rng)] * 1000
+        let typed = budgets[zipf(budgets.len(), Popularity::BUDGET).sample(&mut self.rng)] * 1000
             + self.rng.random_range(0..10u64) * 100;
         let budget = *v.budgets.entry(vendor_index).or_insert(typed);
         let mut pairs = vec![
@@ -586,7 +619,7 @@ impl Generator {
     }
 
     fn chat_body(&mut self, v: &Visit) -> String {
-        let prompt = if self.rng.random_bool(0.08) {
+        let prompt = if self.rng.random_bool(ONE_OFF_PROMPTS) {
             let (who, what) = (self.hex(5), self.hex(4));
             format!("Write a thank-you note to {who} for the {what} gift.")
         } else {
@@ -605,7 +638,7 @@ impl Generator {
         });
         if v.app == "web" {
             body["stream"] = true.into();
-            if v.user % 2 == 0 {
+            if v.user.is_multiple_of(2) {
                 body["stream_options"] = json!({"include_usage": true});
             }
         }

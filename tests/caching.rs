@@ -334,6 +334,38 @@ async fn authorized_response_is_not_shared_without_public() {
     }
 }
 
+/// RFC 9111 §3.5: an entry stored for anonymous clients is not used for a request with
+/// Authorization unless it says public / s-maxage / must-revalidate.
+#[tokio::test(flavor = "multi_thread")]
+async fn stored_response_is_not_used_for_authorized_requests_without_public() {
+    let (origin, gw) = setup().await;
+    let auth = [("authorization", "Bearer alice")];
+    assert_stored_miss(&gw.get("/auth/default").await);
+    let a = gw.get_with("/auth/default", &auth).await;
+    assert_eq!(a.status, 200);
+    assert!(
+        a.cache_status().contains("fwd=request"),
+        "Cache-Status {:?}",
+        a.cache_status()
+    );
+    assert_eq!(
+        origin.count("/auth/default"),
+        2,
+        "the authorized request went to the origin"
+    );
+    assert_hit(&gw.get("/auth/default").await);
+    assert_eq!(
+        origin.count("/auth/default"),
+        2,
+        "the anonymous entry is still there"
+    );
+
+    // A public entry may answer an authorized request.
+    assert_stored_miss(&gw.get("/auth/public").await);
+    assert_hit(&gw.get_with("/auth/public", &auth).await);
+    assert_eq!(origin.count("/auth/public"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn set_cookie_responses_not_stored_by_default() {
     let (origin, gw) = setup().await;

@@ -89,8 +89,15 @@ impl Audit {
         if let Some(redis) = self.redis.clone() {
             tokio::spawn(async move {
                 let mut pipe = redis::pipe();
-                pipe.cmd("LPUSH").arg(Self::log_key(&redis)).arg(json).ignore();
-                pipe.cmd("LTRIM").arg(Self::log_key(&redis)).arg(0).arg(KEEP - 1).ignore();
+                pipe.cmd("LPUSH")
+                    .arg(Self::log_key(&redis))
+                    .arg(json)
+                    .ignore();
+                pipe.cmd("LTRIM")
+                    .arg(Self::log_key(&redis))
+                    .arg(0)
+                    .arg(KEEP - 1)
+                    .ignore();
                 let _: Option<()> = redis.background_pipe("audit", &pipe).await;
             });
         }
@@ -118,7 +125,13 @@ impl Audit {
     pub async fn since(&self, since_ms: u64) -> Vec<AuditRecord> {
         if let Some(redis) = &self.redis {
             let raw: Option<Vec<String>> = redis
-                .background("audit", redis::cmd("LRANGE").arg(Self::log_key(redis)).arg(0).arg(KEEP - 1))
+                .background(
+                    "audit",
+                    redis::cmd("LRANGE")
+                        .arg(Self::log_key(redis))
+                        .arg(0)
+                        .arg(KEEP - 1),
+                )
                 .await;
             if let Some(raw) = raw {
                 let mut out: Vec<AuditRecord> = raw
@@ -129,7 +142,13 @@ impl Audit {
                 out.reverse();
                 for rec in out.iter_mut().rev().take(200) {
                     let answers: Option<Vec<String>> = redis
-                        .background("audit", redis::cmd("LRANGE").arg(Self::answers_key(redis, &rec.id)).arg(0).arg(-1))
+                        .background(
+                            "audit",
+                            redis::cmd("LRANGE")
+                                .arg(Self::answers_key(redis, &rec.id))
+                                .arg(0)
+                                .arg(-1),
+                        )
                         .await;
                     rec.cdn_answers = answers
                         .unwrap_or_default()
@@ -140,7 +159,12 @@ impl Audit {
                 return out;
             }
         }
-        self.ring.lock().iter().filter(|r| r.at_ms >= since_ms).cloned().collect()
+        self.ring
+            .lock()
+            .iter()
+            .filter(|r| r.at_ms >= since_ms)
+            .cloned()
+            .collect()
     }
 }
 
@@ -182,9 +206,26 @@ mod tests {
     async fn records_answers_and_streams() {
         let audit = Audit::new(None);
         let mut rx = audit.subscribe();
-        audit.record(AuditRecord { id: "j1".into(), at_ms: 10, tags: vec!["t".into()], ..Default::default() });
-        audit.record(AuditRecord { id: "j2".into(), at_ms: 20, ..Default::default() });
-        audit.cdn_answer("j1", "cloudflare", 1, &Outcome::Retry { after: None, detail: "500".into() });
+        audit.record(AuditRecord {
+            id: "j1".into(),
+            at_ms: 10,
+            tags: vec!["t".into()],
+            ..Default::default()
+        });
+        audit.record(AuditRecord {
+            id: "j2".into(),
+            at_ms: 20,
+            ..Default::default()
+        });
+        audit.cdn_answer(
+            "j1",
+            "cloudflare",
+            1,
+            &Outcome::Retry {
+                after: None,
+                detail: "500".into(),
+            },
+        );
         audit.cdn_answer("j1", "cloudflare", 2, &Outcome::Done("id-1".into()));
         let all = audit.since(0).await;
         assert_eq!(all.len(), 2);

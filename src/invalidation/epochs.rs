@@ -60,7 +60,10 @@ pub struct Epochs {
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 fn millis(t: SystemTime) -> u64 {
@@ -165,37 +168,105 @@ mod tests {
     fn entries_older_than_the_epoch_are_gone() {
         let e = Epochs::default();
         assert_eq!(e.judge(at(1), ["a"], "h/x"), Verdict::Valid);
-        e.purge_tag("a", Epoch { at_ms: 1000, soft: false });
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
         assert_eq!(e.judge(at(999), ["b", "a"], "h/x"), Verdict::Gone);
-        assert_eq!(e.judge(at(1000), ["a"], "h/x"), Verdict::Gone, "stored in the same ms: purged");
-        assert_eq!(e.judge(at(1001), ["a"], "h/x"), Verdict::Valid, "stored after the purge");
-        assert_eq!(e.judge(at(1), ["b"], "h/x"), Verdict::Valid, "other tags untouched");
+        assert_eq!(
+            e.judge(at(1000), ["a"], "h/x"),
+            Verdict::Gone,
+            "stored in the same ms: purged"
+        );
+        assert_eq!(
+            e.judge(at(1001), ["a"], "h/x"),
+            Verdict::Valid,
+            "stored after the purge"
+        );
+        assert_eq!(
+            e.judge(at(1), ["b"], "h/x"),
+            Verdict::Valid,
+            "other tags untouched"
+        );
     }
 
     #[test]
     fn soft_and_hard() {
         let e = Epochs::default();
-        e.purge_tag("a", Epoch { at_ms: 1000, soft: true });
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 1000,
+                soft: true,
+            },
+        );
         assert_eq!(e.judge(at(10), ["a"], "h/x"), Verdict::Stale(at(1000)));
-        e.purge_tag("a", Epoch { at_ms: 1000, soft: false });
-        assert_eq!(e.judge(at(10), ["a"], "h/x"), Verdict::Gone, "hard wins at equal times");
-        e.purge_tag("a", Epoch { at_ms: 500, soft: true });
-        assert_eq!(e.judge(at(10), ["a"], "h/x"), Verdict::Gone, "an older epoch changes nothing");
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(
+            e.judge(at(10), ["a"], "h/x"),
+            Verdict::Gone,
+            "hard wins at equal times"
+        );
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 500,
+                soft: true,
+            },
+        );
+        assert_eq!(
+            e.judge(at(10), ["a"], "h/x"),
+            Verdict::Gone,
+            "an older epoch changes nothing"
+        );
     }
 
     #[test]
     fn prefixes() {
         let e = Epochs::default();
-        e.purge_prefix("api.example.com/api/vendors", Epoch { at_ms: 1000, soft: false });
-        assert_eq!(e.judge(at(5), [], "api.example.com/api/vendors/7"), Verdict::Gone);
-        assert_eq!(e.judge(at(5), [], "api.example.com/api/weddings/7"), Verdict::Valid);
+        e.purge_prefix(
+            "api.example.com/api/vendors",
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(
+            e.judge(at(5), [], "api.example.com/api/vendors/7"),
+            Verdict::Gone
+        );
+        assert_eq!(
+            e.judge(at(5), [], "api.example.com/api/weddings/7"),
+            Verdict::Valid
+        );
     }
 
     #[test]
     fn pruning() {
         let e = Epochs::default();
-        e.purge_tag("old", Epoch { at_ms: 1, soft: false });
-        e.purge_tag("new", Epoch { at_ms: now_ms(), soft: false });
+        e.purge_tag(
+            "old",
+            Epoch {
+                at_ms: 1,
+                soft: false,
+            },
+        );
+        e.purge_tag(
+            "new",
+            Epoch {
+                at_ms: now_ms(),
+                soft: false,
+            },
+        );
         assert_eq!(e.prune(Duration::from_secs(3600)), 1);
         assert_eq!(e.len(), (1, 0));
         assert!(!e.is_empty());

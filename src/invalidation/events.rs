@@ -51,12 +51,17 @@ impl ParamTemplate {
             rest = &after[close + 1..];
         }
         if rest.contains('}') {
-            return Err(format!("tag template {s:?} has a '}}' without an opening '{{'"));
+            return Err(format!(
+                "tag template {s:?} has a '}}' without an opening '{{'"
+            ));
         }
         if !rest.is_empty() {
             pieces.push(Piece::Text(rest.into()));
         }
-        Ok(ParamTemplate { source: s.into(), pieces })
+        Ok(ParamTemplate {
+            source: s.into(),
+            pieces,
+        })
     }
 
     /// Renders with `params`; names the missing parameter otherwise.
@@ -103,7 +108,10 @@ impl EventDef {
     pub fn tags(&self, params: &BTreeMap<String, Value>) -> Result<Vec<String>, String> {
         self.invalidates
             .iter()
-            .map(|t| t.render(params).map_err(|e| format!("event {:?}: {e}", self.name)))
+            .map(|t| {
+                t.render(params)
+                    .map_err(|e| format!("event {:?}: {e}", self.name))
+            })
             .collect()
     }
 }
@@ -132,8 +140,14 @@ mod tests {
             ev.tags(&params(json!({"vendorId": "v-7"}))).unwrap(),
             vec!["availability_change", "vendor:v-7"]
         );
-        assert_eq!(ev.tags(&params(json!({"vendorId": 7}))).unwrap()[1], "vendor:7");
-        assert!(ev.tags(&params(json!({}))).unwrap_err().contains("\"vendorId\" is missing"));
+        assert_eq!(
+            ev.tags(&params(json!({"vendorId": 7}))).unwrap()[1],
+            "vendor:7"
+        );
+        assert!(ev
+            .tags(&params(json!({})))
+            .unwrap_err()
+            .contains("\"vendorId\" is missing"));
         assert!(ev.tags(&params(json!({"vendorId": "a b"}))).is_err());
         assert!(ev.tags(&params(json!({"vendorId": {"x": 1}}))).is_err());
     }

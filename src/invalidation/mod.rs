@@ -107,9 +107,9 @@ fn url_parts(url: &str) -> Result<(String, String), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("{url:?} must be absolute (https://host/path) so the host is known"))?;
+    let host = uri.host().ok_or_else(|| {
+        format!("{url:?} must be absolute (https://host/path) so the host is known")
+    })?;
     Ok((host.to_ascii_lowercase(), uri.path().to_string()))
 }
 
@@ -157,16 +157,21 @@ impl Invalidator {
         let mut tags = Vec::new();
         for t in &req.tags {
             if !valid_tag(t) {
-                return Err(format!("tag {t:?} must be 1-1024 printable characters without spaces"));
+                return Err(format!(
+                    "tag {t:?} must be 1-1024 printable characters without spaces"
+                ));
             }
             tags.push(t.clone());
         }
         let mut cdn = req.cdn == Cdn::Always;
         let mut events = Vec::new();
         for call in &req.events {
-            let def = rules
-                .event(&call.name)
-                .ok_or_else(|| format!("unknown event {:?}; define it with [[event]] in a rules file", call.name))?;
+            let def = rules.event(&call.name).ok_or_else(|| {
+                format!(
+                    "unknown event {:?}; define it with [[event]] in a rules file",
+                    call.name
+                )
+            })?;
             tags.extend(def.tags(&call.params)?);
             cdn |= req.cdn == Cdn::EventsOnly && def.cdn;
             events.push(call.name.clone());
@@ -209,7 +214,10 @@ impl Invalidator {
         let id = self.next_id();
         let at_ms = now_ms();
         self.prune(at_ms);
-        let epoch = Epoch { at_ms, soft: plan.soft };
+        let epoch = Epoch {
+            at_ms,
+            soft: plan.soft,
+        };
         let m = metrics();
         for tag in &plan.tags {
             self.epochs.purge_tag(tag, epoch);
@@ -218,24 +226,40 @@ impl Invalidator {
             self.epochs.purge_prefix(p, epoch);
         }
         for (_, host, path) in &plan.urls {
-            self.storage.invalidate_uri(key::uri_id("http", host, path)).await;
+            self.storage
+                .invalidate_uri(key::uri_id("http", host, path))
+                .await;
         }
         if let Some(redis) = &self.redis {
             for tag in &plan.tags {
-                redis.save_epoch(&format!("t:{tag}"), at_ms, plan.soft).await;
                 redis
-                    .publish(&Message::Tag { tag: tag.clone(), at_ms, soft: plan.soft })
+                    .save_epoch(&format!("t:{tag}"), at_ms, plan.soft)
+                    .await;
+                redis
+                    .publish(&Message::Tag {
+                        tag: tag.clone(),
+                        at_ms,
+                        soft: plan.soft,
+                    })
                     .await;
             }
             for p in &plan.prefixes {
                 redis.save_epoch(&format!("p:{p}"), at_ms, plan.soft).await;
                 redis
-                    .publish(&Message::Prefix { prefix: p.clone(), at_ms, soft: plan.soft })
+                    .publish(&Message::Prefix {
+                        prefix: p.clone(),
+                        at_ms,
+                        soft: plan.soft,
+                    })
                     .await;
             }
         }
         let source_label = plan.source.split(':').next().unwrap_or("other").to_string();
-        for (kind, n) in [("tag", plan.tags.len()), ("url", plan.urls.len()), ("prefix", plan.prefixes.len())] {
+        for (kind, n) in [
+            ("tag", plan.tags.len()),
+            ("url", plan.urls.len()),
+            ("prefix", plan.prefixes.len()),
+        ] {
             if n > 0 {
                 m.invalidations
                     .with_label_values(&[source_label.as_str(), kind])
@@ -288,13 +312,14 @@ impl Invalidator {
         }
         summary
     }
-
 }
 
 /// Loads the fleet's purge epochs from Redis (at start and after a lost subscription, when
 /// broadcasts may have been missed).
 pub async fn load_epochs(redis: &RedisTier, epochs: &Epochs) {
-    let Some(all) = redis.load_epochs().await else { return };
+    let Some(all) = redis.load_epochs().await else {
+        return;
+    };
     for (field, at_ms, soft) in all {
         let epoch = Epoch { at_ms, soft };
         if let Some(tag) = field.strip_prefix("t:") {
@@ -311,7 +336,10 @@ mod tests {
 
     #[test]
     fn url_parts_need_a_host() {
-        assert_eq!(url_parts("https://API.example.com:8443/a/b?x=1").unwrap(), ("api.example.com".into(), "/a/b".into()));
+        assert_eq!(
+            url_parts("https://API.example.com:8443/a/b?x=1").unwrap(),
+            ("api.example.com".into(), "/a/b".into())
+        );
         assert!(url_parts("/a/b").unwrap_err().contains("absolute"));
         assert!(valid_tag("vendor:v-1") && !valid_tag("a b") && !valid_tag(""));
     }

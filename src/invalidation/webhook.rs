@@ -63,7 +63,10 @@ impl std::fmt::Display for Rejection {
             Rejection::Malformed(m) => write!(f, "malformed signature: {m}"),
             Rejection::BadSignature => write!(f, "signature does not match the body"),
             Rejection::StaleTimestamp { age_secs } => {
-                write!(f, "timestamp is {age_secs} s away from now, outside the tolerance")
+                write!(
+                    f,
+                    "timestamp is {age_secs} s away from now, outside the tolerance"
+                )
             }
         }
     }
@@ -92,14 +95,21 @@ impl Verifier {
                 let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
                 base64::engine::general_purpose::STANDARD
                     .decode(b64)
-                    .map_err(|_| "a standard-webhooks secret is whsec_<base64>; this one is not base64".to_string())?
+                    .map_err(|_| {
+                        "a standard-webhooks secret is whsec_<base64>; this one is not base64"
+                            .to_string()
+                    })?
             }
             _ => secret.as_bytes().to_vec(),
         };
         if key.is_empty() {
             return Err("the webhook secret is empty".into());
         }
-        Ok(Verifier { scheme, key, tolerance })
+        Ok(Verifier {
+            scheme,
+            key,
+            tolerance,
+        })
     }
 
     fn mac(&self) -> HmacSha256 {
@@ -115,14 +125,20 @@ impl Verifier {
     }
 
     /// Verifies a delivery's signature over the raw `body`; `now` is unix seconds.
-    pub fn verify(&self, headers: &http::HeaderMap, body: &[u8], now: i64) -> Result<(), Rejection> {
+    pub fn verify(
+        &self,
+        headers: &http::HeaderMap,
+        body: &[u8],
+        now: i64,
+    ) -> Result<(), Rejection> {
         match &self.scheme {
             Scheme::Github => {
                 let v = header(headers, "x-hub-signature-256")?;
                 let hex_sig = v
                     .strip_prefix("sha256=")
                     .ok_or_else(|| Rejection::Malformed("expected sha256=<hex>".into()))?;
-                let sig = hex::decode(hex_sig).map_err(|_| Rejection::Malformed("not hex".into()))?;
+                let sig =
+                    hex::decode(hex_sig).map_err(|_| Rejection::Malformed("not hex".into()))?;
                 let mut mac = self.mac();
                 mac.update(body);
                 mac.verify_slice(&sig).map_err(|_| Rejection::BadSignature)
@@ -130,11 +146,14 @@ impl Verifier {
             Scheme::HmacSha256 { header: name } => {
                 let v = headers
                     .get(name)
-                    .ok_or(Rejection::MissingSignature("the configured signature header"))?
+                    .ok_or(Rejection::MissingSignature(
+                        "the configured signature header",
+                    ))?
                     .to_str()
                     .map_err(|_| Rejection::Malformed("not ASCII".into()))?;
                 let hex_sig = v.strip_prefix("sha256=").unwrap_or(v);
-                let sig = hex::decode(hex_sig.trim()).map_err(|_| Rejection::Malformed("not hex".into()))?;
+                let sig = hex::decode(hex_sig.trim())
+                    .map_err(|_| Rejection::Malformed("not hex".into()))?;
                 let mut mac = self.mac();
                 mac.update(body);
                 mac.verify_slice(&sig).map_err(|_| Rejection::BadSignature)
@@ -165,10 +184,9 @@ impl Verifier {
                 let id = header(headers, "webhook-id")?;
                 let ts_raw = header(headers, "webhook-timestamp")?;
                 let sig_header = header(headers, "webhook-signature")?;
-                let ts: i64 = ts_raw
-                    .trim()
-                    .parse()
-                    .map_err(|_| Rejection::Malformed("webhook-timestamp is not a number".into()))?;
+                let ts: i64 = ts_raw.trim().parse().map_err(|_| {
+                    Rejection::Malformed("webhook-timestamp is not a number".into())
+                })?;
                 self.check_time(ts, now)?;
                 let mut mac = self.mac();
                 mac.update(id.as_bytes());
@@ -186,8 +204,18 @@ impl Verifier {
     }
 
     /// The delivery id used to drop replays.
-    pub fn delivery_id(&self, headers: &http::HeaderMap, body: &Value, id_pointer: &str) -> Option<String> {
-        let from_header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    pub fn delivery_id(
+        &self,
+        headers: &http::HeaderMap,
+        body: &Value,
+        id_pointer: &str,
+    ) -> Option<String> {
+        let from_header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
         match self.scheme {
             Scheme::Github => from_header("x-github-delivery"),
             Scheme::StandardWebhooks => from_header("webhook-id"),
@@ -202,7 +230,10 @@ impl Verifier {
 }
 
 /// Constant-time comparison of the MAC against each candidate signature.
-fn any_matches(mac: HmacSha256, candidates: impl Iterator<Item = Vec<u8>>) -> Result<(), Rejection> {
+fn any_matches(
+    mac: HmacSha256,
+    candidates: impl Iterator<Item = Vec<u8>>,
+) -> Result<(), Rejection> {
     let mut ok = false;
     for sig in candidates {
         ok |= mac.clone().verify_slice(&sig).is_ok();
@@ -241,9 +272,12 @@ pub fn map_delivery(maps: &[Mapping], body: &Value) -> Result<Vec<Fired>, String
         }
         let mut params = BTreeMap::new();
         for (name, pointer) in &m.params {
-            let v = body
-                .pointer(pointer)
-                .ok_or_else(|| format!("the delivery has no {pointer} (parameter {name:?} of event {:?})", m.event))?;
+            let v = body.pointer(pointer).ok_or_else(|| {
+                format!(
+                    "the delivery has no {pointer} (parameter {name:?} of event {:?})",
+                    m.event
+                )
+            })?;
             params.insert(name.clone(), v.clone());
         }
         fired.push((m.event.clone(), params));
@@ -267,7 +301,10 @@ mod tests {
     fn headers(pairs: &[(&str, String)]) -> http::HeaderMap {
         let mut h = http::HeaderMap::new();
         for (k, v) in pairs {
-            h.insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            h.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
         }
         h
     }
@@ -280,12 +317,29 @@ mod tests {
     fn github() {
         let v = Verifier::new(Scheme::Github, "s3cret", TOL).unwrap();
         let good = format!("sha256={}", hmac_hex(b"s3cret", &[BODY]));
-        assert_eq!(v.verify(&headers(&[("x-hub-signature-256", good.clone())]), BODY, NOW), Ok(()));
+        assert_eq!(
+            v.verify(
+                &headers(&[("x-hub-signature-256", good.clone())]),
+                BODY,
+                NOW
+            ),
+            Ok(())
+        );
         let tampered = br#"{"event":"availability_changed","data":{"vendor_id":"v0"}}"#;
-        assert_eq!(v.verify(&headers(&[("x-hub-signature-256", good)]), tampered, NOW), Err(Rejection::BadSignature));
-        assert!(matches!(v.verify(&headers(&[]), BODY, NOW), Err(Rejection::MissingSignature(_))));
+        assert_eq!(
+            v.verify(&headers(&[("x-hub-signature-256", good)]), tampered, NOW),
+            Err(Rejection::BadSignature)
+        );
         assert!(matches!(
-            v.verify(&headers(&[("x-hub-signature-256", "sha1=00".into())]), BODY, NOW),
+            v.verify(&headers(&[]), BODY, NOW),
+            Err(Rejection::MissingSignature(_))
+        ));
+        assert!(matches!(
+            v.verify(
+                &headers(&[("x-hub-signature-256", "sha1=00".into())]),
+                BODY,
+                NOW
+            ),
             Err(Rejection::Malformed(_))
         ));
     }
@@ -297,15 +351,25 @@ mod tests {
         let sig = hmac_hex(b"whsec_x", &[t.to_string().as_bytes(), b".", BODY]);
         let h = headers(&[("stripe-signature", format!("t={t},v1=deadbeef,v1={sig}"))]);
         assert_eq!(v.verify(&h, BODY, NOW), Ok(()), "any v1 may match");
-        assert!(matches!(v.verify(&h, BODY, NOW + 600), Err(Rejection::StaleTimestamp { .. })));
+        assert!(matches!(
+            v.verify(&h, BODY, NOW + 600),
+            Err(Rejection::StaleTimestamp { .. })
+        ));
         let h = headers(&[("stripe-signature", format!("t={},v1={sig}", t + 1))]);
-        assert_eq!(v.verify(&h, BODY, NOW), Err(Rejection::BadSignature), "the timestamp is signed");
+        assert_eq!(
+            v.verify(&h, BODY, NOW),
+            Err(Rejection::BadSignature),
+            "the timestamp is signed"
+        );
     }
 
     #[test]
     fn standard_webhooks() {
         let key = b"0123456789abcdef0123456789abcdef";
-        let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+        let secret = format!(
+            "whsec_{}",
+            base64::engine::general_purpose::STANDARD.encode(key)
+        );
         let v = Verifier::new(Scheme::StandardWebhooks, &secret, TOL).unwrap();
         let ts = NOW.to_string();
         let mut m = HmacSha256::new_from_slice(key).unwrap();
@@ -320,14 +384,24 @@ mod tests {
             ("webhook-signature", format!("v1,AAAA v1,{sig}")),
         ]);
         assert_eq!(v.verify(&h, BODY, NOW), Ok(()));
-        assert_eq!(v.delivery_id(&h, &json!({}), "/id").as_deref(), Some("msg_1"));
-        assert!(matches!(v.verify(&h, BODY, NOW - 301), Err(Rejection::StaleTimestamp { .. })));
+        assert_eq!(
+            v.delivery_id(&h, &json!({}), "/id").as_deref(),
+            Some("msg_1")
+        );
+        assert!(matches!(
+            v.verify(&h, BODY, NOW - 301),
+            Err(Rejection::StaleTimestamp { .. })
+        ));
         let h2 = headers(&[
             ("webhook-id", "msg_2".into()),
             ("webhook-timestamp", ts),
             ("webhook-signature", format!("v1,{sig}")),
         ]);
-        assert_eq!(v.verify(&h2, BODY, NOW), Err(Rejection::BadSignature), "the id is signed");
+        assert_eq!(
+            v.verify(&h2, BODY, NOW),
+            Err(Rejection::BadSignature),
+            "the id is signed"
+        );
         assert!(Verifier::new(Scheme::StandardWebhooks, "whsec_***", TOL).is_err());
     }
 
@@ -336,8 +410,18 @@ mod tests {
         let scheme = Scheme::parse("hmac-sha256", Some("X-Signature")).unwrap();
         let v = Verifier::new(scheme, "k", TOL).unwrap();
         let sig = hmac_hex(b"k", &[BODY]);
-        assert_eq!(v.verify(&headers(&[("x-signature", sig.clone())]), BODY, NOW), Ok(()));
-        assert_eq!(v.verify(&headers(&[("x-signature", format!("sha256={sig}"))]), BODY, NOW), Ok(()));
+        assert_eq!(
+            v.verify(&headers(&[("x-signature", sig.clone())]), BODY, NOW),
+            Ok(())
+        );
+        assert_eq!(
+            v.verify(
+                &headers(&[("x-signature", format!("sha256={sig}"))]),
+                BODY,
+                NOW
+            ),
+            Ok(())
+        );
         assert!(Scheme::parse("hmac-sha256", None).is_err());
         assert!(Scheme::parse("md5", None).is_err());
     }
@@ -354,7 +438,9 @@ mod tests {
         let fired = map_delivery(&maps, &body).unwrap();
         assert_eq!(fired.len(), 1);
         assert_eq!(fired[0].1["vendorId"], json!("v9"));
-        assert!(map_delivery(&maps, &json!({"event": "other"})).unwrap().is_empty());
+        assert!(map_delivery(&maps, &json!({"event": "other"}))
+            .unwrap()
+            .is_empty());
         assert!(map_delivery(&maps, &json!({"event": "availability_changed"})).is_err());
     }
 }

@@ -67,7 +67,10 @@ pub enum Outcome {
     /// Accepted; the detail is what the API said (e.g. its purge or invalidation id).
     Done(String),
     /// Try again later (5xx, 429, network error); `after` from `Retry-After` when given.
-    Retry { after: Option<Duration>, detail: String },
+    Retry {
+        after: Option<Duration>,
+        detail: String,
+    },
     /// Will never succeed as sent (4xx other than 429: bad credentials, bad request).
     Fatal(String),
 }

@@ -529,11 +529,20 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             let name = ev.name.get_ref().trim();
             let (line, _) = position(src, ev.name.span());
             if name.is_empty() || name.chars().any(char::is_whitespace) {
-                diags.push(src.at(ev.name.span(), "an event name must be non-empty, without spaces"));
+                diags.push(src.at(
+                    ev.name.span(),
+                    "an event name must be non-empty, without spaces",
+                ));
                 continue;
             }
             if let Some(prev) = events.get(name) {
-                diags.push(src.at(ev.name.span(), format!("duplicate event name {name:?}; it is already defined at {}", prev.origin)));
+                diags.push(src.at(
+                    ev.name.span(),
+                    format!(
+                        "duplicate event name {name:?}; it is already defined at {}",
+                        prev.origin
+                    ),
+                ));
                 continue;
             }
             let mut invalidates = Vec::new();
@@ -782,7 +791,12 @@ fn compile_rule(
         Some(bk) if bk.get_ref().all => {
             for p in &bk.get_ref().ignore {
                 if !p.starts_with('/') {
-                    diags.push(src.at(bk.span(), format!("body_key.ignore: {p:?} is not a JSON pointer; write it like \"/user\"")));
+                    diags.push(src.at(
+                        bk.span(),
+                        format!(
+                            "body_key.ignore: {p:?} is not a JSON pointer; write it like \"/user\""
+                        ),
+                    ));
                 }
             }
             Some(bk.get_ref().ignore.clone())
@@ -798,7 +812,10 @@ fn compile_rule(
         tokens: c.tokens.clone(),
         per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
     });
-    if let Some(Cost { tokens: Some(t), .. }) = &cost {
+    if let Some(Cost {
+        tokens: Some(t), ..
+    }) = &cost
+    {
         if !t.starts_with('/') {
             diags.push(src.at(r.name.span(), format!("cost.tokens {t:?} is not a JSON pointer into the response; write it like \"/usage/total_tokens\"")));
         }
@@ -807,8 +824,7 @@ fn compile_rule(
         return Err(diags);
     }
     let path = path.expect("checked above");
-    let needs_body =
-        body_key.is_some() || vary.iter().any(|f| matches!(f.source, Source::Body(_)));
+    let needs_body = body_key.is_some() || vary.iter().any(|f| matches!(f.source, Source::Body(_)));
     let key_path = !path.determined_by(|i| {
         vary.iter()
             .any(|f| matches!(f.source, Source::Path(p, _) if p == i))
@@ -1041,10 +1057,21 @@ invalidate_on = ["vendor_update"]
         let ev = set.event("availability_changed").unwrap();
         assert!(ev.cdn);
         let params = serde_json::from_str(r#"{"vendorId": "v1"}"#).unwrap();
-        assert_eq!(ev.tags(&params).unwrap(), vec!["availability_change", "vendor:v1"]);
+        assert_eq!(
+            ev.tags(&params).unwrap(),
+            vec!["availability_change", "vendor:v1"]
+        );
         let e = errors("[[event]]\nname = \"x\"\ninvalidates = [\"a{b\"]\n[[event]]\nname = \"x\"\ninvalidates = []\n");
-        assert!(e.iter().any(|d| d.starts_with("rules/a.toml:3:") && d.contains("closing")), "{e:?}");
-        assert!(e.iter().any(|d| d.starts_with("rules/a.toml:5:") && d.contains("duplicate event")), "{e:?}");
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with("rules/a.toml:3:") && d.contains("closing")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with("rules/a.toml:5:") && d.contains("duplicate event")),
+            "{e:?}"
+        );
     }
 
     #[test]

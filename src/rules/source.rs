@@ -118,7 +118,9 @@ impl Source {
                 serde_json::Value::Null => None,
                 serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
                 serde_json::Value::Number(n) => Some(Cow::Owned(canonical_number(n))),
-                serde_json::Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
+                serde_json::Value::Bool(b) => {
+                    Some(Cow::Borrowed(if *b { "true" } else { "false" }))
+                }
                 other => Some(Cow::Owned(canonical(other))),
             },
         }
@@ -148,9 +150,15 @@ fn canonical_number(n: &serde_json::Number) -> String {
 
 /// Removes the value at an RFC 6901 pointer, if present (for `body_key.ignore`).
 pub fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
-    let Some((parent, last)) = pointer.rsplit_once('/') else { return };
+    let Some((parent, last)) = pointer.rsplit_once('/') else {
+        return;
+    };
     let last = last.replace("~1", "/").replace("~0", "~");
-    let target = if parent.is_empty() { Some(v) } else { v.pointer_mut(parent) };
+    let target = if parent.is_empty() {
+        Some(v)
+    } else {
+        v.pointer_mut(parent)
+    };
     match target {
         Some(serde_json::Value::Object(map)) => {
             map.remove(&last);
@@ -279,7 +287,10 @@ mod tests {
         assert!(Source::parse("header.bad header", &p)
             .unwrap_err()
             .contains("header name"));
-        assert_eq!(Source::parse("body./query/type", &p).unwrap(), Source::Body("/query/type".into()));
+        assert_eq!(
+            Source::parse("body./query/type", &p).unwrap(),
+            Source::Body("/query/type".into())
+        );
         assert!(Source::parse("body.query", &p)
             .unwrap_err()
             .contains("JSON pointer"));
@@ -317,7 +328,11 @@ mod tests {
         assert_eq!(get("cookie.session").as_deref(), Some("abc"));
         assert_eq!(get("cookie.none"), None);
         assert_eq!(get("body./query/type").as_deref(), Some("venue"));
-        assert_eq!(get("body./query/n").as_deref(), Some("1"), "numbers are canonical");
+        assert_eq!(
+            get("body./query/n").as_deref(),
+            Some("1"),
+            "numbers are canonical"
+        );
         assert_eq!(get("body./query/tags").as_deref(), Some("[\"b\",\"a\"]"));
         assert_eq!(get("body./x"), None, "null is absent");
         assert_eq!(get("body./missing"), None);
@@ -325,8 +340,11 @@ mod tests {
 
     #[test]
     fn canonical_forms_and_pointer_removal() {
-        let a: serde_json::Value = serde_json::from_str(r#"{"b": 1.0, "a": {"y": [1, 2], "x": "s"}, "user": "u1"}"#).unwrap();
-        let b: serde_json::Value = serde_json::from_str(r#"{"a":{"x":"s","y":[1,2]},"b":1,"user":"u2"}"#).unwrap();
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b": 1.0, "a": {"y": [1, 2], "x": "s"}, "user": "u1"}"#)
+                .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"a":{"x":"s","y":[1,2]},"b":1,"user":"u2"}"#).unwrap();
         assert_ne!(canonical(&a), canonical(&b));
         let (mut a, mut b) = (a, b);
         remove_pointer(&mut a, "/user");

@@ -52,7 +52,11 @@ impl Subscriber {
                 self.audit
                     .relay(serde_json::json!({"source": "fleet", "tags": [tag], "soft": soft, "at_ms": at_ms}).to_string());
             }
-            Message::Prefix { prefix, at_ms, soft } => {
+            Message::Prefix {
+                prefix,
+                at_ms,
+                soft,
+            } => {
                 self.epochs.purge_prefix(&prefix, Epoch { at_ms, soft });
                 self.audit.relay(
                     serde_json::json!({"source": "fleet", "prefixes": [prefix], "soft": soft, "at_ms": at_ms}).to_string(),

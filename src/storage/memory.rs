@@ -262,11 +262,19 @@ impl MemoryStorage {
     fn insert(&self, id: u128, entry: Entry) {
         let uri = entry.info.uri;
         let weight = entry.weight as i64;
-        *self.rule_bytes.lock().entry(entry.info.rule.clone()).or_default() += weight;
+        *self
+            .rule_bytes
+            .lock()
+            .entry(entry.info.rule.clone())
+            .or_default() += weight;
         let old = self.shard(id).write().insert(id, Arc::new(entry));
         if let Some(old) = old {
             self.account(-1, -(old.weight as i64));
-            *self.rule_bytes.lock().entry(old.info.rule.clone()).or_default() -= old.weight as i64;
+            *self
+                .rule_bytes
+                .lock()
+                .entry(old.info.rule.clone())
+                .or_default() -= old.weight as i64;
         } else {
             let mut uris = self.uri_shard(uri).lock();
             let ids = uris.entry(uri).or_default();
@@ -280,7 +288,11 @@ impl MemoryStorage {
     fn remove(&self, id: u128) -> Option<Arc<Entry>> {
         let entry = self.shard(id).write().remove(&id)?;
         self.account(-1, -(entry.weight as i64));
-        *self.rule_bytes.lock().entry(entry.info.rule.clone()).or_default() -= entry.weight as i64;
+        *self
+            .rule_bytes
+            .lock()
+            .entry(entry.info.rule.clone())
+            .or_default() -= entry.weight as i64;
         let uri = entry.info.uri;
         let mut uris = self.uri_shard(uri).lock();
         if let Some(ids) = uris.get_mut(&uri) {
@@ -566,12 +578,10 @@ impl HandleHit for PartialHit {
             }
             match progress.done {
                 Some(true) => return Ok(None),
-                Some(false) => {
-                    return pingora::Error::e_explain(
-                        pingora::ErrorType::InternalError,
-                        "the fill this request was reading was abandoned (the upstream stream broke)",
-                    )
-                }
+                Some(false) => return pingora::Error::e_explain(
+                    pingora::ErrorType::InternalError,
+                    "the fill this request was reading was abandoned (the upstream stream broke)",
+                ),
                 None => {}
             }
             if self.rx.changed().await.is_err() {
@@ -623,11 +633,16 @@ impl MemoryMiss {
     /// Forgets the fill in progress (if it is still ours) and tells its readers how it ended.
     fn end(&self, complete: bool) {
         let mut partials = self.storage.partials.lock();
-        if partials.get(&self.id).is_some_and(|(w, _)| *w == self.write) {
+        if partials
+            .get(&self.id)
+            .is_some_and(|(w, _)| *w == self.write)
+        {
             partials.remove(&self.id);
         }
         drop(partials);
-        self.partial.progress.send_modify(|p| p.done = Some(complete));
+        self.partial
+            .progress
+            .send_modify(|p| p.done = Some(complete));
     }
 }
 
@@ -763,35 +778,67 @@ mod tests {
     async fn a_fill_is_readable_while_it_streams() {
         let span = pingora::cache::trace::Span::inactive().handle();
         let key = CacheKey::new("k-stream", "");
-        let mut miss = STORE.get_miss_handler(&key, &meta(60, 44), &span).await.unwrap();
-        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false).await.unwrap();
-        let (_, mut reader) = STORE.lookup(&key, &span).await.unwrap().expect("partial hit");
-        assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"data: 1\n\n");
+        let mut miss = STORE
+            .get_miss_handler(&key, &meta(60, 44), &span)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false)
+            .await
+            .unwrap();
+        let (_, mut reader) = STORE
+            .lookup(&key, &span)
+            .await
+            .unwrap()
+            .expect("partial hit");
+        assert_eq!(
+            &reader.read_body().await.unwrap().unwrap()[..],
+            b"data: 1\n\n"
+        );
         let next = tokio::spawn(async move {
             let second = reader.read_body().await.unwrap();
             let end = reader.read_body().await.unwrap();
             (second, end)
         });
-        miss.write_body(Bytes::from_static(b"data: 2\n\n"), true).await.unwrap();
+        miss.write_body(Bytes::from_static(b"data: 2\n\n"), true)
+            .await
+            .unwrap();
         miss.finish().await.unwrap();
         let (second, end) = next.await.unwrap();
-        assert_eq!(&second.unwrap()[..], b"data: 2\n\n", "the reader got the chunk as it came");
+        assert_eq!(
+            &second.unwrap()[..],
+            b"data: 2\n\n",
+            "the reader got the chunk as it came"
+        );
         assert!(end.is_none());
         let (_, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
-        assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"data: 1\n\ndata: 2\n\n");
+        assert_eq!(
+            &hit.read_body().await.unwrap().unwrap()[..],
+            b"data: 1\n\ndata: 2\n\n"
+        );
     }
 
     #[tokio::test]
     async fn a_broken_fill_is_not_stored_and_fails_its_readers() {
         let span = pingora::cache::trace::Span::inactive().handle();
         let key = CacheKey::new("k-broken", "");
-        let mut miss = STORE.get_miss_handler(&key, &meta(60, 45), &span).await.unwrap();
-        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false).await.unwrap();
+        let mut miss = STORE
+            .get_miss_handler(&key, &meta(60, 45), &span)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false)
+            .await
+            .unwrap();
         let (_, mut reader) = STORE.lookup(&key, &span).await.unwrap().unwrap();
         assert!(reader.read_body().await.unwrap().is_some());
         drop(miss);
-        assert!(reader.read_body().await.is_err(), "the reader learns the stream broke");
-        assert!(STORE.lookup(&key, &span).await.unwrap().is_none(), "nothing stored");
+        assert!(
+            reader.read_body().await.is_err(),
+            "the reader learns the stream broke"
+        );
+        assert!(
+            STORE.lookup(&key, &span).await.unwrap().is_none(),
+            "nothing stored"
+        );
     }
 
     #[tokio::test]

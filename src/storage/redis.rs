@@ -463,7 +463,11 @@ impl RedisTier {
     /// Every recorded epoch: (field, unix ms, soft).
     pub async fn load_epochs(&self) -> Option<Vec<(String, u64, bool)>> {
         let all: std::collections::HashMap<String, String> = self
-            .run("epochs", redis::cmd("HGETALL").arg(self.epochs_key()), BACKGROUND_TIMEOUT)
+            .run(
+                "epochs",
+                redis::cmd("HGETALL").arg(self.epochs_key()),
+                BACKGROUND_TIMEOUT,
+            )
             .await?;
         Some(
             all.into_iter()
@@ -481,7 +485,11 @@ impl RedisTier {
             for (field, ms, _) in all {
                 if ms < cutoff_ms {
                     let _: Option<i64> = self
-                        .run("epoch", redis::cmd("HDEL").arg(self.epochs_key()).arg(field), BACKGROUND_TIMEOUT)
+                        .run(
+                            "epoch",
+                            redis::cmd("HDEL").arg(self.epochs_key()).arg(field),
+                            BACKGROUND_TIMEOUT,
+                        )
                         .await;
                 }
             }
@@ -504,21 +512,35 @@ pub enum Message {
     /// A tag was purged at `at_ms` (unix ms).
     Tag { tag: String, at_ms: u64, soft: bool },
     /// Every URI starting with `prefix` (`host/path`) was purged at `at_ms`.
-    Prefix { prefix: String, at_ms: u64, soft: bool },
+    Prefix {
+        prefix: String,
+        at_ms: u64,
+        soft: bool,
+    },
 }
 
 impl Message {
     /// `<instance> <sent at, unix ms> k <key> | u <uri> | t <at> <0|1> <tag> | p <at> <0|1> <prefix>`
     pub fn encode(&self, instance: u64) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis();
         match self {
             Message::Key(k) => format!("{instance:016x} {now} k {k:032x}"),
             Message::Uri(u) => format!("{instance:016x} {now} u {u:016x}"),
             Message::Tag { tag, at_ms, soft } => {
                 format!("{instance:016x} {now} t {at_ms} {} {tag}", u8::from(*soft))
             }
-            Message::Prefix { prefix, at_ms, soft } => {
-                format!("{instance:016x} {now} p {at_ms} {} {prefix}", u8::from(*soft))
+            Message::Prefix {
+                prefix,
+                at_ms,
+                soft,
+            } => {
+                format!(
+                    "{instance:016x} {now} p {at_ms} {} {prefix}",
+                    u8::from(*soft)
+                )
             }
         }
     }
@@ -546,7 +568,11 @@ impl Message {
             }
             "p" => {
                 let (at_ms, soft, prefix) = epoch(rest)?;
-                Message::Prefix { prefix, at_ms, soft }
+                Message::Prefix {
+                    prefix,
+                    at_ms,
+                    soft,
+                }
             }
             _ => return None,
         };
@@ -568,8 +594,16 @@ mod tests {
         for m in [
             Message::Key(0xabc_u128 << 64 | 7),
             Message::Uri(42),
-            Message::Tag { tag: "vendor:v-1".into(), at_ms: 1234, soft: true },
-            Message::Prefix { prefix: "h.example/api/".into(), at_ms: 99, soft: false },
+            Message::Tag {
+                tag: "vendor:v-1".into(),
+                at_ms: 1234,
+                soft: true,
+            },
+            Message::Prefix {
+                prefix: "h.example/api/".into(),
+                at_ms: 99,
+                soft: false,
+            },
         ] {
             let (sender, sent, back) = Message::decode(&m.encode(99)).unwrap();
             assert_eq!((sender, back), (99, m));

@@ -6,6 +6,9 @@
 
 #![allow(dead_code)]
 
+pub mod cdn;
+pub mod redis;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -428,6 +431,16 @@ impl Gateway {
     /// loopback addresses) and `rules/<name>` files, start `aisle run`, and
     /// wait until `/healthz` answers 200.
     pub async fn start(config: &str, rules: &[(&str, &str)]) -> Gateway {
+        Gateway::start_with_env(config, rules, &[]).await
+    }
+
+    /// Like [`Gateway::start`], with extra environment variables for the
+    /// `aisle` process (the rest of the environment is inherited).
+    pub async fn start_with_env(
+        config: &str,
+        rules: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let mut last_logs = String::new();
         for attempt in 1..=START_ATTEMPTS {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -453,6 +466,7 @@ impl Gateway {
                 .arg("--config")
                 .arg(&config_path)
                 .current_dir(dir.path())
+                .envs(env.iter().copied())
                 .stdin(Stdio::null())
                 .stdout(stdout)
                 .stderr(stderr)
@@ -874,5 +888,442 @@ mod harness_tests {
         assert!(is_hit(cs));
         assert_eq!(cache_status_param(cs, "ttl").as_deref(), Some("42"));
         assert!(!is_hit("aisle; fwd=uri-miss; stored"));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// POST bodies, raw requests and a streaming (server-sent events) origin
+// ---------------------------------------------------------------------------
+
+/// `POST url` with `body` (reqwest sets `Content-Length`) and `headers`; reads
+/// the whole answer.
+pub async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
+    let body: Bytes = body.into();
+    let mut rb = client.post(url).body(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let started = Instant::now();
+    let resp = rb
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url} failed: {e:?}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: reading body failed: {e}"));
+    Resp {
+        status,
+        headers,
+        body,
+        elapsed: started.elapsed(),
+    }
+}
+
+/// `POST {gateway}{path}` with a JSON body (`Content-Type: application/json`
+/// plus `headers`).
+pub async fn post_json(
+    gw: &Gateway,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    post(gw.client(), &gw.url(path), &all, body).await
+}
+
+/// Send `request` (raw bytes, which should say `Connection: close`) on a new
+/// connection to `addr` and read the answer until the server closes it
+/// (everything bounded by `timeout`). Chunked answers are decoded.
+pub async fn raw_request(addr: SocketAddr, request: &[u8], timeout: Duration) -> RawResp {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.write_all(request).await.expect("write raw request");
+        let mut buf = Vec::new();
+        // Until EOF; a reset after a complete answer is fine too.
+        let _ = stream.read_to_end(&mut buf).await;
+        buf
+    };
+    let buf = tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("raw request to {addr}: no complete answer within {timeout:?}"));
+    parse_raw_response(&buf)
+}
+
+/// Parse one HTTP/1.1 response (Content-Length, chunked, or close-delimited).
+pub fn parse_raw_response(buf: &[u8]) -> RawResp {
+    let head_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let rest = &buf[head_end + 4..];
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body =
+        if find("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            decode_chunked(rest).unwrap_or_else(|e| panic!("bad chunked body: {e}"))
+        } else if let Some(len) = find("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            assert!(
+                rest.len() >= len,
+                "body shorter ({}) than Content-Length {len}",
+                rest.len()
+            );
+            rest[..len].to_vec()
+        } else {
+            rest.to_vec()
+        };
+    RawResp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Decode a complete chunked body (error if the final chunk is missing).
+pub fn decode_chunked(mut data: &[u8]) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or("chunk size line not terminated")?;
+        let size_text = String::from_utf8_lossy(&data[..line_end]);
+        let size_text = size_text.split(';').next().unwrap_or("").trim().to_string();
+        let size = usize::from_str_radix(&size_text, 16)
+            .map_err(|e| format!("chunk size {size_text:?}: {e}"))?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size + 2 {
+            return Err("chunk shorter than its size".into());
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}
+
+/// A one-shot signal the test controls: origin scripts wait on it.
+#[derive(Clone)]
+pub struct Gate {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate::new()
+    }
+}
+
+impl Gate {
+    pub fn new() -> Gate {
+        Gate {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+
+    /// Let every waiter (present and future) through.
+    pub fn open(&self) {
+        self.tx.send_replace(true);
+    }
+
+    pub fn is_open(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    pub async fn wait(&self) {
+        let mut rx = self.tx.subscribe();
+        let _ = rx.wait_for(|open| *open).await;
+    }
+}
+
+/// One step of a streaming origin's answer.
+#[derive(Clone)]
+pub enum Step {
+    /// Write these bytes as one chunk and flush.
+    Chunk(Bytes),
+    /// Wait until the gate is opened.
+    Wait(Gate),
+    /// Pause (simulates a slow upstream).
+    Sleep(Duration),
+    /// Close the connection at once, without the final chunk.
+    Abort,
+}
+
+/// A streamed answer: status, headers, then the steps; after the last step
+/// (unless it aborted) the final `0` chunk ends the body.
+#[derive(Clone)]
+pub struct StreamResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub steps: Vec<Step>,
+}
+
+impl StreamResponse {
+    /// 200 `text/event-stream`, chunked.
+    pub fn sse(steps: Vec<Step>) -> StreamResponse {
+        StreamResponse {
+            status: 200,
+            headers: vec![("content-type".into(), "text/event-stream".into())],
+            steps,
+        }
+    }
+}
+
+type StreamHandler = dyn Fn(OriginRequest) -> StreamResponse + Send + Sync + 'static;
+
+struct StreamOriginState {
+    handler: Box<StreamHandler>,
+    log: Mutex<Vec<OriginRequest>>,
+    /// Chunks written so far, per request (index = arrival order).
+    sent: Mutex<Vec<usize>>,
+}
+
+/// A hand-written HTTP/1.1 origin on 127.0.0.1:0 whose answers are chunked
+/// streams written step by step (keep-alive; `Content-Length` request bodies).
+pub struct StreamOrigin {
+    addr: SocketAddr,
+    state: Arc<StreamOriginState>,
+    stop_tx: watch::Sender<bool>,
+}
+
+impl StreamOrigin {
+    pub fn start<F>(handler: F) -> StreamOrigin
+    where
+        F: Fn(OriginRequest) -> StreamResponse + Send + Sync + 'static,
+    {
+        let std_listener = StdTcpListener::bind("127.0.0.1:0").expect("bind stream origin");
+        std_listener.set_nonblocking(true).expect("nonblocking");
+        let addr = std_listener.local_addr().expect("stream origin addr");
+        let listener = tokio::net::TcpListener::from_std(std_listener).expect("tokio listener");
+        let state = Arc::new(StreamOriginState {
+            handler: Box::new(handler),
+            log: Mutex::new(Vec::new()),
+            sent: Mutex::new(Vec::new()),
+        });
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let accept_state = state.clone();
+        tokio::spawn(async move {
+            let mut stop = stop_rx.clone();
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let st = accept_state.clone();
+                        let mut conn_stop = stop_rx.clone();
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                _ = serve_stream_conn(st, stream) => {}
+                                _ = conn_stop.wait_for(|s| *s) => {}
+                            }
+                        });
+                    }
+                    _ = stop.wait_for(|s| *s) => break,
+                }
+            }
+        });
+        StreamOrigin {
+            addr,
+            state,
+            stop_tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Requests received so far, all paths.
+    pub fn total(&self) -> usize {
+        self.state.log.lock().unwrap().len()
+    }
+
+    pub fn requests(&self) -> Vec<OriginRequest> {
+        self.state.log.lock().unwrap().clone()
+    }
+
+    /// Chunks written so far for the `i`-th request (0-based, arrival order).
+    pub fn chunks_sent(&self, i: usize) -> usize {
+        self.state.sent.lock().unwrap().get(i).copied().unwrap_or(0)
+    }
+}
+
+impl Drop for StreamOrigin {
+    fn drop(&mut self) {
+        let _ = self.stop_tx.send(true);
+    }
+}
+
+async fn serve_stream_conn(state: Arc<StreamOriginState>, mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        // Head.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or("");
+        let mut parts = request_line.split(' ');
+        let method = parts.next().unwrap_or("").to_string();
+        let target = parts.next().unwrap_or("/").to_string();
+        let mut headers = http::HeaderMap::new();
+        for line in lines {
+            if let Some((k, v)) = line.split_once(':') {
+                if let (Ok(k), Ok(v)) = (
+                    http::HeaderName::from_bytes(k.trim().as_bytes()),
+                    http::HeaderValue::from_str(v.trim()),
+                ) {
+                    headers.append(k, v);
+                }
+            }
+        }
+        let len: usize = headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        while buf.len() < len {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = Bytes::from(buf.drain(..len).collect::<Vec<u8>>());
+        let (path, query) = match target.split_once('?') {
+            Some((p, q)) => (p.to_string(), q.to_string()),
+            None => (target.clone(), String::new()),
+        };
+        let (index, req) = {
+            let mut log = state.log.lock().unwrap();
+            let count = log.iter().filter(|r| r.path == path).count() + 1;
+            let req = OriginRequest {
+                method,
+                path,
+                query,
+                headers,
+                body,
+                count,
+            };
+            log.push(req.clone());
+            state.sent.lock().unwrap().push(0);
+            (log.len() - 1, req)
+        };
+        let resp = (state.handler)(req);
+        let mut out = format!("HTTP/1.1 {} X\r\n", resp.status);
+        for (k, v) in &resp.headers {
+            out.push_str(&format!("{k}: {v}\r\n"));
+        }
+        out.push_str("transfer-encoding: chunked\r\n\r\n");
+        if stream.write_all(out.as_bytes()).await.is_err() || stream.flush().await.is_err() {
+            return;
+        }
+        for step in resp.steps {
+            match step {
+                Step::Chunk(data) => {
+                    let mut c = format!("{:x}\r\n", data.len()).into_bytes();
+                    c.extend_from_slice(&data);
+                    c.extend_from_slice(b"\r\n");
+                    if stream.write_all(&c).await.is_err() || stream.flush().await.is_err() {
+                        return;
+                    }
+                    state.sent.lock().unwrap()[index] += 1;
+                }
+                Step::Wait(gate) => gate.wait().await,
+                Step::Sleep(d) => tokio::time::sleep(d).await,
+                Step::Abort => {
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+            }
+        }
+        if stream.write_all(b"0\r\n\r\n").await.is_err() || stream.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Read `resp`'s body into `buf` until it contains `needle`; panics if the
+/// body ends or errors first, or after `timeout`.
+pub async fn read_until_contains(
+    resp: &mut reqwest::Response,
+    buf: &mut Vec<u8>,
+    needle: &[u8],
+    timeout: Duration,
+    what: &str,
+) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => panic!(
+                "{what}: {:?} not received within {timeout:?}; got so far {:?}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(buf)
+            ),
+            Ok(Ok(Some(c))) => buf.extend_from_slice(&c),
+            Ok(Ok(None)) => panic!(
+                "{what}: body ended before {:?}; got {:?}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(buf)
+            ),
+            Ok(Err(e)) => panic!(
+                "{what}: body error before {:?}: {e}; got {:?}",
+                String::from_utf8_lossy(needle),
+                String::from_utf8_lossy(buf)
+            ),
+        }
+    }
+}
+
+/// Read the rest of `resp`'s body into `buf` (bounded by `timeout`):
+/// `Ok(())` at a clean end, `Err(reason)` when the body errors.
+pub async fn read_to_end(
+    resp: &mut reqwest::Response,
+    buf: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, resp.chunk()).await {
+            Err(_) => return Err(format!("body not finished within {timeout:?}")),
+            Ok(Ok(Some(c))) => buf.extend_from_slice(&c),
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => return Err(format!("body error: {e}")),
+        }
     }
 }
