@@ -463,7 +463,7 @@ impl ProxyHttp for Gateway {
             if let Some(hit) = hit_handler.as_any().downcast_ref::<BodyHit>() {
                 let info = hit.info();
                 let tags = info.tags.iter().map(|t| &**t);
-                match epochs.judge(meta.created(), tags, &info.host_path) {
+                match epochs.judge(meta.created(), tags, &info.host_path, info.uri) {
                     Verdict::Valid => {}
                     Verdict::Gone => {
                         ctx.purged = true;
@@ -717,6 +717,8 @@ impl Gateway {
     /// for same-host `Location` / `Content-Location`.
     async fn invalidate_after_unsafe(&self, req: &RequestHeader, resp: &ResponseHeader, ctx: &Ctx) {
         let host = host_of(req);
+        self.invalidator
+            .prune(crate::invalidation::epochs::now_ms());
         let mut removed = self.cache.storage.invalidate_uri(ctx.uri).await;
         for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
             let Some(target) = resp.headers.get(&name).and_then(|v| v.to_str().ok()) else {

@@ -26,6 +26,7 @@ use std::sync::Arc;
 fn cache_parts(
     config: &Config,
     redis: Option<Arc<RedisTier>>,
+    epochs: Arc<Epochs>,
 ) -> (CacheParts, &'static MemoryStorage) {
     let budget = config.cache.memory as usize;
     // Capacity hint: entries expected at ~4 KiB each, bounded so tiny test budgets stay tiny.
@@ -35,6 +36,7 @@ fn cache_parts(
     let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
     let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
         memory,
+        epochs,
         redis,
         budget > 0,
         config.cache.lock_timeout,
@@ -74,8 +76,8 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         Some(r) => Some(Arc::new(RedisTier::new(r).map_err(std::io::Error::other)?)),
         None => None,
     };
-    let (parts, memory) = cache_parts(&config, redis.clone());
     let epochs = Arc::new(Epochs::default());
+    let (parts, memory) = cache_parts(&config, redis.clone(), epochs.clone());
     let audit = Arc::new(Audit::new(redis.clone()));
     let queue = match &config.cdn {
         Some(cdn) => {

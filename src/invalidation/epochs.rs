@@ -54,6 +54,9 @@ pub enum Verdict {
 #[derive(Default)]
 pub struct Epochs {
     tags: RwLock<HashMap<Box<str>, Epoch>>,
+    /// URI purges (RFC 9111 §4.4, URL purges), by [`crate::key::uri_id`]: deleting the
+    /// entries is not enough, as a fill that was already in flight could store them again.
+    uris: RwLock<HashMap<u64, Epoch>>,
     prefixes: RwLock<Vec<(Box<str>, Epoch)>>,
     any: AtomicBool,
 }
@@ -79,6 +82,14 @@ impl Epochs {
         self.any.store(true, Ordering::Release);
     }
 
+    /// Records a purge of every variant of a URI.
+    pub fn purge_uri(&self, uri: u64, epoch: Epoch) {
+        let mut uris = self.uris.write();
+        let e = uris.entry(uri).or_insert(epoch);
+        *e = e.merge(epoch);
+        self.any.store(true, Ordering::Release);
+    }
+
     /// Records a purge of every URI starting with `prefix` (`host/path...`).
     pub fn purge_prefix(&self, prefix: &str, epoch: Epoch) {
         let mut prefixes = self.prefixes.write();
@@ -100,12 +111,18 @@ impl Epochs {
         created: SystemTime,
         tags: impl IntoIterator<Item = &'a str>,
         host_path: &str,
+        uri: u64,
     ) -> Verdict {
         if self.is_empty() {
             return Verdict::Valid;
         }
         let created = millis(created);
-        let mut worst: Option<Epoch> = None;
+        let mut worst: Option<Epoch> = self
+            .uris
+            .read()
+            .get(&uri)
+            .filter(|e| e.at_ms >= created)
+            .copied();
         {
             let map = self.tags.read();
             if !map.is_empty() {
@@ -144,7 +161,15 @@ impl Epochs {
             n += usize::from(!keep);
             keep
         });
-        if self.tags.read().is_empty() && self.prefixes.read().is_empty() {
+        self.uris.write().retain(|_, e| {
+            let keep = e.at_ms >= cutoff;
+            n += usize::from(!keep);
+            keep
+        });
+        if self.tags.read().is_empty()
+            && self.prefixes.read().is_empty()
+            && self.uris.read().is_empty()
+        {
             self.any.store(false, Ordering::Release);
         }
         n
@@ -167,7 +192,7 @@ mod tests {
     #[test]
     fn entries_older_than_the_epoch_are_gone() {
         let e = Epochs::default();
-        assert_eq!(e.judge(at(1), ["a"], "h/x"), Verdict::Valid);
+        assert_eq!(e.judge(at(1), ["a"], "h/x", 0), Verdict::Valid);
         e.purge_tag(
             "a",
             Epoch {
@@ -175,19 +200,19 @@ mod tests {
                 soft: false,
             },
         );
-        assert_eq!(e.judge(at(999), ["b", "a"], "h/x"), Verdict::Gone);
+        assert_eq!(e.judge(at(999), ["b", "a"], "h/x", 0), Verdict::Gone);
         assert_eq!(
-            e.judge(at(1000), ["a"], "h/x"),
+            e.judge(at(1000), ["a"], "h/x", 0),
             Verdict::Gone,
             "stored in the same ms: purged"
         );
         assert_eq!(
-            e.judge(at(1001), ["a"], "h/x"),
+            e.judge(at(1001), ["a"], "h/x", 0),
             Verdict::Valid,
             "stored after the purge"
         );
         assert_eq!(
-            e.judge(at(1), ["b"], "h/x"),
+            e.judge(at(1), ["b"], "h/x", 0),
             Verdict::Valid,
             "other tags untouched"
         );
@@ -203,7 +228,7 @@ mod tests {
                 soft: true,
             },
         );
-        assert_eq!(e.judge(at(10), ["a"], "h/x"), Verdict::Stale(at(1000)));
+        assert_eq!(e.judge(at(10), ["a"], "h/x", 0), Verdict::Stale(at(1000)));
         e.purge_tag(
             "a",
             Epoch {
@@ -212,7 +237,7 @@ mod tests {
             },
         );
         assert_eq!(
-            e.judge(at(10), ["a"], "h/x"),
+            e.judge(at(10), ["a"], "h/x", 0),
             Verdict::Gone,
             "hard wins at equal times"
         );
@@ -224,9 +249,32 @@ mod tests {
             },
         );
         assert_eq!(
-            e.judge(at(10), ["a"], "h/x"),
+            e.judge(at(10), ["a"], "h/x", 0),
             Verdict::Gone,
             "an older epoch changes nothing"
+        );
+    }
+
+    #[test]
+    fn uris() {
+        let e = Epochs::default();
+        e.purge_uri(
+            7,
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(
+            e.judge(at(999), [], "h/x", 7),
+            Verdict::Gone,
+            "a fill from before the purge"
+        );
+        assert_eq!(e.judge(at(1001), [], "h/x", 7), Verdict::Valid);
+        assert_eq!(
+            e.judge(at(5), [], "h/x", 8),
+            Verdict::Valid,
+            "other URIs untouched"
         );
     }
 
@@ -241,11 +289,11 @@ mod tests {
             },
         );
         assert_eq!(
-            e.judge(at(5), [], "api.example.com/api/vendors/7"),
+            e.judge(at(5), [], "api.example.com/api/vendors/7", 0),
             Verdict::Gone
         );
         assert_eq!(
-            e.judge(at(5), [], "api.example.com/api/weddings/7"),
+            e.judge(at(5), [], "api.example.com/api/weddings/7", 0),
             Verdict::Valid
         );
     }

@@ -135,7 +135,7 @@ impl Invalidator {
     }
 
     /// Forgets epochs no entry can be old enough to need, at most once a minute.
-    fn prune(&self, now: u64) {
+    pub fn prune(&self, now: u64) {
         let last = self.pruned_at.load(Ordering::Relaxed);
         if now.saturating_sub(last) < 60_000
             || self
@@ -326,6 +326,11 @@ pub async fn load_epochs(redis: &RedisTier, epochs: &Epochs) {
             epochs.purge_tag(tag, epoch);
         } else if let Some(p) = field.strip_prefix("p:") {
             epochs.purge_prefix(p, epoch);
+        } else if let Some(u) = field
+            .strip_prefix("u:")
+            .and_then(|u| u64::from_str_radix(u, 16).ok())
+        {
+            epochs.purge_uri(u, epoch);
         }
     }
 }

@@ -45,6 +45,8 @@ impl Subscriber {
                 self.memory.purge_id(k);
             }
             Message::Uri(u) => {
+                let at_ms = u64::try_from(sent_ms).unwrap_or(u64::MAX);
+                self.epochs.purge_uri(u, Epoch { at_ms, soft: false });
                 self.memory.purge_uri(u);
             }
             Message::Tag { tag, at_ms, soft } => {

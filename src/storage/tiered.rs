@@ -16,6 +16,7 @@ use super::memory::{id, BodyHit, MemoryStorage};
 use super::record::{DecodeError, Record};
 use super::redis::{Message, RedisTier};
 use super::EntryInfo;
+use crate::invalidation::epochs::{now_ms, Epoch, Epochs};
 use crate::metrics::metrics;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -40,6 +41,8 @@ const FILL_POLL_MAX: Duration = Duration::from_millis(50);
 /// Memory + Redis.
 pub struct Tiered {
     pub memory: &'static MemoryStorage,
+    /// Purge epochs (URI purges are recorded here too: see [`Epochs`]).
+    pub epochs: Arc<Epochs>,
     pub redis: Option<Arc<RedisTier>>,
     /// False when `cache.memory` is 0: Redis only.
     memory_enabled: bool,
@@ -60,12 +63,14 @@ pub fn servable_for(meta: &CacheMeta, now: SystemTime) -> Duration {
 impl Tiered {
     pub fn new(
         memory: &'static MemoryStorage,
+        epochs: Arc<Epochs>,
         redis: Option<Arc<RedisTier>>,
         memory_enabled: bool,
         fill_wait: Duration,
     ) -> Self {
         Tiered {
             memory,
+            epochs,
             redis,
             memory_enabled,
             fill_wait,
@@ -80,10 +85,18 @@ impl Tiered {
 
     /// Drops every variant of a URI here, in Redis, and on every other instance.
     pub async fn invalidate_uri(&self, uri: u64) -> usize {
+        let at_ms = now_ms();
+        // Recorded first: a fill already in flight must not bring the old answer back.
+        self.epochs.purge_uri(uri, Epoch { at_ms, soft: false });
         let removed = self.memory.purge_uri(uri);
         if let Some(redis) = &self.redis {
-            redis.delete_uri(uri).await;
+            redis
+                .save_epoch(&format!("u:{uri:016x}"), at_ms, false)
+                .await;
+            // The broadcast goes first: with the epoch recorded, a copy another instance reads
+            // from Redis before the delete lands is refused anyway.
             redis.publish(&Message::Uri(uri)).await;
+            redis.delete_uri(uri).await;
         }
         removed
     }
