@@ -10,54 +10,27 @@
 //! parameters (from the admin API or a webhook mapping) into tags. A parameter a template needs
 //! but the event lacks is an error, so a malformed event invalidates nothing.
 
+use crate::rules::template::{split, Piece};
 use serde_json::Value;
 use std::collections::BTreeMap;
-
-#[derive(Debug, Clone)]
-enum Piece {
-    Text(Box<str>),
-    Param(Box<str>),
-}
 
 /// A compiled tag template over event parameters, e.g. `vendor:{vendorId}`.
 #[derive(Debug, Clone)]
 pub struct ParamTemplate {
     source: Box<str>,
-    pieces: Vec<Piece>,
+    pieces: Vec<Piece<Box<str>>>,
 }
 
 impl ParamTemplate {
     pub fn parse(s: &str) -> Result<Self, String> {
-        if s.is_empty() || s.chars().any(char::is_whitespace) {
-            return Err(format!("tag {s:?} must be non-empty and contain no spaces"));
-        }
-        let mut pieces = Vec::new();
-        let mut rest = s;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                pieces.push(Piece::Text(rest[..open].into()));
-            }
-            let after = &rest[open + 1..];
-            let close = after
-                .find('}')
-                .ok_or_else(|| format!("tag template {s:?} has a '{{' without a closing '}}'"))?;
-            let name = &after[..close];
+        let pieces = split(s, |name| {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!(
-                    "tag template {s:?}: {{{name}}} is not a parameter name (letters, digits, '_')"
+                    "{{{name}}} is not a parameter name (letters, digits, '_')"
                 ));
             }
-            pieces.push(Piece::Param(name.into()));
-            rest = &after[close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(format!(
-                "tag template {s:?} has a '}}' without an opening '{{'"
-            ));
-        }
-        if !rest.is_empty() {
-            pieces.push(Piece::Text(rest.into()));
-        }
+            Ok(name.into())
+        })?;
         Ok(ParamTemplate {
             source: s.into(),
             pieces,
@@ -70,7 +43,7 @@ impl ParamTemplate {
         for p in &self.pieces {
             match p {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Param(name) => match params.get(&**name) {
+                Piece::Hole(name) => match params.get(&**name) {
                     Some(Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
                         out.push_str(s)
                     }

@@ -9,6 +9,7 @@
 pub mod normalize;
 pub mod path;
 pub mod source;
+pub mod template;
 
 use crate::diag::{Diagnostic, Source as File};
 use crate::invalidation::events::{EventDef, ParamTemplate};

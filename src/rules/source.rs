@@ -5,6 +5,7 @@
 //! the rule's pattern); extracting it from a request borrows from the request where it can.
 
 use super::path::{PathParams, PathPattern};
+use super::template::{split, Piece};
 use std::borrow::Cow;
 
 /// The parts of a request that rules look at.
@@ -192,50 +193,17 @@ fn borrow_if_same<'a>(query: &'a str, v: Cow<'_, str>) -> Cow<'a, str> {
     }
 }
 
-/// One piece of a tag template.
-#[derive(Debug, Clone)]
-enum Piece {
-    Text(Box<str>),
-    Value(Source),
-}
-
 /// A tag template such as `"wedding:{path.id}"`.
 #[derive(Debug, Clone)]
 pub struct Template {
-    pieces: Vec<Piece>,
+    pieces: Vec<Piece<Source>>,
 }
 
 impl Template {
     pub fn parse(s: &str, pattern: &PathPattern) -> Result<Self, String> {
-        let mut pieces = Vec::new();
-        let mut rest = s;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                pieces.push(Piece::Text(rest[..open].into()));
-            }
-            let after = &rest[open + 1..];
-            let Some(close) = after.find('}') else {
-                return Err(format!(
-                    "tag template {s:?} has a '{{' without a closing '}}'"
-                ));
-            };
-            let source = Source::parse(&after[..close], pattern)
-                .map_err(|e| format!("tag template {s:?}: {e}"))?;
-            pieces.push(Piece::Value(source));
-            rest = &after[close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(format!(
-                "tag template {s:?} has a '}}' without an opening '{{'"
-            ));
-        }
-        if !rest.is_empty() {
-            pieces.push(Piece::Text(rest.into()));
-        }
-        if s.is_empty() || s.chars().any(char::is_whitespace) {
-            return Err(format!("tag {s:?} must be non-empty and contain no spaces"));
-        }
-        Ok(Template { pieces })
+        Ok(Template {
+            pieces: split(s, |hole| Source::parse(hole, pattern))?,
+        })
     }
 
     /// Renders the template; `value` resolves each source (already normalized by the caller).
@@ -244,7 +212,7 @@ impl Template {
         for piece in &self.pieces {
             match piece {
                 Piece::Text(t) => out.push_str(t),
-                Piece::Value(src) => {
+                Piece::Hole(src) => {
                     if let Some(v) = value(src) {
                         out.push_str(&v);
                     }
