@@ -69,7 +69,7 @@ mod tests {
         assert!(names("a}").unwrap_err().contains("opening"));
         assert!(names("a b").unwrap_err().contains("no spaces"));
         assert!(names("").is_err());
-        let err = split(&"x:{bad}".to_string(), |_| Err::<(), _>("nope".to_string())).unwrap_err();
+        let err = split("x:{bad}", |_| Err::<(), _>("nope".to_string())).unwrap_err();
         assert_eq!(err, "tag template \"x:{bad}\": nope");
     }
 }
