@@ -14,7 +14,7 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::redis::{wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
-use common::{config_for, poll_until, Gateway, Origin, OriginResponse, Resp};
+use common::{config_for, fetch_with_body, poll_until, Gateway, Origin, OriginResponse, Resp};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "inv-test-admin-token-7f3a91c2";
@@ -104,38 +104,6 @@ fn now_ms() -> u64 {
 // Requests and assertions
 // ---------------------------------------------------------------------------
 
-/// Sends a request with a body and reads the whole answer.
-async fn send(
-    client: &reqwest::Client,
-    method: &str,
-    url: &str,
-    headers: &[(&str, &str)],
-    body: String,
-) -> Resp {
-    let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut rb = client.request(m, url).body(body);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    let started = Instant::now();
-    let resp = rb
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url} failed: {e:?}"));
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("{method} {url}: reading body failed: {e}"));
-    Resp {
-        status,
-        headers,
-        body,
-        elapsed: started.elapsed(),
-    }
-}
-
 /// A request to the admin listener, with `Authorization: Bearer <token>` when given.
 async fn admin(gw: &Gateway, method: &str, path: &str, token: Option<&str>, body: &str) -> Resp {
     let auth = token.map(|t| format!("Bearer {t}"));
@@ -143,7 +111,7 @@ async fn admin(gw: &Gateway, method: &str, path: &str, token: Option<&str>, body
     if let Some(a) = &auth {
         headers.push(("authorization", a.as_str()));
     }
-    send(
+    fetch_with_body(
         gw.client(),
         method,
         &gw.admin_url(path),

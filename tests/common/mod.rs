@@ -386,8 +386,23 @@ pub async fn fetch(
     url: &str,
     headers: &[(&str, &str)],
 ) -> Resp {
+    fetch_with_body(client, method, url, headers, Bytes::new()).await
+}
+
+/// Send a request with a body (reqwest sets `Content-Length`) and read the whole answer.
+pub async fn fetch_with_body(
+    client: &reqwest::Client,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Resp {
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let body: Bytes = body.into();
     let mut rb = client.request(method.clone(), url);
+    if !body.is_empty() {
+        rb = rb.body(body);
+    }
     for (k, v) in headers {
         rb = rb.header(*k, *v);
     }
@@ -903,28 +918,7 @@ pub async fn post(
     headers: &[(&str, &str)],
     body: impl Into<Bytes>,
 ) -> Resp {
-    let body: Bytes = body.into();
-    let mut rb = client.post(url).body(body);
-    for (k, v) in headers {
-        rb = rb.header(*k, *v);
-    }
-    let started = Instant::now();
-    let resp = rb
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url} failed: {e:?}"));
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp
-        .bytes()
-        .await
-        .unwrap_or_else(|e| panic!("POST {url}: reading body failed: {e}"));
-    Resp {
-        status,
-        headers,
-        body,
-        elapsed: started.elapsed(),
-    }
+    fetch_with_body(client, "POST", url, headers, body).await
 }
 
 /// `POST {gateway}{path}` with a JSON body (`Content-Type: application/json`
