@@ -140,28 +140,6 @@ fn key_of(r: &Resp, what: &str) -> String {
     key
 }
 
-fn assert_stored_miss(r: &Resp, what: &str) {
-    let cs = r.cache_status();
-    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
-    assert!(
-        cs.starts_with("aisle; fwd=") && cs.contains("stored"),
-        "{what}: expected a stored miss, got Cache-Status {cs:?}"
-    );
-}
-
-fn assert_hit(r: &Resp, what: &str) {
-    let cs = r.cache_status();
-    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
-    assert!(
-        is_hit(&cs),
-        "{what}: expected a hit, got Cache-Status {cs:?}"
-    );
-    assert!(
-        r.ttl().is_some(),
-        "{what}: hit without ttl= (Cache-Status {cs:?})"
-    );
-}
-
 fn assert_bypass(r: &Resp, detail: &str, what: &str) {
     let cs = r.cache_status();
     assert!(

@@ -14,7 +14,10 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::redis::{wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
-use common::{config_for, fetch_with_body, poll_until, Gateway, Origin, OriginResponse, Resp};
+use common::{
+    assert_hit, assert_purged, assert_stored_miss, config_for, fetch_with_body, poll_until,
+    Gateway, Origin, OriginResponse, Resp,
+};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "inv-test-admin-token-7f3a91c2";
@@ -170,34 +173,6 @@ fn strings(v: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-fn assert_hit(r: &Resp, what: &str) {
-    assert_eq!(r.status, 200, "{what}: status");
-    assert!(
-        r.is_hit(),
-        "{what}: expected a hit, got Cache-Status {:?}",
-        r.cache_status()
-    );
-}
-
-fn assert_stored_miss(r: &Resp, what: &str) {
-    let cs = r.cache_status();
-    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
-    assert!(
-        cs.contains("fwd=") && cs.contains("stored"),
-        "{what}: expected a stored miss, got Cache-Status {cs:?}"
-    );
-}
-
-/// The answer to a GET of an entry that was hard-purged by tag or prefix.
-fn assert_purged(r: &Resp, what: &str) {
-    let cs = r.cache_status();
-    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
-    assert!(
-        cs.contains("fwd=miss") && cs.contains("detail=purged"),
-        "{what}: expected `fwd=miss ... detail=purged`, got Cache-Status {cs:?}"
-    );
 }
 
 /// Fill `path` (a stored miss) and check the next GET is a hit; returns the stored body.

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use common::cdn::FakeCloudflare;
-use common::{config_for, poll_until, Gateway, Origin, OriginResponse, Resp};
+use common::{
+    assert_hit, assert_purged, config_for, poll_until, Gateway, Origin, OriginResponse, Resp,
+};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -286,24 +288,6 @@ fn assert_refused(r: &Resp, status: u16, what: &str) {
     assert!(
         v["error"].as_str().is_some_and(|e| !e.is_empty()),
         "{what}: a refusal says why: {v}"
-    );
-}
-
-fn assert_hit(r: &Resp, what: &str) {
-    assert_eq!(r.status, 200, "{what}: status");
-    assert!(
-        r.is_hit(),
-        "{what}: expected a hit, got Cache-Status {:?}",
-        r.cache_status()
-    );
-}
-
-fn assert_purged(r: &Resp, what: &str) {
-    let cs = r.cache_status();
-    assert_eq!(r.status, 200, "{what}: status");
-    assert!(
-        cs.contains("fwd=miss") && cs.contains("detail=purged"),
-        "{what}: expected `fwd=miss ... detail=purged`, got Cache-Status {cs:?}"
     );
 }
 

@@ -358,6 +358,40 @@ impl Resp {
 }
 
 /// `aisle; hit...`
+/// Asserts a fresh hit (200, `hit`, a `ttl=`); `what` names the step in the failure message.
+pub fn assert_hit(r: &Resp, what: &str) {
+    let cs = r.cache_status();
+    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
+    assert!(
+        is_hit(&cs),
+        "{what}: expected a hit, got Cache-Status {cs:?}"
+    );
+    assert!(
+        r.ttl().is_some(),
+        "{what}: hit without ttl= (Cache-Status {cs:?})"
+    );
+}
+
+/// Asserts a 200 that went to the origin and was stored.
+pub fn assert_stored_miss(r: &Resp, what: &str) {
+    let cs = r.cache_status();
+    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
+    assert!(
+        cs.starts_with("aisle; fwd=") && cs.contains("stored"),
+        "{what}: expected a stored miss, got Cache-Status {cs:?}"
+    );
+}
+
+/// Asserts the answer to a GET of an entry that was hard-purged by tag or prefix.
+pub fn assert_purged(r: &Resp, what: &str) {
+    let cs = r.cache_status();
+    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
+    assert!(
+        cs.contains("fwd=miss") && cs.contains("detail=purged"),
+        "{what}: expected `fwd=miss ... detail=purged`, got Cache-Status {cs:?}"
+    );
+}
+
 pub fn is_hit(cache_status: &str) -> bool {
     cache_status.starts_with("aisle; hit")
 }

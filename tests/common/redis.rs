@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub use super::{assert_hit, assert_stored_miss};
 use super::{free_port, poll_until, Gateway, Origin, OriginResponse, Resp, POLL_INTERVAL};
 
 /// Per-operation Redis budget the test gateways use. Larger than the 50 ms
@@ -487,24 +488,6 @@ pub async fn start_pair(
     wait_subscribed(&a, "A").await;
     wait_subscribed(&b, "B").await;
     (a, b)
-}
-
-pub fn assert_stored_miss(r: &Resp, what: &str) {
-    let cs = r.cache_status();
-    assert_eq!(r.status, 200, "{what}: status (Cache-Status {cs:?})");
-    assert!(
-        cs.contains("fwd=") && cs.contains("stored"),
-        "{what}: expected a stored miss, got Cache-Status {cs:?}"
-    );
-}
-
-pub fn assert_hit(r: &Resp, what: &str) {
-    assert_eq!(r.status, 200, "{what}: status");
-    assert!(
-        r.is_hit(),
-        "{what}: expected a hit, got Cache-Status {:?}",
-        r.cache_status()
-    );
 }
 
 /// `{prefix}{<32 lowercase hex>}:e`

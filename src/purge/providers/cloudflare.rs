@@ -50,20 +50,16 @@ impl Cloudflare {
                 cfg.max_items
             ))
         };
-        let errors: Vec<String> = [
-            base.as_ref().err(),
-            zone_id.as_ref().err(),
-            token.as_ref().err(),
-            rate.as_ref().err(),
-            max.as_ref().err(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
-        }
+        super::all_ok(
+            Vec::new(),
+            [
+                base.as_ref().err(),
+                zone_id.as_ref().err(),
+                token.as_ref().err(),
+                rate.as_ref().err(),
+                max.as_ref().err(),
+            ],
+        )?;
         let (base, zone_id) = (base.unwrap(), zone_id.unwrap());
         Ok(Cloudflare {
             endpoint: format!("{base}/client/v4/zones/{zone_id}/purge_cache"),

@@ -142,7 +142,8 @@ impl CloudFront {
             };
             tag_paths.push((k, paths.clone()));
         }
-        errors.extend(
+        super::all_ok(
+            errors,
             [
                 base.as_ref().err(),
                 dist.as_ref().err(),
@@ -151,14 +152,8 @@ impl CloudFront {
                 token.as_ref().err(),
                 region.as_ref().err(),
                 rate.as_ref().err(),
-            ]
-            .into_iter()
-            .flatten()
-            .cloned(),
-        );
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
-        }
+            ],
+        )?;
         let (base, dist) = (base.unwrap(), dist.unwrap());
         Ok(CloudFront {
             endpoint: format!("{base}/2020-05-31/distribution/{dist}/invalidation"),

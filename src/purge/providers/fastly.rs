@@ -38,19 +38,15 @@ impl Fastly {
         let service_id = identifier(t, "service_id", &cfg.service_id, "SU1Z0isxPaozGVKXdv0eY");
         let token = secret(t, "token", &cfg.token, "${FASTLY_TOKEN}");
         let rate = rate(t, cfg.rate);
-        let errors: Vec<String> = [
-            base.as_ref().err(),
-            service_id.as_ref().err(),
-            token.as_ref().err(),
-            rate.as_ref().err(),
-        ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
-        }
+        super::all_ok(
+            Vec::new(),
+            [
+                base.as_ref().err(),
+                service_id.as_ref().err(),
+                token.as_ref().err(),
+                rate.as_ref().err(),
+            ],
+        )?;
         let (base, service_id) = (base.unwrap(), service_id.unwrap());
         Ok(Fastly {
             endpoint: format!("{base}/service/{service_id}/purge"),

@@ -77,20 +77,15 @@ impl HttpPurge {
             },
         );
         let r = rate(t, cfg.rate);
-        errors.extend(
+        super::all_ok(
+            errors,
             [
                 m.as_ref().err(),
                 tm.as_ref().err(),
                 th.as_ref().err(),
                 r.as_ref().err(),
-            ]
-            .into_iter()
-            .flatten()
-            .cloned(),
-        );
-        if !errors.is_empty() {
-            return Err(errors.join("\n"));
-        }
+            ],
+        )?;
         Ok(HttpPurge {
             // One client for all hosts; a loopback-only host list skips any proxy.
             client: client(t, hosts.iter().all(|h| super::is_loopback(h)))?,

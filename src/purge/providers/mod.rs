@@ -28,6 +28,21 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// Every configuration problem of a provider at once: `prior` plus the message of each field that
+/// failed to parse, one per line.
+fn all_ok<'a>(
+    prior: Vec<String>,
+    fields: impl IntoIterator<Item = Option<&'a String>>,
+) -> Result<(), String> {
+    let mut errors = prior;
+    errors.extend(fields.into_iter().flatten().cloned());
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors.join("\n"))
+    }
+}
+
 /// Every request to a CDN API gives up after this long (and is retried later).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
