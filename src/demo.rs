@@ -177,11 +177,7 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     Ok(resp.map(|b| b.boxed_unsync()))
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use crate::clock::now_ms;
 
 /// Adds `served_at` and `origin_request` to `body` and wraps it as a JSON response
 /// (`cache_control: None`: no `Cache-Control` header).

@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod cache_status;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod demo;

@@ -62,16 +62,9 @@ pub struct Epochs {
 }
 
 /// Unix milliseconds now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
+pub use crate::clock::now_ms;
 
-fn millis(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64
-}
+use crate::clock::millis;
 
 impl Epochs {
     /// Records a tag purge (keeping the later epoch if one exists).

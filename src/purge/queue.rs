@@ -171,21 +171,7 @@ struct Transition {
     finish: Finish,
 }
 
-/// Unix milliseconds now.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
-
-/// Unix milliseconds at `delay` from now, rounded up (so "not before" is never early).
-pub(crate) fn ms_after(delay: Duration) -> u64 {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    (now + delay).as_nanos().div_ceil(1_000_000) as u64
-}
+pub(crate) use crate::clock::{ms_after, now_ms};
 
 /// The fleet-wide pacing of a provider: (ms between sends, ms of burst allowance).
 fn pacing(rate: f64) -> (u64, u64) {

@@ -37,14 +37,9 @@ const ENTRY_OVERHEAD: usize = 256;
 /// A hit moves its entry up the LRU at most this often (milliseconds).
 const LRU_INTERVAL_MS: u64 = 1000;
 
-/// A monotonic millisecond clock (cheap enough for every hit).
+/// A monotonic millisecond clock, offset so that a fresh entry (last promoted at 0) is due.
 fn clock_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-        + LRU_INTERVAL_MS
+    crate::clock::mono_ms() + LRU_INTERVAL_MS
 }
 
 /// The eviction manager type the memory tier is bounded by.

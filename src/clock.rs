@@ -1,0 +1,65 @@
+//! Time, in one place.
+//!
+//! Two clocks, each for its own job: wall-clock unix milliseconds ([`now_ms`], [`ms_after`],
+//! [`millis`]) for anything shared across instances or restarts (purge epochs, queue deadlines,
+//! audit records), and a process-local monotonic counter ([`mono_ms`]) for cheap rate limits on
+//! the hit path (LRU promotion, the Redis breaker), which must not jump when NTP steps the wall
+//! clock. Everything that needs "now" calls these, so a test clock can later be injected here
+//! alone.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Unix milliseconds now (0 before 1970, which only a broken clock reports).
+pub fn now_ms() -> u64 {
+    millis(SystemTime::now())
+}
+
+/// Unix milliseconds of `t`, saturating at 0 before 1970 and at `u64::MAX` far in the future.
+pub fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+/// Unix milliseconds at `delay` from now, rounded up (so a "not before" is never early).
+pub fn ms_after(delay: Duration) -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    now.saturating_add(delay)
+        .as_nanos()
+        .div_ceil(1_000_000)
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since this process first asked, plus one (so 0 can mean "never").
+/// Monotonic: never goes back, whatever the wall clock does.
+pub fn mono_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wall_clock_helpers_agree() {
+        let a = now_ms();
+        let b = ms_after(Duration::from_millis(1500));
+        assert!(b >= a + 1500 && b < a + 60_000, "{a} {b}");
+        assert_eq!(millis(UNIX_EPOCH - Duration::from_secs(1)), 0);
+        assert_eq!(millis(UNIX_EPOCH + Duration::from_millis(42)), 42);
+    }
+
+    #[test]
+    fn monotonic_clock_never_goes_back_and_is_never_zero() {
+        let a = mono_ms();
+        let b = mono_ms();
+        assert!(a >= 1 && b >= a);
+    }
+}
