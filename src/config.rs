@@ -5,7 +5,7 @@
 //! either a [`Config`] ready to serve or every problem found, each as `file:line:col: message`.
 //! The compiled config is immutable; a reload builds a new one and swaps it in whole.
 
-use crate::diag::{Diagnostic, Source};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::rules::{self, RuleSet};
 use crate::units::{parse_duration, parse_size};
 use serde::Deserialize;
@@ -285,7 +285,7 @@ impl Config {
 
     /// Compiles configuration text as if read from `path` (rules_dir is relative to it).
     pub fn from_str(path: &Path, text: &str) -> Result<Config, Vec<Diagnostic>> {
-        let src = Source::new(path, text);
+        let src = SourceFile::new(path, text);
         let raw: RawConfig = toml::from_str(text).map_err(|e| vec![src.toml_error(&e)])?;
         let mut diags = Vec::new();
 
@@ -466,7 +466,7 @@ impl Config {
     }
 }
 
-fn admin_config(src: &Source<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic>) -> AdminConfig {
+fn admin_config(src: &SourceFile<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic>) -> AdminConfig {
     let token = raw.token.as_ref().and_then(|t| match expand_env(t.get_ref()) {
         Ok(v) if v.len() >= 16 => Some(v),
         Ok(_) => {
@@ -497,7 +497,7 @@ fn admin_config(src: &Source<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic>) -
 }
 
 fn webhook_config(
-    src: &Source<'_>,
+    src: &SourceFile<'_>,
     raw: &Spanned<RawWebhook>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<WebhookConfig> {
@@ -563,7 +563,7 @@ fn webhook_config(
 }
 
 fn redis_url(
-    src: &Source<'_>,
+    src: &SourceFile<'_>,
     span: std::ops::Range<usize>,
     raw: &str,
     diags: &mut Vec<Diagnostic>,
@@ -590,7 +590,7 @@ fn redis_url(
 }
 
 fn aes_key(
-    src: &Source<'_>,
+    src: &SourceFile<'_>,
     span: std::ops::Range<usize>,
     raw: &str,
     diags: &mut Vec<Diagnostic>,
@@ -621,7 +621,7 @@ fn aes_key(
 }
 
 fn redis_config(
-    src: &Source<'_>,
+    src: &SourceFile<'_>,
     raw: &Spanned<RawRedis>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<RedisConfig> {

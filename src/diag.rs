@@ -36,15 +36,16 @@ impl fmt::Display for Diagnostic {
     }
 }
 
-/// A source file being parsed: keeps its text so spans can be located.
-pub struct Source<'a> {
+/// A configuration file being parsed: keeps its text so spans can be located. (Named apart from
+/// `rules::source`, where a "source" is where a vary value comes from.)
+pub struct SourceFile<'a> {
     pub path: &'a Path,
     pub text: &'a str,
 }
 
-impl<'a> Source<'a> {
+impl<'a> SourceFile<'a> {
     pub fn new(path: &'a Path, text: &'a str) -> Self {
-        Source { path, text }
+        SourceFile { path, text }
     }
 
     /// A diagnostic at the start of `span` (byte offsets into the text).
@@ -101,7 +102,7 @@ mod tests {
 
     #[test]
     fn display_is_clickable() {
-        let src = Source::new(Path::new("rules/a.toml"), "x = 1\ny = 2\n");
+        let src = SourceFile::new(Path::new("rules/a.toml"), "x = 1\ny = 2\n");
         let d = src.at(6..7, "unknown key `y`");
         assert_eq!(d.to_string(), "rules/a.toml:2:1: unknown key `y`");
     }

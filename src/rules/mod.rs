@@ -11,7 +11,7 @@ pub mod path;
 pub mod source;
 pub mod template;
 
-use crate::diag::{Diagnostic, Source as File};
+use crate::diag::{Diagnostic, SourceFile};
 use crate::invalidation::events::{EventDef, ParamTemplate};
 use crate::metrics::RuleMetrics;
 use crate::units::parse_duration;
@@ -455,7 +455,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
     let mut diags = Vec::new();
     let mut parsed = Vec::new();
     for (path, text) in files {
-        let src = File::new(path, text);
+        let src = SourceFile::new(path, text);
         match toml::from_str::<RawFile>(text) {
             Ok(raw) => parsed.push((src, raw)),
             Err(e) => diags.push(src.toml_error(&e)),
@@ -600,7 +600,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
     })
 }
 
-fn position(src: &File<'_>, span: std::ops::Range<usize>) -> (usize, usize) {
+fn position(src: &SourceFile<'_>, span: std::ops::Range<usize>) -> (usize, usize) {
     let d = src.at(span, "");
     (d.line, d.col)
 }
@@ -616,7 +616,7 @@ fn shadows(earlier: &Rule, later: &Rule) -> bool {
 }
 
 fn duration(
-    src: &File<'_>,
+    src: &SourceFile<'_>,
     field: &Option<Spanned<String>>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<Duration> {
@@ -631,7 +631,7 @@ fn duration(
 }
 
 fn compile_rule(
-    src: &File<'_>,
+    src: &SourceFile<'_>,
     r: &RawRule,
     tables: &HashMap<String, Arc<Table>>,
     ctx: &Context<'_>,
