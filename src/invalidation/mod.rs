@@ -10,7 +10,6 @@
 
 pub mod audit;
 pub mod epochs;
-pub mod events;
 pub mod webhook;
 
 use crate::key;

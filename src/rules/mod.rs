@@ -6,13 +6,14 @@
 //! (method bitmask, then host, then path segments) with no allocation; the first match wins.
 //! A request no rule matches falls to the default route (the default upstream, RFC 9111 only).
 
+pub mod events;
 pub mod normalize;
 pub mod path;
 pub mod source;
 pub mod template;
 
 use crate::diag::{Diagnostic, SourceFile};
-use crate::invalidation::events::{EventDef, ParamTemplate};
+use events::{EventDef, ParamTemplate};
 use crate::metrics::RuleMetrics;
 use crate::units::parse_duration;
 use normalize::{Fallback, Normalizer, Table};

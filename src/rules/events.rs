@@ -9,8 +9,11 @@
 //! Templates are compiled at load time; firing an event renders them with the event's
 //! parameters (from the admin API or a webhook mapping) into tags. A parameter a template needs
 //! but the event lacks is an error, so a malformed event invalidates nothing.
+//!
+//! It lives with the rules (not in `invalidation/`) because it is compiled from rules files and
+//! is pure: `invalidation` reads the compiled [`EventDef`]s from the [`super::RuleSet`].
 
-use crate::rules::template::{split, Piece};
+use super::template::{split, Piece};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
