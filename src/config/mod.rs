@@ -5,10 +5,15 @@
 //! either a [`Config`] ready to serve or every problem found, each as `file:line:col: message`.
 //! The compiled config is immutable; a reload builds a new one and swaps it in whole.
 
+mod env;
+mod raw;
+
+pub use env::expand_env;
+
 use crate::diag::{Diagnostic, SourceFile};
+use raw::*;
 use crate::rules::{self, RuleSet};
 use crate::units::{parse_duration, parse_size};
-use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -140,133 +145,6 @@ pub struct Upstream {
     pub sni: String,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    server: RawServer,
-    #[serde(default)]
-    cache: RawCache,
-    #[serde(default)]
-    upstreams: BTreeMap<String, Spanned<RawUpstream>>,
-    redis: Option<Spanned<RawRedis>>,
-    #[serde(default)]
-    admin: RawAdmin,
-    #[serde(default)]
-    webhooks: BTreeMap<String, Spanned<RawWebhook>>,
-    #[serde(default)]
-    purge: RawPurge,
-    // Not `Spanned`: toml cannot span a table that only exists through dotted headers
-    // (`[cdn.cloudflare]` without `[cdn]`).
-    cdn: Option<crate::purge::providers::CdnConfig>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRedis {
-    url: Option<Spanned<String>>,
-    cluster: Option<Spanned<Vec<String>>>,
-    prefix: Option<Spanned<String>>,
-    timeout: Option<Spanned<String>>,
-    encryption_key: Option<Spanned<String>>,
-    previous_keys: Option<Spanned<Vec<String>>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawServer {
-    listen: Spanned<String>,
-    admin_listen: Spanned<String>,
-    default_upstream: Option<Spanned<String>>,
-    threads: Option<usize>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawCache {
-    memory: Option<Spanned<String>>,
-    max_object: Option<Spanned<String>>,
-    rules_dir: Option<Spanned<String>>,
-    lock_timeout: Option<Spanned<String>>,
-    max_ttl: Option<Spanned<String>>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawAdmin {
-    token: Option<Spanned<String>>,
-    purge_allow: Option<Spanned<Vec<String>>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawWebhook {
-    secret: Spanned<String>,
-    signature: Spanned<String>,
-    header: Option<String>,
-    tolerance: Option<Spanned<String>>,
-    max_body: Option<Spanned<String>>,
-    id: Option<String>,
-    #[serde(default)]
-    map: Vec<Spanned<RawMap>>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMap {
-    #[serde(rename = "type")]
-    type_pointer: String,
-    when: String,
-    fire: RawFire,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFire {
-    event: String,
-    #[serde(default)]
-    params: BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawPurge {
-    dir: Option<String>,
-    max_attempts: Option<u32>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawUpstream {
-    url: Spanned<String>,
-    connect_timeout: Option<Spanned<String>>,
-    read_timeout: Option<Spanned<String>>,
-}
-
-/// Replaces `${VAR}` with the environment variable's value.
-pub fn expand_env(s: &str) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            return Err(format!("{s:?} has a \"${{\" without a closing '}}'"));
-        };
-        let name = &after[..end];
-        match std::env::var(name) {
-            Ok(v) => out.push_str(&v),
-            Err(_) => {
-                return Err(format!(
-                    "environment variable {name} is not set (referenced as ${{{name}}}); export it before starting aisle"
-                ))
-            }
-        }
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
 }
 
 impl Config {
@@ -860,19 +738,6 @@ url = "http://127.0.0.1:3000"      # https:// upstreams use TLS with SNI from th
             "{}",
             e[0]
         );
-    }
-
-    #[test]
-    fn env_expansion() {
-        std::env::set_var("AISLE_TEST_HOST", "10.1.2.3");
-        assert_eq!(
-            expand_env("http://${AISLE_TEST_HOST}:80").unwrap(),
-            "http://10.1.2.3:80"
-        );
-        assert!(expand_env("${AISLE_SURELY_UNSET_VAR}")
-            .unwrap_err()
-            .contains("not set"));
-        assert!(expand_env("${OPEN").is_err());
     }
 
     #[test]

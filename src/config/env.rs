@@ -1,0 +1,45 @@
+//! `${VAR}` expansion: secrets and addresses come from the environment, never from the
+//! repository. A leaf (no crate imports), so every part of the config can use it.
+
+/// Replaces `${VAR}` with the environment variable's value.
+pub fn expand_env(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let Some(end) = after.find('}') else {
+            return Err(format!("{s:?} has a \"${{\" without a closing '}}'"));
+        };
+        let name = &after[..end];
+        match std::env::var(name) {
+            Ok(v) => out.push_str(&v),
+            Err(_) => {
+                return Err(format!(
+                    "environment variable {name} is not set (referenced as ${{{name}}}); export it before starting aisle"
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_expansion() {
+        std::env::set_var("AISLE_TEST_HOST", "10.1.2.3");
+        assert_eq!(
+            expand_env("http://${AISLE_TEST_HOST}:80").unwrap(),
+            "http://10.1.2.3:80"
+        );
+        assert!(expand_env("${AISLE_SURELY_UNSET_VAR}")
+            .unwrap_err()
+            .contains("not set"));
+        assert!(expand_env("${OPEN").is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! `gateway.toml` as the operator wrote it: serde structs that mirror the file, with positions
+//! (`Spanned`) kept on every value a later check may complain about.
+//!
+//! Nothing here is checked beyond TOML types and unknown keys (`deny_unknown_fields`); the
+//! compiled form and its checks are in [`super`] (ripgrep splits its `lowargs` from `hiargs` the
+//! same way), so what the user wrote and what the gateway runs on are never the same type.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use toml::Spanned;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) cache: RawCache,
+    #[serde(default)]
+    pub(super) upstreams: BTreeMap<String, Spanned<RawUpstream>>,
+    pub(super) redis: Option<Spanned<RawRedis>>,
+    #[serde(default)]
+    pub(super) admin: RawAdmin,
+    #[serde(default)]
+    pub(super) webhooks: BTreeMap<String, Spanned<RawWebhook>>,
+    #[serde(default)]
+    pub(super) purge: RawPurge,
+    // Not `Spanned`: toml cannot span a table that only exists through dotted headers
+    // (`[cdn.cloudflare]` without `[cdn]`).
+    pub(super) cdn: Option<crate::purge::providers::CdnConfig>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRedis {
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) cluster: Option<Spanned<Vec<String>>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) encryption_key: Option<Spanned<String>>,
+    pub(super) previous_keys: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) listen: Spanned<String>,
+    pub(super) admin_listen: Spanned<String>,
+    pub(super) default_upstream: Option<Spanned<String>>,
+    pub(super) threads: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCache {
+    pub(super) memory: Option<Spanned<String>>,
+    pub(super) max_object: Option<Spanned<String>>,
+    pub(super) rules_dir: Option<Spanned<String>>,
+    pub(super) lock_timeout: Option<Spanned<String>>,
+    pub(super) max_ttl: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) token: Option<Spanned<String>>,
+    pub(super) purge_allow: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWebhook {
+    pub(super) secret: Spanned<String>,
+    pub(super) signature: Spanned<String>,
+    pub(super) header: Option<String>,
+    pub(super) tolerance: Option<Spanned<String>>,
+    pub(super) max_body: Option<Spanned<String>>,
+    pub(super) id: Option<String>,
+    #[serde(default)]
+    pub(super) map: Vec<Spanned<RawMap>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMap {
+    #[serde(rename = "type")]
+    pub(super) type_pointer: String,
+    pub(super) when: String,
+    pub(super) fire: RawFire,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFire {
+    pub(super) event: String,
+    #[serde(default)]
+    pub(super) params: BTreeMap<String, String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPurge {
+    pub(super) dir: Option<String>,
+    pub(super) max_attempts: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstream {
+    pub(super) url: Spanned<String>,
+    pub(super) connect_timeout: Option<Spanned<String>>,
+    pub(super) read_timeout: Option<Spanned<String>>,
+}
