@@ -7,6 +7,7 @@
 
 mod env;
 mod raw;
+pub mod webhook;
 
 pub use env::expand_env;
 
@@ -33,7 +34,7 @@ pub struct Config {
     /// The shared tier; `None`: memory tier only.
     pub redis: Option<RedisConfig>,
     pub admin: AdminConfig,
-    pub webhooks: BTreeMap<String, WebhookConfig>,
+    pub webhooks: BTreeMap<String, webhook::WebhookConfig>,
     pub purge: PurgeConfig,
     /// CDN purge APIs; `None`: no CDN is purged.
     pub cdn: Option<crate::purge::providers::CdnConfig>,
@@ -102,26 +103,6 @@ impl std::fmt::Debug for AdminConfig {
         f.debug_struct("AdminConfig")
             .field("token", &self.token.as_ref().map(|_| "<redacted>"))
             .field("purge_allow", &self.purge_allow)
-            .finish()
-    }
-}
-
-/// `[webhooks.NAME]`: one vendor's signed deliveries.
-pub struct WebhookConfig {
-    pub verifier: crate::invalidation::webhook::Verifier,
-    pub maps: Vec<crate::invalidation::webhook::Mapping>,
-    /// Larger deliveries are refused with 413.
-    pub max_body: usize,
-    /// JSON pointer to the delivery id when the scheme has no id header.
-    pub id_pointer: String,
-}
-
-impl std::fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig")
-            .field("scheme", &self.verifier.scheme)
-            .field("maps", &self.maps)
-            .field("max_body", &self.max_body)
             .finish()
     }
 }
@@ -213,7 +194,7 @@ impl Config {
         };
         let mut webhooks = BTreeMap::new();
         for (name, w) in &raw.webhooks {
-            if let Some(cfg) = webhook_config(&src, w, &mut diags) {
+            if let Some(cfg) = webhook::compile(&src, w, &mut diags) {
                 webhooks.insert(name.clone(), cfg);
             }
         }
@@ -372,72 +353,6 @@ fn admin_config(src: &SourceFile<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic
         }
     }
     AdminConfig { token, purge_allow }
-}
-
-fn webhook_config(
-    src: &SourceFile<'_>,
-    raw: &Spanned<RawWebhook>,
-    diags: &mut Vec<Diagnostic>,
-) -> Option<WebhookConfig> {
-    use crate::invalidation::webhook::{Mapping, Scheme, Verifier};
-    let w = raw.get_ref();
-    let before = diags.len();
-    let scheme = Scheme::parse(w.signature.get_ref(), w.header.as_deref())
-        .map_err(|e| diags.push(src.at(w.signature.span(), e)))
-        .ok();
-    let secret = expand_env(w.secret.get_ref())
-        .map_err(|e| diags.push(src.at(w.secret.span(), e)))
-        .ok();
-    let tolerance = match &w.tolerance {
-        None => Duration::from_secs(300),
-        Some(t) => parse_duration(t.get_ref()).unwrap_or_else(|e| {
-            diags.push(src.at(t.span(), e));
-            Duration::from_secs(300)
-        }),
-    };
-    let max_body = match &w.max_body {
-        None => 1 << 20,
-        Some(m) => parse_size(m.get_ref()).unwrap_or_else(|e| {
-            diags.push(src.at(m.span(), e));
-            1 << 20
-        }) as usize,
-    };
-    let mut maps = Vec::new();
-    for m in &w.map {
-        let r = m.get_ref();
-        let pointers = std::iter::once(&r.type_pointer).chain(r.fire.params.values());
-        if let Some(bad) = pointers
-            .into_iter()
-            .find(|p| !p.is_empty() && !p.starts_with('/'))
-        {
-            diags.push(src.at(
-                m.span(),
-                format!("{bad:?} is not a JSON pointer; write it like \"/data/vendor_id\""),
-            ));
-            continue;
-        }
-        maps.push(Mapping {
-            type_pointer: r.type_pointer.clone(),
-            when: r.when.clone(),
-            event: r.fire.event.clone(),
-            params: r.fire.params.clone(),
-        });
-    }
-    let verifier = match (scheme, secret) {
-        (Some(scheme), Some(secret)) => Verifier::new(scheme, &secret, tolerance)
-            .map_err(|e| diags.push(src.at(w.secret.span(), e)))
-            .ok(),
-        _ => None,
-    };
-    if diags.len() > before {
-        return None;
-    }
-    Some(WebhookConfig {
-        verifier: verifier?,
-        maps,
-        max_body,
-        id_pointer: w.id.clone().unwrap_or_else(|| "/id".to_string()),
-    })
 }
 
 fn redis_url(

@@ -6,46 +6,20 @@
 //! over the raw body bytes, in constant time (`hmac`'s `verify_slice`), with the scheme's
 //! timestamp tolerance. Nothing here has side effects: the proxy decides what to do with the
 //! verdict, so a bad delivery can never invalidate anything.
+//!
+//! The settings these work on ([`Scheme`], [`Verifier`]'s key and tolerance, [`Mapping`]) are
+//! compiled from `gateway.toml` in `config::webhook`; this module adds the behaviour (the
+//! `Verifier` methods below), so configuration never imports from invalidation.
+
+use crate::config::webhook::{Mapping, Scheme, Verifier};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 type HmacSha256 = Hmac<Sha256>;
-
-/// How a vendor signs its deliveries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scheme {
-    /// `X-Hub-Signature-256: sha256=<hex HMAC(secret, body)>`; delivery id `X-GitHub-Delivery`.
-    Github,
-    /// `Stripe-Signature: t=<unix>,v1=<hex HMAC(secret, "t.body")>`; delivery id: body `/id`.
-    Stripe,
-    /// `webhook-id`, `webhook-timestamp`, `webhook-signature: v1,<base64 HMAC(key, "id.ts.body")>`
-    /// with the secret given as `whsec_<base64 key>`.
-    StandardWebhooks,
-    /// `<header>: [sha256=]<hex HMAC(secret, body)>`.
-    HmacSha256 { header: http::HeaderName },
-}
-
-impl Scheme {
-    pub fn parse(name: &str, header: Option<&str>) -> Result<Self, String> {
-        match (name, header) {
-            ("github", _) => Ok(Scheme::Github),
-            ("stripe", _) => Ok(Scheme::Stripe),
-            ("standard-webhooks", _) => Ok(Scheme::StandardWebhooks),
-            ("hmac-sha256", Some(h)) => http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
-                .map(|header| Scheme::HmacSha256 { header })
-                .map_err(|_| format!("{h:?} is not a valid header name")),
-            ("hmac-sha256", None) => Err("signature = \"hmac-sha256\" needs header = \"X-Signature\" (the header carrying the hex HMAC)".into()),
-            (other, _) => Err(format!(
-                "unknown signature scheme {other:?}; expected github, stripe, standard-webhooks or hmac-sha256"
-            )),
-        }
-    }
-}
 
 /// Why a delivery was refused (all answered 401).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,13 +46,6 @@ impl std::fmt::Display for Rejection {
     }
 }
 
-/// Checks one source's signatures.
-pub struct Verifier {
-    pub scheme: Scheme,
-    key: Vec<u8>,
-    pub tolerance: Duration,
-}
-
 fn header<'a>(headers: &'a http::HeaderMap, name: &'static str) -> Result<&'a str, Rejection> {
     headers
         .get(name)
@@ -88,30 +55,6 @@ fn header<'a>(headers: &'a http::HeaderMap, name: &'static str) -> Result<&'a st
 }
 
 impl Verifier {
-    /// `secret` as configured (for Standard Webhooks, `whsec_<base64>`).
-    pub fn new(scheme: Scheme, secret: &str, tolerance: Duration) -> Result<Self, String> {
-        let key = match scheme {
-            Scheme::StandardWebhooks => {
-                let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64)
-                    .map_err(|_| {
-                        "a standard-webhooks secret is whsec_<base64>; this one is not base64"
-                            .to_string()
-                    })?
-            }
-            _ => secret.as_bytes().to_vec(),
-        };
-        if key.is_empty() {
-            return Err("the webhook secret is empty".into());
-        }
-        Ok(Verifier {
-            scheme,
-            key,
-            tolerance,
-        })
-    }
-
     fn mac(&self) -> HmacSha256 {
         HmacSha256::new_from_slice(&self.key).expect("HMAC accepts keys of any length")
     }
@@ -245,16 +188,6 @@ fn any_matches(
     }
 }
 
-/// One `[[webhooks.NAME.map]]`: when `type` (a JSON pointer) equals `when`, fire `event` with
-/// `params` read by JSON pointers.
-#[derive(Debug, Clone)]
-pub struct Mapping {
-    pub type_pointer: String,
-    pub when: String,
-    pub event: String,
-    pub params: BTreeMap<String, String>,
-}
-
 /// An event to fire: its name and parameters.
 pub type Fired = (String, BTreeMap<String, Value>);
 
@@ -289,6 +222,7 @@ pub fn map_delivery(maps: &[Mapping], body: &Value) -> Result<Vec<Fired>, String
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::time::Duration;
 
     fn hmac_hex(key: &[u8], parts: &[&[u8]]) -> String {
         let mut m = HmacSha256::new_from_slice(key).unwrap();
