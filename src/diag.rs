@@ -36,6 +36,21 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// A problem located by a byte span in a text whose file is not known where it was found: the
+/// `[cdn.*]` checks run both on `gateway.toml` and on a `[cdn]` table parsed alone.
+/// [`SourceFile::problem`] places it in its file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub span: Range<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// A configuration file being parsed: keeps its text so spans can be located. (Named apart from
 /// `rules::source`, where a "source" is where a vary value comes from.)
 pub struct SourceFile<'a> {
@@ -57,6 +72,11 @@ impl<'a> SourceFile<'a> {
             col,
             message: message.into(),
         }
+    }
+
+    /// The diagnostic of a [`Problem`] found in this file's text.
+    pub fn problem(&self, problem: Problem) -> Diagnostic {
+        self.at(problem.span, problem.message)
     }
 
     /// A diagnostic about the whole file.

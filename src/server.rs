@@ -81,7 +81,8 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     let audit = Arc::new(Audit::new(redis.clone()));
     let queue = match &config.cdn {
         Some(cdn) => {
-            let providers = crate::purge::providers::build(cdn).map_err(std::io::Error::other)?;
+            let providers =
+                crate::purge::providers::from_settings(cdn).map_err(std::io::Error::other)?;
             let mut qcfg = QueueConfig::new(&config.purge.dir);
             qcfg.max_attempts = config.purge.max_attempts;
             let queue = PurgeQueue::new(qcfg, providers, redis.clone(), audit.clone())?;

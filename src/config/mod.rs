@@ -5,6 +5,7 @@
 //! either a [`Config`] ready to serve or every problem found, each as `file:line:col: message`.
 //! The compiled config is immutable; a reload builds a new one and swaps it in whole.
 
+pub mod cdn;
 mod env;
 mod raw;
 pub mod webhook;
@@ -12,9 +13,9 @@ pub mod webhook;
 pub use env::expand_env;
 
 use crate::diag::{Diagnostic, SourceFile};
-use raw::*;
 use crate::rules::{self, RuleSet};
 use crate::units::{parse_duration, parse_size};
+use raw::*;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -37,7 +38,7 @@ pub struct Config {
     pub webhooks: BTreeMap<String, webhook::WebhookConfig>,
     pub purge: PurgeConfig,
     /// CDN purge APIs; `None`: no CDN is purged.
-    pub cdn: Option<crate::purge::providers::CdnConfig>,
+    pub cdn: Option<cdn::CdnSettings>,
     pub rules: RuleSet,
 }
 
@@ -276,11 +277,16 @@ impl Config {
         } else {
             None
         };
-        if let Some(cdn) = &raw.cdn {
-            if let Err(e) = crate::purge::providers::build(cdn) {
-                diags.push(src.whole(format!("[cdn]: {e}")));
-            }
-        }
+        let cdn = match &raw.cdn {
+            None => None,
+            Some(c) => match cdn::check(c) {
+                Ok(settings) => Some(settings),
+                Err(problems) => {
+                    diags.extend(problems.into_iter().map(|p| src.problem(p)));
+                    None
+                }
+            },
+        };
         if let Some(rules) = &rules {
             for (name, w) in &raw.webhooks {
                 for m in &w.get_ref().map {
@@ -317,7 +323,7 @@ impl Config {
             admin,
             webhooks,
             purge,
-            cdn: raw.cdn,
+            cdn,
             upstreams,
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),
@@ -523,148 +529,4 @@ fn parse_upstream_url(url: &str) -> Result<(bool, String, String), String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn load(text: &str, rules: &[(&str, &str)]) -> Result<Config, Vec<Diagnostic>> {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir(dir.path().join("rules")).unwrap();
-        for (name, body) in rules {
-            std::fs::write(dir.path().join("rules").join(name), body).unwrap();
-        }
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(&path, text).unwrap();
-        Config::load(&path)
-    }
-
-    const SPEC: &str = r#"# gateway.toml
-[server]
-listen = "127.0.0.1:8080"          # proxy listener
-admin_listen = "127.0.0.1:9090"    # /metrics, /healthz, later /admin/*
-[cache]
-memory = "256MiB"                  # memory tier budget, bytes with units
-max_object = "8MiB"                # larger responses are passed through, not stored
-rules_dir = "rules"
-[upstreams.api]
-url = "http://127.0.0.1:3000"      # https:// upstreams use TLS with SNI from the host
-"#;
-
-    #[test]
-    fn spec_example_is_accepted() {
-        let c = load(SPEC, &[]).unwrap();
-        assert_eq!(c.cache.memory, 256 * 1024 * 1024);
-        assert_eq!(c.cache.max_object, 8 * 1024 * 1024);
-        assert_eq!(c.upstreams[0].address, "127.0.0.1:3000");
-        assert!(!c.upstreams[0].tls);
-        assert!(
-            c.rules.default_route().is_some(),
-            "one upstream is the default"
-        );
-    }
-
-    #[test]
-    fn bad_values_are_positioned() {
-        let text = SPEC.replace("\"256MiB\"", "\"lots\"");
-        let e = load(&text, &[]).unwrap_err();
-        assert_eq!(e.len(), 1);
-        assert!(
-            e[0].to_string()
-                .contains("gateway.toml:6:10: bad size \"lots\""),
-            "{}",
-            e[0]
-        );
-        let text = SPEC.replace("[cache]", "[cache]\ncolour = \"red\"");
-        let e = load(&text, &[]).unwrap_err();
-        assert!(
-            e[0].to_string().contains("gateway.toml:6:1:")
-                && e[0].message.contains("unknown field `colour`"),
-            "{}",
-            e[0]
-        );
-        let text = SPEC.replace("http://127.0.0.1:3000", "ftp://x");
-        assert!(load(&text, &[]).unwrap_err()[0]
-            .message
-            .contains("http:// or https://"));
-    }
-
-    #[test]
-    fn rules_errors_come_through() {
-        let e = load(
-            SPEC,
-            &[(
-                "b.toml",
-                "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nupstream = \"nope\"\n",
-            )],
-        )
-        .unwrap_err();
-        assert!(e[0].to_string().contains("b.toml:4:"), "{}", e[0]);
-    }
-
-    #[test]
-    fn redis_section() {
-        let text = format!("{SPEC}[redis]\nurl = \"redis://127.0.0.1:6399\"\ntimeout = \"20ms\"\n");
-        let c = load(&text, &[]).unwrap();
-        let r = c.redis.unwrap();
-        assert_eq!(
-            (r.url.as_str(), r.prefix.as_str(), r.timeout),
-            (
-                "redis://127.0.0.1:6399",
-                "aisle:",
-                Duration::from_millis(20)
-            )
-        );
-        let text = format!(
-            "{SPEC}[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n"
-        );
-        assert_eq!(load(&text, &[]).unwrap().redis.unwrap().cluster.len(), 2);
-        let text = format!("{SPEC}[redis]\nprefix = \"x:\"\n");
-        assert!(load(&text, &[]).unwrap_err()[0]
-            .message
-            .contains("needs url"));
-        let text = format!("{SPEC}[redis]\nurl = \"http://x\"\n");
-        assert!(load(&text, &[]).unwrap_err()[0]
-            .to_string()
-            .contains("gateway.toml:12:7: redis url"));
-        let text = format!("{SPEC}[redis]\nurl = \"redis://x\"\nencryption_key = \"c2hvcnQ=\"\n");
-        assert!(load(&text, &[]).unwrap_err()[0]
-            .message
-            .contains("32 bytes"));
-        std::env::set_var(
-            "AISLE_TEST_KEY",
-            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
-        );
-        let text = format!(
-            "{SPEC}[redis]\nurl = \"redis://x\"\nencryption_key = \"${{AISLE_TEST_KEY}}\"\n"
-        );
-        let c = load(&text, &[]).unwrap();
-        assert!(c.redis.as_ref().unwrap().keys.is_some());
-        assert!(
-            !format!("{:?}", c.redis).contains("AAAA"),
-            "keys are never printed"
-        );
-    }
-
-    #[test]
-    fn encrypt_needs_a_key() {
-        let rule = "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nencrypt = true\n";
-        let e = load(SPEC, &[("a.toml", rule)]).unwrap_err();
-        assert!(
-            e[0].to_string().contains("a.toml:4:") && e[0].message.contains("encryption_key"),
-            "{}",
-            e[0]
-        );
-    }
-
-    #[test]
-    fn https_upstreams_use_sni() {
-        assert_eq!(
-            parse_upstream_url("https://api.vendor.example").unwrap(),
-            (
-                true,
-                "api.vendor.example:443".to_string(),
-                "api.vendor.example".to_string()
-            )
-        );
-        assert!(parse_upstream_url("http://x/path").is_err());
-    }
-}
+mod tests;

@@ -24,9 +24,8 @@ pub(super) struct RawConfig {
     pub(super) webhooks: BTreeMap<String, Spanned<RawWebhook>>,
     #[serde(default)]
     pub(super) purge: RawPurge,
-    // Not `Spanned`: toml cannot span a table that only exists through dotted headers
-    // (`[cdn.cloudflare]` without `[cdn]`).
-    pub(super) cdn: Option<crate::purge::providers::CdnConfig>,
+    /// Its tables as written are in [`super::cdn`], which is also parsed on its own.
+    pub(super) cdn: Option<super::cdn::CdnConfig>,
 }
 
 #[derive(Deserialize)]

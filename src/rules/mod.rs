@@ -13,9 +13,9 @@ pub mod source;
 pub mod template;
 
 use crate::diag::{Diagnostic, SourceFile};
-use events::{EventDef, ParamTemplate};
 use crate::metrics::RuleMetrics;
 use crate::units::parse_duration;
+use events::{EventDef, ParamTemplate};
 use normalize::{Fallback, Normalizer, Table};
 use path::{PathParams, PathPattern};
 use serde::Deserialize;

@@ -8,17 +8,18 @@
 //! without a scheme, prefixes with one) are dropped and logged, so one bad item does not fail
 //! the other 99.
 
-use super::{
-    base_url, chunked, classify, client, dedup, excerpt, execute, identifier, keep_valid, rate,
-    secret, valid_tag,
+use super::{chunked, classify, client, dedup, excerpt, execute, keep_valid, valid_tag};
+use crate::config::cdn::{
+    CloudflareSettings, CLOUDFLARE_MAX_ITEMS, CLOUDFLARE_MAX_ITEMS_ENTERPRISE,
 };
 use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
 use async_trait::async_trait;
 
-/// Cloudflare's per-request limit for every kind (and for URLs below Enterprise).
-pub const MAX_ITEMS: usize = 100;
+/// Cloudflare's per-request limit for every kind (and for URLs below Enterprise); the settings
+/// check owns the number, since `max_items` is checked against it.
+pub const MAX_ITEMS: usize = CLOUDFLARE_MAX_ITEMS;
 /// Enterprise's per-request limit for URLs.
-pub const MAX_ITEMS_ENTERPRISE: usize = 500;
+pub const MAX_ITEMS_ENTERPRISE: usize = CLOUDFLARE_MAX_ITEMS_ENTERPRISE;
 
 pub struct Cloudflare {
     endpoint: String,
@@ -30,44 +31,14 @@ pub struct Cloudflare {
 }
 
 impl Cloudflare {
-    pub fn new(cfg: &super::CloudflareConfig) -> Result<Self, String> {
-        let t = "cloudflare";
-        let base = base_url(t, "base", &cfg.base, "https://api.cloudflare.com");
-        let zone_id = identifier(
-            t,
-            "zone_id",
-            &cfg.zone_id,
-            "023e105f4ecef8ad9ca31a8372d0c353",
-        );
-        let token = secret(t, "token", &cfg.token, "${CF_API_TOKEN}");
-        let rate = rate(t, cfg.rate);
-        let max = if (1..=MAX_ITEMS_ENTERPRISE).contains(&cfg.max_items) {
-            Ok(cfg.max_items)
-        } else {
-            Err(format!(
-                "[cdn.cloudflare] max_items = {} is outside 1..={MAX_ITEMS_ENTERPRISE}; use 100 \
-                 (500 only on an Enterprise plan)",
-                cfg.max_items
-            ))
-        };
-        super::all_ok(
-            Vec::new(),
-            [
-                base.as_ref().err(),
-                zone_id.as_ref().err(),
-                token.as_ref().err(),
-                rate.as_ref().err(),
-                max.as_ref().err(),
-            ],
-        )?;
-        let (base, zone_id) = (base.unwrap(), zone_id.unwrap());
+    pub fn new(cfg: &CloudflareSettings) -> Result<Self, String> {
         Ok(Cloudflare {
-            endpoint: format!("{base}/client/v4/zones/{zone_id}/purge_cache"),
-            client: client(t, super::is_loopback(&base))?,
-            zone_id,
-            bearer: format!("Bearer {}", token.unwrap()),
-            rate: rate.unwrap(),
-            max_urls: max.unwrap(),
+            endpoint: format!("{}/client/v4/zones/{}/purge_cache", cfg.base, cfg.zone_id),
+            client: client("cloudflare", super::is_loopback(&cfg.base))?,
+            zone_id: cfg.zone_id.clone(),
+            bearer: format!("Bearer {}", cfg.token),
+            rate: cfg.rate,
+            max_urls: cfg.max_urls,
         })
     }
 }
@@ -212,15 +183,14 @@ fn api_errors(answer: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::purge::providers::CloudflareConfig;
 
-    fn provider(max_items: usize) -> Cloudflare {
-        Cloudflare::new(&CloudflareConfig {
+    fn provider(max_urls: usize) -> Cloudflare {
+        Cloudflare::new(&CloudflareSettings {
             base: "https://api.cloudflare.com".into(),
             zone_id: "zone1".into(),
             token: "tok".into(),
             rate: 10.0,
-            max_items,
+            max_urls,
         })
         .unwrap()
     }

@@ -13,9 +13,8 @@
 //! key is the `CallerReference`, so a retry of a batch CloudFront already accepted returns the
 //! existing invalidation instead of creating a second one.
 
-use super::{
-    base_url, classify, client, dedup, excerpt, execute, identifier, rate, required, secret,
-};
+use super::{classify, client, dedup, excerpt, execute};
+use crate::config::cdn::{is_cloudfront_path as valid_path, CloudFrontSettings, TagKey};
 use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
 use async_trait::async_trait;
 use aws_credential_types::Credentials;
@@ -40,11 +39,6 @@ const RETRYABLE_CODES: &[&str] = &[
     "ServiceUnavailable",
 ];
 
-enum TagKey {
-    Exact(String),
-    Prefix(String),
-}
-
 pub struct CloudFront {
     endpoint: String,
     distribution_id: String,
@@ -57,114 +51,25 @@ pub struct CloudFront {
     client: reqwest::Client,
 }
 
-/// A CloudFront path: starts with `/`, printable ASCII, `*` only as the last character.
-fn valid_path(p: &str) -> bool {
-    p.starts_with('/')
-        && p.len() <= 4000
-        && p.bytes().all(|b| b.is_ascii_graphic())
-        && !p[..p.len() - 1].contains('*')
-}
-
 fn is_wildcard(p: &str) -> bool {
     p.ends_with('*')
 }
 
 impl CloudFront {
-    pub fn new(cfg: &super::CloudFrontConfig) -> Result<Self, String> {
-        let t = "cloudfront";
-        let mut errors = Vec::new();
-        let base = base_url(t, "base", &cfg.base, "https://cloudfront.amazonaws.com");
-        let dist = identifier(
-            t,
-            "distribution_id",
-            &cfg.distribution_id,
-            "EDFDVBD6EXAMPLE",
-        );
-        let akid = secret(
-            t,
-            "access_key_id",
-            &cfg.access_key_id,
-            "${AWS_ACCESS_KEY_ID}",
-        );
-        let sk = secret(
-            t,
-            "secret_access_key",
-            &cfg.secret_access_key,
-            "${AWS_SECRET_ACCESS_KEY}",
-        );
-        let token = match &cfg.session_token {
-            None => Ok(None),
-            Some(raw) => crate::config::expand_env(raw)
-                .map_err(|e| format!("[cdn.{t}] session_token: {e}"))
-                .map(|v| Some(v.trim().to_string()).filter(|v| !v.is_empty())),
-        };
-        let region = required(t, "region", &cfg.region, "us-east-1").and_then(|r| {
-            if r.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            {
-                Ok(r)
-            } else {
-                Err(format!(
-                    "[cdn.{t}] region = {r:?} is not an AWS region name; CloudFront's API is \
-                     signed for region = \"us-east-1\""
-                ))
-            }
-        });
-        let rate = rate(t, cfg.rate);
-        let mut tag_paths = Vec::new();
-        for (key, paths) in &cfg.tag_paths {
-            let stem = key.strip_suffix('*').unwrap_or(key);
-            if key.is_empty() || stem.contains('*') {
-                errors.push(format!(
-                    "[cdn.{t}] tag_paths key {key:?}: write a tag (\"vendors\") or a tag prefix \
-                     ending in * (\"wedding:*\"); '*' is allowed only at the end"
-                ));
-                continue;
-            }
-            if paths.is_empty() {
-                errors.push(format!(
-                    "[cdn.{t}] tag_paths.{key:?} is empty; list the paths it invalidates, e.g. \
-                     [\"/api/vendors/*\"]"
-                ));
-            }
-            for p in paths {
-                if !valid_path(p) {
-                    errors.push(format!(
-                        "[cdn.{t}] tag_paths.{key:?}: {p:?} is not a CloudFront path; a path \
-                         starts with '/', has no spaces, and may end in '*' (\"/api/vendors/*\")"
-                    ));
-                }
-            }
-            let k = if key.ends_with('*') {
-                TagKey::Prefix(stem.to_string())
-            } else {
-                TagKey::Exact(key.clone())
-            };
-            tag_paths.push((k, paths.clone()));
-        }
-        super::all_ok(
-            errors,
-            [
-                base.as_ref().err(),
-                dist.as_ref().err(),
-                akid.as_ref().err(),
-                sk.as_ref().err(),
-                token.as_ref().err(),
-                region.as_ref().err(),
-                rate.as_ref().err(),
-            ],
-        )?;
-        let (base, dist) = (base.unwrap(), dist.unwrap());
+    pub fn new(cfg: &CloudFrontSettings) -> Result<Self, String> {
         Ok(CloudFront {
-            endpoint: format!("{base}/2020-05-31/distribution/{dist}/invalidation"),
-            client: client(t, super::is_loopback(&base))?,
-            distribution_id: dist,
-            access_key_id: akid.unwrap(),
-            secret_access_key: sk.unwrap(),
-            session_token: token.unwrap(),
-            region: region.unwrap(),
-            rate: rate.unwrap(),
-            tag_paths,
+            endpoint: format!(
+                "{}/2020-05-31/distribution/{}/invalidation",
+                cfg.base, cfg.distribution_id
+            ),
+            client: client("cloudfront", super::is_loopback(&cfg.base))?,
+            distribution_id: cfg.distribution_id.clone(),
+            access_key_id: cfg.access_key_id.clone(),
+            secret_access_key: cfg.secret_access_key.clone(),
+            session_token: cfg.session_token.clone(),
+            region: cfg.region.clone(),
+            rate: cfg.rate,
+            tag_paths: cfg.tag_paths.clone(),
         })
     }
 
@@ -172,10 +77,7 @@ impl CloudFront {
     fn tag_to_paths(&self, tag: &str) -> Vec<String> {
         self.tag_paths
             .iter()
-            .filter(|(k, _)| match k {
-                TagKey::Exact(t) => t == tag,
-                TagKey::Prefix(p) => tag.starts_with(p.as_str()),
-            })
+            .filter(|(k, _)| k.matches(tag))
             .flat_map(|(_, paths)| paths.iter().cloned())
             .collect()
     }
@@ -508,11 +410,9 @@ impl Provider for CloudFront {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::purge::providers::CloudFrontConfig;
-    use std::collections::BTreeMap;
 
     fn provider(tag_paths: &[(&str, &[&str])]) -> CloudFront {
-        CloudFront::new(&CloudFrontConfig {
+        CloudFront::new(&CloudFrontSettings {
             base: "https://cloudfront.amazonaws.com".into(),
             distribution_id: "EDFDVBD6EXAMPLE".into(),
             access_key_id: "AKIDEXAMPLE".into(),
@@ -522,8 +422,14 @@ mod tests {
             rate: 2.0,
             tag_paths: tag_paths
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
-                .collect::<BTreeMap<_, _>>(),
+                .map(|(k, v)| {
+                    let key = match k.strip_suffix('*') {
+                        Some(stem) => TagKey::Prefix(stem.to_string()),
+                        None => TagKey::Exact(k.to_string()),
+                    };
+                    (key, v.iter().map(|s| s.to_string()).collect())
+                })
+                .collect(),
         })
         .unwrap()
     }
@@ -719,36 +625,5 @@ mod tests {
         )
         .unwrap();
         assert_ne!(other, h);
-    }
-
-    #[test]
-    fn tag_paths_are_checked() {
-        let bad = CloudFront::new(&CloudFrontConfig {
-            base: "https://cloudfront.amazonaws.com".into(),
-            distribution_id: "E1".into(),
-            access_key_id: "AK".into(),
-            secret_access_key: "SK".into(),
-            session_token: None,
-            region: "us-east-1".into(),
-            rate: 2.0,
-            tag_paths: [
-                ("a*b".to_string(), vec!["/x".to_string()]),
-                (
-                    "ok".to_string(),
-                    vec!["api/x".to_string(), "/a*/b".to_string()],
-                ),
-                ("empty".to_string(), vec![]),
-            ]
-            .into_iter()
-            .collect(),
-        });
-        let e = match bad {
-            Ok(_) => panic!("expected errors"),
-            Err(e) => e,
-        };
-        assert!(e.contains("key \"a*b\""), "{e}");
-        assert!(e.contains("\"api/x\" is not a CloudFront path"), "{e}");
-        assert!(e.contains("\"/a*/b\" is not a CloudFront path"), "{e}");
-        assert!(e.contains("tag_paths.\"empty\" is empty"), "{e}");
     }
 }

@@ -11,10 +11,8 @@
 //! batch is kept under 8 KiB of header, the request-line limit common proxies enforce, so long
 //! keys never make a request that some hop would refuse.
 
-use super::{
-    base_url, classify, client, dedup, excerpt, execute, identifier, keep_valid, rate, secret,
-    valid_tag,
-};
+use super::{classify, client, dedup, excerpt, execute, keep_valid, valid_tag};
+use crate::config::cdn::FastlySettings;
 use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
 use async_trait::async_trait;
 
@@ -32,28 +30,13 @@ pub struct Fastly {
 }
 
 impl Fastly {
-    pub fn new(cfg: &super::FastlyConfig) -> Result<Self, String> {
-        let t = "fastly";
-        let base = base_url(t, "base", &cfg.base, "https://api.fastly.com");
-        let service_id = identifier(t, "service_id", &cfg.service_id, "SU1Z0isxPaozGVKXdv0eY");
-        let token = secret(t, "token", &cfg.token, "${FASTLY_TOKEN}");
-        let rate = rate(t, cfg.rate);
-        super::all_ok(
-            Vec::new(),
-            [
-                base.as_ref().err(),
-                service_id.as_ref().err(),
-                token.as_ref().err(),
-                rate.as_ref().err(),
-            ],
-        )?;
-        let (base, service_id) = (base.unwrap(), service_id.unwrap());
+    pub fn new(cfg: &FastlySettings) -> Result<Self, String> {
         Ok(Fastly {
-            endpoint: format!("{base}/service/{service_id}/purge"),
-            client: client(t, super::is_loopback(&base))?,
-            service_id,
-            token: token.unwrap(),
-            rate: rate.unwrap(),
+            endpoint: format!("{}/service/{}/purge", cfg.base, cfg.service_id),
+            client: client("fastly", super::is_loopback(&cfg.base))?,
+            service_id: cfg.service_id.clone(),
+            token: cfg.token.clone(),
+            rate: cfg.rate,
         })
     }
 }
@@ -193,10 +176,9 @@ impl Provider for Fastly {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::purge::providers::FastlyConfig;
 
     fn provider() -> Fastly {
-        Fastly::new(&FastlyConfig {
+        Fastly::new(&FastlySettings {
             base: "https://api.fastly.com".into(),
             service_id: "svc".into(),
             token: "tok".into(),

@@ -7,9 +7,9 @@
 //! one API request (or, for the HTTP provider, one per configured host) and maps the answer to an
 //! [`Outcome`] the same way everywhere ([`classify`]): 2xx done, 429 retry after `Retry-After`,
 //! 5xx / network error / timeout retry, any other 4xx fatal. Retrying, pacing and persistence
-//! belong to the queue and worker, not here. Secrets and base URLs go through
-//! [`crate::config::expand_env`] once, in [`build`]; every configuration problem is reported
-//! with the table and key it is in and what to write instead.
+//! belong to the queue and worker, not here. Providers are built from checked settings
+//! ([`crate::config::cdn::CdnSettings`]: defaults applied, `${VAR}` expanded, every problem
+//! already reported at its position by `aisle check`), so nothing here parses configuration.
 
 pub mod cloudflare;
 pub mod cloudfront;
@@ -21,303 +21,52 @@ pub use cloudfront::CloudFront;
 pub use fastly::Fastly;
 pub use http::HttpPurge;
 
+pub use crate::config::cdn::CdnConfig;
+
 use super::{Batch, Kind, Outcome, Provider};
-use serde::Deserialize;
-use std::collections::{BTreeMap, HashSet};
-use std::fmt;
+use crate::config::cdn::CdnSettings;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-
-/// Every configuration problem of a provider at once: `prior` plus the message of each field that
-/// failed to parse, one per line.
-fn all_ok<'a>(
-    prior: Vec<String>,
-    fields: impl IntoIterator<Item = Option<&'a String>>,
-) -> Result<(), String> {
-    let mut errors = prior;
-    errors.extend(fields.into_iter().flatten().cloned());
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(errors.join("\n"))
-    }
-}
 
 /// Every request to a CDN API gives up after this long (and is retried later).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The `[cdn]` table: which CDNs sit in front of the app. Absent tables are not used.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CdnConfig {
-    pub cloudflare: Option<CloudflareConfig>,
-    pub fastly: Option<FastlyConfig>,
-    pub cloudfront: Option<CloudFrontConfig>,
-    pub http: Option<HttpConfig>,
-}
-
-/// `[cdn.cloudflare]`
-#[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloudflareConfig {
-    #[serde(default = "cloudflare_base")]
-    pub base: String,
-    pub zone_id: String,
-    /// API token with the zone's "Cache Purge" permission; usually `"${CF_API_TOKEN}"`.
-    pub token: String,
-    /// Requests per second.
-    #[serde(default = "ten")]
-    pub rate: f64,
-    /// Items per request: 100, or up to 500 on Enterprise (URLs only; other kinds stay at 100).
-    #[serde(default = "cloudflare_max_items")]
-    pub max_items: usize,
-}
-
-/// `[cdn.fastly]`
-#[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FastlyConfig {
-    #[serde(default = "fastly_base")]
-    pub base: String,
-    pub service_id: String,
-    /// API token with `purge_select` scope; usually `"${FASTLY_TOKEN}"`.
-    pub token: String,
-    #[serde(default = "ten")]
-    pub rate: f64,
-}
-
-/// `[cdn.cloudfront]`
-#[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CloudFrontConfig {
-    #[serde(default = "cloudfront_base")]
-    pub base: String,
-    pub distribution_id: String,
-    pub access_key_id: String,
-    pub secret_access_key: String,
-    /// For temporary credentials (STS); usually `"${AWS_SESSION_TOKEN}"`.
-    #[serde(default)]
-    pub session_token: Option<String>,
-    #[serde(default = "cloudfront_region")]
-    pub region: String,
-    #[serde(default = "two")]
-    pub rate: f64,
-    /// Tag -> path patterns. A key ending in `*` matches every tag starting with the rest.
-    #[serde(default)]
-    pub tag_paths: BTreeMap<String, Vec<String>>,
-}
-
-/// `[cdn.http]`: Varnish / nginx purge endpoints.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpConfig {
-    /// Base URLs of the caches, each purged in turn: `["http://127.0.0.1:6081"]`.
-    pub hosts: Vec<String>,
-    /// Method for URL purges (`PURGE` for Varnish and nginx `proxy_cache_purge`).
-    #[serde(default = "purge_method")]
-    pub method: String,
-    /// Method for tag purges, sent to `/` with the tags in `tag_header`.
-    #[serde(default = "ban_method")]
-    pub tag_method: String,
-    /// Header carrying the space-separated tags of a tag purge (vmod-xkey's convention).
-    #[serde(default = "xkey")]
-    pub tag_header: String,
-    #[serde(default = "fifty")]
-    pub rate: f64,
-}
-
-fn cloudflare_base() -> String {
-    "https://api.cloudflare.com".into()
-}
-fn fastly_base() -> String {
-    "https://api.fastly.com".into()
-}
-fn cloudfront_base() -> String {
-    "https://cloudfront.amazonaws.com".into()
-}
-fn cloudfront_region() -> String {
-    "us-east-1".into()
-}
-fn cloudflare_max_items() -> usize {
-    cloudflare::MAX_ITEMS
-}
-fn purge_method() -> String {
-    "PURGE".into()
-}
-fn ban_method() -> String {
-    "BAN".into()
-}
-fn xkey() -> String {
-    "xkey".into()
-}
-fn ten() -> f64 {
-    10.0
-}
-fn two() -> f64 {
-    2.0
-}
-fn fifty() -> f64 {
-    50.0
-}
-
-const REDACTED: &str = "<redacted>";
-
-impl fmt::Debug for CloudflareConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloudflareConfig")
-            .field("base", &self.base)
-            .field("zone_id", &self.zone_id)
-            .field("token", &REDACTED)
-            .field("rate", &self.rate)
-            .field("max_items", &self.max_items)
-            .finish()
-    }
-}
-
-impl fmt::Debug for FastlyConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FastlyConfig")
-            .field("base", &self.base)
-            .field("service_id", &self.service_id)
-            .field("token", &REDACTED)
-            .field("rate", &self.rate)
-            .finish()
-    }
-}
-
-impl fmt::Debug for CloudFrontConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloudFrontConfig")
-            .field("base", &self.base)
-            .field("distribution_id", &self.distribution_id)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &REDACTED)
-            .field(
-                "session_token",
-                &self.session_token.as_ref().map(|_| REDACTED),
-            )
-            .field("region", &self.region)
-            .field("rate", &self.rate)
-            .field("tag_paths", &self.tag_paths)
-            .finish()
-    }
-}
-
-/// Builds every configured provider, in the order cloudflare, fastly, cloudfront, http.
-/// On error, the message lists every problem found, one per line.
+/// Checks a `[cdn]` table parsed on its own and builds every configured provider (see
+/// [`from_settings`]). On error, the message lists every problem found, one per line.
 pub fn build(cfg: &CdnConfig) -> Result<Vec<Arc<dyn Provider>>, String> {
+    let settings = crate::config::cdn::check(cfg).map_err(|problems| {
+        problems
+            .iter()
+            .map(|p| p.message.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    })?;
+    from_settings(&settings)
+}
+
+/// Builds every configured provider, in the order cloudflare, fastly, cloudfront, http. Fails
+/// only when an HTTP client cannot be created.
+pub fn from_settings(cfg: &CdnSettings) -> Result<Vec<Arc<dyn Provider>>, String> {
     let mut out: Vec<Arc<dyn Provider>> = Vec::new();
-    let mut errors: Vec<String> = Vec::new();
     if let Some(c) = &cfg.cloudflare {
-        match Cloudflare::new(c) {
-            Ok(p) => out.push(Arc::new(p)),
-            Err(e) => errors.push(e),
-        }
+        out.push(Arc::new(Cloudflare::new(c)?));
     }
     if let Some(c) = &cfg.fastly {
-        match Fastly::new(c) {
-            Ok(p) => out.push(Arc::new(p)),
-            Err(e) => errors.push(e),
-        }
+        out.push(Arc::new(Fastly::new(c)?));
     }
     if let Some(c) = &cfg.cloudfront {
-        match CloudFront::new(c) {
-            Ok(p) => out.push(Arc::new(p)),
-            Err(e) => errors.push(e),
-        }
+        out.push(Arc::new(CloudFront::new(c)?));
     }
     if let Some(c) = &cfg.http {
-        match HttpPurge::new(c) {
-            Ok(p) => out.push(Arc::new(p)),
-            Err(e) => errors.push(e),
-        }
+        out.push(Arc::new(HttpPurge::new(c)?));
     }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors.join("\n"))
-    }
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------
-// Configuration checks shared by the providers
+// Building
 // ---------------------------------------------------------------------------
-
-/// `${VAR}`-expanded, non-empty value of `[cdn.<table>] <key>`.
-pub(crate) fn required(table: &str, key: &str, raw: &str, example: &str) -> Result<String, String> {
-    let v = crate::config::expand_env(raw).map_err(|e| format!("[cdn.{table}] {key}: {e}"))?;
-    let v = v.trim().to_string();
-    if v.is_empty() {
-        return Err(format!(
-            "[cdn.{table}] {key} is empty; set it, e.g. {key} = {example:?}"
-        ));
-    }
-    Ok(v)
-}
-
-/// A secret that goes into a header: non-empty and free of control characters.
-pub(crate) fn secret(table: &str, key: &str, raw: &str, example: &str) -> Result<String, String> {
-    let v = required(table, key, raw, example)?;
-    if v.bytes().any(|b| b.is_ascii_control() || !b.is_ascii()) {
-        return Err(format!(
-            "[cdn.{table}] {key} contains control or non-ASCII characters (a stray newline in the \
-             environment variable?); it cannot be sent in a header"
-        ));
-    }
-    Ok(v)
-}
-
-/// An identifier that becomes one URL path segment (zone, service, distribution id).
-pub(crate) fn identifier(
-    table: &str,
-    key: &str,
-    raw: &str,
-    example: &str,
-) -> Result<String, String> {
-    let v = required(table, key, raw, example)?;
-    if !v
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(format!(
-            "[cdn.{table}] {key} = {v:?} is not an identifier (letters, digits, '-', '_'); copy \
-             it from the provider's dashboard, e.g. {key} = {example:?}"
-        ));
-    }
-    Ok(v)
-}
-
-/// An `http://` or `https://` URL without query or fragment, returned without a trailing `/`.
-pub(crate) fn base_url(table: &str, key: &str, raw: &str, example: &str) -> Result<String, String> {
-    let v = required(table, key, raw, example)?;
-    let url = reqwest::Url::parse(&v).map_err(|e| {
-        format!("[cdn.{table}] {key} = {v:?} is not a URL ({e}); write e.g. {key} = {example:?}")
-    })?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(format!(
-            "[cdn.{table}] {key} = {v:?} must be an http:// or https:// URL with a host, e.g. \
-             {key} = {example:?}"
-        ));
-    }
-    if url.query().is_some() || url.fragment().is_some() {
-        return Err(format!(
-            "[cdn.{table}] {key} = {v:?} must not have a query or fragment; write only scheme, \
-             host and optional path, e.g. {key} = {example:?}"
-        ));
-    }
-    Ok(url.as_str().trim_end_matches('/').to_string())
-}
-
-pub(crate) fn rate(table: &str, rate: f64) -> Result<f64, String> {
-    if rate.is_finite() && rate > 0.0 {
-        Ok(rate)
-    } else {
-        Err(format!(
-            "[cdn.{table}] rate = {rate} must be a positive number of requests per second, e.g. \
-             rate = 10.0"
-        ))
-    }
-}
 
 /// The HTTP client of one provider: 10 s timeout, no redirects (a redirect from a purge API means
 /// a wrong base URL, and following it would resend credentials); `no_proxy` for loopback bases.
@@ -605,137 +354,49 @@ mod tests {
     }
 
     #[test]
-    fn config_parses_with_defaults_and_rejects_unknown_keys() {
+    fn every_table_builds_its_provider_in_order() {
         let cfg: CdnConfig = toml::from_str(
             r#"
-            [cloudflare]
-            zone_id = "z1"
-            token = "t"
-            [fastly]
-            service_id = "s1"
-            token = "t"
+            [http]
+            hosts = ["http://127.0.0.1:6081"]
             [cloudfront]
             distribution_id = "E1"
             access_key_id = "AK"
             secret_access_key = "SK"
-            tag_paths = { vendors = ["/api/vendors/*"], "wedding:*" = ["/api/weddings/*"] }
-            [http]
-            hosts = ["http://127.0.0.1:6081"]
+            [fastly]
+            service_id = "s1"
+            token = "t"
+            [cloudflare]
+            zone_id = "z1"
+            token = "t"
             "#,
         )
         .unwrap();
-        let cf = cfg.cloudflare.as_ref().unwrap();
-        assert_eq!(cf.base, "https://api.cloudflare.com");
-        assert_eq!((cf.rate, cf.max_items), (10.0, 100));
-        assert_eq!(cfg.fastly.as_ref().unwrap().base, "https://api.fastly.com");
-        let cfr = cfg.cloudfront.as_ref().unwrap();
-        assert_eq!(cfr.region, "us-east-1");
-        assert_eq!(cfr.rate, 2.0);
-        assert_eq!(cfr.tag_paths.len(), 2);
-        let h = cfg.http.as_ref().unwrap();
-        assert_eq!((h.method.as_str(), h.tag_method.as_str()), ("PURGE", "BAN"));
         let providers = build(&cfg).unwrap();
         let names: Vec<&str> = providers.iter().map(|p| p.name()).collect();
         assert_eq!(names, ["cloudflare", "fastly", "cloudfront", "http"]);
-
-        let err =
-            toml::from_str::<CdnConfig>("[cloudflare]\nzone_id = \"z\"\ntoken = \"t\"\nzone = 1\n")
-                .unwrap_err()
-                .to_string();
-        assert!(err.contains("unknown field `zone`"), "{err}");
     }
 
     #[test]
-    fn debug_output_redacts_secrets() {
-        let cfg: CdnConfig = toml::from_str(
-            "[cloudflare]\nzone_id = \"z\"\ntoken = \"sekrit-1\"\n[cloudfront]\ndistribution_id = \"E\"\naccess_key_id = \"AK\"\nsecret_access_key = \"sekrit-2\"\n",
-        )
-        .unwrap();
-        let s = format!("{cfg:?}");
-        assert!(!s.contains("sekrit"), "{s}");
-    }
-
-    fn cf(zone: &str, token: &str, base: &str) -> CdnConfig {
-        CdnConfig {
-            cloudflare: Some(CloudflareConfig {
-                base: base.into(),
-                zone_id: zone.into(),
-                token: token.into(),
-                rate: 10.0,
-                max_items: 100,
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn build_err(cfg: &CdnConfig) -> String {
-        match build(cfg) {
+    fn build_reports_every_problem_one_per_line() {
+        let cfg: CdnConfig =
+            toml::from_str("[cloudflare]\nzone_id = \"\"\ntoken = \"t\"\n[http]\nhosts = []\n")
+                .unwrap();
+        let e = match build(&cfg) {
             Ok(_) => panic!("expected a configuration error"),
             Err(e) => e,
-        }
+        };
+        let lines: Vec<&str> = e.lines().collect();
+        assert_eq!(lines.len(), 2, "{e}");
+        assert!(
+            lines[0].contains("[cdn.cloudflare] zone_id is empty"),
+            "{e}"
+        );
+        assert!(lines[1].contains("[cdn.http] hosts is empty"), "{e}");
     }
 
     #[test]
-    fn config_errors_say_what_and_how() {
-        let e = build_err(&cf("", "t", "https://api.cloudflare.com"));
-        assert!(e.contains("[cdn.cloudflare] zone_id is empty"), "{e}");
-
-        let e = build_err(&cf(
-            "z",
-            "${AISLE_TEST_SURELY_UNSET_VAR}",
-            "https://api.cloudflare.com",
-        ));
-        assert!(
-            e.contains("[cdn.cloudflare] token")
-                && e.contains("AISLE_TEST_SURELY_UNSET_VAR is not set")
-                && e.contains("export it"),
-            "{e}"
-        );
-
-        let e = build_err(&cf("z", "t", "ftp://api.cloudflare.com"));
-        assert!(e.contains("must be an http:// or https:// URL"), "{e}");
-        let e = build_err(&cf("z", "t", "not a url"));
-        assert!(e.contains("is not a URL"), "{e}");
-        let e = build_err(&cf("z/../x", "t", "https://api.cloudflare.com"));
-        assert!(e.contains("is not an identifier"), "{e}");
-        let e = build_err(&cf("z", "line\nbreak", "https://api.cloudflare.com"));
-        assert!(e.contains("control or non-ASCII"), "{e}");
-
-        let mut bad_rate = cf("z", "t", "https://api.cloudflare.com");
-        bad_rate.cloudflare.as_mut().unwrap().rate = 0.0;
-        assert!(build_err(&bad_rate).contains("rate = 0 must be a positive number"));
-
-        let mut too_many = cf("z", "t", "https://api.cloudflare.com");
-        too_many.cloudflare.as_mut().unwrap().max_items = 1000;
-        assert!(build_err(&too_many).contains("max_items = 1000"));
-
-        // Every problem is reported, not just the first.
-        let mut two = cf("", "t", "https://api.cloudflare.com");
-        two.http = Some(HttpConfig {
-            hosts: vec![],
-            method: "PURGE".into(),
-            tag_method: "BAN".into(),
-            tag_header: "xkey".into(),
-            rate: 50.0,
-        });
-        let e = build_err(&two);
-        assert!(
-            e.contains("zone_id is empty") && e.contains("[cdn.http] hosts"),
-            "{e}"
-        );
-    }
-
-    #[test]
-    fn base_url_forms() {
-        assert_eq!(
-            base_url("t", "base", "http://127.0.0.1:8080/", "x").unwrap(),
-            "http://127.0.0.1:8080"
-        );
-        assert_eq!(
-            base_url("t", "base", "https://api.example.com/prefix/", "x").unwrap(),
-            "https://api.example.com/prefix"
-        );
-        assert!(base_url("t", "base", "https://api.example.com/?a=b", "x").is_err());
+    fn loopback_bases_skip_proxies() {
         assert!(is_loopback("http://127.0.0.1:1"));
         assert!(is_loopback("http://[::1]:1"));
         assert!(is_loopback("http://localhost:1"));

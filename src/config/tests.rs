@@ -1,0 +1,173 @@
+//! `gateway.toml` as a whole: what loads, and where each problem is reported (`file:line:col`).
+
+use super::*;
+
+fn load(text: &str, rules: &[(&str, &str)]) -> Result<Config, Vec<Diagnostic>> {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    for (name, body) in rules {
+        std::fs::write(dir.path().join("rules").join(name), body).unwrap();
+    }
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path)
+}
+
+const SPEC: &str = r#"# gateway.toml
+[server]
+listen = "127.0.0.1:8080"          # proxy listener
+admin_listen = "127.0.0.1:9090"    # /metrics, /healthz, later /admin/*
+[cache]
+memory = "256MiB"                  # memory tier budget, bytes with units
+max_object = "8MiB"                # larger responses are passed through, not stored
+rules_dir = "rules"
+[upstreams.api]
+url = "http://127.0.0.1:3000"      # https:// upstreams use TLS with SNI from the host
+"#;
+
+#[test]
+fn spec_example_is_accepted() {
+    let c = load(SPEC, &[]).unwrap();
+    assert_eq!(c.cache.memory, 256 * 1024 * 1024);
+    assert_eq!(c.cache.max_object, 8 * 1024 * 1024);
+    assert_eq!(c.upstreams[0].address, "127.0.0.1:3000");
+    assert!(!c.upstreams[0].tls);
+    assert!(
+        c.rules.default_route().is_some(),
+        "one upstream is the default"
+    );
+}
+
+#[test]
+fn bad_values_are_positioned() {
+    let text = SPEC.replace("\"256MiB\"", "\"lots\"");
+    let e = load(&text, &[]).unwrap_err();
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].to_string()
+            .contains("gateway.toml:6:10: bad size \"lots\""),
+        "{}",
+        e[0]
+    );
+    let text = SPEC.replace("[cache]", "[cache]\ncolour = \"red\"");
+    let e = load(&text, &[]).unwrap_err();
+    assert!(
+        e[0].to_string().contains("gateway.toml:6:1:")
+            && e[0].message.contains("unknown field `colour`"),
+        "{}",
+        e[0]
+    );
+    let text = SPEC.replace("http://127.0.0.1:3000", "ftp://x");
+    assert!(load(&text, &[]).unwrap_err()[0]
+        .message
+        .contains("http:// or https://"));
+}
+
+#[test]
+fn rules_errors_come_through() {
+    let e = load(
+        SPEC,
+        &[(
+            "b.toml",
+            "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nupstream = \"nope\"\n",
+        )],
+    )
+    .unwrap_err();
+    assert!(e[0].to_string().contains("b.toml:4:"), "{}", e[0]);
+}
+
+#[test]
+fn redis_section() {
+    let text = format!("{SPEC}[redis]\nurl = \"redis://127.0.0.1:6399\"\ntimeout = \"20ms\"\n");
+    let c = load(&text, &[]).unwrap();
+    let r = c.redis.unwrap();
+    assert_eq!(
+        (r.url.as_str(), r.prefix.as_str(), r.timeout),
+        (
+            "redis://127.0.0.1:6399",
+            "aisle:",
+            Duration::from_millis(20)
+        )
+    );
+    let text = format!(
+        "{SPEC}[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]\n"
+    );
+    assert_eq!(load(&text, &[]).unwrap().redis.unwrap().cluster.len(), 2);
+    let text = format!("{SPEC}[redis]\nprefix = \"x:\"\n");
+    assert!(load(&text, &[]).unwrap_err()[0]
+        .message
+        .contains("needs url"));
+    let text = format!("{SPEC}[redis]\nurl = \"http://x\"\n");
+    assert!(load(&text, &[]).unwrap_err()[0]
+        .to_string()
+        .contains("gateway.toml:12:7: redis url"));
+    let text = format!("{SPEC}[redis]\nurl = \"redis://x\"\nencryption_key = \"c2hvcnQ=\"\n");
+    assert!(load(&text, &[]).unwrap_err()[0]
+        .message
+        .contains("32 bytes"));
+    std::env::set_var(
+        "AISLE_TEST_KEY",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+    );
+    let text =
+        format!("{SPEC}[redis]\nurl = \"redis://x\"\nencryption_key = \"${{AISLE_TEST_KEY}}\"\n");
+    let c = load(&text, &[]).unwrap();
+    assert!(c.redis.as_ref().unwrap().keys.is_some());
+    assert!(
+        !format!("{:?}", c.redis).contains("AAAA"),
+        "keys are never printed"
+    );
+}
+
+#[test]
+fn encrypt_needs_a_key() {
+    let rule = "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nencrypt = true\n";
+    let e = load(SPEC, &[("a.toml", rule)]).unwrap_err();
+    assert!(
+        e[0].to_string().contains("a.toml:4:") && e[0].message.contains("encryption_key"),
+        "{}",
+        e[0]
+    );
+}
+
+#[test]
+fn https_upstreams_use_sni() {
+    assert_eq!(
+        parse_upstream_url("https://api.vendor.example").unwrap(),
+        (
+            true,
+            "api.vendor.example:443".to_string(),
+            "api.vendor.example".to_string()
+        )
+    );
+    assert!(parse_upstream_url("http://x/path").is_err());
+}
+
+/// Two bad `[cdn.*]` values are two diagnostics, each at its own line and column.
+#[test]
+fn cdn_problems_are_positioned_one_each() {
+    let text = format!(
+        "{SPEC}[cdn.cloudflare]\nzone_id = \"\"\ntoken = \"t\"\n\n[cdn.fastly]\nservice_id = \"s\"\ntoken = \"t\"\nrate = 0\n"
+    );
+    let e = load(&text, &[]).unwrap_err();
+    let shown: Vec<String> = e.iter().map(|d| d.to_string()).collect();
+    assert_eq!(shown.len(), 2, "{shown:#?}");
+    assert!(
+        shown[0].ends_with("gateway.toml:12:11: [cdn.cloudflare] zone_id is empty; set it, e.g. zone_id = \"023e105f4ecef8ad9ca31a8372d0c353\""),
+        "{shown:#?}"
+    );
+    assert!(
+        shown[1].contains("gateway.toml:18:8: [cdn.fastly] rate = 0 must be a positive number"),
+        "{shown:#?}"
+    );
+}
+
+/// A good `[cdn.*]` table (without a `[cdn]` header) compiles into settings.
+#[test]
+fn cdn_settings_compile() {
+    let text = format!("{SPEC}[cdn.fastly]\nservice_id = \"s\"\ntoken = \"t\"\n");
+    let c = load(&text, &[]).unwrap();
+    let cdn = c.cdn.expect("[cdn] configured");
+    assert_eq!(cdn.fastly.unwrap().service_id, "s");
+    assert!(cdn.cloudflare.is_none());
+}
