@@ -1,0 +1,717 @@
+//! The load-time half of the rules: `rules/*.toml` -> [`RuleSet`], with every problem reported
+//! as `file:line:col: message`.
+//!
+//! Files are parsed into serde structs that keep positions (`Spanned`), tables first (a rule may
+//! name a table from any file), then rules in file-name order (duplicate names and rules an
+//! earlier one shadows are refused), then `[[event]]`s. A rule that fails is reported whole and
+//! the others are still checked, so one `aisle check` run shows every problem.
+
+use super::events::{EventDef, ParamTemplate};
+use super::host::HostMatch;
+use super::matcher::{RuleSet, ALL_METHODS, METHODS};
+use super::normalize::{Fallback, Normalizer, Table};
+use super::path::PathPattern;
+use super::source::{Source, Template};
+use super::{Cost, Rule, VaryField, DEFAULT_ROUTE};
+use crate::diag::{Diagnostic, SourceFile};
+use crate::metrics::RuleMetrics;
+use crate::units::parse_duration;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use toml::Spanned;
+
+/// What rules need to know about the gateway config.
+pub struct Context<'a> {
+    /// Upstream names, in index order.
+    pub upstreams: &'a [String],
+    /// Index of the upstream unmatched requests go to.
+    pub default_upstream: Option<usize>,
+    /// Whether `[redis] encryption_key` is set (`encrypt = true` needs it).
+    pub encryption: bool,
+}
+
+/// Loads and compiles every `*.toml` in `dir`, in file-name order.
+pub fn load_dir(dir: &Path, ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) => {
+            return Err(vec![Diagnostic {
+                file: dir.to_path_buf(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read the rules directory: {e}; check [cache] rules_dir"),
+            }])
+        }
+    };
+    files.sort();
+    let mut texts = Vec::new();
+    let mut diags = Vec::new();
+    for f in files {
+        match std::fs::read_to_string(&f) {
+            Ok(t) => texts.push((f, t)),
+            Err(e) => diags.push(Diagnostic {
+                file: f.clone(),
+                line: 0,
+                col: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    let sources: Vec<(&Path, &str)> = texts
+        .iter()
+        .map(|(p, t)| (p.as_path(), t.as_str()))
+        .collect();
+    match compile(&sources, ctx) {
+        Ok(set) if diags.is_empty() => Ok(set),
+        Ok(_) => Err(diags),
+        Err(mut more) => {
+            diags.append(&mut more);
+            Err(diags)
+        }
+    }
+}
+
+/// Compiles rules files given as (path, text), in the order given.
+pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let mut parsed = Vec::new();
+    for (path, text) in files {
+        let src = SourceFile::new(path, text);
+        match toml::from_str::<RawFile>(text) {
+            Ok(raw) => parsed.push((src, raw)),
+            Err(e) => diags.push(src.toml_error(&e)),
+        }
+    }
+
+    // Tables first: a rule may name a table defined in any file.
+    let mut tables: HashMap<String, Arc<Table>> = HashMap::new();
+    let mut table_origin: HashMap<String, String> = HashMap::new();
+    for (src, raw) in &parsed {
+        for (name, t) in &raw.tables {
+            let (line, _) = position(src, t.span());
+            if let Some(prev) = table_origin.get(name) {
+                diags.push(src.at(
+                    t.span(),
+                    format!("table {name:?} is already defined at {prev}"),
+                ));
+                continue;
+            }
+            let fallback = match &t.get_ref().fallback {
+                None => Fallback::Keep,
+                Some(f) => match Fallback::parse(f.get_ref()) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        diags.push(src.at(f.span(), e));
+                        continue;
+                    }
+                },
+            };
+            let map = t.get_ref().map.iter().map(|(k, v)| (k.clone(), v.clone()));
+            tables.insert(name.clone(), Arc::new(Table::new(name, map, fallback)));
+            table_origin.insert(name.clone(), format!("{}:{line}", src.path.display()));
+        }
+    }
+
+    let mut rules: Vec<Arc<Rule>> = Vec::new();
+    let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new(); // (file index, name span)
+    for (file_index, (src, raw)) in parsed.iter().enumerate() {
+        for r in &raw.rule {
+            match compile_rule(src, r, &tables, ctx) {
+                Ok(rule) => {
+                    if let Some(prev) = rules.iter().find(|p| p.name == rule.name) {
+                        diags.push(src.at(
+                            r.name.span(),
+                            format!(
+                                "duplicate rule name {:?}; it is already used at {}",
+                                rule.name, prev.origin
+                            ),
+                        ));
+                        continue;
+                    }
+                    if let Some(prev) = rules.iter().find(|p| shadows(p, &rule)) {
+                        diags.push(src.at(
+                            r.name.span(),
+                            format!(
+                                "rule {:?} can never match: it is shadowed by rule {:?} at {}, which comes first and matches every request this one would; move it earlier or narrow the earlier rule",
+                                rule.name, prev.name, prev.origin
+                            ),
+                        ));
+                        continue;
+                    }
+                    rules.push(Arc::new(rule));
+                    spans.push((file_index, r.name.span()));
+                }
+                Err(mut e) => diags.append(&mut e),
+            }
+        }
+    }
+    let mut events: HashMap<String, EventDef> = HashMap::new();
+    for (src, raw) in &parsed {
+        for ev in &raw.event {
+            let name = ev.name.get_ref().trim();
+            let (line, _) = position(src, ev.name.span());
+            if name.is_empty() || name.chars().any(char::is_whitespace) {
+                diags.push(src.at(
+                    ev.name.span(),
+                    "an event name must be non-empty, without spaces",
+                ));
+                continue;
+            }
+            if let Some(prev) = events.get(name) {
+                diags.push(src.at(
+                    ev.name.span(),
+                    format!(
+                        "duplicate event name {name:?}; it is already defined at {}",
+                        prev.origin
+                    ),
+                ));
+                continue;
+            }
+            let mut invalidates = Vec::new();
+            for t in &ev.invalidates {
+                match ParamTemplate::parse(t.get_ref()) {
+                    Ok(t) => invalidates.push(t),
+                    Err(e) => diags.push(src.at(t.span(), e)),
+                }
+            }
+            events.insert(
+                name.to_string(),
+                EventDef {
+                    name: name.to_string(),
+                    invalidates,
+                    cdn: ev.cdn,
+                    origin: format!("{}:{line}", src.path.display()),
+                },
+            );
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let default = ctx.default_upstream.map(|upstream| {
+        Arc::new(Rule {
+            name: DEFAULT_ROUTE.into(),
+            origin: "(default route)".into(),
+            methods: ALL_METHODS,
+            host: None,
+            path: PathPattern::parse("/*").expect("static pattern"),
+            upstream,
+            cache: true,
+            ttl: None,
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            vary: Vec::new(),
+            tags: Vec::new(),
+            invalidate_on: Vec::new(),
+            cache_set_cookie: false,
+            encrypt: false,
+            keep_tag_headers: false,
+            body_key: None,
+            needs_body: false,
+            cost: None,
+            is_default: true,
+            key_path: true,
+            metrics: RuleMetrics::new(DEFAULT_ROUTE),
+        })
+    });
+    Ok(RuleSet {
+        rules,
+        default,
+        events,
+    })
+}
+
+fn position(src: &SourceFile<'_>, span: std::ops::Range<usize>) -> (usize, usize) {
+    let d = src.at(span, "");
+    (d.line, d.col)
+}
+
+fn shadows(earlier: &Rule, later: &Rule) -> bool {
+    let methods_covered = later.methods & !earlier.methods == 0;
+    let host_covered = match (&earlier.host, &later.host) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(a), Some(b)) => a.covers(b),
+    };
+    methods_covered && host_covered && earlier.path.covers(&later.path)
+}
+
+fn duration(
+    src: &SourceFile<'_>,
+    field: &Option<Spanned<String>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Duration> {
+    let f = field.as_ref()?;
+    match parse_duration(f.get_ref()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            diags.push(src.at(f.span(), e));
+            None
+        }
+    }
+}
+
+fn compile_rule(
+    src: &SourceFile<'_>,
+    r: &RawRule,
+    tables: &HashMap<String, Arc<Table>>,
+    ctx: &Context<'_>,
+) -> Result<Rule, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let name = r.name.get_ref().trim();
+    if name.is_empty() {
+        diags.push(src.at(r.name.span(), "a rule needs a non-empty name"));
+    }
+    let (line, _) = position(src, r.name.span());
+    let origin = format!("{}:{line}", src.path.display());
+
+    let m = r.matcher.get_ref();
+    let path = match PathPattern::parse(m.path.get_ref()) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            diags.push(src.at(m.path.span(), e));
+            None
+        }
+    };
+    let mut methods = 0u16;
+    match &m.method {
+        None => methods = 1 | 2,
+        Some(list) => {
+            for item in list.get_ref().items() {
+                let upper = item.to_ascii_uppercase();
+                if upper == "*" {
+                    methods = ALL_METHODS;
+                } else if let Some((_, bit)) = METHODS.iter().find(|(n, _)| *n == upper) {
+                    methods |= bit;
+                    if *bit == 1 {
+                        methods |= 2; // HEAD is answered from GET entries.
+                    }
+                } else {
+                    diags.push(src.at(
+                        list.span(),
+                        format!("unknown method {item:?}; expected one of GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS or \"*\""),
+                    ));
+                }
+            }
+        }
+    }
+    let host = match &m.host {
+        None => None,
+        Some(h) => match HostMatch::parse(h.get_ref()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                diags.push(src.at(h.span(), e));
+                None
+            }
+        },
+    };
+    let upstream = match &r.upstream {
+        Some(u) => match ctx.upstreams.iter().position(|n| n == u.get_ref()) {
+            Some(i) => Some(i),
+            None => {
+                diags.push(src.at(
+                    u.span(),
+                    format!(
+                        "unknown upstream {:?}; defined upstreams: {}",
+                        u.get_ref(),
+                        ctx.upstreams.join(", ")
+                    ),
+                ));
+                None
+            }
+        },
+        None => match ctx.default_upstream {
+            Some(i) => Some(i),
+            None => {
+                diags.push(src.at(
+                    r.name.span(),
+                    "this rule names no upstream and there is no default; add upstream = \"NAME\" or [server] default_upstream",
+                ));
+                None
+            }
+        },
+    };
+    let ttl = duration(src, &r.ttl, &mut diags);
+    let swr = duration(src, &r.stale_while_revalidate, &mut diags);
+    let sie = duration(src, &r.stale_if_error, &mut diags);
+
+    let mut vary = Vec::new();
+    let mut tags = Vec::new();
+    if let Some(pattern) = &path {
+        for v in &r.vary {
+            match Source::parse(v.get_ref(), pattern) {
+                Ok(source) => {
+                    if vary.iter().any(|f: &VaryField| f.source == source) {
+                        diags.push(src.at(
+                            v.span(),
+                            format!("{:?} is listed twice in vary", v.get_ref()),
+                        ));
+                    } else {
+                        vary.push(VaryField {
+                            source,
+                            normalizers: Vec::new(),
+                        });
+                    }
+                }
+                Err(e) => diags.push(src.at(v.span(), e)),
+            }
+        }
+        for (key, steps) in &r.normalize {
+            let Some(field) = Source::parse(key, pattern)
+                .ok()
+                .and_then(|s| vary.iter_mut().find(|f| f.source == s))
+            else {
+                diags.push(src.at(
+                    steps.span(),
+                    format!("normalize names {key:?}, which is not in this rule's vary list"),
+                ));
+                continue;
+            };
+            for step in steps.get_ref().items() {
+                match Normalizer::parse(step, tables) {
+                    Ok(n) => field.normalizers.push(n),
+                    Err(e) => diags.push(src.at(steps.span(), e)),
+                }
+            }
+        }
+        for t in &r.tags {
+            match Template::parse(t.get_ref(), pattern) {
+                Ok(t) => tags.push(t),
+                Err(e) => diags.push(src.at(t.span(), e)),
+            }
+        }
+    }
+    let mut invalidate_on = Vec::new();
+    for e in &r.invalidate_on {
+        let ev = e.get_ref();
+        if ev.is_empty()
+            || ev
+                .chars()
+                .any(|c| c.is_whitespace() || c == '{' || c == '}')
+        {
+            diags.push(src.at(
+                e.span(),
+                format!("event name {ev:?} must be non-empty, without spaces or braces"),
+            ));
+        } else {
+            invalidate_on.push(ev.as_str().into());
+        }
+    }
+
+    let encrypt = match &r.encrypt {
+        Some(e) if *e.get_ref() && !ctx.encryption => {
+            diags.push(src.at(
+                e.span(),
+                "encrypt = true needs [redis] encryption_key = \"${AISLE_CACHE_KEY}\" (32 bytes, base64) in gateway.toml",
+            ));
+            false
+        }
+        Some(e) => *e.get_ref(),
+        None => false,
+    };
+    let body_key = match &r.body_key {
+        Some(bk) if bk.get_ref().all => {
+            for p in &bk.get_ref().ignore {
+                if !p.starts_with('/') {
+                    diags.push(src.at(
+                        bk.span(),
+                        format!(
+                            "body_key.ignore: {p:?} is not a JSON pointer; write it like \"/user\""
+                        ),
+                    ));
+                }
+            }
+            Some(bk.get_ref().ignore.clone())
+        }
+        Some(bk) => {
+            diags.push(src.at(bk.span(), "body_key needs all = true (key on the whole body, minus ignore = [...]); to key on single fields use vary = [\"body./field\"]"));
+            None
+        }
+        None => None,
+    };
+    let cost = r.cost.as_ref().map(|c| Cost {
+        per_request: c.per_request.unwrap_or(0.0),
+        tokens: c.tokens.clone(),
+        per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
+    });
+    if let Some(Cost {
+        tokens: Some(t), ..
+    }) = &cost
+    {
+        if !t.starts_with('/') {
+            diags.push(src.at(r.name.span(), format!("cost.tokens {t:?} is not a JSON pointer into the response; write it like \"/usage/total_tokens\"")));
+        }
+    }
+    if !diags.is_empty() {
+        return Err(diags);
+    }
+    let path = path.expect("checked above");
+    let needs_body = body_key.is_some() || vary.iter().any(|f| matches!(f.source, Source::Body(_)));
+    let key_path = !path.determined_by(|i| {
+        vary.iter()
+            .any(|f| matches!(f.source, Source::Path(p, _) if p == i))
+    });
+    Ok(Rule {
+        key_path,
+        name: name.into(),
+        origin,
+        methods,
+        host,
+        path,
+        upstream: upstream.expect("checked above"),
+        cache: r.cache.unwrap_or(true),
+        ttl,
+        stale_while_revalidate: swr,
+        stale_if_error: sie,
+        vary,
+        tags,
+        invalidate_on,
+        cache_set_cookie: r.cache_set_cookie.unwrap_or(false),
+        encrypt,
+        keep_tag_headers: r.keep_tag_headers.unwrap_or(false),
+        needs_body,
+        body_key,
+        cost,
+        is_default: false,
+        metrics: RuleMetrics::new(name),
+    })
+}
+
+// What the rules files say, as written.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    rule: Vec<RawRule>,
+    #[serde(default)]
+    event: Vec<RawEvent>,
+    #[serde(default)]
+    tables: BTreeMap<String, Spanned<RawTable>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEvent {
+    name: Spanned<String>,
+    invalidates: Vec<Spanned<String>>,
+    #[serde(default)]
+    cdn: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    map: BTreeMap<String, String>,
+    fallback: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    #[serde(rename = "match")]
+    matcher: Spanned<RawMatch>,
+    upstream: Option<Spanned<String>>,
+    ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    vary: Vec<Spanned<String>>,
+    #[serde(default)]
+    normalize: BTreeMap<String, Spanned<OneOrMany>>,
+    #[serde(default)]
+    tags: Vec<Spanned<String>>,
+    #[serde(default)]
+    invalidate_on: Vec<Spanned<String>>,
+    stale_while_revalidate: Option<Spanned<String>>,
+    stale_if_error: Option<Spanned<String>>,
+    cache: Option<bool>,
+    cache_set_cookie: Option<bool>,
+    encrypt: Option<Spanned<bool>>,
+    keep_tag_headers: Option<bool>,
+    body_key: Option<Spanned<RawBodyKey>>,
+    cost: Option<RawCost>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBodyKey {
+    all: bool,
+    #[serde(default)]
+    ignore: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCost {
+    per_request: Option<f64>,
+    tokens: Option<String>,
+    per_1k_tokens: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    method: Option<Spanned<OneOrMany>>,
+    path: Spanned<String>,
+    host: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(crate) fn ctx() -> Context<'static> {
+        static UPS: once_cell::sync::Lazy<Vec<String>> =
+            once_cell::sync::Lazy::new(|| vec!["api".to_string(), "ai".to_string()]);
+        Context {
+            upstreams: &UPS,
+            default_upstream: Some(0),
+            encryption: false,
+        }
+    }
+
+    pub(crate) fn compile_one(text: &str) -> Result<RuleSet, Vec<Diagnostic>> {
+        compile(&[(Path::new("rules/a.toml"), text)], &ctx())
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        compile_one(text)
+            .unwrap_err()
+            .iter()
+            .map(|d| d.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_problem() {
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nttl = \"soon\"\n");
+        assert!(e[0].starts_with("rules/a.toml:4:7: bad duration"), "{e:?}");
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\ncolour = 1\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:1:") && e[0].contains("unknown field `colour`"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nupstream = \"nope\"\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:") && e[0].contains("unknown upstream \"nope\""),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"a/b\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:3:") && e[0].contains("start with '/'"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nvary = [\"form.x\"]\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:") && e[0].contains("unknown source kind"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\n[[rule]]\nname = \"a\"\nmatch = { path = \"/b\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:5:") && e[0].contains("duplicate rule name"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"all\"\nmatch = { path = \"/api/*\" }\n[[rule]]\nname = \"one\"\nmatch = { path = \"/api/x\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:5:") && e[0].contains("shadowed by rule \"all\""),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nvary = [\"query.x\"]\nnormalize = { \"query.x\" = \"city\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:5:") && e[0].contains("unknown normalizer"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nnormalize = { \"query.x\" = \"trim\" }\n");
+        assert!(e[0].contains("not in this rule's vary list"), "{e:?}");
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\", method = \"FETCH\" }\n");
+        assert!(e[0].contains("unknown method"), "{e:?}");
+    }
+
+    #[test]
+    fn events_compile() {
+        let set = compile_one(
+            "[[event]]\nname = \"availability_changed\"\ninvalidates = [\"availability_change\", \"vendor:{vendorId}\"]\ncdn = true\n",
+        )
+        .unwrap();
+        let ev = set.event("availability_changed").unwrap();
+        assert!(ev.cdn);
+        let params = serde_json::from_str(r#"{"vendorId": "v1"}"#).unwrap();
+        assert_eq!(
+            ev.tags(&params).unwrap(),
+            vec!["availability_change", "vendor:v1"]
+        );
+        let e = errors("[[event]]\nname = \"x\"\ninvalidates = [\"a{b\"]\n[[event]]\nname = \"x\"\ninvalidates = []\n");
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with("rules/a.toml:3:") && d.contains("closing")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|d| d.starts_with("rules/a.toml:5:") && d.contains("duplicate event")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn narrower_methods_or_hosts_do_not_shadow() {
+        compile_one(
+            r#"
+[[rule]]
+name = "get-only"
+match = { method = "GET", path = "/api/*" }
+[[rule]]
+name = "post"
+match = { method = "POST", path = "/api/x" }
+[[rule]]
+name = "host"
+match = { host = "a.example.com", path = "/other" }
+[[rule]]
+name = "any-host"
+match = { path = "/other" }
+"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_rule_without_upstream_needs_a_default() {
+        let ups = vec!["a".to_string(), "b".to_string()];
+        let ctx = Context {
+            upstreams: &ups,
+            default_upstream: None,
+            encryption: false,
+        };
+        let err = compile(
+            &[(
+                Path::new("r.toml"),
+                "[[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\n",
+            )],
+            &ctx,
+        )
+        .unwrap_err();
+        assert!(err[0].message.contains("no upstream"));
+    }
+}
