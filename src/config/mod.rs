@@ -261,6 +261,19 @@ impl Config {
             );
         }
 
+        // Checked here rather than left to `rules::load_dir`, so the problem points at
+        // `rules_dir` in this file.
+        if let Err(e) = std::fs::read_dir(&rules_dir) {
+            let message = format!(
+                "cannot read the rules directory {}: {e}; set [cache] rules_dir to a directory \
+                 of *.toml rules files (relative to this file)",
+                rules_dir.display()
+            );
+            diags.push(match &raw.cache.rules_dir {
+                Some(d) => src.at(d.span(), message),
+                None => src.whole(message),
+            });
+        }
         let rules = if diags.is_empty() {
             let ctx = rules::Context {
                 upstreams: &names,
@@ -290,12 +303,13 @@ impl Config {
         if let Some(rules) = &rules {
             for (name, w) in &raw.webhooks {
                 for m in &w.get_ref().map {
-                    if rules.event(&m.get_ref().fire.event).is_none() {
+                    let event = &m.get_ref().fire.event;
+                    if rules.event(event.get_ref()).is_none() {
                         diags.push(src.at(
-                            m.span(),
+                            event.span(),
                             format!(
                                 "webhooks.{name}: fire.event {:?} is not defined; add an [[event]] with that name to a rules file",
-                                m.get_ref().fire.event
+                                event.get_ref()
                             ),
                         ));
                     }
@@ -345,14 +359,15 @@ fn admin_config(src: &SourceFile<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic
     });
     let mut purge_allow = Vec::new();
     if let Some(list) = &raw.purge_allow {
-        for cidr in list.get_ref() {
+        for spanned in list {
+            let cidr = spanned.get_ref();
             let parsed = cidr
                 .parse::<ipnet::IpNet>()
                 .or_else(|_| cidr.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
             match parsed {
                 Ok(net) => purge_allow.push(net),
                 Err(_) => diags.push(src.at(
-                    list.span(),
+                    spanned.span(),
                     format!("{cidr:?} is not a network; write CIDRs like \"127.0.0.1/32\" or \"10.0.0.0/8\""),
                 )),
             }
@@ -435,7 +450,7 @@ fn redis_config(
             let nodes = c
                 .get_ref()
                 .iter()
-                .filter_map(|n| redis_url(src, c.span(), n, diags))
+                .filter_map(|n| redis_url(src, n.span(), n.get_ref(), diags))
                 .collect();
             (String::new(), nodes)
         }
@@ -473,8 +488,8 @@ fn redis_config(
             let previous: Vec<[u8; 32]> = r
                 .previous_keys
                 .iter()
-                .flat_map(|p| p.get_ref().iter().map(move |v| (p.span(), v)))
-                .filter_map(|(span, v)| aes_key(src, span, v, diags))
+                .flat_map(|p| p.get_ref().iter())
+                .filter_map(|v| aes_key(src, v.span(), v.get_ref(), diags))
                 .collect();
             current.map(|c| (c, previous))
         }

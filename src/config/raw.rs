@@ -32,11 +32,11 @@ pub(super) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRedis {
     pub(super) url: Option<Spanned<String>>,
-    pub(super) cluster: Option<Spanned<Vec<String>>>,
+    pub(super) cluster: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) prefix: Option<Spanned<String>>,
     pub(super) timeout: Option<Spanned<String>>,
     pub(super) encryption_key: Option<Spanned<String>>,
-    pub(super) previous_keys: Option<Spanned<Vec<String>>>,
+    pub(super) previous_keys: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize)]
@@ -62,7 +62,7 @@ pub(super) struct RawCache {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) token: Option<Spanned<String>>,
-    pub(super) purge_allow: Option<Spanned<Vec<String>>>,
+    pub(super) purge_allow: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -70,7 +70,7 @@ pub(super) struct RawAdmin {
 pub(super) struct RawWebhook {
     pub(super) secret: Spanned<String>,
     pub(super) signature: Spanned<String>,
-    pub(super) header: Option<String>,
+    pub(super) header: Option<Spanned<String>>,
     pub(super) tolerance: Option<Spanned<String>>,
     pub(super) max_body: Option<Spanned<String>>,
     pub(super) id: Option<String>,
@@ -82,7 +82,7 @@ pub(super) struct RawWebhook {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMap {
     #[serde(rename = "type")]
-    pub(super) type_pointer: String,
+    pub(super) type_pointer: Spanned<String>,
     pub(super) when: String,
     pub(super) fire: RawFire,
 }
@@ -90,9 +90,9 @@ pub(super) struct RawMap {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawFire {
-    pub(super) event: String,
+    pub(super) event: Spanned<String>,
     #[serde(default)]
-    pub(super) params: BTreeMap<String, String>,
+    pub(super) params: BTreeMap<String, Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

@@ -171,3 +171,66 @@ fn cdn_settings_compile() {
     assert_eq!(cdn.fastly.unwrap().service_id, "s");
     assert!(cdn.cloudflare.is_none());
 }
+
+/// (line, col, message) of every diagnostic of [`SPEC`] followed by `extra`.
+fn positions(extra: &str, rules: &[(&str, &str)]) -> Vec<(usize, usize, String)> {
+    let e = load(&format!("{SPEC}{extra}"), rules).unwrap_err();
+    e.into_iter().map(|d| (d.line, d.col, d.message)).collect()
+}
+
+/// Every problem points at the value it is about, not at its table or at line 0.
+#[test]
+fn problems_point_at_their_value() {
+    // SPEC has 10 lines; `extra` starts on line 11.
+    let p = positions(
+        "[admin]\npurge_allow = [\"10.0.0.0/8\", \"nonsense\"]\n",
+        &[],
+    );
+    assert_eq!((p[0].0, p[0].1), (12, 30), "{p:?}");
+
+    let p = positions(
+        "[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"http://x\"]\npatch = 1\n",
+        &[],
+    );
+    assert!(p[0].2.contains("unknown field `patch`"), "{p:?}");
+    let p = positions(
+        "[redis]\ncluster = [\"redis://127.0.0.1:7000\", \"http://x\"]\n",
+        &[],
+    );
+    assert_eq!((p[0].0, p[0].1), (12, 38), "{p:?}");
+
+    let hook =
+        "[webhooks.v]\nsecret = \"s\"\nsignature = \"hmac-sha256\"\nheader = \"bad header\"\n";
+    let p = positions(hook, &[]);
+    assert_eq!(
+        (p[0].0, p[0].1),
+        (14, 10),
+        "the header, not the scheme: {p:?}"
+    );
+
+    let map = "[webhooks.v]\nsecret = \"s\"\nsignature = \"github\"\n[[webhooks.v.map]]\ntype = \"event\"\nwhen = \"x\"\nfire = { event = \"e\", params = { id = \"data/id\" } }\n";
+    let p = positions(map, &[]);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert_eq!((p[0].0, p[0].1, p[1].0, p[1].1), (15, 8, 17, 39), "{p:?}");
+
+    let map = "[webhooks.v]\nsecret = \"s\"\nsignature = \"github\"\n[[webhooks.v.map]]\ntype = \"/event\"\nwhen = \"x\"\nfire = { event = \"nope\" }\n";
+    let p = positions(map, &[]);
+    assert!(
+        p[0].2.contains("fire.event \"nope\" is not defined"),
+        "{p:?}"
+    );
+    assert_eq!((p[0].0, p[0].1), (17, 18), "{p:?}");
+}
+
+#[test]
+fn a_missing_rules_dir_points_at_rules_dir() {
+    let text = SPEC.replace("rules_dir = \"rules\"", "rules_dir = \"no-such-dir\"");
+    let e = load(&text, &[]).unwrap_err();
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].to_string()
+            .contains("gateway.toml:8:13: cannot read the rules directory"),
+        "{}",
+        e[0]
+    );
+}

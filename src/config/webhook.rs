@@ -117,8 +117,17 @@ pub(super) fn compile(
 ) -> Option<WebhookConfig> {
     let w = raw.get_ref();
     let before = diags.len();
-    let scheme = Scheme::parse(w.signature.get_ref(), w.header.as_deref())
-        .map_err(|e| diags.push(src.at(w.signature.span(), e)))
+    let signature = w.signature.get_ref();
+    let header = w.header.as_ref();
+    let scheme = Scheme::parse(signature, header.map(|h| h.get_ref().as_str()))
+        .map_err(|e| {
+            // A bad header name is the header's fault; anything else is the scheme's.
+            let at = match header {
+                Some(h) if signature == "hmac-sha256" => h.span(),
+                _ => w.signature.span(),
+            };
+            diags.push(src.at(at, e))
+        })
         .ok();
     let secret = expand_env(w.secret.get_ref())
         .map_err(|e| diags.push(src.at(w.secret.span(), e)))
@@ -141,21 +150,30 @@ pub(super) fn compile(
     for m in &w.map {
         let r = m.get_ref();
         let pointers = std::iter::once(&r.type_pointer).chain(r.fire.params.values());
-        if let Some(bad) = pointers
-            .into_iter()
-            .find(|p| !p.is_empty() && !p.starts_with('/'))
-        {
+        let mut ok = true;
+        for p in pointers.filter(|p| !p.get_ref().is_empty() && !p.get_ref().starts_with('/')) {
             diags.push(src.at(
-                m.span(),
-                format!("{bad:?} is not a JSON pointer; write it like \"/data/vendor_id\""),
+                p.span(),
+                format!(
+                    "{:?} is not a JSON pointer; write it like \"/data/vendor_id\"",
+                    p.get_ref()
+                ),
             ));
+            ok = false;
+        }
+        if !ok {
             continue;
         }
         maps.push(Mapping {
-            type_pointer: r.type_pointer.clone(),
+            type_pointer: r.type_pointer.get_ref().clone(),
             when: r.when.clone(),
-            event: r.fire.event.clone(),
-            params: r.fire.params.clone(),
+            event: r.fire.event.get_ref().clone(),
+            params: r
+                .fire
+                .params
+                .iter()
+                .map(|(name, p)| (name.clone(), p.get_ref().clone()))
+                .collect(),
         });
     }
     let verifier = match (scheme, secret) {

@@ -418,16 +418,23 @@ fn compile_rule(
     let body_key = match &r.body_key {
         Some(bk) if bk.get_ref().all => {
             for p in &bk.get_ref().ignore {
-                if !p.starts_with('/') {
+                if !p.get_ref().starts_with('/') {
                     diags.push(src.at(
-                        bk.span(),
+                        p.span(),
                         format!(
-                            "body_key.ignore: {p:?} is not a JSON pointer; write it like \"/user\""
+                            "body_key.ignore: {:?} is not a JSON pointer; write it like \"/user\"",
+                            p.get_ref()
                         ),
                     ));
                 }
             }
-            Some(bk.get_ref().ignore.clone())
+            Some(
+                bk.get_ref()
+                    .ignore
+                    .iter()
+                    .map(|p| p.get_ref().clone())
+                    .collect(),
+            )
         }
         Some(bk) => {
             diags.push(src.at(bk.span(), "body_key needs all = true (key on the whole body, minus ignore = [...]); to key on single fields use vary = [\"body./field\"]"));
@@ -435,19 +442,16 @@ fn compile_rule(
         }
         None => None,
     };
-    let cost = r.cost.as_ref().map(|c| Cost {
-        per_request: c.per_request.unwrap_or(0.0),
-        tokens: c.tokens.clone(),
-        per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
-    });
-    if let Some(Cost {
-        tokens: Some(t), ..
-    }) = &cost
-    {
-        if !t.starts_with('/') {
-            diags.push(src.at(r.name.span(), format!("cost.tokens {t:?} is not a JSON pointer into the response; write it like \"/usage/total_tokens\"")));
+    if let Some(t) = r.cost.as_ref().and_then(|c| c.tokens.as_ref()) {
+        if !t.get_ref().starts_with('/') {
+            diags.push(src.at(t.span(), format!("cost.tokens {:?} is not a JSON pointer into the response; write it like \"/usage/total_tokens\"", t.get_ref())));
         }
     }
+    let cost = r.cost.as_ref().map(|c| Cost {
+        per_request: c.per_request.unwrap_or(0.0),
+        tokens: c.tokens.as_ref().map(|t| t.get_ref().clone()),
+        per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
+    });
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -543,14 +547,14 @@ struct RawRule {
 struct RawBodyKey {
     all: bool,
     #[serde(default)]
-    ignore: Vec<String>,
+    ignore: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawCost {
     per_request: Option<f64>,
-    tokens: Option<String>,
+    tokens: Option<Spanned<String>>,
     per_1k_tokens: Option<f64>,
 }
 
@@ -647,6 +651,17 @@ pub(super) mod tests {
         assert!(e[0].contains("not in this rule's vary list"), "{e:?}");
         let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\", method = \"FETCH\" }\n");
         assert!(e[0].contains("unknown method"), "{e:?}");
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\", method = \"POST\" }\nbody_key = { all = true, ignore = [\"/ok\", \"user\"] }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:43:")
+                && e[0].contains("\"user\" is not a JSON pointer"),
+            "{e:?}"
+        );
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\ncost = { per_1k_tokens = 0.5, tokens = \"usage\" }\n");
+        assert!(
+            e[0].starts_with("rules/a.toml:4:40:") && e[0].contains("cost.tokens"),
+            "{e:?}"
+        );
     }
 
     #[test]
