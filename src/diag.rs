@@ -40,7 +40,7 @@ impl fmt::Display for Diagnostic {
 /// `[cdn.*]` checks run both on `gateway.toml` and on a `[cdn]` table parsed alone.
 /// [`SourceFile::problem`] places it in its file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
+pub(crate) struct Problem {
     pub span: Range<usize>,
     pub message: String,
 }
@@ -53,7 +53,7 @@ impl fmt::Display for Problem {
 
 /// A configuration file being parsed: keeps its text so spans can be located. (Named apart from
 /// `rules::source`, where a "source" is where a vary value comes from.)
-pub struct SourceFile<'a> {
+pub(crate) struct SourceFile<'a> {
     pub path: &'a Path,
     pub text: &'a str,
 }

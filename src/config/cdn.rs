@@ -17,9 +17,9 @@ use std::fmt;
 use toml::Spanned;
 
 /// Cloudflare's per-request limit for every kind (and for URLs below Enterprise).
-pub const CLOUDFLARE_MAX_ITEMS: usize = 100;
+pub(crate) const CLOUDFLARE_MAX_ITEMS: usize = 100;
 /// Cloudflare Enterprise's per-request limit for URLs.
-pub const CLOUDFLARE_MAX_ITEMS_ENTERPRISE: usize = 500;
+pub(crate) const CLOUDFLARE_MAX_ITEMS_ENTERPRISE: usize = 500;
 
 // ---------------------------------------------------------------------------------------------
 // As written
@@ -177,7 +177,7 @@ pub enum TagKey {
 }
 
 impl TagKey {
-    pub fn matches(&self, tag: &str) -> bool {
+    pub(crate) fn matches(&self, tag: &str) -> bool {
         match self {
             TagKey::Exact(t) => t == tag,
             TagKey::Prefix(p) => tag.starts_with(p.as_str()),
@@ -251,7 +251,7 @@ impl fmt::Debug for CloudFrontSettings {
 
 /// Checks every configured table. Each problem is reported on its own, at the value it is
 /// about (or at the key, for a bad `tag_paths` key).
-pub fn check(raw: &CdnConfig) -> Result<CdnSettings, Vec<Problem>> {
+pub(crate) fn check(raw: &CdnConfig) -> Result<CdnSettings, Vec<Problem>> {
     let mut p = Problems::default();
     let settings = CdnSettings {
         cloudflare: raw.cloudflare.as_ref().and_then(|c| cloudflare(c, &mut p)),
@@ -335,7 +335,7 @@ fn fastly(c: &FastlyConfig, p: &mut Problems) -> Option<FastlySettings> {
 }
 
 /// A CloudFront path: starts with `/`, printable ASCII, `*` only as the last character.
-pub fn is_cloudfront_path(path: &str) -> bool {
+pub(crate) fn is_cloudfront_path(path: &str) -> bool {
     path.starts_with('/')
         && path.len() <= 4000
         && path.bytes().all(|b| b.is_ascii_graphic())

@@ -2,7 +2,7 @@
 //! repository. A leaf (no crate imports), so every part of the config can use it.
 
 /// Replaces `${VAR}` with the environment variable's value.
-pub fn expand_env(s: &str) -> Result<String, String> {
+pub(crate) fn expand_env(s: &str) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {

@@ -10,7 +10,7 @@ mod env;
 mod raw;
 pub mod webhook;
 
-pub use env::expand_env;
+use env::expand_env;
 
 use crate::diag::{Diagnostic, SourceFile};
 use crate::rules::{self, RuleSet};
@@ -144,7 +144,7 @@ impl Config {
     }
 
     /// Compiles configuration text as if read from `path` (rules_dir is relative to it).
-    pub fn from_str(path: &Path, text: &str) -> Result<Config, Vec<Diagnostic>> {
+    pub(crate) fn from_str(path: &Path, text: &str) -> Result<Config, Vec<Diagnostic>> {
         let src = SourceFile::new(path, text);
         let raw: RawConfig = toml::from_str(text).map_err(|e| vec![src.toml_error(&e)])?;
         let mut diags = Vec::new();

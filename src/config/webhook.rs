@@ -50,7 +50,7 @@ pub enum Scheme {
 }
 
 impl Scheme {
-    pub fn parse(name: &str, header: Option<&str>) -> Result<Self, String> {
+    pub(crate) fn parse(name: &str, header: Option<&str>) -> Result<Self, String> {
         match (name, header) {
             ("github", _) => Ok(Scheme::Github),
             ("stripe", _) => Ok(Scheme::Stripe),
@@ -76,7 +76,7 @@ pub struct Verifier {
 
 impl Verifier {
     /// `secret` as configured (for Standard Webhooks, `whsec_<base64>`).
-    pub fn new(scheme: Scheme, secret: &str, tolerance: Duration) -> Result<Self, String> {
+    pub(crate) fn new(scheme: Scheme, secret: &str, tolerance: Duration) -> Result<Self, String> {
         let key = match scheme {
             Scheme::StandardWebhooks => {
                 let b64 = secret.strip_prefix("whsec_").unwrap_or(secret);

@@ -23,7 +23,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Why a delivery was refused (all answered 401).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     MissingSignature(&'static str),
     Malformed(String),
     BadSignature,
@@ -68,7 +68,7 @@ impl Verifier {
     }
 
     /// Verifies a delivery's signature over the raw `body`; `now` is unix seconds.
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         headers: &http::HeaderMap,
         body: &[u8],
@@ -147,7 +147,7 @@ impl Verifier {
     }
 
     /// The delivery id used to drop replays.
-    pub fn delivery_id(
+    pub(crate) fn delivery_id(
         &self,
         headers: &http::HeaderMap,
         body: &Value,
@@ -189,11 +189,11 @@ fn any_matches(
 }
 
 /// An event to fire: its name and parameters.
-pub type Fired = (String, BTreeMap<String, Value>);
+pub(crate) type Fired = (String, BTreeMap<String, Value>);
 
 /// The events a delivery fires. An error when a mapped delivery lacks a parameter (the delivery
 /// is then refused whole).
-pub fn map_delivery(maps: &[Mapping], body: &Value) -> Result<Vec<Fired>, String> {
+pub(crate) fn map_delivery(maps: &[Mapping], body: &Value) -> Result<Vec<Fired>, String> {
     let mut fired = Vec::new();
     for m in maps {
         let matches = match body.pointer(&m.type_pointer) {

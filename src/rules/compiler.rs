@@ -34,7 +34,7 @@ pub struct Context<'a> {
 }
 
 /// Loads and compiles every `*.toml` in `dir`, in file-name order.
-pub fn load_dir(dir: &Path, ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
+pub(crate) fn load_dir(dir: &Path, ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))

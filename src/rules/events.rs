@@ -25,7 +25,7 @@ pub struct ParamTemplate {
 }
 
 impl ParamTemplate {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let pieces = split(s, |name| {
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!(
@@ -41,7 +41,7 @@ impl ParamTemplate {
     }
 
     /// Renders with `params`; names the missing parameter otherwise.
-    pub fn render(&self, params: &BTreeMap<String, Value>) -> Result<String, String> {
+    pub(crate) fn render(&self, params: &BTreeMap<String, Value>) -> Result<String, String> {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
@@ -81,7 +81,7 @@ pub struct EventDef {
 
 impl EventDef {
     /// The tags this event invalidates with these parameters.
-    pub fn tags(&self, params: &BTreeMap<String, Value>) -> Result<Vec<String>, String> {
+    pub(crate) fn tags(&self, params: &BTreeMap<String, Value>) -> Result<Vec<String>, String> {
         self.invalidates
             .iter()
             .map(|t| {

@@ -24,7 +24,7 @@ const OTHER_METHOD: u16 = 128;
 pub(super) const ALL_METHODS: u16 = u16::MAX;
 
 /// The bit a request method tests against a rule's method set.
-pub fn method_bit(method: &http::Method) -> u16 {
+fn method_bit(method: &http::Method) -> u16 {
     let m = method.as_str();
     METHODS
         .iter()
@@ -88,7 +88,7 @@ impl RuleSet {
     }
 
     /// The same rules with every normalizer removed ([`Rule::without_normalizers`]).
-    pub fn without_normalizers(&self) -> RuleSet {
+    pub(crate) fn without_normalizers(&self) -> RuleSet {
         let strip = |r: &Arc<Rule>| Arc::new(r.without_normalizers());
         RuleSet {
             rules: self.rules.iter().map(strip).collect(),

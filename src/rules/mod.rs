@@ -18,10 +18,11 @@ mod matcher;
 pub mod normalize;
 pub mod path;
 pub mod source;
-pub mod template;
+pub(crate) mod template;
 
-pub use compiler::{compile, load_dir, Context};
-pub use matcher::{method_bit, Matched, RuleSet};
+pub(crate) use compiler::load_dir;
+pub use compiler::{compile, Context};
+pub use matcher::{Matched, RuleSet};
 
 use crate::metrics::RuleMetrics;
 use host::HostMatch;
@@ -32,7 +33,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 /// The name the default route reports in metrics and logs.
-pub const DEFAULT_ROUTE: &str = "_default";
+pub(crate) const DEFAULT_ROUTE: &str = "_default";
 
 /// One vary entry: where the value comes from and how it is normalized.
 #[derive(Debug, Clone)]
@@ -128,7 +129,7 @@ impl Rule {
     /// The same rule with every normalizer removed, so vary values are keyed as requests write
     /// them (`body_key` canonical JSON and its `ignore` list stay). For `aisle replay`, which
     /// shows what the normalizers buy on a trace.
-    pub fn without_normalizers(&self) -> Rule {
+    pub(crate) fn without_normalizers(&self) -> Rule {
         Rule {
             name: self.name.clone(),
             origin: self.origin.clone(),

@@ -223,7 +223,7 @@ fn season(s: &str) -> Option<&'static str> {
 }
 
 /// Applies a list of normalizers in order.
-pub fn apply_all<'a>(steps: &[Normalizer], value: &'a str) -> Cow<'a, str> {
+pub(crate) fn apply_all<'a>(steps: &[Normalizer], value: &'a str) -> Cow<'a, str> {
     let mut v = Cow::Borrowed(value);
     for step in steps {
         v = step.apply(v);

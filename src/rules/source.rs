@@ -141,7 +141,7 @@ impl Source {
 
 /// RFC 8785 (JCS) canonical JSON: object keys sorted, no insignificant whitespace, numbers in
 /// their shortest form (`1.0` and `1` are the same).
-pub fn canonical(v: &serde_json::Value) -> String {
+pub(crate) fn canonical(v: &serde_json::Value) -> String {
     serde_jcs::to_string(v).unwrap_or_default()
 }
 
@@ -150,7 +150,7 @@ fn canonical_number(n: &serde_json::Number) -> String {
 }
 
 /// Removes the value at an RFC 6901 pointer, if present (for `body_key.ignore`).
-pub fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
+pub(crate) fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
     let Some((parent, last)) = pointer.rsplit_once('/') else {
         return;
     };
