@@ -2,7 +2,7 @@
 //! checked ([`CdnSettings`]).
 //!
 //! Why it is shaped so: the tables are read with the position of every value kept, and
-//! [`check`] reports each problem on its own, at the key or value it is about, saying what to
+//! `check` reports each problem on its own, at the key or value it is about, saying what to
 //! write instead (`gateway.toml:14:11: [cdn.cloudflare] zone_id is empty; ...`). Secrets and base
 //! URLs go through `${VAR}` expansion here, once. `purge::providers` builds its API clients from
 //! the checked [`CdnSettings`] and never sees raw text; [`CdnConfig`] is also parsed on its own
@@ -157,7 +157,7 @@ pub struct CloudflareSettings {
     pub zone_id: String,
     pub token: String,
     pub rate: f64,
-    /// URLs per request (other kinds: [`CLOUDFLARE_MAX_ITEMS`]).
+    /// URLs per request (other kinds: `CLOUDFLARE_MAX_ITEMS`).
     pub max_urls: usize,
 }
 

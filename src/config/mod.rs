@@ -4,6 +4,13 @@
 //! never live in the repository), checks every value, loads the rules directory, and returns
 //! either a [`Config`] ready to serve or every problem found, each as `file:line:col: message`.
 //! The compiled config is immutable; a reload builds a new one and swaps it in whole.
+//!
+//! Shaped like ripgrep's `lowargs` / `hiargs`: `raw` is what the operator wrote (serde structs
+//! with spans), this file is what the gateway runs on and the checks between the two; the
+//! `[cdn.*]` and `[webhooks.*]` sections have their own files ([`cdn`], [`webhook`]) and `env`
+//! is the `${VAR}` leaf. Configuration sits below everything that uses it: it imports only
+//! `rules`, `diag` and `units`, and the purge providers and webhook verifier are built from the
+//! settings compiled here.
 
 pub mod cdn;
 mod env;
@@ -15,7 +22,7 @@ use env::expand_env;
 use crate::diag::{Diagnostic, SourceFile};
 use crate::rules::{self, RuleSet};
 use crate::units::{parse_duration, parse_size};
-use raw::*;
+use raw::{RawAdmin, RawConfig, RawRedis};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -88,7 +88,7 @@ impl RuleSet {
     }
 
     /// The same rules with every normalizer removed ([`Rule::without_normalizers`]).
-    pub(crate) fn without_normalizers(&self) -> RuleSet {
+    pub fn without_normalizers(&self) -> RuleSet {
         let strip = |r: &Arc<Rule>| Arc::new(r.without_normalizers());
         RuleSet {
             rules: self.rules.iter().map(strip).collect(),

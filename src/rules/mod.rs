@@ -6,8 +6,8 @@
 //! (method bitmask, then host, then path segments) with no allocation; the first match wins.
 //! A request no rule matches falls to the default route (the default upstream, RFC 9111 only).
 //!
-//! Shaped so: load time and request time are apart. [`compiler`] turns text into rules and
-//! reports every problem at its position; [`matcher`] is all that runs per request. This file
+//! Shaped so: load time and request time are apart. `compiler` turns text into rules and
+//! reports every problem at its position; `matcher` is all that runs per request. This file
 //! holds the [`Rule`] both sides share; the pieces a rule is made of (path and host patterns,
 //! vary sources, normalizers, tag and event templates) each have their own module.
 
@@ -129,7 +129,7 @@ impl Rule {
     /// The same rule with every normalizer removed, so vary values are keyed as requests write
     /// them (`body_key` canonical JSON and its `ignore` list stay). For `aisle replay`, which
     /// shows what the normalizers buy on a trace.
-    pub(crate) fn without_normalizers(&self) -> Rule {
+    pub fn without_normalizers(&self) -> Rule {
         Rule {
             name: self.name.clone(),
             origin: self.origin.clone(),
