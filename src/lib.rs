@@ -19,11 +19,10 @@
 //! and key builders; the request path only reads the compiled form.
 
 pub mod admin;
-pub mod cache_status;
+pub mod admission;
 pub mod clock;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod diag;
 pub mod invalidation;
 pub mod key;
@@ -31,9 +30,9 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod purge;
-pub mod replay;
 pub mod rules;
 pub mod server;
 pub mod storage;
-pub mod tracegen;
+pub mod tools;
 pub mod units;
+pub mod usage;

@@ -6,12 +6,12 @@
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::invalidation::audit::Audit;
-use crate::invalidation::epochs::Epochs;
+use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
 use crate::proxy::{CacheParts, Gateway};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
-use crate::storage::coherence::Subscriber;
+use crate::storage::epochs::Epochs;
 use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;
 use crate::storage::tiered::Tiered;

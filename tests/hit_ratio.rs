@@ -3,8 +3,8 @@
 //! them there. The same numbers are in README ("Hit-ratio evidence"); this keeps them true.
 
 use aisle::config::Config;
-use aisle::replay::{parse_line, replay, Settings};
-use aisle::tracegen::{generate, Options};
+use aisle::tools::replay::{parse_line, replay, Settings};
+use aisle::tools::tracegen::{generate, Options};
 use std::path::Path;
 use std::time::Duration;
 

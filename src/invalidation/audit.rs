@@ -180,7 +180,7 @@ impl Report for Audit {
             attempt,
             outcome: kind.to_string(),
             detail,
-            at_ms: crate::invalidation::epochs::now_ms(),
+            at_ms: crate::clock::now_ms(),
         };
         if let Some(rec) = self.ring.lock().iter_mut().rev().find(|r| r.id == job_id) {
             rec.cdn_answers.push(answer.clone());

@@ -37,12 +37,12 @@
 //! methods other than GET/HEAD/POST, request `no-store`, POSTs whose body cannot be keyed) are
 //! listed but left out of the ratios, which cover cacheable requests only.
 
+use crate::admission::{self, Admission, BodyPlan, Bypass, KeyParts, Route, Terms};
 use crate::config::Config;
-use crate::key::{self, KeyInput};
-use crate::rules::source::RequestView;
-use crate::rules::{Rule, RuleSet};
-use pingora::cache::key::HashBinary;
+use crate::rules::RuleSet;
+use pingora::cache::key::{CacheHashKey, HashBinary};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::BufRead;
@@ -51,25 +51,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The gateway reads keyed bodies up to this size (`MAX_KEYED_BODY` in `proxy.rs`); larger ones
-/// bypass the cache, and so they do here.
-const MAX_KEYED_BODY: usize = 64 * 1024;
-
 /// At most this many unparsable lines are reported one by one; the rest are counted.
 const MAX_REPORTED_ERRORS: usize = 20;
 
 /// Numeric timestamps at or above this are milliseconds, below it seconds.
 const MS_THRESHOLD: f64 = 1e11;
-
-/// A request body as the trace gives it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Body {
-    None,
-    /// The parsed JSON document and the size of its text.
-    Json(Value, usize),
-    /// Body text that is not JSON (the gateway bypasses the cache for such requests).
-    NotJson,
-}
 
 /// One request of a trace.
 #[derive(Debug, Clone)]
@@ -78,9 +64,36 @@ pub struct TraceRequest {
     pub path: String,
     pub query: Option<String>,
     pub headers: http::HeaderMap,
-    pub body: Body,
+    /// The body text, exactly as it would be sent.
+    pub body: Option<String>,
     /// Unix milliseconds.
     pub at_ms: i64,
+}
+
+impl TraceRequest {
+    /// The host the gateway routes and keys on ([`admission::host`]); `replay` without a `Host`.
+    pub fn host(&self) -> &str {
+        match admission::host(&self.headers, None) {
+            "" => "replay",
+            host => host,
+        }
+    }
+
+    /// The request head as it reaches the gateway: an HTTP/1.1 client frames a body with
+    /// `Content-Length` unless the trace says it was sent chunked (`Transfer-Encoding`), so a
+    /// trace line with a body and neither header gets the `Content-Length` of its text.
+    pub fn framed_headers(&self) -> Cow<'_, http::HeaderMap> {
+        let framed = self.headers.contains_key(http::header::CONTENT_LENGTH)
+            || self.headers.contains_key(http::header::TRANSFER_ENCODING);
+        match &self.body {
+            Some(text) if !framed => {
+                let mut headers = self.headers.clone();
+                headers.insert(http::header::CONTENT_LENGTH, text.len().into());
+                Cow::Owned(headers)
+            }
+            _ => Cow::Borrowed(&self.headers),
+        }
+    }
 }
 
 /// Parses one trace line (see the module comment for the format).
@@ -157,12 +170,9 @@ pub fn parse_line(text: &str) -> Result<TraceRequest, String> {
         }
     }
     let body = match obj.get("body") {
-        None | Some(Value::Null) => Body::None,
-        Some(Value::String(raw)) => match serde_json::from_str::<Value>(raw) {
-            Ok(v) => Body::Json(v, raw.len()),
-            Err(_) => Body::NotJson,
-        },
-        Some(doc) => Body::Json(doc.clone(), doc.to_string().len()),
+        None | Some(Value::Null) => None,
+        Some(Value::String(raw)) => Some(raw.clone()),
+        Some(doc) => Some(doc.to_string()),
     };
     let at_ms = match obj.get("timestamp") {
         Some(t) => parse_timestamp(t)?,
@@ -263,7 +273,9 @@ impl Report {
 }
 
 /// What the gateway would do with one request, for one rule set.
-enum Decision {
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not cached; the reason as the replay report lists it.
     Bypass(String),
     Cache {
         /// Index into `RuleSet::rules()`.
@@ -281,99 +293,87 @@ enum Decision {
     },
 }
 
-/// The host the gateway keys on: the `Host` header without its port.
-fn host_of(headers: &http::HeaderMap) -> &str {
-    let Some(host) = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-    else {
-        return "replay";
+/// The admission the gateway makes for one trace request: `Ok((route, terms, body))`, or the
+/// reason it bypasses. Every step is [`crate::admission`]'s, the code the proxy runs.
+pub fn admit(
+    rules: &RuleSet,
+    req: &TraceRequest,
+) -> Result<(Route, Terms, Option<Value>), Bypassed> {
+    let host = req.host();
+    let Some(route) = admission::route(rules, &req.method, host, &req.path) else {
+        return Err(Bypassed::NoRoute);
     };
-    if host.starts_with('[') {
-        return host
-            .split(']')
-            .next()
-            .map_or(host, |h| &host[..h.len() + 1]);
-    }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => host,
+    let headers = req.framed_headers();
+    let body = match admission::body_plan(&route.rule, &req.method, &headers) {
+        BodyPlan::Skip => Ok(None),
+        BodyPlan::Refuse(reason) => Err(reason),
+        BodyPlan::Read(length) => {
+            let text = req.body.as_deref().unwrap_or("").as_bytes();
+            admission::parse_body(&text[..length.min(text.len())]).map(Some)
+        }
+    };
+    let gate = body.as_ref().map(|_| ()).map_err(|r| *r);
+    match admission::admit(&route.rule, &req.method, &headers, gate) {
+        Admission::Bypass(reason) => Err(Bypassed::Admission(route, reason)),
+        Admission::Cache(terms) => Ok((route, terms, body.ok().flatten())),
     }
 }
 
-fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision {
-    let host = host_of(&req.headers);
-    let Some(m) = rules.find(&req.method, host, &req.path) else {
-        return Decision::Bypass("no rule matches and there is no default upstream (404)".into());
-    };
-    let rule: &Arc<Rule> = m.rule;
-    if rule.is_default {
-        return Decision::Bypass("default route (no rule matches)".into());
-    }
-    if !rule.cache {
-        return Decision::Bypass(format!("rule {:?}: cache = false", &*rule.name));
-    }
-    let method_ok = match req.method {
-        http::Method::GET | http::Method::HEAD => true,
-        http::Method::POST => rule.needs_body,
-        _ => false,
-    };
-    if !method_ok {
-        return Decision::Bypass(format!(
-            "rule {:?}: method {} is not cached",
-            &*rule.name, req.method
-        ));
-    }
-    let body = if rule.needs_body {
-        let json_type = req
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_none_or(|ct| ct.contains("json"));
-        match &req.body {
-            Body::Json(v, len) if json_type && *len <= MAX_KEYED_BODY => Some(v),
-            Body::Json(_, len) if *len > MAX_KEYED_BODY => {
-                return Decision::Bypass(format!(
-                    "rule {:?}: body larger than {MAX_KEYED_BODY} bytes",
-                    &*rule.name
-                ))
-            }
-            _ => {
-                return Decision::Bypass(format!("rule {:?}: no JSON body to key on", &*rule.name))
-            }
-        }
-    } else {
-        None
-    };
-    let directives = directives(&req.headers);
-    if directives.no_store {
-        return Decision::Bypass("request Cache-Control: no-store".into());
-    }
-    let view = RequestView {
+/// Why a trace request does not use the cache.
+#[derive(Debug)]
+pub enum Bypassed {
+    /// No rule matches and there is no default route: the gateway answers 404.
+    NoRoute,
+    /// [`admission::admit`] said no.
+    Admission(Route, Bypass),
+}
+
+/// The cache key the gateway builds for an admitted trace request.
+pub fn key_of(
+    req: &TraceRequest,
+    route: &Route,
+    terms: &Terms,
+    body: Option<&Value>,
+) -> HashBinary {
+    let headers = req.framed_headers();
+    let parts = KeyParts {
+        method: &req.method,
+        host: req.host(),
         path: &req.path,
         query: req.query.as_deref(),
-        headers: &req.headers,
-        params: &m.params,
+        headers: &headers,
         body,
     };
-    let input = KeyInput {
-        scheme: "http",
-        host,
-        method: &req.method,
-        view,
-        namespace: req
-            .headers
-            .get("aisle-cache-namespace")
-            .and_then(|v| v.to_str().ok()),
+    admission::cache_key(route, terms, &parts).primary_bin()
+}
+
+fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision {
+    let (route, terms, body) = match admit(rules, req) {
+        Ok(admitted) => admitted,
+        Err(Bypassed::NoRoute) => {
+            return Decision::Bypass(
+                "no rule matches and there is no default upstream (404)".into(),
+            )
+        }
+        Err(Bypassed::Admission(route, reason)) => {
+            return Decision::Bypass(reason.describe(&route.rule.name, &req.method))
+        }
     };
-    let key = key::hash(&key::primary(rule, &input));
+    let rule = &route.rule;
+    if rule.is_default {
+        // Replay models rules, not origins: the default route's freshness comes from origin
+        // headers a trace does not have.
+        return Decision::Bypass("default route (no rule matches)".into());
+    }
+    let key = key_of(req, &route, &terms, body.as_ref());
     let mut ttl = rule
         .ttl
         .unwrap_or(settings.default_ttl)
         .min(settings.max_ttl);
-    if let Some(short) = request_ttl(&req.headers) {
+    if let Some(short) = terms.ttl {
         ttl = ttl.min(short);
     }
+    let directives = terms.directives;
     let max_age_ms = if directives.no_cache {
         Some(-1)
     } else {
@@ -391,35 +391,6 @@ fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision 
         store: !directives.authorization && !directives.only_if_cached,
         use_stored: !directives.authorization,
     }
-}
-
-/// The request's cache directives, parsed by the gateway's own code.
-fn directives(headers: &http::HeaderMap) -> crate::policy::RequestDirectives {
-    let relevant = [
-        http::header::CACHE_CONTROL,
-        http::header::PRAGMA,
-        http::header::AUTHORIZATION,
-    ];
-    if !relevant.iter().any(|h| headers.contains_key(h)) {
-        return crate::policy::RequestDirectives::default();
-    }
-    let mut req = pingora::http::RequestHeader::build("GET", b"/", None)
-        .expect("a static request head builds");
-    for name in relevant {
-        for v in headers.get_all(&name) {
-            req.append_header(name.clone(), v.clone())
-                .expect("a valid header stays valid");
-        }
-    }
-    crate::policy::RequestDirectives::parse(&req)
-}
-
-/// `Aisle-Cache-TTL: 5m` (or seconds): a shorter lifetime for the entry, as in the gateway.
-fn request_ttl(headers: &http::HeaderMap) -> Option<Duration> {
-    let v = headers.get("aisle-cache-ttl")?.to_str().ok()?;
-    crate::units::parse_duration(v)
-        .ok()
-        .or_else(|| v.trim().parse::<u64>().ok().map(Duration::from_secs))
 }
 
 /// One rule's counts in one simulation.
@@ -814,15 +785,17 @@ cache = false
         assert_eq!(r.method, http::Method::POST);
         assert_eq!((r.path.as_str(), r.query.as_deref()), ("/a", Some("x=1")));
         assert_eq!(r.headers.get_all("x").iter().count(), 2);
-        assert_eq!(host_of(&r.headers), "h");
-        assert_eq!(r.body, Body::Json(serde_json::json!({"a": 1}), 8));
+        assert_eq!(r.host(), "h");
+        assert_eq!(r.body.as_deref(), Some("{\"a\": 1}"));
+        // An HTTP/1.1 client frames the body with its length.
+        assert_eq!(r.framed_headers()["content-length"], "8");
         let r = parse_line(r#"{"timestamp": 1, "path": "/a", "query": "?y=2", "body": "nope"}"#)
             .unwrap();
         assert_eq!(
-            (r.method, r.query.as_deref(), r.body),
-            (http::Method::GET, Some("y=2"), Body::NotJson)
+            (&r.method, r.query.as_deref(), r.body.as_deref()),
+            (&http::Method::GET, Some("y=2"), Some("nope"))
         );
-        assert_eq!(host_of(&r.headers), "replay");
+        assert_eq!(r.host(), "replay");
 
         for (line, problem) in [
             ("{", "not valid JSON"),
@@ -856,12 +829,12 @@ cache = false
     fn normalizers_and_ttls_decide_hits() {
         // t in seconds. Three spellings of one market and one question in two spellings.
         let lines = [
-            r#"{"timestamp": 0, "method": "POST", "path": "/ai", "body": {"q": "Best venues?", "city": "NYC", "request_id": "1"}}"#,
-            r#"{"timestamp": 10, "method": "POST", "path": "/ai", "body": {"q": "best  venues? ", "city": "Brooklyn, NY", "request_id": "2"}}"#,
-            r#"{"timestamp": 20, "method": "POST", "path": "/ai", "body": {"q": "Best venues?", "city": "NYC", "request_id": "3"}}"#,
+            r#"{"timestamp": 0, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC", "request_id": "1"}}"#,
+            r#"{"timestamp": 10, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "best  venues? ", "city": "Brooklyn, NY", "request_id": "2"}}"#,
+            r#"{"timestamp": 20, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC", "request_id": "3"}}"#,
             // 10m after the first store: expired, a miss that stores again.
-            r#"{"timestamp": 600, "method": "POST", "path": "/ai", "body": {"q": "Best venues?", "city": "NYC"}}"#,
-            r#"{"timestamp": 601, "method": "POST", "path": "/ai", "body": {"q": "Best venues?", "city": "NYC"}}"#,
+            r#"{"timestamp": 600, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC"}}"#,
+            r#"{"timestamp": 601, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC"}}"#,
         ];
         let report = replay(&rules(), &trace(&lines), &SETTINGS);
         let ai = stats(&report, "ai");
@@ -872,11 +845,39 @@ cache = false
     }
 
     #[test]
+    fn bodies_are_admitted_as_the_gateway_admits_them() {
+        // The gateway keys a body only when it is declared JSON and its length is known before
+        // reading it; so does replay, through the same admission code.
+        let lines = [
+            // JSON, but no Content-Type: the gateway bypasses it (not-json).
+            r#"{"timestamp": 0, "method": "POST", "path": "/ai", "body": {"q": "a", "city": "NYC"}}"#,
+            // Sent chunked: its length is unknown, so it bypasses (body-length-unknown).
+            r#"{"timestamp": 1, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json", "transfer-encoding": "chunked"}, "body": {"q": "a", "city": "NYC"}}"#,
+            // Declared JSON and framed by its length: keyed.
+            r#"{"timestamp": 2, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "a", "city": "NYC"}}"#,
+        ];
+        let trace = trace(&lines);
+        let set = rules();
+        let reasons: Vec<_> = trace
+            .iter()
+            .map(|r| match admit(&set, r) {
+                Ok(_) => None,
+                Err(Bypassed::Admission(_, reason)) => Some(reason),
+                Err(Bypassed::NoRoute) => panic!("routed"),
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![Some(Bypass::NotJson), Some(Bypass::BodyLengthUnknown), None]
+        );
+    }
+
+    #[test]
     fn chat_body_key_ignores_user_and_key_order() {
         let lines = [
-            r#"{"timestamp": 0, "method": "POST", "path": "/chat", "body": "{\"model\": \"m\", \"messages\": [\"hi\"], \"user\": \"a\"}"}"#,
-            r#"{"timestamp": 1, "method": "POST", "path": "/chat", "body": "{\"user\": \"b\", \"messages\": [\"hi\"], \"model\": \"m\"}"}"#,
-            r#"{"timestamp": 2, "method": "POST", "path": "/chat", "body": {"messages": ["hi"], "model": "other"}}"#,
+            r#"{"timestamp": 0, "method": "POST", "path": "/chat", "headers": {"content-type": "application/json"}, "body": "{\"model\": \"m\", \"messages\": [\"hi\"], \"user\": \"a\"}"}"#,
+            r#"{"timestamp": 1, "method": "POST", "path": "/chat", "headers": {"content-type": "application/json"}, "body": "{\"user\": \"b\", \"messages\": [\"hi\"], \"model\": \"m\"}"}"#,
+            r#"{"timestamp": 2, "method": "POST", "path": "/chat", "headers": {"content-type": "application/json"}, "body": {"messages": ["hi"], "model": "other"}}"#,
         ];
         let report = replay(&rules(), &trace(&lines), &SETTINGS);
         let chat = stats(&report, "chat");
@@ -919,8 +920,9 @@ cache = false
         assert_eq!(
             reasons,
             vec![
-                ("default route (no rule matches)", 2),
+                ("default route (no rule matches)", 1),
                 ("request Cache-Control: no-store", 1),
+                ("rule \"_default\": method PUT is not cached", 1),
                 ("rule \"ai\": no JSON body to key on", 2),
                 ("rule \"write\": cache = false", 1),
             ],
@@ -946,7 +948,9 @@ cache = false
                 (&a.body_key, a.needs_body, a.key_path),
                 (&b.body_key, b.needs_body, b.key_path)
             );
-            let sources = |r: &Rule| r.vary.iter().map(|f| f.source.clone()).collect::<Vec<_>>();
+            let sources = |r: &crate::rules::Rule| {
+                r.vary.iter().map(|f| f.source.clone()).collect::<Vec<_>>()
+            };
             assert_eq!(sources(a), sources(b));
             assert!(b.vary.iter().all(|f| f.normalizers.is_empty()));
         }
@@ -979,11 +983,11 @@ cache = false
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let config = Config::load(&root.join("gateway.toml")).expect("the shipped config loads");
         let mut text = Vec::new();
-        let opts = crate::tracegen::Options {
+        let opts = crate::tools::tracegen::Options {
             requests: 5000,
             ..Default::default()
         };
-        crate::tracegen::write_trace(&opts, &mut text).unwrap();
+        crate::tools::tracegen::write_trace(&opts, &mut text).unwrap();
         let trace: Vec<TraceRequest> = String::from_utf8(text)
             .unwrap()
             .lines()

@@ -9,6 +9,7 @@
 //! longest possible entry lifetime are pruned. The map is empty on most hits, which the
 //! check tests first with one atomic load.
 
+use crate::clock::now_ms;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,8 +63,6 @@ pub struct Epochs {
 }
 
 /// Unix milliseconds now.
-pub use crate::clock::now_ms;
-
 use crate::clock::millis;
 
 impl Epochs {

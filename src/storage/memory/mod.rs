@@ -8,18 +8,25 @@
 //! keeps the response header parsed and the few timestamps needed to rebuild the meta, and the
 //! body as one `Bytes`. A per-URI index finds every variant of a URI (RFC 9111 §4.4 invalidation,
 //! and `vary-miss` reporting) without scanning.
+//!
+//! This file is the store (shards, URI index, accounting, the `Storage` impl); how a found
+//! body is read is in `hit.rs`, how a fetched body becomes an entry in `fill.rs`.
+
+mod fill;
+mod hit;
+
+pub use hit::BodyHit;
 
 use super::EntryInfo;
 use crate::metrics::metrics;
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use fill::{MemoryMiss, Partial, Progress};
+use hit::PartialHit;
 use parking_lot::{Mutex, RwLock};
 use pingora::cache::eviction::{lru, EvictionManager};
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
-use pingora::cache::storage::{
-    HandleHit, HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget,
-    PurgeType,
-};
+use pingora::cache::storage::{HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType};
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheEntryKey, CacheEntryKeyRef, CacheKey, CacheMeta, Storage};
 use pingora::http::ResponseHeader;
@@ -33,12 +40,12 @@ use tokio::sync::watch;
 
 const SHARDS: usize = 16;
 /// Bytes charged per entry on top of its body and headers (key, map slot, bookkeeping).
-const ENTRY_OVERHEAD: usize = 256;
+pub(super) const ENTRY_OVERHEAD: usize = 256;
 /// A hit moves its entry up the LRU at most this often (milliseconds).
 const LRU_INTERVAL_MS: u64 = 1000;
 
 /// A monotonic millisecond clock, offset so that a fresh entry (last promoted at 0) is due.
-fn clock_ms() -> u64 {
+pub(super) fn clock_ms() -> u64 {
     crate::clock::mono_ms() + LRU_INTERVAL_MS
 }
 
@@ -47,7 +54,7 @@ pub type Eviction = lru::Manager<SHARDS>;
 
 /// What is needed to rebuild a `CacheMeta` without deserialising.
 #[derive(Clone)]
-struct StoredMeta {
+pub(super) struct StoredMeta {
     fresh_until: SystemTime,
     /// When the origin last vouched for this content: its fetch, or a later revalidation.
     /// Purges are judged against it (a refetch after a soft purge is newer than the purge).
@@ -80,7 +87,8 @@ impl StoredMeta {
         }
     }
 
-    fn to_meta(&self) -> CacheMeta {
+    /// The meta pingora sees, with the entry's facts attached.
+    fn to_meta(&self, info: &Arc<EntryInfo>) -> CacheMeta {
         let mut meta = CacheMeta::new(
             self.fresh_until,
             self.confirmed,
@@ -94,18 +102,19 @@ impl StoredMeta {
         if let Some(v) = self.variance {
             meta.set_variance(v);
         }
+        info.clone().attach(&mut meta);
         meta
     }
 }
 
-struct Entry {
+pub(super) struct Entry {
     /// Milliseconds since [`clock_ms`]'s start when a hit last moved this entry up the LRU.
-    touched: AtomicU64,
-    meta: RwLock<StoredMeta>,
-    body: Bytes,
-    info: Arc<EntryInfo>,
-    compact: CompactCacheKey,
-    weight: usize,
+    pub(super) touched: AtomicU64,
+    pub(super) meta: RwLock<StoredMeta>,
+    pub(super) body: Bytes,
+    pub(super) info: Arc<EntryInfo>,
+    pub(super) compact: CompactCacheKey,
+    pub(super) weight: usize,
 }
 
 /// One shard of entries, by combined key hash.
@@ -234,7 +243,7 @@ impl MemoryStorage {
 
     /// Stores an entry read from a shared tier, admitting it to the LRU (and evicting what
     /// no longer fits) as a fill would.
-    pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: EntryInfo) {
+    pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: Arc<EntryInfo>) {
         let stored = StoredMeta::from_meta(meta);
         let weight = body.len() + header_weight(&stored.header) + ENTRY_OVERHEAD;
         let compact = key.to_compact();
@@ -245,7 +254,7 @@ impl MemoryStorage {
                 touched: AtomicU64::new(clock_ms()),
                 meta: RwLock::new(stored),
                 body,
-                info: Arc::new(info),
+                info,
                 compact: compact.clone(),
                 weight,
             },
@@ -270,7 +279,7 @@ impl MemoryStorage {
             .collect()
     }
 
-    fn insert(&self, id: u128, entry: Entry) {
+    pub(super) fn insert(&self, id: u128, entry: Entry) {
         let uri = entry.info.uri;
         let weight = entry.weight as i64;
         *self
@@ -324,7 +333,7 @@ impl MemoryStorage {
     }
 }
 
-fn header_weight(h: &ResponseHeader) -> usize {
+pub(super) fn header_weight(h: &ResponseHeader) -> usize {
     h.headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
@@ -343,9 +352,9 @@ impl Storage for MemoryStorage {
         let Some(entry) = self.shard(id).read().get(&id).cloned() else {
             // A fill in progress is readable as it streams.
             let partial = self.partials.lock().get(&id).map(|(_, p)| p.clone());
-            return Ok(partial.map(|p| (p.meta.to_meta(), PartialHit::start(p))));
+            return Ok(partial.map(|p| (p.meta.to_meta(&p.info), PartialHit::start(p))));
         };
-        let meta = entry.meta.read().to_meta();
+        let meta = entry.meta.read().to_meta(&entry.info);
         let body = entry.body.clone();
         // Like Varnish's lru_interval: a hot entry moves up the LRU at most once a second,
         // instead of taking the LRU shard's lock on every hit.
@@ -354,7 +363,7 @@ impl Storage for MemoryStorage {
         if count {
             entry.touched.store(now, Ordering::Relaxed);
         }
-        let mut hit = BodyHit::new(body, entry.weight, entry.info.clone());
+        let mut hit = BodyHit::new(body, entry.weight);
         hit.count_access = count;
         Ok(Some((meta, Box::new(hit))))
     }
@@ -376,7 +385,7 @@ impl Storage for MemoryStorage {
             .filter(|(w, _)| Some(*w) == write)
             .map(|(_, p)| p.clone());
         match partial {
-            Some(p) => Ok(Some((p.meta.to_meta(), PartialHit::start(p)))),
+            Some(p) => Ok(Some((p.meta.to_meta(&p.info), PartialHit::start(p)))),
             None => self.lookup(key, trace).await,
         }
     }
@@ -391,13 +400,10 @@ impl Storage for MemoryStorage {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        let info = meta
-            .extensions()
-            .get::<EntryInfo>()
-            .cloned()
-            .unwrap_or_default();
+        let info = EntryInfo::of(meta).cloned().unwrap_or_default();
         let partial = Arc::new(Partial {
             meta: StoredMeta::from_meta(meta),
+            info,
             chunks: RwLock::new(Vec::new()),
             progress: watch::channel(Progress::default()).0,
         });
@@ -411,7 +417,7 @@ impl Storage for MemoryStorage {
             write_tag: write.to_be_bytes(),
             compact: key.to_compact(),
             partial,
-            info: Some(info),
+            finished: false,
             len: 0,
         }))
     }
@@ -460,272 +466,6 @@ impl Storage for MemoryStorage {
     }
 }
 
-/// Reads one body held in memory: hands out the `Bytes` (a reference count, not a copy).
-pub struct BodyHit {
-    body: Bytes,
-    len: usize,
-    range: Option<(usize, usize)>,
-    done: bool,
-    /// The eviction weight to report; 0 for a body that is not in the memory tier.
-    weight: usize,
-    info: Arc<EntryInfo>,
-    /// Whether this hit moves the entry up the LRU.
-    count_access: bool,
-}
-
-impl BodyHit {
-    pub fn new(body: Bytes, weight: usize, info: Arc<EntryInfo>) -> Self {
-        BodyHit {
-            len: body.len(),
-            body,
-            range: None,
-            done: false,
-            weight,
-            info,
-            count_access: weight > 0,
-        }
-    }
-
-    /// The entry's tags and URI, for the purge-epoch check on hits.
-    pub fn info(&self) -> &EntryInfo {
-        &self.info
-    }
-
-    /// The whole stored body.
-    pub fn body(&self) -> &Bytes {
-        &self.body
-    }
-}
-
-#[async_trait]
-impl HandleHit for BodyHit {
-    async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        if self.done {
-            return Ok(None);
-        }
-        self.done = true;
-        Ok(Some(match self.range {
-            Some((start, end)) => self.body.slice(start..end),
-            None => self.body.clone(),
-        }))
-    }
-
-    async fn finish(
-        self: Box<Self>,
-        _storage: &'static (dyn Storage + Sync),
-        _key: &CacheKey,
-        _trace: &SpanHandle,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    fn can_seek(&self) -> bool {
-        true
-    }
-
-    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
-        if start >= self.len && self.len > 0 {
-            return pingora::Error::e_explain(
-                pingora::ErrorType::InternalError,
-                format!("seek start out of range {start} >= {}", self.len),
-            );
-        }
-        // `end` is exclusive.
-        let end = end.map_or(self.len, |e| e.min(self.len));
-        self.range = Some((start, end.max(start)));
-        self.done = false;
-        Ok(())
-    }
-
-    fn should_count_access(&self) -> bool {
-        self.count_access && self.weight > 0
-    }
-
-    fn get_eviction_weight(&self) -> usize {
-        self.weight
-    }
-
-    fn as_any(&self) -> &(dyn Any + Send + Sync) {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
-        self
-    }
-}
-
-/// How far a fill has come.
-#[derive(Debug, Clone, Copy, Default)]
-struct Progress {
-    chunks: usize,
-    /// `Some(true)`: complete; `Some(false)`: abandoned (the stream broke; nothing is stored).
-    done: Option<bool>,
-}
-
-/// A fill in progress: its header and the chunks so far, for readers that join mid-stream.
-struct Partial {
-    meta: StoredMeta,
-    chunks: RwLock<Vec<Bytes>>,
-    progress: watch::Sender<Progress>,
-}
-
-/// Reads a fill in progress chunk by chunk, waiting for the next one, so a client coalesced
-/// behind a streaming miss receives the events as they are produced.
-struct PartialHit {
-    partial: Arc<Partial>,
-    rx: watch::Receiver<Progress>,
-    next: usize,
-}
-
-impl PartialHit {
-    fn start(partial: Arc<Partial>) -> HitHandler {
-        let rx = partial.progress.subscribe();
-        Box::new(PartialHit {
-            partial,
-            rx,
-            next: 0,
-        })
-    }
-}
-
-#[async_trait]
-impl HandleHit for PartialHit {
-    async fn read_body(&mut self) -> Result<Option<Bytes>> {
-        loop {
-            let progress = *self.rx.borrow_and_update();
-            if self.next < progress.chunks {
-                let chunk = self.partial.chunks.read()[self.next].clone();
-                self.next += 1;
-                return Ok(Some(chunk));
-            }
-            match progress.done {
-                Some(true) => return Ok(None),
-                Some(false) => return pingora::Error::e_explain(
-                    pingora::ErrorType::InternalError,
-                    "the fill this request was reading was abandoned (the upstream stream broke)",
-                ),
-                None => {}
-            }
-            if self.rx.changed().await.is_err() {
-                return pingora::Error::e_explain(
-                    pingora::ErrorType::InternalError,
-                    "the fill this request was reading went away",
-                );
-            }
-        }
-    }
-
-    async fn finish(
-        self: Box<Self>,
-        _storage: &'static (dyn Storage + Sync),
-        _key: &CacheKey,
-        _trace: &SpanHandle,
-    ) -> Result<()> {
-        Ok(())
-    }
-
-    fn should_count_access(&self) -> bool {
-        false
-    }
-
-    fn as_any(&self) -> &(dyn Any + Send + Sync) {
-        self
-    }
-
-    fn as_any_mut(&mut self) -> &mut (dyn Any + Send + Sync) {
-        self
-    }
-}
-
-/// Collects a response body being filled, readable while it streams; stores the entry on
-/// `finish`. Dropped without `finish` (a broken upstream stream), nothing is stored.
-struct MemoryMiss {
-    storage: &'static MemoryStorage,
-    id: u128,
-    write: u64,
-    write_tag: [u8; 8],
-    compact: CompactCacheKey,
-    partial: Arc<Partial>,
-    /// Taken by `finish`.
-    info: Option<EntryInfo>,
-    len: usize,
-}
-
-impl MemoryMiss {
-    /// Forgets the fill in progress (if it is still ours) and tells its readers how it ended.
-    fn end(&self, complete: bool) {
-        let mut partials = self.storage.partials.lock();
-        if partials
-            .get(&self.id)
-            .is_some_and(|(w, _)| *w == self.write)
-        {
-            partials.remove(&self.id);
-        }
-        drop(partials);
-        self.partial
-            .progress
-            .send_modify(|p| p.done = Some(complete));
-    }
-}
-
-#[async_trait]
-impl HandleMiss for MemoryMiss {
-    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.len += data.len();
-        self.partial.chunks.write().push(data);
-        self.partial.progress.send_modify(|p| p.chunks += 1);
-        Ok(())
-    }
-
-    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
-        let body = {
-            let chunks = self.partial.chunks.read();
-            match chunks.len() {
-                0 => Bytes::new(),
-                1 => chunks[0].clone(),
-                _ => {
-                    let mut buf = BytesMut::with_capacity(self.len);
-                    for c in chunks.iter() {
-                        buf.extend_from_slice(c);
-                    }
-                    buf.freeze()
-                }
-            }
-        };
-        let meta = self.partial.meta.clone();
-        let weight = body.len() + header_weight(&meta.header) + ENTRY_OVERHEAD;
-        let info = self.info.take().expect("finish is called once");
-        self.storage.insert(
-            self.id,
-            Entry {
-                touched: AtomicU64::new(clock_ms()),
-                meta: RwLock::new(meta),
-                body,
-                info: Arc::new(info),
-                compact: self.compact.clone(),
-                weight,
-            },
-        );
-        self.end(true);
-        Ok(MissFinishType::Created(weight))
-    }
-
-    fn streaming_write_tag(&self) -> Option<&[u8]> {
-        Some(&self.write_tag)
-    }
-}
-
-impl Drop for MemoryMiss {
-    fn drop(&mut self) {
-        if self.info.is_some() {
-            self.end(false);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -740,13 +480,16 @@ mod tests {
         let mut h = ResponseHeader::build(200, None).unwrap();
         h.insert_header("content-type", "application/json").unwrap();
         let mut m = CacheMeta::new(now + Duration::from_secs(max_age), now, 5, 7, h);
-        m.extensions_mut().insert(EntryInfo {
+        Arc::new(EntryInfo {
             uri,
             host_path: "h/p".into(),
             tags: Arc::from(vec!["t1".into()]),
             encrypt: false,
             rule: Arc::from("r"),
-        });
+            tokens_at: Some(Arc::from("/usage/total_tokens")),
+            tokens: 0,
+        })
+        .attach(&mut m);
         m
     }
 
@@ -795,6 +538,34 @@ mod tests {
         hit2.seek(6, Some(11)).unwrap();
         assert_eq!(&hit2.read_body().await.unwrap().unwrap()[..], b"world");
         assert!(STORE.has_uri(11));
+    }
+
+    #[tokio::test]
+    async fn every_hit_path_carries_the_entry_facts_and_tokens_are_counted_at_fill() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-facts", "");
+        let mut miss = STORE
+            .get_miss_handler(&key, &meta(60, 45), &span)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"{\"usage\":"), false)
+            .await
+            .unwrap();
+        // A reader joining the fill while it streams sees the facts purge checks need.
+        let (partial_meta, _) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        let facts = EntryInfo::of(&partial_meta).expect("a partial hit carries the facts");
+        assert_eq!((facts.uri, &*facts.host_path), (45, "h/p"));
+        assert_eq!(&*facts.tags[0], "t1");
+        miss.write_body(Bytes::from_static(b"{\"total_tokens\":77}}"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        // A complete hit carries them too, with the token count read once at fill time.
+        let (meta, _) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        let facts = EntryInfo::of(&meta).expect("a hit carries the facts");
+        assert_eq!((facts.uri, facts.tokens), (45, 77));
+        let (_, info) = STORE.body_and_info(id(key.combined_bin())).unwrap();
+        assert_eq!(info.tokens, 77, "what a Redis record is written from");
     }
 
     #[tokio::test]

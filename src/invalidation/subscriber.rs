@@ -6,12 +6,12 @@
 //! missed, so every (re)subscription starts by dropping the whole memory tier and reloading the
 //! fleet's tag and prefix purge epochs from Redis.
 
-use super::memory::MemoryStorage;
-use super::redis::{Message, RedisTier};
+use super::load_epochs;
 use crate::invalidation::audit::Audit;
-use crate::invalidation::epochs::{Epoch, Epochs};
-use crate::invalidation::load_epochs;
 use crate::metrics::metrics;
+use crate::storage::epochs::{Epoch, Epochs};
+use crate::storage::memory::MemoryStorage;
+use crate::storage::redis::{Message, RedisTier};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use pingora::server::ShutdownWatch;
