@@ -8,15 +8,13 @@
 //! Signatures are computed here from the scheme's definition (GitHub `X-Hub-Signature-256`,
 //! Stripe `Stripe-Signature`, Standard Webhooks `webhook-*`), never taken from the gateway.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use common::cdn::FakeCloudflare;
-use common::{
+use crate::harness::cdn::FakeCloudflare;
+use crate::harness::{
     assert_hit, assert_purged, config_for, poll_until, Gateway, Origin, OriginResponse, Resp,
 };
+use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -335,7 +333,7 @@ async fn wait_cdn_purges(cf: &FakeCloudflare, vendors: &[&str]) {
 
 /// `GET /admin/audit?since=..` records from `source`.
 async fn audit(gw: &Gateway, since: u64) -> Vec<Value> {
-    let r = common::fetch(
+    let r = crate::harness::fetch(
         gw.client(),
         "GET",
         &gw.admin_url(&format!("/admin/audit?since={since}")),

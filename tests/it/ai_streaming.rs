@@ -7,12 +7,10 @@
 //! chunk and, where a test needs to prove ordering, waits for a `Gate` the
 //! test opens: while it is closed the origin cannot have sent what follows.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
 
 const RULES: &str = r#"
 [[rule]]

@@ -1,11 +1,9 @@
 //! Staleness: stale-while-revalidate, stale-if-error (origin- and
 //! rule-driven), expiry refetch and 304 revalidation.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 const RULES: &str = r#"
 [[rule]]

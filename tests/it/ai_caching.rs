@@ -5,12 +5,10 @@
 //! a Redis fleet) and the savings counters. Every test runs the real `aisle`
 //! binary against real loopback origins.
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis::{wait_subscribed, RedisServer, SharedRedis};
-use common::*;
+use crate::harness::redis::{wait_subscribed, RedisServer, SharedRedis};
+use crate::harness::*;
 use serde_json::Value;
 
 const ADMIN_TOKEN: &str = "ai-caching-admin-token-0123456789";

@@ -2,11 +2,9 @@
 //! metrics and the default route. Every test runs the real `aisle` binary
 //! against a real loopback origin.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 const RULES: &str = r#"
 [[rule]]

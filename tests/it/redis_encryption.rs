@@ -3,15 +3,13 @@
 //! (never an error) everywhere else. Keys reach the gateways through
 //! environment variables, as `${VAR}` in gateway.toml.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Read;
 use std::process::Command;
 
+use crate::harness::redis::*;
+use crate::harness::*;
 use base64::Engine;
-use common::redis::*;
-use common::*;
 
 const RULES: &str = r#"
 [[rule]]

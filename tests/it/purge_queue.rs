@@ -7,16 +7,15 @@
 //! durations are configured small so the tests stay fast; assertions are about order and counts,
 //! compared against the state the queue persisted, not wall-clock thresholds.
 
-mod common;
-
 use aisle::config::RedisConfig;
 use aisle::purge::queue::{Item, PurgeQueue, QueueConfig, QueueStatus};
 use aisle::purge::worker::PurgeWorker;
 use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob, Report};
 use aisle::storage::redis::RedisTier;
+
+use crate::harness::poll_until;
+use crate::harness::redis::{connect, RedisServer};
 use async_trait::async_trait;
-use common::poll_until;
-use common::redis::{connect, RedisServer};
 use pingora::services::background::BackgroundService;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

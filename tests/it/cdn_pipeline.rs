@@ -8,14 +8,12 @@
 //! and restarted on the same queue. Backoff is the gateway's default (500 ms base, full jitter),
 //! so failures are kept few; every wait is a `poll_until` with a deadline.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::cdn::{FakeCloudFront, FakeCloudflare, FakeFastly};
-use common::redis::{RedisServer, SharedRedis};
-use common::{config_for, free_port, poll_until, Gateway, Origin, OriginResponse, Resp};
+use crate::harness::cdn::{FakeCloudFront, FakeCloudflare, FakeFastly};
+use crate::harness::redis::{RedisServer, SharedRedis};
+use crate::harness::{config_for, free_port, poll_until, Gateway, Origin, OriginResponse, Resp};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cdn-pipeline-admin-token-4c1d";
@@ -439,7 +437,7 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
     let mut deadline = DELIVERY;
     if let Some(r) = redis {
         let leased: Vec<String> = r.keys(&format!("{prefix}purge:*:processing"));
-        let mut con = common::redis::connect(&r.url()).expect("redis");
+        let mut con = crate::harness::redis::connect(&r.url()).expect("redis");
         let n: u64 = leased
             .iter()
             .map(|k| {

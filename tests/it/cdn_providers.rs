@@ -1,16 +1,15 @@
 //! The real CDN purge providers (built from config by `purge::providers::build`) against loopback
-//! fakes that check every request as the real APIs would (`common::cdn`): what reaches each API,
+//! fakes that check every request as the real APIs would (`harness::cdn`): what reaches each API,
 //! in how many requests, and how each kind of answer becomes an `Outcome`.
 
-mod common;
+use aisle::purge::providers::{build, CdnConfig};
+use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aisle::purge::providers::{build, CdnConfig};
-use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
-use common::cdn::*;
-use common::{Origin, OriginResponse};
+use crate::harness::cdn::*;
+use crate::harness::{Origin, OriginResponse};
 
 const CF_ZONE: &str = "023e105f4ecef8ad9ca31a8372d0c353";
 const CF_TOKEN: &str = "cf-test-token";
@@ -175,7 +174,7 @@ async fn cloudflare_retries_500_and_429_and_gives_up_on_credentials() {
 async fn cloudflare_fake_rejects_what_the_api_rejects() {
     // The fake's own checks must bite, or every "no violations" above proves nothing.
     let fake = FakeCloudflare::start(CF_ZONE, CF_TOKEN);
-    let client = common::client();
+    let client = crate::harness::client();
     let url = format!("{}/client/v4/zones/{CF_ZONE}/purge_cache", fake.base());
     let too_many: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
     for body in [
@@ -408,7 +407,7 @@ async fn cloudfront_retries_throttling_and_refuses_a_wrong_secret() {
 #[tokio::test]
 async fn cloudfront_fake_rejects_unsigned_and_malformed_requests() {
     let fake = FakeCloudFront::start(DIST, AKID, SECRET);
-    let client = common::client();
+    let client = crate::harness::client();
     let url = format!(
         "{}/2020-05-31/distribution/{DIST}/invalidation",
         fake.base()
@@ -522,7 +521,8 @@ fn http_provider(hosts: &[String]) -> Arc<dyn Provider> {
 
 #[tokio::test]
 async fn http_purges_urls_with_purge_and_tags_with_ban_on_every_host() {
-    let cache = |req: common::OriginRequest| match (req.method.as_str(), req.path.as_str()) {
+    let cache = |req: crate::harness::OriginRequest| match (req.method.as_str(), req.path.as_str())
+    {
         ("PURGE", "/not-cached") => OriginResponse::with_status(404),
         ("PURGE", _) | ("BAN", "/") => OriginResponse::ok("purged"),
         _ => OriginResponse::with_status(405),

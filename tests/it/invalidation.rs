@@ -9,12 +9,10 @@
 //! and every refused request is followed by a check that the entry is still a hit. Nothing sleeps
 //! to synchronise: waits are `poll_until` with a deadline.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::redis::{wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
-use common::{
+use crate::harness::redis::{wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
+use crate::harness::{
     assert_hit, assert_purged, assert_stored_miss, config_for, fetch_with_body, poll_until,
     Gateway, Origin, OriginResponse, Resp,
 };
@@ -200,7 +198,7 @@ async fn tag_invalidation_through_one_instance_reaches_the_other() {
     let prefix = "t-inv2:";
     let cfg = format!(
         "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n",
-        common::redis::gateway_config(&origin.url(), &redis.section(prefix))
+        crate::harness::redis::gateway_config(&origin.url(), &redis.section(prefix))
     );
     let rules = [("rules.toml", RULES)];
     let (a, b) = tokio::join!(

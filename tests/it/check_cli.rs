@@ -1,12 +1,10 @@
 //! `aisle check --config X`: exit status and `file:line:col: message`
 //! diagnostics for each kind of configuration error.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::line_of;
+use crate::harness::line_of;
 
 const GATEWAY: &str = r#"[server]
 listen = "127.0.0.1:18080"
