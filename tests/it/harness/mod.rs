@@ -4,8 +4,6 @@
 //! Nothing here sleeps as a means of synchronisation: every wait is a poll
 //! with a deadline (`poll_until`), with only a short pause between polls.
 
-#![allow(dead_code)]
-
 pub mod cdn;
 pub mod redis;
 
@@ -13,7 +11,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,14 +78,6 @@ impl OriginRequest {
         self.headers
             .get(name)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    }
-
-    /// Value of a query parameter (no percent-decoding beyond `+`/`%20`).
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| v.replace("%20", " ").replace('+', " "))
-        })
     }
 }
 
@@ -586,14 +576,6 @@ impl Gateway {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn config_path(&self) -> &Path {
-        &self.config_path
     }
 
     /// stdout + stderr of the gateway so far.

@@ -152,14 +152,6 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn client(&self) -> ::redis::Client {
-        ::redis::Client::open(self.url()).expect("redis client")
-    }
-
     /// Kill the server (by its handle) and reap it. Idempotent.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
