@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::harness::cdn::{FakeCloudFront, FakeCloudflare, FakeFastly};
+use crate::harness::fixtures;
 use crate::harness::redis::{RedisServer, SharedRedis};
 use crate::harness::{config_for, free_port, poll_until, Gateway, Origin, OriginResponse, Resp};
 use serde_json::{json, Value};
@@ -35,14 +36,6 @@ const ENV: &[(&str, &str)] = &[
 
 /// Long enough for a few retries with the default backoff (500 ms base, doubling).
 const DELIVERY: Duration = Duration::from_secs(20);
-
-const RULES: &str = r#"
-[[rule]]
-name = "everything"
-match = { method = "GET", path = "/*" }
-upstream = "api"
-ttl = "60s"
-"#;
 
 fn origin() -> Origin {
     Origin::start(|req| OriginResponse::ok(format!("{} #{}", req.path, req.count)))
@@ -258,7 +251,7 @@ async fn failing_cdn_is_retried_until_the_purge_arrives_once() {
     );
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "max_attempts = 6", &tables, ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -351,7 +344,7 @@ async fn retry_after_is_honoured() {
     cf.throttle_next(1, "2");
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "", &cloudflare_table(&cf.base()), ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -399,7 +392,7 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
     let down = cloudflare_table(&closed_base());
     let gw1 = Gateway::start_with_env(
         &gateway_toml(&origin, &purge, &down, &redis_section),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -462,7 +455,7 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
             &cloudflare_table(&cf.base()),
             &redis_section,
         ),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -536,7 +529,7 @@ async fn dead_letters_then_retry(redis: Option<&RedisServer>) {
             &cloudflare_table(&cf.base()),
             &extra,
         ),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -611,7 +604,7 @@ async fn cloudfront_receives_validly_signed_invalidations() {
     cfr.fail_next(1);
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "", &cloudfront_table(&cfr.base()), ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -674,7 +667,7 @@ async fn cloudfront_receives_validly_signed_invalidations() {
         .collect();
     let gw_bad = Gateway::start_with_env(
         &gateway_toml(&origin, "", &cloudfront_table(&bad.base()), ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         &bad_env,
     )
     .await;
@@ -733,7 +726,7 @@ async fn documented_cdn_table_form_loads() {
             config_for(&origin.url()),
             cloudflare_table(&cf.base())
         ),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::harness::fixtures;
 use crate::harness::redis::*;
 use crate::harness::*;
 
@@ -200,7 +201,7 @@ async fn redis_down_at_start() {
     );
     let gw = Gateway::start(
         &gateway_config(&origin.url(), &section),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::SHARED_TIER_RULES)],
     )
     .await;
     assert_eq!(healthz_status(&gw).await, 200);

@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::harness::cdn::FakeCloudflare;
+use crate::harness::fixtures;
 use crate::harness::{
     assert_hit, assert_purged, config_for, poll_until, Gateway, Origin, OriginResponse, Resp,
 };
@@ -26,34 +27,6 @@ const TAVE_SECRET: &str = "tave-webhook-secret-91b2";
 const STRIPE_SECRET: &str = "whsec_stripe_test_secret_x7";
 /// 32 bytes; the configured secret is `whsec_<base64 of this>`.
 const SVIX_KEY: &[u8] = b"standard-webhooks-key-0123456789";
-
-const RULES: &str = r#"
-[[event]]
-name = "availability_changed"
-invalidates = ["availability_change", "vendor:{vendorId}"]
-cdn = true
-
-[[rule]]
-name = "vendor"
-match = { method = "GET", path = "/api/vendors/:id" }
-upstream = "api"
-ttl = "60s"
-tags = ["vendor:{path.id}"]
-
-[[rule]]
-name = "availability"
-match = { method = "GET", path = "/api/availability/:id" }
-upstream = "api"
-ttl = "60s"
-invalidate_on = ["availability_change"]
-
-[[rule]]
-name = "venue"
-match = { method = "GET", path = "/api/venues/:id" }
-upstream = "api"
-ttl = "60s"
-tags = ["venue:{path.id}"]
-"#;
 
 fn svix_secret() -> String {
     format!(
@@ -125,7 +98,7 @@ async fn fixture() -> Fixture {
     let svix = svix_secret();
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, &cf),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::WEBHOOK_RULES)],
         &[
             ("AISLE_ADMIN_TOKEN", TOKEN),
             ("CF_TOKEN", CF_TOKEN),

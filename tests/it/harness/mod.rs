@@ -5,6 +5,7 @@
 //! with a deadline (`poll_until`), with only a short pause between polls.
 
 pub mod cdn;
+pub mod fixtures;
 pub mod redis;
 
 use std::collections::HashMap;
