@@ -8,7 +8,8 @@
 //! Every test of every module runs in this one process, in parallel: nothing here may change
 //! process-wide state (current directory, shared environment variables, fixed ports) in a way
 //! another test could observe. Gateways and Redis servers are child processes on free loopback
-//! ports.
+//! ports; the library's in-process metrics (`purge_queue`) are read as increases of counters
+//! labelled with a name unique to the test.
 
 mod harness;
 
