@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::harness::cdn::{FakeCloudFront, FakeCloudflare, FakeFastly};
 use crate::harness::fixtures;
 use crate::harness::redis::{RedisServer, SharedRedis};
-use crate::harness::{config_for, free_port, poll_until, Gateway, Origin, OriginResponse, Resp};
+use crate::harness::{closed_url, config_for, poll_until, Gateway, Origin, OriginResponse, Resp};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cdn-pipeline-admin-token-4c1d";
@@ -71,11 +71,6 @@ fn cloudfront_table(base: &str) -> String {
          access_key_id = \"${{AWS_ACCESS_KEY_ID}}\"\nsecret_access_key = \"${{AWS_SECRET_ACCESS_KEY}}\"\n\
          tag_paths = {{ vendors = [\"/api/vendors/*\"] }}\n"
     )
-}
-
-/// A base URL where nothing listens: the CDN is down.
-fn closed_base() -> String {
-    format!("http://127.0.0.1:{}", free_port())
 }
 
 // ---------------------------------------------------------------------------
@@ -389,7 +384,7 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
     let redis_section = redis.map(|r| r.section(prefix)).unwrap_or_default();
 
     // 1. The CDN is down: the purge is accepted (202 queued) and retried.
-    let down = cloudflare_table(&closed_base());
+    let down = cloudflare_table(&closed_url());
     let gw1 = Gateway::start_with_env(
         &gateway_toml(&origin, &purge, &down, &redis_section),
         &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::cdn::*;
-use crate::harness::{Origin, OriginResponse};
+use crate::harness::{closed_url, Origin, OriginResponse};
 
 const CF_ZONE: &str = "023e105f4ecef8ad9ca31a8372d0c353";
 const CF_TOKEN: &str = "cf-test-token";
@@ -92,14 +92,6 @@ fn fatal(o: &Outcome) -> &str {
         Outcome::Fatal(m) => m,
         other => panic!("expected Fatal, got {other:?}"),
     }
-}
-
-/// A loopback port nothing listens on.
-fn closed_port_base() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    format!("http://127.0.0.1:{port}")
 }
 
 // ---------------------------------------------------------------------------
@@ -469,7 +461,7 @@ async fn cloudfront_fake_rejects_unsigned_and_malformed_requests() {
 
 #[tokio::test]
 async fn an_unreachable_api_is_retried() {
-    let base = closed_port_base();
+    let base = closed_url();
     let batch = one_batch(Kind::Tags, &["t"], false);
     for p in [
         cloudflare(&base, CF_TOKEN, CF_ZONE),

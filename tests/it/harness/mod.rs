@@ -58,6 +58,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `http://127.0.0.1:PORT` where nothing listens (a port bound and released at once): an
+/// upstream or CDN API that refuses connections.
+pub fn closed_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
 // ---------------------------------------------------------------------------
 // Origin
 // ---------------------------------------------------------------------------
