@@ -193,6 +193,9 @@ async fn cloudflare_fake_rejects_what_the_api_rejects() {
 #[tokio::test]
 async fn cloudflare_token_comes_from_the_environment() {
     let fake = FakeCloudflare::start(CF_ZONE, CF_TOKEN);
+    // The process environment is shared by every test of this binary: the variable's name is
+    // this test's own (nothing else reads or sets it), and std serialises environment access
+    // (including the reads of a `Command` spawning a gateway elsewhere).
     std::env::set_var("AISLE_CDN_TEST_CF_TOKEN", CF_TOKEN);
     let p = cloudflare(&fake.base(), "${AISLE_CDN_TEST_CF_TOKEN}", CF_ZONE);
     let o = p
