@@ -1,8 +1,6 @@
 //! A small memory budget forces evictions; the cache stays within it.
 
-mod common;
-
-use common::*;
+use crate::harness::*;
 
 const BODY_SIZE: usize = 8 * 1024;
 const KEYS: usize = 200;

@@ -152,14 +152,6 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn client(&self) -> ::redis::Client {
-        ::redis::Client::open(self.url()).expect("redis client")
-    }
-
     /// Kill the server (by its handle) and reap it. Idempotent.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -423,18 +415,8 @@ impl SharedRedis for RedisCluster {
 // Gateway / origin set-up shared by the scenarios
 // ---------------------------------------------------------------------------
 
-/// ttl 60 s + the longer stale window (30 s) = 90 s in Redis.
-pub const RULES: &str = r#"
-[[rule]]
-name = "shared"
-match = { method = "GET", path = "/r/*" }
-upstream = "api"
-ttl = "60s"
-stale_while_revalidate = "10s"
-stale_if_error = "30s"
-"#;
-
-/// Servable lifetime of a `/r/*` entry, in ms.
+/// Servable lifetime of a `/r/*` entry in Redis, in ms: the `shared` rule's ttl (60 s) plus
+/// its longer stale window (30 s), see [`SHARED_TIER_RULES`](super::fixtures::SHARED_TIER_RULES).
 pub const SERVABLE_MS: i64 = 90_000;
 
 /// GETs answer `<path> #<n> <padding>` (so every fill is recognisable);
@@ -483,7 +465,7 @@ pub async fn start_pair(
     origin: &Origin,
 ) -> (Gateway, Gateway) {
     let cfg = gateway_config(&origin.url(), &redis.section(prefix));
-    let rules = [("rules.toml", RULES)];
+    let rules = [("rules.toml", super::fixtures::SHARED_TIER_RULES)];
     let (a, b) = tokio::join!(Gateway::start(&cfg, &rules), Gateway::start(&cfg, &rules));
     wait_subscribed(&a, "A").await;
     wait_subscribed(&b, "B").await;

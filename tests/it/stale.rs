@@ -1,33 +1,20 @@
 //! Staleness: stale-while-revalidate, stale-if-error (origin- and
 //! rule-driven), expiry refetch and 304 revalidation.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-
-const RULES: &str = r#"
-[[rule]]
-name = "swr"
-match = { method = "GET", path = "/swr/rule" }
-upstream = "api"
-ttl = "2s"
-stale_while_revalidate = "1m"
-
-[[rule]]
-name = "sie"
-match = { method = "GET", path = "/sie/rule" }
-upstream = "api"
-ttl = "1s"
-stale_if_error = "1h"
-"#;
+use crate::harness::fixtures;
+use crate::harness::*;
 
 /// How long the origin takes to answer a background refresh.
 const REFRESH_DELAY: Duration = Duration::from_millis(1000);
 
 async fn gateway_for(origin: &Origin) -> Gateway {
-    Gateway::start(&config_for(&origin.url()), &[("stale.toml", RULES)]).await
+    Gateway::start(
+        &config_for(&origin.url()),
+        &[("stale.toml", fixtures::STALE_RULES)],
+    )
+    .await
 }
 
 /// Origin answering `version <n>`; every request after the first is slow.

@@ -4,16 +4,15 @@
 //! Nothing here sleeps as a means of synchronisation: every wait is a poll
 //! with a deadline (`poll_until`), with only a short pause between polls.
 
-#![allow(dead_code)]
-
 pub mod cdn;
+pub mod fixtures;
 pub mod redis;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,6 +58,12 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `http://127.0.0.1:PORT` where nothing listens (a port bound and released at once): an
+/// upstream or CDN API that refuses connections.
+pub fn closed_url() -> String {
+    format!("http://127.0.0.1:{}", free_port())
+}
+
 // ---------------------------------------------------------------------------
 // Origin
 // ---------------------------------------------------------------------------
@@ -80,14 +85,6 @@ impl OriginRequest {
         self.headers
             .get(name)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    }
-
-    /// Value of a query parameter (no percent-decoding beyond `+`/`%20`).
-    pub fn query_param(&self, name: &str) -> Option<String> {
-        self.query.split('&').find_map(|kv| {
-            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-            (k == name).then(|| v.replace("%20", " ").replace('+', " "))
-        })
     }
 }
 
@@ -586,14 +583,6 @@ impl Gateway {
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    pub fn config_path(&self) -> &Path {
-        &self.config_path
     }
 
     /// stdout + stderr of the gateway so far.

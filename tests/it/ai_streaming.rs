@@ -7,21 +7,11 @@
 //! chunk and, where a test needs to prove ordering, waits for a `Gate` the
 //! test opens: while it is closed the origin cannot have sent what follows.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::harness::fixtures;
+use crate::harness::*;
 use bytes::Bytes;
-use common::*;
-
-const RULES: &str = r#"
-[[rule]]
-name = "chat"
-match = { method = "POST", path = "/v1/chat/completions" }
-upstream = "openai"
-ttl = "1h"
-body_key = { all = true, ignore = ["/user", "/metadata", "/stream_options"] }
-"#;
 
 const CHAT: &str = "/v1/chat/completions";
 
@@ -47,7 +37,11 @@ read_timeout = "10s"
 }
 
 async fn start_gateway(origin: &StreamOrigin) -> Gateway {
-    Gateway::start(&config(&origin.url()), &[("rules.toml", RULES)]).await
+    Gateway::start(
+        &config(&origin.url()),
+        &[("rules.toml", fixtures::CHAT_RULES)],
+    )
+    .await
 }
 
 fn event(i: usize) -> Bytes {

@@ -1,16 +1,15 @@
 //! The real CDN purge providers (built from config by `purge::providers::build`) against loopback
-//! fakes that check every request as the real APIs would (`common::cdn`): what reaches each API,
+//! fakes that check every request as the real APIs would (`harness::cdn`): what reaches each API,
 //! in how many requests, and how each kind of answer becomes an `Outcome`.
 
-mod common;
+use aisle::purge::providers::{build, CdnConfig};
+use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use aisle::purge::providers::{build, CdnConfig};
-use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
-use common::cdn::*;
-use common::{Origin, OriginResponse};
+use crate::harness::cdn::*;
+use crate::harness::{closed_url, Origin, OriginResponse};
 
 const CF_ZONE: &str = "023e105f4ecef8ad9ca31a8372d0c353";
 const CF_TOKEN: &str = "cf-test-token";
@@ -95,14 +94,6 @@ fn fatal(o: &Outcome) -> &str {
     }
 }
 
-/// A loopback port nothing listens on.
-fn closed_port_base() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    drop(l);
-    format!("http://127.0.0.1:{port}")
-}
-
 // ---------------------------------------------------------------------------
 // Cloudflare
 // ---------------------------------------------------------------------------
@@ -175,7 +166,7 @@ async fn cloudflare_retries_500_and_429_and_gives_up_on_credentials() {
 async fn cloudflare_fake_rejects_what_the_api_rejects() {
     // The fake's own checks must bite, or every "no violations" above proves nothing.
     let fake = FakeCloudflare::start(CF_ZONE, CF_TOKEN);
-    let client = common::client();
+    let client = crate::harness::client();
     let url = format!("{}/client/v4/zones/{CF_ZONE}/purge_cache", fake.base());
     let too_many: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
     for body in [
@@ -202,6 +193,9 @@ async fn cloudflare_fake_rejects_what_the_api_rejects() {
 #[tokio::test]
 async fn cloudflare_token_comes_from_the_environment() {
     let fake = FakeCloudflare::start(CF_ZONE, CF_TOKEN);
+    // The process environment is shared by every test of this binary: the variable's name is
+    // this test's own (nothing else reads or sets it), and std serialises environment access
+    // (including the reads of a `Command` spawning a gateway elsewhere).
     std::env::set_var("AISLE_CDN_TEST_CF_TOKEN", CF_TOKEN);
     let p = cloudflare(&fake.base(), "${AISLE_CDN_TEST_CF_TOKEN}", CF_ZONE);
     let o = p
@@ -408,7 +402,7 @@ async fn cloudfront_retries_throttling_and_refuses_a_wrong_secret() {
 #[tokio::test]
 async fn cloudfront_fake_rejects_unsigned_and_malformed_requests() {
     let fake = FakeCloudFront::start(DIST, AKID, SECRET);
-    let client = common::client();
+    let client = crate::harness::client();
     let url = format!(
         "{}/2020-05-31/distribution/{DIST}/invalidation",
         fake.base()
@@ -470,7 +464,7 @@ async fn cloudfront_fake_rejects_unsigned_and_malformed_requests() {
 
 #[tokio::test]
 async fn an_unreachable_api_is_retried() {
-    let base = closed_port_base();
+    let base = closed_url();
     let batch = one_batch(Kind::Tags, &["t"], false);
     for p in [
         cloudflare(&base, CF_TOKEN, CF_ZONE),
@@ -522,7 +516,8 @@ fn http_provider(hosts: &[String]) -> Arc<dyn Provider> {
 
 #[tokio::test]
 async fn http_purges_urls_with_purge_and_tags_with_ban_on_every_host() {
-    let cache = |req: common::OriginRequest| match (req.method.as_str(), req.path.as_str()) {
+    let cache = |req: crate::harness::OriginRequest| match (req.method.as_str(), req.path.as_str())
+    {
         ("PURGE", "/not-cached") => OriginResponse::with_status(404),
         ("PURGE", _) | ("BAN", "/") => OriginResponse::ok("purged"),
         _ => OriginResponse::with_status(405),

@@ -1,12 +1,11 @@
 //! `aisle check --config X`: exit status and `file:line:col: message`
 //! diagnostics for each kind of configuration error.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::line_of;
+use crate::harness::fixtures;
+use crate::harness::line_of;
 
 const GATEWAY: &str = r#"[server]
 listen = "127.0.0.1:18080"
@@ -21,47 +20,6 @@ rules_dir = "rules"
 url = "http://127.0.0.1:3000"
 read_timeout = "30s"
 connect_timeout = "2s"
-"#;
-
-const VALID_RULES: &str = r#"
-[[rule]]
-name = "vendor-search"
-match = { method = "GET", path = "/api/vendors/search" }
-upstream = "api"
-ttl = "30m"
-vary = ["query.location", "query.vendorType", "query.budget"]
-normalize = { "query.location" = ["trim", "lowercase", "market"], "query.budget" = "bucket:1000" }
-tags = ["vendors", "vendor-type:{query.vendorType}"]
-invalidate_on = ["vendor_update"]
-stale_while_revalidate = "1m"
-stale_if_error = "1h"
-
-[[rule]]
-name = "vendor"
-match = { method = ["GET", "HEAD"], path = "/api/vendors/:id" }
-upstream = "api"
-ttl = "5m"
-vary = ["path.id", "header.accept-language", "cookie.currency"]
-normalize = { "path.id" = "lowercase", "cookie.currency" = "uppercase" }
-
-[[rule]]
-name = "writes"
-match = { method = "POST", path = "/api/*" }
-upstream = "api"
-cache = false
-
-[[rule]]
-name = "api-rest"
-match = { method = "GET", host = "api.example.test", path = "/api/*" }
-upstream = "api"
-ttl = "1m"
-cache_set_cookie = true
-vary = ["query.tags", "query.season", "query.q"]
-normalize = { "query.tags" = "sorted_list", "query.season" = "season", "query.q" = "text" }
-
-[tables.market]
-map = { "new york" = "nyc", "brooklyn" = "nyc" }
-fallback = "state"
 "#;
 
 struct CheckRun {
@@ -138,7 +96,7 @@ fn rule(body: &str) -> String {
 
 #[test]
 fn valid_config_passes() {
-    let run = run_check(GATEWAY, &[("vendors.toml", VALID_RULES)]);
+    let run = run_check(GATEWAY, &[("vendors.toml", fixtures::CHECKED_RULES)]);
     assert_eq!(
         run.code,
         Some(0),
@@ -192,7 +150,7 @@ fn bad_duration_in_rule() {
 #[test]
 fn bad_size_in_gateway_toml() {
     let gw = GATEWAY.replace("memory = \"64MiB\"", "memory = \"lots\"");
-    let run = run_check(&gw, &[("ok.toml", VALID_RULES)]);
+    let run = run_check(&gw, &[("ok.toml", fixtures::CHECKED_RULES)]);
     assert_reports(
         &run,
         "gateway.toml",

@@ -2,71 +2,10 @@
 //! metrics and the default route. Every test runs the real `aisle` binary
 //! against a real loopback origin.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-
-const RULES: &str = r#"
-[[rule]]
-name = "vendor-search"
-match = { method = "GET", path = "/api/vendors/search" }
-upstream = "api"
-ttl = "30m"
-vary = ["query.location", "query.vendorType", "query.budget"]
-normalize = { "query.location" = ["trim", "lowercase", "market"], "query.budget" = "bucket:1000" }
-tags = ["vendors", "vendor-type:{query.vendorType}"]
-invalidate_on = ["vendor_update"]
-
-[[rule]]
-name = "slow"
-match = { method = "GET", path = "/api/slow" }
-upstream = "api"
-ttl = "5m"
-
-[[rule]]
-name = "item-reviews"
-match = { method = "GET", path = "/api/items/:id/reviews" }
-upstream = "api"
-ttl = "10m"
-vary = ["path.id"]
-
-[[rule]]
-name = "cookie-default"
-match = { method = "GET", path = "/cookie/default" }
-upstream = "api"
-ttl = "10m"
-
-[[rule]]
-name = "cookie-allowed"
-match = { method = "GET", path = "/cookie/allowed" }
-upstream = "api"
-ttl = "10m"
-cache_set_cookie = true
-
-[[rule]]
-name = "ttl-vs-no-store"
-match = { method = "GET", path = "/rule/no-store" }
-upstream = "api"
-ttl = "10m"
-
-[[rule]]
-name = "ttl-vs-private"
-match = { method = "GET", path = "/rule/private" }
-upstream = "api"
-ttl = "10m"
-
-[[rule]]
-name = "uncached"
-match = { method = "GET", path = "/rule/uncached" }
-upstream = "api"
-cache = false
-
-[tables.market]
-map = { "new york" = "nyc", "brooklyn" = "nyc" }
-fallback = "state"
-"#;
+use crate::harness::fixtures;
+use crate::harness::*;
 
 /// The origin every test here uses: the body names the path, the per-path
 /// request number and the query, so a body served from cache is recognisable.
@@ -98,7 +37,11 @@ fn origin() -> Origin {
 
 async fn setup() -> (Origin, Gateway) {
     let origin = origin();
-    let gw = Gateway::start(&config_for(&origin.url()), &[("rules.toml", RULES)]).await;
+    let gw = Gateway::start(
+        &config_for(&origin.url()),
+        &[("rules.toml", fixtures::CACHING_RULES)],
+    )
+    .await;
     (origin, gw)
 }
 

@@ -3,30 +3,14 @@
 //! (never an error) everywhere else. Keys reach the gateways through
 //! environment variables, as `${VAR}` in gateway.toml.
 
-mod common;
-
 use std::collections::HashSet;
 use std::io::Read;
 use std::process::Command;
 
+use crate::harness::fixtures;
+use crate::harness::redis::*;
+use crate::harness::*;
 use base64::Engine;
-use common::redis::*;
-use common::*;
-
-const RULES: &str = r#"
-[[rule]]
-name = "secret"
-match = { method = "GET", path = "/s/*" }
-upstream = "api"
-ttl = "60s"
-encrypt = true
-
-[[rule]]
-name = "public"
-match = { method = "GET", path = "/p/*" }
-upstream = "api"
-ttl = "60s"
-"#;
 
 const PLAINTEXT: &str = "TOP-SECRET-PLAINTEXT";
 
@@ -82,7 +66,7 @@ async fn encrypted_entries_are_sealed_shared_and_rotatable() {
     let rotated = format!(
         "{base}encryption_key = \"${{AISLE_TEST_KEY2}}\"\nprevious_keys = [\"${{AISLE_TEST_KEY1}}\"]\n"
     );
-    let rules = [("rules.toml", RULES)];
+    let rules = [("rules.toml", fixtures::ENCRYPTION_RULES)];
     let (a, b, c, d) = tokio::join!(
         Gateway::start_with_env(&with_k1, &rules, &env),
         Gateway::start_with_env(&with_k1, &rules, &env),
@@ -197,7 +181,11 @@ async fn encrypted_entries_are_sealed_shared_and_rotatable() {
 fn check_rejects_encrypt_without_a_key() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
-    std::fs::write(dir.path().join("rules/rules.toml"), RULES).unwrap();
+    std::fs::write(
+        dir.path().join("rules/rules.toml"),
+        fixtures::ENCRYPTION_RULES,
+    )
+    .unwrap();
     let gateway = config_for("http://127.0.0.1:3000")
         .replace("{listen}", "127.0.0.1:18080")
         .replace("{admin}", "127.0.0.1:19090");

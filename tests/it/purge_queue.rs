@@ -7,16 +7,15 @@
 //! durations are configured small so the tests stay fast; assertions are about order and counts,
 //! compared against the state the queue persisted, not wall-clock thresholds.
 
-mod common;
-
 use aisle::config::RedisConfig;
 use aisle::purge::queue::{Item, PurgeQueue, QueueConfig, QueueStatus};
 use aisle::purge::worker::PurgeWorker;
 use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob, Report};
 use aisle::storage::redis::RedisTier;
+
+use crate::harness::poll_until;
+use crate::harness::redis::{connect, RedisServer};
 use async_trait::async_trait;
-use common::poll_until;
-use common::redis::{connect, RedisServer};
 use pingora::services::background::BackgroundService;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -373,11 +372,41 @@ fn calls_for<'a>(calls: &'a [Call], id: &str) -> Vec<&'a Call> {
     calls.iter().filter(|c| c.id == id).collect()
 }
 
-fn counter(provider: &str, outcome: &str) -> u64 {
-    aisle::metrics::metrics()
-        .purge_requests
-        .with_label_values(&[provider, outcome])
-        .get()
+/// The worker's `aisle_purge_requests_total{provider, outcome}` counters for one provider, as
+/// increases since [`Sent::since`]. The library's metrics registry is process-wide and this
+/// binary runs every test module in one process, so a test reads only the increase of the
+/// counters labelled with its own provider name (every test here uses a name of its own; the
+/// queue gauges it reads are set from that provider's own queue).
+struct Sent {
+    provider: String,
+    at_start: HashMap<&'static str, u64>,
+}
+
+impl Sent {
+    const OUTCOMES: [&'static str; 3] = ["done", "retry", "fatal"];
+
+    fn since(provider: &str) -> Sent {
+        let at_start = Self::OUTCOMES
+            .iter()
+            .map(|o| (*o, Self::total(provider, o)))
+            .collect();
+        Sent {
+            provider: provider.into(),
+            at_start,
+        }
+    }
+
+    fn total(provider: &str, outcome: &str) -> u64 {
+        aisle::metrics::metrics()
+            .purge_requests
+            .with_label_values(&[provider, outcome])
+            .get()
+    }
+
+    /// Requests answered with `outcome` since `since`.
+    fn count(&self, outcome: &str) -> u64 {
+        Self::total(&self.provider, outcome) - self.at_start[outcome]
+    }
 }
 
 // -------------------------------------------------------------------------------------------
@@ -388,6 +417,7 @@ fn counter(provider: &str, outcome: &str) -> u64 {
 /// once, on its 4th attempt, each attempt starting no earlier than the `not_before_ms` the
 /// previous failure persisted, which itself lies after that failure.
 async fn retries_then_delivers(redis: Option<&RedisServer>, name: &str) {
+    let sent = Sent::since(name);
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::new(name, |_, n| {
         Some(if n <= 3 {
@@ -462,9 +492,9 @@ async fn retries_then_delivers(redis: Option<&RedisServer>, name: &str) {
             .count();
         assert_eq!(n, 3, "attempt {a} reported for each batch");
     }
-    assert_eq!(counter(name, "retry"), 9);
-    assert_eq!(counter(name, "done"), 3);
-    assert_eq!(counter(name, "fatal"), 0);
+    assert_eq!(sent.count("retry"), 9);
+    assert_eq!(sent.count("done"), 3);
+    assert_eq!(sent.count("fatal"), 0);
     let depth = aisle::metrics::metrics()
         .purge_queue_depth
         .with_label_values(&[name])
@@ -624,6 +654,7 @@ async fn retry_after_holds_back_the_whole_fleet() {
 /// Batch 0 keeps failing (503) and dies after `max_attempts`; batch 1 is refused (400) and dies
 /// at once. Once the CDN is healthy, `retry_dead_letters` brings both back, attempts reset.
 async fn dead_letters(redis: Option<&RedisServer>, name: &str) {
+    let sent = Sent::since(name);
     let dir = tempfile::tempdir().unwrap();
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
@@ -679,8 +710,8 @@ async fn dead_letters(redis: Option<&RedisServer>, name: &str) {
         (dead[1].attempts, dead[1].last_error.as_str()),
         (1, "400 bad request")
     );
-    assert_eq!(counter(name, "retry"), 3);
-    assert_eq!(counter(name, "fatal"), 1);
+    assert_eq!(sent.count("retry"), 3);
+    assert_eq!(sent.count("fatal"), 1);
 
     healthy.store(true, Ordering::SeqCst);
     assert_eq!(q.retry_dead_letters().await, 2);

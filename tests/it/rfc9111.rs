@@ -2,11 +2,9 @@
 //! freshness sources, Vary, conditional requests, request directives,
 //! invalidation and Age.
 
-mod common;
-
 use std::time::{Duration, SystemTime};
 
-use common::*;
+use crate::harness::*;
 
 /// Origin answering every path with `cache_control` (if any) plus `extra`
 /// headers; the body is `<path> #<n>` where n is the per-path request number.

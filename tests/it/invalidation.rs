@@ -9,12 +9,11 @@
 //! and every refused request is followed by a check that the entry is still a hit. Nothing sleeps
 //! to synchronise: waits are `poll_until` with a deadline.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::redis::{wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
-use common::{
+use crate::harness::fixtures;
+use crate::harness::redis::{wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
+use crate::harness::{
     assert_hit, assert_purged, assert_stored_miss, config_for, fetch_with_body, poll_until,
     Gateway, Origin, OriginResponse, Resp,
 };
@@ -22,35 +21,6 @@ use serde_json::{json, Value};
 
 const TOKEN: &str = "inv-test-admin-token-7f3a91c2";
 const ENV: &[(&str, &str)] = &[("AISLE_ADMIN_TOKEN", TOKEN)];
-
-const RULES: &str = r#"
-[[event]]
-name = "availability_changed"
-invalidates = ["availability_change", "vendor:{vendorId}"]
-cdn = true
-
-[[rule]]
-name = "vendor"
-match = { method = "GET", path = "/api/vendors/:id" }
-upstream = "api"
-ttl = "60s"
-tags = ["vendors", "vendor:{path.id}"]
-invalidate_on = ["availability_change"]
-stale_while_revalidate = "1m"
-
-[[rule]]
-name = "kept"
-match = { method = "GET", path = "/api/kept/*" }
-upstream = "api"
-ttl = "60s"
-keep_tag_headers = true
-
-[[rule]]
-name = "everything"
-match = { method = "*", path = "/*" }
-upstream = "api"
-ttl = "60s"
-"#;
 
 /// GETs answer `<path> #<n>`, so every fill is recognisable; some paths carry tag headers;
 /// `POST /api/groups/update` answers with `Cache-Group-Invalidation: "g1"`.
@@ -90,7 +60,7 @@ fn gateway_toml(origin: &Origin, purge_allow: &str, extra: &str) -> String {
 async fn start(origin: &Origin) -> Gateway {
     Gateway::start_with_env(
         &gateway_toml(origin, "\"127.0.0.1/32\"", ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::INVALIDATION_RULES)],
         ENV,
     )
     .await
@@ -200,9 +170,9 @@ async fn tag_invalidation_through_one_instance_reaches_the_other() {
     let prefix = "t-inv2:";
     let cfg = format!(
         "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n",
-        common::redis::gateway_config(&origin.url(), &redis.section(prefix))
+        crate::harness::redis::gateway_config(&origin.url(), &redis.section(prefix))
     );
-    let rules = [("rules.toml", RULES)];
+    let rules = [("rules.toml", fixtures::INVALIDATION_RULES)];
     let (a, b) = tokio::join!(
         Gateway::start_with_env(&cfg, &rules, ENV),
         Gateway::start_with_env(&cfg, &rules, ENV)
@@ -592,7 +562,7 @@ async fn purge_method_outside_purge_allow_needs_the_token() {
     let origin = origin();
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "\"10.99.0.0/16\"", ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::INVALIDATION_RULES)],
         ENV,
     )
     .await;

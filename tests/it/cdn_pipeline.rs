@@ -8,14 +8,13 @@
 //! and restarted on the same queue. Backoff is the gateway's default (500 ms base, full jitter),
 //! so failures are kept few; every wait is a `poll_until` with a deadline.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::cdn::{FakeCloudFront, FakeCloudflare, FakeFastly};
-use common::redis::{RedisServer, SharedRedis};
-use common::{config_for, free_port, poll_until, Gateway, Origin, OriginResponse, Resp};
+use crate::harness::cdn::{FakeCloudFront, FakeCloudflare, FakeFastly};
+use crate::harness::fixtures;
+use crate::harness::redis::{RedisServer, SharedRedis};
+use crate::harness::{closed_url, config_for, poll_until, Gateway, Origin, OriginResponse, Resp};
 use serde_json::{json, Value};
 
 const TOKEN: &str = "cdn-pipeline-admin-token-4c1d";
@@ -37,14 +36,6 @@ const ENV: &[(&str, &str)] = &[
 
 /// Long enough for a few retries with the default backoff (500 ms base, doubling).
 const DELIVERY: Duration = Duration::from_secs(20);
-
-const RULES: &str = r#"
-[[rule]]
-name = "everything"
-match = { method = "GET", path = "/*" }
-upstream = "api"
-ttl = "60s"
-"#;
 
 fn origin() -> Origin {
     Origin::start(|req| OriginResponse::ok(format!("{} #{}", req.path, req.count)))
@@ -80,11 +71,6 @@ fn cloudfront_table(base: &str) -> String {
          access_key_id = \"${{AWS_ACCESS_KEY_ID}}\"\nsecret_access_key = \"${{AWS_SECRET_ACCESS_KEY}}\"\n\
          tag_paths = {{ vendors = [\"/api/vendors/*\"] }}\n"
     )
-}
-
-/// A base URL where nothing listens: the CDN is down.
-fn closed_base() -> String {
-    format!("http://127.0.0.1:{}", free_port())
 }
 
 // ---------------------------------------------------------------------------
@@ -260,7 +246,7 @@ async fn failing_cdn_is_retried_until_the_purge_arrives_once() {
     );
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "max_attempts = 6", &tables, ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -353,7 +339,7 @@ async fn retry_after_is_honoured() {
     cf.throttle_next(1, "2");
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "", &cloudflare_table(&cf.base()), ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -398,10 +384,10 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
     let redis_section = redis.map(|r| r.section(prefix)).unwrap_or_default();
 
     // 1. The CDN is down: the purge is accepted (202 queued) and retried.
-    let down = cloudflare_table(&closed_base());
+    let down = cloudflare_table(&closed_url());
     let gw1 = Gateway::start_with_env(
         &gateway_toml(&origin, &purge, &down, &redis_section),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -439,7 +425,7 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
     let mut deadline = DELIVERY;
     if let Some(r) = redis {
         let leased: Vec<String> = r.keys(&format!("{prefix}purge:*:processing"));
-        let mut con = common::redis::connect(&r.url()).expect("redis");
+        let mut con = crate::harness::redis::connect(&r.url()).expect("redis");
         let n: u64 = leased
             .iter()
             .map(|k| {
@@ -464,7 +450,7 @@ async fn survives_a_kill(redis: Option<&RedisServer>, first_dir: &Path, second_d
             &cloudflare_table(&cf.base()),
             &redis_section,
         ),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -538,7 +524,7 @@ async fn dead_letters_then_retry(redis: Option<&RedisServer>) {
             &cloudflare_table(&cf.base()),
             &extra,
         ),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -613,7 +599,7 @@ async fn cloudfront_receives_validly_signed_invalidations() {
     cfr.fail_next(1);
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, "", &cloudfront_table(&cfr.base()), ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;
@@ -676,7 +662,7 @@ async fn cloudfront_receives_validly_signed_invalidations() {
         .collect();
     let gw_bad = Gateway::start_with_env(
         &gateway_toml(&origin, "", &cloudfront_table(&bad.base()), ""),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         &bad_env,
     )
     .await;
@@ -735,7 +721,7 @@ async fn documented_cdn_table_form_loads() {
             config_for(&origin.url()),
             cloudflare_table(&cf.base())
         ),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
         ENV,
     )
     .await;

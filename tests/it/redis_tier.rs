@@ -1,12 +1,11 @@
 //! The shared Redis tier with one `redis-server`: two real gateways share it
 //! and one origin. Every test starts its own Redis on a free loopback port.
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis::*;
-use common::*;
+use crate::harness::fixtures;
+use crate::harness::redis::*;
+use crate::harness::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fill_is_a_hit_on_the_other_instance() {
@@ -202,7 +201,7 @@ async fn redis_down_at_start() {
     );
     let gw = Gateway::start(
         &gateway_config(&origin.url(), &section),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::SHARED_TIER_RULES)],
     )
     .await;
     assert_eq!(healthz_status(&gw).await, 200);

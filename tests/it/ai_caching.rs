@@ -5,37 +5,14 @@
 //! a Redis fleet) and the savings counters. Every test runs the real `aisle`
 //! binary against real loopback origins.
 
-mod common;
-
 use std::time::Duration;
 
-use common::redis::{wait_subscribed, RedisServer, SharedRedis};
-use common::*;
+use crate::harness::fixtures;
+use crate::harness::redis::{wait_subscribed, RedisServer, SharedRedis};
+use crate::harness::*;
 use serde_json::Value;
 
 const ADMIN_TOKEN: &str = "ai-caching-admin-token-0123456789";
-
-const RULES: &str = r#"
-[[rule]]
-name = "ai-recommendations"
-match = { method = "POST", path = "/api/ai/recommendations" }
-upstream = "ai"
-ttl = "10m"
-vary = ["body./query/type", "body./query/content", "body./weddingContext/location/city", "body./weddingContext/budgetRange", "body./weddingContext/weddingDate"]
-normalize = { "body./weddingContext/location/city" = "market", "body./weddingContext/weddingDate" = "season", "body./query/content" = "text" }
-cost = { per_request = 0.002, tokens = "/usage/total_tokens", per_1k_tokens = 0.01 }
-
-[[rule]]
-name = "chat"
-match = { method = "POST", path = "/v1/chat/completions" }
-upstream = "openai"
-ttl = "1h"
-body_key = { all = true, ignore = ["/user", "/metadata", "/stream_options"] }
-
-[tables.market]
-map = { "new york" = "nyc", brooklyn = "nyc" }
-fallback = "state"
-"#;
 
 const REC: &str = "/api/ai/recommendations";
 const CHAT: &str = "/v1/chat/completions";
@@ -107,7 +84,7 @@ fn ai_origin() -> Origin {
 async fn start_gateway(origin: &Origin, extra: &str) -> Gateway {
     Gateway::start_with_env(
         &config(&origin.url(), extra),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::AI_RULES)],
         &[("AISLE_ADMIN_TOKEN", ADMIN_TOKEN)],
     )
     .await

@@ -8,15 +8,14 @@
 //! Signatures are computed here from the scheme's definition (GitHub `X-Hub-Signature-256`,
 //! Stripe `Stripe-Signature`, Standard Webhooks `webhook-*`), never taken from the gateway.
 
-mod common;
-
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
-use common::cdn::FakeCloudflare;
-use common::{
+use crate::harness::cdn::FakeCloudflare;
+use crate::harness::fixtures;
+use crate::harness::{
     assert_hit, assert_purged, config_for, poll_until, Gateway, Origin, OriginResponse, Resp,
 };
+use base64::Engine;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
@@ -28,34 +27,6 @@ const TAVE_SECRET: &str = "tave-webhook-secret-91b2";
 const STRIPE_SECRET: &str = "whsec_stripe_test_secret_x7";
 /// 32 bytes; the configured secret is `whsec_<base64 of this>`.
 const SVIX_KEY: &[u8] = b"standard-webhooks-key-0123456789";
-
-const RULES: &str = r#"
-[[event]]
-name = "availability_changed"
-invalidates = ["availability_change", "vendor:{vendorId}"]
-cdn = true
-
-[[rule]]
-name = "vendor"
-match = { method = "GET", path = "/api/vendors/:id" }
-upstream = "api"
-ttl = "60s"
-tags = ["vendor:{path.id}"]
-
-[[rule]]
-name = "availability"
-match = { method = "GET", path = "/api/availability/:id" }
-upstream = "api"
-ttl = "60s"
-invalidate_on = ["availability_change"]
-
-[[rule]]
-name = "venue"
-match = { method = "GET", path = "/api/venues/:id" }
-upstream = "api"
-ttl = "60s"
-tags = ["venue:{path.id}"]
-"#;
 
 fn svix_secret() -> String {
     format!(
@@ -127,7 +98,7 @@ async fn fixture() -> Fixture {
     let svix = svix_secret();
     let gw = Gateway::start_with_env(
         &gateway_toml(&origin, &cf),
-        &[("rules.toml", RULES)],
+        &[("rules.toml", fixtures::WEBHOOK_RULES)],
         &[
             ("AISLE_ADMIN_TOKEN", TOKEN),
             ("CF_TOKEN", CF_TOKEN),
@@ -335,7 +306,7 @@ async fn wait_cdn_purges(cf: &FakeCloudflare, vendors: &[&str]) {
 
 /// `GET /admin/audit?since=..` records from `source`.
 async fn audit(gw: &Gateway, since: u64) -> Vec<Value> {
-    let r = common::fetch(
+    let r = crate::harness::fetch(
         gw.client(),
         "GET",
         &gw.admin_url(&format!("/admin/audit?since={since}")),

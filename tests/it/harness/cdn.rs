@@ -178,9 +178,6 @@ macro_rules! common_api {
         pub fn request_count(&self) -> usize {
             self.common.requests.lock().unwrap().len()
         }
-        pub fn requests(&self) -> Vec<FakeRequest> {
-            self.common.requests.lock().unwrap().clone()
-        }
         /// What a correct client would never have sent.
         pub fn violations(&self) -> Vec<String> {
             self.common.violations.lock().unwrap().clone()
@@ -191,7 +188,7 @@ macro_rules! common_api {
         }
         /// The next `n` valid requests get a 500.
         pub fn fail_next(&self, n: usize) {
-            self.common.inject(n, Injected::Status(500));
+            self.fail_next_with(n, 500);
         }
         /// The next `n` valid requests get `status`.
         pub fn fail_next_with(&self, n: usize, status: u16) {
@@ -520,9 +517,6 @@ impl FakeFastly {
     /// Accepted purges as (keys, soft), in order.
     pub fn accepted(&self) -> Vec<(Vec<String>, bool)> {
         self.state.lock().unwrap().accepted.clone()
-    }
-    pub fn accepted_keys(&self) -> Vec<String> {
-        self.accepted().into_iter().flat_map(|(k, _)| k).collect()
     }
     pub fn soft_keys(&self) -> Vec<String> {
         self.accepted()

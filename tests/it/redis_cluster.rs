@@ -1,9 +1,7 @@
 //! The shared tier on a three-node Redis Cluster (`cluster = [...]`): the
 //! same scenarios as `redis_tier.rs`. Every test forms its own cluster.
 
-mod common;
-
-use common::redis::*;
+use crate::harness::redis::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cluster_a_fill_is_a_hit_on_the_other_instance() {
