@@ -8,7 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aisle::purge::providers::{build, CdnConfig};
-use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+use aisle::purge::ProviderAnswer as Outcome;
+use aisle::purge::{Batch, Kind, Provider, PurgeJob};
 use common::cdn::*;
 use common::{Origin, OriginResponse};
 

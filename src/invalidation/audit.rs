@@ -7,7 +7,8 @@
 //! `GET /admin/events` subscribers (server-sent events), together with invalidations received
 //! from other instances.
 
-use crate::purge::{Outcome, Report};
+use crate::clock::now_ms;
+use crate::purge::{AnswerSink, ProviderAnswer};
 use crate::storage::redis::RedisTier;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -31,7 +32,7 @@ pub struct CdnAnswer {
 
 /// One invalidation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct AuditRecord {
+pub struct AuditEntry {
     pub id: String,
     pub at_ms: u64,
     /// `admin`, `webhook:<source>`, `purge-method`, `unsafe-request`, `fleet`.
@@ -52,7 +53,7 @@ pub struct AuditRecord {
 
 /// The audit log and the event stream.
 pub struct Audit {
-    ring: Mutex<VecDeque<AuditRecord>>,
+    ring: Mutex<VecDeque<AuditEntry>>,
     events: broadcast::Sender<String>,
     redis: Option<Arc<RedisTier>>,
 }
@@ -76,7 +77,7 @@ impl Audit {
     }
 
     /// Records an invalidation and publishes it to event-stream subscribers.
-    pub fn record(&self, rec: AuditRecord) {
+    pub fn record(&self, rec: AuditEntry) {
         let json = serde_json::to_string(&rec).unwrap_or_default();
         let _ = self.events.send(json.clone());
         {
@@ -122,7 +123,7 @@ impl Audit {
 
     /// Records at or after `since_ms`, oldest first (from Redis when configured, so every
     /// instance's invalidations and every worker's CDN answers are included).
-    pub async fn since(&self, since_ms: u64) -> Vec<AuditRecord> {
+    pub async fn since(&self, since_ms: u64) -> Vec<AuditEntry> {
         if let Some(redis) = &self.redis {
             let raw: Option<Vec<String>> = redis
                 .background(
@@ -134,9 +135,9 @@ impl Audit {
                 )
                 .await;
             if let Some(raw) = raw {
-                let mut out: Vec<AuditRecord> = raw
+                let mut out: Vec<AuditEntry> = raw
                     .iter()
-                    .filter_map(|j| serde_json::from_str::<AuditRecord>(j).ok())
+                    .filter_map(|j| serde_json::from_str::<AuditEntry>(j).ok())
                     .filter(|r| r.at_ms >= since_ms)
                     .collect();
                 out.reverse();
@@ -168,19 +169,19 @@ impl Audit {
     }
 }
 
-impl Report for Audit {
-    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &Outcome) {
-        let (kind, detail) = match outcome {
-            Outcome::Done(d) => ("done", d.clone()),
-            Outcome::Retry { detail, .. } => ("retry", detail.clone()),
-            Outcome::Fatal(d) => ("fatal", d.clone()),
+impl AnswerSink for Audit {
+    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, answer: &ProviderAnswer) {
+        let (kind, detail) = match answer {
+            ProviderAnswer::Done(d) => ("done", d.clone()),
+            ProviderAnswer::Retry { detail, .. } => ("retry", detail.clone()),
+            ProviderAnswer::Fatal(d) => ("fatal", d.clone()),
         };
         let answer = CdnAnswer {
             provider: provider.to_string(),
             attempt,
             outcome: kind.to_string(),
             detail,
-            at_ms: crate::invalidation::epochs::now_ms(),
+            at_ms: now_ms(),
         };
         if let Some(rec) = self.ring.lock().iter_mut().rev().find(|r| r.id == job_id) {
             rec.cdn_answers.push(answer.clone());
@@ -206,13 +207,13 @@ mod tests {
     async fn records_answers_and_streams() {
         let audit = Audit::new(None);
         let mut rx = audit.subscribe();
-        audit.record(AuditRecord {
+        audit.record(AuditEntry {
             id: "j1".into(),
             at_ms: 10,
             tags: vec!["t".into()],
             ..Default::default()
         });
-        audit.record(AuditRecord {
+        audit.record(AuditEntry {
             id: "j2".into(),
             at_ms: 20,
             ..Default::default()
@@ -221,18 +222,18 @@ mod tests {
             "j1",
             "cloudflare",
             1,
-            &Outcome::Retry {
+            &ProviderAnswer::Retry {
                 after: None,
                 detail: "500".into(),
             },
         );
-        audit.cdn_answer("j1", "cloudflare", 2, &Outcome::Done("id-1".into()));
+        audit.cdn_answer("j1", "cloudflare", 2, &ProviderAnswer::Done("id-1".into()));
         let all = audit.since(0).await;
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].cdn_answers.len(), 2);
         assert_eq!(all[0].cdn_answers[1].outcome, "done");
         assert_eq!(audit.since(15).await.len(), 1);
-        let first: AuditRecord = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
+        let first: AuditEntry = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
         assert_eq!(first.id, "j1");
     }
 }

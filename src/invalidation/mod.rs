@@ -20,7 +20,7 @@ use crate::purge::PurgeJob;
 use crate::rules::RuleSet;
 use crate::storage::redis::{Message, RedisTier};
 use crate::storage::tiered::Tiered;
-use audit::{Audit, AuditRecord};
+use audit::{Audit, AuditEntry};
 use epochs::{now_ms, Epoch, Epochs};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -290,7 +290,7 @@ impl Invalidator {
             cdn: if job.is_some() { "queued" } else { "none" }.to_string(),
         };
         // Recorded before the job is queued, so the worker's first answer finds its record.
-        self.audit.record(AuditRecord {
+        self.audit.record(AuditEntry {
             id: id.clone(),
             at_ms,
             source: plan.source,

@@ -23,7 +23,7 @@
 //! is harmless, a purge dropped is not. The sending, pacing and backoff live in
 //! [`super::worker`].
 
-use super::{Batch, Provider, PurgeJob, Report};
+use super::{AnswerSink, Batch, Provider, PurgeJob};
 use crate::metrics::metrics;
 use crate::storage::redis::RedisTier;
 use parking_lot::Mutex;
@@ -125,16 +125,16 @@ pub struct PurgeQueue {
     cfg: QueueConfig,
     providers: Vec<Arc<dyn Provider>>,
     redis: Option<Arc<RedisTier>>,
-    report: Arc<dyn Report>,
+    answers: Arc<dyn AnswerSink>,
     file: Arc<Mutex<FileLog>>,
     /// Redis transitions that could not be applied yet (Redis unreachable), oldest first.
     pending: Mutex<Vec<Transition>>,
     wake: HashMap<String, Arc<Notify>>,
 }
 
-/// Where a claimed item lives.
+/// Which store a claimed item came from (and so where its outcome is recorded).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+pub(crate) enum Store {
     Redis,
     File,
 }
@@ -143,7 +143,7 @@ pub(crate) enum Source {
 #[derive(Debug)]
 pub(crate) struct Claimed {
     pub item: Item,
-    pub source: Source,
+    pub store: Store,
 }
 
 /// What a claim found.
@@ -189,7 +189,7 @@ impl PurgeQueue {
         cfg: QueueConfig,
         providers: Vec<Arc<dyn Provider>>,
         redis: Option<Arc<RedisTier>>,
-        report: Arc<dyn Report>,
+        answers: Arc<dyn AnswerSink>,
     ) -> io::Result<Arc<Self>> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
         if cfg.max_attempts == 0 {
@@ -227,7 +227,7 @@ impl PurgeQueue {
             cfg,
             providers,
             redis,
-            report,
+            answers,
             file: Arc::new(Mutex::new(file)),
             pending: Mutex::new(Vec::new()),
             wake,
@@ -242,8 +242,9 @@ impl PurgeQueue {
         &self.providers
     }
 
-    pub(crate) fn report(&self) -> &dyn Report {
-        &*self.report
+    /// Where the worker reports each CDN answer.
+    pub(crate) fn answers(&self) -> &dyn AnswerSink {
+        &*self.answers
     }
 
     /// The notifier a provider's worker waits on (woken by local enqueues).
@@ -428,7 +429,7 @@ impl PurgeQueue {
             if !local.is_empty() {
                 let n = local.len();
                 match self
-                    .with_file(move |f| f.put(local, Stored::Queued, true))
+                    .with_file(move |f| f.put(local, LogState::Queued, true))
                     .await
                 {
                     Ok(()) => moved += n,
@@ -471,7 +472,7 @@ impl PurgeQueue {
             Ok(item) => {
                 return Claim::Item(Claimed {
                     item,
-                    source: Source::File,
+                    store: Store::File,
                 })
             }
             Err(next) => next,
@@ -511,7 +512,7 @@ impl PurgeQueue {
                         Ok(item) => {
                             return Claim::Item(Claimed {
                                 item,
-                                source: Source::Redis,
+                                store: Store::Redis,
                             })
                         }
                         Err(e) => {
@@ -566,21 +567,21 @@ impl PurgeQueue {
     /// written later (Redis) or falls back to replaying an older state (the file) after a
     /// restart, which means an extra send, never a lost purge.
     pub(crate) async fn finish(&self, claimed: Claimed, finish: Finish) {
-        match claimed.source {
-            Source::File => {
+        match claimed.store {
+            Store::File => {
                 let item = claimed.item;
                 let r = self
                     .with_file(move |f| match finish {
                         Finish::Done => f.done(&item.id),
-                        Finish::Retry => f.put(vec![item], Stored::Queued, false),
-                        Finish::Dead => f.put(vec![item], Stored::Dead, true),
+                        Finish::Retry => f.put(vec![item], LogState::Queued, false),
+                        Finish::Dead => f.put(vec![item], LogState::Dead, true),
                     })
                     .await;
                 if let Err(e) = r {
                     tracing::warn!("local purge queue: could not record an outcome: {e}");
                 }
             }
-            Source::Redis => {
+            Store::Redis => {
                 let t = Transition {
                     item: claimed.item,
                     finish,
@@ -836,7 +837,7 @@ return 1
 /// Where an item is, as the log records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-enum Stored {
+enum LogState {
     Queued,
     Dead,
 }
@@ -844,9 +845,9 @@ enum Stored {
 /// One line of `queue.log`.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum Record {
+enum LogLine {
     /// The item's current state (enqueue, retry, dead letter, revival).
-    Put { state: Stored, item: Item },
+    Put { state: LogState, item: Item },
     /// Delivered: forget it.
     Done { id: String },
 }
@@ -923,7 +924,7 @@ impl FileLog {
             if line.trim().is_empty() {
                 continue;
             }
-            match serde_json::from_str::<Record>(line) {
+            match serde_json::from_str::<LogLine>(line) {
                 Ok(r) => log.apply(r),
                 Err(e) => tracing::warn!("{}:{}: unreadable record: {e}", path.display(), n + 1),
             }
@@ -940,12 +941,12 @@ impl FileLog {
         Ok(log)
     }
 
-    fn apply(&mut self, r: Record) {
+    fn apply(&mut self, r: LogLine) {
         match r {
-            Record::Put { state, item } => {
+            LogLine::Put { state, item } => {
                 let state = match state {
-                    Stored::Queued => State::Queued,
-                    Stored::Dead => State::Dead,
+                    LogState::Queued => State::Queued,
+                    LogState::Dead => State::Dead,
                 };
                 let seq = match self.entries.get(&item.id) {
                     Some(e) => e.seq,
@@ -957,7 +958,7 @@ impl FileLog {
                 self.entries
                     .insert(item.id.clone(), Entry { item, state, seq });
             }
-            Record::Done { id } => {
+            LogLine::Done { id } => {
                 self.entries.remove(&id);
             }
         }
@@ -965,7 +966,7 @@ impl FileLog {
 
     /// Appends records (all or nothing: a failed write is cut back), optionally fsynced, then
     /// applies them. `Err`: nothing was recorded.
-    fn append(&mut self, records: Vec<Record>, sync: bool) -> io::Result<()> {
+    fn append(&mut self, records: Vec<LogLine>, sync: bool) -> io::Result<()> {
         let mut buf = Vec::new();
         for r in &records {
             serde_json::to_writer(&mut buf, r)?;
@@ -1008,13 +1009,13 @@ impl FileLog {
         if new.is_empty() {
             return Ok(());
         }
-        self.put(new, Stored::Queued, true)
+        self.put(new, LogState::Queued, true)
     }
 
-    fn put(&mut self, items: Vec<Item>, state: Stored, sync: bool) -> io::Result<()> {
+    fn put(&mut self, items: Vec<Item>, state: LogState, sync: bool) -> io::Result<()> {
         let records = items
             .iter()
-            .map(|item| Record::Put {
+            .map(|item| LogLine::Put {
                 state,
                 item: item.clone(),
             })
@@ -1027,8 +1028,8 @@ impl FileLog {
                 if let Some(e) = self.entries.get_mut(&item.id) {
                     if e.state == State::InFlight {
                         e.state = match state {
-                            Stored::Queued => State::Queued,
-                            Stored::Dead => State::Dead,
+                            LogState::Queued => State::Queued,
+                            LogState::Dead => State::Dead,
                         };
                         e.item = item;
                     }
@@ -1039,7 +1040,7 @@ impl FileLog {
     }
 
     fn done(&mut self, id: &str) -> io::Result<()> {
-        let r = self.append(vec![Record::Done { id: id.to_string() }], false);
+        let r = self.append(vec![LogLine::Done { id: id.to_string() }], false);
         // Delivered either way; an unrecorded completion means one extra send after a restart.
         self.entries.remove(id);
         self.maybe_compact();
@@ -1140,13 +1141,13 @@ impl FileLog {
         let mut buf = Vec::new();
         for e in &live {
             let state = if e.state == State::Dead {
-                Stored::Dead
+                LogState::Dead
             } else {
-                Stored::Queued
+                LogState::Queued
             };
             serde_json::to_writer(
                 &mut buf,
-                &Record::Put {
+                &LogLine::Put {
                     state,
                     item: e.item.clone(),
                 },
@@ -1222,7 +1223,7 @@ mod tests {
             let mut log = FileLog::open(dir.path()).unwrap();
             log.put(
                 vec![item("a", "cf", 0), item("b", "cf", 0), item("c", "fa", 0)],
-                Stored::Queued,
+                LogState::Queued,
                 true,
             )
             .unwrap();
@@ -1231,10 +1232,10 @@ mod tests {
             let mut retried = claimed;
             retried.attempts = 1;
             retried.not_before_ms = 500;
-            log.put(vec![retried], Stored::Queued, false).unwrap();
+            log.put(vec![retried], LogState::Queued, false).unwrap();
             let b = log.claim("cf", 10).unwrap();
             assert_eq!(b.id, "b");
-            log.put(vec![b], Stored::Dead, true).unwrap();
+            log.put(vec![b], LogState::Dead, true).unwrap();
             assert_eq!(
                 log.claim("cf", 10),
                 Err(Some(500)),
@@ -1260,7 +1261,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut log = FileLog::open(dir.path()).unwrap();
-            log.put(vec![item("a", "cf", 0)], Stored::Queued, true)
+            log.put(vec![item("a", "cf", 0)], LogState::Queued, true)
                 .unwrap();
             assert!(log.claim("cf", 1).is_ok());
             assert_eq!(log.counts("cf"), (0, 1, 0));
@@ -1287,7 +1288,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut log = FileLog::open(dir.path()).unwrap();
-            log.put(vec![item("a", "cf", 0)], Stored::Queued, true)
+            log.put(vec![item("a", "cf", 0)], LogState::Queued, true)
                 .unwrap();
         }
         let path = dir.path().join("queue.log");
@@ -1298,13 +1299,13 @@ mod tests {
         {
             let mut log = FileLog::open(dir.path()).unwrap();
             assert_eq!(log.counts("cf"), (1, 0, 0));
-            log.put(vec![item("b", "cf", 0)], Stored::Queued, true)
+            log.put(vec![item("b", "cf", 0)], LogState::Queued, true)
                 .unwrap();
         }
         let log = FileLog::open(dir.path()).unwrap();
         assert_eq!(log.counts("cf"), (2, 0, 0));
         for line in lines(dir.path()) {
-            serde_json::from_str::<Record>(&line).expect("every line is a whole record");
+            serde_json::from_str::<LogLine>(&line).expect("every line is a whole record");
         }
     }
 
@@ -1314,7 +1315,7 @@ mod tests {
         let mut log = FileLog::open(dir.path()).unwrap();
         log.put(
             vec![item("a", "cf", 0), item("b", "cf", 0)],
-            Stored::Queued,
+            LogState::Queued,
             true,
         )
         .unwrap();
@@ -1331,7 +1332,7 @@ mod tests {
                 .len(),
             0
         );
-        log.put(vec![item("c", "cf", 0)], Stored::Queued, true)
+        log.put(vec![item("c", "cf", 0)], LogState::Queued, true)
             .unwrap();
         drop(log);
         let log = FileLog::open(dir.path()).unwrap();
@@ -1346,11 +1347,11 @@ mod tests {
     fn a_long_log_is_rewritten_with_the_live_items() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = FileLog::open(dir.path()).unwrap();
-        log.put(vec![item("keep", "cf", 0)], Stored::Queued, true)
+        log.put(vec![item("keep", "cf", 0)], LogState::Queued, true)
             .unwrap();
         for i in 0..COMPACT_MIN_RECORDS {
             let id = format!("t{i}");
-            log.put(vec![item(&id, "cf", 0)], Stored::Queued, false)
+            log.put(vec![item(&id, "cf", 0)], LogState::Queued, false)
                 .unwrap();
             log.done(&id).unwrap();
         }
