@@ -12,8 +12,9 @@
 //! worker can be stopped or killed at any point and the next one (here or on another instance)
 //! picks up where it left.
 
-use super::queue::{ms_after, now_ms, Claim, Claimed, Finish, PurgeQueue};
+use super::queue::{Claim, Claimed, Finish, PurgeQueue};
 use super::{Provider, ProviderAnswer};
+use crate::clock::{ms_after, now_ms};
 use crate::metrics::metrics;
 use async_trait::async_trait;
 use futures_util::FutureExt;
