@@ -14,7 +14,7 @@ use aisle::purge::queue::{Item, PurgeQueue, QueueConfig, QueueStatus};
 use aisle::purge::worker::PurgeWorker;
 use aisle::purge::{AnswerSink as Report, ProviderAnswer as Outcome};
 use aisle::purge::{Batch, Kind, Provider, PurgeJob};
-use aisle::storage::redis::RedisTier;
+use aisle::redis::Redis;
 use async_trait::async_trait;
 use common::poll_until;
 use common::redis::{connect, RedisServer};
@@ -238,9 +238,9 @@ fn cfg(dir: &Path) -> QueueConfig {
     c
 }
 
-fn tier(redis: &RedisServer) -> Arc<RedisTier> {
+fn tier(redis: &RedisServer) -> Arc<Redis> {
     Arc::new(
-        RedisTier::new(&RedisConfig {
+        Redis::new(&RedisConfig {
             url: redis.url(),
             cluster: Vec::new(),
             prefix: PREFIX.into(),

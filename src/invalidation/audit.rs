@@ -6,18 +6,24 @@
 //! can answer `GET /admin/audit` for all of them. Each record is also published to local
 //! `GET /admin/events` subscribers (server-sent events), together with invalidations received
 //! from other instances.
+//!
+//! In Redis (the `audit` keyspace): `{prefix}audit` (a list of entries, newest first, capped at
+//! 10 000) and `{prefix}audit:cdn:<id>` (one invalidation's CDN answers, kept a week).
 
 use crate::clock::now_ms;
 use crate::purge::{AnswerSink, ProviderAnswer};
-use crate::storage::redis::RedisTier;
+use crate::redis::{Keyspace, Redis};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::broadcast;
 
-/// Records kept in memory (and in Redis).
+/// Entries kept in memory (and in Redis).
 const KEEP: usize = 10_000;
+/// How long Redis keeps one invalidation's CDN answers.
+const ANSWERS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What one CDN answered to one attempt.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -55,25 +61,44 @@ pub struct AuditEntry {
 pub struct Audit {
     ring: Mutex<VecDeque<AuditEntry>>,
     events: broadcast::Sender<String>,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisLog>>,
+}
+
+/// The fleet's copy of the log: the connection and the `audit` keyspace.
+struct RedisLog {
+    redis: Arc<Redis>,
+    keys: Keyspace,
+}
+
+impl RedisLog {
+    /// The list of entries.
+    fn log_key(&self) -> &str {
+        self.keys.root()
+    }
+
+    /// One invalidation's CDN answers.
+    fn answers_key(&self, id: &str) -> String {
+        self.keys.key(format_args!(":cdn:{id}"))
+    }
 }
 
 impl Audit {
-    pub fn new(redis: Option<Arc<RedisTier>>) -> Self {
+    /// The log, kept in `redis` too when given. `Err`: the audit keyspace clashes with another
+    /// domain's.
+    pub fn new(redis: Option<Arc<Redis>>) -> Result<Self, String> {
         let (events, _) = broadcast::channel(1024);
-        Audit {
+        let redis = match redis {
+            Some(redis) => Some(Arc::new(RedisLog {
+                keys: redis.keyspace("audit log", "audit")?,
+                redis,
+            })),
+            None => None,
+        };
+        Ok(Audit {
             ring: Mutex::new(VecDeque::new()),
             events,
             redis,
-        }
-    }
-
-    fn log_key(r: &RedisTier) -> String {
-        format!("{}audit", r.prefix)
-    }
-
-    fn answers_key(r: &RedisTier, id: &str) -> String {
-        format!("{}audit:cdn:{id}", r.prefix)
+        })
     }
 
     /// Records an invalidation and publishes it to event-stream subscribers.
@@ -87,19 +112,16 @@ impl Audit {
                 ring.pop_front();
             }
         }
-        if let Some(redis) = self.redis.clone() {
+        if let Some(log) = self.redis.clone() {
             tokio::spawn(async move {
                 let mut pipe = redis::pipe();
-                pipe.cmd("LPUSH")
-                    .arg(Self::log_key(&redis))
-                    .arg(json)
-                    .ignore();
+                pipe.cmd("LPUSH").arg(log.log_key()).arg(json).ignore();
                 pipe.cmd("LTRIM")
-                    .arg(Self::log_key(&redis))
+                    .arg(log.log_key())
                     .arg(0)
                     .arg(KEEP - 1)
                     .ignore();
-                let _: Option<()> = redis.background_pipe("audit", &pipe).await;
+                let _: Option<()> = log.redis.background_pipe("audit", &pipe).await;
             });
         }
     }
@@ -124,14 +146,12 @@ impl Audit {
     /// Records at or after `since_ms`, oldest first (from Redis when configured, so every
     /// instance's invalidations and every worker's CDN answers are included).
     pub async fn since(&self, since_ms: u64) -> Vec<AuditEntry> {
-        if let Some(redis) = &self.redis {
-            let raw: Option<Vec<String>> = redis
+        if let Some(log) = &self.redis {
+            let raw: Option<Vec<String>> = log
+                .redis
                 .background(
                     "audit",
-                    redis::cmd("LRANGE")
-                        .arg(Self::log_key(redis))
-                        .arg(0)
-                        .arg(KEEP - 1),
+                    redis::cmd("LRANGE").arg(log.log_key()).arg(0).arg(KEEP - 1),
                 )
                 .await;
             if let Some(raw) = raw {
@@ -142,11 +162,12 @@ impl Audit {
                     .collect();
                 out.reverse();
                 for rec in out.iter_mut().rev().take(200) {
-                    let answers: Option<Vec<String>> = redis
+                    let answers: Option<Vec<String>> = log
+                        .redis
                         .background(
                             "audit",
                             redis::cmd("LRANGE")
-                                .arg(Self::answers_key(redis, &rec.id))
+                                .arg(log.answers_key(&rec.id))
                                 .arg(0)
                                 .arg(-1),
                         )
@@ -186,14 +207,17 @@ impl AnswerSink for Audit {
         if let Some(rec) = self.ring.lock().iter_mut().rev().find(|r| r.id == job_id) {
             rec.cdn_answers.push(answer.clone());
         }
-        if let Some(redis) = self.redis.clone() {
-            let key = Self::answers_key(&redis, job_id);
+        if let Some(log) = self.redis.clone() {
+            let key = log.answers_key(job_id);
             let json = serde_json::to_string(&answer).unwrap_or_default();
             tokio::spawn(async move {
                 let mut pipe = redis::pipe();
                 pipe.cmd("RPUSH").arg(&key).arg(json).ignore();
-                pipe.cmd("EXPIRE").arg(&key).arg(7 * 24 * 3600).ignore();
-                let _: Option<()> = redis.background_pipe("audit", &pipe).await;
+                pipe.cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(ANSWERS_KEPT.as_secs())
+                    .ignore();
+                let _: Option<()> = log.redis.background_pipe("audit", &pipe).await;
             });
         }
     }
@@ -205,7 +229,7 @@ mod tests {
 
     #[tokio::test]
     async fn records_answers_and_streams() {
-        let audit = Audit::new(None);
+        let audit = Audit::new(None).unwrap();
         let mut rx = audit.subscribe();
         audit.record(AuditEntry {
             id: "j1".into(),

@@ -4,9 +4,9 @@
 //! returns, so a `202` is never lost. Two stores, one shape, and this facade choosing between
 //! them:
 //!
-//! * **Redis** ([`redis`], when configured): shared by the fleet, each item leased to exactly one
+//! * **Redis** (`redis.rs`, when configured): shared by the fleet, each item leased to exactly one
 //!   instance at a time, paced fleet-wide.
-//! * **A local append-only log** ([`local`]): the store when there is no Redis, and the spill when
+//! * **A local append-only log** (`local.rs`): the store when there is no Redis, and the spill when
 //!   Redis is configured but unreachable: items spilled there are sent by this instance directly.
 //!
 //! Redis being down degrades, never corrupts: an enqueue spills to the file; a completion that
@@ -24,7 +24,7 @@ use self::redis::RedisStore;
 use super::{AnswerSink, Batch, Provider, PurgeJob};
 use crate::clock::now_ms;
 use crate::metrics::metrics;
-use crate::storage::redis::RedisTier;
+use crate::redis::Redis;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -162,12 +162,12 @@ pub(crate) enum Finish {
 }
 
 impl PurgeQueue {
-    /// Opens the local queue (replaying what a previous run left) and wires the providers;
-    /// `answers` hears every CDN answer.
+    /// Opens the local queue (replaying what a previous run left), claims the queue's keyspace
+    /// on `redis` and wires the providers; `answers` hears every CDN answer.
     pub fn new(
         cfg: QueueConfig,
         providers: Vec<Arc<dyn Provider>>,
-        redis: Option<Arc<RedisTier>>,
+        redis: Option<Arc<Redis>>,
         answers: Arc<dyn AnswerSink>,
     ) -> io::Result<Arc<Self>> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
@@ -194,7 +194,10 @@ impl PurgeQueue {
                 )));
             }
         }
-        let redis = redis.map(RedisStore::new);
+        let redis = redis
+            .map(RedisStore::new)
+            .transpose()
+            .map_err(io::Error::other)?;
         let file = FileLog::open(&cfg.dir)?;
         for p in file.providers() {
             if !wake.contains_key(&p) {

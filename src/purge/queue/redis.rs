@@ -1,7 +1,7 @@
 //! The purge queue's Redis store: shared by the fleet, surviving restarts (as far as Redis' own
 //! persistence goes).
 //!
-//! Per provider, in one cluster slot (the `{provider}` hash tag), under the `purge:` prefix:
+//! Per provider, in one cluster slot (the `{provider}` hash tag), under the `purge:` keyspace:
 //! `{prefix}purge:{p}:items` (hash id -> item JSON), `:queue` (zset id by `not_before_ms`),
 //! `:processing` (zset id by lease deadline), `:dead` (zset id by time of death) and `:pace` (the
 //! fleet-wide rate limiter's state, which a `Retry-After` also moves forward). Every transition
@@ -15,7 +15,7 @@
 
 use super::{Finish, Item};
 use crate::clock::now_ms;
-use crate::storage::redis::RedisTier;
+use crate::redis::{Keyspace, Redis};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,9 +49,8 @@ struct Transition {
 
 /// The queue's keys in Redis, and the transitions Redis has not taken yet.
 pub(super) struct RedisStore {
-    redis: Arc<RedisTier>,
-    /// `{prefix}purge:`
-    base: String,
+    redis: Arc<Redis>,
+    keys: Keyspace,
     /// Transitions that could not be applied yet (Redis unreachable), oldest first.
     pending: Mutex<Vec<Transition>>,
 }
@@ -66,17 +65,17 @@ struct ProviderKeys {
 }
 
 impl RedisStore {
-    /// The store on `redis`.
-    pub(super) fn new(redis: Arc<RedisTier>) -> Self {
-        RedisStore {
-            base: format!("{}purge:", redis.prefix),
+    /// The store on `redis`. `Err`: its keyspace clashes with another domain's.
+    pub(super) fn new(redis: Arc<Redis>) -> Result<Self, String> {
+        Ok(RedisStore {
+            keys: redis.keyspace("purge queue", "purge:")?,
             redis,
             pending: Mutex::new(Vec::new()),
-        }
+        })
     }
 
     fn keys(&self, provider: &str) -> ProviderKeys {
-        let key = |part: &str| format!("{}{{{provider}}}:{part}", self.base);
+        let key = |part: &str| self.keys.key(format_args!("{{{provider}}}:{part}"));
         ProviderKeys {
             items: key("items"),
             queue: key("queue"),
@@ -357,7 +356,7 @@ mod tests {
     #[test]
     fn keys_keep_their_names_and_one_slot_per_provider() {
         // Nothing connects until the first operation.
-        let redis = RedisTier::new(&RedisConfig {
+        let redis = Redis::new(&RedisConfig {
             url: "redis://127.0.0.1:1".into(),
             cluster: Vec::new(),
             prefix: "aisle:".into(),
@@ -365,7 +364,7 @@ mod tests {
             keys: None,
         })
         .unwrap();
-        let store = RedisStore::new(Arc::new(redis));
+        let store = RedisStore::new(Arc::new(redis)).unwrap();
         let k = store.keys("cloudflare");
         assert_eq!(k.items, "aisle:purge:{cloudflare}:items");
         assert_eq!(k.queue, "aisle:purge:{cloudflare}:queue");
