@@ -9,6 +9,7 @@
 //! | which rule does a request match?       | [`rules`]         |
 //! | how is a cache key built?              | [`key`]           |
 //! | may this be stored / served (RFC 9111)?| [`policy`]        |
+//! | who owns the Redis connection and keys?| [`redis`]         |
 //! | where do cached bytes live?            | [`storage`]       |
 //! | what does `Cache-Status` say?          | [`cache_status`]  |
 //! | the request phases (Pingora hooks)     | [`proxy`]         |
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod purge;
+pub mod redis;
 pub mod rules;
 pub mod server;
 pub mod storage;

@@ -22,7 +22,7 @@ use crate::rules::RuleSet;
 use crate::storage::epochs::{Epoch, Epochs};
 use crate::storage::redis::{Message, RedisTier};
 use crate::storage::tiered::Tiered;
-use audit::{Audit, AuditRecord};
+use audit::{Audit, AuditEntry};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -289,7 +289,7 @@ impl Invalidator {
             cdn: if job.is_some() { "queued" } else { "none" }.to_string(),
         };
         // Recorded before the job is queued, so the worker's first answer finds its record.
-        self.audit.record(AuditRecord {
+        self.audit.record(AuditEntry {
             id: id.clone(),
             at_ms,
             source: plan.source,

@@ -1,12 +1,12 @@
 //! The real CDN purge providers (built from config by `purge::providers::build`) against loopback
 //! fakes that check every request as the real APIs would (`harness::cdn`): what reaches each API,
-//! in how many requests, and how each kind of answer becomes an `Outcome`.
-
-use aisle::purge::providers::{build, CdnConfig};
-use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+//! in how many requests, and how each kind of answer becomes a `ProviderAnswer`.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use aisle::purge::providers::{build, CdnConfig};
+use aisle::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
 
 use crate::harness::cdn::*;
 use crate::harness::{closed_url, Origin, OriginResponse};
@@ -52,7 +52,7 @@ tag_paths = {{ vendors = ["/api/vendors/*"], "wedding:*" = ["/api/weddings/*"], 
 }
 
 /// Sends every batch of `job` once, in order, with idempotency keys `{id}-{n}`.
-async fn run(p: &dyn Provider, job: &PurgeJob) -> Vec<(Batch, Outcome)> {
+async fn run(p: &dyn Provider, job: &PurgeJob) -> Vec<(Batch, ProviderAnswer)> {
     let mut out = Vec::new();
     for (i, b) in p.batches(job).into_iter().enumerate() {
         let o = p.send(&b, &format!("{}-{i}", job.id)).await;
@@ -61,10 +61,10 @@ async fn run(p: &dyn Provider, job: &PurgeJob) -> Vec<(Batch, Outcome)> {
     out
 }
 
-fn assert_all_done(results: &[(Batch, Outcome)]) {
+fn assert_all_done(results: &[(Batch, ProviderAnswer)]) {
     for (b, o) in results {
         assert!(
-            matches!(o, Outcome::Done(_)),
+            matches!(o, ProviderAnswer::Done(_)),
             "{:?} batch of {} -> {o:?}",
             b.kind,
             b.items.len()
@@ -80,16 +80,16 @@ fn one_batch(kind: Kind, items: &[&str], soft: bool) -> Batch {
     }
 }
 
-fn retry_after(o: &Outcome) -> Option<Duration> {
+fn retry_after(o: &ProviderAnswer) -> Option<Duration> {
     match o {
-        Outcome::Retry { after, .. } => *after,
+        ProviderAnswer::Retry { after, .. } => *after,
         other => panic!("expected Retry, got {other:?}"),
     }
 }
 
-fn fatal(o: &Outcome) -> &str {
+fn fatal(o: &ProviderAnswer) -> &str {
     match o {
-        Outcome::Fatal(m) => m,
+        ProviderAnswer::Fatal(m) => m,
         other => panic!("expected Fatal, got {other:?}"),
     }
 }
@@ -126,7 +126,7 @@ async fn cloudflare_purges_each_kind_in_requests_of_at_most_100() {
     // The Done detail carries the API's purge id.
     for ((_, o), id) in results.iter().zip(fake.purge_ids()) {
         assert!(
-            matches!(o, Outcome::Done(d) if d.contains(&id)),
+            matches!(o, ProviderAnswer::Done(d) if d.contains(&id)),
             "{o:?} lacks {id}"
         );
     }
@@ -147,7 +147,7 @@ async fn cloudflare_retries_500_and_429_and_gives_up_on_credentials() {
         retry_after(&p.send(&batch, "k").await),
         Some(Duration::from_secs(7))
     );
-    assert!(matches!(p.send(&batch, "k").await, Outcome::Done(_)));
+    assert!(matches!(p.send(&batch, "k").await, ProviderAnswer::Done(_)));
     assert_eq!(fake.accepted_tags(), ["vendors"]);
 
     let wrong_token = cloudflare(&fake.base(), "not-the-token", CF_ZONE);
@@ -201,7 +201,7 @@ async fn cloudflare_token_comes_from_the_environment() {
     let o = p
         .send(&one_batch(Kind::Urls, &["https://h/x"], false), "k")
         .await;
-    assert!(matches!(o, Outcome::Done(_)), "{o:?}");
+    assert!(matches!(o, ProviderAnswer::Done(_)), "{o:?}");
     assert_eq!(fake.auth_failures(), 0);
 
     let cfg: CdnConfig = toml::from_str(&format!(
@@ -236,7 +236,7 @@ async fn fastly_purges_keys_256_at_a_time_soft_when_asked() {
     assert!(fake.hard_keys().is_empty());
     // The Done detail names Fastly's purge ids.
     assert!(
-        matches!(&results[0].1, Outcome::Done(d) if d.contains("108-1391560174-")),
+        matches!(&results[0].1, ProviderAnswer::Done(d) if d.contains("108-1391560174-")),
         "{:?}",
         results[0].1
     );
@@ -276,7 +276,7 @@ async fn fastly_retries_500_and_429_with_a_date_and_gives_up_on_a_bad_key() {
     );
     fake.fail_next_with(1, 503);
     assert_eq!(retry_after(&p.send(&batch, "k").await), None);
-    assert!(matches!(p.send(&batch, "k").await, Outcome::Done(_)));
+    assert!(matches!(p.send(&batch, "k").await, ProviderAnswer::Done(_)));
     assert_eq!(fake.soft_keys(), ["a", "b"]);
 
     let wrong = fastly(&fake.base(), "wrong");
@@ -323,7 +323,7 @@ async fn cloudfront_invalidates_mapped_paths_with_a_valid_signature() {
     assert_eq!(invs[0].caller_reference, "job-cf-0");
     for ((_, o), inv) in results.iter().zip(&invs) {
         assert!(
-            matches!(o, Outcome::Done(d) if d.contains(&inv.id)),
+            matches!(o, ProviderAnswer::Done(d) if d.contains(&inv.id)),
             "{o:?}"
         );
     }
@@ -378,10 +378,13 @@ async fn cloudfront_retries_throttling_and_refuses_a_wrong_secret() {
     fake.too_many_in_progress_next(1);
     let o = p.send(&batch, "ref-1").await;
     assert!(
-        matches!(&o, Outcome::Retry { detail, .. } if detail.contains("TooManyInvalidationsInProgress")),
+        matches!(&o, ProviderAnswer::Retry { detail, .. } if detail.contains("TooManyInvalidationsInProgress")),
         "{o:?}"
     );
-    assert!(matches!(p.send(&batch, "ref-1").await, Outcome::Done(_)));
+    assert!(matches!(
+        p.send(&batch, "ref-1").await,
+        ProviderAnswer::Done(_)
+    ));
     assert_eq!(fake.invalidations().len(), 1);
 
     let wrong_secret = cloudfront(&fake.base(), AKID, "not-the-secret");
@@ -473,7 +476,7 @@ async fn an_unreachable_api_is_retried() {
     ] {
         let o = p.send(&batch, "k").await;
         assert!(
-            matches!(&o, Outcome::Retry { after: None, detail } if detail.contains("connect")),
+            matches!(&o, ProviderAnswer::Retry { after: None, detail } if detail.contains("connect")),
             "{}: {o:?}",
             p.name()
         );
@@ -497,7 +500,7 @@ async fn a_silent_api_times_out_after_10s_and_is_retried() {
     let took = started.elapsed();
     holder.abort();
     assert!(
-        matches!(&o, Outcome::Retry { after: None, detail } if detail.contains("timed out after 10s")),
+        matches!(&o, ProviderAnswer::Retry { after: None, detail } if detail.contains("timed out after 10s")),
         "{o:?}"
     );
     assert!(
@@ -576,11 +579,11 @@ async fn http_retries_when_one_host_fails_and_gives_up_on_405() {
     b.set_down(true); // 503
     let o = p.send(&batch, "k").await;
     assert!(
-        matches!(&o, Outcome::Retry { detail, .. } if detail.contains(&b.addr().to_string())),
+        matches!(&o, ProviderAnswer::Retry { detail, .. } if detail.contains(&b.addr().to_string())),
         "{o:?}"
     );
     b.set_down(false);
-    assert!(matches!(p.send(&batch, "k").await, Outcome::Done(_)));
+    assert!(matches!(p.send(&batch, "k").await, ProviderAnswer::Done(_)));
 
     let refusing = Origin::start(|_| OriginResponse::with_status(405));
     let p = http_provider(&[refusing.url()]);

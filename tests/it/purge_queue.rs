@@ -10,8 +10,8 @@
 use aisle::config::RedisConfig;
 use aisle::purge::queue::{Item, PurgeQueue, QueueConfig, QueueStatus};
 use aisle::purge::worker::PurgeWorker;
-use aisle::purge::{Batch, Kind, Outcome, Provider, PurgeJob, Report};
-use aisle::storage::redis::RedisTier;
+use aisle::purge::{AnswerSink, Batch, Kind, Provider, ProviderAnswer, PurgeJob};
+use aisle::redis::Redis;
 
 use crate::harness::poll_until;
 use crate::harness::redis::{connect, RedisServer};
@@ -54,12 +54,12 @@ struct Call {
     end: Instant,
     start_ms: f64,
     end_ms: f64,
-    outcome: Outcome,
+    outcome: ProviderAnswer,
     /// The item as the queue had persisted it when this attempt started.
     stored: Option<Item>,
 }
 
-type Script = dyn Fn(&str, u32) -> Option<Outcome> + Send + Sync;
+type Script = dyn Fn(&str, u32) -> Option<ProviderAnswer> + Send + Sync;
 type Peek = dyn Fn(&str) -> Option<Item> + Send + Sync;
 
 /// A CDN whose answers a test scripts: `script(id, n)` answers the `n`th call for `id`
@@ -77,7 +77,7 @@ struct Fake {
 impl Fake {
     fn new(
         name: &str,
-        script: impl Fn(&str, u32) -> Option<Outcome> + Send + Sync + 'static,
+        script: impl Fn(&str, u32) -> Option<ProviderAnswer> + Send + Sync + 'static,
     ) -> Fake {
         Fake {
             name: name.into(),
@@ -126,7 +126,7 @@ impl Provider for Fake {
         self.rate
     }
 
-    async fn send(&self, batch: &Batch, idempotency: &str) -> Outcome {
+    async fn send(&self, batch: &Batch, idempotency: &str) -> ProviderAnswer {
         let start = Instant::now();
         let start_ms = wall_ms();
         let stored = self.peek.as_ref().and_then(|p| p(idempotency));
@@ -147,7 +147,7 @@ impl Provider for Fake {
                 end: start,
                 start_ms,
                 end_ms: start_ms,
-                outcome: Outcome::Fatal("never answered".into()),
+                outcome: ProviderAnswer::Fatal("never answered".into()),
                 stored,
             });
             return std::future::pending().await;
@@ -204,10 +204,10 @@ fn log_text(dir: &Path) -> String {
 
 /// Records what the worker reports for every attempt.
 #[derive(Default)]
-struct Answers(Mutex<Vec<(String, String, u32, Outcome)>>);
+struct Answers(Mutex<Vec<(String, String, u32, ProviderAnswer)>>);
 
-impl Report for Answers {
-    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &Outcome) {
+impl AnswerSink for Answers {
+    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &ProviderAnswer) {
         self.0
             .lock()
             .unwrap()
@@ -216,7 +216,7 @@ impl Report for Answers {
 }
 
 impl Answers {
-    fn all(&self) -> Vec<(String, String, u32, Outcome)> {
+    fn all(&self) -> Vec<(String, String, u32, ProviderAnswer)> {
         self.0.lock().unwrap().clone()
     }
 }
@@ -236,9 +236,9 @@ fn cfg(dir: &Path) -> QueueConfig {
     c
 }
 
-fn tier(redis: &RedisServer) -> Arc<RedisTier> {
+fn tier(redis: &RedisServer) -> Arc<Redis> {
     Arc::new(
-        RedisTier::new(&RedisConfig {
+        Redis::new(&RedisConfig {
             url: redis.url(),
             cluster: Vec::new(),
             prefix: PREFIX.into(),
@@ -259,7 +259,7 @@ fn queue(
         cfg,
         vec![fake.clone() as Arc<dyn Provider>],
         redis.map(tier),
-        answers.clone() as Arc<dyn Report>,
+        answers.clone() as Arc<dyn AnswerSink>,
     )
     .expect("purge queue")
 }
@@ -317,7 +317,7 @@ fn ids(job: &str, provider: &str, n: usize) -> Vec<String> {
 fn delivered(calls: &[Call]) -> HashMap<String, usize> {
     let mut m = HashMap::new();
     for c in calls {
-        if matches!(c.outcome, Outcome::Done(_)) {
+        if matches!(c.outcome, ProviderAnswer::Done(_)) {
             *m.entry(c.id.clone()).or_insert(0) += 1;
         }
     }
@@ -421,12 +421,12 @@ async fn retries_then_delivers(redis: Option<&RedisServer>, name: &str) {
     let dir = tempfile::tempdir().unwrap();
     let fake = Fake::new(name, |_, n| {
         Some(if n <= 3 {
-            Outcome::Retry {
+            ProviderAnswer::Retry {
                 after: None,
                 detail: format!("503 #{n}"),
             }
         } else {
-            Outcome::Done(format!("purge-{n}"))
+            ProviderAnswer::Done(format!("purge-{n}"))
         })
     });
     // 5 URLs in batches of 2 -> 3 items.
@@ -449,7 +449,7 @@ async fn retries_then_delivers(redis: Option<&RedisServer>, name: &str) {
         let mine = calls_for(&calls, id);
         let ns: Vec<u32> = mine.iter().map(|c| c.n).collect();
         assert_eq!(ns, [1, 2, 3, 4], "{id}: three failures, then the success");
-        assert!(matches!(mine[3].outcome, Outcome::Done(_)));
+        assert!(matches!(mine[3].outcome, ProviderAnswer::Done(_)));
         sizes.push(mine[0].batch.items.len());
         for (k, c) in mine.iter().enumerate() {
             assert_eq!(c.batch, mine[0].batch, "the same batch on every retry");
@@ -529,12 +529,12 @@ async fn retry_after_is_honoured(redis: Option<&RedisServer>, name: &str) {
     let f = first.clone();
     let fake = Fake::new(name, move |_, _| {
         Some(if f.swap(false, Ordering::SeqCst) {
-            Outcome::Retry {
+            ProviderAnswer::Retry {
                 after: Some(after),
                 detail: "429 Too Many Requests".into(),
             }
         } else {
-            Outcome::Done("ok".into())
+            ProviderAnswer::Done("ok".into())
         })
     });
     let fake = Arc::new(match redis {
@@ -558,7 +558,7 @@ async fn retry_after_is_honoured(redis: Option<&RedisServer>, name: &str) {
         "one 429, then one success per batch: {calls:#?}"
     );
     let limited = &calls[0];
-    assert!(matches!(limited.outcome, Outcome::Retry { .. }));
+    assert!(matches!(limited.outcome, ProviderAnswer::Retry { .. }));
     for c in &calls[1..] {
         assert!(
             c.start >= limited.end + after,
@@ -602,13 +602,13 @@ async fn retry_after_holds_back_the_whole_fleet() {
     let after = Duration::from_millis(400);
     let calls = Arc::new(Mutex::new(Vec::new()));
     let mut fa = Fake::new(name, move |_, _| {
-        Some(Outcome::Retry {
+        Some(ProviderAnswer::Retry {
             after: Some(after),
             detail: "429 Too Many Requests".into(),
         })
     });
     fa.calls = calls.clone();
-    let mut fb = Fake::new(name, |_, _| Some(Outcome::Done("ok".into())));
+    let mut fb = Fake::new(name, |_, _| Some(ProviderAnswer::Done("ok".into())));
     fb.worker = "b";
     fb.calls = calls.clone();
     let (fa, fb) = (Arc::new(fa), Arc::new(fb));
@@ -634,7 +634,7 @@ async fn retry_after_holds_back_the_whole_fleet() {
     assert_once_each(&all, &want);
     let limited = &all[0];
     assert_eq!(limited.worker, "a");
-    assert!(matches!(limited.outcome, Outcome::Retry { .. }));
+    assert!(matches!(limited.outcome, ProviderAnswer::Retry { .. }));
     assert_eq!(all.len(), 5, "A's one 429, then B's four sends: {all:#?}");
     for c in &all[1..] {
         assert_eq!(c.worker, "b");
@@ -660,14 +660,14 @@ async fn dead_letters(redis: Option<&RedisServer>, name: &str) {
     let h = healthy.clone();
     let fake = Arc::new(Fake::new(name, move |id, _| {
         Some(if h.load(Ordering::SeqCst) {
-            Outcome::Done("ok".into())
+            ProviderAnswer::Done("ok".into())
         } else if id.ends_with("-0") {
-            Outcome::Retry {
+            ProviderAnswer::Retry {
                 after: None,
                 detail: "503".into(),
             }
         } else {
-            Outcome::Fatal("400 bad request".into())
+            ProviderAnswer::Fatal("400 bad request".into())
         })
     }));
     let answers = Arc::new(Answers::default());
@@ -723,7 +723,7 @@ async fn dead_letters(redis: Option<&RedisServer>, name: &str) {
     let done_attempts: Vec<u32> = answers
         .all()
         .iter()
-        .filter(|a| matches!(a.3, Outcome::Done(_)))
+        .filter(|a| matches!(a.3, ProviderAnswer::Done(_)))
         .map(|a| a.2)
         .collect();
     assert_eq!(
@@ -753,7 +753,7 @@ async fn max_attempts_make_dead_letters_and_they_can_be_retried_file() {
 async fn survives_restart(redis: Option<&RedisServer>, name: &str, second_dir: PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let down = Arc::new(Fake::new(name, |_, _| {
-        Some(Outcome::Retry {
+        Some(ProviderAnswer::Retry {
             after: None,
             detail: "502".into(),
         })
@@ -786,7 +786,7 @@ async fn survives_restart(redis: Option<&RedisServer>, name: &str, second_dir: P
     } else {
         dir.path().to_path_buf()
     };
-    let up = Fake::new(name, |_, _| Some(Outcome::Done("ok".into())));
+    let up = Fake::new(name, |_, _| Some(ProviderAnswer::Done("ok".into())));
     let up = Arc::new(match redis {
         Some(r) => up.peek(redis_peek(r, name)),
         None => up.peek(file_peek(&second_dir)),
@@ -828,7 +828,9 @@ async fn an_enqueued_job_is_delivered_by_the_next_process() {
     let redis = RedisServer::start();
     for (store, name) in [(Some(&redis), "next-redis"), (None, "next-file")] {
         let dir = tempfile::tempdir().unwrap();
-        let fake = Arc::new(Fake::new(name, |_, _| Some(Outcome::Done("ok".into()))));
+        let fake = Arc::new(Fake::new(name, |_, _| {
+            Some(ProviderAnswer::Done("ok".into()))
+        }));
         let answers = Arc::new(Answers::default());
         let q1 = queue(cfg(dir.path()), &fake, store, &answers);
         let jn = job("jn", 2);
@@ -887,7 +889,9 @@ async fn a_crashed_instance_items_return_after_the_lease() {
     drop(q1);
 
     let dir2 = tempfile::tempdir().unwrap();
-    let fine = Arc::new(Fake::new(name, |_, _| Some(Outcome::Done("ok".into()))));
+    let fine = Arc::new(Fake::new(name, |_, _| {
+        Some(ProviderAnswer::Done("ok".into()))
+    }));
     let q2 = queue(slow(dir2.path()), &fine, Some(&redis), &answers);
     let w2 = run(&q2);
     let calls = wait_delivered(&[&fine], &[&q2], &want, "leased items recovered").await;
@@ -911,7 +915,7 @@ async fn two_workers_on_one_redis_deliver_each_item_once() {
     let name = "fleet";
     let calls = Arc::new(Mutex::new(Vec::new()));
     let make = |worker: &'static str| {
-        let mut f = Fake::new(name, |_, _| Some(Outcome::Done("ok".into())));
+        let mut f = Fake::new(name, |_, _| Some(ProviderAnswer::Done("ok".into())));
         f.worker = worker;
         f.calls = calls.clone();
         Arc::new(f)
@@ -954,9 +958,9 @@ async fn a_redis_outage_spills_to_the_file_and_loses_nothing() {
     let h = healthy.clone();
     let fake = Arc::new(Fake::new(name, move |_, _| {
         Some(if h.load(Ordering::SeqCst) {
-            Outcome::Done("ok".into())
+            ProviderAnswer::Done("ok".into())
         } else {
-            Outcome::Retry {
+            ProviderAnswer::Retry {
                 after: None,
                 detail: "503".into(),
             }
