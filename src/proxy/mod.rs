@@ -496,7 +496,7 @@ impl ProxyHttp for Gateway {
                 uri = %session.req_header().uri,
                 status = session.response_written().map_or(0, |r| r.status.as_u16()),
                 cache_status = %status.to_header_value(),
-                key = key.as_deref().unwrap_or("-"),
+                key = %key.as_deref().unwrap_or("-"),
                 error = e.map(|e| e.to_string()),
                 elapsed_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
                 "request"

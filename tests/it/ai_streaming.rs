@@ -353,3 +353,76 @@ async fn concurrent_identical_streams_share_one_origin_request() {
     assert_eq!(hit.body.as_ref(), expected.as_slice());
     assert_eq!(origin.total(), 1);
 }
+
+/// Issue 8: a reader that joins a fill still streaming is judged against purge epochs like any
+/// other hit. The fill starts, its URI is purged (`PURGE`) while the origin still holds the
+/// stream, and a second identical request must not be served that purged stream: it goes to
+/// the origin itself (after `lock_timeout`, 1 s here, since the purged fill still holds the
+/// in-process lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_joining_a_purged_fill_is_not_served_it() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let gate = Gate::new();
+    let held = gate.clone();
+    let arrivals = AtomicUsize::new(0);
+    let origin = StreamOrigin::start(move |_req| {
+        if arrivals.fetch_add(1, Ordering::SeqCst) == 0 {
+            // The first fill: event 1, then held until the test opens the gate.
+            StreamResponse::sse(vec![
+                Step::Chunk(event(1)),
+                Step::Wait(held.clone()),
+                Step::Chunk(Bytes::from_static(DONE)),
+            ])
+        } else {
+            StreamResponse::sse(vec![
+                Step::Chunk(event(7)),
+                Step::Chunk(Bytes::from_static(DONE)),
+            ])
+        }
+    });
+    let cfg = config(&origin.url()).replace(
+        "rules_dir = \"rules\"",
+        "rules_dir = \"rules\"\nlock_timeout = \"1s\"",
+    ) + "\n[admin]\npurge_allow = [\"127.0.0.1/32\"]\n";
+    let gw = Gateway::start(&cfg, &[("rules.toml", fixtures::CHAT_RULES)]).await;
+    let sent = body("purged while streaming");
+
+    let mut first = start_post(&gw, &sent).await;
+    let mut first_buf = Vec::new();
+    read_until_contains(
+        &mut first,
+        &mut first_buf,
+        &event(1),
+        READ,
+        "first client, event 1",
+    )
+    .await;
+
+    let purge = gw.request("PURGE", CHAT, &[]).await;
+    assert_eq!(purge.status, 200, "PURGE {CHAT}: {:?}", purge.text());
+
+    let mut second = start_post(&gw, &sent).await;
+    let cs = cache_status(&second);
+    let mut buf = Vec::new();
+    read_to_end(&mut second, &mut buf, READ)
+        .await
+        .unwrap_or_else(|e| panic!("second client ({cs}): {e}"));
+    assert!(
+        !is_hit(&cs) && !cs.contains("fwd=stale"),
+        "a reader joining a purged fill must not be served it; Cache-Status {cs:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&buf).contains("token-7"),
+        "the second client got the origin's new answer: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert_eq!(origin.total(), 2, "the second request went to the origin");
+    assert!(
+        !gate.is_open(),
+        "all of this happened while the first fill was held"
+    );
+    gate.open();
+    read_to_end(&mut first, &mut first_buf, READ)
+        .await
+        .unwrap_or_else(|e| panic!("first client: {e}"));
+}

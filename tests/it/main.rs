@@ -13,6 +13,7 @@
 
 mod harness;
 
+mod admission_parity;
 mod ai_caching;
 mod ai_streaming;
 mod caching;

@@ -227,3 +227,86 @@ async fn redis_down_at_start() {
     assert_eq!(gw.metric("aisle_redis_subscribed", &[]).await, Some(0.0));
     assert_eq!(healthz_status(&gw).await, 200);
 }
+
+/// Issue 8: the fleet fill lock releases itself. Instance A takes the lock for a key and goes to
+/// an origin that accepts the request, then fails (closes the connection without an answer,
+/// 1 s later). Instance B, asking for the same key meanwhile, waits on A's lock; once A's fill
+/// is gone it must fetch for itself at once, not wait out `lock_timeout` (10 s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_fill_releases_the_fleet_lock_at_once() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    use tokio::io::AsyncReadExt;
+
+    let redis = RedisServer::start();
+    let failing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let failing_url = format!("http://{}", failing.local_addr().unwrap());
+    let accepted = Gate::new();
+    let failed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    {
+        let (accepted, failed_at) = (accepted.clone(), failed_at.clone());
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = failing.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            accepted.open();
+            // A slow origin that then fails: the connection closes with no answer.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            *failed_at.lock().unwrap() = Some(Instant::now());
+            drop(conn);
+        });
+    }
+    let good = origin();
+    let section = format!("{}\n", redis.section("t-filllock:"));
+    let with_lock_timeout = |url: &str| {
+        gateway_config(url, &section).replace(
+            "rules_dir = \"rules\"",
+            "rules_dir = \"rules\"\nlock_timeout = \"10s\"",
+        )
+    };
+    let rules = [("rules.toml", fixtures::SHARED_TIER_RULES)];
+    let (cfg_a, cfg_b) = (
+        with_lock_timeout(&failing_url),
+        with_lock_timeout(&good.url()),
+    );
+    let (a, b) = tokio::join!(
+        Gateway::start(&cfg_a, &rules),
+        Gateway::start(&cfg_b, &rules)
+    );
+    wait_subscribed(&a, "A").await;
+    wait_subscribed(&b, "B").await;
+    let path = "/r/lock-release";
+
+    let first = tokio::spawn({
+        let url = a.url(path);
+        let client = a.client().clone();
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    // A holds the fleet lock once its request reached the origin.
+    tokio::time::timeout(Duration::from_secs(10), accepted.wait())
+        .await
+        .expect("A's request reaches its origin");
+    let r = b.get(path).await;
+    let answered_at = Instant::now();
+    assert_eq!(
+        r.status,
+        200,
+        "B answers from its own origin: {}",
+        r.cache_status()
+    );
+    assert_eq!(good.count(path), 1, "B fetched the key itself");
+    let failed_at = failed_at
+        .lock()
+        .unwrap()
+        .expect("A's origin failed before B fetched");
+    let waited = answered_at.duration_since(failed_at);
+    println!("B answered {waited:?} after A's fill failed (lock_timeout 10 s)");
+    assert!(
+        waited < Duration::from_secs(2),
+        "B waited {waited:?} after A's fill failed: the lock outlived the fill"
+    );
+    let a_status = first.await.unwrap().unwrap_or(0);
+    assert!(a_status >= 500, "A's own request fails: {a_status}");
+}

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener as StdTcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -593,6 +593,11 @@ impl Gateway {
             read("stdout.log"),
             read("stderr.log")
         )
+    }
+
+    /// The `gateway.toml` this gateway runs (its rules are in `rules/` beside it).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
     }
 
     /// The proxy listener's address.
