@@ -188,7 +188,7 @@ fn main() {
             .unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(origin_listener).unwrap();
-            let _ = aisle::demo::serve(l).await;
+            let _ = aisle::tools::demo::serve(l).await;
         });
     });
 

@@ -56,7 +56,6 @@ fn bench(c: &mut Criterion) {
                     .find(&http::Method::GET, "api.example.com", uri.path())
                     .unwrap();
                 let input = KeyInput {
-                    scheme: "http",
                     host: "api.example.com",
                     method: &http::Method::GET,
                     view: RequestView {

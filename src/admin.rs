@@ -140,7 +140,7 @@ impl Admin {
 
     /// Per rule: requests, hit ratio, origin requests saved, cost and tokens saved, bytes stored.
     fn stats(&self) -> Value {
-        use crate::metrics::{metrics, Outcome};
+        use crate::metrics::{metrics, CacheOutcome};
         let bytes = self.invalidator.storage.memory.bytes_by_rule();
         let m = metrics();
         let rules = self
@@ -151,18 +151,18 @@ impl Admin {
             .chain(self.config.rules.default_route())
             .map(|rule| {
                 let counts = rule.metrics.counts();
-                let get = |o: Outcome| counts.iter().find(|(x, _)| *x == o).map_or(0, |(_, n)| *n);
+                let get = |o: CacheOutcome| counts.iter().find(|(x, _)| *x == o).map_or(0, |(_, n)| *n);
                 let requests: u64 = counts.iter().map(|(_, n)| n).sum();
-                let hits = get(Outcome::Hit) + get(Outcome::Stale);
-                let cacheable = requests - get(Outcome::Bypass);
+                let hits = get(CacheOutcome::Hit) + get(CacheOutcome::Stale);
+                let cacheable = requests - get(CacheOutcome::Bypass);
                 let name = &*rule.name;
                 (
                     name.to_string(),
                     json!({
                         "requests": requests,
                         "hits": hits,
-                        "misses": get(Outcome::Miss) + get(Outcome::Expired) + get(Outcome::Revalidated),
-                        "bypass": get(Outcome::Bypass),
+                        "misses": get(CacheOutcome::Miss) + get(CacheOutcome::Expired) + get(CacheOutcome::Revalidated),
+                        "bypass": get(CacheOutcome::Bypass),
                         "hit_ratio": if cacheable == 0 { 0.0 } else { hits as f64 / cacheable as f64 },
                         "origin_requests_saved": hits,
                         "cost_saved": m.cost_saved.with_label_values(&[name]).get(),

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::invalidation::webhook::{map_delivery, Rejection};
 use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
 use crate::metrics::metrics;
+use crate::redis::{Keyspace, Redis};
 use crate::storage::redis::RedisTier;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -63,13 +64,27 @@ pub fn bearer_ok(headers: &http::HeaderMap, token: Option<&str>) -> bool {
 }
 
 /// Remembers webhook delivery ids (in Redis for the fleet when configured, else locally).
+///
+/// In Redis (the `webhook:` keyspace): `{prefix}webhook:<source>:<delivery id>`, expiring after
+/// the replay window.
 pub struct Replays {
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<(Arc<Redis>, Keyspace)>,
     local: Mutex<HashMap<String, Instant>>,
 }
 
 impl Replays {
-    pub fn new(redis: Option<Arc<RedisTier>>) -> Self {
+    /// Replay ids on the connection `tier` rides on, when Redis is configured.
+    ///
+    /// Panics (at startup, where the gateway is built) if the `webhook:` keyspace overlaps
+    /// another domain's: a bug in Aisle, which `server`'s tests rule out.
+    pub fn new(tier: Option<Arc<RedisTier>>) -> Self {
+        let redis = tier.map(|tier| {
+            let redis = tier.redis().clone();
+            let keys = redis
+                .keyspace("webhook replays", "webhook:")
+                .unwrap_or_else(|e| panic!("{e}"));
+            (redis, keys)
+        });
         Replays {
             redis,
             local: Mutex::new(HashMap::new()),
@@ -78,9 +93,9 @@ impl Replays {
 
     /// Claims `id`: true the first time, false for a replay.
     async fn claim(&self, id: &str) -> bool {
-        if let Some(redis) = &self.redis {
+        if let Some((redis, keys)) = &self.redis {
             let cmd = redis::cmd("SET")
-                .arg(format!("{}webhook:{id}", redis.prefix))
+                .arg(keys.key(id))
                 .arg(1)
                 .arg("NX")
                 .arg("EX")
@@ -107,12 +122,9 @@ impl Replays {
     /// Forgets a claim whose delivery was refused, so the vendor's retry is processed.
     async fn release(&self, id: &str) {
         self.local.lock().remove(id);
-        if let Some(redis) = &self.redis {
+        if let Some((redis, keys)) = &self.redis {
             let _: Option<i64> = redis
-                .background(
-                    "webhook",
-                    redis::cmd("DEL").arg(format!("{}webhook:{id}", redis.prefix)),
-                )
+                .background("webhook", redis::cmd("DEL").arg(keys.key(id)))
                 .await;
         }
     }

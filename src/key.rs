@@ -16,9 +16,11 @@ use pingora::cache::CacheKey;
 /// Bumped when the key layout changes, so old entries (e.g. in a shared tier) are not misread.
 const KEY_VERSION: &[u8] = b"aisle/1";
 
+/// The scheme of the proxy listener: part of every key and URI identity, spelled only here.
+pub const SCHEME: &str = "http";
+
 /// The request parts a key is made of.
 pub struct KeyInput<'a> {
-    pub scheme: &'a str,
     pub host: &'a str,
     pub method: &'a http::Method,
     pub view: RequestView<'a>,
@@ -30,7 +32,7 @@ pub struct KeyInput<'a> {
 pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(96 + input.view.path.len());
     push(&mut out, KEY_VERSION);
-    push(&mut out, input.scheme.as_bytes());
+    push(&mut out, SCHEME.as_bytes());
     push_lowercase(&mut out, input.host.as_bytes());
     // HEAD is answered from GET entries (pingora turns HEAD into GET upstream).
     let method = if input.method == http::Method::HEAD {
@@ -99,7 +101,7 @@ pub fn cache_key(rule: &Rule, input: &KeyInput<'_>) -> CacheKey {
 
 /// Identity of a stored URI (scheme, host, path), shared by all its variants. Used to find every
 /// variant of a URI, e.g. to invalidate it after a successful unsafe request (RFC 9111 §4.4).
-pub fn uri_id(scheme: &str, host: &str, path: &str) -> u64 {
+pub fn uri_id(host: &str, path: &str) -> u64 {
     static STATE: ahash::RandomState = ahash::RandomState::with_seeds(
         0x6169_736c_6531,
         0x7572_6900,
@@ -116,7 +118,7 @@ pub fn uri_id(scheme: &str, host: &str, path: &str) -> u64 {
     } else {
         host
     };
-    STATE.hash_one((scheme.as_bytes(), host, path.as_bytes()))
+    STATE.hash_one((SCHEME.as_bytes(), host, path.as_bytes()))
 }
 
 fn push(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -188,7 +190,6 @@ match = { path = "/items/:id" }
         }
         let m = set.find(&method, host, uri.path()).unwrap();
         let input = KeyInput {
-            scheme: "http",
             host,
             method: &method,
             view: RequestView {
@@ -353,8 +354,8 @@ match = { path = "/items/:id" }
 
     #[test]
     fn uri_ids() {
-        assert_eq!(uri_id("http", "H", "/a"), uri_id("http", "h", "/a"));
-        assert_ne!(uri_id("http", "h", "/a"), uri_id("http", "h", "/b"));
-        assert_ne!(uri_id("http", "h", "/a"), uri_id("https", "h", "/a"));
+        assert_eq!(uri_id("H", "/a"), uri_id("h", "/a"));
+        assert_ne!(uri_id("h", "/a"), uri_id("h", "/b"));
+        assert_ne!(uri_id("h", "/a"), uri_id("g", "/a"));
     }
 }

@@ -9,6 +9,7 @@
 //! | which rule does a request match?       | [`rules`]         |
 //! | how is a cache key built?              | [`key`]           |
 //! | may this be stored / served (RFC 9111)?| [`policy`]        |
+//! | who owns the Redis connection and keys?| [`redis`]         |
 //! | where do cached bytes live?            | [`storage`]       |
 //! | what does `Cache-Status` say?          | [`cache_status`]  |
 //! | the request phases (Pingora hooks)     | [`proxy`]         |
@@ -19,11 +20,10 @@
 //! and key builders; the request path only reads the compiled form.
 
 pub mod admin;
-pub mod cache_status;
+pub mod admission;
 pub mod clock;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod diag;
 pub mod invalidation;
 pub mod key;
@@ -31,9 +31,10 @@ pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod purge;
-pub mod replay;
+pub mod redis;
 pub mod rules;
 pub mod server;
 pub mod storage;
-pub mod tracegen;
+pub mod tools;
 pub mod units;
+pub mod usage;

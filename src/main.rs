@@ -67,9 +67,13 @@ fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AISLE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // Logs go to stderr (as README says), coloured only for a terminal.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -109,7 +113,7 @@ fn main() -> ExitCode {
         },
         Command::Demo => demo(&cli.config),
         Command::Replay { trace, default_ttl } => match load(&cli.config) {
-            Ok(c) => aisle::replay::run(&c, &trace, default_ttl),
+            Ok(c) => aisle::tools::replay::run(&c, &trace, default_ttl),
             Err(code) => code,
         },
         Command::Trace {
@@ -127,7 +131,7 @@ fn trace(
     duration: std::time::Duration,
     out: Option<&Path>,
 ) -> ExitCode {
-    let opts = aisle::tracegen::Options {
+    let opts = aisle::tools::tracegen::Options {
         requests,
         seed,
         duration,
@@ -137,10 +141,10 @@ fn trace(
         Some(path) => std::fs::File::create(path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))
             .and_then(|f| {
-                aisle::tracegen::write_trace(&opts, &mut std::io::BufWriter::new(f))
+                aisle::tools::tracegen::write_trace(&opts, &mut std::io::BufWriter::new(f))
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))
             }),
-        None => match aisle::tracegen::write_trace(&opts, &mut std::io::stdout().lock()) {
+        None => match aisle::tools::tracegen::write_trace(&opts, &mut std::io::stdout().lock()) {
             // `aisle trace | head`: the reader has seen enough.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
             other => other.map_err(|e| format!("cannot write the trace to standard output: {e}")),
@@ -207,7 +211,7 @@ fn demo(path: &Path) -> ExitCode {
         }
     };
     runtime.spawn(async move {
-        if let Err(e) = aisle::demo::serve(listener).await {
+        if let Err(e) = aisle::tools::demo::serve(listener).await {
             eprintln!("aisle demo: the demo origin stopped: {e}");
         }
     });

@@ -13,7 +13,7 @@ use prometheus::{
 
 /// How a request was answered, as counted in `aisle_requests_total{cache_status}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub enum CacheOutcome {
     /// Served fresh from cache.
     Hit,
     /// Served stale from cache (stale-while-revalidate or stale-if-error).
@@ -28,24 +28,24 @@ pub enum Outcome {
     Bypass,
 }
 
-impl Outcome {
-    pub const ALL: [Outcome; 6] = [
-        Outcome::Hit,
-        Outcome::Stale,
-        Outcome::Miss,
-        Outcome::Expired,
-        Outcome::Revalidated,
-        Outcome::Bypass,
+impl CacheOutcome {
+    pub const ALL: [CacheOutcome; 6] = [
+        CacheOutcome::Hit,
+        CacheOutcome::Stale,
+        CacheOutcome::Miss,
+        CacheOutcome::Expired,
+        CacheOutcome::Revalidated,
+        CacheOutcome::Bypass,
     ];
 
     pub fn as_str(self) -> &'static str {
         match self {
-            Outcome::Hit => "hit",
-            Outcome::Stale => "stale",
-            Outcome::Miss => "miss",
-            Outcome::Expired => "expired",
-            Outcome::Revalidated => "revalidated",
-            Outcome::Bypass => "bypass",
+            CacheOutcome::Hit => "hit",
+            CacheOutcome::Stale => "stale",
+            CacheOutcome::Miss => "miss",
+            CacheOutcome::Expired => "expired",
+            CacheOutcome::Revalidated => "revalidated",
+            CacheOutcome::Bypass => "bypass",
         }
     }
 }
@@ -251,18 +251,18 @@ impl RuleMetrics {
         RuleMetrics {
             saved: m.saved_requests.with_label_values(&[rule]),
             rule: rule.into(),
-            requests: Outcome::ALL.map(|o| m.requests.with_label_values(&[rule, o.as_str()])),
-            duration: Outcome::ALL
+            requests: CacheOutcome::ALL.map(|o| m.requests.with_label_values(&[rule, o.as_str()])),
+            duration: CacheOutcome::ALL
                 .map(|o| m.request_duration.with_label_values(&[rule, o.as_str()])),
         }
     }
 
     /// Counts one answered request.
-    pub fn observe(&self, outcome: Outcome, seconds: f64) {
+    pub fn observe(&self, outcome: CacheOutcome, seconds: f64) {
         let i = outcome as usize;
         self.requests[i].inc();
         self.duration[i].observe(seconds);
-        if matches!(outcome, Outcome::Hit | Outcome::Stale) {
+        if matches!(outcome, CacheOutcome::Hit | CacheOutcome::Stale) {
             self.saved.inc();
         }
     }
@@ -277,8 +277,8 @@ impl RuleMetrics {
     }
 
     /// Requests answered, by outcome.
-    pub fn counts(&self) -> [(Outcome, u64); 6] {
-        Outcome::ALL.map(|o| (o, self.requests[o as usize].get()))
+    pub fn counts(&self) -> [(CacheOutcome, u64); 6] {
+        CacheOutcome::ALL.map(|o| (o, self.requests[o as usize].get()))
     }
 }
 

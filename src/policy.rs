@@ -9,7 +9,7 @@ use crate::rules::Rule;
 use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
 use pingora::cache::filters::calculate_expires_header_time;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
-use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::http::ResponseHeader;
 use std::time::{Duration, SystemTime};
 
 /// What the request's own `Cache-Control` / `Pragma` ask of the cache.
@@ -28,18 +28,18 @@ pub struct RequestDirectives {
 }
 
 impl RequestDirectives {
-    pub fn parse(req: &RequestHeader) -> Self {
+    /// Reads a request's head (`Cache-Control`, `Pragma`, `Authorization`).
+    pub fn parse(headers: &http::HeaderMap) -> Self {
         let mut d = RequestDirectives {
-            authorization: req.headers.contains_key(http::header::AUTHORIZATION),
+            authorization: headers.contains_key(http::header::AUTHORIZATION),
             ..RequestDirectives::default()
         };
-        if let Some(cc) = CacheControl::from_req_headers(req) {
+        if let Some(cc) = CacheControl::from_headers_named("cache-control", headers) {
             d.no_store = cc.no_store();
             d.no_cache = cc.no_cache();
             d.max_age = cc.max_age().ok().flatten();
             d.only_if_cached = cc.only_if_cached();
-        } else if req
-            .headers
+        } else if headers
             .get_all(http::header::PRAGMA)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
@@ -559,13 +559,14 @@ mod tests {
 
     #[test]
     fn request_directives() {
+        use pingora::http::RequestHeader;
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        assert!(!RequestDirectives::parse(&req).any());
+        assert!(!RequestDirectives::parse(&req.headers).any());
         req.insert_header("pragma", "no-cache").unwrap();
-        assert!(RequestDirectives::parse(&req).no_cache);
+        assert!(RequestDirectives::parse(&req.headers).no_cache);
         req.insert_header("cache-control", "max-age=5, only-if-cached")
             .unwrap();
-        let d = RequestDirectives::parse(&req);
+        let d = RequestDirectives::parse(&req.headers);
         assert!(
             !d.no_cache,
             "Pragma is ignored when Cache-Control is present"
@@ -573,11 +574,11 @@ mod tests {
         assert_eq!(d.max_age, Some(5));
         assert!(d.only_if_cached);
         req.insert_header("cache-control", "no-store").unwrap();
-        assert!(RequestDirectives::parse(&req).no_store);
+        assert!(RequestDirectives::parse(&req.headers).no_store);
         assert!(is_unsafe(&http::Method::POST) && !is_unsafe(&http::Method::GET));
         let mut authed = RequestHeader::build("GET", b"/", None).unwrap();
         authed.insert_header("authorization", "Bearer x").unwrap();
-        let d = RequestDirectives::parse(&authed);
+        let d = RequestDirectives::parse(&authed.headers);
         assert!(d.authorization && !d.any());
         assert!(!serves_authorized(&resp(
             200,

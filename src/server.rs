@@ -6,12 +6,13 @@
 use crate::admin::Admin;
 use crate::config::Config;
 use crate::invalidation::audit::Audit;
-use crate::invalidation::epochs::Epochs;
+use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
 use crate::proxy::{CacheParts, Gateway};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
-use crate::storage::coherence::Subscriber;
+use crate::redis::Redis;
+use crate::storage::epochs::Epochs;
 use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;
 use crate::storage::tiered::Tiered;
@@ -72,20 +73,28 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let config = Arc::new(config);
-    let redis = match &config.redis {
-        Some(r) => Some(Arc::new(RedisTier::new(r).map_err(std::io::Error::other)?)),
+    // One connection for every domain that keeps state in Redis; each claims its keyspace on it
+    // as it is built, so an overlap stops the start here.
+    let shared = match &config.redis {
+        Some(r) => Some(Arc::new(Redis::new(r).map_err(std::io::Error::other)?)),
         None => None,
+    };
+    let redis = match (&shared, &config.redis) {
+        (Some(shared), Some(r)) => Some(Arc::new(
+            RedisTier::new(shared.clone(), r).map_err(std::io::Error::other)?,
+        )),
+        _ => None,
     };
     let epochs = Arc::new(Epochs::default());
     let (parts, memory) = cache_parts(&config, redis.clone(), epochs.clone());
-    let audit = Arc::new(Audit::new(redis.clone()));
+    let audit = Arc::new(Audit::new(shared.clone()).map_err(std::io::Error::other)?);
     let queue = match &config.cdn {
         Some(cdn) => {
             let providers =
                 crate::purge::providers::from_settings(cdn).map_err(std::io::Error::other)?;
             let mut qcfg = QueueConfig::new(&config.purge.dir);
             qcfg.max_attempts = config.purge.max_attempts;
-            let queue = PurgeQueue::new(qcfg, providers, redis.clone(), audit.clone())?;
+            let queue = PurgeQueue::new(qcfg, providers, shared.clone(), audit.clone())?;
             server.add_service(pingora::services::background::background_service(
                 "aisle purge worker",
                 PurgeWorker::new(queue.clone()),
@@ -138,4 +147,43 @@ pub fn run(config: Config) -> std::io::Result<()> {
     let server = build(config)?;
     server.run(RunArgs::default());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RedisConfig;
+    use crate::control::Replays;
+    use std::time::Duration;
+
+    /// Every domain that keeps state in Redis claims its keyspace on one connection without a
+    /// clash (nothing connects: building them touches no network).
+    #[test]
+    fn every_redis_domain_gets_its_own_keyspace() {
+        let cfg = RedisConfig {
+            url: "redis://127.0.0.1:1".into(),
+            cluster: Vec::new(),
+            prefix: "aisle:".into(),
+            timeout: Duration::from_millis(50),
+            keys: None,
+        };
+        let shared = Arc::new(Redis::new(&cfg).unwrap());
+        let tier = Arc::new(RedisTier::new(shared.clone(), &cfg).unwrap());
+        let audit = Arc::new(Audit::new(Some(shared.clone())).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        PurgeQueue::new(
+            QueueConfig::new(dir.path()),
+            Vec::new(),
+            Some(shared.clone()),
+            audit,
+        )
+        .unwrap();
+        let _replays = Replays::new(Some(tier.clone()));
+        // The on-Redis names stay what they were before the keyspaces were registered.
+        assert_eq!(tier.entry_key(0xab), format!("aisle:{{{:032x}}}:e", 0xab));
+        assert_eq!(tier.channel(), "aisle:inv");
+        // A second gateway part registering the same domains again is fine.
+        RedisTier::new(shared.clone(), &cfg).unwrap();
+        Audit::new(Some(shared)).unwrap();
+    }
 }

@@ -6,17 +6,24 @@
 //! can answer `GET /admin/audit` for all of them. Each record is also published to local
 //! `GET /admin/events` subscribers (server-sent events), together with invalidations received
 //! from other instances.
+//!
+//! In Redis (the `audit` keyspace): `{prefix}audit` (a list of entries, newest first, capped at
+//! 10 000) and `{prefix}audit:cdn:<id>` (one invalidation's CDN answers, kept a week).
 
-use crate::purge::{Outcome, Report};
-use crate::storage::redis::RedisTier;
+use crate::clock::now_ms;
+use crate::purge::{AnswerSink, ProviderAnswer};
+use crate::redis::{Keyspace, Redis};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::broadcast;
 
-/// Records kept in memory (and in Redis).
+/// Entries kept in memory (and in Redis).
 const KEEP: usize = 10_000;
+/// How long Redis keeps one invalidation's CDN answers.
+const ANSWERS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// What one CDN answered to one attempt.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -31,7 +38,7 @@ pub struct CdnAnswer {
 
 /// One invalidation.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
-pub struct AuditRecord {
+pub struct AuditEntry {
     pub id: String,
     pub at_ms: u64,
     /// `admin`, `webhook:<source>`, `purge-method`, `unsafe-request`, `fleet`.
@@ -52,31 +59,50 @@ pub struct AuditRecord {
 
 /// The audit log and the event stream.
 pub struct Audit {
-    ring: Mutex<VecDeque<AuditRecord>>,
+    ring: Mutex<VecDeque<AuditEntry>>,
     events: broadcast::Sender<String>,
-    redis: Option<Arc<RedisTier>>,
+    redis: Option<Arc<RedisLog>>,
+}
+
+/// The fleet's copy of the log: the connection and the `audit` keyspace.
+struct RedisLog {
+    redis: Arc<Redis>,
+    keys: Keyspace,
+}
+
+impl RedisLog {
+    /// The list of entries.
+    fn log_key(&self) -> &str {
+        self.keys.root()
+    }
+
+    /// One invalidation's CDN answers.
+    fn answers_key(&self, id: &str) -> String {
+        self.keys.key(format_args!(":cdn:{id}"))
+    }
 }
 
 impl Audit {
-    pub fn new(redis: Option<Arc<RedisTier>>) -> Self {
+    /// The log, kept in `redis` too when given. `Err`: the audit keyspace clashes with another
+    /// domain's.
+    pub fn new(redis: Option<Arc<Redis>>) -> Result<Self, String> {
         let (events, _) = broadcast::channel(1024);
-        Audit {
+        let redis = match redis {
+            Some(redis) => Some(Arc::new(RedisLog {
+                keys: redis.keyspace("audit log", "audit")?,
+                redis,
+            })),
+            None => None,
+        };
+        Ok(Audit {
             ring: Mutex::new(VecDeque::new()),
             events,
             redis,
-        }
-    }
-
-    fn log_key(r: &RedisTier) -> String {
-        format!("{}audit", r.prefix)
-    }
-
-    fn answers_key(r: &RedisTier, id: &str) -> String {
-        format!("{}audit:cdn:{id}", r.prefix)
+        })
     }
 
     /// Records an invalidation and publishes it to event-stream subscribers.
-    pub fn record(&self, rec: AuditRecord) {
+    pub fn record(&self, rec: AuditEntry) {
         let json = serde_json::to_string(&rec).unwrap_or_default();
         let _ = self.events.send(json.clone());
         {
@@ -86,19 +112,16 @@ impl Audit {
                 ring.pop_front();
             }
         }
-        if let Some(redis) = self.redis.clone() {
+        if let Some(log) = self.redis.clone() {
             tokio::spawn(async move {
                 let mut pipe = redis::pipe();
-                pipe.cmd("LPUSH")
-                    .arg(Self::log_key(&redis))
-                    .arg(json)
-                    .ignore();
+                pipe.cmd("LPUSH").arg(log.log_key()).arg(json).ignore();
                 pipe.cmd("LTRIM")
-                    .arg(Self::log_key(&redis))
+                    .arg(log.log_key())
                     .arg(0)
                     .arg(KEEP - 1)
                     .ignore();
-                let _: Option<()> = redis.background_pipe("audit", &pipe).await;
+                let _: Option<()> = log.redis.background_pipe("audit", &pipe).await;
             });
         }
     }
@@ -122,30 +145,29 @@ impl Audit {
 
     /// Records at or after `since_ms`, oldest first (from Redis when configured, so every
     /// instance's invalidations and every worker's CDN answers are included).
-    pub async fn since(&self, since_ms: u64) -> Vec<AuditRecord> {
-        if let Some(redis) = &self.redis {
-            let raw: Option<Vec<String>> = redis
+    pub async fn since(&self, since_ms: u64) -> Vec<AuditEntry> {
+        if let Some(log) = &self.redis {
+            let raw: Option<Vec<String>> = log
+                .redis
                 .background(
                     "audit",
-                    redis::cmd("LRANGE")
-                        .arg(Self::log_key(redis))
-                        .arg(0)
-                        .arg(KEEP - 1),
+                    redis::cmd("LRANGE").arg(log.log_key()).arg(0).arg(KEEP - 1),
                 )
                 .await;
             if let Some(raw) = raw {
-                let mut out: Vec<AuditRecord> = raw
+                let mut out: Vec<AuditEntry> = raw
                     .iter()
-                    .filter_map(|j| serde_json::from_str::<AuditRecord>(j).ok())
+                    .filter_map(|j| serde_json::from_str::<AuditEntry>(j).ok())
                     .filter(|r| r.at_ms >= since_ms)
                     .collect();
                 out.reverse();
                 for rec in out.iter_mut().rev().take(200) {
-                    let answers: Option<Vec<String>> = redis
+                    let answers: Option<Vec<String>> = log
+                        .redis
                         .background(
                             "audit",
                             redis::cmd("LRANGE")
-                                .arg(Self::answers_key(redis, &rec.id))
+                                .arg(log.answers_key(&rec.id))
                                 .arg(0)
                                 .arg(-1),
                         )
@@ -168,31 +190,34 @@ impl Audit {
     }
 }
 
-impl Report for Audit {
-    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &Outcome) {
-        let (kind, detail) = match outcome {
-            Outcome::Done(d) => ("done", d.clone()),
-            Outcome::Retry { detail, .. } => ("retry", detail.clone()),
-            Outcome::Fatal(d) => ("fatal", d.clone()),
+impl AnswerSink for Audit {
+    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, answer: &ProviderAnswer) {
+        let (kind, detail) = match answer {
+            ProviderAnswer::Done(d) => ("done", d.clone()),
+            ProviderAnswer::Retry { detail, .. } => ("retry", detail.clone()),
+            ProviderAnswer::Fatal(d) => ("fatal", d.clone()),
         };
         let answer = CdnAnswer {
             provider: provider.to_string(),
             attempt,
             outcome: kind.to_string(),
             detail,
-            at_ms: crate::invalidation::epochs::now_ms(),
+            at_ms: now_ms(),
         };
         if let Some(rec) = self.ring.lock().iter_mut().rev().find(|r| r.id == job_id) {
             rec.cdn_answers.push(answer.clone());
         }
-        if let Some(redis) = self.redis.clone() {
-            let key = Self::answers_key(&redis, job_id);
+        if let Some(log) = self.redis.clone() {
+            let key = log.answers_key(job_id);
             let json = serde_json::to_string(&answer).unwrap_or_default();
             tokio::spawn(async move {
                 let mut pipe = redis::pipe();
                 pipe.cmd("RPUSH").arg(&key).arg(json).ignore();
-                pipe.cmd("EXPIRE").arg(&key).arg(7 * 24 * 3600).ignore();
-                let _: Option<()> = redis.background_pipe("audit", &pipe).await;
+                pipe.cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(ANSWERS_KEPT.as_secs())
+                    .ignore();
+                let _: Option<()> = log.redis.background_pipe("audit", &pipe).await;
             });
         }
     }
@@ -204,15 +229,15 @@ mod tests {
 
     #[tokio::test]
     async fn records_answers_and_streams() {
-        let audit = Audit::new(None);
+        let audit = Audit::new(None).unwrap();
         let mut rx = audit.subscribe();
-        audit.record(AuditRecord {
+        audit.record(AuditEntry {
             id: "j1".into(),
             at_ms: 10,
             tags: vec!["t".into()],
             ..Default::default()
         });
-        audit.record(AuditRecord {
+        audit.record(AuditEntry {
             id: "j2".into(),
             at_ms: 20,
             ..Default::default()
@@ -221,18 +246,18 @@ mod tests {
             "j1",
             "cloudflare",
             1,
-            &Outcome::Retry {
+            &ProviderAnswer::Retry {
                 after: None,
                 detail: "500".into(),
             },
         );
-        audit.cdn_answer("j1", "cloudflare", 2, &Outcome::Done("id-1".into()));
+        audit.cdn_answer("j1", "cloudflare", 2, &ProviderAnswer::Done("id-1".into()));
         let all = audit.since(0).await;
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].cdn_answers.len(), 2);
         assert_eq!(all[0].cdn_answers[1].outcome, "done");
         assert_eq!(audit.since(15).await.len(), 1);
-        let first: AuditRecord = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
+        let first: AuditEntry = serde_json::from_str(&rx.recv().await.unwrap()).unwrap();
         assert_eq!(first.id, "j1");
     }
 }

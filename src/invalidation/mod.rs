@@ -9,18 +9,19 @@
 //! purge job, an audit record and a live event.
 
 pub mod audit;
-pub mod epochs;
+pub mod subscriber;
 pub mod webhook;
 
+use crate::clock::now_ms;
 use crate::key;
 use crate::metrics::metrics;
 use crate::purge::queue::PurgeQueue;
 use crate::purge::PurgeJob;
 use crate::rules::RuleSet;
+use crate::storage::epochs::{Epoch, Epochs};
 use crate::storage::redis::{Message, RedisTier};
 use crate::storage::tiered::Tiered;
-use audit::{Audit, AuditRecord};
-use epochs::{now_ms, Epoch, Epochs};
+use audit::{Audit, AuditEntry};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -225,9 +226,7 @@ impl Invalidator {
             self.epochs.purge_prefix(p, epoch);
         }
         for (_, host, path) in &plan.urls {
-            self.storage
-                .invalidate_uri(key::uri_id("http", host, path))
-                .await;
+            self.storage.invalidate_uri(key::uri_id(host, path)).await;
         }
         if let Some(redis) = &self.redis {
             for tag in &plan.tags {
@@ -289,7 +288,7 @@ impl Invalidator {
             cdn: if job.is_some() { "queued" } else { "none" }.to_string(),
         };
         // Recorded before the job is queued, so the worker's first answer finds its record.
-        self.audit.record(AuditRecord {
+        self.audit.record(AuditEntry {
             id: id.clone(),
             at_ms,
             source: plan.source,

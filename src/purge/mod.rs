@@ -3,7 +3,7 @@
 //!
 //! The shape: an invalidation becomes one [`PurgeJob`] (tags, URLs, prefixes, hosts, soft or
 //! hard). Each configured [`Provider`] (Cloudflare, Fastly, CloudFront, plain HTTP PURGE/BAN)
-//! splits a job into request-sized [`Batch`]es its API accepts. The queue ([`queue`]) persists one
+//! splits a job into request-sized [`Batch`]es its API accepts and answers each with a [`ProviderAnswer`]. The queue ([`queue`]) persists one
 //! item per (job, provider) before the job is acknowledged, so an accepted purge survives a
 //! gateway restart or a CDN outage; the worker ([`worker`]) paces, sends, retries with backoff and
 //! jitter (honouring `429` / `Retry-After`) and moves an item to the dead letters after
@@ -61,9 +61,10 @@ pub struct Batch {
     pub soft: bool,
 }
 
-/// What a provider answered to one batch.
+/// What a provider answered to one batch (named apart from [`crate::metrics::Outcome`], a
+/// cache lookup's outcome).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ProviderAnswer {
     /// Accepted; the detail is what the API said (e.g. its purge or invalidation id).
     Done(String),
     /// Try again later (5xx, 429, network error); `after` from `Retry-After` when given.
@@ -87,10 +88,10 @@ pub trait Provider: Send + Sync {
     fn rate(&self) -> f64;
     /// Sends one batch. `idempotency` is the same on every retry of this batch (CloudFront's
     /// `CallerReference`).
-    async fn send(&self, batch: &Batch, idempotency: &str) -> Outcome;
+    async fn send(&self, batch: &Batch, idempotency: &str) -> ProviderAnswer;
 }
 
 /// Where the worker reports what each CDN answered (the audit log implements it).
-pub trait Report: Send + Sync {
-    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, outcome: &Outcome);
+pub trait AnswerSink: Send + Sync {
+    fn cdn_answer(&self, job_id: &str, provider: &str, attempt: u32, answer: &ProviderAnswer);
 }

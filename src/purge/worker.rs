@@ -8,12 +8,13 @@
 //! when, pauses the provider until then, here and (through Redis) on every instance (a 429 is
 //! about the account, not the batch);
 //! `Fatal`, or `max_attempts` failures, makes it a dead letter. Every attempt is reported to
-//! [`super::Report`] and counted in the metrics. The state lives in the queue, never here: a
+//! [`super::AnswerSink`] and counted in the metrics. The state lives in the queue, never here: a
 //! worker can be stopped or killed at any point and the next one (here or on another instance)
 //! picks up where it left.
 
-use super::queue::{ms_after, now_ms, Claim, Claimed, Finish, PurgeQueue};
-use super::{Outcome, Provider};
+use super::queue::{Claim, Claimed, Finish, PurgeQueue};
+use super::{Provider, ProviderAnswer};
+use crate::clock::{ms_after, now_ms};
 use crate::metrics::metrics;
 use async_trait::async_trait;
 use futures_util::FutureExt;
@@ -227,7 +228,7 @@ async fn idle(
     }
 }
 
-/// One attempt at one item: send, report, count, and record the outcome in the queue.
+/// One attempt at one item: send, report the answer, count, and record the outcome in the queue.
 async fn attempt(
     queue: Arc<PurgeQueue>,
     provider: Arc<dyn Provider>,
@@ -239,34 +240,34 @@ async fn attempt(
     let item = &mut claimed.item;
     let n = item.attempts.saturating_add(1);
     let send = AssertUnwindSafe(provider.send(&item.batch, &item.id)).catch_unwind();
-    let outcome = match tokio::time::timeout(cfg.send_timeout, send).await {
-        Ok(Ok(outcome)) => outcome,
-        Ok(Err(_)) => Outcome::Retry {
+    let answer = match tokio::time::timeout(cfg.send_timeout, send).await {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(_)) => ProviderAnswer::Retry {
             after: None,
             detail: "the provider panicked".into(),
         },
-        Err(_) => Outcome::Retry {
+        Err(_) => ProviderAnswer::Retry {
             after: None,
             detail: format!("no answer within {:?}", cfg.send_timeout),
         },
     };
-    if let Outcome::Retry {
+    if let ProviderAnswer::Retry {
         after: Some(after), ..
-    } = &outcome
+    } = &answer
     {
         // Before anything else: the other instances should hold off as soon as possible.
         queue.pause_fleet(name, ms_after(*after)).await;
     }
     let reported = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        queue.report().cdn_answer(&item.job, name, n, &outcome)
+        queue.answers().cdn_answer(&item.job, name, n, &answer)
     }));
     if reported.is_err() {
         tracing::error!("reporting the answer to purge item {} panicked", item.id);
     }
     item.attempts = n;
     let m = metrics();
-    let finish = match &outcome {
-        Outcome::Done(_) => {
+    let finish = match &answer {
+        ProviderAnswer::Done(_) => {
             m.purge_requests.with_label_values(&[name, "done"]).inc();
             if item.created_ms > 0 {
                 let secs = now_ms().saturating_sub(item.created_ms) as f64 / 1000.0;
@@ -274,7 +275,7 @@ async fn attempt(
             }
             Finish::Done
         }
-        Outcome::Retry { after, detail } => {
+        ProviderAnswer::Retry { after, detail } => {
             m.purge_requests.with_label_values(&[name, "retry"]).inc();
             item.last_error = detail.clone();
             if let Some(after) = after {
@@ -297,7 +298,7 @@ async fn attempt(
                 Finish::Retry
             }
         }
-        Outcome::Fatal(detail) => {
+        ProviderAnswer::Fatal(detail) => {
             m.purge_requests.with_label_values(&[name, "fatal"]).inc();
             tracing::warn!(
                 "purge item {} refused by {name} ({detail}); moved to the dead letters",

@@ -6,7 +6,7 @@
 //!           | 0x01 key_id[4] nonce[12] AES-256-GCM(payload)  (encrypted; AAD = the storage key)
 //! payload   = "AIS3" len32 internal_meta len32 header uri64 len32 host_path len32 rule
 //!             ntags32 (len32 tag)*
-//!             flags8 body
+//!             flags8 [tokens64 if flags & 2] body
 //! ```
 //! The key id is derived from the key itself, so rotating keys needs no bookkeeping: records
 //! sealed with a `previous_keys` entry still open, and an unknown id is simply a miss.
@@ -22,6 +22,8 @@ const MAGIC: &[u8; 4] = b"AIS3";
 const PLAIN: u8 = 0;
 const SEALED: u8 = 1;
 const FLAG_ENCRYPT: u8 = 1;
+/// The answer's token count follows the flags (records written before it was kept have none).
+const FLAG_TOKENS: u8 = 2;
 
 /// A decoded entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +98,14 @@ impl Record {
         for t in self.info.tags.iter() {
             put(&mut out, t.as_bytes());
         }
-        out.push(if self.info.encrypt { FLAG_ENCRYPT } else { 0 });
+        let mut flags = if self.info.encrypt { FLAG_ENCRYPT } else { 0 };
+        if self.info.tokens > 0 {
+            flags |= FLAG_TOKENS;
+        }
+        out.push(flags);
+        if self.info.tokens > 0 {
+            out.extend_from_slice(&self.info.tokens.to_be_bytes());
+        }
         out.extend_from_slice(&self.body);
         out
     }
@@ -206,6 +215,14 @@ impl Record {
             return Err(DecodeError::Malformed);
         }
         let flags = b.get_u8();
+        let tokens = if flags & FLAG_TOKENS != 0 {
+            if b.remaining() < 8 {
+                return Err(DecodeError::Malformed);
+            }
+            b.get_u64()
+        } else {
+            0
+        };
         Ok(Record {
             internal,
             header,
@@ -215,6 +232,8 @@ impl Record {
                 rule: Arc::from(rule),
                 tags: Arc::from(tags),
                 encrypt: flags & FLAG_ENCRYPT != 0,
+                tokens_at: None,
+                tokens,
             },
             body: b,
         })
@@ -235,9 +254,28 @@ mod tests {
                 rule: Arc::from("r"),
                 tags: Arc::from(vec!["a".into(), "wedding:42".into()]),
                 encrypt,
+                tokens_at: None,
+                tokens: 0,
             },
             body: Bytes::from_static(b"{\"secret\":\"guest list\"}"),
         }
+    }
+
+    #[test]
+    fn token_counts_round_trip_and_old_records_have_none() {
+        let mut r = record(false);
+        r.info.tokens = 1234;
+        let raw = r.encode(b"k", None);
+        assert_eq!(Record::decode(Bytes::from(raw), b"k", None).unwrap(), r);
+        // A record written without the tokens flag (as before it existed) decodes as 0 tokens.
+        let old = record(false).encode(b"k", None);
+        assert_eq!(
+            Record::decode(Bytes::from(old), b"k", None)
+                .unwrap()
+                .info
+                .tokens,
+            0
+        );
     }
 
     #[test]

@@ -1,299 +1,90 @@
-//! The shared Redis tier: one Redis (or Redis Cluster) behind every gateway instance.
+//! The entries domain of the shared Redis: cached entries, their fleet fill locks, the URI
+//! index, the invalidation channel and the purge epochs the fleet shares.
 //!
-//! This module is the only place that speaks Redis. It offers a few narrow operations (read an
-//! entry, write one, delete, the fleet fill lock, publish an invalidation), each bounded by the
-//! configured per-operation `timeout` and guarded by a circuit breaker: after a few consecutive
-//! failures Redis is skipped entirely until a probe succeeds, so an outage costs each request at
-//! most one timeout, and then nothing. Callers treat every failure as "Redis has nothing".
+//! [`RedisTier`] offers a few narrow operations (read an entry, write one, delete, the fill lock,
+//! publish an invalidation, keep an epoch), each on the shared connection ([`crate::redis::Redis`])
+//! and so bounded by its time budgets and guarded by its circuit breaker. Callers treat every
+//! failure as "Redis has nothing".
 //!
-//! Keys (all under `prefix`; the `{...}` hash tag keeps an entry and its fill lock in one
-//! cluster slot):
+//! Keys (each group a keyspace registered with the connection; the `{...}` hash tag keeps an
+//! entry and its fill lock in one cluster slot):
 //!   `{prefix}{<key hash>}:e`  an entry ([`super::record`]), expiring with its last servable moment
 //!   `{prefix}{<key hash>}:l`  a fill lock: an instance is fetching this key from the origin
 //!   `{prefix}u:<uri id>`      the set of entry keys stored for one URI (to invalidate all variants)
-//!   `{prefix}inv`             the pub/sub channel of invalidations
+//!   `{prefix}inv`             the pub/sub channel of invalidations ([`Message`])
+//!   `{prefix}epochs`          tag and prefix purge epochs (`t:<tag>` / `p:<prefix>` -> `<ms>:<soft>`)
 
 use super::record::Keys;
+use crate::clock::now_ms;
 use crate::config::RedisConfig;
-use crate::metrics::metrics;
-use parking_lot::Mutex;
-use redis::{Cmd, FromRedisValue, Pipeline};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use crate::redis::{Keyspace, Redis};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Consecutive failures that open the circuit.
-const BREAKER_THRESHOLD: u32 = 3;
-/// How long an open circuit skips Redis before letting one probe through.
-const BREAKER_COOLDOWN: Duration = Duration::from_millis(500);
-/// Budget for writes made off the request path (a fill's entry can be megabytes).
-const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Entries and their fill locks: `{<key hash>}:e` / `:l` (the tag opens the cluster hash tag).
+const ENTRIES: (&str, &str) = ("entries", "{");
+/// The set of entry keys per URI.
+const URIS: (&str, &str) = ("entry uri index", "u:");
+/// The pub/sub channel of invalidations (its root name is the channel).
+const CHANNEL: (&str, &str) = ("invalidation channel", "inv");
+/// The fleet's purge epochs (one hash, its root key).
+const EPOCHS: (&str, &str) = ("purge epochs", "epochs");
 
-/// A connection to one Redis or to a cluster; both multiplex and reconnect by themselves.
-#[derive(Clone)]
-enum Conn {
-    Single(redis::aio::ConnectionManager),
-    Cluster(redis::cluster_async::ClusterConnection),
-}
-
-/// One command or a pipeline.
-#[derive(Clone, Copy)]
-enum Query<'a> {
-    Cmd(&'a Cmd),
-    Pipe(&'a Pipeline),
-}
-
-impl Conn {
-    async fn query<T: FromRedisValue>(&mut self, q: Query<'_>) -> redis::RedisResult<T> {
-        match (self, q) {
-            (Conn::Single(c), Query::Cmd(cmd)) => cmd.query_async(c).await,
-            (Conn::Cluster(c), Query::Cmd(cmd)) => cmd.query_async(c).await,
-            (Conn::Single(c), Query::Pipe(p)) => p.query_async(c).await,
-            (Conn::Cluster(c), Query::Pipe(p)) => p.query_async(c).await,
-        }
-    }
-}
-
-enum Client {
-    Single(redis::Client),
-    Cluster(Box<redis::cluster::ClusterClient>),
-}
-
-/// Skips Redis after repeated failures; lets one probe through after a cooldown.
-struct Breaker {
-    failures: AtomicU32,
-    /// Milliseconds since `epoch` until which the circuit is open; 0 = closed.
-    open_until: AtomicU64,
-    probing: AtomicBool,
-    epoch: Instant,
-}
-
-impl Breaker {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    fn allow(&self) -> bool {
-        let until = self.open_until.load(Ordering::Acquire);
-        if until == 0 {
-            return true;
-        }
-        if self.now_ms() < until {
-            return false;
-        }
-        // Half-open: exactly one caller probes.
-        self.probing
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-    }
-
-    fn success(&self) {
-        self.failures.store(0, Ordering::Release);
-        self.probing.store(false, Ordering::Release);
-        if self.open_until.swap(0, Ordering::AcqRel) != 0 {
-            tracing::warn!("redis is reachable again; circuit closed");
-            metrics().redis_circuit_open.set(0);
-        }
-    }
-
-    fn failure(&self) {
-        let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
-        let probing = self.probing.swap(false, Ordering::AcqRel);
-        if n >= BREAKER_THRESHOLD || probing {
-            let was = self.open_until.swap(
-                self.now_ms() + BREAKER_COOLDOWN.as_millis() as u64,
-                Ordering::AcqRel,
-            );
-            if was == 0 {
-                tracing::warn!("redis failed {n} times in a row; skipping it (circuit open)");
-                metrics().redis_circuit_open.set(1);
-            }
-        }
-    }
-
-    fn is_open(&self) -> bool {
-        self.open_until.load(Ordering::Acquire) != 0
-    }
-}
-
-/// The Redis tier's connection, breaker and key layout.
+/// Cached entries, fill locks, invalidation broadcasts and epochs, on the shared connection.
 pub struct RedisTier {
-    client: Client,
-    conn: Mutex<Option<Conn>>,
-    connecting: tokio::sync::Mutex<()>,
-    breaker: Breaker,
-    pub prefix: String,
-    timeout: Duration,
+    redis: Arc<Redis>,
+    entries: Keyspace,
+    uris: Keyspace,
+    channel: Keyspace,
+    epochs: Keyspace,
     /// A random id for this process, so it can ignore its own broadcasts.
     pub instance: u64,
     pub keys: Option<Keys>,
-    /// URL the pub/sub subscriber connects to (the single server, or the first cluster node).
-    pub subscribe_url: String,
     /// Whether the invalidation subscription is currently up.
     pub subscribed: AtomicBool,
 }
 
-fn op_result<T>(
-    tier: &RedisTier,
-    op: &'static str,
-    start: Instant,
-    r: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-) -> Option<T> {
-    let m = metrics();
-    m.redis_duration
-        .with_label_values(&[op])
-        .observe(start.elapsed().as_secs_f64());
-    match r {
-        Ok(Ok(v)) => {
-            tier.breaker.success();
-            Some(v)
-        }
-        Ok(Err(e)) => {
-            tracing::debug!("redis {op} failed: {e}");
-            m.redis_errors.with_label_values(&[op]).inc();
-            tier.breaker.failure();
-            None
-        }
-        Err(_) => {
-            tracing::debug!("redis {op} timed out after {:?}", tier.timeout);
-            m.redis_errors.with_label_values(&[op]).inc();
-            tier.breaker.failure();
-            None
-        }
-    }
-}
-
 impl RedisTier {
-    pub fn new(cfg: &RedisConfig) -> Result<Self, String> {
-        let (client, subscribe_url) = if cfg.cluster.is_empty() {
-            let c = redis::Client::open(cfg.url.as_str())
-                .map_err(|e| format!("bad redis url {:?}: {e}", cfg.url))?;
-            (Client::Single(c), cfg.url.clone())
-        } else {
-            let c =
-                redis::cluster::ClusterClientBuilder::new(cfg.cluster.iter().map(String::as_str))
-                    .connection_timeout(cfg.timeout.max(Duration::from_millis(200)))
-                    .response_timeout(BACKGROUND_TIMEOUT)
-                    .retries(1)
-                    .build()
-                    .map_err(|e| format!("bad redis cluster nodes: {e}"))?;
-            (Client::Cluster(Box::new(c)), cfg.cluster[0].clone())
-        };
+    /// The entries domain on `redis`, with `[redis]`'s encryption keys. `Err`: its keyspaces
+    /// clash with another domain's.
+    pub fn new(redis: Arc<Redis>, cfg: &RedisConfig) -> Result<Self, String> {
+        let claim = |(domain, tag): (&'static str, &'static str)| redis.keyspace(domain, tag);
         Ok(RedisTier {
-            client,
-            conn: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            breaker: Breaker {
-                failures: AtomicU32::new(0),
-                open_until: AtomicU64::new(0),
-                probing: AtomicBool::new(false),
-                epoch: Instant::now(),
-            },
-            prefix: cfg.prefix.clone(),
-            timeout: cfg.timeout,
+            entries: claim(ENTRIES)?,
+            uris: claim(URIS)?,
+            channel: claim(CHANNEL)?,
+            epochs: claim(EPOCHS)?,
+            redis: redis.clone(),
             instance: rand_u64(),
             keys: cfg.keys.as_ref().map(|(cur, prev)| Keys::new(*cur, prev)),
-            subscribe_url,
             subscribed: AtomicBool::new(false),
         })
+    }
+
+    /// The shared connection (for other domains that ride on this one's).
+    pub fn redis(&self) -> &Arc<Redis> {
+        &self.redis
     }
 
     /// Another connection (the subscriber's) reached Redis: close the circuit without waiting
     /// for request traffic to probe.
     pub fn mark_reachable(&self) {
-        self.breaker.success();
+        self.redis.mark_reachable();
     }
 
     /// Whether the circuit breaker is currently skipping Redis.
     pub fn circuit_open(&self) -> bool {
-        self.breaker.is_open()
+        self.redis.circuit_open()
     }
 
     /// Whether the last operation reached Redis (for `/readyz`).
     pub fn connected(&self) -> bool {
-        self.conn.lock().is_some() && !self.breaker.is_open()
-    }
-
-    async fn connection(&self) -> Option<Conn> {
-        if let Some(c) = self.conn.lock().clone() {
-            return Some(c);
-        }
-        let _one_at_a_time = self.connecting.lock().await;
-        if let Some(c) = self.conn.lock().clone() {
-            return Some(c);
-        }
-        let start = Instant::now();
-        let budget = self.timeout.max(Duration::from_millis(200));
-        let made = match &self.client {
-            Client::Single(c) => {
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(budget))
-                    .set_response_timeout(Some(BACKGROUND_TIMEOUT))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(200));
-                tokio::time::timeout(budget, c.get_connection_manager_with_config(cfg))
-                    .await
-                    .map(|r| r.map(Conn::Single))
-            }
-            Client::Cluster(c) => tokio::time::timeout(budget, c.get_async_connection())
-                .await
-                .map(|r| r.map(Conn::Cluster)),
-        };
-        let conn = op_result(self, "connect", start, made)?;
-        *self.conn.lock() = Some(conn.clone());
-        Some(conn)
-    }
-
-    /// Runs one command or pipeline within `budget`, through the breaker, with metrics.
-    async fn exec<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        q: Query<'_>,
-        budget: Duration,
-    ) -> Option<T> {
-        if !self.breaker.allow() {
-            return None;
-        }
-        let mut conn = self.connection().await?;
-        let start = Instant::now();
-        let r = tokio::time::timeout(budget, conn.query(q)).await;
-        op_result(self, op, start, r)
-    }
-
-    async fn run<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        cmd: &Cmd,
-        budget: Duration,
-    ) -> Option<T> {
-        self.exec(op, Query::Cmd(cmd), budget).await
-    }
-
-    async fn run_pipe<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        pipe: &Pipeline,
-        budget: Duration,
-    ) -> Option<T> {
-        self.exec(op, Query::Pipe(pipe), budget).await
-    }
-
-    /// Runs a command off the request path (background budget), through the breaker. For other
-    /// modules that keep state in Redis (the purge queue). `None`: Redis unavailable.
-    pub async fn background<T: FromRedisValue>(&self, op: &'static str, cmd: &Cmd) -> Option<T> {
-        self.run(op, cmd, BACKGROUND_TIMEOUT).await
-    }
-
-    /// [`Self::background`] for a pipeline (use `redis::pipe().atomic()` for MULTI/EXEC).
-    pub async fn background_pipe<T: FromRedisValue>(
-        &self,
-        op: &'static str,
-        pipe: &Pipeline,
-    ) -> Option<T> {
-        self.run_pipe(op, pipe, BACKGROUND_TIMEOUT).await
+        self.redis.connected()
     }
 
     fn slot(&self, key: u128) -> String {
-        format!("{}{{{key:032x}}}", self.prefix)
+        self.entries.key(format_args!("{key:032x}}}"))
     }
 
     /// The Redis key of an entry.
@@ -306,34 +97,31 @@ impl RedisTier {
     }
 
     fn uri_key(&self, uri: u64) -> String {
-        format!("{}u:{uri:016x}", self.prefix)
+        self.uris.key(format_args!("{uri:016x}"))
     }
 
     /// The pub/sub channel of invalidations.
     pub fn channel(&self) -> String {
-        format!("{}inv", self.prefix)
+        self.channel.root().to_string()
     }
 
     /// Reads an entry. `None`: absent or Redis unavailable.
     pub async fn get(&self, key: u128) -> Option<Vec<u8>> {
-        self.run::<Option<Vec<u8>>>(
-            "get",
-            redis::cmd("GET").arg(self.entry_key(key)),
-            self.timeout,
-        )
-        .await
-        .flatten()
+        self.redis
+            .request::<Option<Vec<u8>>>("get", redis::cmd("GET").arg(self.entry_key(key)))
+            .await
+            .flatten()
     }
 
     /// Reads an entry and whether its fill lock is held, in one round trip (same slot).
     pub async fn get_with_lock(&self, key: u128) -> Option<(Option<Vec<u8>>, bool)> {
         let (entry, lock): (Option<Vec<u8>>, Option<Vec<u8>>) = self
-            .run(
+            .redis
+            .request(
                 "get",
                 redis::cmd("MGET")
                     .arg(self.entry_key(key))
                     .arg(self.lock_key(key)),
-                self.timeout,
             )
             .await?;
         Some((entry, lock.is_some()))
@@ -349,7 +137,7 @@ impl RedisTier {
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
             .clone();
-        let r: Option<Option<String>> = self.run("lock", &cmd, self.timeout).await;
+        let r: Option<Option<String>> = self.redis.request("lock", &cmd).await;
         r.map(|v| v.is_some())
     }
 
@@ -363,7 +151,7 @@ impl RedisTier {
             .arg(self.lock_key(key))
             .arg(self.instance.to_string())
             .clone();
-        let _: Option<i64> = self.run("unlock", &cmd, BACKGROUND_TIMEOUT).await;
+        let _: Option<i64> = self.redis.background("unlock", &cmd).await;
     }
 
     /// Writes an entry that stays servable for `ttl`, indexes it under its URI, and releases its
@@ -381,7 +169,8 @@ impl RedisTier {
             .ignore();
         pipe.cmd("DEL").arg(self.lock_key(key)).ignore();
         let written = self
-            .run_pipe::<()>("set", &pipe, BACKGROUND_TIMEOUT)
+            .redis
+            .background_pipe::<()>("set", &pipe)
             .await
             .is_some();
         if written {
@@ -390,7 +179,7 @@ impl RedisTier {
             idx.cmd("SADD").arg(&uri_key).arg(&entry).ignore();
             idx.cmd("PEXPIRE").arg(&uri_key).arg(ms).arg("GT").ignore();
             idx.cmd("PEXPIRE").arg(&uri_key).arg(ms).arg("NX").ignore();
-            let _ = self.run_pipe::<()>("index", &idx, BACKGROUND_TIMEOUT).await;
+            let _ = self.redis.background_pipe::<()>("index", &idx).await;
         }
         written
     }
@@ -398,11 +187,8 @@ impl RedisTier {
     /// Deletes an entry.
     pub async fn delete(&self, key: u128) {
         let _: Option<i64> = self
-            .run(
-                "del",
-                redis::cmd("DEL").arg(self.entry_key(key)),
-                BACKGROUND_TIMEOUT,
-            )
+            .redis
+            .background("del", redis::cmd("DEL").arg(self.entry_key(key)))
             .await;
     }
 
@@ -410,37 +196,29 @@ impl RedisTier {
     pub async fn delete_uri(&self, uri: u64) {
         let uri_key = self.uri_key(uri);
         let members: Option<Vec<String>> = self
-            .run(
-                "smembers",
-                redis::cmd("SMEMBERS").arg(&uri_key),
-                BACKGROUND_TIMEOUT,
-            )
+            .redis
+            .background("smembers", redis::cmd("SMEMBERS").arg(&uri_key))
             .await;
         for m in members.unwrap_or_default() {
-            let _: Option<i64> = self
-                .run("del", redis::cmd("DEL").arg(m), BACKGROUND_TIMEOUT)
-                .await;
+            let _: Option<i64> = self.redis.background("del", redis::cmd("DEL").arg(m)).await;
         }
         let _: Option<i64> = self
-            .run("del", redis::cmd("DEL").arg(uri_key), BACKGROUND_TIMEOUT)
+            .redis
+            .background("del", redis::cmd("DEL").arg(uri_key))
             .await;
     }
 
     /// Broadcasts an invalidation to every instance.
     pub async fn publish(&self, message: &Message) {
         let _: Option<i64> = self
-            .run(
+            .redis
+            .background(
                 "publish",
                 redis::cmd("PUBLISH")
-                    .arg(self.channel())
+                    .arg(self.channel.root())
                     .arg(message.encode(self.instance)),
-                BACKGROUND_TIMEOUT,
             )
             .await;
-    }
-
-    fn epochs_key(&self) -> String {
-        format!("{}epochs", self.prefix)
     }
 
     /// Records a tag or prefix purge epoch for the fleet (`field` = `t:<tag>` / `p:<prefix>`,
@@ -452,22 +230,19 @@ impl RedisTier {
         let cmd = redis::cmd("EVAL")
             .arg(KEEP_LATER)
             .arg(1)
-            .arg(self.epochs_key())
+            .arg(self.epochs.root())
             .arg(field)
             .arg(at_ms)
             .arg(u8::from(soft))
             .clone();
-        let _: Option<i64> = self.run("epoch", &cmd, BACKGROUND_TIMEOUT).await;
+        let _: Option<i64> = self.redis.background("epoch", &cmd).await;
     }
 
     /// Every recorded epoch: (field, unix ms, soft).
     pub async fn load_epochs(&self) -> Option<Vec<(String, u64, bool)>> {
         let all: std::collections::HashMap<String, String> = self
-            .run(
-                "epochs",
-                redis::cmd("HGETALL").arg(self.epochs_key()),
-                BACKGROUND_TIMEOUT,
-            )
+            .redis
+            .background("epochs", redis::cmd("HGETALL").arg(self.epochs.root()))
             .await?;
         Some(
             all.into_iter()
@@ -485,10 +260,10 @@ impl RedisTier {
             for (field, ms, _) in all {
                 if ms < cutoff_ms {
                     let _: Option<i64> = self
-                        .run(
+                        .redis
+                        .background(
                             "epoch",
-                            redis::cmd("HDEL").arg(self.epochs_key()).arg(field),
-                            BACKGROUND_TIMEOUT,
+                            redis::cmd("HDEL").arg(self.epochs.root()).arg(field),
                         )
                         .await;
                 }
@@ -498,7 +273,7 @@ impl RedisTier {
 
     /// A plain client for the pub/sub subscriber.
     pub fn subscriber_client(&self) -> redis::RedisResult<redis::Client> {
-        redis::Client::open(self.subscribe_url.as_str())
+        self.redis.subscriber_client()
     }
 }
 
@@ -522,10 +297,7 @@ pub enum Message {
 impl Message {
     /// `<instance> <sent at, unix ms> k <key> | u <uri> | t <at> <0|1> <tag> | p <at> <0|1> <prefix>`
     pub fn encode(&self, instance: u64) -> String {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis();
+        let now = now_ms();
         match self {
             Message::Key(k) => format!("{instance:016x} {now} k {k:032x}"),
             Message::Uri(u) => format!("{instance:016x} {now} u {u:016x}"),
@@ -611,31 +383,5 @@ mod tests {
         }
         assert!(Message::decode("zz 1 k 1").is_none());
         assert!(Message::decode("1 1 x 1").is_none());
-    }
-
-    #[test]
-    fn breaker_opens_and_probes() {
-        let b = Breaker {
-            failures: AtomicU32::new(0),
-            open_until: AtomicU64::new(0),
-            probing: AtomicBool::new(false),
-            epoch: Instant::now(),
-        };
-        for _ in 0..BREAKER_THRESHOLD {
-            assert!(b.allow());
-            b.failure();
-        }
-        assert!(b.is_open());
-        assert!(!b.allow(), "open: Redis is skipped");
-        // Pretend the cooldown passed.
-        b.open_until.store(1, Ordering::Release);
-        assert!(b.allow(), "one probe");
-        assert!(!b.allow(), "only one probe at a time");
-        b.failure();
-        assert!(b.is_open() && !b.allow(), "a failed probe reopens");
-        b.open_until.store(1, Ordering::Release);
-        assert!(b.allow());
-        b.success();
-        assert!(!b.is_open() && b.allow() && b.allow());
     }
 }

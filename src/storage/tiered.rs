@@ -4,7 +4,9 @@
 //! memory. A fill is written to memory as the body streams and to Redis afterwards, in a spawned
 //! task, so the client never waits for Redis. When both tiers miss, the fleet fill lock makes the
 //! instances agree on one fetch: the lock holder goes to the origin, the others poll Redis for
-//! its result until a deadline and then fetch themselves. Concurrent lookups of one key inside a
+//! its result until a deadline and then fetch themselves. The lock is a [`FillLock`] value:
+//! handed to the request's context ([`Tiered::take_fill_lock`]) and to the fill that stores the
+//! answer, and released when the last of them is dropped, however the request ends. Concurrent lookups of one key inside a
 //! process share that Redis conversation.
 //!
 //! Invalidations (purges, replaced entries, unsafe requests) are applied locally, deleted in
@@ -12,11 +14,13 @@
 //!
 //! With `cache.memory = "0"` the memory tier is skipped: hits are served straight from Redis.
 
+use super::epochs::{Epoch, Epochs};
+use super::fill_lock::FillLock;
 use super::memory::{id, BodyHit, MemoryStorage};
 use super::record::{DecodeError, Record};
 use super::redis::{Message, RedisTier};
 use super::EntryInfo;
-use crate::invalidation::epochs::{now_ms, Epoch, Epochs};
+use crate::clock::now_ms;
 use crate::metrics::metrics;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -49,6 +53,8 @@ pub struct Tiered {
     /// How long to wait for another instance's fill (and the fill lock's lifetime).
     fill_wait: Duration,
     waits: Mutex<HashMap<u128, Arc<OnceCell<Option<Bytes>>>>>,
+    /// Fill locks taken by lookups, until the request that missed takes them (or they age out).
+    held: Mutex<HashMap<u128, (Instant, FillLock)>>,
 }
 
 /// How long an entry stays servable from now: freshness plus the longer stale window.
@@ -75,6 +81,7 @@ impl Tiered {
             memory_enabled,
             fill_wait,
             waits: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
         }
     }
 
@@ -101,29 +108,38 @@ impl Tiered {
         removed
     }
 
-    /// A fill this instance started will not happen (the response was not storable): let other
-    /// instances stop waiting for it.
-    pub fn abandon_fill(&self, key: &CacheKey) {
-        if let Some(redis) = &self.redis {
-            let redis = redis.clone();
-            let k = id(key.combined_bin());
-            tokio::spawn(async move { redis.unlock(k).await });
-        }
+    /// The fleet fill lock a lookup of `key` took for this instance, if any: the request that
+    /// missed keeps it until it ends (or hands it to the fill), and dropping it releases it.
+    pub fn take_fill_lock(&self, key: &CacheKey) -> Option<FillLock> {
+        self.held
+            .lock()
+            .remove(&id(key.combined_bin()))
+            .map(|(_, lock)| lock)
+    }
+
+    fn hold(&self, lock: FillLock) {
+        let mut held = self.held.lock();
+        // A lock no request took (the request failed between lookup and miss) is released once
+        // it is older than its own lifetime in Redis.
+        let horizon = self.fill_wait;
+        held.retain(|_, (at, _)| at.elapsed() < horizon);
+        held.insert(lock.key(), (Instant::now(), lock));
     }
 
     /// The entry from Redis, or after waiting for another instance's fill. `None`: fetch it.
-    async fn fetch_or_wait(&self, redis: &RedisTier, k: u128) -> Option<Bytes> {
+    async fn fetch_or_wait(&self, redis: &Arc<RedisTier>, k: u128) -> Option<Bytes> {
         if let Some(v) = redis.get(k).await {
             return Some(Bytes::from(v));
         }
         match redis.try_lock(k, self.fill_wait).await {
             None => return None,
             Some(true) => {
+                let lock = FillLock::new(redis.clone(), k);
                 // Ours; but the previous holder may have finished just before we asked.
                 if let Some(v) = redis.get(k).await {
-                    redis.unlock(k).await;
-                    return Some(Bytes::from(v));
+                    return Some(Bytes::from(v)); // `lock` is dropped: released
                 }
+                self.hold(lock);
                 return None;
             }
             Some(false) => {}
@@ -151,7 +167,7 @@ impl Tiered {
     }
 
     /// Reads `key`'s bytes from Redis, sharing the round trip with concurrent local lookups.
-    async fn redis_fetch(&self, redis: &RedisTier, k: u128) -> Option<Bytes> {
+    async fn redis_fetch(&self, redis: &Arc<RedisTier>, k: u128) -> Option<Bytes> {
         let cell = self
             .waits
             .lock()
@@ -234,20 +250,18 @@ impl Storage for Tiered {
             }
         };
         metrics().tier_hits_redis.inc();
+        let info = Arc::new(record.info);
         if self.memory_enabled {
-            let body = record.body.clone();
-            let info = Arc::new(record.info.clone());
-            self.memory.promote(key, &meta, record.body, record.info);
+            self.memory
+                .promote(key, &meta, record.body.clone(), info.clone());
             if let Some(hit) = self.memory.lookup(key, trace).await? {
                 return Ok(Some(hit));
             }
             // Evicted at once (a budget smaller than the entry): serve the copy we read.
-            return Ok(Some((meta, Box::new(BodyHit::new(body, 0, info)))));
         }
-        Ok(Some((
-            meta,
-            Box::new(BodyHit::new(record.body, 0, Arc::new(record.info))),
-        )))
+        let mut meta = meta;
+        info.attach(&mut meta);
+        Ok(Some((meta, Box::new(BodyHit::new(record.body, 0)))))
     }
 
     async fn lookup_streaming_write(
@@ -288,14 +302,12 @@ impl Storage for Tiered {
             }
         };
         let (internal, header) = meta.serialize()?;
-        let info = meta
-            .extensions()
-            .get::<EntryInfo>()
-            .cloned()
-            .unwrap_or_default();
+        let info = EntryInfo::of(meta).cloned().unwrap_or_default();
         Ok(Box::new(TieredMiss {
             inner,
             redis,
+            // Held until the Redis write lands, so waiters find the entry, not a free lock.
+            lock: meta.extensions().get::<FillLock>().cloned(),
             k: id(key.combined_bin()),
             internal,
             header,
@@ -339,7 +351,7 @@ impl Storage for Tiered {
                 };
                 let ttl = servable_for(meta, SystemTime::now());
                 let redis = redis.clone();
-                tokio::spawn(async move { write_record(&redis, k, record, ttl).await });
+                tokio::spawn(async move { write_record(&redis, k, record, ttl, None).await });
             }
         }
         Ok(updated)
@@ -351,9 +363,16 @@ impl Storage for Tiered {
 }
 
 /// Encodes (sealing it if asked), stores, and tells other instances to drop their old copy.
-async fn write_record(redis: &RedisTier, k: u128, record: Record, ttl: Duration) {
+/// `lock` (this fill's fleet lock) is released once the entry is written, or not worth writing.
+async fn write_record(
+    redis: &RedisTier,
+    k: u128,
+    record: Record,
+    ttl: Duration,
+    lock: Option<FillLock>,
+) {
+    let _lock = lock;
     if ttl.is_zero() {
-        redis.unlock(k).await;
         return;
     }
     let storage_key = redis.entry_key(k);
@@ -367,10 +386,11 @@ async fn write_record(redis: &RedisTier, k: u128, record: Record, ttl: Duration)
 struct TieredMiss {
     inner: Option<MissHandler>,
     redis: Arc<RedisTier>,
+    lock: Option<FillLock>,
     k: u128,
     internal: Vec<u8>,
     header: Vec<u8>,
-    info: EntryInfo,
+    info: Arc<EntryInfo>,
     ttl: Duration,
     chunks: Vec<Bytes>,
 }
@@ -409,11 +429,11 @@ impl HandleMiss for TieredMiss {
         let record = Record {
             internal: this.internal,
             header: this.header,
-            info: this.info,
+            info: (*this.info.completed(&body)).clone(),
             body,
         };
-        let (redis, k, ttl) = (this.redis, this.k, this.ttl);
-        tokio::spawn(async move { write_record(&redis, k, record, ttl).await });
+        let (redis, k, ttl, lock) = (this.redis, this.k, this.ttl, this.lock);
+        tokio::spawn(async move { write_record(&redis, k, record, ttl, lock).await });
         Ok(size)
     }
 }

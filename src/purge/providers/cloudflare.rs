@@ -12,7 +12,7 @@ use super::{chunked, classify, client, dedup, excerpt, execute, keep_valid, vali
 use crate::config::cdn::{
     CloudflareSettings, CLOUDFLARE_MAX_ITEMS, CLOUDFLARE_MAX_ITEMS_ENTERPRISE,
 };
-use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
 use async_trait::async_trait;
 
 /// Cloudflare's per-request limit for every kind (and for URLs below Enterprise); the settings
@@ -89,9 +89,9 @@ impl Provider for Cloudflare {
         self.rate
     }
 
-    async fn send(&self, batch: &Batch, _idempotency: &str) -> Outcome {
+    async fn send(&self, batch: &Batch, _idempotency: &str) -> ProviderAnswer {
         if batch.items.is_empty() {
-            return Outcome::Done("cloudflare: empty batch, nothing sent".into());
+            return ProviderAnswer::Done("cloudflare: empty batch, nothing sent".into());
         }
         let key = field(batch.kind);
         let body = serde_json::json!({ key: batch.items });
@@ -124,15 +124,15 @@ impl Provider for Cloudflare {
                         .and_then(|a| a.pointer("/result/id"))
                         .and_then(|i| i.as_str())
                         .unwrap_or("?");
-                    Outcome::Done(format!(
+                    ProviderAnswer::Done(format!(
                         "cloudflare purge {id}: {} {key}",
                         batch.items.len()
                     ))
                 }
-                Some(false) => Outcome::Fatal(format!(
+                Some(false) => ProviderAnswer::Fatal(format!(
                     "cloudflare: {what} answered success=false: {errors}"
                 )),
-                None => Outcome::Retry {
+                None => ProviderAnswer::Retry {
                     after: None,
                     detail: format!(
                         "cloudflare: {what} answered HTTP {} without a JSON `success` field ({}); \

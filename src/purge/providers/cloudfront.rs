@@ -15,7 +15,7 @@
 
 use super::{classify, client, dedup, excerpt, execute};
 use crate::config::cdn::{is_cloudfront_path as valid_path, CloudFrontSettings, TagKey};
-use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
 use async_trait::async_trait;
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
@@ -319,9 +319,9 @@ impl Provider for CloudFront {
         self.rate
     }
 
-    async fn send(&self, batch: &Batch, idempotency: &str) -> Outcome {
+    async fn send(&self, batch: &Batch, idempotency: &str) -> ProviderAnswer {
         if batch.items.is_empty() {
-            return Outcome::Done("cloudfront: empty batch, nothing sent".into());
+            return ProviderAnswer::Done("cloudfront: empty batch, nothing sent".into());
         }
         // CloudFront needs a non-empty CallerReference; without one, derive a stable one from
         // the paths so retries stay idempotent.
@@ -339,7 +339,7 @@ impl Provider for CloudFront {
         let signed = match self.sign_headers(body.as_bytes(), SystemTime::now()) {
             Ok(h) => h,
             Err(e) => {
-                return Outcome::Fatal(format!(
+                return ProviderAnswer::Fatal(format!(
                     "cloudfront: {e}; check [cdn.cloudfront] access_key_id, secret_access_key \
                      and region"
                 ))
@@ -361,7 +361,7 @@ impl Provider for CloudFront {
         if reply.status.is_success() {
             let id = xml_text(&reply.body, "Id").unwrap_or_else(|| "?".into());
             let status = xml_text(&reply.body, "Status").unwrap_or_else(|| "?".into());
-            return Outcome::Done(format!(
+            return ProviderAnswer::Done(format!(
                 "cloudfront invalidation {id} ({status}): {} paths, CallerReference {reference}",
                 batch.items.len()
             ));
@@ -374,7 +374,7 @@ impl Provider for CloudFront {
             format!("{code}: {message}")
         };
         if reply.status.is_client_error() && RETRYABLE_CODES.contains(&code.as_str()) {
-            return Outcome::Retry {
+            return ProviderAnswer::Retry {
                 after: super::retry_after(&reply.headers, SystemTime::now()),
                 detail: format!(
                     "cloudfront: {what} answered HTTP {} {said}; will retry",

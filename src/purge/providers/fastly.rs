@@ -13,7 +13,7 @@
 
 use super::{classify, client, dedup, excerpt, execute, keep_valid, valid_tag};
 use crate::config::cdn::FastlySettings;
-use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
 use async_trait::async_trait;
 
 /// Fastly's limit of surrogate keys per batch purge.
@@ -93,16 +93,16 @@ impl Provider for Fastly {
         self.rate
     }
 
-    async fn send(&self, batch: &Batch, _idempotency: &str) -> Outcome {
+    async fn send(&self, batch: &Batch, _idempotency: &str) -> ProviderAnswer {
         if batch.kind != Kind::Tags {
-            return Outcome::Fatal(format!(
+            return ProviderAnswer::Fatal(format!(
                 "fastly: cannot purge {:?} through the Fastly API (only surrogate keys); this \
                  batch was not made by the Fastly provider",
                 batch.kind
             ));
         }
         if batch.items.is_empty() {
-            return Outcome::Done("fastly: empty batch, nothing sent".into());
+            return ProviderAnswer::Done("fastly: empty batch, nothing sent".into());
         }
         let what = format!("POST {}", self.endpoint);
         let mut req = self
@@ -132,7 +132,7 @@ impl Provider for Fastly {
                 })
                 .unwrap_or_default();
             let more = batch.items.len().saturating_sub(ids.len());
-            return Outcome::Done(format!(
+            return ProviderAnswer::Done(format!(
                 "fastly {}purge of {} keys: {}{}",
                 if batch.soft { "soft " } else { "" },
                 batch.items.len(),

@@ -18,7 +18,7 @@
 
 use super::{classify, client, dedup, excerpt, execute, keep_valid, valid_tag};
 use crate::config::cdn::HttpSettings;
-use crate::purge::{Batch, Kind, Outcome, Provider, PurgeJob};
+use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use std::time::Duration;
@@ -58,7 +58,7 @@ impl HttpPurge {
         target: &str,
         host_header: Option<&str>,
         tags: Option<&str>,
-    ) -> Result<(), Outcome> {
+    ) -> Result<(), ProviderAnswer> {
         let url = format!("{host}{target}");
         let what = format!("{method} {url}");
         let mut req = self.client.request(method.clone(), &url);
@@ -99,7 +99,7 @@ impl HttpPurge {
         method: &reqwest::Method,
         requests: &[(String, Option<String>)],
         tags: Option<&str>,
-    ) -> Vec<Result<(), Outcome>> {
+    ) -> Vec<Result<(), ProviderAnswer>> {
         join_all(self.hosts.iter().map(|host| async move {
             for (target, host_header) in requests {
                 self.one(method, host, target, host_header.as_deref(), tags)
@@ -150,7 +150,7 @@ impl Provider for HttpPurge {
         self.rate
     }
 
-    async fn send(&self, batch: &Batch, _idempotency: &str) -> Outcome {
+    async fn send(&self, batch: &Batch, _idempotency: &str) -> ProviderAnswer {
         let results = match batch.kind {
             Kind::Urls => {
                 let reqs: Vec<(String, Option<String>)> = batch
@@ -159,20 +159,20 @@ impl Provider for HttpPurge {
                     .filter_map(|u| split_url(u).map(|(t, h)| (t, Some(h))))
                     .collect();
                 if reqs.is_empty() {
-                    return Outcome::Done("http: no URL to purge".into());
+                    return ProviderAnswer::Done("http: no URL to purge".into());
                 }
                 self.fan_out(&self.method, &reqs, None).await
             }
             Kind::Tags => {
                 if batch.items.is_empty() {
-                    return Outcome::Done("http: no tag to purge".into());
+                    return ProviderAnswer::Done("http: no tag to purge".into());
                 }
                 let tags = batch.items.join(" ");
                 self.fan_out(&self.tag_method, &[("/".to_string(), None)], Some(&tags))
                     .await
             }
             other => {
-                return Outcome::Fatal(format!(
+                return ProviderAnswer::Fatal(format!(
                     "http: {other:?} purges have no HTTP convention; this batch was not made by \
                      the http provider"
                 ))
@@ -183,32 +183,36 @@ impl Provider for HttpPurge {
 }
 
 /// All hosts done -> Done; any retry -> Retry (after the longest `Retry-After`); else Fatal.
-fn combine(batch: &Batch, hosts: usize, results: Vec<Result<(), Outcome>>) -> Outcome {
+fn combine(
+    batch: &Batch,
+    hosts: usize,
+    results: Vec<Result<(), ProviderAnswer>>,
+) -> ProviderAnswer {
     let mut retry_after: Option<Duration> = None;
     let mut retry = Vec::new();
     let mut fatal = Vec::new();
     for r in results {
         match r {
             Ok(()) => {}
-            Err(Outcome::Retry { after, detail }) => {
+            Err(ProviderAnswer::Retry { after, detail }) => {
                 retry_after = retry_after.max(after);
                 retry.push(detail);
             }
-            Err(Outcome::Fatal(d)) => fatal.push(d),
-            Err(Outcome::Done(_)) => {}
+            Err(ProviderAnswer::Fatal(d)) => fatal.push(d),
+            Err(ProviderAnswer::Done(_)) => {}
         }
     }
     if !retry.is_empty() {
         retry.extend(fatal);
-        return Outcome::Retry {
+        return ProviderAnswer::Retry {
             after: retry_after,
             detail: retry.join("; "),
         };
     }
     if !fatal.is_empty() {
-        return Outcome::Fatal(fatal.join("; "));
+        return ProviderAnswer::Fatal(fatal.join("; "));
     }
-    Outcome::Done(format!(
+    ProviderAnswer::Done(format!(
         "http: purged {} {} on {hosts} hosts",
         batch.items.len(),
         if batch.kind == Kind::Tags {
@@ -289,8 +293,8 @@ mod tests {
             3,
             vec![
                 Ok(()),
-                Err(Outcome::Fatal("f".into())),
-                Err(Outcome::Retry {
+                Err(ProviderAnswer::Fatal("f".into())),
+                Err(ProviderAnswer::Retry {
                     after: Some(Duration::from_secs(3)),
                     detail: "r".into(),
                 }),
@@ -298,16 +302,16 @@ mod tests {
         );
         assert_eq!(
             r,
-            Outcome::Retry {
+            ProviderAnswer::Retry {
                 after: Some(Duration::from_secs(3)),
                 detail: "r; f".into()
             }
         );
-        let r = combine(&b, 2, vec![Ok(()), Err(Outcome::Fatal("f".into()))]);
-        assert_eq!(r, Outcome::Fatal("f".into()));
+        let r = combine(&b, 2, vec![Ok(()), Err(ProviderAnswer::Fatal("f".into()))]);
+        assert_eq!(r, ProviderAnswer::Fatal("f".into()));
         assert!(matches!(
             combine(&b, 2, vec![Ok(()), Ok(())]),
-            Outcome::Done(_)
+            ProviderAnswer::Done(_)
         ));
     }
 }

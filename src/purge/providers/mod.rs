@@ -5,7 +5,7 @@
 //! (no I/O) and is where each API's limits live (items per request, one kind per request,
 //! wildcard counts), so limits are unit-tested without a network. [`Provider::send`] does exactly
 //! one API request (or, for the HTTP provider, one per configured host) and maps the answer to an
-//! [`Outcome`] the same way everywhere ([`classify`]): 2xx done, 429 retry after `Retry-After`,
+//! [`ProviderAnswer`] the same way everywhere ([`classify`]): 2xx done, 429 retry after `Retry-After`,
 //! 5xx / network error / timeout retry, any other 4xx fatal. Retrying, pacing and persistence
 //! belong to the queue and worker, not here. Providers are built from checked settings
 //! ([`crate::config::cdn::CdnSettings`]: defaults applied, `${VAR}` expanded, every problem
@@ -23,7 +23,7 @@ pub use http::HttpPurge;
 
 pub use crate::config::cdn::CdnConfig;
 
-use super::{Batch, Kind, Outcome, Provider};
+use super::{Batch, Kind, Provider, ProviderAnswer};
 use crate::config::cdn::CdnSettings;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -167,7 +167,7 @@ pub(crate) async fn execute(
     provider: &str,
     what: &str,
     req: reqwest::RequestBuilder,
-) -> Result<Reply, Outcome> {
+) -> Result<Reply, ProviderAnswer> {
     let resp = req.send().await.map_err(|e| transport(provider, what, e))?;
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -182,9 +182,9 @@ pub(crate) async fn execute(
     })
 }
 
-fn transport(provider: &str, what: &str, e: reqwest::Error) -> Outcome {
+fn transport(provider: &str, what: &str, e: reqwest::Error) -> ProviderAnswer {
     if e.is_builder() {
-        return Outcome::Fatal(format!(
+        return ProviderAnswer::Fatal(format!(
             "{provider}: could not build the request {what}: {e}; check the [cdn.{provider}] \
              settings"
         ));
@@ -196,7 +196,7 @@ fn transport(provider: &str, what: &str, e: reqwest::Error) -> Outcome {
     } else {
         error_chain(&e)
     };
-    Outcome::Retry {
+    ProviderAnswer::Retry {
         after: None,
         detail: format!("{provider}: {what} failed: {why}; will retry"),
     }
@@ -226,7 +226,7 @@ pub(crate) fn classify(
     reply: &Reply,
     detail: &str,
     hint: &str,
-) -> Outcome {
+) -> ProviderAnswer {
     let status = reply.status;
     let said = if detail.is_empty() {
         String::new()
@@ -234,7 +234,7 @@ pub(crate) fn classify(
         format!(": {detail}")
     };
     if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        Outcome::Retry {
+        ProviderAnswer::Retry {
             after: retry_after(&reply.headers, SystemTime::now()),
             detail: format!("{provider}: {what} answered HTTP {status}{said}; will retry"),
         }
@@ -244,7 +244,7 @@ pub(crate) fn classify(
         } else {
             format!("; {hint}")
         };
-        Outcome::Fatal(format!(
+        ProviderAnswer::Fatal(format!(
             "{provider}: {what} answered HTTP {status}{said}{hint}"
         ))
     }
@@ -329,20 +329,25 @@ mod tests {
     fn classify_statuses() {
         let r = classify("x", "POST /", &reply(429, &[("retry-after", "7")]), "", "");
         assert!(
-            matches!(r, Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(7)),
+            matches!(r, ProviderAnswer::Retry { after: Some(d), .. } if d == Duration::from_secs(7)),
             "{r:?}"
         );
         let r = classify("x", "POST /", &reply(503, &[]), "down", "");
-        assert!(matches!(r, Outcome::Retry { after: None, .. }), "{r:?}");
+        assert!(
+            matches!(r, ProviderAnswer::Retry { after: None, .. }),
+            "{r:?}"
+        );
         let r = classify("x", "POST /", &reply(500, &[("retry-after", "3")]), "", "");
         assert!(
-            matches!(r, Outcome::Retry { after: Some(d), .. } if d == Duration::from_secs(3)),
+            matches!(r, ProviderAnswer::Retry { after: Some(d), .. } if d == Duration::from_secs(3)),
             "{r:?}"
         );
         for s in [400, 401, 403, 404, 301] {
             let r = classify("x", "POST /", &reply(s, &[]), "no", "fix it");
             match r {
-                Outcome::Fatal(m) => assert!(m.contains("fix it") && m.contains("no"), "{m}"),
+                ProviderAnswer::Fatal(m) => {
+                    assert!(m.contains("fix it") && m.contains("no"), "{m}")
+                }
                 other => panic!("{s}: {other:?}"),
             }
         }

@@ -1,0 +1,112 @@
+//! Per-request state shared by the phases, grouped by what it is about.
+//!
+//! [`Ctx`] holds the route (which rule, its parameters, the URI identity), the admission (did
+//! the request use the cache, on what terms), the cache outcome (one [`Lookup`] value plus what
+//! the response phases add), and what the upstream said. Each phase writes only its own part.
+
+use super::cache_status::{CacheStatus, Lookup};
+use crate::admission::{Admission, Bypass, KeyParts, Route, Terms};
+use crate::metrics::CacheOutcome;
+use crate::rules::source::RequestView;
+use crate::rules::Rule;
+use crate::storage::fill_lock::FillLock;
+use pingora::http::RequestHeader;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What the cache did for this request, as the phases learn it.
+#[derive(Default)]
+pub struct CacheCtx {
+    pub lookup: Lookup,
+    /// The response was admitted to storage.
+    pub stored: bool,
+    /// Serving stale because the upstream failed: `Some(status)` (`None` inside: no response).
+    pub stale_error: Option<Option<u16>>,
+    /// Tokens recorded with the stored response this request was answered from.
+    pub hit_tokens: u64,
+    /// This instance's fleet fill lock for the key, released when the request ends (or handed
+    /// to the fill that stores the answer).
+    pub fill_lock: Option<FillLock>,
+}
+
+/// What the upstream said, when the request went there.
+#[derive(Default)]
+pub struct UpstreamCtx {
+    pub start: Option<Instant>,
+    pub status: Option<u16>,
+    /// Tags the origin sent (`Surrogate-Key`, `Cache-Tag`, `xkey`, `Cache-Groups`).
+    pub tags: Vec<String>,
+}
+
+/// Per-request state shared by the phases.
+pub struct Ctx {
+    pub start: Instant,
+    /// Set by `request_filter`; `None` only for requests answered there (PURGE, webhooks, 404).
+    pub route: Option<Route>,
+    /// The request body parsed as JSON (rules that key on the body).
+    pub body: Option<Arc<serde_json::Value>>,
+    /// Why the body could not be keyed, when it could not.
+    pub body_refused: Option<Bypass>,
+    /// Set by `request_cache_filter`.
+    pub admission: Option<Admission>,
+    pub cache: CacheCtx,
+    pub upstream: UpstreamCtx,
+    /// What `Cache-Status` said and what metrics count (set in `response_filter`).
+    pub answered: Option<(CacheStatus, CacheOutcome)>,
+}
+
+impl Ctx {
+    pub fn new() -> Self {
+        Ctx {
+            start: Instant::now(),
+            route: None,
+            body: None,
+            body_refused: None,
+            admission: None,
+            cache: CacheCtx::default(),
+            upstream: UpstreamCtx::default(),
+            answered: None,
+        }
+    }
+
+    pub fn route(&self) -> &Route {
+        self.route
+            .as_ref()
+            .expect("a route is set in request_filter before any later phase")
+    }
+
+    pub fn rule(&self) -> &Rule {
+        &self.route().rule
+    }
+
+    /// The terms of an admitted request (`None`: it bypasses the cache).
+    pub fn terms(&self) -> Option<&Terms> {
+        match &self.admission {
+            Some(Admission::Cache(terms)) => Some(terms),
+            _ => None,
+        }
+    }
+
+    /// The request parts keys and tag templates are built from.
+    pub fn key_parts<'a>(&'a self, req: &'a RequestHeader, host: &'a str) -> KeyParts<'a> {
+        KeyParts {
+            method: &req.method,
+            host,
+            path: req.uri.path(),
+            query: req.uri.query(),
+            headers: &req.headers,
+            body: self.body.as_deref(),
+        }
+    }
+
+    /// What rule sources read from this request.
+    pub fn view<'a>(&'a self, req: &'a RequestHeader, host: &'a str) -> RequestView<'a> {
+        self.key_parts(req, host).view(&self.route().params)
+    }
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Ctx::new()
+    }
+}

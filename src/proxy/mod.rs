@@ -1,0 +1,506 @@
+//! The request phases: Aisle's implementation of pingora's `ProxyHttp`.
+//!
+//! Hooks appear below in the order pingora calls them; each does one job, delegates the
+//! decision to the module that owns it, and leaves its findings in [`Ctx`]:
+//!
+//! | phase                    | job                                                   | decided in |
+//! |--------------------------|-------------------------------------------------------|------------|
+//! | `request_filter`         | PURGE / webhooks; route the request; read a keyed body | [`crate::control`], [`crate::admission::route`], [`body`] |
+//! | `request_cache_filter`   | admit the request to the cache (or not); enable it    | [`crate::admission::admit`] |
+//! | `cache_key_callback`     | build the key                                         | [`crate::admission::cache_key`] |
+//! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
+//! | `cache_hit_filter`       | purge epochs, then the request's own directives       | [`crate::storage::epochs`], [`crate::policy`] |
+//! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream | |
+//! | `upstream_peer`          | the rule's upstream                                   | [`upstream`] |
+//! | `upstream_response_filter` | origin tags; upstream metrics                      | [`crate::policy`] |
+//! | `response_cache_filter`  | RFC 9111 storability; attach the entry's facts        | [`crate::policy::cacheability`] |
+//! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::vary_names`] |
+//! | `should_serve_stale`     | stale-while-revalidate / stale-if-error               | |
+//! | `response_filter`        | `Cache-Status`; invalidate after unsafe success       | [`cache_status::decide`], [`invalidate`] |
+//! | `logging`                | metrics, the debug line                               | |
+
+pub mod cache_status;
+
+mod body;
+mod ctx;
+mod invalidate;
+mod upstream;
+
+pub use ctx::Ctx;
+
+use crate::admission::{self, Admission};
+use crate::config::Config;
+use crate::control::{self, Replays};
+use crate::invalidation::Invalidator;
+use crate::metrics::{metrics, CacheOutcome};
+use crate::policy;
+use crate::storage::epochs::Verdict;
+use crate::storage::memory::Eviction;
+use crate::storage::tiered::Tiered;
+use crate::storage::EntryInfo;
+use async_trait::async_trait;
+use cache_status::{CacheStatus, Lookup, Observed, Phase};
+use pingora::cache::key::HashBinary;
+use pingora::cache::lock::CacheKeyLockImpl;
+use pingora::cache::predictor::Predictor;
+use pingora::cache::{
+    CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, RespCacheable, VarianceBuilder,
+};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+use upstream::Peers;
+
+/// Long-lived pieces the cache needs as `&'static` (pingora's requirement).
+pub struct CacheParts {
+    pub storage: &'static Tiered,
+    pub eviction: &'static Eviction,
+    pub lock: &'static CacheKeyLockImpl,
+    pub predictor: &'static Predictor<16>,
+}
+
+/// The gateway's proxy logic.
+pub struct Gateway {
+    config: Arc<Config>,
+    peers: Peers,
+    cache: CacheParts,
+    invalidator: Arc<Invalidator>,
+    replays: Replays,
+}
+
+impl Gateway {
+    /// Resolves upstream addresses once, at start.
+    pub fn new(
+        config: Arc<Config>,
+        cache: CacheParts,
+        invalidator: Arc<Invalidator>,
+    ) -> std::io::Result<Self> {
+        Ok(Gateway {
+            peers: Peers::resolve(&config)?,
+            replays: Replays::new(invalidator.redis.clone()),
+            invalidator,
+            config,
+            cache,
+        })
+    }
+
+    /// What the phases observed, for `Cache-Status` and the outcome metric.
+    fn observed(&self, session: &Session, ctx: &Ctx) -> Observed {
+        let bypass = match &ctx.admission {
+            Some(Admission::Cache(_)) => None,
+            Some(Admission::Bypass(reason)) => Some(reason.detail()),
+            None => Some(None),
+        };
+        let phase = match session.cache.phase() {
+            CachePhase::Hit => Phase::Hit,
+            CachePhase::Stale | CachePhase::StaleUpdating => Phase::Stale,
+            CachePhase::Revalidated => Phase::Revalidated { stored: true },
+            CachePhase::RevalidatedNoCache(_) => Phase::Revalidated { stored: false },
+            CachePhase::Expired => Phase::Expired,
+            _ => Phase::Other,
+        };
+        let ttl = matches!(phase, Phase::Hit | Phase::Stale | Phase::Revalidated { .. })
+            .then(|| session.cache.maybe_cache_meta().map(seconds_left))
+            .flatten();
+        let key = if ctx.route.as_ref().is_some_and(|r| r.rule.needs_body) {
+            session.cache.maybe_cache_key().map(|k| {
+                let h = pingora::cache::key::CacheHashKey::primary_bin(k);
+                format!("{:02x}{:02x}{:02x}{:02x}", h[0], h[1], h[2], h[3])
+            })
+        } else {
+            None
+        };
+        Observed {
+            bypass,
+            phase: Some(phase),
+            lookup: ctx.cache.lookup,
+            stale_error: ctx.cache.stale_error,
+            upstream_status: ctx.upstream.status,
+            stored: ctx.cache.stored,
+            ttl,
+            key,
+        }
+    }
+
+    fn status(&self, session: &Session, ctx: &Ctx) -> (CacheStatus, CacheOutcome) {
+        cache_status::decide(&self.observed(session, ctx))
+    }
+}
+
+/// Seconds of freshness left (negative once stale).
+fn seconds_left(meta: &CacheMeta) -> i64 {
+    match meta.fresh_until().duration_since(SystemTime::now()) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64) - 1,
+    }
+}
+
+/// The host rules match and keys contain.
+fn host_of(req: &RequestHeader) -> &str {
+    admission::host(&req.headers, req.uri.host())
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let req = session.req_header();
+        if req.method.as_str() == "PURGE" {
+            control::purge(session, &self.config, &self.invalidator).await?;
+            return Ok(true);
+        }
+        if req.uri.path().starts_with(control::WEBHOOK_PREFIX) {
+            control::webhook(session, &self.config, &self.invalidator, &self.replays).await?;
+            return Ok(true);
+        }
+        let Some(route) = admission::route(
+            &self.config.rules,
+            &req.method,
+            host_of(req),
+            req.uri.path(),
+        ) else {
+            control::respond_json(
+                session,
+                404,
+                "{\"error\":\"no rule matches this request and no default upstream is configured\"}".into(),
+                "aisle; fwd=bypass; detail=no-route",
+            )
+            .await?;
+            return Ok(true);
+        };
+        let rule = route.rule.clone();
+        ctx.route = Some(route);
+        match body::read(session, &rule).await? {
+            Ok(body) => ctx.body = body.map(Arc::new),
+            Err(reason) => ctx.body_refused = Some(reason),
+        }
+        Ok(false)
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let req = session.req_header();
+        let body = match ctx.body_refused {
+            Some(reason) => Err(reason),
+            None => Ok(()),
+        };
+        let admission = admission::admit(ctx.rule(), &req.method, &req.headers, body);
+        let admitted = matches!(admission, Admission::Cache(_));
+        ctx.admission = Some(admission);
+        if admitted {
+            let c = &self.cache;
+            session.cache.enable(
+                c.storage,
+                Some(c.eviction),
+                Some(c.predictor),
+                Some(c.lock),
+                None,
+            );
+            session
+                .cache
+                .set_max_file_size_bytes(self.config.cache.max_object as usize);
+        }
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        let req = session.req_header();
+        let terms = ctx
+            .terms()
+            .expect("the cache is enabled only for admitted requests");
+        Ok(admission::cache_key(
+            ctx.route(),
+            terms,
+            &ctx.key_parts(req, host_of(req)),
+        ))
+    }
+
+    fn cache_miss(&self, session: &mut Session, ctx: &mut Ctx) {
+        session.cache.cache_miss();
+        ctx.cache.fill_lock = self.cache.storage.take_fill_lock(session.cache.cache_key());
+        if !matches!(ctx.cache.lookup, Lookup::Purged | Lookup::Refused) {
+            ctx.cache.lookup = if self.cache.storage.has_uri(ctx.route().uri) {
+                Lookup::VaryMiss
+            } else {
+                Lookup::UriMiss
+            };
+        }
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        meta: &CacheMeta,
+        _hit_handler: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        // Every hit path (memory, a fill still streaming, Redis) attaches the entry's facts.
+        if let Some(info) = EntryInfo::of(meta) {
+            ctx.cache.hit_tokens = info.tokens;
+            let epochs = &self.invalidator.epochs;
+            if !epochs.is_empty() {
+                let tags = info.tags.iter().map(|t| &**t);
+                match epochs.judge(meta.created(), tags, &info.host_path, info.uri) {
+                    Verdict::Valid => {}
+                    Verdict::Gone => {
+                        ctx.cache.lookup = Lookup::Purged;
+                        return Ok(Some(ForcedFreshness::ForceMiss));
+                    }
+                    Verdict::Stale(at) => {
+                        return Ok(Some(ForcedFreshness::ForceExpiredServeStale {
+                            expired_at: Some(at),
+                        }))
+                    }
+                }
+            }
+        }
+        ctx.cache.lookup = if is_fresh {
+            Lookup::Fresh
+        } else {
+            Lookup::Stale
+        };
+        let Some(terms) = ctx.terms() else {
+            return Ok(None);
+        };
+        let directives = terms.directives;
+        if directives.authorization && !policy::serves_authorized(meta.response_header()) {
+            // RFC 9111 §3.5: a stored response is used for a request with Authorization only if
+            // it says public, s-maxage or must-revalidate.
+            ctx.cache.lookup = Lookup::Refused;
+            return Ok(Some(ForcedFreshness::ForceMiss));
+        }
+        if !is_fresh || !directives.any() {
+            return Ok(None);
+        }
+        let too_old = directives
+            .max_age
+            .is_some_and(|max| meta.age().as_secs() > u64::from(max));
+        if directives.no_cache || too_old {
+            ctx.cache.lookup = Lookup::Refused;
+            return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        Ok(None)
+    }
+
+    async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if ctx.terms().is_some_and(|t| t.directives.only_if_cached) {
+            control::respond_json(
+                session,
+                504,
+                "{\"error\":\"only-if-cached: no stored response\"}".into(),
+                "aisle; fwd=miss; detail=only-if-cached",
+            )
+            .await?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        ctx.upstream.start = Some(Instant::now());
+        Ok(Box::new(self.peers.http_peer(ctx.rule().upstream)))
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream.status = Some(resp.status.as_u16());
+        ctx.upstream.tags = policy::origin_tags(resp);
+        if !ctx.rule().keep_tag_headers {
+            policy::strip_tag_headers(resp);
+        }
+        let seconds = ctx.upstream.start.map(|s| s.elapsed().as_secs_f64());
+        self.peers
+            .observe(ctx.rule().upstream, resp.status.as_str(), seconds);
+        Ok(())
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        let req = session.req_header();
+        let rule = ctx.rule();
+        let decision = if req.method == http::Method::POST && !resp.status.is_success() {
+            // Errors from costly POST endpoints are never cached.
+            RespCacheable::Uncacheable(pingora::cache::NoCacheReason::Custom("post-status"))
+        } else {
+            let auth = req.headers.contains_key(http::header::AUTHORIZATION);
+            let now = SystemTime::now();
+            policy::cacheability(rule, resp, auth, now, self.config.cache.max_ttl)
+        };
+        let RespCacheable::Cacheable(mut meta) = decision else {
+            // Not storable: let other instances waiting on this fill stop waiting now.
+            ctx.cache.fill_lock = None;
+            return Ok(decision);
+        };
+        if let Some(ttl) = ctx.terms().and_then(|t| t.ttl) {
+            // Aisle-Cache-TTL only ever shortens what the rule allows.
+            meta.expire_at(SystemTime::now() + ttl);
+        }
+        let host = host_of(req);
+        let mut tags = rule.render_tags(&ctx.view(req, host));
+        tags.extend(ctx.upstream.tags.iter().cloned());
+        Arc::new(EntryInfo {
+            uri: ctx.route().uri,
+            host_path: format!("{host}{}", req.uri.path()).into_boxed_str(),
+            tags: tags.into_iter().map(String::into_boxed_str).collect(),
+            encrypt: rule.encrypt,
+            rule: Arc::from(&*rule.name),
+            tokens_at: rule
+                .cost
+                .as_ref()
+                .and_then(|c| c.tokens.as_deref())
+                .map(Arc::from),
+            tokens: 0,
+        })
+        .attach(&mut meta);
+        if let Some(lock) = &ctx.cache.fill_lock {
+            // The fill keeps the fleet lock until its Redis write lands.
+            meta.extensions_mut().insert(lock.clone());
+        }
+        ctx.cache.stored = true;
+        Ok(RespCacheable::Cacheable(meta))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut Ctx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        let names = policy::vary_names(meta.response_header());
+        if names.is_empty() {
+            return None;
+        }
+        let mut builder = VarianceBuilder::new();
+        for name in &names {
+            let value = req
+                .headers
+                .get(name.as_str())
+                .map_or(&b""[..], |v| v.as_bytes());
+            builder.add_value(name, value);
+        }
+        builder.finalize()
+    }
+
+    fn should_serve_stale(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        error: Option<&Error>,
+    ) -> bool {
+        let Some(e) = error else {
+            // stale-while-revalidate (the entry's window is checked by pingora), unless the
+            // request itself asked for a validated response.
+            return ctx.cache.lookup != Lookup::Refused;
+        };
+        let status = match e.etype() {
+            ErrorType::HTTPStatus(code) => Some(*code),
+            _ => None,
+        };
+        let upstream_failed =
+            *e.esource() == ErrorSource::Upstream || status.is_some_and(|c| c >= 500);
+        if upstream_failed {
+            ctx.cache.stale_error = Some(status);
+            if status.is_none() {
+                // Pingora will not reuse the client connection after a failed upstream
+                // connection; say so, or the client's next request on it is reset.
+                session.set_keepalive(None);
+            }
+        }
+        upstream_failed
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let answered = self.status(session, ctx);
+        resp.insert_header("cache-status", answered.0.to_header_value())?;
+        ctx.answered = Some(answered);
+        let req = session.req_header();
+        let success = (200..400).contains(&resp.status.as_u16());
+        // RFC 9111 §4.4; except for body-keyed rules, where a POST is a query whose answer
+        // is itself cached (it would otherwise evict the entry it just stored).
+        let query_post = ctx.rule().needs_body;
+        if success && ctx.upstream.status.is_some() && policy::is_unsafe(&req.method) && !query_post
+        {
+            let c = &self.cache;
+            let uri = ctx.route().uri;
+            let host = host_of(req);
+            invalidate::after_unsafe(
+                c.storage,
+                &self.invalidator,
+                &self.config,
+                req,
+                host,
+                uri,
+                resp,
+            )
+            .await;
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // The request is over: a fleet fill lock it still holds is released now.
+        ctx.cache.fill_lock = None;
+        let Some(route) = ctx.route.as_ref() else {
+            return;
+        };
+        let rule = &route.rule;
+        let (status, outcome) = match ctx.answered.take() {
+            Some(a) => a,
+            None => self.status(session, ctx),
+        };
+        rule.metrics
+            .observe(outcome, ctx.start.elapsed().as_secs_f64());
+        if let (Some(cost), CacheOutcome::Hit | CacheOutcome::Stale) = (&rule.cost, outcome) {
+            let tokens = ctx.cache.hit_tokens;
+            let money = cost.per_request + tokens as f64 / 1000.0 * cost.per_1k_tokens;
+            rule.metrics.saved(money, tokens);
+        }
+        if ctx.upstream.start.is_some() && ctx.upstream.status.is_none() {
+            self.peers.observe(rule.upstream, "error", None);
+        }
+        if session.cache.enabled()
+            && session.cache.lock_duration().is_some()
+            && !session.cache.upstream_used()
+        {
+            metrics().coalesced.inc();
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let key = session
+                .cache
+                .maybe_cache_key()
+                .map(|k| hex::encode(pingora::cache::key::CacheHashKey::primary_bin(k)));
+            tracing::debug!(
+                rule = %rule.name,
+                method = %session.req_header().method,
+                uri = %session.req_header().uri,
+                status = session.response_written().map_or(0, |r| r.status.as_u16()),
+                cache_status = %status.to_header_value(),
+                key = %key.as_deref().unwrap_or("-"),
+                error = e.map(|e| e.to_string()),
+                elapsed_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
+        }
+    }
+}

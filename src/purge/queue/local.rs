@@ -1,0 +1,532 @@
+//! The purge queue's local store: an append-only log of JSON lines in `<dir>/queue.log`.
+//!
+//! It is the whole store when there is no Redis, and the spill when Redis is configured but
+//! unreachable. Every change is a line ([`LogLine`]): the item's new state, or "done". Enqueues
+//! are fsynced before the facade acknowledges them; later transitions may lose a moment's worth
+//! of writes in a crash, which replays an older state (an extra send, never a lost purge). The
+//! log is replayed on open (a torn last line was never acknowledged and is dropped) and rewritten
+//! with the live items when it has grown well past them, or emptied when nothing is live. The
+//! directory belongs to one gateway process.
+
+use super::Item;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Where an item is, as the log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum LogState {
+    Queued,
+    Dead,
+}
+
+/// One line of `queue.log`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum LogLine {
+    /// The item's current state (enqueue, retry, dead letter, revival).
+    Put { state: LogState, item: Item },
+    /// Delivered: forget it.
+    Done { id: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Queued,
+    InFlight,
+    Dead,
+}
+
+#[derive(Debug)]
+struct Entry {
+    item: Item,
+    state: State,
+    /// Order of first enqueue (FIFO among items due at the same time).
+    seq: u64,
+}
+
+/// Records written before a rewrite is considered, and how many times the live count they
+/// must exceed.
+const COMPACT_MIN_RECORDS: u64 = 1024;
+const COMPACT_RATIO: u64 = 4;
+
+/// `queue.log`: the records on disk and the state they add up to.
+pub(super) struct FileLog {
+    dir: PathBuf,
+    path: PathBuf,
+    file: File,
+    /// Bytes of whole records in the file (a failed write is cut back to it).
+    len: u64,
+    records: u64,
+    entries: HashMap<String, Entry>,
+    seq: u64,
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl FileLog {
+    /// Opens (creating) `<dir>/queue.log`, replays it, drops a torn last line, and rewrites it
+    /// with the live items only. Items that were in flight when the process stopped are queued.
+    pub(super) fn open(dir: &Path) -> io::Result<FileLog> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("queue.log");
+        let mut text = String::new();
+        match File::open(&path) {
+            Ok(mut f) => {
+                f.read_to_string(&mut text)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let mut log = FileLog {
+            dir: dir.to_path_buf(),
+            path: path.clone(),
+            file: OpenOptions::new().create(true).append(true).open(&path)?,
+            len: 0,
+            records: 0,
+            entries: HashMap::new(),
+            seq: 0,
+        };
+        // Only newline-terminated records count: a torn tail was never acknowledged.
+        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        if whole < text.len() {
+            tracing::warn!(
+                "{}: dropping a torn last record ({} bytes)",
+                path.display(),
+                text.len() - whole
+            );
+        }
+        for (n, line) in text[..whole].lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str::<LogLine>(line) {
+                Ok(r) => log.apply(r),
+                Err(e) => tracing::warn!("{}:{}: unreadable record: {e}", path.display(), n + 1),
+            }
+            log.records += 1;
+        }
+        log.len = whole as u64;
+        if whole < text.len() {
+            log.file.set_len(log.len)?;
+        }
+        sync_dir(dir)?;
+        if log.records > log.entries.len() as u64 {
+            log.compact()?;
+        }
+        Ok(log)
+    }
+
+    fn apply(&mut self, r: LogLine) {
+        match r {
+            LogLine::Put { state, item } => {
+                let state = match state {
+                    LogState::Queued => State::Queued,
+                    LogState::Dead => State::Dead,
+                };
+                let seq = match self.entries.get(&item.id) {
+                    Some(e) => e.seq,
+                    None => {
+                        self.seq += 1;
+                        self.seq
+                    }
+                };
+                self.entries
+                    .insert(item.id.clone(), Entry { item, state, seq });
+            }
+            LogLine::Done { id } => {
+                self.entries.remove(&id);
+            }
+        }
+    }
+
+    /// Appends records (all or nothing: a failed write is cut back), optionally fsynced, then
+    /// applies them. `Err`: nothing was recorded.
+    fn append(&mut self, records: Vec<LogLine>, sync: bool) -> io::Result<()> {
+        let mut buf = Vec::new();
+        for r in &records {
+            serde_json::to_writer(&mut buf, r)?;
+            buf.push(b'\n');
+        }
+        let written =
+            self.file.write_all(&buf).and_then(
+                |()| {
+                    if sync {
+                        self.file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                },
+            );
+        if let Err(e) = written {
+            if let Err(e2) = self.file.set_len(self.len) {
+                tracing::error!(
+                    "{}: could not cut a failed write: {e2}",
+                    self.path.display()
+                );
+            }
+            return Err(e);
+        }
+        self.len += buf.len() as u64;
+        self.records += records.len() as u64;
+        for r in records {
+            self.apply(r);
+        }
+        Ok(())
+    }
+
+    /// Records new items, fsynced; ids already in the log (a job enqueued twice) are left as
+    /// they are.
+    pub(super) fn enqueue(&mut self, items: Vec<Item>) -> io::Result<()> {
+        let new: Vec<Item> = items
+            .into_iter()
+            .filter(|i| !self.entries.contains_key(&i.id))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        self.put(new, LogState::Queued, true)
+    }
+
+    pub(super) fn put(&mut self, items: Vec<Item>, state: LogState, sync: bool) -> io::Result<()> {
+        let records = items
+            .iter()
+            .map(|item| LogLine::Put {
+                state,
+                item: item.clone(),
+            })
+            .collect();
+        let r = self.append(records, sync);
+        if r.is_err() {
+            // Not recorded, but a claimed item must not get stuck in flight: keep the new
+            // state in memory (a restart replays the older one: an extra send at worst).
+            for item in items {
+                if let Some(e) = self.entries.get_mut(&item.id) {
+                    if e.state == State::InFlight {
+                        e.state = match state {
+                            LogState::Queued => State::Queued,
+                            LogState::Dead => State::Dead,
+                        };
+                        e.item = item;
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    pub(super) fn done(&mut self, id: &str) -> io::Result<()> {
+        let r = self.append(vec![LogLine::Done { id: id.to_string() }], false);
+        // Delivered either way; an unrecorded completion means one extra send after a restart.
+        self.entries.remove(id);
+        self.maybe_compact();
+        r
+    }
+
+    /// The next queued item of `provider` due at `now` (marked in flight), or the earliest
+    /// `not_before_ms` among its queued items.
+    pub(super) fn claim(&mut self, provider: &str, now: u64) -> Result<Item, Option<u64>> {
+        let mut best: Option<(&String, u64, u64)> = None;
+        let mut next: Option<u64> = None;
+        for (id, e) in &self.entries {
+            if e.state != State::Queued || e.item.provider != provider {
+                continue;
+            }
+            let due = e.item.not_before_ms;
+            if due > now {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                continue;
+            }
+            if best.is_none_or(|(_, d, s)| (due, e.seq) < (d, s)) {
+                best = Some((id, due, e.seq));
+            }
+        }
+        let Some((id, _, _)) = best else {
+            return Err(next);
+        };
+        let id = id.clone();
+        let e = self.entries.get_mut(&id).expect("claimed entry exists");
+        e.state = State::InFlight;
+        Ok(e.item.clone())
+    }
+
+    /// (queued, in flight, dead) for `provider`.
+    pub(super) fn counts(&self, provider: &str) -> (u64, u64, u64) {
+        let mut c = (0, 0, 0);
+        for e in self
+            .entries
+            .values()
+            .filter(|e| e.item.provider == provider)
+        {
+            match e.state {
+                State::Queued => c.0 += 1,
+                State::InFlight => c.1 += 1,
+                State::Dead => c.2 += 1,
+            }
+        }
+        c
+    }
+
+    pub(super) fn dead(&self, provider: &str) -> Vec<Item> {
+        let mut v: Vec<&Entry> = self
+            .entries
+            .values()
+            .filter(|e| e.state == State::Dead && e.item.provider == provider)
+            .collect();
+        v.sort_by_key(|e| e.seq);
+        v.into_iter().map(|e| e.item.clone()).collect()
+    }
+
+    pub(super) fn providers(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .entries
+            .values()
+            .map(|e| e.item.provider.clone())
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    fn maybe_compact(&mut self) {
+        let live = self.entries.len() as u64;
+        let due = if live == 0 {
+            self.records > 0
+        } else {
+            self.records >= COMPACT_MIN_RECORDS && self.records >= COMPACT_RATIO * live
+        };
+        if due {
+            if let Err(e) = self.compact() {
+                tracing::warn!("{}: compaction failed: {e}", self.path.display());
+            }
+        }
+    }
+
+    /// Empty when nothing is live; otherwise rewritten (temp file, fsync, rename) with one
+    /// record per live item.
+    fn compact(&mut self) -> io::Result<()> {
+        if self.entries.is_empty() {
+            self.file.set_len(0)?;
+            self.file.sync_data()?;
+            self.len = 0;
+            self.records = 0;
+            return Ok(());
+        }
+        let mut live: Vec<&Entry> = self.entries.values().collect();
+        live.sort_by_key(|e| e.seq);
+        let mut buf = Vec::new();
+        for e in &live {
+            let state = if e.state == State::Dead {
+                LogState::Dead
+            } else {
+                LogState::Queued
+            };
+            serde_json::to_writer(
+                &mut buf,
+                &LogLine::Put {
+                    state,
+                    item: e.item.clone(),
+                },
+            )?;
+            buf.push(b'\n');
+        }
+        let tmp = self.dir.join("queue.log.tmp");
+        {
+            let mut f = File::create(&tmp)?;
+            f.write_all(&buf)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        sync_dir(&self.dir)?;
+        self.file = OpenOptions::new().append(true).open(&self.path)?;
+        self.len = buf.len() as u64;
+        self.records = live.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::purge::{Batch, Kind};
+
+    fn item(id: &str, provider: &str, not_before_ms: u64) -> Item {
+        Item {
+            id: id.into(),
+            job: "job".into(),
+            provider: provider.into(),
+            batch: Batch {
+                kind: Kind::Urls,
+                items: vec![format!("https://example.com/{id}")],
+                soft: false,
+            },
+            attempts: 0,
+            not_before_ms,
+            last_error: String::new(),
+            created_ms: 1,
+        }
+    }
+
+    fn lines(dir: &Path) -> Vec<String> {
+        std::fs::read_to_string(dir.join("queue.log"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn log_replays_puts_and_dones_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = FileLog::open(dir.path()).unwrap();
+            log.put(
+                vec![item("a", "cf", 0), item("b", "cf", 0), item("c", "fa", 0)],
+                LogState::Queued,
+                true,
+            )
+            .unwrap();
+            let claimed = log.claim("cf", 10).unwrap();
+            assert_eq!(claimed.id, "a", "FIFO among items due");
+            let mut retried = claimed;
+            retried.attempts = 1;
+            retried.not_before_ms = 500;
+            log.put(vec![retried], LogState::Queued, false).unwrap();
+            let b = log.claim("cf", 10).unwrap();
+            assert_eq!(b.id, "b");
+            log.put(vec![b], LogState::Dead, true).unwrap();
+            assert_eq!(
+                log.claim("cf", 10),
+                Err(Some(500)),
+                "a waits for its backoff"
+            );
+            log.done("c").unwrap();
+        }
+        let log = FileLog::open(dir.path()).unwrap();
+        assert_eq!(log.counts("cf"), (1, 0, 1));
+        assert_eq!(log.counts("fa"), (0, 0, 0));
+        assert_eq!(log.entries["a"].item.attempts, 1);
+        assert_eq!(log.entries["a"].item.not_before_ms, 500);
+        assert_eq!(log.dead("cf")[0].id, "b");
+        assert_eq!(
+            lines(dir.path()).len(),
+            2,
+            "compacted to the live items on open"
+        );
+    }
+
+    #[test]
+    fn in_flight_items_are_queued_again_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = FileLog::open(dir.path()).unwrap();
+            log.put(vec![item("a", "cf", 0)], LogState::Queued, true)
+                .unwrap();
+            assert!(log.claim("cf", 1).is_ok());
+            assert_eq!(log.counts("cf"), (0, 1, 0));
+        }
+        let mut log = FileLog::open(dir.path()).unwrap();
+        assert_eq!(log.counts("cf"), (1, 0, 0));
+        assert_eq!(log.claim("cf", 1).unwrap().id, "a");
+    }
+
+    #[test]
+    fn enqueueing_an_item_again_leaves_it_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path()).unwrap();
+        log.enqueue(vec![item("a", "cf", 0)]).unwrap();
+        assert!(log.claim("cf", 1).is_ok());
+        log.enqueue(vec![item("a", "cf", 0), item("b", "cf", 0)])
+            .unwrap();
+        assert_eq!(log.counts("cf"), (1, 1, 0), "a stays in flight, b is new");
+        assert_eq!(lines(dir.path()).len(), 2);
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_and_later_appends_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = FileLog::open(dir.path()).unwrap();
+            log.put(vec![item("a", "cf", 0)], LogState::Queued, true)
+                .unwrap();
+        }
+        let path = dir.path().join("queue.log");
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(br#"{"op":"put","state":"queued","item":{"id":"tor"#)
+            .unwrap();
+        drop(f);
+        {
+            let mut log = FileLog::open(dir.path()).unwrap();
+            assert_eq!(log.counts("cf"), (1, 0, 0));
+            log.put(vec![item("b", "cf", 0)], LogState::Queued, true)
+                .unwrap();
+        }
+        let log = FileLog::open(dir.path()).unwrap();
+        assert_eq!(log.counts("cf"), (2, 0, 0));
+        for line in lines(dir.path()) {
+            serde_json::from_str::<LogLine>(&line).expect("every line is a whole record");
+        }
+    }
+
+    #[test]
+    fn the_log_is_emptied_when_everything_is_done() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path()).unwrap();
+        log.put(
+            vec![item("a", "cf", 0), item("b", "cf", 0)],
+            LogState::Queued,
+            true,
+        )
+        .unwrap();
+        log.done("a").unwrap();
+        assert_eq!(
+            lines(dir.path()).len(),
+            3,
+            "b is still live: no compaction yet"
+        );
+        log.done("b").unwrap();
+        assert_eq!(
+            std::fs::metadata(dir.path().join("queue.log"))
+                .unwrap()
+                .len(),
+            0
+        );
+        log.put(vec![item("c", "cf", 0)], LogState::Queued, true)
+            .unwrap();
+        drop(log);
+        let log = FileLog::open(dir.path()).unwrap();
+        assert_eq!(
+            log.counts("cf"),
+            (1, 0, 0),
+            "appends after truncation are replayed"
+        );
+    }
+
+    #[test]
+    fn a_long_log_is_rewritten_with_the_live_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path()).unwrap();
+        log.put(vec![item("keep", "cf", 0)], LogState::Queued, true)
+            .unwrap();
+        for i in 0..COMPACT_MIN_RECORDS {
+            let id = format!("t{i}");
+            log.put(vec![item(&id, "cf", 0)], LogState::Queued, false)
+                .unwrap();
+            log.done(&id).unwrap();
+        }
+        assert!(
+            log.records < COMPACT_MIN_RECORDS,
+            "rewritten: {} records",
+            log.records
+        );
+        drop(log);
+        let log = FileLog::open(dir.path()).unwrap();
+        assert_eq!(log.counts("cf"), (1, 0, 0));
+        assert!(log.entries.contains_key("keep"));
+    }
+}

@@ -1,0 +1,318 @@
+//! Tag and prefix purge epochs: invalidation in O(1), however many entries carry a tag.
+//!
+//! Purging a tag does not look for the entries that carry it. It records *when* the tag was
+//! purged (and whether softly); a lookup then compares each found entry's creation time with the
+//! epochs of its tags (`cache_hit_filter`). An entry stored before its tag's epoch is gone (hard)
+//! or stale (soft). Prefix purges work the same way over the entry's `host/path`.
+//!
+//! Epochs only need to outlive the entries they could invalidate, so records older than the
+//! longest possible entry lifetime are pruned. The map is empty on most hits, which the
+//! check tests first with one atomic load.
+
+use crate::clock::now_ms;
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// When something was purged, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Epoch {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    pub soft: bool,
+}
+
+impl Epoch {
+    pub fn time(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(self.at_ms)
+    }
+
+    /// The later of two epochs; at equal times a hard purge wins.
+    fn merge(self, other: Epoch) -> Epoch {
+        match self.at_ms.cmp(&other.at_ms) {
+            std::cmp::Ordering::Greater => self,
+            std::cmp::Ordering::Less => other,
+            std::cmp::Ordering::Equal => Epoch {
+                at_ms: self.at_ms,
+                soft: self.soft && other.soft,
+            },
+        }
+    }
+}
+
+/// What a purge epoch does to an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Valid,
+    /// Hard-purged: treat as absent.
+    Gone,
+    /// Soft-purged at this time: treat as stale.
+    Stale(SystemTime),
+}
+
+/// All purge epochs known to this instance.
+#[derive(Default)]
+pub struct Epochs {
+    tags: RwLock<HashMap<Box<str>, Epoch>>,
+    /// URI purges (RFC 9111 §4.4, URL purges), by [`crate::key::uri_id`]: deleting the
+    /// entries is not enough, as a fill that was already in flight could store them again.
+    uris: RwLock<HashMap<u64, Epoch>>,
+    prefixes: RwLock<Vec<(Box<str>, Epoch)>>,
+    any: AtomicBool,
+}
+
+/// Unix milliseconds now.
+use crate::clock::millis;
+
+impl Epochs {
+    /// Records a tag purge (keeping the later epoch if one exists).
+    pub fn purge_tag(&self, tag: &str, epoch: Epoch) {
+        let mut tags = self.tags.write();
+        let e = tags.entry(tag.into()).or_insert(epoch);
+        *e = e.merge(epoch);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Records a purge of every variant of a URI.
+    pub fn purge_uri(&self, uri: u64, epoch: Epoch) {
+        let mut uris = self.uris.write();
+        let e = uris.entry(uri).or_insert(epoch);
+        *e = e.merge(epoch);
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Records a purge of every URI starting with `prefix` (`host/path...`).
+    pub fn purge_prefix(&self, prefix: &str, epoch: Epoch) {
+        let mut prefixes = self.prefixes.write();
+        match prefixes.iter_mut().find(|(p, _)| &**p == prefix) {
+            Some((_, e)) => *e = e.merge(epoch),
+            None => prefixes.push((prefix.into(), epoch)),
+        }
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// Whether any epoch is recorded (the hit path's fast exit).
+    pub fn is_empty(&self) -> bool {
+        !self.any.load(Ordering::Acquire)
+    }
+
+    /// Judges an entry created at `created` carrying `tags`, stored for `host_path`.
+    pub fn judge<'a>(
+        &self,
+        created: SystemTime,
+        tags: impl IntoIterator<Item = &'a str>,
+        host_path: &str,
+        uri: u64,
+    ) -> Verdict {
+        if self.is_empty() {
+            return Verdict::Valid;
+        }
+        let created = millis(created);
+        let mut worst: Option<Epoch> = self
+            .uris
+            .read()
+            .get(&uri)
+            .filter(|e| e.at_ms >= created)
+            .copied();
+        {
+            let map = self.tags.read();
+            if !map.is_empty() {
+                for tag in tags {
+                    if let Some(e) = map.get(tag) {
+                        if e.at_ms >= created {
+                            worst = Some(worst.map_or(*e, |w| w.merge(*e)));
+                        }
+                    }
+                }
+            }
+        }
+        for (p, e) in self.prefixes.read().iter() {
+            if e.at_ms >= created && host_path.starts_with(&**p) {
+                worst = Some(worst.map_or(*e, |w| w.merge(*e)));
+            }
+        }
+        match worst {
+            None => Verdict::Valid,
+            Some(e) if e.soft => Verdict::Stale(e.time()),
+            Some(_) => Verdict::Gone,
+        }
+    }
+
+    /// Drops epochs older than `retention` (no entry that old can still be served).
+    pub fn prune(&self, retention: Duration) -> usize {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let mut n = 0;
+        self.tags.write().retain(|_, e| {
+            let keep = e.at_ms >= cutoff;
+            n += usize::from(!keep);
+            keep
+        });
+        self.prefixes.write().retain(|(_, e)| {
+            let keep = e.at_ms >= cutoff;
+            n += usize::from(!keep);
+            keep
+        });
+        self.uris.write().retain(|_, e| {
+            let keep = e.at_ms >= cutoff;
+            n += usize::from(!keep);
+            keep
+        });
+        if self.tags.read().is_empty()
+            && self.prefixes.read().is_empty()
+            && self.uris.read().is_empty()
+        {
+            self.any.store(false, Ordering::Release);
+        }
+        n
+    }
+
+    /// Number of recorded epochs (tags, prefixes).
+    pub fn len(&self) -> (usize, usize) {
+        (self.tags.read().len(), self.prefixes.read().len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn entries_older_than_the_epoch_are_gone() {
+        let e = Epochs::default();
+        assert_eq!(e.judge(at(1), ["a"], "h/x", 0), Verdict::Valid);
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(e.judge(at(999), ["b", "a"], "h/x", 0), Verdict::Gone);
+        assert_eq!(
+            e.judge(at(1000), ["a"], "h/x", 0),
+            Verdict::Gone,
+            "stored in the same ms: purged"
+        );
+        assert_eq!(
+            e.judge(at(1001), ["a"], "h/x", 0),
+            Verdict::Valid,
+            "stored after the purge"
+        );
+        assert_eq!(
+            e.judge(at(1), ["b"], "h/x", 0),
+            Verdict::Valid,
+            "other tags untouched"
+        );
+    }
+
+    #[test]
+    fn soft_and_hard() {
+        let e = Epochs::default();
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 1000,
+                soft: true,
+            },
+        );
+        assert_eq!(e.judge(at(10), ["a"], "h/x", 0), Verdict::Stale(at(1000)));
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(
+            e.judge(at(10), ["a"], "h/x", 0),
+            Verdict::Gone,
+            "hard wins at equal times"
+        );
+        e.purge_tag(
+            "a",
+            Epoch {
+                at_ms: 500,
+                soft: true,
+            },
+        );
+        assert_eq!(
+            e.judge(at(10), ["a"], "h/x", 0),
+            Verdict::Gone,
+            "an older epoch changes nothing"
+        );
+    }
+
+    #[test]
+    fn uris() {
+        let e = Epochs::default();
+        e.purge_uri(
+            7,
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(
+            e.judge(at(999), [], "h/x", 7),
+            Verdict::Gone,
+            "a fill from before the purge"
+        );
+        assert_eq!(e.judge(at(1001), [], "h/x", 7), Verdict::Valid);
+        assert_eq!(
+            e.judge(at(5), [], "h/x", 8),
+            Verdict::Valid,
+            "other URIs untouched"
+        );
+    }
+
+    #[test]
+    fn prefixes() {
+        let e = Epochs::default();
+        e.purge_prefix(
+            "api.example.com/api/vendors",
+            Epoch {
+                at_ms: 1000,
+                soft: false,
+            },
+        );
+        assert_eq!(
+            e.judge(at(5), [], "api.example.com/api/vendors/7", 0),
+            Verdict::Gone
+        );
+        assert_eq!(
+            e.judge(at(5), [], "api.example.com/api/weddings/7", 0),
+            Verdict::Valid
+        );
+    }
+
+    #[test]
+    fn pruning() {
+        let e = Epochs::default();
+        e.purge_tag(
+            "old",
+            Epoch {
+                at_ms: 1,
+                soft: false,
+            },
+        );
+        e.purge_tag(
+            "new",
+            Epoch {
+                at_ms: now_ms(),
+                soft: false,
+            },
+        );
+        assert_eq!(e.prune(Duration::from_secs(3600)), 1);
+        assert_eq!(e.len(), (1, 0));
+        assert!(!e.is_empty());
+        e.prune(Duration::ZERO);
+        e.tags.write().clear();
+        e.prune(Duration::ZERO);
+        assert!(e.is_empty());
+    }
+}

@@ -1,0 +1,125 @@
+//! Fill handlers: how a response being fetched becomes an entry.
+//!
+//! A [`MemoryMiss`] collects the body as it streams into a [`Partial`] that readers can follow
+//! ([`super::hit::PartialHit`]), and stores the entry when the fill completes, with the token
+//! count read once from the complete body. Dropped without `finish` (a broken upstream stream),
+//! nothing is stored and the readers are told.
+
+use super::{clock_ms, header_weight, Entry, MemoryStorage, StoredMeta, ENTRY_OVERHEAD};
+use crate::storage::EntryInfo;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::RwLock;
+use pingora::cache::key::CompactCacheKey;
+use pingora::cache::storage::{HandleMiss, MissFinishType};
+use pingora::Result;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// How far a fill has come.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Progress {
+    pub(super) chunks: usize,
+    /// `Some(true)`: complete; `Some(false)`: abandoned (the stream broke; nothing is stored).
+    pub(super) done: Option<bool>,
+}
+
+/// A fill in progress: its header, facts and the chunks so far, for readers that join
+/// mid-stream (their hits are judged against purge epochs like any other).
+pub(super) struct Partial {
+    pub(super) meta: StoredMeta,
+    pub(super) info: Arc<EntryInfo>,
+    pub(super) chunks: RwLock<Vec<Bytes>>,
+    pub(super) progress: watch::Sender<Progress>,
+}
+
+/// Collects a response body being filled, readable while it streams; stores the entry on
+/// `finish`. Dropped without `finish` (a broken upstream stream), nothing is stored.
+pub(super) struct MemoryMiss {
+    pub(super) storage: &'static MemoryStorage,
+    pub(super) id: u128,
+    pub(super) write: u64,
+    pub(super) write_tag: [u8; 8],
+    pub(super) compact: CompactCacheKey,
+    pub(super) partial: Arc<Partial>,
+    /// Set by `finish`; a fill dropped before it is abandoned.
+    pub(super) finished: bool,
+    pub(super) len: usize,
+}
+
+impl MemoryMiss {
+    /// Forgets the fill in progress (if it is still ours) and tells its readers how it ended.
+    fn end(&self, complete: bool) {
+        let mut partials = self.storage.partials.lock();
+        if partials
+            .get(&self.id)
+            .is_some_and(|(w, _)| *w == self.write)
+        {
+            partials.remove(&self.id);
+        }
+        drop(partials);
+        self.partial
+            .progress
+            .send_modify(|p| p.done = Some(complete));
+    }
+}
+
+#[async_trait]
+impl HandleMiss for MemoryMiss {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.len += data.len();
+        self.partial.chunks.write().push(data);
+        self.partial.progress.send_modify(|p| p.chunks += 1);
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        let body = {
+            let chunks = self.partial.chunks.read();
+            match chunks.len() {
+                0 => Bytes::new(),
+                1 => chunks[0].clone(),
+                _ => {
+                    let mut buf = BytesMut::with_capacity(self.len);
+                    for c in chunks.iter() {
+                        buf.extend_from_slice(c);
+                    }
+                    buf.freeze()
+                }
+            }
+        };
+        let meta = self.partial.meta.clone();
+        let weight = body.len() + header_weight(&meta.header) + ENTRY_OVERHEAD;
+        let info = self.partial.info.completed(&body);
+        self.finished = true;
+        self.storage.insert(
+            self.id,
+            Entry {
+                touched: AtomicU64::new(clock_ms()),
+                meta: RwLock::new(meta),
+                body,
+                info,
+                compact: self.compact.clone(),
+                weight,
+            },
+        );
+        self.end(true);
+        Ok(MissFinishType::Created(weight))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.write_tag)
+    }
+}
+
+impl Drop for MemoryMiss {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.end(false);
+        }
+    }
+}

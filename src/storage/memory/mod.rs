@@ -1,0 +1,674 @@
+//! The bounded in-process memory tier.
+//!
+//! Entries sit in a sharded map (one `RwLock` per shard, held only to clone an `Arc`), keyed by
+//! pingora's combined key hash (primary + variance). Pingora's LRU eviction manager decides what
+//! to drop when a fill would exceed `cache.memory`; it then purges victims through [`Storage::purge`].
+//!
+//! A hit must be cheap: rather than deserialising `CacheMeta` (zstd + header parsing), an entry
+//! keeps the response header parsed and the few timestamps needed to rebuild the meta, and the
+//! body as one `Bytes`. A per-URI index finds every variant of a URI (RFC 9111 §4.4 invalidation,
+//! and `vary-miss` reporting) without scanning.
+//!
+//! This file is the store (shards, URI index, accounting, the `Storage` impl); how a found
+//! body is read is in `hit.rs`, how a fetched body becomes an entry in `fill.rs`.
+
+mod fill;
+mod hit;
+
+pub use hit::BodyHit;
+
+use super::EntryInfo;
+use crate::metrics::metrics;
+use async_trait::async_trait;
+use bytes::Bytes;
+use fill::{MemoryMiss, Partial, Progress};
+use hit::PartialHit;
+use parking_lot::{Mutex, RwLock};
+use pingora::cache::eviction::{lru, EvictionManager};
+use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
+use pingora::cache::storage::{HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType};
+use pingora::cache::trace::SpanHandle;
+use pingora::cache::{CacheEntryKey, CacheEntryKeyRef, CacheKey, CacheMeta, Storage};
+use pingora::http::ResponseHeader;
+use pingora::Result;
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::watch;
+
+const SHARDS: usize = 16;
+/// Bytes charged per entry on top of its body and headers (key, map slot, bookkeeping).
+pub(super) const ENTRY_OVERHEAD: usize = 256;
+/// A hit moves its entry up the LRU at most this often (milliseconds).
+const LRU_INTERVAL_MS: u64 = 1000;
+
+/// A monotonic millisecond clock, offset so that a fresh entry (last promoted at 0) is due.
+pub(super) fn clock_ms() -> u64 {
+    crate::clock::mono_ms() + LRU_INTERVAL_MS
+}
+
+/// The eviction manager type the memory tier is bounded by.
+pub type Eviction = lru::Manager<SHARDS>;
+
+/// What is needed to rebuild a `CacheMeta` without deserialising.
+#[derive(Clone)]
+pub(super) struct StoredMeta {
+    fresh_until: SystemTime,
+    /// When the origin last vouched for this content: its fetch, or a later revalidation.
+    /// Purges are judged against it (a refetch after a soft purge is newer than the purge).
+    confirmed: SystemTime,
+    /// When the entry's age starts (its store or last revalidation, minus upstream `Age`).
+    epoch: SystemTime,
+    swr: u32,
+    sie: u32,
+    variance: Option<HashBinary>,
+    header: ResponseHeader,
+}
+
+impl StoredMeta {
+    fn from_meta(meta: &CacheMeta) -> Self {
+        StoredMeta {
+            fresh_until: meta.fresh_until(),
+            confirmed: meta.created().max(meta.updated()),
+            // The epoch override carries the upstream `Age` at store time; once the entry is
+            // revalidated (`updated` moves past `created`) its age restarts from then.
+            epoch: if meta.updated() > meta.created() {
+                meta.updated()
+            } else {
+                meta.epoch()
+            },
+            swr: meta.stale_while_revalidate_sec(),
+            sie: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+            // Without the header-name case map: half the allocations when a hit clones it.
+            header: ResponseHeader::from(meta.response_header().as_owned_parts()),
+        }
+    }
+
+    /// The meta pingora sees, with the entry's facts attached.
+    fn to_meta(&self, info: &Arc<EntryInfo>) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.confirmed,
+            self.swr,
+            self.sie,
+            self.header.clone(),
+        );
+        if self.epoch != self.confirmed {
+            meta.set_epoch_override(self.epoch);
+        }
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        info.clone().attach(&mut meta);
+        meta
+    }
+}
+
+pub(super) struct Entry {
+    /// Milliseconds since [`clock_ms`]'s start when a hit last moved this entry up the LRU.
+    pub(super) touched: AtomicU64,
+    pub(super) meta: RwLock<StoredMeta>,
+    pub(super) body: Bytes,
+    pub(super) info: Arc<EntryInfo>,
+    pub(super) compact: CompactCacheKey,
+    pub(super) weight: usize,
+}
+
+/// One shard of entries, by combined key hash.
+type Shard = RwLock<HashMap<u128, Arc<Entry>>>;
+/// One shard of the URI index: URI id -> combined key hashes of its variants.
+type UriShard = Mutex<HashMap<u64, Vec<u128>>>;
+
+/// The memory tier.
+pub struct MemoryStorage {
+    shards: Box<[Shard]>,
+    uris: Box<[UriShard]>,
+    /// Fills in progress, readable while they stream (e.g. server-sent events): key -> (write
+    /// id, fill).
+    partials: Mutex<HashMap<u128, (u64, Arc<Partial>)>>,
+    /// Bytes held per rule (for `/admin/stats`); updated on fills and removals only.
+    rule_bytes: Mutex<HashMap<Arc<str>, i64>>,
+    next_write: AtomicU64,
+    eviction: &'static Eviction,
+    entries: AtomicI64,
+    bytes: AtomicI64,
+    evictions: AtomicU64,
+}
+
+/// The map key of a pingora key hash.
+pub fn id(hash: HashBinary) -> u128 {
+    u128::from_be_bytes(hash)
+}
+
+impl MemoryStorage {
+    /// A memory tier whose admissions are accounted by `eviction`.
+    pub fn new(eviction: &'static Eviction) -> Self {
+        MemoryStorage {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            uris: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            partials: Mutex::new(HashMap::new()),
+            rule_bytes: Mutex::new(HashMap::new()),
+            next_write: AtomicU64::new(1),
+            eviction,
+            entries: AtomicI64::new(0),
+            bytes: AtomicI64::new(0),
+            evictions: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, id: u128) -> &Shard {
+        &self.shards[(id as usize) % SHARDS]
+    }
+
+    fn uri_shard(&self, uri: u64) -> &UriShard {
+        &self.uris[(uri as usize) % SHARDS]
+    }
+
+    /// Entries currently stored.
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes currently charged (bodies, headers and per-entry overhead).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed).max(0) as usize
+    }
+
+    /// Entries evicted so far.
+    pub fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
+    }
+
+    /// Whether any variant of this URI is stored (a miss on it is then a `vary-miss`).
+    pub fn has_uri(&self, uri: u64) -> bool {
+        self.uri_shard(uri)
+            .lock()
+            .get(&uri)
+            .is_some_and(|v| !v.is_empty())
+    }
+
+    /// Removes every variant stored for a URI; returns how many were removed.
+    pub fn purge_uri(&self, uri: u64) -> usize {
+        let ids = self.uri_shard(uri).lock().remove(&uri).unwrap_or_default();
+        let mut n = 0;
+        for id in ids {
+            if let Some(entry) = self.remove(id) {
+                self.eviction
+                    .remove(CacheEntryKeyRef::from_entry_id(&entry.compact, None));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Removes one entry (an invalidation from another instance); true if it was stored.
+    pub fn purge_id(&self, id: u128) -> bool {
+        match self.remove(id) {
+            Some(entry) => {
+                self.eviction
+                    .remove(CacheEntryKeyRef::from_entry_id(&entry.compact, None));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every entry; returns how many. Used when this instance may have missed
+    /// invalidations (its subscription to the fleet's broadcasts was lost).
+    pub fn clear(&self) -> usize {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            let ids: Vec<u128> = shard.read().keys().copied().collect();
+            for id in ids {
+                if self.purge_id(id) {
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// The body and facts of a stored entry (to rewrite it in a shared tier).
+    pub fn body_and_info(&self, id: u128) -> Option<(Bytes, EntryInfo)> {
+        let entry = self.shard(id).read().get(&id).cloned()?;
+        Some((entry.body.clone(), (*entry.info).clone()))
+    }
+
+    /// Stores an entry read from a shared tier, admitting it to the LRU (and evicting what
+    /// no longer fits) as a fill would.
+    pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: Arc<EntryInfo>) {
+        let stored = StoredMeta::from_meta(meta);
+        let weight = body.len() + header_weight(&stored.header) + ENTRY_OVERHEAD;
+        let compact = key.to_compact();
+        let id = id(key.combined_bin());
+        self.insert(
+            id,
+            Entry {
+                touched: AtomicU64::new(clock_ms()),
+                meta: RwLock::new(stored),
+                body,
+                info,
+                compact: compact.clone(),
+                weight,
+            },
+        );
+        let victims =
+            self.eviction
+                .admit(CacheEntryKey::key_only(compact), weight, meta.fresh_until());
+        for victim in victims {
+            if self.remove(self::id(victim.key().combined_bin())).is_some() {
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+                metrics().evictions.inc();
+            }
+        }
+    }
+
+    /// Bytes held per rule.
+    pub fn bytes_by_rule(&self) -> HashMap<String, u64> {
+        self.rule_bytes
+            .lock()
+            .iter()
+            .map(|(r, b)| (r.to_string(), (*b).max(0) as u64))
+            .collect()
+    }
+
+    pub(super) fn insert(&self, id: u128, entry: Entry) {
+        let uri = entry.info.uri;
+        let weight = entry.weight as i64;
+        *self
+            .rule_bytes
+            .lock()
+            .entry(entry.info.rule.clone())
+            .or_default() += weight;
+        let old = self.shard(id).write().insert(id, Arc::new(entry));
+        if let Some(old) = old {
+            self.account(-1, -(old.weight as i64));
+            *self
+                .rule_bytes
+                .lock()
+                .entry(old.info.rule.clone())
+                .or_default() -= old.weight as i64;
+        } else {
+            let mut uris = self.uri_shard(uri).lock();
+            let ids = uris.entry(uri).or_default();
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        self.account(1, weight);
+    }
+
+    fn remove(&self, id: u128) -> Option<Arc<Entry>> {
+        let entry = self.shard(id).write().remove(&id)?;
+        self.account(-1, -(entry.weight as i64));
+        *self
+            .rule_bytes
+            .lock()
+            .entry(entry.info.rule.clone())
+            .or_default() -= entry.weight as i64;
+        let uri = entry.info.uri;
+        let mut uris = self.uri_shard(uri).lock();
+        if let Some(ids) = uris.get_mut(&uri) {
+            ids.retain(|x| *x != id);
+            if ids.is_empty() {
+                uris.remove(&uri);
+            }
+        }
+        Some(entry)
+    }
+
+    fn account(&self, entries: i64, bytes: i64) {
+        let e = self.entries.fetch_add(entries, Ordering::Relaxed) + entries;
+        let b = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let m = metrics();
+        m.cache_entries.set(e);
+        m.cache_bytes.set(b);
+    }
+}
+
+pub(super) fn header_weight(h: &ResponseHeader) -> usize {
+    h.headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + 32
+}
+
+#[async_trait]
+impl Storage for MemoryStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let id = id(key.combined_bin());
+        let Some(entry) = self.shard(id).read().get(&id).cloned() else {
+            // A fill in progress is readable as it streams.
+            let partial = self.partials.lock().get(&id).map(|(_, p)| p.clone());
+            return Ok(partial.map(|p| (p.meta.to_meta(&p.info), PartialHit::start(p))));
+        };
+        let meta = entry.meta.read().to_meta(&entry.info);
+        let body = entry.body.clone();
+        // Like Varnish's lru_interval: a hot entry moves up the LRU at most once a second,
+        // instead of taking the LRU shard's lock on every hit.
+        let now = clock_ms();
+        let count = now.saturating_sub(entry.touched.load(Ordering::Relaxed)) >= LRU_INTERVAL_MS;
+        if count {
+            entry.touched.store(now, Ordering::Relaxed);
+        }
+        let mut hit = BodyHit::new(body, entry.weight);
+        hit.count_access = count;
+        Ok(Some((meta, Box::new(hit))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        streaming_write_tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let write = streaming_write_tag
+            .and_then(|t| <[u8; 8]>::try_from(t).ok())
+            .map(u64::from_be_bytes);
+        let id = id(key.combined_bin());
+        let partial = self
+            .partials
+            .lock()
+            .get(&id)
+            .filter(|(w, _)| Some(*w) == write)
+            .map(|(_, p)| p.clone());
+        match partial {
+            Some(p) => Ok(Some((p.meta.to_meta(&p.info), PartialHit::start(p)))),
+            None => self.lookup(key, trace).await,
+        }
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let info = EntryInfo::of(meta).cloned().unwrap_or_default();
+        let partial = Arc::new(Partial {
+            meta: StoredMeta::from_meta(meta),
+            info,
+            chunks: RwLock::new(Vec::new()),
+            progress: watch::channel(Progress::default()).0,
+        });
+        let write = self.next_write.fetch_add(1, Ordering::Relaxed);
+        let id = id(key.combined_bin());
+        self.partials.lock().insert(id, (write, partial.clone()));
+        Ok(Box::new(MemoryMiss {
+            storage: self,
+            id,
+            write,
+            write_tag: write.to_be_bytes(),
+            compact: key.to_compact(),
+            partial,
+            finished: false,
+            len: 0,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        let id = id(target.key().combined_bin());
+        match self.remove(id) {
+            Some(entry) => {
+                match purge_type {
+                    PurgeType::Eviction => {
+                        self.evictions.fetch_add(1, Ordering::Relaxed);
+                        metrics().evictions.inc();
+                    }
+                    PurgeType::Invalidation => {
+                        self.eviction
+                            .remove(CacheEntryKeyRef::from_entry_id(&entry.compact, None));
+                    }
+                }
+                Ok(PurgeOutcome::Purged(None))
+            }
+            None => Ok(PurgeOutcome::NotFound),
+        }
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let id = id(key.combined_bin());
+        let Some(entry) = self.shard(id).read().get(&id).cloned() else {
+            return Ok(false);
+        };
+        *entry.meta.write() = StoredMeta::from_meta(meta);
+        Ok(true)
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use once_cell::sync::Lazy;
+    use std::time::Duration;
+
+    static EVICTION: Lazy<Eviction> = Lazy::new(|| Eviction::with_capacity(1 << 20, 64));
+    static STORE: Lazy<MemoryStorage> = Lazy::new(|| MemoryStorage::new(&EVICTION));
+
+    fn meta(max_age: u64, uri: u64) -> CacheMeta {
+        let now = SystemTime::now();
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        h.insert_header("content-type", "application/json").unwrap();
+        let mut m = CacheMeta::new(now + Duration::from_secs(max_age), now, 5, 7, h);
+        Arc::new(EntryInfo {
+            uri,
+            host_path: "h/p".into(),
+            tags: Arc::from(vec!["t1".into()]),
+            encrypt: false,
+            rule: Arc::from("r"),
+            tokens_at: Some(Arc::from("/usage/total_tokens")),
+            tokens: 0,
+        })
+        .attach(&mut m);
+        m
+    }
+
+    async fn fill(key: &CacheKey, body: &[&'static str], m: &CacheMeta) {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let mut miss = STORE.get_miss_handler(key, m, &span).await.unwrap();
+        for (i, c) in body.iter().enumerate() {
+            miss.write_body(Bytes::from_static(c.as_bytes()), i + 1 == body.len())
+                .await
+                .unwrap();
+        }
+        miss.finish().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn fill_then_hit_shares_the_body() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k1", "");
+        assert!(STORE.lookup(&key, &span).await.unwrap().is_none());
+        let mut m = meta(60, 11);
+        let age_start = SystemTime::now() - Duration::from_secs(100);
+        m.set_epoch_override(age_start);
+        fill(&key, &["hello ", "world"], &m).await;
+        let (got, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert!(got.is_fresh(SystemTime::now()));
+        assert_eq!(got.stale_while_revalidate_sec(), 5);
+        assert_eq!(got.stale_if_error_sec(), 7);
+        assert!(
+            got.age() >= Duration::from_secs(100),
+            "upstream Age is kept"
+        );
+        assert_eq!(
+            got.response_header().headers["content-type"],
+            "application/json"
+        );
+        let a = hit.read_body().await.unwrap().unwrap();
+        assert_eq!(&a[..], b"hello world");
+        assert!(hit.read_body().await.unwrap().is_none());
+        let (_, mut hit2) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        let b = hit2.read_body().await.unwrap().unwrap();
+        assert_eq!(
+            a.as_ptr(),
+            b.as_ptr(),
+            "a hit hands out the stored bytes, not a copy"
+        );
+        hit2.seek(6, Some(11)).unwrap();
+        assert_eq!(&hit2.read_body().await.unwrap().unwrap()[..], b"world");
+        assert!(STORE.has_uri(11));
+    }
+
+    #[tokio::test]
+    async fn every_hit_path_carries_the_entry_facts_and_tokens_are_counted_at_fill() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-facts", "");
+        let mut miss = STORE
+            .get_miss_handler(&key, &meta(60, 45), &span)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"{\"usage\":"), false)
+            .await
+            .unwrap();
+        // A reader joining the fill while it streams sees the facts purge checks need.
+        let (partial_meta, _) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        let facts = EntryInfo::of(&partial_meta).expect("a partial hit carries the facts");
+        assert_eq!((facts.uri, &*facts.host_path), (45, "h/p"));
+        assert_eq!(&*facts.tags[0], "t1");
+        miss.write_body(Bytes::from_static(b"{\"total_tokens\":77}}"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        // A complete hit carries them too, with the token count read once at fill time.
+        let (meta, _) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        let facts = EntryInfo::of(&meta).expect("a hit carries the facts");
+        assert_eq!((facts.uri, facts.tokens), (45, 77));
+        let (_, info) = STORE.body_and_info(id(key.combined_bin())).unwrap();
+        assert_eq!(info.tokens, 77, "what a Redis record is written from");
+    }
+
+    #[tokio::test]
+    async fn a_fill_is_readable_while_it_streams() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-stream", "");
+        let mut miss = STORE
+            .get_miss_handler(&key, &meta(60, 44), &span)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false)
+            .await
+            .unwrap();
+        let (_, mut reader) = STORE
+            .lookup(&key, &span)
+            .await
+            .unwrap()
+            .expect("partial hit");
+        assert_eq!(
+            &reader.read_body().await.unwrap().unwrap()[..],
+            b"data: 1\n\n"
+        );
+        let next = tokio::spawn(async move {
+            let second = reader.read_body().await.unwrap();
+            let end = reader.read_body().await.unwrap();
+            (second, end)
+        });
+        miss.write_body(Bytes::from_static(b"data: 2\n\n"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        let (second, end) = next.await.unwrap();
+        assert_eq!(
+            &second.unwrap()[..],
+            b"data: 2\n\n",
+            "the reader got the chunk as it came"
+        );
+        assert!(end.is_none());
+        let (_, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert_eq!(
+            &hit.read_body().await.unwrap().unwrap()[..],
+            b"data: 1\n\ndata: 2\n\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_broken_fill_is_not_stored_and_fails_its_readers() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-broken", "");
+        let mut miss = STORE
+            .get_miss_handler(&key, &meta(60, 45), &span)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"data: 1\n\n"), false)
+            .await
+            .unwrap();
+        let (_, mut reader) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert!(reader.read_body().await.unwrap().is_some());
+        drop(miss);
+        assert!(
+            reader.read_body().await.is_err(),
+            "the reader learns the stream broke"
+        );
+        assert!(
+            STORE.lookup(&key, &span).await.unwrap().is_none(),
+            "nothing stored"
+        );
+    }
+
+    #[tokio::test]
+    async fn purge_by_uri_removes_every_variant() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let k1 = CacheKey::new("u-a", "");
+        let k2 = CacheKey::new("u-b", "");
+        fill(&k1, &["a"], &meta(60, 22)).await;
+        fill(&k2, &["b"], &meta(60, 22)).await;
+        assert_eq!(STORE.purge_uri(22), 2);
+        assert!(STORE.lookup(&k1, &span).await.unwrap().is_none());
+        assert!(STORE.lookup(&k2, &span).await.unwrap().is_none());
+        assert!(!STORE.has_uri(22));
+    }
+
+    #[tokio::test]
+    async fn update_meta_keeps_the_body() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-upd", "");
+        fill(&key, &["body"], &meta(0, 33)).await;
+        let mut newer = meta(600, 33);
+        newer.update_freshness(SystemTime::now() + Duration::from_secs(600), 1, 2);
+        assert!(STORE.update_meta(&key, &newer, &span).await.unwrap());
+        let (got, mut hit) = STORE.lookup(&key, &span).await.unwrap().unwrap();
+        assert!(got.is_fresh(SystemTime::now()));
+        assert_eq!(got.stale_if_error_sec(), 2);
+        assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"body");
+        let purged = STORE
+            .purge(
+                PurgeTarget::Active(&key.to_compact()),
+                PurgeType::Invalidation,
+                &span,
+            )
+            .await
+            .unwrap();
+        assert_eq!(purged, PurgeOutcome::Purged(None));
+        assert!(!STORE.update_meta(&key, &newer, &span).await.unwrap());
+    }
+}

@@ -1,0 +1,1046 @@
+//! `aisle replay`: what hit ratio would these rules reach on this traffic?
+//!
+//! A trace is a JSON-lines file, one request per line:
+//!
+//! ```json
+//! {"timestamp": "2026-05-02T14:00:00.250Z", "method": "POST", "path": "/api/ai/recommendations",
+//!  "query": "a=1", "headers": {"host": "api.example.com", "content-type": "application/json"},
+//!  "body": {"query": {"type": "venue"}}}
+//! ```
+//!
+//! - `timestamp` (required): an RFC 3339 string, or a number of unix seconds (fractions allowed)
+//!   or unix milliseconds; numbers of 10^11 and more are milliseconds (10^11 seconds would be the
+//!   year 5138). Lines are replayed in timestamp order (a stable sort, so ties keep file order).
+//! - `path` (required, starts with `/`; a `?query` in it is used when `query` is absent).
+//! - `method` (default `GET`), `query` (a string, with or without the leading `?`),
+//!   `headers` (name to string, or to a list of strings), `body` (the JSON document itself; a
+//!   string is taken as the raw body text and parsed as JSON, as the gateway does). Other fields
+//!   are ignored, so captured traces with status or latency fields replay as they are.
+//!
+//! Each request is matched (`RuleSet::find`) and keyed exactly as the gateway keys it
+//! (`key::primary`, then `key::hash`, with the host from the `host` header without its port or
+//! `"replay"`, and the namespace from `aisle-cache-namespace`). A simulated cache then says hit
+//! or miss from the trace's own clock: an entry is stored at its miss with the rule's `ttl`
+//! (capped by `[cache] max_ttl`, shortened by `Aisle-Cache-TTL`), and a later request with the
+//! same key is a hit while the entry is fresh. Request directives are read by the gateway's own
+//! parser: `no-store` bypasses, `no-cache` and a `max-age` the entry exceeds are misses that store
+//! again, `only-if-cached` never stores, and a request with `Authorization` is a miss that does not
+//! store (whether the origin's answer allows sharing is unknown). There is no origin, so a rule
+//! without `ttl` (whose freshness would come from the origin) uses `--default-ttl`, and the output
+//! says so.
+//!
+//! The replay runs twice, with the rules as configured and with every normalizer removed
+//! ([`RuleSet::without_normalizers`]), so the table shows what normalizers buy. It is a model of
+//! the key design, not of the whole gateway: every origin answer is assumed storable, the cache is
+//! unbounded (no evictions), there are no invalidations, and stale entries are misses (stale
+//! serving is not simulated). Bypassed requests (rules with `cache = false`, the default route,
+//! methods other than GET/HEAD/POST, request `no-store`, POSTs whose body cannot be keyed) are
+//! listed but left out of the ratios, which cover cacheable requests only.
+
+use crate::admission::{self, Admission, BodyPlan, Bypass, KeyParts, Route, Terms};
+use crate::config::Config;
+use crate::rules::RuleSet;
+use pingora::cache::key::{CacheHashKey, HashBinary};
+use serde_json::Value;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io::BufRead;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// At most this many unparsable lines are reported one by one; the rest are counted.
+const MAX_REPORTED_ERRORS: usize = 20;
+
+/// Numeric timestamps at or above this are milliseconds, below it seconds.
+const MS_THRESHOLD: f64 = 1e11;
+
+/// One request of a trace.
+#[derive(Debug, Clone)]
+pub struct TraceRequest {
+    pub method: http::Method,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: http::HeaderMap,
+    /// The body text, exactly as it would be sent.
+    pub body: Option<String>,
+    /// Unix milliseconds.
+    pub at_ms: i64,
+}
+
+impl TraceRequest {
+    /// The host the gateway routes and keys on ([`admission::host`]); `replay` without a `Host`.
+    pub fn host(&self) -> &str {
+        match admission::host(&self.headers, None) {
+            "" => "replay",
+            host => host,
+        }
+    }
+
+    /// The request head as it reaches the gateway: an HTTP/1.1 client frames a body with
+    /// `Content-Length` unless the trace says it was sent chunked (`Transfer-Encoding`), so a
+    /// trace line with a body and neither header gets the `Content-Length` of its text.
+    pub fn framed_headers(&self) -> Cow<'_, http::HeaderMap> {
+        let framed = self.headers.contains_key(http::header::CONTENT_LENGTH)
+            || self.headers.contains_key(http::header::TRANSFER_ENCODING);
+        match &self.body {
+            Some(text) if !framed => {
+                let mut headers = self.headers.clone();
+                headers.insert(http::header::CONTENT_LENGTH, text.len().into());
+                Cow::Owned(headers)
+            }
+            _ => Cow::Borrowed(&self.headers),
+        }
+    }
+}
+
+/// Parses one trace line (see the module comment for the format).
+pub fn parse_line(text: &str) -> Result<TraceRequest, String> {
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
+    let Value::Object(obj) = value else {
+        return Err(
+            "expected a JSON object like {\"timestamp\": 1767225600, \"method\": \"GET\", \"path\": \"/x\"}"
+                .into(),
+        );
+    };
+    let method = match obj.get("method") {
+        None | Some(Value::Null) => http::Method::GET,
+        Some(Value::String(m)) => http::Method::from_bytes(m.to_ascii_uppercase().as_bytes())
+            .map_err(|_| format!("\"method\": {m:?} is not an HTTP method"))?,
+        Some(other) => {
+            return Err(format!(
+                "\"method\" must be a string like \"GET\", not {other}"
+            ))
+        }
+    };
+    let (path, query_in_path) = match obj.get("path") {
+        Some(Value::String(p)) if p.starts_with('/') => match p.split_once('?') {
+            Some((path, query)) => (path.to_string(), Some(query.to_string())),
+            None => (p.clone(), None),
+        },
+        Some(Value::String(p)) => {
+            return Err(format!("\"path\": {p:?} must start with '/'"));
+        }
+        None => return Err("\"path\" is missing; every request needs one, like \"/api/x\"".into()),
+        Some(other) => {
+            return Err(format!(
+                "\"path\" must be a string like \"/api/x\", not {other}"
+            ))
+        }
+    };
+    let query = match obj.get("query") {
+        None | Some(Value::Null) => query_in_path,
+        Some(Value::String(q)) => Some(q.strip_prefix('?').unwrap_or(q).to_string()),
+        Some(other) => {
+            return Err(format!(
+                "\"query\" must be a string like \"a=1&b=2\", not {other}"
+            ))
+        }
+    };
+    let mut headers = http::HeaderMap::new();
+    match obj.get("headers") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (name, value) in map {
+                let header = http::HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|_| format!("header name {name:?} is not valid"))?;
+                let values: Vec<&Value> = match value {
+                    Value::Array(items) => items.iter().collect(),
+                    single => vec![single],
+                };
+                for v in values {
+                    let Value::String(s) = v else {
+                        return Err(format!(
+                            "header {name:?} must be a string or a list of strings, not {v}"
+                        ));
+                    };
+                    let v = http::HeaderValue::from_str(s).map_err(|_| {
+                        format!("header {name:?} has a value that is not valid in HTTP: {s:?}")
+                    })?;
+                    headers.append(header.clone(), v);
+                }
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "\"headers\" must be an object like {{\"host\": \"api.example.com\"}}, not {other}"
+            ))
+        }
+    }
+    let body = match obj.get("body") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(raw)) => Some(raw.clone()),
+        Some(doc) => Some(doc.to_string()),
+    };
+    let at_ms = match obj.get("timestamp") {
+        Some(t) => parse_timestamp(t)?,
+        None => return Err(
+            "\"timestamp\" is missing; give unix seconds, unix milliseconds or an RFC 3339 time"
+                .into(),
+        ),
+    };
+    Ok(TraceRequest {
+        method,
+        path,
+        query,
+        headers,
+        body,
+        at_ms,
+    })
+}
+
+/// Unix milliseconds from an RFC 3339 string or a number of seconds / milliseconds.
+pub fn parse_timestamp(t: &Value) -> Result<i64, String> {
+    match t {
+        Value::Number(n) => {
+            let f = n.as_f64().unwrap_or(f64::NAN);
+            if !f.is_finite() || f < 0.0 {
+                return Err(format!("\"timestamp\": {n} is not a time after 1970"));
+            }
+            let ms = if f >= MS_THRESHOLD { f } else { f * 1000.0 };
+            if ms > 1e15 {
+                return Err(format!("\"timestamp\": {n} is too far in the future"));
+            }
+            Ok(ms.round() as i64)
+        }
+        Value::String(s) => chrono::DateTime::parse_from_rfc3339(s.trim())
+            .map(|d| d.timestamp_millis())
+            .map_err(|e| {
+                format!("\"timestamp\": {s:?} is not an RFC 3339 time like \"2026-05-02T14:00:00Z\" ({e})")
+            }),
+        other => Err(format!(
+            "\"timestamp\" must be unix seconds, unix milliseconds or an RFC 3339 string, not {other}"
+        )),
+    }
+}
+
+/// How the simulated cache behaves where a trace cannot say.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Lifetime of entries of rules without `ttl` (their origin would decide).
+    pub default_ttl: Duration,
+    /// `[cache] max_ttl`: no entry lives longer.
+    pub max_ttl: Duration,
+}
+
+/// One cacheable rule's results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleStats {
+    pub name: String,
+    /// The lifetime used for its entries.
+    pub ttl: Duration,
+    /// `false`: the rule has no `ttl`, `--default-ttl` was used.
+    pub ttl_from_rule: bool,
+    /// Cacheable requests this rule matched.
+    pub requests: u64,
+    /// Hits with the rules as configured.
+    pub hits: u64,
+    /// Hits with every normalizer removed.
+    pub hits_raw: u64,
+    /// Distinct keys with and without normalizers.
+    pub keys: u64,
+    pub keys_raw: u64,
+    /// `cost.per_request` of the rule, if it has one.
+    pub per_request: Option<f64>,
+}
+
+/// What a replay found.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Every rule that can cache, in rule order.
+    pub rules: Vec<RuleStats>,
+    /// Requests left out of the ratios, by reason.
+    pub bypassed: BTreeMap<String, u64>,
+    /// First and last timestamp (unix ms).
+    pub span_ms: Option<(i64, i64)>,
+}
+
+impl Report {
+    pub fn cacheable(&self) -> u64 {
+        self.rules.iter().map(|r| r.requests).sum()
+    }
+    pub fn hits(&self) -> u64 {
+        self.rules.iter().map(|r| r.hits).sum()
+    }
+    pub fn hits_raw(&self) -> u64 {
+        self.rules.iter().map(|r| r.hits_raw).sum()
+    }
+    pub fn bypassed_total(&self) -> u64 {
+        self.bypassed.values().sum()
+    }
+}
+
+/// What the gateway would do with one request, for one rule set.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Not cached; the reason as the replay report lists it.
+    Bypass(String),
+    Cache {
+        /// Index into `RuleSet::rules()`.
+        rule: usize,
+        key: HashBinary,
+        ttl_ms: i64,
+        /// Request directives: never use a stored entry older than this (ms); -1 (`no-cache`):
+        /// never use one.
+        max_age_ms: Option<i64>,
+        /// Store the answer (false for requests with `Authorization`: the origin would decide,
+        /// and for `only-if-cached`, which the gateway answers 504 without asking the origin).
+        store: bool,
+        /// Whether a stored entry may answer (false with `Authorization`, as above).
+        use_stored: bool,
+    },
+}
+
+/// The admission the gateway makes for one trace request: `Ok((route, terms, body))`, or the
+/// reason it bypasses. Every step is [`crate::admission`]'s, the code the proxy runs.
+pub fn admit(
+    rules: &RuleSet,
+    req: &TraceRequest,
+) -> Result<(Route, Terms, Option<Value>), Bypassed> {
+    let host = req.host();
+    let Some(route) = admission::route(rules, &req.method, host, &req.path) else {
+        return Err(Bypassed::NoRoute);
+    };
+    let headers = req.framed_headers();
+    let body = match admission::body_plan(&route.rule, &req.method, &headers) {
+        BodyPlan::Skip => Ok(None),
+        BodyPlan::Refuse(reason) => Err(reason),
+        BodyPlan::Read(length) => {
+            let text = req.body.as_deref().unwrap_or("").as_bytes();
+            admission::parse_body(&text[..length.min(text.len())]).map(Some)
+        }
+    };
+    let gate = body.as_ref().map(|_| ()).map_err(|r| *r);
+    match admission::admit(&route.rule, &req.method, &headers, gate) {
+        Admission::Bypass(reason) => Err(Bypassed::Admission(route, reason)),
+        Admission::Cache(terms) => Ok((route, terms, body.ok().flatten())),
+    }
+}
+
+/// Why a trace request does not use the cache.
+#[derive(Debug)]
+pub enum Bypassed {
+    /// No rule matches and there is no default route: the gateway answers 404.
+    NoRoute,
+    /// [`admission::admit`] said no.
+    Admission(Route, Bypass),
+}
+
+/// The cache key the gateway builds for an admitted trace request.
+pub fn key_of(
+    req: &TraceRequest,
+    route: &Route,
+    terms: &Terms,
+    body: Option<&Value>,
+) -> HashBinary {
+    let headers = req.framed_headers();
+    let parts = KeyParts {
+        method: &req.method,
+        host: req.host(),
+        path: &req.path,
+        query: req.query.as_deref(),
+        headers: &headers,
+        body,
+    };
+    admission::cache_key(route, terms, &parts).primary_bin()
+}
+
+fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision {
+    let (route, terms, body) = match admit(rules, req) {
+        Ok(admitted) => admitted,
+        Err(Bypassed::NoRoute) => {
+            return Decision::Bypass(
+                "no rule matches and there is no default upstream (404)".into(),
+            )
+        }
+        Err(Bypassed::Admission(route, reason)) => {
+            return Decision::Bypass(reason.describe(&route.rule.name, &req.method))
+        }
+    };
+    let rule = &route.rule;
+    if rule.is_default {
+        // Replay models rules, not origins: the default route's freshness comes from origin
+        // headers a trace does not have.
+        return Decision::Bypass("default route (no rule matches)".into());
+    }
+    let key = key_of(req, &route, &terms, body.as_ref());
+    let mut ttl = rule
+        .ttl
+        .unwrap_or(settings.default_ttl)
+        .min(settings.max_ttl);
+    if let Some(short) = terms.ttl {
+        ttl = ttl.min(short);
+    }
+    let directives = terms.directives;
+    let max_age_ms = if directives.no_cache {
+        Some(-1)
+    } else {
+        directives.max_age.map(|s| i64::from(s) * 1000)
+    };
+    Decision::Cache {
+        rule: rules
+            .rules()
+            .iter()
+            .position(|r| Arc::ptr_eq(r, rule))
+            .expect("a matched rule is in its set"),
+        key,
+        ttl_ms: ttl.as_millis().min(i64::MAX as u128) as i64,
+        max_age_ms,
+        store: !directives.authorization && !directives.only_if_cached,
+        use_stored: !directives.authorization,
+    }
+}
+
+/// One rule's counts in one simulation.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    requests: u64,
+    hits: u64,
+    /// Distinct keys stored.
+    keys: u64,
+}
+
+/// Counts per rule for one rule set, indexed like `rules.rules()`, and the bypass reasons.
+fn simulate(
+    rules: &RuleSet,
+    trace: &[TraceRequest],
+    settings: &Settings,
+) -> (Vec<Counts>, BTreeMap<String, u64>) {
+    // key -> (stored at, expires at), unix ms.
+    let mut cache: HashMap<HashBinary, (i64, i64)> = HashMap::new();
+    let mut per_rule = vec![Counts::default(); rules.rules().len()];
+    let mut bypassed = BTreeMap::new();
+    for req in trace {
+        match decide(rules, req, settings) {
+            Decision::Bypass(reason) => *bypassed.entry(reason).or_insert(0) += 1,
+            Decision::Cache {
+                rule,
+                key,
+                ttl_ms,
+                max_age_ms,
+                store,
+                use_stored,
+            } => {
+                let now = req.at_ms;
+                let stats = &mut per_rule[rule];
+                stats.requests += 1;
+                let usable = cache.get(&key).is_some_and(|&(stored, expires)| {
+                    now < expires && max_age_ms.is_none_or(|max| now - stored <= max)
+                });
+                if usable && use_stored {
+                    stats.hits += 1;
+                } else if store {
+                    let fresh = cache.insert(key, (now, now.saturating_add(ttl_ms)));
+                    if fresh.is_none() {
+                        stats.keys += 1;
+                    }
+                }
+            }
+        }
+    }
+    (per_rule, bypassed)
+}
+
+/// Replays `trace` (in the order given; [`run`] sorts by time) against `rules`, with and
+/// without normalizers.
+pub fn replay(rules: &RuleSet, trace: &[TraceRequest], settings: &Settings) -> Report {
+    let raw_rules = rules.without_normalizers();
+    let (normalized, bypassed) = simulate(rules, trace, settings);
+    let (raw, _) = simulate(&raw_rules, trace, settings);
+    let stats = rules
+        .rules()
+        .iter()
+        .zip(normalized.iter().zip(&raw))
+        .filter(|(rule, _)| rule.cache)
+        .map(|(rule, (n, r))| RuleStats {
+            name: rule.name.to_string(),
+            ttl: rule
+                .ttl
+                .unwrap_or(settings.default_ttl)
+                .min(settings.max_ttl),
+            ttl_from_rule: rule.ttl.is_some(),
+            requests: n.requests,
+            hits: n.hits,
+            hits_raw: r.hits,
+            keys: n.keys,
+            keys_raw: r.keys,
+            per_request: rule.cost.as_ref().map(|c| c.per_request),
+        })
+        .collect();
+    let span_ms =
+        trace
+            .iter()
+            .map(|r| r.at_ms)
+            .fold(None, |acc: Option<(i64, i64)>, t| match acc {
+                None => Some((t, t)),
+                Some((a, b)) => Some((a.min(t), b.max(t))),
+            });
+    Report {
+        rules: stats,
+        bypassed,
+        span_ms,
+    }
+}
+
+fn ratio(hits: u64, requests: u64) -> String {
+    if requests == 0 {
+        "-".into()
+    } else {
+        format!("{:.1}%", hits as f64 * 100.0 / requests as f64)
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(
+        || ms.to_string(),
+        |d| d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
+}
+
+/// The report as the table `aisle replay` prints: per rule, requests, then hits, hit ratio and
+/// distinct keys (entries) with the normalizers and without them.
+pub fn render(report: &Report, settings: &Settings) -> String {
+    let mut rows: Vec<[String; 9]> = Vec::new();
+    let mut footnote = false;
+    for r in &report.rules {
+        let mut ttl = humantime::format_duration(r.ttl).to_string();
+        if !r.ttl_from_rule {
+            footnote = true;
+            ttl.push('*');
+        }
+        rows.push([
+            r.name.clone(),
+            ttl,
+            r.requests.to_string(),
+            r.hits.to_string(),
+            ratio(r.hits, r.requests),
+            r.keys.to_string(),
+            r.hits_raw.to_string(),
+            ratio(r.hits_raw, r.requests),
+            r.keys_raw.to_string(),
+        ]);
+    }
+    let keys: u64 = report.rules.iter().map(|r| r.keys).sum();
+    let keys_raw: u64 = report.rules.iter().map(|r| r.keys_raw).sum();
+    rows.push([
+        "total (cacheable)".into(),
+        String::new(),
+        report.cacheable().to_string(),
+        report.hits().to_string(),
+        ratio(report.hits(), report.cacheable()),
+        keys.to_string(),
+        report.hits_raw().to_string(),
+        ratio(report.hits_raw(), report.cacheable()),
+        keys_raw.to_string(),
+    ]);
+    let header = [
+        "rule",
+        "ttl",
+        "requests",
+        "hits",
+        "hit ratio",
+        "keys",
+        "hits",
+        "hit ratio",
+        "keys",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: [&str; 9]| {
+        let mut l = String::new();
+        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+            match i {
+                0 => l.push_str(&format!("{cell:<w$}")),
+                6 => l.push_str(&format!("  |  {cell:>w$}")),
+                _ => l.push_str(&format!("  {cell:>w$}")),
+            }
+        }
+        l.trim_end().to_string()
+    };
+    // Group labels over columns 3..=5 and 6..=8.
+    let lead: usize = widths[..3].iter().sum::<usize>() + 2 * 3;
+    let with_w = widths[3..6].iter().sum::<usize>() + 2 * 2;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:lead$}{:^with_w$}  |  without normalizers",
+        "", "with normalizers"
+    );
+    let _ = writeln!(out, "{}", line(header));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row.each_ref().map(String::as_str)));
+    }
+    if footnote {
+        let _ = writeln!(
+            out,
+            "* no ttl in the rule: its freshness would come from the origin, which a replay does not have; --default-ttl {} was used",
+            humantime::format_duration(settings.default_ttl)
+        );
+    }
+    if report.bypassed_total() > 0 {
+        let _ = writeln!(
+            out,
+            "bypassed, not in the ratios: {} requests",
+            report.bypassed_total()
+        );
+        for (reason, n) in &report.bypassed {
+            let _ = writeln!(out, "  {n:>8}  {reason}");
+        }
+    }
+    for r in &report.rules {
+        if let Some(per_request) = r.per_request.filter(|p| *p > 0.0) {
+            let _ = writeln!(
+                out,
+                "{}: {} origin calls saved, worth {:.2} at cost.per_request = {} (the token part of the cost needs the origin's answers)",
+                r.name,
+                r.hits,
+                r.hits as f64 * per_request,
+                per_request
+            );
+        }
+    }
+    out
+}
+
+/// Reads a trace file: the parsed requests (sorted by time) and the problems, each as
+/// `file:line: problem`.
+pub fn read_trace(path: &Path) -> Result<(Vec<TraceRequest>, Vec<String>), String> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        format!(
+            "cannot read the trace {}: {e}; write one with `aisle trace --out {}`",
+            path.display(),
+            path.display()
+        )
+    })?;
+    let mut requests = Vec::new();
+    let mut problems = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                problems.push(format!(
+                    "{}:{n}: cannot read this line: {e}",
+                    path.display()
+                ));
+                continue;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(&line) {
+            Ok(r) => requests.push(r),
+            Err(e) => problems.push(format!("{}:{n}: {e}", path.display())),
+        }
+    }
+    requests.sort_by_key(|r| r.at_ms);
+    Ok((requests, problems))
+}
+
+/// `aisle replay`: reads the trace, replays it against `config`'s rules, prints the table.
+pub fn run(config: &Config, trace: &Path, default_ttl: Duration) -> ExitCode {
+    let (requests, problems) = match read_trace(trace) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aisle replay: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    for p in problems.iter().take(MAX_REPORTED_ERRORS) {
+        eprintln!("{p}");
+    }
+    if problems.len() > MAX_REPORTED_ERRORS {
+        eprintln!(
+            "{}: ... and {} more lines that could not be parsed",
+            trace.display(),
+            problems.len() - MAX_REPORTED_ERRORS
+        );
+    }
+    if requests.is_empty() {
+        eprintln!(
+            "aisle replay: {} has no request that could be parsed; each line must be a JSON object with at least \"path\" and \"timestamp\"",
+            trace.display()
+        );
+        return ExitCode::FAILURE;
+    }
+    let settings = Settings {
+        default_ttl,
+        max_ttl: config.cache.max_ttl,
+    };
+    let report = replay(&config.rules, &requests, &settings);
+    let (from, to) = report.span_ms.expect("at least one request");
+    println!(
+        "aisle replay: {}: {} requests from {} to {} ({}), {} skipped as unparsable; {} cacheable",
+        trace.display(),
+        requests.len(),
+        rfc3339(from),
+        rfc3339(to),
+        humantime::format_duration(Duration::from_secs(((to - from) / 1000) as u64)),
+        problems.len(),
+        report.cacheable()
+    );
+    println!("(simulated cache: unbounded, no invalidations, expired entries are misses)\n");
+    print!("{}", render(&report, &settings));
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{compile, Context};
+
+    const RULES: &str = r#"
+[tables.market]
+map = { "new york" = "nyc", brooklyn = "nyc", nyc = "nyc" }
+fallback = "state"
+
+[[rule]]
+name = "ai"
+match = { method = "POST", path = "/ai" }
+ttl = "10m"
+vary = ["body./q", "body./city"]
+normalize = { "body./q" = "text", "body./city" = "market" }
+
+[[rule]]
+name = "chat"
+match = { method = "POST", path = "/chat" }
+ttl = "1h"
+body_key = { all = true, ignore = ["/user"] }
+
+[[rule]]
+name = "search"
+match = { path = "/search" }
+vary = ["query.location"]
+normalize = { "query.location" = ["trim", "lowercase", "market"] }
+
+[[rule]]
+name = "write"
+match = { method = "POST", path = "/search" }
+cache = false
+"#;
+
+    fn rules() -> RuleSet {
+        let ups = vec!["api".to_string()];
+        let ctx = Context {
+            upstreams: &ups,
+            default_upstream: Some(0),
+            encryption: false,
+        };
+        compile(&[(Path::new("r.toml"), RULES)], &ctx).unwrap()
+    }
+
+    const SETTINGS: Settings = Settings {
+        default_ttl: Duration::from_secs(300),
+        max_ttl: Duration::from_secs(86_400),
+    };
+
+    fn trace(lines: &[&str]) -> Vec<TraceRequest> {
+        lines.iter().map(|l| parse_line(l).unwrap()).collect()
+    }
+
+    fn stats<'a>(r: &'a Report, name: &str) -> &'a RuleStats {
+        r.rules.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn timestamps_in_three_forms() {
+        let t = |v: Value| parse_timestamp(&v);
+        assert_eq!(t(serde_json::json!(1_767_225_600)), Ok(1_767_225_600_000));
+        assert_eq!(
+            t(serde_json::json!(1_767_225_600.25)),
+            Ok(1_767_225_600_250)
+        );
+        assert_eq!(
+            t(serde_json::json!(1_767_225_600_250u64)),
+            Ok(1_767_225_600_250)
+        );
+        assert_eq!(
+            t(serde_json::json!("2026-01-01T00:00:00.250Z")),
+            Ok(1_767_225_600_250)
+        );
+        assert_eq!(
+            t(serde_json::json!("2026-01-01T01:00:00+01:00")),
+            Ok(1_767_225_600_000)
+        );
+        assert!(t(serde_json::json!("yesterday"))
+            .unwrap_err()
+            .contains("RFC 3339"));
+        assert!(t(serde_json::json!(-5)).is_err());
+        assert!(t(serde_json::json!(true)).is_err());
+    }
+
+    #[test]
+    fn line_parsing_and_its_errors() {
+        let r = parse_line(
+            r#"{"timestamp": 1, "method": "post", "path": "/a?x=1", "headers": {"Host": "h:8080", "x": ["1", "2"]}, "body": "{\"a\": 1}"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.method, http::Method::POST);
+        assert_eq!((r.path.as_str(), r.query.as_deref()), ("/a", Some("x=1")));
+        assert_eq!(r.headers.get_all("x").iter().count(), 2);
+        assert_eq!(r.host(), "h");
+        assert_eq!(r.body.as_deref(), Some("{\"a\": 1}"));
+        // An HTTP/1.1 client frames the body with its length.
+        assert_eq!(r.framed_headers()["content-length"], "8");
+        let r = parse_line(r#"{"timestamp": 1, "path": "/a", "query": "?y=2", "body": "nope"}"#)
+            .unwrap();
+        assert_eq!(
+            (&r.method, r.query.as_deref(), r.body.as_deref()),
+            (&http::Method::GET, Some("y=2"), Some("nope"))
+        );
+        assert_eq!(r.host(), "replay");
+
+        for (line, problem) in [
+            ("{", "not valid JSON"),
+            ("[1]", "expected a JSON object"),
+            (r#"{"timestamp": 1}"#, "\"path\" is missing"),
+            (r#"{"timestamp": 1, "path": "a"}"#, "must start with '/'"),
+            (r#"{"path": "/a"}"#, "\"timestamp\" is missing"),
+            (
+                r#"{"timestamp": 1, "path": "/a", "method": "G T"}"#,
+                "not an HTTP method",
+            ),
+            (
+                r#"{"timestamp": 1, "path": "/a", "headers": {"a b": "1"}}"#,
+                "header name",
+            ),
+            (
+                r#"{"timestamp": 1, "path": "/a", "headers": {"a": 1}}"#,
+                "string or a list",
+            ),
+            (
+                r#"{"timestamp": 1, "path": "/a", "query": 5}"#,
+                "\"query\" must be a string",
+            ),
+        ] {
+            let e = parse_line(line).unwrap_err();
+            assert!(e.contains(problem), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn normalizers_and_ttls_decide_hits() {
+        // t in seconds. Three spellings of one market and one question in two spellings.
+        let lines = [
+            r#"{"timestamp": 0, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC", "request_id": "1"}}"#,
+            r#"{"timestamp": 10, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "best  venues? ", "city": "Brooklyn, NY", "request_id": "2"}}"#,
+            r#"{"timestamp": 20, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC", "request_id": "3"}}"#,
+            // 10m after the first store: expired, a miss that stores again.
+            r#"{"timestamp": 600, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC"}}"#,
+            r#"{"timestamp": 601, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "Best venues?", "city": "NYC"}}"#,
+        ];
+        let report = replay(&rules(), &trace(&lines), &SETTINGS);
+        let ai = stats(&report, "ai");
+        assert_eq!((ai.requests, ai.hits, ai.keys), (5, 3, 1));
+        // Without normalizers the second spelling is its own entry; the others still share.
+        assert_eq!((ai.hits_raw, ai.keys_raw), (2, 2));
+        assert!(ai.ttl_from_rule);
+    }
+
+    #[test]
+    fn bodies_are_admitted_as_the_gateway_admits_them() {
+        // The gateway keys a body only when it is declared JSON and its length is known before
+        // reading it; so does replay, through the same admission code.
+        let lines = [
+            // JSON, but no Content-Type: the gateway bypasses it (not-json).
+            r#"{"timestamp": 0, "method": "POST", "path": "/ai", "body": {"q": "a", "city": "NYC"}}"#,
+            // Sent chunked: its length is unknown, so it bypasses (body-length-unknown).
+            r#"{"timestamp": 1, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json", "transfer-encoding": "chunked"}, "body": {"q": "a", "city": "NYC"}}"#,
+            // Declared JSON and framed by its length: keyed.
+            r#"{"timestamp": 2, "method": "POST", "path": "/ai", "headers": {"content-type": "application/json"}, "body": {"q": "a", "city": "NYC"}}"#,
+        ];
+        let trace = trace(&lines);
+        let set = rules();
+        let reasons: Vec<_> = trace
+            .iter()
+            .map(|r| match admit(&set, r) {
+                Ok(_) => None,
+                Err(Bypassed::Admission(_, reason)) => Some(reason),
+                Err(Bypassed::NoRoute) => panic!("routed"),
+            })
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![Some(Bypass::NotJson), Some(Bypass::BodyLengthUnknown), None]
+        );
+    }
+
+    #[test]
+    fn chat_body_key_ignores_user_and_key_order() {
+        let lines = [
+            r#"{"timestamp": 0, "method": "POST", "path": "/chat", "headers": {"content-type": "application/json"}, "body": "{\"model\": \"m\", \"messages\": [\"hi\"], \"user\": \"a\"}"}"#,
+            r#"{"timestamp": 1, "method": "POST", "path": "/chat", "headers": {"content-type": "application/json"}, "body": "{\"user\": \"b\", \"messages\": [\"hi\"], \"model\": \"m\"}"}"#,
+            r#"{"timestamp": 2, "method": "POST", "path": "/chat", "headers": {"content-type": "application/json"}, "body": {"messages": ["hi"], "model": "other"}}"#,
+        ];
+        let report = replay(&rules(), &trace(&lines), &SETTINGS);
+        let chat = stats(&report, "chat");
+        assert_eq!((chat.requests, chat.hits, chat.hits_raw), (3, 1, 1));
+    }
+
+    #[test]
+    fn rules_without_ttl_use_the_default_and_bypasses_are_counted() {
+        let lines = [
+            r#"{"timestamp": "2026-01-01T00:00:00Z", "path": "/search", "query": "location=NYC&utm=1"}"#,
+            r#"{"timestamp": "2026-01-01T00:04:59Z", "path": "/search", "query": "location=%20new%20york"}"#,
+            r#"{"timestamp": "2026-01-01T00:05:00Z", "method": "HEAD", "path": "/search", "query": "location=nyc"}"#,
+            r#"{"timestamp": "2026-01-01T00:05:01Z", "path": "/search", "query": "location=nyc", "headers": {"cache-control": "no-store"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:02Z", "path": "/search", "query": "location=nyc", "headers": {"cache-control": "no-cache"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:03Z", "method": "POST", "path": "/search"}"#,
+            r#"{"timestamp": "2026-01-01T00:05:04Z", "path": "/elsewhere"}"#,
+            r#"{"timestamp": "2026-01-01T00:05:05Z", "method": "PUT", "path": "/ai"}"#,
+            r#"{"timestamp": "2026-01-01T00:05:06Z", "method": "POST", "path": "/ai", "body": "not json"}"#,
+            r#"{"timestamp": "2026-01-01T00:05:07Z", "method": "POST", "path": "/ai", "headers": {"content-type": "text/plain"}, "body": {"q": "x"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:08Z", "path": "/search", "query": "location=nyc", "headers": {"authorization": "Bearer t"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:09Z", "path": "/search", "query": "location=nyc", "headers": {"cache-control": "only-if-cached"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:10Z", "path": "/search", "query": "location=sf", "headers": {"cache-control": "only-if-cached"}}"#,
+            r#"{"timestamp": "2026-01-01T00:05:11Z", "path": "/search", "query": "location=sf"}"#,
+        ];
+        let report = replay(&rules(), &trace(&lines), &SETTINGS);
+        let search = stats(&report, "search");
+        // 00:00 miss (stored for the default 5m), 04:59 hit, 05:00 expired: miss (HEAD keys as
+        // GET), 05:02 no-cache: miss, stored again; 05:08 Authorization: miss (nothing used or
+        // stored); 05:09 only-if-cached: hit; 05:10 only-if-cached: miss, not stored, so
+        // 05:11 is a miss too.
+        assert_eq!((search.requests, search.hits, search.hits_raw), (8, 2, 1));
+        assert!(!search.ttl_from_rule);
+        assert_eq!(search.ttl, Duration::from_secs(300));
+        assert_eq!(report.cacheable(), 8);
+        let reasons: Vec<(&str, u64)> = report
+            .bypassed
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect();
+        assert_eq!(
+            reasons,
+            vec![
+                ("default route (no rule matches)", 1),
+                ("request Cache-Control: no-store", 1),
+                ("rule \"_default\": method PUT is not cached", 1),
+                ("rule \"ai\": no JSON body to key on", 2),
+                ("rule \"write\": cache = false", 1),
+            ],
+            "PUT /ai matches no rule (the ai rule is POST only), so it takes the default route"
+        );
+        assert!(
+            report.rules.iter().all(|r| r.name != "write"),
+            "cache = false rules are not in the table"
+        );
+        let table = render(&report, &SETTINGS);
+        assert!(table.contains("--default-ttl 5m was used"), "{table}");
+        assert!(table.contains("total (cacheable)"), "{table}");
+    }
+
+    #[test]
+    fn without_normalizers_changes_nothing_else() {
+        let set = rules();
+        let raw = set.without_normalizers();
+        assert_eq!(set.len(), raw.len());
+        for (a, b) in set.rules().iter().zip(raw.rules()) {
+            assert_eq!((&a.name, a.ttl, a.cache), (&b.name, b.ttl, b.cache));
+            assert_eq!(
+                (&a.body_key, a.needs_body, a.key_path),
+                (&b.body_key, b.needs_body, b.key_path)
+            );
+            let sources = |r: &crate::rules::Rule| {
+                r.vary.iter().map(|f| f.source.clone()).collect::<Vec<_>>()
+            };
+            assert_eq!(sources(a), sources(b));
+            assert!(b.vary.iter().all(|f| f.normalizers.is_empty()));
+        }
+        assert!(set.rules()[0]
+            .vary
+            .iter()
+            .all(|f| !f.normalizers.is_empty()));
+        assert!(raw.default_route().is_some_and(|d| d.is_default));
+    }
+
+    #[test]
+    fn run_exits_1_when_no_line_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/r.toml"), RULES).unwrap();
+        let gateway = "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3000\"\n";
+        let config = Config::from_str(&dir.path().join("gateway.toml"), gateway).unwrap();
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "nope\n{\"path\": \"/search\"}\n").unwrap();
+        assert_eq!(run(&config, &bad, SETTINGS.default_ttl), ExitCode::FAILURE);
+        let good = dir.path().join("good.jsonl");
+        std::fs::write(&good, "nope\n{\"timestamp\": 1, \"path\": \"/search\"}\n").unwrap();
+        assert_eq!(run(&config, &good, SETTINGS.default_ttl), ExitCode::SUCCESS);
+    }
+
+    /// The shipped configuration on a generated trace: every AI request is cacheable and keyed,
+    /// and the normalizers are what make the difference on the rules that have them.
+    #[test]
+    fn shipped_rules_on_a_generated_trace() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let config = Config::load(&root.join("gateway.toml")).expect("the shipped config loads");
+        let mut text = Vec::new();
+        let opts = crate::tools::tracegen::Options {
+            requests: 5000,
+            ..Default::default()
+        };
+        crate::tools::tracegen::write_trace(&opts, &mut text).unwrap();
+        let trace: Vec<TraceRequest> = String::from_utf8(text)
+            .unwrap()
+            .lines()
+            .map(|l| parse_line(l).unwrap())
+            .collect();
+        let settings = Settings {
+            default_ttl: SETTINGS.default_ttl,
+            max_ttl: config.cache.max_ttl,
+        };
+        let report = replay(&config.rules, &trace, &settings);
+        assert_eq!(report.cacheable() + report.bypassed_total(), 5000);
+        assert!(
+            report
+                .bypassed
+                .keys()
+                .all(|k| k.starts_with("default route") || k.contains("vendor-update")),
+            "{:?}",
+            report.bypassed
+        );
+        for name in ["ai-recommendations", "chat"] {
+            let r = stats(&report, name);
+            assert!(r.requests > 100 && r.hits > r.requests / 2, "{r:?}");
+        }
+        for name in ["ai-recommendations", "vendor-search", "weather"] {
+            let r = stats(&report, name);
+            assert!(r.hits > r.hits_raw && r.keys < r.keys_raw, "{r:?}");
+        }
+        // Chat keys on the canonical body: it has no normalizers to remove.
+        let chat = stats(&report, "chat");
+        assert_eq!((chat.hits, chat.keys), (chat.hits_raw, chat.keys_raw));
+        assert!(report.hits() > report.hits_raw());
+    }
+
+    #[test]
+    fn read_trace_reports_bad_lines_and_sorts_by_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(
+            &path,
+            "{\"timestamp\": 20, \"path\": \"/b\"}\n\n{oops\n{\"timestamp\": 10, \"path\": \"/a\"}\n",
+        )
+        .unwrap();
+        let (requests, problems) = read_trace(&path).unwrap();
+        assert_eq!(
+            requests.iter().map(|r| r.path.as_str()).collect::<Vec<_>>(),
+            ["/a", "/b"]
+        );
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0].starts_with(&format!("{}:3: not valid JSON", path.display())),
+            "{problems:?}"
+        );
+        let missing = read_trace(&dir.path().join("none.jsonl")).unwrap_err();
+        assert!(missing.contains("cannot read the trace"), "{missing}");
+    }
+}

@@ -1,0 +1,310 @@
+//! `aisle check --config X`: exit status and `file:line:col: message`
+//! diagnostics for each kind of configuration error.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::harness::fixtures;
+use crate::harness::line_of;
+
+const GATEWAY: &str = r#"[server]
+listen = "127.0.0.1:18080"
+admin_listen = "127.0.0.1:19090"
+
+[cache]
+memory = "64MiB"
+max_object = "8MiB"
+rules_dir = "rules"
+
+[upstreams.api]
+url = "http://127.0.0.1:3000"
+read_timeout = "30s"
+connect_timeout = "2s"
+"#;
+
+struct CheckRun {
+    code: Option<i32>,
+    output: String,
+    _dir: tempfile::TempDir,
+}
+
+/// Write `gateway.toml` and `rules/*`, then run `aisle check` from an
+/// unrelated working directory (relative paths resolve from the config).
+fn run_check(gateway: &str, rules: &[(&str, &str)]) -> CheckRun {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(&config, gateway).unwrap();
+    std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+    for (name, text) in rules {
+        std::fs::write(dir.path().join("rules").join(name), text).unwrap();
+    }
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let out = Command::new(env!("CARGO_BIN_EXE_aisle"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .current_dir(elsewhere.path())
+        .output()
+        .expect("run aisle check");
+    let output = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    CheckRun {
+        code: out.status.code(),
+        output,
+        _dir: dir,
+    }
+}
+
+/// Some output line holds `<file>:<L>:<col>:` for an L in `lines` and, on
+/// the same line, one of `words` (case-insensitive).
+fn assert_reports(run: &CheckRun, file: &str, lines: &[usize], words: &[&str]) {
+    assert_eq!(
+        run.code,
+        Some(1),
+        "aisle check should exit 1; output:\n{}",
+        run.output
+    );
+    let found = run.output.lines().any(|out_line| {
+        let lower = out_line.to_lowercase();
+        let located = lines.iter().any(|l| {
+            let needle = format!("{file}:{l}:");
+            out_line.match_indices(&needle).any(|(i, _)| {
+                let preceded_ok = i == 0 || {
+                    let prev = out_line.as_bytes()[i - 1];
+                    prev == b'/' || prev == b'\\' || prev == b' ' || prev == b'"'
+                };
+                let rest = &out_line[i + needle.len()..];
+                let col_len = rest.bytes().take_while(u8::is_ascii_digit).count();
+                preceded_ok && col_len > 0 && rest[col_len..].starts_with(':')
+            })
+        });
+        located && words.iter().any(|w| lower.contains(&w.to_lowercase()))
+    });
+    assert!(
+        found,
+        "expected a `{file}:<one of {lines:?}>:<col>: ...` diagnostic mentioning one of {words:?}; output:\n{}",
+        run.output
+    );
+}
+
+fn rule(body: &str) -> String {
+    format!("[[rule]]\n{body}")
+}
+
+#[test]
+fn valid_config_passes() {
+    let run = run_check(GATEWAY, &[("vendors.toml", fixtures::CHECKED_RULES)]);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "valid config rejected; output:\n{}",
+        run.output
+    );
+}
+
+#[test]
+fn valid_config_without_rules_passes() {
+    let run = run_check(GATEWAY, &[]);
+    assert_eq!(run.code, Some(0), "output:\n{}", run.output);
+}
+
+#[test]
+fn unknown_key_in_rule() {
+    let bad = rule(
+        "name = \"a\"\nmatch = { method = \"GET\", path = \"/a\" }\nupstream = \"api\"\nttll = \"30m\"\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(&run, "bad.toml", &[line_of(&bad, "ttll")], &["unknown"]);
+    assert!(run.output.contains("ttll"), "output:\n{}", run.output);
+}
+
+#[test]
+fn unknown_key_in_gateway_toml() {
+    let gw = GATEWAY.replace("[cache]\n", "[cache]\nmemroy = \"1MiB\"\n");
+    let run = run_check(&gw, &[]);
+    assert_reports(
+        &run,
+        "gateway.toml",
+        &[line_of(&gw, "memroy")],
+        &["unknown"],
+    );
+}
+
+#[test]
+fn bad_duration_in_rule() {
+    let bad = rule(
+        "name = \"a\"\nmatch = { method = \"GET\", path = \"/a\" }\nupstream = \"api\"\n\nttl = \"30 parsecs\"\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "parsecs")],
+        &["duration", "parsecs"],
+    );
+}
+
+#[test]
+fn bad_size_in_gateway_toml() {
+    let gw = GATEWAY.replace("memory = \"64MiB\"", "memory = \"lots\"");
+    let run = run_check(&gw, &[("ok.toml", fixtures::CHECKED_RULES)]);
+    assert_reports(
+        &run,
+        "gateway.toml",
+        &[line_of(&gw, "\"lots\"")],
+        &["size", "lots"],
+    );
+}
+
+#[test]
+fn bad_duration_in_gateway_toml() {
+    let gw = GATEWAY.replace("read_timeout = \"30s\"", "read_timeout = \"forever\"");
+    let run = run_check(&gw, &[]);
+    assert_reports(
+        &run,
+        "gateway.toml",
+        &[line_of(&gw, "forever")],
+        &["duration", "forever"],
+    );
+}
+
+#[test]
+fn unknown_upstream() {
+    let bad = rule(
+        "name = \"a\"\nmatch = { method = \"GET\", path = \"/a\" }\nttl = \"1m\"\nupstream = \"nope\"\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "nope")],
+        &["upstream", "nope"],
+    );
+}
+
+#[test]
+fn bad_path_pattern_star_not_trailing() {
+    let bad = rule(
+        "name = \"a\"\nupstream = \"api\"\nmatch = { method = \"GET\", path = \"/files/*/raw\" }\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "/files/*/raw")],
+        &["path", "pattern"],
+    );
+}
+
+#[test]
+fn bad_path_pattern_no_leading_slash() {
+    let bad = rule(
+        "name = \"a\"\nupstream = \"api\"\n\nmatch = { method = \"GET\", path = \"vendors/:id\" }\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "vendors/:id")],
+        &["path", "pattern", "/"],
+    );
+}
+
+#[test]
+fn unknown_vary_source() {
+    let bad = rule(
+        "name = \"a\"\nmatch = { method = \"GET\", path = \"/a\" }\nupstream = \"api\"\nvary = [\"query.q\", \"body.size\"]\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "body.size")],
+        &["vary", "source", "body"],
+    );
+}
+
+#[test]
+fn duplicate_rule_name() {
+    let bad = format!(
+        "{}\n{}",
+        rule("name = \"dup\"\nmatch = { method = \"GET\", path = \"/a\" }\nupstream = \"api\"\n"),
+        rule("name = \"dup\"\nmatch = { method = \"GET\", path = \"/b\" }\nupstream = \"api\"\n"),
+    );
+    let name_line = line_of(&bad, "path = \"/b\"") - 1;
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    // The second definition: its `name` line or its `[[rule]]` header.
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[name_line, name_line - 1],
+        &["duplicate"],
+    );
+}
+
+#[test]
+fn shadowed_rule() {
+    let bad = format!(
+        "{}\n{}",
+        rule("name = \"catch-all\"\nmatch = { method = \"GET\", path = \"/api/*\" }\nupstream = \"api\"\nttl = \"1m\"\n"),
+        rule("name = \"specific\"\nmatch = { method = \"GET\", path = \"/api/vendors/:id\" }\nupstream = \"api\"\nttl = \"1m\"\n"),
+    );
+    let start = line_of(&bad, "name = \"specific\"") - 1;
+    let block: Vec<usize> = (start..=bad.lines().count()).collect();
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    // Anywhere in the shadowed (second) rule.
+    assert_reports(&run, "bad.toml", &block, &["shadowed"]);
+}
+
+#[test]
+fn unknown_normalizer() {
+    let bad = rule(
+        "name = \"a\"\nmatch = { method = \"GET\", path = \"/a\" }\nupstream = \"api\"\nvary = [\"query.q\"]\nnormalize = { \"query.q\" = \"reverse\" }\n",
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "reverse")],
+        &["normalizer", "reverse"],
+    );
+}
+
+#[test]
+fn every_problem_is_reported() {
+    let bad = format!(
+        "{}\n{}",
+        rule("name = \"one\"\nmatch = { method = \"GET\", path = \"/one\" }\nupstream = \"missing-upstream\"\n"),
+        rule("name = \"two\"\nmatch = { method = \"GET\", path = \"/two\" }\nupstream = \"api\"\nttl = \"soon\"\n"),
+    );
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "missing-upstream")],
+        &["upstream", "missing-upstream"],
+    );
+    assert_reports(
+        &run,
+        "bad.toml",
+        &[line_of(&bad, "soon")],
+        &["duration", "soon"],
+    );
+}
+
+#[test]
+fn reported_path_is_the_rules_file() {
+    let bad =
+        rule("name = \"a\"\nmatch = { method = \"GET\", path = \"/a\" }\nupstream = \"nope\"\n");
+    let run = run_check(GATEWAY, &[("bad.toml", &bad)]);
+    let expected = Path::new("rules").join("bad.toml");
+    assert!(
+        run.output.contains(&format!("{}:", expected.display())),
+        "diagnostic should name {}; output:\n{}",
+        expected.display(),
+        run.output
+    );
+}

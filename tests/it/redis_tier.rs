@@ -1,0 +1,312 @@
+//! The shared Redis tier with one `redis-server`: two real gateways share it
+//! and one origin. Every test starts its own Redis on a free loopback port.
+
+use std::time::Duration;
+
+use crate::harness::fixtures;
+use crate::harness::redis::*;
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fill_is_a_hit_on_the_other_instance() {
+    let redis = RedisServer::start();
+    scenario_shared_fill(&redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsafe_request_on_one_instance_invalidates_the_other() {
+    let redis = RedisServer::start();
+    scenario_invalidation(&redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_fill_replaces_the_other_instances_copy() {
+    let redis = RedisServer::start();
+    scenario_refill_replaces_peer_copy(&redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_misses_across_instances_reach_the_origin_once() {
+    let redis = RedisServer::start();
+    scenario_fleet_collapsing(&redis).await;
+}
+
+async fn assert_readyz(gw: &Gateway, name: &str, redis: &str, circuit: &str, subscribed: bool) {
+    let v = readyz(gw).await;
+    assert_eq!(v["ready"], true, "{name} /readyz: {v}");
+    assert_eq!(v["redis"], redis, "{name} /readyz: {v}");
+    assert_eq!(v["circuit"], circuit, "{name} /readyz: {v}");
+    assert_eq!(v["subscribed"], subscribed, "{name} /readyz: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_mid_run_then_restarted() {
+    let mut redis = RedisServer::start();
+    let origin = origin();
+    let prefix = "t-down:";
+    let (a, b) = start_pair(&redis, prefix, &origin).await;
+    let gws = [("A", &a), ("B", &b)];
+    for (name, gw) in gws {
+        // The data connection is made on first use: "connecting" until then.
+        let v = readyz(gw).await;
+        assert!(
+            v["redis"] == "up" || v["redis"] == "connecting",
+            "{name} /readyz: {v}"
+        );
+        assert_eq!(v["circuit"], "closed", "{name} /readyz: {v}");
+        assert_eq!(v["subscribed"], true, "{name} /readyz: {v}");
+    }
+
+    // Before the cut: /r/pre is in A's memory and in Redis.
+    let pre = "/r/pre";
+    let r = a.get(pre).await;
+    assert_stored_miss(&r, "GET /r/pre on A");
+    wait_plain_entry(&redis, prefix, &r.body).await;
+    assert_hit(&a.get(pre).await, "GET /r/pre on A again");
+    assert_readyz(&a, "A", "up", "closed", true).await;
+
+    redis.kill();
+
+    // Everything is still served: new keys through the origin (then from
+    // memory), cached keys from memory.
+    for i in 0..15 {
+        for (name, gw) in gws {
+            let path = format!("/r/down-{i}");
+            let r = gw.get(&path).await;
+            assert_eq!(r.status, 200, "{name} GET {path} with Redis down");
+            assert!(
+                r.cache_status().contains("fwd="),
+                "{name} GET {path}: {}",
+                r.cache_status()
+            );
+            let r = gw.get(&path).await;
+            assert_hit(&r, &format!("{name} GET {path} again with Redis down"));
+        }
+        assert_hit(&a.get(pre).await, "A GET /r/pre with Redis down");
+    }
+    assert_eq!(origin.count(pre), 1, "/r/pre stayed in A's memory");
+    for i in 0..15 {
+        assert_eq!(
+            origin.count(&format!("/r/down-{i}")),
+            2,
+            "one fetch per gateway"
+        );
+    }
+
+    for (name, gw) in gws {
+        gw.wait_metric(
+            "aisle_redis_circuit_open",
+            &[],
+            &format!("== 1 on {name}"),
+            |v| v == 1.0,
+        )
+        .await;
+        gw.wait_metric(
+            "aisle_redis_subscribed",
+            &[],
+            &format!("== 0 on {name}"),
+            |v| v == 0.0,
+        )
+        .await;
+        assert_readyz(gw, name, "down", "open", false).await;
+        assert_eq!(
+            healthz_status(gw).await,
+            200,
+            "{name} /healthz with Redis down"
+        );
+        let errors = gw
+            .metric("aisle_redis_errors_total", &[])
+            .await
+            .unwrap_or(0.0);
+        println!("{name}: aisle_redis_errors_total = {errors} during the outage");
+        assert!(errors >= 3.0, "{name}: redis errors counted: {errors}");
+    }
+
+    // Back on the same port, empty.
+    let cut_over = std::time::Instant::now();
+    redis.restart();
+    for (name, gw) in gws {
+        wait_subscribed(gw, name).await;
+    }
+    // The breaker closes on a successful probe; requests give it the chance.
+    let mut n = 0;
+    for (name, gw) in gws {
+        let v = poll_until(
+            Duration::from_secs(10),
+            &format!("{name} /readyz to say up"),
+            || {
+                n += 1;
+                let path = format!("/r/probe-{name}-{n}");
+                async move {
+                    assert_eq!(gw.get(&path).await.status, 200);
+                    let v = readyz(gw).await;
+                    (v["redis"] == "up").then_some(v)
+                }
+            },
+        )
+        .await;
+        assert_eq!(v["circuit"], "closed", "{name} /readyz: {v}");
+        assert_eq!(v["subscribed"], true, "{name} /readyz: {v}");
+        assert_eq!(gw.metric("aisle_redis_circuit_open", &[]).await, Some(0.0));
+    }
+    println!(
+        "gateways back on Redis {:?} after the restart",
+        cut_over.elapsed()
+    );
+
+    // Resubscribing dropped A's memory tier: /r/pre misses again.
+    let r = a.get(pre).await;
+    assert!(
+        r.cache_status().contains("fwd="),
+        "A GET /r/pre after resubscription: expected a miss, got {:?}",
+        r.cache_status()
+    );
+    assert_eq!(origin.count(pre), 2, "/r/pre was fetched again");
+
+    // Fills are shared again.
+    let after = "/r/after";
+    let r = a.get(after).await;
+    assert_stored_miss(&r, "A GET /r/after");
+    wait_plain_entry(&redis, prefix, &r.body).await;
+    let rb = b.get(after).await;
+    assert_hit(&rb, "B GET /r/after (from redis)");
+    assert_eq!(rb.body, r.body);
+    assert_eq!(origin.count(after), 1);
+
+    // And invalidations reach A again.
+    assert_hit(&a.get(after).await, "A GET /r/after (memory)");
+    let started = std::time::Instant::now();
+    assert_eq!(b.request("POST", after, &[]).await.status, 200);
+    poll_until_miss(
+        &a,
+        after,
+        Duration::from_secs(2),
+        "A to miss /r/after after POST via B",
+    )
+    .await;
+    println!(
+        "invalidation after the restart reached A in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(origin.count(after), 3, "GET, POST, GET");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_at_start() {
+    // A port where nothing listens (bound and released, never used again).
+    let port = free_port();
+    let origin = origin();
+    let section = format!(
+        "\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\nprefix = \"t-nostart:\"\ntimeout = \"{TEST_REDIS_TIMEOUT}\"\n"
+    );
+    let gw = Gateway::start(
+        &gateway_config(&origin.url(), &section),
+        &[("rules.toml", fixtures::SHARED_TIER_RULES)],
+    )
+    .await;
+    assert_eq!(healthz_status(&gw).await, 200);
+
+    for i in 0..5 {
+        let path = format!("/r/cold-{i}");
+        let r = gw.get(&path).await;
+        assert_stored_miss(&r, &format!("GET {path} without Redis"));
+        let r2 = gw.get(&path).await;
+        assert_hit(
+            &r2,
+            &format!("GET {path} again without Redis (memory tier)"),
+        );
+        assert_eq!(r2.body, r.body);
+        assert_eq!(origin.count(&path), 1);
+    }
+    gw.wait_metric("aisle_redis_circuit_open", &[], "== 1", |v| v == 1.0)
+        .await;
+    let v = readyz(&gw).await;
+    assert_eq!(v["ready"], true, "/readyz: {v}");
+    assert_eq!(v["redis"], "down", "/readyz: {v}");
+    assert_eq!(v["subscribed"], false, "/readyz: {v}");
+    assert_eq!(gw.metric("aisle_redis_subscribed", &[]).await, Some(0.0));
+    assert_eq!(healthz_status(&gw).await, 200);
+}
+
+/// Issue 8: the fleet fill lock releases itself. Instance A takes the lock for a key and goes to
+/// an origin that accepts the request, then fails (closes the connection without an answer,
+/// 1 s later). Instance B, asking for the same key meanwhile, waits on A's lock; once A's fill
+/// is gone it must fetch for itself at once, not wait out `lock_timeout` (10 s here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_fill_releases_the_fleet_lock_at_once() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    use tokio::io::AsyncReadExt;
+
+    let redis = RedisServer::start();
+    let failing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let failing_url = format!("http://{}", failing.local_addr().unwrap());
+    let accepted = Gate::new();
+    let failed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    {
+        let (accepted, failed_at) = (accepted.clone(), failed_at.clone());
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = failing.accept().await else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            accepted.open();
+            // A slow origin that then fails: the connection closes with no answer.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            *failed_at.lock().unwrap() = Some(Instant::now());
+            drop(conn);
+        });
+    }
+    let good = origin();
+    let section = format!("{}\n", redis.section("t-filllock:"));
+    let with_lock_timeout = |url: &str| {
+        gateway_config(url, &section).replace(
+            "rules_dir = \"rules\"",
+            "rules_dir = \"rules\"\nlock_timeout = \"10s\"",
+        )
+    };
+    let rules = [("rules.toml", fixtures::SHARED_TIER_RULES)];
+    let (cfg_a, cfg_b) = (
+        with_lock_timeout(&failing_url),
+        with_lock_timeout(&good.url()),
+    );
+    let (a, b) = tokio::join!(
+        Gateway::start(&cfg_a, &rules),
+        Gateway::start(&cfg_b, &rules)
+    );
+    wait_subscribed(&a, "A").await;
+    wait_subscribed(&b, "B").await;
+    let path = "/r/lock-release";
+
+    let first = tokio::spawn({
+        let url = a.url(path);
+        let client = a.client().clone();
+        async move { client.get(url).send().await.map(|r| r.status().as_u16()) }
+    });
+    // A holds the fleet lock once its request reached the origin.
+    tokio::time::timeout(Duration::from_secs(10), accepted.wait())
+        .await
+        .expect("A's request reaches its origin");
+    let r = b.get(path).await;
+    let answered_at = Instant::now();
+    assert_eq!(
+        r.status,
+        200,
+        "B answers from its own origin: {}",
+        r.cache_status()
+    );
+    assert_eq!(good.count(path), 1, "B fetched the key itself");
+    let failed_at = failed_at
+        .lock()
+        .unwrap()
+        .expect("A's origin failed before B fetched");
+    let waited = answered_at.duration_since(failed_at);
+    println!("B answered {waited:?} after A's fill failed (lock_timeout 10 s)");
+    assert!(
+        waited < Duration::from_secs(2),
+        "B waited {waited:?} after A's fill failed: the lock outlived the fill"
+    );
+    let a_status = first.await.unwrap().unwrap_or(0);
+    assert!(a_status >= 500, "A's own request fails: {a_status}");
+}
