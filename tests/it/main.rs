@@ -29,4 +29,5 @@ mod redis_encryption;
 mod redis_tier;
 mod rfc9111;
 mod stale;
+mod structure;
 mod webhooks;
