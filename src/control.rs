@@ -10,7 +10,7 @@ use crate::invalidation::webhook::{map_delivery, Rejection};
 use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
 use crate::metrics::metrics;
 use crate::redis::{Keyspace, Redis};
-use crate::storage::redis::RedisTier;
+
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use pingora::http::ResponseHeader;
@@ -73,22 +73,20 @@ pub struct Replays {
 }
 
 impl Replays {
-    /// Replay ids on the connection `tier` rides on, when Redis is configured.
-    ///
-    /// Panics (at startup, where the gateway is built) if the `webhook:` keyspace overlaps
-    /// another domain's: a bug in Aisle, which `server`'s tests rule out.
-    pub fn new(tier: Option<Arc<RedisTier>>) -> Self {
-        let redis = tier.map(|tier| {
-            let redis = tier.redis().clone();
-            let keys = redis
-                .keyspace("webhook replays", "webhook:")
-                .unwrap_or_else(|e| panic!("{e}"));
-            (redis, keys)
-        });
-        Replays {
+    /// Replay ids on the shared Redis connection, when Redis is configured. Fails (at start)
+    /// if the `webhook:` keyspace overlaps another domain's.
+    pub fn new(redis: Option<Arc<Redis>>) -> Result<Self, String> {
+        let redis = match redis {
+            Some(redis) => {
+                let keys = redis.keyspace("webhook replays", "webhook:")?;
+                Some((redis, keys))
+            }
+            None => None,
+        };
+        Ok(Replays {
             redis,
             local: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// Claims `id`: true the first time, false for a replay.

@@ -5,6 +5,7 @@
 
 use crate::admin::Admin;
 use crate::config::Config;
+use crate::control::Replays;
 use crate::invalidation::audit::Audit;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
@@ -111,7 +112,8 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         audit.clone(),
         config.cache.max_ttl,
     ));
-    let gateway = Gateway::new(config.clone(), parts, invalidator.clone())?;
+    let replays = Replays::new(shared.clone()).map_err(std::io::Error::other)?;
+    let gateway = Gateway::new(config.clone(), parts, invalidator.clone(), replays)?;
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "aisle proxy");
     proxy.add_tcp(&config.listen);
@@ -153,7 +155,6 @@ pub fn run(config: Config) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::config::RedisConfig;
-    use crate::control::Replays;
     use std::time::Duration;
 
     /// Every domain that keeps state in Redis claims its keyspace on one connection without a
@@ -178,7 +179,7 @@ mod tests {
             audit,
         )
         .unwrap();
-        let _replays = Replays::new(Some(tier.clone()));
+        Replays::new(Some(shared.clone())).unwrap();
         // The on-Redis names stay what they were before the keyspaces were registered.
         assert_eq!(tier.entry_key(0xab), format!("aisle:{{{:032x}}}:e", 0xab));
         assert_eq!(tier.channel(), "aisle:inv");

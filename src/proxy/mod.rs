@@ -77,10 +77,11 @@ impl Gateway {
         config: Arc<Config>,
         cache: CacheParts,
         invalidator: Arc<Invalidator>,
+        replays: Replays,
     ) -> std::io::Result<Self> {
         Ok(Gateway {
             peers: Peers::resolve(&config)?,
-            replays: Replays::new(invalidator.redis.clone()),
+            replays,
             invalidator,
             config,
             cache,
