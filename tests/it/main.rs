@@ -16,6 +16,7 @@ mod harness;
 mod admission_parity;
 mod ai_caching;
 mod ai_streaming;
+mod attacks;
 mod caching;
 mod cdn_pipeline;
 mod cdn_providers;

@@ -6,6 +6,7 @@
 
 pub mod cdn;
 pub mod fixtures;
+pub mod hostile;
 pub mod redis;
 
 use std::collections::HashMap;

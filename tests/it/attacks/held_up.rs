@@ -1,0 +1,73 @@
+//! Attacks that held up when issue 9 was filed, kept so they keep holding: request smuggling
+//! through ambiguous framing, and hop-by-hop headers a client nominates. Each sends raw bytes
+//! and checks what the origin received: a smuggled request must never reach it.
+
+use std::time::Duration;
+
+use crate::harness::hostile::framework_origin;
+use crate::harness::*;
+
+const RAW: Duration = Duration::from_secs(10);
+
+async fn gateway(origin: &Origin) -> Gateway {
+    Gateway::start(&config_for(&origin.url()), &[]).await
+}
+
+/// Sends `request` and then a well-formed request on the same connection; returns the paths the
+/// origin saw.
+async fn origin_paths_after(gw: &Gateway, origin: &Origin, request: &str) -> Vec<String> {
+    let _ = tokio::time::timeout(RAW, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(gw.listen()).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+    })
+    .await;
+    // A well-formed request afterwards, so the origin has certainly seen all it was going to.
+    let after = gw.get("/after").await;
+    assert_eq!(after.status, 200, "the gateway still serves");
+    origin.requests().into_iter().map(|r| r.path).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_smuggles_nothing() {
+    let origin = framework_origin();
+    let gw = gateway(&origin).await;
+    let cases = [
+        // Content-Length and Transfer-Encoding together (CL.TE / TE.CL).
+        "POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled-1 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // Two different Content-Length values.
+        "POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nContent-Length: 44\r\nConnection: close\r\n\r\nGET /smuggled-2 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // An obfuscated Transfer-Encoding.
+        "POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: xchunked\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-3 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // Whitespace before the colon.
+        "POST /d HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\nContent-Length: 4\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-4 HTTP/1.1\r\nHost: h\r\n\r\n",
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let paths = origin_paths_after(&gw, &origin, case).await;
+        assert!(
+            !paths.iter().any(|p| p.starts_with("/smuggled")),
+            "case {i}: a smuggled request reached the origin: {paths:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_nominated_hop_by_hop_headers_do_not_reach_the_origin() {
+    let origin = framework_origin();
+    let gw = gateway(&origin).await;
+    let r = raw_request(
+        gw.listen(),
+        b"GET /hop HTTP/1.1\r\nHost: h\r\nConnection: close, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n\r\n",
+        RAW,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let seen = origin.requests_for("/hop");
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].header("x-secret-hop").is_none(),
+        "a header the client listed in Connection is hop-by-hop (RFC 9110 §7.6.1)"
+    );
+}

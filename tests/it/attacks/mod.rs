@@ -1,0 +1,5 @@
+//! The standing attack suite (issue 9): what an attacker tries against the real binary, with an
+//! origin that behaves like common web frameworks (`harness::hostile`). One module per area:
+//! each keeps the cases that once got through as regression tests, and the ones that held up.
+
+mod held_up;
