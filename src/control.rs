@@ -63,9 +63,12 @@ pub fn bearer_ok(headers: &http::HeaderMap, token: Option<&str>) -> bool {
     given.trim().as_bytes().ct_eq(token.as_bytes()).into()
 }
 
-/// Remembers webhook delivery ids (in Redis for the fleet when configured, else locally).
+/// Remembers webhook deliveries for the replay window (24 h), in Redis for the fleet when
+/// configured, else locally. A delivery is remembered by its replay key
+/// ([`crate::invalidation::webhook`]'s `replay_key`: the hex SHA-256 of what its signature
+/// covers), so keys have a fixed size whatever a delivery carries.
 ///
-/// In Redis (the `webhook:` keyspace): `{prefix}webhook:<source>:<delivery id>`, expiring after
+/// In Redis (the `webhook:` keyspace): `{prefix}webhook:<source>:<replay key>`, expiring after
 /// the replay window.
 pub struct Replays {
     redis: Option<(Arc<Redis>, Keyspace)>,
@@ -128,6 +131,15 @@ impl Replays {
     }
 }
 
+/// Counts a delivery in `aisle_webhooks_total`. The `source` label is a configured webhook name
+/// or `unknown`, never the path a client sent: every label value is bounded by configuration.
+fn count_webhook(source: Option<&str>, outcome: &'static str) {
+    metrics()
+        .webhooks
+        .with_label_values(&[source.unwrap_or("unknown"), outcome])
+        .inc()
+}
+
 /// Reads the request body, refusing more than `limit` bytes.
 async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>> {
     let declared = session
@@ -161,23 +173,21 @@ pub async fn webhook(
         .trim_start_matches(WEBHOOK_PREFIX)
         .trim_end_matches('/')
         .to_string();
-    let count = |outcome: &str| {
-        metrics()
-            .webhooks
-            .with_label_values(&[source.as_str(), outcome])
-            .inc()
-    };
     const CS: &str = "aisle; fwd=bypass; detail=webhook";
-    let Some(hook) = config.webhooks.get(&source) else {
-        count("unknown_source");
+    let Some((name, hook)) = config.webhooks.get_key_value(&source) else {
+        count_webhook(None, "unknown_source");
         return respond_json(
             session,
             404,
-            error_json(format!("no webhook source {source:?} is configured")),
+            error_json(format!(
+                "no webhook source {source:?} is configured; deliveries go to /_aisle/webhooks/<name of a [webhooks.<name>] table>"
+            )),
             CS,
         )
         .await;
     };
+    let source = name.as_str();
+    let count = |outcome: &'static str| count_webhook(Some(source), outcome);
     if session.req_header().method != http::Method::POST {
         count("error");
         return respond_json(
@@ -231,28 +241,24 @@ pub async fn webhook(
             .await;
         }
     };
-    let delivery =
-        hook.verifier
-            .delivery_id(&session.req_header().headers, &json, &hook.id_pointer);
-    let claim = delivery.as_ref().map(|d| format!("{source}:{d}"));
-    if let Some(c) = &claim {
-        if !replays.claim(c).await {
-            count("duplicate");
-            return respond_json(
-                session,
-                202,
-                serde_json::json!({"duplicate": true}).to_string(),
-                CS,
-            )
-            .await;
-        }
+    let headers = &session.req_header().headers;
+    let delivery = hook.verifier.delivery_id(headers, &json, &hook.id_pointer);
+    // Replays are recognised by what the signature covers, never by an unsigned header.
+    let claim = format!("{source}:{}", hook.verifier.replay_key(headers, &body));
+    if !replays.claim(&claim).await {
+        count("duplicate");
+        return respond_json(
+            session,
+            202,
+            serde_json::json!({"duplicate": true}).to_string(),
+            CS,
+        )
+        .await;
     }
     let fired = match map_delivery(&hook.maps, &json) {
         Ok(f) => f,
         Err(e) => {
-            if let Some(c) = &claim {
-                replays.release(c).await;
-            }
+            replays.release(&claim).await;
             count("malformed");
             return respond_json(session, 400, error_json(e), CS).await;
         }
@@ -274,9 +280,7 @@ pub async fn webhook(
     let plan = match invalidator.plan(request, &config.rules) {
         Ok(p) => p,
         Err(e) => {
-            if let Some(c) = &claim {
-                replays.release(c).await;
-            }
+            replays.release(&claim).await;
             count("malformed");
             return respond_json(session, 400, error_json(e), CS).await;
         }
@@ -354,5 +358,39 @@ pub async fn purge(
             .await
         }
         Err(e) => respond_json(session, 400, error_json(e), CS).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9 item 13: an unconfigured source is counted as `unknown`, never under the name a
+    /// client put in the path.
+    #[test]
+    fn webhook_counts_are_labelled_with_configured_names_only() {
+        let unknown = || {
+            metrics()
+                .webhooks
+                .with_label_values(&["unknown", "unknown_source"])
+                .get()
+        };
+        let before = unknown();
+        count_webhook(None, "unknown_source");
+        assert!(unknown() > before);
+        let families = prometheus::gather();
+        let webhooks = families
+            .iter()
+            .find(|f| f.name() == "aisle_webhooks_total")
+            .expect("registered");
+        for m in webhooks.get_metric() {
+            for l in m.get_label() {
+                assert!(
+                    l.name() != "source" || l.value() == "unknown",
+                    "unexpected source label {:?}",
+                    l.value()
+                );
+            }
+        }
     }
 }

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub evictions: IntCounter,
+    /// Responses not stored because they carried more tags than an entry may hold.
+    pub too_many_tags: IntCounter,
     pub coalesced: IntCounter,
     pub tier_hits_memory: IntCounter,
     pub tier_hits_redis: IntCounter,
@@ -122,6 +124,11 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| {
         "Entries evicted from the memory tier to stay within its budget"
     )
     .expect("register aisle_cache_evictions_total"),
+    too_many_tags: register_int_counter!(
+        "aisle_too_many_tags_total",
+        "Responses not stored because their rule and origin tags together exceeded 256 (a tag dropped would be a purge that misses the entry)"
+    )
+    .expect("register aisle_too_many_tags_total"),
     coalesced: register_int_counter!(
         "aisle_coalesced_requests_total",
         "Requests that waited for another request's fill of the same key instead of going upstream"

@@ -17,6 +17,7 @@ use crate::key;
 use crate::metrics::metrics;
 use crate::purge::queue::PurgeQueue;
 use crate::purge::PurgeJob;
+use crate::rules::template::{escape_tag, tag_key};
 use crate::rules::RuleSet;
 use crate::storage::epochs::{Epoch, Epochs};
 use crate::storage::redis::{Message, RedisTier};
@@ -62,7 +63,10 @@ pub struct Request {
 
 /// A validated request.
 pub struct Plan {
+    /// Tags as entries carry them ([`tag_key`]).
     tags: Vec<String>,
+    /// The same tags as the CDNs and the audit log are told (see [`tag_forms`]).
+    told: Vec<String>,
     /// (original URL, host, path)
     urls: Vec<(String, String, String)>,
     prefixes: Vec<String>,
@@ -98,8 +102,40 @@ pub struct Invalidator {
     pruned_at: AtomicU64,
 }
 
-fn valid_tag(t: &str) -> bool {
-    !t.is_empty() && t.len() <= 1024 && !t.chars().any(|c| c.is_whitespace() || c.is_control())
+/// The `source` label of `aisle_invalidations_total`: one of a fixed set, whatever the
+/// request's `source` text says (`webhook:<name>` counts as `webhook`).
+fn source_label(source: &str) -> &'static str {
+    match source.split(':').next().unwrap_or("") {
+        "admin" => "admin",
+        "webhook" => "webhook",
+        "purge-method" => "purge-method",
+        "unsafe-request" => "unsafe-request",
+        _ => "other",
+    }
+}
+
+/// Longest tag sent to a CDN: Cloudflare and Fastly take tags of up to 1,024 bytes.
+const CDN_TAG_LEN: usize = 1024;
+
+/// The two forms of a tag someone purges: the key entries carry it under
+/// ([`tag_key`]: escaped, cut to 256 bytes), and what the CDNs and the audit log are told (the
+/// escaped tag, or the key when the escaped tag is too long for a CDN).
+///
+/// Any non-empty text is a tag: a raw value (`vendor-type:wedding planner`, in JSON) and its
+/// rendered form (`vendor-type:wedding%20planner`, in a space-separated `Surrogate-Key`) both
+/// name the entries a rule rendered from `wedding planner`.
+fn tag_forms(t: &str) -> Result<(String, String), String> {
+    if t.is_empty() {
+        return Err("a tag must not be empty".to_string());
+    }
+    let escaped = escape_tag(t);
+    let key = tag_key(&escaped).into_owned();
+    let told = if escaped.len() <= CDN_TAG_LEN {
+        escaped.into_owned()
+    } else {
+        key.clone()
+    };
+    Ok((key, told))
 }
 
 /// `https://Host:8443/a/b?x` -> ("host", "/a/b").
@@ -155,13 +191,15 @@ impl Invalidator {
     /// Checks everything a request names; an error says what is wrong and nothing is applied.
     pub fn plan(&self, req: Request, rules: &RuleSet) -> Result<Plan, String> {
         let mut tags = Vec::new();
+        let mut told = Vec::new();
+        let mut add = |t: &str| -> Result<(), String> {
+            let (key, cdn) = tag_forms(t)?;
+            tags.push(key);
+            told.push(cdn);
+            Ok(())
+        };
         for t in &req.tags {
-            if !valid_tag(t) {
-                return Err(format!(
-                    "tag {t:?} must be 1-1024 printable characters without spaces"
-                ));
-            }
-            tags.push(t.clone());
+            add(t)?;
         }
         let mut cdn = req.cdn == Cdn::Always;
         let mut events = Vec::new();
@@ -172,7 +210,9 @@ impl Invalidator {
                     call.name
                 )
             })?;
-            tags.extend(def.tags(&call.params)?);
+            for t in def.tags(&call.params)? {
+                add(&t)?;
+            }
             cdn |= req.cdn == Cdn::EventsOnly && def.cdn;
             events.push(call.name.clone());
         }
@@ -191,8 +231,11 @@ impl Invalidator {
         }
         tags.sort();
         tags.dedup();
+        told.sort();
+        told.dedup();
         Ok(Plan {
             tags,
+            told,
             urls,
             prefixes,
             events,
@@ -252,7 +295,7 @@ impl Invalidator {
                     .await;
             }
         }
-        let source_label = plan.source.split(':').next().unwrap_or("other").to_string();
+        let source_label = source_label(&plan.source);
         for (kind, n) in [
             ("tag", plan.tags.len()),
             ("url", plan.urls.len()),
@@ -260,7 +303,7 @@ impl Invalidator {
         ] {
             if n > 0 {
                 m.invalidations
-                    .with_label_values(&[source_label.as_str(), kind])
+                    .with_label_values(&[source_label, kind])
                     .inc_by(n as u64);
             }
         }
@@ -269,7 +312,7 @@ impl Invalidator {
                 queue,
                 PurgeJob {
                     id: id.clone(),
-                    tags: plan.tags.clone(),
+                    tags: plan.told.clone(),
                     urls: plan.urls.iter().map(|(u, _, _)| u.clone()).collect(),
                     prefixes: plan.prefixes.clone(),
                     hosts: Vec::new(),
@@ -293,7 +336,7 @@ impl Invalidator {
             at_ms,
             source: plan.source,
             actor: plan.actor,
-            tags: plan.tags,
+            tags: plan.told,
             urls: plan.urls.into_iter().map(|(u, _, _)| u).collect(),
             prefixes: plan.prefixes,
             events: plan.events,
@@ -344,6 +387,39 @@ mod tests {
             ("api.example.com".into(), "/a/b".into())
         );
         assert!(url_parts("/a/b").unwrap_err().contains("absolute"));
-        assert!(valid_tag("vendor:v-1") && !valid_tag("a b") && !valid_tag(""));
+    }
+
+    /// Issue 9 item 13: metric labels come from a fixed set.
+    #[test]
+    fn invalidation_source_labels_are_bounded() {
+        assert_eq!(source_label("webhook:tave"), "webhook");
+        assert_eq!(source_label("admin"), "admin");
+        assert_eq!(source_label("purge-method"), "purge-method");
+        assert_eq!(source_label("unsafe-request"), "unsafe-request");
+        assert_eq!(source_label("anything else:x"), "other");
+    }
+
+    /// Issue 9 item 10: a purge may name a tag by its raw value or its rendered form; both reach
+    /// the key an entry carries. Long tags are cut for entries, and kept whole for CDNs up to
+    /// their 1,024-byte limit.
+    #[test]
+    fn purged_tags_take_the_form_entries_carry() {
+        let (raw, told) = tag_forms("vendor-type:wedding planner").unwrap();
+        assert_eq!(raw, "vendor-type:wedding%20planner");
+        assert_eq!(told, raw);
+        assert_eq!(
+            tag_forms("vendor-type:wedding%20planner").unwrap().0,
+            raw,
+            "the rendered form, as a space-separated Surrogate-Key names it"
+        );
+        assert_eq!(tag_forms("vendor:v-1").unwrap().0, "vendor:v-1");
+        assert!(tag_forms("").unwrap_err().contains("empty"));
+        let mid = format!("t:{}", "x".repeat(500));
+        let (key, told) = tag_forms(&mid).unwrap();
+        assert_eq!(key.len(), crate::rules::template::MAX_TAG_LEN);
+        assert_eq!(told, mid, "the CDN is told the tag the origin sent it");
+        let huge = format!("t:{}", "x".repeat(5000));
+        let (key, told) = tag_forms(&huge).unwrap();
+        assert_eq!(told, key, "too long for any CDN: the cut form");
     }
 }

@@ -146,7 +146,39 @@ impl Verifier {
         }
     }
 
-    /// The delivery id used to drop replays.
+    /// What a delivery is remembered by to drop replays: a digest of what its signature covers,
+    /// so nothing an attacker can change without the secret makes a replay look new.
+    ///
+    /// - GitHub and `hmac-sha256` sign the body only: the digest of the body. Their delivery
+    ///   headers (`X-GitHub-Delivery`) are not signed and play no part.
+    /// - Stripe signs `"<t>.<body>"`: the digest of the body. The timestamp is left out because
+    ///   Stripe's retries re-sign the same event with a new one; a replay within the tolerance
+    ///   has the same body.
+    /// - Standard Webhooks signs `"<id>.<ts>.<body>"`: the digest of the id and the body (the
+    ///   id is the scheme's idempotency key; its retries keep it and re-sign with a new
+    ///   timestamp).
+    ///
+    /// So a vendor that sends two byte-identical bodies within the replay window (24 h) has the
+    /// second dropped: deliveries should carry an event id or a timestamp in the body, as the
+    /// vendors' own payloads do. Call only after [`Verifier::verify`] accepted the delivery.
+    pub(crate) fn replay_key(&self, headers: &http::HeaderMap, body: &[u8]) -> String {
+        use sha2::Digest;
+        let mut d = Sha256::new();
+        match &self.scheme {
+            Scheme::StandardWebhooks => {
+                let id = headers.get("webhook-id").map_or(&b""[..], |v| v.as_bytes());
+                d.update(b"standard-webhooks\0");
+                d.update((id.len() as u64).to_be_bytes());
+                d.update(id);
+            }
+            Scheme::Github | Scheme::HmacSha256 { .. } | Scheme::Stripe => d.update(b"body\0"),
+        }
+        d.update(body);
+        hex::encode(d.finalize())
+    }
+
+    /// The delivery's id as the vendor names it, for the audit log (`actor`): not used to drop
+    /// replays (see [`Verifier::replay_key`]), since some schemes do not sign it.
     pub(crate) fn delivery_id(
         &self,
         headers: &http::HeaderMap,
@@ -358,6 +390,68 @@ mod tests {
         );
         assert!(Scheme::parse("hmac-sha256", None).is_err());
         assert!(Scheme::parse("md5", None).is_err());
+    }
+
+    /// Issue 9 item 11: a replay is recognised by what is signed. A GitHub body replayed with
+    /// a new (unsigned) `X-GitHub-Delivery` is the same delivery; a plain HMAC delivery without
+    /// any id is recognised too; a Standard Webhooks id is part of the key because it is signed.
+    #[test]
+    fn replays_are_keyed_on_the_signed_content() {
+        let gh = Verifier::new(Scheme::Github, "s3cret", TOL).unwrap();
+        let sig = format!("sha256={}", hmac_hex(b"s3cret", &[BODY]));
+        let first = headers(&[
+            ("x-hub-signature-256", sig.clone()),
+            ("x-github-delivery", "d-1".into()),
+        ]);
+        let replay = headers(&[
+            ("x-hub-signature-256", sig),
+            ("x-github-delivery", "d-2".into()),
+        ]);
+        assert_eq!(gh.verify(&replay, BODY, NOW), Ok(()), "the replay verifies");
+        assert_eq!(gh.replay_key(&first, BODY), gh.replay_key(&replay, BODY));
+        let other = br#"{"event":"availability_changed","data":{"vendor_id":"v8"}}"#;
+        assert_ne!(gh.replay_key(&first, BODY), gh.replay_key(&first, other));
+        assert_eq!(gh.replay_key(&first, BODY).len(), 64, "a fixed-size key");
+
+        let plain = Verifier::new(
+            Scheme::parse("hmac-sha256", Some("X-Sig")).unwrap(),
+            "k",
+            TOL,
+        )
+        .unwrap();
+        let none = headers(&[]);
+        assert_eq!(plain.replay_key(&none, BODY), plain.replay_key(&none, BODY));
+
+        let stripe = Verifier::new(Scheme::Stripe, "whsec_x", TOL).unwrap();
+        let at = |t: i64| {
+            let sig = hmac_hex(b"whsec_x", &[t.to_string().as_bytes(), b".", BODY]);
+            headers(&[("stripe-signature", format!("t={t},v1={sig}"))])
+        };
+        assert_eq!(
+            stripe.replay_key(&at(NOW), BODY),
+            stripe.replay_key(&at(NOW - 30), BODY),
+            "a re-signed retry of the same event is the same delivery"
+        );
+
+        let sw = Verifier::new(
+            Scheme::StandardWebhooks,
+            &format!(
+                "whsec_{}",
+                base64::engine::general_purpose::STANDARD.encode(b"key")
+            ),
+            TOL,
+        )
+        .unwrap();
+        let with_id = |id: &str| headers(&[("webhook-id", id.to_string())]);
+        assert_eq!(
+            sw.replay_key(&with_id("msg_1"), BODY),
+            sw.replay_key(&with_id("msg_1"), BODY)
+        );
+        assert_ne!(
+            sw.replay_key(&with_id("msg_1"), BODY),
+            sw.replay_key(&with_id("msg_2"), BODY),
+            "a signed id tells two messages apart"
+        );
     }
 
     #[test]

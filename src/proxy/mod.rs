@@ -353,12 +353,23 @@ impl ProxyHttp for Gateway {
             meta.expire_at(SystemTime::now() + ttl);
         }
         let host = host_of(req);
-        let mut tags = rule.render_tags(&ctx.view(req, host));
-        tags.extend(ctx.upstream.tags.iter().cloned());
+        let rendered = rule.render_tags(&ctx.view(req, host));
+        let tags = match EntryInfo::tags_from(rendered, &ctx.upstream.tags) {
+            Ok(tags) => tags,
+            Err(too_many) => {
+                // A tag dropped would be a purge that misses the entry: not stored instead.
+                tracing::warn!(rule = %rule.name, tags = too_many.0, "not stored: more tags than an entry may carry");
+                metrics().too_many_tags.inc();
+                ctx.cache.fill_lock = None;
+                return Ok(RespCacheable::Uncacheable(
+                    pingora::cache::NoCacheReason::Custom("too-many-tags"),
+                ));
+            }
+        };
         Arc::new(EntryInfo {
             uri: ctx.route().uri,
             host_path: format!("{host}{}", req.uri.path()).into_boxed_str(),
-            tags: tags.into_iter().map(String::into_boxed_str).collect(),
+            tags,
             encrypt: rule.encrypt,
             rule: Arc::from(&*rule.name),
             tokens_at: rule

@@ -13,7 +13,7 @@
 //! It lives with the rules (not in `invalidation/`) because it is compiled from rules files and
 //! is pure: `invalidation` reads the compiled [`EventDef`]s from the [`super::RuleSet`].
 
-use super::template::{split, Piece};
+use super::template::{escape_tag, split, Piece};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -47,14 +47,14 @@ impl ParamTemplate {
             match p {
                 Piece::Text(t) => out.push_str(t),
                 Piece::Hole(name) => match params.get(&**name) {
-                    Some(Value::String(s)) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
-                        out.push_str(s)
-                    }
+                    // Spaces and the like are escaped in the tag (`tag_key`), as when a rule
+                    // renders the same value from a request.
+                    Some(Value::String(s)) if !s.is_empty() => out.push_str(s),
                     Some(Value::Number(n)) => out.push_str(&n.to_string()),
                     Some(Value::Bool(b)) => out.push_str(if *b { "true" } else { "false" }),
                     Some(other) => {
                         return Err(format!(
-                            "parameter {name:?} of {:?} must be a string without spaces or a number, not {other}",
+                            "parameter {name:?} of {:?} must be a non-empty string, a number or a boolean, not {other}",
                             self.source
                         ))
                     }
@@ -80,12 +80,15 @@ pub struct EventDef {
 }
 
 impl EventDef {
-    /// The tags this event invalidates with these parameters.
+    /// The tags this event invalidates with these parameters, escaped
+    /// ([`super::template::escape_tag`]) as rules render request values; the invalidator cuts
+    /// long ones to the form entries carry.
     pub(crate) fn tags(&self, params: &BTreeMap<String, Value>) -> Result<Vec<String>, String> {
         self.invalidates
             .iter()
             .map(|t| {
                 t.render(params)
+                    .map(|tag| escape_tag(&tag).into_owned())
                     .map_err(|e| format!("event {:?}: {e}", self.name))
             })
             .collect()
@@ -124,7 +127,13 @@ mod tests {
             .tags(&params(json!({})))
             .unwrap_err()
             .contains("\"vendorId\" is missing"));
-        assert!(ev.tags(&params(json!({"vendorId": "a b"}))).is_err());
+        assert_eq!(
+            ev.tags(&params(json!({"vendorId": "wedding planner"})))
+                .unwrap()[1],
+            "vendor:wedding%20planner",
+            "a value with a space renders escaped, as a rule renders it from a request"
+        );
+        assert!(ev.tags(&params(json!({"vendorId": ""}))).is_err());
         assert!(ev.tags(&params(json!({"vendorId": {"x": 1}}))).is_err());
     }
 

@@ -110,19 +110,28 @@ pub struct Rule {
 
 impl Rule {
     /// Renders the entry's tags: the `tags` templates (vary values normalized as in the key) and
-    /// the `invalidate_on` event names.
+    /// the `invalidate_on` event names, each in its canonical form ([`template::tag_key`]:
+    /// escaped, at most [`template::MAX_TAG_LEN`] bytes), as purges name them.
     pub fn render_tags(&self, req: &RequestView<'_>) -> Vec<String> {
         let mut out = Vec::with_capacity(self.tags.len() + self.invalidate_on.len());
         for t in &self.tags {
-            out.push(t.render(|src| {
+            let rendered = t.render(|src| {
                 match self.vary.iter().find(|v| &v.source == src) {
                     Some(field) => field.value(req),
                     None => src.extract(req),
                 }
                 .map(|c| Cow::Owned(c.into_owned()))
-            }));
+            });
+            out.push(match template::tag_key(&rendered) {
+                Cow::Borrowed(_) => rendered,
+                Cow::Owned(key) => key,
+            });
         }
-        out.extend(self.invalidate_on.iter().map(|e| e.to_string()));
+        out.extend(
+            self.invalidate_on
+                .iter()
+                .map(|e| template::tag_key(e).into_owned()),
+        );
         out
     }
 
@@ -200,6 +209,48 @@ invalidate_on = ["vendor_update"]
         assert_eq!(
             rule.render_tags(&req),
             vec!["market:nyc", "raw:X", "vendor_update"]
+        );
+    }
+
+    /// Issue 9 item 10: a tag rendered from a request value with spaces, commas or non-ASCII is
+    /// escaped (so it can be named in a space-separated purge), and a huge value is cut.
+    #[test]
+    fn tags_render_escaped_and_capped() {
+        let set = compile_one(
+            r#"
+[[rule]]
+name = "s"
+match = { path = "/s" }
+vary = ["query.vendorType"]
+tags = ["vendor-type:{query.vendorType}", "city:{query.city}", "big:{query.big}"]
+"#,
+        )
+        .unwrap();
+        let rule = &set.rules()[0];
+        let headers = http::HeaderMap::new();
+        let params = PathParams::default();
+        let big = "x".repeat(100_000);
+        let query = format!("vendorType=wedding%20planner&city=Z%C3%BCrich,CH&big={big}");
+        let req = RequestView {
+            path: "/s",
+            query: Some(&query),
+            headers: &headers,
+            params: &params,
+            body: None,
+        };
+        let tags = rule.render_tags(&req);
+        assert_eq!(tags[0], "vendor-type:wedding%20planner");
+        assert_eq!(tags[1], "city:Z%C3%BCrich%2CCH");
+        assert_eq!(tags[2].len(), template::MAX_TAG_LEN);
+        assert_eq!(
+            tags[2],
+            template::tag_key(&format!("big:{big}")),
+            "a purge naming the whole value finds the cut tag"
+        );
+        assert_eq!(
+            tags[0],
+            template::tag_key("vendor-type:wedding planner"),
+            "and one naming the raw value finds the escaped one"
         );
     }
 }

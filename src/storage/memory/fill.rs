@@ -5,7 +5,7 @@
 //! count read once from the complete body. Dropped without `finish` (a broken upstream stream),
 //! nothing is stored and the readers are told.
 
-use super::{clock_ms, header_weight, Entry, MemoryStorage, StoredMeta, ENTRY_OVERHEAD};
+use super::{clock_ms, entry_weight, Entry, MemoryStorage, StoredMeta};
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -93,8 +93,8 @@ impl HandleMiss for MemoryMiss {
             }
         };
         let meta = self.partial.meta.clone();
-        let weight = body.len() + header_weight(&meta.header) + ENTRY_OVERHEAD;
         let info = self.partial.info.completed(&body);
+        let weight = entry_weight(body.len(), &meta, &info, &self.compact);
         self.finished = true;
         self.storage.insert(
             self.id,

@@ -33,14 +33,24 @@ use pingora::http::ResponseHeader;
 use pingora::Result;
 use std::any::Any;
 use std::collections::HashMap;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::sync::watch;
 
 const SHARDS: usize = 16;
-/// Bytes charged per entry on top of its body and headers (key, map slot, bookkeeping).
-pub(super) const ENTRY_OVERHEAD: usize = 256;
+/// Bytes every entry costs beyond its body, header, facts and key: the entry and its reference
+/// counts, its map slot (twice, for the map's spare capacity), its place in the URI index, and
+/// the LRU's node (lookup slot, boxed node with a copy of the compact key, list link).
+const ENTRY_OVERHEAD: usize = size_of::<Entry>()
+    + 2 * size_of::<usize>()
+    + 2 * size_of::<(u128, Arc<Entry>)>()
+    + 2 * (size_of::<(u64, Vec<u128>)>() + size_of::<u128>())
+    + 2 * size_of::<(u64, usize)>()
+    + size_of::<CompactCacheKey>()
+    + 4 * size_of::<usize>()
+    + 3 * size_of::<usize>();
 /// A hit moves its entry up the LRU at most this often (milliseconds).
 const LRU_INTERVAL_MS: u64 = 1000;
 
@@ -245,8 +255,8 @@ impl MemoryStorage {
     /// no longer fits) as a fill would.
     pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: Arc<EntryInfo>) {
         let stored = StoredMeta::from_meta(meta);
-        let weight = body.len() + header_weight(&stored.header) + ENTRY_OVERHEAD;
         let compact = key.to_compact();
+        let weight = entry_weight(body.len(), &stored, &info, &compact);
         let id = id(key.combined_bin());
         self.insert(
             id,
@@ -333,12 +343,34 @@ impl MemoryStorage {
     }
 }
 
-pub(super) fn header_weight(h: &ResponseHeader) -> usize {
+/// Bytes a stored response header holds on the heap: each field's name and value, its bucket
+/// and index slot in the `HeaderMap` (twice, for the map's spare capacity), and the reason phrase.
+fn header_weight(h: &ResponseHeader) -> usize {
+    const FIELD: usize = 2 * (size_of::<http::HeaderName>() + size_of::<http::HeaderValue>() + 32);
     h.headers
         .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .map(|(k, v)| k.as_str().len() + v.len() + FIELD)
         .sum::<usize>()
-        + 32
+        + h.get_reason_phrase().map_or(0, str::len)
+}
+
+/// Bytes of a compact key beyond its struct (counted in the entry): its variance and user tag.
+fn key_weight(key: &CompactCacheKey) -> usize {
+    let variance = key.variance.as_ref().map_or(0, |_| size_of::<HashBinary>());
+    // The LRU holds a second copy of the key.
+    2 * (variance + key.user_tag.len())
+}
+
+/// The eviction weight of an entry: every byte it holds, so that `cache.memory` bounds what the
+/// memory tier really uses (issue 9 item 12): the body, the stored header, the entry's facts
+/// (`host_path`, tags, rule name: [`EntryInfo::size`]), its key and its bookkeeping.
+pub(super) fn entry_weight(
+    body: usize,
+    meta: &StoredMeta,
+    info: &EntryInfo,
+    key: &CompactCacheKey,
+) -> usize {
+    body + header_weight(&meta.header) + info.size() + key_weight(key) + ENTRY_OVERHEAD
 }
 
 #[async_trait]
@@ -632,6 +664,48 @@ mod tests {
         assert!(
             STORE.lookup(&key, &span).await.unwrap().is_none(),
             "nothing stored"
+        );
+    }
+
+    /// Issue 9 item 12: an entry is charged for every byte it holds, its tags and `host_path`
+    /// included, not only its body and header.
+    #[tokio::test]
+    async fn the_weight_counts_tags_host_path_and_key() {
+        let now = SystemTime::now();
+        let h = ResponseHeader::build(200, None).unwrap();
+        let mut m = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
+        let tag_bytes = 64 * crate::rules::template::MAX_TAG_LEN;
+        Arc::new(EntryInfo {
+            uri: 77,
+            host_path: format!("h/{}", "p".repeat(20_000)).into(),
+            tags: (0..64)
+                .map(|i| format!("{i:03}{}", "t".repeat(253)).into_boxed_str())
+                .collect(),
+            rule: Arc::from("weight-rule"),
+            ..EntryInfo::default()
+        })
+        .attach(&mut m);
+        fill(&CacheKey::new("k-weight", ""), &["body"], &m).await;
+        let charged = STORE.bytes_by_rule()["weight-rule"] as usize;
+        assert!(
+            charged >= 4 + 20_000 + tag_bytes + size_of::<Entry>(),
+            "charged {charged} bytes for an entry holding more than {}",
+            20_000 + tag_bytes
+        );
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-weight", "");
+        STORE
+            .purge(
+                PurgeTarget::Active(&key.to_compact()),
+                PurgeType::Invalidation,
+                &span,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            STORE.bytes_by_rule()["weight-rule"],
+            0,
+            "and released on removal"
         );
     }
 

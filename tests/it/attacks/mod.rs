@@ -2,4 +2,5 @@
 //! origin that behaves like common web frameworks (`harness::hostile`). One module per area:
 //! each keeps the cases that once got through as regression tests, and the ones that held up.
 
+mod exhaustion;
 mod held_up;

@@ -257,6 +257,27 @@ tags = ["venue:{path.id}"]
 "#,
 );
 
+/// `attacks::exhaustion`: the vendor search (tagged `vendor-type:{query.vendorType}`), an event
+/// purging that tag by parameter, and `/t/*` tagged three times with the request's `query.v`;
+/// the availability event, for the webhooks the same gateway configures.
+pub const EXHAUSTION_RULES: &str = concat!(
+    availability_event!(),
+    vendor_search_rule!(),
+    market_table!(),
+    r#"
+[[event]]
+name = "vendor_type_changed"
+invalidates = ["vendor-type:{type}"]
+
+[[rule]]
+name = "tagged"
+match = { method = "GET", path = "/t/*" }
+upstream = "api"
+ttl = "10m"
+tags = ["a:{query.v}", "b:{query.v}", "c:{query.v}"]
+"#,
+);
+
 /// `redis_encryption`: `/s/*` stored encrypted in Redis, `/p/*` in the clear.
 pub const ENCRYPTION_RULES: &str = r#"
 [[rule]]
