@@ -4,25 +4,30 @@
 //! prediction is made by the very code that serves and the two cannot drift apart. The steps
 //! follow the request:
 //!
-//! 1. [`route`]: the host as keyed, the matched rule with its path parameters, the URI identity.
+//! 0. [`host`]: the request's host, checked and normalized ([`key::normalize_host`]); a
+//!    malformed `Host` is answered 400 by the caller and goes nowhere.
+//! 1. [`route`]: the matched rule with its path parameters, the URI identity.
 //! 2. [`body_plan`]: for rules that key on the JSON body, whether to read it and how much; what
 //!    cannot be keyed (not JSON, too large, length unknown) is refused before reading.
 //! 3. [`parse_body`]: what counts as a keyable body.
 //! 4. [`admit`]: the rule's `cache` switch, the method, the body, the request's directives, and
 //!    the per-request lifetime (`Aisle-Cache-TTL`) and key namespace (`Aisle-Cache-Namespace`),
 //!    giving either a [`Bypass`] (its `Cache-Status` detail) or the [`Terms`] of caching.
+//!    Then [`Admission::unless_unkeyable`]: a request whose keyed values the origin could read
+//!    differently from the key ([`keyable`]: repeated, or not UTF-8) bypasses after all.
 //! 5. [`cache_key`]: the key, built by [`crate::key`] from the route and terms.
 //!
 //! Reading the body itself is the caller's job (the proxy reads the socket, replay the trace);
 //! everything decided about it is decided here.
 
-use crate::key::{self, KeyInput};
+use crate::key::{self, BadHost, KeyInput};
 use crate::policy::RequestDirectives;
 use crate::rules::path::PathParams;
-use crate::rules::source::RequestView;
+use crate::rules::source::{RequestView, Unkeyable};
 use crate::rules::{Rule, RuleSet};
 use http::{HeaderMap, Method};
 use pingora::cache::CacheKey;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,30 +44,27 @@ pub struct Route {
     pub uri: u64,
 }
 
-/// The host rules match and keys contain: the `Host` header (else the request target's
-/// authority, `uri_host`) without its port, so instances of a fleet listening on different ports
-/// share keys.
-pub fn host<'a>(headers: &'a HeaderMap, uri_host: Option<&'a str>) -> &'a str {
-    let host = headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or(uri_host)
-        .unwrap_or("");
-    strip_port(host)
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // An IPv6 literal: keep the brackets, drop what follows them.
-        return match rest.find(']') {
-            Some(end) => &host[..end + 2],
-            None => host,
-        };
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+/// Step 0: the host rules match, keys and URI identities contain, and the upstream receives:
+/// the `Host` header (else the request target's authority, `uri_authority`, as HTTP/2 sends it)
+/// normalized by [`key::normalize_host`] (lowercase, no trailing dot, no port). The port is
+/// checked, then dropped: instances of a fleet listening on different ports share keys, and the
+/// gateway forwards this same value as `Host`, so an origin never answers for a port (or a
+/// spelling) the key does not name. An error is a `400 Bad Request`.
+pub fn host<'a>(
+    headers: &'a HeaderMap,
+    uri_authority: Option<&'a str>,
+) -> Result<Cow<'a, str>, BadHost> {
+    let text = match headers.get(http::header::HOST) {
+        Some(h) => h.as_bytes(),
+        None => uri_authority.ok_or(BadHost::Missing)?.as_bytes(),
+    };
+    key::normalize_host(text)
 }
 
 /// Step 1: the matching rule (or the default route). `None`: nothing can serve the request.
+/// `host` comes from [`host`]; `path` is normalized ([`key::normalize_path`]) by the caller, once,
+/// since the path parameters are positions in it and the key reads them from the same text (a
+/// target that is not UTF-8 cannot be rewritten; it reaches here as U+FFFD and bypasses).
 pub fn route(rules: &RuleSet, method: &Method, host: &str, path: &str) -> Option<Route> {
     let m = rules.find(method, host, path)?;
     Some(Route {
@@ -87,6 +89,12 @@ pub enum Bypass {
     BodyTooLarge,
     /// A body-keyed rule, and the body's length is not known before reading it (chunked).
     BodyLengthUnknown,
+    /// A keyed query parameter or cookie is given more than once: origins differ on which one
+    /// counts, so no key can be right for all of them.
+    RepeatedParam,
+    /// A keyed value (or the request target) is not UTF-8 once percent-decoded: decoding it
+    /// lossily would give different requests one key.
+    BadEncoding,
 }
 
 impl Bypass {
@@ -97,6 +105,8 @@ impl Bypass {
             Bypass::NotJson => Some("not-json"),
             Bypass::BodyTooLarge => Some("body-too-large"),
             Bypass::BodyLengthUnknown => Some("body-length-unknown"),
+            Bypass::RepeatedParam => Some("repeated-param"),
+            Bypass::BadEncoding => Some("bad-encoding"),
         }
     }
 
@@ -112,6 +122,12 @@ impl Bypass {
             }
             Bypass::BodyLengthUnknown => {
                 format!("rule {rule:?}: body of unknown length (chunked)")
+            }
+            Bypass::RepeatedParam => {
+                format!("rule {rule:?}: a keyed query parameter or cookie is repeated")
+            }
+            Bypass::BadEncoding => {
+                format!("rule {rule:?}: a keyed value is not UTF-8 once decoded")
             }
         }
     }
@@ -218,6 +234,39 @@ pub fn admit(
     })
 }
 
+impl Admission {
+    /// Step 4, last: an admitted request whose keyed values are not [`keyable`] bypasses after
+    /// all (its reason is the `Cache-Status` detail).
+    pub fn unless_unkeyable(self, rule: &Rule, view: &RequestView<'_>) -> Admission {
+        match self {
+            Admission::Cache(_) => match keyable(rule, view) {
+                Ok(()) => self,
+                Err(reason) => Admission::Bypass(reason),
+            },
+            bypass => bypass,
+        }
+    }
+}
+
+/// Whether the key can name what the origin will answer for: every keyed value reads one way
+/// only ([`crate::rules::source::Source::keyed`]), and the target was UTF-8 (a target that is
+/// not reaches the rules as U+FFFD, which would fold different targets into one key).
+pub fn keyable(rule: &Rule, view: &RequestView<'_>) -> Result<(), Bypass> {
+    let lossy = |s: &str| s.contains(char::REPLACEMENT_CHARACTER);
+    if lossy(view.path) || view.query.is_some_and(lossy) {
+        return Err(Bypass::BadEncoding);
+    }
+    for field in &rule.vary {
+        if let Err(e) = field.source.keyed(view) {
+            return Err(match e {
+                Unkeyable::Repeated => Bypass::RepeatedParam,
+                Unkeyable::BadEncoding => Bypass::BadEncoding,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// `Aisle-Cache-TTL: 5m` (or a number of seconds): a shorter lifetime for this entry.
 fn request_ttl(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get("aisle-cache-ttl")?.to_str().ok()?;
@@ -311,12 +360,121 @@ match = { path = "/get" }
     }
 
     #[test]
-    fn hosts_without_ports() {
-        assert_eq!(strip_port("api.example.com:8080"), "api.example.com");
-        assert_eq!(strip_port("api.example.com"), "api.example.com");
-        assert_eq!(strip_port("[::1]:8080"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
-        assert_eq!(strip_port("["), "[");
+    fn hosts_are_checked_and_normalized() {
+        let host_of = |h: &[u8]| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                http::header::HOST,
+                http::HeaderValue::from_bytes(h).unwrap(),
+            );
+            host(&headers, None).map(Cow::into_owned)
+        };
+        assert_eq!(host_of(b"api.example.com:8080").unwrap(), "api.example.com");
+        assert_eq!(host_of(b"API.Example.com").unwrap(), "api.example.com");
+        assert_eq!(host_of(b"private.test.").unwrap(), "private.test");
+        assert_eq!(host_of(b"private.test.:80").unwrap(), "private.test");
+        assert_eq!(host_of(b"[::1]:8080").unwrap(), "[::1]");
+        assert_eq!(host_of(b"[0:0::1]").unwrap(), "[::1]");
+        assert_eq!(host_of(b"localhost:").unwrap(), "localhost");
+        // Malformed: never a key, a rule match or an upstream Host.
+        assert_eq!(host_of(b"["), Err(BadHost::Ipv6));
+        assert_eq!(host_of(b"[::1"), Err(BadHost::Ipv6));
+        assert_eq!(host_of(b"[::1]x"), Err(BadHost::Ipv6));
+        assert_eq!(host_of(b"[nope]"), Err(BadHost::Ipv6));
+        assert_eq!(host_of(b"localhost:x"), Err(BadHost::Port));
+        assert_eq!(host_of(b"localhost:\"><script>"), Err(BadHost::Port));
+        assert_eq!(host_of(b"localhost:65536"), Err(BadHost::Port));
+        assert_eq!(host_of(b"localhost:0"), Err(BadHost::Port));
+        assert_eq!(host_of(b"a<b"), Err(BadHost::Name));
+        assert_eq!(host_of(b"a..b"), Err(BadHost::Name));
+        assert_eq!(host_of(b"\xc3\xa9.test"), Err(BadHost::Name));
+        assert_eq!(host_of(b""), Err(BadHost::Empty));
+        assert_eq!(host_of(b"."), Err(BadHost::Empty));
+        assert_eq!(host(&HeaderMap::new(), None), Err(BadHost::Missing));
+        // HTTP/2: the authority of the target.
+        assert_eq!(
+            host(&HeaderMap::new(), Some("H.test:443")).unwrap(),
+            "h.test"
+        );
+    }
+
+    #[test]
+    fn ambiguous_keyed_values_bypass() {
+        let set = compile(
+            &[(
+                Path::new("r.toml"),
+                r#"
+[[rule]]
+name = "s"
+match = { path = "/s/:id" }
+vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
+"#,
+            )],
+            &Context {
+                upstreams: &["api".to_string()],
+                default_upstream: Some(0),
+                encryption: false,
+            },
+        )
+        .unwrap();
+        let check = |path: &str, query: &str, h: &[(&str, &[u8])]| {
+            let mut headers = HeaderMap::new();
+            for (k, v) in h {
+                headers.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            let m = set.find(&Method::GET, "h", path).unwrap();
+            let view = RequestView {
+                path,
+                query: Some(query),
+                headers: &headers,
+                params: &m.params,
+                body: None,
+            };
+            let admitted = admit(m.rule, &Method::GET, &headers, Ok(()));
+            match admitted.unless_unkeyable(m.rule, &view) {
+                Admission::Cache(_) => None,
+                Admission::Bypass(reason) => Some(reason),
+            }
+        };
+        assert_eq!(check("/s/1", "location=Paris", &[]), None);
+        assert_eq!(
+            check("/s/1", "location=Paris&location=Boston", &[]),
+            Some(Bypass::RepeatedParam)
+        );
+        assert_eq!(check("/s/1", "location=Paris,Boston", &[]), None);
+        // An unkeyed parameter may repeat.
+        assert_eq!(check("/s/1", "utm=a&utm=b", &[]), None);
+        assert_eq!(
+            check("/s/1", "location=%FF", &[]),
+            Some(Bypass::BadEncoding)
+        );
+        assert_eq!(check("/s/%FE", "", &[]), Some(Bypass::BadEncoding));
+        assert_eq!(check("/s/\u{FFFD}", "", &[]), Some(Bypass::BadEncoding));
+        assert_eq!(
+            check("/s/1", "", &[("x-tenant", b"\xff")]),
+            Some(Bypass::BadEncoding)
+        );
+        assert_eq!(
+            check("/s/1", "", &[("x-tenant", b"a"), ("x-tenant", b"b")]),
+            None
+        );
+        assert_eq!(
+            check("/s/1", "", &[("cookie", b"session=a; session=b")]),
+            Some(Bypass::RepeatedParam)
+        );
+        assert_eq!(
+            check(
+                "/s/1",
+                "",
+                &[("cookie", b"session=a"), ("cookie", b"session=b")]
+            ),
+            Some(Bypass::RepeatedParam)
+        );
+        assert_eq!(Bypass::RepeatedParam.detail(), Some("repeated-param"));
+        assert_eq!(Bypass::BadEncoding.detail(), Some("bad-encoding"));
     }
 
     #[test]

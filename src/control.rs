@@ -327,8 +327,17 @@ pub async fn purge(
         .map(|v| v.split_whitespace().map(str::to_string).collect())
         .unwrap_or_default();
     let urls = if tags.is_empty() {
-        let host = header("host").or_else(|| req.uri.host()).unwrap_or("");
-        vec![format!("http://{host}{}", req.uri.path())]
+        // The host and path as the entries were keyed: normalized (the proxy has already put
+        // `Host` in normal form; checking again keeps this independent of that order).
+        let authority = req.uri.authority().map(|a| a.as_str());
+        let host = match crate::admission::host(&req.headers, authority) {
+            Ok(host) => host,
+            Err(bad) => return respond_json(session, 400, error_json(bad), CS).await,
+        };
+        vec![format!(
+            "http://{host}{}",
+            crate::key::normalize_path(req.uri.path())
+        )]
     } else {
         Vec::new()
     };

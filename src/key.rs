@@ -1,9 +1,16 @@
-//! Cache keys: the one place a key gets built.
+//! Cache keys: the one place a key gets built, and the request identity keys share with purges.
 //!
 //! A key is scheme, host, method, route (rule name and path) and the rule's vary values, each
 //! component length-prefixed so that no two different requests can frame to the same bytes
 //! (a path-only key was a cross-tenant poisoning CVE in pingora). The default route, which has
 //! no vary list, keys on the full query string instead: RFC 9111's key is the URI.
+//!
+//! Identity is normalized once, here, and every consumer uses the same functions: the host
+//! ([`normalize_host`]: lowercase, no trailing dot, no port) and the path ([`normalize_path`]:
+//! RFC 3986 §6.2.2, case kept) go into the key, the URI identity ([`uri_id`]) that URL purges,
+//! `PURGE` and RFC 9111 §4.4 invalidation look up, and the `host/path` prefix purges compare
+//! ([`host_path`], [`normalize_prefix`]). The gateway forwards the same normalized host and path
+//! upstream, so the origin answers for exactly what the key names.
 //!
 //! The primary bytes are hashed once here (BLAKE3) and handed to pingora as an override, so later
 //! phases reuse the hash instead of rehashing the key.
@@ -12,9 +19,12 @@ use crate::rules::source::{canonical, remove_pointer, RequestView};
 use crate::rules::Rule;
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
+use std::borrow::Cow;
+use std::fmt;
 
 /// Bumped when the key layout changes, so old entries (e.g. in a shared tier) are not misread.
-const KEY_VERSION: &[u8] = b"aisle/1";
+/// 2: normalized hosts and paths; a keyed value the origin could read two ways never gets a key.
+const KEY_VERSION: &[u8] = b"aisle/2";
 
 /// The scheme of the proxy listener: part of every key and URI identity, spelled only here.
 pub const SCHEME: &str = "http";
@@ -33,6 +43,7 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(96 + input.view.path.len());
     push(&mut out, KEY_VERSION);
     push(&mut out, SCHEME.as_bytes());
+    // `input.host` is normalized ([`normalize_host`]); lowercasing again costs nothing.
     push_lowercase(&mut out, input.host.as_bytes());
     // HEAD is answered from GET entries (pingora turns HEAD into GET upstream).
     let method = if input.method == http::Method::HEAD {
@@ -43,7 +54,7 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     push(&mut out, method.as_bytes());
     push(&mut out, rule.name.as_bytes());
     if rule.key_path {
-        push(&mut out, input.view.path.as_bytes());
+        push(&mut out, normalize_path(input.view.path).as_bytes());
     }
     match input.namespace {
         Some(ns) => {
@@ -69,12 +80,15 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
         push(&mut out, input.view.query.unwrap_or("").as_bytes());
     } else {
         for field in &rule.vary {
-            match field.value(&input.view) {
-                Some(v) => {
+            match field.keyed_value(&input.view) {
+                Ok(Some(v)) => {
                     out.push(1);
                     push(&mut out, v.as_bytes());
                 }
-                None => out.push(0),
+                Ok(None) => out.push(0),
+                // Not reached: admission bypasses such requests (`admission::keyable`). Should a
+                // caller skip that check, the value still shares a key with no keyable request.
+                Err(_) => out.push(2),
             }
         }
     }
@@ -100,7 +114,9 @@ pub fn cache_key(rule: &Rule, input: &KeyInput<'_>) -> CacheKey {
 }
 
 /// Identity of a stored URI (scheme, host, path), shared by all its variants. Used to find every
-/// variant of a URI, e.g. to invalidate it after a successful unsafe request (RFC 9111 §4.4).
+/// variant of a URI, e.g. to invalidate it after a successful unsafe request (RFC 9111 §4.4), or
+/// for a URL purge. `host` is a normalized host ([`normalize_host`]); the path is normalized here
+/// ([`normalize_path`]), so `/a/4%32` and `/a/42` are one URI, as they are one key.
 pub fn uri_id(host: &str, path: &str) -> u64 {
     static STATE: ahash::RandomState = ahash::RandomState::with_seeds(
         0x6169_736c_6531,
@@ -118,7 +134,215 @@ pub fn uri_id(host: &str, path: &str) -> u64 {
     } else {
         host
     };
+    let path = normalize_path(path);
     STATE.hash_one((SCHEME.as_bytes(), host, path.as_bytes()))
+}
+
+/// The `host/path` an entry is stored for, which prefix purges compare against: the normalized
+/// host ([`normalize_host`]) and the normalized path, as [`normalize_prefix`] writes a purge.
+pub fn host_path(host: &str, path: &str) -> String {
+    let path = normalize_path(path);
+    let mut out = String::with_capacity(host.len() + path.len());
+    out.push_str(host);
+    out.push_str(&path);
+    out
+}
+
+/// A purge prefix (`host/path-prefix`, a scheme ignored) in the form [`host_path`] stores:
+/// the host normalized (case, trailing dot and port do not matter), the path normalized but
+/// case-sensitive (RFC 3986 §6.2.2.1: `/API/Items` and `/api/items` are different resources).
+pub fn normalize_prefix(prefix: &str) -> Result<String, String> {
+    let bare = prefix.split_once("://").map_or(prefix, |(_, rest)| rest);
+    let Some(slash) = bare.find('/') else {
+        return Err(format!("prefix {prefix:?} must look like host/path/prefix"));
+    };
+    if bare.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "prefix {prefix:?} must look like host/path/prefix, without spaces"
+        ));
+    }
+    // `find` returned the byte index of an ASCII '/': a char boundary.
+    let (host, path) = bare.split_at(slash);
+    let host = normalize_host(host.as_bytes()).map_err(|e| format!("prefix {prefix:?}: {e}"))?;
+    Ok(host_path(&host, path))
+}
+
+/// Why a `Host` cannot name the origin of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadHost {
+    /// Neither a `Host` header nor an authority in the request target.
+    Missing,
+    Empty,
+    /// The port is not a number from 1 to 65535.
+    Port,
+    /// A `[` without its `]`, or no IPv6 address between them.
+    Ipv6,
+    /// A character no host name has, or an empty label (`a..b`, `.a`).
+    Name,
+    /// More than 253 characters.
+    TooLong,
+}
+
+impl fmt::Display for BadHost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BadHost::Missing => "the request has no Host header; send Host: name[:port]",
+            BadHost::Empty => "the Host header is empty; send Host: name[:port]",
+            BadHost::Port => "the port in Host is not a number from 1 to 65535",
+            BadHost::Ipv6 => "an IPv6 host must be an address in brackets, like [2001:db8::1]:8080",
+            BadHost::Name => {
+                "the host name in Host may only have letters, digits, '-', '_' and dots between non-empty labels"
+            }
+            BadHost::TooLong => "the host name in Host is longer than 253 characters",
+        })
+    }
+}
+
+/// Longest host name (RFC 1035 §2.3.4, without the trailing dot).
+const MAX_HOST: usize = 253;
+
+/// A `Host` value (or a URL's authority) as the host it names, in normal form (RFC 3986 §6.2.2,
+/// §6.2.3): lowercase, one trailing dot removed (`private.test.` is `private.test`), the port
+/// checked to be a number from 1 to 65535 and dropped, an IPv6 literal in its RFC 5952 form
+/// (`[0:0::1]` is `[::1]`). Anything else (characters outside letters, digits, `-`, `_`, `.`;
+/// empty labels; a `[` without `]`) is an error, so a hostile `Host` never reaches a key, a
+/// rule or an origin. Borrows when the text is already in normal form.
+pub fn normalize_host(text: &[u8]) -> Result<Cow<'_, str>, BadHost> {
+    if text.is_empty() {
+        return Err(BadHost::Empty);
+    }
+    // Every split below is at an ASCII byte of a byte slice: nothing can cut a UTF-8 char.
+    let (name, port): (&[u8], Option<&[u8]>) = if text[0] == b'[' {
+        let end = text.iter().position(|&b| b == b']').ok_or(BadHost::Ipv6)?;
+        let port = match &text[end + 1..] {
+            [] => None,
+            [b':', port @ ..] => Some(port),
+            _ => return Err(BadHost::Ipv6),
+        };
+        (&text[..=end], port)
+    } else {
+        match text.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&text[..colon], Some(&text[colon + 1..])),
+            None => (text, None),
+        }
+    };
+    if let Some(port) = port {
+        check_port(port)?;
+    }
+    if name.first() == Some(&b'[') {
+        let inner = &name[1..name.len() - 1];
+        let addr: std::net::Ipv6Addr = std::str::from_utf8(inner)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or(BadHost::Ipv6)?;
+        let normal = format!("[{addr}]");
+        return Ok(if normal.as_bytes() == name {
+            // `name` equals an ASCII string: valid UTF-8.
+            Cow::Borrowed(std::str::from_utf8(name).map_err(|_| BadHost::Ipv6)?)
+        } else {
+            Cow::Owned(normal)
+        });
+    }
+    let name = name.strip_suffix(b".").unwrap_or(name);
+    if name.is_empty() {
+        return Err(BadHost::Empty);
+    }
+    if name.len() > MAX_HOST {
+        return Err(BadHost::TooLong);
+    }
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    if !name.iter().all(allowed) || name.split(|&b| b == b'.').any(<[u8]>::is_empty) {
+        return Err(BadHost::Name);
+    }
+    // Only ASCII bytes are left.
+    let name = std::str::from_utf8(name).map_err(|_| BadHost::Name)?;
+    Ok(if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    })
+}
+
+/// An empty port is allowed (RFC 3986 §3.2.3); otherwise digits for 1 to 65535.
+fn check_port(port: &[u8]) -> Result<(), BadHost> {
+    if port.is_empty() {
+        return Ok(());
+    }
+    if !port.iter().all(u8::is_ascii_digit) {
+        return Err(BadHost::Port);
+    }
+    let significant = port
+        .iter()
+        .position(|&b| b != b'0')
+        .map_or(&port[port.len()..], |i| &port[i..]);
+    if significant.is_empty() || significant.len() > 5 {
+        return Err(BadHost::Port);
+    }
+    let n = significant
+        .iter()
+        .fold(0u32, |n, &d| n * 10 + u32::from(d - b'0'));
+    if n > u32::from(u16::MAX) {
+        return Err(BadHost::Port);
+    }
+    Ok(())
+}
+
+/// A request path in normal form (RFC 3986 §6.2.2.2): percent-encoded unreserved characters
+/// decoded (`%32` is `2`, `%7e` is `~`) and the hex digits of every other escape uppercased
+/// (`%2f` is `%2F`). Nothing else changes: escapes of other bytes (`%2F`, `%FF`) stay escaped,
+/// so no two different paths become one, and case is kept (paths are case-sensitive). Borrows
+/// when the path is already in normal form, which is the common case.
+pub fn normalize_path(path: &str) -> Cow<'_, str> {
+    let bytes = path.as_bytes();
+    let needs = |i: usize| match escape_at(bytes, i) {
+        Some(b) => unreserved(b) || bytes[i + 1..i + 3].iter().any(u8::is_ascii_lowercase),
+        None => false,
+    };
+    let Some(first) = (0..bytes.len()).find(|&i| bytes[i] == b'%' && needs(i)) else {
+        return Cow::Borrowed(path);
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..first]);
+    let mut i = first;
+    while i < bytes.len() {
+        match escape_at(bytes, i) {
+            Some(b) if unreserved(b) => {
+                out.push(b);
+                i += 3;
+            }
+            Some(_) => {
+                out.push(b'%');
+                out.push(bytes[i + 1].to_ascii_uppercase());
+                out.push(bytes[i + 2].to_ascii_uppercase());
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    // Only ASCII triplets were replaced by ASCII: the rest is the input's UTF-8, intact.
+    match String::from_utf8(out) {
+        Ok(s) => Cow::Owned(s),
+        Err(_) => Cow::Borrowed(path),
+    }
+}
+
+/// The byte a `%XX` escape at `i` encodes, if there is one.
+fn escape_at(bytes: &[u8], i: usize) -> Option<u8> {
+    if bytes.get(i) != Some(&b'%') {
+        return None;
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let hi = hex(*bytes.get(i + 1)?)?;
+    let lo = hex(*bytes.get(i + 2)?)?;
+    Some((hi * 16 + lo) as u8)
+}
+
+/// RFC 3986 §2.3 unreserved characters: encoding them never changes a URI's meaning.
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
 fn push(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -357,5 +581,129 @@ match = { path = "/items/:id" }
         assert_eq!(uri_id("H", "/a"), uri_id("h", "/a"));
         assert_ne!(uri_id("h", "/a"), uri_id("h", "/b"));
         assert_ne!(uri_id("h", "/a"), uri_id("g", "/a"));
+        // The same normalized path as the key: an entry filled via an escape is purged by the
+        // plain spelling, and the other way round.
+        assert_eq!(
+            uri_id("h", "/api/weddings/4%32/timeline"),
+            uri_id("h", "/api/weddings/42/timeline")
+        );
+        assert_eq!(uri_id("h", "/a%2f"), uri_id("h", "/a%2F"));
+        // Paths are case-sensitive; escapes of other bytes stay apart.
+        assert_ne!(uri_id("h", "/API/Items"), uri_id("h", "/api/items"));
+        assert_ne!(uri_id("h", "/x/%FF"), uri_id("h", "/x/%FE"));
+        assert_ne!(uri_id("h", "/a%2Fb"), uri_id("h", "/a/b"));
+    }
+
+    #[test]
+    fn paths_in_normal_form() {
+        assert!(matches!(normalize_path("/a/b"), Cow::Borrowed("/a/b")));
+        assert!(matches!(normalize_path("/a%2Fb%FF"), Cow::Borrowed(_)));
+        assert_eq!(normalize_path("/api/weddings/4%32/x"), "/api/weddings/42/x");
+        assert_eq!(normalize_path("/%7e%41%2d%5F%2e"), "/~A-_.");
+        assert_eq!(normalize_path("/a%2fb%ff"), "/a%2Fb%FF");
+        // Broken escapes and non-ASCII text are kept as they are.
+        assert_eq!(normalize_path("/%4"), "/%4");
+        assert_eq!(normalize_path("/%zz%41"), "/%zzA");
+        assert_eq!(normalize_path("/é%41%"), "/éA%");
+        // Idempotent.
+        for p in ["/4%32", "/%2f%7e", "/é%c3%a9"] {
+            let once = normalize_path(p).into_owned();
+            assert_eq!(normalize_path(&once), once);
+        }
+    }
+
+    #[test]
+    fn hosts_in_normal_form() {
+        let n = |h: &str| normalize_host(h.as_bytes()).map(Cow::into_owned);
+        assert!(matches!(
+            normalize_host(b"a.test:8080"),
+            Ok(Cow::Borrowed("a.test"))
+        ));
+        assert_eq!(n("LOCALHOST").unwrap(), "localhost");
+        assert_eq!(n("Private.Test.").unwrap(), "private.test");
+        assert_eq!(n("h:00080").unwrap(), "h");
+        assert_eq!(n("[2001:DB8:0::1]:443").unwrap(), "[2001:db8::1]");
+        assert_eq!(n("under_score.test").unwrap(), "under_score.test");
+        for bad in [
+            "[", "]", "[x]", "[::1]:", "h:1:2", "h:-1", "h:99999", "h:1x", "a b", "a/b", "a@b",
+            ".a", "a..", "", ":80",
+        ] {
+            let r = n(bad);
+            // `[::1]:` has an empty port, which is allowed.
+            if bad == "[::1]:" {
+                assert_eq!(r.unwrap(), "[::1]");
+                continue;
+            }
+            assert!(r.is_err(), "{bad:?} is not a host: {r:?}");
+        }
+        assert_eq!(n(&"a".repeat(254)), Err(BadHost::TooLong));
+        assert!(n(&"a.".repeat(126)).is_ok());
+        // Never a panic, whatever the bytes.
+        for bytes in [
+            &b"[\xff]"[..],
+            b"\xff",
+            b"[\xc3",
+            b"h:\xc3\xa9",
+            b"[::1]\xff",
+        ] {
+            assert!(normalize_host(bytes).is_err());
+        }
+    }
+
+    #[test]
+    fn prefixes_compare_like_with_like() {
+        let stored = host_path("localhost", "/API/Items/4%32");
+        assert_eq!(stored, "localhost/API/Items/42");
+        for purge in [
+            "localhost/API/Items",
+            "LOCALHOST/API/Items/4",
+            "http://Localhost.:8080/API/It%65ms",
+        ] {
+            let p = normalize_prefix(purge).unwrap();
+            assert!(stored.starts_with(&p), "{purge:?} -> {p:?}");
+        }
+        // The path is case-sensitive (RFC 3986 §6.2.2.1).
+        assert!(!stored.starts_with(&normalize_prefix("localhost/api/items").unwrap()));
+        assert!(normalize_prefix("localhost").is_err());
+        assert!(normalize_prefix("local host/x").is_err());
+        assert!(normalize_prefix("[/x").unwrap_err().contains("IPv6"));
+    }
+
+    #[test]
+    fn repeated_and_badly_encoded_values_never_share_a_key() {
+        let s = rules();
+        let q = |query: &str| key(&s, "GET", "h", &format!("/api/vendors/search?{query}"), &[]);
+        // Today's comma join made these one key; a repeated keyed value is never keyed as a
+        // list (admission bypasses it, and the key builder frames it apart).
+        assert_ne!(
+            q("location=Paris&location=Boston"),
+            q("location=Paris,Boston")
+        );
+        assert_ne!(q("location=Paris&location=Boston"), q("location=Boston"));
+        assert_ne!(q("location=%FF"), q("location=%EF%BF%BD"));
+        // Two header lines are their combination, as the origin reads them.
+        let h = |lines: &[(&str, &str)]| key(&s, "GET", "h", "/api/vendors/search", lines);
+        assert_eq!(
+            h(&[("x-tenant", "a"), ("x-tenant", "b")]),
+            h(&[("x-tenant", "a, b")])
+        );
+        assert_ne!(
+            h(&[("x-tenant", "a"), ("x-tenant", "b")]),
+            h(&[("x-tenant", "a")])
+        );
+        assert_ne!(h(&[("x-tenant", "")]), h(&[]));
+    }
+
+    #[test]
+    fn keyed_paths_are_normalized() {
+        let s = rules();
+        assert_eq!(
+            key(&s, "GET", "h", "/items/4%32", &[]),
+            key(&s, "GET", "h", "/items/42", &[])
+        );
+        assert_ne!(
+            key(&s, "GET", "h", "/items/A", &[]),
+            key(&s, "GET", "h", "/items/a", &[])
+        );
     }
 }

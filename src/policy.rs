@@ -5,11 +5,15 @@
 //! `CacheControl` parser is reused; the rule's own settings (ttl, stale windows, Set-Cookie policy)
 //! are layered on top here and nowhere else.
 
+use crate::rules::source::combined;
 use crate::rules::Rule;
 use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
 use pingora::cache::filters::calculate_expires_header_time;
+use pingora::cache::key::HashBinary;
+use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora::http::ResponseHeader;
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 /// What the request's own `Cache-Control` / `Pragma` ask of the cache.
@@ -215,6 +219,28 @@ pub fn vary_names(resp: &ResponseHeader) -> Vec<String> {
     names.sort_unstable();
     names.dedup();
     names
+}
+
+/// The variance key of a request against a stored response's `Vary` (RFC 9111 §4.1): for each
+/// named header, all of the request's field lines combined as RFC 9110 §5.3 says (`Cookie` with
+/// `; `, [`combined`]), so a second line cannot hide behind the first; and an absent header kept
+/// apart from an empty one. `None` when the response has no `Vary`.
+pub fn variance(resp: &ResponseHeader, req: &http::HeaderMap) -> Option<HashBinary> {
+    let names = vary_names(resp);
+    if names.is_empty() {
+        return None;
+    }
+    let mut builder = VarianceBuilder::new();
+    for name in names {
+        let value = http::HeaderName::from_bytes(name.as_bytes())
+            .ok()
+            .and_then(|n| combined(req, &n).map(Cow::into_owned))
+            // No field value can contain NUL, so this marks "absent" apart from every value,
+            // including the empty one.
+            .unwrap_or_else(|| vec![0]);
+        builder.add_owned_name_value(name, value);
+    }
+    builder.finalize()
 }
 
 /// Response headers through which an origin tags its responses.
@@ -534,6 +560,46 @@ mod tests {
             )),
             vec!["accept-encoding", "accept-language", "x-a"]
         );
+    }
+
+    #[test]
+    fn variance_uses_every_field_line_and_keeps_empty_apart() {
+        let stored = resp(200, &[("vary", "Accept-Language"), ("vary", "cookie")]);
+        let v = |lines: &[(&str, &str)]| {
+            let mut h = http::HeaderMap::new();
+            for (k, val) in lines {
+                h.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    val.parse().unwrap(),
+                );
+            }
+            variance(&stored, &h).expect("a Vary response has a variance")
+        };
+        let plain = v(&[]);
+        // A second line is not hidden behind the first.
+        assert_ne!(
+            v(&[("accept-language", "en"), ("accept-language", "fr")]),
+            v(&[("accept-language", "en")])
+        );
+        assert_eq!(
+            v(&[("accept-language", "en"), ("accept-language", "fr")]),
+            v(&[("accept-language", "en, fr")]),
+            "RFC 9110 §5.3: the lines are one list"
+        );
+        // An empty header is not an absent one.
+        assert_ne!(v(&[("accept-language", "")]), plain);
+        assert_ne!(v(&[("cookie", ""), ("cookie", "session=X")]), plain);
+        assert_ne!(
+            v(&[("cookie", ""), ("cookie", "session=X")]),
+            v(&[("cookie", "")])
+        );
+        assert_eq!(
+            v(&[("cookie", "a=1"), ("cookie", "b=2")]),
+            v(&[("cookie", "a=1; b=2")]),
+            "Cookie lines join with '; '"
+        );
+        assert_eq!(v(&[("x-other", "1")]), plain, "unnamed headers do not vary");
+        assert_eq!(variance(&resp(200, &[]), &http::HeaderMap::new()), None);
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub struct Request {
     pub tags: Vec<String>,
     /// Absolute URLs (`https://host/path`).
     pub urls: Vec<String>,
-    /// `host/path` prefixes (a scheme, if given, is ignored).
+    /// `host/path` prefixes (a scheme, if given, is ignored; the host is case-insensitive and
+    /// its port ignored, the path is case-sensitive).
     pub prefixes: Vec<String>,
     pub events: Vec<EventCall>,
     pub soft: bool,
@@ -138,15 +139,24 @@ fn tag_forms(t: &str) -> Result<(String, String), String> {
     Ok((key, told))
 }
 
-/// `https://Host:8443/a/b?x` -> ("host", "/a/b").
+/// `https://Host.:8443/a/%62?x` -> ("host", "/a/b"): the host and path as keys and URI
+/// identities hold them ([`key::normalize_host`], [`key::normalize_path`]).
 fn url_parts(url: &str) -> Result<(String, String), String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("{url:?} is not a URL: {e}"))?;
-    let host = uri.host().ok_or_else(|| {
+    let authority = uri.authority().ok_or_else(|| {
         format!("{url:?} must be absolute (https://host/path) so the host is known")
     })?;
-    Ok((host.to_ascii_lowercase(), uri.path().to_string()))
+    if authority.as_str().contains('@') {
+        return Err(format!("{url:?}: a URL to purge has no user info (user@)"));
+    }
+    let host =
+        key::normalize_host(authority.as_str().as_bytes()).map_err(|e| format!("{url:?}: {e}"))?;
+    Ok((
+        host.into_owned(),
+        key::normalize_path(uri.path()).into_owned(),
+    ))
 }
 
 impl Invalidator {
@@ -223,11 +233,8 @@ impl Invalidator {
         }
         let mut prefixes = Vec::new();
         for p in &req.prefixes {
-            let bare = p.split_once("://").map_or(p.as_str(), |(_, rest)| rest);
-            if bare.is_empty() || !bare.contains('/') || bare.chars().any(char::is_whitespace) {
-                return Err(format!("prefix {p:?} must look like host/path/prefix"));
-            }
-            prefixes.push(bare.to_ascii_lowercase());
+            // The host normalized, the path normalized but case-sensitive: as entries store it.
+            prefixes.push(key::normalize_prefix(p)?);
         }
         tags.sort();
         tags.dedup();
@@ -386,6 +393,13 @@ mod tests {
             url_parts("https://API.example.com:8443/a/b?x=1").unwrap(),
             ("api.example.com".into(), "/a/b".into())
         );
+        // Normalized as keys are: trailing dot, escapes of unreserved characters; the path
+        // keeps its case.
+        assert_eq!(
+            url_parts("http://Localhost.:8080/API/weddings/4%32/x").unwrap(),
+            ("localhost".into(), "/API/weddings/42/x".into())
+        );
+        assert!(url_parts("http://a@h/x").is_err());
         assert!(url_parts("/a/b").unwrap_err().contains("absolute"));
     }
 

@@ -29,7 +29,10 @@ pub async fn after_unsafe(
         let Ok(target) = target.parse::<http::Uri>() else {
             continue;
         };
-        let same_host = target.host().is_none_or(|h| h.eq_ignore_ascii_case(host));
+        // Compared in normal form, as `host` is (case, trailing dot and port do not matter).
+        let same_host = target
+            .authority()
+            .is_none_or(|a| key::normalize_host(a.as_str().as_bytes()).is_ok_and(|h| h == host));
         if same_host && target.path().starts_with('/') {
             removed += storage
                 .invalidate_uri(key::uri_id(host, target.path()))

@@ -5,7 +5,7 @@
 //!
 //! | phase                    | job                                                   | decided in |
 //! |--------------------------|-------------------------------------------------------|------------|
-//! | `request_filter`         | PURGE / webhooks; route the request; read a keyed body | [`crate::control`], [`crate::admission::route`], [`body`] |
+//! | `request_filter`         | check `Host`, normalize host and path; PURGE / webhooks; route; read a keyed body | [`crate::key`], [`crate::control`], [`crate::admission::route`], [`body`] |
 //! | `request_cache_filter`   | admit the request to the cache (or not); enable it    | [`crate::admission::admit`] |
 //! | `cache_key_callback`     | build the key                                         | [`crate::admission::cache_key`] |
 //! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
@@ -14,7 +14,7 @@
 //! | `upstream_peer`          | the rule's upstream                                   | [`upstream`] |
 //! | `upstream_response_filter` | origin tags; upstream metrics                      | [`crate::policy`] |
 //! | `response_cache_filter`  | RFC 9111 storability; attach the entry's facts        | [`crate::policy::cacheability`] |
-//! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::vary_names`] |
+//! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::variance`] |
 //! | `should_serve_stale`     | stale-while-revalidate / stale-if-error               | |
 //! | `response_filter`        | `Cache-Status`; invalidate after unsafe success       | [`cache_status::decide`], [`invalidate`] |
 //! | `logging`                | metrics, the debug line                               | |
@@ -32,6 +32,7 @@ use crate::admission::{self, Admission};
 use crate::config::Config;
 use crate::control::{self, Replays};
 use crate::invalidation::Invalidator;
+use crate::key::{self, BadHost};
 use crate::metrics::{metrics, CacheOutcome};
 use crate::policy;
 use crate::storage::epochs::Verdict;
@@ -43,9 +44,7 @@ use cache_status::{CacheStatus, Lookup, Observed, Phase};
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
-use pingora::cache::{
-    CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, RespCacheable, VarianceBuilder,
-};
+use pingora::cache::{CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -139,9 +138,47 @@ fn seconds_left(meta: &CacheMeta) -> i64 {
     }
 }
 
-/// The host rules match and keys contain.
+/// The host rules match and keys contain: `Host`, which [`normalize_identity`] has checked and
+/// put in normal form before any phase reads it.
 fn host_of(req: &RequestHeader) -> &str {
-    admission::host(&req.headers, req.uri.host())
+    req.headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Checks the request's `Host` and puts its identity in normal form before anything reads it:
+/// the normalized host ([`admission::host`]) replaces `Host`, and the normalized path
+/// ([`key::normalize_path`]) replaces the target's path. Rules, keys, URI identities, purges and
+/// the upstream request all read these, so the origin answers for exactly what the key names.
+fn normalize_identity(req: &mut RequestHeader) -> std::result::Result<(), BadHost> {
+    let authority = req.uri.authority().map(|a| a.as_str());
+    let host = admission::host(&req.headers, authority)?;
+    let current = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+    if current != Some(host.as_bytes()) {
+        let host = host.into_owned();
+        // A normalized host is a valid header value; failing that, refuse it rather than key it.
+        req.insert_header(http::header::HOST, host)
+            .map_err(|_| BadHost::Name)?;
+    }
+    // A target that is not UTF-8 is forwarded byte for byte (pingora keeps the raw bytes) and
+    // bypasses the cache (`admission::keyable`); rebuilding it would replace those bytes.
+    if req.raw_path_is_utf8() {
+        if let std::borrow::Cow::Owned(path) = key::normalize_path(req.uri.path()) {
+            let target = match req.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let mut parts = req.uri.clone().into_parts();
+            if let Ok(pq) = target.parse() {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    req.set_uri(uri);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -153,6 +190,16 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if let Err(bad) = normalize_identity(session.req_header_mut()) {
+            control::respond_json(
+                session,
+                400,
+                serde_json::json!({ "error": bad.to_string() }).to_string(),
+                "aisle; fwd=bypass; detail=bad-host",
+            )
+            .await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         if req.method.as_str() == "PURGE" {
             control::purge(session, &self.config, &self.invalidator).await?;
@@ -192,7 +239,8 @@ impl ProxyHttp for Gateway {
             Some(reason) => Err(reason),
             None => Ok(()),
         };
-        let admission = admission::admit(ctx.rule(), &req.method, &req.headers, body);
+        let admission = admission::admit(ctx.rule(), &req.method, &req.headers, body)
+            .unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)));
         let admitted = matches!(admission, Admission::Cache(_));
         ctx.admission = Some(admission);
         if admitted {
@@ -368,7 +416,7 @@ impl ProxyHttp for Gateway {
         };
         Arc::new(EntryInfo {
             uri: ctx.route().uri,
-            host_path: format!("{host}{}", req.uri.path()).into_boxed_str(),
+            host_path: key::host_path(host, req.uri.path()).into_boxed_str(),
             tags,
             encrypt: rule.encrypt,
             rule: Arc::from(&*rule.name),
@@ -394,19 +442,7 @@ impl ProxyHttp for Gateway {
         _ctx: &mut Ctx,
         req: &RequestHeader,
     ) -> Option<HashBinary> {
-        let names = policy::vary_names(meta.response_header());
-        if names.is_empty() {
-            return None;
-        }
-        let mut builder = VarianceBuilder::new();
-        for name in &names {
-            let value = req
-                .headers
-                .get(name.as_str())
-                .map_or(&b""[..], |v| v.as_bytes());
-            builder.add_value(name, value);
-        }
-        builder.finalize()
+        policy::variance(meta.response_header(), &req.headers)
     }
 
     fn should_serve_stale(

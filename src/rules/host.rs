@@ -33,7 +33,9 @@ impl HostMatch {
     pub(super) fn matches(&self, host: &str) -> bool {
         match self {
             HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
+            // Compared as bytes: slicing the text could cut a multi-byte char and panic.
             HostMatch::Suffix(sfx) => {
+                let (host, sfx) = (host.as_bytes(), sfx.as_bytes());
                 host.len() > sfx.len() && host[host.len() - sfx.len()..].eq_ignore_ascii_case(sfx)
             }
         }
@@ -46,5 +48,20 @@ impl HostMatch {
             (HostMatch::Suffix(a), HostMatch::Suffix(b)) => b.ends_with(&**a),
             (HostMatch::Exact(_), HostMatch::Suffix(_)) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffixes_never_slice_inside_a_char() {
+        let m = HostMatch::parse("*.example.com").unwrap();
+        assert!(m.matches("API.Example.com"));
+        assert!(!m.matches("example.com"));
+        // ".example.com" is 12 bytes; 12 bytes from the end falls inside 'é'.
+        assert!(!m.matches("éexample.com"));
+        assert!(!m.matches("ééééééé"));
     }
 }

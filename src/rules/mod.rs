@@ -28,7 +28,7 @@ use crate::metrics::RuleMetrics;
 use host::HostMatch;
 use normalize::Normalizer;
 use path::PathPattern;
-use source::{RequestView, Source, Template};
+use source::{RequestView, Source, Template, Unkeyable};
 use std::borrow::Cow;
 use std::time::Duration;
 
@@ -53,6 +53,23 @@ impl VaryField {
             Cow::Borrowed(b) => normalize::apply_all(&self.normalizers, b),
             Cow::Owned(o) => Cow::Owned(normalize::apply_all(&self.normalizers, &o).into_owned()),
         })
+    }
+
+    /// The normalized value of this field as a key component ([`Source::keyed`]).
+    pub fn keyed_value<'a>(
+        &self,
+        req: &RequestView<'a>,
+    ) -> Result<Option<Cow<'a, str>>, Unkeyable> {
+        let Some(raw) = self.source.keyed(req)? else {
+            return Ok(None);
+        };
+        if self.normalizers.is_empty() {
+            return Ok(Some(raw));
+        }
+        Ok(Some(match raw {
+            Cow::Borrowed(b) => normalize::apply_all(&self.normalizers, b),
+            Cow::Owned(o) => Cow::Owned(normalize::apply_all(&self.normalizers, &o).into_owned()),
+        }))
     }
 }
 

@@ -3,6 +3,13 @@
 //!
 //! A source is parsed and checked once when rules load (a `path.` source must name a parameter of
 //! the rule's pattern); extracting it from a request borrows from the request where it can.
+//!
+//! A keyed value must mean to the key what it means to the origin. [`Source::keyed`] therefore
+//! refuses ([`Unkeyable`]) what an origin could read another way: a query parameter or cookie
+//! given more than once (frameworks differ on whether the first, the last or all of them count)
+//! and bytes that are not UTF-8 once decoded (`%FF` and `%FE` would both become U+FFFD). A header
+//! is all of its field lines combined as RFC 9110 §5.3 says ([`combined`]); an empty header is
+//! `Some("")`, never absent.
 
 use super::path::{PathParams, PathPattern};
 use super::template::{split, Piece};
@@ -16,6 +23,15 @@ pub struct RequestView<'a> {
     pub params: &'a PathParams,
     /// The request body parsed as JSON, for rules that key on it.
     pub body: Option<&'a serde_json::Value>,
+}
+
+/// Why a request's value for a source cannot be keyed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unkeyable {
+    /// The query parameter or cookie is given more than once.
+    Repeated,
+    /// The value is not UTF-8 once percent-decoded (or the header is not UTF-8).
+    BadEncoding,
 }
 
 /// Where a vary value or tag placeholder comes from.
@@ -69,61 +85,113 @@ impl Source {
         }
     }
 
-    /// The value of this source in a request; `None` when the request does not carry it.
+    /// The value of this source in a request for a tag template; `None` when the request does
+    /// not carry it. Lenient where [`Source::keyed`] refuses: repeated values are joined as a
+    /// comma list and bytes that are not UTF-8 become U+FFFD.
     pub fn extract<'a>(&self, req: &RequestView<'a>) -> Option<Cow<'a, str>> {
+        self.read(req, false).unwrap_or(None)
+    }
+
+    /// The value of this source as a key component: `Ok(None)` when the request does not carry
+    /// it, an error when the origin could read it differently from the key.
+    pub fn keyed<'a>(&self, req: &RequestView<'a>) -> Result<Option<Cow<'a, str>>, Unkeyable> {
+        self.read(req, true)
+    }
+
+    fn read<'a>(
+        &self,
+        req: &RequestView<'a>,
+        strict: bool,
+    ) -> Result<Option<Cow<'a, str>>, Unkeyable> {
         match self {
             Source::Query(name) => {
-                let query = req.query?;
+                let Some(query) = req.query else {
+                    return Ok(None);
+                };
                 let mut found: Option<Cow<'a, str>> = None;
-                for (k, v) in form_urlencoded::parse(query.as_bytes()) {
-                    if k == **name {
-                        found = Some(match found {
-                            // Repeated parameters join as a comma list (`sorted_list` can sort it).
-                            Some(prev) => Cow::Owned(format!("{prev},{v}")),
-                            None => borrow_if_same(query, v),
-                        });
+                for (k, v) in query_pairs(query) {
+                    if decode_component(k, false)? != **name {
+                        continue;
                     }
+                    let v = decode_component(v, strict)?;
+                    found = Some(match found {
+                        None => v,
+                        Some(_) if strict => return Err(Unkeyable::Repeated),
+                        // For tags: repeated parameters join as a comma list.
+                        Some(prev) => Cow::Owned(format!("{prev},{v}")),
+                    });
                 }
-                found
+                Ok(found)
             }
-            Source::Header(name) => {
-                let mut values = req.headers.get_all(name).iter();
-                let first = values.next()?;
-                let mut out = Cow::Borrowed(first.to_str().ok()?);
-                for v in values {
-                    let v = v.to_str().ok()?;
-                    out = Cow::Owned(format!("{out}, {v}"));
-                }
-                Some(out)
-            }
+            Source::Header(name) => match combined(req.headers, name) {
+                None => Ok(None),
+                Some(Cow::Borrowed(b)) => match std::str::from_utf8(b) {
+                    Ok(s) => Ok(Some(Cow::Borrowed(s))),
+                    Err(_) if strict => Err(Unkeyable::BadEncoding),
+                    Err(_) => Ok(Some(String::from_utf8_lossy(b))),
+                },
+                Some(Cow::Owned(b)) => match String::from_utf8(b) {
+                    Ok(s) => Ok(Some(Cow::Owned(s))),
+                    Err(_) if strict => Err(Unkeyable::BadEncoding),
+                    Err(e) => Ok(Some(Cow::Owned(
+                        String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                    ))),
+                },
+            },
             Source::Path(index, _) => {
-                let raw = req.params.get(req.path, *index)?;
-                Some(percent_encoding::percent_decode_str(raw).decode_utf8_lossy())
+                let Some(raw) = req.params.get(req.path, *index) else {
+                    return Ok(None);
+                };
+                let decoded = percent_encoding::percent_decode_str(raw);
+                if strict {
+                    decoded
+                        .decode_utf8()
+                        .map(Some)
+                        .map_err(|_| Unkeyable::BadEncoding)
+                } else {
+                    Ok(Some(decoded.decode_utf8_lossy()))
+                }
             }
             Source::Cookie(name) => {
-                for header in req.headers.get_all(http::header::COOKIE) {
-                    let Ok(header) = header.to_str() else {
+                let mut found: Option<&'a str> = None;
+                for line in req.headers.get_all(http::header::COOKIE) {
+                    let Ok(line) = std::str::from_utf8(line.as_bytes()) else {
+                        if strict {
+                            return Err(Unkeyable::BadEncoding);
+                        }
                         continue;
                     };
-                    for pair in header.split(';') {
+                    for pair in line.split(';') {
                         if let Some((k, v)) = pair.trim().split_once('=') {
-                            if k == &**name {
-                                return Some(Cow::Borrowed(v.trim_matches('"')));
+                            if k.trim_end() == &**name {
+                                if found.is_some() {
+                                    if strict {
+                                        return Err(Unkeyable::Repeated);
+                                    }
+                                    // For tags: the first one, as most frameworks read it.
+                                    continue;
+                                }
+                                found = Some(v.trim().trim_matches('"'));
                             }
                         }
                     }
                 }
-                None
+                Ok(found.map(Cow::Borrowed))
             }
-            Source::Body(pointer) => match req.body?.pointer(pointer)? {
-                serde_json::Value::Null => None,
-                serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
-                serde_json::Value::Number(n) => Some(Cow::Owned(canonical_number(n))),
-                serde_json::Value::Bool(b) => {
-                    Some(Cow::Borrowed(if *b { "true" } else { "false" }))
-                }
-                other => Some(Cow::Owned(canonical(other))),
-            },
+            Source::Body(pointer) => {
+                let Some(value) = req.body.and_then(|b| b.pointer(pointer)) else {
+                    return Ok(None);
+                };
+                Ok(match value {
+                    serde_json::Value::Null => None,
+                    serde_json::Value::String(s) => Some(Cow::Borrowed(s.as_str())),
+                    serde_json::Value::Number(n) => Some(Cow::Owned(canonical_number(n))),
+                    serde_json::Value::Bool(b) => {
+                        Some(Cow::Borrowed(if *b { "true" } else { "false" }))
+                    }
+                    other => Some(Cow::Owned(canonical(other))),
+                })
+            }
         }
     }
 
@@ -175,21 +243,62 @@ pub(crate) fn remove_pointer(v: &mut serde_json::Value, pointer: &str) {
     }
 }
 
-/// Keeps a decoded query value borrowed when decoding changed nothing.
-fn borrow_if_same<'a>(query: &'a str, v: Cow<'_, str>) -> Cow<'a, str> {
-    match v {
-        Cow::Borrowed(b) => {
-            // `form_urlencoded` borrows from the input when nothing was decoded.
-            let base = query.as_ptr() as usize;
-            let at = b.as_ptr() as usize;
-            if at >= base && at + b.len() <= base + query.len() {
-                let start = at - base;
-                Cow::Borrowed(&query[start..start + b.len()])
-            } else {
-                Cow::Owned(b.to_string())
-            }
+/// All field lines of a header as one value, in order: joined with `, ` (RFC 9110 §5.3), or with
+/// `; ` for `Cookie` (RFC 6265 §5.4, RFC 9113 §8.2.3). `None` when the header is absent; an empty
+/// line stays an empty value. Borrows when there is one line.
+pub fn combined<'a>(
+    headers: &'a http::HeaderMap,
+    name: &http::HeaderName,
+) -> Option<Cow<'a, [u8]>> {
+    let mut lines = headers.get_all(name).iter();
+    let first = lines.next()?;
+    let Some(second) = lines.next() else {
+        return Some(Cow::Borrowed(first.as_bytes()));
+    };
+    let separator: &[u8] = if name == http::header::COOKIE {
+        b"; "
+    } else {
+        b", "
+    };
+    let mut out = first.as_bytes().to_vec();
+    for line in std::iter::once(second).chain(lines) {
+        out.extend_from_slice(separator);
+        out.extend_from_slice(line.as_bytes());
+    }
+    Some(Cow::Owned(out))
+}
+
+/// The `name=value` pairs of a query string, undecoded, as `application/x-www-form-urlencoded`
+/// splits them (the WHATWG URL standard, and every common framework): on `&`, empty pairs
+/// skipped, a pair without `=` has an empty value.
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// A query name or value decoded (`+` is a space, then percent-decoding). `strict`: bytes that
+/// are not UTF-8 are an error rather than U+FFFD.
+fn decode_component(raw: &str, strict: bool) -> Result<Cow<'_, str>, Unkeyable> {
+    let spaced: Cow<'_, str> = if raw.contains('+') {
+        Cow::Owned(raw.replace('+', " "))
+    } else {
+        Cow::Borrowed(raw)
+    };
+    let decode = |s: &str| -> Result<String, Unkeyable> {
+        let d = percent_encoding::percent_decode_str(s);
+        if strict {
+            d.decode_utf8()
+                .map(Cow::into_owned)
+                .map_err(|_| Unkeyable::BadEncoding)
+        } else {
+            Ok(d.decode_utf8_lossy().into_owned())
         }
-        Cow::Owned(o) => Cow::Owned(o),
+    };
+    match spaced {
+        Cow::Borrowed(s) if !s.contains('%') => Ok(Cow::Borrowed(s)),
+        other => decode(&other).map(Cow::Owned),
     }
 }
 
@@ -304,6 +413,90 @@ mod tests {
         assert_eq!(get("body./query/tags").as_deref(), Some("[\"b\",\"a\"]"));
         assert_eq!(get("body./x"), None, "null is absent");
         assert_eq!(get("body./missing"), None);
+    }
+
+    #[test]
+    fn keyed_values_read_one_way_only() {
+        let p = pattern();
+        let path = "/api/weddings/w%FF/timeline";
+        let params = p.matches(path).unwrap();
+        let mut headers = HeaderMap::new();
+        headers.append("accept-language", "en".parse().unwrap());
+        headers.append("accept-language", "fr".parse().unwrap());
+        headers.append("x-empty", "".parse().unwrap());
+        headers.append("cookie", "".parse().unwrap());
+        headers.append("cookie", "session=X; a=1; a=2".parse().unwrap());
+        headers.append(
+            "x-latin",
+            http::HeaderValue::from_bytes(b"caf\xe9").unwrap(),
+        );
+        let req = RequestView {
+            path,
+            query: Some("t=a&t=b&one=%41+b&bad=%FF&c%61t=x&flag"),
+            headers: &headers,
+            params: &params,
+            body: None,
+        };
+        let keyed = |s: &str| {
+            Source::parse(s, &p)
+                .unwrap()
+                .keyed(&req)
+                .map(|v| v.map(Cow::into_owned))
+        };
+        let lenient = |s: &str| {
+            Source::parse(s, &p)
+                .unwrap()
+                .extract(&req)
+                .map(Cow::into_owned)
+        };
+        assert_eq!(keyed("query.t"), Err(Unkeyable::Repeated));
+        assert_eq!(lenient("query.t").as_deref(), Some("a,b"), "tags join them");
+        assert_eq!(keyed("query.one"), Ok(Some("A b".into())));
+        assert_eq!(
+            keyed("query.cat"),
+            Ok(Some("x".into())),
+            "names are decoded"
+        );
+        assert_eq!(keyed("query.flag"), Ok(Some("".into())));
+        assert_eq!(keyed("query.bad"), Err(Unkeyable::BadEncoding));
+        assert_eq!(lenient("query.bad").as_deref(), Some("\u{FFFD}"));
+        assert_eq!(keyed("path.id"), Err(Unkeyable::BadEncoding));
+        // Every field line, combined as RFC 9110 §5.3 says; empty is not absent.
+        assert_eq!(keyed("header.accept-language"), Ok(Some("en, fr".into())));
+        assert_eq!(keyed("header.x-empty"), Ok(Some("".into())));
+        assert_eq!(keyed("header.x-missing"), Ok(None));
+        assert_eq!(
+            keyed("header.cookie"),
+            Ok(Some("; session=X; a=1; a=2".into()))
+        );
+        assert_eq!(keyed("header.x-latin"), Err(Unkeyable::BadEncoding));
+        // Cookies from every line; a repeated name is ambiguous.
+        assert_eq!(keyed("cookie.session"), Ok(Some("X".into())));
+        assert_eq!(keyed("cookie.a"), Err(Unkeyable::Repeated));
+        assert_eq!(lenient("cookie.a").as_deref(), Some("1"));
+        assert_eq!(keyed("cookie.none"), Ok(None));
+    }
+
+    #[test]
+    fn combined_field_lines() {
+        let mut h = HeaderMap::new();
+        assert_eq!(combined(&h, &http::header::ACCEPT_LANGUAGE), None);
+        h.append("accept-language", "".parse().unwrap());
+        assert_eq!(
+            combined(&h, &http::header::ACCEPT_LANGUAGE).as_deref(),
+            Some(&b""[..])
+        );
+        h.append("accept-language", "de".parse().unwrap());
+        assert_eq!(
+            combined(&h, &http::header::ACCEPT_LANGUAGE).as_deref(),
+            Some(&b", de"[..])
+        );
+        h.append("cookie", "a=1".parse().unwrap());
+        h.append("cookie", "b=2".parse().unwrap());
+        assert_eq!(
+            combined(&h, &http::header::COOKIE).as_deref(),
+            Some(&b"a=1; b=2"[..])
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! Purging a tag does not look for the entries that carry it. It records *when* the tag was
 //! purged (and whether softly); a lookup then compares each found entry's creation time with the
 //! epochs of its tags (`cache_hit_filter`). An entry stored before its tag's epoch is gone (hard)
-//! or stale (soft). Prefix purges work the same way over the entry's `host/path`.
+//! or stale (soft). Prefix purges work the same way over the entry's `host/path`; both sides
+//! of that comparison are in the one normal form [`crate::key`] gives them (`key::host_path`
+//! for entries, `key::normalize_prefix` for purges: host case-insensitive and without port,
+//! path case-sensitive with unreserved escapes decoded), so a plain `starts_with` is exact.
 //!
 //! Epochs only need to outlive the entries they could invalidate, so records older than the
 //! longest possible entry lifetime are pruned. The map is empty on most hits, which the
@@ -288,6 +291,29 @@ mod tests {
             e.judge(at(5), [], "api.example.com/api/weddings/7", 0),
             Verdict::Valid
         );
+    }
+
+    #[test]
+    fn prefixes_compare_like_with_like() {
+        use crate::key::{host_path, normalize_prefix};
+        let e = Epochs::default();
+        let hard = Epoch {
+            at_ms: 1000,
+            soft: false,
+        };
+        // Entries as the proxy stores them: normalized host, normalized case-kept path.
+        let upper = host_path("localhost", "/API/Items/1");
+        let escaped = host_path("localhost", "/api/weddings/4%32/x");
+        e.purge_prefix(&normalize_prefix("LOCALHOST/API/Items").unwrap(), hard);
+        e.purge_prefix(
+            &normalize_prefix("http://localhost.:8080/api/weddings/42").unwrap(),
+            hard,
+        );
+        assert_eq!(e.judge(at(5), [], &upper, 0), Verdict::Gone);
+        assert_eq!(e.judge(at(5), [], &escaped, 0), Verdict::Gone);
+        // Paths are case-sensitive: another resource is untouched.
+        let lower = host_path("localhost", "/api/items/1");
+        assert_eq!(e.judge(at(5), [], &lower, 0), Verdict::Valid);
     }
 
     #[test]

@@ -18,8 +18,9 @@
 //!   are ignored, so captured traces with status or latency fields replay as they are.
 //!
 //! Each request is matched (`RuleSet::find`) and keyed exactly as the gateway keys it
-//! (`key::primary`, then `key::hash`, with the host from the `host` header without its port or
-//! `"replay"`, and the namespace from `aisle-cache-namespace`). A simulated cache then says hit
+//! (`key::primary`, then `key::hash`, with the host from the `host` header normalized as the
+//! gateway normalizes it (no port, lowercase, no trailing dot) or `"replay"`, the path normalized
+//! likewise, and the namespace from `aisle-cache-namespace`). A simulated cache then says hit
 //! or miss from the trace's own clock: an entry is stored at its miss with the rule's `ttl`
 //! (capped by `[cache] max_ttl`, shortened by `Aisle-Cache-TTL`), and a later request with the
 //! same key is a hit while the entry is fresh. Request directives are read by the gateway's own
@@ -39,6 +40,7 @@
 
 use crate::admission::{self, Admission, BodyPlan, Bypass, KeyParts, Route, Terms};
 use crate::config::Config;
+use crate::key::{self, BadHost};
 use crate::rules::RuleSet;
 use pingora::cache::key::{CacheHashKey, HashBinary};
 use serde_json::Value;
@@ -72,9 +74,10 @@ pub struct TraceRequest {
 
 impl TraceRequest {
     /// The host the gateway routes and keys on ([`admission::host`]); `replay` without a `Host`.
-    pub fn host(&self) -> &str {
+    /// An error is what the gateway answers 400 for.
+    pub fn host(&self) -> Result<Cow<'_, str>, BadHost> {
         match admission::host(&self.headers, None) {
-            "" => "replay",
+            Err(BadHost::Missing) => Ok(Cow::Borrowed("replay")),
             host => host,
         }
     }
@@ -117,8 +120,12 @@ pub fn parse_line(text: &str) -> Result<TraceRequest, String> {
     };
     let (path, query_in_path) = match obj.get("path") {
         Some(Value::String(p)) if p.starts_with('/') => match p.split_once('?') {
-            Some((path, query)) => (path.to_string(), Some(query.to_string())),
-            None => (p.clone(), None),
+            // Normalized as the gateway normalizes the target before routing.
+            Some((path, query)) => (
+                key::normalize_path(path).into_owned(),
+                Some(query.to_string()),
+            ),
+            None => (key::normalize_path(p).into_owned(), None),
         },
         Some(Value::String(p)) => {
             return Err(format!("\"path\": {p:?} must start with '/'"));
@@ -299,8 +306,8 @@ pub fn admit(
     rules: &RuleSet,
     req: &TraceRequest,
 ) -> Result<(Route, Terms, Option<Value>), Bypassed> {
-    let host = req.host();
-    let Some(route) = admission::route(rules, &req.method, host, &req.path) else {
+    let host = req.host().map_err(Bypassed::BadHost)?;
+    let Some(route) = admission::route(rules, &req.method, &host, &req.path) else {
         return Err(Bypassed::NoRoute);
     };
     let headers = req.framed_headers();
@@ -313,7 +320,17 @@ pub fn admit(
         }
     };
     let gate = body.as_ref().map(|_| ()).map_err(|r| *r);
-    match admission::admit(&route.rule, &req.method, &headers, gate) {
+    let parts = KeyParts {
+        method: &req.method,
+        host: &host,
+        path: &req.path,
+        query: req.query.as_deref(),
+        headers: &headers,
+        body: body.as_ref().ok().and_then(Option::as_ref),
+    };
+    let admission = admission::admit(&route.rule, &req.method, &headers, gate)
+        .unless_unkeyable(&route.rule, &parts.view(&route.params));
+    match admission {
         Admission::Bypass(reason) => Err(Bypassed::Admission(route, reason)),
         Admission::Cache(terms) => Ok((route, terms, body.ok().flatten())),
     }
@@ -326,6 +343,8 @@ pub enum Bypassed {
     NoRoute,
     /// [`admission::admit`] said no.
     Admission(Route, Bypass),
+    /// The `Host` is malformed: the gateway answers 400.
+    BadHost(BadHost),
 }
 
 /// The cache key the gateway builds for an admitted trace request.
@@ -336,9 +355,10 @@ pub fn key_of(
     body: Option<&Value>,
 ) -> HashBinary {
     let headers = req.framed_headers();
+    let host = req.host().unwrap_or_default();
     let parts = KeyParts {
         method: &req.method,
-        host: req.host(),
+        host: &host,
         path: &req.path,
         query: req.query.as_deref(),
         headers: &headers,
@@ -358,6 +378,7 @@ fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision 
         Err(Bypassed::Admission(route, reason)) => {
             return Decision::Bypass(reason.describe(&route.rule.name, &req.method))
         }
+        Err(Bypassed::BadHost(e)) => return Decision::Bypass(format!("{e} (400)")),
     };
     let rule = &route.rule;
     if rule.is_default {
@@ -785,7 +806,7 @@ cache = false
         assert_eq!(r.method, http::Method::POST);
         assert_eq!((r.path.as_str(), r.query.as_deref()), ("/a", Some("x=1")));
         assert_eq!(r.headers.get_all("x").iter().count(), 2);
-        assert_eq!(r.host(), "h");
+        assert_eq!(r.host().unwrap(), "h");
         assert_eq!(r.body.as_deref(), Some("{\"a\": 1}"));
         // An HTTP/1.1 client frames the body with its length.
         assert_eq!(r.framed_headers()["content-length"], "8");
@@ -795,7 +816,7 @@ cache = false
             (&r.method, r.query.as_deref(), r.body.as_deref()),
             (&http::Method::GET, Some("y=2"), Some("nope"))
         );
-        assert_eq!(r.host(), "replay");
+        assert_eq!(r.host().unwrap(), "replay");
 
         for (line, problem) in [
             ("{", "not valid JSON"),
@@ -863,7 +884,7 @@ cache = false
             .map(|r| match admit(&set, r) {
                 Ok(_) => None,
                 Err(Bypassed::Admission(_, reason)) => Some(reason),
-                Err(Bypassed::NoRoute) => panic!("routed"),
+                Err(Bypassed::NoRoute | Bypassed::BadHost(_)) => panic!("routed"),
             })
             .collect();
         assert_eq!(

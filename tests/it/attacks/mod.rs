@@ -4,3 +4,4 @@
 
 mod exhaustion;
 mod held_up;
+mod identity;
