@@ -14,6 +14,7 @@
 mod compiler;
 pub mod events;
 mod host;
+pub mod json;
 mod matcher;
 pub mod normalize;
 pub mod path;
