@@ -11,6 +11,7 @@
 use aisle::config::Config;
 use aisle::tools::replay::{admit, key_of, parse_line, Bypassed, TraceRequest};
 use aisle::tools::tracegen::{generate, Options};
+use aisle::trust::Client;
 use std::path::Path;
 use std::time::Duration;
 
@@ -129,7 +130,8 @@ async fn replay_and_gateway_admit_and_key_every_request_alike() {
             "line {i} ({} {}): {line}\ngateway: {cs}",
             req.method, req.path
         );
-        match admit(&loaded.rules, &req) {
+        // The gateway has no [server] trusted_clients: every request is an untrusted client.
+        match admit(&loaded.rules, &req, Client::Untrusted) {
             Ok((route, terms, body)) => {
                 cached += 1;
                 assert!(
