@@ -34,6 +34,13 @@ const EDGE_CASES: &[&str] = &[
     r#"{"timestamp": 8, "method": "HEAD", "path": "/api/vendors/search", "query": "location=nyc&vendorType=dj", "headers": {"host": "127.0.0.1"}}"#,
     // The default route: keyed on the whole query.
     r#"{"timestamp": 9, "path": "/not/a/rule", "query": "b=2&a=1", "headers": {"host": "127.0.0.1:8080"}}"#,
+    // A repeated JSON key, an integer beyond 64 bits, integers past 2^53 (keyed exactly).
+    r#"{"timestamp": 10, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": "{\"model\":\"m\",\"messages\":[],\"messages\":[1]}"}"#,
+    r#"{"timestamp": 11, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": "{\"model\":\"m\",\"seed\":18446744073709551616}"}"#,
+    r#"{"timestamp": 12, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": "{\"model\":\"m\",\"seed\":9007199254740993}"}"#,
+    // A GET with a body its rule does not key on; a client's no-cache on a rule that ignores it.
+    r#"{"timestamp": 13, "path": "/api/vendors/search", "query": "location=nyc", "headers": {"host": "127.0.0.1:8080"}, "body": "{\"location\":\"boston\"}"}"#,
+    r#"{"timestamp": 14, "path": "/api/weather", "query": "city=nyc&date=2027-07-01", "headers": {"host": "127.0.0.1:8080", "cache-control": "no-cache"}}"#,
 ];
 
 /// The request as bytes on the wire: the trace's headers, the body framed as the trace says.
