@@ -9,10 +9,13 @@
 //! 1. [`route`]: the matched rule with its path parameters, the URI identity.
 //! 2. [`body_plan`]: for rules that key on the JSON body, whether to read it and how much; what
 //!    cannot be keyed (not JSON, too large, length unknown) is refused before reading.
-//! 3. [`parse_body`]: what counts as a keyable body.
-//! 4. [`admit`]: the rule's `cache` switch, the method, the body, the request's directives, and
-//!    the per-request lifetime (`Aisle-Cache-TTL`) and key namespace (`Aisle-Cache-Namespace`),
-//!    giving either a [`Bypass`] (its `Cache-Status` detail) or the [`Terms`] of caching.
+//! 3. [`parse_body`]: what counts as a keyable body (JSON, no key repeated in an object, no
+//!    integer beyond 64 bits: [`crate::rules::json::check`]).
+//! 4. [`admit`]: the rule's `cache` switch, the method, a body on a GET the key ignores, the
+//!    body, the request's directives (unless the rule ignores a client's revalidation), and, for
+//!    trusted clients or rules with `client_controls`, the per-request lifetime
+//!    (`Aisle-Cache-TTL`) and key namespace (`Aisle-Cache-Namespace`), giving either a
+//!    [`Bypass`] (its `Cache-Status` detail) or the [`Terms`] of caching.
 //!    Then [`Admission::unless_unkeyable`]: a request whose keyed values the origin could read
 //!    differently from the key ([`keyable`]: repeated, or not UTF-8) bypasses after all.
 //! 5. [`cache_key`]: the key, built by [`crate::key`] from the route and terms.
@@ -22,9 +25,11 @@
 
 use crate::key::{self, BadHost, KeyInput};
 use crate::policy::RequestDirectives;
+use crate::rules::json::{self, UnkeyableBody};
 use crate::rules::path::PathParams;
 use crate::rules::source::{RequestView, Unkeyable};
-use crate::rules::{Rule, RuleSet};
+use crate::rules::{ClientRevalidation, Rule, RuleSet};
+use crate::trust::Client;
 use http::{HeaderMap, Method};
 use pingora::cache::CacheKey;
 use std::borrow::Cow;
@@ -95,6 +100,15 @@ pub enum Bypass {
     /// A keyed value (or the request target) is not UTF-8 once percent-decoded: decoding it
     /// lossily would give different requests one key.
     BadEncoding,
+    /// A body-keyed rule, and a key is repeated within one JSON object: the key would take one
+    /// value, the origin perhaps the other.
+    DuplicateKey,
+    /// A body-keyed rule, and an integer in the body is beyond 64 bits (it cannot be keyed
+    /// exactly).
+    IntegerTooLarge,
+    /// A GET or HEAD with a body, on a rule that does not key on the body: the origin may
+    /// answer by the body the key ignores.
+    BodyOnGet,
 }
 
 impl Bypass {
@@ -107,6 +121,9 @@ impl Bypass {
             Bypass::BodyLengthUnknown => Some("body-length-unknown"),
             Bypass::RepeatedParam => Some("repeated-param"),
             Bypass::BadEncoding => Some("bad-encoding"),
+            Bypass::DuplicateKey => Some("duplicate-key"),
+            Bypass::IntegerTooLarge => Some("integer-too-large"),
+            Bypass::BodyOnGet => Some("body-on-get"),
         }
     }
 
@@ -129,6 +146,11 @@ impl Bypass {
             Bypass::BadEncoding => {
                 format!("rule {rule:?}: a keyed value is not UTF-8 once decoded")
             }
+            Bypass::DuplicateKey => format!("rule {rule:?}: a JSON key repeated in one object"),
+            Bypass::IntegerTooLarge => {
+                format!("rule {rule:?}: a JSON integer beyond 64 bits")
+            }
+            Bypass::BodyOnGet => format!("rule {rule:?}: {method} with a body"),
         }
     }
 }
@@ -178,7 +200,21 @@ pub fn body_plan(rule: &Rule, method: &Method, headers: &HeaderMap) -> BodyPlan 
 
 /// Step 3: a body read under [`BodyPlan::Read`], as the JSON document the key is built from.
 pub fn parse_body(bytes: &[u8]) -> Result<serde_json::Value, Bypass> {
-    serde_json::from_slice(bytes).map_err(|_| Bypass::NotJson)
+    let value = serde_json::from_slice(bytes).map_err(|_| Bypass::NotJson)?;
+    json::check(bytes).map_err(|e| match e {
+        UnkeyableBody::DuplicateKey => Bypass::DuplicateKey,
+        UnkeyableBody::LargeInteger => Bypass::IntegerTooLarge,
+    })?;
+    Ok(value)
+}
+
+/// Whether a request carries a body (`Content-Length` other than 0, or `Transfer-Encoding`).
+fn carries_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get_all(http::header::CONTENT_LENGTH)
+            .iter()
+            .any(|v| v.to_str().map_or(true, |v| v.trim() != "0"))
 }
 
 /// The terms on which a request uses the cache.
@@ -186,10 +222,11 @@ pub fn parse_body(bytes: &[u8]) -> Result<serde_json::Value, Bypass> {
 pub struct Terms {
     /// The request's own cache directives (RFC 9111 §5.2.1).
     pub directives: RequestDirectives,
-    /// `Aisle-Cache-TTL`: a shorter lifetime for the entry this request stores.
+    /// `Aisle-Cache-TTL`: a shorter lifetime for the entry this request stores (only from a
+    /// trusted client, or on a rule with `client_controls`).
     pub ttl: Option<Duration>,
-    /// `Aisle-Cache-Namespace`: a separate key space (e.g. per tenant). Owned, so the proxy can
-    /// keep the terms across phases; it allocates only when the header is sent.
+    /// `Aisle-Cache-Namespace`: a separate key space (e.g. per tenant), on the same terms.
+    /// Owned, so the proxy can keep the terms across phases; it allocates only when honoured.
     pub namespace: Option<Box<str>>,
 }
 
@@ -202,12 +239,14 @@ pub enum Admission {
 
 /// Step 4: does the request use the cache? `body` is what steps 2 and 3 gave for body-keyed
 /// rules: `Ok(())` when a JSON body is at hand, `Err(reason)` when it could not be keyed
-/// (ignored for rules that do not key on the body).
+/// (ignored for rules that do not key on the body). `client` says whether the request's
+/// `Aisle-*` control headers may count ([`crate::trust`]).
 pub fn admit(
     rule: &Rule,
     method: &Method,
     headers: &HeaderMap,
     body: Result<(), Bypass>,
+    client: Client,
 ) -> Admission {
     if !rule.cache {
         return Admission::Bypass(Bypass::RuleOff);
@@ -215,20 +254,31 @@ pub fn admit(
     if !method_cached(rule, method) {
         return Admission::Bypass(Bypass::Method);
     }
+    if !rule.needs_body && matches!(*method, Method::GET | Method::HEAD) && carries_body(headers) {
+        // Forwarded with its body, never stored or answered from the cache.
+        return Admission::Bypass(Bypass::BodyOnGet);
+    }
     if rule.needs_body {
         if let Err(reason) = body {
             return Admission::Bypass(reason);
         }
     }
-    let directives = RequestDirectives::parse(headers);
+    let mut directives = RequestDirectives::parse(headers);
     if directives.no_store {
         return Admission::Bypass(Bypass::NoStore);
     }
+    if rule.client_revalidation == ClientRevalidation::Ignore {
+        // A shared entry is not refetched because one client asked (as CDNs do).
+        directives.no_cache = false;
+        directives.max_age = None;
+    }
+    let controls = client == Client::Trusted || rule.client_controls;
     Admission::Cache(Terms {
         directives,
-        ttl: request_ttl(headers),
-        namespace: headers
-            .get("aisle-cache-namespace")
+        ttl: controls.then(|| request_ttl(headers)).flatten(),
+        namespace: controls
+            .then(|| headers.get("aisle-cache-namespace"))
+            .flatten()
             .and_then(|v| v.to_str().ok())
             .map(Box::from),
     })
@@ -337,6 +387,18 @@ cache = false
 [[rule]]
 name = "get"
 match = { path = "/get" }
+[[rule]]
+name = "controlled"
+match = { path = "/controlled" }
+client_controls = true
+[[rule]]
+name = "shared"
+match = { path = "/shared" }
+client_revalidation = "ignore"
+[[rule]]
+name = "get-body"
+match = { path = "/search" }
+vary = ["body./q"]
 "#,
             )],
             &ctx,
@@ -433,7 +495,7 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
                 params: &m.params,
                 body: None,
             };
-            let admitted = admit(m.rule, &Method::GET, &headers, Ok(()));
+            let admitted = admit(m.rule, &Method::GET, &headers, Ok(()), Client::Untrusted);
             match admitted.unless_unkeyable(m.rule, &view) {
                 Admission::Cache(_) => None,
                 Admission::Bypass(reason) => Some(reason),
@@ -517,31 +579,160 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
         let none = headers(&[]);
         let off = rule(&set, "/off", &Method::GET);
         assert_eq!(
-            admit(&off, &Method::GET, &none, Ok(())),
+            admit(&off, &Method::GET, &none, Ok(()), Client::Untrusted),
             Admission::Bypass(Bypass::RuleOff)
         );
         let get = rule(&set, "/get", &Method::GET);
         assert_eq!(
-            admit(&get, &Method::PUT, &none, Ok(())),
+            admit(&get, &Method::PUT, &none, Ok(()), Client::Untrusted),
             Admission::Bypass(Bypass::Method)
         );
         let ai = rule(&set, "/ai", &Method::POST);
         assert_eq!(
-            admit(&ai, &Method::POST, &none, Err(Bypass::BodyTooLarge)),
+            admit(
+                &ai,
+                &Method::POST,
+                &none,
+                Err(Bypass::BodyTooLarge),
+                Client::Untrusted
+            ),
             Admission::Bypass(Bypass::BodyTooLarge)
         );
         let no_store = headers(&[("cache-control", "no-store")]);
         assert_eq!(
-            admit(&get, &Method::GET, &no_store, Ok(())),
+            admit(&get, &Method::GET, &no_store, Ok(()), Client::Untrusted),
             Admission::Bypass(Bypass::NoStore)
         );
         let h = headers(&[("aisle-cache-ttl", "90"), ("aisle-cache-namespace", "t1")]);
-        let Admission::Cache(terms) = admit(&get, &Method::HEAD, &h, Ok(())) else {
+        let Admission::Cache(terms) = admit(&get, &Method::HEAD, &h, Ok(()), Client::Trusted)
+        else {
             panic!("HEAD of a cached rule is admitted");
         };
         assert_eq!(terms.ttl, Some(Duration::from_secs(90)));
         assert_eq!(terms.namespace.as_deref(), Some("t1"));
         assert_eq!(Bypass::NotJson.detail(), Some("not-json"));
         assert_eq!(Bypass::RuleOff.detail(), None);
+    }
+
+    #[test]
+    fn json_bodies_with_repeated_keys_or_huge_integers_are_not_keyed() {
+        assert_eq!(
+            parse_body(br#"{"messages":["A"],"messages":["B"]}"#),
+            Err(Bypass::DuplicateKey)
+        );
+        assert_eq!(
+            parse_body(br#"{"m":[{"role":"user","role":"system"}]}"#),
+            Err(Bypass::DuplicateKey)
+        );
+        assert_eq!(
+            parse_body(br#"{"seed":18446744073709551616}"#),
+            Err(Bypass::IntegerTooLarge)
+        );
+        assert_eq!(parse_body(br#"{"m":"A","m""#), Err(Bypass::NotJson));
+        assert_eq!(Bypass::DuplicateKey.detail(), Some("duplicate-key"));
+        assert_eq!(Bypass::IntegerTooLarge.detail(), Some("integer-too-large"));
+        // Integers past 2^53 are keyed exactly.
+        let set = rules();
+        let ai = route(&set, &Method::POST, "h", "/ai").unwrap();
+        let key = |body: &[u8]| {
+            let body = parse_body(body).unwrap();
+            let h = headers(&[]);
+            let parts = KeyParts {
+                method: &Method::POST,
+                host: "h",
+                path: "/ai",
+                query: None,
+                headers: &h,
+                body: Some(&body),
+            };
+            use pingora::cache::key::CacheHashKey;
+            cache_key(&ai, &Terms::default(), &parts).primary_bin()
+        };
+        assert_ne!(
+            key(br#"{"q":9007199254740993}"#),
+            key(br#"{"q":9007199254740992}"#)
+        );
+        assert_eq!(key(br#"{"q":1.0}"#), key(br#"{"q":1}"#));
+    }
+
+    #[test]
+    fn a_get_with_a_body_the_key_ignores_bypasses() {
+        let set = rules();
+        let get = rule(&set, "/get", &Method::GET);
+        let admit_get =
+            |m: &Method, h: &[(&str, &str)]| admit(&get, m, &headers(h), Ok(()), Client::Untrusted);
+        let fat = Admission::Bypass(Bypass::BodyOnGet);
+        assert_eq!(admit_get(&Method::GET, &[("content-length", "5")]), fat);
+        assert_eq!(admit_get(&Method::HEAD, &[("content-length", "5")]), fat);
+        assert_eq!(
+            admit_get(&Method::GET, &[("transfer-encoding", "chunked")]),
+            fat
+        );
+        assert_eq!(admit_get(&Method::GET, &[("content-length", "x")]), fat);
+        assert!(matches!(
+            admit_get(&Method::GET, &[("content-length", "0")]),
+            Admission::Cache(_)
+        ));
+        assert_eq!(Bypass::BodyOnGet.detail(), Some("body-on-get"));
+        // A rule that keys on the body keys a GET's body too.
+        let keyed = rule(&set, "/search", &Method::GET);
+        let h = headers(&[
+            ("content-length", "9"),
+            ("content-type", "application/json"),
+        ]);
+        assert_eq!(body_plan(&keyed, &Method::GET, &h), BodyPlan::Read(9));
+        assert!(matches!(
+            admit(&keyed, &Method::GET, &h, Ok(()), Client::Untrusted),
+            Admission::Cache(_)
+        ));
+    }
+
+    #[test]
+    fn control_headers_count_only_from_trusted_clients_or_by_rule() {
+        let set = rules();
+        let h = headers(&[("aisle-cache-ttl", "0"), ("aisle-cache-namespace", "t2")]);
+        let terms = |path: &str, client: Client| {
+            let r = rule(&set, path, &Method::GET);
+            match admit(&r, &Method::GET, &h, Ok(()), client) {
+                Admission::Cache(t) => (t.ttl, t.namespace),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(terms("/get", Client::Untrusted), (None, None));
+        let honoured = (Some(Duration::ZERO), Some("t2".into()));
+        assert_eq!(terms("/get", Client::Trusted), honoured);
+        assert_eq!(terms("/controlled", Client::Untrusted), honoured);
+    }
+
+    #[test]
+    fn client_revalidation_ignore_keeps_the_shared_entry() {
+        let set = rules();
+        let directives = |path: &str, h: &[(&str, &str)]| {
+            let r = rule(&set, path, &Method::GET);
+            match admit(&r, &Method::GET, &headers(h), Ok(()), Client::Trusted) {
+                Admission::Cache(t) => t.directives,
+                other => panic!("{other:?}"),
+            }
+        };
+        for h in [
+            &[("cache-control", "no-cache")][..],
+            &[("cache-control", "max-age=0")][..],
+            &[("pragma", "no-cache")][..],
+        ] {
+            assert!(directives("/get", h).any(), "honoured by default: {h:?}");
+            assert!(!directives("/shared", h).any(), "ignored: {h:?}");
+        }
+        // no-store (privacy), only-if-cached and Authorization still count.
+        let r = rule(&set, "/shared", &Method::GET);
+        let no_store = headers(&[("cache-control", "no-store")]);
+        assert_eq!(
+            admit(&r, &Method::GET, &no_store, Ok(()), Client::Untrusted),
+            Admission::Bypass(Bypass::NoStore)
+        );
+        let d = directives(
+            "/shared",
+            &[("cache-control", "only-if-cached"), ("authorization", "x")],
+        );
+        assert!(d.only_if_cached && d.authorization);
     }
 }

@@ -6,6 +6,7 @@
 //! | question                               | module            |
 //! |----------------------------------------|-------------------|
 //! | what does the operator's config say?   | [`config`]        |
+//! | whose forwarding / `Aisle-*` headers count? | [`trust`]    |
 //! | which rule does a request match?       | [`rules`]         |
 //! | how is a cache key built?              | [`key`]           |
 //! | may this be stored / served (RFC 9111)?| [`policy`]        |
@@ -36,5 +37,6 @@ pub mod rules;
 pub mod server;
 pub mod storage;
 pub mod tools;
+pub mod trust;
 pub mod units;
 pub mod usage;

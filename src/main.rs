@@ -41,6 +41,10 @@ enum Command {
         /// Lifetime of entries of rules without `ttl` (their origin would decide; a replay has none).
         #[arg(long, default_value = "5m", value_parser = duration_arg)]
         default_ttl: std::time::Duration,
+        /// Treat every request as from `[server] trusted_clients` (its `Aisle-*` headers count);
+        /// by default a trace's requests are untrusted clients, as a trace has no peer address.
+        #[arg(long)]
+        trusted: bool,
     },
     /// Write a synthetic, seeded wedding-planning request trace for `aisle replay`.
     Trace {
@@ -112,8 +116,19 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::Demo => demo(&cli.config),
-        Command::Replay { trace, default_ttl } => match load(&cli.config) {
-            Ok(c) => aisle::tools::replay::run(&c, &trace, default_ttl),
+        Command::Replay {
+            trace,
+            default_ttl,
+            trusted,
+        } => match load(&cli.config) {
+            Ok(c) => {
+                let client = if trusted {
+                    aisle::trust::Client::Trusted
+                } else {
+                    aisle::trust::Client::Untrusted
+                };
+                aisle::tools::replay::run(&c, &trace, default_ttl, client)
+            }
             Err(code) => code,
         },
         Command::Trace {

@@ -21,6 +21,7 @@ use env::expand_env;
 
 use crate::diag::{Diagnostic, SourceFile};
 use crate::rules::{self, RuleSet};
+use crate::trust::{Networks, Trust};
 use crate::units::{parse_duration, parse_size};
 use raw::{RawAdmin, RawConfig, RawRedis};
 use std::collections::BTreeMap;
@@ -47,6 +48,8 @@ pub struct Config {
     /// CDN purge APIs; `None`: no CDN is purged.
     pub cdn: Option<cdn::CdnSettings>,
     pub rules: RuleSet,
+    /// `[server] trusted_proxies` / `trusted_clients`: whose forwarding and control headers count.
+    pub trust: Trust,
 }
 
 /// `[redis]`: the shared second tier.
@@ -192,6 +195,10 @@ impl Config {
         let base = path.parent().unwrap_or(Path::new("."));
         let max_ttl = dur(&raw.cache.max_ttl, Duration::from_secs(86_400), &mut diags);
         let admin = admin_config(&src, &raw.admin, &mut diags);
+        let trust = Trust {
+            proxies: networks(&src, raw.server.trusted_proxies.as_deref(), &mut diags),
+            clients: networks(&src, raw.server.trusted_clients.as_deref(), &mut diags),
+        };
         let purge = PurgeConfig {
             dir: raw
                 .purge
@@ -348,6 +355,7 @@ impl Config {
             upstreams,
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),
+            trust,
         })
     }
 }
@@ -381,6 +389,22 @@ fn admin_config(src: &SourceFile<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic
         }
     }
     AdminConfig { token, purge_allow }
+}
+
+/// `trusted_proxies` / `trusted_clients`: each entry a CIDR or an address, each bad one reported.
+fn networks(
+    src: &SourceFile<'_>,
+    list: Option<&[Spanned<String>]>,
+    diags: &mut Vec<Diagnostic>,
+) -> Networks {
+    let mut nets = Vec::new();
+    for entry in list.unwrap_or_default() {
+        match Networks::parse_one(entry.get_ref()) {
+            Ok(net) => nets.push(net),
+            Err(e) => diags.push(src.at(entry.span(), e)),
+        }
+    }
+    Networks::new(nets)
 }
 
 fn redis_url(

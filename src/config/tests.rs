@@ -234,3 +234,36 @@ fn a_missing_rules_dir_points_at_rules_dir() {
         e[0]
     );
 }
+
+#[test]
+fn trusted_networks_load_and_bad_ones_are_positioned() {
+    let c = load(SPEC, &[]).unwrap();
+    assert!(
+        c.trust.proxies.is_empty() && c.trust.clients.is_empty(),
+        "nobody is trusted by default"
+    );
+    let text = SPEC.replace(
+        "[cache]",
+        "trusted_proxies = [\"10.0.0.0/8\", \"::1\"]\ntrusted_clients = [\"192.0.2.0/24\"]\n[cache]",
+    );
+    let c = load(&text, &[]).unwrap();
+    assert!(c.trust.proxies.contains("10.1.2.3".parse().unwrap()));
+    assert!(c.trust.proxies.contains("::1".parse().unwrap()));
+    assert!(c.trust.clients.contains("192.0.2.9".parse().unwrap()));
+    assert!(!c.trust.clients.contains("10.1.2.3".parse().unwrap()));
+    let text = SPEC.replace(
+        "[cache]",
+        "trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/99\"]\ntrusted_clients = [\"office\"]\n[cache]",
+    );
+    let e = load(&text, &[]).unwrap_err();
+    let e: Vec<String> = e.iter().map(|d| d.to_string()).collect();
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert!(
+        e[0].contains("gateway.toml:5:34:") && e[0].contains("\"10.0.0.0/99\" is not a network"),
+        "{e:?}"
+    );
+    assert!(
+        e[1].contains("gateway.toml:6:20:") && e[1].contains("\"office\" is not a network"),
+        "{e:?}"
+    );
+}

@@ -10,6 +10,7 @@ use crate::metrics::CacheOutcome;
 use crate::rules::source::RequestView;
 use crate::rules::Rule;
 use crate::storage::fill_lock::FillLock;
+use crate::trust::Peer;
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 use std::time::Instant;
@@ -43,6 +44,8 @@ pub struct Ctx {
     pub start: Instant,
     /// Set by `request_filter`; `None` only for requests answered there (PURGE, webhooks, 404).
     pub route: Option<Route>,
+    /// Who sent the request and what is believed of it (`[server] trusted_*`), set with `route`.
+    pub peer: Peer,
     /// The request body parsed as JSON (rules that key on the body).
     pub body: Option<Arc<serde_json::Value>>,
     /// Why the body could not be keyed, when it could not.
@@ -60,6 +63,7 @@ impl Ctx {
         Ctx {
             start: Instant::now(),
             route: None,
+            peer: Peer::default(),
             body: None,
             body_refused: None,
             admission: None,

@@ -12,6 +12,7 @@
 //! | `cache_hit_filter`       | purge epochs, then the request's own directives       | [`crate::storage::epochs`], [`crate::policy`] |
 //! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream | |
 //! | `upstream_peer`          | the rule's upstream                                   | [`upstream`] |
+//! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream    | [`forwarding`], [`crate::trust`] |
 //! | `upstream_response_filter` | origin tags; upstream metrics                      | [`crate::policy`] |
 //! | `response_cache_filter`  | RFC 9111 storability; attach the entry's facts        | [`crate::policy::cacheability`] |
 //! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::variance`] |
@@ -23,6 +24,7 @@ pub mod cache_status;
 
 mod body;
 mod ctx;
+mod forwarding;
 mod invalidate;
 mod upstream;
 
@@ -226,6 +228,11 @@ impl ProxyHttp for Gateway {
         };
         let rule = route.rule.clone();
         ctx.route = Some(route);
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.peer = self.config.trust.peer(peer, &session.req_header().headers);
         match body::read(session, &rule).await? {
             Ok(body) => ctx.body = body.map(Arc::new),
             Err(reason) => ctx.body_refused = Some(reason),
@@ -239,8 +246,9 @@ impl ProxyHttp for Gateway {
             Some(reason) => Err(reason),
             None => Ok(()),
         };
-        let admission = admission::admit(ctx.rule(), &req.method, &req.headers, body)
-            .unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)));
+        let admission =
+            admission::admit(ctx.rule(), &req.method, &req.headers, body, ctx.peer.client)
+                .unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)));
         let admitted = matches!(admission, Admission::Cache(_));
         ctx.admission = Some(admission);
         if admitted {
@@ -356,6 +364,23 @@ impl ProxyHttp for Gateway {
     async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream.start = Some(Instant::now());
         Ok(Box::new(self.peers.http_peer(ctx.rule().upstream)))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let req = session.req_header();
+        let host = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+        let seen = forwarding::Seen {
+            peer: ctx.peer,
+            proto: crate::key::SCHEME,
+            host: host.or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes())),
+        };
+        forwarding::rewrite(upstream_request, &seen);
+        Ok(())
     }
 
     async fn upstream_response_filter(

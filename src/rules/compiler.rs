@@ -12,7 +12,7 @@ use super::matcher::{RuleSet, ALL_METHODS, METHODS};
 use super::normalize::{Fallback, Normalizer, Table};
 use super::path::PathPattern;
 use super::source::{Source, Template};
-use super::{Cost, Rule, VaryField, DEFAULT_ROUTE};
+use super::{ClientRevalidation, Cost, Rule, VaryField, DEFAULT_ROUTE};
 use crate::diag::{Diagnostic, SourceFile};
 use crate::metrics::RuleMetrics;
 use crate::units::parse_duration;
@@ -217,6 +217,8 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             cost: None,
             is_default: true,
             key_path: true,
+            client_controls: false,
+            client_revalidation: ClientRevalidation::Honour,
             metrics: RuleMetrics::new(DEFAULT_ROUTE),
         })
     });
@@ -452,6 +454,7 @@ fn compile_rule(
         tokens: c.tokens.as_ref().map(|t| t.get_ref().clone()),
         per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
     });
+    let client_revalidation = client_revalidation(src, r, &mut diags);
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -483,8 +486,32 @@ fn compile_rule(
         body_key,
         cost,
         is_default: false,
+        client_controls: r.client_controls.unwrap_or(false),
+        client_revalidation,
         metrics: RuleMetrics::new(name),
     })
+}
+
+fn client_revalidation(
+    src: &SourceFile<'_>,
+    r: &RawRule,
+    diags: &mut Vec<Diagnostic>,
+) -> ClientRevalidation {
+    match r
+        .client_revalidation
+        .as_ref()
+        .map(|v| (v, v.get_ref().as_str()))
+    {
+        None | Some((_, "honour")) => ClientRevalidation::Honour,
+        Some((_, "ignore")) => ClientRevalidation::Ignore,
+        Some((v, other)) => {
+            diags.push(src.at(
+                v.span(),
+                format!("client_revalidation {other:?} is not known; write \"honour\" (a client's no-cache / max-age refetch, the default) or \"ignore\" (the shared entry answers while fresh)"),
+            ));
+            ClientRevalidation::Honour
+        }
+    }
 }
 
 // What the rules files say, as written.
@@ -540,6 +567,8 @@ struct RawRule {
     keep_tag_headers: Option<bool>,
     body_key: Option<Spanned<RawBodyKey>>,
     cost: Option<RawCost>,
+    client_controls: Option<bool>,
+    client_revalidation: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -660,6 +689,26 @@ pub(super) mod tests {
         let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\ncost = { per_1k_tokens = 0.5, tokens = \"usage\" }\n");
         assert!(
             e[0].starts_with("rules/a.toml:4:40:") && e[0].contains("cost.tokens"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn client_settings() {
+        let set = compile_one(
+            "[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nclient_controls = true\nclient_revalidation = \"ignore\"\n[[rule]]\nname = \"b\"\nmatch = { path = \"/b\" }\n",
+        )
+        .unwrap();
+        let (a, b) = (&set.rules()[0], &set.rules()[1]);
+        assert!(a.client_controls && a.client_revalidation == ClientRevalidation::Ignore);
+        assert!(!b.client_controls && b.client_revalidation == ClientRevalidation::Honour);
+        let e = errors(
+            "[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nclient_revalidation = \"never\"\n",
+        );
+        assert!(
+            e[0].starts_with("rules/a.toml:4:23:")
+                && e[0].contains("\"honour\"")
+                && e[0].contains("\"ignore\""),
             "{e:?}"
         );
     }

@@ -14,6 +14,7 @@
 mod compiler;
 pub mod events;
 mod host;
+pub mod json;
 mod matcher;
 pub mod normalize;
 pub mod path;
@@ -84,6 +85,18 @@ pub struct Cost {
     pub per_1k_tokens: f64,
 }
 
+/// Whether a client's own `Cache-Control: no-cache` / `max-age` (or `Pragma: no-cache`) may
+/// force a refetch of a shared entry (`client_revalidation = "honour" | "ignore"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientRevalidation {
+    /// RFC 9111 §5.2.1: the request's directives rule out stored answers they do not accept.
+    #[default]
+    Honour,
+    /// As CDNs do: the shared entry answers while fresh, whatever the client asks (`no-store`,
+    /// `only-if-cached` and `Authorization` still count).
+    Ignore,
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -122,6 +135,11 @@ pub struct Rule {
     /// no wildcard and every `:param` is in `vary`: then the (normalized) vary values determine
     /// the path, and a normalizer on `path.id` can make `/items/ABC` and `/items/abc` share.
     pub key_path: bool,
+    /// `client_controls = true`: honour `Aisle-*` control headers from any client, not only
+    /// from `[server] trusted_clients`.
+    pub client_controls: bool,
+    /// `client_revalidation`: may a client's `no-cache` / `max-age` force a refetch?
+    pub client_revalidation: ClientRevalidation,
     pub metrics: RuleMetrics,
 }
 
@@ -185,6 +203,8 @@ impl Rule {
             cost: self.cost.clone(),
             is_default: self.is_default,
             key_path: self.key_path,
+            client_controls: self.client_controls,
+            client_revalidation: self.client_revalidation,
             metrics: RuleMetrics::new(&self.name),
         }
     }

@@ -208,13 +208,13 @@ impl Source {
 }
 
 /// RFC 8785 (JCS) canonical JSON: object keys sorted, no insignificant whitespace, numbers in
-/// their shortest form (`1.0` and `1` are the same).
+/// their shortest form (`1.0` and `1` are the same), integers exactly ([`super::json`]).
 pub(crate) fn canonical(v: &serde_json::Value) -> String {
-    serde_jcs::to_string(v).unwrap_or_default()
+    super::json::canonical(v)
 }
 
 fn canonical_number(n: &serde_json::Number) -> String {
-    serde_jcs::to_string(n).unwrap_or_else(|_| n.to_string())
+    super::json::canonical_number(n)
 }
 
 /// Removes the value at an RFC 6901 pointer, if present (for `body_key.ignore`).

@@ -18,17 +18,19 @@
 //!   are ignored, so captured traces with status or latency fields replay as they are.
 //!
 //! Each request is matched (`RuleSet::find`) and keyed exactly as the gateway keys it
-//! (`key::primary`, then `key::hash`, with the host from the `host` header normalized as the
-//! gateway normalizes it (no port, lowercase, no trailing dot) or `"replay"`, the path normalized
-//! likewise, and the namespace from `aisle-cache-namespace`). A simulated cache then says hit
-//! or miss from the trace's own clock: an entry is stored at its miss with the rule's `ttl`
-//! (capped by `[cache] max_ttl`, shortened by `Aisle-Cache-TTL`), and a later request with the
-//! same key is a hit while the entry is fresh. Request directives are read by the gateway's own
-//! parser: `no-store` bypasses, `no-cache` and a `max-age` the entry exceeds are misses that store
-//! again, `only-if-cached` never stores, and a request with `Authorization` is a miss that does not
-//! store (whether the origin's answer allows sharing is unknown). There is no origin, so a rule
-//! without `ttl` (whose freshness would come from the origin) uses `--default-ttl`, and the output
-//! says so.
+//! (`key::primary`, then `key::hash`, with the host from the `host` header normalized as the gateway
+//! normalizes it (no port, lowercase, no trailing dot) or `"replay"`, the path normalized likewise, and the namespace from `aisle-cache-namespace`). A trace has no peer addresses, so
+//! every request is an untrusted client (its `Aisle-*` headers count only on rules with
+//! `client_controls = true`) unless `--trusted` says they all come from `[server]
+//! trusted_clients`. A simulated cache then says hit or miss from the trace's own clock: an
+//! entry is stored at its miss with the rule's `ttl` (capped by `[cache] max_ttl`, shortened by
+//! `Aisle-Cache-TTL`), and a later request with the same key is a hit while the entry is fresh.
+//! Request directives are read by the gateway's own parser: `no-store` bypasses, `no-cache` and a
+//! `max-age` the entry exceeds are misses that store again (unless the rule says
+//! `client_revalidation = "ignore"`), `only-if-cached` never stores, and a request with
+//! `Authorization` is a miss that does not store (whether the origin's answer allows sharing is
+//! unknown). There is no origin, so a rule without `ttl` (whose freshness would come from the
+//! origin) uses `--default-ttl`, and the output says so.
 //!
 //! The replay runs twice, with the rules as configured and with every normalizer removed
 //! ([`RuleSet::without_normalizers`]), so the table shows what normalizers buy. It is a model of
@@ -42,6 +44,7 @@ use crate::admission::{self, Admission, BodyPlan, Bypass, KeyParts, Route, Terms
 use crate::config::Config;
 use crate::key::{self, BadHost};
 use crate::rules::RuleSet;
+use crate::trust::Client;
 use pingora::cache::key::{CacheHashKey, HashBinary};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -230,6 +233,8 @@ pub struct Settings {
     pub default_ttl: Duration,
     /// `[cache] max_ttl`: no entry lives longer.
     pub max_ttl: Duration,
+    /// Whom the trace's requests come from (`--trusted`: `[server] trusted_clients`).
+    pub client: Client,
 }
 
 /// One cacheable rule's results.
@@ -300,11 +305,13 @@ pub enum Decision {
     },
 }
 
-/// The admission the gateway makes for one trace request: `Ok((route, terms, body))`, or the
-/// reason it bypasses. Every step is [`crate::admission`]'s, the code the proxy runs.
+/// The admission the gateway makes for one trace request from `client`: `Ok((route, terms,
+/// body))`, or the reason it bypasses. Every step is [`crate::admission`]'s, the code the proxy
+/// runs.
 pub fn admit(
     rules: &RuleSet,
     req: &TraceRequest,
+    client: Client,
 ) -> Result<(Route, Terms, Option<Value>), Bypassed> {
     let host = req.host().map_err(Bypassed::BadHost)?;
     let Some(route) = admission::route(rules, &req.method, &host, &req.path) else {
@@ -328,7 +335,7 @@ pub fn admit(
         headers: &headers,
         body: body.as_ref().ok().and_then(Option::as_ref),
     };
-    let admission = admission::admit(&route.rule, &req.method, &headers, gate)
+    let admission = admission::admit(&route.rule, &req.method, &headers, gate, client)
         .unless_unkeyable(&route.rule, &parts.view(&route.params));
     match admission {
         Admission::Bypass(reason) => Err(Bypassed::Admission(route, reason)),
@@ -368,7 +375,7 @@ pub fn key_of(
 }
 
 fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision {
-    let (route, terms, body) = match admit(rules, req) {
+    let (route, terms, body) = match admit(rules, req, settings.client) {
         Ok(admitted) => admitted,
         Err(Bypassed::NoRoute) => {
             return Decision::Bypass(
@@ -666,7 +673,7 @@ pub fn read_trace(path: &Path) -> Result<(Vec<TraceRequest>, Vec<String>), Strin
 }
 
 /// `aisle replay`: reads the trace, replays it against `config`'s rules, prints the table.
-pub fn run(config: &Config, trace: &Path, default_ttl: Duration) -> ExitCode {
+pub fn run(config: &Config, trace: &Path, default_ttl: Duration, client: Client) -> ExitCode {
     let (requests, problems) = match read_trace(trace) {
         Ok(r) => r,
         Err(e) => {
@@ -694,6 +701,7 @@ pub fn run(config: &Config, trace: &Path, default_ttl: Duration) -> ExitCode {
     let settings = Settings {
         default_ttl,
         max_ttl: config.cache.max_ttl,
+        client,
     };
     let report = replay(&config.rules, &requests, &settings);
     let (from, to) = report.span_ms.expect("at least one request");
@@ -707,7 +715,15 @@ pub fn run(config: &Config, trace: &Path, default_ttl: Duration) -> ExitCode {
         problems.len(),
         report.cacheable()
     );
-    println!("(simulated cache: unbounded, no invalidations, expired entries are misses)\n");
+    let clients = match client {
+        Client::Trusted => "trusted clients (--trusted): Aisle-* headers count",
+        Client::Untrusted => {
+            "untrusted clients: Aisle-* headers count only on client_controls rules"
+        }
+    };
+    println!(
+        "(simulated cache: unbounded, no invalidations, expired entries are misses; {clients})\n"
+    );
     print!("{}", render(&report, &settings));
     ExitCode::SUCCESS
 }
@@ -760,6 +776,7 @@ cache = false
     const SETTINGS: Settings = Settings {
         default_ttl: Duration::from_secs(300),
         max_ttl: Duration::from_secs(86_400),
+        client: Client::Untrusted,
     };
 
     fn trace(lines: &[&str]) -> Vec<TraceRequest> {
@@ -881,7 +898,7 @@ cache = false
         let set = rules();
         let reasons: Vec<_> = trace
             .iter()
-            .map(|r| match admit(&set, r) {
+            .map(|r| match admit(&set, r, Client::Untrusted) {
                 Ok(_) => None,
                 Err(Bypassed::Admission(_, reason)) => Some(reason),
                 Err(Bypassed::NoRoute | Bypassed::BadHost(_)) => panic!("routed"),
@@ -891,6 +908,21 @@ cache = false
             reasons,
             vec![Some(Bypass::NotJson), Some(Bypass::BodyLengthUnknown), None]
         );
+    }
+
+    #[test]
+    fn control_headers_count_only_for_trusted_traces() {
+        // A namespace is its own key space only when the trace is from trusted clients.
+        let lines = [
+            r#"{"timestamp": 0, "path": "/search", "query": "location=nyc"}"#,
+            r#"{"timestamp": 1, "path": "/search", "query": "location=nyc", "headers": {"aisle-cache-namespace": "t"}}"#,
+        ];
+        let hits = |client: Client| {
+            let settings = Settings { client, ..SETTINGS };
+            stats(&replay(&rules(), &trace(&lines), &settings), "search").hits
+        };
+        assert_eq!(hits(Client::Untrusted), 1);
+        assert_eq!(hits(Client::Trusted), 0);
     }
 
     #[test]
@@ -991,10 +1023,16 @@ cache = false
         let config = Config::from_str(&dir.path().join("gateway.toml"), gateway).unwrap();
         let bad = dir.path().join("bad.jsonl");
         std::fs::write(&bad, "nope\n{\"path\": \"/search\"}\n").unwrap();
-        assert_eq!(run(&config, &bad, SETTINGS.default_ttl), ExitCode::FAILURE);
+        assert_eq!(
+            run(&config, &bad, SETTINGS.default_ttl, Client::Untrusted),
+            ExitCode::FAILURE
+        );
         let good = dir.path().join("good.jsonl");
         std::fs::write(&good, "nope\n{\"timestamp\": 1, \"path\": \"/search\"}\n").unwrap();
-        assert_eq!(run(&config, &good, SETTINGS.default_ttl), ExitCode::SUCCESS);
+        assert_eq!(
+            run(&config, &good, SETTINGS.default_ttl, Client::Untrusted),
+            ExitCode::SUCCESS
+        );
     }
 
     /// The shipped configuration on a generated trace: every AI request is cacheable and keyed,
@@ -1017,6 +1055,7 @@ cache = false
         let settings = Settings {
             default_ttl: SETTINGS.default_ttl,
             max_ttl: config.cache.max_ttl,
+            client: Client::Untrusted,
         };
         let report = replay(&config.rules, &trace, &settings);
         assert_eq!(report.cacheable() + report.bypassed_total(), 5000);

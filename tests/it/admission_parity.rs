@@ -11,6 +11,7 @@
 use aisle::config::Config;
 use aisle::tools::replay::{admit, key_of, parse_line, Bypassed, TraceRequest};
 use aisle::tools::tracegen::{generate, Options};
+use aisle::trust::Client;
 use std::path::Path;
 use std::time::Duration;
 
@@ -39,6 +40,13 @@ const EDGE_CASES: &[&str] = &[
     r#"{"timestamp": 11, "path": "/api/weddings/%FF/timeline", "headers": {"host": "127.0.0.1:8080"}}"#,
     r#"{"timestamp": 12, "path": "/api/weddings/4%32/timeline", "headers": {"host": "LocalHost.:8080"}}"#,
     r#"{"timestamp": 13, "path": "/api/vendors/search", "query": "location=%FE", "headers": {"host": "127.0.0.1"}}"#,
+    // A repeated JSON key, an integer beyond 64 bits, integers past 2^53 (keyed exactly).
+    r#"{"timestamp": 20, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": "{\"model\":\"m\",\"messages\":[],\"messages\":[1]}"}"#,
+    r#"{"timestamp": 21, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": "{\"model\":\"m\",\"seed\":18446744073709551616}"}"#,
+    r#"{"timestamp": 22, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": "{\"model\":\"m\",\"seed\":9007199254740993}"}"#,
+    // A GET with a body its rule does not key on; a client's no-cache on a rule that ignores it.
+    r#"{"timestamp": 23, "path": "/api/vendors/search", "query": "location=nyc", "headers": {"host": "127.0.0.1:8080"}, "body": "{\"location\":\"boston\"}"}"#,
+    r#"{"timestamp": 24, "path": "/api/weather", "query": "city=nyc&date=2027-07-01", "headers": {"host": "127.0.0.1:8080", "cache-control": "no-cache"}}"#,
 ];
 
 /// The request as bytes on the wire: the trace's headers, the body framed as the trace says.
@@ -135,7 +143,8 @@ async fn replay_and_gateway_admit_and_key_every_request_alike() {
             "line {i} ({} {}): {line}\ngateway: {cs}",
             req.method, req.path
         );
-        match admit(&loaded.rules, &req) {
+        // The gateway has no [server] trusted_clients: every request is an untrusted client.
+        match admit(&loaded.rules, &req, Client::Untrusted) {
             Ok((route, terms, body)) => {
                 cached += 1;
                 assert!(

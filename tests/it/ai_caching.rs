@@ -25,6 +25,8 @@ fn config(origin_url: &str, extra: &str) -> String {
 listen = "{listen}"
 admin_listen = "{admin}"
 default_upstream = "ai"
+# The tests' client sends Aisle-Cache-TTL / Aisle-Cache-Namespace.
+trusted_clients = ["127.0.0.1/32"]
 
 [cache]
 memory = "64MiB"

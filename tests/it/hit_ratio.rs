@@ -24,6 +24,7 @@ fn shipped_rules_reach_the_target_on_the_synthetic_trace() {
     let settings = Settings {
         default_ttl: Duration::from_secs(300),
         max_ttl: config.cache.max_ttl,
+        client: aisle::trust::Client::Untrusted,
     };
     let report = replay(&config.rules, &trace, &settings);
     let ratio = report.hits() as f64 / report.cacheable() as f64;

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&[&str]] = &[
     &["diag", "units", "clock", "metrics", "usage"],
     &["rules"],
-    &["config"],
+    &["config", "trust"],
     &["key", "policy", "admission"],
     &["redis"],
     &["storage", "purge"],

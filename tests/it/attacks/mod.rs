@@ -5,3 +5,4 @@
 mod exhaustion;
 mod held_up;
 mod identity;
+mod trust;

@@ -1,0 +1,281 @@
+//! The headers that tell the origin where a request came from, rewritten for the upstream.
+//!
+//! A client's own forwarding headers ([`trust::FORWARDING_HEADERS`]: `X-Forwarded-*`,
+//! `Forwarded`, `X-Real-IP`, `X-Original-URL`, `X-Rewrite-URL`, `X-Host`) are not in the cache
+//! key, and an origin that believes them (links built from `X-Forwarded-Host`, routing by
+//! `X-Original-URL`) would have one client's answer cached for everyone. So they are removed, unless the connection comes from
+//! `[server] trusted_proxies` ([`crate::trust`]), and the gateway says what it saw itself:
+//!
+//! - `X-Forwarded-For`: the peer, appended to a trusted proxy's list;
+//! - `X-Forwarded-Proto`, `X-Forwarded-Host`: a trusted proxy's, else the scheme and `Host`
+//!   the gateway received;
+//! - `Forwarded` (RFC 7239): one element `for=...;host=...;proto=...`, appended to a trusted
+//!   proxy's.
+//!
+//! `Aisle-*` control headers are for the gateway alone and never go upstream, from anyone.
+
+use crate::trust::{self, Peer};
+use http::header::HeaderValue;
+use pingora::http::RequestHeader;
+use std::net::IpAddr;
+
+/// What the gateway itself saw of the request.
+pub struct Seen<'a> {
+    pub peer: Peer,
+    /// `http` or `https`: the listener's scheme.
+    pub proto: &'static str,
+    /// The `Host` header (or the request target's authority) as received.
+    pub host: Option<&'a [u8]>,
+}
+
+/// Rewrites the upstream request's forwarding and control headers.
+pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
+    let controls: Vec<_> = req
+        .headers
+        .keys()
+        .filter(|name| trust::is_control_header(name.as_str()))
+        .cloned()
+        .collect();
+    for name in controls {
+        req.remove_header(&name);
+    }
+    let from_proxy = seen.peer.proxy;
+    if !from_proxy {
+        for name in trust::FORWARDING_HEADERS {
+            req.remove_header(name);
+        }
+    }
+
+    // X-Forwarded-For: a trusted proxy's list, then the peer.
+    if let Some(peer) = seen.peer.addr {
+        let value = match joined(req, "x-forwarded-for") {
+            Some(list) => format!("{list}, {peer}"),
+            None => peer.to_string(),
+        };
+        set(req, "x-forwarded-for", value.as_bytes());
+    }
+    // X-Forwarded-Proto / -Host: a trusted proxy's own, else what the gateway saw.
+    if !req.headers.contains_key("x-forwarded-proto") {
+        set(req, "x-forwarded-proto", seen.proto.as_bytes());
+    }
+    if !req.headers.contains_key("x-forwarded-host") {
+        if let Some(host) = seen.host {
+            set(req, "x-forwarded-host", host);
+        }
+    }
+    // Forwarded: a trusted proxy's elements, then this hop's.
+    let element = forwarded_element(seen);
+    let value = match joined(req, "forwarded") {
+        Some(list) => format!("{list}, {element}"),
+        None => element,
+    };
+    set(req, "forwarded", value.as_bytes());
+}
+
+/// One RFC 7239 element for this hop: `for=192.0.2.7;host=example.com;proto=http`.
+fn forwarded_element(seen: &Seen<'_>) -> String {
+    let node = match seen.peer.addr {
+        Some(IpAddr::V4(ip)) => ip.to_string(),
+        // RFC 7239 §6: an IPv6 node is bracketed, and so must be quoted.
+        Some(IpAddr::V6(ip)) => format!("\"[{ip}]\""),
+        None => "unknown".to_string(),
+    };
+    let mut out = format!("for={node}");
+    if let Some(host) = seen.host.and_then(|h| std::str::from_utf8(h).ok()) {
+        out.push_str(";host=");
+        out.push_str(&value(host));
+    }
+    out.push_str(";proto=");
+    out.push_str(seen.proto);
+    out
+}
+
+/// An RFC 7239 value: a token as it is, anything else as a quoted-string.
+fn value(v: &str) -> String {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !v.is_empty() && v.chars().all(tchar) {
+        return v.to_string();
+    }
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// Every line of a header, joined with `, ` (RFC 9110 §5.3); `None` when absent or not text.
+fn joined(req: &RequestHeader, name: &str) -> Option<String> {
+    let mut out: Option<String> = None;
+    for v in req.headers.get_all(name) {
+        let v = v.to_str().ok()?.trim();
+        if v.is_empty() {
+            continue;
+        }
+        out = Some(match out {
+            Some(prev) => format!("{prev}, {v}"),
+            None => v.to_string(),
+        });
+    }
+    out
+}
+
+/// Replaces every line of `name` with one value (skipped if not a valid header value, which
+/// cannot happen for values built from a received header and an address).
+fn set(req: &mut RequestHeader, name: &'static str, value: &[u8]) {
+    if let Ok(v) = HeaderValue::from_bytes(value) {
+        let _ = req.insert_header(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trust::Client;
+
+    fn request(headers: &[(&str, &str)]) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/x", None).unwrap();
+        for (k, v) in headers {
+            req.append_header(k.to_string(), *v).unwrap();
+        }
+        req
+    }
+
+    fn header(req: &RequestHeader, name: &str) -> Option<String> {
+        let lines: Vec<_> = req
+            .headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        (!lines.is_empty()).then(|| lines.join(" | "))
+    }
+
+    fn peer(addr: &str, proxy: bool) -> Peer {
+        Peer {
+            addr: Some(addr.parse().unwrap()),
+            proxy,
+            client: Client::Untrusted,
+        }
+    }
+
+    const CLIENT_SAYS: &[(&str, &str)] = &[
+        ("host", "api.example.com"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-for", "10.9.9.9"),
+        ("x-real-ip", "10.9.9.9"),
+        ("x-original-url", "/admin"),
+        ("x-rewrite-url", "/admin"),
+        ("forwarded", "for=10.9.9.9;host=evil.example"),
+        ("x-forwarded-port", "8443"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-host", "evil.example"),
+        ("aisle-cache-ttl", "0"),
+        ("aisle-cache-namespace", "other-tenant"),
+        ("aisle-future-control", "x"),
+        ("accept", "application/json"),
+    ];
+
+    #[test]
+    fn an_untrusted_clients_forwarding_headers_are_replaced() {
+        let mut req = request(CLIENT_SAYS);
+        let seen = Seen {
+            peer: peer("192.0.2.7", false),
+            proto: "http",
+            host: Some(b"api.example.com"),
+        };
+        rewrite(&mut req, &seen);
+        assert_eq!(
+            header(&req, "x-forwarded-for").as_deref(),
+            Some("192.0.2.7")
+        );
+        assert_eq!(header(&req, "x-forwarded-proto").as_deref(), Some("http"));
+        assert_eq!(
+            header(&req, "x-forwarded-host").as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(
+            header(&req, "forwarded").as_deref(),
+            Some("for=192.0.2.7;host=api.example.com;proto=http")
+        );
+        for gone in [
+            "x-real-ip",
+            "x-original-url",
+            "x-rewrite-url",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "x-host",
+        ] {
+            assert_eq!(header(&req, gone), None, "{gone}");
+        }
+        assert!(
+            !req.headers.keys().any(|k| k.as_str().starts_with("aisle-")),
+            "control headers never go upstream"
+        );
+        assert_eq!(header(&req, "accept").as_deref(), Some("application/json"));
+        assert_eq!(header(&req, "host").as_deref(), Some("api.example.com"));
+    }
+
+    #[test]
+    fn a_trusted_proxys_headers_are_kept_and_extended() {
+        let mut req = request(CLIENT_SAYS);
+        req.append_header("x-forwarded-for", "10.9.9.10").unwrap();
+        let seen = Seen {
+            peer: peer("10.0.0.1", true),
+            proto: "http",
+            host: Some(b"api.example.com"),
+        };
+        rewrite(&mut req, &seen);
+        assert_eq!(
+            header(&req, "x-forwarded-for").as_deref(),
+            Some("10.9.9.9, 10.9.9.10, 10.0.0.1"),
+            "lines joined, the peer appended"
+        );
+        assert_eq!(header(&req, "x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(
+            header(&req, "x-forwarded-host").as_deref(),
+            Some("evil.example")
+        );
+        assert_eq!(header(&req, "x-original-url").as_deref(), Some("/admin"));
+        assert_eq!(header(&req, "x-real-ip").as_deref(), Some("10.9.9.9"));
+        assert_eq!(header(&req, "x-forwarded-prefix").as_deref(), Some("/evil"));
+        assert_eq!(
+            header(&req, "forwarded").as_deref(),
+            Some("for=10.9.9.9;host=evil.example, for=10.0.0.1;host=api.example.com;proto=http")
+        );
+        assert!(!req.headers.keys().any(|k| k.as_str().starts_with("aisle-")));
+    }
+
+    #[test]
+    fn forwarded_values_are_quoted_where_rfc_7239_says() {
+        let seen = |addr: &str, host: &'static [u8]| Seen {
+            peer: peer(addr, false),
+            proto: "http",
+            host: Some(host),
+        };
+        assert_eq!(
+            forwarded_element(&seen("2001:db8::1", b"h.example:8080")),
+            "for=\"[2001:db8::1]\";host=\"h.example:8080\";proto=http"
+        );
+        assert_eq!(
+            forwarded_element(&seen("::ffff:192.0.2.1", b"a\"b\\c")),
+            "for=\"[::ffff:192.0.2.1]\";host=\"a\\\"b\\\\c\";proto=http"
+        );
+        let unknown = Seen {
+            peer: Peer::default(),
+            proto: "https",
+            host: None,
+        };
+        assert_eq!(forwarded_element(&unknown), "for=unknown;proto=https");
+        // Without a peer address there is nothing to add to X-Forwarded-For.
+        let mut req = request(&[("x-forwarded-for", "10.9.9.9")]);
+        rewrite(&mut req, &unknown);
+        assert_eq!(header(&req, "x-forwarded-for"), None);
+        assert_eq!(header(&req, "x-forwarded-host"), None);
+    }
+}
