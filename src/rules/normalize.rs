@@ -204,7 +204,9 @@ fn format_number(n: f64) -> String {
 
 fn season(s: &str) -> Option<&'static str> {
     let month: u32 = if s.len() >= 10 {
-        chrono::NaiveDate::parse_from_str(&s[..10], "%Y-%m-%d")
+        // `get`, not `[..10]`: the value is the client's, and byte 10 may fall inside a
+        // character (`2027-07-1é`); such a value is no date and is kept as it is.
+        chrono::NaiveDate::parse_from_str(s.get(..10)?, "%Y-%m-%d")
             .ok()
             .map(|d| chrono::Datelike::month(&d))?
     } else if s.len() == 7 {
@@ -300,6 +302,15 @@ mod tests {
         assert_eq!(run(&["season"], "2027-10-03T15:00:00Z"), "fall");
         assert_eq!(run(&["season"], "someday"), "someday");
         assert_eq!(run(&["season"], "2027-13-01"), "2027-13-01");
+    }
+
+    #[test]
+    fn season_of_text_that_is_no_date_keeps_it_without_panicking() {
+        // Byte 10 falls inside 'é' (issue 9, item 14): no slicing through a character.
+        assert_eq!(run(&["season"], "2027-07-1é"), "2027-07-1é");
+        assert_eq!(run(&["season"], "2027-07-é"), "2027-07-é");
+        assert_eq!(run(&["season"], "日本語の日付です"), "日本語の日付です");
+        assert_eq!(run(&["season"], "2027-07-14é"), "summer");
     }
 
     #[test]
