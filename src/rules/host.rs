@@ -34,7 +34,10 @@ impl HostMatch {
         match self {
             HostMatch::Exact(h) => host.eq_ignore_ascii_case(h),
             HostMatch::Suffix(sfx) => {
-                host.len() > sfx.len() && host[host.len() - sfx.len()..].eq_ignore_ascii_case(sfx)
+                // Bytes, not `str`: the cut may fall inside a character of a non-ASCII host.
+                let host = host.as_bytes();
+                host.len() > sfx.len()
+                    && host[host.len() - sfx.len()..].eq_ignore_ascii_case(sfx.as_bytes())
             }
         }
     }
@@ -46,5 +49,20 @@ impl HostMatch {
             (HostMatch::Suffix(a), HostMatch::Suffix(b)) => b.ends_with(&**a),
             (HostMatch::Exact(_), HostMatch::Suffix(_)) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suffix_patterns_cut_hosts_as_bytes() {
+        let m = HostMatch::parse("*.example.com").unwrap();
+        assert!(m.matches("API.Example.COM"));
+        assert!(!m.matches(".example.com") && !m.matches("example.com"));
+        // 13 bytes: the 12-byte suffix starts inside 'é' (a str slice there panicked).
+        assert!(!m.matches("é.example.co"));
+        assert!(m.matches("é.example.com"));
     }
 }
