@@ -109,6 +109,21 @@ pub fn upstream_age(resp: &ResponseHeader) -> u64 {
         .unwrap_or(0)
 }
 
+/// The freshness lifetime `Expires` gives (RFC 9111 §4.2.1): `Expires - Date`, both on the
+/// origin's clock, so a skewed clock cannot stretch it; without a valid `Date`, the time of
+/// receipt. The caller takes `Age` off it, as for `max-age` (Varnish reads it the same way).
+/// An invalid `Expires` is a time in the past (§5.3); more than one gives `None` (no freshness).
+fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
+    let expires = calculate_expires_header_time(resp)?;
+    let date = resp
+        .headers
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or_default())
+}
+
 /// `t + d`, saturating: lifetimes come from origins, rules and clients, and a sum past what a
 /// `SystemTime` holds must cap rather than panic. (Every lifetime is then capped by `max_ttl`.)
 pub fn time_after(t: SystemTime, d: Duration) -> SystemTime {
@@ -168,20 +183,18 @@ pub fn cacheability(
     let fresh_until = match rule.ttl {
         _ if no_cache => Some(now - Duration::from_secs(1)),
         Some(ttl) if rule_ttl_status(status) => Some(time_after(now, ttl)),
-        _ => {
-            let from_cc = cc
-                .as_ref()
-                .and_then(|cc| cc.fresh_duration())
-                .map(|lifetime| {
-                    let remaining = lifetime.saturating_sub(Duration::from_secs(age));
-                    if remaining.is_zero() {
-                        now - Duration::from_secs(1)
-                    } else {
-                        time_after(now, remaining)
-                    }
-                });
-            from_cc.or_else(|| calculate_expires_header_time(resp))
-        }
+        _ => cc
+            .as_ref()
+            .and_then(|cc| cc.fresh_duration())
+            .or_else(|| expires_lifetime(resp, now))
+            .map(|lifetime| {
+                let remaining = lifetime.saturating_sub(Duration::from_secs(age));
+                if remaining.is_zero() {
+                    now - Duration::from_secs(1)
+                } else {
+                    time_after(now, remaining)
+                }
+            }),
     };
     let Some(fresh_until) = fresh_until else {
         // No explicit freshness: nothing gets a default TTL.
@@ -453,6 +466,68 @@ mod tests {
         )
         .unwrap();
         assert!(m.is_fresh(SystemTime::now()));
+    }
+
+    #[test]
+    fn expires_counts_from_date_and_age_shortens_it() {
+        let r = rule("");
+        let now = SystemTime::now();
+        let http = |t: SystemTime| httpdate::fmt_http_date(t);
+        let left = |m: &CacheMeta| {
+            m.fresh_until()
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs())
+        };
+        // An origin clock an hour ahead: 60 s of freshness, not an hour and a minute.
+        let ahead = now + Duration::from_secs(3600);
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("date", &http(ahead)),
+                    ("expires", &http(ahead + Duration::from_secs(60))),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!((55..=60).contains(&left(&m)), "{}", left(&m));
+        // Age past the lifetime is stale, whatever Expires says (it was fresh for a day).
+        let tomorrow = http(now + Duration::from_secs(86_400));
+        for age in ["86401", "18446744073709551616"] {
+            let m = stored(
+                &r,
+                &resp(200, &[("expires", &tomorrow), ("age", age)]),
+                false,
+            )
+            .unwrap();
+            assert!(!m.is_fresh(SystemTime::now()), "Age {age}");
+        }
+        // A cache relaying it (Date in the past by Age): still fresh until Expires.
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("date", &http(now - Duration::from_secs(100))),
+                    ("age", "100"),
+                    ("expires", &http(now + Duration::from_secs(120))),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!((115..=120).contains(&left(&m)), "{}", left(&m));
+        // Invalid Expires is in the past; two are no freshness at all.
+        let m = stored(&r, &resp(200, &[("expires", "0")]), false).unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
+        assert!(stored(
+            &r,
+            &resp(200, &[("expires", &tomorrow), ("expires", &tomorrow)]),
+            false
+        )
+        .is_none());
     }
 
     #[test]
