@@ -186,6 +186,9 @@ pub fn cacheability(
         _ => cc
             .as_ref()
             .and_then(|cc| cc.fresh_duration())
+            // Every delta-seconds past 2^31 is 2^31 (pingora keeps up to 2^32 - 1), so an
+            // overflowed Age is always at least the max-age it is compared with.
+            .map(|d| d.min(Duration::from_secs(DELTA_SECONDS_OVERFLOW)))
             .or_else(|| expires_lifetime(resp, now))
             .map(|lifetime| {
                 let remaining = lifetime.saturating_sub(Duration::from_secs(age));
@@ -458,6 +461,20 @@ mod tests {
         for invalid in [&b""[..], b"-1", b"+5", b"1.5", b"1e3", b"12 34", b"\xff"] {
             assert_eq!(delta_seconds(invalid), None, "{invalid:?}");
         }
+        // max-age is a delta-seconds too: 4294967295 is 2^31, which an Age of 2^31 uses up.
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=4294967295"),
+                    ("age", "2200000000"),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
         // Not delta-seconds: ignored (RFC 9111 §4.2.3: 0 when not available), so still fresh.
         let m = stored(
             &r,
