@@ -209,9 +209,19 @@ fn bucket(n: f64, width: f64) -> Option<f64> {
         if q == k {
             return Some(m);
         }
-        m = if q < k { m.next_up() } else { m.next_down() };
+        m = step(m, q < k);
     }
     None
+}
+
+/// The next float above (or below) a finite `x` (`f64::next_up` needs Rust 1.86).
+fn step(x: f64, up: bool) -> f64 {
+    if x == 0.0 {
+        let tiny = f64::from_bits(1);
+        return if up { tiny } else { -tiny };
+    }
+    let bits = x.to_bits();
+    f64::from_bits(if (x > 0.0) == up { bits + 1 } else { bits - 1 })
 }
 
 fn format_number(n: f64) -> String {
@@ -318,6 +328,9 @@ mod tests {
             run(&["bucket:0.1"], "0.7"),
             run(&["bucket:0.1"], &run(&["bucket:0.1"], "0.7"))
         );
+        assert_eq!(step(1.0, true), 1.0f64 + f64::EPSILON);
+        assert!(step(-1.0, true) > -1.0 && step(-1.0, false) < -1.0);
+        assert!(step(0.0, true) > 0.0 && step(0.0, false) < 0.0);
         // Past 2^52 buckets, floats cannot tell them apart: kept as written.
         assert_eq!(run(&["bucket:0.000001"], "1e300"), "1e300");
         assert!(Normalizer::parse("bucket:x", &tables()).is_err());
