@@ -200,7 +200,7 @@ impl Normalizer {
 /// than 2^52 buckets from zero, where floats no longer tell neighbouring buckets apart.
 fn bucket(n: f64, width: f64) -> Option<f64> {
     let k = (n / width).floor();
-    if !(k.abs() < (1u64 << 52) as f64) {
+    if !k.is_finite() || k.abs() >= (1u64 << 52) as f64 {
         return None;
     }
     let mut m = k * width;

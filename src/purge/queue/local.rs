@@ -72,11 +72,14 @@ pub(crate) fn encode_line(buf: &mut Vec<u8>, record: &LogLine) -> io::Result<()>
     Ok(())
 }
 
+/// A line of the log: a record, or why it is not one (its 1-based line number and the error).
+pub(crate) type Decoded = Result<LogLine, (usize, String)>;
+
 /// The records in the bytes of a log, in order, with the length of the prefix they fill. Only
 /// newline-terminated lines count (a torn last line was never acknowledged); blank lines are
 /// skipped; a line that is not a record is an error naming its 1-based line number. Bytes, not
 /// text: a line torn inside a character, or any damage, must not make the whole log unreadable.
-pub(crate) fn decode_log(bytes: &[u8]) -> (Vec<Result<LogLine, (usize, String)>>, usize) {
+pub(crate) fn decode_log(bytes: &[u8]) -> (Vec<Decoded>, usize) {
     let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let records = bytes[..whole]
         .split(|&b| b == b'\n')
