@@ -38,3 +38,6 @@ pub mod storage;
 pub mod tools;
 pub mod units;
 pub mod usage;
+
+#[cfg(test)]
+mod fuzz;
