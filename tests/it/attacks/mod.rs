@@ -3,3 +3,4 @@
 //! each keeps the cases that once got through as regression tests, and the ones that held up.
 
 mod held_up;
+mod panics;
