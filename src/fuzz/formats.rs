@@ -179,6 +179,51 @@ fn genuine(i: usize, key: &[u8], body: &[u8], ts: i64, id: &str) -> Vec<(&'stati
 }
 
 #[test]
+fn webhook_settings() {
+    let strategy = (
+        prop_oneof![
+            select(
+                &[
+                    "github",
+                    "stripe",
+                    "standard-webhooks",
+                    "hmac-sha256",
+                    "md5"
+                ][..]
+            )
+            .prop_map(String::from),
+            text(12),
+        ],
+        proptest::option::of(text(12)),
+        text(24),
+    );
+    run(
+        "webhook_settings",
+        1.0,
+        strategy,
+        |(name, header, secret)| {
+            // What `[webhooks.NAME]` says: any scheme name, header name and secret is accepted or
+            // refused with a message, never a panic; a standard-webhooks secret must be base64.
+            match Scheme::parse(&name, header.as_deref()) {
+                Ok(scheme) => {
+                    if let Ok(v) = Verifier::new(scheme.clone(), &secret, TOLERANCE) {
+                        check(!v.key.is_empty(), || {
+                            "an empty HMAC key was accepted".into()
+                        })?;
+                        check(
+                            v.verify(&http::HeaderMap::new(), b"{}", NOW).is_err(),
+                            || "a delivery without headers verified".into(),
+                        )?;
+                    }
+                }
+                Err(e) => check(!e.is_empty(), || "an empty error".into())?,
+            }
+            Ok(())
+        },
+    );
+}
+
+#[test]
 fn webhook_signatures() {
     let strategy = (
         0usize..4,

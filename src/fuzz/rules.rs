@@ -207,7 +207,7 @@ fn rules_text() {
     );
     run(
         "rules_text",
-        0.5,
+        1.0,
         strategy,
         |(lines, edits, split, encryption, requests)| {
             let text = mutate(lines.join("\n"), edits);
@@ -364,7 +364,7 @@ fn rule_toml() -> impl Strategy<Value = toml::Table> {
 #[test]
 fn rules_structured() {
     let strategy = (vec(rule_toml(), 0..6), vec(request(), 1..8));
-    run("rules_structured", 0.5, strategy, |(rules, requests)| {
+    run("rules_structured", 1.0, strategy, |(rules, requests)| {
         let mut file = toml::Table::new();
         let mut market = toml::Table::new();
         let mut map = toml::Table::new();
