@@ -17,7 +17,8 @@ cargo test --profile fuzz --locked --lib --no-run
 echo "fuzzing with AISLE_FUZZ_CASES=$cases (log: $log)" >&2
 start=$(date +%s)
 set +e
-AISLE_FUZZ_CASES="$cases" cargo test --profile fuzz --locked --lib "fuzz::$target" -- \
+# Targets are `fuzz::<area>::<target>`: filter on the target's name when one is given.
+AISLE_FUZZ_CASES="$cases" cargo test --profile fuzz --locked --lib "${target:-fuzz::}" -- \
   --nocapture --test-threads="${FUZZ_THREADS:-2}" >"$log" 2>&1
 status=$?
 set -e
@@ -32,5 +33,8 @@ awk -v secs="$(($(date +%s) - start))" '
 ' "$log"
 if [[ $status -ne 0 ]]; then
   echo "fuzzing found failures (or did not build); see $log" >&2
+elif ! grep -q '^fuzz ' "$log"; then
+  echo "no fuzz target matches ${target:-fuzz::}; targets are the test names under src/fuzz/" >&2
+  status=1
 fi
 exit $status
