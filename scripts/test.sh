@@ -7,4 +7,6 @@ source scripts/deps.sh
 ensure_packages cmake:cmake redis-server:redis-server redis-cli:redis-tools
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-cargo test --all-targets --locked
+# The fuzz targets (src/fuzz/) run a bounded number of cases here (2000 per unit of weight,
+# about 30 s on 2 cores); scripts/fuzz.sh runs them for longer.
+AISLE_FUZZ_CASES="${AISLE_FUZZ_CASES:-2000}" cargo test --all-targets --locked

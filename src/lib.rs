@@ -40,3 +40,6 @@ pub mod tools;
 pub mod trust;
 pub mod units;
 pub mod usage;
+
+#[cfg(test)]
+mod fuzz;

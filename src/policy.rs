@@ -14,7 +14,7 @@ use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora::http::ResponseHeader;
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the request's own `Cache-Control` / `Pragma` ask of the cache.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -87,13 +87,54 @@ pub fn response_cache_control(resp: &ResponseHeader) -> Option<CacheControl> {
         .or_else(|| CacheControl::from_resp_headers(resp))
 }
 
-/// The upstream's `Age` in seconds (RFC 9111 §5.1), 0 when absent or malformed.
-fn upstream_age(resp: &ResponseHeader) -> u64 {
+/// What a delta-seconds value too large to represent counts as (RFC 9111 §1.2.2): 2^31
+/// seconds, 68 years, so an answer that old is stale whatever its `max-age`.
+pub const DELTA_SECONDS_OVERFLOW: u64 = 1 << 31;
+
+/// RFC 9111 §1.2.2 `delta-seconds` (`1*DIGIT`): `None` when not one; values past 2^31,
+/// however many digits they have, are 2^31.
+pub fn delta_seconds(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits.iter().fold(0u64, |n, d| {
+        n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    });
+    Some(n.min(DELTA_SECONDS_OVERFLOW))
+}
+
+/// The upstream's `Age` in seconds (RFC 9111 §5.1): 0 when absent or not delta-seconds, at most
+/// 2^31 ([`DELTA_SECONDS_OVERFLOW`]).
+pub fn upstream_age(resp: &ResponseHeader) -> u64 {
     resp.headers
         .get(http::header::AGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| delta_seconds(v.as_bytes()))
         .unwrap_or(0)
+}
+
+/// The freshness lifetime `Expires` gives (RFC 9111 §4.2.1): `Expires - Date`, both on the
+/// origin's clock, so a skewed clock cannot stretch it; without a valid `Date`, the time of
+/// receipt. The caller takes `Age` off it, as for `max-age` (Varnish reads it the same way).
+/// An invalid `Expires` is a time in the past (§5.3); more than one gives `None` (no freshness).
+fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> {
+    let expires = calculate_expires_header_time(resp)?;
+    let date = resp
+        .headers
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+        .unwrap_or(now);
+    Some(expires.duration_since(date).unwrap_or_default())
+}
+
+/// `t + d`, saturating: lifetimes come from origins, rules and clients, and a sum past what a
+/// `SystemTime` holds must cap rather than panic. (Every lifetime is then capped by `max_ttl`.)
+pub fn time_after(t: SystemTime, d: Duration) -> SystemTime {
+    /// Year ~141,000: later than any lifetime needs, early enough to serialize anywhere.
+    const FAR: Duration = Duration::from_secs(1 << 42);
+    let far = (UNIX_EPOCH + FAR).max(t);
+    t.checked_add(d).map_or(far, |end| end.min(far))
 }
 
 /// `Vary: *` can never be matched by a later request.
@@ -145,27 +186,28 @@ pub fn cacheability(
     let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
     let fresh_until = match rule.ttl {
         _ if no_cache => Some(now - Duration::from_secs(1)),
-        Some(ttl) if rule_ttl_status(status) => Some(now + ttl),
-        _ => {
-            let from_cc = cc
-                .as_ref()
-                .and_then(|cc| cc.fresh_duration())
-                .map(|lifetime| {
-                    let remaining = lifetime.saturating_sub(Duration::from_secs(age));
-                    if remaining.is_zero() {
-                        now - Duration::from_secs(1)
-                    } else {
-                        now + remaining
-                    }
-                });
-            from_cc.or_else(|| calculate_expires_header_time(resp))
-        }
+        Some(ttl) if rule_ttl_status(status) => Some(time_after(now, ttl)),
+        _ => cc
+            .as_ref()
+            .and_then(|cc| cc.fresh_duration())
+            // Every delta-seconds past 2^31 is 2^31 (pingora keeps up to 2^32 - 1), so an
+            // overflowed Age is always at least the max-age it is compared with.
+            .map(|d| d.min(Duration::from_secs(DELTA_SECONDS_OVERFLOW)))
+            .or_else(|| expires_lifetime(resp, now))
+            .map(|lifetime| {
+                let remaining = lifetime.saturating_sub(Duration::from_secs(age));
+                if remaining.is_zero() {
+                    now - Duration::from_secs(1)
+                } else {
+                    time_after(now, remaining)
+                }
+            }),
     };
     let Some(fresh_until) = fresh_until else {
         // No explicit freshness: nothing gets a default TTL.
         return Uncacheable(NoCacheReason::Custom("no-freshness"));
     };
-    let fresh_until = fresh_until.min(now + max_ttl);
+    let fresh_until = fresh_until.min(time_after(now, max_ttl));
 
     let must_revalidate = cc
         .as_ref()
@@ -200,7 +242,11 @@ pub fn cacheability(
 
     let mut meta = CacheMeta::new(fresh_until, now, swr, sie, stored);
     if age > 0 {
-        meta.set_epoch_override(now - Duration::from_secs(age));
+        // Not before 1970: pingora serializes the epoch as time since then (the Redis tier).
+        let epoch = now
+            .checked_sub(Duration::from_secs(age))
+            .map_or(UNIX_EPOCH, |t| t.max(UNIX_EPOCH));
+        meta.set_epoch_override(epoch);
     }
     RespCacheable::Cacheable(meta)
 }
@@ -408,6 +454,144 @@ mod tests {
         assert!((3490..=3500).contains(&left), "{left}");
         assert!(m.age() >= Duration::from_secs(100));
         assert!(m.response_header().headers.get("age").is_none());
+    }
+
+    #[test]
+    fn an_age_too_large_to_represent_is_2_pow_31_and_stale() {
+        // Issue 9, item 14: u64::MAX panicked (`now - age`); one more digit parsed as 0 (fresh).
+        let r = rule("");
+        for age in [
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999999999",
+            "2147483648",
+            "4000000000",
+        ] {
+            let m = stored(
+                &r,
+                &resp(200, &[("cache-control", "max-age=3600"), ("age", age)]),
+                false,
+            )
+            .unwrap();
+            assert!(!m.is_fresh(SystemTime::now()), "Age {age} is stale");
+            assert!(m.epoch() >= UNIX_EPOCH, "Age {age}: epoch not before 1970");
+            assert!(
+                m.serialize().is_ok(),
+                "Age {age}: the Redis tier can store it"
+            );
+        }
+        assert_eq!(delta_seconds(b"18446744073709551615"), Some(1 << 31));
+        assert_eq!(delta_seconds(b"18446744073709551616"), Some(1 << 31));
+        assert_eq!(delta_seconds(b" 42 "), Some(42));
+        assert_eq!(delta_seconds(b"0"), Some(0));
+        for invalid in [&b""[..], b"-1", b"+5", b"1.5", b"1e3", b"12 34", b"\xff"] {
+            assert_eq!(delta_seconds(invalid), None, "{invalid:?}");
+        }
+        // max-age is a delta-seconds too: 4294967295 is 2^31, which an Age of 2^31 uses up.
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=4294967295"),
+                    ("age", "2200000000"),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
+        // Not delta-seconds: ignored (RFC 9111 §4.2.3: 0 when not available), so still fresh.
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "max-age=3600"), ("age", "-5")]),
+            false,
+        )
+        .unwrap();
+        assert!(m.is_fresh(SystemTime::now()));
+    }
+
+    #[test]
+    fn expires_counts_from_date_and_age_shortens_it() {
+        let r = rule("");
+        let now = SystemTime::now();
+        let http = |t: SystemTime| httpdate::fmt_http_date(t);
+        let left = |m: &CacheMeta| {
+            m.fresh_until()
+                .duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs())
+        };
+        // An origin clock an hour ahead: 60 s of freshness, not an hour and a minute.
+        let ahead = now + Duration::from_secs(3600);
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("date", &http(ahead)),
+                    ("expires", &http(ahead + Duration::from_secs(60))),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!((55..=60).contains(&left(&m)), "{}", left(&m));
+        // Age past the lifetime is stale, whatever Expires says (it was fresh for a day).
+        let tomorrow = http(now + Duration::from_secs(86_400));
+        for age in ["86401", "18446744073709551616"] {
+            let m = stored(
+                &r,
+                &resp(200, &[("expires", &tomorrow), ("age", age)]),
+                false,
+            )
+            .unwrap();
+            assert!(!m.is_fresh(SystemTime::now()), "Age {age}");
+        }
+        // A cache relaying it (Date in the past by Age): still fresh until Expires.
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("date", &http(now - Duration::from_secs(100))),
+                    ("age", "100"),
+                    ("expires", &http(now + Duration::from_secs(120))),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!((115..=120).contains(&left(&m)), "{}", left(&m));
+        // Invalid Expires is in the past; two are no freshness at all.
+        let m = stored(&r, &resp(200, &[("expires", "0")]), false).unwrap();
+        assert!(!m.is_fresh(SystemTime::now()));
+        assert!(stored(
+            &r,
+            &resp(200, &[("expires", &tomorrow), ("expires", &tomorrow)]),
+            false
+        )
+        .is_none());
+    }
+
+    #[test]
+    fn lifetimes_past_the_end_of_time_saturate() {
+        let now = SystemTime::now();
+        assert_eq!(
+            time_after(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let far = time_after(now, Duration::MAX);
+        assert!(far > now + Duration::from_secs(100 * 365 * 86_400));
+        assert_eq!(time_after(now, Duration::from_secs(u64::MAX)), far);
+        // A rule ttl and max_ttl of u64::MAX seconds panicked in `now + ttl`.
+        let mut r = rule("");
+        Arc::get_mut(&mut r).unwrap().ttl = Some(Duration::from_secs(u64::MAX));
+        let m = match cacheability(&r, &resp(200, &[]), false, now, Duration::MAX) {
+            RespCacheable::Cacheable(m) => m,
+            RespCacheable::Uncacheable(why) => panic!("cacheable: {why:?}"),
+        };
+        assert!(m.is_fresh(now + Duration::from_secs(86_400)));
+        assert!(m.serialize().is_ok());
     }
 
     #[test]

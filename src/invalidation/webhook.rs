@@ -60,7 +60,8 @@ impl Verifier {
     }
 
     fn check_time(&self, ts: i64, now: i64) -> Result<(), Rejection> {
-        let age = now - ts;
+        // Saturating: `ts` is the sender's (`t=-9223372036854775808` overflowed).
+        let age = now.saturating_sub(ts);
         if age.unsigned_abs() > self.tolerance.as_secs() {
             return Err(Rejection::StaleTimestamp { age_secs: age });
         }
@@ -327,6 +328,19 @@ mod tests {
             Err(Rejection::BadSignature),
             "the timestamp is signed"
         );
+    }
+
+    #[test]
+    fn timestamps_at_the_ends_of_i64_are_stale_not_a_panic() {
+        let v = Verifier::new(Scheme::Stripe, "whsec_x", TOL).unwrap();
+        for t in [i64::MIN, i64::MAX] {
+            let h = headers(&[("stripe-signature", format!("t={t},v1=00"))]);
+            assert!(matches!(
+                v.verify(&h, BODY, NOW),
+                Err(Rejection::StaleTimestamp { .. })
+            ));
+        }
+        assert!(v.check_time(i64::MAX, i64::MIN).is_err());
     }
 
     #[test]

@@ -422,8 +422,9 @@ impl ProxyHttp for Gateway {
             return Ok(decision);
         };
         if let Some(ttl) = ctx.terms().and_then(|t| t.ttl) {
-            // Aisle-Cache-TTL only ever shortens what the rule allows.
-            meta.expire_at(SystemTime::now() + ttl);
+            // Aisle-Cache-TTL only ever shortens what the rule allows (saturating: the number
+            // is the client's).
+            meta.expire_at(policy::time_after(SystemTime::now(), ttl));
         }
         let host = host_of(req);
         let rendered = rule.render_tags(&ctx.view(req, host));

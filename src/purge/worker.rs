@@ -228,6 +228,14 @@ async fn idle(
     }
 }
 
+/// When a pause of `after` from `now` ends. `after` is the CDN's `Retry-After`: one past what an
+/// `Instant` holds pauses for a century instead of panicking the send.
+fn pause_end(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
 /// One attempt at one item: send, report the answer, count, and record the outcome in the queue.
 async fn attempt(
     queue: Arc<PurgeQueue>,
@@ -279,7 +287,7 @@ async fn attempt(
             m.purge_requests.with_label_values(&[name, "retry"]).inc();
             item.last_error = detail.clone();
             if let Some(after) = after {
-                let until = Instant::now() + *after;
+                let until = pause_end(Instant::now(), *after);
                 let mut p = paused_until.lock();
                 if p.is_none_or(|t| t < until) {
                     *p = Some(until);
@@ -333,6 +341,21 @@ mod tests {
             assert!((0.0..1.0).contains(&u), "{u}");
             assert!(backoff(5, base, max, u) < Duration::from_secs(8));
         }
+    }
+
+    #[test]
+    fn a_retry_after_past_the_end_of_time_pauses_without_panicking() {
+        let now = Instant::now();
+        assert_eq!(
+            pause_end(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        let after = crate::purge::providers::parse_retry_after(
+            "18446744073709551615",
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        assert!(pause_end(now, after) > now + Duration::from_secs(365 * 86_400));
     }
 
     #[test]

@@ -63,5 +63,10 @@ mod tests {
         // ".example.com" is 12 bytes; 12 bytes from the end falls inside 'é'.
         assert!(!m.matches("éexample.com"));
         assert!(!m.matches("ééééééé"));
+        assert!(m.matches("API.Example.COM"));
+        assert!(!m.matches(".example.com") && !m.matches("example.com"));
+        // 13 bytes: the 12-byte suffix starts inside 'é' (a str slice there panicked).
+        assert!(!m.matches("é.example.co"));
+        assert!(m.matches("é.example.com"));
     }
 }

@@ -178,10 +178,10 @@ impl Normalizer {
                 Cow::Owned(items.join(","))
             }
             Normalizer::Bucket(width) => match value.trim().parse::<f64>() {
-                Ok(n) if n.is_finite() => {
-                    let floored = (n / width).floor() * width;
-                    Cow::Owned(format_number(floored))
-                }
+                Ok(n) if n.is_finite() => match bucket(n, *width) {
+                    Some(floored) => Cow::Owned(format_number(floored)),
+                    None => value,
+                },
                 _ => value,
             },
             Normalizer::Season => match season(value.trim()) {
@@ -194,6 +194,36 @@ impl Normalizer {
     }
 }
 
+/// The lower bound of `n`'s bucket of `width`, picked inside that same bucket: `k * width` can
+/// round to just below the bound, where normalizing the label again would give the bucket below
+/// (found by fuzzing: `4692.1e9` with `bucket:860459076.9185034`). `None` (keep the value) more
+/// than 2^52 buckets from zero, where floats no longer tell neighbouring buckets apart.
+fn bucket(n: f64, width: f64) -> Option<f64> {
+    let k = (n / width).floor();
+    if !k.is_finite() || k.abs() >= (1u64 << 52) as f64 {
+        return None;
+    }
+    let mut m = k * width;
+    for _ in 0..16 {
+        let q = (m / width).floor();
+        if q == k {
+            return Some(m);
+        }
+        m = step(m, q < k);
+    }
+    None
+}
+
+/// The next float above (or below) a finite `x` (`f64::next_up` needs Rust 1.86).
+fn step(x: f64, up: bool) -> f64 {
+    if x == 0.0 {
+        let tiny = f64::from_bits(1);
+        return if up { tiny } else { -tiny };
+    }
+    let bits = x.to_bits();
+    f64::from_bits(if (x > 0.0) == up { bits + 1 } else { bits - 1 })
+}
+
 fn format_number(n: f64) -> String {
     if n.fract() == 0.0 && n.abs() < 1e15 {
         format!("{}", n as i64)
@@ -204,7 +234,9 @@ fn format_number(n: f64) -> String {
 
 fn season(s: &str) -> Option<&'static str> {
     let month: u32 = if s.len() >= 10 {
-        chrono::NaiveDate::parse_from_str(&s[..10], "%Y-%m-%d")
+        // `get`, not `[..10]`: the value is the client's, and byte 10 may fall inside a
+        // character (`2027-07-1é`); such a value is no date and is kept as it is.
+        chrono::NaiveDate::parse_from_str(s.get(..10)?, "%Y-%m-%d")
             .ok()
             .map(|d| chrono::Datelike::month(&d))?
     } else if s.len() == 7 {
@@ -288,6 +320,19 @@ mod tests {
             "non-numbers are kept"
         );
         assert!(Normalizer::parse("bucket:0", &tables()).is_err());
+        // A bucket's label is in that bucket: normalizing it again changes nothing.
+        let w = Normalizer::Bucket(860459076.9185034);
+        let once = w.apply(Cow::Borrowed("4692.1e9")).into_owned();
+        assert_eq!(w.apply(Cow::Borrowed(&once)), once);
+        assert_eq!(
+            run(&["bucket:0.1"], "0.7"),
+            run(&["bucket:0.1"], &run(&["bucket:0.1"], "0.7"))
+        );
+        assert_eq!(step(1.0, true), 1.0f64 + f64::EPSILON);
+        assert!(step(-1.0, true) > -1.0 && step(-1.0, false) < -1.0);
+        assert!(step(0.0, true) > 0.0 && step(0.0, false) < 0.0);
+        // Past 2^52 buckets, floats cannot tell them apart: kept as written.
+        assert_eq!(run(&["bucket:0.000001"], "1e300"), "1e300");
         assert!(Normalizer::parse("bucket:x", &tables()).is_err());
     }
 
@@ -300,6 +345,15 @@ mod tests {
         assert_eq!(run(&["season"], "2027-10-03T15:00:00Z"), "fall");
         assert_eq!(run(&["season"], "someday"), "someday");
         assert_eq!(run(&["season"], "2027-13-01"), "2027-13-01");
+    }
+
+    #[test]
+    fn season_of_text_that_is_no_date_keeps_it_without_panicking() {
+        // Byte 10 falls inside 'é' (issue 9, item 14): no slicing through a character.
+        assert_eq!(run(&["season"], "2027-07-1é"), "2027-07-1é");
+        assert_eq!(run(&["season"], "2027-07-é"), "2027-07-é");
+        assert_eq!(run(&["season"], "日本語の日付です"), "日本語の日付です");
+        assert_eq!(run(&["season"], "2027-07-14é"), "summer");
     }
 
     #[test]

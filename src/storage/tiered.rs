@@ -62,7 +62,7 @@ pub fn servable_for(meta: &CacheMeta, now: SystemTime) -> Duration {
     let stale = meta
         .stale_while_revalidate_sec()
         .max(meta.stale_if_error_sec());
-    let until = meta.fresh_until() + Duration::from_secs(stale.into());
+    let until = crate::policy::time_after(meta.fresh_until(), Duration::from_secs(stale.into()));
     until.duration_since(now).unwrap_or_default()
 }
 

@@ -20,6 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["proxy", "admin", "control"],
     &["server"],
     &["tools"],
+    &["fuzz"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
@@ -128,15 +129,39 @@ fn the_checker_sees_upward_and_ignores_comments() {
     assert_eq!(module_of(Path::new("lib.rs")), None);
 }
 
+/// The modules `src/lib.rs` declares: `pub mod x;`, and `mod x;` right under `#[cfg(test)]`
+/// (test-only modules such as `fuzz`).
+fn declared_modules(lib: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let mut test_only = false;
+    for line in lib.lines().map(str::trim) {
+        let name = line
+            .strip_prefix("pub mod ")
+            .or_else(|| test_only.then(|| line.strip_prefix("mod ")).flatten());
+        if let Some(m) = name {
+            found.insert(m.trim_end_matches(';').to_string());
+        }
+        test_only = line == "#[cfg(test)]";
+    }
+    found
+}
+
+#[test]
+fn test_only_modules_count_as_declared() {
+    let lib = "pub mod a;\n#[cfg(test)]\nmod fuzz;\nmod private;\n";
+    let found = declared_modules(lib);
+    assert!(found.contains("a") && found.contains("fuzz"));
+    assert!(
+        !found.contains("private"),
+        "a plain `mod` is not a layer of its own"
+    );
+}
+
 #[test]
 fn every_top_level_module_has_a_layer_and_lib_rs_names_it() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
-    let declared: BTreeSet<String> = lib
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("pub mod "))
-        .map(|m| m.trim_end_matches(';').to_string())
-        .collect();
+    let declared = declared_modules(&lib);
     let layered: BTreeSet<String> = LAYERS
         .iter()
         .flat_map(|l| l.iter())

@@ -18,15 +18,15 @@ use std::path::{Path, PathBuf};
 /// Where an item is, as the log records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(super) enum LogState {
+pub(crate) enum LogState {
     Queued,
     Dead,
 }
 
 /// One line of `queue.log`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
-enum LogLine {
+pub(crate) enum LogLine {
     /// The item's current state (enqueue, retry, dead letter, revival).
     Put { state: LogState, item: Item },
     /// Delivered: forget it.
@@ -65,6 +65,31 @@ pub(super) struct FileLog {
     seq: u64,
 }
 
+/// Appends one record to `buf` as the log writes it: a JSON object and a newline.
+pub(crate) fn encode_line(buf: &mut Vec<u8>, record: &LogLine) -> io::Result<()> {
+    serde_json::to_writer(&mut *buf, record)?;
+    buf.push(b'\n');
+    Ok(())
+}
+
+/// A line of the log: a record, or why it is not one (its 1-based line number and the error).
+pub(crate) type Decoded = Result<LogLine, (usize, String)>;
+
+/// The records in the bytes of a log, in order, with the length of the prefix they fill. Only
+/// newline-terminated lines count (a torn last line was never acknowledged); blank lines are
+/// skipped; a line that is not a record is an error naming its 1-based line number. Bytes, not
+/// text: a line torn inside a character, or any damage, must not make the whole log unreadable.
+pub(crate) fn decode_log(bytes: &[u8]) -> (Vec<Decoded>, usize) {
+    let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let records = bytes[..whole]
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .filter(|(_, line)| !line.trim_ascii().is_empty())
+        .map(|(n, line)| serde_json::from_slice(line).map_err(|e| (n + 1, e.to_string())))
+        .collect();
+    (records, whole)
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -75,10 +100,10 @@ impl FileLog {
     pub(super) fn open(dir: &Path) -> io::Result<FileLog> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("queue.log");
-        let mut text = String::new();
+        let mut text = Vec::new();
         match File::open(&path) {
             Ok(mut f) => {
-                f.read_to_string(&mut text)?;
+                f.read_to_end(&mut text)?;
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -93,7 +118,7 @@ impl FileLog {
             seq: 0,
         };
         // Only newline-terminated records count: a torn tail was never acknowledged.
-        let whole = text.rfind('\n').map_or(0, |i| i + 1);
+        let (records, whole) = decode_log(&text);
         if whole < text.len() {
             tracing::warn!(
                 "{}: dropping a torn last record ({} bytes)",
@@ -101,13 +126,10 @@ impl FileLog {
                 text.len() - whole
             );
         }
-        for (n, line) in text[..whole].lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str::<LogLine>(line) {
+        for record in records {
+            match record {
                 Ok(r) => log.apply(r),
-                Err(e) => tracing::warn!("{}:{}: unreadable record: {e}", path.display(), n + 1),
+                Err((n, e)) => tracing::warn!("{}:{n}: unreadable record: {e}", path.display()),
             }
             log.records += 1;
         }
@@ -150,8 +172,7 @@ impl FileLog {
     fn append(&mut self, records: Vec<LogLine>, sync: bool) -> io::Result<()> {
         let mut buf = Vec::new();
         for r in &records {
-            serde_json::to_writer(&mut buf, r)?;
-            buf.push(b'\n');
+            encode_line(&mut buf, r)?;
         }
         let written =
             self.file.write_all(&buf).and_then(
@@ -326,14 +347,13 @@ impl FileLog {
             } else {
                 LogState::Queued
             };
-            serde_json::to_writer(
+            encode_line(
                 &mut buf,
                 &LogLine::Put {
                     state,
                     item: e.item.clone(),
                 },
             )?;
-            buf.push(b'\n');
         }
         let tmp = self.dir.join("queue.log.tmp");
         {
@@ -471,6 +491,33 @@ mod tests {
         for line in lines(dir.path()) {
             serde_json::from_str::<LogLine>(&line).expect("every line is a whole record");
         }
+    }
+
+    #[test]
+    fn a_record_torn_inside_a_character_is_dropped_and_the_log_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut log = FileLog::open(dir.path()).unwrap();
+            log.put(vec![item("a", "cf", 0)], LogState::Queued, true)
+                .unwrap();
+        }
+        // A crash mid-write of a tag "café": the file ends inside the two bytes of 'é'. Read as
+        // text, the whole log was refused (invalid UTF-8) and the queue could not start.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("queue.log"))
+            .unwrap();
+        f.write_all(b"{\"op\":\"put\",\"state\":\"queued\",\"item\":{\"id\":\"caf\xc3")
+            .unwrap();
+        drop(f);
+        let log = FileLog::open(dir.path()).unwrap();
+        assert_eq!(log.counts("cf"), (1, 0, 0));
+        // And a damaged whole line (not UTF-8) is skipped, not fatal.
+        let (records, whole) = decode_log(b"\xff\xfe\n{\"op\":\"done\",\"id\":\"x\"}\n\n");
+        assert_eq!(whole, 27);
+        assert!(matches!(records[0], Err((1, _))));
+        assert_eq!(records[1], Ok(LogLine::Done { id: "x".into() }));
+        assert_eq!(records.len(), 2);
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! is harmless, a purge dropped is not. The sending, pacing and backoff live in
 //! [`super::worker`].
 
-mod local;
+pub(crate) mod local;
 mod redis;
 
 use self::local::{FileLog, LogState};

@@ -5,4 +5,5 @@
 mod exhaustion;
 mod held_up;
 mod identity;
+mod panics;
 mod trust;
