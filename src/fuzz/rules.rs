@@ -633,6 +633,9 @@ fn keyed(set: &RuleSet, r: &KeyRequest) -> Option<(Vec<String>, Vec<u8>)> {
         params: &m.params,
         body: r.body.as_ref(),
     };
+    // What the gateway would not key (a keyed value repeated or not UTF-8) bypasses the cache:
+    // its key is never used, so it is left out of the property, as admission leaves it out.
+    crate::admission::keyable(m.rule, &view).ok()?;
     let mut parts = vec![
         m.rule.name.to_string(),
         r.host.to_ascii_lowercase(),
