@@ -13,9 +13,16 @@ async fn gateway(origin: &Origin) -> Gateway {
     Gateway::start(&config_for(&origin.url()), &[]).await
 }
 
-/// Sends `request` and then a well-formed request on the same connection; returns the paths the
-/// origin saw.
-async fn origin_paths_after(gw: &Gateway, origin: &Origin, request: &str) -> Vec<String> {
+/// Sends `request`, then a well-formed request of its own (`after`, a path never asked before, so
+/// it goes upstream, typically on the pooled connection the attack used: where a desync between
+/// the gateway's framing and the origin's would surface as an extra request); returns the paths
+/// the origin saw.
+async fn origin_paths_after(
+    gw: &Gateway,
+    origin: &Origin,
+    request: &str,
+    after: &str,
+) -> Vec<String> {
     let _ = tokio::time::timeout(RAW, async {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(gw.listen()).await.unwrap();
@@ -25,8 +32,9 @@ async fn origin_paths_after(gw: &Gateway, origin: &Origin, request: &str) -> Vec
     })
     .await;
     // A well-formed request afterwards, so the origin has certainly seen all it was going to.
-    let after = gw.get("/after").await;
-    assert_eq!(after.status, 200, "the gateway still serves");
+    let answer = gw.get(after).await;
+    assert_eq!(answer.status, 200, "the gateway still serves");
+    assert_eq!(origin.count(after), 1, "{after} went upstream");
     origin.requests().into_iter().map(|r| r.path).collect()
 }
 
@@ -43,14 +51,45 @@ async fn ambiguous_framing_smuggles_nothing() {
         "POST /c HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nTransfer-Encoding: xchunked\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-3 HTTP/1.1\r\nHost: h\r\n\r\n",
         // Whitespace before the colon.
         "POST /d HTTP/1.1\r\nHost: h\r\nTransfer-Encoding : chunked\r\nContent-Length: 4\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-4 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // A signed or padded Content-Length.
+        "POST /e HTTP/1.1\r\nHost: h\r\nContent-Length: +4\r\nConnection: close\r\n\r\nGET /smuggled-5 HTTP/1.1\r\nHost: h\r\n\r\n",
+        "POST /f HTTP/1.1\r\nHost: h\r\nContent-Length: 4, 40\r\nConnection: close\r\n\r\nGET /smuggled-6 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // Transfer-Encoding with a coding before chunked, and chunked twice.
+        "POST /g HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-7 HTTP/1.1\r\nHost: h\r\n\r\n",
+        "POST /h HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-8 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // A chunk size that overflows, and one with an extension hiding a request.
+        "POST /i HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nFFFFFFFFFFFFFFFFF1\r\nx\r\n0\r\n\r\nGET /smuggled-9 HTTP/1.1\r\nHost: h\r\n\r\n",
+        "POST /j HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3;x=\"a\r\nGET /smuggled-10 HTTP/1.1\"\r\nabc\r\n0\r\n\r\n",
+        // A bare LF line end and an obs-fold continuation.
+        "POST /k HTTP/1.1\nHost: h\nTransfer-Encoding: chunked\nContent-Length: 4\nConnection: close\n\n0\n\nGET /smuggled-11 HTTP/1.1\nHost: h\n\n",
+        "POST /l HTTP/1.1\r\nHost: h\r\nX-Pad: a\r\n Transfer-Encoding: chunked\r\nContent-Length: 4\r\nConnection: close\r\n\r\n0\r\n\r\nGET /smuggled-12 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // A GET with a body the gateway must not read as the next request.
+        "GET /m HTTP/1.1\r\nHost: h\r\nContent-Length: 38\r\nConnection: close\r\n\r\nGET /smuggled-13 HTTP/1.1\r\nHost: h\r\n\r\n",
+        // HTTP/1.0 with Transfer-Encoding (no chunked framing in 1.0).
+        "POST /n HTTP/1.0\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\nGET /smuggled-14 HTTP/1.1\r\nHost: h\r\n\r\n",
     ];
     for (i, case) in cases.iter().enumerate() {
-        let paths = origin_paths_after(&gw, &origin, case).await;
+        let paths = origin_paths_after(&gw, &origin, case, &format!("/after-{i}")).await;
         assert!(
             !paths.iter().any(|p| p.starts_with("/smuggled")),
             "case {i}: a smuggled request reached the origin: {paths:?}"
         );
     }
+}
+
+/// Two `Host` lines disagree on which site the request is for: refused, never routed or keyed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_host_lines_are_refused() {
+    let origin = framework_origin();
+    let gw = gateway(&origin).await;
+    let r = raw_request(
+        gw.listen(),
+        b"GET /two-hosts HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+        RAW,
+    )
+    .await;
+    assert_eq!(r.status, 400, "two Host lines");
+    assert!(origin.requests_for("/two-hosts").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
