@@ -61,8 +61,113 @@ pub struct Epochs {
     /// URI purges (RFC 9111 §4.4, URL purges), by [`crate::key::uri_id`]: deleting the
     /// entries is not enough, as a fill that was already in flight could store them again.
     uris: RwLock<HashMap<u64, Epoch>>,
-    prefixes: RwLock<Vec<(Box<str>, Epoch)>>,
+    prefixes: RwLock<PrefixTrie>,
     any: AtomicBool,
+}
+
+/// Prefix purges indexed by their bytes. Judging a `host/path` walks it once, so a hit costs
+/// O(its length) however many prefixes were purged (a list scanned on every hit made hits slow
+/// down as prefix purges accumulated: issue 10).
+#[derive(Default)]
+struct PrefixTrie {
+    root: Node,
+    len: usize,
+}
+
+#[derive(Default)]
+struct Node {
+    /// The purge of exactly the prefix that ends here, if any.
+    epoch: Option<Epoch>,
+    /// Sorted by byte (binary search); most nodes have one child.
+    children: Vec<(u8, Node)>,
+}
+
+impl Drop for Node {
+    /// Iterative, so a long prefix (a deep chain of nodes) cannot overflow the stack.
+    fn drop(&mut self) {
+        let mut stack: Vec<Node> = self.children.drain(..).map(|(_, n)| n).collect();
+        while let Some(mut n) = stack.pop() {
+            stack.extend(n.children.drain(..).map(|(_, c)| c));
+        }
+    }
+}
+
+impl PrefixTrie {
+    fn insert(&mut self, prefix: &[u8], epoch: Epoch) {
+        let mut node = &mut self.root;
+        for &b in prefix {
+            let i = match node.children.binary_search_by_key(&b, |(k, _)| *k) {
+                Ok(i) => i,
+                Err(i) => {
+                    node.children.insert(i, (b, Node::default()));
+                    i
+                }
+            };
+            node = &mut node.children[i].1;
+        }
+        match &mut node.epoch {
+            Some(e) => *e = e.merge(epoch),
+            None => {
+                node.epoch = Some(epoch);
+                self.len += 1;
+            }
+        }
+    }
+
+    /// The latest epoch, at or after `created_ms`, of a purged prefix of `s`.
+    fn worst(&self, s: &[u8], created_ms: u64) -> Option<Epoch> {
+        let mut worst: Option<Epoch> = None;
+        let mut node = &self.root;
+        let mut consider = |e: Option<Epoch>| {
+            if let Some(e) = e.filter(|e| e.at_ms >= created_ms) {
+                worst = Some(worst.map_or(e, |w| w.merge(e)));
+            }
+        };
+        consider(node.epoch);
+        for &b in s {
+            match node.children.binary_search_by_key(&b, |(k, _)| *k) {
+                Ok(i) => node = &node.children[i].1,
+                Err(_) => break,
+            }
+            consider(node.epoch);
+        }
+        worst
+    }
+
+    /// Every recorded (prefix, epoch), without recursion (a prefix may be long).
+    fn entries(&self) -> Vec<(Vec<u8>, Epoch)> {
+        let mut out = Vec::with_capacity(self.len);
+        let mut stack: Vec<(&Node, Vec<u8>)> = vec![(&self.root, Vec::new())];
+        while let Some((node, prefix)) = stack.pop() {
+            if let Some(e) = node.epoch {
+                out.push((prefix.clone(), e));
+            }
+            for (b, child) in &node.children {
+                let mut p = prefix.clone();
+                p.push(*b);
+                stack.push((child, p));
+            }
+        }
+        out
+    }
+
+    /// Keeps the epochs at or after `cutoff` (rebuilt: pruning runs at most once a minute);
+    /// returns how many were dropped.
+    fn prune(&mut self, cutoff: u64) -> usize {
+        let entries = self.entries();
+        let before = entries.len();
+        let mut kept = PrefixTrie::default();
+        for (p, e) in entries.into_iter().filter(|(_, e)| e.at_ms >= cutoff) {
+            kept.insert(&p, e);
+        }
+        let dropped = before - kept.len;
+        *self = kept;
+        dropped
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// Unix milliseconds now.
@@ -87,11 +192,7 @@ impl Epochs {
 
     /// Records a purge of every URI starting with `prefix` (`host/path...`).
     pub fn purge_prefix(&self, prefix: &str, epoch: Epoch) {
-        let mut prefixes = self.prefixes.write();
-        match prefixes.iter_mut().find(|(p, _)| &**p == prefix) {
-            Some((_, e)) => *e = e.merge(epoch),
-            None => prefixes.push((prefix.into(), epoch)),
-        }
+        self.prefixes.write().insert(prefix.as_bytes(), epoch);
         self.any.store(true, Ordering::Release);
     }
 
@@ -130,9 +231,12 @@ impl Epochs {
                 }
             }
         }
-        for (p, e) in self.prefixes.read().iter() {
-            if e.at_ms >= created && host_path.starts_with(&**p) {
-                worst = Some(worst.map_or(*e, |w| w.merge(*e)));
+        {
+            let prefixes = self.prefixes.read();
+            if !prefixes.is_empty() {
+                if let Some(e) = prefixes.worst(host_path.as_bytes(), created) {
+                    worst = Some(worst.map_or(e, |w| w.merge(e)));
+                }
             }
         }
         match worst {
@@ -151,11 +255,7 @@ impl Epochs {
             n += usize::from(!keep);
             keep
         });
-        self.prefixes.write().retain(|(_, e)| {
-            let keep = e.at_ms >= cutoff;
-            n += usize::from(!keep);
-            keep
-        });
+        n += self.prefixes.write().prune(cutoff);
         self.uris.write().retain(|_, e| {
             let keep = e.at_ms >= cutoff;
             n += usize::from(!keep);
@@ -172,13 +272,53 @@ impl Epochs {
 
     /// Number of recorded epochs (tags, prefixes).
     pub fn len(&self) -> (usize, usize) {
-        (self.tags.read().len(), self.prefixes.read().len())
+        (self.tags.read().len(), self.prefixes.read().len)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_prefix_trie_finds_every_purged_prefix_of_a_path_and_prunes() {
+        let e = |at_ms, soft| Epoch { at_ms, soft };
+        let mut t = PrefixTrie::default();
+        t.insert(b"h/api/", e(10, true));
+        t.insert(b"h/api/ven", e(20, false));
+        t.insert(b"h/other", e(30, false));
+        t.insert(b"h/api/", e(15, true));
+        assert_eq!(t.len, 3, "a prefix purged twice is one record");
+        // Every purged prefix of the path counts; the latest wins, hard over soft at equal times.
+        assert_eq!(t.worst(b"h/api/vendors/1", 0), Some(e(20, false)));
+        assert_eq!(t.worst(b"h/api/items", 0), Some(e(15, true)));
+        assert_eq!(
+            t.worst(b"h/api/vendors/1", 21),
+            None,
+            "created after every purge"
+        );
+        assert_eq!(
+            t.worst(b"h/ap", 0),
+            None,
+            "a shorter path is not under the prefix"
+        );
+        assert_eq!(t.worst(b"", 0), None);
+        // An empty prefix purges everything.
+        t.insert(b"", e(5, false));
+        assert_eq!(t.worst(b"x/anything", 0), Some(e(5, false)));
+        assert_eq!(t.prune(12), 1, "only the empty prefix (5) is older than 12");
+        assert_eq!(t.len, 3);
+        assert_eq!(t.worst(b"h/api/vendors", 0), Some(e(20, false)));
+        assert_eq!(t.worst(b"x/anything", 0), None);
+        // A very long prefix neither recurses nor overflows the stack (walking, pruning, dropping).
+        let long = vec![b'a'; 200_000];
+        t.insert(&long, e(40, false));
+        assert_eq!(t.worst(&long, 0), Some(e(40, false)));
+        assert_eq!(t.prune(35), 3);
+        assert_eq!(t.len, 1);
+        assert_eq!(t.prune(41), 1);
+        assert!(t.is_empty());
+    }
 
     fn at(ms: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(ms)
