@@ -10,10 +10,10 @@
 //! spans are relative to whatever text it came from.
 
 use super::env::expand_env;
+use super::secret::Secret;
 use crate::diag::Problem;
 use serde::Deserialize;
 use std::collections::BTreeMap;
-use std::fmt;
 use toml::Spanned;
 
 /// Cloudflare's per-request limit for every kind (and for URLs below Enterprise).
@@ -38,13 +38,13 @@ pub struct CdnConfig {
 }
 
 /// `[cdn.cloudflare]`
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudflareConfig {
     pub base: Option<Spanned<String>>,
     pub zone_id: Spanned<String>,
     /// API token with the zone's "Cache Purge" permission; usually `"${CF_API_TOKEN}"`.
-    pub token: Spanned<String>,
+    pub token: Spanned<Secret>,
     /// Requests per second.
     pub rate: Option<Spanned<f64>>,
     /// Items per request: 100, or up to 500 on Enterprise (URLs only; other kinds stay at 100).
@@ -52,26 +52,26 @@ pub struct CloudflareConfig {
 }
 
 /// `[cdn.fastly]`
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FastlyConfig {
     pub base: Option<Spanned<String>>,
     pub service_id: Spanned<String>,
     /// API token with `purge_select` scope; usually `"${FASTLY_TOKEN}"`.
-    pub token: Spanned<String>,
+    pub token: Spanned<Secret>,
     pub rate: Option<Spanned<f64>>,
 }
 
 /// `[cdn.cloudfront]`
-#[derive(Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudFrontConfig {
     pub base: Option<Spanned<String>>,
     pub distribution_id: Spanned<String>,
     pub access_key_id: Spanned<String>,
-    pub secret_access_key: Spanned<String>,
+    pub secret_access_key: Spanned<Secret>,
     /// For temporary credentials (STS); usually `"${AWS_SESSION_TOKEN}"`.
-    pub session_token: Option<Spanned<String>>,
+    pub session_token: Option<Spanned<Secret>>,
     pub region: Option<Spanned<String>>,
     pub rate: Option<Spanned<f64>>,
     /// Tag -> path patterns. A key ending in `*` matches every tag starting with the rest.
@@ -94,49 +94,6 @@ pub struct HttpConfig {
     pub rate: Option<Spanned<f64>>,
 }
 
-const REDACTED: &str = "<redacted>";
-
-impl fmt::Debug for CloudflareConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloudflareConfig")
-            .field("base", &self.base)
-            .field("zone_id", &self.zone_id)
-            .field("token", &REDACTED)
-            .field("rate", &self.rate)
-            .field("max_items", &self.max_items)
-            .finish()
-    }
-}
-
-impl fmt::Debug for FastlyConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FastlyConfig")
-            .field("base", &self.base)
-            .field("service_id", &self.service_id)
-            .field("token", &REDACTED)
-            .field("rate", &self.rate)
-            .finish()
-    }
-}
-
-impl fmt::Debug for CloudFrontConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloudFrontConfig")
-            .field("base", &self.base)
-            .field("distribution_id", &self.distribution_id)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &REDACTED)
-            .field(
-                "session_token",
-                &self.session_token.as_ref().map(|_| REDACTED),
-            )
-            .field("region", &self.region)
-            .field("rate", &self.rate)
-            .field("tag_paths", &self.tag_paths)
-            .finish()
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Checked
 // ---------------------------------------------------------------------------------------------
@@ -150,22 +107,22 @@ pub struct CdnSettings {
     pub http: Option<HttpSettings>,
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct CloudflareSettings {
     /// Without a trailing `/`.
     pub base: String,
     pub zone_id: String,
-    pub token: String,
+    pub token: Secret,
     pub rate: f64,
     /// URLs per request (other kinds: `CLOUDFLARE_MAX_ITEMS`).
     pub max_urls: usize,
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct FastlySettings {
     pub base: String,
     pub service_id: String,
-    pub token: String,
+    pub token: Secret,
     pub rate: f64,
 }
 
@@ -185,13 +142,13 @@ impl TagKey {
     }
 }
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct CloudFrontSettings {
     pub base: String,
     pub distribution_id: String,
     pub access_key_id: String,
-    pub secret_access_key: String,
-    pub session_token: Option<String>,
+    pub secret_access_key: Secret,
+    pub session_token: Option<Secret>,
     pub region: String,
     pub rate: f64,
     /// In key order.
@@ -206,47 +163,6 @@ pub struct HttpSettings {
     pub tag_method: http::Method,
     pub tag_header: http::HeaderName,
     pub rate: f64,
-}
-
-impl fmt::Debug for CloudflareSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloudflareSettings")
-            .field("base", &self.base)
-            .field("zone_id", &self.zone_id)
-            .field("token", &REDACTED)
-            .field("rate", &self.rate)
-            .field("max_urls", &self.max_urls)
-            .finish()
-    }
-}
-
-impl fmt::Debug for FastlySettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FastlySettings")
-            .field("base", &self.base)
-            .field("service_id", &self.service_id)
-            .field("token", &REDACTED)
-            .field("rate", &self.rate)
-            .finish()
-    }
-}
-
-impl fmt::Debug for CloudFrontSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CloudFrontSettings")
-            .field("base", &self.base)
-            .field("distribution_id", &self.distribution_id)
-            .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &REDACTED)
-            .field(
-                "session_token",
-                &self.session_token.as_ref().map(|_| REDACTED),
-            )
-            .field("region", &self.region)
-            .field("rate", &self.rate)
-            .field("tag_paths", &self.tag_paths)
-            .finish()
-    }
 }
 
 /// Checks every configured table. Each problem is reported on its own, at the value it is
@@ -309,7 +225,7 @@ fn cloudflare(c: &CloudflareConfig, p: &mut Problems) -> Option<CloudflareSettin
     Some(CloudflareSettings {
         base: base?,
         zone_id: zone_id?,
-        token: token?,
+        token: token?.into(),
         rate: rate?,
         max_urls: max_urls?,
     })
@@ -329,7 +245,7 @@ fn fastly(c: &FastlyConfig, p: &mut Problems) -> Option<FastlySettings> {
     Some(FastlySettings {
         base: base?,
         service_id: service_id?,
-        token: token?,
+        token: token?.into(),
         rate: rate?,
     })
 }
@@ -365,9 +281,13 @@ fn cloudfront(c: &CloudFrontConfig, p: &mut Problems) -> Option<CloudFrontSettin
     ));
     let token = p.ok(match &c.session_token {
         None => Ok(None),
-        Some(raw) => expand_env(raw.get_ref())
+        Some(raw) => expand_env(raw.get_ref().expose())
             .map_err(|e| problem(raw, format!("[cdn.{t}] session_token: {e}")))
-            .map(|v| Some(v.trim().to_string()).filter(|v| !v.is_empty())),
+            .map(|v| {
+                Some(v.trim().to_string())
+                    .filter(|v| !v.is_empty())
+                    .map(Secret::from)
+            }),
     });
     let region = p.ok(match &c.region {
         None => Ok("us-east-1".to_string()),
@@ -439,7 +359,7 @@ fn cloudfront(c: &CloudFrontConfig, p: &mut Problems) -> Option<CloudFrontSettin
         base: base?,
         distribution_id: dist?,
         access_key_id: akid?,
-        secret_access_key: sk?,
+        secret_access_key: sk?.into(),
         session_token: token?,
         region: region?,
         rate: rate?,
@@ -535,11 +455,11 @@ fn http_purge(c: &HttpConfig, p: &mut Problems) -> Option<HttpSettings> {
 fn required(
     table: &str,
     key: &str,
-    raw: &Spanned<String>,
+    raw: &Spanned<impl AsRef<str>>,
     example: &str,
 ) -> Result<String, Problem> {
-    let v =
-        expand_env(raw.get_ref()).map_err(|e| problem(raw, format!("[cdn.{table}] {key}: {e}")))?;
+    let v = expand_env(raw.get_ref().as_ref())
+        .map_err(|e| problem(raw, format!("[cdn.{table}] {key}: {e}")))?;
     let v = v.trim().to_string();
     if v.is_empty() {
         return Err(problem(
@@ -551,7 +471,12 @@ fn required(
 }
 
 /// A secret that goes into a header: non-empty and free of control characters.
-fn secret(table: &str, key: &str, raw: &Spanned<String>, example: &str) -> Result<String, Problem> {
+fn secret(
+    table: &str,
+    key: &str,
+    raw: &Spanned<impl AsRef<str>>,
+    example: &str,
+) -> Result<String, Problem> {
     let v = required(table, key, raw, example)?;
     if v.bytes().any(|b| b.is_ascii_control() || !b.is_ascii()) {
         return Err(problem(

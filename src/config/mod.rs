@@ -15,6 +15,7 @@
 pub mod cdn;
 mod env;
 mod raw;
+pub mod secret;
 pub mod webhook;
 
 use env::expand_env;

@@ -36,7 +36,7 @@ impl Cloudflare {
             endpoint: format!("{}/client/v4/zones/{}/purge_cache", cfg.base, cfg.zone_id),
             client: client("cloudflare", super::is_loopback(&cfg.base))?,
             zone_id: cfg.zone_id.clone(),
-            bearer: format!("Bearer {}", cfg.token),
+            bearer: format!("Bearer {}", cfg.token.expose()),
             rate: cfg.rate,
             max_urls: cfg.max_urls,
         })

@@ -35,7 +35,7 @@ impl Fastly {
             endpoint: format!("{}/service/{}/purge", cfg.base, cfg.service_id),
             client: client("fastly", super::is_loopback(&cfg.base))?,
             service_id: cfg.service_id.clone(),
-            token: cfg.token.clone(),
+            token: cfg.token.expose().to_string(),
             rate: cfg.rate,
         })
     }
