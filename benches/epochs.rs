@@ -45,5 +45,35 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// URI purges (one per unsafe request) are bounded: the newest 65,536 exact, older ones folded
+/// into fixed buckets; the check stays one hash lookup and one array read.
+fn bench_uris(c: &mut Criterion) {
+    let created = UNIX_EPOCH + Duration::from_millis(2_000_000);
+    for n in [0u64, 65_536, 1_000_000] {
+        let epochs = Epochs::default();
+        epochs.purge_tag(
+            "other",
+            Epoch {
+                at_ms: 1_000,
+                soft: false,
+            },
+        );
+        for i in 0..n {
+            epochs.purge_uri(
+                i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                Epoch {
+                    at_ms: 1_000 + i,
+                    soft: false,
+                },
+            );
+        }
+        let (exact, folded) = epochs.uri_len();
+        c.bench_function(
+            &format!("judge a hit, {n} URI purges ({exact} exact, folded: {folded})"),
+            |b| b.iter(|| black_box(epochs.judge(black_box(created), ["vendors"], "h/x", 7))),
+        );
+    }
+}
+
+criterion_group!(benches, bench, bench_uris);
 criterion_main!(benches);

@@ -238,6 +238,17 @@ static TIER_HITS: Lazy<IntCounterVec> = Lazy::new(|| {
     .expect("register aisle_tier_hits_total")
 });
 
+/// Purge epochs this instance keeps, by kind: `tag`, `prefix`, `uri` (exact), and
+/// `uri_folded` (1 when older URI purges were folded into fixed buckets: memory stays bounded).
+pub static PURGE_EPOCHS: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "aisle_purge_epochs",
+        "Purge epochs kept by this instance, by kind (tag, prefix, uri; uri_folded is 1 once old URI purges share fixed buckets)",
+        &["kind"]
+    )
+    .expect("register aisle_purge_epochs")
+});
+
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS

@@ -13,6 +13,7 @@
 //! check tests first with one atomic load.
 
 use crate::clock::now_ms;
+use crate::metrics::PURGE_EPOCHS;
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,9 +61,116 @@ pub struct Epochs {
     tags: RwLock<HashMap<Box<str>, Epoch>>,
     /// URI purges (RFC 9111 §4.4, URL purges), by [`crate::key::uri_id`]: deleting the
     /// entries is not enough, as a fill that was already in flight could store them again.
-    uris: RwLock<HashMap<u64, Epoch>>,
+    uris: RwLock<UriEpochs>,
     prefixes: RwLock<PrefixTrie>,
     any: AtomicBool,
+}
+
+/// Distinct URIs whose purge is kept exactly; older ones fold into [`URI_BUCKETS`].
+/// About 50 bytes each: 65,536 cost about 3 MiB.
+pub const URI_EXACT_MAX: usize = 65_536;
+/// Buckets the oldest URI purges fold into (8 bytes each: 512 KiB).
+pub const URI_BUCKETS: usize = 65_536;
+
+/// URI purge epochs in bounded memory. Every unsafe request records one (RFC 9111 §4.4), so an
+/// API taking many distinct writes would grow a plain map without bound within the retention
+/// window (issue 10). The most recent [`URI_EXACT_MAX`] are kept exactly; when the map is full,
+/// its older half folds into a fixed array of buckets (`uri % URI_BUCKETS`) holding the latest
+/// purge time that fell in each. A bucket can only judge *more* entries purged than were (an
+/// entry of another URI in the same bucket, created before that purge, is refetched): never a
+/// purged answer served. URI purges are hard, so a bucket keeps only a time.
+struct UriEpochs {
+    exact: HashMap<u64, Epoch>,
+    /// Unix ms of the latest folded purge per bucket; empty until the first fold.
+    buckets: Box<[u64]>,
+}
+
+impl Default for UriEpochs {
+    fn default() -> Self {
+        UriEpochs {
+            exact: HashMap::new(),
+            buckets: Box::default(),
+        }
+    }
+}
+
+impl UriEpochs {
+    fn insert(&mut self, uri: u64, epoch: Epoch) {
+        if self.exact.len() >= URI_EXACT_MAX && !self.exact.contains_key(&uri) {
+            self.fold_older_half();
+        }
+        let e = self.exact.entry(uri).or_insert(epoch);
+        *e = e.merge(epoch);
+    }
+
+    /// Moves the older half of the exact map into the buckets: O(n) once per n/2 inserts.
+    fn fold_older_half(&mut self) {
+        if self.buckets.is_empty() {
+            self.buckets = vec![0u64; URI_BUCKETS].into_boxed_slice();
+        }
+        let mut times: Vec<u64> = self.exact.values().map(|e| e.at_ms).collect();
+        let mid = times.len() / 2;
+        let (_, median, _) = times.select_nth_unstable(mid);
+        let median = *median;
+        let buckets = &mut self.buckets;
+        self.exact.retain(|uri, e| {
+            if e.at_ms > median {
+                return true;
+            }
+            let b = &mut buckets[(*uri % URI_BUCKETS as u64) as usize];
+            *b = (*b).max(e.at_ms);
+            false
+        });
+    }
+
+    /// The purge of `uri` at or after `created_ms`, if any.
+    fn get(&self, uri: u64, created_ms: u64) -> Option<Epoch> {
+        let exact = self
+            .exact
+            .get(&uri)
+            .filter(|e| e.at_ms >= created_ms)
+            .copied();
+        let folded = self
+            .buckets
+            .get((uri % URI_BUCKETS as u64) as usize)
+            .filter(|&&at_ms| at_ms != 0 && at_ms >= created_ms)
+            .map(|&at_ms| Epoch { at_ms, soft: false });
+        match (exact, folded) {
+            (Some(a), Some(b)) => Some(a.merge(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Drops purges before `cutoff`; returns how many exact records were dropped.
+    fn prune(&mut self, cutoff: u64) -> usize {
+        let before = self.exact.len();
+        self.exact.retain(|_, e| e.at_ms >= cutoff);
+        let mut live = false;
+        for b in self.buckets.iter_mut() {
+            if *b < cutoff {
+                *b = 0;
+            }
+            live |= *b != 0;
+        }
+        if !live {
+            self.buckets = Box::default();
+        }
+        before - self.exact.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.buckets.is_empty()
+    }
+
+    /// Sets `aisle_purge_epochs{kind="uri"|"uri_folded"}`.
+    fn report(&self) {
+        PURGE_EPOCHS
+            .with_label_values(&["uri"])
+            .set(self.exact.len() as i64);
+        PURGE_EPOCHS
+            .with_label_values(&["uri_folded"])
+            .set(i64::from(!self.buckets.is_empty()));
+    }
 }
 
 /// Prefix purges indexed by their bytes. Judging a `host/path` walks it once, so a hit costs
@@ -179,20 +287,27 @@ impl Epochs {
         let mut tags = self.tags.write();
         let e = tags.entry(tag.into()).or_insert(epoch);
         *e = e.merge(epoch);
+        PURGE_EPOCHS
+            .with_label_values(&["tag"])
+            .set(tags.len() as i64);
         self.any.store(true, Ordering::Release);
     }
 
     /// Records a purge of every variant of a URI.
     pub fn purge_uri(&self, uri: u64, epoch: Epoch) {
         let mut uris = self.uris.write();
-        let e = uris.entry(uri).or_insert(epoch);
-        *e = e.merge(epoch);
+        uris.insert(uri, epoch);
+        uris.report();
         self.any.store(true, Ordering::Release);
     }
 
     /// Records a purge of every URI starting with `prefix` (`host/path...`).
     pub fn purge_prefix(&self, prefix: &str, epoch: Epoch) {
-        self.prefixes.write().insert(prefix.as_bytes(), epoch);
+        let mut prefixes = self.prefixes.write();
+        prefixes.insert(prefix.as_bytes(), epoch);
+        PURGE_EPOCHS
+            .with_label_values(&["prefix"])
+            .set(prefixes.len as i64);
         self.any.store(true, Ordering::Release);
     }
 
@@ -213,12 +328,7 @@ impl Epochs {
             return Verdict::Valid;
         }
         let created = millis(created);
-        let mut worst: Option<Epoch> = self
-            .uris
-            .read()
-            .get(&uri)
-            .filter(|e| e.at_ms >= created)
-            .copied();
+        let mut worst: Option<Epoch> = self.uris.read().get(uri, created);
         {
             let map = self.tags.read();
             if !map.is_empty() {
@@ -256,11 +366,13 @@ impl Epochs {
             keep
         });
         n += self.prefixes.write().prune(cutoff);
-        self.uris.write().retain(|_, e| {
-            let keep = e.at_ms >= cutoff;
-            n += usize::from(!keep);
-            keep
-        });
+        n += self.uris.write().prune(cutoff);
+        let (tags, prefixes) = self.len();
+        PURGE_EPOCHS.with_label_values(&["tag"]).set(tags as i64);
+        PURGE_EPOCHS
+            .with_label_values(&["prefix"])
+            .set(prefixes as i64);
+        self.uris.read().report();
         if self.tags.read().is_empty()
             && self.prefixes.read().is_empty()
             && self.uris.read().is_empty()
@@ -273,6 +385,13 @@ impl Epochs {
     /// Number of recorded epochs (tags, prefixes).
     pub fn len(&self) -> (usize, usize) {
         (self.tags.read().len(), self.prefixes.read().len)
+    }
+
+    /// URI purges kept exactly (at most [`URI_EXACT_MAX`]), and whether older ones were folded
+    /// into buckets.
+    pub fn uri_len(&self) -> (usize, bool) {
+        let uris = self.uris.read();
+        (uris.exact.len(), !uris.buckets.is_empty())
     }
 }
 
@@ -410,6 +529,48 @@ mod tests {
             e.judge(at(5), [], "h/x", 8),
             Verdict::Valid,
             "other URIs untouched"
+        );
+    }
+
+    /// Issue 10 item 6: a stream of distinct URI purges (one per unsafe request) stays within a
+    /// fixed bound, and every purge still refuses the entries stored before it.
+    #[test]
+    fn uri_epochs_stay_bounded_and_never_forget_a_purge() {
+        let e = Epochs::default();
+        let n = 4 * URI_EXACT_MAX as u64 + 123;
+        for i in 0..n {
+            // Distinct URIs, purged at increasing times (1 ms apart from t=10 s).
+            e.purge_uri(
+                i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                Epoch {
+                    at_ms: 10_000 + i,
+                    soft: false,
+                },
+            );
+            let (exact, _) = e.uri_len();
+            assert!(exact <= URI_EXACT_MAX, "{exact} exact records after {i}");
+        }
+        assert!(e.uri_len().1, "older purges were folded");
+        for i in (0..n).step_by(97) {
+            let uri = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            assert_eq!(
+                e.judge(at(10_000 + i), [], "h/x", uri),
+                Verdict::Gone,
+                "the entry stored in the purge's millisecond, uri #{i}"
+            );
+        }
+        // The most recent purges are exact: an entry of an unpurged URI stored after the
+        // latest folded purge is valid; one stored long before may be judged conservatively.
+        assert_eq!(
+            e.judge(at(10_000 + n), [], "h/x", 0xdead_beef_0000_0001),
+            Verdict::Valid
+        );
+        // Pruning past every purge empties the buckets too.
+        assert!(e.uris.write().prune(10_000 + n + 1) > 0);
+        assert_eq!(e.uri_len(), (0, false));
+        assert_eq!(
+            e.judge(at(1), [], "h/x", 3u64.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            Verdict::Valid
         );
     }
 
