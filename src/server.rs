@@ -67,7 +67,9 @@ fn cache_parts(
 pub fn build(config: Config) -> std::io::Result<Server> {
     let conf = ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(1),
+        // SIGTERM: listeners close at once, requests and streams in flight get the grace period
+        // (pingora waits all of it, rounded up to seconds), then what remains is cut.
+        grace_period_seconds: Some(config.grace_period.as_millis().div_ceil(1000) as u64),
         graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };

@@ -38,6 +38,9 @@ pub struct Config {
     pub admin_listen: String,
     /// Worker threads for the proxy service.
     pub threads: usize,
+    /// `[server] grace_period`: how long `SIGTERM` lets requests and streams in flight finish
+    /// (whole seconds; pingora's grace period).
+    pub grace_period: Duration,
     pub cache: CacheConfig,
     /// Upstreams in name order; rules refer to them by index.
     pub upstreams: Vec<Upstream>,
@@ -195,6 +198,11 @@ impl Config {
         let lock_timeout = dur(&raw.cache.lock_timeout, Duration::from_secs(10), &mut diags);
         let base = path.parent().unwrap_or(Path::new("."));
         let max_ttl = dur(&raw.cache.max_ttl, Duration::from_secs(86_400), &mut diags);
+        let grace_period = dur(
+            &raw.server.grace_period,
+            Duration::from_secs(10),
+            &mut diags,
+        );
         let admin = admin_config(&src, &raw.admin, &mut diags);
         let trust = Trust {
             proxies: networks(&src, raw.server.trusted_proxies.as_deref(), &mut diags),
@@ -342,6 +350,7 @@ impl Config {
                 .server
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            grace_period,
             cache: CacheConfig {
                 memory,
                 max_object,

@@ -46,6 +46,7 @@ pub(super) struct RawServer {
     pub(super) admin_listen: Spanned<String>,
     pub(super) default_upstream: Option<Spanned<String>>,
     pub(super) threads: Option<usize>,
+    pub(super) grace_period: Option<Spanned<String>>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) trusted_clients: Option<Vec<Spanned<String>>>,
 }

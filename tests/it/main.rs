@@ -29,6 +29,7 @@ mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
 mod rfc9111;
+mod shutdown;
 mod stale;
 mod structure;
 mod webhooks;
