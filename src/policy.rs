@@ -7,13 +7,12 @@
 
 use crate::rules::source::combined;
 use crate::rules::Rule;
-use pingora::cache::cache_control::{CacheControl, Cacheable, InterpretCacheControl};
+use pingora::cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora::cache::filters::calculate_expires_header_time;
 use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora::http::ResponseHeader;
-use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the request's own `Cache-Control` / `Pragma` ask of the cache.
@@ -65,13 +64,28 @@ pub fn serves_authorized(stored: &ResponseHeader) -> bool {
     response_cache_control(stored).is_some_and(|cc| cc.allow_caching_authorized_req())
 }
 
-/// Statuses a cache may store (RFC 9110 §15.1 "heuristically cacheable", plus redirects with
-/// explicit freshness). 206 is left to pingora's range handling of full entries.
-fn storable_status(status: u16) -> bool {
+/// Statuses RFC 9110 §15.1 makes heuristically cacheable: stored with explicit freshness, or
+/// with heuristic freshness from `Last-Modified` (RFC 9111 §4.2.2).
+fn heuristic_status(status: u16) -> bool {
     matches!(
         status,
-        200 | 203 | 204 | 300 | 301 | 302 | 307 | 308 | 404 | 405 | 410 | 414 | 501
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
     )
+}
+
+/// Statuses whose caching requirements this cache knows (RFC 9111 §5.2.2.3 `must-understand`):
+/// the heuristically cacheable ones, the other redirects, and client and server errors with no
+/// special caching rules.
+fn understood_status(status: u16) -> bool {
+    heuristic_status(status)
+        || matches!(status, 302 | 303 | 307 | 400 | 403 | 500 | 502 | 503 | 504)
+}
+
+/// Whether a final status may be stored at all (RFC 9111 §3): any final status may, given
+/// explicit freshness, except 206 (a part: entries here are whole answers; ranges are served
+/// from those) and 304 (it only updates a stored answer, §4.3.4). 1xx are not final.
+fn storable_status(status: u16) -> bool {
+    (200..=999).contains(&status) && status != 206 && status != 304
 }
 
 /// Statuses a rule's `ttl` applies to; others keep the origin's own freshness (a rule's 30
@@ -80,11 +94,99 @@ fn rule_ttl_status(status: u16) -> bool {
     matches!(status, 200 | 203 | 204 | 300 | 301 | 308)
 }
 
-/// The response's caching directives: `CDN-Cache-Control` (RFC 9213) when present, since a
-/// gateway is the CDN-like cache it targets; otherwise `Cache-Control`.
+/// The response's caching directives: `CDN-Cache-Control` (RFC 9213) when present and valid,
+/// since a gateway is the CDN-like cache it targets; otherwise `Cache-Control`.
 pub fn response_cache_control(resp: &ResponseHeader) -> Option<CacheControl> {
-    CacheControl::from_resp_headers_named("cdn-cache-control", resp)
-        .or_else(|| CacheControl::from_resp_headers(resp))
+    cdn_cache_control(&resp.headers).or_else(|| CacheControl::from_resp_headers(resp))
+}
+
+/// `CDN-Cache-Control` read as RFC 9213 §2.1 says: a Structured Field Dictionary (RFC 8941)
+/// whose delta-seconds directives are non-negative Integers and whose other known directives are
+/// Booleans (`private` and `no-cache` may also name fields with a String or an inner list of
+/// Strings). A field that does not parse, or holds a known directive of the wrong type (say
+/// `max-age="10"` or `max-age=1.5`), is invalid as a whole, and the cache falls back to
+/// `Cache-Control` (§2.2). Unknown directives are ignored, as in `Cache-Control`.
+fn cdn_cache_control(headers: &http::HeaderMap) -> Option<CacheControl> {
+    use sfv::{BareItem, ListEntry};
+    const SECONDS: [&str; 4] = [
+        "max-age",
+        "s-maxage",
+        "stale-while-revalidate",
+        "stale-if-error",
+    ];
+    const FLAGS: [&str; 8] = [
+        "no-store",
+        "public",
+        "must-revalidate",
+        "proxy-revalidate",
+        "no-transform",
+        "immutable",
+        "must-understand",
+        "only-if-cached",
+    ];
+    let mut lines = headers.get_all("cdn-cache-control").iter().peekable();
+    lines.peek()?;
+    // Several field lines are one list (RFC 9110 §5.3).
+    let joined: Vec<u8> = lines
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .join(&b", "[..]);
+    let dict = sfv::Parser::parse_dictionary(&joined).ok()?;
+    let mut out = String::new();
+    for (name, entry) in &dict {
+        let name = name.as_str();
+        let text = match entry {
+            ListEntry::Item(item) => match &item.bare_item {
+                BareItem::Integer(n) if SECONDS.contains(&name) => {
+                    if *n < 0 {
+                        return None;
+                    }
+                    format!("{name}={n}")
+                }
+                _ if SECONDS.contains(&name) => return None,
+                BareItem::Boolean(true) if FLAGS.contains(&name) => name.to_string(),
+                BareItem::Boolean(false) if FLAGS.contains(&name) => continue,
+                _ if FLAGS.contains(&name) => return None,
+                BareItem::Boolean(true) if matches!(name, "private" | "no-cache") => {
+                    name.to_string()
+                }
+                BareItem::Boolean(false) if matches!(name, "private" | "no-cache") => continue,
+                BareItem::String(fields) if matches!(name, "private" | "no-cache") => {
+                    format!("{name}=\"{}\"", fields.replace(['"', '\\'], ""))
+                }
+                _ if matches!(name, "private" | "no-cache") => return None,
+                _ => continue,
+            },
+            ListEntry::InnerList(list) if matches!(name, "private" | "no-cache") => {
+                let mut fields = Vec::new();
+                for item in &list.items {
+                    match &item.bare_item {
+                        BareItem::String(f) | BareItem::Token(f) => {
+                            fields.push(f.replace(['"', '\\'], ""))
+                        }
+                        _ => return None,
+                    }
+                }
+                format!("{name}=\"{}\"", fields.join(", "))
+            }
+            ListEntry::InnerList(_) if SECONDS.contains(&name) || FLAGS.contains(&name) => {
+                return None
+            }
+            ListEntry::InnerList(_) => continue,
+        };
+        if !out.is_empty() {
+            out.push_str(", ");
+        }
+        out.push_str(&text);
+    }
+    let mut map = http::HeaderMap::new();
+    // Even a field with no known directive (`CDN-Cache-Control: none`) targets this cache:
+    // it means "no directives", not "fall back" (RFC 9213 §3.1).
+    map.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_str(&out).ok()?,
+    );
+    CacheControl::from_headers_named("cache-control", &map)
 }
 
 /// What a delta-seconds value too large to represent counts as (RFC 9111 §1.2.2): 2^31
@@ -105,12 +207,18 @@ pub fn delta_seconds(value: &[u8]) -> Option<u64> {
 }
 
 /// The upstream's `Age` in seconds (RFC 9111 §5.1): 0 when absent or not delta-seconds, at most
-/// 2^31 ([`DELTA_SECONDS_OVERFLOW`]).
+/// 2^31 ([`DELTA_SECONDS_OVERFLOW`]). `Age` is a singleton: of several values (field lines, or a
+/// comma list on one line) the first counts, as §4.2.1 says of duplicated freshness
+/// information. A value that is not `1*DIGIT` (negative, fractional, words) is ignored; a
+/// `;parameter` after the digits is not part of the value.
 pub fn upstream_age(resp: &ResponseHeader) -> u64 {
-    resp.headers
-        .get(http::header::AGE)
-        .and_then(|v| delta_seconds(v.as_bytes()))
-        .unwrap_or(0)
+    let Some(first) = resp.headers.get(http::header::AGE) else {
+        return 0;
+    };
+    let value = first.as_bytes();
+    let value = value.split(|&b| b == b',').next().unwrap_or_default();
+    let value = value.split(|&b| b == b';').next().unwrap_or_default();
+    delta_seconds(value).unwrap_or(0)
 }
 
 /// The freshness lifetime `Expires` gives (RFC 9111 §4.2.1): `Expires - Date`, both on the
@@ -126,6 +234,33 @@ fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> 
         .and_then(|v| httpdate::parse_http_date(v).ok())
         .unwrap_or(now);
     Some(expires.duration_since(date).unwrap_or_default())
+}
+
+/// The longest heuristic freshness lifetime (RFC 9111 §4.2.2), as Squid and Traffic Server cap
+/// it; `[cache] max_ttl` caps it further.
+pub const HEURISTIC_MAX: Duration = Duration::from_secs(86_400);
+
+/// Heuristic freshness (RFC 9111 §4.2.2): 10% of the time since `Last-Modified` (on the origin's
+/// clock: `Date`, or the time of receipt), at most [`HEURISTIC_MAX`] and `max_ttl`. `None`
+/// without a valid `Last-Modified`, or when it is not before `Date`.
+fn heuristic_lifetime(
+    resp: &ResponseHeader,
+    now: SystemTime,
+    max_ttl: Duration,
+) -> Option<Duration> {
+    let date_of = |name: http::header::HeaderName| {
+        let mut values = resp.headers.get_all(name).iter();
+        let first = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        httpdate::parse_http_date(first.to_str().ok()?).ok()
+    };
+    let modified = date_of(http::header::LAST_MODIFIED)?;
+    let date = date_of(http::header::DATE).unwrap_or(now);
+    let since = date.duration_since(modified).ok()?;
+    let lifetime = (since / 10).min(HEURISTIC_MAX).min(max_ttl);
+    (!lifetime.is_zero()).then_some(lifetime)
 }
 
 /// `t + d`, saturating: lifetimes come from origins, rules and clients, and a sum past what a
@@ -168,9 +303,15 @@ pub fn cacheability(
         return Uncacheable(NoCacheReason::Custom("set-cookie"));
     }
     let cc = response_cache_control(resp);
+    // RFC 9111 §5.2.2.3: `must-understand` stores only statuses whose caching rules this cache
+    // knows, and for those it overrides the `no-store` sent along for older caches.
+    let must_understand = cc.as_ref().is_some_and(|cc| cc.has_key("must-understand"));
+    if must_understand && !understood_status(status) {
+        return Uncacheable(NoCacheReason::Custom("must-understand"));
+    }
     if cc
         .as_ref()
-        .is_some_and(|cc| cc.is_cacheable() == Cacheable::No)
+        .is_some_and(|cc| cc.private() || (cc.no_store() && !must_understand))
     {
         return Uncacheable(NoCacheReason::OriginNotCache);
     }
@@ -184,36 +325,50 @@ pub fn cacheability(
 
     let age = upstream_age(resp);
     let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    let explicit = cc
+        .as_ref()
+        .and_then(|cc| cc.fresh_duration())
+        // Every delta-seconds past 2^31 is 2^31 (pingora keeps up to 2^32 - 1), so an
+        // overflowed Age is always at least the max-age it is compared with.
+        .map(|d| d.min(Duration::from_secs(DELTA_SECONDS_OVERFLOW)))
+        .or_else(|| expires_lifetime(resp, now));
+    let lifetime = match explicit {
+        Some(d) => Some(d),
+        // Without explicit freshness only heuristically cacheable statuses, or any status
+        // marked `public`, are stored, and only when `Last-Modified` allows a heuristic
+        // (§4.2.2, §3): nothing gets a default TTL.
+        None if heuristic_status(status) || cc.as_ref().is_some_and(|cc| cc.public()) => {
+            heuristic_lifetime(resp, now, max_ttl)
+        }
+        None => None,
+    };
     let fresh_until = match rule.ttl {
         _ if no_cache => Some(now - Duration::from_secs(1)),
         Some(ttl) if rule_ttl_status(status) => Some(time_after(now, ttl)),
-        _ => cc
-            .as_ref()
-            .and_then(|cc| cc.fresh_duration())
-            // Every delta-seconds past 2^31 is 2^31 (pingora keeps up to 2^32 - 1), so an
-            // overflowed Age is always at least the max-age it is compared with.
-            .map(|d| d.min(Duration::from_secs(DELTA_SECONDS_OVERFLOW)))
-            .or_else(|| expires_lifetime(resp, now))
-            .map(|lifetime| {
-                let remaining = lifetime.saturating_sub(Duration::from_secs(age));
-                if remaining.is_zero() {
-                    now - Duration::from_secs(1)
-                } else {
-                    time_after(now, remaining)
-                }
-            }),
+        _ => lifetime.map(|lifetime| {
+            let remaining = lifetime.saturating_sub(Duration::from_secs(age));
+            if remaining.is_zero() {
+                now - Duration::from_secs(1)
+            } else {
+                time_after(now, remaining)
+            }
+        }),
     };
     let Some(fresh_until) = fresh_until else {
-        // No explicit freshness: nothing gets a default TTL.
+        // No freshness, explicit or heuristic: nothing gets a default TTL.
         return Uncacheable(NoCacheReason::Custom("no-freshness"));
     };
     let fresh_until = fresh_until.min(time_after(now, max_ttl));
 
-    let must_revalidate = cc
-        .as_ref()
-        .is_some_and(|cc| cc.must_revalidate() || cc.proxy_revalidate());
+    // RFC 9111 §4.2.4: these forbid serving the response stale; `s-maxage` carries
+    // `proxy-revalidate` for shared caches (§5.2.2.10), and `no-cache` requires a validation
+    // before every reuse (§5.2.2.4).
+    let no_stale = no_cache
+        || cc.as_ref().is_some_and(|cc| {
+            cc.must_revalidate() || cc.proxy_revalidate() || cc.has_key("s-maxage")
+        });
     let window = |rule_value: Option<Duration>, origin: Option<Duration>| -> u32 {
-        if must_revalidate {
+        if no_stale {
             return 0;
         }
         rule_value
@@ -280,13 +435,35 @@ pub fn variance(resp: &ResponseHeader, req: &http::HeaderMap) -> Option<HashBina
     for name in names {
         let value = http::HeaderName::from_bytes(name.as_bytes())
             .ok()
-            .and_then(|n| combined(req, &n).map(Cow::into_owned))
+            .and_then(|n| combined(req, &n).map(|v| normalize_list_value(&name, &v)))
             // No field value can contain NUL, so this marks "absent" apart from every value,
             // including the empty one.
             .unwrap_or_else(|| vec![0]);
         builder.add_owned_name_value(name, value);
     }
     builder.finalize()
+}
+
+/// Request fields whose values compare case-insensitively (content codings, language tags,
+/// charsets: RFC 9110 §8.4.1, §8.5.1 and RFC 4647, and §12.5).
+const CASE_INSENSITIVE_FIELDS: [&str; 3] = ["accept-encoding", "accept-language", "accept-charset"];
+
+/// A request field value as stored variants compare it (RFC 9111 §4.1 allows normalizing): the
+/// optional whitespace around list commas removed, and lowercased for the fields above. So
+/// `gzip,deflate`, `gzip, deflate` and `GZIP , Deflate` select the same variant; the order of
+/// the members still counts (it may carry preference).
+fn normalize_list_value(name: &str, value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    for (i, member) in value.split(|&b| b == b',').enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(member.trim_ascii());
+    }
+    if CASE_INSENSITIVE_FIELDS.contains(&name) {
+        out.make_ascii_lowercase();
+    }
+    out
 }
 
 /// Response headers through which an origin tags its responses.
@@ -639,7 +816,9 @@ mod tests {
             stored(&r, &resp(404, &[]), false).is_none(),
             "ttl applies to success statuses only"
         );
-        assert!(stored(&r, &resp(500, &[("cache-control", "max-age=60")]), false).is_none());
+        // RFC 9111 §3: any final status with explicit freshness; the rule's ttl does not apply.
+        let m = stored(&r, &resp(500, &[("cache-control", "max-age=60")]), false).unwrap();
+        assert!((55..=60).contains(&m.fresh_sec()), "{}", m.fresh_sec());
         let m = stored(
             &r,
             &resp(200, &[("cache-control", "must-revalidate")]),
@@ -650,6 +829,161 @@ mod tests {
             m.stale_if_error_sec(),
             0,
             "must-revalidate forbids serving stale"
+        );
+    }
+
+    /// Issue 11: statuses, `must-understand`, heuristic freshness, stale prohibitions.
+    #[test]
+    fn statuses_must_understand_and_heuristics() {
+        let r = rule("");
+        for status in [299, 303, 400, 500, 502, 503, 504, 599] {
+            assert!(
+                stored(&r, &resp(status, &[("cache-control", "max-age=60")]), false).is_some(),
+                "{status} with max-age"
+            );
+            assert!(
+                stored(&r, &resp(status, &[]), false).is_none(),
+                "{status} bare"
+            );
+        }
+        for status in [206, 304] {
+            assert!(stored(&r, &resp(status, &[("cache-control", "max-age=60")]), false).is_none());
+        }
+        let mu = [("cache-control", "max-age=60, must-understand, no-store")];
+        assert!(
+            stored(&r, &resp(200, &mu), false).is_some(),
+            "understood: no-store overridden"
+        );
+        assert!(
+            stored(&r, &resp(599, &mu), false).is_none(),
+            "not understood"
+        );
+        let now = SystemTime::now();
+        let lm = |ago: u64| httpdate::fmt_http_date(now - Duration::from_secs(ago));
+        let date = httpdate::fmt_http_date(now);
+        let m = stored(
+            &r,
+            &resp(200, &[("date", &date), ("last-modified", &lm(10_000))]),
+            false,
+        )
+        .unwrap();
+        assert!(
+            (995..=1000).contains(&m.fresh_sec()),
+            "10%: {}",
+            m.fresh_sec()
+        );
+        let m = stored(
+            &r,
+            &resp(
+                404,
+                &[("date", &date), ("last-modified", &lm(1000 * 86_400))],
+            ),
+            false,
+        )
+        .unwrap();
+        assert!(m.fresh_sec() <= 86_400 && m.fresh_sec() > 86_000, "capped");
+        assert!(
+            stored(
+                &r,
+                &resp(500, &[("date", &date), ("last-modified", &lm(10_000))]),
+                false
+            )
+            .is_none(),
+            "500 is not heuristically cacheable"
+        );
+        assert!(
+            stored(
+                &r,
+                &resp(
+                    500,
+                    &[
+                        ("cache-control", "public"),
+                        ("date", &date),
+                        ("last-modified", &lm(10_000))
+                    ]
+                ),
+                false
+            )
+            .is_some(),
+            "public makes any status heuristically cacheable"
+        );
+        assert!(
+            stored(
+                &r,
+                &resp(200, &[("date", &date), ("last-modified", &date)]),
+                false
+            )
+            .is_none(),
+            "modified now: no heuristic lifetime"
+        );
+        for no_stale in [
+            "max-age=60, no-cache, stale-if-error=60",
+            "max-age=60, s-maxage=60, stale-if-error=60",
+            "max-age=60, proxy-revalidate, stale-if-error=60",
+        ] {
+            let m = stored(&r, &resp(200, &[("cache-control", no_stale)]), false).unwrap();
+            assert_eq!(m.stale_if_error_sec(), 0, "{no_stale}");
+        }
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "max-age=60, stale-if-error=60")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(m.stale_if_error_sec(), 60);
+    }
+
+    /// Issue 11: RFC 9213 structured parsing, RFC 9111 §5.1 `Age`, §4.1 normalized Vary.
+    #[test]
+    fn cdn_cache_control_age_and_vary_normalization() {
+        let cdn = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("cdn-cache-control", v.parse().unwrap());
+            cdn_cache_control(&h)
+        };
+        let cc = cdn("max-age=60, stale-if-error=5, must-revalidate").unwrap();
+        assert_eq!(cc.max_age().unwrap(), Some(60));
+        assert!(cc.must_revalidate());
+        assert!(cdn("private").unwrap().private());
+        assert!(cdn("no-cache=\"set-cookie\"")
+            .unwrap()
+            .no_cache_field_names()
+            .is_some());
+        assert!(cdn("none").is_some(), "valid, no known directive");
+        for invalid in [
+            "max-age=\"60\"",
+            "max-age=1.5",
+            "max-age=-1",
+            "max-age=abc",
+            "no-store=3",
+            "max-age=60,,",
+            "Max-Age=60",
+            "max-age=(1 2)",
+        ] {
+            assert!(cdn(invalid).is_none(), "{invalid}");
+        }
+        let age = |lines: &[&str]| {
+            let mut r = resp(200, &[]);
+            for l in lines {
+                r.append_header("age", *l).unwrap();
+            }
+            upstream_age(&r)
+        };
+        assert_eq!(age(&["-5"]), 0);
+        assert_eq!(age(&["5.0"]), 0);
+        assert_eq!(age(&["0, 7200"]), 0);
+        assert_eq!(age(&["7200, 0"]), 7200);
+        assert_eq!(age(&["7200", "0"]), 7200);
+        assert_eq!(age(&["7200;foo=bar"]), 7200);
+        assert_eq!(age(&["99999999999"]), DELTA_SECONDS_OVERFLOW);
+        assert_eq!(
+            normalize_list_value("accept-encoding", b"GZIP , deflate"),
+            b"gzip,deflate"
+        );
+        assert_eq!(
+            normalize_list_value("x-tenant", b"A, B"),
+            b"A,B",
+            "case kept"
         );
     }
 

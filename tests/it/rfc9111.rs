@@ -407,3 +407,246 @@ async fn age_grows_while_cached() {
     assert!(aged.ttl().unwrap() <= 58);
     assert_eq!(origin.count("/ageing"), 1);
 }
+
+// ---------------------------------------------------------------------------
+// Issue 11: conformance, each test written from the RFC clause it names.
+// ---------------------------------------------------------------------------
+
+/// An origin whose answer per path is given by `answer(path, n)` (n = that path's request
+/// number, from 1).
+fn scripted(answer: fn(&str, usize) -> OriginResponse) -> Origin {
+    Origin::start(move |req| answer(&req.path, req.count))
+}
+
+/// Two GETs of `path`: whether the second was answered from storage (origin asked once).
+async fn reused(gw: &Gateway, origin: &Origin, path: &str, headers: &[(&str, &str)]) -> bool {
+    let a = gw.get_with(path, headers).await;
+    let b = gw.get_with(path, headers).await;
+    assert_eq!(a.status, b.status, "{path}: same status both times");
+    let from_cache = origin.count(path) == 1;
+    if from_cache {
+        assert_eq!(a.body, b.body, "{path}: a reuse replays the stored body");
+        assert!(b.is_hit(), "{path}: {:?}", b.cache_status());
+    }
+    from_cache
+}
+
+/// RFC 9111 §3: any final status may be stored when the response has explicit freshness; not
+/// only the heuristically cacheable ones. Without freshness, a 500 is not stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn any_final_status_with_explicit_freshness_is_stored() {
+    let origin = scripted(|path, n| {
+        let status: u16 = path.trim_start_matches("/s/").parse().unwrap_or(200);
+        let r = OriginResponse::with_status(status).body(format!("{path} #{n}"));
+        if path.ends_with("/plain") {
+            return OriginResponse::with_status(500).body(format!("{path} #{n}"));
+        }
+        r.header("cache-control", "max-age=3600")
+    });
+    let gw = gateway_for(&origin).await;
+    for status in [299, 303, 400, 500, 502, 503, 504, 599] {
+        let path = format!("/s/{status}");
+        assert!(
+            reused(&gw, &origin, &path, &[]).await,
+            "{status} with max-age=3600 is reusable while fresh"
+        );
+    }
+    assert!(
+        !reused(&gw, &origin, "/s/500/plain", &[]).await,
+        "a 500 without freshness is not stored"
+    );
+}
+
+/// RFC 9111 §5.2.2.3 `must-understand`: stored only when the cache understands the status,
+/// and then the `no-store` beside it (for older caches) is overridden.
+#[tokio::test(flavor = "multi_thread")]
+async fn must_understand_stores_only_understood_statuses() {
+    let origin = scripted(|path, n| {
+        let status = if path == "/mu/599" { 599 } else { 200 };
+        OriginResponse::with_status(status)
+            .body(format!("{path} #{n}"))
+            .header("cache-control", "max-age=3600, must-understand, no-store")
+    });
+    let gw = gateway_for(&origin).await;
+    assert!(
+        reused(&gw, &origin, "/mu/200", &[]).await,
+        "200 is understood"
+    );
+    assert!(
+        !reused(&gw, &origin, "/mu/599", &[]).await,
+        "599 is not understood: no-store holds"
+    );
+}
+
+/// RFC 9111 §4.2.2: a heuristically cacheable status with `Last-Modified` and no explicit
+/// freshness gets 10% of the time since modification, capped at a day; a status that is not
+/// heuristically cacheable gets none, nor does a response without `Last-Modified`.
+#[tokio::test(flavor = "multi_thread")]
+async fn heuristic_freshness_from_last_modified() {
+    let origin = scripted(|path, n| {
+        let now = SystemTime::now();
+        let body = format!("{path} #{n}");
+        match path {
+            "/h/old" => OriginResponse::ok(body)
+                .header("date", &http_date(now))
+                .header(
+                    "last-modified",
+                    &http_date(now - Duration::from_secs(100 * 86_400)),
+                ),
+            "/h/recent" => OriginResponse::ok(body)
+                .header("date", &http_date(now))
+                .header("last-modified", &http_date(now - Duration::from_secs(1000))),
+            "/h/500" => OriginResponse::with_status(500)
+                .body(body)
+                .header("date", &http_date(now))
+                .header(
+                    "last-modified",
+                    &http_date(now - Duration::from_secs(100 * 86_400)),
+                ),
+            _ => OriginResponse::ok(body).header("date", &http_date(now)),
+        }
+    });
+    let gw = gateway_for(&origin).await;
+    assert!(reused(&gw, &origin, "/h/old", &[]).await);
+    let ttl = gw.get("/h/old").await.ttl().expect("a ttl");
+    assert!(
+        (86_000..=86_400).contains(&ttl),
+        "10% of 100 days, capped at one day: ttl={ttl}"
+    );
+    assert!(reused(&gw, &origin, "/h/recent", &[]).await);
+    let ttl = gw.get("/h/recent").await.ttl().expect("a ttl");
+    assert!((90..=100).contains(&ttl), "10% of 1000 s: ttl={ttl}");
+    assert!(
+        !reused(&gw, &origin, "/h/500", &[]).await,
+        "500 is not heuristic"
+    );
+    assert!(
+        !reused(&gw, &origin, "/h/none", &[]).await,
+        "no Last-Modified, no freshness"
+    );
+}
+
+/// RFC 9213 §2.1-2.2: `CDN-Cache-Control` is a Structured Field Dictionary; a value that does
+/// not parse as one, or a directive of the wrong type, invalidates the field and the cache falls
+/// back to `Cache-Control`.
+#[tokio::test(flavor = "multi_thread")]
+async fn cdn_cache_control_is_a_structured_dictionary() {
+    let origin = scripted(|path, n| {
+        let (cdn, cc) = match path {
+            "/cdn/valid" => ("max-age=3600", "no-store"),
+            "/cdn/quoted" => ("max-age=\"3600\"", "no-store"),
+            "/cdn/decimal" => ("max-age=1.5", "max-age=3600"),
+            "/cdn/token" => ("max-age=abc", "max-age=3600"),
+            "/cdn/unparsable" => ("max-age=3600, ,", "no-store"),
+            _ => ("none", "max-age=3600"),
+        };
+        OriginResponse::ok(format!("{path} #{n}"))
+            .header("cdn-cache-control", cdn)
+            .header("cache-control", cc)
+    });
+    let gw = gateway_for(&origin).await;
+    assert!(
+        reused(&gw, &origin, "/cdn/valid", &[]).await,
+        "a valid CDN-Cache-Control wins over Cache-Control"
+    );
+    assert!(
+        !reused(&gw, &origin, "/cdn/quoted", &[]).await,
+        "max-age as a String is invalid: Cache-Control's no-store applies"
+    );
+    assert!(
+        reused(&gw, &origin, "/cdn/decimal", &[]).await,
+        "max-age as a Decimal is invalid: Cache-Control's max-age applies"
+    );
+    assert!(reused(&gw, &origin, "/cdn/token", &[]).await);
+    assert!(!reused(&gw, &origin, "/cdn/unparsable", &[]).await);
+    assert!(
+        !reused(&gw, &origin, "/cdn/none", &[]).await,
+        "a valid field with no known directive still targets this cache (RFC 9213 §3.1)"
+    );
+}
+
+/// RFC 9111 §5.1: `Age` is delta-seconds; what is not is ignored (negative, fractional,
+/// words), and of several values the first counts.
+#[tokio::test(flavor = "multi_thread")]
+async fn age_values_are_parsed_as_the_rfc_says() {
+    let origin = scripted(|path, n| {
+        let r = OriginResponse::ok(format!("{path} #{n}")).header("cache-control", "max-age=3600");
+        match path {
+            "/age/negative" => r.header("age", "-7200"),
+            "/age/float" => r.header("age", "7200.0"),
+            "/age/words" => r.header("age", "old"),
+            "/age/prefix" => r.header("age", "0, 7200"),
+            "/age/suffix" => r.header("age", "7200, 0"),
+            "/age/two-lines-fresh-first" => r.header("age", "0").header("age", "7200"),
+            "/age/two-lines-old-first" => r.header("age", "7200").header("age", "0"),
+            "/age/parameter" => r.header("age", "7200;foo=bar"),
+            _ => r.header("age", "2147483648"),
+        }
+    });
+    let gw = gateway_for(&origin).await;
+    for fresh in [
+        "/age/negative",
+        "/age/float",
+        "/age/words",
+        "/age/prefix",
+        "/age/two-lines-fresh-first",
+    ] {
+        assert!(reused(&gw, &origin, fresh, &[]).await, "{fresh}: fresh");
+    }
+    for stale in [
+        "/age/suffix",
+        "/age/two-lines-old-first",
+        "/age/parameter",
+        "/age/huge",
+    ] {
+        assert!(!reused(&gw, &origin, stale, &[]).await, "{stale}: stale");
+    }
+}
+
+/// RFC 9111 §4.2.4, §5.2.2.4: a response stored with `no-cache` must be validated before every
+/// reuse, so it is never served stale, even with `stale-if-error` and the origin failing.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_cache_is_never_served_stale_on_error() {
+    let origin = scripted(|path, n| {
+        OriginResponse::ok(format!("{path} #{n}")).header(
+            "cache-control",
+            "max-age=3600, no-cache, stale-if-error=600",
+        )
+    });
+    let gw = gateway_for(&origin).await;
+    let first = gw.get("/nc").await;
+    assert_eq!(first.status, 200);
+    origin.set_down(true);
+    let second = gw.get("/nc").await;
+    assert_ne!(
+        (second.status, second.body.clone()),
+        (200, first.body.clone()),
+        "served stale despite no-cache: {:?}",
+        second.cache_status()
+    );
+}
+
+/// RFC 9111 §4.1: stored variants are matched on normalized values: whitespace around list
+/// commas, and case where the field is case-insensitive (`Accept-Encoding`).
+#[tokio::test(flavor = "multi_thread")]
+async fn vary_matches_normalized_values() {
+    let origin = scripted(|path, n| {
+        OriginResponse::ok(format!("{path} #{n}"))
+            .header("cache-control", "max-age=3600")
+            .header("vary", "Accept-Encoding")
+    });
+    let gw = gateway_for(&origin).await;
+    let a = gw
+        .get_with("/vary", &[("accept-encoding", "gzip, deflate")])
+        .await;
+    let b = gw
+        .get_with("/vary", &[("accept-encoding", "GZIP,deflate")])
+        .await;
+    assert_eq!(a.body, b.body, "{:?}", b.cache_status());
+    assert_eq!(origin.count("/vary"), 1);
+    let c = gw
+        .get_with("/vary", &[("accept-encoding", "deflate, gzip")])
+        .await;
+    assert_eq!(origin.count("/vary"), 2, "another order is another variant");
+    assert_ne!(c.body, a.body);
+}
