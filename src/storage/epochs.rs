@@ -79,19 +79,11 @@ pub const URI_BUCKETS: usize = 65_536;
 /// purge time that fell in each. A bucket can only judge *more* entries purged than were (an
 /// entry of another URI in the same bucket, created before that purge, is refetched): never a
 /// purged answer served. URI purges are hard, so a bucket keeps only a time.
+#[derive(Default)]
 struct UriEpochs {
     exact: HashMap<u64, Epoch>,
     /// Unix ms of the latest folded purge per bucket; empty until the first fold.
     buckets: Box<[u64]>,
-}
-
-impl Default for UriEpochs {
-    fn default() -> Self {
-        UriEpochs {
-            exact: HashMap::new(),
-            buckets: Box::default(),
-        }
-    }
 }
 
 impl UriEpochs {
