@@ -394,6 +394,7 @@ pub fn cacheability(
     stored.remove_header(&http::header::SET_COOKIE);
     // Age is recomputed on every answer from cache.
     stored.remove_header(&http::header::AGE);
+    strip_hop_by_hop(&mut stored);
 
     let mut meta = CacheMeta::new(fresh_until, now, swr, sie, stored);
     if age > 0 {
@@ -404,6 +405,40 @@ pub fn cacheability(
         meta.set_epoch_override(epoch);
     }
     RespCacheable::Cacheable(meta)
+}
+
+/// Hop-by-hop fields: they describe one connection, not the response (RFC 9110 §7.6.1), plus
+/// the pre-standard `Keep-Alive` and `Proxy-Connection`.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "transfer-encoding",
+    "upgrade",
+    "trailer",
+];
+
+/// Removes the hop-by-hop fields and every field `Connection` names (RFC 9110 §7.6.1): a
+/// proxy removes them before forwarding, and a cache before storing (RFC 9111 §3.1).
+pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    let named: Vec<String> = resp
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        // `Connection: close` names a connection option, not a field; removing a field that
+        // happens to share a hop-by-hop name is what the loop below does anyway.
+        .filter(|n| !n.is_empty())
+        .collect();
+    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+        // Content-Length frames this message and is recomputed when sent; never listed away.
+        if name != "content-length" {
+            resp.remove_header(name);
+        }
+    }
 }
 
 /// The header names of a response's `Vary` (lowercased), for the variance key.
@@ -931,6 +966,33 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.stale_if_error_sec(), 60);
+    }
+
+    /// Issue 11: RFC 9110 §7.6.1: hop-by-hop fields and those `Connection` names are not stored.
+    #[test]
+    fn hop_by_hop_fields_are_not_stored() {
+        let r = rule("");
+        let m = stored(
+            &r,
+            &resp(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("connection", "x-hop, close"),
+                    ("x-hop", "1"),
+                    ("keep-alive", "timeout=5"),
+                    ("upgrade", "h2c"),
+                    ("x-kept", "1"),
+                ],
+            ),
+            false,
+        )
+        .unwrap();
+        let h = &m.response_header().headers;
+        for gone in ["connection", "x-hop", "keep-alive", "upgrade"] {
+            assert!(!h.contains_key(gone), "{gone} stored");
+        }
+        assert!(h.contains_key("x-kept"));
     }
 
     /// Issue 11: RFC 9213 structured parsing, RFC 9111 §5.1 `Age`, §4.1 normalized Vary.
