@@ -50,6 +50,12 @@ impl Breaker {
         }
     }
 
+    /// An operation [`Self::allow`]ed did not go to Redis after all (no connection): if it held
+    /// the probe, another caller may probe.
+    pub(super) fn skipped(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+
     pub(super) fn failure(&self) {
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         let probing = self.probing.swap(false, Ordering::AcqRel);
