@@ -12,7 +12,8 @@
 //! costs requests nothing (it used to cost the requests that happened to make the attempt up to
 //! the connect budget each, and queued the others behind them). The only wait is at start: the
 //! first operations of a process wait for the connector's first attempt for at most their own
-//! budget, so a reachable Redis is used from the first request on. The connector starts with the
+//! budget (once: after one of them gave up, none waits), so a reachable Redis is used from the
+//! first request on. The connector starts with the
 //! first operation (or [`Redis::start_connecting`]), on the caller's runtime.
 
 use super::breaker::Breaker;
@@ -77,13 +78,16 @@ struct Link {
     lost: tokio::sync::Notify,
     /// Set once the connector's first attempt has ended (connected or not).
     first_attempt: tokio::sync::watch::Sender<bool>,
+    /// Set once an operation gave up waiting for the first attempt.
+    first_wait_over: AtomicBool,
+    /// Open while there is no connection, and after repeated failures.
+    breaker: Breaker,
 }
 
 /// The process's connection to Redis, shared (`Arc`) by every domain that keeps state there.
 pub struct Redis {
     link: Arc<Link>,
     connector: AtomicBool,
-    breaker: Breaker,
     /// Per-operation budget on the request path.
     timeout: Duration,
     /// URL the pub/sub subscriber connects to (the single server, or the first cluster node).
@@ -125,9 +129,10 @@ impl Redis {
                 generation: AtomicU64::new(0),
                 lost: tokio::sync::Notify::new(),
                 first_attempt: tokio::sync::watch::channel(false).0,
+                first_wait_over: AtomicBool::new(false),
+                breaker: Breaker::default(),
             }),
             connector: AtomicBool::new(false),
-            breaker: Breaker::default(),
             timeout: cfg.timeout,
             subscribe_url,
             keyspaces: Registry::new(cfg.prefix.clone()),
@@ -143,17 +148,17 @@ impl Redis {
     /// Another connection (the subscriber's) reached Redis: close the circuit without waiting
     /// for request traffic to probe.
     pub fn mark_reachable(&self) {
-        self.breaker.success();
+        self.link.breaker.success();
     }
 
     /// Whether the circuit breaker is currently skipping Redis.
     pub fn circuit_open(&self) -> bool {
-        self.breaker.is_open()
+        self.link.breaker.is_open()
     }
 
     /// Whether there is a connection and the breaker lets operations use it (for `/readyz`).
     pub fn connected(&self) -> bool {
-        self.link.conn.lock().is_some() && !self.breaker.is_open()
+        self.link.conn.lock().is_some() && !self.link.breaker.is_open()
     }
 
     /// Starts the background connector (once; later calls do nothing). Needs a Tokio runtime:
@@ -207,8 +212,14 @@ impl Redis {
         }
         self.start_connecting();
         let mut first = self.link.first_attempt.subscribe();
-        if !*first.borrow_and_update() {
-            let _ = tokio::time::timeout(budget, first.wait_for(|done| *done)).await;
+        if !*first.borrow_and_update() && !self.link.first_wait_over.load(Ordering::Acquire) {
+            if tokio::time::timeout(budget, first.wait_for(|done| *done))
+                .await
+                .is_err()
+            {
+                // The first attempt is slow (a Redis that does not answer): nobody waits again.
+                self.link.first_wait_over.store(true, Ordering::Release);
+            }
         }
         self.link.conn.lock().clone()
     }
@@ -220,7 +231,7 @@ impl Redis {
         q: Query<'_>,
         budget: Duration,
     ) -> Option<T> {
-        if !self.breaker.allow() {
+        if !self.link.breaker.allow() {
             return None;
         }
         self.run(op, q, budget).await
@@ -246,7 +257,7 @@ impl Redis {
         let Some((generation, mut conn)) = self.connection(budget).await else {
             // Not an error of this operation: the connector is at it. The breaker's probe slot
             // is given back.
-            self.breaker.skipped();
+            self.link.breaker.skipped();
             return None;
         };
         let start = Instant::now();
@@ -273,19 +284,19 @@ impl Redis {
             .observe(start.elapsed().as_secs_f64());
         match r {
             Ok(Ok(v)) => {
-                self.breaker.success();
+                self.link.breaker.success();
                 Some(v)
             }
             Ok(Err(e)) => {
                 tracing::debug!("redis {op} failed: {e}");
                 m.redis_errors.with_label_values(&[op]).inc();
-                self.breaker.failure();
+                self.link.breaker.failure();
                 None
             }
             Err(_) => {
                 tracing::debug!("redis {op} timed out after {budget:?}");
                 m.redis_errors.with_label_values(&[op]).inc();
-                self.breaker.failure();
+                self.link.breaker.failure();
                 None
             }
         }
@@ -298,6 +309,7 @@ impl Link {
         let mut conn = self.conn.lock();
         if conn.as_ref().is_some_and(|(g, _)| *g == generation) {
             *conn = None;
+            self.breaker.trip();
             tracing::warn!("lost the connection to redis; reconnecting in the background");
             self.lost.notify_one();
         }
@@ -352,6 +364,7 @@ async fn connector(link: Weak<Link>) {
             Ok(c) => {
                 let generation = l.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 *l.conn.lock() = Some((generation, c));
+                l.breaker.success();
                 if failures > 0 {
                     tracing::warn!("connected to redis after {failures} failed attempts");
                 }
@@ -362,6 +375,7 @@ async fn connector(link: Weak<Link>) {
             }
             Err(e) => {
                 m.redis_errors.with_label_values(&["connect"]).inc();
+                l.breaker.trip();
                 if failures == 0 {
                     tracing::warn!(
                         "cannot connect to redis: {e}; requests skip it while the connector \

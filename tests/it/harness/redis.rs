@@ -155,6 +155,28 @@ impl RedisServer {
         Self::start_with(&extra, |_| true)
     }
 
+    /// Start a standalone server on `port` (where a test made the gateway expect one), retrying
+    /// until the deadline while the port is still held by what was there before.
+    pub fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir: tempfile::tempdir().expect("tempdir for redis"),
+            extra: Vec::new(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("redis start on {port} retry: {e}");
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+                Err(e) => panic!("redis-server on port {port} failed: {e}"),
+            }
+        }
+    }
+
     /// The server's process id (to stop it; see [`Self::pause`]).
     fn pid(&self) -> u32 {
         self.child.as_ref().expect("redis-server is running").id()
