@@ -212,14 +212,15 @@ impl Redis {
         }
         self.start_connecting();
         let mut first = self.link.first_attempt.subscribe();
-        if !*first.borrow_and_update() && !self.link.first_wait_over.load(Ordering::Acquire) {
-            if tokio::time::timeout(budget, first.wait_for(|done| *done))
+        let waits =
+            !*first.borrow_and_update() && !self.link.first_wait_over.load(Ordering::Acquire);
+        if waits
+            && tokio::time::timeout(budget, first.wait_for(|done| *done))
                 .await
                 .is_err()
-            {
-                // The first attempt is slow (a Redis that does not answer): nobody waits again.
-                self.link.first_wait_over.store(true, Ordering::Release);
-            }
+        {
+            // The first attempt is slow (a Redis that does not answer): nobody waits again.
+            self.link.first_wait_over.store(true, Ordering::Release);
         }
         self.link.conn.lock().clone()
     }

@@ -258,6 +258,7 @@ async fn latencies(gw: &Gateway, tag: &str, rounds: usize, concurrency: usize) -
 /// restart.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_redis_adds_no_latency_and_is_used_once_it_answers() {
+    let mut too_slow = Vec::new();
     for silent in [false, true] {
         let kind = if silent {
             "accepts, never answers"
@@ -289,10 +290,9 @@ async fn an_unreachable_redis_adds_no_latency_and_is_used_once_it_answers() {
             "redis that {kind}: {slow} of {} requests over 50 ms, max {max:?}",
             all.len()
         );
-        assert!(
-            max < Duration::from_millis(300),
-            "redis that {kind}: a request waited {max:?} (timeout 50 ms + slack); requests must not wait for connection attempts"
-        );
+        if max >= Duration::from_millis(300) {
+            too_slow.push(format!("redis that {kind}: a request waited {max:?}"));
+        }
 
         // Redis appears on that port: the gateway starts using it by itself.
         drop(black_hole);
@@ -318,6 +318,10 @@ async fn an_unreachable_redis_adds_no_latency_and_is_used_once_it_answers() {
             appeared.elapsed()
         );
     }
+    assert!(
+        too_slow.is_empty(),
+        "requests must not wait for connection attempts (timeout 50 ms + slack: 300 ms): {too_slow:?}"
+    );
 }
 
 /// Issue 8: the fleet fill lock releases itself. Instance A takes the lock for a key and goes to
