@@ -173,6 +173,21 @@ async fn purges_accepted_while_redis_hangs_reach_the_other_instance() {
         })
         .await;
     assert_eq!(pending, 0.0);
+    let relayed = a.metric("aisle_invalidation_relayed_total", &[]).await;
+    let mut resyncs = Vec::new();
+    for reason in ["heartbeat", "sequence", "resubscribed"] {
+        let n = b
+            .metric("aisle_invalidation_resyncs_total", &[("reason", reason)])
+            .await;
+        resyncs.push((reason, n));
+    }
+    println!("A re-sent {relayed:?} writes; B resynced {resyncs:?}");
+    // The stall kept B's subscription open: only its own missing heartbeat could tell it that
+    // it might have missed something.
+    assert!(
+        resyncs[0].1.is_some_and(|n| n >= 1.0),
+        "B resynced after missing its own heartbeat: {resyncs:?}"
+    );
 }
 
 /// Issue 10 item 1: an append-only Redis killed while A accepts a URL purge, and restarted with
