@@ -289,6 +289,7 @@ pub async fn webhook(
     count("accepted");
     let body = serde_json::json!({
         "id": summary.id, "fired": fired_n, "tags": summary.tags, "cdn": summary.cdn,
+        "fleet": summary.fleet,
     });
     respond_json(session, 202, body.to_string(), CS).await
 }

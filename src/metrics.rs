@@ -254,6 +254,59 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
+/// Fleet coherence: what waits to be told to the other instances, and how often this instance
+/// re-synchronised because it could not prove it had heard everything.
+pub struct FleetMetrics {
+    /// Invalidation writes (epochs, URI deletions, broadcasts) waiting for Redis.
+    pub pending: IntGauge,
+    /// Invalidation writes dropped because the outbox was full.
+    pub dropped: IntCounter,
+    /// Writes the relay got through to Redis after a failure.
+    pub relayed: IntCounter,
+    /// Times the memory tier was dropped and the epochs reloaded, by reason: `resubscribed`
+    /// (the subscription was lost), `heartbeat` (this instance's own heartbeat did not come
+    /// back), `sequence` (a gap in another instance's sequence numbers).
+    pub resyncs: IntCounterVec,
+}
+
+/// The fixed `reason` label values of `aisle_invalidation_resyncs_total`.
+pub const RESYNC_REASONS: [&str; 3] = ["resubscribed", "heartbeat", "sequence"];
+
+static FLEET: Lazy<FleetMetrics> = Lazy::new(|| {
+    let resyncs = register_int_counter_vec!(
+        "aisle_invalidation_resyncs_total",
+        "Times this instance dropped its memory tier and reloaded purge epochs because it may have missed invalidations, by reason (resubscribed, heartbeat, sequence)",
+        &["reason"]
+    )
+    .expect("register aisle_invalidation_resyncs_total");
+    for r in RESYNC_REASONS {
+        resyncs.with_label_values(&[r]);
+    }
+    FleetMetrics {
+        pending: register_int_gauge!(
+            "aisle_invalidation_pending",
+            "Invalidation writes (epochs, URI deletions, broadcasts) this instance could not get to Redis yet; re-sent when it answers"
+        )
+        .expect("register aisle_invalidation_pending"),
+        dropped: register_int_counter!(
+            "aisle_invalidation_outbox_dropped_total",
+            "Invalidation writes dropped because the fleet outbox was full (other instances may not learn of them)"
+        )
+        .expect("register aisle_invalidation_outbox_dropped_total"),
+        relayed: register_int_counter!(
+            "aisle_invalidation_relayed_total",
+            "Invalidation writes re-sent to Redis from the fleet outbox"
+        )
+        .expect("register aisle_invalidation_relayed_total"),
+        resyncs,
+    }
+});
+
+/// The fleet coherence metrics.
+pub fn fleet_metrics() -> &'static FleetMetrics {
+    &FLEET
+}
+
 /// Per-rule handles, resolved once when the rule is compiled.
 #[derive(Debug)]
 pub struct RuleMetrics {

@@ -7,6 +7,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::Replays;
 use crate::invalidation::audit::Audit;
+use crate::invalidation::relay::Relay;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
 use crate::proxy::{CacheParts, Gateway};
@@ -84,7 +85,9 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     };
     let redis = match (&shared, &config.redis) {
         (Some(shared), Some(r)) => Some(Arc::new(
-            RedisTier::new(shared.clone(), r).map_err(std::io::Error::other)?,
+            RedisTier::new(shared.clone(), r)
+                .map_err(std::io::Error::other)?
+                .with_outbox(&config.purge.dir)?,
         )),
         _ => None,
     };
@@ -123,12 +126,19 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         let subscriber = Subscriber {
             redis: redis.clone(),
             memory,
-            epochs,
+            epochs: epochs.clone(),
             audit,
         };
         server.add_service(pingora::services::background::background_service(
             "aisle invalidation subscriber",
             subscriber,
+        ));
+        server.add_service(pingora::services::background::background_service(
+            "aisle invalidation relay",
+            Relay {
+                redis: redis.clone(),
+                epochs: epochs.clone(),
+            },
         ));
     }
     let mut admin = Service::new(

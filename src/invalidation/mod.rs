@@ -6,9 +6,12 @@
 //! and have their parameters, URLs parse) so a malformed request changes nothing, and
 //! [`Invalidator::execute`] applies it: tag and prefix purges as epochs ([`epochs`]) shared
 //! through Redis, URL purges by deleting every variant, a broadcast to the fleet, a durable CDN
-//! purge job, an audit record and a live event.
+//! purge job, an audit record and a live event. What Redis does not take waits in the fleet
+//! outbox ([`crate::storage::redis::outbox`]) until the [`relay`] gets it through; the 202 answer
+//! says which (`fleet`).
 
 pub mod audit;
+pub mod relay;
 pub mod subscriber;
 pub mod webhook;
 
@@ -87,6 +90,10 @@ pub struct Summary {
     pub prefixes: usize,
     /// `queued`, `none` or `unavailable`.
     pub cdn: String,
+    /// Whether the other instances have been told: `told` (Redis took every write), `pending`
+    /// (some wait in the outbox and are re-sent when Redis answers), `lost` (the outbox was
+    /// full), or `none` (no Redis: no fleet).
+    pub fleet: String,
 }
 
 /// Applies invalidations.
@@ -262,6 +269,7 @@ impl Invalidator {
     /// Applies a plan everywhere.
     pub async fn execute(&self, plan: Plan) -> Summary {
         let id = self.next_id();
+        let mark = self.redis.as_ref().map(|r| r.outbox.mark());
         let at_ms = now_ms();
         self.prune(at_ms);
         let epoch = Epoch {
@@ -336,7 +344,23 @@ impl Invalidator {
             urls: plan.urls.len(),
             prefixes: plan.prefixes.len(),
             cdn: if job.is_some() { "queued" } else { "none" }.to_string(),
+            fleet: match (&self.redis, mark) {
+                (Some(redis), Some(mark)) => redis.outbox.since(mark).as_str(),
+                _ => "none",
+            }
+            .to_string(),
         };
+        if summary.fleet != "told" && summary.fleet != "none" {
+            tracing::warn!(
+                "invalidation {id} is applied here, but Redis did not take it: the other \
+                 instances are {} (aisle_invalidation_pending)",
+                if summary.fleet == "lost" {
+                    "not all going to learn of it"
+                } else {
+                    "told once Redis answers"
+                }
+            );
+        }
         // Recorded before the job is queued, so the worker's first answer finds its record.
         self.audit.record(AuditEntry {
             id: id.clone(),
@@ -369,17 +393,21 @@ pub async fn load_epochs(redis: &RedisTier, epochs: &Epochs) {
         return;
     };
     for (field, at_ms, soft) in all {
-        let epoch = Epoch { at_ms, soft };
-        if let Some(tag) = field.strip_prefix("t:") {
-            epochs.purge_tag(tag, epoch);
-        } else if let Some(p) = field.strip_prefix("p:") {
-            epochs.purge_prefix(p, epoch);
-        } else if let Some(u) = field
-            .strip_prefix("u:")
-            .and_then(|u| u64::from_str_radix(u, 16).ok())
-        {
-            epochs.purge_uri(u, epoch);
-        }
+        apply_epoch(epochs, &field, Epoch { at_ms, soft });
+    }
+}
+
+/// Applies one fleet epoch field (`t:<tag>`, `p:<prefix>`, `u:<uri hex>`) locally.
+pub fn apply_epoch(epochs: &Epochs, field: &str, epoch: Epoch) {
+    if let Some(tag) = field.strip_prefix("t:") {
+        epochs.purge_tag(tag, epoch);
+    } else if let Some(p) = field.strip_prefix("p:") {
+        epochs.purge_prefix(p, epoch);
+    } else if let Some(u) = field
+        .strip_prefix("u:")
+        .and_then(|u| u64::from_str_radix(u, 16).ok())
+    {
+        epochs.purge_uri(u, epoch);
     }
 }
 

@@ -50,6 +50,25 @@ impl Breaker {
         }
     }
 
+    /// Opens the circuit at once (there is no connection: nothing to probe until there is).
+    pub(super) fn trip(&self) {
+        self.failures.fetch_add(1, Ordering::AcqRel);
+        self.probing.store(false, Ordering::Release);
+        let was = self
+            .open_until
+            .swap(mono_ms() + COOLDOWN.as_millis() as u64, Ordering::AcqRel);
+        if was == 0 {
+            tracing::warn!("no connection to redis; skipping it (circuit open)");
+            metrics().redis_circuit_open.set(1);
+        }
+    }
+
+    /// An operation [`Self::allow`]ed did not go to Redis after all (no connection): if it held
+    /// the probe, another caller may probe.
+    pub(super) fn skipped(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+
     pub(super) fn failure(&self) {
         let n = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
         let probing = self.probing.swap(false, Ordering::AcqRel);

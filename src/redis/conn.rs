@@ -1,12 +1,20 @@
-//! The shared connection: one multiplexed, self-reconnecting connection to a single Redis or a
-//! cluster, behind the breaker and the time budgets.
+//! The shared connection: one multiplexed connection to a single Redis or a
+//! cluster, made and remade in the background, behind the breaker and the time budgets.
 //!
 //! Every operation goes through [`Redis::request`] (the configured `timeout`: the request path
 //! waits for it) or [`Redis::background`] (a longer budget for writes off the request path, where
 //! a fill's entry can be megabytes). Both count into the `redis` metrics and the breaker, and
 //! both answer `None` for "Redis unavailable" so callers need no error handling of their own.
-//! The connection is made on first use, not at construction, so a gateway starts while Redis is
-//! down.
+//!
+//! The connection is made, and remade after it drops, by one background connector task (capped
+//! exponential backoff), never by an operation: while there is no connection every operation
+//! answers `None` at once, so a Redis that is down or that accepts connections and never answers
+//! costs requests nothing (it used to cost the requests that happened to make the attempt up to
+//! the connect budget each, and queued the others behind them). The only wait is at start: the
+//! first operations of a process wait for the connector's first attempt for at most their own
+//! budget (once: after one of them gave up, none waits), so a reachable Redis is used from the
+//! first request on. The connector starts with the
+//! first operation (or [`Redis::start_connecting`]), on the caller's runtime.
 
 use super::breaker::Breaker;
 use super::keyspace::{Keyspace, Registry};
@@ -14,17 +22,23 @@ use crate::config::RedisConfig;
 use crate::metrics::metrics;
 use parking_lot::Mutex;
 use redis::{Cmd, FromRedisValue, Pipeline};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 /// Budget for operations made off the request path.
 const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Shortest budget for making the connection itself (a tiny request `timeout` cannot connect).
 const MIN_CONNECT_TIMEOUT: Duration = Duration::from_millis(200);
+/// The connector's first and longest pause between two failed attempts.
+const RETRY_START: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// A connection to one Redis or to a cluster; both multiplex and reconnect by themselves.
+/// A connection to one Redis or to a cluster; both multiplex (a cluster connection also
+/// follows the cluster by itself). A single connection that drops is remade by the connector.
 #[derive(Clone)]
 enum Conn {
-    Single(redis::aio::ConnectionManager),
+    Single(redis::aio::MultiplexedConnection),
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
@@ -51,12 +65,29 @@ enum Client {
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
+/// What the connector and the operations share.
+struct Link {
+    client: Client,
+    /// Budget of one connection attempt.
+    connect_timeout: Duration,
+    /// The connection while there is one, with its generation (so a failure clears only the
+    /// connection it happened on).
+    conn: Mutex<Option<(u64, Conn)>>,
+    generation: AtomicU64,
+    /// Wakes the connector when the connection drops.
+    lost: tokio::sync::Notify,
+    /// Set once the connector's first attempt has ended (connected or not).
+    first_attempt: tokio::sync::watch::Sender<bool>,
+    /// Set once an operation gave up waiting for the first attempt.
+    first_wait_over: AtomicBool,
+    /// Open while there is no connection, and after repeated failures.
+    breaker: Breaker,
+}
+
 /// The process's connection to Redis, shared (`Arc`) by every domain that keeps state there.
 pub struct Redis {
-    client: Client,
-    conn: Mutex<Option<Conn>>,
-    connecting: tokio::sync::Mutex<()>,
-    breaker: Breaker,
+    link: Arc<Link>,
+    connector: AtomicBool,
     /// Per-operation budget on the request path.
     timeout: Duration,
     /// URL the pub/sub subscriber connects to (the single server, or the first cluster node).
@@ -91,10 +122,17 @@ impl Redis {
             (Client::Cluster(Box::new(c)), cfg.cluster[0].clone())
         };
         Ok(Redis {
-            client,
-            conn: Mutex::new(None),
-            connecting: tokio::sync::Mutex::new(()),
-            breaker: Breaker::default(),
+            link: Arc::new(Link {
+                client,
+                connect_timeout: cfg.timeout.max(BACKGROUND_TIMEOUT),
+                conn: Mutex::new(None),
+                generation: AtomicU64::new(0),
+                lost: tokio::sync::Notify::new(),
+                first_attempt: tokio::sync::watch::channel(false).0,
+                first_wait_over: AtomicBool::new(false),
+                breaker: Breaker::default(),
+            }),
+            connector: AtomicBool::new(false),
             timeout: cfg.timeout,
             subscribe_url,
             keyspaces: Registry::new(cfg.prefix.clone()),
@@ -110,17 +148,26 @@ impl Redis {
     /// Another connection (the subscriber's) reached Redis: close the circuit without waiting
     /// for request traffic to probe.
     pub fn mark_reachable(&self) {
-        self.breaker.success();
+        self.link.breaker.success();
     }
 
     /// Whether the circuit breaker is currently skipping Redis.
     pub fn circuit_open(&self) -> bool {
-        self.breaker.is_open()
+        self.link.breaker.is_open()
     }
 
-    /// Whether the last operation reached Redis (for `/readyz`).
+    /// Whether there is a connection and the breaker lets operations use it (for `/readyz`).
     pub fn connected(&self) -> bool {
-        self.conn.lock().is_some() && !self.breaker.is_open()
+        self.link.conn.lock().is_some() && !self.link.breaker.is_open()
+    }
+
+    /// Starts the background connector (once; later calls do nothing). Needs a Tokio runtime:
+    /// the connector and the connection's own task run on the caller's.
+    pub fn start_connecting(&self) {
+        if self.connector.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tokio::spawn(connector(Arc::downgrade(&self.link)));
     }
 
     /// A plain client for a pub/sub subscriber (which needs a connection of its own).
@@ -157,34 +204,25 @@ impl Redis {
         self.exec(op, Query::Pipe(pipe), BACKGROUND_TIMEOUT).await
     }
 
-    async fn connection(&self) -> Option<Conn> {
-        if let Some(c) = self.conn.lock().clone() {
+    /// The connection, if there is one now. At start only, waits (within `budget`) for the
+    /// connector's first attempt.
+    async fn connection(&self, budget: Duration) -> Option<(u64, Conn)> {
+        if let Some(c) = self.link.conn.lock().clone() {
             return Some(c);
         }
-        let _one_at_a_time = self.connecting.lock().await;
-        if let Some(c) = self.conn.lock().clone() {
-            return Some(c);
-        }
-        let start = Instant::now();
-        let budget = self.timeout.max(MIN_CONNECT_TIMEOUT);
-        let made = match &self.client {
-            Client::Single(c) => {
-                let cfg = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(budget))
-                    .set_response_timeout(Some(BACKGROUND_TIMEOUT))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(200));
-                tokio::time::timeout(budget, c.get_connection_manager_with_config(cfg))
-                    .await
-                    .map(|r| r.map(Conn::Single))
-            }
-            Client::Cluster(c) => tokio::time::timeout(budget, c.get_async_connection())
+        self.start_connecting();
+        let mut first = self.link.first_attempt.subscribe();
+        let waits =
+            !*first.borrow_and_update() && !self.link.first_wait_over.load(Ordering::Acquire);
+        if waits
+            && tokio::time::timeout(budget, first.wait_for(|done| *done))
                 .await
-                .map(|r| r.map(Conn::Cluster)),
-        };
-        let conn = self.settle("connect", start, budget, made)?;
-        *self.conn.lock() = Some(conn.clone());
-        Some(conn)
+                .is_err()
+        {
+            // The first attempt is slow (a Redis that does not answer): nobody waits again.
+            self.link.first_wait_over.store(true, Ordering::Release);
+        }
+        self.link.conn.lock().clone()
     }
 
     /// Runs one command or pipeline within `budget`, through the breaker, with metrics.
@@ -194,12 +232,42 @@ impl Redis {
         q: Query<'_>,
         budget: Duration,
     ) -> Option<T> {
-        if !self.breaker.allow() {
+        if !self.link.breaker.allow() {
             return None;
         }
-        let mut conn = self.connection().await?;
+        self.run(op, q, budget).await
+    }
+
+    /// Runs a command even while the breaker skips Redis (a heartbeat, whose point is to find
+    /// out whether Redis answers), within `budget`. Its outcome still counts for the breaker.
+    pub(crate) async fn unguarded<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        cmd: &Cmd,
+        budget: Duration,
+    ) -> Option<T> {
+        self.run(op, Query::Cmd(cmd), budget).await
+    }
+
+    async fn run<T: FromRedisValue>(
+        &self,
+        op: &'static str,
+        q: Query<'_>,
+        budget: Duration,
+    ) -> Option<T> {
+        let Some((generation, mut conn)) = self.connection(budget).await else {
+            // Not an error of this operation: the connector is at it. The breaker's probe slot
+            // is given back.
+            self.link.breaker.skipped();
+            return None;
+        };
         let start = Instant::now();
         let r = tokio::time::timeout(budget, conn.query(q)).await;
+        if let Ok(Err(e)) = &r {
+            if e.is_unrecoverable_error() || e.is_connection_dropped() {
+                self.link.drop_connection(generation);
+            }
+        }
         self.settle(op, start, budget, r)
     }
 
@@ -217,21 +285,112 @@ impl Redis {
             .observe(start.elapsed().as_secs_f64());
         match r {
             Ok(Ok(v)) => {
-                self.breaker.success();
+                self.link.breaker.success();
                 Some(v)
             }
             Ok(Err(e)) => {
                 tracing::debug!("redis {op} failed: {e}");
                 m.redis_errors.with_label_values(&[op]).inc();
-                self.breaker.failure();
+                self.link.breaker.failure();
                 None
             }
             Err(_) => {
                 tracing::debug!("redis {op} timed out after {budget:?}");
                 m.redis_errors.with_label_values(&[op]).inc();
-                self.breaker.failure();
+                self.link.breaker.failure();
                 None
             }
         }
+    }
+}
+
+impl Link {
+    /// Forgets connection `generation` (if it is still the current one) and wakes the connector.
+    fn drop_connection(&self, generation: u64) {
+        let mut conn = self.conn.lock();
+        if conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *conn = None;
+            self.breaker.trip();
+            tracing::warn!("lost the connection to redis; reconnecting in the background");
+            self.lost.notify_one();
+        }
+    }
+
+    async fn connect(&self) -> redis::RedisResult<Conn> {
+        let budget = self.connect_timeout;
+        let made = match &self.client {
+            Client::Single(c) => {
+                let cfg = redis::AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(budget))
+                    .set_response_timeout(None);
+                tokio::time::timeout(budget, c.get_multiplexed_async_connection_with_config(&cfg))
+                    .await
+                    .map(|r| r.map(Conn::Single))
+            }
+            Client::Cluster(c) => tokio::time::timeout(budget, c.get_async_connection())
+                .await
+                .map(|r| r.map(Conn::Cluster)),
+        };
+        made.unwrap_or_else(|_| {
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "connection attempt timed out",
+            )))
+        })
+    }
+}
+
+/// The one task that makes the connection: at start, and whenever it drops, with capped
+/// exponential backoff between failed attempts. Ends when the [`Redis`] is dropped.
+async fn connector(link: Weak<Link>) {
+    let mut retry = RETRY_START;
+    let mut failures = 0u64;
+    loop {
+        let Some(l) = link.upgrade() else {
+            return;
+        };
+        if l.conn.lock().is_some() {
+            // A drop between the check and here is still seen: `notify_one` stores a permit.
+            // Woken at least every second to notice that the `Redis` is gone.
+            let _ = tokio::time::timeout(Duration::from_secs(1), l.lost.notified()).await;
+            continue;
+        }
+        let start = Instant::now();
+        let made = l.connect().await;
+        let m = metrics();
+        m.redis_duration
+            .with_label_values(&["connect"])
+            .observe(start.elapsed().as_secs_f64());
+        match made {
+            Ok(c) => {
+                let generation = l.generation.fetch_add(1, Ordering::AcqRel) + 1;
+                *l.conn.lock() = Some((generation, c));
+                l.breaker.success();
+                if failures > 0 {
+                    tracing::warn!("connected to redis after {failures} failed attempts");
+                }
+                failures = 0;
+                retry = RETRY_START;
+                l.first_attempt.send_replace(true);
+                continue;
+            }
+            Err(e) => {
+                m.redis_errors.with_label_values(&["connect"]).inc();
+                l.breaker.trip();
+                if failures == 0 {
+                    tracing::warn!(
+                        "cannot connect to redis: {e}; requests skip it while the connector \
+                         retries in the background (check [redis] url and that Redis runs)"
+                    );
+                } else {
+                    tracing::debug!("redis connection attempt {failures} failed: {e}");
+                }
+                failures += 1;
+                l.first_attempt.send_replace(true);
+            }
+        }
+        drop(l);
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(RETRY_MAX);
     }
 }

@@ -12,15 +12,28 @@
 //!   `{prefix}{<key hash>}:l`  a fill lock: an instance is fetching this key from the origin
 //!   `{prefix}u:<uri id>`      the set of entry keys stored for one URI (to invalidate all variants)
 //!   `{prefix}inv`             the pub/sub channel of invalidations ([`Message`])
-//!   `{prefix}epochs`          tag and prefix purge epochs (`t:<tag>` / `p:<prefix>` -> `<ms>:<soft>`)
+//!   `{prefix}epochs`          tag, prefix and URI purge epochs (`t:<tag>` / `p:<prefix>` /
+//!                             `u:<uri hex>` -> `<ms>:<soft>`)
+//!
+//! The writes that tell the fleet about an invalidation (an epoch, a URI's deletion, its
+//! broadcast) are never just dropped when Redis fails: they wait in the [`outbox`] until the
+//! relay gets them through. Broadcasts carry a per-sender sequence number, and every instance
+//! publishes a heartbeat with its latest one, so a subscriber can tell it missed something
+//! (see [`Envelope`]).
+
+pub mod outbox;
 
 use super::record::Keys;
 use crate::clock::now_ms;
 use crate::config::RedisConfig;
 use crate::redis::{Keyspace, Redis};
+use outbox::{Op, Outbox};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Budget of a heartbeat (it must not hold up broadcasts behind it for long).
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Entries and their fill locks: `{<key hash>}:e` / `:l` (the tag opens the cluster hash tag).
 const ENTRIES: (&str, &str) = ("entries", "{");
@@ -43,6 +56,11 @@ pub struct RedisTier {
     pub keys: Option<Keys>,
     /// Whether the invalidation subscription is currently up.
     pub subscribed: AtomicBool,
+    /// Invalidation writes Redis has not taken yet.
+    pub outbox: Outbox,
+    /// The sequence number of this instance's last broadcast; held while one is sent, so the
+    /// channel carries them in order.
+    seq: tokio::sync::Mutex<u64>,
 }
 
 impl RedisTier {
@@ -59,7 +77,23 @@ impl RedisTier {
             instance: rand_u64(),
             keys: cfg.keys.as_ref().map(|(cur, prev)| Keys::new(*cur, prev)),
             subscribed: AtomicBool::new(false),
+            outbox: Outbox::memory(),
+            seq: tokio::sync::Mutex::new(0),
         })
+    }
+
+    /// The same, with its outbox kept in `dir` (see [`outbox`]).
+    pub fn with_outbox(mut self, dir: &std::path::Path) -> std::io::Result<Self> {
+        self.outbox = Outbox::open(dir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot open the fleet outbox in {}: {e}; make [purge] dir writable",
+                    dir.display()
+                ),
+            )
+        })?;
+        Ok(self)
     }
 
     /// The shared connection (for other domains that ride on this one's).
@@ -192,38 +226,110 @@ impl RedisTier {
             .await;
     }
 
-    /// Deletes every stored variant of a URI.
-    pub async fn delete_uri(&self, uri: u64) {
+    /// Deletes every stored variant of a URI; kept in the outbox if Redis did not take it.
+    pub async fn delete_uri(&self, uri: u64) -> bool {
+        self.keep_unless(self.try_delete_uri(uri).await, Op::DeleteUri(uri))
+    }
+
+    async fn try_delete_uri(&self, uri: u64) -> bool {
         let uri_key = self.uri_key(uri);
-        let members: Option<Vec<String>> = self
+        let Some(members) = self
             .redis
-            .background("smembers", redis::cmd("SMEMBERS").arg(&uri_key))
-            .await;
-        for m in members.unwrap_or_default() {
-            let _: Option<i64> = self.redis.background("del", redis::cmd("DEL").arg(m)).await;
+            .background::<Vec<String>>("smembers", redis::cmd("SMEMBERS").arg(&uri_key))
+            .await
+        else {
+            return false;
+        };
+        let mut del = redis::cmd("DEL");
+        del.arg(&uri_key);
+        // Entries and the index may sit in different cluster slots: one DEL each.
+        let mut ok = true;
+        for m in members {
+            ok &= self
+                .redis
+                .background::<i64>("del", redis::cmd("DEL").arg(m))
+                .await
+                .is_some();
         }
-        let _: Option<i64> = self
-            .redis
-            .background("del", redis::cmd("DEL").arg(uri_key))
-            .await;
+        ok && self.redis.background::<i64>("del", &del).await.is_some()
     }
 
-    /// Broadcasts an invalidation to every instance.
-    pub async fn publish(&self, message: &Message) {
-        let _: Option<i64> = self
-            .redis
-            .background(
+    /// Broadcasts an invalidation to every instance. A purge's broadcast (URI, tag, prefix)
+    /// that fails waits in the outbox, dated now; an entry's (`Key`) does not: the sequence gap
+    /// its loss leaves makes the others drop their memory tier anyway.
+    pub async fn publish(&self, message: &Message) -> bool {
+        let sent_ms = now_ms();
+        let ok = self.send(message, sent_ms).await;
+        match message {
+            Message::Key(_) | Message::Heartbeat => ok,
+            _ => self.keep_unless(
+                ok,
+                Op::Publish {
+                    sent_ms,
+                    msg: message.clone(),
+                },
+            ),
+        }
+    }
+
+    /// Publishes `message` dated `sent_ms` with this instance's next sequence number.
+    async fn send(&self, message: &Message, sent_ms: u64) -> bool {
+        let mut seq = self.seq.lock().await;
+        *seq += 1;
+        let payload = Envelope {
+            sender: self.instance,
+            sent_ms,
+            seq: Some(*seq),
+            msg: message.clone(),
+        }
+        .encode();
+        self.redis
+            .background::<i64>(
                 "publish",
-                redis::cmd("PUBLISH")
-                    .arg(self.channel.root())
-                    .arg(message.encode(self.instance)),
+                redis::cmd("PUBLISH").arg(self.channel.root()).arg(payload),
             )
-            .await;
+            .await
+            .is_some()
     }
 
-    /// Records a tag or prefix purge epoch for the fleet (`field` = `t:<tag>` / `p:<prefix>`,
-    /// value `<unix ms>:<0|1 soft>`), keeping the later one.
-    pub async fn save_epoch(&self, field: &str, at_ms: u64, soft: bool) {
+    /// Publishes this instance's heartbeat: its latest sequence number, after every broadcast
+    /// that number covers. It goes to Redis even while the breaker skips it, since it is the
+    /// subscriber's proof that the channel works.
+    pub async fn heartbeat(&self) -> bool {
+        let seq = self.seq.lock().await;
+        let payload = Envelope {
+            sender: self.instance,
+            sent_ms: now_ms(),
+            seq: Some(*seq),
+            msg: Message::Heartbeat,
+        }
+        .encode();
+        self.redis
+            .unguarded::<i64>(
+                "heartbeat",
+                redis::cmd("PUBLISH").arg(self.channel.root()).arg(payload),
+                HEARTBEAT_TIMEOUT,
+            )
+            .await
+            .is_some()
+    }
+
+    /// Records a purge epoch for the fleet (`field` = `t:<tag>` / `p:<prefix>` / `u:<uri>`,
+    /// value `<unix ms>:<0|1 soft>`), keeping the later one; kept in the outbox if Redis did
+    /// not take it.
+    pub async fn save_epoch(&self, field: &str, at_ms: u64, soft: bool) -> bool {
+        let ok = self.try_save_epoch(field, at_ms, soft).await;
+        self.keep_unless(
+            ok,
+            Op::Epoch {
+                field: field.to_string(),
+                at_ms,
+                soft,
+            },
+        )
+    }
+
+    async fn try_save_epoch(&self, field: &str, at_ms: u64, soft: bool) -> bool {
         const KEEP_LATER: &str = "local v = redis.call('HGET', KEYS[1], ARGV[1]); \
             if v and tonumber(string.match(v, '^(%d+)')) > tonumber(ARGV[2]) then return 0 end; \
             redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. ARGV[3]); return 1";
@@ -235,7 +341,25 @@ impl RedisTier {
             .arg(at_ms)
             .arg(u8::from(soft))
             .clone();
-        let _: Option<i64> = self.redis.background("epoch", &cmd).await;
+        self.redis.background::<i64>("epoch", &cmd).await.is_some()
+    }
+
+    /// `ok`, or else `op` recorded in the outbox (and `false`).
+    fn keep_unless(&self, ok: bool, op: Op) -> bool {
+        if !ok {
+            self.outbox.push(op);
+        }
+        ok
+    }
+
+    /// Applies one op of the outbox (for the relay); `false`: Redis did not take it (it stays
+    /// in the outbox, which this does not touch).
+    pub async fn apply(&self, op: &Op) -> bool {
+        match op {
+            Op::Epoch { field, at_ms, soft } => self.try_save_epoch(field, *at_ms, *soft).await,
+            Op::DeleteUri(uri) => self.try_delete_uri(*uri).await,
+            Op::Publish { sent_ms, msg } => self.send(msg, *sent_ms).await,
+        }
     }
 
     /// Every recorded epoch: (field, unix ms, soft).
@@ -282,7 +406,7 @@ impl RedisTier {
 pub enum Message {
     /// Drop this entry (combined key hash).
     Key(u128),
-    /// Drop every variant of this URI.
+    /// Drop every variant of this URI (purged when the message was first sent).
     Uri(u64),
     /// A tag was purged at `at_ms` (unix ms).
     Tag { tag: String, at_ms: u64, soft: bool },
@@ -292,38 +416,29 @@ pub enum Message {
         at_ms: u64,
         soft: bool,
     },
+    /// The sender is alive and its latest broadcast has the envelope's sequence number.
+    Heartbeat,
 }
 
 impl Message {
-    /// `<instance> <sent at, unix ms> k <key> | u <uri> | t <at> <0|1> <tag> | p <at> <0|1> <prefix>`
-    pub fn encode(&self, instance: u64) -> String {
-        let now = now_ms();
+    /// `k <key>` | `u <uri>` | `t <at> <0|1> <tag>` | `p <at> <0|1> <prefix>` | `h -`
+    pub fn body(&self) -> String {
         match self {
-            Message::Key(k) => format!("{instance:016x} {now} k {k:032x}"),
-            Message::Uri(u) => format!("{instance:016x} {now} u {u:016x}"),
-            Message::Tag { tag, at_ms, soft } => {
-                format!("{instance:016x} {now} t {at_ms} {} {tag}", u8::from(*soft))
-            }
+            Message::Key(k) => format!("k {k:032x}"),
+            Message::Uri(u) => format!("u {u:016x}"),
+            Message::Tag { tag, at_ms, soft } => format!("t {at_ms} {} {tag}", u8::from(*soft)),
             Message::Prefix {
                 prefix,
                 at_ms,
                 soft,
-            } => {
-                format!(
-                    "{instance:016x} {now} p {at_ms} {} {prefix}",
-                    u8::from(*soft)
-                )
-            }
+            } => format!("p {at_ms} {} {prefix}", u8::from(*soft)),
+            Message::Heartbeat => "h -".to_string(),
         }
     }
 
-    /// Parses a broadcast: (sender, sent at unix ms, message).
-    pub fn decode(s: &str) -> Option<(u64, u128, Message)> {
-        let mut parts = s.splitn(4, ' ');
-        let sender = u64::from_str_radix(parts.next()?, 16).ok()?;
-        let sent: u128 = parts.next()?.parse().ok()?;
-        let kind = parts.next()?;
-        let rest = parts.next()?;
+    /// Parses [`Self::body`].
+    pub fn parse_body(s: &str) -> Option<Message> {
+        let (kind, rest) = s.split_once(' ')?;
         let epoch = |rest: &str| -> Option<(u64, bool, String)> {
             let mut p = rest.splitn(3, ' ');
             let at_ms = p.next()?.parse().ok()?;
@@ -331,7 +446,7 @@ impl Message {
             let name = p.next()?;
             (!name.is_empty()).then(|| (at_ms, soft, name.to_string()))
         };
-        let msg = match kind {
+        Some(match kind {
             "k" => Message::Key(u128::from_str_radix(rest, 16).ok()?),
             "u" => Message::Uri(u64::from_str_radix(rest, 16).ok()?),
             "t" => {
@@ -346,9 +461,56 @@ impl Message {
                     soft,
                 }
             }
+            "h" => Message::Heartbeat,
             _ => return None,
+        })
+    }
+}
+
+/// A broadcast as it travels: who sent it, when (first: a re-sent purge keeps its original
+/// time), its place in the sender's sequence, and the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub sender: u64,
+    /// Unix ms.
+    pub sent_ms: u64,
+    /// The sender's sequence number: one more per broadcast; a heartbeat repeats the latest.
+    /// `None` from instances older than sequence numbers.
+    pub seq: Option<u64>,
+    pub msg: Message,
+}
+
+impl Envelope {
+    /// `<sender hex> <sent ms> <seq> <body>`.
+    pub fn encode(&self) -> String {
+        format!(
+            "{:016x} {} {} {}",
+            self.sender,
+            self.sent_ms,
+            self.seq.unwrap_or(0),
+            self.msg.body()
+        )
+    }
+
+    /// Parses a broadcast, including the older form without a sequence number
+    /// (`<sender> <sent> <body>`).
+    pub fn decode(s: &str) -> Option<Envelope> {
+        let (sender, rest) = s.split_once(' ')?;
+        let sender = u64::from_str_radix(sender, 16).ok()?;
+        let (sent, rest) = rest.split_once(' ')?;
+        let sent_ms = sent.parse().ok()?;
+        let (seq, body) = match rest.split_once(' ') {
+            Some((n, body)) if n.bytes().all(|b| b.is_ascii_digit()) => {
+                (Some(n.parse().ok()?), body)
+            }
+            _ => (None, rest),
         };
-        Some((sender, sent, msg))
+        Some(Envelope {
+            sender,
+            sent_ms,
+            seq,
+            msg: Message::parse_body(body)?,
+        })
     }
 }
 
@@ -376,12 +538,20 @@ mod tests {
                 at_ms: 99,
                 soft: false,
             },
+            Message::Heartbeat,
         ] {
-            let (sender, sent, back) = Message::decode(&m.encode(99)).unwrap();
-            assert_eq!((sender, back), (99, m));
-            assert!(sent > 0);
+            let e = Envelope {
+                sender: 99,
+                sent_ms: 1_700_000_000_000,
+                seq: Some(7),
+                msg: m,
+            };
+            assert_eq!(Envelope::decode(&e.encode()), Some(e));
         }
-        assert!(Message::decode("zz 1 k 1").is_none());
-        assert!(Message::decode("1 1 x 1").is_none());
+        assert!(Envelope::decode("zz 1 1 k 1").is_none());
+        assert!(Envelope::decode("1 1 1 x 1").is_none());
+        // The form before sequence numbers is still understood.
+        let old = Envelope::decode("0000000000000063 5 u 000000000000002a").unwrap();
+        assert_eq!((old.sender, old.seq, old.msg), (99, None, Message::Uri(42)));
     }
 }

@@ -228,6 +228,102 @@ async fn redis_down_at_start() {
     assert_eq!(healthz_status(&gw).await, 200);
 }
 
+/// Sends `rounds` waves of `concurrency` GETs (each wave half new paths, half paths already
+/// cached) and returns every request's latency.
+async fn latencies(gw: &Gateway, tag: &str, rounds: usize, concurrency: usize) -> Vec<Duration> {
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        let wave = (0..concurrency).map(|i| {
+            let path = if i % 2 == 0 {
+                format!("/r/{tag}-{round}-{i}")
+            } else {
+                format!("/r/{tag}-hot-{i}")
+            };
+            async move {
+                let r = gw.get(&path).await;
+                assert_eq!(r.status, 200, "GET {path}");
+                r.elapsed
+            }
+        });
+        all.extend(futures_util::future::join_all(wave).await);
+    }
+    all
+}
+
+/// Issue 10 item 8: Redis unreachable from the start adds no latency. Pointed at a port where
+/// nothing listens, and then at one that accepts connections and never answers, concurrent
+/// requests must not wait for connection attempts (the configured `timeout` is 50 ms; the old
+/// code made the requests that found no connection make it, one at a time behind a lock, up to
+/// 200 ms each). Then a redis-server starts on that port, and the gateway uses it without a
+/// restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_redis_adds_no_latency_and_is_used_once_it_answers() {
+    let mut too_slow = Vec::new();
+    for silent in [false, true] {
+        let kind = if silent {
+            "accepts, never answers"
+        } else {
+            "refuses"
+        };
+        // A listener that never accepts: the kernel completes handshakes, nothing answers.
+        let black_hole = silent.then(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let port = black_hole
+            .as_ref()
+            .map_or_else(free_port, |l| l.local_addr().unwrap().port());
+        let origin = origin();
+        let prefix = if silent { "t-hole:" } else { "t-refuse:" };
+        let section = format!(
+            "\n[redis]\nurl = \"redis://127.0.0.1:{port}\"\nprefix = \"{prefix}\"\ntimeout = \"50ms\"\n"
+        );
+        let gw = Gateway::start(
+            &gateway_config(&origin.url(), &section),
+            &[("rules.toml", fixtures::SHARED_TIER_RULES)],
+        )
+        .await;
+        let all = latencies(&gw, prefix.trim_end_matches(':'), 20, 16).await;
+        let max = all.iter().max().copied().unwrap_or_default();
+        let slow = all
+            .iter()
+            .filter(|d| **d > Duration::from_millis(50))
+            .count();
+        println!(
+            "redis that {kind}: {slow} of {} requests over 50 ms, max {max:?}",
+            all.len()
+        );
+        if max >= Duration::from_millis(300) {
+            too_slow.push(format!("redis that {kind}: a request waited {max:?}"));
+        }
+
+        // Redis appears on that port: the gateway starts using it by itself.
+        drop(black_hole);
+        let redis = RedisServer::start_on(port);
+        let appeared = std::time::Instant::now();
+        let mut n = 0;
+        poll_until(
+            Duration::from_secs(15),
+            &format!("a fill to reach the redis that came up on {port}"),
+            || {
+                n += 1;
+                let path = format!("/r/after-{n}");
+                let (gw, redis) = (&gw, &redis);
+                async move {
+                    assert_eq!(gw.get(&path).await.status, 200);
+                    (!redis.keys(&format!("{prefix}{{*")).is_empty()).then_some(())
+                }
+            },
+        )
+        .await;
+        println!(
+            "redis that {kind}: fills reach it {:?} after it came up",
+            appeared.elapsed()
+        );
+    }
+    assert!(
+        too_slow.is_empty(),
+        "requests must not wait for connection attempts (timeout 50 ms + slack: 300 ms): {too_slow:?}"
+    );
+}
+
 /// Issue 8: the fleet fill lock releases itself. Instance A takes the lock for a key and goes to
 /// an origin that accepts the request, then fails (closes the connection without an answer,
 /// 1 s later). Instance B, asking for the same key meanwhile, waits on A's lock; once A's fill

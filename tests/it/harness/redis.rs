@@ -147,6 +147,67 @@ impl RedisServer {
         }
     }
 
+    /// Start a standalone server that persists every write to an append-only file in its own
+    /// temporary directory (`appendfsync always`), so [`Self::restart_keeping_data`] brings
+    /// back exactly what it held when it was killed.
+    pub fn start_aof() -> RedisServer {
+        let extra = ["--appendonly", "yes", "--appendfsync", "always"].map(String::from);
+        Self::start_with(&extra, |_| true)
+    }
+
+    /// Start a standalone server on `port` (where a test made the gateway expect one), retrying
+    /// until the deadline while the port is still held by what was there before.
+    pub fn start_on(port: u16) -> RedisServer {
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir: tempfile::tempdir().expect("tempdir for redis"),
+            extra: Vec::new(),
+        };
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("redis start on {port} retry: {e}");
+                    std::thread::sleep(POLL_INTERVAL);
+                }
+                Err(e) => panic!("redis-server on port {port} failed: {e}"),
+            }
+        }
+    }
+
+    /// The server's process id (to stop it; see [`Self::pause`]).
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid());
+    }
+
+    /// Freezes the server (SIGSTOP to its own pid): its socket stays open and connections stay
+    /// up, but nothing is answered, as a hung Redis behaves. [`Self::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    /// Starts a killed server again on the same port and directory, so an append-only file
+    /// ([`Self::start_aof`]) is reloaded; waits for `PING`.
+    pub fn restart_keeping_data(&mut self) {
+        self.restart();
+    }
+
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -160,7 +221,8 @@ impl RedisServer {
         }
     }
 
-    /// Kill (if running) and start again on the same port, empty; wait for `PING`.
+    /// Kill (if running) and start again on the same port and directory (empty unless it
+    /// persists: [`Self::start_aof`]); wait for `PING`.
     pub fn restart(&mut self) {
         self.kill();
         let deadline = Instant::now() + READY_TIMEOUT;
