@@ -93,7 +93,8 @@ pub struct CacheConfig {
     /// Responses larger than this are passed through, not stored.
     pub max_object: u64,
     pub rules_dir: PathBuf,
-    /// How long requests coalesced behind one fill wait before going upstream themselves.
+    /// How long a fill may show no sign of life before its waiters stop waiting for it: the
+    /// fleet fill lock's lease. A live fill is followed up to its upstream's timeouts.
     pub lock_timeout: Duration,
     /// The longest an entry may live in any tier (freshness and each stale window are capped by
     /// it); purge epochs older than twice this are forgotten.

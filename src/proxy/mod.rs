@@ -46,7 +46,9 @@ use cache_status::{CacheStatus, Lookup, Observed, Phase};
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
-use pingora::cache::{CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, RespCacheable};
+use pingora::cache::{
+    CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -59,7 +61,9 @@ use upstream::Peers;
 pub struct CacheParts {
     pub storage: &'static Tiered,
     pub eviction: &'static Eviction,
-    pub lock: &'static CacheKeyLockImpl,
+    /// The in-process cache lock of each upstream (indexed like `Config::upstreams`), aged by
+    /// that upstream's timeouts: see `server::fill_age_limit`.
+    pub locks: Vec<&'static CacheKeyLockImpl>,
     pub predictor: &'static Predictor<16>,
 }
 
@@ -257,7 +261,7 @@ impl ProxyHttp for Gateway {
                 c.storage,
                 Some(c.eviction),
                 Some(c.predictor),
-                Some(c.lock),
+                Some(c.locks[ctx.rule().upstream]),
                 None,
             );
             session
@@ -354,6 +358,22 @@ impl ProxyHttp for Gateway {
                 504,
                 "{\"error\":\"only-if-cached: no stored response\"}".into(),
                 "aisle; fwd=miss; detail=only-if-cached",
+            )
+            .await?;
+            return Ok(false);
+        }
+        if let CachePhase::Disabled(NoCacheReason::CacheLockRetryLimit) = session.cache.phase() {
+            // This request waited behind fills that each failed (a hung or failing origin):
+            // pingora would now send it upstream on its own, as it would every other waiter,
+            // turning one stuck fill into one request per waiter. The fills already asked.
+            metrics().fill_wait_gave_up.inc();
+            control::respond_json(
+                session,
+                504,
+                "{\"error\":\"the origin did not answer the fills this request waited for \
+                 (each within the upstream's read_timeout); retry later\"}"
+                    .into(),
+                "aisle; fwd=miss; detail=fill-failed",
             )
             .await?;
             return Ok(false);
