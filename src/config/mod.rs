@@ -139,6 +139,10 @@ pub struct Upstream {
     pub sni: String,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// With a stale entry to fall back on: how long to wait for this upstream's answer before
+    /// serving the entry stale and letting the fill go on in the background. `None`: wait for
+    /// the answer (or `read_timeout`).
+    pub stale_after: Option<Duration>,
 }
 
 impl Config {
@@ -232,6 +236,28 @@ impl Config {
                     continue;
                 }
             };
+            let read_timeout = dur(&u_ref.read_timeout, Duration::from_secs(30), &mut diags);
+            let stale_after = u_ref.stale_after.as_ref().and_then(|s| {
+                let after = match parse_duration(s.get_ref()) {
+                    Ok(after) => after,
+                    Err(e) => {
+                        diags.push(src.at(s.span(), e));
+                        return None;
+                    }
+                };
+                if after.is_zero() || after >= read_timeout {
+                    diags.push(src.at(
+                        s.span(),
+                        format!(
+                            "upstreams.{name}.stale_after must be more than 0 and less than its \
+                             read_timeout ({read_timeout:?}), or it never takes effect; \
+                             shorten it or remove it"
+                        ),
+                    ));
+                    return None;
+                }
+                Some(after)
+            });
             match parse_upstream_url(&url) {
                 Ok((tls, address, sni)) => upstreams.push(Upstream {
                     name: name.clone(),
@@ -243,7 +269,8 @@ impl Config {
                         Duration::from_secs(2),
                         &mut diags,
                     ),
-                    read_timeout: dur(&u_ref.read_timeout, Duration::from_secs(30), &mut diags),
+                    read_timeout,
+                    stale_after,
                 }),
                 Err(e) => diags.push(src.at(u_ref.url.span(), e)),
             }
