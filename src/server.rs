@@ -52,6 +52,12 @@ fn cache_parts(
         redis,
         budget > 0,
         config.cache.lock_timeout,
+        config
+            .upstreams
+            .iter()
+            .map(|u| fill_age_limit(config, u))
+            .max()
+            .unwrap_or(config.cache.lock_timeout),
     )));
     // One in-process cache lock per upstream, each aged by how long that upstream may take to
     // answer: a fill's request is alive until its upstream answers or times out (a fill that
