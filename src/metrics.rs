@@ -82,6 +82,13 @@ pub struct Metrics {
     pub saved_requests: IntCounterVec,
     pub cost_saved: prometheus::CounterVec,
     pub tokens_saved: IntCounterVec,
+    // -- fills on slow and hung origins (issue 10, items 2 and 7) --
+    /// Requests answered 504 after every fill they waited behind failed, instead of each going
+    /// upstream on its own.
+    pub fill_wait_gave_up: IntCounter,
+    /// Stale answers given because the origin had not answered within the upstream's
+    /// `stale_after` (the fill goes on in the background).
+    pub stale_after: IntCounter,
 }
 
 static METRICS: Lazy<Metrics> = Lazy::new(|| {
@@ -226,6 +233,17 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| {
         &["rule"]
     )
     .expect("register aisle_tokens_saved_total"),
+    // -- fills on slow and hung origins (issue 10, items 2 and 7) --
+    fill_wait_gave_up: register_int_counter!(
+        "aisle_fill_wait_gave_up_total",
+        "Requests answered 504 because every fill they waited behind failed (they do not each go upstream)"
+    )
+    .expect("register aisle_fill_wait_gave_up_total"),
+    stale_after: register_int_counter!(
+        "aisle_stale_after_total",
+        "Stale answers given because the origin had not answered within stale_after (the fill continues in the background)"
+    )
+    .expect("register aisle_stale_after_total"),
 }
 });
 

@@ -4,7 +4,7 @@
 //! created once per process here and leaked deliberately (they live as long as the server).
 
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, Upstream};
 use crate::control::Replays;
 use crate::invalidation::audit::Audit;
 use crate::invalidation::relay::Relay;
@@ -24,6 +24,16 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long waiters follow one fill from `upstream` before they stop trusting it: the time its
+/// upstream request may legitimately take (connect, then the answer's header), plus a second
+/// so the fill's own timeout, not the lock's age, normally ends it. Never less than
+/// `lock_timeout`.
+pub fn fill_age_limit(config: &Config, upstream: &Upstream) -> Duration {
+    (upstream.connect_timeout + upstream.read_timeout + Duration::from_secs(1))
+        .max(config.cache.lock_timeout)
+}
 
 /// Builds the cache parts for a memory budget and the optional Redis tier.
 fn cache_parts(
@@ -43,9 +53,25 @@ fn cache_parts(
         redis,
         budget > 0,
         config.cache.lock_timeout,
+        config
+            .upstreams
+            .iter()
+            .map(|u| fill_age_limit(config, u))
+            .max()
+            .unwrap_or(config.cache.lock_timeout),
     )));
-    let lock: &'static CacheKeyLockImpl =
-        Box::leak(Box::new(CacheLock::new(config.cache.lock_timeout)));
+    // One in-process cache lock per upstream, each aged by how long that upstream may take to
+    // answer: a fill's request is alive until its upstream answers or times out (a fill that
+    // dies releases the lock at once), so waiters follow it that long and no longer.
+    let locks: Vec<&'static CacheKeyLockImpl> = config
+        .upstreams
+        .iter()
+        .map(|u| {
+            let lock: &'static CacheKeyLockImpl =
+                Box::leak(Box::new(CacheLock::new(fill_age_limit(config, u))));
+            lock
+        })
+        .collect();
     // The predictor remembers keys whose responses were not storable, to skip their lookups. A
     // response refused only because *its request* had Authorization says nothing about the key.
     fn request_specific(reason: &'static str) -> bool {
@@ -57,7 +83,7 @@ fn cache_parts(
         CacheParts {
             storage,
             eviction,
-            lock,
+            locks,
             predictor,
         },
         memory,
@@ -167,7 +193,6 @@ pub fn run(config: Config) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::config::RedisConfig;
-    use std::time::Duration;
 
     /// Every domain that keeps state in Redis claims its keyspace on one connection without a
     /// clash (nothing connects: building them touches no network).

@@ -96,7 +96,8 @@ pub struct CacheConfig {
     /// Responses larger than this are passed through, not stored.
     pub max_object: u64,
     pub rules_dir: PathBuf,
-    /// How long requests coalesced behind one fill wait before going upstream themselves.
+    /// How long a fill may show no sign of life before its waiters stop waiting for it: the
+    /// fleet fill lock's lease. A live fill is followed up to its upstream's timeouts.
     pub lock_timeout: Duration,
     /// The longest an entry may live in any tier (freshness and each stale window are capped by
     /// it); purge epochs older than twice this are forgotten.
@@ -141,6 +142,10 @@ pub struct Upstream {
     pub sni: String,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// With a stale entry to fall back on: how long to wait for this upstream's answer before
+    /// serving the entry stale and letting the fill go on in the background. `None`: wait for
+    /// the answer (or `read_timeout`).
+    pub stale_after: Option<Duration>,
 }
 
 impl Config {
@@ -239,6 +244,28 @@ impl Config {
                     continue;
                 }
             };
+            let read_timeout = dur(&u_ref.read_timeout, Duration::from_secs(30), &mut diags);
+            let stale_after = u_ref.stale_after.as_ref().and_then(|s| {
+                let after = match parse_duration(s.get_ref()) {
+                    Ok(after) => after,
+                    Err(e) => {
+                        diags.push(src.at(s.span(), e));
+                        return None;
+                    }
+                };
+                if after.is_zero() || after >= read_timeout {
+                    diags.push(src.at(
+                        s.span(),
+                        format!(
+                            "upstreams.{name}.stale_after must be more than 0 and less than its \
+                             read_timeout ({read_timeout:?}), or it never takes effect; \
+                             shorten it or remove it"
+                        ),
+                    ));
+                    return None;
+                }
+                Some(after)
+            });
             match parse_upstream_url(&url) {
                 Ok((tls, address, sni)) => upstreams.push(Upstream {
                     name: name.clone(),
@@ -250,7 +277,8 @@ impl Config {
                         Duration::from_secs(2),
                         &mut diags,
                     ),
-                    read_timeout: dur(&u_ref.read_timeout, Duration::from_secs(30), &mut diags),
+                    read_timeout,
+                    stale_after,
                 }),
                 Err(e) => diags.push(src.at(u_ref.url.span(), e)),
             }

@@ -111,4 +111,5 @@ pub(super) struct RawUpstream {
     pub(super) url: Spanned<String>,
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) read_timeout: Option<Spanned<String>>,
+    pub(super) stale_after: Option<Spanned<String>>,
 }

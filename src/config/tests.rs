@@ -267,3 +267,36 @@ fn trusted_networks_load_and_bad_ones_are_positioned() {
         "{e:?}"
     );
 }
+
+#[test]
+fn stale_after_is_read_and_must_be_shorter_than_read_timeout() {
+    let with = |v: &str| {
+        SPEC.replace(
+            "url = \"http://127.0.0.1:3000\"",
+            &format!(
+                "url = \"http://127.0.0.1:3000\"\nread_timeout = \"10s\"\nstale_after = \"{v}\""
+            ),
+        )
+    };
+    let c = load(&with("2s"), &[]).unwrap();
+    assert_eq!(c.upstreams[0].stale_after, Some(Duration::from_secs(2)));
+    assert_eq!(load(SPEC, &[]).unwrap().upstreams[0].stale_after, None);
+    for bad in ["10s", "0s"] {
+        let e = load(&with(bad), &[]).unwrap_err();
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].to_string().contains("gateway.toml:12:15:")
+                && e[0].message.contains(
+                    "upstreams.api.stale_after must be more than 0 and less than its read_timeout"
+                ),
+            "{}",
+            e[0]
+        );
+    }
+    let e = load(&with("soon"), &[]).unwrap_err();
+    assert_eq!(
+        e.len(),
+        1,
+        "one diagnostic for an unreadable duration: {e:?}"
+    );
+}

@@ -55,6 +55,8 @@ pub struct Observed {
     pub lookup: Lookup,
     /// Serving stale because the upstream failed: `Some(status)` (`None` inside: no response).
     pub stale_error: Option<Option<u16>>,
+    /// Answered stale because the origin had not answered within `stale_after`.
+    pub stale_after: bool,
     pub upstream_status: Option<u16>,
     /// The response was admitted to storage.
     pub stored: bool,
@@ -79,6 +81,22 @@ pub fn decide(o: &Observed) -> (CacheStatus, CacheOutcome) {
     let refused = o.lookup == Lookup::Refused;
     let fwd_stale = if refused { Fwd::Request } else { Fwd::Stale };
     let outcome = match o.phase.unwrap_or(Phase::Other) {
+        // The stored entry, stale, because the origin is slow (readers are served it as a hit
+        // while the fill goes on in the background, so the phase alone would say hit).
+        Phase::Hit | Phase::Stale if o.stale_after => {
+            s.fwd = Some(Fwd::Stale);
+            s.ttl = o.ttl;
+            s.detail = Some("stale-after");
+            CacheOutcome::Stale
+        }
+        // The stored entry, stale, because the upstream cannot be reached (served as a hit, so
+        // that the client connection is kept).
+        Phase::Hit if o.stale_error.is_some() => {
+            s.fwd = Some(Fwd::Stale);
+            s.ttl = o.ttl;
+            s.detail = Some("stale-if-error");
+            CacheOutcome::Stale
+        }
         Phase::Hit => {
             s.hit = true;
             s.ttl = o.ttl;
@@ -281,6 +299,29 @@ mod tests {
             "aisle; fwd=stale; fwd-status=503; ttl=-7; detail=stale-if-error",
             CacheOutcome::Stale,
         );
+        row(
+            Observed {
+                phase: Some(Phase::Hit),
+                stale_error: Some(None),
+                ttl: Some(-2),
+                ..base()
+            },
+            "aisle; fwd=stale; ttl=-2; detail=stale-if-error",
+            CacheOutcome::Stale,
+        );
+        for phase in [Phase::Hit, Phase::Stale] {
+            row(
+                Observed {
+                    phase: Some(phase),
+                    stale_error: Some(None),
+                    stale_after: true,
+                    ttl: Some(-4),
+                    ..base()
+                },
+                "aisle; fwd=stale; ttl=-4; detail=stale-after",
+                CacheOutcome::Stale,
+            );
+        }
         row(
             Observed {
                 phase: Some(Phase::Stale),

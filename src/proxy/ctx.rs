@@ -23,6 +23,8 @@ pub struct CacheCtx {
     pub stored: bool,
     /// Serving stale because the upstream failed: `Some(status)` (`None` inside: no response).
     pub stale_error: Option<Option<u16>>,
+    /// Answered stale because the origin had not answered within the upstream's `stale_after`.
+    pub stale_after: bool,
     /// Tokens recorded with the stored response this request was answered from.
     pub hit_tokens: u64,
     /// This instance's fleet fill lock for the key, released when the request ends (or handed
@@ -35,6 +37,8 @@ pub struct CacheCtx {
 pub struct UpstreamCtx {
     pub start: Option<Instant>,
     pub status: Option<u16>,
+    /// The upstream request was cut to `stale_after`, a stale entry standing by.
+    pub stale_after: Option<std::time::Duration>,
     /// Tags the origin sent (`Surrogate-Key`, `Cache-Tag`, `xkey`, `Cache-Groups`).
     pub tags: Vec<String>,
 }

@@ -46,20 +46,25 @@ use cache_status::{CacheStatus, Lookup, Observed, Phase};
 use pingora::cache::key::HashBinary;
 use pingora::cache::lock::CacheKeyLockImpl;
 use pingora::cache::predictor::Predictor;
-use pingora::cache::{CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, RespCacheable};
+use pingora::cache::{
+    CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 use upstream::Peers;
 
 /// Long-lived pieces the cache needs as `&'static` (pingora's requirement).
 pub struct CacheParts {
     pub storage: &'static Tiered,
     pub eviction: &'static Eviction,
-    pub lock: &'static CacheKeyLockImpl,
+    /// The in-process cache lock of each upstream (indexed like `Config::upstreams`), aged by
+    /// that upstream's timeouts: see `server::fill_age_limit`.
+    pub locks: Vec<&'static CacheKeyLockImpl>,
     pub predictor: &'static Predictor<16>,
 }
 
@@ -70,6 +75,44 @@ pub struct Gateway {
     cache: CacheParts,
     invalidator: Arc<Invalidator>,
     replays: Replays,
+    /// Keys whose origin did not answer within `stale_after` and whose fill goes on in the
+    /// background, with when that started: readers are served the stale entry meanwhile.
+    refreshing: Refreshing,
+}
+
+/// Background fills started because the origin was slower than `stale_after`, by key.
+#[derive(Default)]
+struct Refreshing(parking_lot::Mutex<HashMap<u128, Instant>>);
+
+impl Refreshing {
+    /// Records a background fill of `key`; false if one is already running (`horizon`: how long
+    /// one may run, after which it no longer counts and its record is dropped).
+    fn start(&self, key: u128, horizon: Duration) -> bool {
+        let mut map = self.0.lock();
+        map.retain(|_, at| at.elapsed() < horizon);
+        if map.contains_key(&key) {
+            return false;
+        }
+        map.insert(key, Instant::now());
+        true
+    }
+
+    /// Whether a background fill of `key` runs (started within `horizon`).
+    fn running(&self, key: u128, horizon: Duration) -> bool {
+        self.0
+            .lock()
+            .get(&key)
+            .is_some_and(|at| at.elapsed() < horizon)
+    }
+
+    fn finish(&self, key: u128) {
+        self.0.lock().remove(&key);
+    }
+}
+
+/// The key as a number, for [`Refreshing`].
+fn key_id(key: &CacheKey) -> u128 {
+    u128::from_be_bytes(pingora::cache::key::CacheHashKey::combined_bin(key))
 }
 
 impl Gateway {
@@ -86,7 +129,25 @@ impl Gateway {
             invalidator,
             config,
             cache,
+            refreshing: Refreshing::default(),
         })
+    }
+
+    /// The rule's upstream's `stale_after`, when this request may use it: a foreground request
+    /// (not a background fill), on a rule not keyed on the body (a background fill replays the
+    /// request without its body).
+    fn stale_after(&self, session: &Session, ctx: &Ctx) -> Option<Duration> {
+        let route = ctx.route.as_ref()?;
+        if session.subrequest_ctx.is_some() || route.rule.needs_body {
+            return None;
+        }
+        self.config.upstreams[route.rule.upstream].stale_after
+    }
+
+    /// How long a background fill for the rule's upstream may run.
+    fn fill_horizon(&self, ctx: &Ctx) -> Duration {
+        let u = &self.config.upstreams[ctx.rule().upstream];
+        u.connect_timeout + u.read_timeout + Duration::from_secs(1)
     }
 
     /// What the phases observed, for `Cache-Status` and the outcome metric.
@@ -120,6 +181,7 @@ impl Gateway {
             phase: Some(phase),
             lookup: ctx.cache.lookup,
             stale_error: ctx.cache.stale_error,
+            stale_after: ctx.cache.stale_after,
             upstream_status: ctx.upstream.status,
             stored: ctx.cache.stored,
             ttl,
@@ -191,6 +253,11 @@ impl ProxyHttp for Gateway {
         Ctx::new()
     }
 
+    fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
+        // `stale_after` hands a slow fill to a background request (see `should_serve_stale`).
+        session.subrequest_ctx.is_none()
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         if let Err(bad) = normalize_identity(session.req_header_mut()) {
             control::respond_json(
@@ -257,7 +324,7 @@ impl ProxyHttp for Gateway {
                 c.storage,
                 Some(c.eviction),
                 Some(c.predictor),
-                Some(c.lock),
+                Some(c.locks[ctx.rule().upstream]),
                 None,
             );
             session
@@ -293,7 +360,7 @@ impl ProxyHttp for Gateway {
 
     async fn cache_hit_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         meta: &CacheMeta,
         _hit_handler: &mut HitHandler,
         is_fresh: bool,
@@ -334,6 +401,32 @@ impl ProxyHttp for Gateway {
             ctx.cache.lookup = Lookup::Refused;
             return Ok(Some(ForcedFreshness::ForceMiss));
         }
+        let stale_fallback = !is_fresh
+            && !directives.any()
+            && session.subrequest_ctx.is_none()
+            && meta.serve_stale_if_error(SystemTime::now());
+        if stale_fallback
+            && self.stale_after(session, ctx).is_some()
+            && self
+                .refreshing
+                .running(key_id(session.cache.cache_key()), self.fill_horizon(ctx))
+        {
+            // The origin already missed `stale_after` for this key and its fill goes on in the
+            // background: answer from the stale entry now rather than queue behind that fill.
+            ctx.cache.stale_after = true;
+            metrics().stale_after.inc();
+            return Ok(Some(ForcedFreshness::ForceFresh));
+        }
+        let upstream = ctx.rule().upstream;
+        let probe_within = self.config.upstreams[upstream]
+            .stale_after
+            .unwrap_or(Duration::from_secs(1));
+        if stale_fallback && self.peers.still_unreachable(upstream, probe_within).await {
+            // stale-if-error, served as a hit so that the client connection is kept (pingora
+            // drops it after a failed upstream connection). See `upstream`.
+            ctx.cache.stale_error = Some(None);
+            return Ok(Some(ForcedFreshness::ForceFresh));
+        }
         if !is_fresh || !directives.any() {
             return Ok(None);
         }
@@ -358,12 +451,40 @@ impl ProxyHttp for Gateway {
             .await?;
             return Ok(false);
         }
+        if let CachePhase::Disabled(NoCacheReason::CacheLockRetryLimit) = session.cache.phase() {
+            // This request waited behind fills that each failed (a hung or failing origin):
+            // pingora would now send it upstream on its own, as it would every other waiter,
+            // turning one stuck fill into one request per waiter. The fills already asked.
+            metrics().fill_wait_gave_up.inc();
+            control::respond_json(
+                session,
+                504,
+                "{\"error\":\"the origin did not answer the fills this request waited for \
+                 (each within the upstream's read_timeout); retry later\"}"
+                    .into(),
+                "aisle; fwd=miss; detail=fill-failed",
+            )
+            .await?;
+            return Ok(false);
+        }
         Ok(true)
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream.start = Some(Instant::now());
-        Ok(Box::new(self.peers.http_peer(ctx.rule().upstream)))
+        let mut peer = self.peers.http_peer(ctx.rule().upstream);
+        if let Some(after) = self.stale_after(session, ctx) {
+            if session.cache.enabled() && session.cache.can_serve_stale_error() {
+                // A stale entry stands by: give the origin `stale_after` to answer; past it the
+                // entry is served (`should_serve_stale`) and a background fill takes over.
+                let o = &mut peer.options;
+                o.read_timeout = o.read_timeout.map(|t| t.min(after));
+                o.connection_timeout = o.connection_timeout.map(|t| t.min(after));
+                o.total_connection_timeout = o.total_connection_timeout.map(|t| t.min(after));
+                ctx.upstream.stale_after = Some(after);
+            }
+        }
+        Ok(Box::new(peer))
     }
 
     async fn upstream_request_filter(
@@ -383,12 +504,26 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(route) = &ctx.route {
+            self.peers.set_unreachable(route.rule.upstream, true);
+        }
+        e
+    }
+
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        self.peers.set_unreachable(ctx.rule().upstream, false);
         ctx.upstream.status = Some(resp.status.as_u16());
         ctx.upstream.tags = policy::origin_tags(resp);
         if !ctx.rule().keep_tag_headers {
@@ -477,6 +612,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         error: Option<&Error>,
     ) -> bool {
+        if session.subrequest_ctx.is_some() {
+            // A background fill fetches; it has no client to serve stale to.
+            return false;
+        }
         let Some(e) = error else {
             // stale-while-revalidate (the entry's window is checked by pingora), unless the
             // request itself asked for a validated response.
@@ -488,11 +627,34 @@ impl ProxyHttp for Gateway {
         };
         let upstream_failed =
             *e.esource() == ErrorSource::Upstream || status.is_some_and(|c| c >= 500);
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::ConnectTimedout
+        );
+        if timed_out && ctx.upstream.stale_after.is_some() && session.cache.enabled() {
+            // The origin missed `stale_after`: serve the entry, and let a background fill (with
+            // the full read_timeout) fetch the answer; readers meanwhile get the stale entry.
+            let key = key_id(session.cache.cache_key());
+            if self.refreshing.start(key, self.fill_horizon(ctx)) {
+                if let Some(spawner) = session.subrequest_spawner.as_ref() {
+                    spawner.spawn_background_subrequest(
+                        session.as_ref(),
+                        pingora::proxy::subrequest::Ctx::builder().build(),
+                    );
+                } else {
+                    self.refreshing.finish(key);
+                }
+            }
+            ctx.cache.stale_after = true;
+            metrics().stale_after.inc();
+        }
         if upstream_failed {
             ctx.cache.stale_error = Some(status);
             if status.is_none() {
                 // Pingora will not reuse the client connection after a failed upstream
-                // connection; say so, or the client's next request on it is reset.
+                // connection or a timed-out answer; say so, or the client's next request on it
+                // is reset. (Only the request that met the failure: later ones are answered as
+                // hits while the upstream is unreachable or a background fill runs.)
                 session.set_keepalive(None);
             }
         }
@@ -535,6 +697,12 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         // The request is over: a fleet fill lock it still holds is released now.
         ctx.cache.fill_lock = None;
+        if session.subrequest_ctx.is_some() {
+            // A background fill ended (stored or not): readers stop being served stale for it.
+            if let Some(key) = session.cache.maybe_cache_key() {
+                self.refreshing.finish(key_id(key));
+            }
+        }
         let Some(route) = ctx.route.as_ref() else {
             return;
         };

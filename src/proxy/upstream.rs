@@ -1,15 +1,26 @@
 //! Upstreams as pingora sees them: addresses resolved once at start, the peer handed to pingora
-//! per request, and the per-upstream request metrics.
+//! per request, the per-upstream request metrics, and whether the last connection attempt
+//! failed.
+//!
+//! That last fact exists for keep-alive: pingora closes the client connection after any failed
+//! upstream connection, even when it answers from a stale entry. Once a connection to an
+//! upstream has failed, a request with a stale entry to fall back on first probes the upstream
+//! (a TCP connect) and, if it is still unreachable, is answered from the entry as a hit, on the
+//! ordinary path that keeps the client connection.
 
 use crate::config::{Config, Upstream};
 use crate::metrics::metrics;
 use pingora::upstreams::peer::HttpPeer;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 /// A resolved upstream, ready to hand to pingora.
 pub struct Peer {
     address: SocketAddr,
     upstream: Upstream,
+    /// The last connection attempt failed, and no answer or probe has succeeded since.
+    unreachable: AtomicBool,
 }
 
 /// The configured upstreams, indexed like `Config::upstreams` (and `Rule::upstream`).
@@ -29,6 +40,7 @@ impl Peers {
             peers.push(Peer {
                 address,
                 upstream: u.clone(),
+                unreachable: AtomicBool::new(false),
             });
         }
         Ok(Peers(peers))
@@ -49,6 +61,33 @@ impl Peers {
         p.options.read_timeout = Some(u.read_timeout);
         p.options.write_timeout = Some(u.read_timeout);
         p
+    }
+
+    /// Records whether upstream `index` could be reached (a failed connect, or an answer).
+    pub fn set_unreachable(&self, index: usize, unreachable: bool) {
+        let flag = &self.0[index].unreachable;
+        if flag.load(Ordering::Relaxed) != unreachable {
+            flag.store(unreachable, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the last connection to upstream `index` failed and it is still unreachable now: a
+    /// TCP connect within `within` (at most its connect_timeout). A successful probe clears the
+    /// mark. `false` without probing when no connection has failed.
+    pub async fn still_unreachable(&self, index: usize, within: Duration) -> bool {
+        let peer = &self.0[index];
+        if !peer.unreachable.load(Ordering::Relaxed) {
+            return false;
+        }
+        let within = within.min(peer.upstream.connect_timeout);
+        let probe = tokio::net::TcpStream::connect(peer.address);
+        match tokio::time::timeout(within, probe).await {
+            Ok(Ok(_)) => {
+                self.set_unreachable(index, false);
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Counts an upstream answer (`status` = its code, or "error" when none came) and how long

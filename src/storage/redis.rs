@@ -188,6 +188,22 @@ impl RedisTier {
         let _: Option<i64> = self.redis.background("unlock", &cmd).await;
     }
 
+    /// Extends this instance's fill lock to `ttl` from now, if it still holds it (the holder's
+    /// heartbeat while its fill is alive). `Some(false)`: the lock is gone or another's.
+    pub async fn renew_lock(&self, key: u128, ttl: Duration) -> Option<bool> {
+        const COMPARE_AND_PEXPIRE: &str =
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
+        let cmd = redis::cmd("EVAL")
+            .arg(COMPARE_AND_PEXPIRE)
+            .arg(1)
+            .arg(self.lock_key(key))
+            .arg(self.instance.to_string())
+            .arg(ttl.as_millis().max(1) as u64)
+            .clone();
+        let renewed: Option<i64> = self.redis.background("lock", &cmd).await;
+        renewed.map(|n| n == 1)
+    }
+
     /// Writes an entry that stays servable for `ttl`, indexes it under its URI, and releases its
     /// fill lock, in one pipeline (off the request path).
     pub async fn put(&self, key: u128, uri: u64, value: Vec<u8>, ttl: Duration) -> bool {

@@ -3,8 +3,10 @@
 //! Lookup order is memory, then Redis, then origin. A Redis hit is decoded once and promoted into
 //! memory. A fill is written to memory as the body streams and to Redis afterwards, in a spawned
 //! task, so the client never waits for Redis. When both tiers miss, the fleet fill lock makes the
-//! instances agree on one fetch: the lock holder goes to the origin, the others poll Redis for
-//! its result until a deadline and then fetch themselves. The lock is a [`FillLock`] value:
+//! instances agree on one fetch: the lock holder goes to the origin (renewing the lock's short
+//! lease while its fill is alive), the others poll Redis for its result for as long as the lock
+//! is held, up to the longest an upstream may take, and fetch themselves only once the lock is
+//! gone (the fill failed, or its holder died and stopped renewing). The lock is a [`FillLock`] value:
 //! handed to the request's context ([`Tiered::take_fill_lock`]) and to the fill that stores the
 //! answer, and released when the last of them is dropped, however the request ends. Concurrent lookups of one key inside a
 //! process share that Redis conversation.
@@ -50,8 +52,12 @@ pub struct Tiered {
     pub redis: Option<Arc<RedisTier>>,
     /// False when `cache.memory` is 0: Redis only.
     memory_enabled: bool,
-    /// How long to wait for another instance's fill (and the fill lock's lifetime).
-    fill_wait: Duration,
+    /// The fleet fill lock's lease (`lock_timeout`): renewed while the fill is alive, so it
+    /// bounds only a holder that shows no sign of life.
+    lease: Duration,
+    /// The longest this instance waits for another instance's live fill: the slowest upstream's
+    /// connect + read timeouts.
+    wait_limit: Duration,
     waits: Mutex<HashMap<u128, Arc<OnceCell<Option<Bytes>>>>>,
     /// Fill locks taken by lookups, until the request that missed takes them (or they age out).
     held: Mutex<HashMap<u128, (Instant, FillLock)>>,
@@ -72,14 +78,16 @@ impl Tiered {
         epochs: Arc<Epochs>,
         redis: Option<Arc<RedisTier>>,
         memory_enabled: bool,
-        fill_wait: Duration,
+        lease: Duration,
+        wait_limit: Duration,
     ) -> Self {
         Tiered {
             memory,
             epochs,
             redis,
             memory_enabled,
-            fill_wait,
+            lease,
+            wait_limit: wait_limit.max(lease),
             waits: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
         }
@@ -121,7 +129,7 @@ impl Tiered {
         let mut held = self.held.lock();
         // A lock no request took (the request failed between lookup and miss) is released once
         // it is older than its own lifetime in Redis.
-        let horizon = self.fill_wait;
+        let horizon = self.lease;
         held.retain(|_, (at, _)| at.elapsed() < horizon);
         held.insert(lock.key(), (Instant::now(), lock));
     }
@@ -131,10 +139,10 @@ impl Tiered {
         if let Some(v) = redis.get(k).await {
             return Some(Bytes::from(v));
         }
-        match redis.try_lock(k, self.fill_wait).await {
+        match redis.try_lock(k, self.lease).await {
             None => return None,
             Some(true) => {
-                let lock = FillLock::new(redis.clone(), k);
+                let lock = FillLock::new(redis.clone(), k, self.lease, self.wait_limit);
                 // Ours; but the previous holder may have finished just before we asked.
                 if let Some(v) = redis.get(k).await {
                     return Some(Bytes::from(v)); // `lock` is dropped: released
@@ -144,7 +152,9 @@ impl Tiered {
             }
             Some(false) => {}
         }
-        let deadline = Instant::now() + self.fill_wait;
+        // While the holder's fill is alive its lock stays (renewed); a holder that died lets it
+        // expire within one lease, and then we fetch.
+        let deadline = Instant::now() + self.wait_limit;
         let mut pause = FILL_POLL_START;
         while Instant::now() < deadline {
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -161,7 +171,7 @@ impl Tiered {
         }
         tracing::debug!(
             "waited {:?} for another instance's fill; fetching",
-            self.fill_wait
+            self.wait_limit
         );
         None
     }

@@ -406,3 +406,67 @@ async fn a_failed_fill_releases_the_fleet_lock_at_once() {
     let a_status = first.await.unwrap().unwrap_or(0);
     assert!(a_status >= 500, "A's own request fails: {a_status}");
 }
+
+/// Issue 10 item 2, fleet variant: an origin slower (3 s) than `lock_timeout` (1 s). A takes the
+/// fleet fill lock and goes to the origin; B's clients, arriving while A's fill is alive, must
+/// wait for it rather than fetch themselves once the lock's lease would have run out: A renews
+/// the lease while its fill is alive. Before: B waited out `lock_timeout` and went upstream.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_fill_slower_than_lock_timeout_holds_the_other_instance() {
+    let redis = RedisServer::start();
+    let origin = Origin::start(|req| {
+        OriginResponse::ok(format!("answer #{}", req.count)).delay(Duration::from_secs(3))
+    });
+    let section = format!("{}\n", redis.section("t-heartbeat:"));
+    let cfg = gateway_config(&origin.url(), &section).replace(
+        "rules_dir = \"rules\"",
+        "rules_dir = \"rules\"\nlock_timeout = \"1s\"",
+    );
+    let rules = [("rules.toml", fixtures::SHARED_TIER_RULES)];
+    let (a, b) = tokio::join!(Gateway::start(&cfg, &rules), Gateway::start(&cfg, &rules));
+    wait_subscribed(&a, "A").await;
+    wait_subscribed(&b, "B").await;
+    let path = "/r/heartbeat";
+
+    let first = tokio::spawn({
+        let url = a.url(path);
+        async move { fetch(&client(), "GET", &url, &[]).await }
+    });
+    // A holds the fleet lock once its request reached the origin.
+    poll_until(
+        Duration::from_secs(10),
+        "A's fill reaching the origin",
+        || async { (origin.count(path) == 1).then_some(()) },
+    )
+    .await;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..10 {
+        let url = b.url(path);
+        set.spawn(async move { fetch(&client(), "GET", &url, &[]).await });
+    }
+    let mut b_times = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let r = r.expect("B request task");
+        assert_eq!(r.status, 200, "B: {:?}", r.cache_status());
+        assert_eq!(
+            r.text(),
+            "answer #1",
+            "B answered from A's fill: {:?}",
+            r.cache_status()
+        );
+        b_times.push(r.elapsed.as_secs_f64());
+    }
+    let a_answer = first.await.expect("A request task");
+    assert_eq!(a_answer.text(), "answer #1");
+    b_times.sort_by(f64::total_cmp);
+    println!(
+        "origin 3 s, lock_timeout 1 s, 10 clients on B during A's fill: {} origin request(s); B answered at {:.2?} s",
+        origin.count(path),
+        b_times
+    );
+    assert_eq!(
+        origin.count(path),
+        1,
+        "B's clients must wait for A's live fill, not fetch once the lease would have expired"
+    );
+}

@@ -351,3 +351,251 @@ async fn expired_entry_is_revalidated_with_304() {
     )
     .await;
 }
+
+/// Rules for `stale_after`: stored for 1 s, then servable stale for an hour if the origin fails.
+const STALE_AFTER_RULES: &str = r#"
+[[rule]]
+name = "stale-after"
+match = { method = "GET", path = "/sa/*" }
+upstream = "api"
+ttl = "1s"
+stale_if_error = "1h"
+"#;
+
+/// An origin that answers the first request for each path at once and hangs on every later
+/// one (accepts, reads the request, never answers): a hung origin.
+fn hangs_after_first() -> Origin {
+    Origin::start(|req| {
+        let r = OriginResponse::ok(format!("old #{}", req.count));
+        if req.count > 1 {
+            r.delay(Duration::from_secs(3600))
+        } else {
+            r
+        }
+    })
+}
+
+/// A gateway whose upstream has `read_timeout = 10s` and `stale_after = 500ms`.
+async fn stale_after_gateway(origin: &Origin) -> Gateway {
+    let cfg = config_for(&origin.url()).replace(
+        "read_timeout = \"10s\"",
+        "read_timeout = \"10s\"\nstale_after = \"500ms\"",
+    );
+    Gateway::start(&cfg, &[("rules.toml", STALE_AFTER_RULES)]).await
+}
+
+/// Polls (new connection each time) until the stored entry is no longer a fresh hit, and
+/// returns that first non-hit answer.
+async fn first_non_hit(gw: &Gateway, path: &str) -> Resp {
+    poll_until(
+        Duration::from_secs(20),
+        "the entry to go stale",
+        || async move {
+            let r = fetch(&client(), "GET", &gw.url(path), &[]).await;
+            (!r.is_hit()).then_some(r)
+        },
+    )
+    .await
+}
+
+fn assert_stale_after(r: &Resp, what: &str) {
+    let cs = r.cache_status();
+    assert_eq!(r.status, 200, "{what}: Cache-Status {cs:?}");
+    assert_eq!(r.text(), "old #1", "{what}");
+    assert!(
+        cs.contains("fwd=stale") && cs.contains("detail=stale-after"),
+        "{what}: expected a stale-after answer, got {cs:?}"
+    );
+}
+
+/// Issue 10 item 7: with the origin accepting and never answering, a stale entry is served once
+/// the origin has had `stale_after` (500 ms) to answer, not after `read_timeout` (10 s; before
+/// the fix stale-if-error came only then), and while the fill goes on in the background
+/// further requests get the stale entry at once rather than each waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_origin_is_answered_stale_after_stale_after() {
+    let origin = hangs_after_first();
+    let gw = stale_after_gateway(&origin).await;
+    let path = "/sa/hung";
+    assert_eq!(gw.get(path).await.text(), "old #1");
+
+    let r = first_non_hit(&gw, path).await;
+    println!(
+        "hung origin, read_timeout 10 s, stale_after 500 ms: first stale answer after {:.2?} ({:?})",
+        r.elapsed,
+        r.cache_status()
+    );
+    assert_stale_after(&r, "the request that found the entry stale");
+    assert!(
+        r.elapsed < Duration::from_secs(3),
+        "answered after {:?}: stale_after is 500 ms, read_timeout 10 s",
+        r.elapsed
+    );
+
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let url = gw.url(path);
+        set.spawn(async move { fetch(&client(), "GET", &url, &[]).await });
+    }
+    let mut slowest = Duration::ZERO;
+    while let Some(r) = set.join_next().await {
+        let r = r.expect("request task");
+        assert_stale_after(&r, "a request while the background fill runs");
+        slowest = slowest.max(r.elapsed);
+    }
+    println!("8 more requests during the background fill: slowest {slowest:.2?}");
+    assert!(
+        slowest < Duration::from_secs(2),
+        "requests during the background fill must not wait for it: slowest {slowest:?}"
+    );
+    // The first fill, the request cut at stale_after, and the one background fill.
+    let count = origin.count(path);
+    assert!(
+        count <= 3,
+        "one background fill, not one origin request per client: {count}"
+    );
+    gw.wait_metric("aisle_stale_after_total", &[], ">= 9", |v| v >= 9.0)
+        .await;
+}
+
+/// `n` requests for `path` on ONE keep-alive connection to the gateway (blocking client, in
+/// `spawn_blocking`); each answer, or why the connection could not carry it.
+async fn on_one_connection(
+    gw: &Gateway,
+    path: &'static str,
+    n: usize,
+) -> Vec<Result<RawResp, String>> {
+    let addr = gw.listen();
+    let host = addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = RawConn::connect(addr).expect("connect to the gateway");
+        let mut out = Vec::new();
+        for i in 0..n {
+            let r = conn
+                .get(&host, path)
+                .map_err(|e| format!("request {i}: {e}"));
+            let failed = r.is_err();
+            out.push(r);
+            if failed {
+                break;
+            }
+        }
+        out
+    })
+    .await
+    .expect("raw client task")
+}
+
+/// Issue 10 item 7: stale answers given because the origin hung keep the client connection. On
+/// ONE keep-alive connection: hits until the entry goes stale, the request that waits out
+/// `stale_after`, then requests during the background fill; 20 in all, every one answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_after_answers_keep_the_client_connection() {
+    let origin = hangs_after_first();
+    let gw = stale_after_gateway(&origin).await;
+    let path = "/sa/keepalive";
+    assert_eq!(gw.get(path).await.text(), "old #1");
+    // The request that waits out stale_after meets pingora's upstream error path, which cannot
+    // keep its connection: it must say so (`Connection: close`) rather than reset the next one.
+    let first = first_non_hit(&gw, path).await;
+    assert_stale_after(&first, "the request that found the entry stale");
+    let connection = first.header("connection").unwrap_or_default();
+    assert!(
+        connection.eq_ignore_ascii_case("close"),
+        "Connection: {connection:?}"
+    );
+
+    let answers = on_one_connection(&gw, path, 20).await;
+    let answered = answers.iter().filter(|a| a.is_ok()).count();
+    println!("hung origin, stale_after, one keep-alive connection: {answered}/20 answered");
+    for a in &answers {
+        let a = a
+            .as_ref()
+            .unwrap_or_else(|e| panic!("the connection must carry all 20 requests: {e}"));
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, b"old #1");
+        let cs = a.header("cache-status").unwrap_or_default();
+        assert!(cs.contains("detail=stale-after"), "{cs:?}");
+    }
+    assert_eq!(answered, 20);
+}
+
+/// Issue 10 item 7: with the upstream refusing connections, stale-if-error answers keep the
+/// client connection. Before the fix pingora closed it after every refused upstream connection
+/// (2,968 new client connections in 10 s); now, once the gateway has seen the upstream refuse,
+/// 20 requests on ONE keep-alive connection are all answered from the stale entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_if_error_over_a_refused_upstream_keeps_the_client_connection() {
+    let origin = Origin::start(|req| OriginResponse::ok(format!("old #{}", req.count)));
+    let gw = Gateway::start(
+        &config_for(&origin.url()),
+        &[("rules.toml", STALE_AFTER_RULES)],
+    )
+    .await;
+    let path = "/sa/refused";
+    assert_eq!(gw.get(path).await.text(), "old #1");
+    origin.stop();
+    origin.wait_stopped().await;
+    let r = wait_for_stale(&gw, path, "old #1", "stale served with the origin refusing").await;
+    assert_stale_if_error(&r, "old #1");
+
+    let answers = on_one_connection(&gw, path, 20).await;
+    let answered = answers.iter().filter(|a| a.is_ok()).count();
+    println!("refused upstream, stale-if-error, one keep-alive connection: {answered}/20 answered");
+    for a in &answers {
+        let a = a
+            .as_ref()
+            .unwrap_or_else(|e| panic!("the connection must carry all 20 requests: {e}"));
+        assert_eq!(a.status, 200);
+        assert_eq!(a.body, b"old #1");
+        let cs = a.header("cache-status").unwrap_or_default();
+        assert!(
+            cs.contains("fwd=stale") && cs.contains("detail=stale-if-error"),
+            "{cs:?}"
+        );
+    }
+    assert_eq!(answered, 20);
+}
+
+/// `stale_after` on a slow but live origin: the client is answered stale at `stale_after`, and
+/// the fill goes on in the background until the origin answers, so the entry is refreshed
+/// (the origin is not asked once per request, and the slow answer is not thrown away).
+#[tokio::test(flavor = "multi_thread")]
+async fn stale_after_lets_a_slow_fill_finish_in_the_background() {
+    let origin = Origin::start(|req| {
+        let r = OriginResponse::ok(format!("v{}", req.count));
+        if req.count > 1 {
+            r.delay(Duration::from_millis(1500))
+        } else {
+            r
+        }
+    });
+    let gw = stale_after_gateway(&origin).await;
+    let path = "/sa/slow";
+    assert_eq!(gw.get(path).await.text(), "v1");
+    let first = first_non_hit(&gw, path).await;
+    assert_eq!(first.text(), "v1", "{:?}", first.cache_status());
+    assert!(first.cache_status().contains("detail=stale-after"));
+    let gw = &gw;
+    let fresh = poll_until(
+        Duration::from_secs(10),
+        "the background fill to replace the entry",
+        || async move {
+            let r = fetch(&client(), "GET", &gw.url(path), &[]).await;
+            assert_eq!(r.status, 200);
+            (r.text() != "v1").then_some(r)
+        },
+    )
+    .await;
+    println!(
+        "slow origin (1.5 s), stale_after 500 ms: refreshed to {:?}; {} origin requests",
+        fresh.text(),
+        origin.count(path)
+    );
+    assert!(fresh.is_hit(), "{:?}", fresh.cache_status());
+    assert!(
+        origin.count(path) <= 3,
+        "the first fill, the request cut at stale_after, one background fill: {}",
+        origin.count(path)
+    );
+}
