@@ -2,13 +2,14 @@
 //!
 //! A [`MemoryMiss`] collects the body as it streams into a [`Partial`] that readers can follow
 //! ([`super::hit::PartialHit`]), and stores the entry when the fill completes, with the token
-//! count read once from the complete body. Dropped without `finish` (a broken upstream stream),
+//! count read once from the complete body, its body copied into a buffer of exactly its length. Dropped without `finish` (a broken upstream stream),
 //! nothing is stored and the readers are told.
 
+use super::compact::owned_body;
 use super::{clock_ms, entry_weight, Entry, MemoryStorage, StoredMeta};
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use parking_lot::RwLock;
 use pingora::cache::key::CompactCacheKey;
 use pingora::cache::storage::{HandleMiss, MissFinishType};
@@ -45,7 +46,6 @@ pub(super) struct MemoryMiss {
     pub(super) partial: Arc<Partial>,
     /// Set by `finish`; a fill dropped before it is abandoned.
     pub(super) finished: bool,
-    pub(super) len: usize,
 }
 
 impl MemoryMiss {
@@ -71,27 +71,15 @@ impl HandleMiss for MemoryMiss {
         if data.is_empty() {
             return Ok(());
         }
-        self.len += data.len();
         self.partial.chunks.write().push(data);
         self.partial.progress.send_modify(|p| p.chunks += 1);
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
-        let body = {
-            let chunks = self.partial.chunks.read();
-            match chunks.len() {
-                0 => Bytes::new(),
-                1 => chunks[0].clone(),
-                _ => {
-                    let mut buf = BytesMut::with_capacity(self.len);
-                    for c in chunks.iter() {
-                        buf.extend_from_slice(c);
-                    }
-                    buf.freeze()
-                }
-            }
-        };
+        // A copy, even of a single chunk: the chunks may be slices of larger read buffers,
+        // which a stored slice would keep alive (see `compact.rs`).
+        let body = owned_body(&self.partial.chunks.read());
         let meta = self.partial.meta.clone();
         let info = self.partial.info.completed(&body);
         let weight = entry_weight(body.len(), &meta, &info, &self.compact);

@@ -12,6 +12,7 @@
 //! This file is the store (shards, URI index, accounting, the `Storage` impl); how a found
 //! body is read is in `hit.rs`, how a fetched body becomes an entry in `fill.rs`.
 
+mod compact;
 mod fill;
 mod hit;
 
@@ -21,6 +22,7 @@ use super::EntryInfo;
 use crate::metrics::metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
+use compact::{body_weight, compact_header, header_weight, owned_body, with_slack};
 use fill::{MemoryMiss, Partial, Progress};
 use hit::PartialHit;
 use parking_lot::{Mutex, RwLock};
@@ -40,17 +42,26 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 const SHARDS: usize = 16;
-/// Bytes every entry costs beyond its body, header, facts and key: the entry and its reference
-/// counts, its map slot (twice, for the map's spare capacity), its place in the URI index, and
-/// the LRU's node (lookup slot, boxed node with a copy of the compact key, list link).
-const ENTRY_OVERHEAD: usize = size_of::<Entry>()
+/// A hash map slot of `slot` bytes as a share of the table: hashbrown keeps a control byte per
+/// slot, fills at most 7/8 of its slots and doubles when full, so a slot costs up to 16/7 of
+/// itself (and its control byte).
+const fn map_slot(slot: usize) -> usize {
+    (slot + 1) * 16 / 7
+}
+/// Bytes every entry costs beyond its body, header, facts and key (before the allocator's
+/// slack): the entry and its reference counts, its map slot, its place in the URI index (a slot
+/// for its URI and its id in an exactly sized list), and the LRU's node (lookup slot, boxed node
+/// with a copy of the key, list link in a doubling vector, a free-list slot).
+const ENTRY_OVERHEAD: usize = 2 * size_of::<usize>()
+    + size_of::<Entry>()
+    + map_slot(size_of::<(u128, Arc<Entry>)>())
+    + map_slot(size_of::<(u64, Vec<u128>)>())
+    + size_of::<u128>()
+    + map_slot(size_of::<(u64, Box<usize>)>())
+    + size_of::<CacheEntryKey>()
     + 2 * size_of::<usize>()
-    + 2 * size_of::<(u128, Arc<Entry>)>()
-    + 2 * (size_of::<(u64, Vec<u128>)>() + size_of::<u128>())
-    + 2 * size_of::<(u64, usize)>()
-    + size_of::<CompactCacheKey>()
-    + 4 * size_of::<usize>()
-    + 3 * size_of::<usize>();
+    + 2 * (2 * size_of::<u32>() + size_of::<u64>())
+    + 2 * size_of::<u32>();
 /// A hit moves its entry up the LRU at most this often (milliseconds).
 const LRU_INTERVAL_MS: u64 = 1000;
 
@@ -92,8 +103,7 @@ impl StoredMeta {
             swr: meta.stale_while_revalidate_sec(),
             sie: meta.stale_if_error_sec(),
             variance: meta.variance(),
-            // Without the header-name case map: half the allocations when a hit clones it.
-            header: ResponseHeader::from(meta.response_header().as_owned_parts()),
+            header: compact_header(meta.response_header()),
         }
     }
 
@@ -254,6 +264,8 @@ impl MemoryStorage {
     /// Stores an entry read from a shared tier, admitting it to the LRU (and evicting what
     /// no longer fits) as a fill would.
     pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: Arc<EntryInfo>) {
+        // The body read from Redis may be a slice of the whole record: keep only the body.
+        let body = owned_body(&[body]);
         let stored = StoredMeta::from_meta(meta);
         let compact = key.to_compact();
         let weight = entry_weight(body.len(), &stored, &info, &compact);
@@ -309,6 +321,8 @@ impl MemoryStorage {
             let mut uris = self.uri_shard(uri).lock();
             let ids = uris.entry(uri).or_default();
             if !ids.contains(&id) {
+                // Exactly sized: a vector's first push would reserve four slots.
+                ids.reserve_exact(1);
                 ids.push(id);
             }
         }
@@ -343,17 +357,6 @@ impl MemoryStorage {
     }
 }
 
-/// Bytes a stored response header holds on the heap: each field's name and value, its bucket
-/// and index slot in the `HeaderMap` (twice, for the map's spare capacity), and the reason phrase.
-fn header_weight(h: &ResponseHeader) -> usize {
-    const FIELD: usize = 2 * (size_of::<http::HeaderName>() + size_of::<http::HeaderValue>() + 32);
-    h.headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + FIELD)
-        .sum::<usize>()
-        + h.get_reason_phrase().map_or(0, str::len)
-}
-
 /// Bytes of a compact key beyond its struct (counted in the entry): its variance and user tag.
 fn key_weight(key: &CompactCacheKey) -> usize {
     let variance = key.variance.as_ref().map_or(0, |_| size_of::<HashBinary>());
@@ -370,7 +373,8 @@ pub(super) fn entry_weight(
     info: &EntryInfo,
     key: &CompactCacheKey,
 ) -> usize {
-    body + header_weight(&meta.header) + info.size() + key_weight(key) + ENTRY_OVERHEAD
+    body_weight(body)
+        + with_slack(header_weight(&meta.header) + info.size() + key_weight(key) + ENTRY_OVERHEAD)
 }
 
 #[async_trait]
@@ -450,7 +454,6 @@ impl Storage for MemoryStorage {
             compact: key.to_compact(),
             partial,
             finished: false,
-            len: 0,
         }))
     }
 
@@ -706,6 +709,89 @@ mod tests {
             STORE.bytes_by_rule()["weight-rule"],
             0,
             "and released on removal"
+        );
+    }
+
+    /// Issue 10 item 3: a stored entry keeps none of the buffers pingora read it from (a header
+    /// value is a slice of a 4 KiB read buffer, a body chunk may be a slice of a 64 KiB one),
+    /// and its weight is at least what it really holds, measured from the kept parts' own
+    /// lengths and capacities rather than from the weight formula.
+    #[tokio::test]
+    async fn an_entry_keeps_only_its_own_bytes_and_is_charged_for_them() {
+        let read_buf = Bytes::from(vec![b'v'; 4096]);
+        let body_buf = Bytes::from(vec![b'b'; 64 * 1024]);
+        let now = SystemTime::now();
+        let mut h = ResponseHeader::build(200, None).unwrap();
+        for (i, name) in ["content-type", "etag", "x-origin-trace"]
+            .iter()
+            .enumerate()
+        {
+            let at = 1000 * i + 200;
+            let value = http::HeaderValue::from_maybe_shared(read_buf.slice(at..at + 40)).unwrap();
+            h.append_header(name.to_string(), value).unwrap();
+        }
+        let mut m = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, h);
+        Arc::new(EntryInfo {
+            uri: 91,
+            host_path: "h/compact".into(),
+            tags: Arc::from(vec!["t-compact".into()]),
+            rule: Arc::from("compact-rule"),
+            ..EntryInfo::default()
+        })
+        .attach(&mut m);
+        let key = CacheKey::new("k-compact", "");
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let mut miss = STORE.get_miss_handler(&key, &m, &span).await.unwrap();
+        miss.write_body(body_buf.slice(100..1124), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+
+        let id = id(key.combined_bin());
+        let entry = STORE.shard(id).read().get(&id).cloned().unwrap();
+        let meta = entry.meta.read();
+        let within = |buf: &Bytes, p: *const u8| {
+            (buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len()).contains(&(p as usize))
+        };
+        assert_eq!(&entry.body[..], &body_buf[100..1124]);
+        assert!(
+            !within(&body_buf, entry.body.as_ptr()),
+            "the stored body is a slice of the 64 KiB read buffer: it keeps all of it alive"
+        );
+        for v in meta.header.headers.values() {
+            assert!(
+                !within(&read_buf, v.as_bytes().as_ptr()),
+                "a stored header value is a slice of the 4 KiB read buffer: it keeps all of it alive"
+            );
+        }
+        // What the entry holds, from the parts themselves: the body, the header values'
+        // backing bytes (the span they point into), the header map's slots, the facts, the
+        // key, and the entry struct.
+        let lo = meta
+            .header
+            .headers
+            .values()
+            .map(|v| v.as_bytes().as_ptr() as usize)
+            .min()
+            .unwrap();
+        let hi = meta
+            .header
+            .headers
+            .values()
+            .map(|v| v.as_bytes().as_ptr() as usize + v.len())
+            .max()
+            .unwrap();
+        let held = entry.body.len()
+            + (hi - lo)
+            + meta.header.headers.capacity() * size_of::<(http::HeaderName, http::HeaderValue)>()
+            + entry.info.host_path.len()
+            + entry.info.tags.iter().map(|t| t.len()).sum::<usize>()
+            + entry.info.rule.len()
+            + size_of::<Entry>();
+        assert!(
+            entry.weight >= held,
+            "charged {} bytes for an entry holding at least {held}",
+            entry.weight
         );
     }
 
