@@ -265,6 +265,7 @@ fn decide(
     match answer {
         ProviderAnswer::Done(_) => Finish::Done,
         ProviderAnswer::Fatal(detail) => {
+            item.attempts = item.attempts.saturating_add(1);
             item.last_error = detail.clone();
             Finish::Dead
         }
