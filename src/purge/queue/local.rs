@@ -487,6 +487,42 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_takes_due_items_of_the_first_ones_kind_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path()).unwrap();
+        let mut tags = item("t", "cf", 0);
+        tags.batch.kind = Kind::Tags;
+        let mut soft = item("s", "cf", 0);
+        soft.batch.soft = true;
+        log.put(
+            vec![
+                item("a", "cf", 0),
+                tags,
+                soft,
+                item("b", "cf", 0),
+                item("later", "cf", 50),
+                item("c", "cf", 0),
+                item("other", "fa", 0),
+            ],
+            LogState::Queued,
+            true,
+        )
+        .unwrap();
+        let ids = |v: Vec<Item>| v.into_iter().map(|i| i.id).collect::<Vec<_>>();
+        assert_eq!(ids(log.claim("cf", 10, |_| 2).unwrap()), ["a", "b"]);
+        assert_eq!(
+            ids(log.claim("cf", 10, |_| 100).unwrap()),
+            ["t"],
+            "the oldest first, then only its kind"
+        );
+        assert_eq!(ids(log.claim("cf", 10, |_| 100).unwrap()), ["s"]);
+        assert_eq!(ids(log.claim("cf", 10, |_| 100).unwrap()), ["c"]);
+        assert_eq!(log.claim("cf", 10, |_| 100), Err(Some(50)));
+        log.release("c");
+        assert_eq!(log.counts("cf"), (2, 4, 0), "released c waits again");
+    }
+
+    #[test]
     fn enqueueing_an_item_again_leaves_it_alone() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = FileLog::open(dir.path()).unwrap();
