@@ -1106,7 +1106,9 @@ async fn redis_lost_queue_is_detected_counted_and_requeued() {
         DELIVERY,
         "the queue in Redis and its marker seen",
         || async {
-            let marker = !redis.keys(&format!("{prefix}purge:generation")).is_empty();
+            let marker = !redis
+                .keys(&format!("{prefix}purge:{{cloudflare}}:generation"))
+                .is_empty();
             let st = purges(&gw).await;
             let p = provider_status(&st, "cloudflare");
             let n = p["depth"].as_u64()? + p["in_flight"].as_u64()?;

@@ -1126,3 +1126,42 @@ async fn a_slow_send_keeps_its_lease_while_it_lasts() {
     println!("sends of one item whose send lasted 4 leases: {calls:?}");
     assert_eq!(calls, ["jr-renew-0"], "sent once: the lease was renewed");
 }
+
+/// The queue on a Redis Cluster: every script and pipeline (claim, reclaim, the generation
+/// check, renew, done) stays in the provider's slot, so items are delivered once each (a key
+/// outside the slot would make every claim fail with CROSSSLOT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_works_on_a_redis_cluster() {
+    use crate::harness::redis::{RedisCluster, SharedRedis};
+    let cluster = RedisCluster::start(3);
+    let name = "cluster";
+    let fake = Arc::new(Fake::new(name, |_, _| {
+        Some(ProviderAnswer::Done("ok".into()))
+    }));
+    let answers = Arc::new(Answers::default());
+    let tier = Arc::new(
+        Redis::new(&RedisConfig {
+            url: String::new(),
+            cluster: cluster.node_urls(),
+            prefix: PREFIX.into(),
+            timeout: Duration::from_millis(250),
+            keys: None,
+        })
+        .expect("redis cluster tier"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let q = PurgeQueue::new(
+        cfg(dir.path()),
+        vec![fake.clone() as Arc<dyn Provider>],
+        Some(tier),
+        answers.clone() as Arc<dyn AnswerSink>,
+    )
+    .expect("purge queue");
+    assert_eq!(q.enqueue(&job("jcl", 3)).await, Ok(3));
+    let want = ids("jcl", name, 3);
+    let w = run(&q);
+    let calls = wait_delivered(&[&fake], &[&q], &want, "delivered through the cluster").await;
+    w.stop().await;
+    assert_once_each(&calls, &want);
+    assert_eq!(log_text(dir.path()), "", "nothing spilled to the file");
+}

@@ -15,13 +15,13 @@
 //! A completion that cannot reach Redis is kept here ([`RedisStore::finish`]) and applied,
 //! oldest first, before anything else once Redis answers again.
 //!
-//! Redis without persistence loses the queue when it restarts. To notice, the store keeps a
-//! `purge:generation` marker (a random value set once) and, per provider, the items this
-//! instance enqueued and has not seen finished (bounded). When the marker is gone or changed,
-//! Redis lost its data: the items still on record are enqueued again, counted in
-//! `aisle_purge_lost_total{outcome="requeued"}`, and the reset is logged as an error (items other
-//! instances enqueued are theirs to re-enqueue). Items that left Redis under an unchanged marker
-//! were finished by another instance and are forgotten.
+//! Redis without persistence loses the queue when it restarts. To notice, the store keeps, per
+//! provider, a `purge:{p}:generation` marker (a random value set once, in the provider's slot)
+//! and the items this instance enqueued and has not seen finished (bounded). When the marker is
+//! gone or changed, Redis lost its data: the items still on record are enqueued again, counted
+//! in `aisle_purge_lost_total{outcome="requeued"}`, and the reset is logged as an error (items
+//! other instances enqueued are theirs to re-enqueue). Items that left Redis under an unchanged
+//! marker were finished by another instance and are forgotten.
 
 use super::{Finish, Item};
 use crate::clock::now_ms;
@@ -95,6 +95,8 @@ struct ProviderKeys {
     owner: String,
     dead: String,
     pace: String,
+    /// The provider's generation marker (in its slot, so the check is one atomic pipeline).
+    generation: String,
 }
 
 impl RedisStore {
@@ -109,10 +111,6 @@ impl RedisStore {
         })
     }
 
-    fn generation_key(&self) -> String {
-        self.keys.key(format_args!("generation"))
-    }
-
     fn keys(&self, provider: &str) -> ProviderKeys {
         let key = |part: &str| self.keys.key(format_args!("{{{provider}}}:{part}"));
         ProviderKeys {
@@ -122,6 +120,7 @@ impl RedisStore {
             owner: key("owner"),
             dead: key("dead"),
             pace: key("pace"),
+            generation: key("generation"),
         }
     }
 
@@ -217,16 +216,16 @@ impl RedisStore {
             .map(|w| w.outstanding.keys().cloned().collect())
             .unwrap_or_default();
         // The marker is created when missing, then read; with the items on record, atomically.
-        let gen_key = self.generation_key();
+        let gen_key = &k.generation;
         let mut pipe = redis::pipe();
         pipe.atomic()
             .cmd("SET")
-            .arg(&gen_key)
+            .arg(gen_key)
             .arg(&fresh)
             .arg("NX")
             .ignore()
             .cmd("GET")
-            .arg(&gen_key);
+            .arg(gen_key);
         let reply: Option<(Option<String>, Vec<Option<String>>)> = if ids.is_empty() {
             self.redis
                 .background_pipe::<(Option<String>,)>("purge_generation", &pipe)
@@ -618,7 +617,7 @@ mod tests {
         assert_eq!(k.processing, "aisle:purge:{cloudflare}:processing");
         assert_eq!(k.dead, "aisle:purge:{cloudflare}:dead");
         assert_eq!(k.owner, "aisle:purge:{cloudflare}:owner");
-        assert_eq!(store.generation_key(), "aisle:purge:generation");
+        assert_eq!(k.generation, "aisle:purge:{cloudflare}:generation");
         assert_eq!(k.pace, "aisle:purge:{cloudflare}:pace");
     }
 
