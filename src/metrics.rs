@@ -77,6 +77,17 @@ pub struct Metrics {
     pub purge_dead_letters: IntGaugeVec,
     /// From a purge job's acceptance to a CDN's confirmation, per provider.
     pub purge_latency: HistogramVec,
+    // -- purge queue outages (issue 10 items 4 and 5) --
+    /// Times this instance found the Redis purge queue gone (Redis restarted without
+    /// persistence, or flushed).
+    pub purge_queue_resets: IntCounter,
+    /// Purge items Redis lost, by provider and what this instance could do (`requeued` from its
+    /// own record, `unrecovered`).
+    pub purge_lost: IntCounterVec,
+    /// CDN answers that were pacing (`429` / `Retry-After`), not failures, by provider.
+    pub purge_throttled: IntCounterVec,
+    /// Items per CDN request (queued purges joined into one request), by provider.
+    pub purge_batch_items: HistogramVec,
     pub invalidations: IntCounterVec,
     pub webhooks: IntCounterVec,
     pub saved_requests: IntCounterVec,
@@ -192,7 +203,7 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| {
     .expect("register aisle_purge_queue_depth"),
     purge_dead_letters: register_int_gauge_vec!(
         "aisle_purge_dead_letters",
-        "Purge items that failed max_attempts times or fatally, by provider",
+        "Purge items given up on (refused, or still failing after give_up_after or max_attempts), by provider",
         &["provider"]
     )
     .expect("register aisle_purge_dead_letters"),
@@ -203,6 +214,31 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| {
         vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0]
     )
     .expect("register aisle_purge_latency_seconds"),
+    // -- purge queue outages (issue 10 items 4 and 5) --
+    purge_queue_resets: register_int_counter!(
+        "aisle_purge_queue_resets_total",
+        "Times the Redis purge queue was found gone (Redis restarted without persistence, or flushed)"
+    )
+    .expect("register aisle_purge_queue_resets_total"),
+    purge_lost: register_int_counter_vec!(
+        "aisle_purge_lost_total",
+        "Purge items Redis lost, by provider and outcome (requeued from this instance's record, unrecovered)",
+        &["provider", "outcome"]
+    )
+    .expect("register aisle_purge_lost_total"),
+    purge_throttled: register_int_counter_vec!(
+        "aisle_purge_throttled_total",
+        "CDN answers that asked the gateway to slow down (429, Retry-After): pacing, not failures",
+        &["provider"]
+    )
+    .expect("register aisle_purge_throttled_total"),
+    purge_batch_items: register_histogram_vec!(
+        "aisle_purge_batch_items",
+        "Queued purge items joined into one CDN request, by provider",
+        &["provider"],
+        vec![1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 256.0, 1000.0]
+    )
+    .expect("register aisle_purge_batch_items"),
     invalidations: register_int_counter_vec!(
         "aisle_invalidations_total",
         "Things invalidated, by who asked (admin, webhook, purge, unsafe) and kind (tag, url, prefix)",

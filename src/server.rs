@@ -124,8 +124,7 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         Some(cdn) => {
             let providers =
                 crate::purge::providers::from_settings(cdn).map_err(std::io::Error::other)?;
-            let mut qcfg = QueueConfig::new(&config.purge.dir);
-            qcfg.max_attempts = config.purge.max_attempts;
+            let qcfg = QueueConfig::from_config(&config.purge);
             let queue = PurgeQueue::new(qcfg, providers, shared.clone(), audit.clone())?;
             server.add_service(pingora::services::background::background_service(
                 "aisle purge worker",

@@ -128,8 +128,18 @@ impl std::fmt::Debug for AdminConfig {
 pub struct PurgeConfig {
     /// Directory of the local queue (used when Redis is absent or unavailable).
     pub dir: PathBuf,
-    /// Attempts before an item becomes a dead letter.
-    pub max_attempts: u32,
+    /// Failed attempts before an item becomes a dead letter; `None` (the default): no limit,
+    /// only `give_up_after`.
+    pub max_attempts: Option<u32>,
+    /// How long an accepted purge is retried before it becomes a dead letter (default 24h).
+    pub give_up_after: Duration,
+    /// First retry delay and the cap on it (capped exponential backoff, full jitter).
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// How long a Redis-queue item belongs to the instance sending it (renewed while sending).
+    pub lease: Duration,
+    /// This instance's identity in the Redis queue; `None`: persisted in `dir/instance-id`.
+    pub instance_id: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -219,7 +229,24 @@ impl Config {
                 .dir
                 .as_ref()
                 .map_or_else(|| base.join("purge-queue"), |d| base.join(d)),
-            max_attempts: raw.purge.max_attempts.unwrap_or(8).max(1),
+            max_attempts: raw.purge.max_attempts.map(|n| n.max(1)),
+            give_up_after: dur(
+                &raw.purge.give_up_after,
+                Duration::from_secs(86_400),
+                &mut diags,
+            ),
+            backoff_base: dur(
+                &raw.purge.backoff_base,
+                Duration::from_millis(500),
+                &mut diags,
+            ),
+            backoff_max: dur(&raw.purge.backoff_max, Duration::from_secs(60), &mut diags),
+            lease: dur(&raw.purge.lease, Duration::from_secs(15), &mut diags),
+            instance_id: raw
+                .purge
+                .instance_id
+                .clone()
+                .filter(|s| !s.trim().is_empty()),
         };
         let mut webhooks = BTreeMap::new();
         for (name, w) in &raw.webhooks {

@@ -103,6 +103,11 @@ pub(super) struct RawFire {
 pub(super) struct RawPurge {
     pub(super) dir: Option<String>,
     pub(super) max_attempts: Option<u32>,
+    pub(super) give_up_after: Option<Spanned<String>>,
+    pub(super) backoff_base: Option<Spanned<String>>,
+    pub(super) backoff_max: Option<Spanned<String>>,
+    pub(super) lease: Option<Spanned<String>>,
+    pub(super) instance_id: Option<String>,
 }
 
 #[derive(Deserialize)]

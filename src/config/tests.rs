@@ -300,3 +300,33 @@ fn stale_after_is_read_and_must_be_shorter_than_read_timeout() {
         "one diagnostic for an unreadable duration: {e:?}"
     );
 }
+
+/// `[purge]`: the give-up horizon and backoff (issue 10 item 4), the lease and instance id (item
+/// 5); defaults, and a bad duration reported at its value.
+#[test]
+fn purge_settings_and_their_defaults() {
+    let c = load(SPEC, &[]).unwrap();
+    assert_eq!(c.purge.give_up_after, Duration::from_secs(86_400));
+    assert_eq!(c.purge.max_attempts, None, "max_attempts is opt-in");
+    assert_eq!(c.purge.backoff_base, Duration::from_millis(500));
+    assert_eq!(c.purge.backoff_max, Duration::from_secs(60));
+    assert_eq!(c.purge.lease, Duration::from_secs(15));
+    assert_eq!(c.purge.instance_id, None);
+    let c = load(
+        &format!(
+            "{SPEC}[purge]\ngive_up_after = \"2h\"\nmax_attempts = 5\nbackoff_base = \"50ms\"\n\
+             backoff_max = \"5s\"\nlease = \"10s\"\ninstance_id = \"gw-1\"\n"
+        ),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.purge.give_up_after, Duration::from_secs(7200));
+    assert_eq!(c.purge.max_attempts, Some(5));
+    assert_eq!(c.purge.backoff_base, Duration::from_millis(50));
+    assert_eq!(c.purge.backoff_max, Duration::from_secs(5));
+    assert_eq!(c.purge.lease, Duration::from_secs(10));
+    assert_eq!(c.purge.instance_id.as_deref(), Some("gw-1"));
+    let p = positions("[purge]\ngive_up_after = \"soon\"\n", &[]);
+    assert_eq!((p[0].0, p[0].1), (12, 17), "{p:?}");
+    assert!(p[0].2.contains("bad duration"), "{p:?}");
+}

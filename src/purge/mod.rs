@@ -3,11 +3,13 @@
 //!
 //! The shape: an invalidation becomes one [`PurgeJob`] (tags, URLs, prefixes, hosts, soft or
 //! hard). Each configured [`Provider`] (Cloudflare, Fastly, CloudFront, plain HTTP PURGE/BAN)
-//! splits a job into request-sized [`Batch`]es its API accepts and answers each with a [`ProviderAnswer`]. The queue ([`queue`]) persists one
-//! item per (job, provider) before the job is acknowledged, so an accepted purge survives a
-//! gateway restart or a CDN outage; the worker ([`worker`]) paces, sends, retries with backoff and
-//! jitter (honouring `429` / `Retry-After`) and moves an item to the dead letters after
-//! `max_attempts` failures.
+//! splits a job into request-sized [`Batch`]es its API accepts and answers each with a
+//! [`ProviderAnswer`]. The queue ([`queue`]) persists one item per (job, provider, batch) before
+//! the job is acknowledged, so an accepted purge survives a gateway restart or a CDN outage; the
+//! worker ([`worker`]) coalesces queued items of one provider into requests as large as its API
+//! takes ([`Provider::merge_limit`], [`Provider::fits`]), paces them, retries with capped backoff
+//! and jitter (a `429` / `Retry-After` is pacing, not a failure) and moves an item to the dead
+//! letters only after `give_up_after` (or an opt-in `max_attempts`).
 
 pub mod providers;
 pub mod queue;
@@ -67,7 +69,9 @@ pub struct Batch {
 pub enum ProviderAnswer {
     /// Accepted; the detail is what the API said (e.g. its purge or invalidation id).
     Done(String),
-    /// Try again later (5xx, 429, network error); `after` from `Retry-After` when given.
+    /// Try again later (5xx, 429, network error); `after` from `Retry-After` when given (a 429
+    /// always has one). A `Retry` with `after` is pacing: it pauses the provider and does not
+    /// count as a failed attempt.
     Retry {
         after: Option<Duration>,
         detail: String,
@@ -86,6 +90,15 @@ pub trait Provider: Send + Sync {
     fn batches(&self, job: &PurgeJob) -> Vec<Batch>;
     /// Requests per second this provider's API allows (the worker paces to it).
     fn rate(&self) -> f64;
+    /// At most how many queued batches of `kind` one request may join (the worker claims up to
+    /// this many items at once and keeps those that [`Self::fits`] together). 1: no coalescing.
+    fn merge_limit(&self, _kind: Kind) -> usize {
+        1
+    }
+    /// Whether `batch` (batches of several jobs joined) is still one request the API accepts.
+    fn fits(&self, batch: &Batch) -> bool {
+        batch.items.len() <= 1
+    }
     /// Sends one batch. `idempotency` is the same on every retry of this batch (CloudFront's
     /// `CallerReference`).
     async fn send(&self, batch: &Batch, idempotency: &str) -> ProviderAnswer;

@@ -2,17 +2,21 @@
 //!
 //! A pingora background service with one loop per provider, so a slow or failing CDN never holds
 //! up another. Each loop paces its provider to `rate()` with a local token bucket (and, for items
-//! in Redis, the fleet-wide limiter inside the claim script), keeps up to `concurrency` sends in
-//! flight, and turns each answer into a queue transition: `Done` forgets the item, `Retry` puts
-//! it back after max(exponential backoff with full jitter, `Retry-After`) and, when the CDN said
-//! when, pauses the provider until then, here and (through Redis) on every instance (a 429 is
-//! about the account, not the batch);
-//! `Fatal`, or `max_attempts` failures, makes it a dead letter. Every attempt is reported to
-//! [`super::AnswerSink`] and counted in the metrics. The state lives in the queue, never here: a
-//! worker can be stopped or killed at any point and the next one (here or on another instance)
-//! picks up where it left.
+//! in Redis, the fleet-wide limiter inside the claim script), keeps up to `concurrency` requests
+//! in flight, each carrying as many queued items as the API takes in one request, renews their
+//! Redis leases while the request lasts, and turns the answer into a queue transition for every
+//! item: `Done` forgets it; `Retry` with a `Retry-After` (every 429) is pacing, not a failure: the
+//! provider pauses until then, here and (through Redis) on every instance, and resumes at its
+//! rate, one request at a time (the bucket saves nothing up during a pause), and the item's
+//! attempts are not consumed; any other `Retry` counts a failed attempt and puts the item back
+//! after capped exponential backoff with full jitter. An item is given up (dead letter) when
+//! refused (`Fatal`), or when it still fails `give_up_after` after its acceptance (or after an
+//! opt-in `max_attempts` failures): an outage shorter than the horizon loses nothing. Every
+//! attempt is reported to [`super::AnswerSink`] for each item's job and counted in the metrics.
+//! The state lives in the queue, never here: a worker can be stopped or killed at any point and
+//! the next one (here or on another instance) picks up where it left.
 
-use super::queue::{Claim, Claimed, Finish, PurgeQueue};
+use super::queue::{Claim, Claimed, Finish, Item, PurgeQueue, QueueConfig};
 use super::{Provider, ProviderAnswer};
 use crate::clock::{ms_after, now_ms};
 use crate::metrics::metrics;
@@ -86,22 +90,35 @@ impl Bucket {
         !self.rate.is_finite() || self.rate <= 0.0
     }
 
+    /// Nothing before `until`, then one request, then the rate: a pause saves nothing up, so
+    /// the end of a `Retry-After` is not a burst.
+    fn hold_until(&mut self, until: Instant) {
+        if until > self.last {
+            self.last = until;
+            self.tokens = self.capacity.min(1.0);
+        }
+    }
+
     fn refill(&mut self, now: Instant) {
-        let dt = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
-        self.last = now;
+        // Never moves `last` back: during a hold it lies in the future.
+        if now > self.last {
+            let dt = now.duration_since(self.last).as_secs_f64();
+            self.tokens = (self.tokens + dt * self.rate).min(self.capacity);
+            self.last = now;
+        }
     }
 
     /// How long until a token is available.
     fn wait(&mut self, now: Instant) -> Duration {
         if self.unlimited() {
-            return Duration::ZERO;
+            return self.last.saturating_duration_since(now);
         }
+        let held = self.last.saturating_duration_since(now);
         self.refill(now);
         if self.tokens >= 1.0 {
-            Duration::ZERO
+            held
         } else {
-            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+            held + Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
         }
     }
 
@@ -155,15 +172,15 @@ async fn drain(queue: Arc<PurgeQueue>, provider: Arc<dyn Provider>, mut shutdown
             continue;
         }
         let now = Instant::now();
-        let paused = paused_until
-            .lock()
-            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-        let wait = bucket.wait(now).max(paused);
+        if let Some(until) = *paused_until.lock() {
+            bucket.hold_until(until);
+        }
+        let wait = bucket.wait(now);
         if !wait.is_zero() {
             idle(&mut sends, &mut shutdown, None, wait).await;
             continue;
         }
-        match queue.claim(&name).await {
+        match queue.claim(&*provider).await {
             Claim::Item(claimed) => {
                 bucket.take(Instant::now());
                 sends.spawn(attempt(
@@ -236,28 +253,85 @@ fn pause_end(now: Instant, after: Duration) -> Instant {
         .unwrap_or(now)
 }
 
-/// One attempt at one item: send, report the answer, count, and record the outcome in the queue.
+/// What becomes of one item after an answer: its updated state and the queue transition. A
+/// `Retry` with `after` is pacing and consumes no attempt.
+fn decide(
+    cfg: &QueueConfig,
+    item: &mut Item,
+    answer: &ProviderAnswer,
+    now: u64,
+    unit: f64,
+) -> Finish {
+    match answer {
+        ProviderAnswer::Done(_) => Finish::Done,
+        ProviderAnswer::Fatal(detail) => {
+            item.attempts = item.attempts.saturating_add(1);
+            item.last_error = detail.clone();
+            Finish::Dead
+        }
+        ProviderAnswer::Retry { after, detail } => {
+            item.last_error = detail.clone();
+            if after.is_none() {
+                item.attempts = item.attempts.saturating_add(1);
+            }
+            let horizon = item
+                .created_ms
+                .saturating_add(cfg.give_up_after.as_millis() as u64);
+            let too_many = after.is_none() && cfg.max_attempts.is_some_and(|m| item.attempts >= m);
+            if now >= horizon || too_many {
+                return Finish::Dead;
+            }
+            let delay = match after {
+                Some(after) => *after,
+                None => backoff(item.attempts, cfg.backoff_base, cfg.backoff_max, unit),
+            };
+            // One last try at the horizon rather than a wait past it.
+            item.not_before_ms = now
+                .saturating_add(delay.as_millis() as u64)
+                .max(now + 1)
+                .min(horizon.max(now + 1));
+            Finish::Retry
+        }
+    }
+}
+
+/// One request carrying the claimed items: send (renewing their leases meanwhile), report the
+/// answer for each item's job, count, and record each item's outcome in the queue.
 async fn attempt(
     queue: Arc<PurgeQueue>,
     provider: Arc<dyn Provider>,
-    mut claimed: Claimed,
+    claimed: Claimed,
     paused_until: Arc<Mutex<Option<Instant>>>,
 ) {
     let cfg = queue.config();
     let name = provider.name();
-    let item = &mut claimed.item;
-    let n = item.attempts.saturating_add(1);
-    let send = AssertUnwindSafe(provider.send(&item.batch, &item.id)).catch_unwind();
-    let answer = match tokio::time::timeout(cfg.send_timeout, send).await {
-        Ok(Ok(answer)) => answer,
-        Ok(Err(_)) => ProviderAnswer::Retry {
-            after: None,
-            detail: "the provider panicked".into(),
+    let key = claimed.key();
+    let m = metrics();
+    m.purge_batch_items
+        .with_label_values(&[name])
+        .observe(claimed.items.len() as f64);
+    let send = AssertUnwindSafe(provider.send(&claimed.batch, &key)).catch_unwind();
+    let send = tokio::time::timeout(cfg.send_timeout, send);
+    let renew = async {
+        let every = (cfg.lease / 3).max(Duration::from_millis(100));
+        loop {
+            tokio::time::sleep(every).await;
+            queue.renew(&claimed).await;
+        }
+    };
+    let answer = tokio::select! {
+        sent = send => match sent {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => ProviderAnswer::Retry {
+                after: None,
+                detail: "the provider panicked".into(),
+            },
+            Err(_) => ProviderAnswer::Retry {
+                after: None,
+                detail: format!("no answer within {:?}", cfg.send_timeout),
+            },
         },
-        Err(_) => ProviderAnswer::Retry {
-            after: None,
-            detail: format!("no answer within {:?}", cfg.send_timeout),
-        },
+        _ = renew => unreachable!("renewing never ends"),
     };
     if let ProviderAnswer::Retry {
         after: Some(after), ..
@@ -265,58 +339,53 @@ async fn attempt(
     {
         // Before anything else: the other instances should hold off as soon as possible.
         queue.pause_fleet(name, ms_after(*after)).await;
+        let until = pause_end(Instant::now(), *after);
+        let mut p = paused_until.lock();
+        if p.is_none_or(|t| t < until) {
+            *p = Some(until);
+        }
     }
-    let reported = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        queue.answers().cdn_answer(&item.job, name, n, &answer)
-    }));
-    if reported.is_err() {
-        tracing::error!("reporting the answer to purge item {} panicked", item.id);
-    }
-    item.attempts = n;
-    let m = metrics();
-    let finish = match &answer {
-        ProviderAnswer::Done(_) => {
-            m.purge_requests.with_label_values(&[name, "done"]).inc();
-            if item.created_ms > 0 {
-                let secs = now_ms().saturating_sub(item.created_ms) as f64 / 1000.0;
+    let outcome = match &answer {
+        ProviderAnswer::Done(_) => "done",
+        ProviderAnswer::Retry { after: Some(_), .. } => {
+            m.purge_throttled.with_label_values(&[name]).inc();
+            "retry"
+        }
+        ProviderAnswer::Retry { .. } => "retry",
+        ProviderAnswer::Fatal(_) => "fatal",
+    };
+    m.purge_requests.with_label_values(&[name, outcome]).inc();
+    let now = now_ms();
+    // One jitter draw per request: items that failed together are retried together (and so
+    // keep sharing one request).
+    let unit = unit_random();
+    let Claimed { items, store, .. } = claimed;
+    let mut outcomes = Vec::with_capacity(items.len());
+    for mut item in items {
+        let n = item.attempts.saturating_add(1);
+        let reported = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            queue.answers().cdn_answer(&item.job, name, n, &answer)
+        }));
+        if reported.is_err() {
+            tracing::error!("reporting the answer to purge item {} panicked", item.id);
+        }
+        let finish = decide(cfg, &mut item, &answer, now, unit);
+        match finish {
+            Finish::Done if item.created_ms > 0 => {
+                let secs = now.saturating_sub(item.created_ms) as f64 / 1000.0;
                 m.purge_latency.with_label_values(&[name]).observe(secs);
             }
-            Finish::Done
+            Finish::Dead => tracing::warn!(
+                "purge item {} given up after {} failed attempts ({}); moved to the dead letters",
+                item.id,
+                item.attempts,
+                item.last_error
+            ),
+            _ => {}
         }
-        ProviderAnswer::Retry { after, detail } => {
-            m.purge_requests.with_label_values(&[name, "retry"]).inc();
-            item.last_error = detail.clone();
-            if let Some(after) = after {
-                let until = pause_end(Instant::now(), *after);
-                let mut p = paused_until.lock();
-                if p.is_none_or(|t| t < until) {
-                    *p = Some(until);
-                }
-            }
-            if n >= cfg.max_attempts {
-                tracing::warn!(
-                    "purge item {} failed {n} times ({detail}); moved to the dead letters",
-                    item.id
-                );
-                Finish::Dead
-            } else {
-                let delay = backoff(n, cfg.backoff_base, cfg.backoff_max, unit_random())
-                    .max(after.unwrap_or_default());
-                item.not_before_ms = ms_after(delay);
-                Finish::Retry
-            }
-        }
-        ProviderAnswer::Fatal(detail) => {
-            m.purge_requests.with_label_values(&[name, "fatal"]).inc();
-            tracing::warn!(
-                "purge item {} refused by {name} ({detail}); moved to the dead letters",
-                item.id
-            );
-            item.last_error = detail.clone();
-            Finish::Dead
-        }
-    };
-    queue.finish(claimed, finish).await;
+        outcomes.push((item, finish));
+    }
+    queue.finish(store, outcomes).await;
 }
 
 #[cfg(test)]
@@ -356,6 +425,80 @@ mod tests {
         )
         .unwrap();
         assert!(pause_end(now, after) > now + Duration::from_secs(365 * 86_400));
+    }
+
+    fn item(created_ms: u64) -> Item {
+        Item {
+            id: "j-cf-0".into(),
+            job: "j".into(),
+            provider: "cf".into(),
+            batch: crate::purge::Batch {
+                kind: crate::purge::Kind::Tags,
+                items: vec!["t".into()],
+                soft: false,
+            },
+            attempts: 0,
+            not_before_ms: 0,
+            last_error: String::new(),
+            created_ms,
+        }
+    }
+
+    #[test]
+    fn failures_retry_until_the_horizon_and_pacing_consumes_no_attempt() {
+        let mut cfg = QueueConfig::new("/nonexistent");
+        cfg.give_up_after = Duration::from_secs(60);
+        let t0 = 1_000_000;
+        let fail = ProviderAnswer::Retry {
+            after: None,
+            detail: "503".into(),
+        };
+        let mut it = item(t0);
+        for i in 1..=100u64 {
+            let now = t0 + i * 100;
+            assert_eq!(decide(&cfg, &mut it, &fail, now, 0.5), Finish::Retry, "{i}");
+            assert!(it.not_before_ms > now && it.not_before_ms <= t0 + 60_000);
+        }
+        assert_eq!(it.attempts, 100, "no max_attempts by default");
+        assert_eq!(decide(&cfg, &mut it, &fail, t0 + 60_000, 0.5), Finish::Dead);
+
+        let throttle = ProviderAnswer::Retry {
+            after: Some(Duration::from_secs(2)),
+            detail: "429".into(),
+        };
+        cfg.max_attempts = Some(1);
+        let mut it = item(t0);
+        for _ in 0..10 {
+            assert_eq!(decide(&cfg, &mut it, &throttle, t0, 0.5), Finish::Retry);
+        }
+        assert_eq!(it.attempts, 0, "a 429 is pacing");
+        assert_eq!(it.not_before_ms, t0 + 2_000, "retried when the CDN said");
+        assert_eq!(
+            decide(&cfg, &mut it, &fail, t0, 0.5),
+            Finish::Dead,
+            "an opted-in max_attempts still counts failures"
+        );
+        let mut it = item(t0);
+        let fatal = ProviderAnswer::Fatal("400".into());
+        assert_eq!(decide(&cfg, &mut it, &fatal, t0, 0.5), Finish::Dead);
+    }
+
+    #[test]
+    fn a_pause_ends_with_one_request_then_the_rate() {
+        let t0 = Instant::now();
+        let mut b = Bucket::new(10.0, t0);
+        // Idle long enough to save up a burst, then a pause of 2 s.
+        let later = t0 + Duration::from_secs(5);
+        b.hold_until(later + Duration::from_secs(2));
+        assert_eq!(b.wait(later), Duration::from_secs(2));
+        let end = later + Duration::from_secs(2);
+        assert_eq!(b.wait(end), Duration::ZERO);
+        b.take(end);
+        let w = b.wait(end);
+        assert!(
+            w > Duration::from_millis(99) && w <= Duration::from_millis(100),
+            "the second request waits for the rate, no burst: {w:?}"
+        );
     }
 
     #[test]

@@ -43,6 +43,16 @@ impl Cloudflare {
     }
 }
 
+impl Cloudflare {
+    /// Items of `kind` one request may name.
+    fn limit(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Urls => self.max_urls,
+            _ => MAX_ITEMS,
+        }
+    }
+}
+
 fn is_http_url(u: &str) -> bool {
     reqwest::Url::parse(u)
         .map(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some())
@@ -87,6 +97,14 @@ impl Provider for Cloudflare {
 
     fn rate(&self) -> f64 {
         self.rate
+    }
+
+    fn merge_limit(&self, kind: Kind) -> usize {
+        self.limit(kind)
+    }
+
+    fn fits(&self, batch: &Batch) -> bool {
+        batch.items.len() <= self.limit(batch.kind) && !batch.soft
     }
 
     async fn send(&self, batch: &Batch, _idempotency: &str) -> ProviderAnswer {

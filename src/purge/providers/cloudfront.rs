@@ -319,6 +319,15 @@ impl Provider for CloudFront {
         self.rate
     }
 
+    fn merge_limit(&self, _kind: Kind) -> usize {
+        MAX_PATHS + MAX_WILDCARDS
+    }
+
+    fn fits(&self, batch: &Batch) -> bool {
+        let wild = batch.items.iter().filter(|p| is_wildcard(p)).count();
+        wild <= MAX_WILDCARDS && batch.items.len() - wild <= MAX_PATHS
+    }
+
     async fn send(&self, batch: &Batch, idempotency: &str) -> ProviderAnswer {
         if batch.items.is_empty() {
             return ProviderAnswer::Done("cloudfront: empty batch, nothing sent".into());

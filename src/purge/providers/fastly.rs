@@ -93,6 +93,17 @@ impl Provider for Fastly {
         self.rate
     }
 
+    fn merge_limit(&self, _kind: Kind) -> usize {
+        MAX_KEYS
+    }
+
+    fn fits(&self, batch: &Batch) -> bool {
+        let header = batch.items.iter().map(|k| k.len() + 1).sum::<usize>();
+        batch.kind == Kind::Tags
+            && batch.items.len() <= MAX_KEYS
+            && header.saturating_sub(1) <= MAX_HEADER_BYTES
+    }
+
     async fn send(&self, batch: &Batch, _idempotency: &str) -> ProviderAnswer {
         if batch.kind != Kind::Tags {
             return ProviderAnswer::Fatal(format!(

@@ -150,6 +150,18 @@ impl Provider for HttpPurge {
         self.rate
     }
 
+    fn merge_limit(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Urls => URLS_PER_BATCH,
+            Kind::Tags => TAGS_PER_BATCH,
+            _ => 1,
+        }
+    }
+
+    fn fits(&self, batch: &Batch) -> bool {
+        batch.items.len() <= self.merge_limit(batch.kind)
+    }
+
     async fn send(&self, batch: &Batch, _idempotency: &str) -> ProviderAnswer {
         let results = match batch.kind {
             Kind::Urls => {

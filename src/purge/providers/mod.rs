@@ -5,7 +5,8 @@
 //! (no I/O) and is where each API's limits live (items per request, one kind per request,
 //! wildcard counts), so limits are unit-tested without a network. [`Provider::send`] does exactly
 //! one API request (or, for the HTTP provider, one per configured host) and maps the answer to an
-//! [`ProviderAnswer`] the same way everywhere ([`classify`]): 2xx done, 429 retry after `Retry-After`,
+//! [`ProviderAnswer`] the same way everywhere ([`classify`]): 2xx done, 429 retry after `Retry-After`
+//! (a second without one),
 //! 5xx / network error / timeout retry, any other 4xx fatal. Retrying, pacing and persistence
 //! belong to the queue and worker, not here. Providers are built from checked settings
 //! ([`crate::config::cdn::CdnSettings`]: defaults applied, `${VAR}` expanded, every problem
@@ -28,6 +29,9 @@ use crate::config::cdn::CdnSettings;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+/// How long a `429` without `Retry-After` pauses its provider.
+pub const THROTTLE_PAUSE: Duration = Duration::from_secs(1);
 
 /// Every request to a CDN API gives up after this long (and is retried later).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -234,8 +238,13 @@ pub(crate) fn classify(
         format!(": {detail}")
     };
     if status == reqwest::StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        let mut after = retry_after(&reply.headers, SystemTime::now());
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            // A 429 is always pacing: without `Retry-After`, hold off a second.
+            after = after.or(Some(THROTTLE_PAUSE));
+        }
         ProviderAnswer::Retry {
-            after: retry_after(&reply.headers, SystemTime::now()),
+            after,
             detail: format!("{provider}: {what} answered HTTP {status}{said}; will retry"),
         }
     } else {
@@ -331,6 +340,11 @@ mod tests {
         assert!(
             matches!(r, ProviderAnswer::Retry { after: Some(d), .. } if d == Duration::from_secs(7)),
             "{r:?}"
+        );
+        let r = classify("x", "POST /", &reply(429, &[]), "", "");
+        assert!(
+            matches!(r, ProviderAnswer::Retry { after: Some(d), .. } if d == THROTTLE_PAUSE),
+            "a 429 is pacing even without Retry-After: {r:?}"
         );
         let r = classify("x", "POST /", &reply(503, &[]), "down", "");
         assert!(

@@ -1,11 +1,14 @@
--- Leases the next due item. KEYS: queue, processing, items, pace.
--- ARGV: now ms, lease ms, pacing interval ms, burst ms.
--- Returns {1, item json} (now leased to the caller), {0, next due ms or -1} (nothing due, or
--- the fleet's pace says wait), or {2, id} (an id without an item, dropped).
+-- Leases up to ARGV[5] due items (one request's worth). KEYS: queue, processing, items, pace, owner.
+-- ARGV: now ms, lease ms, pacing interval ms, burst ms, most items, instance id.
+-- Items whose lease ran out go back to the queue first (their instance died).
+-- Returns {1, orphans, id, json, id, json, ...} (now leased to the caller, one pacing slot taken;
+-- `orphans` ids without an item were dropped) or {0, next due ms or -1} (nothing due, or the
+-- fleet's pace says wait).
 local now = tonumber(ARGV[1])
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)
 for _, id in ipairs(expired) do
   redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[5], id)
   redis.call('ZADD', KEYS[1], now, id)
 end
 local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -17,12 +20,22 @@ local burst = tonumber(ARGV[4])
 local tat = tonumber(redis.call('GET', KEYS[4]) or '0')
 if tat < now then tat = now end
 if tat - now > burst then return {0, tat - burst} end
-local id = first[1]
-redis.call('ZREM', KEYS[1], id)
-local item = redis.call('HGET', KEYS[3], id)
-if not item then return {2, id} end
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+local out = {1, 0}
+local deadline = now + tonumber(ARGV[2])
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local item = redis.call('HGET', KEYS[3], id)
+  if item then
+    redis.call('ZADD', KEYS[2], deadline, id)
+    redis.call('HSET', KEYS[5], id, ARGV[6])
+    out[#out + 1] = id
+    out[#out + 1] = item
+  else
+    out[2] = out[2] + 1
+  end
+end
 if interval > 0 then
   redis.call('SET', KEYS[4], tat + interval, 'PX', tat + interval - now + 1000)
 end
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), id)
-return {1, item}
+return out

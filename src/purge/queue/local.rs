@@ -249,10 +249,16 @@ impl FileLog {
         r
     }
 
-    /// The next queued item of `provider` due at `now` (marked in flight), or the earliest
+    /// The queued items of `provider` due at `now`, oldest first: the first of all, then up to
+    /// `limit(first)` in all of the same kind and softness (marked in flight); or the earliest
     /// `not_before_ms` among its queued items.
-    pub(super) fn claim(&mut self, provider: &str, now: u64) -> Result<Item, Option<u64>> {
-        let mut best: Option<(&String, u64, u64)> = None;
+    pub(super) fn claim(
+        &mut self,
+        provider: &str,
+        now: u64,
+        limit: impl Fn(&Item) -> usize,
+    ) -> Result<Vec<Item>, Option<u64>> {
+        let mut due_now: Vec<(u64, u64, &String)> = Vec::new();
         let mut next: Option<u64> = None;
         for (id, e) in &self.entries {
             if e.state != State::Queued || e.item.provider != provider {
@@ -263,17 +269,42 @@ impl FileLog {
                 next = Some(next.map_or(due, |n| n.min(due)));
                 continue;
             }
-            if best.is_none_or(|(_, d, s)| (due, e.seq) < (d, s)) {
-                best = Some((id, due, e.seq));
+            due_now.push((due, e.seq, id));
+        }
+        if due_now.is_empty() {
+            return Err(next);
+        }
+        due_now.sort_unstable();
+        let first = &self.entries[due_now[0].2].item;
+        let (kind, soft, most) = (first.batch.kind, first.batch.soft, limit(first).max(1));
+        let ids: Vec<String> = due_now
+            .iter()
+            .map(|(_, _, id)| *id)
+            .filter(|id| {
+                let b = &self.entries[*id].item.batch;
+                b.kind == kind && b.soft == soft
+            })
+            .take(most)
+            .cloned()
+            .collect();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let e = self.entries.get_mut(id).expect("claimed entry exists");
+                e.state = State::InFlight;
+                e.item.clone()
+            })
+            .collect())
+    }
+
+    /// Puts an item claimed but not sent back in the queue as it was (nothing to record: the
+    /// log never says "in flight").
+    pub(super) fn release(&mut self, id: &str) {
+        if let Some(e) = self.entries.get_mut(id) {
+            if e.state == State::InFlight {
+                e.state = State::Queued;
             }
         }
-        let Some((id, _, _)) = best else {
-            return Err(next);
-        };
-        let id = id.clone();
-        let e = self.entries.get_mut(&id).expect("claimed entry exists");
-        e.state = State::InFlight;
-        Ok(e.item.clone())
     }
 
     /// (queued, in flight, dead) for `provider`.
@@ -411,17 +442,17 @@ mod tests {
                 true,
             )
             .unwrap();
-            let claimed = log.claim("cf", 10).unwrap();
+            let claimed = log.claim("cf", 10, |_| 1).unwrap().remove(0);
             assert_eq!(claimed.id, "a", "FIFO among items due");
             let mut retried = claimed;
             retried.attempts = 1;
             retried.not_before_ms = 500;
             log.put(vec![retried], LogState::Queued, false).unwrap();
-            let b = log.claim("cf", 10).unwrap();
+            let b = log.claim("cf", 10, |_| 1).unwrap().remove(0);
             assert_eq!(b.id, "b");
             log.put(vec![b], LogState::Dead, true).unwrap();
             assert_eq!(
-                log.claim("cf", 10),
+                log.claim("cf", 10, |_| 1),
                 Err(Some(500)),
                 "a waits for its backoff"
             );
@@ -447,12 +478,48 @@ mod tests {
             let mut log = FileLog::open(dir.path()).unwrap();
             log.put(vec![item("a", "cf", 0)], LogState::Queued, true)
                 .unwrap();
-            assert!(log.claim("cf", 1).is_ok());
+            assert!(log.claim("cf", 1, |_| 1).is_ok());
             assert_eq!(log.counts("cf"), (0, 1, 0));
         }
         let mut log = FileLog::open(dir.path()).unwrap();
         assert_eq!(log.counts("cf"), (1, 0, 0));
-        assert_eq!(log.claim("cf", 1).unwrap().id, "a");
+        assert_eq!(log.claim("cf", 1, |_| 1).unwrap()[0].id, "a");
+    }
+
+    #[test]
+    fn a_claim_takes_due_items_of_the_first_ones_kind_up_to_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = FileLog::open(dir.path()).unwrap();
+        let mut tags = item("t", "cf", 0);
+        tags.batch.kind = Kind::Tags;
+        let mut soft = item("s", "cf", 0);
+        soft.batch.soft = true;
+        log.put(
+            vec![
+                item("a", "cf", 0),
+                tags,
+                soft,
+                item("b", "cf", 0),
+                item("later", "cf", 50),
+                item("c", "cf", 0),
+                item("other", "fa", 0),
+            ],
+            LogState::Queued,
+            true,
+        )
+        .unwrap();
+        let ids = |v: Vec<Item>| v.into_iter().map(|i| i.id).collect::<Vec<_>>();
+        assert_eq!(ids(log.claim("cf", 10, |_| 2).unwrap()), ["a", "b"]);
+        assert_eq!(
+            ids(log.claim("cf", 10, |_| 100).unwrap()),
+            ["t"],
+            "the oldest first, then only its kind"
+        );
+        assert_eq!(ids(log.claim("cf", 10, |_| 100).unwrap()), ["s"]);
+        assert_eq!(ids(log.claim("cf", 10, |_| 100).unwrap()), ["c"]);
+        assert_eq!(log.claim("cf", 10, |_| 100), Err(Some(50)));
+        log.release("c");
+        assert_eq!(log.counts("cf"), (2, 4, 0), "released c waits again");
     }
 
     #[test]
@@ -460,7 +527,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = FileLog::open(dir.path()).unwrap();
         log.enqueue(vec![item("a", "cf", 0)]).unwrap();
-        assert!(log.claim("cf", 1).is_ok());
+        assert!(log.claim("cf", 1, |_| 1).is_ok());
         log.enqueue(vec![item("a", "cf", 0), item("b", "cf", 0)])
             .unwrap();
         assert_eq!(log.counts("cf"), (1, 1, 0), "a stays in flight, b is new");

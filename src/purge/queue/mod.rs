@@ -9,6 +9,10 @@
 //! * **A local append-only log** (`local.rs`): the store when there is no Redis, and the spill when
 //!   Redis is configured but unreachable: items spilled there are sent by this instance directly.
 //!
+//! A claim takes up to a request's worth of due items of one provider and joins those that fit
+//! into one [`Batch`] ([`Claimed`]): 3000 queued single-tag purges go to Cloudflare as 30
+//! requests of 100 tags, while each item keeps its own id, job (audit record) and outcome.
+//!
 //! Redis being down degrades, never corrupts: an enqueue spills to the file; a completion that
 //! cannot reach Redis is remembered and applied when Redis answers again (and if this instance
 //! dies first, the lease returns the item, so it is sent twice rather than lost). A reply lost
@@ -21,13 +25,14 @@ mod redis;
 
 use self::local::{FileLog, LogState};
 use self::redis::RedisStore;
-use super::{AnswerSink, Batch, Provider, PurgeJob};
+use super::{AnswerSink, Batch, Kind, Provider, PurgeJob};
 use crate::clock::now_ms;
+use crate::config::PurgeConfig;
 use crate::metrics::metrics;
 use crate::redis::Redis;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,15 +44,23 @@ use tokio::sync::Notify;
 pub struct QueueConfig {
     /// Directory of the local queue (`queue.log`): the store without Redis, the spill with it.
     pub dir: PathBuf,
-    /// Failed attempts after which an item becomes a dead letter.
-    pub max_attempts: u32,
+    /// Failed attempts after which an item becomes a dead letter; `None`: no limit (only
+    /// `give_up_after`). `429` / `Retry-After` answers are pacing and never count.
+    pub max_attempts: Option<u32>,
+    /// How long after its acceptance an item is still retried; past it, a failure makes it a
+    /// dead letter.
+    pub give_up_after: Duration,
     /// First retry delay (doubled per attempt, full jitter).
     pub backoff_base: Duration,
     /// Cap on the retry delay (a `Retry-After` may ask for longer and is honoured).
     pub backoff_max: Duration,
-    /// How long a claimed Redis item belongs to the instance sending it; past it, a crashed
-    /// instance's item goes back to the queue. Must exceed `send_timeout`.
+    /// How long a claimed Redis item belongs to the instance sending it; the worker renews it
+    /// every third of it while the send lasts, so only a dead instance's lease runs out.
     pub lease: Duration,
+    /// This instance's name on its Redis leases, stable across restarts so a restarted instance
+    /// takes its own leased items back at once; empty: read from (or created in)
+    /// `dir/instance-id`.
+    pub instance: String,
     /// Longest wait for a CDN's answer; no answer counts as a retryable failure.
     pub send_timeout: Duration,
     /// How often an idle worker looks for items enqueued by other instances.
@@ -63,16 +76,54 @@ impl QueueConfig {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         QueueConfig {
             dir: dir.into(),
-            max_attempts: 8,
+            max_attempts: None,
+            give_up_after: Duration::from_secs(86_400),
             backoff_base: Duration::from_millis(500),
-            backoff_max: Duration::from_secs(300),
-            lease: Duration::from_secs(120),
+            backoff_max: Duration::from_secs(60),
+            lease: Duration::from_secs(15),
+            instance: String::new(),
             send_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_secs(1),
             concurrency: 4,
             shutdown_grace: Duration::from_secs(10),
         }
     }
+
+    /// The queue as `[purge]` configures it (the rest at its defaults).
+    pub fn from_config(p: &PurgeConfig) -> Self {
+        QueueConfig {
+            max_attempts: p.max_attempts,
+            give_up_after: p.give_up_after,
+            backoff_base: p.backoff_base,
+            backoff_max: p.backoff_max,
+            lease: p.lease,
+            instance: p.instance_id.clone().unwrap_or_default(),
+            ..QueueConfig::new(&p.dir)
+        }
+    }
+}
+
+/// Most items one claim takes (a request's worth, whatever the provider's limit).
+const MAX_CLAIM: usize = 1000;
+
+/// The instance id persisted in `dir/instance-id`, created (random) on first use.
+fn instance_id(dir: &std::path::Path) -> io::Result<String> {
+    let path = dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    use aes_gcm::aead::rand_core::RngCore;
+    let mut bytes = [0u8; 8];
+    aes_gcm::aead::OsRng.fill_bytes(&mut bytes);
+    let id: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let tmp = dir.join("instance-id.tmp");
+    std::fs::write(&tmp, format!("{id}\n"))?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(id)
 }
 
 /// One batch of one job for one provider, as stored.
@@ -135,11 +186,30 @@ pub(crate) enum Store {
     File,
 }
 
-/// An item a worker is sending.
+/// Items a worker is sending as one request: `batch` joins their batches (deduplicated).
 #[derive(Debug)]
 pub(crate) struct Claimed {
-    pub item: Item,
+    pub items: Vec<Item>,
+    pub batch: Batch,
     pub store: Store,
+}
+
+impl Claimed {
+    /// The idempotency key of this request: the item's id, or for joined items one derived
+    /// from their ids (the same items joined again give the same key).
+    pub fn key(&self) -> String {
+        match self.items.as_slice() {
+            [one] => one.id.clone(),
+            many => {
+                let mut h = blake3::Hasher::new();
+                for i in many {
+                    h.update(i.id.as_bytes());
+                    h.update(b"\n");
+                }
+                format!("aisle-{}", &h.finalize().to_hex()[..32])
+            }
+        }
+    }
 }
 
 /// What a claim found.
@@ -157,6 +227,8 @@ pub(crate) enum Finish {
     Done,
     /// Back to the queue, with the item's updated attempts / `not_before_ms` / `last_error`.
     Retry,
+    /// Claimed but not sent (it did not fit the request): back to the queue unchanged.
+    Release,
     /// To the dead letters.
     Dead,
 }
@@ -171,15 +243,17 @@ impl PurgeQueue {
         answers: Arc<dyn AnswerSink>,
     ) -> io::Result<Arc<Self>> {
         let invalid = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
-        if cfg.max_attempts == 0 {
+        let mut cfg = cfg;
+        if cfg.max_attempts == Some(0) {
             return Err(invalid(
                 "purge queue: max_attempts must be at least 1".into(),
             ));
         }
-        if cfg.lease <= cfg.send_timeout {
+        if cfg.lease < Duration::from_millis(300) {
             return Err(invalid(format!(
-                "purge queue: the lease ({:?}) must exceed the send timeout ({:?})",
-                cfg.lease, cfg.send_timeout
+                "purge queue: the lease ({:?}) must be at least 300ms (it is renewed every third \
+                 of it while a send lasts)",
+                cfg.lease
             )));
         }
         let mut wake = HashMap::new();
@@ -194,11 +268,23 @@ impl PurgeQueue {
                 )));
             }
         }
+        let file = FileLog::open(&cfg.dir)?;
+        if cfg.instance.is_empty() {
+            cfg.instance = instance_id(&cfg.dir).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "purge queue: cannot read or create {}: {e}; make the [purge] dir \
+                         writable or set [purge] instance_id",
+                        cfg.dir.join("instance-id").display()
+                    ),
+                )
+            })?;
+        }
         let redis = redis
-            .map(RedisStore::new)
+            .map(|r| RedisStore::new(r, cfg.instance.clone()))
             .transpose()
             .map_err(io::Error::other)?;
-        let file = FileLog::open(&cfg.dir)?;
         for p in file.providers() {
             if !wake.contains_key(&p) {
                 tracing::warn!(
@@ -274,7 +360,12 @@ impl PurgeQueue {
                     attempts: 0,
                     not_before_ms: 0,
                     last_error: String::new(),
-                    created_ms: job.created_ms,
+                    // The give-up horizon counts from here.
+                    created_ms: if job.created_ms > 0 {
+                        job.created_ms
+                    } else {
+                        now_ms()
+                    },
                 })
                 .collect();
             if items.is_empty() {
@@ -422,33 +513,86 @@ impl PurgeQueue {
         moved
     }
 
-    /// Takes the next item due for `provider`: the local file's first, then Redis' (through the
-    /// fleet-wide pacing). Claimed Redis items are leased to this instance.
-    pub(crate) async fn claim(&self, provider: &str) -> Claim {
-        let local_next = match self.file.lock().claim(provider, now_ms()) {
-            Ok(item) => {
-                return Claim::Item(Claimed {
-                    item,
-                    store: Store::File,
-                })
-            }
+    /// Takes the next request's worth of items due for `provider`: the local file's first, then
+    /// Redis' (through the fleet-wide pacing), joined as far as the provider's API allows (the
+    /// rest go straight back). Claimed Redis items are leased to this instance.
+    pub(crate) async fn claim(&self, provider: &dyn Provider) -> Claim {
+        let name = provider.name();
+        let limit = |kind| provider.merge_limit(kind).clamp(1, MAX_CLAIM);
+        let local = self
+            .file
+            .lock()
+            .claim(name, now_ms(), |item: &Item| limit(item.batch.kind));
+        let local_next = match local {
+            Ok(items) => return Claim::Item(self.pack(provider, items, Store::File).await),
             Err(next) => next,
         };
         let Some(redis) = &self.redis else {
             return Claim::Idle(local_next);
         };
+        let most = [Kind::Urls, Kind::Tags, Kind::Prefixes, Kind::Hosts]
+            .into_iter()
+            .map(limit)
+            .max()
+            .unwrap_or(1);
         match redis
-            .claim(provider, self.rate(provider), self.cfg.lease)
+            .claim(name, self.rate(name), self.cfg.lease, most)
             .await
         {
-            Ok(item) => Claim::Item(Claimed {
-                item,
-                store: Store::Redis,
-            }),
+            Ok(items) => Claim::Item(self.pack(provider, items, Store::Redis).await),
             Err(redis_next) => Claim::Idle(match (redis_next, local_next) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             }),
+        }
+    }
+
+    /// Joins `items` (oldest first) into one request: each joins when its kind and softness
+    /// match the first's and the joined batch still [`Provider::fits`]; the others are released.
+    async fn pack(&self, provider: &dyn Provider, items: Vec<Item>, store: Store) -> Claimed {
+        let mut iter = items.into_iter();
+        let first = iter.next().expect("a claim returns at least one item");
+        let mut batch = first.batch.clone();
+        let mut seen: HashSet<String> = batch.items.iter().cloned().collect();
+        let mut taken = vec![first];
+        let mut rest = Vec::new();
+        for item in iter {
+            if item.batch.kind != batch.kind || item.batch.soft != batch.soft {
+                rest.push(item);
+                continue;
+            }
+            let before = batch.items.len();
+            for s in &item.batch.items {
+                if !seen.contains(s) && !batch.items[before..].contains(s) {
+                    batch.items.push(s.clone());
+                }
+            }
+            if provider.fits(&batch) {
+                seen.extend(batch.items[before..].iter().cloned());
+                taken.push(item);
+            } else {
+                batch.items.truncate(before);
+                rest.push(item);
+            }
+        }
+        if !rest.is_empty() {
+            self.finish(
+                store,
+                rest.into_iter().map(|i| (i, Finish::Release)).collect(),
+            )
+            .await;
+        }
+        Claimed {
+            items: taken,
+            batch,
+            store,
+        }
+    }
+
+    /// Renews the leases of `claimed` (Redis items) while its send lasts.
+    pub(crate) async fn renew(&self, claimed: &Claimed) {
+        if let (Store::Redis, Some(redis)) = (claimed.store, &self.redis) {
+            redis.renew(&claimed.items, self.cfg.lease).await;
         }
     }
 
@@ -470,15 +614,28 @@ impl PurgeQueue {
     /// Records how an attempt ended. Never fails: a store that cannot be written now is
     /// written later (Redis) or falls back to replaying an older state (the file) after a
     /// restart, which means an extra send, never a lost purge.
-    pub(crate) async fn finish(&self, claimed: Claimed, finish: Finish) {
-        match claimed.store {
+    pub(crate) async fn finish(&self, store: Store, outcomes: Vec<(Item, Finish)>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        match store {
             Store::File => {
-                let item = claimed.item;
                 let r = self
-                    .with_file(move |f| match finish {
-                        Finish::Done => f.done(&item.id),
-                        Finish::Retry => f.put(vec![item], LogState::Queued, false),
-                        Finish::Dead => f.put(vec![item], LogState::Dead, true),
+                    .with_file(move |f| {
+                        let mut result = Ok(());
+                        for (item, finish) in outcomes {
+                            let r = match finish {
+                                Finish::Done => f.done(&item.id),
+                                Finish::Retry => f.put(vec![item], LogState::Queued, false),
+                                Finish::Dead => f.put(vec![item], LogState::Dead, true),
+                                Finish::Release => {
+                                    f.release(&item.id);
+                                    Ok(())
+                                }
+                            };
+                            result = result.and(r);
+                        }
+                        result
                     })
                     .await;
                 if let Err(e) = r {
@@ -486,10 +643,11 @@ impl PurgeQueue {
                 }
             }
             Store::Redis => match &self.redis {
-                Some(redis) => redis.finish(claimed.item, finish).await,
+                Some(redis) => redis.finish(outcomes).await,
                 None => tracing::error!(
-                    "purge item {} came from redis, which is not configured; its outcome is dropped",
-                    claimed.item.id
+                    "{} purge items came from redis, which is not configured; their outcome is \
+                     dropped",
+                    outcomes.len()
                 ),
             },
         }
@@ -500,7 +658,6 @@ impl PurgeQueue {
 mod tests {
     use super::*;
     use crate::clock::ms_after;
-    use crate::purge::Kind;
 
     #[test]
     fn item_json_has_the_documented_fields() {

@@ -3,15 +3,25 @@
 //!
 //! Per provider, in one cluster slot (the `{provider}` hash tag), under the `purge:` keyspace:
 //! `{prefix}purge:{p}:items` (hash id -> item JSON), `:queue` (zset id by `not_before_ms`),
-//! `:processing` (zset id by lease deadline), `:dead` (zset id by time of death) and `:pace` (the
-//! fleet-wide rate limiter's state, which a `Retry-After` also moves forward). Every transition
-//! is one Lua script (the `.lua` files beside this one), so an item is in exactly one of queue /
-//! processing / dead and is handed to exactly one instance. An instance that dies mid-send
-//! leaves its items in `:processing`; once their lease passes, the next claim by any instance
-//! puts them back in the queue (sent again: at-least-once, never lost).
+//! `:processing` (zset id by lease deadline), `:owner` (hash id -> the leasing instance's id),
+//! `:dead` (zset id by time of death) and `:pace` (the fleet-wide rate limiter's state, which a
+//! `Retry-After` also moves forward). Every transition is one Lua script (the `.lua` files beside
+//! this one), so an item is in exactly one of queue / processing / dead and is handed to exactly
+//! one instance. Leases are short and renewed while the send lasts ([`RedisStore::renew`]); an
+//! instance that dies mid-send leaves its items in `:processing`: once their lease passes, the
+//! next claim by any instance puts them back in the queue, and a restarted instance (same
+//! instance id) takes its own back at once (sent again: at-least-once, never lost).
 //!
 //! A completion that cannot reach Redis is kept here ([`RedisStore::finish`]) and applied,
 //! oldest first, before anything else once Redis answers again.
+//!
+//! Redis without persistence loses the queue when it restarts. To notice, the store keeps, per
+//! provider, a `purge:{p}:generation` marker (a random value set once, in the provider's slot)
+//! and the items this instance enqueued and has not seen finished (bounded). When the marker is
+//! gone or changed, Redis lost its data: the items still on record are enqueued again, counted
+//! in `aisle_purge_lost_total{outcome="requeued"}`, and the reset is logged as an error (items
+//! other instances enqueued are theirs to re-enqueue). Items that left Redis under an unchanged
+//! marker were finished by another instance and are forgotten.
 
 use super::{Finish, Item};
 use crate::clock::now_ms;
@@ -19,13 +29,20 @@ use crate::redis::{Keyspace, Redis};
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const ENQUEUE: &str = include_str!("enqueue.lua");
 const CLAIM: &str = include_str!("claim.lua");
 const PAUSE: &str = include_str!("pause.lua");
 const RESCHEDULE: &str = include_str!("reschedule.lua");
 const REVIVE: &str = include_str!("revive.lua");
+const RENEW: &str = include_str!("renew.lua");
+const RECLAIM: &str = include_str!("reclaim.lua");
+
+/// Items of one provider this instance keeps on record until it sees them finished.
+const MAX_OUTSTANDING: usize = 100_000;
+/// How often a provider's record is checked against the generation marker.
+const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Claims tried in a row when the script drops orphans (an id without its item).
 const CLAIM_TRIES: usize = 8;
@@ -47,12 +64,27 @@ struct Transition {
     finish: Finish,
 }
 
+/// What this instance knows of one provider's Redis queue.
+#[derive(Default)]
+struct Watch {
+    /// Whether this instance took back its own leases since it started.
+    reclaimed: bool,
+    /// The generation marker last seen, and when it was checked.
+    generation: Option<String>,
+    checked: Option<Instant>,
+    /// Items enqueued here and not yet seen finished (to re-enqueue if Redis loses them).
+    outstanding: HashMap<String, Item>,
+}
+
 /// The queue's keys in Redis, and the transitions Redis has not taken yet.
 pub(super) struct RedisStore {
     redis: Arc<Redis>,
     keys: Keyspace,
+    /// This instance's id on its leases.
+    instance: String,
     /// Transitions that could not be applied yet (Redis unreachable), oldest first.
     pending: Mutex<Vec<Transition>>,
+    watch: Mutex<HashMap<String, Watch>>,
 }
 
 /// One provider's Redis keys (one `{provider}` hash tag: one cluster slot, so scripts work).
@@ -60,17 +92,22 @@ struct ProviderKeys {
     items: String,
     queue: String,
     processing: String,
+    owner: String,
     dead: String,
     pace: String,
+    /// The provider's generation marker (in its slot, so the check is one atomic pipeline).
+    generation: String,
 }
 
 impl RedisStore {
     /// The store on `redis`. `Err`: its keyspace clashes with another domain's.
-    pub(super) fn new(redis: Arc<Redis>) -> Result<Self, String> {
+    pub(super) fn new(redis: Arc<Redis>, instance: String) -> Result<Self, String> {
         Ok(RedisStore {
             keys: redis.keyspace("purge queue", "purge:")?,
             redis,
+            instance,
             pending: Mutex::new(Vec::new()),
+            watch: Mutex::new(HashMap::new()),
         })
     }
 
@@ -80,8 +117,10 @@ impl RedisStore {
             items: key("items"),
             queue: key("queue"),
             processing: key("processing"),
+            owner: key("owner"),
             dead: key("dead"),
             pace: key("pace"),
+            generation: key("generation"),
         }
     }
 
@@ -97,10 +136,186 @@ impl RedisStore {
             };
             cmd.arg(&item.id).arg(json).arg(item.not_before_ms);
         }
-        self.redis
+        let stored = self
+            .redis
             .background::<i64>("purge_enqueue", &cmd)
             .await
-            .is_some()
+            .is_some();
+        if stored {
+            let mut watch = self.watch.lock();
+            let w = watch.entry(provider.to_string()).or_default();
+            for item in items {
+                if w.outstanding.len() >= MAX_OUTSTANDING {
+                    tracing::warn!(
+                        "purge queue: over {MAX_OUTSTANDING} items of {provider} on record; \
+                         newer ones cannot be re-enqueued if Redis loses its data"
+                    );
+                    break;
+                }
+                w.outstanding.insert(item.id.clone(), item.clone());
+            }
+        }
+        stored
+    }
+
+    /// Takes back this instance's own leases (left by its previous run) once per start, then
+    /// checks, every [`CHECK_EVERY`], that Redis still holds the queue this instance wrote to.
+    /// `false`: Redis did not answer.
+    async fn watch(&self, provider: &str, k: &ProviderKeys) -> bool {
+        let (reclaimed, due) = {
+            let mut watch = self.watch.lock();
+            let w = watch.entry(provider.to_string()).or_default();
+            (
+                w.reclaimed,
+                w.checked.is_none_or(|t| t.elapsed() >= CHECK_EVERY),
+            )
+        };
+        if !reclaimed {
+            let cmd = redis::cmd("EVAL")
+                .arg(RECLAIM)
+                .arg(3)
+                .arg(&k.processing)
+                .arg(&k.owner)
+                .arg(&k.queue)
+                .arg(&self.instance)
+                .arg(now_ms())
+                .clone();
+            let Some(n) = self.redis.background::<i64>("purge_reclaim", &cmd).await else {
+                return false;
+            };
+            if n > 0 {
+                tracing::info!(
+                    "purge queue: took back {n} {provider} items this instance ({}) was sending \
+                     when it stopped",
+                    self.instance
+                );
+            }
+            self.watch
+                .lock()
+                .entry(provider.to_string())
+                .or_default()
+                .reclaimed = true;
+        }
+        if due {
+            return self.check_generation(provider, k).await;
+        }
+        true
+    }
+
+    /// Compares the generation marker with the one last seen; re-enqueues this instance's
+    /// outstanding items when Redis lost them, forgets those another instance finished.
+    async fn check_generation(&self, provider: &str, k: &ProviderKeys) -> bool {
+        let fresh = {
+            use aes_gcm::aead::rand_core::RngCore;
+            format!("{:016x}", aes_gcm::aead::OsRng.next_u64())
+        };
+        let ids: Vec<String> = self
+            .watch
+            .lock()
+            .get(provider)
+            .map(|w| w.outstanding.keys().cloned().collect())
+            .unwrap_or_default();
+        // The marker is created when missing, then read; with the items on record, atomically.
+        let gen_key = &k.generation;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("SET")
+            .arg(gen_key)
+            .arg(&fresh)
+            .arg("NX")
+            .ignore()
+            .cmd("GET")
+            .arg(gen_key);
+        let reply: Option<(Option<String>, Vec<Option<String>>)> = if ids.is_empty() {
+            self.redis
+                .background_pipe::<(Option<String>,)>("purge_generation", &pipe)
+                .await
+                .map(|(g,)| (g, Vec::new()))
+        } else {
+            pipe.cmd("HMGET").arg(&k.items).arg(&ids);
+            self.redis.background_pipe("purge_generation", &pipe).await
+        };
+        let Some((Some(current), present)) = reply else {
+            return false;
+        };
+        let (reset, lost) = {
+            let mut watch = self.watch.lock();
+            let w = watch.entry(provider.to_string()).or_default();
+            let reset = w.generation.as_ref().is_some_and(|seen| *seen != current);
+            w.checked = Some(Instant::now());
+            w.generation = Some(current);
+            let mut lost = Vec::new();
+            if reset {
+                lost = w.outstanding.values().cloned().collect();
+            } else {
+                for (id, p) in ids.iter().zip(&present) {
+                    if p.is_none() {
+                        w.outstanding.remove(id);
+                    }
+                }
+            }
+            (reset, lost)
+        };
+        if reset {
+            self.reset_detected(provider, lost).await;
+        }
+        true
+    }
+
+    /// Redis lost the queue (restarted without persistence, or flushed): enqueue again what
+    /// this instance has on record, count and log it.
+    async fn reset_detected(&self, provider: &str, lost: Vec<Item>) {
+        let n = lost.len();
+        tracing::error!(
+            "purge queue: redis lost the {provider} queue (restarted without persistence, or \
+             flushed); re-enqueueing the {n} items this instance had on record. Items other \
+             instances enqueued are re-enqueued by them (an instance that is gone cannot). Run \
+             redis with appendonly yes (appendfsync everysec or always)"
+        );
+        let m = crate::metrics::metrics();
+        m.purge_queue_resets.inc();
+        if lost.is_empty() {
+            return;
+        }
+        let mut items = lost;
+        for item in &mut items {
+            item.not_before_ms = 0;
+        }
+        if self.enqueue(provider, &items).await {
+            m.purge_lost
+                .with_label_values(&[provider, "requeued"])
+                .inc_by(n as u64);
+        } else {
+            m.purge_lost
+                .with_label_values(&[provider, "unrecovered"])
+                .inc_by(n as u64);
+            tracing::error!(
+                "purge queue: could not re-enqueue {n} {provider} items redis lost; they stay \
+                 on record and are tried again at the next check"
+            );
+            if let Some(w) = self.watch.lock().get_mut(provider) {
+                w.generation = Some(String::new());
+            }
+        }
+    }
+
+    /// Renews the leases of `items` (all of one provider) for another `lease`.
+    pub(super) async fn renew(&self, items: &[Item], lease: Duration) {
+        let Some(first) = items.first() else {
+            return;
+        };
+        let k = self.keys(&first.provider);
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RENEW)
+            .arg(2)
+            .arg(&k.processing)
+            .arg(&k.owner)
+            .arg(now_ms() + lease.as_millis() as u64)
+            .arg(&self.instance);
+        for item in items {
+            cmd.arg(&item.id);
+        }
+        let _ = self.redis.background::<i64>("purge_renew", &cmd).await;
     }
 
     /// (queued, in flight, dead) for `provider`, fleet-wide. `None`: Redis unavailable.
@@ -158,58 +373,76 @@ impl RedisStore {
         self.redis.background::<i64>("purge_revive", &cmd).await == Some(1)
     }
 
-    /// Leases the next item due for `provider` (sending at `rate` per second across the fleet)
-    /// for `lease`. `Err`: nothing to send now, with the earliest unix ms something may be,
-    /// when known.
+    /// Leases up to `most` items due for `provider`, oldest first, as one request (sending at
+    /// `rate` requests per second across the fleet) for `lease`. `Err`: nothing to send now,
+    /// with the earliest unix ms something may be, when known.
     pub(super) async fn claim(
         &self,
         provider: &str,
         rate: f64,
         lease: Duration,
-    ) -> Result<Item, Option<u64>> {
+        most: usize,
+    ) -> Result<Vec<Item>, Option<u64>> {
         if !self.flush_pending().await {
             return Err(None);
         }
         let (interval, burst) = pacing(rate);
         let k = self.keys(provider);
+        if !self.watch(provider, &k).await {
+            return Err(None);
+        }
         for _ in 0..CLAIM_TRIES {
             let cmd = redis::cmd("EVAL")
                 .arg(CLAIM)
-                .arg(4)
+                .arg(5)
                 .arg(&k.queue)
                 .arg(&k.processing)
                 .arg(&k.items)
                 .arg(&k.pace)
+                .arg(&k.owner)
                 .arg(now_ms())
                 .arg(lease.as_millis() as u64)
                 .arg(interval)
                 .arg(burst)
+                .arg(most.max(1))
+                .arg(&self.instance)
                 .clone();
-            let Some((status, value)) = self
+            let Some(reply) = self
                 .redis
-                .background::<(i64, redis::Value)>("purge_claim", &cmd)
+                .background::<Vec<redis::Value>>("purge_claim", &cmd)
                 .await
             else {
                 return Err(None);
             };
-            match status {
-                1 => {
-                    let raw: String = redis::from_redis_value(value).unwrap_or_default();
-                    match serde_json::from_str::<Item>(&raw) {
-                        Ok(item) => return Ok(item),
-                        Err(e) => {
-                            tracing::error!(
-                                "unreadable purge item in redis ({e}); moved to the dead letters: {raw}"
-                            );
-                            self.bury_raw(&k, &raw).await;
-                        }
+            let int = |v: Option<&redis::Value>| -> i64 {
+                v.and_then(|v| redis::from_redis_value(v.clone()).ok())
+                    .unwrap_or(-1)
+            };
+            if int(reply.first()) != 1 {
+                let due = int(reply.get(1));
+                return Err((due >= 0).then_some(due as u64));
+            }
+            let orphans = int(reply.get(1));
+            if orphans > 0 {
+                tracing::warn!("dropped {orphans} purge queue ids without an item");
+            }
+            let mut items = Vec::new();
+            for pair in reply[2.min(reply.len())..].chunks(2) {
+                let [id, raw] = pair else { continue };
+                let id: String = redis::from_redis_value(id.clone()).unwrap_or_default();
+                let raw: String = redis::from_redis_value(raw.clone()).unwrap_or_default();
+                match serde_json::from_str::<Item>(&raw) {
+                    Ok(item) => items.push(item),
+                    Err(e) => {
+                        tracing::error!(
+                            "unreadable purge item {id} in redis ({e}); moved to the dead letters: {raw}"
+                        );
+                        self.bury(&k, &id).await;
                     }
                 }
-                2 => tracing::warn!("dropped a purge queue id without an item: {value:?}"),
-                _ => {
-                    let due: i64 = redis::from_redis_value(value).unwrap_or(-1);
-                    return Err((due >= 0).then_some(due as u64));
-                }
+            }
+            if !items.is_empty() {
+                return Ok(items);
             }
         }
         Err(None)
@@ -229,18 +462,32 @@ impl RedisStore {
         let _ = self.redis.background::<i64>("purge_pause", &cmd).await;
     }
 
-    /// Records how a leased item's attempt ended: now, or (Redis unreachable) once Redis
-    /// answers again, before anything else.
-    pub(super) async fn finish(&self, item: Item, finish: Finish) {
-        let t = Transition { item, finish };
-        if self.flush_pending().await && self.apply(&t).await {
-            return;
+    /// Records how leased items' attempt ended: now, or (Redis unreachable) once Redis answers
+    /// again, before anything else.
+    pub(super) async fn finish(&self, outcomes: Vec<(Item, Finish)>) {
+        {
+            let mut watch = self.watch.lock();
+            for (item, finish) in &outcomes {
+                if matches!(finish, Finish::Done | Finish::Dead) {
+                    if let Some(w) = watch.get_mut(&item.provider) {
+                        w.outstanding.remove(&item.id);
+                    }
+                }
+            }
         }
-        tracing::warn!(
-            "redis unavailable: the outcome of purge item {} is applied when it is back",
-            t.item.id
-        );
-        self.pending.lock().push(t);
+        let mut flushed = self.flush_pending().await;
+        for (item, finish) in outcomes {
+            let t = Transition { item, finish };
+            if flushed && self.apply(&t).await {
+                continue;
+            }
+            flushed = false;
+            tracing::warn!(
+                "redis unavailable: the outcome of purge item {} is applied when it is back",
+                t.item.id
+            );
+            self.pending.lock().push(t);
+        }
     }
 
     /// Applies the remembered transitions; `false` while Redis still does not answer.
@@ -279,30 +526,36 @@ impl RedisStore {
                     .cmd("HDEL")
                     .arg(&k.items)
                     .arg(id)
+                    .ignore()
+                    .cmd("HDEL")
+                    .arg(&k.owner)
+                    .arg(id)
                     .ignore();
                 self.redis
                     .background_pipe::<()>("purge_done", &pipe)
                     .await
                     .is_some()
             }
-            Finish::Retry | Finish::Dead => {
+            Finish::Retry | Finish::Release | Finish::Dead => {
                 let Ok(json) = serde_json::to_string(&t.item) else {
                     return true;
                 };
-                let (target, score) = if t.finish == Finish::Retry {
-                    (&k.queue, t.item.not_before_ms)
-                } else {
+                let (target, score) = if t.finish == Finish::Dead {
                     (&k.dead, now_ms())
+                } else {
+                    (&k.queue, t.item.not_before_ms)
                 };
                 let cmd = redis::cmd("EVAL")
                     .arg(RESCHEDULE)
-                    .arg(3)
+                    .arg(4)
                     .arg(&k.processing)
                     .arg(&k.items)
                     .arg(target)
+                    .arg(&k.owner)
                     .arg(id)
                     .arg(json)
                     .arg(score)
+                    .arg(&self.instance)
                     .clone();
                 self.redis
                     .background::<i64>("purge_reschedule", &cmd)
@@ -313,30 +566,23 @@ impl RedisStore {
     }
 
     /// Moves a leased item whose JSON does not parse to the dead letters.
-    async fn bury_raw(&self, k: &ProviderKeys, raw: &str) {
-        // The id is unknown when the JSON does not parse; find it by value.
-        let id_cmd = redis::cmd("HGETALL").arg(&k.items).clone();
-        let all: HashMap<String, String> = self
-            .redis
-            .background("purge_bury", &id_cmd)
-            .await
-            .unwrap_or_default();
-        for (id, v) in all {
-            if v == raw {
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .cmd("ZREM")
-                    .arg(&k.processing)
-                    .arg(&id)
-                    .ignore()
-                    .cmd("ZADD")
-                    .arg(&k.dead)
-                    .arg(now_ms())
-                    .arg(&id)
-                    .ignore();
-                let _ = self.redis.background_pipe::<()>("purge_bury", &pipe).await;
-            }
-        }
+    async fn bury(&self, k: &ProviderKeys, id: &str) {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .cmd("ZREM")
+            .arg(&k.processing)
+            .arg(id)
+            .ignore()
+            .cmd("HDEL")
+            .arg(&k.owner)
+            .arg(id)
+            .ignore()
+            .cmd("ZADD")
+            .arg(&k.dead)
+            .arg(now_ms())
+            .arg(id)
+            .ignore();
+        let _ = self.redis.background_pipe::<()>("purge_bury", &pipe).await;
     }
 }
 
@@ -364,18 +610,20 @@ mod tests {
             keys: None,
         })
         .unwrap();
-        let store = RedisStore::new(Arc::new(redis)).unwrap();
+        let store = RedisStore::new(Arc::new(redis), "i1".into()).unwrap();
         let k = store.keys("cloudflare");
         assert_eq!(k.items, "aisle:purge:{cloudflare}:items");
         assert_eq!(k.queue, "aisle:purge:{cloudflare}:queue");
         assert_eq!(k.processing, "aisle:purge:{cloudflare}:processing");
         assert_eq!(k.dead, "aisle:purge:{cloudflare}:dead");
+        assert_eq!(k.owner, "aisle:purge:{cloudflare}:owner");
+        assert_eq!(k.generation, "aisle:purge:{cloudflare}:generation");
         assert_eq!(k.pace, "aisle:purge:{cloudflare}:pace");
     }
 
     #[test]
     fn scripts_are_loaded_and_their_contract_is_written_down() {
-        for script in [ENQUEUE, CLAIM, PAUSE, RESCHEDULE, REVIVE] {
+        for script in [ENQUEUE, CLAIM, PAUSE, RESCHEDULE, REVIVE, RENEW, RECLAIM] {
             assert!(
                 script.starts_with("-- ") && script.contains("KEYS"),
                 "{script}"

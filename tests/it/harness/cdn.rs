@@ -11,15 +11,19 @@
 //! misconfigured gateway sends, and tests provoke them on purpose.
 //!
 //! Each fake can be told to fail its next N valid requests (`fail_next`: 500, `throttle_next`:
-//! 429 with `Retry-After`), and records what it accepted. The servers are hyper HTTP/1.1 on
+//! 429 with `Retry-After`), to be down (`set_down`: 503 to every valid request, an outage), to
+//! enforce a request rate (`enforce_rate`: a request sooner than the rate allows gets a 429, as
+//! the real token buckets answer, counted in `rate_limited()`; stricter than the real APIs,
+//! which allow a small burst), or to hold requests unanswered (`hold`, then `release_held`),
+//! and records what it accepted with the time of each request. The servers are hyper HTTP/1.1 on
 //! 127.0.0.1:0, spawned on the test's tokio runtime and stopped when the fake is dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -80,21 +84,88 @@ enum Injected {
     Code(u16, &'static str),
 }
 
+/// A request rate a fake enforces: the least spacing between two valid requests, and when the
+/// last one allowed came.
+struct RateLimit {
+    spacing: Duration,
+    last: Option<Instant>,
+}
+
 /// Bookkeeping every fake shares.
-#[derive(Default)]
 struct Common {
     requests: Mutex<Vec<FakeRequest>>,
     violations: Mutex<Vec<String>>,
     auth_failures: AtomicUsize,
     injected: Mutex<VecDeque<Injected>>,
+    /// An outage: every valid request gets a 503.
+    down: AtomicBool,
+    refused_down: AtomicUsize,
+    rate: Mutex<Option<RateLimit>>,
+    rate_limited: AtomicUsize,
+    /// Requests wait while this says true.
+    hold: watch::Sender<bool>,
+    held: AtomicUsize,
+    /// What held requests get when released: 0 = handled as usual, else this status (and
+    /// nothing is accepted).
+    release_status: AtomicU16,
+    /// When each valid request reached the decision (accepted or failed), with its status.
+    answered: Mutex<Vec<(Instant, u16)>>,
+}
+
+impl Default for Common {
+    fn default() -> Self {
+        Common {
+            requests: Mutex::default(),
+            violations: Mutex::default(),
+            auth_failures: AtomicUsize::new(0),
+            injected: Mutex::default(),
+            down: AtomicBool::new(false),
+            refused_down: AtomicUsize::new(0),
+            rate: Mutex::new(None),
+            rate_limited: AtomicUsize::new(0),
+            hold: watch::channel(false).0,
+            held: AtomicUsize::new(0),
+            release_status: AtomicU16::new(0),
+            answered: Mutex::default(),
+        }
+    }
 }
 
 impl Common {
     fn violation(&self, what: String) {
         self.violations.lock().unwrap().push(what);
     }
+    /// The failure a valid request gets, in order: an outage (503), a request sooner than the
+    /// enforced rate (429), then the injected ones; `None`: accept it.
     fn next_injected(&self) -> Option<Injected> {
-        self.injected.lock().unwrap().pop_front()
+        let now = Instant::now();
+        let fail = if self.down.load(Ordering::SeqCst) {
+            self.refused_down.fetch_add(1, Ordering::SeqCst);
+            Some(Injected::Status(503))
+        } else {
+            let mut rate = self.rate.lock().unwrap();
+            let limited = rate.as_mut().is_some_and(|r| {
+                let early = r.last.is_some_and(|l| now.duration_since(l) < r.spacing);
+                if !early {
+                    r.last = Some(now);
+                }
+                early
+            });
+            drop(rate);
+            if limited {
+                self.rate_limited.fetch_add(1, Ordering::SeqCst);
+                Some(Injected::Throttle("1".into()))
+            } else {
+                self.injected.lock().unwrap().pop_front()
+            }
+        };
+        let status = match &fail {
+            None => 200,
+            Some(Injected::Status(s)) | Some(Injected::Code(s, _)) => *s,
+            Some(Injected::Throttle(_)) => 429,
+        };
+        self.answered.lock().unwrap().push((now, status));
+        fail
     }
     fn inject(&self, n: usize, what: Injected) {
         let mut q = self.injected.lock().unwrap();
@@ -158,6 +229,18 @@ async fn handle(
         body,
     };
     common.requests.lock().unwrap().push(freq.clone());
+    let mut hold = common.hold.subscribe();
+    if *hold.borrow_and_update() {
+        common.held.fetch_add(1, Ordering::SeqCst);
+        let _ = hold.wait_for(|h| !*h).await;
+        let status = common.release_status.load(Ordering::SeqCst);
+        if status != 0 {
+            return Ok(Response::builder()
+                .status(status)
+                .body(Full::new(Bytes::from_static(b"released unanswered")))
+                .expect("valid fake response"));
+        }
+    }
     let resp = handler(&freq);
     let mut b = Response::builder().status(resp.status);
     for (k, v) in &resp.headers {
@@ -198,6 +281,55 @@ macro_rules! common_api {
         pub fn throttle_next(&self, n: usize, retry_after: &str) {
             self.common
                 .inject(n, Injected::Throttle(retry_after.to_string()));
+        }
+        /// An outage: while `down`, every valid request gets a 503.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn set_down(&self, down: bool) {
+            self.common.down.store(down, Ordering::SeqCst);
+        }
+        /// Valid requests refused by an outage so far.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn refused_down(&self) -> usize {
+            self.common.refused_down.load(Ordering::SeqCst)
+        }
+        /// From now on a valid request sooner than `1/per_second` (less `slack`) after the
+        /// last one allowed gets a 429 with `Retry-After: 1`.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn enforce_rate(&self, per_second: f64, slack: Duration) {
+            *self.common.rate.lock().unwrap() = Some(RateLimit {
+                spacing: Duration::from_secs_f64(1.0 / per_second).saturating_sub(slack),
+                last: None,
+            });
+        }
+        /// Requests refused by the enforced rate.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn rate_limited(&self) -> usize {
+            self.common.rate_limited.load(Ordering::SeqCst)
+        }
+        /// When each valid request was decided, and its status, in order.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn answered(&self) -> Vec<(std::time::Instant, u16)> {
+            self.common.answered.lock().unwrap().clone()
+        }
+        /// Requests arriving from now on wait unanswered until [`Self::release_held`].
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn hold(&self) {
+            self.common.release_status.store(0, Ordering::SeqCst);
+            self.common.hold.send_replace(true);
+        }
+        /// Requests that waited (or wait) in a hold.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn held(&self) -> usize {
+            self.common.held.load(Ordering::SeqCst)
+        }
+        /// Ends the hold: the waiting requests get `status` (nothing accepted), or are handled
+        /// as usual when `status` is `None`.
+        #[allow(dead_code)] // not every fake's tests use it
+        pub fn release_held(&self, status: Option<u16>) {
+            self.common
+                .release_status
+                .store(status.unwrap_or(0), Ordering::SeqCst);
+            self.common.hold.send_replace(false);
         }
     };
 }
