@@ -420,8 +420,20 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// Removes the hop-by-hop fields and every field `Connection` names (RFC 9110 §7.6.1): a
-/// proxy removes them before forwarding, and a cache before storing (RFC 9111 §3.1).
+/// cache removes them before storing (RFC 9111 §3.1). Framing (`Transfer-Encoding`) goes too:
+/// pingora frames every answer from storage itself.
 pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
+    strip_connection_fields(resp);
+    for name in HOP_BY_HOP {
+        resp.remove_header(name);
+    }
+}
+
+/// Removes the fields `Connection` names and the connection-describing ones (`Connection`,
+/// `Keep-Alive`, `Proxy-Connection`) before a response is forwarded (RFC 9110 §7.6.1). The
+/// message's framing (`Transfer-Encoding`, `Content-Length`) stays: the body is still being
+/// relayed under it.
+pub fn strip_connection_fields(resp: &mut ResponseHeader) {
     let named: Vec<String> = resp
         .headers
         .get_all(http::header::CONNECTION)
@@ -429,16 +441,46 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|n| n.trim().to_ascii_lowercase())
-        // `Connection: close` names a connection option, not a field; removing a field that
-        // happens to share a hop-by-hop name is what the loop below does anyway.
         .filter(|n| !n.is_empty())
         .collect();
-    for name in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
-        // Content-Length frames this message and is recomputed when sent; never listed away.
-        if name != "content-length" {
+    for name in
+        named
+            .iter()
+            .map(String::as_str)
+            .chain(["connection", "keep-alive", "proxy-connection"])
+    {
+        if !matches!(name, "content-length" | "transfer-encoding") {
             resp.remove_header(name);
         }
     }
+}
+
+/// The stored answer's fields updated by a `304` (RFC 9111 §4.3.4, §3.2): every field the 304
+/// carries replaces the stored one, except `Content-Length` (it describes the 304), the
+/// connection's fields, and `Vary` (the stored variant was selected by the old one).
+pub fn update_stored_fields(
+    stored: &ResponseHeader,
+    not_modified: &ResponseHeader,
+) -> ResponseHeader {
+    let mut out = stored.clone();
+    let mut fresh = not_modified.clone();
+    strip_hop_by_hop(&mut fresh);
+    let mut replaced: Vec<&http::HeaderName> = Vec::new();
+    for (name, value) in fresh.headers.iter() {
+        if matches!(
+            name.as_str(),
+            "content-length" | "vary" | "content-range" | "content-encoding"
+        ) {
+            continue;
+        }
+        if replaced.contains(&name) {
+            let _ = out.append_header(name.clone(), value.clone());
+        } else {
+            let _ = out.insert_header(name.clone(), value.clone());
+            replaced.push(name);
+        }
+    }
+    out
 }
 
 /// The header names of a response's `Vary` (lowercased), for the variance key.

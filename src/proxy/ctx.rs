@@ -41,6 +41,11 @@ pub struct UpstreamCtx {
     pub stale_after: Option<std::time::Duration>,
     /// Tags the origin sent (`Surrogate-Key`, `Cache-Tag`, `xkey`, `Cache-Groups`).
     pub tags: Vec<String>,
+    /// The origin's `Age` (RFC 9111 §5.1), forwarded on a miss.
+    pub age: u64,
+    /// A `304` that revalidated the stored answer: its fields update the stored ones
+    /// (RFC 9111 §4.3.4) when `response_cache_filter` sees pingora's partial merge.
+    pub not_modified: Option<Box<pingora::http::ResponseHeader>>,
 }
 
 /// Per-request state shared by the phases.

@@ -526,6 +526,15 @@ impl ProxyHttp for Gateway {
         self.peers.set_unreachable(ctx.rule().upstream, false);
         ctx.upstream.status = Some(resp.status.as_u16());
         ctx.upstream.tags = policy::origin_tags(resp);
+        ctx.upstream.age = policy::upstream_age(resp);
+        if resp.status != http::StatusCode::SWITCHING_PROTOCOLS {
+            // RFC 9110 §7.6.1: what describes the upstream connection is not forwarded (nor
+            // stored); pingora writes this hop's own `Connection` and framing.
+            policy::strip_connection_fields(resp);
+        }
+        if resp.status == http::StatusCode::NOT_MODIFIED {
+            ctx.upstream.not_modified = Some(Box::new(resp.clone()));
+        }
         if !ctx.rule().keep_tag_headers {
             policy::strip_tag_headers(resp);
         }
@@ -549,6 +558,14 @@ impl ProxyHttp for Gateway {
         } else {
             let auth = req.headers.contains_key(http::header::AUTHORIZATION);
             let now = SystemTime::now();
+            // After a 304, pingora's merge updates only a few fields; RFC 9111 §4.3.4 updates
+            // every field the 304 carries.
+            let merged = ctx
+                .upstream
+                .not_modified
+                .as_deref()
+                .map(|not_modified| policy::update_stored_fields(resp, not_modified));
+            let resp = merged.as_ref().unwrap_or(resp);
             policy::cacheability(rule, resp, auth, now, self.config.cache.max_ttl)
         };
         let RespCacheable::Cacheable(mut meta) = decision else {
@@ -669,6 +686,11 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let answered = self.status(session, ctx);
         resp.insert_header("cache-status", answered.0.to_header_value())?;
+        if ctx.upstream.age > 0 && !resp.headers.contains_key(http::header::AGE) {
+            // A miss forwards the origin's Age (RFC 9111 §5.1); answers from storage carry
+            // pingora's, which already includes it.
+            resp.insert_header(http::header::AGE, ctx.upstream.age.to_string())?;
+        }
         ctx.answered = Some(answered);
         let req = session.req_header();
         let success = (200..400).contains(&resp.status.as_u16());

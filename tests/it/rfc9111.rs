@@ -650,3 +650,124 @@ async fn vary_matches_normalized_values() {
     assert_eq!(origin.count("/vary"), 2, "another order is another variant");
     assert_ne!(c.body, a.body);
 }
+
+/// RFC 9111 §5.1, §4.2.3: the origin's `Age` is forwarded on the miss, and an answer from
+/// storage adds its resident time to it.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_origins_age_is_forwarded_and_grows_in_storage() {
+    let origin = scripted(|path, n| {
+        OriginResponse::ok(format!("{path} #{n}"))
+            .header("cache-control", "max-age=3600")
+            .header("age", "100")
+    });
+    let gw = gateway_for(&origin).await;
+    let miss = gw.get("/aged").await;
+    assert_eq!(miss.age(), Some(100), "miss: {:?}", miss.headers);
+    let hit = gw.get("/aged").await;
+    assert!(hit.is_hit());
+    assert!(hit.age().is_some_and(|a| a >= 100), "hit: {:?}", hit.age());
+}
+
+/// RFC 9110 §7.6.1: fields named in `Connection` (and `Keep-Alive`) describe the upstream
+/// connection: neither forwarded nor stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_listed_fields_are_neither_forwarded_nor_stored() {
+    let origin = scripted(|path, n| {
+        OriginResponse::ok(format!("{path} #{n}"))
+            .header("cache-control", "max-age=3600")
+            .header("connection", "x-hop")
+            .header("x-hop", "secret")
+            .header("x-kept", "yes")
+    });
+    let gw = gateway_for(&origin).await;
+    for what in ["miss", "hit"] {
+        let r = gw.get("/hop").await;
+        assert_eq!(r.header("x-hop"), None, "{what}: {:?}", r.headers);
+        assert_eq!(r.header("x-kept").as_deref(), Some("yes"), "{what}");
+    }
+    assert_eq!(origin.count("/hop"), 1);
+}
+
+/// RFC 9111 §4.3.4: a 304 that revalidates a stored answer updates every stored field it
+/// carries, extension fields included; `Content-Length` is not taken from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_304_updates_the_stored_fields() {
+    let origin = Origin::start(|req| {
+        if req.header("if-none-match").as_deref() == Some("\"v1\"") {
+            return OriginResponse::with_status(304)
+                .header("etag", "\"v1\"")
+                .header("cache-control", "max-age=3600")
+                .header("test-header", "updated")
+                .header("x-content-foo", "updated");
+        }
+        OriginResponse::ok(format!("{} #{}", req.path, req.count))
+            // Stored already stale (Age = max-age), so the next request revalidates.
+            .header("cache-control", "max-age=1")
+            .header("age", "1")
+            .header("etag", "\"v1\"")
+            .header("test-header", "original")
+            .header("x-content-foo", "original")
+    });
+    let gw = gateway_for(&origin).await;
+    let first = gw.get("/reval").await;
+    assert_eq!(first.header("test-header").as_deref(), Some("original"));
+    let revalidated = gw.get("/reval").await;
+    assert_eq!(revalidated.status, 200);
+    assert_eq!(revalidated.body, first.body, "the stored body, revalidated");
+    assert_eq!(origin.count("/reval"), 2, "one revalidation");
+    let hit = gw.get("/reval").await;
+    assert!(hit.is_hit(), "{:?}", hit.cache_status());
+    for r in [&revalidated, &hit] {
+        assert_eq!(r.header("test-header").as_deref(), Some("updated"));
+        assert_eq!(r.header("x-content-foo").as_deref(), Some("updated"));
+    }
+    assert_eq!(hit.body, first.body);
+}
+
+/// RFC 9110 §14: a stored complete answer serves byte ranges: one range, a suffix range, and an
+/// unsatisfiable range (416).
+#[tokio::test(flavor = "multi_thread")]
+async fn ranges_are_served_from_a_stored_answer() {
+    let origin = scripted(|_path, _n| {
+        OriginResponse::ok("0123456789").header("cache-control", "max-age=3600")
+    });
+    let gw = gateway_for(&origin).await;
+    assert_eq!(gw.get("/r").await.body, "0123456789");
+    let part = gw.get_with("/r", &[("range", "bytes=2-4")]).await;
+    assert_eq!(part.status, 206, "{:?}", part.headers);
+    assert_eq!(part.body, "234");
+    assert_eq!(
+        part.header("content-range").as_deref(),
+        Some("bytes 2-4/10")
+    );
+    let suffix = gw.get_with("/r", &[("range", "bytes=-3")]).await;
+    assert_eq!((suffix.status, suffix.body.as_ref()), (206, &b"789"[..]));
+    let beyond = gw.get_with("/r", &[("range", "bytes=20-30")]).await;
+    assert_eq!(beyond.status, 416);
+    assert_eq!(origin.count("/r"), 1, "every range from storage");
+}
+
+/// A stored answer that came chunked (no `Content-Length`) is complete once stored: hits state
+/// its length and serve ranges from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn ranges_are_served_from_a_stored_chunked_answer() {
+    let origin = StreamOrigin::start(|_req| StreamResponse {
+        status: 200,
+        headers: vec![
+            ("cache-control".into(), "max-age=3600".into()),
+            ("content-type".into(), "text/plain".into()),
+        ],
+        steps: vec![
+            Step::Chunk(bytes::Bytes::from_static(b"01234")),
+            Step::Chunk(bytes::Bytes::from_static(b"56789")),
+        ],
+    });
+    let gw = Gateway::start(&config_for(&origin.url()), &[]).await;
+    assert_eq!(gw.get("/chunked").await.body, "0123456789");
+    let whole = gw.get("/chunked").await;
+    assert!(whole.is_hit());
+    assert_eq!(whole.header("content-length").as_deref(), Some("10"));
+    let part = gw.get_with("/chunked", &[("range", "bytes=3-5")]).await;
+    assert_eq!((part.status, part.body.as_ref()), (206, &b"345"[..]));
+    assert_eq!(origin.total(), 1);
+}

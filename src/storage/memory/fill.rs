@@ -80,7 +80,8 @@ impl HandleMiss for MemoryMiss {
         // A copy, even of a single chunk: the chunks may be slices of larger read buffers,
         // which a stored slice would keep alive (see `compact.rs`).
         let body = owned_body(&self.partial.chunks.read());
-        let meta = self.partial.meta.clone();
+        let mut meta = self.partial.meta.clone();
+        meta.set_length(body.len());
         let info = self.partial.info.completed(&body);
         let weight = entry_weight(body.len(), &meta, &info, &self.compact);
         self.finished = true;

@@ -89,6 +89,22 @@ pub(super) struct StoredMeta {
 }
 
 impl StoredMeta {
+    /// A complete entry states its length: an answer that came chunked is stored with
+    /// `Content-Length`, so hits carry it and byte ranges can be served from it (pingora's range
+    /// filter needs it; RFC 9110 §14).
+    pub(super) fn set_length(&mut self, len: usize) {
+        let h = &mut self.header;
+        if matches!(h.status.as_u16(), 204 | 304)
+            || h.headers.contains_key(http::header::CONTENT_LENGTH)
+        {
+            return;
+        }
+        h.remove_header(&http::header::TRANSFER_ENCODING);
+        let _ = h.insert_header(http::header::CONTENT_LENGTH, len);
+        // Compacted again, so the new value shares the one exactly sized buffer.
+        self.header = compact_header(&self.header);
+    }
+
     fn from_meta(meta: &CacheMeta) -> Self {
         StoredMeta {
             fresh_until: meta.fresh_until(),
@@ -266,7 +282,8 @@ impl MemoryStorage {
     pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: Arc<EntryInfo>) {
         // The body read from Redis may be a slice of the whole record: keep only the body.
         let body = owned_body(&[body]);
-        let stored = StoredMeta::from_meta(meta);
+        let mut stored = StoredMeta::from_meta(meta);
+        stored.set_length(body.len());
         let compact = key.to_compact();
         let weight = entry_weight(body.len(), &stored, &info, &compact);
         let id = id(key.combined_bin());
