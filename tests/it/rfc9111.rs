@@ -658,7 +658,14 @@ async fn the_origins_age_is_forwarded_and_grows_in_storage() {
     let origin = scripted(|path, n| {
         OriginResponse::ok(format!("{path} #{n}"))
             .header("cache-control", "max-age=3600")
-            .header("age", "100")
+            .header(
+                "age",
+                if path.ends_with("7200") {
+                    "7200"
+                } else {
+                    "100"
+                },
+            )
     });
     let gw = gateway_for(&origin).await;
     let miss = gw.get("/aged").await;
@@ -666,6 +673,9 @@ async fn the_origins_age_is_forwarded_and_grows_in_storage() {
     let hit = gw.get("/aged").await;
     assert!(hit.is_hit());
     assert!(hit.age().is_some_and(|a| a >= 100), "hit: {:?}", hit.age());
+    // Older than its max-age: stored already stale, and the client still learns its age.
+    let old = gw.get("/aged/7200").await;
+    assert_eq!(old.age(), Some(7200), "{:?}", old.headers);
 }
 
 /// RFC 9110 §7.6.1: fields named in `Connection` (and `Keep-Alive`) describe the upstream
