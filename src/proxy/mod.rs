@@ -50,7 +50,7 @@ use pingora::cache::{
     CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
 };
 use pingora::http::{RequestHeader, ResponseHeader};
-use pingora::proxy::{ProxyHttp, Session};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use std::collections::HashMap;
@@ -676,6 +676,54 @@ impl ProxyHttp for Gateway {
             }
         }
         upstream_failed
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        // RFC 9111 §4.2.4, §5.2.2.2: a stored answer that may not be served stale
+        // (`must-revalidate`, `no-cache`, `s-maxage`, or past its stale windows) while the origin
+        // cannot be reached: 504, not the connection error's 502.
+        let unreachable =
+            *e.esource() == ErrorSource::Upstream && !matches!(e.etype(), ErrorType::HTTPStatus(_));
+        // The lookup found a stored answer that needed validation (pingora has disabled the
+        // cache by now): stale, or ruled out by the request's own `no-cache` / `max-age`.
+        let stored = matches!(ctx.cache.lookup, Lookup::Stale | Lookup::Refused);
+        if unreachable && stored {
+            let sent = control::respond_json(
+                session,
+                504,
+                "{\"error\":\"the origin cannot be reached and the stored answer may not be served stale\"}"
+                    .into(),
+                "aisle; fwd=stale; detail=revalidation-failed",
+            )
+            .await;
+            if sent.is_ok() {
+                return FailToProxy {
+                    error_code: 504,
+                    can_reuse_downstream: false,
+                };
+            }
+        }
+        // pingora's own answer otherwise.
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        if code > 0 {
+            if let Err(e) = session.respond_error(code).await {
+                tracing::debug!("could not send the error answer: {e}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn response_filter(

@@ -781,3 +781,46 @@ async fn ranges_are_served_from_a_stored_chunked_answer() {
     assert_eq!((part.status, part.body.as_ref()), (206, &b"345"[..]));
     assert_eq!(origin.total(), 1);
 }
+
+/// RFC 9111 §5.2.2.2 (`must-revalidate`) and §4.2.4: a stored answer that may not be served
+/// stale, with the origin unreachable, gets `504`, not the stale answer nor a `502`.
+#[tokio::test(flavor = "multi_thread")]
+async fn must_revalidate_with_the_origin_unreachable_is_504() {
+    let origin = scripted(|path, n| {
+        OriginResponse::ok(format!("{path} #{n}"))
+            // Stored already stale (Age = max-age); stale-if-error is overruled.
+            .header(
+                "cache-control",
+                "max-age=1, must-revalidate, stale-if-error=600",
+            )
+            .header("age", "1")
+    });
+    let gw = gateway_for(&origin).await;
+    assert_eq!(gw.get("/mr").await.status, 200);
+    origin.stop();
+    origin.wait_stopped().await;
+    let r = gw.get("/mr").await;
+    assert_eq!(r.status, 504, "{:?} {:?}", r.cache_status(), r.body);
+}
+
+/// RFC 9110 §9.3.3 allows storing a POST answer whose `Content-Location` names the request
+/// URI as that URI's GET answer; Aisle does not (a decision: README, RFC section): POST answers
+/// are cached only by body-keyed rules, under their own keys, and a POST to a URI invalidates
+/// it (§4.4).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_post_answer_with_content_location_is_not_the_gets_answer() {
+    let origin = Origin::start(|req| {
+        OriginResponse::ok(format!("{} {} #{}", req.method, req.path, req.count))
+            .header("cache-control", "max-age=3600")
+            .header("content-location", &req.path)
+    });
+    let gw = gateway_for(&origin).await;
+    let post = gw.request("POST", "/cl", &[]).await;
+    assert_eq!(post.status, 200);
+    let get = gw.get("/cl").await;
+    assert!(
+        get.text().starts_with("GET"),
+        "the GET went to the origin: {}",
+        get.text()
+    );
+}
