@@ -236,18 +236,33 @@ fn expires_lifetime(resp: &ResponseHeader, now: SystemTime) -> Option<Duration> 
     Some(expires.duration_since(date).unwrap_or_default())
 }
 
-/// The longest heuristic freshness lifetime (RFC 9111 §4.2.2), as Squid and Traffic Server cap
-/// it; `[cache] max_ttl` caps it further.
+/// The default longest heuristic freshness lifetime (RFC 9111 §4.2.2; `[cache] heuristic_max`),
+/// as Squid and Traffic Server cap it; `[cache] max_ttl` caps it further.
 pub const HEURISTIC_MAX: Duration = Duration::from_secs(86_400);
 
+/// The configured caps on what a response's freshness can be.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `[cache] max_ttl`: no lifetime (freshness, stale windows) is longer.
+    pub max_ttl: Duration,
+    /// `[cache] heuristic_max`: the longest heuristic freshness.
+    pub heuristic_max: Duration,
+}
+
+impl Limits {
+    /// `max_ttl` with the default heuristic cap.
+    pub fn new(max_ttl: Duration) -> Limits {
+        Limits {
+            max_ttl,
+            heuristic_max: HEURISTIC_MAX,
+        }
+    }
+}
+
 /// Heuristic freshness (RFC 9111 §4.2.2): 10% of the time since `Last-Modified` (on the origin's
-/// clock: `Date`, or the time of receipt), at most [`HEURISTIC_MAX`] and `max_ttl`. `None`
+/// clock: `Date`, or the time of receipt), at most `cap`. `None`
 /// without a valid `Last-Modified`, or when it is not before `Date`.
-fn heuristic_lifetime(
-    resp: &ResponseHeader,
-    now: SystemTime,
-    max_ttl: Duration,
-) -> Option<Duration> {
+fn heuristic_lifetime(resp: &ResponseHeader, now: SystemTime, cap: Duration) -> Option<Duration> {
     let date_of = |name: http::header::HeaderName| {
         let mut values = resp.headers.get_all(name).iter();
         let first = values.next()?;
@@ -259,7 +274,7 @@ fn heuristic_lifetime(
     let modified = date_of(http::header::LAST_MODIFIED)?;
     let date = date_of(http::header::DATE).unwrap_or(now);
     let since = date.duration_since(modified).ok()?;
-    let lifetime = (since / 10).min(HEURISTIC_MAX).min(max_ttl);
+    let lifetime = (since / 10).min(cap);
     (!lifetime.is_zero()).then_some(lifetime)
 }
 
@@ -288,9 +303,10 @@ pub fn cacheability(
     resp: &ResponseHeader,
     authorization_present: bool,
     now: SystemTime,
-    max_ttl: Duration,
+    limits: Limits,
 ) -> RespCacheable {
     use RespCacheable::Uncacheable;
+    let max_ttl = limits.max_ttl;
     let status = resp.status.as_u16();
     if !storable_status(status) {
         return Uncacheable(NoCacheReason::Custom("status"));
@@ -338,7 +354,7 @@ pub fn cacheability(
         // marked `public`, are stored, and only when `Last-Modified` allows a heuristic
         // (§4.2.2, §3): nothing gets a default TTL.
         None if heuristic_status(status) || cc.as_ref().is_some_and(|cc| cc.public()) => {
-            heuristic_lifetime(resp, now, max_ttl)
+            heuristic_lifetime(resp, now, limits.heuristic_max.min(max_ttl))
         }
         None => None,
     };
@@ -641,7 +657,7 @@ mod tests {
             r,
             auth,
             SystemTime::now(),
-            Duration::from_secs(86_400),
+            Limits::new(Duration::from_secs(86_400)),
         ) {
             RespCacheable::Cacheable(m) => Some(m),
             RespCacheable::Uncacheable(_) => None,
@@ -840,7 +856,7 @@ mod tests {
         // A rule ttl and max_ttl of u64::MAX seconds panicked in `now + ttl`.
         let mut r = rule("");
         Arc::get_mut(&mut r).unwrap().ttl = Some(Duration::from_secs(u64::MAX));
-        let m = match cacheability(&r, &resp(200, &[]), false, now, Duration::MAX) {
+        let m = match cacheability(&r, &resp(200, &[]), false, now, Limits::new(Duration::MAX)) {
             RespCacheable::Cacheable(m) => m,
             RespCacheable::Uncacheable(why) => panic!("cacheable: {why:?}"),
         };
@@ -1099,7 +1115,7 @@ mod tests {
             &resp(200, &[("cache-control", "max-age=31536000")]),
             false,
             SystemTime::now(),
-            Duration::from_secs(3600),
+            Limits::new(Duration::from_secs(3600)),
         ) {
             RespCacheable::Cacheable(m) => m,
             RespCacheable::Uncacheable(_) => panic!("cacheable"),

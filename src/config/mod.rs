@@ -102,6 +102,8 @@ pub struct CacheConfig {
     /// The longest an entry may live in any tier (freshness and each stale window are capped by
     /// it); purge epochs older than twice this are forgotten.
     pub max_ttl: Duration,
+    /// `[cache] heuristic_max`: the longest heuristic freshness (RFC 9111 §4.2.2, default 1 day).
+    pub heuristic_max: Duration,
 }
 
 /// `[admin]`: who may invalidate.
@@ -213,6 +215,11 @@ impl Config {
         let lock_timeout = dur(&raw.cache.lock_timeout, Duration::from_secs(10), &mut diags);
         let base = path.parent().unwrap_or(Path::new("."));
         let max_ttl = dur(&raw.cache.max_ttl, Duration::from_secs(86_400), &mut diags);
+        let heuristic_max = dur(
+            &raw.cache.heuristic_max,
+            Duration::from_secs(86_400),
+            &mut diags,
+        );
         let grace_period = dur(
             &raw.server.grace_period,
             Duration::from_secs(10),
@@ -412,6 +419,7 @@ impl Config {
                 rules_dir,
                 lock_timeout,
                 max_ttl,
+                heuristic_max,
             },
             admin,
             webhooks,

@@ -59,6 +59,7 @@ pub(super) struct RawCache {
     pub(super) rules_dir: Option<Spanned<String>>,
     pub(super) lock_timeout: Option<Spanned<String>>,
     pub(super) max_ttl: Option<Spanned<String>>,
+    pub(super) heuristic_max: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

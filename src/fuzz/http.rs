@@ -243,7 +243,7 @@ fn cacheability() {
             let _ = policy::vary_names(&resp);
             let _ = policy::serves_authorized(&resp);
             let RespCacheable::Cacheable(meta) =
-                policy::cacheability(rule, &resp, auth, now, max_ttl)
+                policy::cacheability(rule, &resp, auth, now, policy::Limits::new(max_ttl))
             else {
                 return Ok(());
             };

@@ -566,7 +566,11 @@ impl ProxyHttp for Gateway {
                 .as_deref()
                 .map(|not_modified| policy::update_stored_fields(resp, not_modified));
             let resp = merged.as_ref().unwrap_or(resp);
-            policy::cacheability(rule, resp, auth, now, self.config.cache.max_ttl)
+            let limits = policy::Limits {
+                max_ttl: self.config.cache.max_ttl,
+                heuristic_max: self.config.cache.heuristic_max,
+            };
+            policy::cacheability(rule, resp, auth, now, limits)
         };
         let RespCacheable::Cacheable(mut meta) = decision else {
             // Not storable: let other instances waiting on this fill stop waiting now.

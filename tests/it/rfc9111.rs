@@ -524,6 +524,13 @@ async fn heuristic_freshness_from_last_modified() {
         !reused(&gw, &origin, "/h/none", &[]).await,
         "no Last-Modified, no freshness"
     );
+    // `[cache] heuristic_max` sets the cap.
+    let config =
+        config_for(&origin.url()).replace("[cache]\n", "[cache]\nheuristic_max = \"60s\"\n");
+    let capped = Gateway::start(&config, &[]).await;
+    capped.get("/h/old").await;
+    let ttl = capped.get("/h/old").await.ttl().expect("a ttl");
+    assert!((50..=60).contains(&ttl), "capped at 60 s: ttl={ttl}");
 }
 
 /// RFC 9213 §2.1-2.2: `CDN-Cache-Control` is a Structured Field Dictionary; a value that does
