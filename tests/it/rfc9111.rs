@@ -759,6 +759,15 @@ async fn ranges_are_served_from_a_stored_answer() {
     );
     let suffix = gw.get_with("/r", &[("range", "bytes=-3")]).await;
     assert_eq!((suffix.status, suffix.body.as_ref()), (206, &b"789"[..]));
+    let multi = gw.get_with("/r", &[("range", "bytes=0-1,8-9")]).await;
+    assert_eq!(multi.status, 206);
+    let ctype = multi.header("content-type").unwrap_or_default();
+    assert!(ctype.starts_with("multipart/byteranges"), "{ctype}");
+    let text = multi.text();
+    assert!(
+        text.contains("\r\n\r\n01\r\n") && text.contains("\r\n\r\n89\r\n"),
+        "{text:?}"
+    );
     let beyond = gw.get_with("/r", &[("range", "bytes=20-30")]).await;
     assert_eq!(beyond.status, 416);
     assert_eq!(origin.count("/r"), 1, "every range from storage");
