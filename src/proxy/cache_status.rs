@@ -217,8 +217,10 @@ impl CacheStatus {
             s.push_str("; stored");
         }
         if let Some(key) = &self.key {
-            s.push_str("; key=");
+            // An sf-string: a token must not start with a digit (RFC 8941 §3.3.4).
+            s.push_str("; key=\"");
             s.push_str(key);
+            s.push('"');
         }
         if let Some(detail) = self.detail {
             s.push_str("; detail=");
@@ -236,6 +238,11 @@ mod tests {
     fn row(o: Observed, header: &str, outcome: CacheOutcome) {
         let (s, out) = decide(&o);
         assert_eq!(s.to_header_value(), header, "{o:?}");
+        // RFC 9211 §2: a Structured Field List, parsed strictly.
+        assert!(
+            sfv::Parser::parse_list(header.as_bytes()).is_ok(),
+            "{header:?} is not a valid structured field"
+        );
         assert_eq!(out, outcome, "{o:?}");
     }
 
@@ -269,6 +276,8 @@ mod tests {
             "aisle; hit; ttl=42",
             CacheOutcome::Hit,
         );
+        // Issue 18 item 6: unquoted, a key starting with a digit is not a token.
+        assert!(sfv::Parser::parse_list(b"aisle; hit; ttl=9; key=839d9967").is_err());
         row(
             Observed {
                 phase: Some(Phase::Hit),
@@ -276,7 +285,7 @@ mod tests {
                 key: Some("839d9967".into()),
                 ..base()
             },
-            "aisle; hit; ttl=9; key=839d9967",
+            "aisle; hit; ttl=9; key=\"839d9967\"",
             CacheOutcome::Hit,
         );
         row(

@@ -85,10 +85,13 @@ async fn start_post(gw: &Gateway, body: &str) -> reqwest::Response {
 }
 
 fn cache_status(r: &reqwest::Response) -> String {
-    r.headers()
+    let value = r
+        .headers()
         .get("cache-status")
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    assert_valid_cache_status(&value);
+    value
 }
 
 fn content_type(r: &reqwest::Response) -> String {

@@ -31,6 +31,7 @@ mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
 mod rfc9111;
+mod scripts;
 mod shutdown;
 mod stale;
 mod structure;

@@ -338,8 +338,12 @@ impl Resp {
     }
 
     /// The `Cache-Status` header, or "" when absent.
+    /// The `Cache-Status` field, checked to be a valid RFC 9211 value (an RFC 8941 List) on
+    /// every read, so no test can pass on a malformed one.
     pub fn cache_status(&self) -> String {
-        self.header("cache-status").unwrap_or_default()
+        let value = self.header("cache-status").unwrap_or_default();
+        assert_valid_cache_status(&value);
+        value
     }
 
     pub fn is_hit(&self) -> bool {
@@ -388,6 +392,17 @@ pub fn assert_purged(r: &Resp, what: &str) {
         cs.contains("fwd=miss") && cs.contains("detail=purged"),
         "{what}: expected `fwd=miss ... detail=purged`, got Cache-Status {cs:?}"
     );
+}
+
+/// Panics unless `value` (when present) parses strictly as a Structured Field List (RFC 9211
+/// §2: `Cache-Status` is a List of cache names with parameters).
+pub fn assert_valid_cache_status(value: &str) {
+    if value.is_empty() {
+        return;
+    }
+    if let Err(e) = sfv::Parser::parse_list(value.as_bytes()) {
+        panic!("Cache-Status {value:?} is not a valid Structured Field List: {e}");
+    }
 }
 
 pub fn is_hit(cache_status: &str) -> bool {
