@@ -188,8 +188,19 @@ pub async fn webhook(
     };
     let source = name.as_str();
     let count = |outcome: &'static str| count_webhook(Some(source), outcome);
+    let peer = session
+        .client_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    // A refused delivery invalidates nothing, but is counted and audited (without its body).
+    let refuse = |outcome: &'static str, reason: &'static str| {
+        count(outcome);
+        invalidator
+            .audit
+            .refused(&format!("webhook:{source}"), reason, &peer);
+    };
     if session.req_header().method != http::Method::POST {
-        count("error");
+        refuse("error", "wrong-method");
         return respond_json(
             session,
             405,
@@ -199,7 +210,7 @@ pub async fn webhook(
         .await;
     }
     let Some(body) = read_body(session, hook.max_body).await? else {
-        count("too_large");
+        refuse("too_large", "too-large");
         session.set_keepalive(None);
         return respond_json(
             session,
@@ -220,18 +231,18 @@ pub async fn webhook(
         .verifier
         .verify(&session.req_header().headers, &body, now)
     {
-        count("bad_signature");
         tracing::warn!(source, "webhook refused: {rejection}");
-        let msg = match rejection {
-            Rejection::StaleTimestamp { .. } => "stale timestamp",
-            _ => "bad or missing signature",
+        let (msg, reason) = match rejection {
+            Rejection::StaleTimestamp { .. } => ("stale timestamp", "stale-timestamp"),
+            _ => ("bad or missing signature", "bad-signature"),
         };
+        refuse("bad_signature", reason);
         return respond_json(session, 401, error_json(msg), CS).await;
     }
     let json: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            count("malformed");
+            refuse("malformed", "malformed");
             return respond_json(
                 session,
                 400,
@@ -259,7 +270,7 @@ pub async fn webhook(
         Ok(f) => f,
         Err(e) => {
             replays.release(&claim).await;
-            count("malformed");
+            refuse("malformed", "unmapped");
             return respond_json(session, 400, error_json(e), CS).await;
         }
     };
@@ -281,7 +292,7 @@ pub async fn webhook(
         Ok(p) => p,
         Err(e) => {
             replays.release(&claim).await;
-            count("malformed");
+            refuse("malformed", "unmapped");
             return respond_json(session, 400, error_json(e), CS).await;
         }
     };

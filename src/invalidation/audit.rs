@@ -55,11 +55,22 @@ pub struct AuditEntry {
     pub cdn: String,
     #[serde(default)]
     pub cdn_answers: Vec<CdnAnswer>,
+    /// Set on the record of a refused webhook delivery (it invalidated nothing): why, from a
+    /// fixed set (`bad-signature`, `stale-timestamp`, `too-large`, `malformed`, `unmapped`,
+    /// `wrong-method`). Never the body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
+
+/// Refusal records kept per webhook source per minute: a flood of forged deliveries must not
+/// push real invalidations out of the bounded log (the metric still counts every one).
+const REFUSALS_PER_MINUTE: u32 = 60;
 
 /// The audit log and the event stream.
 pub struct Audit {
     ring: Mutex<VecDeque<AuditEntry>>,
+    /// Refusal records this minute, per source (only configured sources reach it).
+    refusals: Mutex<std::collections::HashMap<String, (u64, u32)>>,
     events: broadcast::Sender<String>,
     redis: Option<Arc<RedisLog>>,
 }
@@ -96,9 +107,37 @@ impl Audit {
         };
         Ok(Audit {
             ring: Mutex::new(VecDeque::new()),
+            refusals: Mutex::new(std::collections::HashMap::new()),
             events,
             redis,
         })
+    }
+
+    /// Records a refused webhook delivery of a configured `source` (`webhook:<name>`): when,
+    /// from whom, why; at most [`REFUSALS_PER_MINUTE`] per source a minute.
+    pub fn refused(&self, source: &str, reason: &'static str, actor: &str) {
+        let at_ms = now_ms();
+        {
+            let minute = at_ms / 60_000;
+            let mut seen = self.refusals.lock();
+            let slot = seen.entry(source.to_string()).or_insert((minute, 0));
+            if slot.0 != minute {
+                *slot = (minute, 0);
+            }
+            if slot.1 >= REFUSALS_PER_MINUTE {
+                return;
+            }
+            slot.1 += 1;
+        }
+        self.record(AuditEntry {
+            id: format!("refused-{at_ms:x}"),
+            at_ms,
+            source: source.to_string(),
+            actor: actor.to_string(),
+            cdn: "none".to_string(),
+            refused: Some(reason.to_string()),
+            ..AuditEntry::default()
+        });
     }
 
     /// Records an invalidation and publishes it to event-stream subscribers.
@@ -226,6 +265,32 @@ impl AnswerSink for Audit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 18 item 9: refused deliveries are recorded (source, reason, who), at most
+    /// REFUSALS_PER_MINUTE per source a minute, so a flood cannot evict real records.
+    #[test]
+    fn refusals_are_recorded_and_bounded() {
+        let audit = Audit::new(None).unwrap();
+        let minute = now_ms() / 60_000;
+        for _ in 0..REFUSALS_PER_MINUTE + 40 {
+            audit.refused("webhook:tave", "bad-signature", "127.0.0.1:5000");
+        }
+        let same_minute = now_ms() / 60_000 == minute;
+        audit.refused("webhook:stripe", "too-large", "127.0.0.1:5001");
+        let ring = audit.ring.lock();
+        let tave = ring.iter().filter(|r| r.source == "webhook:tave").count();
+        if same_minute {
+            assert_eq!(tave, REFUSALS_PER_MINUTE as usize);
+        } else {
+            // The loop straddled a minute: at most one window's worth in each.
+            assert!(tave <= 2 * REFUSALS_PER_MINUTE as usize, "{tave}");
+        }
+        let last = ring.back().unwrap();
+        assert_eq!(last.source, "webhook:stripe");
+        assert_eq!(last.refused.as_deref(), Some("too-large"));
+        assert_eq!(last.actor, "127.0.0.1:5001");
+        assert!(last.tags.is_empty() && last.urls.is_empty() && last.events.is_empty());
+    }
 
     #[tokio::test]
     async fn records_answers_and_streams() {

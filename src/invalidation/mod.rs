@@ -374,6 +374,7 @@ impl Invalidator {
             soft: plan.soft,
             cdn: summary.cdn.clone(),
             cdn_answers: Vec::new(),
+            refused: None,
         });
         if let Some((queue, job)) = job {
             if let Err(e) = queue.enqueue(&job).await {

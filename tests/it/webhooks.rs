@@ -443,9 +443,28 @@ async fn refused_then_corrected(
     assert_hit(&gw.get(v2).await, &format!("vendor v2 after {what}"));
     assert_eq!(f.origin.count(v1), 1, "{what}: nothing was refetched");
     assert_eq!(f.cf.request_count(), 0, "{what}: the CDN was not called");
+    // The refusal itself is audited (issue 18 item 9): who, when, why; nothing invalidated,
+    // no body.
+    let records = audit(gw, f.started_ms).await;
+    assert_eq!(records.len(), 1, "{what}: one refusal record: {records:?}");
+    let refusal = &records[0];
     assert!(
-        audit(gw, f.started_ms).await.is_empty(),
-        "{what}: nothing was audited"
+        refusal["refused"].as_str().is_some_and(|r| !r.is_empty()),
+        "{what}: {refusal}"
+    );
+    assert!(refusal["source"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("webhook:"));
+    assert_eq!(refusal["tags"], serde_json::json!([]), "{what}: {refusal}");
+    assert_eq!(
+        refusal["events"],
+        serde_json::json!([]),
+        "{what}: {refusal}"
+    );
+    assert!(
+        !refusal.to_string().contains(body.as_str()),
+        "{what}: the body is not in the audit record"
     );
 
     let (source, headers, body) = corrected;
@@ -455,10 +474,15 @@ async fn refused_then_corrected(
     assert_hit(&gw.get(v2).await, "vendor v2 after the corrected delivery");
     // The CDN receives the corrected delivery's purge, and nothing from the refused one.
     wait_cdn_purges(&f.cf, &["v1"]).await;
+    let records = audit(gw, f.started_ms).await;
+    let invalidations: Vec<_> = records
+        .iter()
+        .filter(|r| r.get("refused").is_none())
+        .collect();
     assert_eq!(
-        audit(gw, f.started_ms).await.len(),
+        invalidations.len(),
         1,
-        "{what}: only the corrected delivery is audited"
+        "{what}: only the corrected delivery invalidated: {records:?}"
     );
 }
 
