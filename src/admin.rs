@@ -1,14 +1,14 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the authenticated `/admin/*` API
-//! (invalidate, purge queue, audit log, live event stream).
+//! (invalidate, purge queue, audit log, live event stream, reload).
 //!
 //! Kept apart from the proxy listener so operational endpoints are never reachable through the
 //! public port and never touch the cache. It is a small `HttpServerApp` rather than a `ServeHttp`
 //! because `/admin/events` streams (server-sent events) for as long as the client listens.
 //! Every `/admin/*` route needs `Authorization: Bearer <[admin] token>`, compared in constant time.
 
-use crate::config::Config;
 use crate::control::bearer_ok;
 use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
+use crate::reload::Reloader;
 use crate::storage::redis::RedisTier;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -32,7 +32,8 @@ const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 pub struct Admin {
     /// The shared tier, for `/readyz`.
     pub redis: Option<Arc<RedisTier>>,
-    pub config: Arc<Config>,
+    /// The configuration in force (read per request: a reload changes it) and `/admin/reload`.
+    pub reloader: Arc<Reloader>,
     pub invalidator: Arc<Invalidator>,
 }
 
@@ -143,12 +144,12 @@ impl Admin {
         use crate::metrics::{metrics, CacheOutcome};
         let bytes = self.invalidator.storage.memory.bytes_by_rule();
         let m = metrics();
-        let rules = self
-            .config
+        let config = self.reloader.config();
+        let rules = config
             .rules
             .rules()
             .iter()
-            .chain(self.config.rules.default_route())
+            .chain(config.rules.default_route())
             .map(|rule| {
                 let counts = rule.metrics.counts();
                 let get = |o: CacheOutcome| counts.iter().find(|(x, _)| *x == o).map_or(0, |(_, n)| *n);
@@ -201,7 +202,10 @@ impl Admin {
             actor: "admin-token".into(),
             cdn: Cdn::Always,
         };
-        match self.invalidator.plan(request, &self.config.rules) {
+        match self
+            .invalidator
+            .plan(request, &self.reloader.config().rules)
+        {
             Ok(plan) => {
                 let summary = self.invalidator.execute(plan).await;
                 reply(202, serde_json::to_value(summary).unwrap_or_default())
@@ -229,7 +233,7 @@ impl Admin {
             ("GET", "/readyz") => reply(200, self.readiness()),
             (_, "/metrics" | "/healthz" | "/readyz") => error(405, "use GET"),
             (_, p) if p.starts_with("/admin/") => {
-                if !bearer_ok(&req.headers, self.config.admin.token.as_deref()) {
+                if !bearer_ok(&req.headers, self.reloader.config().admin.token.as_deref()) {
                     return error(
                         401,
                         "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
@@ -252,6 +256,10 @@ impl Admin {
                         None => reply(200, json!({"retried": 0, "configured": false})),
                     },
                     ("GET", "/admin/stats") => reply(200, self.stats()),
+                    ("POST", "/admin/reload") => match self.reloader.reload("admin").await {
+                        Ok(changes) => reply(200, json!({ "reloaded": true, "changes": changes })),
+                        Err(errors) => reply(422, json!({ "errors": errors })),
+                    },
                     ("GET", "/admin/audit") => match parse_since(query.as_deref()) {
                         Ok(since) => reply(
                             200,
@@ -321,7 +329,7 @@ impl HttpServerApp for Admin {
         }
         let req = session.req_header();
         let is_events = req.method == http::Method::GET && req.uri.path() == "/admin/events";
-        let authorized = bearer_ok(&req.headers, self.config.admin.token.as_deref());
+        let authorized = bearer_ok(&req.headers, self.reloader.config().admin.token.as_deref());
         if is_events && authorized {
             self.events(&mut session, shutdown).await;
             return None;

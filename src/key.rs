@@ -1,6 +1,6 @@
 //! Cache keys: the one place a key gets built, and the request identity keys share with purges.
 //!
-//! A key is scheme, host, method, route (rule name and path) and the rule's vary values, each
+//! A key is scheme, host, method, route (rule name, its generation, and path) and the rule's vary values, each
 //! component length-prefixed so that no two different requests can frame to the same bytes
 //! (a path-only key was a cross-tenant poisoning CVE in pingora). The default route, which has
 //! no vary list, keys on the full query string instead: RFC 9111's key is the URI.
@@ -24,7 +24,8 @@ use std::fmt;
 
 /// Bumped when the key layout changes, so old entries (e.g. in a shared tier) are not misread.
 /// 2: normalized hosts and paths; a keyed value the origin could read two ways never gets a key.
-const KEY_VERSION: &[u8] = b"aisle/2";
+/// 3: the rule's generation follows its name (a reloaded rule that changed keys anew).
+const KEY_VERSION: &[u8] = b"aisle/3";
 
 /// The scheme of the proxy listener: part of every key and URI identity, spelled only here.
 pub const SCHEME: &str = "http";
@@ -53,6 +54,9 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     };
     push(&mut out, method.as_bytes());
     push(&mut out, rule.name.as_bytes());
+    // A rule whose definition changed (by a reload, or between the versions of a fleet) no
+    // longer finds the entries stored under the old one.
+    push(&mut out, &rule.generation.to_le_bytes());
     if rule.key_path {
         push(&mut out, normalize_path(input.view.path).as_bytes());
     }

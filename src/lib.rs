@@ -33,6 +33,7 @@ pub mod policy;
 pub mod proxy;
 pub mod purge;
 pub mod redis;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod storage;

@@ -417,3 +417,30 @@ pub fn render() -> String {
     }
     String::from_utf8(buf).unwrap_or_default()
 }
+
+/// Hot reload (issue 12): how many reloads were applied and how many were refused.
+pub struct ReloadMetrics {
+    /// `aisle_config_reloads_total{result="ok"}`: a new configuration was swapped in.
+    pub ok: IntCounter,
+    /// `aisle_config_reloads_total{result="error"}`: refused; the running one stays in force.
+    pub error: IntCounter,
+}
+
+static RELOAD: Lazy<ReloadMetrics> = Lazy::new(|| {
+    let reloads = register_int_counter_vec!(
+        "aisle_config_reloads_total",
+        "Configuration reloads (SIGHUP, POST /admin/reload) by result: ok (swapped in) or error (refused, the running configuration stays in force)",
+        &["result"]
+    )
+    .expect("register aisle_config_reloads_total");
+    ReloadMetrics {
+        ok: reloads.with_label_values(&["ok"]),
+        error: reloads.with_label_values(&["error"]),
+    }
+});
+
+/// The reload metrics (registered at first use; the server touches them at start so both
+/// results show as 0 before any reload).
+pub fn reload_metrics() -> &'static ReloadMetrics {
+    &RELOAD
+}

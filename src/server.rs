@@ -4,36 +4,29 @@
 //! created once per process here and leaked deliberately (they live as long as the server).
 
 use crate::admin::Admin;
-use crate::config::{Config, Upstream};
+use crate::config::Config;
 use crate::control::Replays;
 use crate::invalidation::audit::Audit;
 use crate::invalidation::relay::Relay;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
-use crate::proxy::{CacheParts, Gateway};
+use crate::proxy::{CacheParts, Gateway, Live, Locks, Shared};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
 use crate::redis::Redis;
+use crate::reload::{Hangup, Reloader};
 use crate::storage::epochs::Epochs;
 use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;
 use crate::storage::tiered::Tiered;
-use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
+use arc_swap::ArcSwap;
 use pingora::cache::predictor::Predictor;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server};
 use pingora::services::listening::Service;
 use std::sync::Arc;
-use std::time::Duration;
 
-/// How long waiters follow one fill from `upstream` before they stop trusting it: the time its
-/// upstream request may legitimately take (connect, then the answer's header), plus a second
-/// so the fill's own timeout, not the lock's age, normally ends it. Never less than
-/// `lock_timeout`.
-pub fn fill_age_limit(config: &Config, upstream: &Upstream) -> Duration {
-    (upstream.connect_timeout + upstream.read_timeout + Duration::from_secs(1))
-        .max(config.cache.lock_timeout)
-}
+pub use crate::proxy::fill_age_limit;
 
 /// Builds the cache parts for a memory budget and the optional Redis tier.
 fn cache_parts(
@@ -60,18 +53,10 @@ fn cache_parts(
             .max()
             .unwrap_or(config.cache.lock_timeout),
     )));
-    // One in-process cache lock per upstream, each aged by how long that upstream may take to
-    // answer: a fill's request is alive until its upstream answers or times out (a fill that
-    // dies releases the lock at once), so waiters follow it that long and no longer.
-    let locks: Vec<&'static CacheKeyLockImpl> = config
-        .upstreams
-        .iter()
-        .map(|u| {
-            let lock: &'static CacheKeyLockImpl =
-                Box::leak(Box::new(CacheLock::new(fill_age_limit(config, u))));
-            lock
-        })
-        .collect();
+    // The in-process cache locks, one per fill age (an upstream's timeouts): a fill's request
+    // is alive until its upstream answers or times out (a fill that dies releases the lock at
+    // once), so waiters follow it that long and no longer. Reloads add ages as needed.
+    let locks: &'static Locks = Box::leak(Box::default());
     // The predictor remembers keys whose responses were not storable, to skip their lookups. A
     // response refused only because *its request* had Authorization says nothing about the key.
     fn request_specific(reason: &'static str) -> bool {
@@ -143,7 +128,16 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         config.cache.max_ttl,
     ));
     let replays = Replays::new(shared.clone()).map_err(std::io::Error::other)?;
-    let gateway = Gateway::new(config.clone(), parts, invalidator.clone(), replays)?;
+    let locks = parts.locks;
+    let live: Shared = Arc::new(ArcSwap::from_pointee(Live::new(config.clone(), locks)?));
+    let reloader = Arc::new(Reloader::new(config.path.clone(), live.clone(), locks));
+    // Both results show as 0 before the first reload.
+    let _ = crate::metrics::reload_metrics();
+    server.add_service(pingora::services::background::background_service(
+        "aisle reload on SIGHUP",
+        Hangup(reloader.clone()),
+    ));
+    let gateway = Gateway::new(live, parts, invalidator.clone(), replays);
     let mut proxy =
         pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "aisle proxy");
     proxy.add_tcp(&config.listen);
@@ -170,7 +164,7 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         "aisle admin".to_string(),
         Admin {
             redis,
-            config: config.clone(),
+            reloader,
             invalidator,
         },
     );
@@ -181,7 +175,7 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     Ok(server)
 }
 
-/// Runs until SIGINT / SIGTERM.
+/// Runs until SIGINT / SIGTERM; SIGHUP reloads the configuration.
 pub fn run(config: Config) -> std::io::Result<()> {
     let server = build(config)?;
     server.run(RunArgs::default());
@@ -192,6 +186,7 @@ pub fn run(config: Config) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use crate::config::RedisConfig;
+    use std::time::Duration;
 
     /// Every domain that keeps state in Redis claims its keyspace on one connection without a
     /// clash (nothing connects: building them touches no network).

@@ -1,10 +1,11 @@
 //! Per-request state shared by the phases, grouped by what it is about.
 //!
-//! [`Ctx`] holds the route (which rule, its parameters, the URI identity), the admission (did
+//! [`Ctx`] holds the configuration in force when the request started ([`Live`]), the route (which rule, its parameters, the URI identity), the admission (did
 //! the request use the cache, on what terms), the cache outcome (one [`Lookup`] value plus what
 //! the response phases add), and what the upstream said. Each phase writes only its own part.
 
 use super::cache_status::{CacheStatus, Lookup};
+use super::Live;
 use crate::admission::{Admission, Bypass, KeyParts, Route, Terms};
 use crate::metrics::CacheOutcome;
 use crate::rules::source::RequestView;
@@ -51,6 +52,9 @@ pub struct UpstreamCtx {
 /// Per-request state shared by the phases.
 pub struct Ctx {
     pub start: Instant,
+    /// The configuration in force when the request started, kept to its end (a reload swaps
+    /// in a new one for later requests only).
+    pub live: Arc<Live>,
     /// Set by `request_filter`; `None` only for requests answered there (PURGE, webhooks, 404).
     pub route: Option<Route>,
     /// Who sent the request and what is believed of it (`[server] trusted_*`), set with `route`.
@@ -68,9 +72,10 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new() -> Self {
+    pub fn new(live: Arc<Live>) -> Self {
         Ctx {
             start: Instant::now(),
+            live,
             route: None,
             peer: Peer::default(),
             body: None,
@@ -115,11 +120,5 @@ impl Ctx {
     /// What rule sources read from this request.
     pub fn view<'a>(&'a self, req: &'a RequestHeader, host: &'a str) -> RequestView<'a> {
         self.key_parts(req, host).view(&self.route().params)
-    }
-}
-
-impl Default for Ctx {
-    fn default() -> Self {
-        Ctx::new()
     }
 }

@@ -31,7 +31,7 @@ mod upstream;
 pub use ctx::Ctx;
 
 use crate::admission::{self, Admission};
-use crate::config::Config;
+use crate::config::{Config, Upstream};
 use crate::control::{self, Replays};
 use crate::invalidation::Invalidator;
 use crate::key::{self, BadHost};
@@ -41,10 +41,11 @@ use crate::storage::epochs::Verdict;
 use crate::storage::memory::Eviction;
 use crate::storage::tiered::Tiered;
 use crate::storage::EntryInfo;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cache_status::{CacheStatus, Lookup, Observed, Phase};
 use pingora::cache::key::HashBinary;
-use pingora::cache::lock::CacheKeyLockImpl;
+use pingora::cache::lock::{CacheKeyLockImpl, CacheLock};
 use pingora::cache::predictor::Predictor;
 use pingora::cache::{
     CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
@@ -62,16 +63,70 @@ use upstream::Peers;
 pub struct CacheParts {
     pub storage: &'static Tiered,
     pub eviction: &'static Eviction,
-    /// The in-process cache lock of each upstream (indexed like `Config::upstreams`), aged by
-    /// that upstream's timeouts: see `server::fill_age_limit`.
-    pub locks: Vec<&'static CacheKeyLockImpl>,
+    /// The in-process cache locks, by the fill age they allow: see [`fill_age_limit`].
+    pub locks: &'static Locks,
     pub predictor: &'static Predictor<16>,
 }
 
+/// How long waiters follow one fill from `upstream` before they stop trusting it: the time its
+/// upstream request may legitimately take (connect, then the answer's header), plus a second
+/// so the fill's own timeout, not the lock's age, normally ends it. Never less than
+/// `lock_timeout`.
+pub fn fill_age_limit(config: &Config, upstream: &Upstream) -> Duration {
+    (upstream.connect_timeout + upstream.read_timeout + Duration::from_secs(1))
+        .max(config.cache.lock_timeout)
+}
+
+/// Pingora's in-process cache locks, one per fill age limit (an upstream's timeouts), made
+/// when a configuration first needs that age and kept for the process (pingora wants them
+/// `&'static`): a reload that changes an upstream's timeouts adds one, so their number is
+/// bounded by the distinct timeouts ever configured.
+#[derive(Default)]
+pub struct Locks(parking_lot::Mutex<HashMap<Duration, &'static CacheKeyLockImpl>>);
+
+impl Locks {
+    fn for_age(&self, age: Duration) -> &'static CacheKeyLockImpl {
+        *self
+            .0
+            .lock()
+            .entry(age)
+            .or_insert_with(|| Box::leak(Box::new(CacheLock::new(age))))
+    }
+}
+
+/// What a reload replaces, whole: the configuration and what is built from its upstreams.
+/// Each request takes the one in force when it starts ([`Ctx::live`]) and keeps it to its end,
+/// so a reload never changes the rule, upstream or settings under a request in flight.
+pub struct Live {
+    pub config: Arc<Config>,
+    peers: Peers,
+    /// The cache lock of each upstream (indexed like `Config::upstreams`).
+    locks: Vec<&'static CacheKeyLockImpl>,
+}
+
+impl Live {
+    /// Resolves the upstreams' addresses (a blocking lookup: call it off the request path).
+    pub fn new(config: Arc<Config>, locks: &Locks) -> std::io::Result<Live> {
+        let peers = Peers::resolve(&config)?;
+        let locks = config
+            .upstreams
+            .iter()
+            .map(|u| locks.for_age(fill_age_limit(&config, u)))
+            .collect();
+        Ok(Live {
+            config,
+            peers,
+            locks,
+        })
+    }
+}
+
+/// The configuration in force, swapped whole by a reload.
+pub type Shared = Arc<ArcSwap<Live>>;
+
 /// The gateway's proxy logic.
 pub struct Gateway {
-    config: Arc<Config>,
-    peers: Peers,
+    live: Shared,
     cache: CacheParts,
     invalidator: Arc<Invalidator>,
     replays: Replays,
@@ -116,21 +171,20 @@ fn key_id(key: &CacheKey) -> u128 {
 }
 
 impl Gateway {
-    /// Resolves upstream addresses once, at start.
+    /// The gateway over the configuration `live` holds (and later reloads swap in).
     pub fn new(
-        config: Arc<Config>,
+        live: Shared,
         cache: CacheParts,
         invalidator: Arc<Invalidator>,
         replays: Replays,
-    ) -> std::io::Result<Self> {
-        Ok(Gateway {
-            peers: Peers::resolve(&config)?,
+    ) -> Self {
+        Gateway {
+            live,
             replays,
             invalidator,
-            config,
             cache,
             refreshing: Refreshing::default(),
-        })
+        }
     }
 
     /// The rule's upstream's `stale_after`, when this request may use it: a foreground request
@@ -141,12 +195,12 @@ impl Gateway {
         if session.subrequest_ctx.is_some() || route.rule.needs_body {
             return None;
         }
-        self.config.upstreams[route.rule.upstream].stale_after
+        ctx.live.config.upstreams[route.rule.upstream].stale_after
     }
 
     /// How long a background fill for the rule's upstream may run.
     fn fill_horizon(&self, ctx: &Ctx) -> Duration {
-        let u = &self.config.upstreams[ctx.rule().upstream];
+        let u = &ctx.live.config.upstreams[ctx.rule().upstream];
         u.connect_timeout + u.read_timeout + Duration::from_secs(1)
     }
 
@@ -250,7 +304,7 @@ impl ProxyHttp for Gateway {
     type CTX = Ctx;
 
     fn new_ctx(&self) -> Ctx {
-        Ctx::new()
+        Ctx::new(self.live.load_full())
     }
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
@@ -269,21 +323,20 @@ impl ProxyHttp for Gateway {
             .await?;
             return Ok(true);
         }
+        let live = ctx.live.clone();
+        let config = &*live.config;
         let req = session.req_header();
         if req.method.as_str() == "PURGE" {
-            control::purge(session, &self.config, &self.invalidator).await?;
+            control::purge(session, config, &self.invalidator).await?;
             return Ok(true);
         }
         if req.uri.path().starts_with(control::WEBHOOK_PREFIX) {
-            control::webhook(session, &self.config, &self.invalidator, &self.replays).await?;
+            control::webhook(session, config, &self.invalidator, &self.replays).await?;
             return Ok(true);
         }
-        let Some(route) = admission::route(
-            &self.config.rules,
-            &req.method,
-            host_of(req),
-            req.uri.path(),
-        ) else {
+        let Some(route) =
+            admission::route(&config.rules, &req.method, host_of(req), req.uri.path())
+        else {
             control::respond_json(
                 session,
                 404,
@@ -299,7 +352,7 @@ impl ProxyHttp for Gateway {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        ctx.peer = self.config.trust.peer(peer, &session.req_header().headers);
+        ctx.peer = config.trust.peer(peer, &session.req_header().headers);
         match body::read(session, &rule).await? {
             Ok(body) => ctx.body = body.map(Arc::new),
             Err(reason) => ctx.body_refused = Some(reason),
@@ -324,12 +377,12 @@ impl ProxyHttp for Gateway {
                 c.storage,
                 Some(c.eviction),
                 Some(c.predictor),
-                Some(c.locks[ctx.rule().upstream]),
+                Some(ctx.live.locks[ctx.rule().upstream]),
                 None,
             );
             session
                 .cache
-                .set_max_file_size_bytes(self.config.cache.max_object as usize);
+                .set_max_file_size_bytes(ctx.live.config.cache.max_object as usize);
         }
         Ok(())
     }
@@ -418,10 +471,16 @@ impl ProxyHttp for Gateway {
             return Ok(Some(ForcedFreshness::ForceFresh));
         }
         let upstream = ctx.rule().upstream;
-        let probe_within = self.config.upstreams[upstream]
+        let probe_within = ctx.live.config.upstreams[upstream]
             .stale_after
             .unwrap_or(Duration::from_secs(1));
-        if stale_fallback && self.peers.still_unreachable(upstream, probe_within).await {
+        if stale_fallback
+            && ctx
+                .live
+                .peers
+                .still_unreachable(upstream, probe_within)
+                .await
+        {
             // stale-if-error, served as a hit so that the client connection is kept (pingora
             // drops it after a failed upstream connection). See `upstream`.
             ctx.cache.stale_error = Some(None);
@@ -472,7 +531,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream.start = Some(Instant::now());
-        let mut peer = self.peers.http_peer(ctx.rule().upstream);
+        let mut peer = ctx.live.peers.http_peer(ctx.rule().upstream);
         if let Some(after) = self.stale_after(session, ctx) {
             if session.cache.enabled() && session.cache.can_serve_stale_error() {
                 // A stale entry stands by: give the origin `stale_after` to answer; past it the
@@ -512,7 +571,7 @@ impl ProxyHttp for Gateway {
         e: Box<Error>,
     ) -> Box<Error> {
         if let Some(route) = &ctx.route {
-            self.peers.set_unreachable(route.rule.upstream, true);
+            ctx.live.peers.set_unreachable(route.rule.upstream, true);
         }
         e
     }
@@ -523,7 +582,7 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        self.peers.set_unreachable(ctx.rule().upstream, false);
+        ctx.live.peers.set_unreachable(ctx.rule().upstream, false);
         ctx.upstream.status = Some(resp.status.as_u16());
         ctx.upstream.tags = policy::origin_tags(resp);
         ctx.upstream.age = policy::upstream_age(resp);
@@ -539,7 +598,8 @@ impl ProxyHttp for Gateway {
             policy::strip_tag_headers(resp);
         }
         let seconds = ctx.upstream.start.map(|s| s.elapsed().as_secs_f64());
-        self.peers
+        ctx.live
+            .peers
             .observe(ctx.rule().upstream, resp.status.as_str(), seconds);
         Ok(())
     }
@@ -567,8 +627,8 @@ impl ProxyHttp for Gateway {
                 .map(|not_modified| policy::update_stored_fields(resp, not_modified));
             let resp = merged.as_ref().unwrap_or(resp);
             let limits = policy::Limits {
-                max_ttl: self.config.cache.max_ttl,
-                heuristic_max: self.config.cache.heuristic_max,
+                max_ttl: ctx.live.config.cache.max_ttl,
+                heuristic_max: ctx.live.config.cache.heuristic_max,
             };
             policy::cacheability(rule, resp, auth, now, limits)
         };
@@ -757,7 +817,7 @@ impl ProxyHttp for Gateway {
             invalidate::after_unsafe(
                 c.storage,
                 &self.invalidator,
-                &self.config,
+                &ctx.live.config,
                 req,
                 host,
                 uri,
@@ -793,7 +853,7 @@ impl ProxyHttp for Gateway {
             rule.metrics.saved(money, tokens);
         }
         if ctx.upstream.start.is_some() && ctx.upstream.status.is_none() {
-            self.peers.observe(rule.upstream, "error", None);
+            ctx.live.peers.observe(rule.upstream, "error", None);
         }
         if session.cache.enabled()
             && session.cache.lock_duration().is_some()

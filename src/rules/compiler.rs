@@ -9,7 +9,7 @@
 use super::events::{EventDef, ParamTemplate};
 use super::host::HostMatch;
 use super::matcher::{RuleSet, ALL_METHODS, METHODS};
-use super::normalize::{Fallback, Normalizer, Table};
+use super::normalize::{put, Fallback, Normalizer, Table};
 use super::path::PathPattern;
 use super::source::{Source, Template};
 use super::{ClientRevalidation, Cost, Rule, VaryField, DEFAULT_ROUTE};
@@ -219,6 +219,12 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             key_path: true,
             client_controls: false,
             client_revalidation: ClientRevalidation::Honour,
+            generation: {
+                let mut h = blake3::Hasher::new();
+                put(&mut h, b"default route");
+                put(&mut h, ctx.upstreams[upstream].as_bytes());
+                finish(&h)
+            },
             metrics: RuleMetrics::new(DEFAULT_ROUTE),
         })
     });
@@ -389,7 +395,7 @@ fn compile_rule(
             }
         }
     }
-    let mut invalidate_on = Vec::new();
+    let mut invalidate_on: Vec<Box<str>> = Vec::new();
     for e in &r.invalidate_on {
         let ev = e.get_ref();
         if ev.is_empty()
@@ -464,14 +470,56 @@ fn compile_rule(
         vary.iter()
             .any(|f| matches!(f.source, Source::Path(p, _) if p == i))
     });
+    let upstream = upstream.expect("checked above");
+    let generation = {
+        let mut h = blake3::Hasher::new();
+        put(&mut h, &methods.to_le_bytes());
+        put(
+            &mut h,
+            m.host.as_ref().map_or("", |h| h.get_ref()).as_bytes(),
+        );
+        put(&mut h, m.path.get_ref().as_bytes());
+        put(&mut h, ctx.upstreams[upstream].as_bytes());
+        for d in [ttl, swr, sie] {
+            put(&mut h, format!("{:?}", d.map(|d| d.as_millis())).as_bytes());
+        }
+        for (written, field) in r.vary.iter().zip(&vary) {
+            put(&mut h, written.get_ref().as_bytes());
+            put(&mut h, &(field.normalizers.len() as u64).to_le_bytes());
+            for n in &field.normalizers {
+                n.fingerprint(&mut h);
+            }
+        }
+        put(&mut h, b"tags");
+        for t in &r.tags {
+            put(&mut h, t.get_ref().as_bytes());
+        }
+        put(&mut h, b"invalidate_on");
+        for e in &invalidate_on {
+            put(&mut h, e.as_bytes());
+        }
+        let flags = [
+            r.cache.unwrap_or(true),
+            r.cache_set_cookie.unwrap_or(false),
+            encrypt,
+            r.keep_tag_headers.unwrap_or(false),
+            key_path,
+            needs_body,
+        ];
+        put(&mut h, &flags.map(u8::from));
+        put(&mut h, format!("{body_key:?}").as_bytes());
+        put(&mut h, format!("{client_revalidation:?}").as_bytes());
+        finish(&h)
+    };
     Ok(Rule {
         key_path,
+        generation,
         name: name.into(),
         origin,
         methods,
         host,
         path,
-        upstream: upstream.expect("checked above"),
+        upstream,
         cache: r.cache.unwrap_or(true),
         ttl,
         stale_while_revalidate: swr,
@@ -490,6 +538,12 @@ fn compile_rule(
         client_revalidation,
         metrics: RuleMetrics::new(name),
     })
+}
+
+/// The first 64 bits of a generation hash.
+fn finish(h: &blake3::Hasher) -> u64 {
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("8 of 32 bytes"))
 }
 
 fn client_revalidation(
@@ -777,5 +831,38 @@ match = { path = "/other" }
         )
         .unwrap_err();
         assert!(err[0].message.contains("no upstream"));
+    }
+
+    /// Issue 12: a rule's generation changes with what decides its keys and entries (so a
+    /// reload does not serve old entries under a new definition), not with where it is
+    /// written or what it costs (so an unchanged rule keeps hitting).
+    #[test]
+    fn generation_follows_key_relevant_settings_only() {
+        let generation = |text: &str| {
+            let text = format!("[tables.m]\nmap = {{ a = \"x\" }}\n{text}");
+            compile_one(&text).unwrap().rules()[0].generation
+        };
+        let base = "[[rule]]\nname = \"r\"\nmatch = { path = \"/r\" }\nvary = [\"query.q\"]\nnormalize = { \"query.q\" = \"m\" }\nttl = \"1m\"\n";
+        let g = generation(base);
+        assert_eq!(g, generation(base), "deterministic");
+        assert_eq!(g, generation(&format!("\n\n# moved\n{base}")), "position");
+        assert_eq!(
+            g,
+            generation(&format!("{base}cost = {{ per_request = 0.5 }}\n")),
+            "cost"
+        );
+        for changed in [
+            base.replace("ttl = \"1m\"", "ttl = \"2m\""),
+            base.replace("[\"query.q\"]", "[\"query.q\", \"query.z\"]"),
+            base.replace("\"m\" }", "[\"m\", \"lowercase\"] }"),
+            format!("{base}cache = false\n"),
+            format!("{base}tags = [\"t\"]\n"),
+            format!("{base}upstream = \"ai\"\n"),
+        ] {
+            assert_ne!(g, generation(&changed), "{changed}");
+        }
+        // A table's contents count, not only its name.
+        let other_table = format!("[tables.m]\nmap = {{ a = \"y\" }}\n{base}");
+        assert_ne!(g, compile_one(&other_table).unwrap().rules()[0].generation);
     }
 }

@@ -140,6 +140,11 @@ pub struct Rule {
     pub client_controls: bool,
     /// `client_revalidation`: may a client's `no-cache` / `max-age` force a refetch?
     pub client_revalidation: ClientRevalidation,
+    /// A hash of everything that decides this rule's keys and what its entries hold (match,
+    /// upstream, lifetimes, vary and normalizers with their tables, tags, body key, ...), not
+    /// of its name's position or its cost. Part of every key: after a reload that changed
+    /// the rule, its old entries are no longer found, while an unchanged rule's still are.
+    pub generation: u64,
     pub metrics: RuleMetrics,
 }
 
@@ -205,6 +210,7 @@ impl Rule {
             key_path: self.key_path,
             client_controls: self.client_controls,
             client_revalidation: self.client_revalidation,
+            generation: self.generation,
             metrics: RuleMetrics::new(&self.name),
         }
     }

@@ -111,7 +111,36 @@ pub enum Normalizer {
     Table(Arc<Table>),
 }
 
+/// Feeds `bytes` into a generation hash, length first, so no two sequences frame alike.
+pub(crate) fn put(h: &mut blake3::Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
 impl Normalizer {
+    /// Feeds what this step does into a rule's generation ([`super::Rule::generation`]): the
+    /// same on every instance of a fleet (a table's entries are fed sorted).
+    pub(crate) fn fingerprint(&self, h: &mut blake3::Hasher) {
+        match self {
+            Normalizer::Bucket(width) => {
+                put(h, b"bucket");
+                put(h, &width.to_bits().to_le_bytes());
+            }
+            Normalizer::Table(table) => {
+                put(h, b"table");
+                put(h, table.name.as_bytes());
+                let mut entries: Vec<_> = table.map.iter().collect();
+                entries.sort_unstable();
+                for (k, v) in entries {
+                    put(h, k.as_bytes());
+                    put(h, v.as_bytes());
+                }
+                put(h, format!("{:?}", table.fallback).as_bytes());
+            }
+            unit => put(h, format!("{unit:?}").as_bytes()),
+        }
+    }
+
     /// Parses a normalizer name; `tables` resolves names of lookup tables.
     pub fn parse(name: &str, tables: &HashMap<String, Arc<Table>>) -> Result<Self, String> {
         Ok(match name {

@@ -30,6 +30,7 @@ mod purge_queue;
 mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
+mod reload;
 mod rfc9111;
 mod scripts;
 mod shutdown;

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["redis"],
     &["storage", "purge"],
     &["invalidation"],
-    &["proxy", "admin", "control"],
+    &["proxy", "admin", "control", "reload"],
     &["server"],
     &["tools"],
     &["fuzz"],

@@ -606,6 +606,39 @@ impl Gateway {
         assert!(status.success(), "kill -TERM {}", self.child.id());
     }
 
+    /// Sends signal `name` (`HUP`, `TERM`, ...) to this gateway's own process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {}", self.child.id());
+    }
+
+    /// Whether the process has a handler installed for signal number `signum` (Linux:
+    /// `SigCgt` in `/proc/<pid>/status`), so a test can wait for it instead of sleeping.
+    pub fn catches_signal(&self, signum: u32) -> bool {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("SigCgt:"))
+            .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+            .is_some_and(|mask| mask & (1 << (signum - 1)) != 0)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Rewrites (or creates) the rules file `name` beside this gateway's `gateway.toml`.
+    pub fn write_rules(&self, name: &str, contents: &str) {
+        std::fs::write(self.dir.path().join("rules").join(name), contents)
+            .expect("write rule file");
+    }
+
     /// Waits (bounded) for the process to exit; `None` if it is still running at the deadline.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -1,0 +1,282 @@
+//! Hot reload: one code path for every trigger (`SIGHUP`, `POST /admin/reload`).
+//!
+//! A reload compiles the whole configuration again with the code `aisle check` uses
+//! (`Config::load`). Any problem leaves the running configuration untouched: each is logged as
+//! its `file:line:col` line and returned, and `aisle_config_reloads_total{result="error"}`
+//! counts it. Otherwise the new configuration (rules, events, upstreams, webhooks, trust, admin
+//! token) replaces the old one in one atomic swap (`arc-swap`): requests already running keep
+//! the configuration they started with ([`crate::proxy::Ctx::live`]), later ones get the new.
+//!
+//! Settings that parts built once at start depend on (listeners, threads, the memory budget,
+//! lock and entry lifetimes, Redis, the purge queue, CDNs) keep their running value; a reload
+//! that changes them says "needs restart" in its answer and log rather than applying half of
+//! them. Entries of changed rules are not served under the new definition because each rule's
+//! generation is part of its keys (`Rule::generation`). The module sits in layer 7 beside
+//! `proxy` and `admin`: it builds what the proxy runs on, and the admin endpoint calls it.
+
+use crate::config::Config;
+use crate::metrics::reload_metrics;
+use crate::proxy::{Live, Locks, Shared};
+use async_trait::async_trait;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What a successful reload changed.
+#[derive(Debug, Default, Serialize, PartialEq, Eq)]
+pub struct Changes {
+    /// Rule names new in this configuration.
+    pub added: Vec<String>,
+    /// Rule names gone from it.
+    pub removed: Vec<String>,
+    /// Rules whose definition changed (their entries are keyed anew when their generation did).
+    pub changed: Vec<String>,
+    /// Settings that changed but keep their running value until a restart.
+    pub needs_restart: Vec<String>,
+}
+
+/// Reloads the configuration file the gateway was started with.
+pub struct Reloader {
+    path: PathBuf,
+    live: Shared,
+    locks: &'static Locks,
+    /// One reload at a time, so two triggers at once cannot swap in the older of two files.
+    running: tokio::sync::Mutex<()>,
+}
+
+impl Reloader {
+    pub fn new(path: PathBuf, live: Shared, locks: &'static Locks) -> Self {
+        Reloader {
+            path,
+            live,
+            locks,
+            running: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.live.load().config.clone()
+    }
+
+    /// Compiles the configuration file again and swaps it in; on any problem, changes nothing
+    /// and returns every problem as a `file:line:col: message` line. `trigger` names what asked
+    /// (`sighup`, `admin`) in the log.
+    pub async fn reload(&self, trigger: &str) -> Result<Changes, Vec<String>> {
+        let _one = self.running.lock().await;
+        let old = self.live.load_full();
+        let path = self.path.clone();
+        let locks = self.locks;
+        let running = old.config.clone();
+        // Reading files and resolving upstream names block: off the async threads.
+        let built = tokio::task::spawn_blocking(move || {
+            let mut config = Config::load(&path)
+                .map_err(|diags| diags.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+            let changes = compare(&running, &mut config);
+            let live = Live::new(Arc::new(config), locks).map_err(|e| {
+                vec![format!(
+                    "{}: cannot resolve an upstream: {e}; fix [upstreams] or DNS, then reload again",
+                    path.display()
+                )]
+            })?;
+            Ok((live, changes))
+        })
+        .await
+        .unwrap_or_else(|e| Err(vec![format!("the reload task failed: {e}")]));
+        let m = reload_metrics();
+        match built {
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!(trigger, "reload: {e}");
+                }
+                tracing::error!(
+                    trigger,
+                    problems = errors.len(),
+                    "reload refused: the running configuration stays in force; fix the problems above and reload again"
+                );
+                m.error.inc();
+                Err(errors)
+            }
+            Ok((live, changes)) => {
+                self.live.store(Arc::new(live));
+                m.ok.inc();
+                tracing::info!(
+                    trigger,
+                    added = ?changes.added,
+                    removed = ?changes.removed,
+                    changed = ?changes.changed,
+                    "configuration reloaded"
+                );
+                for setting in &changes.needs_restart {
+                    tracing::warn!(
+                        trigger,
+                        "reload: {setting} changed but needs a restart; the running value stays in force"
+                    );
+                }
+                Ok(changes)
+            }
+        }
+    }
+}
+
+/// Reloads on every `SIGHUP`, as nginx, Varnish and HAProxy do (pingora itself leaves the
+/// signal to its default action, which ends the process).
+pub struct Hangup(pub Arc<Reloader>);
+
+#[async_trait]
+impl BackgroundService for Hangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP ({e}); reload with POST /admin/reload");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    // The outcome is logged and counted by `reload`.
+                    let _ = self.0.reload("sighup").await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// What changed from `running` to `new`; settings that cannot change live are put back to
+/// their running value in `new` and listed as needing a restart.
+pub fn compare(running: &Config, new: &mut Config) -> Changes {
+    let mut changes = Changes::default();
+    let old_rules = running.rules.rules();
+    let new_rules = new.rules.rules();
+    for rule in new_rules {
+        match old_rules.iter().find(|r| r.name == rule.name) {
+            None => changes.added.push(rule.name.to_string()),
+            Some(old) => {
+                let upstream = |c: &Config, i: usize| c.upstreams[i].name.clone();
+                if old.generation != rule.generation
+                    || old.cost != rule.cost
+                    || old.client_controls != rule.client_controls
+                    || upstream(running, old.upstream) != upstream(new, rule.upstream)
+                {
+                    changes.changed.push(rule.name.to_string());
+                }
+            }
+        }
+    }
+    for rule in old_rules {
+        if !new_rules.iter().any(|r| r.name == rule.name) {
+            changes.removed.push(rule.name.to_string());
+        }
+    }
+    let mut keep = |name: &str, differs: bool| {
+        if differs {
+            changes.needs_restart.push(name.to_string());
+        }
+        differs
+    };
+    if keep("[server] listen", running.listen != new.listen) {
+        new.listen = running.listen.clone();
+    }
+    if keep(
+        "[server] admin_listen",
+        running.admin_listen != new.admin_listen,
+    ) {
+        new.admin_listen = running.admin_listen.clone();
+    }
+    if keep("[server] threads", running.threads != new.threads) {
+        new.threads = running.threads;
+    }
+    if keep(
+        "[server] grace_period",
+        running.grace_period != new.grace_period,
+    ) {
+        new.grace_period = running.grace_period;
+    }
+    let (rc, nc) = (&running.cache, &mut new.cache);
+    if keep("[cache] memory", rc.memory != nc.memory) {
+        nc.memory = rc.memory;
+    }
+    if keep("[cache] lock_timeout", rc.lock_timeout != nc.lock_timeout) {
+        nc.lock_timeout = rc.lock_timeout;
+    }
+    // Purge epochs are kept for twice the max_ttl the invalidator started with: a longer
+    // max_ttl live could let an entry outlive the purge that should have removed it.
+    if keep("[cache] max_ttl", rc.max_ttl != nc.max_ttl) {
+        nc.max_ttl = rc.max_ttl;
+    }
+    let redis_differs = match (&running.redis, &new.redis) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            a.url != b.url
+                || a.cluster != b.cluster
+                || a.prefix != b.prefix
+                || a.timeout != b.timeout
+                || a.keys != b.keys
+        }
+        _ => true,
+    };
+    if keep("[redis]", redis_differs) {
+        new.redis = running.redis.clone();
+    }
+    if keep(
+        "[purge]",
+        format!("{:?}", running.purge) != format!("{:?}", new.purge),
+    ) {
+        new.purge = running.purge.clone();
+    }
+    if keep(
+        "[cdn]",
+        format!("{:?}", running.cdn) != format!("{:?}", new.cdn),
+    ) {
+        new.cdn = running.cdn.clone();
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn load(dir: &Path, gateway: &str, rules: &str) -> Config {
+        std::fs::create_dir_all(dir.join("rules")).unwrap();
+        std::fs::write(dir.join("rules/r.toml"), rules).unwrap();
+        std::fs::write(dir.join("gateway.toml"), gateway).unwrap();
+        Config::load(&dir.join("gateway.toml")).unwrap()
+    }
+
+    const GATEWAY: &str = "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[cache]\nrules_dir = \"rules\"\nmemory = \"1MiB\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3\"\n";
+
+    #[test]
+    fn rules_added_removed_changed_and_restart_only_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "[[rule]]\nname = \"same\"\nmatch = { path = \"/same\" }\n[[rule]]\nname = \"edited\"\nmatch = { path = \"/e\" }\n[[rule]]\nname = \"gone\"\nmatch = { path = \"/g\" }\n";
+        let running = load(dir.path(), GATEWAY, rules);
+        let edited = "[[rule]]\nname = \"same\"\nmatch = { path = \"/same\" }\n[[rule]]\nname = \"edited\"\nmatch = { path = \"/e\" }\nvary = [\"query.x\"]\n[[rule]]\nname = \"new\"\nmatch = { path = \"/n\" }\n";
+        let gateway = GATEWAY
+            .replace("127.0.0.1:1", "127.0.0.1:9")
+            .replace("1MiB", "2MiB");
+        let mut new = load(dir.path(), &gateway, edited);
+        let changes = compare(&running, &mut new);
+        assert_eq!(
+            changes,
+            Changes {
+                added: vec!["new".into()],
+                removed: vec!["gone".into()],
+                changed: vec!["edited".into()],
+                needs_restart: vec!["[server] listen".into(), "[cache] memory".into()],
+            }
+        );
+        assert_eq!(new.listen, "127.0.0.1:1", "the running value stays");
+        assert_eq!(new.cache.memory, running.cache.memory);
+    }
+}
