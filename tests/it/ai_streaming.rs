@@ -429,3 +429,50 @@ async fn a_reader_joining_a_purged_fill_is_not_served_it() {
         .await
         .unwrap_or_else(|e| panic!("first client: {e}"));
 }
+
+/// Issue 18 item 7: a streamed answer's saving is read from its final usage event when it is
+/// stored, so a replayed stream counts the tokens it saved (it counted 0).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_stream_counts_the_tokens_it_saved() {
+    let usage = Bytes::from_static(
+        b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":3,\"total_tokens\":12}}\n\n",
+    );
+    let origin = StreamOrigin::start(move |_req| {
+        StreamResponse::sse(vec![
+            Step::Chunk(event(1)),
+            Step::Chunk(usage.clone()),
+            Step::Chunk(Bytes::from_static(DONE)),
+        ])
+    });
+    let rules = format!(
+        "{}cost = {{ per_request = 0.002, tokens = \"/usage/total_tokens\", per_1k_tokens = 0.01 }}\n",
+        fixtures::CHAT_RULES
+    );
+    let gw = Gateway::start(&config(&origin.url()), &[("rules.toml", &rules)]).await;
+    let sent = body("count my tokens");
+    let miss = start_post(&gw, &sent).await;
+    assert!(!cache_status(&miss).contains("hit"));
+    miss.bytes().await.expect("the whole stream");
+    let saved = || async {
+        gw.metric("aisle_tokens_saved_total", &[("rule", "chat")])
+            .await
+            .unwrap_or(0.0)
+    };
+    // The fill is stored once the stream ends; then a replay counts what it saved.
+    let replay = poll_until(Duration::from_secs(10), "a replayed stream", || async {
+        let r = start_post(&gw, &sent).await;
+        let hit = is_hit(&cache_status(&r));
+        let _ = r.bytes().await;
+        hit.then_some(())
+    })
+    .await;
+    let () = replay;
+    // Counted when the request's log phase runs, just after its last byte.
+    let tokens = poll_until(Duration::from_secs(5), "the saving counted", || async {
+        let n = saved().await;
+        (n > 0.0).then_some(n)
+    })
+    .await;
+    assert_eq!(tokens, 12.0, "the final usage event's total_tokens");
+    assert_eq!(origin.total(), 1);
+}
