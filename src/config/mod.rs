@@ -18,7 +18,8 @@ mod raw;
 pub mod secret;
 pub mod webhook;
 
-use env::expand_env;
+// Re-exported for the operator CLI, which reads `admin_listen` and the token without compiling the rest.
+pub(crate) use env::expand_env;
 
 use crate::diag::{Diagnostic, SourceFile};
 use crate::rules::{self, RuleSet};
