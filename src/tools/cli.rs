@@ -133,20 +133,20 @@ pub fn target(
     let (listen, token) = admin_settings(&text).map_err(|e| {
         Failure::new(
             EXIT_USAGE,
-            format!("{}: {e}; or give --admin http://host:port", config.display()),
+            format!(
+                "{}: {e}; or give --admin http://host:port",
+                config.display()
+            ),
         )
     })?;
     let token = match explicit {
         Some(t) => Some(t),
-        None => token
-            .map(|t| expand_env(&t))
-            .transpose()
-            .map_err(|e| {
-                Failure::new(
-                    EXIT_USAGE,
-                    format!("{}: [admin] token: {e}", config.display()),
-                )
-            })?,
+        None => token.map(|t| expand_env(&t)).transpose().map_err(|e| {
+            Failure::new(
+                EXIT_USAGE,
+                format!("{}: [admin] token: {e}", config.display()),
+            )
+        })?,
     };
     Ok(Target {
         base: format!("http://{}", connect_address(&listen)),
@@ -253,6 +253,15 @@ impl Client {
         let mut b = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
         if !streaming {
             b = b.timeout(REQUEST_TIMEOUT);
+        }
+        // The admin listener is usually on this host: a loopback address never goes through
+        // an `HTTP_PROXY` meant for the outside world (as curl's default `NO_PROXY` habits).
+        let host = target.base.split("://").nth(1).unwrap_or_default();
+        if ["127.", "localhost", "[::1]"]
+            .iter()
+            .any(|p| host.starts_with(p))
+        {
+            b = b.no_proxy();
         }
         let http = b
             .build()
@@ -561,7 +570,11 @@ fn event_line(event: &str, data: &str, json: bool) -> String {
     if v.get("soft").and_then(Value::as_bool) == Some(true) {
         line.push_str(" soft");
     }
-    line.push_str(&format!(" cdn={} id={}", str_of(&v, "cdn"), str_of(&v, "id")));
+    line.push_str(&format!(
+        " cdn={} id={}",
+        str_of(&v, "cdn"),
+        str_of(&v, "id")
+    ));
     line
 }
 
@@ -585,10 +598,8 @@ pub fn stats_table(v: &Value) -> String {
                 num_of(r, "requests"),
                 num_of(r, "hits"),
                 format!("{:.1}%", ratio * 100.0),
-                bytesize::ByteSize::b(
-                    r.get("bytes_stored").and_then(Value::as_u64).unwrap_or(0),
-                )
-                .to_string(),
+                bytesize::ByteSize::b(r.get("bytes_stored").and_then(Value::as_u64).unwrap_or(0))
+                    .to_string(),
                 format!("{cost:.4}"),
                 num_of(r, "tokens_saved"),
             ]);
@@ -604,13 +615,13 @@ pub fn purges_table(v: &Value) -> String {
         num_of(v, "depth"),
         num_of(v, "in_flight"),
         num_of(v, "dead_letters"),
-        v.get("redis")
-            .and_then(Value::as_str)
-            .unwrap_or(if v.get("configured") == Some(&Value::Bool(false)) {
+        v.get("redis").and_then(Value::as_str).unwrap_or(
+            if v.get("configured") == Some(&Value::Bool(false)) {
                 "no CDN configured"
             } else {
                 "-"
-            }),
+            }
+        ),
     );
     if let Some(providers) = v.get("providers").and_then(Value::as_array) {
         if !providers.is_empty() {

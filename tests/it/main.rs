@@ -21,6 +21,7 @@ mod caching;
 mod cdn_pipeline;
 mod cdn_providers;
 mod check_cli;
+mod cli;
 mod coalescing;
 mod coherence;
 mod eviction;
