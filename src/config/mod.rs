@@ -26,6 +26,7 @@ use crate::rules::{self, RuleSet};
 use crate::trust::{Networks, Trust};
 use crate::units::{parse_duration, parse_size};
 use raw::{RawAdmin, RawConfig, RawRedis};
+use secret::redact_url;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,8 +76,15 @@ pub struct RedisConfig {
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &self.url)
-            .field("cluster", &self.cluster)
+            .field("url", &redact_url(&self.url))
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field(
@@ -497,12 +505,15 @@ fn redis_url(
     if !url.starts_with("redis://") {
         diags.push(src.at(
             span,
-            format!("redis url {url:?} must start with redis://, like \"redis://127.0.0.1:6379\""),
+            format!(
+                "redis url {:?} must start with redis://, like \"redis://127.0.0.1:6379\"",
+                redact_url(&url)
+            ),
         ));
         return None;
     }
     if let Err(e) = redis::Client::open(url.as_str()) {
-        diags.push(src.at(span, format!("bad redis url {url:?}: {e}")));
+        diags.push(src.at(span, format!("bad redis url {:?}: {e}", redact_url(&url))));
         return None;
     }
     Some(url)
@@ -615,8 +626,10 @@ fn redis_config(
 }
 
 /// `http://host[:port]` or `https://host[:port]` -> (tls, "host:port", sni host).
-fn parse_upstream_url(url: &str) -> Result<(bool, String, String), String> {
-    let uri: http::Uri = url.parse().map_err(|e| {
+fn parse_upstream_url(raw: &str) -> Result<(bool, String, String), String> {
+    // Messages show the URL without its userinfo: it may hold an expanded `${VAR}` password.
+    let url = &redact_url(raw);
+    let uri: http::Uri = raw.parse().map_err(|e| {
         format!("bad upstream url {url:?}: {e}; write it like \"http://127.0.0.1:3000\"")
     })?;
     let tls = match uri.scheme_str() {
