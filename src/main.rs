@@ -132,17 +132,49 @@ fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("AISLE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+        // Access lines (`[log] access`) have their own layer below; `[log] access` turns them
+        // on and off, not the level.
+        .add_directive(
+            format!("{}=off", aisle::proxy::access::TARGET)
+                .parse()
+                .expect("a static directive"),
+        );
     // Logs go to stderr (as README says), coloured only for a terminal.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_filter(filter);
+    let access = AccessLog.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.target() == aisle::proxy::access::TARGET
+    }));
+    tracing_subscriber::registry().with(fmt).with(access).init();
+}
+
+/// Writes access lines to stderr exactly as formatted (logfmt or JSON, time included), with no
+/// level or time prefix, so a log shipper parses every line as one record.
+struct AccessLog;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AccessLog {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "{}", m.0);
+    }
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {

@@ -56,6 +56,27 @@ pub struct Config {
     pub rules: RuleSet,
     /// `[server] trusted_proxies` / `trusted_clients`: whose forwarding and control headers count.
     pub trust: Trust,
+    /// `[log]`: the access log.
+    pub log: LogConfig,
+}
+
+/// `[log]`: one line per request when `access` is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `[log] access` (default false): one line per request at `info`.
+    pub access: bool,
+    /// `[log] format`: `logfmt` (default) or `json`.
+    pub format: LogFormat,
+}
+
+/// How an access-log line is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `key=value` pairs, values quoted when they need it.
+    #[default]
+    Logfmt,
+    /// One JSON object.
+    Json,
 }
 
 /// `[redis]`: the shared second tier.
@@ -229,6 +250,26 @@ impl Config {
             Duration::from_secs(86_400),
             &mut diags,
         );
+        let log = LogConfig {
+            access: raw.log.access.unwrap_or(false),
+            format: match raw.log.format.as_ref().map(|f| f.get_ref().as_str()) {
+                None | Some("logfmt") => LogFormat::Logfmt,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    let span = raw
+                        .log
+                        .format
+                        .as_ref()
+                        .map(|f| f.span())
+                        .unwrap_or_default();
+                    diags.push(src.at(
+                        span,
+                        format!("[log] format = {other:?} is not a log format; write \"logfmt\" or \"json\""),
+                    ));
+                    LogFormat::Logfmt
+                }
+            },
+        };
         let grace_period = dur(
             &raw.server.grace_period,
             Duration::from_secs(10),
@@ -438,6 +479,7 @@ impl Config {
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),
             trust,
+            log,
         })
     }
 }

@@ -345,3 +345,10 @@ fn check_output_redacts_secrets() {
         run.output
     );
 }
+
+#[test]
+fn unknown_log_format() {
+    let gw = format!("{GATEWAY}\n[log]\naccess = true\nformat = \"xml\"\n");
+    let run = run_check(&gw, &[]);
+    assert_reports(&run, "gateway.toml", &[line_of(&gw, "xml")], &["logfmt"]);
+}

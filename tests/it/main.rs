@@ -13,6 +13,7 @@
 
 mod harness;
 
+mod access_log;
 mod admission_parity;
 mod ai_caching;
 mod ai_streaming;
