@@ -810,7 +810,8 @@ impl ProxyHttp for Gateway {
             tracing::debug!(
                 rule = %rule.name,
                 method = %session.req_header().method,
-                uri = %session.req_header().uri,
+                // The path only: a query string may carry an API key or signature.
+                path = %session.req_header().uri.path(),
                 status = session.response_written().map_or(0, |r| r.status.as_u16()),
                 cache_status = %status.to_header_value(),
                 key = %key.as_deref().unwrap_or("-"),
