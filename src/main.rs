@@ -1,6 +1,9 @@
-//! The `aisle` command line: `run` (default), `check`, `demo`, `replay`, `trace`.
+//! The `aisle` command line: `run` (default), `check`, `demo`, `replay`, `trace`, and the
+//! operator commands (`purge`, `stats`, `purges`, `events`, `reload`) that talk to a running
+//! gateway's admin API ([`aisle::tools::cli`]).
 
 use aisle::config::Config;
+use aisle::tools::cli;
 
 /// mimalloc: the request path allocates small short-lived objects (headers, keys, contexts);
 /// a thread-caching allocator serves them faster than the system one.
@@ -61,6 +64,67 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Invalidate cached entries on a running gateway (POST /admin/invalidate).
+    Purge {
+        /// A tag to purge (repeatable; several values allowed).
+        #[arg(long = "tag", num_args = 1.., value_name = "TAG")]
+        tags: Vec<String>,
+        /// A URL to purge (repeatable).
+        #[arg(long = "url", num_args = 1.., value_name = "URL")]
+        urls: Vec<String>,
+        /// A path prefix to purge (repeatable).
+        #[arg(long = "prefix", num_args = 1.., value_name = "PREFIX")]
+        prefixes: Vec<String>,
+        /// A configured `[[event]]` to fire, with its parameters as key=value arguments.
+        #[arg(long, value_name = "NAME")]
+        event: Option<String>,
+        /// The event's parameters.
+        #[arg(value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// Mark entries stale (served while revalidated) instead of removing them.
+        #[arg(long)]
+        soft: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Per-rule requests, hit ratio, bytes stored and cost saved of a running gateway.
+    Stats {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// The CDN purge queue: depth and dead letters.
+    Purges {
+        /// Put the dead letters back in the queue first.
+        #[arg(long)]
+        retry: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Follow the live stream of invalidations, one line each.
+    Events {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Make a running gateway reload its configuration; prints the errors if it refuses.
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How the operator commands reach the admin API. Exit codes: 0 ok, 1 refused or failed,
+/// 2 usage, 3 the gateway cannot be reached.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The admin API's URL (default: http://<admin_listen of --config>).
+    #[arg(long, value_name = "URL")]
+    admin: Option<String>,
+    /// A file holding the admin token (default: $AISLE_ADMIN_TOKEN, else the config's [admin] token).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Print the gateway's JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
@@ -68,17 +132,49 @@ fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn init_logging() {
+    use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("AISLE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"))
+        // Access lines (`[log] access`) have their own layer below; `[log] access` turns them
+        // on and off, not the level.
+        .add_directive(
+            format!("{}=off", aisle::proxy::access::TARGET)
+                .parse()
+                .expect("a static directive"),
+        );
     // Logs go to stderr (as README says), coloured only for a terminal.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_filter(filter);
+    let access = AccessLog.with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        m.target() == aisle::proxy::access::TARGET
+    }));
+    tracing_subscriber::registry().with(fmt).with(access).init();
+}
+
+/// Writes access lines to stderr exactly as formatted (logfmt or JSON, time included), with no
+/// level or time prefix, so a log shipper parses every line as one record.
+struct AccessLog;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AccessLog {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{v:?}");
+                }
+            }
+        }
+        let mut m = Message(String::new());
+        event.record(&mut m);
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr().lock(), "{}", m.0);
+    }
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -137,7 +233,50 @@ fn main() -> ExitCode {
             duration,
             out,
         } => trace(requests, seed, duration, out.as_deref()),
+        Command::Purge {
+            tags,
+            urls,
+            prefixes,
+            event,
+            params,
+            soft,
+            admin,
+        } => operate(
+            &cli.config,
+            &admin,
+            cli::Action::Purge(cli::Purge {
+                tags,
+                urls,
+                prefixes,
+                event,
+                params,
+                soft,
+            }),
+        ),
+        Command::Stats { admin } => operate(&cli.config, &admin, cli::Action::Stats),
+        Command::Purges { retry, admin } => {
+            operate(&cli.config, &admin, cli::Action::Purges { retry })
+        }
+        Command::Events { admin } => operate(&cli.config, &admin, cli::Action::Events),
+        Command::Reload { admin } => operate(&cli.config, &admin, cli::Action::Reload),
     }
+}
+
+/// Runs an operator command against the admin API named by `--admin` or the config.
+fn operate(config: &Path, args: &AdminArgs, action: cli::Action) -> ExitCode {
+    let target = match cli::target(
+        config,
+        args.admin.as_deref(),
+        args.token_file.as_deref(),
+        std::env::var("AISLE_ADMIN_TOKEN").ok(),
+    ) {
+        Ok(t) => t,
+        Err(f) => {
+            eprintln!("aisle: {}", f.message);
+            return ExitCode::from(f.code);
+        }
+    };
+    cli::run(&target, &action, args.json)
 }
 
 fn trace(

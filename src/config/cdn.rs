@@ -10,6 +10,7 @@
 //! spans are relative to whatever text it came from.
 
 use super::env::expand_env;
+use super::secret::redact_url;
 use super::secret::Secret;
 use crate::diag::Problem;
 use serde::Deserialize;
@@ -528,8 +529,10 @@ fn base_url(
     raw: &Spanned<String>,
     example: &str,
 ) -> Result<String, Problem> {
-    let v = required(table, key, raw, example)?;
-    let url = reqwest::Url::parse(&v).map_err(|e| {
+    let raw_value = required(table, key, raw, example)?;
+    // Messages show the URL without its userinfo: it may hold an expanded `${VAR}` password.
+    let v = redact_url(&raw_value);
+    let url = reqwest::Url::parse(&raw_value).map_err(|e| {
         problem(
             raw,
             format!(

@@ -18,13 +18,15 @@ mod raw;
 pub mod secret;
 pub mod webhook;
 
-use env::expand_env;
+// Re-exported for the operator CLI, which reads `admin_listen` and the token without compiling the rest.
+pub(crate) use env::expand_env;
 
 use crate::diag::{Diagnostic, SourceFile};
 use crate::rules::{self, RuleSet};
 use crate::trust::{Networks, Trust};
 use crate::units::{parse_duration, parse_size};
 use raw::{RawAdmin, RawConfig, RawRedis};
+use secret::redact_url;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -54,6 +56,27 @@ pub struct Config {
     pub rules: RuleSet,
     /// `[server] trusted_proxies` / `trusted_clients`: whose forwarding and control headers count.
     pub trust: Trust,
+    /// `[log]`: the access log.
+    pub log: LogConfig,
+}
+
+/// `[log]`: one line per request when `access` is on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogConfig {
+    /// `[log] access` (default false): one line per request at `info`.
+    pub access: bool,
+    /// `[log] format`: `logfmt` (default) or `json`.
+    pub format: LogFormat,
+}
+
+/// How an access-log line is written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// `key=value` pairs, values quoted when they need it.
+    #[default]
+    Logfmt,
+    /// One JSON object.
+    Json,
 }
 
 /// `[redis]`: the shared second tier.
@@ -74,8 +97,15 @@ pub struct RedisConfig {
 impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
-            .field("url", &self.url)
-            .field("cluster", &self.cluster)
+            .field("url", &redact_url(&self.url))
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field(
@@ -220,6 +250,26 @@ impl Config {
             Duration::from_secs(86_400),
             &mut diags,
         );
+        let log = LogConfig {
+            access: raw.log.access.unwrap_or(false),
+            format: match raw.log.format.as_ref().map(|f| f.get_ref().as_str()) {
+                None | Some("logfmt") => LogFormat::Logfmt,
+                Some("json") => LogFormat::Json,
+                Some(other) => {
+                    let span = raw
+                        .log
+                        .format
+                        .as_ref()
+                        .map(|f| f.span())
+                        .unwrap_or_default();
+                    diags.push(src.at(
+                        span,
+                        format!("[log] format = {other:?} is not a log format; write \"logfmt\" or \"json\""),
+                    ));
+                    LogFormat::Logfmt
+                }
+            },
+        };
         let grace_period = dur(
             &raw.server.grace_period,
             Duration::from_secs(10),
@@ -429,6 +479,7 @@ impl Config {
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),
             trust,
+            log,
         })
     }
 }
@@ -496,12 +547,15 @@ fn redis_url(
     if !url.starts_with("redis://") {
         diags.push(src.at(
             span,
-            format!("redis url {url:?} must start with redis://, like \"redis://127.0.0.1:6379\""),
+            format!(
+                "redis url {:?} must start with redis://, like \"redis://127.0.0.1:6379\"",
+                redact_url(&url)
+            ),
         ));
         return None;
     }
     if let Err(e) = redis::Client::open(url.as_str()) {
-        diags.push(src.at(span, format!("bad redis url {url:?}: {e}")));
+        diags.push(src.at(span, format!("bad redis url {:?}: {e}", redact_url(&url))));
         return None;
     }
     Some(url)
@@ -614,8 +668,10 @@ fn redis_config(
 }
 
 /// `http://host[:port]` or `https://host[:port]` -> (tls, "host:port", sni host).
-fn parse_upstream_url(url: &str) -> Result<(bool, String, String), String> {
-    let uri: http::Uri = url.parse().map_err(|e| {
+fn parse_upstream_url(raw: &str) -> Result<(bool, String, String), String> {
+    // Messages show the URL without its userinfo: it may hold an expanded `${VAR}` password.
+    let url = &redact_url(raw);
+    let uri: http::Uri = raw.parse().map_err(|e| {
         format!("bad upstream url {url:?}: {e}; write it like \"http://127.0.0.1:3000\"")
     })?;
     let tls = match uri.scheme_str() {

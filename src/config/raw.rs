@@ -26,6 +26,16 @@ pub(super) struct RawConfig {
     pub(super) purge: RawPurge,
     /// Its tables as written are in [`super::cdn`], which is also parsed on its own.
     pub(super) cdn: Option<super::cdn::CdnConfig>,
+    #[serde(default)]
+    pub(super) log: RawLog,
+}
+
+/// `[log]`: the access log.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) access: Option<bool>,
+    pub(super) format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -42,9 +42,37 @@ impl From<&str> for Secret {
     }
 }
 
+/// A URL as it may be printed: any userinfo (`user:password@`) becomes `<redacted>@`. Every
+/// diagnostic that shows a URL after `${VAR}` expansion goes through it, since a password in a
+/// Redis, upstream or purge URL usually comes from the environment precisely to stay out of
+/// files and logs.
+pub fn redact_url(url: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}<redacted>{}", &url[..start], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_userinfo() {
+        assert_eq!(
+            redact_url("redis://:pw@10.0.0.1:6379/0"),
+            "redis://<redacted>@10.0.0.1:6379/0"
+        );
+        assert_eq!(
+            redact_url("http://user:p@ss@host/a@b"),
+            "http://<redacted>@host/a@b"
+        );
+        assert_eq!(redact_url("user:pw@host:1"), "<redacted>@host:1");
+        assert_eq!(redact_url("http://host/x?u=a@b"), "http://host/x?u=a@b");
+    }
 
     #[test]
     fn never_printed_but_exposed_where_sent() {

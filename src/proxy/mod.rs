@@ -20,6 +20,7 @@
 //! | `response_filter`        | `Cache-Status`; invalidate after unsafe success       | [`cache_status::decide`], [`invalidate`] |
 //! | `logging`                | metrics, the debug line                               | |
 
+pub mod access;
 pub mod cache_status;
 
 mod body;
@@ -869,7 +870,8 @@ impl ProxyHttp for Gateway {
             tracing::debug!(
                 rule = %rule.name,
                 method = %session.req_header().method,
-                uri = %session.req_header().uri,
+                // The path only: a query string may carry an API key or signature.
+                path = %session.req_header().uri.path(),
                 status = session.response_written().map_or(0, |r| r.status.as_u16()),
                 cache_status = %status.to_header_value(),
                 key = %key.as_deref().unwrap_or("-"),
@@ -877,6 +879,32 @@ impl ProxyHttp for Gateway {
                 elapsed_ms = ctx.start.elapsed().as_secs_f64() * 1000.0,
                 "request"
             );
+        }
+        if self.config.log.access && session.subrequest_ctx.is_none() {
+            let upstream = match ctx.upstream.start {
+                Some(_) => self
+                    .config
+                    .upstreams
+                    .get(rule.upstream)
+                    .map_or("-", |u| u.name.as_str()),
+                None => "-",
+            };
+            let time = chrono::DateTime::from_timestamp_millis(crate::clock::now_ms() as i64)
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+                .unwrap_or_default();
+            let line = access::AccessLine {
+                time: &time,
+                method: session.req_header().method.as_str(),
+                path: session.req_header().uri.path(),
+                rule: &rule.name,
+                status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                cache_status: &status.to_header_value(),
+                upstream,
+                duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
+                bytes: session.body_bytes_sent(),
+            }
+            .render(self.config.log.format);
+            tracing::info!(target: access::TARGET, "{line}");
         }
     }
 }

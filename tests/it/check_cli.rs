@@ -31,6 +31,11 @@ struct CheckRun {
 /// Write `gateway.toml` and `rules/*`, then run `aisle check` from an
 /// unrelated working directory (relative paths resolve from the config).
 fn run_check(gateway: &str, rules: &[(&str, &str)]) -> CheckRun {
+    run_check_env(gateway, rules, &[])
+}
+
+/// [`run_check`] with extra environment variables for `${VAR}` expansion.
+fn run_check_env(gateway: &str, rules: &[(&str, &str)], env: &[(&str, &str)]) -> CheckRun {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("gateway.toml");
     std::fs::write(&config, gateway).unwrap();
@@ -44,6 +49,7 @@ fn run_check(gateway: &str, rules: &[(&str, &str)]) -> CheckRun {
         .arg("--config")
         .arg(&config)
         .current_dir(elsewhere.path())
+        .envs(env.iter().copied())
         .output()
         .expect("run aisle check");
     let output = format!(
@@ -307,4 +313,42 @@ fn reported_path_is_the_rules_file() {
         expected.display(),
         run.output
     );
+}
+
+/// Secrets expanded from `${VAR}` never reach `aisle check`'s output: the password of a Redis URL,
+/// the userinfo of an upstream URL and of a CDN purge host are shown as `<redacted>`, while the
+/// problem is still located and explained.
+#[test]
+fn check_output_redacts_secrets() {
+    const PW: &str = "s3cr3t-pw-9f2a71";
+    let gw = GATEWAY.replace(
+        "url = \"http://127.0.0.1:3000\"",
+        "url = \"http://ops:${AISLE_CHECK_PW}@127.0.0.1:3000/v1\"",
+    ) + "\n[redis]\nurl = \"http://:${AISLE_CHECK_PW}@127.0.0.1:6379\"\n\n[cdn.http]\nhosts = [\"http://purge:${AISLE_CHECK_PW}@127.0.0.1:6081/?x=1\"]\n";
+    let run = run_check_env(&gw, &[], &[("AISLE_CHECK_PW", PW)]);
+    assert_reports(
+        &run,
+        "gateway.toml",
+        &[line_of(&gw, "ops:")],
+        &["has a path"],
+    );
+    assert_reports(&run, "gateway.toml", &[line_of(&gw, "6379")], &["redis://"]);
+    assert_reports(&run, "gateway.toml", &[line_of(&gw, "6081")], &["query"]);
+    assert!(
+        !run.output.contains(PW) && !run.output.contains("ops:") && !run.output.contains("purge:"),
+        "a secret in the output:\n{}",
+        run.output
+    );
+    assert!(
+        run.output.contains("<redacted>@127.0.0.1:3000"),
+        "{}",
+        run.output
+    );
+}
+
+#[test]
+fn unknown_log_format() {
+    let gw = format!("{GATEWAY}\n[log]\naccess = true\nformat = \"xml\"\n");
+    let run = run_check(&gw, &[]);
+    assert_reports(&run, "gateway.toml", &[line_of(&gw, "xml")], &["logfmt"]);
 }

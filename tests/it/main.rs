@@ -13,6 +13,7 @@
 
 mod harness;
 
+mod access_log;
 mod admission_parity;
 mod ai_caching;
 mod ai_streaming;
@@ -21,6 +22,7 @@ mod caching;
 mod cdn_pipeline;
 mod cdn_providers;
 mod check_cli;
+mod cli;
 mod coalescing;
 mod coherence;
 mod eviction;

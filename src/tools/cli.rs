@@ -1,0 +1,757 @@
+//! The operator CLI: `aisle purge`, `stats`, `purges`, `events` and `reload` talk to a running
+//! gateway's admin API, the way `varnishadm` or `nginx -s` talk to theirs.
+//!
+//! It is a plain HTTP client of the documented `/admin/*` endpoints, not a side door: whatever
+//! the CLI can do, a script with `curl` and the token can do too, and the gateway checks the token
+//! as for any client. Where to connect comes from `--admin URL` or from the `admin_listen` and
+//! `[admin] token` of `gateway.toml`, read lightly (only those two settings, with `${VAR}`
+//! expansion) so that a purge works even when, say, a rules file being edited does not compile.
+//!
+//! Exit codes are part of the interface, so scripts can tell the cases apart:
+//! 0 done, 1 refused or failed (bad token, 4xx/5xx, reload errors), 2 usage, 3 the gateway
+//! cannot be reached. Human tables by default; `--json` prints the gateway's JSON unchanged.
+
+use crate::config::expand_env;
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Done.
+pub const EXIT_OK: u8 = 0;
+/// The gateway refused or failed the request.
+pub const EXIT_REFUSED: u8 = 1;
+/// The command line or the configuration it names is wrong.
+pub const EXIT_USAGE: u8 = 2;
+/// The admin API did not answer.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a whole (non-streaming) request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest SSE line kept while waiting for its end.
+const MAX_LINE: usize = 1 << 20;
+
+/// A failure with the exit code it maps to.
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Self {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Where the admin API is and the token to show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// `http://host:port`, no trailing slash.
+    pub base: String,
+    pub token: Option<String>,
+}
+
+/// What to invalidate (`aisle purge`).
+#[derive(Debug, Default, Clone)]
+pub struct Purge {
+    pub tags: Vec<String>,
+    pub urls: Vec<String>,
+    pub prefixes: Vec<String>,
+    pub event: Option<String>,
+    /// `key=value` parameters of the event.
+    pub params: Vec<String>,
+    pub soft: bool,
+}
+
+/// The commands.
+#[derive(Debug, Clone)]
+pub enum Action {
+    Purge(Purge),
+    Stats,
+    Purges { retry: bool },
+    Events,
+    Reload,
+}
+
+/// Finds the admin API: `--admin` wins over the config's `admin_listen`; the token is read from
+/// `--token-file`, else `AISLE_ADMIN_TOKEN`, else the config's `[admin] token`.
+pub fn target(
+    config: &Path,
+    admin: Option<&str>,
+    token_file: Option<&Path>,
+    env_token: Option<String>,
+) -> Result<Target, Failure> {
+    let file_token = match token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::new(
+                    EXIT_USAGE,
+                    format!("cannot read the token file {}: {e}", path.display()),
+                )
+            })?;
+            let t = text.trim().to_string();
+            if t.is_empty() {
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    format!("the token file {} is empty", path.display()),
+                ));
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    let explicit = file_token.or(env_token.filter(|t| !t.trim().is_empty()));
+    if let Some(url) = admin {
+        let base = url.trim_end_matches('/').to_string();
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                format!("--admin {url:?}: give a URL like http://127.0.0.1:9090"),
+            ));
+        }
+        return Ok(Target {
+            base,
+            token: explicit,
+        });
+    }
+    let text = std::fs::read_to_string(config).map_err(|e| {
+        Failure::new(
+            EXIT_USAGE,
+            format!(
+                "cannot read {}: {e}; give --config gateway.toml or --admin http://host:port",
+                config.display()
+            ),
+        )
+    })?;
+    let (listen, token) = admin_settings(&text).map_err(|e| {
+        Failure::new(
+            EXIT_USAGE,
+            format!(
+                "{}: {e}; or give --admin http://host:port",
+                config.display()
+            ),
+        )
+    })?;
+    let token = match explicit {
+        Some(t) => Some(t),
+        None => token.map(|t| expand_env(&t)).transpose().map_err(|e| {
+            Failure::new(
+                EXIT_USAGE,
+                format!("{}: [admin] token: {e}", config.display()),
+            )
+        })?,
+    };
+    Ok(Target {
+        base: format!("http://{}", connect_address(&listen)),
+        token,
+    })
+}
+
+/// `[server] admin_listen` (expanded) and the unexpanded `[admin] token` of a `gateway.toml`.
+fn admin_settings(text: &str) -> Result<(String, Option<String>), String> {
+    let doc: toml::Table = text.parse().map_err(|e| format!("not valid TOML: {e}"))?;
+    let listen = doc
+        .get("server")
+        .and_then(|s| s.get("admin_listen"))
+        .and_then(|v| v.as_str())
+        .ok_or("it has no [server] admin_listen")?;
+    let listen = expand_env(listen).map_err(|e| format!("[server] admin_listen: {e}"))?;
+    let token = doc
+        .get("admin")
+        .and_then(|a| a.get("token"))
+        .and_then(|v| v.as_str())
+        .map(str::to_string);
+    Ok((listen, token))
+}
+
+/// A listen address as a client connects to it: a wildcard means this host's loopback.
+fn connect_address(listen: &str) -> String {
+    if let Some(port) = listen.strip_prefix("0.0.0.0:") {
+        format!("127.0.0.1:{port}")
+    } else if let Some(port) = listen.strip_prefix("[::]:") {
+        format!("[::1]:{port}")
+    } else {
+        listen.to_string()
+    }
+}
+
+/// The body of `POST /admin/invalidate` for `p`.
+pub fn invalidate_body(p: &Purge) -> Result<Value, Failure> {
+    if p.tags.is_empty() && p.urls.is_empty() && p.prefixes.is_empty() && p.event.is_none() {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            "nothing to purge: give --tag, --url, --prefix or --event NAME key=value...",
+        ));
+    }
+    if p.event.is_none() && !p.params.is_empty() {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            format!(
+                "{:?}: key=value parameters belong to an --event NAME",
+                p.params[0]
+            ),
+        ));
+    }
+    let mut events = Vec::new();
+    if let Some(name) = &p.event {
+        let mut params = serde_json::Map::new();
+        for kv in &p.params {
+            let Some((k, v)) = kv.split_once('=') else {
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    format!("event parameter {kv:?}: write it as key=value"),
+                ));
+            };
+            params.insert(k.to_string(), Value::String(v.to_string()));
+        }
+        events.push(serde_json::json!({"name": name, "params": params}));
+    }
+    Ok(serde_json::json!({
+        "tags": p.tags,
+        "urls": p.urls,
+        "prefixes": p.prefixes,
+        "events": events,
+        "soft": p.soft,
+    }))
+}
+
+/// Runs `action` against `target`; prints results to stdout, problems to stderr.
+pub fn run(target: &Target, action: &Action, json: bool) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aisle: cannot start the client runtime: {e}");
+            return ExitCode::from(EXIT_REFUSED);
+        }
+    };
+    match runtime.block_on(execute(target, action, json)) {
+        Ok(()) => ExitCode::from(EXIT_OK),
+        Err(f) => {
+            eprintln!("aisle: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+struct Client {
+    http: reqwest::Client,
+    target: Target,
+}
+
+impl Client {
+    fn new(target: &Target, streaming: bool) -> Result<Self, Failure> {
+        let mut b = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+        if !streaming {
+            b = b.timeout(REQUEST_TIMEOUT);
+        }
+        // The admin listener is usually on this host: a loopback address never goes through
+        // an `HTTP_PROXY` meant for the outside world (as curl's default `NO_PROXY` habits).
+        let host = target.base.split("://").nth(1).unwrap_or_default();
+        if ["127.", "localhost", "[::1]"]
+            .iter()
+            .any(|p| host.starts_with(p))
+        {
+            b = b.no_proxy();
+        }
+        let http = b
+            .build()
+            .map_err(|e| Failure::new(EXIT_REFUSED, format!("cannot build an HTTP client: {e}")))?;
+        Ok(Client {
+            http,
+            target: target.clone(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.target.base)
+    }
+
+    /// Sends a request; maps a transport failure to exit 3 and a 401 to exit 1.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<reqwest::Response, Failure> {
+        let url = self.url(path);
+        let mut rb = self.http.request(method.clone(), &url);
+        if let Some(t) = &self.target.token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
+        let resp = rb.send().await.map_err(|e| {
+            Failure::new(
+                EXIT_UNREACHABLE,
+                format!(
+                    "cannot reach the admin API at {url}: {}; is aisle running, and is this its admin_listen (or --admin)?",
+                    error_chain(&e)
+                ),
+            )
+        })?;
+        if resp.status() == reqwest::StatusCode::UNAUTHORIZED {
+            let how = "give the [admin] token through AISLE_ADMIN_TOKEN or --token-file";
+            return Err(Failure::new(
+                EXIT_REFUSED,
+                match &self.target.token {
+                    None => format!("{method} {url}: the gateway wants the admin token and none was given; {how}"),
+                    Some(_) => format!("{method} {url}: the gateway refused the admin token (401); {how}"),
+                },
+            ));
+        }
+        Ok(resp)
+    }
+
+    /// Sends and reads a JSON answer; a non-2xx answer is a failure with the gateway's `error`.
+    async fn json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, Failure> {
+        let url = self.url(path);
+        let resp = self.send(method.clone(), path, body).await?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| {
+            Failure::new(
+                EXIT_UNREACHABLE,
+                format!("{method} {url}: the answer broke off: {}", error_chain(&e)),
+            )
+        })?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+        if !status.is_success() {
+            let why = value
+                .get("error")
+                .and_then(Value::as_str)
+                .map_or_else(|| text.trim().to_string(), str::to_string);
+            return Err(Failure::new(
+                EXIT_REFUSED,
+                format!("{method} {url}: {status}: {why}"),
+            ));
+        }
+        Ok(value)
+    }
+}
+
+/// An error and its causes, which is where reqwest says "connection refused".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn execute(target: &Target, action: &Action, json: bool) -> Result<(), Failure> {
+    let client = Client::new(target, matches!(action, Action::Events))?;
+    match action {
+        Action::Purge(p) => {
+            let body = invalidate_body(p)?;
+            let v = client
+                .json(reqwest::Method::POST, "/admin/invalidate", Some(&body))
+                .await?;
+            if json {
+                println!("{v}");
+            } else {
+                println!(
+                    "invalidation {}: {} tags, {} urls, {} prefixes{}; CDN: {}; fleet: {}",
+                    str_of(&v, "id"),
+                    num_of(&v, "tags"),
+                    num_of(&v, "urls"),
+                    num_of(&v, "prefixes"),
+                    if p.soft { " (soft)" } else { "" },
+                    str_of(&v, "cdn"),
+                    str_of(&v, "fleet"),
+                );
+            }
+        }
+        Action::Stats => {
+            let v = client
+                .json(reqwest::Method::GET, "/admin/stats", None)
+                .await?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", stats_table(&v));
+            }
+        }
+        Action::Purges { retry } => {
+            let retried = if *retry {
+                let r = client
+                    .json(reqwest::Method::POST, "/admin/purges/retry", None)
+                    .await?;
+                Some(r)
+            } else {
+                None
+            };
+            let v = client
+                .json(reqwest::Method::GET, "/admin/purges", None)
+                .await?;
+            if json {
+                match retried {
+                    Some(r) => println!("{}", serde_json::json!({"retry": r, "status": v})),
+                    None => println!("{v}"),
+                }
+            } else {
+                if let Some(r) = retried {
+                    println!("retried {} dead letters", num_of(&r, "retried"));
+                }
+                print!("{}", purges_table(&v));
+            }
+        }
+        Action::Reload => {
+            let resp = client
+                .send(reqwest::Method::POST, "/admin/reload", None)
+                .await?;
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
+            if status.is_success() {
+                if json {
+                    println!("{v}");
+                } else {
+                    println!("reloaded: {}", summary(&v));
+                }
+            } else if status == reqwest::StatusCode::UNPROCESSABLE_ENTITY {
+                if json {
+                    println!("{v}");
+                }
+                let errors: Vec<String> = v
+                    .get("errors")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().map(plain).collect())
+                    .unwrap_or_default();
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                return Err(Failure::new(
+                    EXIT_REFUSED,
+                    format!(
+                        "the new configuration was refused ({} problem{}); the running one stays in force",
+                        errors.len(),
+                        if errors.len() == 1 { "" } else { "s" }
+                    ),
+                ));
+            } else if status == reqwest::StatusCode::NOT_FOUND {
+                return Err(Failure::new(
+                    EXIT_REFUSED,
+                    "this gateway has no /admin/reload (an older version?); restart it or send it SIGHUP",
+                ));
+            } else {
+                let why = v
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| text.trim().to_string(), str::to_string);
+                return Err(Failure::new(
+                    EXIT_REFUSED,
+                    format!("reload failed: {status}: {why}"),
+                ));
+            }
+        }
+        Action::Events => follow(&client, json).await?,
+    }
+    Ok(())
+}
+
+/// Follows `GET /admin/events` and prints one line per invalidation until the stream ends.
+async fn follow(client: &Client, json: bool) -> Result<(), Failure> {
+    let url = client.url("/admin/events");
+    let mut resp = client
+        .send(reqwest::Method::GET, "/admin/events", None)
+        .await?;
+    if !resp.status().is_success() {
+        return Err(Failure::new(
+            EXIT_REFUSED,
+            format!("GET {url}: {}", resp.status()),
+        ));
+    }
+    eprintln!("aisle: following invalidations at {url} (Ctrl-C to stop)");
+    let mut buf: Vec<u8> = Vec::new();
+    let mut event = String::new();
+    let mut data = String::new();
+    let stdout = std::io::stdout();
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) => {
+                return Err(Failure::new(
+                    EXIT_UNREACHABLE,
+                    format!("the event stream broke off: {}", error_chain(&e)),
+                ))
+            }
+        };
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !data.is_empty() {
+                    let out = event_line(&event, &data, json);
+                    let mut lock = stdout.lock();
+                    if writeln!(lock, "{out}").and_then(|_| lock.flush()).is_err() {
+                        // The reader went away (`aisle events | head`).
+                        return Ok(());
+                    }
+                }
+                event.clear();
+                data.clear();
+            } else if let Some(v) = line.strip_prefix("event:") {
+                event = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data:") {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(v.trim_start());
+            }
+        }
+        if buf.len() > MAX_LINE {
+            return Err(Failure::new(
+                EXIT_REFUSED,
+                format!("the event stream sent a line longer than {MAX_LINE} bytes"),
+            ));
+        }
+    }
+    Err(Failure::new(
+        EXIT_UNREACHABLE,
+        "the gateway closed the event stream (shutting down?)",
+    ))
+}
+
+/// One printed line for an SSE event.
+fn event_line(event: &str, data: &str, json: bool) -> String {
+    if json {
+        return data.to_string();
+    }
+    let v: Value = match serde_json::from_str(data) {
+        Ok(v) => v,
+        Err(_) => return format!("{event}: {data}"),
+    };
+    if event == "lagged" {
+        return format!(
+            "(missed {} invalidations: this client was too slow)",
+            num_of(&v, "missed")
+        );
+    }
+    let at = v
+        .get("at_ms")
+        .and_then(Value::as_i64)
+        .and_then(chrono::DateTime::from_timestamp_millis)
+        .map_or_else(
+            || "-".to_string(),
+            |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        );
+    let mut line = format!("{at} {}", str_of(&v, "source"));
+    for field in ["tags", "urls", "prefixes", "events"] {
+        if let Some(list) = v.get(field).and_then(Value::as_array) {
+            if !list.is_empty() {
+                let items: Vec<String> = list.iter().map(plain).collect();
+                line.push_str(&format!(" {field}={}", items.join(",")));
+            }
+        }
+    }
+    if v.get("soft").and_then(Value::as_bool) == Some(true) {
+        line.push_str(" soft");
+    }
+    line.push_str(&format!(
+        " cdn={} id={}",
+        str_of(&v, "cdn"),
+        str_of(&v, "id")
+    ));
+    line
+}
+
+/// The per-rule table of `GET /admin/stats`.
+pub fn stats_table(v: &Value) -> String {
+    let mut rows = vec![[
+        "RULE".to_string(),
+        "REQUESTS".to_string(),
+        "HITS".to_string(),
+        "HIT RATIO".to_string(),
+        "BYTES".to_string(),
+        "COST SAVED".to_string(),
+        "TOKENS SAVED".to_string(),
+    ]];
+    if let Some(rules) = v.get("rules").and_then(Value::as_object) {
+        for (name, r) in rules {
+            let ratio = r.get("hit_ratio").and_then(Value::as_f64).unwrap_or(0.0);
+            let cost = r.get("cost_saved").and_then(Value::as_f64).unwrap_or(0.0);
+            rows.push([
+                name.clone(),
+                num_of(r, "requests"),
+                num_of(r, "hits"),
+                format!("{:.1}%", ratio * 100.0),
+                bytesize::ByteSize::b(r.get("bytes_stored").and_then(Value::as_u64).unwrap_or(0))
+                    .to_string(),
+                format!("{cost:.4}"),
+                num_of(r, "tokens_saved"),
+            ]);
+        }
+    }
+    table(&rows)
+}
+
+/// The purge queue of `GET /admin/purges`.
+pub fn purges_table(v: &Value) -> String {
+    let mut out = format!(
+        "queue: depth {}, in flight {}, dead letters {} (redis: {})\n",
+        num_of(v, "depth"),
+        num_of(v, "in_flight"),
+        num_of(v, "dead_letters"),
+        v.get("redis").and_then(Value::as_str).unwrap_or(
+            if v.get("configured") == Some(&Value::Bool(false)) {
+                "no CDN configured"
+            } else {
+                "-"
+            }
+        ),
+    );
+    if let Some(providers) = v.get("providers").and_then(Value::as_array) {
+        if !providers.is_empty() {
+            let mut rows = vec![[
+                "PROVIDER".to_string(),
+                "DEPTH".to_string(),
+                "IN FLIGHT".to_string(),
+                "DEAD LETTERS".to_string(),
+                "LOCAL".to_string(),
+            ]];
+            for p in providers {
+                rows.push([
+                    str_of(p, "provider"),
+                    num_of(p, "depth"),
+                    num_of(p, "in_flight"),
+                    num_of(p, "dead_letters"),
+                    num_of(p, "local"),
+                ]);
+            }
+            out.push_str(&table(&rows));
+        }
+    }
+    out
+}
+
+/// Left-aligned columns, two spaces apart.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// A JSON value as text without the quotes of a string.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn str_of(v: &Value, field: &str) -> String {
+    v.get(field).map_or_else(|| "-".to_string(), plain)
+}
+
+fn num_of(v: &Value, field: &str) -> String {
+    v.get(field).map_or_else(|| "0".to_string(), plain)
+}
+
+/// A short `key=value` rendering of a JSON object (the reload answer).
+fn summary(v: &Value) -> String {
+    match v.as_object() {
+        Some(o) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", plain(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        None => plain(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listen_connects_to_loopback() {
+        assert_eq!(connect_address("0.0.0.0:9090"), "127.0.0.1:9090");
+        assert_eq!(connect_address("[::]:9090"), "[::1]:9090");
+        assert_eq!(connect_address("10.0.0.2:9090"), "10.0.0.2:9090");
+    }
+
+    #[test]
+    fn reads_admin_settings_only() {
+        let (listen, token) = admin_settings(
+            "[server]\nadmin_listen = \"127.0.0.1:9\"\n[admin]\ntoken = \"${X}\"\n[cache]\nbogus = 1\n",
+        )
+        .unwrap();
+        assert_eq!(listen, "127.0.0.1:9");
+        assert_eq!(token.as_deref(), Some("${X}"));
+        assert!(admin_settings("[server]\n").is_err());
+    }
+
+    #[test]
+    fn purge_body() {
+        let p = Purge {
+            event: Some("vendor_updated".into()),
+            params: vec!["vendor_id=v1".into(), "city=a=b".into()],
+            soft: true,
+            ..Default::default()
+        };
+        let b = invalidate_body(&p).unwrap();
+        assert_eq!(b["events"][0]["name"], "vendor_updated");
+        assert_eq!(b["events"][0]["params"]["vendor_id"], "v1");
+        assert_eq!(b["events"][0]["params"]["city"], "a=b");
+        assert_eq!(b["soft"], true);
+        assert_eq!(
+            invalidate_body(&Purge::default()).unwrap_err().code,
+            EXIT_USAGE
+        );
+        let stray = Purge {
+            tags: vec!["t".into()],
+            params: vec!["k=v".into()],
+            ..Default::default()
+        };
+        assert_eq!(invalidate_body(&stray).unwrap_err().code, EXIT_USAGE);
+    }
+
+    #[test]
+    fn tables_align() {
+        let v = serde_json::json!({"rules": {"a-long-rule": {"requests": 10, "hits": 5,
+            "hit_ratio": 0.5, "bytes_stored": 2048, "cost_saved": 0.25, "tokens_saved": 7}}});
+        let t = stats_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].starts_with("a-long-rule  10"), "{t}");
+        assert!(lines[1].contains("50.0%"), "{t}");
+        assert_eq!(lines[0].find("REQUESTS"), lines[1].find("10"));
+    }
+}
