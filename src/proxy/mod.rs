@@ -880,9 +880,10 @@ impl ProxyHttp for Gateway {
                 "request"
             );
         }
-        if self.config.log.access && session.subrequest_ctx.is_none() {
+        let live = ctx.live.clone();
+        if live.config.log.access && session.subrequest_ctx.is_none() {
             let upstream = match ctx.upstream.start {
-                Some(_) => self
+                Some(_) => live
                     .config
                     .upstreams
                     .get(rule.upstream)
@@ -903,7 +904,7 @@ impl ProxyHttp for Gateway {
                 duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
                 bytes: session.body_bytes_sent(),
             }
-            .render(self.config.log.format);
+            .render(live.config.log.format);
             tracing::info!(target: access::TARGET, "{line}");
         }
     }

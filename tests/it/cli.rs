@@ -329,3 +329,39 @@ async fn bad_token_and_unreachable_gateway() {
     .await;
     assert_eq!(missing.code, Some(2), "{}", missing.stderr);
 }
+
+/// `aisle reload` against a running gateway: a good edit reloads (exit 0, the change named), a
+/// broken one is refused (exit 1, each `file:line:col` problem printed) and the old rules keep
+/// serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_a_good_edit_and_refuses_a_broken_one() {
+    let origin = origin();
+    let gw = start(&origin).await;
+    let config = config_arg(&gw);
+    let env = [("AISLE_ADMIN_TOKEN", TOKEN)];
+    let rules = gw.config_path().parent().unwrap().join("rules/rules.toml");
+    let extra = "\n[[rule]]\nname = \"added-by-reload\"\nmatch = { path = \"/added/*\" }\nupstream = \"api\"\nttl = \"60s\"\n";
+    // First: the rules end with a catch-all that would shadow it.
+    let good = format!("{extra}{}", fixtures::INVALIDATION_RULES);
+    std::fs::write(&rules, &good).unwrap();
+    let ok = aisle(&["reload", "--config", &config], &env).await;
+    assert_eq!(ok.code, Some(0), "{} {}", ok.stdout, ok.stderr);
+    assert!(ok.stdout.contains("added-by-reload"), "{}", ok.stdout);
+    assert_stored_miss(&gw.get("/added/x").await, "the reloaded rule caches");
+
+    std::fs::write(&rules, format!("{good}\n[[rule]\nname = \"broken\n")).unwrap();
+    let refused = aisle(&["reload", "--config", &config], &env).await;
+    assert_eq!(
+        refused.code,
+        Some(1),
+        "{} {}",
+        refused.stdout,
+        refused.stderr
+    );
+    let out = format!("{}{}", refused.stdout, refused.stderr);
+    assert!(
+        out.contains("rules.toml:"),
+        "the problem with its position: {out}"
+    );
+    assert_hit(&gw.get("/added/x").await, "the running rules keep serving");
+}
