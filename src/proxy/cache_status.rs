@@ -64,6 +64,9 @@ pub struct Observed {
     pub ttl: Option<i64>,
     /// A short hash of the key, for rules keyed on the body.
     pub key: Option<String>,
+    /// Answered from another request's fill: after waiting on its cache lock, or reading it
+    /// while it streamed (RFC 9211 §2.6 `collapsed`).
+    pub collapsed: bool,
 }
 
 /// The `Cache-Status` facts and the outcome counted in metrics.
@@ -100,6 +103,7 @@ pub fn decide(o: &Observed) -> (CacheStatus, CacheOutcome) {
         Phase::Hit => {
             s.hit = true;
             s.ttl = o.ttl;
+            s.collapsed = o.collapsed;
             CacheOutcome::Hit
         }
         Phase::Stale => {
@@ -190,6 +194,8 @@ pub struct CacheStatus {
     pub ttl: Option<i64>,
     pub stored: bool,
     pub detail: Option<&'static str>,
+    /// RFC 9211 §2.6: the answer came from another request's fill.
+    pub collapsed: bool,
     /// A short hash of the cache key (rules keyed on the body), so callers can see why two
     /// requests did or did not share an entry.
     pub key: Option<String>,
@@ -215,6 +221,9 @@ impl CacheStatus {
         }
         if self.stored {
             s.push_str("; stored");
+        }
+        if self.collapsed {
+            s.push_str("; collapsed");
         }
         if let Some(key) = &self.key {
             // An sf-string: a token must not start with a digit (RFC 8941 §3.3.4).
@@ -274,6 +283,17 @@ mod tests {
                 ..base()
             },
             "aisle; hit; ttl=42",
+            CacheOutcome::Hit,
+        );
+        // Issue 18 item 8: a hit from another request's fill says `collapsed` (RFC 9211 §2.6).
+        row(
+            Observed {
+                phase: Some(Phase::Hit),
+                ttl: Some(5),
+                collapsed: true,
+                ..base()
+            },
+            "aisle; hit; ttl=5; collapsed",
             CacheOutcome::Hit,
         );
         // Issue 18 item 6: unquoted, a key starting with a digit is not a token.

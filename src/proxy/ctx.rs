@@ -28,6 +28,8 @@ pub struct CacheCtx {
     pub stale_after: bool,
     /// Tokens recorded with the stored response this request was answered from.
     pub hit_tokens: u64,
+    /// The hit read a fill still in progress (another request's), chunk by chunk.
+    pub partial_hit: bool,
     /// This instance's fleet fill lock for the key, released when the request ends (or handed
     /// to the fill that stores the answer).
     pub fill_lock: Option<FillLock>,

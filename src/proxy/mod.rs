@@ -39,7 +39,7 @@ use crate::key::{self, BadHost};
 use crate::metrics::{metrics, CacheOutcome};
 use crate::policy;
 use crate::storage::epochs::Verdict;
-use crate::storage::memory::Eviction;
+use crate::storage::memory::{Eviction, PartialHit};
 use crate::storage::tiered::Tiered;
 use crate::storage::EntryInfo;
 use arc_swap::ArcSwap;
@@ -241,6 +241,8 @@ impl Gateway {
             stored: ctx.cache.stored,
             ttl,
             key,
+            collapsed: ctx.cache.partial_hit
+                || (session.cache.lock_duration().is_some() && !session.cache.upstream_used()),
         }
     }
 
@@ -416,10 +418,11 @@ impl ProxyHttp for Gateway {
         &self,
         session: &mut Session,
         meta: &CacheMeta,
-        _hit_handler: &mut HitHandler,
+        hit_handler: &mut HitHandler,
         is_fresh: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
+        ctx.cache.partial_hit = hit_handler.as_any().is::<PartialHit>();
         // Every hit path (memory, a fill still streaming, Redis) attaches the entry's facts.
         if let Some(info) = EntryInfo::of(meta) {
             ctx.cache.hit_tokens = info.tokens;
@@ -856,10 +859,9 @@ impl ProxyHttp for Gateway {
         if ctx.upstream.start.is_some() && ctx.upstream.status.is_none() {
             ctx.live.peers.observe(rule.upstream, "error", None);
         }
-        if session.cache.enabled()
-            && session.cache.lock_duration().is_some()
-            && !session.cache.upstream_used()
-        {
+        // Every request answered from another's fill, whether it waited on the cache lock or
+        // joined the fill while it streamed (counting only lock waiters missed the latter).
+        if session.cache.enabled() && status.collapsed {
             metrics().coalesced.inc();
         }
         if tracing::enabled!(tracing::Level::DEBUG) {

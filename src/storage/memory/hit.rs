@@ -100,7 +100,7 @@ impl HandleHit for BodyHit {
 
 /// Reads a fill in progress chunk by chunk, waiting for the next one, so a client coalesced
 /// behind a streaming miss receives the events as they are produced.
-pub(super) struct PartialHit {
+pub struct PartialHit {
     partial: Arc<Partial>,
     rx: watch::Receiver<Progress>,
     next: usize,

@@ -16,7 +16,7 @@ mod compact;
 mod fill;
 mod hit;
 
-pub use hit::BodyHit;
+pub use hit::{BodyHit, PartialHit};
 
 use super::EntryInfo;
 use crate::metrics::metrics;
@@ -24,7 +24,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use compact::{body_weight, compact_header, header_weight, owned_body, with_slack};
 use fill::{MemoryMiss, Partial, Progress};
-use hit::PartialHit;
 use parking_lot::{Mutex, RwLock};
 use pingora::cache::eviction::{lru, EvictionManager};
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
