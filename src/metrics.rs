@@ -303,6 +303,24 @@ pub static PURGE_EPOCHS: Lazy<IntGaugeVec> = Lazy::new(|| {
     .expect("register aisle_purge_epochs")
 });
 
+/// `aisle_config_info{hash} 1`: which configuration is running (the `hash` of
+/// [`set_config_hash`]); one series at a time, like a `build_info`.
+static CONFIG_INFO: Lazy<IntGaugeVec> = Lazy::new(|| {
+    register_int_gauge_vec!(
+        "aisle_config_info",
+        "The running configuration: 1 for the hash of gateway.toml and the rules files in force",
+        &["hash"]
+    )
+    .expect("register aisle_config_info")
+});
+
+/// Says which configuration runs now (at start and after every successful reload); the
+/// previous hash's series is removed, so reloads cannot grow the metric.
+pub fn set_config_hash(hash: &str) {
+    CONFIG_INFO.reset();
+    CONFIG_INFO.with_label_values(&[hash]).set(1);
+}
+
 /// The process's metrics.
 pub fn metrics() -> &'static Metrics {
     &METRICS

@@ -14,7 +14,9 @@
 //! generation is part of its keys (`Rule::generation`). The module sits in layer 7 beside
 //! `proxy` and `admin`: it builds what the proxy runs on, and the admin endpoint calls it.
 
+use crate::clock::now_ms;
 use crate::config::Config;
+use crate::invalidation::audit::{Audit, AuditEntry};
 use crate::metrics::reload_metrics;
 use crate::proxy::{Live, Locks, Shared};
 use async_trait::async_trait;
@@ -44,15 +46,18 @@ pub struct Reloader {
     locks: &'static Locks,
     /// One reload at a time, so two triggers at once cannot swap in the older of two files.
     running: tokio::sync::Mutex<()>,
+    /// Where each reload is recorded (who, when, the new hash, what changed).
+    audit: Arc<Audit>,
 }
 
 impl Reloader {
-    pub fn new(path: PathBuf, live: Shared, locks: &'static Locks) -> Self {
+    pub fn new(path: PathBuf, live: Shared, locks: &'static Locks, audit: Arc<Audit>) -> Self {
         Reloader {
             path,
             live,
             locks,
             running: tokio::sync::Mutex::new(()),
+            audit,
         }
     }
 
@@ -100,8 +105,26 @@ impl Reloader {
                 Err(errors)
             }
             Ok((live, changes)) => {
+                let hash = live.config.hash.clone();
                 self.live.store(Arc::new(live));
                 m.ok.inc();
+                crate::metrics::set_config_hash(&hash);
+                let at_ms = now_ms();
+                self.audit.record(AuditEntry {
+                    id: format!("reload-{at_ms:x}"),
+                    at_ms,
+                    source: "reload".to_string(),
+                    actor: trigger.to_string(),
+                    cdn: "none".to_string(),
+                    reload: Some(serde_json::json!({
+                        "hash": hash,
+                        "added": changes.added,
+                        "removed": changes.removed,
+                        "changed": changes.changed,
+                        "needs_restart": changes.needs_restart,
+                    })),
+                    ..AuditEntry::default()
+                });
                 tracing::info!(
                     trigger,
                     added = ?changes.added,

@@ -130,7 +130,13 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     let replays = Replays::new(shared.clone()).map_err(std::io::Error::other)?;
     let locks = parts.locks;
     let live: Shared = Arc::new(ArcSwap::from_pointee(Live::new(config.clone(), locks)?));
-    let reloader = Arc::new(Reloader::new(config.path.clone(), live.clone(), locks));
+    crate::metrics::set_config_hash(&config.hash);
+    let reloader = Arc::new(Reloader::new(
+        config.path.clone(),
+        live.clone(),
+        locks,
+        audit.clone(),
+    ));
     // Both results show as 0 before the first reload.
     let _ = crate::metrics::reload_metrics();
     server.add_service(pingora::services::background::background_service(

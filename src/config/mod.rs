@@ -36,6 +36,9 @@ use toml::Spanned;
 #[derive(Debug)]
 pub struct Config {
     pub path: PathBuf,
+    /// The first 16 hex digits of a BLAKE3 digest of `gateway.toml` and every rules file (names
+    /// and texts): which configuration is running (`aisle_config_info{hash}`, reload audit).
+    pub hash: String,
     pub listen: String,
     pub admin_listen: String,
     /// Worker threads for the proxy service.
@@ -409,6 +412,7 @@ impl Config {
                 None => src.whole(message),
             });
         }
+        let mut rules_digest = None;
         let rules = if diags.is_empty() {
             let ctx = rules::Context {
                 upstreams: &names,
@@ -416,7 +420,10 @@ impl Config {
                 encryption: redis.as_ref().is_some_and(|r| r.keys.is_some()),
             };
             match rules::load_dir(&rules_dir, &ctx) {
-                Ok(r) => Some(r),
+                Ok((r, digest)) => {
+                    rules_digest = Some(digest);
+                    Some(r)
+                }
                 Err(mut e) => {
                     diags.append(&mut e);
                     None
@@ -454,7 +461,16 @@ impl Config {
         if !diags.is_empty() {
             return Err(diags);
         }
+        let hash = {
+            let mut h = blake3::Hasher::new();
+            h.update(text.as_bytes());
+            if let Some(d) = rules_digest {
+                h.update(d.as_bytes());
+            }
+            h.finalize().to_hex()[..16].to_string()
+        };
         Ok(Config {
+            hash,
             path: path.to_path_buf(),
             listen: raw.server.listen.into_inner(),
             admin_listen: raw.server.admin_listen.into_inner(),

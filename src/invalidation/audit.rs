@@ -60,6 +60,11 @@ pub struct AuditEntry {
     /// `wrong-method`). Never the body.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refused: Option<String>,
+    /// Set on the record of a configuration reload (it invalidated nothing): the new
+    /// configuration's `hash` and the rules `added`, `removed`, `changed`, and settings that
+    /// `needs_restart`; `actor` says what triggered it (`sighup`, `admin`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<serde_json::Value>,
 }
 
 /// Refusal records kept per webhook source per minute: a flood of forged deliveries must not

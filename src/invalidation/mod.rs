@@ -375,6 +375,7 @@ impl Invalidator {
             cdn: summary.cdn.clone(),
             cdn_answers: Vec::new(),
             refused: None,
+            reload: None,
         });
         if let Some((queue, job)) = job {
             if let Err(e) = queue.enqueue(&job).await {

@@ -34,7 +34,12 @@ pub struct Context<'a> {
 }
 
 /// Loads and compiles every `*.toml` in `dir`, in file-name order.
-pub(crate) fn load_dir(dir: &Path, ctx: &Context<'_>) -> Result<RuleSet, Vec<Diagnostic>> {
+/// Compiles every `*.toml` file of `dir`, in name order; also returns a BLAKE3 digest of their
+/// names and texts (the configuration's identity, `aisle_config_info{hash}`).
+pub(crate) fn load_dir(
+    dir: &Path,
+    ctx: &Context<'_>,
+) -> Result<(RuleSet, blake3::Hash), Vec<Diagnostic>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -67,8 +72,20 @@ pub(crate) fn load_dir(dir: &Path, ctx: &Context<'_>) -> Result<RuleSet, Vec<Dia
         .iter()
         .map(|(p, t)| (p.as_path(), t.as_str()))
         .collect();
+    let mut digest = blake3::Hasher::new();
+    for (p, t) in &sources {
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        for part in [name.as_bytes(), t.as_bytes()] {
+            digest.update(&(part.len() as u64).to_le_bytes());
+            digest.update(part);
+        }
+    }
+    let digest = digest.finalize();
     match compile(&sources, ctx) {
-        Ok(set) if diags.is_empty() => Ok(set),
+        Ok(set) if diags.is_empty() => Ok((set, digest)),
         Ok(_) => Err(diags),
         Err(mut more) => {
             diags.append(&mut more);

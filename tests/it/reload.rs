@@ -158,6 +158,38 @@ async fn admin_reload_reports_changes_and_refuses_a_broken_edit() {
     println!("reload answer: {body}");
     let changes = &body["changes"];
     assert_eq!(changes["added"], serde_json::json!(["fresh"]));
+    // The reload is audited (who, what changed, the new configuration's hash), and
+    // `aisle_config_info` names that hash, one series at a time.
+    let audit = fetch(
+        gw.client(),
+        "GET",
+        &gw.admin_url("/admin/audit?since=0"),
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+    )
+    .await;
+    let records: serde_json::Value = serde_json::from_slice(&audit.body).unwrap();
+    let reload = records["records"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["source"] == "reload"))
+        .unwrap_or_else(|| panic!("no reload record: {records}"))
+        .clone();
+    assert_eq!(reload["actor"], "admin", "{reload}");
+    assert_eq!(
+        reload["reload"]["added"],
+        serde_json::json!(["fresh"]),
+        "{reload}"
+    );
+    let hash = reload["reload"]["hash"].as_str().expect("hash").to_string();
+    assert_eq!(hash.len(), 16, "{hash}");
+    let metrics = gw.metrics().await;
+    let info: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("aisle_config_info{"))
+        .collect();
+    assert_eq!(
+        info,
+        [format!("aisle_config_info{{hash=\"{hash}\"}} 1").as_str()]
+    );
     assert_eq!(changes["changed"], serde_json::json!(["edited"]));
     assert_eq!(changes["removed"], serde_json::json!([]));
     assert_eq!(
