@@ -9,28 +9,25 @@ use aisle::storage::epochs::{Epoch, Epochs};
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use std::time::{Duration, UNIX_EPOCH};
 
+/// A hard purge at `at_ms`.
+fn hard(at_ms: u64) -> Epoch {
+    Epoch { at_ms, soft: false }
+}
+
+/// Epochs holding one unrelated tag purge, so the check runs past its empty fast path.
+fn epochs_with_a_tag_purge() -> Epochs {
+    let epochs = Epochs::default();
+    epochs.purge_tag("other", hard(1_000));
+    epochs
+}
+
 fn bench(c: &mut Criterion) {
     let created = UNIX_EPOCH + Duration::from_millis(2_000);
     let tags = ["vendors", "vendor:v-42"];
     for n in [0usize, 10_000, 30_000] {
-        let epochs = Epochs::default();
-        // One unrelated tag purge, so the check runs even with no prefixes.
-        epochs.purge_tag(
-            "other",
-            Epoch {
-                at_ms: 1_000,
-                soft: false,
-            },
-        );
+        let epochs = epochs_with_a_tag_purge();
         for i in 0..n {
-            let prefix = format!("api.example/api/weddings/w-{i}/");
-            epochs.purge_prefix(
-                &prefix,
-                Epoch {
-                    at_ms: 1_000,
-                    soft: false,
-                },
-            );
+            epochs.purge_prefix(&format!("api.example/api/weddings/w-{i}/"), hard(1_000));
         }
         c.bench_function(&format!("judge a hit, {n} prefix purges"), |b| {
             b.iter(|| {
@@ -50,22 +47,9 @@ fn bench(c: &mut Criterion) {
 fn bench_uris(c: &mut Criterion) {
     let created = UNIX_EPOCH + Duration::from_millis(2_000_000);
     for n in [0u64, 65_536, 1_000_000] {
-        let epochs = Epochs::default();
-        epochs.purge_tag(
-            "other",
-            Epoch {
-                at_ms: 1_000,
-                soft: false,
-            },
-        );
+        let epochs = epochs_with_a_tag_purge();
         for i in 0..n {
-            epochs.purge_uri(
-                i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                Epoch {
-                    at_ms: 1_000 + i,
-                    soft: false,
-                },
-            );
+            epochs.purge_uri(i.wrapping_mul(0x9E37_79B9_7F4A_7C15), hard(1_000 + i));
         }
         let (exact, folded) = epochs.uri_len();
         c.bench_function(

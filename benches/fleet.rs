@@ -12,98 +12,14 @@
 //!
 //! Run by `cargo test` (no `--bench` argument) it does a few iterations only, as a smoke test.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-const DEADLINE: Duration = Duration::from_secs(20);
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// One keep-alive HTTP/1.1 connection.
-struct Client {
-    reader: BufReader<TcpStream>,
-    addr: SocketAddr,
-}
-
-impl Client {
-    fn new(port: u16) -> Client {
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client {
-            reader: BufReader::new(s),
-            addr,
-        }
-    }
-
-    /// Sends a request; returns (status, cache-status).
-    fn send(&mut self, method: &str, path: &str) -> (u16, String) {
-        let req =
-            format!("{method} {path} HTTP/1.1\r\nHost: fleet.bench\r\nContent-Length: 0\r\n\r\n");
-        if self.reader.get_mut().write_all(req.as_bytes()).is_err() {
-            *self = Client::new(self.addr.port());
-            self.reader.get_mut().write_all(req.as_bytes()).unwrap();
-        }
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let status: u16 = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let (mut len, mut cache_status, mut close) = (0usize, String::new(), false);
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).unwrap();
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':').unwrap_or((l, ""));
-            match k.to_ascii_lowercase().as_str() {
-                "content-length" => len = v.trim().parse().unwrap_or(0),
-                "cache-status" => cache_status = v.trim().to_string(),
-                "connection" => close = v.trim().eq_ignore_ascii_case("close"),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; len];
-        self.reader.read_exact(&mut body).unwrap();
-        if close {
-            *self = Client::new(self.addr.port());
-        }
-        (status, cache_status)
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what} did not come up within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use support::{free_port, wait_for, Client, Proc};
 
 fn gateway(
     dir: &std::path::Path,
@@ -195,19 +111,27 @@ fn main() {
     let (_a, a) = gateway(dir.path(), "a", "64MiB", redis_port, origin);
     let (_b, b) = gateway(dir.path(), "b", "64MiB", redis_port, origin);
     let (_r, r) = gateway(dir.path(), "r", "0", redis_port, origin);
-    let (mut ca, mut cb, mut cr) = (Client::new(a), Client::new(b), Client::new(r));
+    let (mut ca, mut cb, mut cr) = (
+        Client::new(a, "fleet.bench"),
+        Client::new(b, "fleet.bench"),
+        Client::new(r, "fleet.bench"),
+    );
 
     let path = "/api/vendors/v-bench";
-    assert_eq!(ca.send("GET", path).0, 200);
+    assert_eq!(ca.send("GET", path).status, 200);
     wait_for("the fill to reach Redis", || {
-        cr.send("GET", path).1.contains("hit")
+        cr.send("GET", path).cache_status.contains("hit")
     });
 
     let measure = |c: &mut Client, expect: &str| {
         let mut v = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
-            let (status, cs) = c.send("GET", path);
+            let support::Reply {
+                status,
+                cache_status: cs,
+                ..
+            } = c.send("GET", path);
             v.push(t.elapsed());
             assert!(
                 status == 200 && cs.contains(expect),
@@ -222,12 +146,12 @@ fn main() {
     let mut reach = Vec::with_capacity(rounds);
     for _ in 0..rounds {
         wait_for("A to cache the entry again", || {
-            ca.send("GET", path).1.contains("hit")
+            ca.send("GET", path).cache_status.contains("hit")
         });
-        assert_eq!(cb.send("POST", path).0, 200);
+        assert_eq!(cb.send("POST", path).status, 200);
         let t = Instant::now();
         wait_for("the invalidation to reach A", || {
-            !ca.send("GET", path).1.contains("hit")
+            !ca.send("GET", path).cache_status.contains("hit")
         });
         reach.push(t.elapsed());
     }

@@ -16,32 +16,18 @@
 //! Run by `cargo test --benches` (no `--bench` argument) it is a smoke test: a 4 MiB budget,
 //! 1 KiB bodies.
 
+mod support;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{free_port, wait_for, Client, Proc};
 
-const DEADLINE: Duration = Duration::from_secs(20);
 const CLIENTS: usize = 4;
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -103,71 +89,6 @@ fn serve(stream: TcpStream) {
         if reader.get_mut().write_all(&out).is_err() {
             return;
         }
-    }
-}
-
-/// One keep-alive HTTP/1.1 connection; `get` returns the status and the body length.
-struct Client {
-    reader: BufReader<TcpStream>,
-    port: u16,
-}
-
-impl Client {
-    fn new(port: u16) -> Client {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client {
-            reader: BufReader::new(s),
-            port,
-        }
-    }
-
-    fn get(&mut self, path: &str) -> (u16, Vec<u8>) {
-        let req = format!("GET {path} HTTP/1.1\r\nHost: budget.bench\r\n\r\n");
-        if self.reader.get_mut().write_all(req.as_bytes()).is_err() {
-            *self = Client::new(self.port);
-            self.reader.get_mut().write_all(req.as_bytes()).unwrap();
-        }
-        let mut line = String::new();
-        self.reader.read_line(&mut line).unwrap();
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let (mut len, mut close) = (0usize, false);
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line).unwrap();
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':').unwrap_or((l, ""));
-            match k.to_ascii_lowercase().as_str() {
-                "content-length" => len = v.trim().parse().unwrap_or(0),
-                "connection" => close = v.trim().eq_ignore_ascii_case("close"),
-                _ => {}
-            }
-        }
-        let mut body = vec![0; len];
-        self.reader.read_exact(&mut body).unwrap();
-        if close {
-            *self = Client::new(self.port);
-        }
-        (status, body)
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < DEADLINE,
-            "{what} did not come up within {DEADLINE:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -243,13 +164,14 @@ impl Gateway {
             .map(|_| {
                 let (next, port, prefix) = (next.clone(), self.port, prefix.to_string());
                 std::thread::spawn(move || {
-                    let mut c = Client::new(port);
+                    let mut c = Client::new(port, "budget.bench");
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= requests {
                             return;
                         }
-                        let (status, body) = c.get(&format!("{prefix}{size}/{i}"));
+                        let support::Reply { status, body, .. } =
+                            c.send("GET", &format!("{prefix}{size}/{i}"));
                         assert_eq!((status, body.len()), (200, size), "GET {prefix}{size}/{i}");
                     }
                 })

@@ -423,17 +423,9 @@ pub fn cacheability(
     RespCacheable::Cacheable(meta)
 }
 
-/// Hop-by-hop fields: they describe one connection, not the response (RFC 9110 §7.6.1), plus
-/// the pre-standard `Keep-Alive` and `Proxy-Connection`.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "transfer-encoding",
-    "upgrade",
-    "trailer",
-];
+/// Hop-by-hop fields beyond those [`strip_connection_fields`] removes: they describe one
+/// message's transfer, not the response (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [&str; 4] = ["te", "transfer-encoding", "upgrade", "trailer"];
 
 /// Removes the hop-by-hop fields and every field `Connection` names (RFC 9110 §7.6.1): a
 /// cache removes them before storing (RFC 9111 §3.1). Framing (`Transfer-Encoding`) goes too:

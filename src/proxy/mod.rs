@@ -882,7 +882,7 @@ impl ProxyHttp for Gateway {
                 "request"
             );
         }
-        let live = ctx.live.clone();
+        let live = &ctx.live;
         if live.config.log.access && session.subrequest_ctx.is_none() {
             let upstream = match ctx.upstream.start {
                 Some(_) => live

@@ -506,18 +506,30 @@ async fn stale_after_answers_keep_the_client_connection() {
     );
 
     let answers = on_one_connection(&gw, path, 20).await;
+    assert_all_stale(
+        "hung origin, stale_after",
+        &answers,
+        b"old #1",
+        &["detail=stale-after"],
+    );
+}
+
+/// Every one of `answers` (requests on one keep-alive connection) arrived: 200, the stale
+/// `body`, and a `Cache-Status` containing each of `says`.
+fn assert_all_stale(what: &str, answers: &[Result<RawResp, String>], body: &[u8], says: &[&str]) {
     let answered = answers.iter().filter(|a| a.is_ok()).count();
-    println!("hung origin, stale_after, one keep-alive connection: {answered}/20 answered");
-    for a in &answers {
+    let n = answers.len();
+    println!("{what}, one keep-alive connection: {answered}/{n} answered");
+    for a in answers {
         let a = a
             .as_ref()
-            .unwrap_or_else(|e| panic!("the connection must carry all 20 requests: {e}"));
+            .unwrap_or_else(|e| panic!("the connection must carry all {n} requests: {e}"));
         assert_eq!(a.status, 200);
-        assert_eq!(a.body, b"old #1");
+        assert_eq!(a.body, body);
         let cs = a.header("cache-status").unwrap_or_default();
-        assert!(cs.contains("detail=stale-after"), "{cs:?}");
+        assert!(says.iter().all(|s| cs.contains(s)), "{cs:?}");
     }
-    assert_eq!(answered, 20);
+    assert_eq!(answered, n);
 }
 
 /// Issue 10 item 7: with the upstream refusing connections, stale-if-error answers keep the
@@ -540,21 +552,12 @@ async fn stale_if_error_over_a_refused_upstream_keeps_the_client_connection() {
     assert_stale_if_error(&r, "old #1");
 
     let answers = on_one_connection(&gw, path, 20).await;
-    let answered = answers.iter().filter(|a| a.is_ok()).count();
-    println!("refused upstream, stale-if-error, one keep-alive connection: {answered}/20 answered");
-    for a in &answers {
-        let a = a
-            .as_ref()
-            .unwrap_or_else(|e| panic!("the connection must carry all 20 requests: {e}"));
-        assert_eq!(a.status, 200);
-        assert_eq!(a.body, b"old #1");
-        let cs = a.header("cache-status").unwrap_or_default();
-        assert!(
-            cs.contains("fwd=stale") && cs.contains("detail=stale-if-error"),
-            "{cs:?}"
-        );
-    }
-    assert_eq!(answered, 20);
+    assert_all_stale(
+        "refused upstream, stale-if-error",
+        &answers,
+        b"old #1",
+        &["fwd=stale", "detail=stale-if-error"],
+    );
 }
 
 /// `stale_after` on a slow but live origin: the client is answered stale at `stale_after`, and
