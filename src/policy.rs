@@ -423,6 +423,17 @@ pub fn cacheability(
     RespCacheable::Cacheable(meta)
 }
 
+/// Gives a response without `Date` the time it was received (RFC 9110 §6.6.1: a recipient with
+/// a clock adds it to what it caches or forwards), so a stored copy keeps that time on every hit
+/// instead of the time of each answer.
+pub fn ensure_date(resp: &mut ResponseHeader) {
+    if resp.headers.get(http::header::DATE).is_none() {
+        let now = httpdate::fmt_http_date(SystemTime::now());
+        // An IMF-fixdate is always a valid field value.
+        let _ = resp.insert_header(http::header::DATE, now);
+    }
+}
+
 /// Hop-by-hop fields beyond those [`strip_connection_fields`] removes: they describe one
 /// message's transfer, not the response (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [&str; 4] = ["te", "transfer-encoding", "upgrade", "trailer"];

@@ -595,6 +595,7 @@ impl ProxyHttp for Gateway {
             // stored); pingora writes this hop's own `Connection` and framing.
             policy::strip_connection_fields(resp);
         }
+        policy::ensure_date(resp);
         if resp.status == http::StatusCode::NOT_MODIFIED {
             ctx.upstream.not_modified = Some(Box::new(resp.clone()));
         }

@@ -840,3 +840,92 @@ async fn a_post_answer_with_content_location_is_not_the_gets_answer() {
         get.text()
     );
 }
+
+/// RFC 9110 §6.6.1, RFC 9111 §4 and §4.3.4: the origin's `Date` reaches the client on a miss, a
+/// hit serves the stored `Date` (its `Age` says how old it is), and a 304 carrying `Date`
+/// replaces the stored one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stored_date_is_served() {
+    let generated = http_date(SystemTime::now() - Duration::from_secs(20));
+    let validated = http_date(SystemTime::now() - Duration::from_secs(5));
+    let (generated_at, validated_at) = (generated.clone(), validated.clone());
+    let origin = Origin::start(move |req| {
+        if req.header("if-none-match").as_deref() == Some("\"v1\"") {
+            return OriginResponse::with_status(304)
+                .header("etag", "\"v1\"")
+                .header("cache-control", "max-age=3600")
+                .header("date", &validated_at);
+        }
+        let r = OriginResponse::ok(format!("{} #{}", req.path, req.count))
+            .header("date", &generated_at)
+            .header("etag", "\"v1\"");
+        if req.path == "/revalidated" {
+            // Stored already stale (Age = max-age), so the next request revalidates.
+            r.header("cache-control", "max-age=1").header("age", "1")
+        } else {
+            r.header("cache-control", "max-age=3600")
+        }
+    });
+    let gw = gateway_for(&origin).await;
+
+    let miss = gw.get("/dated").await;
+    assert_eq!(miss.header("date"), Some(generated.clone()), "miss");
+    let hit = gw.get("/dated").await;
+    assert!(hit.is_hit(), "{:?}", hit.cache_status());
+    assert_eq!(hit.header("date"), Some(generated.clone()), "hit");
+    // Age counts resident time plus the origin's `Age`, not the distance from the origin's
+    // clock (README: apparent age is not used, so a slow origin clock does not age answers).
+    let age = hit.age().expect("Age on a hit");
+    assert!(age < 20, "Age {age} must not come from the origin's Date");
+
+    let first = gw.get("/revalidated").await;
+    assert_eq!(first.header("date"), Some(generated.clone()));
+    let revalidated = gw.get("/revalidated").await;
+    assert_eq!(origin.count("/revalidated"), 2, "one revalidation");
+    let hit = gw.get("/revalidated").await;
+    assert!(hit.is_hit(), "{:?}", hit.cache_status());
+    for r in [&revalidated, &hit] {
+        assert_eq!(r.header("date"), Some(validated.clone()), "the 304's Date");
+    }
+}
+
+/// RFC 9110 §6.6.1: a response without `Date` gets the time it was received, and that is the
+/// `Date` it is served with from storage, not the time of each hit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_without_date_is_stored_with_its_receipt_time() {
+    let origin = Origin::start_undated(|req| {
+        OriginResponse::ok(format!("{} #{}", req.path, req.count))
+            .header("cache-control", "max-age=3600")
+    });
+    let gw = gateway_for(&origin).await;
+    let miss = gw.get("/undated").await;
+    let received = miss.header("date").expect("a Date is added");
+    // Wait (bounded) until the clock shows another second, so a Date made per answer differs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while http_date(SystemTime::now()) == received {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hit = gw.get("/undated").await;
+    assert!(hit.is_hit(), "{:?}", hit.cache_status());
+    assert_eq!(hit.header("date"), Some(received));
+}
+
+/// RFC 9110 §6.6.1: an answer the gateway makes itself (here the error for an unreachable
+/// origin) carries the time it was sent, not a placeholder.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_answer_carries_the_current_date() {
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let gw = Gateway::start(&config_for(&nowhere), &[]).await;
+    let r = gw.get("/down").await;
+    assert!(r.status >= 500, "{}", r.status);
+    let date = r.header("date").expect("a Date on every answer");
+    let sent = httpdate::parse_http_date(&date).expect("an HTTP-date");
+    let skew = SystemTime::now()
+        .duration_since(sent)
+        .unwrap_or_else(|e| e.duration());
+    assert!(skew < Duration::from_secs(5), "Date {date} is {skew:?} off");
+}

@@ -161,6 +161,22 @@ impl Origin {
     where
         F: Fn(OriginRequest) -> OriginResponse + Send + Sync + 'static,
     {
+        Origin::start_dated(handler, true)
+    }
+
+    /// An origin that sends no `Date` of its own (hyper adds one otherwise), as an origin
+    /// without a clock does (RFC 9110 §6.6.1).
+    pub fn start_undated<F>(handler: F) -> Origin
+    where
+        F: Fn(OriginRequest) -> OriginResponse + Send + Sync + 'static,
+    {
+        Origin::start_dated(handler, false)
+    }
+
+    fn start_dated<F>(handler: F, auto_date: bool) -> Origin
+    where
+        F: Fn(OriginRequest) -> OriginResponse + Send + Sync + 'static,
+    {
         let std_listener = StdTcpListener::bind("127.0.0.1:0").expect("bind origin");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("origin addr");
@@ -185,6 +201,7 @@ impl Origin {
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| handle(st.clone(), req));
                             let conn = http1::Builder::new()
+                                .auto_date_header(auto_date)
                                 .serve_connection(TokioIo::new(stream), svc);
                             tokio::select! {
                                 _ = conn => {}
