@@ -91,7 +91,13 @@ impl<'a> SourceFile<'a> {
 
     /// Turns a `toml` parse error into a positioned diagnostic.
     pub fn toml_error(&self, err: &toml::de::Error) -> Diagnostic {
-        let message = err.message().trim().to_string();
+        let mut message = err.message().trim().to_string();
+        if message.is_empty() {
+            // `toml` has no words for some errors (a file that ends inside a value).
+            message = "invalid TOML: a value is missing or unfinished here (an unclosed `{`, \
+                       `[` or string, or a `key =` with nothing after it); complete or remove it"
+                .to_string();
+        }
         match err.span() {
             Some(span) => self.at(span, message),
             None => self.whole(message),
@@ -118,6 +124,18 @@ mod tests {
         assert_eq!(line_col("abc", 0), (1, 1));
         assert_eq!(line_col("abc\ndef", 5), (2, 2));
         assert_eq!(line_col("a\n\nxyz", 4), (3, 2));
+    }
+
+    #[test]
+    fn a_toml_error_without_words_still_says_what_is_wrong() {
+        let text = "[[rule]]\nname = \"broken\"\nmatch = { path = ";
+        let err = toml::from_str::<toml::Value>(text).unwrap_err();
+        let d = SourceFile::new(Path::new("rules/r.toml"), text).toml_error(&err);
+        let shown = d.to_string();
+        assert!(
+            shown.starts_with("rules/r.toml:3:18: invalid TOML: a value is missing"),
+            "{shown}"
+        );
     }
 
     #[test]

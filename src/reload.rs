@@ -1,4 +1,5 @@
-//! Hot reload: one code path for every trigger (`SIGHUP`, `POST /admin/reload`).
+//! Hot reload: one code path for every trigger (`SIGHUP`, `POST /admin/reload`, and file
+//! changes when `[server] watch` is on: [`watch`]).
 //!
 //! A reload compiles the whole configuration again with the code `aisle check` uses
 //! (`Config::load`). Any problem leaves the running configuration untouched: each is logged as
@@ -13,6 +14,9 @@
 //! them. Entries of changed rules are not served under the new definition because each rule's
 //! generation is part of its keys (`Rule::generation`). The module sits in layer 7 beside
 //! `proxy` and `admin`: it builds what the proxy runs on, and the admin endpoint calls it.
+
+mod watch;
+pub use watch::{Watch, DEBOUNCE};
 
 use crate::clock::now_ms;
 use crate::config::Config;

@@ -14,7 +14,7 @@ use crate::proxy::{CacheParts, Gateway, Live, Locks, Shared};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
 use crate::redis::Redis;
-use crate::reload::{Hangup, Reloader};
+use crate::reload::{Hangup, Reloader, Watch};
 use crate::storage::epochs::Epochs;
 use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;
@@ -142,6 +142,10 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     server.add_service(pingora::services::background::background_service(
         "aisle reload on SIGHUP",
         Hangup(reloader.clone()),
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "aisle reload on file changes",
+        Watch(reloader.clone()),
     ));
     let gateway = Gateway::new(live, parts, invalidator.clone(), replays);
     let mut proxy =

@@ -46,6 +46,8 @@ pub struct Config {
     /// `[server] grace_period`: how long `SIGTERM` lets requests and streams in flight finish
     /// (whole seconds; pingora's grace period).
     pub grace_period: Duration,
+    /// `[server] watch` (default true): reload when `gateway.toml` or a rules file changes.
+    pub watch: bool,
     pub cache: CacheConfig,
     /// Upstreams in name order; rules refer to them by index.
     pub upstreams: Vec<Upstream>,
@@ -479,6 +481,7 @@ impl Config {
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             grace_period,
+            watch: raw.server.watch.unwrap_or(true),
             cache: CacheConfig {
                 memory,
                 max_object,

@@ -57,6 +57,7 @@ pub(super) struct RawServer {
     pub(super) default_upstream: Option<Spanned<String>>,
     pub(super) threads: Option<usize>,
     pub(super) grace_period: Option<Spanned<String>>,
+    pub(super) watch: Option<bool>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) trusted_clients: Option<Vec<Spanned<String>>>,
 }

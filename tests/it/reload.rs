@@ -9,8 +9,17 @@ use crate::harness::*;
 
 const TOKEN: &str = "reload-test-token";
 const SIGHUP: u32 = 1;
+/// Five times the watcher's debounce (200 ms): long enough that a pending reload would show.
+const DEBOUNCE_TIMES_5: Duration = Duration::from_millis(1000);
 
+/// The tests that count reloads by one trigger turn the file watcher off (`watch = false`), so
+/// their own writes do not reload too (and an ignored setting would show as extra reloads).
 fn config(origin_url: &str) -> String {
+    watched_config(origin_url).replacen("[server]\n", "[server]\nwatch = false\n", 1)
+}
+
+/// The file watcher on (its default).
+fn watched_config(origin_url: &str) -> String {
     format!("{}\n[admin]\ntoken = \"{TOKEN}\"\n", config_for(origin_url))
 }
 
@@ -317,4 +326,91 @@ async fn reloads_under_load_fail_no_request() {
     assert!(ok > 0);
     assert_eq!(reloads(&gw, "ok").await, rounds as f64);
     assert_eq!(reloads(&gw, "error").await, 0.0);
+}
+
+/// `[server] watch` (the default): a saved rules edit is picked up without a signal or a call,
+/// a burst of writes (an editor's save, a `git checkout`) is one reload, a broken save keeps
+/// the running rules serving, and an edit of `gateway.toml` itself is picked up too.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_file_watcher_reloads_on_edits() {
+    let origin = origin();
+    let gw = Gateway::start(&watched_config(&origin.url()), &[("r.toml", &rules_v1())]).await;
+    warm(&gw).await;
+    // The watcher starts with the process; a first edit may land before it watches, so the
+    // edit is repeated (bounded) until a reload shows.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    'edit: loop {
+        assert!(Instant::now() < deadline, "no reload after editing r.toml");
+        gw.write_rules("r.toml", &rules_v2());
+        let retry = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < retry {
+            if reloads(&gw, "ok").await >= 1.0 {
+                break 'edit;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    check_v2(&gw, &origin).await;
+
+    // A burst: 10 saves 50 ms apart (less than the debounce) end in one reload, perhaps two on
+    // a loaded machine; reloading per write would be 10.
+    let before = reloads(&gw, "ok").await;
+    for i in 0..10 {
+        let rules = if i % 2 == 0 { rules_v1() } else { rules_v2() };
+        gw.write_rules("r.toml", &rules);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.wait_metric(
+        "aisle_config_reloads_total",
+        &[("result", "ok")],
+        "the burst's reload",
+        |v| v > before,
+    )
+    .await;
+    // Quiet for several debounce periods: nothing else is pending.
+    let mut settled = before;
+    let quiet = Instant::now() + DEBOUNCE_TIMES_5;
+    while Instant::now() < quiet {
+        settled = settled.max(reloads(&gw, "ok").await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let burst = settled - before;
+    println!("10 writes 50 ms apart: {burst} reload(s)");
+    assert!(
+        (1.0..=2.0).contains(&burst),
+        "{burst} reloads for one burst"
+    );
+
+    // A broken save is refused: counted, and the running rules keep serving.
+    gw.write_rules("r.toml", "[[rule]]\nname = \"broken\"\nmatch = { path = ");
+    gw.wait_metric(
+        "aisle_config_reloads_total",
+        &[("result", "error")],
+        ">= 1",
+        |v| v >= 1.0,
+    )
+    .await;
+    assert_hit(&gw.get("/kept").await, "/kept after a refused save");
+    let ok = reloads(&gw, "ok").await;
+    gw.write_rules("r.toml", &rules_v2());
+    gw.wait_metric(
+        "aisle_config_reloads_total",
+        &[("result", "ok")],
+        "the repaired save's reload",
+        |v| v > ok,
+    )
+    .await;
+
+    // gateway.toml itself: a new admin token is in force after the save.
+    let ok = reloads(&gw, "ok").await;
+    gw.edit_config(|text| text.replace(TOKEN, "rotated-admin-token-0001"));
+    gw.wait_metric(
+        "aisle_config_reloads_total",
+        &[("result", "ok")],
+        "the gateway.toml reload",
+        |v| v > ok,
+    )
+    .await;
+    let old = admin_reload(&gw).await;
+    assert_eq!(old.status, 401, "the old token after rotation");
 }

@@ -656,6 +656,12 @@ impl Gateway {
             .expect("write rule file");
     }
 
+    /// Rewrites this gateway's `gateway.toml` with `edit` applied to its current text.
+    pub fn edit_config(&self, edit: impl FnOnce(&str) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read gateway.toml");
+        std::fs::write(&self.config_path, edit(&text)).expect("write gateway.toml");
+    }
+
     /// Waits (bounded) for the process to exit; `None` if it is still running at the deadline.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
