@@ -36,6 +36,7 @@ pub mod redis;
 pub mod reload;
 pub mod rules;
 pub mod server;
+pub mod statedir;
 pub mod storage;
 pub mod tools;
 pub mod trust;

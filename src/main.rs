@@ -30,7 +30,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve with the given configuration (the default).
-    Run,
+    Run {
+        /// Take over the listening sockets of the running gateway (graceful upgrade): start
+        /// this, then send the running process SIGQUIT; it hands its listeners over and drains.
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Validate the configuration and every rules file; print problems as file:line:col.
     Check,
     /// Serve the repository's gateway.toml and rules/ with a built-in demo origin.
@@ -194,7 +199,7 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
-    match cli.command.unwrap_or(Command::Run) {
+    match cli.command.unwrap_or(Command::Run { upgrade: false }) {
         Command::Check => match load(&cli.config) {
             Ok(c) => {
                 println!(
@@ -207,8 +212,8 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run => match load(&cli.config) {
-            Ok(c) => serve(c),
+        Command::Run { upgrade } => match load(&cli.config) {
+            Ok(c) => serve(c, upgrade),
             Err(code) => code,
         },
         Command::Demo => demo(&cli.config),
@@ -321,14 +326,20 @@ fn trace(
     }
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, upgrade: bool) -> ExitCode {
     eprintln!(
         "aisle: proxy on http://{}, admin on http://{} ({} rules)",
         config.listen,
         config.admin_listen,
         config.rules.len()
     );
-    match aisle::server::run(config) {
+    if upgrade {
+        eprintln!(
+            "aisle: upgrade: waiting for the running gateway's sockets on {}; send it SIGQUIT now",
+            config.upgrade_socket.display()
+        );
+    }
+    match aisle::server::run(config, upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("aisle: {e}");
@@ -381,5 +392,5 @@ fn demo(path: &Path) -> ExitCode {
     println!("  curl -si -X POST -H 'content-type: application/json' 'http://{p}/api/ai/recommendations' -d '{{\"request_id\":\"r1\",\"query\":{{\"type\":\"venue\",\"content\":\"Best venues?\"}},\"weddingContext\":{{\"location\":{{\"city\":\"NYC\"}},\"weddingDate\":\"2026-09-19\"}}}}'   # run twice: the second is a hit");
     println!("  curl -sN -X POST -H 'content-type: application/json' 'http://{p}/v1/chat/completions' -d '{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'   # streamed, then replayed");
     println!("  curl -s  'http://{a}/metrics' | grep aisle_requests_total\n");
-    serve(config)
+    serve(config, false)
 }

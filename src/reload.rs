@@ -228,6 +228,12 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
     ) {
         new.grace_period = running.grace_period;
     }
+    if keep(
+        "[server] upgrade_socket",
+        running.upgrade_socket != new.upgrade_socket,
+    ) {
+        new.upgrade_socket = running.upgrade_socket.clone();
+    }
     let (rc, nc) = (&running.cache, &mut new.cache);
     if keep("[cache] memory", rc.memory != nc.memory) {
         nc.memory = rc.memory;

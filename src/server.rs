@@ -15,6 +15,7 @@ use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
 use crate::redis::Redis;
 use crate::reload::{Hangup, Reloader, Watch};
+use crate::statedir::DirLock;
 use crate::storage::epochs::Epochs;
 use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;
@@ -22,9 +23,12 @@ use crate::storage::tiered::Tiered;
 use arc_swap::ArcSwap;
 use pingora::cache::predictor::Predictor;
 use pingora::server::configuration::ServerConf;
+use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::server::{RunArgs, Server};
+use pingora::services::background::BackgroundService;
 use pingora::services::listening::Service;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use crate::proxy::fill_age_limit;
 
@@ -75,19 +79,45 @@ fn cache_parts(
     )
 }
 
-/// A server ready to run: the proxy on `listen`, admin on `admin_listen`.
-pub fn build(config: Config) -> std::io::Result<Server> {
+/// How long a new process waits for the state directory: a fresh start (another process holds
+/// it: a configuration mistake, reported), and an upgrade (the old process releases it when its
+/// shutdown starts, pingora's fixed 5 s after it handed its listeners over).
+const START_LOCK_WAIT: Duration = Duration::from_secs(2);
+const UPGRADE_LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// A server ready to run: the proxy on `listen`, admin on `admin_listen`. With `upgrade`, it
+/// first takes over the listening sockets of the running process (pingora's graceful upgrade;
+/// that process is then sent `SIGQUIT`).
+pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
     let conf = ServerConf {
         threads: config.threads,
+        upgrade_sock: config.upgrade_socket.to_string_lossy().into_owned(),
         // SIGTERM: listeners close at once, requests and streams in flight get the grace period
         // (pingora waits all of it, rounded up to seconds), then what remains is cut.
         grace_period_seconds: Some(config.grace_period.as_millis().div_ceil(1000) as u64),
         graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    // Subscribed before anything runs, so the upgrade phases are seen.
+    let phases = server.watch_execution_phase();
     server.bootstrap();
     let config = Arc::new(config);
+    // The purge queue and the fleet outbox live in `[purge] dir`: one process at a time.
+    let dir_lock = if config.redis.is_some() || config.cdn.is_some() {
+        let wait = if upgrade {
+            UPGRADE_LOCK_WAIT
+        } else {
+            START_LOCK_WAIT
+        };
+        Some(DirLock::acquire(&config.purge.dir, wait).map_err(std::io::Error::other)?)
+    } else {
+        None
+    };
     // One connection for every domain that keeps state in Redis; each claims its keyspace on it
     // as it is built, so an overlap stops the start here.
     let shared = match &config.redis {
@@ -119,6 +149,15 @@ pub fn build(config: Config) -> std::io::Result<Server> {
         }
         None => None,
     };
+    server.add_service(pingora::services::background::background_service(
+        "aisle state hand-over",
+        Handover {
+            phases: parking_lot::Mutex::new(Some(phases)),
+            lock: parking_lot::Mutex::new(dir_lock),
+            queue: queue.clone(),
+            redis: redis.clone(),
+        },
+    ));
     let invalidator = Arc::new(Invalidator::new(
         parts.storage,
         epochs.clone(),
@@ -185,11 +224,60 @@ pub fn build(config: Config) -> std::io::Result<Server> {
     Ok(server)
 }
 
-/// Runs until SIGINT / SIGTERM; SIGHUP reloads the configuration.
-pub fn run(config: Config) -> std::io::Result<()> {
-    let server = build(config)?;
+/// Runs until SIGINT / SIGTERM / SIGQUIT (hand-over to an upgraded process); SIGHUP reloads
+/// the configuration.
+pub fn run(config: Config, upgrade: bool) -> std::io::Result<()> {
+    let server = build(config, upgrade)?;
     server.run(RunArgs::default());
     Ok(())
+}
+
+/// Hands the state directory to the upgraded process: once this process has sent its
+/// listeners away (`SIGQUIT`) and its shutdown starts, the purge queue's log and the fleet
+/// outbox are synced and closed and the directory lock released, so the new process (waiting
+/// on the lock) replays everything this one wrote. On a plain `SIGTERM` nothing is handed over:
+/// the lock goes with the process.
+struct Handover {
+    phases: parking_lot::Mutex<Option<tokio::sync::broadcast::Receiver<ExecutionPhase>>>,
+    lock: parking_lot::Mutex<Option<DirLock>>,
+    queue: Option<Arc<PurgeQueue>>,
+    redis: Option<Arc<RedisTier>>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for Handover {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut phases) = self.phases.lock().take() else {
+            return;
+        };
+        let mut upgrading = false;
+        loop {
+            tokio::select! {
+                phase = phases.recv() => match phase {
+                    Ok(ExecutionPhase::GracefulUpgradeTransferringFds
+                        | ExecutionPhase::GracefulUpgradeCloseTimeout) => upgrading = true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        if !upgrading {
+            return;
+        }
+        if let Some(queue) = &self.queue {
+            queue.hand_over();
+        }
+        if let Some(redis) = &self.redis {
+            redis.outbox.hand_over();
+        }
+        if let Some(lock) = self.lock.lock().take() {
+            tracing::info!(
+                "upgrade: the state directory ({}) is handed to the new process",
+                lock.path().display()
+            );
+        }
+    }
 }
 
 #[cfg(test)]

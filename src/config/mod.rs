@@ -48,6 +48,9 @@ pub struct Config {
     pub grace_period: Duration,
     /// `[server] watch` (default true): reload when `gateway.toml` or a rules file changes.
     pub watch: bool,
+    /// `[server] upgrade_socket`: where `aisle run --upgrade` receives the listening sockets of
+    /// the running process (default `/tmp/aisle-upgrade-<listen port>.sock`).
+    pub upgrade_socket: PathBuf,
     pub cache: CacheConfig,
     /// Upstreams in name order; rules refer to them by index.
     pub upstreams: Vec<Upstream>,
@@ -275,6 +278,20 @@ impl Config {
                 }
             },
         };
+        let upgrade_socket = match &raw.server.upgrade_socket {
+            Some(p) => base.join(p.get_ref()),
+            None => {
+                let port = raw
+                    .server
+                    .listen
+                    .get_ref()
+                    .rsplit(':')
+                    .next()
+                    .unwrap_or("0")
+                    .to_string();
+                PathBuf::from(format!("/tmp/aisle-upgrade-{port}.sock"))
+            }
+        };
         let grace_period = dur(
             &raw.server.grace_period,
             Duration::from_secs(10),
@@ -482,6 +499,7 @@ impl Config {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             grace_period,
             watch: raw.server.watch.unwrap_or(true),
+            upgrade_socket,
             cache: CacheConfig {
                 memory,
                 max_object,

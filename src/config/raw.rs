@@ -58,6 +58,7 @@ pub(super) struct RawServer {
     pub(super) threads: Option<usize>,
     pub(super) grace_period: Option<Spanned<String>>,
     pub(super) watch: Option<bool>,
+    pub(super) upgrade_socket: Option<Spanned<String>>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) trusted_clients: Option<Vec<Spanned<String>>>,
 }

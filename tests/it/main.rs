@@ -38,4 +38,5 @@ mod scripts;
 mod shutdown;
 mod stale;
 mod structure;
+mod upgrade;
 mod webhooks;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
-    &["diag", "units", "clock", "metrics", "usage"],
+    &["diag", "units", "clock", "metrics", "usage", "statedir"],
     &["rules"],
     &["config", "trust"],
     &["key", "policy", "admission"],

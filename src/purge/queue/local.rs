@@ -63,6 +63,8 @@ pub(super) struct FileLog {
     records: u64,
     entries: HashMap<String, Entry>,
     seq: u64,
+    /// Handed over to the process that took over the directory: no more writes.
+    pub(super) handed_over: bool,
 }
 
 /// Appends one record to `buf` as the log writes it: a JSON object and a newline.
@@ -95,6 +97,14 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 impl FileLog {
+    /// Syncs the file and stops writing to it (see `PurgeQueue::hand_over`).
+    pub(super) fn hand_over(&mut self) {
+        if let Err(e) = self.file.sync_all() {
+            tracing::warn!("{}: sync before hand-over failed: {e}", self.path.display());
+        }
+        self.handed_over = true;
+    }
+
     /// Opens (creating) `<dir>/queue.log`, replays it, drops a torn last line, and rewrites it
     /// with the live items only. Items that were in flight when the process stopped are queued.
     pub(super) fn open(dir: &Path) -> io::Result<FileLog> {
@@ -116,6 +126,7 @@ impl FileLog {
             records: 0,
             entries: HashMap::new(),
             seq: 0,
+            handed_over: false,
         };
         // Only newline-terminated records count: a torn tail was never acknowledged.
         let (records, whole) = decode_log(&text);

@@ -329,15 +329,32 @@ impl PurgeQueue {
         }
     }
 
-    /// Runs `f` on the local log off the async threads (it writes and fsyncs).
+    /// Runs `f` on the local log off the async threads (it writes and fsyncs); an error once
+    /// the log was handed over ([`Self::hand_over`]).
     async fn with_file<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut FileLog) -> io::Result<T> + Send + 'static,
     ) -> io::Result<T> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || f(&mut file.lock()))
-            .await
-            .map_err(|e| io::Error::other(format!("local purge queue task failed: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            let mut log = file.lock();
+            if log.handed_over {
+                return Err(io::Error::other(
+                    "the local purge queue was handed over to the upgraded process; send the purge again",
+                ));
+            }
+            f(&mut log)
+        })
+        .await
+        .map_err(|e| io::Error::other(format!("local purge queue task failed: {e}")))?
+    }
+
+    /// Stops using the local log (after syncing it) so that the process taking over the
+    /// directory (a graceful upgrade) reads everything this one wrote; later writes here fail
+    /// and are answered as errors, never acknowledged and lost.
+    pub fn hand_over(&self) {
+        let mut log = self.file.lock();
+        log.hand_over();
     }
 
     /// Persists one item per (job, provider, batch) before returning `Ok` (the number of items):

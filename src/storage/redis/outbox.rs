@@ -304,6 +304,16 @@ impl Outbox {
         }
     }
 
+    /// Syncs the file and stops writing to it, for the process taking over the directory (a
+    /// graceful upgrade): it reads every op written so far. Ops still pending here stay in
+    /// memory and are retried until this process exits; the new one retries them too (each op
+    /// is idempotent: an epoch only moves forward, a delete of a deleted key is a no-op, a
+    /// broadcast applied twice purges the same entries).
+    pub fn hand_over(&self) {
+        self.sync();
+        self.inner.lock().log = None;
+    }
+
     /// Flushes what was written to disk (the relay calls it on every pass).
     pub fn sync(&self) {
         let mut inner = self.inner.lock();

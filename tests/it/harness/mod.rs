@@ -501,6 +501,44 @@ pub struct Gateway {
     listen: SocketAddr,
     admin: SocketAddr,
     client: reqwest::Client,
+    /// The extra environment the process was started with (an upgrade passes it on).
+    env: Vec<(String, String)>,
+}
+
+/// The process a graceful upgrade replaced ([`Gateway::upgrade`]); killed on drop if it still
+/// runs (it is this harness's own child).
+pub struct Replaced {
+    child: Child,
+}
+
+impl Replaced {
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits (bounded) for the process to exit; `None` if it still runs at the deadline.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+impl Drop for Replaced {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 const START_ATTEMPTS: usize = 3;
@@ -538,19 +576,11 @@ impl Gateway {
             for (name, contents) in rules {
                 std::fs::write(rules_dir.join(name), contents).expect("write rule file");
             }
-            let stdout = std::fs::File::create(dir.path().join("stdout.log")).unwrap();
-            let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
-            let child = Command::new(env!("CARGO_BIN_EXE_aisle"))
-                .arg("run")
-                .arg("--config")
-                .arg(&config_path)
-                .current_dir(dir.path())
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(stdout)
-                .stderr(stderr)
-                .spawn()
-                .expect("spawn aisle");
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            let child = spawn_aisle(dir.path(), &config_path, &env, false);
             let mut gw = Gateway {
                 child,
                 dir,
@@ -558,6 +588,7 @@ impl Gateway {
                 listen,
                 admin,
                 client: client(),
+                env,
             };
             match gw.wait_ready(Duration::from_secs(10)).await {
                 Ok(()) => return gw,
@@ -613,6 +644,33 @@ impl Gateway {
         }
     }
 
+    /// Graceful upgrade, as an operator does it: starts `aisle run --upgrade` on this gateway's
+    /// config and environment, waits (bounded) until it listens on `socket` for the listeners,
+    /// then sends the running process `SIGQUIT`. From then on this `Gateway` is the new
+    /// process; the old one is returned, to watch it drain and exit.
+    pub async fn upgrade(&mut self, socket: &Path) -> Replaced {
+        let _ = std::fs::remove_file(socket);
+        let new = spawn_aisle(self.dir.path(), &self.config_path, &self.env, true);
+        let old = std::mem::replace(&mut self.child, new);
+        let mut replaced = Replaced { child: old };
+        poll_until(
+            Duration::from_secs(10),
+            "the new process to listen on the upgrade socket",
+            || async { socket.exists().then_some(()) },
+        )
+        .await;
+        let status = Command::new("kill")
+            .arg("-QUIT")
+            .arg(replaced.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -QUIT {}", replaced.child.id());
+        if let Ok(Some(s)) = replaced.child.try_wait() {
+            panic!("the old process had exited before the upgrade: {s}");
+        }
+        replaced
+    }
+
     /// Sends `SIGTERM` (graceful shutdown) to this gateway's own process.
     pub fn terminate(&self) {
         let status = Command::new("kill")
@@ -648,6 +706,11 @@ impl Gateway {
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The process id of this gateway's (current) process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Rewrites (or creates) the rules file `name` beside this gateway's `gateway.toml`.
@@ -766,6 +829,30 @@ impl Drop for Gateway {
             );
         }
     }
+}
+
+/// Starts `aisle run` (with `--upgrade` when `upgrade`) in `dir`, appending its output to
+/// `stdout.log` / `stderr.log` there (an upgraded process writes after the one it replaced).
+fn spawn_aisle(dir: &Path, config_path: &Path, env: &[(String, String)], upgrade: bool) -> Child {
+    let log = |name: &str| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(name))
+            .expect("open log")
+    };
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aisle"));
+    cmd.arg("run").arg("--config").arg(config_path);
+    if upgrade {
+        cmd.arg("--upgrade");
+    }
+    cmd.current_dir(dir)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(log("stdout.log"))
+        .stderr(log("stderr.log"))
+        .spawn()
+        .expect("spawn aisle")
 }
 
 // ---------------------------------------------------------------------------
