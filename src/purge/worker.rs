@@ -14,7 +14,10 @@
 //! opt-in `max_attempts` failures): an outage shorter than the horizon loses nothing. Every
 //! attempt is reported to [`super::AnswerSink`] for each item's job and counted in the metrics.
 //! The state lives in the queue, never here: a worker can be stopped or killed at any point and
-//! the next one (here or on another instance) picks up where it left.
+//! the next one (here or on another instance) picks up where it left. That is also how a reload
+//! that swaps the providers ([`PurgeQueue::set_providers`]) is taken in: the loops of the old
+//! set are told to stop (their sends in flight finish, with the provider they started with) and
+//! loops on the new set start at once.
 
 use super::queue::{Claim, Claimed, Finish, Item, PurgeQueue, QueueConfig};
 use super::{Provider, ProviderAnswer};
@@ -43,13 +46,40 @@ impl PurgeWorker {
 
 #[async_trait]
 impl BackgroundService for PurgeWorker {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let loops = self
-            .queue
-            .providers()
-            .iter()
-            .map(|p| drain(self.queue.clone(), p.clone(), shutdown.clone()));
-        futures_util::future::join_all(loops).await;
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut changes = self.queue.provider_changes();
+        // Loops of replaced provider sets, finishing their sends in flight.
+        let mut retiring: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        loop {
+            changes.borrow_and_update();
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let loops: Vec<_> = self
+                .queue
+                .providers()
+                .iter()
+                .map(|p| tokio::spawn(drain(self.queue.clone(), p.clone(), stopped.clone())))
+                .collect();
+            let swapped = loop {
+                if stopping(&shutdown) {
+                    break false;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    r = changes.changed() => break r.is_ok(),
+                }
+            };
+            let _ = stop.send(true);
+            retiring.retain(|h| !h.is_finished());
+            retiring.extend(loops);
+            if !swapped {
+                break;
+            }
+        }
+        for h in retiring {
+            if let Err(e) = h.await {
+                tracing::error!("a purge worker loop failed: {e}");
+            }
+        }
     }
 }
 
