@@ -48,18 +48,22 @@ impl PurgeWorker {
 impl BackgroundService for PurgeWorker {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut changes = self.queue.provider_changes();
-        // Loops of replaced provider sets, finishing their sends in flight.
-        let mut retiring: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        // Every provider loop, of the set in force and of replaced sets finishing their sends
+        // in flight. Owned here: dropping this future (a crash) ends them all.
+        let mut loops: JoinSet<()> = JoinSet::new();
         loop {
             changes.borrow_and_update();
+            // Dropping (or sending on) `stop` tells this set's loops to end.
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let loops: Vec<_> = self
-                .queue
-                .providers()
-                .iter()
-                .map(|p| tokio::spawn(drain(self.queue.clone(), p.clone(), stopped.clone())))
-                .collect();
+            for p in self.queue.providers().iter() {
+                loops.spawn(drain(self.queue.clone(), p.clone(), stopped.clone()));
+            }
             let swapped = loop {
+                while let Some(r) = loops.try_join_next() {
+                    if let Err(e) = r {
+                        tracing::error!("a purge worker loop failed: {e}");
+                    }
+                }
                 if stopping(&shutdown) {
                     break false;
                 }
@@ -69,14 +73,12 @@ impl BackgroundService for PurgeWorker {
                 }
             };
             let _ = stop.send(true);
-            retiring.retain(|h| !h.is_finished());
-            retiring.extend(loops);
             if !swapped {
                 break;
             }
         }
-        for h in retiring {
-            if let Err(e) = h.await {
+        while let Some(r) = loops.join_next().await {
+            if let Err(e) = r {
                 tracing::error!("a purge worker loop failed: {e}");
             }
         }
