@@ -11,7 +11,8 @@
 //! lock and entry lifetimes, Redis, the purge queue) keep their running value; a reload
 //! that changes them says "needs restart" in its answer and log rather than applying half of
 //! them. CDN providers (`[cdn]`) are rebuilt and swapped into the purge queue with the new
-//! configuration (only adding `[cdn]` to a gateway started without one needs a restart). Entries of changed rules are not served under the new definition because each rule's
+//! configuration (only adding `[cdn]` to a gateway started without one needs a restart).
+//! Entries of changed rules are not served under the new definition because each rule's
 //! generation is part of its keys (`Rule::generation`). The module sits in layer 7 beside
 //! `proxy` and `admin`: it builds what the proxy runs on, and the admin endpoint calls it.
 
