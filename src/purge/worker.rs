@@ -181,7 +181,8 @@ async fn drain(queue: Arc<PurgeQueue>, provider: Arc<dyn Provider>, mut shutdown
     let wake = queue.waker(&name);
     let mut bucket = Bucket::new(rate, Instant::now());
     // Set by a `Retry-After`: nothing is sent to this provider before it.
-    let paused_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    // (Kept by the queue per provider name, so loops restarted by a reload keep the pause.)
+    let paused_until = queue.pause_of(&name);
     let mut sends: JoinSet<()> = JoinSet::new();
     let mut gauges_at: Option<Instant> = None;
     let concurrency = cfg.concurrency.max(1);

@@ -220,6 +220,9 @@ pub struct PurgeQueue {
     answers: Arc<dyn AnswerSink>,
     file: Arc<Mutex<FileLog>>,
     wake: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per provider: nothing is sent before this instant (a `Retry-After`), shared by the
+    /// worker's loops of every provider set.
+    paused: Mutex<HashMap<String, Arc<Mutex<Option<std::time::Instant>>>>>,
 }
 
 /// Which store a claimed item came from (and so where its outcome is recorded).
@@ -336,6 +339,7 @@ impl PurgeQueue {
             answers,
             file: Arc::new(Mutex::new(file)),
             wake: Mutex::default(),
+            paused: Mutex::default(),
         }))
     }
 
@@ -391,6 +395,15 @@ impl PurgeQueue {
             .lock()
             .entry(provider.to_string())
             .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// Where the worker keeps `provider`'s `Retry-After` pause.
+    pub(crate) fn pause_of(&self, provider: &str) -> Arc<Mutex<Option<std::time::Instant>>> {
+        self.paused
+            .lock()
+            .entry(provider.to_string())
+            .or_default()
             .clone()
     }
 
