@@ -9,9 +9,11 @@
 //! the configuration they started with ([`crate::proxy::Ctx::live`]), later ones get the new.
 //!
 //! Settings that parts built once at start depend on (listeners, threads, the memory budget,
-//! lock and entry lifetimes, Redis, the purge queue, CDNs) keep their running value; a reload
+//! lock and entry lifetimes, Redis, the purge queue) keep their running value; a reload
 //! that changes them says "needs restart" in its answer and log rather than applying half of
-//! them. Entries of changed rules are not served under the new definition because each rule's
+//! them. CDN providers (`[cdn]`) are rebuilt and swapped into the purge queue with the new
+//! configuration (only adding `[cdn]` to a gateway started without one needs a restart).
+//! Entries of changed rules are not served under the new definition because each rule's
 //! generation is part of its keys (`Rule::generation`). The module sits in layer 7 beside
 //! `proxy` and `admin`: it builds what the proxy runs on, and the admin endpoint calls it.
 
@@ -23,6 +25,7 @@ use crate::config::Config;
 use crate::invalidation::audit::{Audit, AuditEntry};
 use crate::metrics::reload_metrics;
 use crate::proxy::{Live, Locks, Shared};
+use crate::purge::queue::PurgeQueue;
 use async_trait::async_trait;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
@@ -52,6 +55,8 @@ pub struct Reloader {
     running: tokio::sync::Mutex<()>,
     /// Where each reload is recorded (who, when, the new hash, what changed).
     audit: Arc<Audit>,
+    /// The purge queue whose CDN providers a reload that changes `[cdn]` replaces.
+    purge: Option<Arc<PurgeQueue>>,
 }
 
 impl Reloader {
@@ -62,7 +67,14 @@ impl Reloader {
             locks,
             running: tokio::sync::Mutex::new(()),
             audit,
+            purge: None,
         }
+    }
+
+    /// Hands the purge queue over, so reloads swap its CDN providers.
+    pub fn with_purge_queue(mut self, queue: Option<Arc<PurgeQueue>>) -> Self {
+        self.purge = queue;
+        self
     }
 
     /// The configuration in force now.
@@ -79,18 +91,30 @@ impl Reloader {
         let path = self.path.clone();
         let locks = self.locks;
         let running = old.config.clone();
+        let has_queue = self.purge.is_some();
         // Reading files and resolving upstream names block: off the async threads.
         let built = tokio::task::spawn_blocking(move || {
             let mut config = Config::load(&path)
                 .map_err(|diags| diags.iter().map(ToString::to_string).collect::<Vec<_>>())?;
             let changes = compare(&running, &mut config);
+            // New CDN providers, built before anything is swapped (secrets come from the
+            // environment through `${VAR}`; nothing here logs them).
+            let providers = if has_queue && running.cdn != config.cdn {
+                let cdn = config.cdn.clone().unwrap_or_default();
+                Some(
+                    crate::purge::providers::from_settings(&cdn)
+                        .map_err(|e| vec![format!("{}: {e}", path.display())])?,
+                )
+            } else {
+                None
+            };
             let live = Live::new(Arc::new(config), locks).map_err(|e| {
                 vec![format!(
                     "{}: cannot resolve an upstream: {e}; fix [upstreams] or DNS, then reload again",
                     path.display()
                 )]
             })?;
-            Ok((live, changes))
+            Ok((live, changes, providers))
         })
         .await
         .unwrap_or_else(|e| Err(vec![format!("the reload task failed: {e}")]));
@@ -108,9 +132,17 @@ impl Reloader {
                 m.error.inc();
                 Err(errors)
             }
-            Ok((live, changes)) => {
+            Ok((live, changes, providers)) => {
                 let hash = live.config.hash.clone();
                 self.live.store(Arc::new(live));
+                if let (Some(queue), Some(providers)) = (&self.purge, providers) {
+                    if let Err(e) = queue.set_providers(providers) {
+                        tracing::error!(
+                            trigger,
+                            "reload: the CDN providers stay as they were: {e}"
+                        );
+                    }
+                }
                 m.ok.inc();
                 crate::metrics::set_config_hash(&hash);
                 let at_ms = now_ms();
@@ -266,10 +298,9 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
     ) {
         new.purge = running.purge.clone();
     }
-    if keep(
-        "[cdn]",
-        format!("{:?}", running.cdn) != format!("{:?}", new.cdn),
-    ) {
+    // CDN providers are swapped live into the purge queue, which exists when the gateway
+    // started with a [cdn] table; adding [cdn] to one started without needs a restart.
+    if keep("[cdn]", running.cdn.is_none() && new.cdn.is_some()) {
         new.cdn = running.cdn.clone();
     }
     changes

@@ -162,7 +162,7 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         parts.storage,
         epochs.clone(),
         redis.clone(),
-        queue,
+        queue.clone(),
         audit.clone(),
         config.cache.max_ttl,
     ));
@@ -170,12 +170,10 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
     let locks = parts.locks;
     let live: Shared = Arc::new(ArcSwap::from_pointee(Live::new(config.clone(), locks)?));
     crate::metrics::set_config_hash(&config.hash);
-    let reloader = Arc::new(Reloader::new(
-        config.path.clone(),
-        live.clone(),
-        locks,
-        audit.clone(),
-    ));
+    let reloader = Arc::new(
+        Reloader::new(config.path.clone(), live.clone(), locks, audit.clone())
+            .with_purge_queue(queue),
+    );
     // Both results show as 0 before the first reload.
     let _ = crate::metrics::reload_metrics();
     server.add_service(pingora::services::background::background_service(

@@ -61,6 +61,9 @@ pub struct FastlyConfig {
     /// API token with `purge_select` scope; usually `"${FASTLY_TOKEN}"`.
     pub token: Spanned<Secret>,
     pub rate: Option<Spanned<f64>>,
+    /// The service's public hostnames (`["www.example.com"]`): a URL purge is sent for the
+    /// URL's path and query on each. Unset: on the purged URL's own host.
+    pub hosts: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 /// `[cdn.cloudfront]`
@@ -100,7 +103,9 @@ pub struct HttpConfig {
 // ---------------------------------------------------------------------------------------------
 
 /// Every configured CDN, checked: defaults applied, `${VAR}`s expanded, URLs normalized.
-#[derive(Debug, Clone, Default)]
+/// Comparable (secrets included, though `Debug` redacts them), so a reload can tell whether the
+/// providers must be rebuilt.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct CdnSettings {
     pub cloudflare: Option<CloudflareSettings>,
     pub fastly: Option<FastlySettings>,
@@ -108,7 +113,7 @@ pub struct CdnSettings {
     pub http: Option<HttpSettings>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CloudflareSettings {
     /// Without a trailing `/`.
     pub base: String,
@@ -119,12 +124,15 @@ pub struct CloudflareSettings {
     pub max_urls: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FastlySettings {
     pub base: String,
     pub service_id: String,
     pub token: Secret,
     pub rate: f64,
+    /// Lowercase hostnames (with an optional `:port`) URL purges are sent for; empty: each
+    /// URL's own host.
+    pub hosts: Vec<String>,
 }
 
 /// A `tag_paths` key: one tag, or every tag starting with a prefix (`"wedding:*"`).
@@ -143,7 +151,7 @@ impl TagKey {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CloudFrontSettings {
     pub base: String,
     pub distribution_id: String,
@@ -156,7 +164,7 @@ pub struct CloudFrontSettings {
     pub tag_paths: Vec<(TagKey, Vec<String>)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     /// Without a trailing `/`.
     pub hosts: Vec<String>,
@@ -243,12 +251,58 @@ fn fastly(c: &FastlyConfig, p: &mut Problems) -> Option<FastlySettings> {
     ));
     let token = p.ok(secret(t, "token", &c.token, "${FASTLY_TOKEN}"));
     let rate = p.ok(rate(t, &c.rate, 10.0));
+    let hosts = p.ok(fastly_hosts(c));
     Some(FastlySettings {
         base: base?,
         service_id: service_id?,
         token: token?.into(),
         rate: rate?,
+        hosts: hosts?,
     })
+}
+
+/// `[cdn.fastly] hosts`: bare hostnames (an optional `:port`), lowercased; each problem at its
+/// value (the first one is reported).
+fn fastly_hosts(c: &FastlyConfig) -> Result<Vec<String>, Problem> {
+    let Some(hosts) = &c.hosts else {
+        return Ok(Vec::new());
+    };
+    if hosts.get_ref().is_empty() {
+        return Err(problem(
+            hosts,
+            "[cdn.fastly] hosts is empty; list the service's public hostnames, e.g. hosts = \
+             [\"www.example.com\"], or leave hosts out to purge each URL on its own host"
+                .to_string(),
+        ));
+    }
+    let mut out = Vec::new();
+    for (i, h) in hosts.get_ref().iter().enumerate() {
+        let v = expand_env(h.get_ref())
+            .map_err(|e| problem(h, format!("[cdn.fastly] hosts[{i}]: {e}")))?;
+        let v = v.trim().to_ascii_lowercase();
+        let (name, port) = match v.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (v.as_str(), None),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+        if !name_ok || !port_ok {
+            return Err(problem(
+                h,
+                format!(
+                    "[cdn.fastly] hosts[{i}] = {:?} is not a hostname; write the name clients \
+                     use, without scheme or path, e.g. \"www.example.com\"",
+                    h.get_ref()
+                ),
+            ));
+        }
+        out.push(v);
+    }
+    Ok(out)
 }
 
 /// A CloudFront path: starts with `/`, printable ASCII, `*` only as the last character.
@@ -752,6 +806,29 @@ empty = []
             p[2].2.contains("tag_header = \"bad header\"") && (p[2].0, p[2].1) == (4, 14),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn fastly_hosts_are_hostnames() {
+        let base = "[fastly]\nservice_id = \"s\"\ntoken = \"t\"\n";
+        let s = settings(&format!(
+            "{base}hosts = [\"WWW.Example.com\", \"example.com:8443\"]\n"
+        ));
+        assert_eq!(
+            s.fastly.unwrap().hosts,
+            ["www.example.com", "example.com:8443"]
+        );
+        assert!(settings(base).fastly.unwrap().hosts.is_empty());
+        let p = problems(&format!(
+            "{base}hosts = [\"ok.example\", \"https://www.example.com/\"]\n"
+        ));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].2.contains("hosts[1]") && p[0].2.contains("is not a hostname"),
+            "{p:?}"
+        );
+        assert_eq!((p[0].0, p[0].1), (4, 24));
+        assert!(one(&format!("{base}hosts = []\n")).contains("hosts is empty"));
     }
 
     #[test]

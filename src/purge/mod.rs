@@ -10,12 +10,20 @@
 //! takes ([`Provider::merge_limit`], [`Provider::fits`]), paces them, retries with capped backoff
 //! and jitter (a `429` / `Retry-After` is pacing, not a failure) and moves an item to the dead
 //! letters only after `give_up_after` (or an opt-in `max_attempts`).
+//!
+//! Nothing is accepted and dropped: what a provider cannot send (a kind its API cannot express,
+//! a CloudFront tag without a `tag_paths` entry, an item the API would reject) comes back from
+//! [`Provider::plan`] as [`Skipped`], and the queue counts it (`aisle_purge_skipped_total`) and
+//! shows the latest ones per provider in `/admin/purges`. The provider set itself can change
+//! while the gateway runs (a reload swaps it in the queue; the worker restarts its loops).
 
 pub mod providers;
 pub mod queue;
 pub mod worker;
 
 use async_trait::async_trait;
+use once_cell::sync::Lazy;
+use prometheus::{register_int_counter_vec, IntCounterVec};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -63,6 +71,67 @@ pub struct Batch {
     pub soft: bool,
 }
 
+/// Why a provider did not send part of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SkipReason {
+    /// The API has no such purge (Fastly and plain HTTP caches: prefixes, hosts).
+    Unsupported,
+    /// A CloudFront tag without a `[cdn.cloudfront] tag_paths` entry.
+    Unmapped,
+    /// The API would refuse the item (a tag with a space, a URL that is not absolute http(s)).
+    Invalid,
+}
+
+impl SkipReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SkipReason::Unsupported => "unsupported",
+            SkipReason::Unmapped => "unmapped",
+            SkipReason::Invalid => "invalid",
+        }
+    }
+}
+
+/// One item of a job a provider did not send, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    pub kind: Kind,
+    pub item: String,
+    pub reason: SkipReason,
+}
+
+/// What a provider makes of a job: the batches to send and what it cannot send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub batches: Vec<Batch>,
+    pub skipped: Vec<Skipped>,
+}
+
+impl Plan {
+    /// Records `items` of `kind` as not sent for `reason`.
+    pub(crate) fn skip(
+        &mut self,
+        kind: Kind,
+        items: impl IntoIterator<Item = String>,
+        reason: SkipReason,
+    ) {
+        self.skipped
+            .extend(items.into_iter().map(|item| Skipped { kind, item, reason }));
+    }
+}
+
+/// `aisle_purge_skipped_total{provider, reason}`: items of accepted purges a CDN was not sent
+/// (registered here, at first use, so the purge layer owns its counter).
+pub(crate) static SKIPPED_TOTAL: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "aisle_purge_skipped_total",
+        "Items of accepted purges not sent to a CDN, by provider and reason: unsupported (the API has no such purge), unmapped (a CloudFront tag without tag_paths), invalid (the API would refuse it)",
+        &["provider", "reason"]
+    )
+    .expect("register aisle_purge_skipped_total")
+});
+
 /// What a provider answered to one batch (named apart from [`crate::metrics::Outcome`], a
 /// cache lookup's outcome).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,9 +154,14 @@ pub enum ProviderAnswer {
 pub trait Provider: Send + Sync {
     /// Stable name: `cloudflare`, `fastly`, `cloudfront`, `http`.
     fn name(&self) -> &str;
-    /// Splits a job into request-sized batches this API accepts (kinds it cannot express are
-    /// dropped or mapped, e.g. CloudFront maps tags to configured path patterns).
-    fn batches(&self, job: &PurgeJob) -> Vec<Batch>;
+    /// Splits a job into request-sized batches this API accepts (CloudFront maps tags to
+    /// configured path patterns) and lists every item it cannot send ([`Plan::skipped`]): the
+    /// queue counts and shows those, so nothing is dropped unseen.
+    fn plan(&self, job: &PurgeJob) -> Plan;
+    /// The batches of [`Self::plan`].
+    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
+        self.plan(job).batches
+    }
     /// Requests per second this provider's API allows (the worker paces to it).
     fn rate(&self) -> f64;
     /// At most how many queued batches of `kind` one request may join (the worker claims up to

@@ -14,7 +14,10 @@
 //! opt-in `max_attempts` failures): an outage shorter than the horizon loses nothing. Every
 //! attempt is reported to [`super::AnswerSink`] for each item's job and counted in the metrics.
 //! The state lives in the queue, never here: a worker can be stopped or killed at any point and
-//! the next one (here or on another instance) picks up where it left.
+//! the next one (here or on another instance) picks up where it left. That is also how a reload
+//! that swaps the providers ([`PurgeQueue::set_providers`]) is taken in: the loops of the old
+//! set are told to stop (their sends in flight finish, with the provider they started with) and
+//! loops on the new set start at once.
 
 use super::queue::{Claim, Claimed, Finish, Item, PurgeQueue, QueueConfig};
 use super::{Provider, ProviderAnswer};
@@ -43,13 +46,42 @@ impl PurgeWorker {
 
 #[async_trait]
 impl BackgroundService for PurgeWorker {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let loops = self
-            .queue
-            .providers()
-            .iter()
-            .map(|p| drain(self.queue.clone(), p.clone(), shutdown.clone()));
-        futures_util::future::join_all(loops).await;
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut changes = self.queue.provider_changes();
+        // Every provider loop, of the set in force and of replaced sets finishing their sends
+        // in flight. Owned here: dropping this future (a crash) ends them all.
+        let mut loops: JoinSet<()> = JoinSet::new();
+        loop {
+            changes.borrow_and_update();
+            // Dropping (or sending on) `stop` tells this set's loops to end.
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            for p in self.queue.providers().iter() {
+                loops.spawn(drain(self.queue.clone(), p.clone(), stopped.clone()));
+            }
+            let swapped = loop {
+                while let Some(r) = loops.try_join_next() {
+                    if let Err(e) = r {
+                        tracing::error!("a purge worker loop failed: {e}");
+                    }
+                }
+                if stopping(&shutdown) {
+                    break false;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => {}
+                    r = changes.changed() => break r.is_ok(),
+                }
+            };
+            let _ = stop.send(true);
+            if !swapped {
+                break;
+            }
+        }
+        while let Some(r) = loops.join_next().await {
+            if let Err(e) = r {
+                tracing::error!("a purge worker loop failed: {e}");
+            }
+        }
     }
 }
 
@@ -149,7 +181,8 @@ async fn drain(queue: Arc<PurgeQueue>, provider: Arc<dyn Provider>, mut shutdown
     let wake = queue.waker(&name);
     let mut bucket = Bucket::new(rate, Instant::now());
     // Set by a `Retry-After`: nothing is sent to this provider before it.
-    let paused_until: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    // (Kept by the queue per provider name, so loops restarted by a reload keep the pause.)
+    let paused_until = queue.pause_of(&name);
     let mut sends: JoinSet<()> = JoinSet::new();
     let mut gauges_at: Option<Instant> = None;
     let concurrency = cfg.concurrency.max(1);

@@ -1145,3 +1145,188 @@ async fn redis_lost_queue_is_detected_counted_and_requeued() {
     assert_eq!(ids.len(), 20);
     assert_clean_cloudflare(&cf);
 }
+
+// ---------------------------------------------------------------------------
+// Nothing accepted and dropped (issue 18 item 4); providers reloaded live (issue 12)
+// ---------------------------------------------------------------------------
+
+/// `[cdn.fastly] hosts` with the placeholders of `gateway_toml` (`fastly_table` plus the
+/// service's public hostnames).
+fn fastly_table_with_hosts(base: &str) -> String {
+    format!("{}hosts = [\"www.example.com\"]\n", fastly_table(base))
+}
+
+/// A URL purge reaches Fastly's URL purge API on the configured public hostname; what no CDN
+/// can take (a prefix for Fastly, a tag without `tag_paths` for CloudFront) is counted in
+/// `aisle_purge_skipped_total` and shown with the job and item in `/admin/purges`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsent_purges_are_counted_and_shown() {
+    let origin = origin();
+    let fastly = FakeFastly::start(FASTLY_SERVICE, FASTLY_TOKEN);
+    let cfr = FakeCloudFront::start(CLOUDFRONT_DIST, AWS_KEY_ID, AWS_SECRET);
+    let tables = format!(
+        "{}\n{}",
+        fastly_table_with_hosts(&fastly.base()),
+        cloudfront_table(&cfr.base())
+    );
+    let gw = Gateway::start_with_env(
+        &gateway_toml(&origin, "", &tables, ""),
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
+        ENV,
+    )
+    .await;
+    let id = invalidate(
+        &gw,
+        json!({
+            "tags": ["vendors", "menu"],
+            "urls": ["https://origin.internal/api/venues/x1?lang=en"],
+            "prefixes": ["127.0.0.1/api/old/"],
+        }),
+    )
+    .await;
+    poll_until(DELIVERY, "Fastly to take the URL purge", || async {
+        (!fastly.accepted_urls().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(
+        fastly.accepted_urls(),
+        [("www.example.com/api/venues/x1?lang=en".to_string(), false)]
+    );
+    wait_queue(&gw, "fastly", (0, 0, 0)).await;
+    wait_queue(&gw, "cloudfront", (0, 0, 0)).await;
+    assert_eq!(sorted(fastly.hard_keys()), ["menu", "vendors"]);
+    assert_eq!(
+        sorted(cfr.accepted_paths()),
+        ["/api/old/*", "/api/vendors/*", "/api/venues/x1?lang=en"]
+    );
+
+    let st = purges(&gw).await;
+    let f = provider_status(&st, "fastly");
+    assert_eq!(f["skipped"], json!(1), "{st}");
+    assert_eq!(
+        f["skipped_recent"],
+        json!([{"job": id, "kind": "prefixes", "item": "127.0.0.1/api/old/",
+                "reason": "unsupported", "at_ms": f["skipped_recent"][0]["at_ms"]}]),
+        "{st}"
+    );
+    let c = provider_status(&st, "cloudfront");
+    assert_eq!(c["skipped"], json!(1), "{st}");
+    assert_eq!(c["skipped_recent"][0]["item"], json!("menu"), "{st}");
+    assert_eq!(c["skipped_recent"][0]["reason"], json!("unmapped"), "{st}");
+    for (provider, reason) in [("fastly", "unsupported"), ("cloudfront", "unmapped")] {
+        assert_eq!(
+            gw.metric(
+                "aisle_purge_skipped_total",
+                &[("provider", provider), ("reason", reason)]
+            )
+            .await,
+            Some(1.0),
+            "aisle_purge_skipped_total{{{provider}, {reason}}}"
+        );
+    }
+    assert!(fastly.violations().is_empty(), "{:?}", fastly.violations());
+    assert!(cfr.violations().is_empty(), "{:?}", cfr.violations());
+}
+
+async fn reload(gw: &Gateway) -> Value {
+    let r = admin(gw, "POST", "/admin/reload", None).await;
+    assert_eq!(r.status, 200, "POST /admin/reload: {:?}", r.text());
+    let v = json_of(&r);
+    assert!(
+        !v["changes"]["needs_restart"]
+            .as_array()
+            .is_some_and(|a| a.contains(&json!("[cdn]"))),
+        "[cdn] reloads live: {v}"
+    );
+    v
+}
+
+/// Issue 12: a reload that changes `[cdn]` swaps the providers in. A purge queued for Fastly A
+/// (down) is sent to Fastly B once the config points there, and later purges go to B; a
+/// removed provider's queued purge stays queued (shown as not configured) and is sent when the
+/// provider is configured again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cdn_providers_reload_live_and_keep_their_queue() {
+    let origin = origin();
+    let a = FakeFastly::start(FASTLY_SERVICE, FASTLY_TOKEN);
+    let b = FakeFastly::start(FASTLY_SERVICE, FASTLY_TOKEN);
+    let cf = FakeCloudflare::start(CF_ZONE, CF_TOKEN);
+    let purge = "backoff_base = \"50ms\"\nbackoff_max = \"200ms\"";
+    let both = format!(
+        "{}\n{}",
+        fastly_table(&a.base()),
+        cloudflare_table(&cf.base())
+    );
+    let gw = Gateway::start_with_env(
+        &gateway_toml(&origin, purge, &both, ""),
+        &[("rules.toml", fixtures::EVERYTHING_GET_RULES)],
+        ENV,
+    )
+    .await;
+    invalidate(&gw, json!({"tags": ["one"]})).await;
+    poll_until(DELIVERY, "Fastly A to take the first purge", || async {
+        (a.hard_keys() == ["one"]).then_some(())
+    })
+    .await;
+    wait_cloudflare(&cf, 1, "Cloudflare to take the first purge").await;
+
+    // Both CDNs down: the second purge waits in the queue for both.
+    a.set_down(true);
+    cf.set_down(true);
+    invalidate(&gw, json!({"tags": ["two"]})).await;
+    poll_until(
+        DELIVERY,
+        "both CDNs to have refused the second purge",
+        || async { (a.refused_down() >= 1 && cf.refused_down() >= 1).then_some(()) },
+    )
+    .await;
+
+    // Fastly now points to B; Cloudflare is removed. (The running file, edited: the harness
+    // filled in its listen addresses.)
+    let running = std::fs::read_to_string(gw.config_path()).unwrap();
+    let cf_table = cloudflare_table(&cf.base());
+    assert!(running.contains(&cf_table) && running.contains(&a.base()));
+    let edited = running.replace(&cf_table, "").replace(&a.base(), &b.base());
+    std::fs::write(gw.config_path(), &edited).unwrap();
+    reload(&gw).await;
+    poll_until(DELIVERY, "the queued purge to reach Fastly B", || async {
+        (b.hard_keys() == ["two"]).then_some(())
+    })
+    .await;
+    invalidate(&gw, json!({"tags": ["three"]})).await;
+    poll_until(DELIVERY, "a new purge to reach Fastly B", || async {
+        (b.hard_keys() == ["two", "three"]).then_some(())
+    })
+    .await;
+    wait_queue(&gw, "fastly", (0, 0, 0)).await;
+    let st = wait_queue(&gw, "cloudflare", (1, 0, 0)).await;
+    assert_eq!(
+        provider_status(&st, "cloudflare")["configured"],
+        json!(false),
+        "{st}"
+    );
+    assert_eq!(a.hard_keys(), ["one"], "nothing more reached A");
+
+    // Cloudflare back (and up): its queued purge goes out; the one accepted while it was not
+    // configured was never queued for it.
+    cf.set_down(false);
+    std::fs::write(gw.config_path(), format!("{edited}\n{cf_table}")).unwrap();
+    reload(&gw).await;
+    wait_cloudflare(
+        &cf,
+        2,
+        "Cloudflare to take the purge queued before its removal",
+    )
+    .await;
+    wait_queue(&gw, "cloudflare", (0, 0, 0)).await;
+    assert_eq!(sorted(cf.accepted_tags()), ["one", "two"]);
+    assert_clean_cloudflare(&cf);
+    for f in [&a, &b] {
+        assert!(f.violations().is_empty(), "{:?}", f.violations());
+        assert_eq!(f.auth_failures(), 0);
+    }
+    let logs = gw.logs();
+    for secret in [FASTLY_TOKEN, CF_TOKEN] {
+        assert!(!logs.contains(secret), "a CDN secret reached the log");
+    }
+}

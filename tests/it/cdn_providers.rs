@@ -231,8 +231,16 @@ async fn fastly_purges_keys_256_at_a_time_soft_when_asked() {
     };
     let results = run(p.as_ref(), &soft).await;
     assert_all_done(&results);
-    assert_eq!(fake.request_count(), 3);
+    assert_eq!(
+        fake.request_count(),
+        4,
+        "three key batches and one URL purge"
+    );
     assert_eq!(fake.soft_keys(), keys);
+    assert_eq!(
+        fake.accepted_urls(),
+        [("shop.example.com/a".to_string(), true)]
+    );
     assert!(fake.hard_keys().is_empty());
     // The Done detail names Fastly's purge ids.
     assert!(
@@ -249,13 +257,79 @@ async fn fastly_purges_keys_256_at_a_time_soft_when_asked() {
     assert_all_done(&run(p.as_ref(), &hard).await);
     assert_eq!(fake.hard_keys(), ["vendors"]);
 
-    // URL-only jobs are not sent to Fastly at all.
-    let urls_only = PurgeJob {
-        urls: vec!["https://shop.example.com/a".into()],
+    assert_eq!(fake.request_count(), 5);
+    assert!(fake.violations().is_empty(), "{:?}", fake.violations());
+}
+
+/// Issue 18 item 4: URL purges reach Fastly's "Purge a URL" API (`POST /purge/{host}{path}`,
+/// one URL a request, with `Fastly-Key`), on the configured public hostnames when `hosts` is
+/// set; prefix and host purges, which Fastly cannot do, are returned as skipped, not dropped.
+#[tokio::test]
+async fn fastly_purges_urls_on_the_configured_hosts() {
+    let fake = FakeFastly::start(FASTLY_SERVICE, FASTLY_TOKEN);
+    let own = fastly(&fake.base(), FASTLY_TOKEN);
+    let job = PurgeJob {
+        id: "urls".into(),
+        urls: vec![
+            "https://shop.example.com/api/items/7?lang=en".into(),
+            "http://shop.example.com:8080/b".into(),
+        ],
+        prefixes: vec!["shop.example.com/api/".into()],
         ..Default::default()
     };
-    assert!(run(p.as_ref(), &urls_only).await.is_empty());
-    assert_eq!(fake.request_count(), 4);
+    let results = run(own.as_ref(), &job).await;
+    assert_all_done(&results);
+    assert_eq!(
+        fake.accepted_urls(),
+        [
+            ("shop.example.com/api/items/7?lang=en".to_string(), false),
+            ("shop.example.com:8080/b".to_string(), false)
+        ]
+    );
+    assert!(
+        matches!(&results[0].1, ProviderAnswer::Done(d) if d.contains("108-1391560174-")),
+        "the Done detail names Fastly's purge id: {:?}",
+        results[0].1
+    );
+    let skipped: Vec<(Kind, String)> = own
+        .plan(&job)
+        .skipped
+        .into_iter()
+        .map(|s| (s.kind, s.item))
+        .collect();
+    assert_eq!(
+        skipped,
+        [(Kind::Prefixes, "shop.example.com/api/".to_string())]
+    );
+
+    // The gateway sees the origin's host; Fastly caches under the public ones.
+    let public = provider(&format!(
+        "[fastly]\nbase = {:?}\nservice_id = {FASTLY_SERVICE:?}\ntoken = {FASTLY_TOKEN:?}\n\
+         hosts = [\"www.example.com\", \"example.com\"]\n",
+        fake.base()
+    ));
+    let job = PurgeJob {
+        id: "public".into(),
+        urls: vec!["http://origin.internal:8080/menu".into()],
+        soft: true,
+        ..Default::default()
+    };
+    assert_all_done(&run(public.as_ref(), &job).await);
+    assert_eq!(
+        fake.accepted_urls()[2..],
+        [
+            ("www.example.com/menu".to_string(), true),
+            ("example.com/menu".to_string(), true)
+        ]
+    );
+    assert_eq!(fake.request_count(), 4, "one request per URL and host");
+
+    // A wrong token is refused and says what to check.
+    let wrong = fastly(&fake.base(), "wrong");
+    let batch = one_batch(Kind::Urls, &["shop.example.com/x"], false);
+    let m = fatal(&wrong.send(&batch, "k").await).to_string();
+    assert!(m.contains("401") && m.contains("[cdn.fastly] token"), "{m}");
+    assert_eq!(fake.auth_failures(), 1);
     assert!(fake.violations().is_empty(), "{:?}", fake.violations());
 }
 

@@ -10,7 +10,7 @@
 use aisle::config::RedisConfig;
 use aisle::purge::queue::{Item, PurgeQueue, QueueConfig, QueueStatus};
 use aisle::purge::worker::PurgeWorker;
-use aisle::purge::{AnswerSink, Batch, Kind, Provider, ProviderAnswer, PurgeJob};
+use aisle::purge::{AnswerSink, Batch, Kind, Plan, Provider, ProviderAnswer, PurgeJob};
 use aisle::redis::Redis;
 
 use crate::harness::poll_until;
@@ -111,15 +111,19 @@ impl Provider for Fake {
         &self.name
     }
 
-    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
-        job.urls
-            .chunks(self.chunk)
-            .map(|c| Batch {
-                kind: Kind::Urls,
-                items: c.to_vec(),
-                soft: job.soft,
-            })
-            .collect()
+    fn plan(&self, job: &PurgeJob) -> Plan {
+        Plan {
+            batches: job
+                .urls
+                .chunks(self.chunk)
+                .map(|c| Batch {
+                    kind: Kind::Urls,
+                    items: c.to_vec(),
+                    soft: job.soft,
+                })
+                .collect(),
+            skipped: Vec::new(),
+        }
     }
 
     fn rate(&self) -> f64 {
@@ -1054,12 +1058,15 @@ impl Provider for SlowCdn {
         &self.name
     }
 
-    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
-        vec![Batch {
-            kind: Kind::Urls,
-            items: job.urls.clone(),
-            soft: false,
-        }]
+    fn plan(&self, job: &PurgeJob) -> Plan {
+        Plan {
+            batches: vec![Batch {
+                kind: Kind::Urls,
+                items: job.urls.clone(),
+                soft: false,
+            }],
+            skipped: Vec::new(),
+        }
     }
 
     fn rate(&self) -> f64 {

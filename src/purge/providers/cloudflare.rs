@@ -12,7 +12,7 @@ use super::{chunked, classify, client, dedup, excerpt, execute, keep_valid, vali
 use crate::config::cdn::{
     CloudflareSettings, CLOUDFLARE_MAX_ITEMS, CLOUDFLARE_MAX_ITEMS_ENTERPRISE,
 };
-use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
+use crate::purge::{Batch, Kind, Plan, Provider, ProviderAnswer, PurgeJob};
 use async_trait::async_trait;
 
 /// Cloudflare's per-request limit for every kind (and for URLs below Enterprise); the settings
@@ -79,20 +79,50 @@ impl Provider for Cloudflare {
         "cloudflare"
     }
 
-    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
+    fn plan(&self, job: &PurgeJob) -> Plan {
         let n = self.name();
-        let mut out = Vec::new();
-        let urls = keep_valid(n, "URLs", dedup(&job.urls), is_http_url);
-        out.extend(chunked(Kind::Urls, urls, self.max_urls, false));
-        let tags = keep_valid(n, "tags", dedup(&job.tags), valid_tag);
-        out.extend(chunked(Kind::Tags, tags, MAX_ITEMS, false));
-        let hosts = keep_valid(n, "hosts", dedup(&job.hosts), |h| {
-            is_bare(h) && !h.contains('/')
-        });
-        out.extend(chunked(Kind::Hosts, hosts, MAX_ITEMS, false));
-        let prefixes = keep_valid(n, "prefixes", dedup(&job.prefixes), is_bare);
-        out.extend(chunked(Kind::Prefixes, prefixes, MAX_ITEMS, false));
-        out
+        let mut plan = Plan::default();
+        let urls = keep_valid(
+            n,
+            "URLs",
+            Kind::Urls,
+            dedup(&job.urls),
+            is_http_url,
+            &mut plan,
+        );
+        plan.batches
+            .extend(chunked(Kind::Urls, urls, self.max_urls, false));
+        let tags = keep_valid(
+            n,
+            "tags",
+            Kind::Tags,
+            dedup(&job.tags),
+            valid_tag,
+            &mut plan,
+        );
+        plan.batches
+            .extend(chunked(Kind::Tags, tags, MAX_ITEMS, false));
+        let hosts = keep_valid(
+            n,
+            "hosts",
+            Kind::Hosts,
+            dedup(&job.hosts),
+            |h| is_bare(h) && !h.contains('/'),
+            &mut plan,
+        );
+        plan.batches
+            .extend(chunked(Kind::Hosts, hosts, MAX_ITEMS, false));
+        let prefixes = keep_valid(
+            n,
+            "prefixes",
+            Kind::Prefixes,
+            dedup(&job.prefixes),
+            is_bare,
+            &mut plan,
+        );
+        plan.batches
+            .extend(chunked(Kind::Prefixes, prefixes, MAX_ITEMS, false));
+        plan
     }
 
     fn rate(&self) -> f64 {

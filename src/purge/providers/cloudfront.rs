@@ -15,7 +15,7 @@
 
 use super::{classify, client, dedup, excerpt, execute};
 use crate::config::cdn::{is_cloudfront_path as valid_path, CloudFrontSettings, TagKey};
-use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
+use crate::purge::{Batch, Kind, Plan, Provider, ProviderAnswer, PurgeJob, SkipReason};
 use async_trait::async_trait;
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
@@ -248,27 +248,31 @@ impl Provider for CloudFront {
         "cloudfront"
     }
 
-    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
+    fn plan(&self, job: &PurgeJob) -> Plan {
+        let mut plan = Plan::default();
         // A host purge is the whole distribution; it covers everything else in the job.
         if !job.hosts.is_empty() {
-            return pack(Kind::Hosts, vec!["/*".to_string()]);
+            plan.batches = pack(Kind::Hosts, vec!["/*".to_string()]);
+            return plan;
         }
         let mut groups: Vec<(Kind, Vec<String>)> = Vec::new();
-        let urls: Vec<String> = dedup(&job.urls)
-            .iter()
-            .filter_map(|u| {
-                let p = url_path(u);
-                if p.is_none() {
-                    tracing::warn!(url = %u, "cloudfront: skipped a URL that is not absolute http(s)");
-                }
-                p
-            })
-            .collect();
+        let mut bad_urls = Vec::new();
+        let mut urls = Vec::new();
+        for u in dedup(&job.urls) {
+            match url_path(&u) {
+                Some(p) if valid_path(&p) => urls.push(p),
+                _ => bad_urls.push(u),
+            }
+        }
         groups.push((Kind::Urls, urls));
-        let prefixes: Vec<String> = dedup(&job.prefixes)
-            .iter()
-            .filter_map(|p| prefix_path(p))
-            .collect();
+        let mut bad_prefixes = Vec::new();
+        let mut prefixes = Vec::new();
+        for pre in dedup(&job.prefixes) {
+            match prefix_path(&pre) {
+                Some(p) if valid_path(&p) => prefixes.push(p),
+                _ => bad_prefixes.push(pre),
+            }
+        }
         groups.push((Kind::Prefixes, prefixes));
         let mut unmapped = Vec::new();
         let mut tag_paths = Vec::new();
@@ -279,20 +283,33 @@ impl Provider for CloudFront {
             }
             tag_paths.extend(paths);
         }
+        if !bad_urls.is_empty() || !bad_prefixes.is_empty() {
+            tracing::warn!(
+                job = %job.id,
+                urls = ?bad_urls,
+                prefixes = ?bad_prefixes,
+                "cloudfront: URLs or prefixes that make no CloudFront path were not sent \
+                 (counted in aisle_purge_skipped_total and /admin/purges)"
+            );
+        }
+        plan.skip(Kind::Urls, bad_urls, SkipReason::Invalid);
+        plan.skip(Kind::Prefixes, bad_prefixes, SkipReason::Invalid);
         if !unmapped.is_empty() {
             tracing::warn!(
                 job = %job.id,
                 tags = ?unmapped,
-                "cloudfront: tags without a [cdn.cloudfront] tag_paths entry were not invalidated"
+                "cloudfront: tags without a [cdn.cloudfront] tag_paths entry were not invalidated \
+                 (counted in aisle_purge_skipped_total and /admin/purges); map them in tag_paths"
             );
+            plan.skip(Kind::Tags, unmapped, SkipReason::Unmapped);
         }
-        groups.push((Kind::Tags, tag_paths));
+        groups.push((
+            Kind::Tags,
+            tag_paths.into_iter().filter(|p| valid_path(p)).collect(),
+        ));
 
         // Deduplicate across kinds and leave out paths a wildcard of this job already covers.
-        let all: Vec<String> = groups
-            .iter()
-            .flat_map(|(_, p)| p.iter().filter(|p| valid_path(p)).cloned())
-            .collect();
+        let all: Vec<String> = groups.iter().flat_map(|(_, p)| p.iter().cloned()).collect();
         let wildcards: Vec<&str> = all
             .iter()
             .filter(|p| is_wildcard(p))
@@ -304,15 +321,14 @@ impl Provider for CloudFront {
                 .any(|w| *w != p && p.starts_with(&w[..w.len() - 1]))
         };
         let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
         for (kind, paths) in groups {
             let keep: Vec<String> = paths
                 .into_iter()
-                .filter(|p| valid_path(p) && !covered(p) && seen.insert(p.clone()))
+                .filter(|p| !covered(p) && seen.insert(p.clone()))
                 .collect();
-            out.extend(pack(kind, keep));
+            plan.batches.extend(pack(kind, keep));
         }
-        out
+        plan
     }
 
     fn rate(&self) -> f64 {
@@ -482,6 +498,20 @@ mod tests {
             ..Default::default()
         };
         assert!(p.batches(&none).is_empty());
+        // Not sent, but never unseen: every unmapped tag comes back as skipped.
+        let plan = p.plan(&job);
+        let unmapped: Vec<(&str, crate::purge::SkipReason)> = plan
+            .skipped
+            .iter()
+            .map(|s| (s.item.as_str(), s.reason))
+            .collect();
+        assert_eq!(
+            unmapped,
+            [
+                ("unknown", crate::purge::SkipReason::Unmapped),
+                ("vendors-x", crate::purge::SkipReason::Unmapped)
+            ]
+        );
     }
 
     #[test]

@@ -11,14 +11,15 @@
 //!   (`tag_header`), vmod-xkey's convention. A matching VCL is
 //!   `if (req.method == "BAN") { set req.http.n-gone = xkey.purge(req.http.xkey); return (synth(200)); }`
 //!   or, without the vmod, `ban("obj.http.xkey ~ " + ...)`;
-//! - prefixes and hosts have no common convention and are not sent; soft purges are hard here.
+//! - prefixes and hosts have no common convention and are not sent (each is counted as
+//!   `unsupported` in `aisle_purge_skipped_total` and `/admin/purges`); soft purges are hard here.
 //!
 //! A batch succeeds only when every host accepted it; any host that must be retried makes the
 //! whole batch a retry (purges are idempotent, so hosts that already purged lose nothing).
 
 use super::{classify, client, dedup, excerpt, execute, keep_valid, valid_tag};
 use crate::config::cdn::HttpSettings;
-use crate::purge::{Batch, Kind, Provider, ProviderAnswer, PurgeJob};
+use crate::purge::{Batch, Kind, Plan, Provider, ProviderAnswer, PurgeJob, SkipReason};
 use async_trait::async_trait;
 use futures_util::future::join_all;
 use std::time::Duration;
@@ -135,15 +136,36 @@ impl Provider for HttpPurge {
         "http"
     }
 
-    fn batches(&self, job: &PurgeJob) -> Vec<Batch> {
-        let mut out = Vec::new();
-        let urls = keep_valid(self.name(), "URLs", dedup(&job.urls), |u| {
-            split_url(u).is_some()
-        });
-        out.extend(super::chunked(Kind::Urls, urls, URLS_PER_BATCH, false));
-        let tags = keep_valid(self.name(), "tags", dedup(&job.tags), valid_tag);
-        out.extend(super::chunked(Kind::Tags, tags, TAGS_PER_BATCH, false));
-        out
+    fn plan(&self, job: &PurgeJob) -> Plan {
+        let mut plan = Plan::default();
+        let urls = keep_valid(
+            self.name(),
+            "URLs",
+            Kind::Urls,
+            dedup(&job.urls),
+            |u| split_url(u).is_some(),
+            &mut plan,
+        );
+        plan.batches
+            .extend(super::chunked(Kind::Urls, urls, URLS_PER_BATCH, false));
+        let tags = keep_valid(
+            self.name(),
+            "tags",
+            Kind::Tags,
+            dedup(&job.tags),
+            valid_tag,
+            &mut plan,
+        );
+        plan.batches
+            .extend(super::chunked(Kind::Tags, tags, TAGS_PER_BATCH, false));
+        // A cache's PURGE / BAN interface has no prefix or whole-host purge here: counted.
+        plan.skip(
+            Kind::Prefixes,
+            dedup(&job.prefixes),
+            SkipReason::Unsupported,
+        );
+        plan.skip(Kind::Hosts, dedup(&job.hosts), SkipReason::Unsupported);
+        plan
     }
 
     fn rate(&self) -> f64 {
@@ -278,6 +300,20 @@ mod tests {
             ]
         );
         assert_eq!(p.hosts, ["http://127.0.0.1:6081", "http://127.0.0.1:6082"]);
+        let plan = p.plan(&job);
+        let reasons: Vec<(Kind, &str, &str)> = plan
+            .skipped
+            .iter()
+            .map(|s| (s.kind, s.item.as_str(), s.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                (Kind::Tags, "b c", "invalid"),
+                (Kind::Prefixes, "h/x", "unsupported"),
+                (Kind::Hosts, "h", "unsupported"),
+            ]
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use http::HttpPurge;
 
 pub use crate::config::cdn::CdnConfig;
 
-use super::{Batch, Kind, Provider, ProviderAnswer};
+use super::{Batch, Kind, Plan, Provider, ProviderAnswer, SkipReason};
 use crate::config::cdn::CdnSettings;
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -135,21 +135,26 @@ pub(crate) fn valid_tag(tag: &str) -> bool {
     !tag.is_empty() && tag.len() <= 1024 && tag.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Drops (and logs) what `keep` rejects.
+/// Keeps what `keep` accepts; the rest is logged and recorded in `plan` as
+/// [`SkipReason::Invalid`] (the API would refuse it).
 pub(crate) fn keep_valid(
     provider: &str,
     what: &str,
+    kind: Kind,
     items: Vec<String>,
     keep: impl Fn(&str) -> bool,
+    plan: &mut Plan,
 ) -> Vec<String> {
     let (ok, bad): (Vec<String>, Vec<String>) = items.into_iter().partition(|s| keep(s));
     if !bad.is_empty() {
         tracing::warn!(
             provider,
             dropped = ?bad,
-            "{provider}: dropped {} {what} the API would reject",
+            "{provider}: {} {what} not sent: the API would reject them (counted in \
+             aisle_purge_skipped_total and /admin/purges)",
             bad.len()
         );
+        plan.skip(kind, bad, SkipReason::Invalid);
     }
     ok
 }

@@ -19,20 +19,27 @@
 //! after Redis executed an enqueue can likewise leave an item in both stores: a purge sent twice
 //! is harmless, a purge dropped is not. The sending, pacing and backoff live in
 //! [`super::worker`].
+//!
+//! The provider set is swappable ([`PurgeQueue::set_providers`], called by a reload): items are
+//! stored by provider name, so a provider whose settings changed keeps its queue (sent with the
+//! new settings), and one that was removed keeps its items queued, shown in `/admin/purges` as
+//! not configured, and sent if a provider of that name comes back. What a provider cannot send
+//! is counted per provider ([`ProviderStatus::skipped`]) with the latest examples.
 
 pub(crate) mod local;
 mod redis;
 
 use self::local::{FileLog, LogState};
 use self::redis::RedisStore;
-use super::{AnswerSink, Batch, Kind, Provider, PurgeJob};
+use super::{AnswerSink, Batch, Kind, Provider, PurgeJob, Skipped, SKIPPED_TOTAL};
 use crate::clock::now_ms;
 use crate::config::PurgeConfig;
 use crate::metrics::metrics;
 use crate::redis::Redis;
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -145,10 +152,33 @@ pub struct Item {
     pub created_ms: u64,
 }
 
+/// How many skipped items each provider keeps as examples for `/admin/purges`.
+const SKIPPED_EXAMPLES: usize = 20;
+
+/// One item of an accepted purge a provider was not sent, as `/admin/purges` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedItem {
+    pub job: String,
+    pub kind: Kind,
+    pub item: String,
+    /// `unsupported`, `unmapped` or `invalid`.
+    pub reason: &'static str,
+    pub at_ms: u64,
+}
+
+/// What one provider was not sent since this instance started.
+#[derive(Debug, Default)]
+struct SkipLog {
+    total: u64,
+    recent: VecDeque<SkippedItem>,
+}
+
 /// Per-provider counts, as seen from this instance (Redis counts are the fleet's).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct ProviderStatus {
     pub provider: String,
+    /// `false` for a provider no longer in `[cdn]` whose items are still queued here.
+    pub configured: bool,
     /// Waiting to be sent (including waiting for a retry).
     pub depth: u64,
     /// Claimed by a worker and being sent.
@@ -156,6 +186,12 @@ pub struct ProviderStatus {
     pub dead_letters: u64,
     /// Of the above, how many are in this instance's local file (no Redis, or spilled).
     pub local: u64,
+    /// Items of accepted purges this provider was not sent, since this instance started (its
+    /// API has no such purge, a CloudFront tag without `tag_paths`, or one the API would
+    /// refuse); `aisle_purge_skipped_total` counts them too.
+    pub skipped: u64,
+    /// The latest of those (at most 20), oldest first.
+    pub skipped_recent: Vec<SkippedItem>,
 }
 
 /// What `/admin` shows about the queue.
@@ -172,11 +208,21 @@ pub struct QueueStatus {
 /// The durable queue. Shared (`Arc`) by the admin API, the invalidation paths and the worker.
 pub struct PurgeQueue {
     cfg: QueueConfig,
-    providers: Vec<Arc<dyn Provider>>,
+    /// The providers in force; a reload swaps the whole set ([`Self::set_providers`]).
+    providers: ArcSwap<Vec<Arc<dyn Provider>>>,
+    /// Bumped on every swap: the worker restarts its loops on the new set.
+    generation: tokio::sync::watch::Sender<u64>,
+    /// Providers no longer configured (removed by a reload, or named in the local file at
+    /// start) whose items may still be queued.
+    retired: Mutex<BTreeSet<String>>,
+    skipped: Mutex<HashMap<String, SkipLog>>,
     redis: Option<RedisStore>,
     answers: Arc<dyn AnswerSink>,
     file: Arc<Mutex<FileLog>>,
-    wake: HashMap<String, Arc<Notify>>,
+    wake: Mutex<HashMap<String, Arc<Notify>>>,
+    /// Per provider: nothing is sent before this instant (a `Retry-After`), shared by the
+    /// worker's loops of every provider set.
+    paused: Mutex<HashMap<String, Arc<Mutex<Option<std::time::Instant>>>>>,
 }
 
 /// Which store a claimed item came from (and so where its outcome is recorded).
@@ -256,18 +302,7 @@ impl PurgeQueue {
                 cfg.lease
             )));
         }
-        let mut wake = HashMap::new();
-        for p in &providers {
-            if wake
-                .insert(p.name().to_string(), Arc::new(Notify::new()))
-                .is_some()
-            {
-                return Err(invalid(format!(
-                    "purge queue: two providers are named {:?}",
-                    p.name()
-                )));
-            }
-        }
+        unique_names(&providers).map_err(invalid)?;
         let file = FileLog::open(&cfg.dir)?;
         if cfg.instance.is_empty() {
             cfg.instance = instance_id(&cfg.dir).map_err(|e| {
@@ -285,29 +320,68 @@ impl PurgeQueue {
             .map(|r| RedisStore::new(r, cfg.instance.clone()))
             .transpose()
             .map_err(io::Error::other)?;
+        let mut retired = BTreeSet::new();
         for p in file.providers() {
-            if !wake.contains_key(&p) {
+            if !providers.iter().any(|c| c.name() == p) {
                 tracing::warn!(
                     "the local purge queue holds items for provider {p:?}, which is not configured; they stay queued"
                 );
+                retired.insert(p);
             }
         }
         Ok(Arc::new(PurgeQueue {
             cfg,
-            providers,
+            providers: ArcSwap::from_pointee(providers),
+            generation: tokio::sync::watch::channel(0).0,
+            retired: Mutex::new(retired),
+            skipped: Mutex::default(),
             redis,
             answers,
             file: Arc::new(Mutex::new(file)),
-            wake,
+            wake: Mutex::default(),
+            paused: Mutex::default(),
         }))
+    }
+
+    /// Swaps in a new provider set (a reload changed `[cdn]`); the worker restarts its loops on
+    /// it. Items already queued stay: they are stored by provider name, so a provider whose
+    /// settings changed sends its backlog with the new settings, and the items of a removed
+    /// provider wait (shown as not configured) until a provider of that name is configured
+    /// again. Sends in flight finish with the provider they started with.
+    pub fn set_providers(&self, providers: Vec<Arc<dyn Provider>>) -> Result<(), String> {
+        unique_names(&providers)?;
+        let old = self.providers.load_full();
+        {
+            let mut retired = self.retired.lock();
+            for p in old.iter() {
+                if !providers.iter().any(|n| n.name() == p.name()) {
+                    retired.insert(p.name().to_string());
+                }
+            }
+            for p in &providers {
+                retired.remove(p.name());
+            }
+        }
+        let names: Vec<&str> = providers.iter().map(|p| p.name()).collect();
+        tracing::info!(providers = ?names, "CDN providers swapped in");
+        self.providers.store(Arc::new(providers));
+        self.generation.send_modify(|g| *g += 1);
+        self.wake_all();
+        Ok(())
+    }
+
+    /// Changes whenever [`Self::set_providers`] swaps the set.
+    pub(crate) fn provider_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub fn config(&self) -> &QueueConfig {
         &self.cfg
     }
 
-    pub fn providers(&self) -> &[Arc<dyn Provider>] {
-        &self.providers
+    /// The providers in force now.
+    pub fn providers(&self) -> Arc<Vec<Arc<dyn Provider>>> {
+        self.providers.load_full()
     }
 
     /// Where the worker reports each CDN answer.
@@ -318,14 +392,50 @@ impl PurgeQueue {
     /// The notifier a provider's worker waits on (woken by local enqueues).
     pub(crate) fn waker(&self, provider: &str) -> Arc<Notify> {
         self.wake
-            .get(provider)
-            .cloned()
-            .unwrap_or_else(|| Arc::new(Notify::new()))
+            .lock()
+            .entry(provider.to_string())
+            .or_insert_with(|| Arc::new(Notify::new()))
+            .clone()
+    }
+
+    /// Where the worker keeps `provider`'s `Retry-After` pause.
+    pub(crate) fn pause_of(&self, provider: &str) -> Arc<Mutex<Option<std::time::Instant>>> {
+        self.paused
+            .lock()
+            .entry(provider.to_string())
+            .or_default()
+            .clone()
     }
 
     fn wake_all(&self) {
-        for n in self.wake.values() {
+        for n in self.wake.lock().values() {
             n.notify_one();
+        }
+    }
+
+    /// Counts what `provider` was not sent of job `job` and keeps the latest as examples.
+    fn record_skipped(&self, provider: &str, job: &str, skipped: Vec<Skipped>) {
+        if skipped.is_empty() {
+            return;
+        }
+        let at_ms = now_ms();
+        let mut all = self.skipped.lock();
+        let log = all.entry(provider.to_string()).or_default();
+        for s in skipped {
+            SKIPPED_TOTAL
+                .with_label_values(&[provider, s.reason.as_str()])
+                .inc();
+            log.total += 1;
+            if log.recent.len() == SKIPPED_EXAMPLES {
+                log.recent.pop_front();
+            }
+            log.recent.push_back(SkippedItem {
+                job: job.to_string(),
+                kind: s.kind,
+                item: s.item,
+                reason: s.reason.as_str(),
+                at_ms,
+            });
         }
     }
 
@@ -363,10 +473,12 @@ impl PurgeQueue {
     /// other providers may be stored; enqueueing the job again does not duplicate them).
     pub async fn enqueue(&self, job: &PurgeJob) -> Result<usize, String> {
         let mut total = 0;
-        for p in &self.providers {
+        for p in self.providers().iter() {
             let name = p.name();
-            let items: Vec<Item> = p
-                .batches(job)
+            let plan = p.plan(job);
+            self.record_skipped(name, &job.id, plan.skipped);
+            let items: Vec<Item> = plan
+                .batches
                 .into_iter()
                 .enumerate()
                 .map(|(n, batch)| Item {
@@ -431,10 +543,13 @@ impl PurgeQueue {
             },
             ..QueueStatus::default()
         };
-        for p in &self.providers {
-            let (ps, redis_up) = self.provider_status(p.name()).await;
+        for name in self.names() {
+            let (ps, redis_up) = self.provider_status(&name).await;
             if !redis_up {
                 st.redis = "down";
+            }
+            if !ps.configured && ps.depth + ps.in_flight + ps.dead_letters == 0 {
+                continue;
             }
             st.depth += ps.depth;
             st.in_flight += ps.in_flight;
@@ -447,12 +562,21 @@ impl PurgeQueue {
     /// One provider's counts (and whether Redis answered), setting its gauges.
     pub(crate) async fn provider_status(&self, provider: &str) -> (ProviderStatus, bool) {
         let (depth, in_flight, dead) = self.file.lock().counts(provider);
+        let (skipped, skipped_recent) = self
+            .skipped
+            .lock()
+            .get(provider)
+            .map(|l| (l.total, l.recent.iter().cloned().collect()))
+            .unwrap_or_default();
         let mut ps = ProviderStatus {
             provider: provider.to_string(),
+            configured: self.providers().iter().any(|p| p.name() == provider),
             depth,
             in_flight,
             dead_letters: dead,
             local: depth + in_flight + dead,
+            skipped,
+            skipped_recent,
         };
         let mut redis_up = true;
         if let Some(redis) = &self.redis {
@@ -478,10 +602,10 @@ impl PurgeQueue {
     /// Every dead letter (Redis' and the local file's), for inspection.
     pub async fn dead_letters(&self) -> Vec<Item> {
         let mut out = Vec::new();
-        for p in &self.providers {
-            out.extend(self.file.lock().dead(p.name()));
+        for name in self.names() {
+            out.extend(self.file.lock().dead(&name));
             if let Some(redis) = &self.redis {
-                if let Some(items) = redis.dead(p.name()).await {
+                if let Some(items) = redis.dead(&name).await {
                     out.extend(items);
                 }
             }
@@ -494,7 +618,7 @@ impl PurgeQueue {
     pub async fn retry_dead_letters(&self) -> usize {
         let mut moved = 0;
         let now = now_ms();
-        for p in &self.providers {
+        for p in self.providers().iter() {
             let revive = |mut item: Item| {
                 item.attempts = 0;
                 item.not_before_ms = now;
@@ -613,8 +737,23 @@ impl PurgeQueue {
         }
     }
 
+    /// The configured providers' names, then those of retired providers.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .providers()
+            .iter()
+            .map(|p| p.name().to_string())
+            .collect();
+        for r in self.retired.lock().iter() {
+            if !names.contains(r) {
+                names.push(r.clone());
+            }
+        }
+        names
+    }
+
     fn rate(&self, provider: &str) -> f64 {
-        self.providers
+        self.providers()
             .iter()
             .find(|p| p.name() == provider)
             .map_or(f64::INFINITY, |p| p.rate())
@@ -669,6 +808,20 @@ impl PurgeQueue {
             },
         }
     }
+}
+
+/// Refuses two providers of one name (their items would share one queue).
+fn unique_names(providers: &[Arc<dyn Provider>]) -> Result<(), String> {
+    let mut seen = HashSet::new();
+    for p in providers {
+        if !seen.insert(p.name()) {
+            return Err(format!(
+                "purge queue: two providers are named {:?}",
+                p.name()
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

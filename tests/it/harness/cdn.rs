@@ -607,11 +607,15 @@ pub const FASTLY_MAX_KEYS: usize = 256;
 struct FastlyState {
     /// (keys, soft) of each accepted purge, in order.
     accepted: Vec<(Vec<String>, bool)>,
+    /// (`host/path?query`, soft) of each accepted URL purge, in order.
+    accepted_urls: Vec<(String, bool)>,
     next_id: usize,
 }
 
-/// `POST /service/{id}/purge` (`Surrogate-Key` header or `{"surrogate_keys": [...]}`) and
-/// `POST /service/{id}/purge/{key}`, with `Fastly-Key`.
+/// `POST /service/{id}/purge` (`Surrogate-Key` header or `{"surrogate_keys": [...]}`),
+/// `POST /service/{id}/purge/{key}` and the URL purge `POST /purge/{host}/{path}?{query}`
+/// (no body), with `Fastly-Key` (the service has authenticated purging on, so a URL purge
+/// without the key is refused too).
 pub struct FakeFastly {
     addr: SocketAddr,
     common: Arc<Common>,
@@ -664,6 +668,100 @@ impl FakeFastly {
             .flat_map(|(k, _)| k)
             .collect()
     }
+    /// Accepted URL purges as (`host/path?query`, soft), in order.
+    pub fn accepted_urls(&self) -> Vec<(String, bool)> {
+        self.state.lock().unwrap().accepted_urls.clone()
+    }
+}
+
+/// A hostname as Fastly's URL purge takes it: labels of letters, digits and '-', an optional
+/// port.
+fn fastly_host(h: &str) -> bool {
+    let (name, port) = match h.rsplit_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (h, None),
+    };
+    !name.is_empty()
+        && name
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
+}
+
+/// `POST /purge/{host}/{path}`: Fastly's "Purge a URL".
+fn fastly_url_purge(
+    common: &Common,
+    state: &Mutex<FastlyState>,
+    token: &str,
+    req: &FakeRequest,
+) -> FakeResponse {
+    if req.method != "POST" {
+        common.violation(format!(
+            "fastly: {} {} instead of POST",
+            req.method, req.path
+        ));
+        return fastly_error(405, "Method not allowed", "Use POST");
+    }
+    match req.header("fastly-key") {
+        None => {
+            common.violation("fastly: URL purge without Fastly-Key".into());
+            return fastly_error(401, "Provided credentials are missing or invalid", "");
+        }
+        Some(k) if k != token => {
+            common.auth_failures.fetch_add(1, Ordering::SeqCst);
+            return fastly_error(401, "Provided credentials are missing or invalid", "");
+        }
+        Some(_) => {}
+    }
+    let rest = &req.path["/purge/".len()..];
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if !fastly_host(host) {
+        common.violation(format!(
+            "fastly: URL purge of {rest:?}: {host:?} is not a hostname"
+        ));
+        return fastly_error(400, "Bad request", "Invalid URL");
+    }
+    if !req.body.is_empty() {
+        common.violation(format!(
+            "fastly: URL purge with a body of {} bytes",
+            req.body.len()
+        ));
+    }
+    let soft = match req.header("fastly-soft-purge") {
+        None => false,
+        Some("1") => true,
+        Some(v) => {
+            common.violation(format!(
+                "fastly: Fastly-Soft-Purge: {v:?} (only \"1\" is meaningful)"
+            ));
+            return fastly_error(400, "Bad request", "Fastly-Soft-Purge must be 1");
+        }
+    };
+    match common.next_injected() {
+        Some(Injected::Status(s)) => return fastly_error(s, "Internal Server Error", ""),
+        Some(Injected::Throttle(ra)) => {
+            return fastly_error(429, "Too many requests", "Rate limit exceeded")
+                .header("retry-after", &ra)
+        }
+        Some(Injected::Code(s, code)) => return fastly_error(s, code, ""),
+        None => {}
+    }
+    let target = match &req.query {
+        Some(q) => format!("{host}{path}?{q}"),
+        None => format!("{host}{path}"),
+    };
+    let mut st = state.lock().unwrap();
+    st.next_id += 1;
+    let id = format!("108-1391560174-{:06}", st.next_id);
+    st.accepted_urls.push((target, soft));
+    FakeResponse::new(
+        200,
+        "application/json",
+        serde_json::json!({"status": "ok", "id": id}).to_string(),
+    )
 }
 
 fn fastly_handle(
@@ -673,6 +771,9 @@ fn fastly_handle(
     token: &str,
     req: &FakeRequest,
 ) -> FakeResponse {
+    if req.path.starts_with("/purge/") {
+        return fastly_url_purge(common, state, token, req);
+    }
     let seg = path_segments(&req.path);
     let single = match seg.as_slice() {
         ["service", _, "purge"] => None,
