@@ -337,6 +337,32 @@ async fn event_stream_shows_other_instances_records_in_the_same_shape() {
         .await;
     assert_eq!(there, rec, "PURGE: B's record differs from A's");
     assert_eq!(there["source"], json!("purge-method"), "{there}");
+
+    // Each record once on each stream: A does not stream its own record again when it comes
+    // back through Redis, B gets it once. A last invalidation marks the end.
+    let answer = invalidate(&a, json!({"tags": ["ev-last"]})).await;
+    let last = answer["id"].as_str().expect("an id").to_string();
+    for (name, stream) in [("A", &mut on_a), ("B", &mut on_b)] {
+        stream
+            .wait_for(&format!("{name}'s stream to show the last one"), |d| {
+                d["id"] == json!(last)
+            })
+            .await;
+        let ids: Vec<&str> = stream
+            .seen
+            .iter()
+            .filter_map(|r| r["id"].as_str())
+            .collect();
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(ids.len(), 4, "{name} streamed 4 records: {ids:?}");
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "{name} streamed a record twice: {ids:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -847,6 +873,8 @@ async fn admin_tag_invalidations(gw: &Gateway) -> f64 {
 struct EventStream {
     resp: reqwest::Response,
     buf: String,
+    /// Every `invalidation` record read so far, in order.
+    seen: Vec<Value>,
 }
 
 impl EventStream {
@@ -877,6 +905,7 @@ impl EventStream {
         let mut s = EventStream {
             resp,
             buf: String::new(),
+            seen: Vec::new(),
         };
         // The stream's opening comment: the subscription is in place once it arrived.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -923,6 +952,7 @@ impl EventStream {
                 }
                 let v: Value = serde_json::from_str(&data)
                     .unwrap_or_else(|e| panic!("event data {data:?} is not JSON: {e}"));
+                self.seen.push(v.clone());
                 if pred(&v) {
                     return v;
                 }
