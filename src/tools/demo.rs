@@ -477,7 +477,7 @@ const ANSWER_OPENINGS: &[&str] = &[
     "Congratulations on the wedding!",
 ];
 const ANSWER_LINES: &[&str] = &[
-    "Start with what matters most to the two of you",
+    "start with what matters most to the two of you",
     "keep it short and personal",
     "book the key vendors six to nine months ahead",
     "share the plan with your planner early",
@@ -492,8 +492,10 @@ fn chat_answer(req: &Value) -> (String, Vec<String>, u64) {
     let messages = req["messages"].to_string();
     let s = seed(&[model, &messages]);
     let mut pieces = vec![pick(ANSWER_OPENINGS, s).to_string()];
-    for i in 0..4u32 {
-        let line = pick(ANSWER_LINES, s.rotate_left(11 * i + 7));
+    // Four different lines, in the table's order from a seeded start.
+    let first = (s.rotate_left(7) % ANSWER_LINES.len() as u64) as usize;
+    for i in 0..4 {
+        let line = ANSWER_LINES[(first + i) % ANSWER_LINES.len()];
         pieces.push(format!(" {line}{}", if i == 3 { "." } else { ";" }));
     }
     (pieces.concat(), pieces, tokens(&messages))
