@@ -56,6 +56,20 @@ fn error(status: u16, message: impl std::fmt::Display) -> Reply {
     reply(status, json!({ "error": message.to_string() }))
 }
 
+/// The 401 of `/admin/*`: a wrong token, or none configured (then the API is disabled).
+fn unauthorized(token: Option<&str>) -> Reply {
+    match token {
+        Some(_) => error(
+            401,
+            "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
+        ),
+        None => error(
+            401,
+            "the admin API is disabled: the configuration has no [admin] token (the shipped gateway.toml reads AISLE_ADMIN_TOKEN; set it, at least 16 characters, and restart)",
+        ),
+    }
+}
+
 /// `POST /admin/invalidate` body.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -233,11 +247,9 @@ impl Admin {
             ("GET", "/readyz") => reply(200, self.readiness()),
             (_, "/metrics" | "/healthz" | "/readyz") => error(405, "use GET"),
             (_, p) if p.starts_with("/admin/") => {
-                if !bearer_ok(&req.headers, self.reloader.config().admin.token.as_deref()) {
-                    return error(
-                        401,
-                        "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
-                    );
+                let token = self.reloader.config().admin.token.clone();
+                if !bearer_ok(&req.headers, token.as_deref()) {
+                    return unauthorized(token.as_deref());
                 }
                 match (method.as_str(), p) {
                     ("POST", "/admin/invalidate") => self.invalidate(session).await,
@@ -336,10 +348,7 @@ impl HttpServerApp for Admin {
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
         let r = if is_events {
-            error(
-                401,
-                "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
-            )
+            unauthorized(self.reloader.config().admin.token.as_deref())
         } else {
             self.route(&mut session).await
         };

@@ -183,7 +183,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for AccessLog {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|diags| {
+    let loaded = Config::load(path).map_err(|diags| {
         for d in &diags {
             eprintln!("{d}");
         }
@@ -193,7 +193,13 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
             if diags.len() == 1 { "" } else { "s" }
         );
         ExitCode::FAILURE
-    })
+    });
+    if let Ok(c) = &loaded {
+        for w in &c.rules.warnings {
+            eprintln!("{w}");
+        }
+    }
+    loaded
 }
 
 fn main() -> ExitCode {
@@ -333,6 +339,12 @@ fn serve(config: Config, upgrade: bool) -> ExitCode {
         config.admin_listen,
         config.rules.len()
     );
+    if config.admin.token.is_none() {
+        eprintln!(
+            "aisle: warning: the admin API is disabled (no [admin] token; the shipped config reads \
+             AISLE_ADMIN_TOKEN): /admin/* answers 401 and PURGE only works from [admin] purge_allow"
+        );
+    }
     if upgrade {
         eprintln!(
             "aisle: upgrade: waiting for the running gateway's sockets on {}; send it SIGQUIT now",
@@ -349,6 +361,7 @@ fn serve(config: Config, upgrade: bool) -> ExitCode {
 }
 
 fn demo(path: &Path) -> ExitCode {
+    let token = aisle::tools::demo::admin_token();
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -380,17 +393,6 @@ fn demo(path: &Path) -> ExitCode {
             eprintln!("aisle demo: the demo origin stopped: {e}");
         }
     });
-    let p = &config.listen;
-    let a = &config.admin_listen;
-    println!("aisle demo: origin on http://{origin}, gateway on http://{p}\n");
-    println!("Try (watch the cache-status header and origin_request in the body):");
-    println!("  curl -si 'http://{p}/api/vendors/search?location=NYC&vendorType=photographer&budget=5000'   # miss, stored");
-    println!("  curl -si 'http://{p}/api/vendors/search?location=nyc&vendorType=photographer&budget=5400&utm_source=x'   # hit: same market, budget bucket; utm ignored");
-    println!("  curl -si 'http://{p}/api/vendors/search?location=Austin,%20TX&vendorType=photographer&budget=5000'   # miss: another market");
-    println!("  curl -si 'http://{p}/api/weddings/w-42/timeline'");
-    println!("  curl -si 'http://{p}/api/weather?city=Brooklyn&date=2027-07-14'");
-    println!("  curl -si -X POST -H 'content-type: application/json' 'http://{p}/api/ai/recommendations' -d '{{\"request_id\":\"r1\",\"query\":{{\"type\":\"venue\",\"content\":\"Best venues?\"}},\"weddingContext\":{{\"location\":{{\"city\":\"NYC\"}},\"weddingDate\":\"2026-09-19\"}}}}'   # run twice: the second is a hit");
-    println!("  curl -sN -X POST -H 'content-type: application/json' 'http://{p}/v1/chat/completions' -d '{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'   # streamed, then replayed");
-    println!("  curl -s  'http://{a}/metrics' | grep aisle_requests_total\n");
+    println!("{}", aisle::tools::demo::banner(&config, &origin, token));
     serve(config, false)
 }

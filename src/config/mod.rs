@@ -523,6 +523,9 @@ impl Config {
 
 fn admin_config(src: &SourceFile<'_>, raw: &RawAdmin, diags: &mut Vec<Diagnostic>) -> AdminConfig {
     let token = raw.token.as_ref().and_then(|t| match expand_env(t.get_ref()) {
+        // `token = "${AISLE_ADMIN_TOKEN:-}"` with the variable unset: no token, the admin API
+        // is disabled (as without `[admin]`), which the gateway says when it starts.
+        Ok(v) if v.is_empty() => None,
         Ok(v) if v.len() >= 16 => Some(v),
         Ok(_) => {
             diags.push(src.at(t.span(), "the admin token must be at least 16 characters (make one with: head -c 24 /dev/urandom | base64)"));

@@ -16,12 +16,18 @@ use crate::redis::{Keyspace, Redis};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::broadcast;
 
 /// Entries kept in memory (and in Redis).
 const KEEP: usize = 10_000;
+/// Records kept for Redis while it does not take them; beyond this the oldest is dropped (the
+/// local log and stream still have it).
+const UNSENT: usize = 10_000;
+/// Records sent to Redis per round trip.
+const FLUSH_BATCH: usize = 100;
 /// How long Redis keeps one invalidation's CDN answers.
 const ANSWERS_KEPT: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -41,7 +47,8 @@ pub struct CdnAnswer {
 pub struct AuditEntry {
     pub id: String,
     pub at_ms: u64,
-    /// `admin`, `webhook:<source>`, `purge-method`, `unsafe-request`, `fleet`.
+    /// `admin`, `webhook:<source>`, `purge-method`, `unsafe-request`, `reload` (the same on
+    /// every instance's stream, whichever instance made it).
     pub source: String,
     /// The admin token's holder or the webhook delivery id, when known.
     #[serde(default)]
@@ -80,10 +87,18 @@ pub struct Audit {
     redis: Option<Arc<RedisLog>>,
 }
 
-/// The fleet's copy of the log: the connection and the `audit` keyspace.
+/// The fleet's copy of the log: the connection, the `audit` keyspace and the records Redis has
+/// not taken yet.
 struct RedisLog {
     redis: Arc<Redis>,
     keys: Keyspace,
+    /// This process on the records channel (it ignores its own records there).
+    sender: u64,
+    /// (number, record JSON), oldest first, waiting for Redis.
+    unsent: Mutex<VecDeque<(u64, String)>>,
+    next: AtomicU64,
+    /// One flush at a time, so records reach Redis in order.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl RedisLog {
@@ -96,6 +111,64 @@ impl RedisLog {
     fn answers_key(&self, id: &str) -> String {
         self.keys.key(format_args!(":cdn:{id}"))
     }
+
+    /// The pub/sub channel of records.
+    fn channel(&self) -> String {
+        self.keys.key(":records")
+    }
+
+    /// Queues a record for Redis (the list and the channel).
+    fn push(&self, json: String) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut unsent = self.unsent.lock();
+        unsent.push_back((n, json));
+        if unsent.len() > UNSENT {
+            unsent.pop_front();
+            tracing::warn!(
+                "Redis has not taken the last {UNSENT} audit records; dropping the oldest from the \
+                 fleet's log and event streams (this instance's own log keeps it)"
+            );
+        }
+    }
+
+    /// Sends the queued records, oldest first, until none is left or Redis fails (they stay).
+    async fn flush(&self) {
+        let _one = self.flushing.lock().await;
+        loop {
+            let batch: Vec<(u64, String)> = self
+                .unsent
+                .lock()
+                .iter()
+                .take(FLUSH_BATCH)
+                .cloned()
+                .collect();
+            let Some(&(last, _)) = batch.last() else {
+                return;
+            };
+            let channel = self.channel();
+            let mut pipe = redis::pipe();
+            for (_, json) in &batch {
+                pipe.cmd("LPUSH").arg(self.log_key()).arg(json).ignore();
+                pipe.cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(format!("{:016x} {json}", self.sender))
+                    .ignore();
+            }
+            pipe.cmd("LTRIM")
+                .arg(self.log_key())
+                .arg(0)
+                .arg(KEEP - 1)
+                .ignore();
+            let sent: Option<()> = self.redis.background_pipe("audit", &pipe).await;
+            if sent.is_none() {
+                return;
+            }
+            let mut unsent = self.unsent.lock();
+            while unsent.front().is_some_and(|(n, _)| *n <= last) {
+                unsent.pop_front();
+            }
+        }
+    }
 }
 
 impl Audit {
@@ -107,6 +180,13 @@ impl Audit {
             Some(redis) => Some(Arc::new(RedisLog {
                 keys: redis.keyspace("audit log", "audit")?,
                 redis,
+                sender: {
+                    use aes_gcm::aead::rand_core::RngCore;
+                    aes_gcm::aead::OsRng.next_u64()
+                },
+                unsent: Mutex::new(VecDeque::new()),
+                next: AtomicU64::new(0),
+                flushing: tokio::sync::Mutex::new(()),
             })),
             None => None,
         };
@@ -145,7 +225,8 @@ impl Audit {
         });
     }
 
-    /// Records an invalidation and publishes it to event-stream subscribers.
+    /// Records an invalidation and publishes it to event-stream subscribers, here and (with
+    /// Redis) on every other instance.
     pub fn record(&self, rec: AuditEntry) {
         let json = serde_json::to_string(&rec).unwrap_or_default();
         let _ = self.events.send(json.clone());
@@ -157,17 +238,27 @@ impl Audit {
             }
         }
         if let Some(log) = self.redis.clone() {
-            tokio::spawn(async move {
-                let mut pipe = redis::pipe();
-                pipe.cmd("LPUSH").arg(log.log_key()).arg(json).ignore();
-                pipe.cmd("LTRIM")
-                    .arg(log.log_key())
-                    .arg(0)
-                    .arg(KEEP - 1)
-                    .ignore();
-                let _: Option<()> = log.redis.background_pipe("audit", &pipe).await;
-            });
+            log.push(json);
+            tokio::spawn(async move { log.flush().await });
         }
+    }
+
+    /// Sends the records Redis has not taken yet (the fleet subscriber calls it while Redis
+    /// answers).
+    pub async fn flush(&self) {
+        if let Some(log) = &self.redis {
+            log.flush().await;
+        }
+    }
+
+    /// Records waiting for Redis.
+    pub fn unsent(&self) -> usize {
+        self.redis.as_ref().map_or(0, |log| log.unsent.lock().len())
+    }
+
+    /// The pub/sub channel other instances publish their records on (with Redis).
+    pub fn channel(&self) -> Option<String> {
+        self.redis.as_ref().map(|log| log.channel())
     }
 
     /// Corrects a record's CDN status (the queue refused the job).
@@ -177,9 +268,25 @@ impl Audit {
         }
     }
 
-    /// Publishes an invalidation another instance made (not recorded again: it has its record).
-    pub fn relay(&self, json: String) {
-        let _ = self.events.send(json);
+    /// Publishes a record another instance made, as received on [`Self::channel`]
+    /// (`<sender hex> <record JSON>`), to this instance's stream: the same JSON its own stream
+    /// showed. Not recorded again (its instance put it in the fleet's log); this instance's own
+    /// records, and anything that is not a record, are ignored.
+    pub fn relay(&self, payload: &str) {
+        let Some(log) = &self.redis else {
+            return;
+        };
+        let Some((sender, json)) = payload.split_once(' ') else {
+            return;
+        };
+        if u64::from_str_radix(sender, 16).map_or(true, |s| s == log.sender) {
+            return;
+        }
+        if serde_json::from_str::<AuditEntry>(json).is_err() {
+            tracing::debug!("ignoring a malformed audit record from another instance");
+            return;
+        }
+        let _ = self.events.send(json.to_string());
     }
 
     /// A receiver of the live stream (JSON per invalidation).

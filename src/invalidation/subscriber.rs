@@ -14,6 +14,10 @@
 //!   again, which resyncs once Redis answers.
 //!
 //! Resyncs are counted in `aisle_invalidation_resyncs_total{reason}`.
+//!
+//! The same subscription carries the other instances' audit records (their own channel, see
+//! [`crate::invalidation::audit`]), which go to this instance's `/admin/events` stream as they
+//! are; while subscribed it also re-sends the records of its own that Redis did not take.
 
 use super::load_epochs;
 use crate::clock::now_ms;
@@ -141,8 +145,6 @@ impl Subscriber {
             }
             Message::Tag { tag, at_ms, soft } => {
                 self.epochs.purge_tag(&tag, Epoch { at_ms, soft });
-                self.audit
-                    .relay(serde_json::json!({"source": "fleet", "tags": [tag], "soft": soft, "at_ms": at_ms}).to_string());
             }
             Message::Prefix {
                 prefix,
@@ -150,9 +152,6 @@ impl Subscriber {
                 soft,
             } => {
                 self.epochs.purge_prefix(&prefix, Epoch { at_ms, soft });
-                self.audit.relay(
-                    serde_json::json!({"source": "fleet", "prefixes": [prefix], "soft": soft, "at_ms": at_ms}).to_string(),
-                );
             }
         }
         let lag = now_ms().saturating_sub(sent_ms) as f64 / 1000.0;
@@ -176,6 +175,9 @@ impl Subscriber {
         let connect = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(self.redis.channel()).await?;
+            if let Some(records) = self.audit.channel() {
+                pubsub.subscribe(records).await?;
+            }
             Ok(pubsub)
         };
         match tokio::time::timeout(Duration::from_secs(2), connect).await {
@@ -237,11 +239,15 @@ impl Subscriber {
                     let own_heartbeat = Mutex::new(Instant::now());
                     let deaf_after = HEARTBEAT * HEARTBEAT_MISSES + HEARTBEAT / 2;
                     let mut check = tokio::time::interval(HEARTBEAT / 2);
+                    let records = self.audit.channel();
                     let mut messages = pubsub.on_message();
                     loop {
                         tokio::select! {
                             msg = messages.next() => match msg {
                                 Some(m) => match m.get_payload::<String>() {
+                                    Ok(p) if records.as_deref() == Some(m.get_channel_name()) => {
+                                        self.audit.relay(&p);
+                                    }
                                     Ok(p) => {
                                         if self.apply(&p, &seqs, &own_heartbeat) {
                                             self.resync("sequence").await;
@@ -252,6 +258,10 @@ impl Subscriber {
                                 None => break,
                             },
                             _ = check.tick() => {
+                                if self.audit.unsent() > 0 {
+                                    let audit = self.audit.clone();
+                                    tokio::spawn(async move { audit.flush().await });
+                                }
                                 let silent = own_heartbeat.lock().elapsed();
                                 if silent > deaf_after {
                                     tracing::warn!("this instance's own heartbeat has not come back for {silent:?}: treating the invalidation subscription as lost");

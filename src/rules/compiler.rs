@@ -211,6 +211,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
     if !diags.is_empty() {
         return Err(diags);
     }
+    let warnings = unfired_names(&parsed, &events);
     let default = ctx.default_upstream.map(|upstream| {
         Arc::new(Rule {
             name: DEFAULT_ROUTE.into(),
@@ -249,7 +250,38 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
         rules,
         default,
         events,
+        warnings,
     })
+}
+
+/// A warning for each `invalidate_on` name that no `[[event]]` can ever invalidate (its
+/// `invalidates` templates cannot render it; webhook mappings fire events too, so none can
+/// either): the rule's entries then wait out their ttl however often the name is "fired".
+fn unfired_names(
+    parsed: &[(SourceFile<'_>, RawFile)],
+    events: &HashMap<String, EventDef>,
+) -> Vec<Diagnostic> {
+    let mut warnings = Vec::new();
+    for (src, raw) in parsed {
+        for r in &raw.rule {
+            for spanned in &r.invalidate_on {
+                let name = spanned.get_ref().as_str();
+                let fired = events
+                    .values()
+                    .any(|e| e.invalidates.iter().any(|t| t.could_render(name)));
+                if !fired {
+                    warnings.push(src.at(
+                        spanned.span(),
+                        format!(
+                            "warning: invalidate_on name {name:?} of rule {:?} is never invalidated: no [[event]] lists it in `invalidates` (events, fired by the admin API or a webhook mapping, purge what they list); add [[event]] name = {name:?} invalidates = [{name:?}] to a rules file, or remove the name",
+                            r.name.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    warnings
 }
 
 fn position(src: &SourceFile<'_>, span: std::ops::Range<usize>) -> (usize, usize) {

@@ -40,6 +40,21 @@ impl ParamTemplate {
         })
     }
 
+    /// Whether some parameters could render `tag` (a `{hole}` stands for any non-empty value):
+    /// whether firing this template's event can ever invalidate an `invalidate_on` name.
+    pub(crate) fn could_render(&self, tag: &str) -> bool {
+        fn fits(pieces: &[Piece<Box<str>>], s: &str) -> bool {
+            match pieces.split_first() {
+                None => s.is_empty(),
+                Some((Piece::Text(t), rest)) => s.strip_prefix(&**t).is_some_and(|r| fits(rest, r)),
+                Some((Piece::Hole(_), rest)) => (1..=s.len())
+                    .filter(|&i| s.is_char_boundary(i))
+                    .any(|i| fits(rest, &s[i..])),
+            }
+        }
+        fits(&self.pieces, tag)
+    }
+
     /// Renders with `params`; names the missing parameter otherwise.
     pub(crate) fn render(&self, params: &BTreeMap<String, Value>) -> Result<String, String> {
         let mut out = String::new();
@@ -135,6 +150,18 @@ mod tests {
         );
         assert!(ev.tags(&params(json!({"vendorId": ""}))).is_err());
         assert!(ev.tags(&params(json!({"vendorId": {"x": 1}}))).is_err());
+    }
+
+    #[test]
+    fn what_a_template_can_render() {
+        let t = |s: &str| ParamTemplate::parse(s).unwrap();
+        assert!(t("vendor_update").could_render("vendor_update"));
+        assert!(!t("vendor_update").could_render("vendor_updates"));
+        assert!(t("vendor:{id}").could_render("vendor:v1"));
+        assert!(!t("vendor:{id}").could_render("vendor:"));
+        assert!(t("{kind}_change").could_render("availability_change"));
+        assert!(t("{a}{b}").could_render("xy"));
+        assert!(!t("{a}{b}").could_render("x"));
     }
 
     #[test]

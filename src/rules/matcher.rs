@@ -38,6 +38,9 @@ pub struct RuleSet {
     pub(super) rules: Vec<Arc<Rule>>,
     pub(super) default: Option<Arc<Rule>>,
     pub(super) events: HashMap<String, EventDef>,
+    /// What `aisle check` warns about without refusing the configuration (an `invalidate_on`
+    /// name no event can fire), each with its position.
+    pub warnings: Vec<crate::diag::Diagnostic>,
 }
 
 /// A matched rule and the path parameters it captured.
@@ -94,6 +97,7 @@ impl RuleSet {
             rules: self.rules.iter().map(strip).collect(),
             default: self.default.as_ref().map(strip),
             events: self.events.clone(),
+            warnings: Vec::new(),
         }
     }
 }

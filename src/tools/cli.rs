@@ -141,12 +141,17 @@ pub fn target(
     })?;
     let token = match explicit {
         Some(t) => Some(t),
-        None => token.map(|t| expand_env(&t)).transpose().map_err(|e| {
-            Failure::new(
-                EXIT_USAGE,
-                format!("{}: [admin] token: {e}", config.display()),
-            )
-        })?,
+        None => token
+            .map(|t| expand_env(&t))
+            .transpose()
+            .map_err(|e| {
+                Failure::new(
+                    EXIT_USAGE,
+                    format!("{}: [admin] token: {e}", config.display()),
+                )
+            })?
+            // `${AISLE_ADMIN_TOKEN:-}` with the variable unset: no token given.
+            .filter(|t| !t.is_empty()),
     };
     Ok(Target {
         base: format!("http://{}", connect_address(&listen)),

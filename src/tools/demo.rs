@@ -17,6 +17,12 @@
 //! answers `text/event-stream`, one `data:` event per body frame spread over about
 //! a second and ending with `data: [DONE]`, the way OpenAI streams, so streaming
 //! through the gateway can be watched.
+//!
+//! The demo also owns what `aisle demo` prints and its admin token: the shipped `gateway.toml`
+//! reads the token from `AISLE_ADMIN_TOKEN` (`${AISLE_ADMIN_TOKEN:-}`); when it is unset the demo
+//! makes one up ([`admin_token`]) before the config is read, and prints it with the line to
+//! export it, so the admin API and `aisle purge` work in the demo with no setup, while a real
+//! deployment never gets a token it did not choose.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +41,73 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
+/// The environment variable the shipped config reads its admin token from.
+pub const TOKEN_VAR: &str = "AISLE_ADMIN_TOKEN";
+
+/// Where the demo's admin token came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenSource {
+    /// `AISLE_ADMIN_TOKEN` was set.
+    Environment,
+    /// It was unset: a random one was made and put in this process's environment.
+    Generated,
+}
+
+/// Makes sure `AISLE_ADMIN_TOKEN` is set for the config about to be read: kept when set, else a
+/// random 32-hex-digit token (128 bits). Call before any thread is started (it sets the
+/// process environment).
+pub fn admin_token() -> TokenSource {
+    if std::env::var(TOKEN_VAR).is_ok_and(|t| !t.is_empty()) {
+        return TokenSource::Environment;
+    }
+    use aes_gcm::aead::rand_core::RngCore;
+    let mut bytes = [0u8; 16];
+    aes_gcm::aead::OsRng.fill_bytes(&mut bytes);
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::env::set_var(TOKEN_VAR, token);
+    TokenSource::Generated
+}
+
+/// What `aisle demo` prints before serving: where everything listens, the admin token, and
+/// commands to try.
+pub fn banner(config: &crate::config::Config, origin: &str, token: TokenSource) -> String {
+    let p = &config.listen;
+    let a = &config.admin_listen;
+    let mut out = format!(
+        "aisle demo: origin on http://{origin}, gateway on http://{p}, admin on http://{a}\n"
+    );
+    match (&config.admin.token, token) {
+        (None, _) => out.push_str(
+            "admin API disabled: the config has no [admin] token (/admin/* answers 401)\n",
+        ),
+        (Some(t), TokenSource::Generated) => out.push_str(&format!(
+            "admin token (generated, {TOKEN_VAR} was unset): {t}\n  \
+             export {TOKEN_VAR}={t}   # in the terminal you run curl or aisle purge from\n"
+        )),
+        (Some(_), TokenSource::Environment) => {
+            out.push_str(&format!("admin token: ${TOKEN_VAR}\n"))
+        }
+    }
+    out.push_str("\nTry (watch the cache-status header and origin_request in the body):\n");
+    for line in [
+        format!("curl -si 'http://{p}/api/vendors/search?location=NYC&vendorType=photographer&budget=5000'   # miss, stored"),
+        format!("curl -si 'http://{p}/api/vendors/search?location=nyc&vendorType=photographer&budget=5400&utm_source=x'   # hit: same market, budget bucket; utm ignored"),
+        format!("curl -si 'http://{p}/api/vendors/search?location=Austin,%20TX&vendorType=photographer&budget=5000'   # vary miss: another market (austin)"),
+        format!("curl -si 'http://{p}/api/weddings/w-42/timeline'"),
+        format!("curl -si 'http://{p}/api/weather?city=Brooklyn&date=2027-07-14'"),
+        format!("curl -si -X POST -H 'content-type: application/json' 'http://{p}/api/ai/recommendations' -d '{{\"request_id\":\"r1\",\"query\":{{\"type\":\"venue\",\"content\":\"Best venues?\"}},\"weddingContext\":{{\"location\":{{\"city\":\"NYC\"}},\"weddingDate\":\"2026-09-19\"}}}}'   # run twice: the second is a hit"),
+        format!("curl -sN -X POST -H 'content-type: application/json' 'http://{p}/v1/chat/completions' -d '{{\"model\":\"m\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"stream\":true}}'   # streamed, then replayed"),
+        format!("curl -s -X POST -H \"Authorization: Bearer ${TOKEN_VAR}\" 'http://{a}/admin/invalidate' -d '{{\"events\":[{{\"name\":\"vendor_update\",\"params\":{{}}}}]}}'   # purge every vendor entry"),
+        format!("curl -si -X PURGE 'http://{p}/api/weddings/w-42/timeline'   # from loopback (purge_allow): no token needed"),
+        format!("curl -s 'http://{a}/metrics' | grep aisle_requests_total"),
+    ] {
+        out.push_str("  ");
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
 
 /// Largest request body the demo reads.
 const MAX_BODY: usize = 64 * 1024;
@@ -404,7 +477,7 @@ const ANSWER_OPENINGS: &[&str] = &[
     "Congratulations on the wedding!",
 ];
 const ANSWER_LINES: &[&str] = &[
-    "Start with what matters most to the two of you",
+    "start with what matters most to the two of you",
     "keep it short and personal",
     "book the key vendors six to nine months ahead",
     "share the plan with your planner early",
@@ -419,8 +492,10 @@ fn chat_answer(req: &Value) -> (String, Vec<String>, u64) {
     let messages = req["messages"].to_string();
     let s = seed(&[model, &messages]);
     let mut pieces = vec![pick(ANSWER_OPENINGS, s).to_string()];
-    for i in 0..4u32 {
-        let line = pick(ANSWER_LINES, s.rotate_left(11 * i + 7));
+    // Four different lines, in the table's order from a seeded start.
+    let first = (s.rotate_left(7) % ANSWER_LINES.len() as u64) as usize;
+    for i in 0..4 {
+        let line = ANSWER_LINES[(first + i) % ANSWER_LINES.len()];
         pieces.push(format!(" {line}{}", if i == 3 { "." } else { ";" }));
     }
     (pieces.concat(), pieces, tokens(&messages))

@@ -352,3 +352,77 @@ fn unknown_log_format() {
     let run = run_check(&gw, &[]);
     assert_reports(&run, "gateway.toml", &[line_of(&gw, "xml")], &["logfmt"]);
 }
+
+/// Issue 18 item 1: the shipped `gateway.toml` and `rules/` check clean in a shell without
+/// `AISLE_ADMIN_TOKEN` (the admin API is then disabled, which is not a configuration problem),
+/// and with it; no warning either way (every `invalidate_on` name has its `[[event]]`).
+#[test]
+fn shipped_config_checks_clean() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
+    for token in [None, Some("a-demo-token-of-32-characters-xx")] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_aisle"));
+        cmd.arg("check").arg("--config").arg(&config);
+        cmd.env_remove("AISLE_ADMIN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("AISLE_ADMIN_TOKEN", t);
+        }
+        let out = cmd.output().expect("run aisle check");
+        let output = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "token {token:?}: output:\n{output}"
+        );
+        assert!(
+            output.contains("gateway.toml: ok (") && !output.contains("warning"),
+            "token {token:?}: expected a clean summary; output:\n{output}"
+        );
+    }
+}
+
+/// Issue 18 item 1: an `invalidate_on` name that no `[[event]]` can invalidate is a warning at
+/// its position (the config still loads: exit 0); a name an event lists, literally or through
+/// a template, is not.
+#[test]
+fn unfireable_invalidate_on_name_is_warned_about() {
+    let rules = r#"[[event]]
+name = "vendor_update"
+invalidates = ["vendor_update", "{kind}_change"]
+
+[[rule]]
+name = "vendor"
+match = { method = "GET", path = "/api/vendors/:id" }
+ttl = "60s"
+invalidate_on = ["vendor_update", "availability_change", "never_fired"]
+"#;
+    let run = run_check(GATEWAY, &[("a.toml", rules)]);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "a warning is no error; output:\n{}",
+        run.output
+    );
+    let line = line_of(rules, "invalidate_on");
+    let warnings: Vec<&str> = run
+        .output
+        .lines()
+        .filter(|l| l.contains("warning"))
+        .collect();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "exactly one warning (never_fired); output:\n{}",
+        run.output
+    );
+    assert!(
+        warnings[0].contains(&format!("a.toml:{line}:"))
+            && warnings[0].contains("\"never_fired\"")
+            && warnings[0].contains("[[event]]"),
+        "the warning names the file, line, the name and the fix; output:\n{}",
+        run.output
+    );
+}

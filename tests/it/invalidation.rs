@@ -260,6 +260,111 @@ async fn tag_invalidation_through_one_instance_reaches_the_other() {
     println!("A streamed: {seen}");
 }
 
+/// Issue 18 item 5: B's event stream shows what was invalidated on A (URL purges too, not only
+/// tags and prefixes) as the very record A's own stream shows: the same id, actor, source,
+/// targets and time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_shows_other_instances_records_in_the_same_shape() {
+    let redis = RedisServer::start();
+    let origin = origin();
+    let prefix = "t-inv-ev:";
+    let cfg = format!(
+        "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\npurge_allow = [\"127.0.0.1/32\"]\n",
+        crate::harness::redis::gateway_config(&origin.url(), &redis.section(prefix))
+    );
+    let rules = [("rules.toml", fixtures::INVALIDATION_RULES)];
+    let (a, b) = tokio::join!(
+        Gateway::start_with_env(&cfg, &rules, ENV),
+        Gateway::start_with_env(&cfg, &rules, ENV)
+    );
+    wait_subscribed(&a, "A").await;
+    wait_subscribed(&b, "B").await;
+    let mut on_a = EventStream::open(&a).await;
+    let mut on_b = EventStream::open(&b).await;
+
+    // The same record on both streams: `what` made on A, found by its id.
+    async fn same_on_both(on_a: &mut EventStream, on_b: &mut EventStream, id: &str, what: &str) {
+        let here = on_a
+            .wait_for(&format!("A's stream to show {what}"), |d| {
+                d["id"] == json!(id)
+            })
+            .await;
+        let there = on_b
+            .wait_for(&format!("B's stream to show {what} made on A"), |d| {
+                d["id"] == json!(id)
+            })
+            .await;
+        println!("{what}: A streamed {here}\n  B streamed {there}");
+        assert_eq!(there, here, "{what}: B's record differs from A's");
+        for field in [
+            "id", "actor", "source", "tags", "urls", "prefixes", "at_ms", "cdn",
+        ] {
+            assert!(
+                there.get(field).is_some(),
+                "{what}: no {field:?} in {there}"
+            );
+        }
+    }
+
+    let url = a.url("/api/vendors/ev-1");
+    let answer = invalidate(&a, json!({"urls": [url]})).await;
+    let id = answer["id"].as_str().expect("an id").to_string();
+    same_on_both(&mut on_a, &mut on_b, &id, "a URL purge").await;
+
+    let answer = invalidate(
+        &a,
+        json!({"tags": ["ev-tag"], "prefixes": ["localhost/api/ev/"], "soft": true}),
+    )
+    .await;
+    let id = answer["id"].as_str().expect("an id").to_string();
+    same_on_both(&mut on_a, &mut on_b, &id, "a tag and prefix purge").await;
+
+    // PURGE <url> on A's proxy listener (no id in its answer: found by its URL on A first).
+    let r = a.request("PURGE", "/api/vendors/ev-2", &[]).await;
+    assert_eq!(r.status, 200, "PURGE: {:?}", r.text());
+    let rec = on_a
+        .wait_for("A's stream to show the PURGE", |d| {
+            strings(&d["urls"])
+                .iter()
+                .any(|u| u.ends_with("/api/vendors/ev-2"))
+        })
+        .await;
+    let id = rec["id"].as_str().expect("an id").to_string();
+    let there = on_b
+        .wait_for("B's stream to show the PURGE made on A", |d| {
+            d["id"] == json!(id)
+        })
+        .await;
+    assert_eq!(there, rec, "PURGE: B's record differs from A's");
+    assert_eq!(there["source"], json!("purge-method"), "{there}");
+
+    // Each record once on each stream: A does not stream its own record again when it comes
+    // back through Redis, B gets it once. A last invalidation marks the end.
+    let answer = invalidate(&a, json!({"tags": ["ev-last"]})).await;
+    let last = answer["id"].as_str().expect("an id").to_string();
+    for (name, stream) in [("A", &mut on_a), ("B", &mut on_b)] {
+        stream
+            .wait_for(&format!("{name}'s stream to show the last one"), |d| {
+                d["id"] == json!(last)
+            })
+            .await;
+        let ids: Vec<&str> = stream
+            .seen
+            .iter()
+            .filter_map(|r| r["id"].as_str())
+            .collect();
+        let mut unique = ids.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(ids.len(), 4, "{name} streamed 4 records: {ids:?}");
+        assert_eq!(
+            unique.len(),
+            ids.len(),
+            "{name} streamed a record twice: {ids:?}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------
 // One instance
 // ---------------------------------------------------------------------------
@@ -768,6 +873,8 @@ async fn admin_tag_invalidations(gw: &Gateway) -> f64 {
 struct EventStream {
     resp: reqwest::Response,
     buf: String,
+    /// Every `invalidation` record read so far, in order.
+    seen: Vec<Value>,
 }
 
 impl EventStream {
@@ -798,6 +905,7 @@ impl EventStream {
         let mut s = EventStream {
             resp,
             buf: String::new(),
+            seen: Vec::new(),
         };
         // The stream's opening comment: the subscription is in place once it arrived.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -844,6 +952,7 @@ impl EventStream {
                 }
                 let v: Value = serde_json::from_str(&data)
                     .unwrap_or_else(|e| panic!("event data {data:?} is not JSON: {e}"));
+                self.seen.push(v.clone());
                 if pred(&v) {
                     return v;
                 }

@@ -29,6 +29,7 @@ mod eviction;
 mod hit_ratio;
 mod invalidation;
 mod purge_queue;
+mod readme;
 mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
