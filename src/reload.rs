@@ -168,6 +168,10 @@ impl Reloader {
                     changed = ?changes.changed,
                     "configuration reloaded"
                 );
+                // What `aisle check` warns about (e.g. an `invalidate_on` name nothing fires).
+                for w in &self.live.load().config.rules.warnings {
+                    tracing::warn!(trigger, "reload: {w}");
+                }
                 for setting in &changes.needs_restart {
                     tracing::warn!(
                         trigger,
@@ -337,7 +341,12 @@ mod tests {
                 added: vec!["new".into()],
                 removed: vec!["gone".into()],
                 changed: vec!["edited".into()],
-                needs_restart: vec!["[server] listen".into(), "[cache] memory".into()],
+                // The default upgrade socket is named after the listen port, so it moves too.
+                needs_restart: vec![
+                    "[server] listen".into(),
+                    "[server] upgrade_socket".into(),
+                    "[cache] memory".into()
+                ],
             }
         );
         assert_eq!(new.listen, "127.0.0.1:1", "the running value stays");

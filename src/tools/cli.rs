@@ -636,17 +636,36 @@ pub fn purges_table(v: &Value) -> String {
                 "IN FLIGHT".to_string(),
                 "DEAD LETTERS".to_string(),
                 "LOCAL".to_string(),
+                "SKIPPED".to_string(),
             ]];
             for p in providers {
+                let mut name = str_of(p, "provider");
+                if p.get("configured") == Some(&Value::Bool(false)) {
+                    name.push_str(" (removed)");
+                }
                 rows.push([
-                    str_of(p, "provider"),
+                    name,
                     num_of(p, "depth"),
                     num_of(p, "in_flight"),
                     num_of(p, "dead_letters"),
                     num_of(p, "local"),
+                    num_of(p, "skipped"),
                 ]);
             }
             out.push_str(&table(&rows));
+            // Why purges were not sent: the latest examples, so "skipped" is never a bare count.
+            for p in providers {
+                let recent = p.get("skipped_recent").and_then(Value::as_array);
+                for s in recent.into_iter().flatten().rev().take(3) {
+                    out.push_str(&format!(
+                        "  {} skipped {} {} ({})\n",
+                        str_of(p, "provider"),
+                        str_of(s, "kind"),
+                        str_of(s, "item"),
+                        str_of(s, "reason")
+                    ));
+                }
+            }
         }
     }
     out
@@ -721,6 +740,32 @@ mod tests {
         assert_eq!(listen, "127.0.0.1:9");
         assert_eq!(token.as_deref(), Some("${X}"));
         assert!(admin_settings("[server]\n").is_err());
+    }
+
+    #[test]
+    fn purges_table_shows_what_was_skipped_and_why() {
+        let v = serde_json::json!({
+            "redis": "disabled", "depth": 1, "in_flight": 0, "dead_letters": 0,
+            "providers": [
+                {"provider": "fastly", "configured": true, "depth": 0, "in_flight": 0,
+                 "dead_letters": 0, "local": 0, "skipped": 2, "skipped_recent": [
+                    {"job": "j1", "kind": "prefix", "item": "/api/", "reason": "unsupported"},
+                    {"job": "j2", "kind": "host", "item": "a.example", "reason": "unsupported"}]},
+                {"provider": "cloudflare", "configured": false, "depth": 1, "in_flight": 0,
+                 "dead_letters": 0, "local": 1, "skipped": 0, "skipped_recent": []}
+            ]
+        });
+        let t = purges_table(&v);
+        assert!(t.contains("SKIPPED"), "{t}");
+        assert!(t.contains("cloudflare (removed)"), "{t}");
+        assert!(
+            t.contains("fastly skipped host a.example (unsupported)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fastly skipped prefix /api/ (unsupported)"),
+            "{t}"
+        );
     }
 
     #[test]

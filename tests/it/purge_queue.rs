@@ -1172,3 +1172,23 @@ async fn the_queue_works_on_a_redis_cluster() {
     assert_once_each(&calls, &want);
     assert_eq!(log_text(dir.path()), "", "nothing spilled to the file");
 }
+
+/// A graceful upgrade hands the local queue over (`PurgeQueue::hand_over`): what was accepted
+/// before is in the file for the next process, and an enqueue afterwards is an error, never an
+/// acknowledgement into a log nobody will read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_hand_over_enqueues_are_refused_and_the_file_has_everything() {
+    let name = "handover";
+    let dir = tempfile::tempdir().unwrap();
+    let fake = Arc::new(Fake::new(name, |_, _| None));
+    let answers = Arc::new(Answers::default());
+    let q = queue(cfg(dir.path()), &fake, None, &answers);
+    assert_eq!(q.enqueue(&job("before", 2)).await, Ok(2));
+    q.hand_over();
+    let refused = q.enqueue(&job("after", 2)).await;
+    let err = refused.expect_err("an enqueue after the hand-over");
+    assert!(err.contains("handed over"), "{err}");
+    // The next process (a new queue on the same directory) has the accepted one, only it.
+    let next = queue(cfg(dir.path()), &fake, None, &answers);
+    assert_eq!(next.status().await.depth, 2);
+}
