@@ -35,7 +35,8 @@ fn gateway(
          [cache]\nmemory = \"{memory}\"\nrules_dir = {rules:?}\n\
          [upstreams.api]\nurl = \"http://127.0.0.1:{origin}\"\n\
          [upstreams.ai]\nurl = \"http://127.0.0.1:{origin}\"\n\
-         [redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\nprefix = \"fleet:\"\ntimeout = \"50ms\"\n"
+         [redis]\nurl = \"redis://127.0.0.1:{redis_port}\"\nprefix = \"fleet:\"\ntimeout = \"50ms\"\n\
+         [purge]\ndir = \"state-{name}\"\n"
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
