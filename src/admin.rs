@@ -84,6 +84,21 @@ struct InvalidateBody {
     events: Vec<EventBody>,
     #[serde(default)]
     soft: bool,
+    /// Past protection windows (legal or privacy removal); audited as forced.
+    #[serde(default)]
+    force: bool,
+}
+
+/// `POST /admin/protection`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProtectBody {
+    name: String,
+    on: bool,
+    #[serde(default)]
+    until: Option<String>,
+    #[serde(default, rename = "for")]
+    r#for: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +230,7 @@ impl Admin {
             source: "admin".into(),
             actor: "admin-token".into(),
             cdn: Cdn::Always,
+            force: parsed.force,
         };
         match self
             .invalidator
@@ -225,6 +241,68 @@ impl Admin {
                 reply(202, serde_json::to_value(summary).unwrap_or_default())
             }
             Err(e) => error(400, e),
+        }
+    }
+
+    /// `POST /admin/protection {"name": "...", "on": true, "until": "RFC 3339" | "for": "2h"}`:
+    /// switches a protection window by hand, for the fleet.
+    async fn protect(&self, session: &mut ServerSession) -> Reply {
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let parsed: ProtectBody = match serde_json::from_slice(&body) {
+            Ok(p) => p,
+            Err(e) => {
+                return error(
+                    400,
+                    format!("bad protection switch: {e}; send {{\"name\": \"...\", \"on\": true}} (optional \"until\" or \"for\")"),
+                )
+            }
+        };
+        let until_ms = match (&parsed.until, &parsed.r#for) {
+            (Some(_), Some(_)) => return error(400, "give \"until\" or \"for\", not both"),
+            (Some(t), None) => match chrono::DateTime::parse_from_rfc3339(t) {
+                Ok(t) => Some(t.timestamp_millis().max(0) as u64),
+                Err(e) => return error(400, format!("\"until\": {t:?} is not RFC 3339 ({e})")),
+            },
+            (None, Some(d)) => match crate::units::parse_duration(d) {
+                Ok(d) => Some(crate::clock::calendar_now_ms() + d.as_millis() as u64),
+                Err(e) => return error(400, format!("\"for\": {e}")),
+            },
+            (None, None) => None,
+        };
+        let Some(protection) = self.invalidator.protection() else {
+            return error(
+                404,
+                "no protection windows: add [[protection]] to gateway.toml",
+            );
+        };
+        match protection
+            .switch(&parsed.name, parsed.on, until_ms, "admin-token")
+            .await
+        {
+            Ok(switch) => {
+                self.invalidator
+                    .audit
+                    .record(crate::invalidation::audit::AuditEntry {
+                        id: format!("protect-{:x}", switch.at_ms),
+                        at_ms: switch.at_ms,
+                        source: "protection".into(),
+                        actor: "admin-token".into(),
+                        cdn: "none".into(),
+                        protection: Some(
+                            json!({"switch": parsed.name, "on": parsed.on, "until_ms": until_ms}),
+                        ),
+                        ..Default::default()
+                    });
+                reply(
+                    200,
+                    json!({"name": parsed.name, "switch": switch, "status": protection.status()}),
+                )
+            }
+            Err(e) if e.starts_with("no protection window") => error(404, e),
+            Err(e) => error(503, e),
         }
     }
 
@@ -268,6 +346,11 @@ impl Admin {
                         None => reply(200, json!({"retried": 0, "configured": false})),
                     },
                     ("GET", "/admin/stats") => reply(200, self.stats()),
+                    ("GET", "/admin/protection") => match self.invalidator.protection() {
+                        Some(p) => reply(200, p.status()),
+                        None => reply(200, json!({"windows": []})),
+                    },
+                    ("POST", "/admin/protection") => self.protect(session).await,
                     ("POST", "/admin/reload") => match self.reloader.reload("admin").await {
                         Ok(changes) => reply(200, json!({ "reloaded": true, "changes": changes })),
                         Err(errors) => reply(422, json!({ "errors": errors })),

@@ -24,6 +24,31 @@ pub fn millis(t: SystemTime) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Unix milliseconds on the calendar clock: what protection windows (and other date-driven
+/// policy) are judged by. It is the wall clock, unless `AISLE_FAKE_NOW` (RFC 3339, e.g.
+/// `2027-06-12T10:59:58-04:00`; test-only, documented in DEVELOPERS.md) sets where it started:
+/// it then runs from there at the real pace. Only the calendar moves: purge epochs, leases and
+/// freshness stay on the real clock, so a fake date cannot make cached entries look purged.
+pub fn calendar_now_ms() -> u64 {
+    static OFFSET_MS: OnceLock<i64> = OnceLock::new();
+    let offset = *OFFSET_MS.get_or_init(|| {
+        let Ok(text) = std::env::var("AISLE_FAKE_NOW") else {
+            return 0;
+        };
+        match chrono::DateTime::parse_from_rfc3339(text.trim()) {
+            Ok(t) => {
+                tracing::warn!("AISLE_FAKE_NOW={text}: the calendar clock is faked (tests only)");
+                t.timestamp_millis() - now_ms() as i64
+            }
+            Err(e) => {
+                tracing::error!("AISLE_FAKE_NOW={text:?} is not RFC 3339 ({e}); ignored");
+                0
+            }
+        }
+    });
+    (now_ms() as i64).saturating_add(offset).max(0) as u64
+}
+
 /// Unix milliseconds at `delay` from now, rounded up (so a "not before" is never early).
 pub fn ms_after(delay: Duration) -> u64 {
     let now = SystemTime::now()

@@ -286,6 +286,7 @@ pub async fn webhook(
         source: format!("webhook:{source}"),
         actor: delivery.unwrap_or_default(),
         cdn: Cdn::EventsOnly,
+        force: false,
     };
     let fired_n = request.events.len();
     let plan = match invalidator.plan(request, &config.rules) {
@@ -366,6 +367,7 @@ pub async fn purge(
             "token".into()
         },
         cdn: Cdn::Always,
+        force: false,
     };
     match invalidator.plan(request, &config.rules) {
         Ok(plan) => {

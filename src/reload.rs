@@ -57,6 +57,8 @@ pub struct Reloader {
     audit: Arc<Audit>,
     /// The purge queue whose CDN providers a reload that changes `[cdn]` replaces.
     purge: Option<Arc<PurgeQueue>>,
+    /// The protection windows a reload replaces.
+    protection: Option<Arc<crate::invalidation::protection::Protection>>,
 }
 
 impl Reloader {
@@ -68,7 +70,17 @@ impl Reloader {
             running: tokio::sync::Mutex::new(()),
             audit,
             purge: None,
+            protection: None,
         }
+    }
+
+    /// Hands the protection windows over, so reloads replace them.
+    pub fn with_protection(
+        mut self,
+        protection: Arc<crate::invalidation::protection::Protection>,
+    ) -> Self {
+        self.protection = Some(protection);
+        self
     }
 
     /// Hands the purge queue over, so reloads swap its CDN providers.
@@ -135,6 +147,9 @@ impl Reloader {
             Ok((live, changes, providers)) => {
                 let hash = live.config.hash.clone();
                 self.live.store(Arc::new(live));
+                if let Some(p) = &self.protection {
+                    p.set_windows(self.live.load().config.protection.clone());
+                }
                 if let (Some(queue), Some(providers)) = (&self.purge, providers) {
                     if let Err(e) = queue.set_providers(providers) {
                         tracing::error!(

@@ -7,6 +7,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::control::Replays;
 use crate::invalidation::audit::Audit;
+use crate::invalidation::protection::{Protection, Ticker};
 use crate::invalidation::relay::Relay;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
@@ -158,21 +159,33 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
             redis: redis.clone(),
         },
     ));
-    let invalidator = Arc::new(Invalidator::new(
-        parts.storage,
-        epochs.clone(),
-        redis.clone(),
-        queue.clone(),
-        audit.clone(),
-        config.cache.max_ttl,
+    // Protection windows: their switches are shared through Redis; one tick a second decides
+    // what is on (and holds the purge queue while CDN purges are deferred).
+    let protection = Protection::new(config.protection.clone(), shared.clone(), queue.clone())
+        .map_err(std::io::Error::other)?;
+    server.add_service(pingora::services::background::background_service(
+        "aisle protection windows",
+        Ticker(protection.clone()),
     ));
+    let invalidator = Arc::new(
+        Invalidator::new(
+            parts.storage,
+            epochs.clone(),
+            redis.clone(),
+            queue.clone(),
+            audit.clone(),
+            config.cache.max_ttl,
+        )
+        .with_protection(protection.clone()),
+    );
     let replays = Replays::new(shared.clone()).map_err(std::io::Error::other)?;
     let locks = parts.locks;
     let live: Shared = Arc::new(ArcSwap::from_pointee(Live::new(config.clone(), locks)?));
     crate::metrics::set_config_hash(&config.hash);
     let reloader = Arc::new(
         Reloader::new(config.path.clone(), live.clone(), locks, audit.clone())
-            .with_purge_queue(queue),
+            .with_purge_queue(queue)
+            .with_protection(protection),
     );
     // Both results show as 0 before the first reload.
     let _ = crate::metrics::reload_metrics();

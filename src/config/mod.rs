@@ -14,6 +14,7 @@
 
 pub mod cdn;
 mod env;
+pub mod protection;
 mod raw;
 pub mod secret;
 pub mod webhook;
@@ -62,6 +63,8 @@ pub struct Config {
     /// CDN purge APIs; `None`: no CDN is purged.
     pub cdn: Option<cdn::CdnSettings>,
     pub rules: RuleSet,
+    /// `[[protection]]` windows ("Saturday mode"), in file order.
+    pub protection: Vec<protection::ProtectionWindow>,
     /// `[server] trusted_proxies` / `trusted_clients`: whose forwarding and control headers count.
     pub trust: Trust,
     /// `[log]`: the access log.
@@ -292,6 +295,7 @@ impl Config {
                 PathBuf::from(format!("/tmp/aisle-upgrade-{port}.sock"))
             }
         };
+        let protection = protection::compile(&src, &raw.protection, &mut diags);
         let grace_period = dur(
             &raw.server.grace_period,
             Duration::from_secs(10),
@@ -515,6 +519,7 @@ impl Config {
             upstreams,
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),
+            protection,
             trust,
             log,
         })

@@ -28,6 +28,8 @@ pub(super) struct RawConfig {
     pub(super) cdn: Option<super::cdn::CdnConfig>,
     #[serde(default)]
     pub(super) log: RawLog,
+    #[serde(default)]
+    pub(super) protection: Vec<Spanned<super::protection::RawProtection>>,
 }
 
 /// `[log]`: the access log.

@@ -72,6 +72,10 @@ pub struct AuditEntry {
     /// `needs_restart`; `actor` says what triggered it (`sighup`, `admin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<serde_json::Value>,
+    /// Set when a protection window changed what the invalidation did (`windows` on, whether
+    /// it was `softened`, whether its CDN purge is `deferred`), or when it was `forced` past one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection: Option<serde_json::Value>,
 }
 
 /// Refusal records kept per webhook source per minute: a flood of forged deliveries must not

@@ -11,6 +11,7 @@
 //! says which (`fleet`).
 
 pub mod audit;
+pub mod protection;
 pub mod relay;
 pub mod subscriber;
 pub mod webhook;
@@ -63,6 +64,9 @@ pub struct Request {
     pub source: String,
     pub actor: String,
     pub cdn: Cdn,
+    /// Past any protection window (legal or privacy removal): applied as asked, and audited
+    /// as forced.
+    pub force: bool,
 }
 
 /// A validated request.
@@ -79,6 +83,8 @@ pub struct Plan {
     source: String,
     actor: String,
     cdn: bool,
+    /// What protection windows did to it (for the answer and the audit record).
+    protection: Option<Value>,
 }
 
 /// What an invalidation did.
@@ -94,6 +100,9 @@ pub struct Summary {
     /// (some wait in the outbox and are re-sent when Redis answers), `lost` (the outbox was
     /// full), or `none` (no Redis: no fleet).
     pub fleet: String,
+    /// Set when a protection window changed what this did, or it was forced past one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Value>,
 }
 
 /// Applies invalidations.
@@ -108,6 +117,8 @@ pub struct Invalidator {
     retention: std::time::Duration,
     /// Unix ms of the last pruning of old epochs.
     pruned_at: AtomicU64,
+    /// Protection windows: while one is on, tag and prefix purges are softened.
+    protection: Option<Arc<protection::Protection>>,
 }
 
 /// The `source` label of `aisle_invalidations_total`: one of a fixed set, whatever the
@@ -184,7 +195,19 @@ impl Invalidator {
             seq: AtomicU64::new(0),
             retention: max_ttl * 2,
             pruned_at: AtomicU64::new(now_ms()),
+            protection: None,
         }
+    }
+
+    /// The protection windows, when configured at start (`None` only in tests).
+    pub fn protection(&self) -> Option<&Arc<protection::Protection>> {
+        self.protection.as_ref()
+    }
+
+    /// The protection windows this invalidator obeys.
+    pub fn with_protection(mut self, protection: Arc<protection::Protection>) -> Self {
+        self.protection = Some(protection);
+        self
     }
 
     /// Forgets epochs no entry can be old enough to need, at most once a minute.
@@ -247,16 +270,34 @@ impl Invalidator {
         tags.dedup();
         told.sort();
         told.dedup();
+        let mut soft = req.soft;
+        let active = self.protection.as_ref().map(|p| p.active().clone());
+        let protection = match active.filter(|a| a.any()) {
+            None => None,
+            Some(_) if req.force => Some(serde_json::json!({ "forced": true })),
+            Some(a) => {
+                // Tag and prefix purges mark answers stale instead of removing them; a URL
+                // purge names one answer deliberately and stays as asked.
+                let softened = a.soften && !soft && (!tags.is_empty() || !prefixes.is_empty());
+                soft |= a.soften;
+                Some(serde_json::json!({
+                    "windows": a.names,
+                    "softened": softened,
+                    "deferred": a.defer_cdn && cdn,
+                }))
+            }
+        };
         Ok(Plan {
             tags,
             told,
             urls,
             prefixes,
             events,
-            soft: req.soft,
+            soft,
             source: req.source,
             actor: req.actor,
             cdn,
+            protection,
         })
     }
 
@@ -349,6 +390,7 @@ impl Invalidator {
                 _ => "none",
             }
             .to_string(),
+            protection: plan.protection.clone(),
         };
         if summary.fleet != "told" && summary.fleet != "none" {
             tracing::warn!(
@@ -376,6 +418,7 @@ impl Invalidator {
             cdn_answers: Vec::new(),
             refused: None,
             reload: None,
+            protection: plan.protection,
         });
         if let Some((queue, job)) = job {
             if let Err(e) = queue.enqueue(&job).await {

@@ -199,6 +199,8 @@ pub struct CacheStatus {
     /// A short hash of the cache key (rules keyed on the body), so callers can see why two
     /// requests did or did not share an entry.
     pub key: Option<String>,
+    /// The protection windows on (an extension parameter, RFC 9211 §2: `protection="a,b"`).
+    pub protection: Option<String>,
 }
 
 impl CacheStatus {
@@ -229,6 +231,11 @@ impl CacheStatus {
             // An sf-string: a token must not start with a digit (RFC 8941 §3.3.4).
             s.push_str("; key=\"");
             s.push_str(key);
+            s.push('"');
+        }
+        if let Some(windows) = &self.protection {
+            s.push_str("; protection=\"");
+            s.push_str(windows);
             s.push('"');
         }
         if let Some(detail) = self.detail {

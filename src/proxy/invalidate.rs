@@ -50,6 +50,7 @@ pub async fn after_unsafe(
             source: "unsafe-request".into(),
             actor: req.uri.to_string(),
             cdn: Cdn::Never,
+            force: false,
         };
         match invalidator.plan(request, &config.rules) {
             Ok(plan) => {

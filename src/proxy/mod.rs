@@ -801,7 +801,13 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let answered = self.status(session, ctx);
+        let mut answered = self.status(session, ctx);
+        if let Some(active) = self.invalidator.protection().map(|p| p.active()) {
+            if active.any() {
+                // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
+                answered.0.protection = Some(active.names.join(","));
+            }
+        }
         resp.insert_header("cache-status", answered.0.to_header_value())?;
         if ctx.upstream.age > 0 && !resp.headers.contains_key(http::header::AGE) {
             // A miss forwards the origin's Age (RFC 9111 §5.1); answers from storage carry

@@ -164,6 +164,8 @@ impl Bucket {
 
 /// How long a busy worker goes without refreshing its provider's gauges.
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// How often a held queue (a protection window deferring CDN purges) looks again.
+const HELD_POLL: Duration = Duration::from_millis(500);
 
 fn stopping(shutdown: &ShutdownWatch) -> bool {
     // A dropped sender can never say "stop" again: treat it as stop.
@@ -202,6 +204,11 @@ async fn drain(queue: Arc<PurgeQueue>, provider: Arc<dyn Provider>, mut shutdown
                 _ = sends.join_next() => {}
                 _ = shutdown.changed() => {}
             }
+            continue;
+        }
+        if queue.held() {
+            // A protection window defers CDN purges: keep them queued, look again soon.
+            idle(&mut sends, &mut shutdown, Some(&wake), HELD_POLL).await;
             continue;
         }
         let now = Instant::now();

@@ -223,6 +223,8 @@ pub struct PurgeQueue {
     /// Per provider: nothing is sent before this instant (a `Retry-After`), shared by the
     /// worker's loops of every provider set.
     paused: Mutex<HashMap<String, Arc<Mutex<Option<std::time::Instant>>>>>,
+    /// Held while a protection window defers CDN purges: they stay queued, nothing is sent.
+    held: std::sync::atomic::AtomicBool,
 }
 
 /// Which store a claimed item came from (and so where its outcome is recorded).
@@ -339,6 +341,7 @@ impl PurgeQueue {
             answers,
             file: Arc::new(Mutex::new(file)),
             wake: Mutex::default(),
+            held: std::sync::atomic::AtomicBool::new(false),
             paused: Mutex::default(),
         }))
     }
@@ -457,6 +460,22 @@ impl PurgeQueue {
         })
         .await
         .map_err(|e| io::Error::other(format!("local purge queue task failed: {e}")))?
+    }
+
+    /// Holds (`true`) or releases the queue: while held, purges are accepted and kept but not
+    /// sent (a protection window deferring CDN purges); on release every provider is woken.
+    pub fn hold(&self, held: bool) {
+        use std::sync::atomic::Ordering;
+        if self.held.swap(held, Ordering::SeqCst) && !held {
+            for n in self.wake.lock().values() {
+                n.notify_one();
+            }
+        }
+    }
+
+    /// Whether the queue is held ([`Self::hold`]).
+    pub fn held(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Stops using the local log (after syncing it) so that the process taking over the

@@ -744,6 +744,11 @@ impl Gateway {
         let _ = self.child.wait();
     }
 
+    /// Kills this gateway's process at once (`SIGKILL`), as a crash would.
+    pub fn kill_now(&mut self) {
+        self.kill();
+    }
+
     /// stdout + stderr of the gateway so far.
     pub fn logs(&self) -> String {
         let read = |n: &str| std::fs::read_to_string(self.dir.path().join(n)).unwrap_or_default();

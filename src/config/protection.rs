@@ -1,0 +1,384 @@
+//! `[[protection]]`: when the gateway protects what it serves ("Saturday mode", issue 14).
+//!
+//! A window is a schedule in a time zone (weekdays or dates, a time of day range) plus what it
+//! changes while active: purges that would remove cached answers only mark them stale
+//! (`hard_purges = "soften"`) and CDN purges wait until it ends (`cdn_purges = "defer"`).
+//! (`serve_stale` and `hard_purges = "defer"` are refused with a clear error: not built yet.)
+//! This module only parses
+//! and checks the tables (errors at `file:line:col`) and answers "is it active at this instant";
+//! the runtime state (manual switches shared through Redis, what is active now) lives in
+//! [`crate::invalidation::protection`].
+
+use crate::diag::{Diagnostic, SourceFile};
+use chrono::{Datelike, NaiveDate, NaiveTime, TimeZone, Timelike, Weekday};
+use chrono_tz::Tz;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// `[[protection]]` as written.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawProtection {
+    name: Spanned<String>,
+    when: Option<Spanned<RawWhen>>,
+    serve_stale: Option<Spanned<String>>,
+    hard_purges: Option<Spanned<String>>,
+    cdn_purges: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct RawWhen {
+    days: Option<Vec<Spanned<String>>>,
+    dates: Option<Vec<Spanned<String>>>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+    tz: Option<Spanned<String>>,
+}
+
+/// What a window does to purges that would remove cached answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HardPurges {
+    /// They mark answers stale instead (served stale while revalidating).
+    Soften,
+    /// They apply as asked.
+    Apply,
+}
+
+/// What a window does to CDN purges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CdnPurges {
+    /// Kept in the durable queue and sent when no deferring window is active.
+    Defer,
+    /// Sent as usual.
+    Send,
+}
+
+/// When a window is on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// Monday first; empty with `dates` set.
+    days: [bool; 7],
+    dates: Vec<NaiveDate>,
+    /// Time of day the window starts (inclusive) and ends (inclusive, to the end of the minute
+    /// when written `HH:MM`); `from > to` spans midnight into the next day.
+    from: NaiveTime,
+    to: NaiveTime,
+    tz: Tz,
+}
+
+impl Schedule {
+    /// Whether the window is on at unix millisecond `at`.
+    pub fn active_at(&self, at_ms: u64) -> bool {
+        let Some(utc) = chrono::DateTime::from_timestamp_millis(at_ms as i64) else {
+            return false;
+        };
+        let local = self.tz.from_utc_datetime(&utc.naive_utc());
+        let (date, time) = (local.date_naive(), local.time());
+        let on = |d: NaiveDate| {
+            if self.dates.is_empty() {
+                self.days[d.weekday().num_days_from_monday() as usize]
+            } else {
+                self.dates.contains(&d)
+            }
+        };
+        if self.from <= self.to {
+            on(date) && time >= self.from && time <= self.to
+        } else {
+            // Over midnight: the evening of a listed day, or the morning after one.
+            (on(date) && time >= self.from) || (date.pred_opt().is_some_and(on) && time <= self.to)
+        }
+    }
+}
+
+/// A compiled `[[protection]]` window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtectionWindow {
+    pub name: String,
+    /// `None`: only switched by hand (`POST /admin/protection`).
+    pub schedule: Option<Schedule>,
+    pub hard_purges: HardPurges,
+    pub cdn_purges: CdnPurges,
+}
+
+const DAYS: [(&str, Weekday); 7] = [
+    ("mon", Weekday::Mon),
+    ("tue", Weekday::Tue),
+    ("wed", Weekday::Wed),
+    ("thu", Weekday::Thu),
+    ("fri", Weekday::Fri),
+    ("sat", Weekday::Sat),
+    ("sun", Weekday::Sun),
+];
+
+/// `HH:MM` (to the end of that minute when `end`) or `HH:MM:SS`.
+fn time_of_day(text: &str, end: bool) -> Result<NaiveTime, String> {
+    let bad = || format!("{text:?} is not a time of day; write \"HH:MM\" or \"HH:MM:SS\" (24 h)");
+    if let Ok(t) = NaiveTime::parse_from_str(text, "%H:%M:%S") {
+        return Ok(t);
+    }
+    let t = NaiveTime::parse_from_str(text, "%H:%M").map_err(|_| bad())?;
+    Ok(if end {
+        t.with_second(59)
+            .and_then(|t| t.with_nanosecond(999_999_999))
+            .unwrap_or(t)
+    } else {
+        t
+    })
+}
+
+/// Compiles the `[[protection]]` tables; problems go to `diags` at their position.
+pub(super) fn compile(
+    src: &SourceFile,
+    raw: &[Spanned<RawProtection>],
+    diags: &mut Vec<Diagnostic>,
+) -> Vec<ProtectionWindow> {
+    let mut out: Vec<ProtectionWindow> = Vec::new();
+    for table in raw {
+        let p = table.get_ref();
+        let name = p.name.get_ref().trim().to_string();
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            diags.push(src.at(
+                p.name.span(),
+                format!("protection name {name:?} must be letters, digits, '-' or '_'"),
+            ));
+        } else if out.iter().any(|w| w.name == name) {
+            diags.push(src.at(
+                p.name.span(),
+                format!("a protection window named {name:?} is defined twice; names must differ"),
+            ));
+        }
+        if let Some(s) = &p.serve_stale {
+            diags.push(src.at(
+                s.span(),
+                "serve_stale is not supported yet (a window cannot lengthen stale windows); set \
+                 stale_if_error and stale_while_revalidate on the rules instead",
+            ));
+        }
+        let hard_purges = match p
+            .hard_purges
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span()))
+        {
+            None | Some(("soften", _)) => HardPurges::Soften,
+            Some(("apply", _)) => HardPurges::Apply,
+            Some(("defer", span)) => {
+                diags.push(src.at(
+                    span,
+                    "hard_purges = \"defer\" is not supported yet; write \"soften\" (purges mark \
+                     answers stale while the window is on) or \"apply\"",
+                ));
+                HardPurges::Soften
+            }
+            Some((other, span)) => {
+                diags.push(src.at(
+                    span,
+                    format!("hard_purges = {other:?}: write \"soften\" or \"apply\""),
+                ));
+                HardPurges::Soften
+            }
+        };
+        let cdn_purges = match p
+            .cdn_purges
+            .as_ref()
+            .map(|s| (s.get_ref().as_str(), s.span()))
+        {
+            None | Some(("defer", _)) => CdnPurges::Defer,
+            Some(("send", _)) => CdnPurges::Send,
+            Some((other, span)) => {
+                diags.push(src.at(
+                    span,
+                    format!("cdn_purges = {other:?}: write \"defer\" or \"send\""),
+                ));
+                CdnPurges::Defer
+            }
+        };
+        let schedule = p.when.as_ref().and_then(|w| schedule(src, w, diags));
+        out.push(ProtectionWindow {
+            name,
+            schedule,
+            hard_purges,
+            cdn_purges,
+        });
+    }
+    out
+}
+
+fn schedule(
+    src: &SourceFile,
+    when: &Spanned<RawWhen>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Schedule> {
+    let w = when.get_ref();
+    let before = diags.len();
+    let mut days = [false; 7];
+    for d in w.days.iter().flatten() {
+        match DAYS
+            .iter()
+            .find(|(n, _)| d.get_ref().eq_ignore_ascii_case(n))
+        {
+            Some((_, wd)) => days[wd.num_days_from_monday() as usize] = true,
+            None => diags.push(src.at(
+                d.span(),
+                format!(
+                    "{:?} is not a day; write mon, tue, wed, thu, fri, sat or sun",
+                    d.get_ref()
+                ),
+            )),
+        }
+    }
+    let mut dates = Vec::new();
+    for d in w.dates.iter().flatten() {
+        match NaiveDate::parse_from_str(d.get_ref(), "%Y-%m-%d") {
+            Ok(date) => dates.push(date),
+            Err(_) => diags.push(src.at(
+                d.span(),
+                format!("{:?} is not a date; write \"YYYY-MM-DD\"", d.get_ref()),
+            )),
+        }
+    }
+    match (w.days.is_some(), w.dates.is_some()) {
+        (false, false) => diags.push(src.at(
+            when.span(),
+            "a protection window needs `days = [\"sat\"]` or `dates = [\"2027-06-12\"]`",
+        )),
+        (true, true) => diags.push(src.at(
+            when.span(),
+            "write either `days` or `dates` in one window, not both (add a second window)",
+        )),
+        _ => {}
+    }
+    let time = |f: &Option<Spanned<String>>,
+                default: &str,
+                end: bool,
+                diags: &mut Vec<Diagnostic>| {
+        match f {
+            None => time_of_day(default, end).ok(),
+            Some(s) => time_of_day(s.get_ref(), end)
+                .map_err(|e| diags.push(src.at(s.span(), e)))
+                .ok(),
+        }
+    };
+    let from = time(&w.from, "00:00", false, diags);
+    let to = time(&w.to, "23:59", true, diags);
+    let tz = match &w.tz {
+        None => Some(Tz::UTC),
+        Some(s) => s
+            .get_ref()
+            .parse::<Tz>()
+            .map_err(|_| {
+                diags.push(src.at(
+                    s.span(),
+                    format!(
+                        "unknown time zone {:?}; write an IANA name such as \"America/New_York\" or \"UTC\"",
+                        s.get_ref()
+                    ),
+                ))
+            })
+            .ok(),
+    };
+    if diags.len() > before {
+        return None;
+    }
+    Some(Schedule {
+        days,
+        dates,
+        from: from?,
+        to: to?,
+        tz: tz?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[derive(Deserialize)]
+    struct Doc {
+        protection: Vec<Spanned<RawProtection>>,
+    }
+
+    fn windows(text: &str) -> Result<Vec<ProtectionWindow>, Vec<String>> {
+        let src = SourceFile::new(Path::new("gateway.toml"), text);
+        let doc: Doc = toml::from_str(text).unwrap();
+        let mut diags = Vec::new();
+        let out = compile(&src, &doc.protection, &mut diags);
+        if diags.is_empty() {
+            Ok(out)
+        } else {
+            Err(diags.iter().map(ToString::to_string).collect())
+        }
+    }
+
+    fn ms(rfc3339: &str) -> u64 {
+        chrono::DateTime::parse_from_rfc3339(rfc3339)
+            .unwrap()
+            .timestamp_millis() as u64
+    }
+
+    #[test]
+    fn saturday_in_new_york() {
+        let w = windows(
+            "[[protection]]\nname = \"wedding-day\"\nwhen = { days = [\"sat\"], from = \"07:00\", to = \"23:59\", tz = \"America/New_York\" }\n",
+        )
+        .unwrap();
+        let s = w[0].schedule.as_ref().unwrap();
+        // 2027-06-12 is a Saturday; New York is UTC-4 in June.
+        assert!(!s.active_at(ms("2027-06-12T10:59:59Z")), "06:59:59 local");
+        assert!(s.active_at(ms("2027-06-12T11:00:00Z")), "07:00 local");
+        assert!(
+            s.active_at(ms("2027-06-13T03:59:59Z")),
+            "23:59:59 local, still Saturday"
+        );
+        assert!(
+            !s.active_at(ms("2027-06-13T04:00:00Z")),
+            "Sunday 00:00 local"
+        );
+        assert!(!s.active_at(ms("2027-06-11T15:00:00Z")), "a Friday");
+        assert_eq!(w[0].hard_purges, HardPurges::Soften);
+        assert_eq!(w[0].cdn_purges, CdnPurges::Defer);
+    }
+
+    #[test]
+    fn dates_and_windows_over_midnight() {
+        let w = windows(
+            "[[protection]]\nname = \"gala\"\nwhen = { dates = [\"2027-06-12\"], from = \"18:00\", to = \"02:00\" }\n",
+        )
+        .unwrap();
+        let s = w[0].schedule.as_ref().unwrap();
+        assert!(s.active_at(ms("2027-06-12T20:00:00Z")));
+        assert!(s.active_at(ms("2027-06-13T01:30:00Z")), "the morning after");
+        assert!(!s.active_at(ms("2027-06-13T03:00:00Z")));
+        assert!(!s.active_at(ms("2027-06-12T12:00:00Z")));
+        assert!(
+            !s.active_at(ms("2027-06-14T01:00:00Z")),
+            "not after another day"
+        );
+    }
+
+    #[test]
+    fn mistakes_are_named_where_they_are() {
+        let errs = windows(
+            "[[protection]]\nname = \"a\"\nwhen = { days = [\"saturday\"], from = \"7am\", tz = \"Mars/Olympus\" }\nhard_purges = \"defer\"\nserve_stale = \"6h\"\n[[protection]]\nname = \"a\"\nwhen = { days = [\"sat\"], dates = [\"2027-13-01\"] }\n",
+        )
+        .unwrap_err();
+        let all = errs.join("\n");
+        for want in [
+            "gateway.toml:3:18: \"saturday\" is not a day",
+            "\"7am\" is not a time of day",
+            "unknown time zone \"Mars/Olympus\"",
+            "gateway.toml:4:15: hard_purges = \"defer\" is not supported yet",
+            "gateway.toml:5:15: serve_stale is not supported yet",
+            "gateway.toml:7:8: a protection window named \"a\" is defined twice",
+            "\"2027-13-01\" is not a date",
+            "write either `days` or `dates`",
+        ] {
+            assert!(all.contains(want), "missing {want:?} in:\n{all}");
+        }
+    }
+}
