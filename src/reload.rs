@@ -266,6 +266,28 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
     ) {
         new.upgrade_socket = running.upgrade_socket.clone();
     }
+    // The listener's protocol and timeouts are fixed when it is built (pingora's HTTP server
+    // options and TLS settings); its connection limits are read live, and the certificate
+    // files' contents are reloaded by the listener itself when they change.
+    let (rl, nl) = (&running.listener, &mut new.listener);
+    if keep("[server] tls", rl.tls != nl.tls) {
+        nl.tls = rl.tls.clone();
+    }
+    if keep("[server] h2c", rl.h2c != nl.h2c) {
+        nl.h2c = rl.h2c;
+    }
+    if keep(
+        "[server] header_timeout",
+        rl.header_timeout != nl.header_timeout,
+    ) {
+        nl.header_timeout = rl.header_timeout;
+    }
+    if keep(
+        "[server] keepalive_timeout",
+        rl.keepalive_timeout != nl.keepalive_timeout,
+    ) {
+        nl.keepalive_timeout = rl.keepalive_timeout;
+    }
     let (rc, nc) = (&running.cache, &mut new.cache);
     if keep("[cache] memory", rc.memory != nc.memory) {
         nc.memory = rc.memory;

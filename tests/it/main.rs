@@ -28,6 +28,7 @@ mod coherence;
 mod eviction;
 mod hit_ratio;
 mod invalidation;
+mod listener;
 mod purge_queue;
 mod readme;
 mod redis_cluster;
