@@ -365,4 +365,30 @@ mod tests {
         assert_eq!(new.listen, "127.0.0.1:1", "the running value stays");
         assert_eq!(new.cache.memory, running.cache.memory);
     }
+
+    /// The listener's timeouts and protocols need a restart; its connection limits do not.
+    #[test]
+    fn listener_timeouts_need_a_restart_and_limits_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "[[rule]]\nname = \"same\"\nmatch = { path = \"/same\" }\n";
+        let running = load(dir.path(), GATEWAY, rules);
+        let gateway = GATEWAY.replace(
+            "admin_listen = \"127.0.0.1:2\"\n",
+            "admin_listen = \"127.0.0.1:2\"\nheader_timeout = \"3s\"\nkeepalive_timeout = \"5s\"\nh2c = true\nmax_connections = 7\nmax_connections_per_client = 3\n",
+        );
+        let mut new = load(dir.path(), &gateway, rules);
+        let changes = compare(&running, &mut new);
+        assert_eq!(
+            changes.needs_restart,
+            vec![
+                "[server] h2c".to_string(),
+                "[server] header_timeout".into(),
+                "[server] keepalive_timeout".into(),
+            ]
+        );
+        assert_eq!(new.listener.header_timeout, running.listener.header_timeout);
+        assert!(!new.listener.h2c, "the running value stays");
+        assert_eq!(new.listener.max_connections, 7, "limits apply live");
+        assert_eq!(new.listener.max_connections_per_client, 3);
+    }
 }

@@ -142,7 +142,8 @@ async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues(
 }
 
 /// `max_connections_per_client`: a client address holding its connections gets `503` with
-/// `Retry-After` on the next one (counted), and is served again once one closes.
+/// `Retry-After` on the next one (counted), and is served again once one closes or the limit
+/// is raised by a reload.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_beyond_its_connection_limit_gets_503_and_is_counted() {
     let origin = counting_origin(Duration::ZERO);
@@ -189,6 +190,31 @@ async fn a_client_beyond_its_connection_limit_gets_503_and_is_counted() {
     )
     .await;
     assert_eq!(String::from_utf8_lossy(&served.body), "answer #1");
+
+    // The limits are read live: with a third connection held, raising the limit in
+    // gateway.toml (reloaded by the file watch) lets the next one in without a restart.
+    let _third = TcpStream::connect(addr).await.expect("connect");
+    gw.wait_metric("aisle_connections_open", &[], "to be 2", |n| n == 2.0)
+        .await;
+    assert_eq!(
+        raw_request(addr, get, Duration::from_secs(5)).await.status,
+        503
+    );
+    gw.edit_config(|text| {
+        text.replace(
+            "max_connections_per_client = 2",
+            "max_connections_per_client = 3",
+        )
+    });
+    poll_until(
+        Duration::from_secs(10),
+        "a third connection to be served after the reload",
+        || async {
+            let r = raw_request(addr, get, Duration::from_secs(5)).await;
+            (r.status == 200).then_some(())
+        },
+    )
+    .await;
 }
 
 /// `keepalive_timeout`: an idle keep-alive connection is closed by the gateway after it (here
