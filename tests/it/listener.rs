@@ -255,6 +255,65 @@ async fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout() {
     );
 }
 
+/// On a kept-alive connection the header deadline starts at the next request's first byte: a
+/// second request trickled line by line is cut after `header_timeout` (1 s), though the
+/// keep-alive timeout (30 s) is far off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trickled_request_on_a_kept_alive_connection_is_cut_at_the_header_deadline() {
+    let origin = counting_origin(Duration::ZERO);
+    let gw = Gateway::start(
+        &config(
+            &origin.url(),
+            "header_timeout = \"1s\"\nkeepalive_timeout = \"30s\"",
+        ),
+        &[("rules.toml", RULES)],
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.listen()).await.expect("connect");
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !buf.ends_with(b"answer #1") {
+            let n = s.read(&mut chunk).await.expect("read the answer");
+            assert!(n > 0, "closed before the answer: {buf:?}");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .expect("the answer within 5 s");
+    // Idle for longer than the header deadline: the keep-alive wait is not the header's.
+    let idle = Instant::now();
+    let early = tokio::time::timeout(Duration::from_millis(1500), s.read(&mut chunk)).await;
+    assert!(
+        early.is_err(),
+        "closed while idle after {:?}",
+        idle.elapsed()
+    );
+    let started = Instant::now();
+    s.write_all(b"GET /second HTTP/1.1\r\n")
+        .await
+        .expect("write");
+    let closed_after = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the trickled request was not cut within 5 s"
+        );
+        let read = tokio::time::timeout(Duration::from_millis(200), s.read(&mut chunk)).await;
+        if read.is_ok() {
+            break started.elapsed();
+        }
+        let _ = s.write_all(b"X-Slow: a\r\n").await;
+    };
+    assert!(
+        closed_after >= Duration::from_millis(800),
+        "cut after {closed_after:?}, before the header deadline"
+    );
+    assert_eq!(origin.count("/second"), 0);
+}
+
 // ---------------------------------------------------------------------------
 // TLS and HTTP/2
 // ---------------------------------------------------------------------------
