@@ -75,9 +75,10 @@ pub struct Config {
 /// (slow or greedy) client may hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerConfig {
-    /// `header_timeout` (default 10 s): the whole request header (HTTP/1), the h2c preface and
-    /// the HTTP/2 handshake must arrive within it, counted from the accept on a new connection
-    /// and from the first byte on a reused one.
+    /// `header_timeout` (default 10 s): the TLS handshake, then the whole request header
+    /// (HTTP/1), the h2c preface and the HTTP/2 handshake must each complete within it, counted
+    /// from the accept (the handshake's end with TLS) on a new connection and from the first
+    /// byte on a reused one.
     pub header_timeout: Duration,
     /// `keepalive_timeout` (default 60 s, whole seconds): how long an idle keep-alive
     /// connection waits for its next request; `"0s"` turns keep-alive off.

@@ -1,7 +1,8 @@
 //! The proxy listener's own parts: connection limits and the TLS certificate that reloads.
 //!
 //! [`Limited`] wraps pingora's HTTP proxy app as a transport-level app, so every accepted
-//! connection (after its TLS handshake, before any HTTP) takes a slot of `[server]
+//! connection (after its TLS handshake, which `header_timeout` bounds, before any HTTP) takes a
+//! slot of `[server]
 //! max_connections` and of its client address's `max_connections_per_client` for as long as
 //! it is open. Pingora 0.9.1 has no such limit, and its connection filter sees only the accept
 //! (not the close), so it cannot count open connections. Beyond a limit an HTTP/1 client is
@@ -192,6 +193,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Limited<A> {
 
     async fn cleanup(&self) {
         self.inner.cleanup().await
+    }
+
+    /// A TLS handshake gets the header deadline too (pingora's fixed 60 s otherwise): it
+    /// happens before a connection is counted, so it must not be a way to hold one for long.
+    fn handshake_timeout(&self) -> Duration {
+        self.live.load().config.listener.header_timeout
     }
 }
 

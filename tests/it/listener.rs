@@ -568,6 +568,44 @@ read_timeout = "10s"
     assert_eq!(origin.total(), 1);
 }
 
+/// A TLS handshake that never completes (a client that connects to the HTTPS port and sends
+/// nothing) is closed at the header deadline, not pingora's fixed 60 s.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_tls_handshake_is_closed_at_the_header_deadline() {
+    let pki = test_pki("stall");
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(&pki, dir.path());
+    let origin = counting_origin(Duration::ZERO);
+    let gw = Gateway::start(
+        &config(
+            &origin.url(),
+            &format!("{}\nheader_timeout = \"1s\"", tls_lines(dir.path())),
+        ),
+        &[("rules.toml", RULES)],
+    )
+    .await;
+    let mut s = TcpStream::connect(gw.listen()).await.expect("connect");
+    let started = Instant::now();
+    let mut chunk = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent TLS client was not closed within 5 s: {closed:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "closed after {:?}, before the deadline",
+        started.elapsed()
+    );
+    // Clients that do complete the handshake are served.
+    let ok = https_client(&pki.ca_pem, true)
+        .get(https_url(&gw, "/after"))
+        .send()
+        .await
+        .expect("https");
+    assert_eq!(ok.status().as_u16(), 200);
+}
+
 /// "Certificates reload with the config": new files under the configured paths are served
 /// from the next handshakes on, without a restart; a pair that does not load is refused and
 /// the previous one kept.

@@ -57,6 +57,12 @@ pub trait ServerApp {
 
     /// This callback will be called once after the service stops listening to its endpoints.
     async fn cleanup(&self) {}
+
+    /// Aisle patch: how long a new connection's handshake (TLS, or PROXY protocol before it)
+    /// may take before the connection is closed; 0.9.1 fixed it at 60 s.
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(60)
+    }
 }
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
