@@ -568,6 +568,53 @@ read_timeout = "10s"
     assert_eq!(origin.total(), 1);
 }
 
+/// Beyond `max_connections` an HTTP/2 client (ALPN `h2`) is closed (a connection-level
+/// refusal has no stream to answer `503` on), counted, and served once a slot is free.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_http2_client_beyond_max_connections_is_closed_and_counted() {
+    let pki = test_pki("limit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    install(&pki, dir.path());
+    let origin = counting_origin(Duration::ZERO);
+    let gw = Gateway::start(
+        &config(
+            &origin.url(),
+            &format!("{}\nmax_connections = 1", tls_lines(dir.path())),
+        ),
+        &[("rules.toml", RULES)],
+    )
+    .await;
+    let url = https_url(&gw, "/one");
+    // The first client keeps its HTTP/2 connection open (reqwest's pool).
+    let first = https_client(&pki.ca_pem, true);
+    assert_eq!(first.get(&url).send().await.expect("first").status(), 200);
+    gw.wait_metric("aisle_connections_open", &[], "to be 1", |n| n == 1.0)
+        .await;
+    let second = https_client(&pki.ca_pem, true).get(&url).send().await;
+    assert!(
+        second.is_err(),
+        "a second connection is refused: {second:?}"
+    );
+    assert_eq!(
+        gw.metric(
+            "aisle_connections_refused_total",
+            &[("limit", "max_connections")]
+        )
+        .await,
+        Some(1.0)
+    );
+    drop(first);
+    poll_until(
+        Duration::from_secs(10),
+        "a new connection once the first closed",
+        || async {
+            let r = https_client(&pki.ca_pem, true).get(&url).send().await;
+            r.ok().filter(|r| r.status() == 200).map(|_| ())
+        },
+    )
+    .await;
+}
+
 /// A TLS handshake that never completes (a client that connects to the HTTPS port and sends
 /// nothing) is closed at the header deadline, not pingora's fixed 60 s.
 #[tokio::test(flavor = "multi_thread")]
