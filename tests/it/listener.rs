@@ -479,6 +479,12 @@ async fn https_serves_h2_and_http1_by_alpn() {
         &[("rules.toml", RULES)],
     )
     .await;
+    assert!(
+        gw.logs()
+            .contains(&format!("proxy on https://{}", gw.listen())),
+        "the start line says https: {}",
+        gw.logs()
+    );
     let h2 = https_client(&pki.ca_pem, true);
     cache_works_over_h2(&h2, &https_url(&gw, "/tls/one"), &origin, "/tls/one").await;
     let h1 = https_client(&pki.ca_pem, false)
