@@ -506,26 +506,27 @@ async fn https_serves_h2_and_http1_by_alpn() {
     assert!(gw.client().get(gw.url("/tls/one")).send().await.is_err());
 }
 
-/// Server-sent events over HTTP/2 (TLS): a miss is relayed whole, a hit replays the same
-/// bytes without the origin.
+/// Server-sent events over HTTP/2 (TLS): a miss is relayed as the origin produces it (events
+/// arrive while the origin is held before the next), a second stream for the same body joins
+/// that one fill, and a hit replays the same bytes without the origin.
 #[tokio::test(flavor = "multi_thread")]
-async fn sse_streams_and_replays_over_h2() {
+async fn sse_streams_coalesces_and_replays_over_h2() {
     let pki = test_pki("SSE");
     let dir = tempfile::tempdir().expect("tempdir");
     install(&pki, dir.path());
-    let events: Vec<Bytes> = (1..=4)
-        .map(|i| Bytes::from(format!("id: {i}\ndata: {{\"delta\":\"token-{i}\"}}\n\n")))
-        .chain([Bytes::from_static(b"data: [DONE]\n\n")])
-        .collect();
-    let steps = events
-        .iter()
-        .flat_map(|e| {
-            [
-                Step::Chunk(e.clone()),
-                Step::Sleep(Duration::from_millis(20)),
-            ]
-        })
-        .collect::<Vec<_>>();
+    let event = |i: usize| Bytes::from(format!("id: {i}\ndata: {{\"delta\":\"token-{i}\"}}\n\n"));
+    let done = Bytes::from_static(b"data: [DONE]\n\n");
+    let gate = Gate::new();
+    let steps = vec![
+        Step::Chunk(event(1)),
+        Step::Chunk(event(2)),
+        Step::Wait(gate.clone()),
+        Step::Chunk(event(3)),
+        Step::Sleep(Duration::from_millis(20)),
+        Step::Chunk(event(4)),
+        Step::Chunk(done.clone()),
+    ];
+    let whole: Vec<u8> = [event(1), event(2), event(3), event(4), done].concat();
     let origin = StreamOrigin::start(move |_| StreamResponse::sse(steps.clone()));
     let cfg = format!(
         r#"[server]
@@ -549,7 +550,6 @@ read_timeout = "10s"
     let gw = Gateway::start(&cfg, &[("rules.toml", fixtures::CHAT_RULES)]).await;
     let client = https_client(&pki.ca_pem, true);
     let body = r#"{"model":"m-1","stream":true,"messages":[{"role":"user","content":"h2"}]}"#;
-    let whole: Vec<u8> = events.concat();
     let post = || {
         client
             .post(https_url(&gw, "/v1/chat/completions"))
@@ -558,7 +558,8 @@ read_timeout = "10s"
             .body(body)
             .send()
     };
-    let miss = post().await.expect("miss");
+    const READ: Duration = Duration::from_secs(10);
+    let mut miss = post().await.expect("miss");
     assert_eq!(miss.version(), reqwest::Version::HTTP_2);
     let cs = cache_status(&miss);
     assert!(!is_hit(&cs), "first: a miss, got {cs:?}");
@@ -566,12 +567,33 @@ read_timeout = "10s"
         .headers()
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream")));
-    assert_eq!(miss.bytes().await.expect("miss body").as_ref(), &whole[..]);
+    let mut buf = Vec::new();
+    read_until_contains(&mut miss, &mut buf, &event(2), READ, "events 1 and 2").await;
+    assert!(!gate.is_open());
+    assert_eq!(origin.chunks_sent(0), 2, "relayed as it arrived");
+
+    // A second stream on the same connection joins the fill in progress.
+    let mut joined = post().await.expect("joined");
+    let cs = cache_status(&joined);
+    assert!(is_hit(&cs), "second: joins the fill as a hit, got {cs:?}");
+    let mut joined_buf = Vec::new();
+    read_until_contains(&mut joined, &mut joined_buf, &event(2), READ, "joined").await;
+
+    gate.open();
+    read_to_end(&mut miss, &mut buf, READ)
+        .await
+        .expect("miss to end");
+    read_to_end(&mut joined, &mut joined_buf, READ)
+        .await
+        .expect("joined to end");
+    assert_eq!(buf, whole, "the miss relays the whole stream");
+    assert_eq!(joined_buf, whole, "the joined stream gets the same bytes");
+
     let hit = post().await.expect("hit");
     let cs = cache_status(&hit);
-    assert!(is_hit(&cs), "second: a hit, got {cs:?}");
+    assert!(is_hit(&cs), "third: a hit, got {cs:?}");
     assert_eq!(hit.bytes().await.expect("hit body").as_ref(), &whole[..]);
-    assert_eq!(origin.total(), 1);
+    assert_eq!(origin.total(), 1, "one origin stream for all three");
 }
 
 /// Beyond `max_connections` an HTTP/2 client (ALPN `h2`) is closed (a connection-level
