@@ -238,8 +238,8 @@ fn listener(
     options.h2c = l.h2c && l.tls.is_none();
     options.header_timeout = Some(l.header_timeout);
     options.h1_keepalive_timeout = Some(l.keepalive_timeout.as_secs());
-    // An idle HTTP/2 connection is closed after the same time as an idle HTTP/1 one (0: at
-    // once, as HTTP/1 without keep-alive).
+    // An idle HTTP/2 connection is closed after the same time as an idle HTTP/1 one (after
+    // 1 s with keep-alive off: HTTP/2 has no request-per-connection mode).
     options.h2_idle_timeout = Some(l.keepalive_timeout.max(Duration::from_secs(1)));
     proxy.server_options = Some(options);
     let mut service = Service::new("aisle proxy".to_string(), Limited::new(proxy, live));
