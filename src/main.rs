@@ -334,7 +334,12 @@ fn trace(
 
 fn serve(config: Config, upgrade: bool) -> ExitCode {
     eprintln!(
-        "aisle: proxy on http://{}, admin on http://{} ({} rules)",
+        "aisle: proxy on {}://{}, admin on http://{} ({} rules)",
+        if config.listener.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
         config.listen,
         config.admin_listen,
         config.rules.len()

@@ -285,6 +285,28 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
     ) {
         new.upgrade_socket = running.upgrade_socket.clone();
     }
+    // The listener's protocol and timeouts are fixed when it is built (pingora's HTTP server
+    // options and TLS settings); its connection limits are read live, and the certificate
+    // files' contents are reloaded by the listener itself when they change.
+    let (rl, nl) = (&running.listener, &mut new.listener);
+    if keep("[server] tls", rl.tls != nl.tls) {
+        nl.tls = rl.tls.clone();
+    }
+    if keep("[server] h2c", rl.h2c != nl.h2c) {
+        nl.h2c = rl.h2c;
+    }
+    if keep(
+        "[server] header_timeout",
+        rl.header_timeout != nl.header_timeout,
+    ) {
+        nl.header_timeout = rl.header_timeout;
+    }
+    if keep(
+        "[server] keepalive_timeout",
+        rl.keepalive_timeout != nl.keepalive_timeout,
+    ) {
+        nl.keepalive_timeout = rl.keepalive_timeout;
+    }
     let (rc, nc) = (&running.cache, &mut new.cache);
     if keep("[cache] memory", rc.memory != nc.memory) {
         nc.memory = rc.memory;
@@ -366,5 +388,31 @@ mod tests {
         );
         assert_eq!(new.listen, "127.0.0.1:1", "the running value stays");
         assert_eq!(new.cache.memory, running.cache.memory);
+    }
+
+    /// The listener's timeouts and protocols need a restart; its connection limits do not.
+    #[test]
+    fn listener_timeouts_need_a_restart_and_limits_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let rules = "[[rule]]\nname = \"same\"\nmatch = { path = \"/same\" }\n";
+        let running = load(dir.path(), GATEWAY, rules);
+        let gateway = GATEWAY.replace(
+            "admin_listen = \"127.0.0.1:2\"\n",
+            "admin_listen = \"127.0.0.1:2\"\nheader_timeout = \"3s\"\nkeepalive_timeout = \"5s\"\nh2c = true\nmax_connections = 7\nmax_connections_per_client = 3\n",
+        );
+        let mut new = load(dir.path(), &gateway, rules);
+        let changes = compare(&running, &mut new);
+        assert_eq!(
+            changes.needs_restart,
+            vec![
+                "[server] h2c".to_string(),
+                "[server] header_timeout".into(),
+                "[server] keepalive_timeout".into(),
+            ]
+        );
+        assert_eq!(new.listener.header_timeout, running.listener.header_timeout);
+        assert!(!new.listener.h2c, "the running value stays");
+        assert_eq!(new.listener.max_connections, 7, "limits apply live");
+        assert_eq!(new.listener.max_connections_per_client, 3);
     }
 }

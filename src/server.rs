@@ -11,6 +11,7 @@ use crate::invalidation::protection::{Protection, Ticker};
 use crate::invalidation::relay::Relay;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
+use crate::proxy::listener::{Limited, ReloadingCert};
 use crate::proxy::{CacheParts, Gateway, Live, Locks, Shared};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
@@ -22,7 +23,9 @@ use crate::storage::memory::{Eviction, MemoryStorage};
 use crate::storage::redis::RedisTier;
 use crate::storage::tiered::Tiered;
 use arc_swap::ArcSwap;
+use pingora::apps::HttpServerOptions;
 use pingora::cache::predictor::Predictor;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::server::{RunArgs, Server};
@@ -197,10 +200,8 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         "aisle reload on file changes",
         Watch(reloader.clone()),
     ));
-    let gateway = Gateway::new(live, parts, invalidator.clone(), replays);
-    let mut proxy =
-        pingora::proxy::http_proxy_service_with_name(&server.configuration, gateway, "aisle proxy");
-    proxy.add_tcp(&config.listen);
+    let gateway = Gateway::new(live.clone(), parts, invalidator.clone(), replays);
+    let proxy = listener(&server, gateway, live, &config)?;
     if let Some(redis) = &redis {
         let subscriber = Subscriber {
             redis: redis.clone(),
@@ -233,6 +234,39 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
     server.add_service(proxy);
     server.add_service(admin);
     Ok(server)
+}
+
+/// The proxy service on `[server] listen`: HTTP/1.1 (and HTTP/2 with `h2c`) on plain TCP, or
+/// HTTPS with HTTP/2 and HTTP/1.1 by ALPN when `tls` is set; the header deadline and keep-alive
+/// timeout go to pingora's HTTP server options, the connection limits wrap the app.
+fn listener(
+    server: &Server,
+    gateway: Gateway,
+    live: Shared,
+    config: &Config,
+) -> std::io::Result<Service<Limited<pingora::proxy::HttpProxy<Gateway>>>> {
+    let l = &config.listener;
+    let mut proxy = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut options = HttpServerOptions::default();
+    options.h2c = l.h2c && l.tls.is_none();
+    options.header_timeout = Some(l.header_timeout);
+    options.h1_keepalive_timeout = Some(l.keepalive_timeout.as_secs());
+    // An idle HTTP/2 connection is closed after the same time as an idle HTTP/1 one (after
+    // 1 s with keep-alive off: HTTP/2 has no request-per-connection mode).
+    options.h2_idle_timeout = Some(l.keepalive_timeout.max(Duration::from_secs(1)));
+    proxy.server_options = Some(options);
+    let mut service = Service::new("aisle proxy".to_string(), Limited::new(proxy, live));
+    match &l.tls {
+        None => service.add_tcp(&config.listen),
+        Some(files) => {
+            let resolver = ReloadingCert::new(files.clone()).map_err(std::io::Error::other)?;
+            let mut tls = TlsSettings::intermediate("", "").map_err(std::io::Error::other)?;
+            tls.set_cert_resolver(Arc::new(resolver));
+            tls.enable_h2();
+            service.add_tls_with_settings(&config.listen, None, tls);
+        }
+    }
+    Ok(service)
 }
 
 /// Runs until SIGINT / SIGTERM / SIGQUIT (hand-over to an upgraded process); SIGHUP reloads

@@ -17,6 +17,7 @@ mod env;
 pub mod protection;
 mod raw;
 pub mod secret;
+pub mod tls;
 pub mod webhook;
 
 // Re-exported for the operator CLI, which reads `admin_listen` and the token without compiling the rest.
@@ -69,6 +70,44 @@ pub struct Config {
     pub trust: Trust,
     /// `[log]`: the access log.
     pub log: LogConfig,
+    /// `[server]`'s listener: TLS, HTTP/2 and the downstream limits.
+    pub listener: ListenerConfig,
+}
+
+/// `[server]`'s listener settings: how clients are served and how much of the gateway one
+/// (slow or greedy) client may hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// `header_timeout` (default 10 s): the TLS handshake, then the whole request header
+    /// (HTTP/1), the h2c preface and the HTTP/2 handshake must each complete within it, counted
+    /// from the accept (the handshake's end with TLS) on a new connection and from the first
+    /// byte on a reused one.
+    pub header_timeout: Duration,
+    /// `keepalive_timeout` (default 60 s, whole seconds): how long an idle keep-alive
+    /// connection waits for its next request; `"0s"` turns keep-alive off.
+    pub keepalive_timeout: Duration,
+    /// `max_connections` (default 10000; 0: no limit): client connections served at once.
+    pub max_connections: usize,
+    /// `max_connections_per_client` (default 0: no limit): connections from one client
+    /// address served at once.
+    pub max_connections_per_client: usize,
+    /// `tls = { cert, key }`: serve HTTPS (HTTP/2 and HTTP/1.1 by ALPN).
+    pub tls: Option<tls::TlsFiles>,
+    /// `h2c` (default false): accept HTTP/2 with prior knowledge on plain TCP.
+    pub h2c: bool,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            header_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
+            max_connections_per_client: 0,
+            tls: None,
+            h2c: false,
+        }
+    }
 }
 
 /// `[log]`: one line per request when `access` is on.
@@ -301,6 +340,7 @@ impl Config {
             Duration::from_secs(10),
             &mut diags,
         );
+        let listener = listener_config(&src, &raw.server, base, &mut diags);
         let admin = admin_config(&src, &raw.admin, &mut diags);
         let trust = Trust {
             proxies: networks(&src, raw.server.trusted_proxies.as_deref(), &mut diags),
@@ -522,7 +562,96 @@ impl Config {
             protection,
             trust,
             log,
+            listener,
         })
+    }
+}
+
+/// `[server]`'s listener settings, checked (see [`ListenerConfig`] for the defaults).
+fn listener_config(
+    src: &SourceFile<'_>,
+    raw: &raw::RawServer,
+    base: &Path,
+    diags: &mut Vec<Diagnostic>,
+) -> ListenerConfig {
+    let default = ListenerConfig::default();
+    let mut dur = |f: &Option<Spanned<String>>, name: &str, default: Duration, zero_ok: bool| {
+        let Some(s) = f else { return default };
+        match parse_duration(s.get_ref()) {
+            Ok(d) if d.is_zero() && !zero_ok => {
+                diags.push(src.at(
+                    s.span(),
+                    format!("[server] {name} cannot be 0; write a duration like \"10s\""),
+                ));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                diags.push(src.at(s.span(), e));
+                default
+            }
+        }
+    };
+    let header_timeout = dur(
+        &raw.header_timeout,
+        "header_timeout",
+        default.header_timeout,
+        false,
+    );
+    let keepalive_timeout = dur(
+        &raw.keepalive_timeout,
+        "keepalive_timeout",
+        default.keepalive_timeout,
+        true,
+    );
+    // Pingora counts the keep-alive timeout in whole seconds: round up, so "500ms" keeps
+    // connections alive (1 s) rather than turning keep-alive off.
+    let keepalive_timeout =
+        Duration::from_secs(keepalive_timeout.as_millis().div_ceil(1000) as u64);
+    let mut count = |f: &Option<Spanned<i64>>, name: &str, default: usize| match f {
+        None => default,
+        Some(n) if *n.get_ref() < 0 => {
+            diags.push(src.at(
+                n.span(),
+                format!(
+                    "[server] {name} = {} is negative; write a count, or 0 for no limit",
+                    n.get_ref()
+                ),
+            ));
+            default
+        }
+        Some(n) => *n.get_ref() as usize,
+    };
+    let max_connections = count(
+        &raw.max_connections,
+        "max_connections",
+        default.max_connections,
+    );
+    let max_connections_per_client = count(
+        &raw.max_connections_per_client,
+        "max_connections_per_client",
+        default.max_connections_per_client,
+    );
+    let tls = raw.tls.as_ref().and_then(|t| {
+        let files = tls::TlsFiles {
+            cert: base.join(t.get_ref().cert.get_ref()),
+            key: base.join(t.get_ref().key.get_ref()),
+        };
+        match files.load() {
+            Ok(_) => Some(files),
+            Err(e) => {
+                diags.push(src.at(t.span(), format!("[server] tls: {e}")));
+                None
+            }
+        }
+    });
+    ListenerConfig {
+        header_timeout,
+        keepalive_timeout,
+        max_connections,
+        max_connections_per_client,
+        tls,
+        h2c: raw.h2c.unwrap_or(false),
     }
 }
 

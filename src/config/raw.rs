@@ -63,6 +63,20 @@ pub(super) struct RawServer {
     pub(super) upgrade_socket: Option<Spanned<String>>,
     pub(super) trusted_proxies: Option<Vec<Spanned<String>>>,
     pub(super) trusted_clients: Option<Vec<Spanned<String>>>,
+    pub(super) header_timeout: Option<Spanned<String>>,
+    pub(super) keepalive_timeout: Option<Spanned<String>>,
+    pub(super) max_connections: Option<Spanned<i64>>,
+    pub(super) max_connections_per_client: Option<Spanned<i64>>,
+    pub(super) tls: Option<Spanned<RawTls>>,
+    pub(super) h2c: Option<bool>,
+}
+
+/// `[server] tls = { cert = "...", key = "..." }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: Spanned<String>,
+    pub(super) key: Spanned<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -330,3 +330,55 @@ fn purge_settings_and_their_defaults() {
     assert_eq!((p[0].0, p[0].1), (12, 17), "{p:?}");
     assert!(p[0].2.contains("bad duration"), "{p:?}");
 }
+
+/// `[server]`'s listener settings: the defaults, and each bad value reported where it is.
+#[test]
+fn listener_settings_defaults_and_errors() {
+    let c = load(SPEC, &[]).unwrap();
+    assert_eq!(c.listener, ListenerConfig::default());
+    assert_eq!(c.listener.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.listener.keepalive_timeout, Duration::from_secs(60));
+    assert_eq!(c.listener.max_connections, 10_000);
+    assert_eq!(c.listener.max_connections_per_client, 0);
+
+    let set = |extra: &str| {
+        SPEC.replace(
+            "admin_listen = \"127.0.0.1:9090\"    # /metrics, /healthz, later /admin/*\n",
+            &format!("admin_listen = \"127.0.0.1:9090\"\n{extra}\n"),
+        )
+    };
+    let c = load(
+        &set("header_timeout = \"2s\"\nkeepalive_timeout = \"1500ms\"\nmax_connections = 5\nmax_connections_per_client = 2\nh2c = true"),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.listener.header_timeout, Duration::from_secs(2));
+    assert_eq!(
+        c.listener.keepalive_timeout,
+        Duration::from_secs(2),
+        "whole seconds, rounded up"
+    );
+    assert_eq!(c.listener.max_connections, 5);
+    assert_eq!(c.listener.max_connections_per_client, 2);
+    assert!(c.listener.h2c);
+
+    let e = load(&set("header_timeout = \"0s\""), &[]).unwrap_err();
+    assert!(e[0].message.contains("header_timeout cannot be 0"), "{e:?}");
+    assert_eq!(e[0].line, 5);
+    let e = load(&set("max_connections = -1"), &[]).unwrap_err();
+    assert!(
+        e[0].message.contains("max_connections = -1 is negative"),
+        "{e:?}"
+    );
+    let e = load(
+        &set("tls = { cert = \"missing.pem\", key = \"missing.key\" }"),
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        e[0].message.contains("[server] tls: cannot read cert")
+            && e[0].message.contains("missing.pem"),
+        "{e:?}"
+    );
+    assert_eq!(e[0].line, 5);
+}

@@ -22,6 +22,7 @@
 
 pub mod access;
 pub mod cache_status;
+pub mod listener;
 
 mod body;
 mod ctx;

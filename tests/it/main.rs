@@ -28,6 +28,7 @@ mod coherence;
 mod eviction;
 mod hit_ratio;
 mod invalidation;
+mod listener;
 mod protection;
 mod purge_queue;
 mod readme;

@@ -57,6 +57,12 @@ pub trait ServerApp {
 
     /// This callback will be called once after the service stops listening to its endpoints.
     async fn cleanup(&self) {}
+
+    /// Aisle patch: how long a new connection's handshake (TLS, or PROXY protocol before it)
+    /// may take before the connection is closed; 0.9.1 fixed it at 60 s.
+    fn handshake_timeout(&self) -> Duration {
+        Duration::from_secs(60)
+    }
 }
 #[non_exhaustive]
 #[derive(Clone, Debug, Default)]
@@ -89,6 +95,17 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// Aisle patch: a total deadline on reading each HTTP/1 request header, from the accept
+    /// on a new connection and from the first byte on a reused one; it also bounds the h2c
+    /// preface read and the HTTP/2 handshake. `None`: only the per-read timeouts apply
+    /// (pingora 0.9.1's behaviour, where the h2c preface and h2 handshake wait forever).
+    pub header_timeout: Option<Duration>,
+
+    /// Aisle patch: how long (seconds) an idle HTTP/1 keep-alive connection waits for its next
+    /// request; 0 turns keep-alive off. `None`: pingora 0.9.1's behaviour (60 s before the
+    /// first request, then no limit for HTTP/1.1 clients).
+    pub h1_keepalive_timeout: Option<u64>,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -275,21 +292,32 @@ where
 
         // h2c is for cleartext connections; on TLS, ALPN handles protocol negotiation.
         // Otherwise, h2c stays true on TLS streams, forcing HTTP/1.1 clients into HTTP/2
+        // Aisle patch: the header deadline also bounds the h2c preface and the h2 handshake.
+        let header_timeout = self.server_options().and_then(|o| o.header_timeout);
         if stream.get_ssl_digest().is_some() {
             h2c = false;
         }
         // try to read h2 preface
         else if h2c && !custom {
             let mut buf = [0u8; H2_PREFACE.len()];
-            let peeked = stream
-                .try_peek(&mut buf)
-                .await
-                .map_err(|e| {
-                    // this error is normal when h1 reuse and close the connection
-                    debug!("Read error while peeking h2c preface {e}");
-                    e
-                })
-                .ok()?;
+            // Aisle patch: bounded by the header timeout.
+            let peek = stream.try_peek(&mut buf);
+            let peeked = match header_timeout {
+                Some(t) => match pingora_timeout::timeout(t, peek).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        debug!("h2c preface not read within the header timeout {t:?}");
+                        return None;
+                    }
+                },
+                None => peek.await,
+            }
+            .map_err(|e| {
+                // this error is normal when h1 reuse and close the connection
+                debug!("Read error while peeking h2c preface {e}");
+                e
+            })
+            .ok()?;
             // not all streams support peeking
             if peeked {
                 // turn off h2c (use h1) if h2 preface doesn't exist
@@ -307,7 +335,18 @@ where
             });
 
             let h2_options = self.h2_options();
-            let h2_conn = match server::handshake(stream, h2_options).await {
+            let handshake = server::handshake(stream, h2_options);
+            let handshake = match header_timeout {
+                Some(t) => match pingora_timeout::timeout(t, handshake).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        debug!("H2 handshake not done within the header timeout {t:?}");
+                        return None;
+                    }
+                },
+                None => handshake.await,
+            };
+            let h2_conn = match handshake {
                 Err(e) => {
                     error!("H2 handshake error {e}");
                     return None;
@@ -352,6 +391,11 @@ where
                 // default 60s
                 session.set_keepalive(Some(60));
             }
+            // Aisle patch: the header deadline, counted from now on a new connection, and the
+            // keep-alive limit (applied when the request says whether it keeps the connection).
+            let keepalive_limit = self.server_options().and_then(|o| o.h1_keepalive_timeout);
+            session.set_header_timeout(header_timeout, true);
+            session.set_keepalive_limit(keepalive_limit);
             session.set_keepalive_reuses_remaining(
                 self.server_options()
                     .and_then(|opts| opts.keepalive_request_limit),
@@ -363,6 +407,9 @@ where
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
                 }
+                // Aisle patch: on a reused connection the deadline starts at the first byte.
+                session.set_header_timeout(header_timeout, false);
+                session.set_keepalive_limit(keepalive_limit);
 
                 result = self.process_new_http(session, shutdown).await;
             }

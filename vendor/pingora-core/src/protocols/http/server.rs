@@ -322,6 +322,23 @@ impl Session {
         }
     }
 
+    /// Aisle patch: a total deadline on reading an HTTP/1 request header (see
+    /// [`SessionV1::set_header_timeout`]). Noop for h2 and subrequest.
+    pub fn set_header_timeout(&mut self, timeout: Option<Duration>, covers_idle: bool) {
+        if let Self::H1(s) = self {
+            s.set_header_timeout(timeout, covers_idle);
+        }
+    }
+
+    /// Aisle patch: the longest idle keep-alive wait (seconds) an HTTP/1 request may get; 0
+    /// turns keep-alive off (see [`SessionV1::set_keepalive_limit`]). Noop for h2 and
+    /// subrequest.
+    pub fn set_keepalive_limit(&mut self, seconds: Option<u64>) {
+        if let Self::H1(s) = self {
+            s.set_keepalive_limit(seconds);
+        }
+    }
+
     /// Get the keepalive timeout. None if keepalive is disabled. Not applicable for h2 or
     /// subrequest
     pub fn get_keepalive(&self) -> Option<u64> {

@@ -103,6 +103,17 @@ pub struct HttpSession {
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
+    /// Aisle patch: a total deadline on reading one request header (slowloris). `None`: only
+    /// the per-read timeouts apply, as in pingora 0.9.1.
+    header_timeout: Option<Duration>,
+    /// Aisle patch: whether `header_timeout` also covers the wait for the first byte (a new
+    /// connection); on a reused keep-alive connection the idle wait is the keep-alive timeout's
+    /// and the header deadline starts when the first bytes arrive.
+    header_timeout_covers_idle: bool,
+    /// Aisle patch: the longest idle keep-alive wait (seconds) granted to a request that keeps
+    /// the connection alive; 0: keep-alive off. `None`: pingora 0.9.1's behaviour, where an
+    /// HTTP/1.1 request makes the connection wait for the next one without a limit.
+    keepalive_limit: Option<u64>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
     /// A copy of the response that is already written to the client
@@ -188,6 +199,9 @@ impl HttpSession {
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
             write_timeout: None,
+            header_timeout: None,
+            header_timeout_covers_idle: true,
+            keepalive_limit: None,
             total_drain_timeout: None,
             body_bytes_sent: 0,
             body_bytes_read: 0,
@@ -209,7 +223,37 @@ impl HttpSession {
         }
     }
 
+    /// Aisle patch: one read of the request header, bounded by the header deadline (if any) on
+    /// top of the per-read timeouts. At the deadline, a connection that sent nothing is closed
+    /// quietly (`Ok(None)`, as an idle keep-alive timeout); one that sent part of a header gets
+    /// `ReadTimedout`.
     async fn read_request_buf(
+        &mut self,
+        buf: &mut BytesMut,
+        already_read: usize,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Option<usize>> {
+        let Some(deadline) = deadline else {
+            return self.read_request_buf_unbounded(buf, already_read).await;
+        };
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        match timeout(remaining, self.read_request_buf_unbounded(buf, already_read)).await {
+            Ok(res) => res,
+            Err(_) if already_read == 0 => {
+                debug!("request header deadline reached before any byte");
+                Ok(None)
+            }
+            Err(_) => Error::e_explain(
+                ReadTimedout,
+                format!(
+                    "request header not complete within the header timeout ({:?}), bytes read: {already_read}",
+                    self.header_timeout.unwrap_or_default()
+                ),
+            ),
+        }
+    }
+
+    async fn read_request_buf_unbounded(
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
@@ -304,6 +348,12 @@ impl HttpSession {
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
+        // Aisle patch: the header deadline, from now on a new connection (or when bytes are
+        // already buffered), else from the first bytes read.
+        let mut deadline = self
+            .header_timeout
+            .filter(|_| self.header_timeout_covers_idle || already_read != 0)
+            .map(|t| std::time::Instant::now() + t);
         loop {
             if already_read > MAX_HEADER_SIZE {
                 /* NOTE: this check only blocks second read. The first large read is allowed
@@ -323,8 +373,14 @@ impl HttpSession {
             // this request and is waiting for our response).
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
+            } else if let Some(n) = self
+                .read_request_buf(&mut buf, already_read, deadline)
+                .await?
+            {
                 already_read += n;
+                if deadline.is_none() {
+                    deadline = self.header_timeout.map(|t| std::time::Instant::now() + t);
+                }
             } else {
                 return Ok(None);
             }
@@ -792,6 +848,22 @@ impl HttpSession {
         Some(Duration::from_millis(ms as u64))
     }
 
+    /// Aisle patch: keep-alive for `seconds` (0: no limit), within the keep-alive limit.
+    fn set_limited_keepalive(&mut self, seconds: u64) {
+        match self.keepalive_limit {
+            None => self.set_keepalive(Some(seconds)),
+            Some(0) => self.set_keepalive(None),
+            Some(limit) if seconds == 0 => self.set_keepalive(Some(limit)),
+            Some(limit) => self.set_keepalive(Some(seconds.min(limit))),
+        }
+    }
+
+    /// Aisle patch: the longest idle keep-alive wait (seconds) a request may get; 0 turns
+    /// keep-alive off. See the field.
+    pub fn set_keepalive_limit(&mut self, seconds: Option<u64>) {
+        self.keepalive_limit = seconds;
+    }
+
     /// Apply keepalive settings according to the client
     /// For HTTP 1.1, assume keepalive as long as there is no `Connection: Close` request header.
     /// For HTTP 1.0, only keepalive if there is an explicit header `Connection: keep-alive`.
@@ -801,14 +873,14 @@ impl HttpSession {
                 let (timeout, _max_use) = self.get_keepalive_values();
                 // TODO: respect max_use
                 match timeout {
-                    Some(d) => self.set_keepalive(Some(d)),
-                    None => self.set_keepalive(Some(0)), // infinite
+                    Some(d) => self.set_limited_keepalive(d),
+                    None => self.set_limited_keepalive(0), // infinite
                 }
             } else {
                 self.set_keepalive(None);
             }
         } else if self.req_header().version == Version::HTTP_11 {
-            self.set_keepalive(Some(0)); // on by default for http 1.1
+            self.set_limited_keepalive(0); // on by default for http 1.1
         } else {
             self.set_keepalive(None); // off by default for http 1.0
         }
@@ -1340,6 +1412,14 @@ impl HttpSession {
     }
 
     /// Gets the downstream read timeout.
+    /// Aisle patch: a total deadline on reading the request header; `covers_idle`: whether it
+    /// also bounds the wait for the first byte (a new connection) or starts at the first byte
+    /// (a reused keep-alive connection, whose idle wait is the keep-alive timeout's).
+    pub fn set_header_timeout(&mut self, timeout: Option<Duration>, covers_idle: bool) {
+        self.header_timeout = timeout;
+        self.header_timeout_covers_idle = covers_idle;
+    }
+
     pub fn get_read_timeout(&self) -> Option<Duration> {
         self.read_timeout
     }
