@@ -132,15 +132,17 @@ fn encrypt_needs_a_key() {
 
 #[test]
 fn https_upstreams_use_sni() {
+    let (tls, a) = upstream::parse_url("https://api.vendor.example").unwrap();
+    assert!(tls);
+    assert_eq!(a.authority, "api.vendor.example:443");
+    assert_eq!(a.host, "api.vendor.example");
+    assert_eq!(a.host_header, "api.vendor.example");
+    let (_, a) = upstream::parse_url("http://[::1]:8080").unwrap();
     assert_eq!(
-        parse_upstream_url("https://api.vendor.example").unwrap(),
-        (
-            true,
-            "api.vendor.example:443".to_string(),
-            "api.vendor.example".to_string()
-        )
+        (a.authority.as_str(), a.host_header.as_str()),
+        ("[::1]:8080", "[::1]:8080")
     );
-    assert!(parse_upstream_url("http://x/path").is_err());
+    assert!(upstream::parse_url("http://x/path").is_err());
 }
 
 /// Two bad `[cdn.*]` values are two diagnostics, each at its own line and column.
