@@ -332,3 +332,75 @@ fn purge_settings_and_their_defaults() {
     assert_eq!((p[0].0, p[0].1), (12, 17), "{p:?}");
     assert!(p[0].2.contains("bad duration"), "{p:?}");
 }
+
+/// `[upstreams.*]` from issue 13: what loads, and each mistake at its own position.
+#[test]
+fn upstream_pools_headers_and_tls_files() {
+    std::env::set_var("AISLE_TEST_UPSTREAM_SECRET", "sk-unit-4b3a2c1d");
+    let ok = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "urls = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]\nhost = \"API.Vendor.example\"\n\
+         set_headers = { \"x-api-key\" = \"${AISLE_TEST_UPSTREAM_SECRET}\" }\nremove_headers = [\"cookie\"]\n\
+         balance = \"least_conn\"\nhealth_check = { path = \"/health\", interval = \"2s\" }\n\
+         resolve_every = \"30s\"\nretries = 2\nmax_connections = 8",
+    );
+    let c = load(&ok, &[]).unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(u.addresses.len(), 2);
+    assert_eq!(u.host.as_deref(), Some("api.vendor.example"));
+    assert_eq!(u.set_headers[0].1.expose(), "sk-unit-4b3a2c1d");
+    assert_eq!(u.balance, Balance::LeastConn);
+    let hc = u.health_check.as_ref().unwrap();
+    assert_eq!(
+        (hc.path.as_str(), hc.interval),
+        ("/health", Duration::from_secs(2))
+    );
+    assert_eq!(
+        (hc.timeout, hc.unhealthy_after, hc.healthy_after),
+        (Duration::from_secs(1), 3, 2)
+    );
+    assert_eq!((u.retries, u.max_connections), (2, Some(8)));
+    assert!(
+        !format!("{c:?}").contains("sk-unit-4b3a2c1d"),
+        "a set_headers value is never printed"
+    );
+
+    let bad = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "url = \"http://127.0.0.1:3000\"\nset_headers = { \"x-key\" = \"${AISLE_TEST_UPSTREAM_SECRET}\\nevil\" }\n\
+         balance = \"fastest\"\nca_file = \"missing.pem\"\nclient_key = \"k.pem\"",
+    );
+    let e = load(&bad, &[]).unwrap_err();
+    let text: Vec<String> = e.iter().map(|d| d.to_string()).collect();
+    let all = text.join("\n");
+    assert!(
+        !all.contains("sk-unit-4b3a2c1d"),
+        "diagnostics never quote a secret: {all}"
+    );
+    for expected in [
+        "set_headers.x-key",
+        "\"fastest\" is not a balance",
+        "ca_file applies to https upstreams only",
+        "client_cert and client_key go together",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+
+    let https = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "url = \"https://vendor.example\"\nca_file = \"missing.pem\"",
+    );
+    let e = load(&https, &[]).unwrap_err();
+    assert!(
+        e[0].message.contains("cannot read") && e[0].message.contains("missing.pem"),
+        "{}",
+        e[0]
+    );
+    let both = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "url = \"http://a:1\"\nurls = [\"http://b:1\"]",
+    );
+    assert!(load(&both, &[]).unwrap_err()[0]
+        .message
+        .contains("both url and urls"));
+}

@@ -591,3 +591,40 @@ async fn resolve_every_picks_up_a_changed_address_from_the_hosts_file() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_reload_rebuilds_the_pool_with_its_new_headers_and_addresses() {
+    let a = Origin::start(|_| uncached("a"));
+    let b = Origin::start(|_| uncached("b"));
+    let upstream = format!(
+        "url = \"{}\"\nset_headers = {{ \"x-plan\" = \"one\" }}\n\
+         health_check = {{ path = \"/health\", interval = \"200ms\" }}\n",
+        a.url()
+    );
+    let gw = Gateway::start(&config(&upstream), &[("r.toml", RULES)]).await;
+    assert_eq!(gw.get("/p").await.text(), "a");
+    assert_eq!(
+        a.requests_for("/p")[0].header("x-plan").as_deref(),
+        Some("one")
+    );
+    let (a_url, b_url) = (a.url(), b.url());
+    gw.edit_config(|text| {
+        text.replace(&format!("url = \"{a_url}\""), &format!("url = \"{b_url}\""))
+            .replace("\"one\"", "\"two\"")
+    });
+    // The file watcher reloads (the shipped default); the new pool answers and is checked.
+    poll_until(Duration::from_secs(10), "the reloaded upstream", || async {
+        (gw.get("/p").await.text() == "b").then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.requests_for("/p")[0].header("x-plan").as_deref(),
+        Some("two")
+    );
+    poll_until(
+        Duration::from_secs(5),
+        "the new pool's health checks",
+        || async { (b.count("/health") > 0).then_some(()) },
+    )
+    .await;
+}
