@@ -116,10 +116,12 @@ impl Selector {
     }
 
     fn select_with(&self, key: &[u8], accept: impl Fn(&Backend, bool) -> bool) -> Option<Backend> {
-        // Enough iterations to visit every address of any sane pool (ketama has 160 points each).
+        // Enough steps to visit every address: round robin falls back to hashing after its
+        // first pick; ketama walks the ring, 160 points per address.
+        let n = self.backends().get_backend().len().max(1);
         match self {
-            Selector::RoundRobin(lb) => lb.select_with(key, 256, accept),
-            Selector::Hash(lb) => lb.select_with(key, 256 * 160, accept),
+            Selector::RoundRobin(lb) => lb.select_with(key, 16 * n + 16, accept),
+            Selector::Hash(lb) => lb.select_with(key, 160 * n + 1, accept),
         }
     }
 }
@@ -312,14 +314,6 @@ impl Pool {
             match &mut selector {
                 Selector::RoundRobin(lb) => lb.set_health_check(check),
                 Selector::Hash(lb) => lb.set_health_check(check),
-            }
-        }
-        for b in selector.backends().get_backend().iter() {
-            if let Some(slot) = b.ext.get::<Arc<Slot>>() {
-                metrics()
-                    .upstream_health
-                    .with_label_values(&[&u.name, &slot.label])
-                    .set(1);
             }
         }
         Ok(Pool {
@@ -573,11 +567,15 @@ impl Resolve {
         let mut slots = self.slots.lock();
         let mut set = BTreeSet::new();
         let mut kept = HashMap::new();
+        let health = &metrics().upstream_health;
         for (address, addr) in found {
             let slot = slots.get(&addr).cloned().unwrap_or_else(|| {
+                // A new address starts healthy (pingora's default) until checked.
+                let label = addr.to_string();
+                health.with_label_values(&[&self.name, &label]).set(1);
                 Arc::new(Slot {
                     address,
-                    label: addr.to_string(),
+                    label,
                     in_flight: AtomicUsize::new(0),
                 })
             });
@@ -589,6 +587,12 @@ impl Resolve {
             };
             b.ext.insert(slot);
             set.insert(b);
+        }
+        for (addr, slot) in slots.iter() {
+            if !kept.contains_key(addr) {
+                // Gone from DNS: its series goes too (labels stay bounded).
+                let _ = health.remove_label_values(&[&self.name, &slot.label]);
+            }
         }
         *slots = kept;
         set
