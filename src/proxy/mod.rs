@@ -11,8 +11,9 @@
 //! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
 //! | `cache_hit_filter`       | purge epochs, then the request's own directives       | [`crate::storage::epochs`], [`crate::policy`] |
 //! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream | |
-//! | `upstream_peer`          | the rule's upstream                                   | [`upstream`] |
-//! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream    | [`forwarding`], [`crate::trust`] |
+//! | `upstream_peer`          | an address of the rule's upstream (balance, health, `max_connections`) | [`upstream`] |
+//! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream; the upstream's `host`, `set_headers`, `remove_headers` | [`forwarding`], [`crate::trust`] |
+//! | `fail_to_connect`        | mark the upstream unreachable; retry on another address | [`upstream`] |
 //! | `upstream_response_filter` | origin tags; upstream metrics                      | [`crate::policy`] |
 //! | `response_cache_filter`  | RFC 9111 storability; attach the entry's facts        | [`crate::policy::cacheability`] |
 //! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::variance`] |
@@ -793,33 +794,14 @@ impl ProxyHttp for Gateway {
                 };
             }
         }
-        if let Some(why) = ctx.upstream.no_address {
-            let (code, detail, error) = why.answer();
-            let sent = control::respond_json(
-                session,
-                code,
-                format!("{{\"error\":\"{error}\"}}"),
-                &format!("aisle; fwd=miss; detail={detail}"),
-            )
-            .await;
-            if sent.is_ok() {
+        // No address to send to, or a refused TLS handshake: say which.
+        if let Some((code, body, status)) = upstream::failure_answer(ctx, e) {
+            if control::respond_json(session, code, body, &status)
+                .await
+                .is_ok()
+            {
                 return FailToProxy {
                     error_code: code,
-                    can_reuse_downstream: false,
-                };
-            }
-        }
-        if let Some(body) = ctx
-            .route
-            .as_ref()
-            .and_then(|r| upstream::tls_failure(e, &r.rule.name))
-        {
-            let sent =
-                control::respond_json(session, 502, body, "aisle; fwd=miss; detail=upstream-tls")
-                    .await;
-            if sent.is_ok() {
-                return FailToProxy {
-                    error_code: 502,
                     can_reuse_downstream: false,
                 };
             }

@@ -731,10 +731,27 @@ pub fn failed_connect(
         && peers.has_other(index, &ctx.upstream.tried)
 }
 
+/// The answer `fail_to_proxy` gives when no address could be picked or the upstream's TLS
+/// handshake failed: (status, JSON body, `Cache-Status`). `None`: pingora's own answer.
+pub fn failure_answer(ctx: &super::Ctx, e: &pingora::Error) -> Option<(u16, String, String)> {
+    if let Some(why) = ctx.upstream.no_address {
+        let (code, detail, error) = why.answer();
+        let body = serde_json::json!({ "error": error }).to_string();
+        return Some((code, body, format!("aisle; fwd=miss; detail={detail}")));
+    }
+    let rule = &ctx.route.as_ref()?.rule.name;
+    let body = tls_failure(e, rule)?;
+    Some((
+        502,
+        body,
+        "aisle; fwd=miss; detail=upstream-tls".to_string(),
+    ))
+}
+
 /// A TLS handshake with the upstream that failed (a certificate not trusted by `ca_file` or
 /// the system, a name that does not match, a client certificate refused): the JSON body of the
 /// 502 that says so, also logged as a warning. `None` for other errors.
-pub fn tls_failure(e: &pingora::Error, rule: &str) -> Option<String> {
+fn tls_failure(e: &pingora::Error, rule: &str) -> Option<String> {
     use pingora::ErrorType::*;
     if *e.esource() != pingora::ErrorSource::Upstream
         || !matches!(
