@@ -643,3 +643,80 @@ async fn a_reload_rebuilds_the_pool_with_its_new_headers_and_addresses() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn only_requests_that_may_be_sent_twice_are_retried() {
+    let a = Origin::start(|_| uncached("a"));
+    let dead = closed_url();
+    let upstream = format!("urls = [\"{}\", \"{dead}\"]\nretries = 1\n", a.url());
+    let rules = r#"
+[[rule]]
+name = "submit"
+match = { method = "POST", path = "/submit" }
+upstream = "api"
+
+[[rule]]
+name = "query"
+match = { method = "POST", path = "/query" }
+upstream = "api"
+ttl = "60s"
+vary = ["body./q"]
+"#;
+    let gw = Gateway::start(&config(&upstream), &[("r.toml", rules)]).await;
+    // Round robin alternates, so two requests of a kind meet the dead address once.
+    let mut refused = 0;
+    for i in 0..2 {
+        let r = fetch_with_body(gw.client(), "POST", &gw.url("/submit"), &[], format!("{i}")).await;
+        if r.status == 502 {
+            refused += 1;
+        } else {
+            assert_eq!(r.status, 200);
+        }
+    }
+    assert_eq!(refused, 1, "a plain POST is not sent again");
+    for i in 0..2 {
+        let body = format!("{{\"q\":\"{i}\"}}");
+        let headers = [("content-type", "application/json")];
+        let r = fetch_with_body(gw.client(), "POST", &gw.url("/query"), &headers, body).await;
+        assert_eq!(
+            r.status,
+            200,
+            "a body-keyed POST (a query) is retried: {}",
+            r.cache_status()
+        );
+    }
+    assert_eq!(a.count("/query"), 2);
+}
+
+#[tokio::test]
+async fn max_connections_answers_503_when_every_address_is_busy() {
+    let a = Origin::start(|req| {
+        let r = uncached("a");
+        if req.path == "/hold" {
+            r.delay(Duration::from_millis(1500))
+        } else {
+            r
+        }
+    });
+    let upstream = format!("url = \"{}\"\nmax_connections = 1\n", a.url());
+    let gw = Arc::new(Gateway::start(&config(&upstream), &[("r.toml", RULES)]).await);
+    let hold = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.get("/hold").await })
+    };
+    poll_until(
+        Duration::from_secs(5),
+        "the held request at the origin",
+        || async { (a.count("/hold") == 1).then_some(()) },
+    )
+    .await;
+    let r = gw.get("/other").await;
+    assert_eq!(r.status, 503);
+    assert!(
+        r.cache_status().contains("detail=upstream-busy"),
+        "{}",
+        r.cache_status()
+    );
+    assert_eq!(hold.await.unwrap().status, 200);
+    assert_eq!(gw.get("/other").await.status, 200, "free again");
+}
