@@ -55,6 +55,11 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub upstream_duration: HistogramVec,
+    /// 1 healthy, 0 not, per upstream address (addresses come from config and DNS only).
+    pub upstream_health: IntGaugeVec,
+    /// Requests per upstream address, by result (`answered`, `connect_error`, `error`).
+    pub upstream_address_requests: IntCounterVec,
+    pub upstream_address_duration: HistogramVec,
     pub cache_entries: IntGauge,
     pub cache_bytes: IntGauge,
     pub evictions: IntCounter,
@@ -133,6 +138,25 @@ static METRICS: Lazy<Metrics> = Lazy::new(|| {
         vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
     )
     .expect("register aisle_upstream_duration_seconds"),
+    upstream_health: register_int_gauge_vec!(
+        "aisle_upstream_health",
+        "1 when an upstream address passes its health check (or has none), 0 when it does not",
+        &["upstream", "address"]
+    )
+    .expect("register aisle_upstream_health"),
+    upstream_address_requests: register_int_counter_vec!(
+        "aisle_upstream_address_requests_total",
+        "Requests sent to each upstream address, by result (answered, connect_error, error)",
+        &["upstream", "address", "result"]
+    )
+    .expect("register aisle_upstream_address_requests_total"),
+    upstream_address_duration: register_histogram_vec!(
+        "aisle_upstream_address_duration_seconds",
+        "Time from sending a request to an upstream address to its response header",
+        &["upstream", "address"],
+        vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+    )
+    .expect("register aisle_upstream_address_duration_seconds"),
     cache_entries: register_int_gauge!("aisle_cache_entries", "Entries in the memory tier")
         .expect("register aisle_cache_entries"),
     cache_bytes: register_int_gauge!("aisle_cache_bytes", "Bytes held by the memory tier")

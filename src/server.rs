@@ -12,7 +12,7 @@ use crate::invalidation::relay::Relay;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
 use crate::proxy::listener::{Limited, ReloadingCert};
-use crate::proxy::{CacheParts, Gateway, Live, Locks, Shared};
+use crate::proxy::{CacheParts, Gateway, Live, Locks, Shared, UpstreamHealth};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
 use crate::redis::Redis;
@@ -199,6 +199,11 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
     server.add_service(pingora::services::background::background_service(
         "aisle reload on file changes",
         Watch(reloader.clone()),
+    ));
+    // Upstream health checks and DNS re-resolution, on the pools of the configuration in force.
+    server.add_service(pingora::services::background::background_service(
+        "aisle upstream health",
+        UpstreamHealth(live.clone()),
     ));
     let gateway = Gateway::new(live.clone(), parts, invalidator.clone(), replays);
     let proxy = listener(&server, gateway, live, &config)?;

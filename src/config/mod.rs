@@ -18,7 +18,10 @@ pub mod protection;
 mod raw;
 pub mod secret;
 pub mod tls;
+pub mod upstream;
 pub mod webhook;
+
+pub use upstream::{Balance, Upstream};
 
 // Re-exported for the operator CLI, which reads `admin_listen` and the token without compiling the rest.
 pub(crate) use env::expand_env;
@@ -224,22 +227,6 @@ pub struct PurgeConfig {
     pub instance_id: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Upstream {
-    pub name: String,
-    pub tls: bool,
-    /// `host:port` to connect to.
-    pub address: String,
-    /// Host name for SNI and certificate checks (TLS only).
-    pub sni: String,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    /// With a stale entry to fall back on: how long to wait for this upstream's answer before
-    /// serving the entry stale and letting the fill go on in the background. `None`: wait for
-    /// the answer (or `read_timeout`).
-    pub stale_after: Option<Duration>,
-}
-
 impl Config {
     /// Loads `path` and the rules it points to.
     pub fn load(path: &Path) -> Result<Config, Vec<Diagnostic>> {
@@ -386,51 +373,8 @@ impl Config {
 
         let mut upstreams = Vec::new();
         for (name, u) in &raw.upstreams {
-            let u_ref = u.get_ref();
-            let url = match expand_env(u_ref.url.get_ref()) {
-                Ok(url) => url,
-                Err(e) => {
-                    diags.push(src.at(u_ref.url.span(), e));
-                    continue;
-                }
-            };
-            let read_timeout = dur(&u_ref.read_timeout, Duration::from_secs(30), &mut diags);
-            let stale_after = u_ref.stale_after.as_ref().and_then(|s| {
-                let after = match parse_duration(s.get_ref()) {
-                    Ok(after) => after,
-                    Err(e) => {
-                        diags.push(src.at(s.span(), e));
-                        return None;
-                    }
-                };
-                if after.is_zero() || after >= read_timeout {
-                    diags.push(src.at(
-                        s.span(),
-                        format!(
-                            "upstreams.{name}.stale_after must be more than 0 and less than its \
-                             read_timeout ({read_timeout:?}), or it never takes effect; \
-                             shorten it or remove it"
-                        ),
-                    ));
-                    return None;
-                }
-                Some(after)
-            });
-            match parse_upstream_url(&url) {
-                Ok((tls, address, sni)) => upstreams.push(Upstream {
-                    name: name.clone(),
-                    tls,
-                    address,
-                    sni,
-                    connect_timeout: dur(
-                        &u_ref.connect_timeout,
-                        Duration::from_secs(2),
-                        &mut diags,
-                    ),
-                    read_timeout,
-                    stale_after,
-                }),
-                Err(e) => diags.push(src.at(u_ref.url.span(), e)),
+            if let Some(u) = upstream::compile(&src, base, name, u, &mut diags) {
+                upstreams.push(u);
             }
         }
         let redis = raw
@@ -839,42 +783,6 @@ fn redis_config(
         timeout,
         keys,
     })
-}
-
-/// `http://host[:port]` or `https://host[:port]` -> (tls, "host:port", sni host).
-fn parse_upstream_url(raw: &str) -> Result<(bool, String, String), String> {
-    // Messages show the URL without its userinfo: it may hold an expanded `${VAR}` password.
-    let url = &redact_url(raw);
-    let uri: http::Uri = raw.parse().map_err(|e| {
-        format!("bad upstream url {url:?}: {e}; write it like \"http://127.0.0.1:3000\"")
-    })?;
-    let tls = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        _ => {
-            return Err(format!(
-                "upstream url {url:?} must start with http:// or https://"
-            ))
-        }
-    };
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("upstream url {url:?} has no host"))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    if uri.path() != "/" && !uri.path().is_empty() {
-        return Err(format!(
-            "upstream url {url:?} has a path; Aisle forwards the request's own path, so give only scheme, host and port"
-        ));
-    }
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let address = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
-    };
-    Ok((tls, address, host))
 }
 
 #[cfg(test)]

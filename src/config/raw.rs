@@ -142,8 +142,33 @@ pub(super) struct RawPurge {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawUpstream {
-    pub(super) url: Spanned<String>,
+    /// One address; `urls` for several (exactly one of the two).
+    pub(super) url: Option<Spanned<String>>,
+    pub(super) urls: Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) read_timeout: Option<Spanned<String>>,
     pub(super) stale_after: Option<Spanned<String>>,
+    pub(super) host: Option<Spanned<String>>,
+    /// Values may hold secrets (`${VAR}`): never printed.
+    pub(super) set_headers: Option<BTreeMap<String, Spanned<String>>>,
+    pub(super) remove_headers: Option<Vec<Spanned<String>>>,
+    pub(super) ca_file: Option<Spanned<String>>,
+    pub(super) client_cert: Option<Spanned<String>>,
+    pub(super) client_key: Option<Spanned<String>>,
+    pub(super) balance: Option<Spanned<String>>,
+    pub(super) health_check: Option<Spanned<RawHealthCheck>>,
+    pub(super) resolve_every: Option<Spanned<String>>,
+    pub(super) retries: Option<Spanned<u32>>,
+    pub(super) max_connections: Option<Spanned<u32>>,
+}
+
+/// `health_check = { path, interval, timeout, unhealthy_after, healthy_after }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    pub(super) path: Option<Spanned<String>>,
+    pub(super) interval: Option<Spanned<String>>,
+    pub(super) timeout: Option<Spanned<String>>,
+    pub(super) unhealthy_after: Option<Spanned<u32>>,
+    pub(super) healthy_after: Option<Spanned<u32>>,
 }

@@ -132,15 +132,17 @@ fn encrypt_needs_a_key() {
 
 #[test]
 fn https_upstreams_use_sni() {
+    let (tls, a) = upstream::parse_url("https://api.vendor.example").unwrap();
+    assert!(tls);
+    assert_eq!(a.authority, "api.vendor.example:443");
+    assert_eq!(a.host, "api.vendor.example");
+    assert_eq!(a.host_header, "api.vendor.example");
+    let (_, a) = upstream::parse_url("http://[::1]:8080").unwrap();
     assert_eq!(
-        parse_upstream_url("https://api.vendor.example").unwrap(),
-        (
-            true,
-            "api.vendor.example:443".to_string(),
-            "api.vendor.example".to_string()
-        )
+        (a.authority.as_str(), a.host_header.as_str()),
+        ("[::1]:8080", "[::1]:8080")
     );
-    assert!(parse_upstream_url("http://x/path").is_err());
+    assert!(upstream::parse_url("http://x/path").is_err());
 }
 
 /// Two bad `[cdn.*]` values are two diagnostics, each at its own line and column.
@@ -381,4 +383,76 @@ fn listener_settings_defaults_and_errors() {
         "{e:?}"
     );
     assert_eq!(e[0].line, 5);
+}
+
+/// `[upstreams.*]` from issue 13: what loads, and each mistake at its own position.
+#[test]
+fn upstream_pools_headers_and_tls_files() {
+    std::env::set_var("AISLE_TEST_UPSTREAM_SECRET", "sk-unit-4b3a2c1d");
+    let ok = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "urls = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]\nhost = \"API.Vendor.example\"\n\
+         set_headers = { \"x-api-key\" = \"${AISLE_TEST_UPSTREAM_SECRET}\" }\nremove_headers = [\"cookie\"]\n\
+         balance = \"least_conn\"\nhealth_check = { path = \"/health\", interval = \"2s\" }\n\
+         resolve_every = \"30s\"\nretries = 2\nmax_connections = 8",
+    );
+    let c = load(&ok, &[]).unwrap();
+    let u = &c.upstreams[0];
+    assert_eq!(u.addresses.len(), 2);
+    assert_eq!(u.host.as_deref(), Some("api.vendor.example"));
+    assert_eq!(u.set_headers[0].1.expose(), "sk-unit-4b3a2c1d");
+    assert_eq!(u.balance, Balance::LeastConn);
+    let hc = u.health_check.as_ref().unwrap();
+    assert_eq!(
+        (hc.path.as_str(), hc.interval),
+        ("/health", Duration::from_secs(2))
+    );
+    assert_eq!(
+        (hc.timeout, hc.unhealthy_after, hc.healthy_after),
+        (Duration::from_secs(1), 3, 2)
+    );
+    assert_eq!((u.retries, u.max_connections), (2, Some(8)));
+    assert!(
+        !format!("{c:?}").contains("sk-unit-4b3a2c1d"),
+        "a set_headers value is never printed"
+    );
+
+    let bad = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "url = \"http://127.0.0.1:3000\"\nset_headers = { \"x-key\" = \"${AISLE_TEST_UPSTREAM_SECRET}\\nevil\" }\n\
+         balance = \"fastest\"\nca_file = \"missing.pem\"\nclient_key = \"k.pem\"",
+    );
+    let e = load(&bad, &[]).unwrap_err();
+    let text: Vec<String> = e.iter().map(|d| d.to_string()).collect();
+    let all = text.join("\n");
+    assert!(
+        !all.contains("sk-unit-4b3a2c1d"),
+        "diagnostics never quote a secret: {all}"
+    );
+    for expected in [
+        "set_headers.x-key",
+        "\"fastest\" is not a balance",
+        "ca_file applies to https upstreams only",
+        "client_cert and client_key go together",
+    ] {
+        assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+    }
+
+    let https = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "url = \"https://vendor.example\"\nca_file = \"missing.pem\"",
+    );
+    let e = load(&https, &[]).unwrap_err();
+    assert!(
+        e[0].message.contains("cannot read") && e[0].message.contains("missing.pem"),
+        "{}",
+        e[0]
+    );
+    let both = SPEC.replace(
+        "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
+        "url = \"http://a:1\"\nurls = [\"http://b:1\"]",
+    );
+    assert!(load(&both, &[]).unwrap_err()[0]
+        .message
+        .contains("both url and urls"));
 }

@@ -49,6 +49,12 @@ pub struct UpstreamCtx {
     /// A `304` that revalidated the stored answer: its fields update the stored ones
     /// (RFC 9111 §4.3.4) when `response_cache_filter` sees pingora's partial merge.
     pub not_modified: Option<Box<pingora::http::ResponseHeader>>,
+    /// The address this attempt goes to (its in-flight count is held while this lives).
+    pub picked: Option<super::upstream::Picked>,
+    /// Addresses whose connection failed for this request (a retry picks another).
+    pub tried: Vec<std::net::SocketAddr>,
+    /// Why no address could be picked, when none could.
+    pub no_address: Option<super::upstream::NoAddress>,
 }
 
 /// Per-request state shared by the phases.

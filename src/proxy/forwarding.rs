@@ -13,7 +13,13 @@
 //!   proxy's.
 //!
 //! `Aisle-*` control headers are for the gateway alone and never go upstream, from anyone.
+//!
+//! Then the upstream's own settings ([`for_upstream`]): `remove_headers` are dropped,
+//! `set_headers` (a vendor's credential, say) replace whatever the client sent, and `Host`
+//! becomes the upstream's (`host`, or the address's own for https, where a vendor's virtual
+//! host and certificate expect it).
 
+use crate::config::Upstream;
 use crate::trust::{self, Peer};
 use http::header::HeaderValue;
 use pingora::http::RequestHeader;
@@ -70,6 +76,27 @@ pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
         None => element,
     };
     set(req, "forwarded", value.as_bytes());
+}
+
+/// Applies the upstream's `remove_headers`, `set_headers` and `Host` (`host`: `None` keeps the
+/// client's).
+pub fn for_upstream(req: &mut RequestHeader, upstream: &Upstream, host: Option<&str>) {
+    for name in &upstream.remove_headers {
+        req.remove_header(name);
+    }
+    for (name, value) in &upstream.set_headers {
+        // Checked at load: a valid header value.
+        if let Ok(mut v) = HeaderValue::from_str(value.expose()) {
+            // A credential: `Debug` (pingora's debug log of the upstream request) hides it.
+            v.set_sensitive(true);
+            let _ = req.insert_header(name.clone(), v);
+        }
+    }
+    if let Some(host) = host {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            let _ = req.insert_header(http::header::HOST, v);
+        }
+    }
 }
 
 /// One RFC 7239 element for this hop: `for=192.0.2.7;host=example.com;proto=http`.

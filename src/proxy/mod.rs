@@ -11,8 +11,9 @@
 //! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
 //! | `cache_hit_filter`       | purge epochs, then the request's own directives       | [`crate::storage::epochs`], [`crate::policy`] |
 //! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream | |
-//! | `upstream_peer`          | the rule's upstream                                   | [`upstream`] |
-//! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream    | [`forwarding`], [`crate::trust`] |
+//! | `upstream_peer`          | an address of the rule's upstream (balance, health, `max_connections`) | [`upstream`] |
+//! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream; the upstream's `host`, `set_headers`, `remove_headers` | [`forwarding`], [`crate::trust`] |
+//! | `fail_to_connect`        | mark the upstream unreachable; retry on another address | [`upstream`] |
 //! | `upstream_response_filter` | origin tags; upstream metrics                      | [`crate::policy`] |
 //! | `response_cache_filter`  | RFC 9111 storability; attach the entry's facts        | [`crate::policy::cacheability`] |
 //! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::variance`] |
@@ -31,6 +32,7 @@ mod invalidate;
 mod upstream;
 
 pub use ctx::Ctx;
+pub use upstream::Background as UpstreamHealth;
 
 use crate::admission::{self, Admission};
 use crate::config::{Config, Upstream};
@@ -536,7 +538,18 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         ctx.upstream.start = Some(Instant::now());
-        let mut peer = ctx.live.peers.http_peer(ctx.rule().upstream);
+        let index = ctx.rule().upstream;
+        ctx.upstream.picked = None;
+        let key = upstream::balance_key(session);
+        let picked = match ctx.live.peers.pick(index, &key, &ctx.upstream.tried) {
+            Ok(picked) => picked,
+            Err(why) => {
+                ctx.upstream.no_address = Some(why);
+                return Err(upstream::no_address_error(ctx.live.peers.name(index), why));
+            }
+        };
+        let mut peer = ctx.live.peers.http_peer(index, &picked);
+        ctx.upstream.picked = Some(picked);
         if let Some(after) = self.stale_after(session, ctx) {
             if session.cache.enabled() && session.cache.can_serve_stale_error() {
                 // A stale entry stands by: give the origin `stale_after` to answer; past it the
@@ -565,18 +578,24 @@ impl ProxyHttp for Gateway {
             host: host.or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes())),
         };
         forwarding::rewrite(upstream_request, &seen);
+        let (peers, index) = (&ctx.live.peers, ctx.rule().upstream);
+        let host = peers.host_header(index, ctx.upstream.picked.as_ref());
+        forwarding::for_upstream(upstream_request, peers.upstream(index), host);
         Ok(())
     }
 
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
-        e: Box<Error>,
+        mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(route) = &ctx.route {
-            ctx.live.peers.set_unreachable(route.rule.upstream, true);
+            let retry = upstream::failed_connect(session, ctx, route.rule.upstream);
+            if retry {
+                e.set_retry(true);
+            }
         }
         e
     }
@@ -604,9 +623,12 @@ impl ProxyHttp for Gateway {
             policy::strip_tag_headers(resp);
         }
         let seconds = ctx.upstream.start.map(|s| s.elapsed().as_secs_f64());
-        ctx.live
-            .peers
-            .observe(ctx.rule().upstream, resp.status.as_str(), seconds);
+        ctx.live.peers.observe(
+            ctx.rule().upstream,
+            ctx.upstream.picked.as_ref(),
+            resp.status.as_str(),
+            seconds,
+        );
         Ok(())
     }
 
@@ -773,6 +795,18 @@ impl ProxyHttp for Gateway {
                 };
             }
         }
+        // No address to send to, or a refused TLS handshake: say which.
+        if let Some((code, body, status)) = upstream::failure_answer(ctx, e) {
+            if control::respond_json(session, code, body, &status)
+                .await
+                .is_ok()
+            {
+                return FailToProxy {
+                    error_code: code,
+                    can_reuse_downstream: false,
+                };
+            }
+        }
         // pingora's own answer otherwise.
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
@@ -865,7 +899,8 @@ impl ProxyHttp for Gateway {
             rule.metrics.saved(money, tokens);
         }
         if ctx.upstream.start.is_some() && ctx.upstream.status.is_none() {
-            ctx.live.peers.observe(rule.upstream, "error", None);
+            let picked = ctx.upstream.picked.as_ref();
+            ctx.live.peers.observe(rule.upstream, picked, "error", None);
         }
         // Every request answered from another's fill, whether it waited on the cache lock or
         // joined the fill while it streamed (counting only lock waiters missed the latter).

@@ -42,4 +42,5 @@ mod shutdown;
 mod stale;
 mod structure;
 mod upgrade;
+mod upstreams;
 mod webhooks;
