@@ -12,11 +12,15 @@
 //! ([`host_path`], [`normalize_prefix`]). The gateway forwards the same normalized host and path
 //! upstream, so the origin answers for exactly what the key names.
 //!
+//! A rule with `authorization = "isolate"` adds the request's credential as a keyed hash
+//! ([`crate::rules::CredentialKey`], from `[cache] key_secret`): callers share an entry only
+//! when they present the same credential, and no key holds the credential itself.
+//!
 //! The primary bytes are hashed once here (BLAKE3) and handed to pingora as an override, so later
 //! phases reuse the hash instead of rehashing the key.
 
 use crate::rules::source::{canonical, remove_pointer, RequestView};
-use crate::rules::Rule;
+use crate::rules::{Authorization, Rule};
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
 use std::borrow::Cow;
@@ -66,6 +70,17 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
             push(&mut out, ns.as_bytes());
         }
         None => out.push(0),
+    }
+    if let Authorization::Isolate { header, key } = &rule.authorization {
+        // `authorization = "isolate"`: the credential's keyed hash, never the credential (a
+        // key is logged at debug level, shown in `Cache-Status` and stored in Redis).
+        match input.view.headers.get(header) {
+            Some(credential) => {
+                out.push(1);
+                push(&mut out, &key.digest(credential.as_bytes()));
+            }
+            None => out.push(0),
+        }
     }
     if let Some(ignore) = &rule.body_key {
         match input.view.body {
@@ -372,6 +387,8 @@ mod tests {
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         compile(
             &[(

@@ -345,6 +345,20 @@ fn serve(config: Config, upgrade: bool) -> ExitCode {
              AISLE_ADMIN_TOKEN): /admin/* answers 401 and PURGE only works from [admin] purge_allow"
         );
     }
+    let isolating = config
+        .rules
+        .rules()
+        .iter()
+        .find(|r| matches!(r.authorization, aisle::rules::Authorization::Isolate { .. }));
+    if let (None, Some(rule)) = (&config.cache.key_secret, isolating) {
+        eprintln!(
+            "aisle: warning: no [cache] key_secret: rule {:?} ({}) and any other with \
+             authorization = \"isolate\" hash API keys with a random secret made for this process, \
+             so isolated entries are not shared with other instances nor found after a restart; \
+             set key_secret = \"${{AISLE_KEY_SECRET}}\", the same on every instance",
+            rule.name, rule.origin
+        );
+    }
     if upgrade {
         eprintln!(
             "aisle: upgrade: waiting for the running gateway's sockets on {}; send it SIGQUIT now",

@@ -331,7 +331,10 @@ pub fn cacheability(
     {
         return Uncacheable(NoCacheReason::OriginNotCache);
     }
+    // `authorization = "isolate"` / `"share"`: the credential is in the key, or the upstream's
+    // own; §3.5 is for caches that cannot tell callers apart.
     if authorization_present
+        && !rule.authorization.handles_authorization()
         && !cc
             .as_ref()
             .is_some_and(|cc| cc.allow_caching_authorized_req())
@@ -638,6 +641,8 @@ mod tests {
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{extra}\n");
         compile(&[(Path::new("r.toml"), &text)], &ctx)

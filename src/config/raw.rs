@@ -72,6 +72,7 @@ pub(super) struct RawCache {
     pub(super) lock_timeout: Option<Spanned<String>>,
     pub(super) max_ttl: Option<Spanned<String>>,
     pub(super) heuristic_max: Option<Spanned<String>>,
+    pub(super) key_secret: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -130,4 +131,8 @@ pub(super) struct RawUpstream {
     pub(super) connect_timeout: Option<Spanned<String>>,
     pub(super) read_timeout: Option<Spanned<String>>,
     pub(super) stale_after: Option<Spanned<String>>,
+    /// Headers added to every upstream request (the upstream's own credential). Parsed here so
+    /// `authorization = "share"` can require it.
+    #[serde(default)]
+    pub(super) set_headers: BTreeMap<String, String>,
 }

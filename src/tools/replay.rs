@@ -769,6 +769,8 @@ cache = false
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         compile(&[(Path::new("r.toml"), RULES)], &ctx).unwrap()
     }
