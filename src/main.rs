@@ -138,6 +138,7 @@ fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
 
 fn init_logging() {
     use std::io::IsTerminal;
+    use tracing_subscriber::filter::FilterExt;
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("AISLE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
@@ -154,11 +155,21 @@ fn init_logging() {
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(filter);
+        .with_filter(filter.and(no_pingora_debug()));
     let access = AccessLog.with_filter(tracing_subscriber::filter::filter_fn(|m| {
         m.target() == aisle::proxy::access::TARGET
     }));
     tracing_subscriber::registry().with(fmt).with(access).init();
+}
+
+/// Pingora's own debug and trace output prints whole request heads (`Authorization`, API keys,
+/// cookies) and bodies: it never reaches the log, whatever `AISLE_LOG` says. Aisle's own debug
+/// lines name a request by its rule, path and key hash.
+fn no_pingora_debug(
+) -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(|m| {
+        !(m.target().starts_with("pingora") && *m.level() > tracing::Level::INFO)
+    })
 }
 
 /// Writes access lines to stderr exactly as formatted (logfmt or JSON, time included), with no
