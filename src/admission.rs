@@ -554,6 +554,69 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
         assert_eq!(Bypass::BadEncoding.detail(), Some("bad-encoding"));
     }
 
+    /// Issue 13: under `authorization = "isolate"` a request's `Authorization` no longer rules
+    /// the cache out (it is in the key); two of them bypass; an isolated `x-api-key` leaves
+    /// `Authorization` to RFC 9111 §3.5.
+    #[test]
+    fn isolated_credentials_are_admitted() {
+        let set = compile(
+            &[(
+                Path::new("r.toml"),
+                r#"
+[[rule]]
+name = "chat"
+match = { method = "POST", path = "/chat" }
+vary = ["body./q"]
+authorization = "isolate"
+[[rule]]
+name = "messages"
+match = { method = "POST", path = "/messages" }
+vary = ["body./q"]
+authorization = "isolate"
+credential_header = "x-api-key"
+"#,
+            )],
+            &Context {
+                upstreams: &["api".to_string()],
+                default_upstream: Some(0),
+                encryption: false,
+                upstream_credentials: &[],
+                key_secret: None,
+            },
+        )
+        .unwrap();
+        let check = |path: &str, h: &[(&str, &str)]| {
+            let headers = headers(h);
+            let m = set.find(&Method::POST, "h", path).unwrap();
+            let view = RequestView {
+                path,
+                query: None,
+                headers: &headers,
+                params: &m.params,
+                body: None,
+            };
+            admit(m.rule, &Method::POST, &headers, Ok(()), Client::Untrusted)
+                .unless_unkeyable(m.rule, &view)
+        };
+        let Admission::Cache(terms) = check("/chat", &[("authorization", "Bearer a")]) else {
+            panic!("an isolated credential is cached");
+        };
+        assert!(!terms.directives.authorization);
+        assert_eq!(
+            check(
+                "/chat",
+                &[("authorization", "Bearer a"), ("authorization", "Bearer b")]
+            ),
+            Admission::Bypass(Bypass::RepeatedParam)
+        );
+        let Admission::Cache(terms) =
+            check("/messages", &[("x-api-key", "a"), ("authorization", "b")])
+        else {
+            panic!("cached");
+        };
+        assert!(terms.directives.authorization, "left to RFC 9111 §3.5");
+    }
+
     #[test]
     fn a_json_body_needs_its_content_type_and_length() {
         let set = rules();

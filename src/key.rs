@@ -449,6 +449,74 @@ match = { path = "/items/:id" }
         primary(m.rule, &input)
     }
 
+    /// Issue 13: an isolating rule keys on a keyed hash of the credential: the same credential
+    /// shares, another does not, the key bytes never contain it, and another secret gives other
+    /// keys. A rule without `authorization` keys as before, whatever the credential.
+    #[test]
+    fn isolated_credentials_are_keyed_by_their_keyed_hash() {
+        use crate::rules::CredentialKey;
+        let text = r#"
+[[rule]]
+name = "chat"
+match = { method = "POST", path = "/chat" }
+authorization = "isolate"
+[[rule]]
+name = "messages"
+match = { method = "POST", path = "/messages" }
+authorization = "isolate"
+credential_header = "x-api-key"
+[[rule]]
+name = "plain"
+match = { path = "/plain" }
+"#;
+        let set = |secret: &str| {
+            let key = CredentialKey::from_secret(secret.as_bytes());
+            compile(
+                &[(Path::new("r.toml"), text)],
+                &Context {
+                    upstreams: &["api".to_string()],
+                    default_upstream: Some(0),
+                    encryption: false,
+                    upstream_credentials: &[],
+                    key_secret: Some(&key),
+                },
+            )
+            .unwrap()
+        };
+        let s = set("one secret of sixteen");
+        let chat = |auth: &str| key(&s, "POST", "h", "/chat", &[("authorization", auth)]);
+        let alice = chat("Bearer sk-alice-0123456789");
+        assert_eq!(alice, chat("Bearer sk-alice-0123456789"));
+        assert_ne!(alice, chat("Bearer sk-bob-0123456789"));
+        assert_ne!(alice, key(&s, "POST", "h", "/chat", &[]));
+        let raw = b"sk-alice-0123456789";
+        assert!(
+            !alice.windows(raw.len()).any(|w| w == raw),
+            "no raw credential"
+        );
+        let other = set("another secret, sixteen");
+        assert_ne!(
+            alice,
+            key(
+                &other,
+                "POST",
+                "h",
+                "/chat",
+                &[("authorization", "Bearer sk-alice-0123456789")]
+            ),
+            "the hash is keyed by the gateway's secret"
+        );
+        // credential_header: x-api-key isolates, Authorization does not enter the key.
+        let msg = |h: &[(&str, &str)]| key(&s, "POST", "h", "/messages", h);
+        assert_ne!(msg(&[("x-api-key", "a")]), msg(&[("x-api-key", "b")]));
+        assert_eq!(
+            msg(&[("x-api-key", "a"), ("authorization", "x")]),
+            msg(&[("x-api-key", "a"), ("authorization", "y")])
+        );
+        let plain = |auth: &str| key(&s, "GET", "h", "/plain", &[("authorization", auth)]);
+        assert_eq!(plain("a"), plain("b"));
+    }
+
     #[test]
     fn unkeyed_query_parameters_are_ignored() {
         let s = rules();

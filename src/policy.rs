@@ -1187,6 +1187,41 @@ mod tests {
         );
     }
 
+    /// Issue 13: `authorization = "isolate"` (the credential is in the key) and `"share"` store
+    /// an answer to a request with `Authorization`; `private` and `no-store` still win, and an
+    /// isolated `x-api-key` leaves `Authorization` to RFC 9111 §3.5.
+    #[test]
+    fn authorization_modes() {
+        let cc = [("cache-control", "max-age=60")];
+        for mode in ["authorization = \"isolate\"", "authorization = \"share\""] {
+            let text = if mode.contains("share") {
+                // A share rule needs an upstream that sets its own credential.
+                let ctx = Context {
+                    upstreams: &["api".to_string()],
+                    default_upstream: Some(0),
+                    encryption: false,
+                    upstream_credentials: &[true],
+                    key_secret: None,
+                };
+                let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{mode}\n");
+                let set = compile(&[(Path::new("r.toml"), &text)], &ctx).unwrap();
+                set.rules()[0].clone()
+            } else {
+                rule(mode)
+            };
+            assert!(stored(&text, &resp(200, &cc), true).is_some(), "{mode}");
+            for refused in ["private, max-age=60", "no-store"] {
+                assert!(
+                    stored(&text, &resp(200, &[("cache-control", refused)]), true).is_none(),
+                    "{mode}: {refused}"
+                );
+            }
+        }
+        let api_key = rule("authorization = \"isolate\"\ncredential_header = \"x-api-key\"");
+        assert!(stored(&api_key, &resp(200, &cc), true).is_none());
+        assert!(stored(&api_key, &resp(200, &cc), false).is_some());
+    }
+
     #[test]
     fn vary() {
         let r = rule("");

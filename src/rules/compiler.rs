@@ -977,6 +977,72 @@ match = { path = "/other" }
         assert!(err[0].message.contains("no upstream"));
     }
 
+    /// Issue 13: `authorization` and `credential_header` are checked with positions; `share`
+    /// needs an upstream that sets its own credential; the mode is part of the generation.
+    #[test]
+    fn authorization_settings() {
+        let base = "[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\n";
+        let set = compile_one(&format!(
+            "{base}authorization = \"isolate\"\ncredential_header = \"X-Api-Key\"\n"
+        ))
+        .unwrap();
+        match &set.rules()[0].authorization {
+            Authorization::Isolate { header, .. } => assert_eq!(header.as_str(), "x-api-key"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            compile_one(base).unwrap().rules()[0].authorization,
+            Authorization::Rfc
+        ));
+        let e = errors(&format!("{base}authorization = \"share\"\n"));
+        assert!(
+            e[0].starts_with("rules/a.toml:4:17: authorization = \"share\""),
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("[upstreams.api]") && e[0].contains("set_headers"),
+            "{e:?}"
+        );
+        let shared = compile(
+            &[(
+                Path::new("rules/a.toml"),
+                &format!("{base}authorization = \"share\"\n"),
+            )],
+            &Context {
+                upstream_credentials: &[true],
+                ..ctx()
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            shared.rules()[0].authorization,
+            Authorization::Share
+        ));
+        let e = errors(&format!("{base}authorization = \"nope\"\n"));
+        assert!(
+            e[0].starts_with("rules/a.toml:4:17: authorization \"nope\" is not known"),
+            "{e:?}"
+        );
+        let e = errors(&format!("{base}credential_header = \"x-api-key\"\n"));
+        assert!(
+            e[0].starts_with("rules/a.toml:4:21: credential_header"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{base}authorization = \"isolate\"\ncredential_header = \"x api\"\n"
+        ));
+        assert!(e[0].contains("is not a header name"), "{e:?}");
+        let generation =
+            |extra: &str| compile_one(&format!("{base}{extra}")).unwrap().rules()[0].generation;
+        let g = generation("");
+        assert_ne!(g, generation("authorization = \"isolate\"\n"));
+        assert_ne!(
+            generation("authorization = \"isolate\"\n"),
+            generation("authorization = \"isolate\"\ncredential_header = \"x-api-key\"\n")
+        );
+        assert_eq!(g, generation("authorization = \"rfc\"\n"));
+    }
+
     /// Issue 12: a rule's generation changes with what decides its keys and entries (so a
     /// reload does not serve old entries under a new definition), not with where it is
     /// written or what it costs (so an unchanged rule keeps hitting).

@@ -29,7 +29,8 @@
 //! `max-age` the entry exceeds are misses that store again (unless the rule says
 //! `client_revalidation = "ignore"`), `only-if-cached` never stores, and a request with
 //! `Authorization` is a miss that does not store (whether the origin's answer allows sharing is
-//! unknown). There is no origin, so a rule without `ttl` (whose freshness would come from the
+//! unknown), unless its rule says `authorization = "isolate"` (keyed per credential, as the
+//! gateway keys it: an entry is shared among requests with the same credential) or `"share"`. There is no origin, so a rule without `ttl` (whose freshness would come from the
 //! origin) uses `--default-ttl`, and the output says so.
 //!
 //! The replay runs twice, with the rules as configured and with every normalizer removed
@@ -297,7 +298,8 @@ pub enum Decision {
         /// Request directives: never use a stored entry older than this (ms); -1 (`no-cache`):
         /// never use one.
         max_age_ms: Option<i64>,
-        /// Store the answer (false for requests with `Authorization`: the origin would decide,
+        /// Store the answer (false for requests with `Authorization` on an RFC rule: the origin
+        /// would decide,
         /// and for `only-if-cached`, which the gateway answers 504 without asking the origin).
         store: bool,
         /// Whether a stored entry may answer (false with `Authorization`, as above).
@@ -990,6 +992,55 @@ cache = false
         let table = render(&report, &SETTINGS);
         assert!(table.contains("--default-ttl 5m was used"), "{table}");
         assert!(table.contains("total (cacheable)"), "{table}");
+    }
+
+    /// Issue 13: a trace's `Authorization` on an `authorization = "isolate"` rule is shared
+    /// per credential, as the gateway shares it; on an RFC rule it never hits.
+    #[test]
+    fn isolated_credentials_share_per_credential() {
+        let text = RULES.replace(
+            "body_key = { all = true, ignore = [\"/user\"] }",
+            "body_key = { all = true, ignore = [\"/user\"] }\nauthorization = \"isolate\"",
+        );
+        let set = compile(
+            &[(Path::new("r.toml"), &text)],
+            &Context {
+                upstreams: &["api".to_string()],
+                default_upstream: Some(0),
+                encryption: false,
+                upstream_credentials: &[],
+                key_secret: None,
+            },
+        )
+        .unwrap();
+        let line = |t: u32, auth: &str| {
+            format!(
+                r#"{{"timestamp": {t}, "method": "POST", "path": "/chat", "headers": {{"content-type": "application/json", "authorization": "{auth}"}}, "body": {{"m": "x"}}}}"#
+            )
+        };
+        let lines = [
+            line(1, "Bearer a"),
+            line(2, "Bearer a"),
+            line(3, "Bearer b"),
+            line(4, "Bearer b"),
+            line(5, "Bearer a"),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let chat = |set: &RuleSet| {
+            let report = replay(set, &trace(&lines), &SETTINGS);
+            let s = stats(&report, "chat");
+            (s.requests, s.hits, s.keys)
+        };
+        assert_eq!(
+            chat(&set),
+            (5, 3, 2),
+            "a misses, a hits, b misses, b hits, a hits"
+        );
+        assert_eq!(
+            chat(&rules()),
+            (5, 0, 0),
+            "RFC 9111: nothing stored or used"
+        );
     }
 
     #[test]

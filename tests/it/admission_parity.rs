@@ -113,7 +113,10 @@ async fn replay_and_gateway_admit_and_key_every_request_alike() {
         .replace("127.0.0.1:9090", "{admin}")
         .replace("http://127.0.0.1:3000", &origin.url())
         // Both sides hash API keys with one secret (unset, each process would make its own).
-        .replace("${AISLE_KEY_SECRET:-}", "admission-parity-secret-0123456789");
+        .replace(
+            "${AISLE_KEY_SECRET:-}",
+            "admission-parity-secret-0123456789",
+        );
     let mut rules = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(root.join("rules"))
         .unwrap()
