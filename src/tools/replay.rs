@@ -257,6 +257,9 @@ pub struct RuleStats {
     pub keys_raw: u64,
     /// `cost.per_request` of the rule, if it has one.
     pub per_request: Option<f64>,
+    /// Requests with `Authorization` that RFC 9111 §3.5 kept from the cache (the rule says
+    /// `authorization = "rfc"`): neither answered from nor stored in it.
+    pub authorized: u64,
 }
 
 /// What a replay found.
@@ -430,6 +433,8 @@ struct Counts {
     hits: u64,
     /// Distinct keys stored.
     keys: u64,
+    /// Requests whose `Authorization` kept them from the cache.
+    authorized: u64,
 }
 
 /// Counts per rule for one rule set, indexed like `rules.rules()`, and the bypass reasons.
@@ -456,6 +461,9 @@ fn simulate(
                 let now = req.at_ms;
                 let stats = &mut per_rule[rule];
                 stats.requests += 1;
+                if !use_stored {
+                    stats.authorized += 1;
+                }
                 let usable = cache.get(&key).is_some_and(|&(stored, expires)| {
                     now < expires && max_age_ms.is_none_or(|max| now - stored <= max)
                 });
@@ -497,6 +505,7 @@ pub fn replay(rules: &RuleSet, trace: &[TraceRequest], settings: &Settings) -> R
             keys: n.keys,
             keys_raw: r.keys,
             per_request: rule.cost.as_ref().map(|c| c.per_request),
+            authorized: n.authorized,
         })
         .collect();
     let span_ms =
@@ -622,6 +631,13 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         for (reason, n) in &report.bypassed {
             let _ = writeln!(out, "  {n:>8}  {reason}");
         }
+    }
+    for r in report.rules.iter().filter(|r| r.authorized > 0) {
+        let _ = writeln!(
+            out,
+            "{}: {} requests carried Authorization, which RFC 9111 keeps from a shared cache; authorization = \"isolate\" in the rule would share their answers per credential",
+            r.name, r.authorized
+        );
     }
     for r in &report.rules {
         if let Some(per_request) = r.per_request.filter(|p| *p > 0.0) {
@@ -1041,6 +1057,14 @@ cache = false
             (5, 0, 0),
             "RFC 9111: nothing stored or used"
         );
+        let report = replay(&rules(), &trace(&lines), &SETTINGS);
+        assert_eq!(stats(&report, "chat").authorized, 5);
+        assert!(
+            render(&report, &SETTINGS).contains("chat: 5 requests carried Authorization"),
+            "the report says why chat never hits"
+        );
+        let report = replay(&set, &trace(&lines), &SETTINGS);
+        assert_eq!(stats(&report, "chat").authorized, 0);
     }
 
     #[test]
