@@ -141,7 +141,7 @@ impl Bypass {
                 format!("rule {rule:?}: body of unknown length (chunked)")
             }
             Bypass::RepeatedParam => {
-                format!("rule {rule:?}: a keyed query parameter or cookie is repeated")
+                format!("rule {rule:?}: a keyed query parameter, cookie or credential is repeated")
             }
             Bypass::BadEncoding => {
                 format!("rule {rule:?}: a keyed value is not UTF-8 once decoded")
