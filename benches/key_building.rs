@@ -40,6 +40,8 @@ fn bench(c: &mut Criterion) {
         upstreams: &ups,
         default_upstream: Some(0),
         encryption: false,
+        upstream_credentials: &[],
+        key_secret: None,
     };
     let set = compile(&[(Path::new("bench.toml"), RULES)], &ctx).expect("bench rules compile");
     let headers = http::HeaderMap::new();

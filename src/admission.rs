@@ -28,7 +28,7 @@ use crate::policy::RequestDirectives;
 use crate::rules::json::{self, UnkeyableBody};
 use crate::rules::path::PathParams;
 use crate::rules::source::{RequestView, Unkeyable};
-use crate::rules::{ClientRevalidation, Rule, RuleSet};
+use crate::rules::{Authorization, ClientRevalidation, Rule, RuleSet};
 use crate::trust::Client;
 use http::{HeaderMap, Method};
 use pingora::cache::CacheKey;
@@ -94,8 +94,8 @@ pub enum Bypass {
     BodyTooLarge,
     /// A body-keyed rule, and the body's length is not known before reading it (chunked).
     BodyLengthUnknown,
-    /// A keyed query parameter or cookie is given more than once: origins differ on which one
-    /// counts, so no key can be right for all of them.
+    /// A keyed query parameter or cookie (or an isolated credential header) is given more than
+    /// once: origins differ on which one counts, so no key can be right for all of them.
     RepeatedParam,
     /// A keyed value (or the request target) is not UTF-8 once percent-decoded: decoding it
     /// lossily would give different requests one key.
@@ -141,7 +141,7 @@ impl Bypass {
                 format!("rule {rule:?}: body of unknown length (chunked)")
             }
             Bypass::RepeatedParam => {
-                format!("rule {rule:?}: a keyed query parameter or cookie is repeated")
+                format!("rule {rule:?}: a keyed query parameter, cookie or credential is repeated")
             }
             Bypass::BadEncoding => {
                 format!("rule {rule:?}: a keyed value is not UTF-8 once decoded")
@@ -267,6 +267,11 @@ pub fn admit(
     if directives.no_store {
         return Admission::Bypass(Bypass::NoStore);
     }
+    if rule.authorization.handles_authorization() {
+        // `authorization = "isolate"` (the credential is in the key) or `"share"` (the upstream
+        // sets its own): RFC 9111 §3.5 no longer keeps the answer from this cache.
+        directives.authorization = false;
+    }
     if rule.client_revalidation == ClientRevalidation::Ignore {
         // A shared entry is not refetched because one client asked (as CDNs do).
         directives.no_cache = false;
@@ -305,6 +310,12 @@ pub fn keyable(rule: &Rule, view: &RequestView<'_>) -> Result<(), Bypass> {
     let lossy = |s: &str| s.contains(char::REPLACEMENT_CHARACTER);
     if lossy(view.path) || view.query.is_some_and(lossy) {
         return Err(Bypass::BadEncoding);
+    }
+    if let Authorization::Isolate { header, .. } = &rule.authorization {
+        // Two credentials: which one the origin checks is its choice, so no key is right.
+        if view.headers.get_all(header).iter().nth(1).is_some() {
+            return Err(Bypass::RepeatedParam);
+        }
     }
     for field in &rule.vary {
         if let Err(e) = field.source.keyed(view) {
@@ -371,6 +382,8 @@ mod tests {
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         compile(
             &[(
@@ -476,6 +489,8 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
                 upstreams: &["api".to_string()],
                 default_upstream: Some(0),
                 encryption: false,
+                upstream_credentials: &[],
+                key_secret: None,
             },
         )
         .unwrap();
@@ -537,6 +552,69 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
         );
         assert_eq!(Bypass::RepeatedParam.detail(), Some("repeated-param"));
         assert_eq!(Bypass::BadEncoding.detail(), Some("bad-encoding"));
+    }
+
+    /// Issue 13: under `authorization = "isolate"` a request's `Authorization` no longer rules
+    /// the cache out (it is in the key); two of them bypass; an isolated `x-api-key` leaves
+    /// `Authorization` to RFC 9111 §3.5.
+    #[test]
+    fn isolated_credentials_are_admitted() {
+        let set = compile(
+            &[(
+                Path::new("r.toml"),
+                r#"
+[[rule]]
+name = "chat"
+match = { method = "POST", path = "/chat" }
+vary = ["body./q"]
+authorization = "isolate"
+[[rule]]
+name = "messages"
+match = { method = "POST", path = "/messages" }
+vary = ["body./q"]
+authorization = "isolate"
+credential_header = "x-api-key"
+"#,
+            )],
+            &Context {
+                upstreams: &["api".to_string()],
+                default_upstream: Some(0),
+                encryption: false,
+                upstream_credentials: &[],
+                key_secret: None,
+            },
+        )
+        .unwrap();
+        let check = |path: &str, h: &[(&str, &str)]| {
+            let headers = headers(h);
+            let m = set.find(&Method::POST, "h", path).unwrap();
+            let view = RequestView {
+                path,
+                query: None,
+                headers: &headers,
+                params: &m.params,
+                body: None,
+            };
+            admit(m.rule, &Method::POST, &headers, Ok(()), Client::Untrusted)
+                .unless_unkeyable(m.rule, &view)
+        };
+        let Admission::Cache(terms) = check("/chat", &[("authorization", "Bearer a")]) else {
+            panic!("an isolated credential is cached");
+        };
+        assert!(!terms.directives.authorization);
+        assert_eq!(
+            check(
+                "/chat",
+                &[("authorization", "Bearer a"), ("authorization", "Bearer b")]
+            ),
+            Admission::Bypass(Bypass::RepeatedParam)
+        );
+        let Admission::Cache(terms) =
+            check("/messages", &[("x-api-key", "a"), ("authorization", "b")])
+        else {
+            panic!("cached");
+        };
+        assert!(terms.directives.authorization, "left to RFC 9111 §3.5");
     }
 
     #[test]

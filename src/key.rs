@@ -12,11 +12,15 @@
 //! ([`host_path`], [`normalize_prefix`]). The gateway forwards the same normalized host and path
 //! upstream, so the origin answers for exactly what the key names.
 //!
+//! A rule with `authorization = "isolate"` adds the request's credential as a keyed hash
+//! ([`crate::rules::CredentialKey`], from `[cache] key_secret`): callers share an entry only
+//! when they present the same credential, and no key holds the credential itself.
+//!
 //! The primary bytes are hashed once here (BLAKE3) and handed to pingora as an override, so later
 //! phases reuse the hash instead of rehashing the key.
 
 use crate::rules::source::{canonical, remove_pointer, RequestView};
-use crate::rules::Rule;
+use crate::rules::{Authorization, Rule};
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
 use std::borrow::Cow;
@@ -66,6 +70,17 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
             push(&mut out, ns.as_bytes());
         }
         None => out.push(0),
+    }
+    if let Authorization::Isolate { header, key } = &rule.authorization {
+        // `authorization = "isolate"`: the credential's keyed hash, never the credential (a
+        // key is logged at debug level, shown in `Cache-Status` and stored in Redis).
+        match input.view.headers.get(header) {
+            Some(credential) => {
+                out.push(1);
+                push(&mut out, &key.digest(credential.as_bytes()));
+            }
+            None => out.push(0),
+        }
     }
     if let Some(ignore) = &rule.body_key {
         match input.view.body {
@@ -372,6 +387,8 @@ mod tests {
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         compile(
             &[(
@@ -430,6 +447,74 @@ match = { path = "/items/:id" }
             namespace: None,
         };
         primary(m.rule, &input)
+    }
+
+    /// Issue 13: an isolating rule keys on a keyed hash of the credential: the same credential
+    /// shares, another does not, the key bytes never contain it, and another secret gives other
+    /// keys. A rule without `authorization` keys as before, whatever the credential.
+    #[test]
+    fn isolated_credentials_are_keyed_by_their_keyed_hash() {
+        use crate::rules::CredentialKey;
+        let text = r#"
+[[rule]]
+name = "chat"
+match = { method = "POST", path = "/chat" }
+authorization = "isolate"
+[[rule]]
+name = "messages"
+match = { method = "POST", path = "/messages" }
+authorization = "isolate"
+credential_header = "x-api-key"
+[[rule]]
+name = "plain"
+match = { path = "/plain" }
+"#;
+        let set = |secret: &str| {
+            let key = CredentialKey::from_secret(secret.as_bytes());
+            compile(
+                &[(Path::new("r.toml"), text)],
+                &Context {
+                    upstreams: &["api".to_string()],
+                    default_upstream: Some(0),
+                    encryption: false,
+                    upstream_credentials: &[],
+                    key_secret: Some(&key),
+                },
+            )
+            .unwrap()
+        };
+        let s = set("one secret of sixteen");
+        let chat = |auth: &str| key(&s, "POST", "h", "/chat", &[("authorization", auth)]);
+        let alice = chat("Bearer sk-alice-0123456789");
+        assert_eq!(alice, chat("Bearer sk-alice-0123456789"));
+        assert_ne!(alice, chat("Bearer sk-bob-0123456789"));
+        assert_ne!(alice, key(&s, "POST", "h", "/chat", &[]));
+        let raw = b"sk-alice-0123456789";
+        assert!(
+            !alice.windows(raw.len()).any(|w| w == raw),
+            "no raw credential"
+        );
+        let other = set("another secret, sixteen");
+        assert_ne!(
+            alice,
+            key(
+                &other,
+                "POST",
+                "h",
+                "/chat",
+                &[("authorization", "Bearer sk-alice-0123456789")]
+            ),
+            "the hash is keyed by the gateway's secret"
+        );
+        // credential_header: x-api-key isolates, Authorization does not enter the key.
+        let msg = |h: &[(&str, &str)]| key(&s, "POST", "h", "/messages", h);
+        assert_ne!(msg(&[("x-api-key", "a")]), msg(&[("x-api-key", "b")]));
+        assert_eq!(
+            msg(&[("x-api-key", "a"), ("authorization", "x")]),
+            msg(&[("x-api-key", "a"), ("authorization", "y")])
+        );
+        let plain = |auth: &str| key(&s, "GET", "h", "/plain", &[("authorization", auth)]);
+        assert_eq!(plain("a"), plain("b"));
     }
 
     #[test]

@@ -138,6 +138,7 @@ fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
 
 fn init_logging() {
     use std::io::IsTerminal;
+    use tracing_subscriber::filter::FilterExt;
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("AISLE_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
@@ -154,11 +155,21 @@ fn init_logging() {
         .with_target(false)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(filter);
+        .with_filter(filter.and(no_pingora_debug()));
     let access = AccessLog.with_filter(tracing_subscriber::filter::filter_fn(|m| {
         m.target() == aisle::proxy::access::TARGET
     }));
     tracing_subscriber::registry().with(fmt).with(access).init();
+}
+
+/// Pingora's own debug and trace output prints whole request heads (`Authorization`, API keys,
+/// cookies) and bodies: it never reaches the log, whatever `AISLE_LOG` says. Aisle's own debug
+/// lines name a request by its rule, path and key hash.
+fn no_pingora_debug(
+) -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    tracing_subscriber::filter::filter_fn(|m| {
+        !(m.target().starts_with("pingora") && *m.level() > tracing::Level::INFO)
+    })
 }
 
 /// Writes access lines to stderr exactly as formatted (logfmt or JSON, time included), with no
@@ -348,6 +359,20 @@ fn serve(config: Config, upgrade: bool) -> ExitCode {
         eprintln!(
             "aisle: warning: the admin API is disabled (no [admin] token; the shipped config reads \
              AISLE_ADMIN_TOKEN): /admin/* answers 401 and PURGE only works from [admin] purge_allow"
+        );
+    }
+    let isolating = config
+        .rules
+        .rules()
+        .iter()
+        .find(|r| matches!(r.authorization, aisle::rules::Authorization::Isolate { .. }));
+    if let (None, Some(rule)) = (&config.cache.key_secret, isolating) {
+        eprintln!(
+            "aisle: warning: no [cache] key_secret: rule {:?} ({}) and any other with \
+             authorization = \"isolate\" hash API keys with a random secret made for this process, \
+             so isolated entries are not shared with other instances nor found after a restart; \
+             set key_secret = \"${{AISLE_KEY_SECRET}}\", the same on every instance",
+            rule.name, rule.origin
         );
     }
     if upgrade {

@@ -331,7 +331,10 @@ pub fn cacheability(
     {
         return Uncacheable(NoCacheReason::OriginNotCache);
     }
+    // `authorization = "isolate"` / `"share"`: the credential is in the key, or the upstream's
+    // own; §3.5 is for caches that cannot tell callers apart.
     if authorization_present
+        && !rule.authorization.handles_authorization()
         && !cc
             .as_ref()
             .is_some_and(|cc| cc.allow_caching_authorized_req())
@@ -638,6 +641,8 @@ mod tests {
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{extra}\n");
         compile(&[(Path::new("r.toml"), &text)], &ctx)
@@ -1180,6 +1185,41 @@ mod tests {
             m.response_header().headers.get("set-cookie").is_none(),
             "never replayed"
         );
+    }
+
+    /// Issue 13: `authorization = "isolate"` (the credential is in the key) and `"share"` store
+    /// an answer to a request with `Authorization`; `private` and `no-store` still win, and an
+    /// isolated `x-api-key` leaves `Authorization` to RFC 9111 §3.5.
+    #[test]
+    fn authorization_modes() {
+        let cc = [("cache-control", "max-age=60")];
+        for mode in ["authorization = \"isolate\"", "authorization = \"share\""] {
+            let text = if mode.contains("share") {
+                // A share rule needs an upstream that sets its own credential.
+                let ctx = Context {
+                    upstreams: &["api".to_string()],
+                    default_upstream: Some(0),
+                    encryption: false,
+                    upstream_credentials: &[true],
+                    key_secret: None,
+                };
+                let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{mode}\n");
+                let set = compile(&[(Path::new("r.toml"), &text)], &ctx).unwrap();
+                set.rules()[0].clone()
+            } else {
+                rule(mode)
+            };
+            assert!(stored(&text, &resp(200, &cc), true).is_some(), "{mode}");
+            for refused in ["private, max-age=60", "no-store"] {
+                assert!(
+                    stored(&text, &resp(200, &[("cache-control", refused)]), true).is_none(),
+                    "{mode}: {refused}"
+                );
+            }
+        }
+        let api_key = rule("authorization = \"isolate\"\ncredential_header = \"x-api-key\"");
+        assert!(stored(&api_key, &resp(200, &cc), true).is_none());
+        assert!(stored(&api_key, &resp(200, &cc), false).is_some());
     }
 
     #[test]

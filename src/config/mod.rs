@@ -187,6 +187,9 @@ pub struct CacheConfig {
     pub max_ttl: Duration,
     /// `[cache] heuristic_max`: the longest heuristic freshness (RFC 9111 §4.2.2, default 1 day).
     pub heuristic_max: Duration,
+    /// `[cache] key_secret`, derived: what `authorization = "isolate"` hashes credentials with.
+    /// `None`: unset (a random per-process key is used, with a warning).
+    pub key_secret: Option<rules::CredentialKey>,
 }
 
 /// `[admin]`: who may invalidate.
@@ -287,6 +290,7 @@ impl Config {
             Duration::from_secs(86_400),
             &mut diags,
         );
+        let key_secret = key_secret(&src, raw.cache.key_secret.as_ref(), &mut diags);
         let log = LogConfig {
             access: raw.log.access.unwrap_or(false),
             format: match raw.log.format.as_ref().map(|f| f.get_ref().as_str()) {
@@ -382,6 +386,16 @@ impl Config {
             .as_ref()
             .and_then(|r| redis_config(&src, r, &mut diags));
         let names: Vec<String> = raw.upstreams.keys().cloned().collect();
+        let upstream_credentials: Vec<bool> = raw
+            .upstreams
+            .values()
+            .map(|u| {
+                u.get_ref()
+                    .set_headers
+                    .as_ref()
+                    .is_some_and(|h| !h.is_empty())
+            })
+            .collect();
         let default_upstream = match &raw.server.default_upstream {
             Some(d) => match names.iter().position(|n| n == d.get_ref()) {
                 Some(i) => Some(i),
@@ -425,6 +439,8 @@ impl Config {
                 upstreams: &names,
                 default_upstream,
                 encryption: redis.as_ref().is_some_and(|r| r.keys.is_some()),
+                upstream_credentials: &upstream_credentials,
+                key_secret: key_secret.as_ref(),
             };
             match rules::load_dir(&rules_dir, &ctx) {
                 Ok((r, digest)) => {
@@ -495,6 +511,7 @@ impl Config {
                 lock_timeout,
                 max_ttl,
                 heuristic_max,
+                key_secret,
             },
             admin,
             webhooks,
@@ -596,6 +613,31 @@ fn listener_config(
         max_connections_per_client,
         tls,
         h2c: raw.h2c.unwrap_or(false),
+    }
+}
+
+/// `[cache] key_secret = "${AISLE_KEY_SECRET}"`: empty (`${AISLE_KEY_SECRET:-}` unset) is unset.
+fn key_secret(
+    src: &SourceFile<'_>,
+    raw: Option<&Spanned<String>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<rules::CredentialKey> {
+    let raw = raw?;
+    match expand_env(raw.get_ref()) {
+        Ok(v) if v.is_empty() => None,
+        Ok(v) if v.len() >= 16 => Some(rules::CredentialKey::from_secret(v.as_bytes())),
+        Ok(_) => {
+            diags.push(src.at(
+                raw.span(),
+                "[cache] key_secret must be at least 16 characters, the same on every instance \
+                 (make one with: head -c 32 /dev/urandom | base64)",
+            ));
+            None
+        }
+        Err(e) => {
+            diags.push(src.at(raw.span(), e));
+            None
+        }
     }
 }
 

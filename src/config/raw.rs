@@ -88,6 +88,7 @@ pub(super) struct RawCache {
     pub(super) lock_timeout: Option<Spanned<String>>,
     pub(super) max_ttl: Option<Spanned<String>>,
     pub(super) heuristic_max: Option<Spanned<String>>,
+    pub(super) key_secret: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]

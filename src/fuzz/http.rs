@@ -180,6 +180,8 @@ fn rules() -> Vec<Arc<Rule>> {
         upstreams: &ups,
         default_upstream: Some(0),
         encryption: false,
+        upstream_credentials: &[],
+        key_secret: None,
     };
     let text = r#"
 [[rule]]

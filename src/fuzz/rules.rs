@@ -23,6 +23,8 @@ fn ctx(encryption: bool) -> Context<'static> {
         upstreams: &UPSTREAMS,
         default_upstream: Some(0),
         encryption,
+        upstream_credentials: &[],
+        key_secret: None,
     }
 }
 

@@ -12,7 +12,9 @@ use super::matcher::{RuleSet, ALL_METHODS, METHODS};
 use super::normalize::{put, Fallback, Normalizer, Table};
 use super::path::PathPattern;
 use super::source::{Source, Template};
-use super::{ClientRevalidation, Cost, Rule, VaryField, DEFAULT_ROUTE};
+use super::{
+    Authorization, ClientRevalidation, Cost, CredentialKey, Rule, VaryField, DEFAULT_ROUTE,
+};
 use crate::diag::{Diagnostic, SourceFile};
 use crate::metrics::RuleMetrics;
 use crate::units::parse_duration;
@@ -31,6 +33,12 @@ pub struct Context<'a> {
     pub default_upstream: Option<usize>,
     /// Whether `[redis] encryption_key` is set (`encrypt = true` needs it).
     pub encryption: bool,
+    /// Per upstream (index order): does it set its own credential (`set_headers`)?
+    /// `authorization = "share"` needs it. Missing entries count as no.
+    pub upstream_credentials: &'a [bool],
+    /// `[cache] key_secret`, derived; `None`: a random per-process key
+    /// ([`CredentialKey::process_random`]), with a warning when a rule isolates credentials.
+    pub key_secret: Option<&'a CredentialKey>,
 }
 
 /// Loads and compiles every `*.toml` in `dir`, in file-name order.
@@ -237,6 +245,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             key_path: true,
             client_controls: false,
             client_revalidation: ClientRevalidation::Honour,
+            authorization: Authorization::Rfc,
             generation: {
                 let mut h = blake3::Hasher::new();
                 put(&mut h, b"default route");
@@ -510,6 +519,7 @@ fn compile_rule(
         per_1k_tokens: c.per_1k_tokens.unwrap_or(0.0),
     });
     let client_revalidation = client_revalidation(src, r, &mut diags);
+    let authorization = authorization(src, r, ctx, upstream, &mut diags);
     if !diags.is_empty() {
         return Err(diags);
     }
@@ -558,6 +568,16 @@ fn compile_rule(
         put(&mut h, &flags.map(u8::from));
         put(&mut h, format!("{body_key:?}").as_bytes());
         put(&mut h, format!("{client_revalidation:?}").as_bytes());
+        // The mode and the credential header, never the secret: rotating key_secret changes
+        // the isolated keys themselves.
+        match &authorization {
+            Authorization::Rfc => {}
+            Authorization::Isolate { header, .. } => {
+                put(&mut h, b"isolate");
+                put(&mut h, header.as_str().as_bytes());
+            }
+            Authorization::Share => put(&mut h, b"share"),
+        }
         finish(&h)
     };
     Ok(Rule {
@@ -585,8 +605,77 @@ fn compile_rule(
         is_default: false,
         client_controls: r.client_controls.unwrap_or(false),
         client_revalidation,
+        authorization,
         metrics: RuleMetrics::new(name),
     })
+}
+
+/// `authorization = "rfc" | "isolate" | "share"` and `credential_header`.
+fn authorization(
+    src: &SourceFile<'_>,
+    r: &RawRule,
+    ctx: &Context<'_>,
+    upstream: Option<usize>,
+    diags: &mut Vec<Diagnostic>,
+) -> Authorization {
+    let mode = r.authorization.as_ref().map(|v| (v, v.get_ref().as_str()));
+    if let Some(h) = &r.credential_header {
+        if !matches!(mode, Some((_, "isolate"))) {
+            diags.push(src.at(
+                h.span(),
+                "credential_header names the header isolate keys on; it needs authorization = \"isolate\" in this rule",
+            ));
+        }
+    }
+    match mode {
+        None | Some((_, "rfc")) => Authorization::Rfc,
+        Some((_, "isolate")) => {
+            let header = match &r.credential_header {
+                None => http::header::AUTHORIZATION,
+                Some(h) => match http::HeaderName::from_bytes(h.get_ref().trim().as_bytes()) {
+                    Ok(name) => name,
+                    Err(_) => {
+                        diags.push(src.at(
+                            h.span(),
+                            format!("credential_header {:?} is not a header name; write it like \"x-api-key\"", h.get_ref()),
+                        ));
+                        http::header::AUTHORIZATION
+                    }
+                },
+            };
+            let key = ctx
+                .key_secret
+                .cloned()
+                .unwrap_or_else(CredentialKey::process_random);
+            Authorization::Isolate {
+                header,
+                key: Arc::new(key),
+            }
+        }
+        Some((v, "share")) => {
+            let credentialed =
+                upstream.is_some_and(|u| ctx.upstream_credentials.get(u).copied() == Some(true));
+            if let (false, Some(u)) = (credentialed, upstream) {
+                let name = &ctx.upstreams[u];
+                diags.push(src.at(
+                    v.span(),
+                    format!(
+                        "authorization = \"share\" gives every caller the answer fetched with one caller's credential; \
+                         it is allowed only when the upstream sets its own: add set_headers = {{ authorization = \"Bearer ${{VENDOR_KEY}}\" }} \
+                         to [upstreams.{name}] in gateway.toml, or use authorization = \"isolate\" (shared per credential)"
+                    ),
+                ));
+            }
+            Authorization::Share
+        }
+        Some((v, other)) => {
+            diags.push(src.at(
+                v.span(),
+                format!("authorization {other:?} is not known; write \"rfc\" (RFC 9111: answers to requests with Authorization are not shared unless they say public, the default), \"isolate\" (shared only among callers with the same credential) or \"share\" (shared by all; the upstream must set its own credential)"),
+            ));
+            Authorization::Rfc
+        }
+    }
 }
 
 /// The first 64 bits of a generation hash.
@@ -672,6 +761,8 @@ struct RawRule {
     cost: Option<RawCost>,
     client_controls: Option<bool>,
     client_revalidation: Option<Spanned<String>>,
+    authorization: Option<Spanned<String>>,
+    credential_header: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -725,6 +816,8 @@ pub(super) mod tests {
             upstreams: &UPS,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         }
     }
 
@@ -870,6 +963,8 @@ match = { path = "/other" }
             upstreams: &ups,
             default_upstream: None,
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         let err = compile(
             &[(
@@ -880,6 +975,72 @@ match = { path = "/other" }
         )
         .unwrap_err();
         assert!(err[0].message.contains("no upstream"));
+    }
+
+    /// Issue 13: `authorization` and `credential_header` are checked with positions; `share`
+    /// needs an upstream that sets its own credential; the mode is part of the generation.
+    #[test]
+    fn authorization_settings() {
+        let base = "[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\n";
+        let set = compile_one(&format!(
+            "{base}authorization = \"isolate\"\ncredential_header = \"X-Api-Key\"\n"
+        ))
+        .unwrap();
+        match &set.rules()[0].authorization {
+            Authorization::Isolate { header, .. } => assert_eq!(header.as_str(), "x-api-key"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            compile_one(base).unwrap().rules()[0].authorization,
+            Authorization::Rfc
+        ));
+        let e = errors(&format!("{base}authorization = \"share\"\n"));
+        assert!(
+            e[0].starts_with("rules/a.toml:4:17: authorization = \"share\""),
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("[upstreams.api]") && e[0].contains("set_headers"),
+            "{e:?}"
+        );
+        let shared = compile(
+            &[(
+                Path::new("rules/a.toml"),
+                &format!("{base}authorization = \"share\"\n"),
+            )],
+            &Context {
+                upstream_credentials: &[true],
+                ..ctx()
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            shared.rules()[0].authorization,
+            Authorization::Share
+        ));
+        let e = errors(&format!("{base}authorization = \"nope\"\n"));
+        assert!(
+            e[0].starts_with("rules/a.toml:4:17: authorization \"nope\" is not known"),
+            "{e:?}"
+        );
+        let e = errors(&format!("{base}credential_header = \"x-api-key\"\n"));
+        assert!(
+            e[0].starts_with("rules/a.toml:4:21: credential_header"),
+            "{e:?}"
+        );
+        let e = errors(&format!(
+            "{base}authorization = \"isolate\"\ncredential_header = \"x api\"\n"
+        ));
+        assert!(e[0].contains("is not a header name"), "{e:?}");
+        let generation =
+            |extra: &str| compile_one(&format!("{base}{extra}")).unwrap().rules()[0].generation;
+        let g = generation("");
+        assert_ne!(g, generation("authorization = \"isolate\"\n"));
+        assert_ne!(
+            generation("authorization = \"isolate\"\n"),
+            generation("authorization = \"isolate\"\ncredential_header = \"x-api-key\"\n")
+        );
+        assert_eq!(g, generation("authorization = \"rfc\"\n"));
     }
 
     /// Issue 12: a rule's generation changes with what decides its keys and entries (so a

@@ -218,6 +218,8 @@ match = { path = "/api/vendors/:id", method = ["GET", "POST"] }
             upstreams: &ups,
             default_upstream: None,
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         let set = compile(
             &[(

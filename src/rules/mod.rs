@@ -97,6 +97,73 @@ pub enum ClientRevalidation {
     Ignore,
 }
 
+/// What a request's credential (`Authorization`, or `credential_header`) does to caching
+/// (`authorization = "rfc" | "isolate" | "share"`).
+#[derive(Debug, Clone, Default)]
+pub enum Authorization {
+    /// RFC 9111 §3.5: a request with `Authorization` stores and uses only answers that say
+    /// `public`, `s-maxage` or `must-revalidate`.
+    #[default]
+    Rfc,
+    /// The credential is part of the key as a keyed hash ([`CredentialKey`]), never raw: an
+    /// answer is shared only among callers presenting the same credential, so it is storable.
+    Isolate {
+        /// The request header that carries the credential (`authorization` by default).
+        header: http::HeaderName,
+        key: std::sync::Arc<CredentialKey>,
+    },
+    /// Shared whatever credential the caller sends (the upstream sets its own credential).
+    Share,
+}
+
+impl Authorization {
+    /// Whether the request's `Authorization` header is taken care of by this mode, so RFC 9111
+    /// §3.5 no longer applies to it (an isolated `x-api-key` leaves `Authorization` to §3.5).
+    pub fn handles_authorization(&self) -> bool {
+        match self {
+            Authorization::Rfc => false,
+            Authorization::Isolate { header, .. } => header == http::header::AUTHORIZATION,
+            Authorization::Share => true,
+        }
+    }
+}
+
+/// The gateway secret credentials are hashed with before they go into a key (BLAKE3 in keyed
+/// mode, a MAC): a key, a Redis record or a log line never holds a credential, and without the
+/// secret nobody can test a guessed credential against a key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CredentialKey([u8; 32]);
+
+impl CredentialKey {
+    /// Derives the key from `[cache] key_secret` as configured (any length; checked by config).
+    pub fn from_secret(secret: &[u8]) -> Self {
+        CredentialKey(blake3::derive_key("aisle 2026 cache key_secret", secret))
+    }
+
+    /// A random key made once per process, for when no `key_secret` is configured: stable
+    /// across reloads, not shared with other instances or kept across restarts.
+    pub fn process_random() -> Self {
+        static KEY: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        CredentialKey(*KEY.get_or_init(|| {
+            use aes_gcm::aead::rand_core::RngCore;
+            let mut bytes = [0u8; 32];
+            aes_gcm::aead::OsRng.fill_bytes(&mut bytes);
+            bytes
+        }))
+    }
+
+    /// The credential's keyed hash, as the key holds it.
+    pub fn digest(&self, credential: &[u8]) -> [u8; 32] {
+        *blake3::keyed_hash(&self.0, credential).as_bytes()
+    }
+}
+
+impl std::fmt::Debug for CredentialKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CredentialKey(<redacted>)")
+    }
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -140,6 +207,8 @@ pub struct Rule {
     pub client_controls: bool,
     /// `client_revalidation`: may a client's `no-cache` / `max-age` force a refetch?
     pub client_revalidation: ClientRevalidation,
+    /// `authorization`: what the request's credential does to caching.
+    pub authorization: Authorization,
     /// A hash of everything that decides this rule's keys and what its entries hold (match,
     /// upstream, lifetimes, vary and normalizers with their tables, tags, body key, ...), not
     /// of its name's position or its cost. Part of every key: after a reload that changed
@@ -210,6 +279,7 @@ impl Rule {
             key_path: self.key_path,
             client_controls: self.client_controls,
             client_revalidation: self.client_revalidation,
+            authorization: self.authorization.clone(),
             generation: self.generation,
             metrics: RuleMetrics::new(&self.name),
         }

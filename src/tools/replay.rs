@@ -29,7 +29,8 @@
 //! `max-age` the entry exceeds are misses that store again (unless the rule says
 //! `client_revalidation = "ignore"`), `only-if-cached` never stores, and a request with
 //! `Authorization` is a miss that does not store (whether the origin's answer allows sharing is
-//! unknown). There is no origin, so a rule without `ttl` (whose freshness would come from the
+//! unknown), unless its rule says `authorization = "isolate"` (keyed per credential, as the
+//! gateway keys it: an entry is shared among requests with the same credential) or `"share"`. There is no origin, so a rule without `ttl` (whose freshness would come from the
 //! origin) uses `--default-ttl`, and the output says so.
 //!
 //! The replay runs twice, with the rules as configured and with every normalizer removed
@@ -256,6 +257,9 @@ pub struct RuleStats {
     pub keys_raw: u64,
     /// `cost.per_request` of the rule, if it has one.
     pub per_request: Option<f64>,
+    /// Requests with `Authorization` that RFC 9111 §3.5 kept from the cache (the rule says
+    /// `authorization = "rfc"`): neither answered from nor stored in it.
+    pub authorized: u64,
 }
 
 /// What a replay found.
@@ -297,7 +301,8 @@ pub enum Decision {
         /// Request directives: never use a stored entry older than this (ms); -1 (`no-cache`):
         /// never use one.
         max_age_ms: Option<i64>,
-        /// Store the answer (false for requests with `Authorization`: the origin would decide,
+        /// Store the answer (false for requests with `Authorization` on an RFC rule: the origin
+        /// would decide,
         /// and for `only-if-cached`, which the gateway answers 504 without asking the origin).
         store: bool,
         /// Whether a stored entry may answer (false with `Authorization`, as above).
@@ -428,6 +433,8 @@ struct Counts {
     hits: u64,
     /// Distinct keys stored.
     keys: u64,
+    /// Requests whose `Authorization` kept them from the cache.
+    authorized: u64,
 }
 
 /// Counts per rule for one rule set, indexed like `rules.rules()`, and the bypass reasons.
@@ -454,6 +461,9 @@ fn simulate(
                 let now = req.at_ms;
                 let stats = &mut per_rule[rule];
                 stats.requests += 1;
+                if !use_stored {
+                    stats.authorized += 1;
+                }
                 let usable = cache.get(&key).is_some_and(|&(stored, expires)| {
                     now < expires && max_age_ms.is_none_or(|max| now - stored <= max)
                 });
@@ -495,6 +505,7 @@ pub fn replay(rules: &RuleSet, trace: &[TraceRequest], settings: &Settings) -> R
             keys: n.keys,
             keys_raw: r.keys,
             per_request: rule.cost.as_ref().map(|c| c.per_request),
+            authorized: n.authorized,
         })
         .collect();
     let span_ms =
@@ -620,6 +631,13 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         for (reason, n) in &report.bypassed {
             let _ = writeln!(out, "  {n:>8}  {reason}");
         }
+    }
+    for r in report.rules.iter().filter(|r| r.authorized > 0) {
+        let _ = writeln!(
+            out,
+            "{}: {} requests carried Authorization, which RFC 9111 keeps from a shared cache; authorization = \"isolate\" in the rule would share their answers per credential",
+            r.name, r.authorized
+        );
     }
     for r in &report.rules {
         if let Some(per_request) = r.per_request.filter(|p| *p > 0.0) {
@@ -769,6 +787,8 @@ cache = false
             upstreams: &ups,
             default_upstream: Some(0),
             encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
         };
         compile(&[(Path::new("r.toml"), RULES)], &ctx).unwrap()
     }
@@ -988,6 +1008,63 @@ cache = false
         let table = render(&report, &SETTINGS);
         assert!(table.contains("--default-ttl 5m was used"), "{table}");
         assert!(table.contains("total (cacheable)"), "{table}");
+    }
+
+    /// Issue 13: a trace's `Authorization` on an `authorization = "isolate"` rule is shared
+    /// per credential, as the gateway shares it; on an RFC rule it never hits.
+    #[test]
+    fn isolated_credentials_share_per_credential() {
+        let text = RULES.replace(
+            "body_key = { all = true, ignore = [\"/user\"] }",
+            "body_key = { all = true, ignore = [\"/user\"] }\nauthorization = \"isolate\"",
+        );
+        let set = compile(
+            &[(Path::new("r.toml"), &text)],
+            &Context {
+                upstreams: &["api".to_string()],
+                default_upstream: Some(0),
+                encryption: false,
+                upstream_credentials: &[],
+                key_secret: None,
+            },
+        )
+        .unwrap();
+        let line = |t: u32, auth: &str| {
+            format!(
+                r#"{{"timestamp": {t}, "method": "POST", "path": "/chat", "headers": {{"content-type": "application/json", "authorization": "{auth}"}}, "body": {{"m": "x"}}}}"#
+            )
+        };
+        let lines = [
+            line(1, "Bearer a"),
+            line(2, "Bearer a"),
+            line(3, "Bearer b"),
+            line(4, "Bearer b"),
+            line(5, "Bearer a"),
+        ];
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let chat = |set: &RuleSet| {
+            let report = replay(set, &trace(&lines), &SETTINGS);
+            let s = stats(&report, "chat");
+            (s.requests, s.hits, s.keys)
+        };
+        assert_eq!(
+            chat(&set),
+            (5, 3, 2),
+            "a misses, a hits, b misses, b hits, a hits"
+        );
+        assert_eq!(
+            chat(&rules()),
+            (5, 0, 0),
+            "RFC 9111: nothing stored or used"
+        );
+        let report = replay(&rules(), &trace(&lines), &SETTINGS);
+        assert_eq!(stats(&report, "chat").authorized, 5);
+        assert!(
+            render(&report, &SETTINGS).contains("chat: 5 requests carried Authorization"),
+            "the report says why chat never hits"
+        );
+        let report = replay(&set, &trace(&lines), &SETTINGS);
+        assert_eq!(stats(&report, "chat").authorized, 0);
     }
 
     #[test]

@@ -26,7 +26,9 @@
 //!   `session` and `client` fields that must not split the cache;
 //! - chat completions (`POST /v1/chat/completions`): Zipf-popular prompts plus one-off ones,
 //!   the model of the couple's plan, `stream` on the web app, every object's keys in a random
-//!   order, and per-user `user` / `metadata` / `stream_options`;
+//!   order, and per-user `user` / `metadata` / `stream_options`; each carries its app's API key
+//!   (`Authorization: Bearer ...`, one key per app: [`chat_api_key`]), as every OpenAI-style
+//!   call does, so the chat rule's `authorization` setting decides what is shared;
 //! - the guest list, which no rule matches (the default route).
 //!
 //! [`PARTNER_SHARE`] of visits are the partner or planner of an earlier couple (same profile),
@@ -348,12 +350,21 @@ struct Visit {
     viewed: Vec<usize>,
 }
 
+/// The API key an app's chat calls carry (`Authorization: Bearer <key>`): one per app (its
+/// project key at the AI vendor), not per user. Made up, and fixed so the trace stays determined
+/// by its seed.
+pub fn chat_api_key(app: &str) -> String {
+    format!("sk-trace-{app}-7f3a9c2e51d04b86")
+}
+
 /// One request to write.
 struct Req {
     method: &'static str,
     path: String,
     query: Option<String>,
     body: Option<String>,
+    /// `Authorization` value.
+    authorization: Option<String>,
 }
 
 impl Req {
@@ -363,6 +374,7 @@ impl Req {
             path,
             query,
             body: None,
+            authorization: None,
         }
     }
 
@@ -372,7 +384,13 @@ impl Req {
             path: path.to_string(),
             query: None,
             body: Some(body),
+            authorization: None,
         }
+    }
+
+    fn with_authorization(mut self, value: String) -> Req {
+        self.authorization = Some(value);
+        self
     }
 
     fn line(&self, at_ms: i64) -> String {
@@ -387,11 +405,18 @@ impl Req {
         if let Some(q) = &self.query {
             line.push_str(&format!(",\"query\":{}", Value::from(q.as_str())));
         }
+        line.push_str(&format!(",\"headers\":{{\"host\":\"{HOST}\""));
+        if let Some(auth) = &self.authorization {
+            line.push_str(&format!(
+                ",\"authorization\":{}",
+                Value::from(auth.as_str())
+            ));
+        }
         match &self.body {
             Some(body) => line.push_str(&format!(
-                ",\"headers\":{{\"host\":\"{HOST}\",\"content-type\":\"application/json\"}},\"body\":{body}}}"
+                ",\"content-type\":\"application/json\"}},\"body\":{body}}}"
             )),
-            None => line.push_str(&format!(",\"headers\":{{\"host\":\"{HOST}\"}}}}")),
+            None => line.push_str("}}"),
         }
         line
     }
@@ -506,7 +531,8 @@ impl Generator {
                 };
                 Req::post("/api/ai/recommendations", self.ai_body(v, kind, content))
             }
-            Event::Chat => Req::post("/v1/chat/completions", self.chat_body(v)),
+            Event::Chat => Req::post("/v1/chat/completions", self.chat_body(v))
+                .with_authorization(format!("Bearer {}", chat_api_key(v.app))),
             Event::VendorUpdate => {
                 let id = 1000 + self.vendor_id.sample(&mut self.rng);
                 let body = json!({"availability": [self.wedding_date()]}).to_string();
@@ -744,6 +770,8 @@ mod tests {
             "\"session\":\"s-",
             "\"stream\":true",
             "\"stream_options\"",
+            "\"authorization\":\"Bearer sk-trace-web-",
+            "\"authorization\":\"Bearer sk-trace-ios-",
         ] {
             assert!(trace.contains(needle), "{needle}");
         }

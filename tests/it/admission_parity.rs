@@ -47,6 +47,16 @@ const EDGE_CASES: &[&str] = &[
     // A GET with a body its rule does not key on; a client's no-cache on a rule that ignores it.
     r#"{"timestamp": 23, "path": "/api/vendors/search", "query": "location=nyc", "headers": {"host": "127.0.0.1:8080"}, "body": "{\"location\":\"boston\"}"}"#,
     r#"{"timestamp": 24, "path": "/api/weather", "query": "city=nyc&date=2027-07-01", "headers": {"host": "127.0.0.1:8080", "cache-control": "no-cache"}}"#,
+    // Credentials (issue 13): isolated chat calls with and without an API key, a repeated one
+    // (bypasses), Anthropic's x-api-key, and Authorization on a rule that leaves it to RFC 9111
+    // (cached, keyed without it, the answer decides).
+    r#"{"timestamp": 30, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json", "authorization": "Bearer sk-parity-a"}, "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}"#,
+    r#"{"timestamp": 31, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json", "authorization": "Bearer sk-parity-b"}, "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}"#,
+    r#"{"timestamp": 32, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json"}, "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}}"#,
+    r#"{"timestamp": 33, "method": "POST", "path": "/v1/chat/completions", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json", "authorization": ["Bearer sk-parity-a", "Bearer sk-parity-b"]}, "body": {"model": "m", "messages": []}}"#,
+    r#"{"timestamp": 34, "method": "POST", "path": "/v1/messages", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json", "x-api-key": "sk-ant-parity", "anthropic-version": "2023-06-01"}, "body": {"model": "claude", "max_tokens": 9, "messages": [{"role": "user", "content": "hi"}]}}"#,
+    r#"{"timestamp": 35, "method": "POST", "path": "/v1/embeddings", "headers": {"host": "127.0.0.1:8080", "content-type": "application/json", "authorization": "Bearer sk-parity-a"}, "body": {"model": "e", "input": "wedding"}}"#,
+    r#"{"timestamp": 36, "path": "/api/vendors/search", "query": "location=nyc", "headers": {"host": "127.0.0.1:8080", "authorization": "Bearer sk-parity-a"}}"#,
 ];
 
 /// The request as bytes on the wire: the trace's headers, the body framed as the trace says.
@@ -101,7 +111,12 @@ async fn replay_and_gateway_admit_and_key_every_request_alike() {
     let config = shipped
         .replace("127.0.0.1:8080", "{listen}")
         .replace("127.0.0.1:9090", "{admin}")
-        .replace("http://127.0.0.1:3000", &origin.url());
+        .replace("http://127.0.0.1:3000", &origin.url())
+        // Both sides hash API keys with one secret (unset, each process would make its own).
+        .replace(
+            "${AISLE_KEY_SECRET:-}",
+            "admission-parity-secret-0123456789",
+        );
     let mut rules = Vec::new();
     let mut names: Vec<_> = std::fs::read_dir(root.join("rules"))
         .unwrap()

@@ -25,6 +25,7 @@ mod check_cli;
 mod cli;
 mod coalescing;
 mod coherence;
+mod credentials;
 mod eviction;
 mod hit_ratio;
 mod invalidation;
