@@ -217,6 +217,10 @@ impl Protection {
         let Some((redis, keys)) = &self.redis else {
             return;
         };
+        if self.windows.load().is_empty() {
+            // No window configured: nothing to read (no Redis traffic for a feature not used).
+            return;
+        }
         let all: Option<BTreeMap<String, String>> = redis
             .background(
                 "protection",

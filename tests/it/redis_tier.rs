@@ -119,7 +119,10 @@ async fn redis_killed_mid_run_then_restarted() {
             .await
             .unwrap_or(0.0);
         println!("{name}: aisle_redis_errors_total = {errors} during the outage");
-        assert!(errors >= 3.0, "{name}: redis errors counted: {errors}");
+        // Counted, however many: the first failures drop the connection, and what follows is
+        // skipped (circuit open) rather than failed, so the number depends on which operations
+        // met the dead connection first (the instance's own background traffic included).
+        assert!(errors >= 1.0, "{name}: redis errors counted: {errors}");
     }
 
     // Back on the same port, empty.
