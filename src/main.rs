@@ -115,6 +115,23 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Show the protection windows, or switch one for the fleet: `aisle protect on NAME --for 3h`,
+    /// `aisle protect off NAME` (POST /admin/protection).
+    Protect {
+        /// `on` or `off` (omit both to show the windows).
+        #[arg(value_parser = ["on", "off"])]
+        state: Option<String>,
+        /// The window's name (`[[protection]] name`).
+        name: Option<String>,
+        /// Keep the switch this long (`3h`), then the schedule rules again.
+        #[arg(long = "for", value_name = "DURATION")]
+        duration: Option<String>,
+        /// Keep the switch until this RFC 3339 time.
+        #[arg(long, value_name = "TIME")]
+        until: Option<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
 }
 
 /// How the operator commands reach the admin API. Exit codes: 0 ok, 1 refused or failed,
@@ -281,6 +298,28 @@ fn main() -> ExitCode {
         }
         Command::Events { admin } => operate(&cli.config, &admin, cli::Action::Events),
         Command::Reload { admin } => operate(&cli.config, &admin, cli::Action::Reload),
+        Command::Protect {
+            state,
+            name,
+            duration,
+            until,
+            admin,
+        } => {
+            let switch = match (state, name) {
+                (None, None) => None,
+                (Some(state), Some(name)) => Some(cli::Protect {
+                    on: state == "on",
+                    name,
+                    duration,
+                    until,
+                }),
+                _ => {
+                    eprintln!("aisle protect: write `aisle protect on|off NAME` (or no arguments to show the windows)");
+                    return ExitCode::from(2);
+                }
+            };
+            operate(&cli.config, &admin, cli::Action::Protect(switch))
+        }
     }
 }
 

@@ -75,9 +75,24 @@ pub struct Purge {
 pub enum Action {
     Purge(Purge),
     Stats,
-    Purges { retry: bool },
+    Purges {
+        retry: bool,
+    },
     Events,
     Reload,
+    /// `aisle protect` (status), or `aisle protect on|off NAME [--for D | --until T]`.
+    Protect(Option<Protect>),
+}
+
+/// A protection window switch.
+#[derive(Debug, Clone, Default)]
+pub struct Protect {
+    pub on: bool,
+    pub name: String,
+    /// `--for 3h`
+    pub duration: Option<String>,
+    /// `--until 2027-06-12T23:00:00-04:00`
+    pub until: Option<String>,
 }
 
 /// Finds the admin API: `--admin` wins over the config's `admin_listen`; the token is read from
@@ -386,6 +401,28 @@ async fn execute(target: &Target, action: &Action, json: bool) -> Result<(), Fai
                 );
             }
         }
+        Action::Protect(switch) => {
+            if let Some(p) = switch {
+                let mut body = serde_json::json!({"name": p.name, "on": p.on});
+                if let Some(d) = &p.duration {
+                    body["for"] = Value::String(d.clone());
+                }
+                if let Some(t) = &p.until {
+                    body["until"] = Value::String(t.clone());
+                }
+                client
+                    .json(reqwest::Method::POST, "/admin/protection", Some(&body))
+                    .await?;
+            }
+            let v = client
+                .json(reqwest::Method::GET, "/admin/protection", None)
+                .await?;
+            if json {
+                println!("{v}");
+            } else {
+                print!("{}", protection_table(&v));
+            }
+        }
         Action::Stats => {
             let v = client
                 .json(reqwest::Method::GET, "/admin/stats", None)
@@ -613,6 +650,58 @@ pub fn stats_table(v: &Value) -> String {
     table(&rows)
 }
 
+/// The windows of `GET /admin/protection`.
+pub fn protection_table(v: &Value) -> String {
+    let mut rows = vec![[
+        "WINDOW".to_string(),
+        "ON".to_string(),
+        "SCHEDULED".to_string(),
+        "SWITCH".to_string(),
+    ]];
+    for w in v
+        .get("windows")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let switch = match w.get("switch") {
+            Some(s) if !s.is_null() => format!(
+                "{} by {}{}",
+                if s.get("on") == Some(&Value::Bool(true)) {
+                    "on"
+                } else {
+                    "off"
+                },
+                str_of(s, "actor"),
+                match s.get("until_ms").and_then(Value::as_u64) {
+                    Some(ms) => chrono::DateTime::from_timestamp_millis(ms as i64)
+                        .map(|t| format!(" until {}", t.format("%Y-%m-%dT%H:%M:%SZ")))
+                        .unwrap_or_default(),
+                    None => String::new(),
+                }
+            ),
+            _ => "-".to_string(),
+        };
+        let yes = |k: &str| {
+            if w.get(k) == Some(&Value::Bool(true)) {
+                "yes"
+            } else {
+                "no"
+            }
+        };
+        rows.push([
+            str_of(w, "name"),
+            yes("on").into(),
+            yes("scheduled").into(),
+            switch,
+        ]);
+    }
+    if rows.len() == 1 {
+        return "no protection windows ([[protection]] in gateway.toml)\n".to_string();
+    }
+    table(&rows)
+}
+
 /// The purge queue of `GET /admin/purges`.
 pub fn purges_table(v: &Value) -> String {
     let mut out = format!(
@@ -740,6 +829,21 @@ mod tests {
         assert_eq!(listen, "127.0.0.1:9");
         assert_eq!(token.as_deref(), Some("${X}"));
         assert!(admin_settings("[server]\n").is_err());
+    }
+
+    #[test]
+    fn protection_table_says_what_is_on_and_why() {
+        let v = serde_json::json!({"windows": [
+            {"name": "wedding-day", "on": true, "scheduled": false,
+             "switch": {"on": true, "actor": "admin-token", "at_ms": 1, "until_ms": 1_812_000_000_000u64}},
+            {"name": "gala", "on": false, "scheduled": false, "switch": null}
+        ]});
+        let t = protection_table(&v);
+        assert!(t.contains("wedding-day  yes"), "{t}");
+        assert!(t.contains("on by admin-token until 2027-06-03T"), "{t}");
+        assert!(t.contains("gala         no   no         -"), "{t}");
+        assert!(protection_table(&serde_json::json!({"windows": []}))
+            .starts_with("no protection windows"));
     }
 
     #[test]

@@ -365,3 +365,64 @@ async fn reload_applies_a_good_edit_and_refuses_a_broken_one() {
     );
     assert_hit(&gw.get("/added/x").await, "the running rules keep serving");
 }
+
+/// `aisle protect on NAME --for D` switches a protection window for the fleet, `aisle protect`
+/// shows it, `off` ends it early; an unknown window is refused (exit 1) with the names known.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protect_switches_a_window() {
+    let origin = origin();
+    let config = format!(
+        "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n\n[[protection]]\nname = \"wedding-day\"\n",
+        config_for(&origin.url())
+    );
+    let env = [("AISLE_ADMIN_TOKEN", TOKEN)];
+    let gw = Gateway::start_with_env(&config, &[], &env).await;
+    let admin = gw.admin_url("");
+
+    let on = aisle(
+        &[
+            "protect",
+            "on",
+            "wedding-day",
+            "--for",
+            "1h",
+            "--admin",
+            &admin,
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(on.code, Some(0), "{}", on.stderr);
+    assert!(
+        on.stdout.contains("wedding-day  yes") && on.stdout.contains("on by admin-token until"),
+        "{:?}",
+        on.stdout
+    );
+    let shown = aisle(&["protect", "--admin", &admin, "--json"], &env).await;
+    assert_eq!(shown.json()["windows"][0]["on"], true, "{}", shown.stdout);
+    gw.wait_metric(
+        "aisle_protection_active",
+        &[("name", "wedding-day")],
+        "== 1",
+        |v| v == 1.0,
+    )
+    .await;
+
+    let off = aisle(&["protect", "off", "wedding-day", "--admin", &admin], &env).await;
+    assert_eq!(off.code, Some(0), "{}", off.stderr);
+    let shown = aisle(&["protect", "--admin", &admin, "--json"], &env).await;
+    assert_eq!(shown.json()["windows"][0]["on"], false, "{}", shown.stdout);
+
+    let unknown = aisle(&["protect", "on", "gala", "--admin", &admin], &env).await;
+    assert_eq!(unknown.code, Some(1), "{}", unknown.stdout);
+    assert!(
+        unknown
+            .stderr
+            .contains("no protection window named \"gala\"")
+            && unknown.stderr.contains("wedding-day"),
+        "{}",
+        unknown.stderr
+    );
+    let usage = aisle(&["protect", "on", "--admin", &admin], &env).await;
+    assert_eq!(usage.code, Some(2), "{}", usage.stderr);
+}
