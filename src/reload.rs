@@ -229,6 +229,26 @@ impl BackgroundService for Hangup {
     }
 }
 
+/// Keeps the running value of a setting that cannot change live, noting it when it differs.
+fn keep_running<T: PartialEq + Clone>(
+    needs_restart: &mut Vec<String>,
+    name: &str,
+    running: &T,
+    new: &mut T,
+) {
+    if differs(needs_restart, name, running != new) {
+        *new = running.clone();
+    }
+}
+
+/// Notes `name` as needing a restart when it `differs`; returns `differs`.
+fn differs(needs_restart: &mut Vec<String>, name: &str, differs: bool) -> bool {
+    if differs {
+        needs_restart.push(name.to_string());
+    }
+    differs
+}
+
 /// What changed from `running` to `new`; settings that cannot change live are put back to
 /// their running value in `new` and listed as needing a restart.
 pub fn compare(running: &Config, new: &mut Config) -> Changes {
@@ -255,70 +275,56 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
             changes.removed.push(rule.name.to_string());
         }
     }
-    let mut keep = |name: &str, differs: bool| {
-        if differs {
-            changes.needs_restart.push(name.to_string());
-        }
-        differs
-    };
-    if keep("[server] listen", running.listen != new.listen) {
-        new.listen = running.listen.clone();
-    }
-    if keep(
+    let need = &mut changes.needs_restart;
+    keep_running(need, "[server] listen", &running.listen, &mut new.listen);
+    keep_running(
+        need,
         "[server] admin_listen",
-        running.admin_listen != new.admin_listen,
-    ) {
-        new.admin_listen = running.admin_listen.clone();
-    }
-    if keep("[server] threads", running.threads != new.threads) {
-        new.threads = running.threads;
-    }
-    if keep(
+        &running.admin_listen,
+        &mut new.admin_listen,
+    );
+    keep_running(need, "[server] threads", &running.threads, &mut new.threads);
+    keep_running(
+        need,
         "[server] grace_period",
-        running.grace_period != new.grace_period,
-    ) {
-        new.grace_period = running.grace_period;
-    }
-    if keep(
+        &running.grace_period,
+        &mut new.grace_period,
+    );
+    keep_running(
+        need,
         "[server] upgrade_socket",
-        running.upgrade_socket != new.upgrade_socket,
-    ) {
-        new.upgrade_socket = running.upgrade_socket.clone();
-    }
+        &running.upgrade_socket,
+        &mut new.upgrade_socket,
+    );
     // The listener's protocol and timeouts are fixed when it is built (pingora's HTTP server
     // options and TLS settings); its connection limits are read live, and the certificate
     // files' contents are reloaded by the listener itself when they change.
     let (rl, nl) = (&running.listener, &mut new.listener);
-    if keep("[server] tls", rl.tls != nl.tls) {
-        nl.tls = rl.tls.clone();
-    }
-    if keep("[server] h2c", rl.h2c != nl.h2c) {
-        nl.h2c = rl.h2c;
-    }
-    if keep(
+    keep_running(need, "[server] tls", &rl.tls, &mut nl.tls);
+    keep_running(need, "[server] h2c", &rl.h2c, &mut nl.h2c);
+    keep_running(
+        need,
         "[server] header_timeout",
-        rl.header_timeout != nl.header_timeout,
-    ) {
-        nl.header_timeout = rl.header_timeout;
-    }
-    if keep(
+        &rl.header_timeout,
+        &mut nl.header_timeout,
+    );
+    keep_running(
+        need,
         "[server] keepalive_timeout",
-        rl.keepalive_timeout != nl.keepalive_timeout,
-    ) {
-        nl.keepalive_timeout = rl.keepalive_timeout;
-    }
+        &rl.keepalive_timeout,
+        &mut nl.keepalive_timeout,
+    );
     let (rc, nc) = (&running.cache, &mut new.cache);
-    if keep("[cache] memory", rc.memory != nc.memory) {
-        nc.memory = rc.memory;
-    }
-    if keep("[cache] lock_timeout", rc.lock_timeout != nc.lock_timeout) {
-        nc.lock_timeout = rc.lock_timeout;
-    }
+    keep_running(need, "[cache] memory", &rc.memory, &mut nc.memory);
+    keep_running(
+        need,
+        "[cache] lock_timeout",
+        &rc.lock_timeout,
+        &mut nc.lock_timeout,
+    );
     // Purge epochs are kept for twice the max_ttl the invalidator started with: a longer
     // max_ttl live could let an entry outlive the purge that should have removed it.
-    if keep("[cache] max_ttl", rc.max_ttl != nc.max_ttl) {
-        nc.max_ttl = rc.max_ttl;
-    }
+    keep_running(need, "[cache] max_ttl", &rc.max_ttl, &mut nc.max_ttl);
     let redis_differs = match (&running.redis, &new.redis) {
         (None, None) => false,
         (Some(a), Some(b)) => {
@@ -330,10 +336,11 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
         }
         _ => true,
     };
-    if keep("[redis]", redis_differs) {
+    if differs(need, "[redis]", redis_differs) {
         new.redis = running.redis.clone();
     }
-    if keep(
+    if differs(
+        need,
         "[purge]",
         format!("{:?}", running.purge) != format!("{:?}", new.purge),
     ) {
@@ -341,7 +348,7 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
     }
     // CDN providers are swapped live into the purge queue, which exists when the gateway
     // started with a [cdn] table; adding [cdn] to one started without needs a restart.
-    if keep("[cdn]", running.cdn.is_none() && new.cdn.is_some()) {
+    if differs(need, "[cdn]", running.cdn.is_none() && new.cdn.is_some()) {
         new.cdn = running.cdn.clone();
     }
     changes

@@ -72,17 +72,7 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
     })
     .await;
     held.open();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => got.extend_from_slice(&c),
-            Ok(None) => break,
-            Err(e) => panic!(
-                "the stream was cut {:?} after SIGTERM, having received {:?}: {e}",
-                signalled.elapsed(),
-                String::from_utf8_lossy(&got)
-            ),
-        }
-    }
+    read_rest(&mut resp, &mut got, signalled, "after SIGTERM").await;
     assert_eq!(
         String::from_utf8_lossy(&got),
         "data: first\n\ndata: second\n\ndata: [DONE]\n\n",

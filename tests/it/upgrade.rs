@@ -169,17 +169,7 @@ async fn an_upgrade_drops_no_connection_no_stream_and_no_purge() {
     );
 
     // The stream that started on the old process ends whole.
-    loop {
-        match stream.chunk().await {
-            Ok(Some(c)) => got.extend_from_slice(&c),
-            Ok(None) => break,
-            Err(e) => panic!(
-                "the stream was cut {:?} into the upgrade, having received {:?}: {e}",
-                started.elapsed(),
-                String::from_utf8_lossy(&got)
-            ),
-        }
-    }
+    read_rest(&mut stream, &mut got, started, "into the upgrade").await;
     assert_eq!(
         String::from_utf8_lossy(&got),
         "data: first\n\ndata: second\n\ndata: [DONE]\n\n"

@@ -519,15 +519,41 @@ impl Replaced {
 
     /// Waits (bounded) for the process to exit; `None` if it still runs at the deadline.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
+        wait_child(&mut self.child, timeout).await
+    }
+}
+
+/// Waits (bounded) for `child` to exit; `None` if it still runs at the deadline.
+async fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// Reads the rest of a streamed answer into `got`, panicking (with what was read and how long
+/// after `since`) if the stream is cut.
+pub async fn read_rest(
+    resp: &mut reqwest::Response,
+    got: &mut Vec<u8>,
+    since: Instant,
+    when: &str,
+) {
+    loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => got.extend_from_slice(&c),
+            Ok(None) => return,
+            Err(e) => panic!(
+                "the stream was cut {:?} {when}, having received {:?}: {e}",
+                since.elapsed(),
+                String::from_utf8_lossy(got)
+            ),
         }
     }
 }
@@ -727,16 +753,7 @@ impl Gateway {
 
     /// Waits (bounded) for the process to exit; `None` if it is still running at the deadline.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            tokio::time::sleep(POLL_INTERVAL).await;
-        }
+        wait_child(&mut self.child, timeout).await
     }
 
     fn kill(&mut self) {
