@@ -273,3 +273,32 @@ fn a_bad_quota_is_reported_with_its_position() {
     assert!(text.contains("quota.requests must be at least 1"), "{text}");
     assert!(text.contains("\"reject\""), "{text}");
 }
+
+/// Redis goes away: each instance falls back to its share (10 per hour over a fleet of 2),
+/// so the two together still send the origin at most the quota.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_redis_down_each_instance_allows_its_fleet_share() {
+    let mut redis = RedisServer::start();
+    let origin = origin();
+    let cfg = config(
+        &origin,
+        r#"{ requests = 10, per = "1h", fleet_size = 2 }"#,
+        &redis.section("quota-down:"),
+    );
+    let rules = [("r.toml", RULES)];
+    let (a, b) = tokio::join!(Gateway::start(&cfg, &rules), Gateway::start(&cfg, &rules));
+    redis.kill();
+    for (name, gw) in [("A", &a), ("B", &b)] {
+        let mut ok = 0;
+        for i in 0..10 {
+            let r = gw.get(&format!("/q/{name}{i}")).await;
+            if r.status == 200 {
+                ok += 1;
+            } else {
+                assert_quota_429(&r, &format!("/q/{name}{i}"));
+            }
+        }
+        assert_eq!(ok, 5, "instance {name} without Redis");
+    }
+    assert_eq!(origin.total(), 10);
+}
