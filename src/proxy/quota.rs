@@ -25,8 +25,10 @@
 //! Shaped as one struct the gateway holds plus three small functions the hooks call, so the
 //! hooks in `proxy/mod.rs` stay one line each.
 
+use super::cache_status::{CacheStatus, Fwd};
 use super::Ctx;
 use crate::config::upstream::{OnExhausted, Quota, Upstream};
+use crate::metrics::CacheOutcome;
 use crate::redis::{Keyspace, Redis};
 use bytes::Bytes;
 use once_cell::sync::Lazy;
@@ -245,8 +247,18 @@ fn gcra(
 /// The 429 with `Retry-After` (`seconds`) for a request the quota kept from the upstream
 /// (nothing stored could answer it, or `on_exhausted = "reject"`). The client connection is
 /// kept: this is an answer, not a failure.
-pub async fn answer(session: &mut Session, ctx: &Ctx, seconds: u64) -> pingora::Result<()> {
-    let upstream = &ctx.live.config.upstreams[ctx.rule().upstream].name;
+pub async fn answer(session: &mut Session, ctx: &mut Ctx, seconds: u64) -> pingora::Result<()> {
+    // The access log and the outcome metric say what the header says (counted as a miss:
+    // nothing stored answered it).
+    let status = CacheStatus {
+        fwd: Some(Fwd::Miss),
+        detail: Some("quota-exhausted"),
+        ..CacheStatus::default()
+    };
+    let header = status.to_header_value();
+    ctx.answered = Some((status, CacheOutcome::Miss));
+    let live = ctx.live.clone();
+    let upstream = &live.config.upstreams[ctx.rule().upstream].name;
     let body = serde_json::json!({
         "error": format!(
             "the request quota of upstream {upstream:?} is used up and nothing stored may \
@@ -258,7 +270,7 @@ pub async fn answer(session: &mut Session, ctx: &Ctx, seconds: u64) -> pingora::
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
-    resp.insert_header("cache-status", "aisle; fwd=miss; detail=quota-exhausted")?;
+    resp.insert_header("cache-status", header)?;
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
