@@ -370,6 +370,17 @@ mod tests {
         }
         row(
             Observed {
+                phase: Some(Phase::Hit),
+                lookup: Lookup::Stale,
+                quota_exhausted: true,
+                ttl: Some(-95),
+                ..base()
+            },
+            "aisle; fwd=stale; ttl=-95; detail=quota-exhausted",
+            CacheOutcome::Stale,
+        );
+        row(
+            Observed {
                 phase: Some(Phase::Stale),
                 stale_error: Some(None),
                 ttl: Some(-1),

@@ -9,7 +9,7 @@
 //! | `request_cache_filter`   | admit the request to the cache (or not); enable it    | [`crate::admission::admit`] |
 //! | `cache_key_callback`     | build the key                                         | [`crate::admission::cache_key`] |
 //! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
-//! | `cache_hit_filter`       | purge epochs, then the request's own directives       | [`crate::storage::epochs`], [`crate::policy`] |
+//! | `cache_hit_filter`       | purge epochs; a stale entry served as it is when the quota is used up; the request's own directives | [`crate::storage::epochs`], [`quota`], [`crate::policy`] |
 //! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream; take a token of the upstream's quota (429 without) | [`quota`] |
 //! | `upstream_peer`          | an address of the rule's upstream (balance, health, `max_connections`) | [`upstream`] |
 //! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream; the upstream's `host`, `set_headers`, `remove_headers` | [`forwarding`], [`crate::trust`] |

@@ -165,7 +165,7 @@ impl Quotas {
 
     /// In `cache_hit_filter`, for a stale entry about to be refetched by a client request:
     /// whether the quota (`on_exhausted = "stale"`) has nothing left, so the entry is to be
-    /// served as it is. Looks only: the request takes its token in `upstream_peer`.
+    /// served as it is. Looks only: the request takes its token in `proxy_upstream_filter`.
     pub async fn exhausted_for_stale(&self, session: &Session, ctx: &mut Ctx) -> bool {
         let live = ctx.live.clone();
         let upstream = &live.config.upstreams[ctx.rule().upstream];
