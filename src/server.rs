@@ -12,6 +12,7 @@ use crate::invalidation::relay::Relay;
 use crate::invalidation::subscriber::Subscriber;
 use crate::invalidation::Invalidator;
 use crate::proxy::listener::{Limited, ReloadingCert};
+use crate::proxy::quota::Quotas;
 use crate::proxy::{CacheParts, Gateway, Live, Locks, Shared, UpstreamHealth};
 use crate::purge::queue::{PurgeQueue, QueueConfig};
 use crate::purge::worker::PurgeWorker;
@@ -205,7 +206,9 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         "aisle upstream health",
         UpstreamHealth(live.clone()),
     ));
-    let gateway = Gateway::new(live.clone(), parts, invalidator.clone(), replays);
+    let quotas = Quotas::new(shared.clone()).map_err(std::io::Error::other)?;
+    let gateway =
+        Gateway::new(live.clone(), parts, invalidator.clone(), replays).with_quotas(quotas);
     let proxy = listener(&server, gateway, live, &config)?;
     if let Some(redis) = &redis {
         let subscriber = Subscriber {

@@ -161,6 +161,8 @@ pub(super) struct RawUpstream {
     pub(super) resolve_every: Option<Spanned<String>>,
     pub(super) retries: Option<Spanned<u32>>,
     pub(super) max_connections: Option<Spanned<u32>>,
+    /// `quota = { requests, per, burst, on_exhausted, fleet_size }`: see [`super::upstream`].
+    pub(super) quota: Option<Spanned<super::upstream::RawQuota>>,
 }
 
 /// `health_check = { path, interval, timeout, unhealthy_after, healthy_after }`.

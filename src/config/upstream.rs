@@ -7,6 +7,10 @@
 //! load, with a position: PEM files are read and parsed now, so `aisle check` reports a missing or
 //! unreadable certificate and a reload with one keeps the running configuration.
 //!
+//! `quota` caps what the gateway sends this upstream (a vendor's rate limit or paid plan):
+//! `requests` per `per`, at most `burst` at once, counted fleet-wide through Redis (or per
+//! instance, the limit divided by `fleet_size`, without it); see `crate::proxy::quota`.
+//!
 //! `set_headers` values are [`Secret`]s (a vendor's API key, expanded from `${VAR}`): their
 //! `Debug` is `<redacted>` and no diagnostic quotes them.
 
@@ -18,6 +22,7 @@ use crate::units::parse_duration;
 use http::HeaderName;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +62,117 @@ pub struct Upstream {
     /// serving the entry stale and letting the fill go on in the background. `None`: wait for
     /// the answer (or `read_timeout`).
     pub stale_after: Option<Duration>,
+    /// `quota`: how many requests may go to this upstream (misses only). `None`: no limit.
+    pub quota: Option<Quota>,
+}
+
+/// `quota = { requests = 1000, per = "1h", burst = 50, on_exhausted = "stale", fleet_size = 3 }`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawQuota {
+    requests: Spanned<u64>,
+    per: Spanned<String>,
+    burst: Option<Spanned<u64>>,
+    on_exhausted: Option<Spanned<String>>,
+    fleet_size: Option<Spanned<u32>>,
+}
+
+/// An upstream's request quota: a rate (`requests` per `per`) with a bucket of `burst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    pub requests: u64,
+    pub per: Duration,
+    /// How many may go at once after a quiet spell (default: `requests`, a whole period's worth).
+    pub burst: u64,
+    pub on_exhausted: OnExhausted,
+    /// How many instances share the quota: without Redis (absent or down) each instance allows
+    /// `requests / fleet_size` per `per` (and `burst / fleet_size`, at least 1). Default 1.
+    pub fleet_size: u32,
+}
+
+/// `on_exhausted`: what a miss gets once the quota is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExhausted {
+    /// Any stored entry, however old (`Cache-Status` detail `quota-exhausted`); else 429.
+    Stale,
+    /// 429 with `Retry-After`, at once.
+    Reject,
+}
+
+/// Checks `quota`; `None` after pushing its problems to `diags`.
+fn compile_quota(
+    src: &SourceFile,
+    name: &str,
+    q: &Spanned<RawQuota>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Quota> {
+    let before = diags.len();
+    let r = q.get_ref();
+    let at_least_one = |n: u64,
+                        span: std::ops::Range<usize>,
+                        what: &str,
+                        diags: &mut Vec<Diagnostic>| {
+        if n == 0 {
+            diags.push(src.at(
+                span,
+                format!("upstreams.{name}.quota.{what} must be at least 1 (remove the quota for no limit)"),
+            ));
+        }
+    };
+    let requests = *r.requests.get_ref();
+    at_least_one(requests, r.requests.span(), "requests", diags);
+    let per = match parse_duration(r.per.get_ref()) {
+        Ok(d) if d < Duration::from_millis(1) => {
+            diags.push(src.at(
+                r.per.span(),
+                format!("upstreams.{name}.quota.per must be at least 1ms; write it like \"1h\" or \"1m\""),
+            ));
+            d
+        }
+        Ok(d) => d,
+        Err(e) => {
+            diags.push(src.at(r.per.span(), format!("upstreams.{name}.quota.per: {e}")));
+            Duration::ZERO
+        }
+    };
+    let burst = match &r.burst {
+        Some(b) => {
+            at_least_one(*b.get_ref(), b.span(), "burst", diags);
+            *b.get_ref()
+        }
+        None => requests,
+    };
+    let on_exhausted = match r.on_exhausted.as_ref().map(|o| (o, o.get_ref().as_str())) {
+        None | Some((_, "stale")) => OnExhausted::Stale,
+        Some((_, "reject")) => OnExhausted::Reject,
+        Some((o, other)) => {
+            diags.push(src.at(
+                o.span(),
+                format!(
+                    "upstreams.{name}.quota.on_exhausted = {other:?} is not a choice; write \
+                     \"stale\" (serve what is stored, else 429) or \"reject\" (429)"
+                ),
+            ));
+            OnExhausted::Stale
+        }
+    };
+    let fleet_size = match &r.fleet_size {
+        Some(f) => {
+            at_least_one(u64::from(*f.get_ref()), f.span(), "fleet_size", diags);
+            *f.get_ref()
+        }
+        None => 1,
+    };
+    if diags.len() > before {
+        return None;
+    }
+    Some(Quota {
+        requests,
+        per,
+        burst,
+        on_exhausted,
+        fleet_size,
+    })
 }
 
 /// One configured address: resolved to one or more socket addresses.
@@ -387,6 +503,10 @@ pub(super) fn compile(
         }
         n => Some(n),
     });
+    let quota = r
+        .quota
+        .as_ref()
+        .and_then(|q| compile_quota(src, name, q, diags));
     if diags.len() > before || addresses.is_empty() {
         return None;
     }
@@ -408,6 +528,7 @@ pub(super) fn compile(
         connect_timeout,
         read_timeout,
         stale_after,
+        quota,
     })
 }
 

@@ -57,6 +57,8 @@ pub struct Observed {
     pub stale_error: Option<Option<u16>>,
     /// Answered stale because the origin had not answered within `stale_after`.
     pub stale_after: bool,
+    /// Answered from the stored entry because the upstream's quota is used up.
+    pub quota_exhausted: bool,
     pub upstream_status: Option<u16>,
     /// The response was admitted to storage.
     pub stored: bool,
@@ -84,6 +86,14 @@ pub fn decide(o: &Observed) -> (CacheStatus, CacheOutcome) {
     let refused = o.lookup == Lookup::Refused;
     let fwd_stale = if refused { Fwd::Request } else { Fwd::Stale };
     let outcome = match o.phase.unwrap_or(Phase::Other) {
+        // The stored entry, however old, because the upstream's quota is used up (served as a
+        // hit, so that pingora neither refetches it nor drops the client connection).
+        Phase::Hit if o.quota_exhausted => {
+            s.fwd = Some(Fwd::Stale);
+            s.ttl = o.ttl;
+            s.detail = Some("quota-exhausted");
+            CacheOutcome::Stale
+        }
         // The stored entry, stale, because the origin is slow (readers are served it as a hit
         // while the fill goes on in the background, so the phase alone would say hit).
         Phase::Hit | Phase::Stale if o.stale_after => {
@@ -358,6 +368,17 @@ mod tests {
                 CacheOutcome::Stale,
             );
         }
+        row(
+            Observed {
+                phase: Some(Phase::Hit),
+                lookup: Lookup::Stale,
+                quota_exhausted: true,
+                ttl: Some(-95),
+                ..base()
+            },
+            "aisle; fwd=stale; ttl=-95; detail=quota-exhausted",
+            CacheOutcome::Stale,
+        );
         row(
             Observed {
                 phase: Some(Phase::Stale),

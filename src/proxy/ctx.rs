@@ -75,6 +75,8 @@ pub struct Ctx {
     pub admission: Option<Admission>,
     pub cache: CacheCtx,
     pub upstream: UpstreamCtx,
+    /// What the upstream's quota decided (see [`super::quota`]).
+    pub quota: super::quota::QuotaCtx,
     /// What `Cache-Status` said and what metrics count (set in `response_filter`).
     pub answered: Option<(CacheStatus, CacheOutcome)>,
 }
@@ -91,6 +93,7 @@ impl Ctx {
             admission: None,
             cache: CacheCtx::default(),
             upstream: UpstreamCtx::default(),
+            quota: Default::default(),
             answered: None,
         }
     }

@@ -9,8 +9,8 @@
 //! | `request_cache_filter`   | admit the request to the cache (or not); enable it    | [`crate::admission::admit`] |
 //! | `cache_key_callback`     | build the key                                         | [`crate::admission::cache_key`] |
 //! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
-//! | `cache_hit_filter`       | purge epochs, then the request's own directives       | [`crate::storage::epochs`], [`crate::policy`] |
-//! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream | |
+//! | `cache_hit_filter`       | purge epochs; a stale entry served as it is when the quota is used up; the request's own directives | [`crate::storage::epochs`], [`quota`], [`crate::policy`] |
+//! | `proxy_upstream_filter`  | `only-if-cached`: answer 504 instead of going upstream; take a token of the upstream's quota (429 without) | [`quota`] |
 //! | `upstream_peer`          | an address of the rule's upstream (balance, health, `max_connections`) | [`upstream`] |
 //! | `upstream_request_filter` | forwarding headers as seen; no `Aisle-*` upstream; the upstream's `host`, `set_headers`, `remove_headers` | [`forwarding`], [`crate::trust`] |
 //! | `fail_to_connect`        | mark the upstream unreachable; retry on another address | [`upstream`] |
@@ -29,6 +29,7 @@ mod body;
 mod ctx;
 mod forwarding;
 mod invalidate;
+pub mod quota;
 mod upstream;
 
 pub use ctx::Ctx;
@@ -137,6 +138,8 @@ pub struct Gateway {
     /// Keys whose origin did not answer within `stale_after` and whose fill goes on in the
     /// background, with when that started: readers are served the stale entry meanwhile.
     refreshing: Refreshing,
+    /// The upstreams' request quotas (this instance's only until [`Gateway::with_quotas`]).
+    quotas: Arc<quota::Quotas>,
 }
 
 /// Background fills started because the origin was slower than `stale_after`, by key.
@@ -188,7 +191,14 @@ impl Gateway {
             invalidator,
             cache,
             refreshing: Refreshing::default(),
+            quotas: quota::Quotas::new(None).expect("no keyspace to claim without Redis"),
         }
+    }
+
+    /// The quotas to count requests in (shared through Redis when configured).
+    pub fn with_quotas(mut self, quotas: Arc<quota::Quotas>) -> Self {
+        self.quotas = quotas;
+        self
     }
 
     /// The rule's upstream's `stale_after`, when this request may use it: a foreground request
@@ -240,6 +250,7 @@ impl Gateway {
             lookup: ctx.cache.lookup,
             stale_error: ctx.cache.stale_error,
             stale_after: ctx.cache.stale_after,
+            quota_exhausted: ctx.quota.exhausted,
             upstream_status: ctx.upstream.status,
             stored: ctx.cache.stored,
             ttl,
@@ -493,6 +504,10 @@ impl ProxyHttp for Gateway {
             ctx.cache.stale_error = Some(None);
             return Ok(Some(ForcedFreshness::ForceFresh));
         }
+        if !is_fresh && self.quotas.exhausted_for_stale(session, ctx).await {
+            // The quota is used up: the entry, however old, rather than a 429.
+            return Ok(Some(ForcedFreshness::ForceFresh));
+        }
         if !is_fresh || !directives.any() {
             return Ok(None);
         }
@@ -531,6 +546,10 @@ impl ProxyHttp for Gateway {
                 "aisle; fwd=miss; detail=fill-failed",
             )
             .await?;
+            return Ok(false);
+        }
+        if let Err(seconds) = self.quotas.take(session, ctx).await {
+            quota::answer(session, ctx, seconds).await?;
             return Ok(false);
         }
         Ok(true)

@@ -32,6 +32,7 @@ mod invalidation;
 mod listener;
 mod protection;
 mod purge_queue;
+mod quota;
 mod readme;
 mod redis_cluster;
 mod redis_encryption;
