@@ -282,12 +282,10 @@ mod tests {
         let gateway = "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3000\"\n";
         let with_peak = format!("{gateway}[[season]]\nname = \"peak\"\nfrom = \"04-01\"\nto = \"10-31\"\nttl_multiplier = 0.5\n");
         std::fs::write(&path, &with_peak).unwrap();
-        let errs: Vec<String> = crate::config::Config::load(&path)
-            .err()
-            .expect("summer is not a season")
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let Err(errs) = crate::config::Config::load(&path) else {
+            panic!("summer is not a season")
+        };
+        let errs: Vec<String> = errs.iter().map(ToString::to_string).collect();
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(
             errs[0].contains("a.toml:4:30: season_ttl names season \"summer\"")
