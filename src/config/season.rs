@@ -78,7 +78,8 @@ pub(super) fn compile(
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<Season> {
     let mut out: Vec<Season> = Vec::new();
-    let mut spans = Vec::new();
+    // The line each accepted season's name is on, for overlap messages.
+    let mut lines: Vec<usize> = Vec::new();
     for table in raw {
         let s = table.get_ref();
         let before = diags.len();
@@ -150,32 +151,22 @@ pub(super) fn compile(
         // Overlap: a day of a leap year both seasons contain. (Zones are ignored here: two
         // seasons in different zones that share a calendar day overlap somewhere on earth.)
         let day = |n: u32| NaiveDate::from_yo_opt(2000, n).map(|d| (d.month(), d.day()));
-        if let Some(other) = out.iter().find(|o| {
+        if let Some((other, line)) = out.iter().zip(&lines).find(|(o, _)| {
             (1..=366)
                 .filter_map(day)
                 .any(|md| o.contains(md) && season.contains(md))
         }) {
             diags.push(src.at(
-                table.span(),
+                s.from.span(),
                 format!(
-                    "season {:?} overlaps season {:?} (at {}); seasons may not overlap, so \
-                     that one multiplier applies at a time: move `from` or `to`",
-                    season.name,
-                    other.name,
-                    spans
-                        .iter()
-                        .zip(&out)
-                        .find(|(_, o)| o.name == other.name)
-                        .map(|(sp, _): (&std::ops::Range<usize>, _)| {
-                            let d = src.at(sp.clone(), "");
-                            format!("line {}", d.line)
-                        })
-                        .unwrap_or_default()
+                    "season {:?} overlaps season {:?} (line {line}); seasons may not overlap, \
+                     so that one applies at a time: move `from` or `to`",
+                    season.name, other.name,
                 ),
             ));
             continue;
         }
-        spans.push(table.span());
+        lines.push(src.at(s.name.span(), "").line);
         out.push(season);
     }
     out
@@ -261,7 +252,7 @@ mod tests {
             "gateway.toml:6:18: ttl_multiplier = 0 must be a number greater than 0",
             "gateway.toml:8:8: a season may not be called \"off\"",
             "ttl_multiplier = -2 must be",
-            "season \"c\" overlaps season \"a\"",
+            "gateway.toml:22:8: season \"c\" overlaps season \"a\" (line 12)",
         ] {
             assert!(all.contains(want), "missing {want:?} in:\n{all}");
         }
