@@ -905,6 +905,46 @@ mod tests {
         assert!(m.is_none());
     }
 
+    /// Seasons change the rule's ttl at fill time; priorities give default stale windows that
+    /// RFC 9111's prohibitions still override.
+    #[test]
+    fn seasons_and_priorities_at_fill_time() {
+        let r = rule("ttl = \"1h\"\npriority = \"critical\"\nseason_ttl = { peak = \"10m\" }");
+        let at = |season| {
+            let limits = Limits {
+                season,
+                ..Limits::new(Duration::from_secs(86_400))
+            };
+            match cacheability(&r, &resp(200, &[]), false, SystemTime::now(), limits) {
+                RespCacheable::Cacheable(m) => m,
+                RespCacheable::Uncacheable(why) => panic!("{why:?}"),
+            }
+        };
+        assert!((595..=600).contains(&at(Some(("peak", 0.5))).fresh_sec()));
+        assert!((1795..=1800).contains(&at(Some(("winter", 0.5))).fresh_sec()));
+        assert!((3595..=3600).contains(&at(None).fresh_sec()));
+        assert_eq!(at(None).stale_if_error_sec(), 86_400, "critical default");
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "must-revalidate")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            m.stale_if_error_sec(),
+            0,
+            "must-revalidate still forbids it"
+        );
+        let normal = rule("ttl = \"1h\"");
+        let m = stored(
+            &normal,
+            &resp(200, &[("cache-control", "stale-if-error=60")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(m.stale_if_error_sec(), 60, "normal: the origin's");
+    }
+
     #[test]
     fn rule_ttl_overrides_freshness_not_privacy() {
         let r = rule("ttl = \"30m\"\nstale_while_revalidate = \"1m\"\nstale_if_error = \"1h\"");
