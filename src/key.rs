@@ -127,7 +127,8 @@ pub fn hash(primary: &[u8]) -> HashBinary {
 pub fn cache_key(rule: &Rule, input: &KeyInput<'_>) -> CacheKey {
     let primary = primary(rule, input);
     let hash = hash(&primary);
-    let mut key = CacheKey::new(primary, "");
+    // The user_tag (not hashed) tells the memory tier's eviction the rule's priority class.
+    let mut key = CacheKey::new(primary, rule.priority.tag());
     key.set_primary_bin_override(hash);
     key
 }

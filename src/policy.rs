@@ -242,19 +242,23 @@ pub const HEURISTIC_MAX: Duration = Duration::from_secs(86_400);
 
 /// The configured caps on what a response's freshness can be.
 #[derive(Debug, Clone, Copy)]
-pub struct Limits {
+pub struct Limits<'a> {
     /// `[cache] max_ttl`: no lifetime (freshness, stale windows) is longer.
     pub max_ttl: Duration,
     /// `[cache] heuristic_max`: the longest heuristic freshness.
     pub heuristic_max: Duration,
+    /// The `[[season]]` on at fill time (name, `ttl_multiplier`): the rule's TTL is
+    /// [`Rule::ttl_in`] it. Only new fills see a season change; keys never do.
+    pub season: Option<(&'a str, f64)>,
 }
 
-impl Limits {
-    /// `max_ttl` with the default heuristic cap.
-    pub fn new(max_ttl: Duration) -> Limits {
+impl Limits<'static> {
+    /// `max_ttl` with the default heuristic cap, outside every season.
+    pub fn new(max_ttl: Duration) -> Limits<'static> {
         Limits {
             max_ttl,
             heuristic_max: HEURISTIC_MAX,
+            season: None,
         }
     }
 }
@@ -303,7 +307,7 @@ pub fn cacheability(
     resp: &ResponseHeader,
     authorization_present: bool,
     now: SystemTime,
-    limits: Limits,
+    limits: Limits<'_>,
 ) -> RespCacheable {
     use RespCacheable::Uncacheable;
     let max_ttl = limits.max_ttl;
@@ -361,7 +365,7 @@ pub fn cacheability(
         }
         None => None,
     };
-    let fresh_until = match rule.ttl {
+    let fresh_until = match rule.ttl_in(limits.season) {
         _ if no_cache => Some(now - Duration::from_secs(1)),
         Some(ttl) if rule_ttl_status(status) => Some(time_after(now, ttl)),
         _ => lifetime.map(|lifetime| {
@@ -899,6 +903,46 @@ mod tests {
             false,
         );
         assert!(m.is_none());
+    }
+
+    /// Seasons change the rule's ttl at fill time; priorities give default stale windows that
+    /// RFC 9111's prohibitions still override.
+    #[test]
+    fn seasons_and_priorities_at_fill_time() {
+        let r = rule("ttl = \"1h\"\npriority = \"critical\"\nseason_ttl = { peak = \"10m\" }");
+        let at = |season| {
+            let limits = Limits {
+                season,
+                ..Limits::new(Duration::from_secs(86_400))
+            };
+            match cacheability(&r, &resp(200, &[]), false, SystemTime::now(), limits) {
+                RespCacheable::Cacheable(m) => m,
+                RespCacheable::Uncacheable(why) => panic!("{why:?}"),
+            }
+        };
+        assert!((595..=600).contains(&at(Some(("peak", 0.5))).fresh_sec()));
+        assert!((1795..=1800).contains(&at(Some(("winter", 0.5))).fresh_sec()));
+        assert!((3595..=3600).contains(&at(None).fresh_sec()));
+        assert_eq!(at(None).stale_if_error_sec(), 86_400, "critical default");
+        let m = stored(
+            &r,
+            &resp(200, &[("cache-control", "must-revalidate")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            m.stale_if_error_sec(),
+            0,
+            "must-revalidate still forbids it"
+        );
+        let normal = rule("ttl = \"1h\"");
+        let m = stored(
+            &normal,
+            &resp(200, &[("cache-control", "stale-if-error=60")]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(m.stale_if_error_sec(), 60, "normal: the origin's");
     }
 
     #[test]

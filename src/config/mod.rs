@@ -16,6 +16,7 @@ pub mod cdn;
 mod env;
 pub mod protection;
 mod raw;
+pub mod season;
 pub mod secret;
 pub mod tls;
 pub mod upstream;
@@ -69,6 +70,8 @@ pub struct Config {
     pub rules: RuleSet,
     /// `[[protection]]` windows ("Saturday mode"), in file order.
     pub protection: Vec<protection::ProtectionWindow>,
+    /// `[[season]]`s (no two overlap), in file order.
+    pub seasons: Vec<season::Season>,
     /// `[server] trusted_proxies` / `trusted_clients`: whose forwarding and control headers count.
     pub trust: Trust,
     /// `[log]`: the access log.
@@ -231,6 +234,11 @@ pub struct PurgeConfig {
 }
 
 impl Config {
+    /// The `[[season]]` on at calendar instant `at_ms` ([`crate::clock::calendar_now_ms`]).
+    pub fn season_at(&self, at_ms: u64) -> Option<&season::Season> {
+        season::active(&self.seasons, at_ms)
+    }
+
     /// Loads `path` and the rules it points to.
     pub fn load(path: &Path) -> Result<Config, Vec<Diagnostic>> {
         let text = std::fs::read_to_string(path).map_err(|e| {
@@ -326,6 +334,7 @@ impl Config {
             }
         };
         let protection = protection::compile(&src, &raw.protection, &mut diags);
+        let seasons = season::compile(&src, &raw.season, &mut diags);
         let grace_period = dur(
             &raw.server.grace_period,
             Duration::from_secs(10),
@@ -466,6 +475,24 @@ impl Config {
             },
         };
         if let Some(rules) = &rules {
+            // `season_ttl` names seasons defined here; `off` is outside every season.
+            for rule in rules.rules() {
+                for entry in rule.season_ttl.iter().flat_map(|s| &s.seasons) {
+                    if !seasons.iter().any(|s| *s.name == *entry.season) {
+                        let defined: Vec<&str> = seasons.iter().map(|s| s.name.as_str()).collect();
+                        diags.push(Diagnostic {
+                            message: format!(
+                                "season_ttl names season {:?}, which no [[season]] in {} defines \
+                                 (defined: {}); add the season or write `off` for outside every season",
+                                entry.season,
+                                path.display(),
+                                if defined.is_empty() { "none".to_string() } else { defined.join(", ") }
+                            ),
+                            ..entry.at.clone()
+                        });
+                    }
+                }
+            }
             for (name, w) in &raw.webhooks {
                 for m in &w.get_ref().map {
                     let event = &m.get_ref().fire.event;
@@ -521,6 +548,7 @@ impl Config {
             redis,
             rules: rules.expect("no diagnostics means rules loaded"),
             protection,
+            seasons,
             trust,
             log,
             listener,

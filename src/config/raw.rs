@@ -30,6 +30,8 @@ pub(super) struct RawConfig {
     pub(super) log: RawLog,
     #[serde(default)]
     pub(super) protection: Vec<Spanned<super::protection::RawProtection>>,
+    #[serde(default)]
+    pub(super) season: Vec<Spanned<super::season::RawSeason>>,
 }
 
 /// `[log]`: the access log.

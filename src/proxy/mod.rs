@@ -676,6 +676,11 @@ impl ProxyHttp for Gateway {
             let limits = policy::Limits {
                 max_ttl: ctx.live.config.cache.max_ttl,
                 heuristic_max: ctx.live.config.cache.heuristic_max,
+                season: ctx
+                    .live
+                    .config
+                    .season_at(crate::clock::calendar_now_ms())
+                    .map(|s| (s.name.as_str(), s.ttl_multiplier)),
             };
             policy::cacheability(rule, resp, auth, now, limits)
         };

@@ -13,7 +13,8 @@ use super::normalize::{put, Fallback, Normalizer, Table};
 use super::path::PathPattern;
 use super::source::{Source, Template};
 use super::{
-    Authorization, ClientRevalidation, Cost, CredentialKey, Rule, VaryField, DEFAULT_ROUTE,
+    Authorization, ClientRevalidation, Cost, CredentialKey, Priority, Rule, SeasonTtl,
+    SeasonTtlEntry, VaryField, DEFAULT_ROUTE,
 };
 use crate::diag::{Diagnostic, SourceFile};
 use crate::metrics::RuleMetrics;
@@ -230,6 +231,8 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             upstream,
             cache: true,
             ttl: None,
+            season_ttl: None,
+            priority: Priority::Normal,
             stale_while_revalidate: None,
             stale_if_error: None,
             vary: Vec::new(),
@@ -406,6 +409,43 @@ fn compile_rule(
     let ttl = duration(src, &r.ttl, &mut diags);
     let swr = duration(src, &r.stale_while_revalidate, &mut diags);
     let sie = duration(src, &r.stale_if_error, &mut diags);
+    let priority = match &r.priority {
+        None => Priority::Normal,
+        Some(p) => Priority::parse(p.get_ref()).unwrap_or_else(|| {
+            diags.push(src.at(
+                p.span(),
+                format!(
+                    "priority = {:?}: write \"critical\", \"high\", \"normal\" or \"low\"",
+                    p.get_ref()
+                ),
+            ));
+            Priority::Normal
+        }),
+    };
+    // The class's default when the rule sets none (a rule's explicit value wins).
+    let sie = sie.or(if r.stale_if_error.is_none() {
+        priority.default_stale_if_error()
+    } else {
+        None
+    });
+    let season_ttl = r.season_ttl.as_ref().map(|map| {
+        let mut out = SeasonTtl::default();
+        for (name, value) in map {
+            let Some(ttl) = duration(src, &Some(value.clone()), &mut diags) else {
+                continue;
+            };
+            if name.get_ref() == "off" {
+                out.off = Some(ttl);
+            } else {
+                out.seasons.push(SeasonTtlEntry {
+                    season: name.get_ref().as_str().into(),
+                    ttl,
+                    at: src.at(name.span(), ""),
+                });
+            }
+        }
+        out
+    });
 
     let mut vary = Vec::new();
     let mut tags = Vec::new();
@@ -542,6 +582,23 @@ fn compile_rule(
         for d in [ttl, swr, sie] {
             put(&mut h, format!("{:?}", d.map(|d| d.as_millis())).as_bytes());
         }
+        // The rule's own season TTLs, as written; never the active season nor the seasons'
+        // multipliers, so a season starting or ending does not empty the cache. The priority
+        // travels in the key's user_tag: a changed priority starts afresh like any rule change.
+        if let Some(st) = &season_ttl {
+            put(&mut h, b"season_ttl");
+            put(
+                &mut h,
+                format!("{:?}", st.off.map(|d| d.as_millis())).as_bytes(),
+            );
+            for e in &st.seasons {
+                put(&mut h, e.season.as_bytes());
+                put(&mut h, &e.ttl.as_millis().to_le_bytes());
+            }
+        }
+        if priority != Priority::Normal {
+            put(&mut h, priority.name().as_bytes());
+        }
         for (written, field) in r.vary.iter().zip(&vary) {
             put(&mut h, written.get_ref().as_bytes());
             put(&mut h, &(field.normalizers.len() as u64).to_le_bytes());
@@ -591,6 +648,8 @@ fn compile_rule(
         upstream,
         cache: r.cache.unwrap_or(true),
         ttl,
+        season_ttl,
+        priority,
         stale_while_revalidate: swr,
         stale_if_error: sie,
         vary,
@@ -743,6 +802,8 @@ struct RawRule {
     matcher: Spanned<RawMatch>,
     upstream: Option<Spanned<String>>,
     ttl: Option<Spanned<String>>,
+    season_ttl: Option<BTreeMap<Spanned<String>, Spanned<String>>>,
+    priority: Option<Spanned<String>>,
     #[serde(default)]
     vary: Vec<Spanned<String>>,
     #[serde(default)]
@@ -831,6 +892,52 @@ pub(super) mod tests {
             .iter()
             .map(|d| d.to_string())
             .collect()
+    }
+
+    #[test]
+    fn priority_and_season_ttl() {
+        let set = compile_one(
+            "[[rule]]\nname = \"v\"\nmatch = { path = \"/v\" }\nttl = \"30m\"\npriority = \"critical\"\nseason_ttl = { peak = \"10m\", off = \"1h\" }\n\
+             [[rule]]\nname = \"w\"\nmatch = { path = \"/w\" }\nttl = \"30m\"\npriority = \"high\"\nstale_if_error = \"5m\"\n\
+             [[rule]]\nname = \"x\"\nmatch = { path = \"/x\" }\nttl = \"30m\"\n",
+        )
+        .unwrap();
+        let [v, w, x] = set.rules() else {
+            panic!("three rules")
+        };
+        let min = |m: u64| Some(Duration::from_secs(m * 60));
+        assert_eq!(v.priority, Priority::Critical);
+        assert_eq!(v.ttl_in(Some(("peak", 0.5))), min(10), "season_ttl wins");
+        assert_eq!(
+            v.ttl_in(Some(("winter", 2.0))),
+            min(60),
+            "not named: ttl x 2"
+        );
+        assert_eq!(v.ttl_in(None), min(60), "off");
+        assert_eq!(x.ttl_in(Some(("peak", 0.5))), min(15), "ttl x multiplier");
+        assert_eq!(x.ttl_in(None), min(30));
+        assert_eq!(
+            v.stale_if_error,
+            Some(Duration::from_secs(86_400)),
+            "critical default"
+        );
+        assert_eq!(w.stale_if_error, min(5), "the rule's own value wins");
+        assert_eq!(x.stale_if_error, None, "normal: the origin's");
+        assert_eq!(x.priority, Priority::Normal);
+        let at = &v.season_ttl.as_ref().unwrap().seasons[0].at;
+        assert_eq!((at.line, at.col), (6, 16), "where `peak` is written");
+        let e = errors("[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\npriority = \"urgent\"\nseason_ttl = { peak = \"soon\" }\n");
+        assert!(
+            e.iter()
+                .any(|e| e
+                    .starts_with("rules/a.toml:4:12: priority = \"urgent\": write \"critical\"")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter()
+                .any(|e| e.starts_with("rules/a.toml:5:23: bad duration")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -164,6 +164,95 @@ impl std::fmt::Debug for CredentialKey {
     }
 }
 
+/// `priority`: the order the memory tier evicts in (low first; critical only when nothing else
+/// is left) and the default `stale_if_error` (critical 24h, high 1h). Ordered low to critical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum Priority {
+    Low,
+    #[default]
+    Normal,
+    High,
+    Critical,
+}
+
+impl Priority {
+    /// Every class, in eviction order (low first).
+    pub const ALL: [Priority; 4] = [
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Critical,
+    ];
+
+    /// As written in a rule.
+    pub fn parse(text: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.name() == text)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Low => "low",
+            Priority::Normal => "normal",
+            Priority::High => "high",
+            Priority::Critical => "critical",
+        }
+    }
+
+    /// Eviction class, 0 (low, evicted first) to 3 (critical).
+    pub fn class(self) -> usize {
+        self as usize
+    }
+
+    /// The cache key's `user_tag`, which carries the class to the eviction manager (pingora
+    /// hands it only the key). Not part of the key's hash; empty for normal, so normal keys
+    /// are as before.
+    pub fn tag(self) -> &'static str {
+        match self {
+            Priority::Low => "l",
+            Priority::Normal => "",
+            Priority::High => "h",
+            Priority::Critical => "c",
+        }
+    }
+
+    /// The class a key's `user_tag` names (normal for anything else).
+    pub fn from_tag(tag: &str) -> Priority {
+        match tag {
+            "l" => Priority::Low,
+            "h" => Priority::High,
+            "c" => Priority::Critical,
+            _ => Priority::Normal,
+        }
+    }
+
+    /// `stale_if_error` when the rule does not set one: what the class may serve while the
+    /// origin fails.
+    pub fn default_stale_if_error(self) -> Option<Duration> {
+        match self {
+            Priority::Critical => Some(Duration::from_secs(86_400)),
+            Priority::High => Some(Duration::from_secs(3_600)),
+            Priority::Normal | Priority::Low => None,
+        }
+    }
+}
+
+/// One `season_ttl` entry: the rule's TTL while a named `[[season]]` is on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeasonTtlEntry {
+    pub season: Box<str>,
+    pub ttl: Duration,
+    /// Where it was written (message empty), for the configuration's check of the name.
+    pub at: crate::diag::Diagnostic,
+}
+
+/// `season_ttl = { peak = "10m", off = "1h" }`: the rule's TTL per season, overriding
+/// `ttl x ttl_multiplier`; `off` applies outside every season.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SeasonTtl {
+    pub seasons: Vec<SeasonTtlEntry>,
+    pub off: Option<Duration>,
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -178,6 +267,10 @@ pub struct Rule {
     /// `cache = false`: proxy only.
     pub cache: bool,
     pub ttl: Option<Duration>,
+    /// `season_ttl`: TTLs by season, which win over `ttl` (see [`Rule::ttl_in`]).
+    pub season_ttl: Option<SeasonTtl>,
+    /// `priority`: eviction order in the memory tier and default stale windows.
+    pub priority: Priority,
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
     pub vary: Vec<VaryField>,
@@ -218,6 +311,26 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The rule's TTL for a fill now, given the active season (name, `ttl_multiplier`) or
+    /// `None` outside every season: `season_ttl` for that season (or `off`) when written, else
+    /// `ttl` times the season's multiplier. `None`: the origin's freshness decides.
+    pub fn ttl_in(&self, season: Option<(&str, f64)>) -> Option<Duration> {
+        let named = self.season_ttl.as_ref().and_then(|s| match season {
+            Some((name, _)) => s.seasons.iter().find(|e| &*e.season == name).map(|e| e.ttl),
+            None => s.off,
+        });
+        named.or_else(|| {
+            let ttl = self.ttl?;
+            Some(match season {
+                // Saturating: a huge ttl times 2 stays huge (max_ttl caps it afterwards).
+                Some((_, m)) if m != 1.0 => {
+                    Duration::try_from_secs_f64(ttl.as_secs_f64() * m).unwrap_or(Duration::MAX)
+                }
+                _ => ttl,
+            })
+        })
+    }
+
     /// Renders the entry's tags: the `tags` templates (vary values normalized as in the key) and
     /// the `invalidate_on` event names, each in its canonical form ([`template::tag_key`]:
     /// escaped, at most [`template::MAX_TAG_LEN`] bytes), as purges name them.
@@ -257,6 +370,8 @@ impl Rule {
             upstream: self.upstream,
             cache: self.cache,
             ttl: self.ttl,
+            season_ttl: self.season_ttl.clone(),
+            priority: self.priority,
             stale_while_revalidate: self.stale_while_revalidate,
             stale_if_error: self.stale_if_error,
             vary: self

@@ -40,6 +40,7 @@ mod redis_tier;
 mod reload;
 mod rfc9111;
 mod scripts;
+mod seasons;
 mod shutdown;
 mod stale;
 mod structure;

@@ -15,8 +15,10 @@
 mod compact;
 mod fill;
 mod hit;
+mod priority;
 
 pub use hit::{BodyHit, PartialHit};
+pub use priority::PriorityEviction;
 
 use super::EntryInfo;
 use crate::metrics::metrics;
@@ -25,7 +27,7 @@ use bytes::Bytes;
 use compact::{body_weight, compact_header, header_weight, owned_body, with_slack};
 use fill::{MemoryMiss, Partial, Progress};
 use parking_lot::{Mutex, RwLock};
-use pingora::cache::eviction::{lru, EvictionManager};
+use pingora::cache::eviction::EvictionManager;
 use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora::cache::storage::{HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType};
 use pingora::cache::trace::SpanHandle;
@@ -69,8 +71,8 @@ pub(super) fn clock_ms() -> u64 {
     crate::clock::mono_ms() + LRU_INTERVAL_MS
 }
 
-/// The eviction manager type the memory tier is bounded by.
-pub type Eviction = lru::Manager<SHARDS>;
+/// The eviction manager type the memory tier is bounded by: one LRU per rule priority.
+pub type Eviction = PriorityEviction;
 
 /// What is needed to rebuild a `CacheMeta` without deserialising.
 #[derive(Clone)]
