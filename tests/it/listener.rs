@@ -190,6 +190,10 @@ async fn a_client_beyond_its_connection_limit_gets_503_and_is_counted() {
     )
     .await;
     assert_eq!(String::from_utf8_lossy(&served.body), "answer #1");
+    // The served connection is closed and no longer counted before the next one is opened
+    // (otherwise the "2 open" below could still be that one, not the third).
+    gw.wait_metric("aisle_connections_open", &[], "to be 1", |n| n == 1.0)
+        .await;
 
     // The limits are read live: with a third connection held, raising the limit in
     // gateway.toml (reloaded by the file watch) lets the next one in without a restart.
