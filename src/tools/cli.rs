@@ -705,7 +705,7 @@ pub fn protection_table(v: &Value) -> String {
 /// The purge queue of `GET /admin/purges`.
 pub fn purges_table(v: &Value) -> String {
     let mut out = format!(
-        "queue: depth {}, in flight {}, dead letters {} (redis: {})\n",
+        "queue: depth {}, in flight {}, dead letters {} (redis: {}){}\n",
         num_of(v, "depth"),
         num_of(v, "in_flight"),
         num_of(v, "dead_letters"),
@@ -716,6 +716,11 @@ pub fn purges_table(v: &Value) -> String {
                 "-"
             }
         ),
+        if v.get("held") == Some(&Value::Bool(true)) {
+            "; held by a protection window: sent when it ends"
+        } else {
+            ""
+        },
     );
     if let Some(providers) = v.get("providers").and_then(Value::as_array) {
         if !providers.is_empty() {

@@ -210,6 +210,12 @@ async fn a_switch_reaches_the_fleet_and_cdn_purges_wait_for_the_end() {
     assert_eq!(status, 202, "{v}");
     assert_eq!(v["cdn"], json!("queued"), "{v}");
     assert_eq!(v["protection"]["deferred"], json!(true), "{v}");
+    let (_, q) = admin(&b, "GET", "/admin/purges", Value::Null).await;
+    assert_eq!(
+        q["held"],
+        json!(true),
+        "/admin/purges says the queue waits: {q}"
+    );
     // The instance that accepted it dies; the purge is in the fleet's queue.
     b.kill_now();
     // The surviving instance accepts one too: its own worker must hold it as well.

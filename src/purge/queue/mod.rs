@@ -202,6 +202,8 @@ pub struct QueueStatus {
     pub depth: u64,
     pub in_flight: u64,
     pub dead_letters: u64,
+    /// Held by a protection window that defers CDN purges: `depth` waits for its end.
+    pub held: bool,
     pub providers: Vec<ProviderStatus>,
 }
 
@@ -560,6 +562,7 @@ impl PurgeQueue {
             } else {
                 "disabled"
             },
+            held: self.held(),
             ..QueueStatus::default()
         };
         for name in self.names() {
