@@ -422,6 +422,10 @@ async fn apply_one(inv: &Invalidator, item: &str) {
 
 /// Appends one line and fsyncs it.
 fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        // `[purge] dir` exists only once something needed it (no CDN configured: not yet).
+        std::fs::create_dir_all(dir)?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -446,6 +450,9 @@ fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
 /// Removes the first `n` lines (applied), keeping any appended since (write, fsync, rename).
 fn drop_first(path: &Path, n: usize) -> std::io::Result<()> {
     let rest: Vec<String> = read_lines(path)?.into_iter().skip(n).collect();
+    if rest.is_empty() {
+        return std::fs::remove_file(path);
+    }
     let tmp = path.with_extension("log.tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -463,16 +470,22 @@ pub struct Deferrals(pub Arc<Invalidator>);
 #[async_trait]
 impl BackgroundService for Deferrals {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        // The first round looks whatever the windows: purges kept before a restart or a reload
+        // that removed the deferring window are still applied. Later rounds touch Redis only
+        // while a window defers purges or some are known to be kept.
+        let mut first = true;
         loop {
             if let Some(p) = self.0.protection() {
                 let local = p.file_path().is_some_and(|f| f.exists());
-                if p.defers() || local {
-                    if !p.active().defer_purges {
-                        p.apply_deferred(&self.0).await;
-                    }
+                if first || local || p.defers() || p.deferred.load(Ordering::Relaxed) > 0 {
                     p.count().await;
+                    if p.deferred.load(Ordering::Relaxed) > 0 && !p.active().defer_purges {
+                        p.apply_deferred(&self.0).await;
+                        p.count().await;
+                    }
                 }
             }
+            first = false;
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = shutdown.changed() => return,
@@ -571,6 +584,10 @@ mod tests {
         assert_eq!(read_lines(&path).unwrap(), vec!["{\"n\":2}", "{\"n\":3}"]);
         p.count().await;
         assert_eq!(p.status()["deferred_purges"], serde_json::json!(2));
+        drop_first(&path, 2).unwrap();
+        assert!(!path.exists(), "all applied: the file is gone");
+        p.count().await;
+        assert_eq!(p.status()["deferred_purges"], serde_json::json!(0));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -367,3 +367,61 @@ async fn deferred_purges_are_applied_once_after_the_window_by_a_survivor() {
     assert_eq!(applied(&records).len(), 1, "applied once: {records}");
     assert_eq!(origin.count("/v/3"), fetched + 1);
 }
+
+/// Without Redis a deferred purge is kept in `deferred.log` in `[purge] dir` and applied by the
+/// same instance when the window ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_deferred_purges_wait_in_a_local_file() {
+    let origin = origin();
+    let config = format!(
+        "{}\n[admin]\ntoken = \"{TOKEN}\"\n\n[[protection]]\nname = \"freeze\"\nhard_purges = \"defer\"\n",
+        config_for(&origin.url())
+    );
+    let gw = Gateway::start(&config, &[("r.toml", RULES)]).await;
+    gw.get("/v/4").await;
+    assert!(gw.get("/v/4").await.is_hit());
+    let switched = Instant::now();
+    let (status, v) = admin(
+        &gw,
+        "POST",
+        "/admin/protection",
+        json!({"name": "freeze", "on": true, "for": "3s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = admin(
+        &gw,
+        "POST",
+        "/admin/invalidate",
+        json!({"tags": ["vendor:4"]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["protection"]["deferred_purge"], json!(true), "{v}");
+    assert_eq!(v["protection"]["store"], json!("local"), "{v}");
+    assert!(gw.get("/v/4").await.is_hit(), "kept, not applied");
+    assert!(
+        switched.elapsed() < Duration::from_secs(3),
+        "checked inside the window"
+    );
+    assert_eq!(origin.count("/v/4"), 1);
+    poll_until(
+        Duration::from_secs(20),
+        "the deferred purge to be applied",
+        || async {
+            let (_, s) = admin(&gw, "GET", "/admin/protection", Value::Null).await;
+            let (_, a) = admin(&gw, "GET", "/admin/audit", Value::Null).await;
+            let applied = a["records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["protection"]["deferred_id"] == v["id"]);
+            (applied && s["deferred_purges"] == json!(0)).then_some(())
+        },
+    )
+    .await;
+    assert!(switched.elapsed() >= Duration::from_secs(3));
+    let r = gw.get("/v/4").await;
+    assert!(!r.is_hit(), "purged after the window: {}", r.cache_status());
+    assert_eq!(origin.count("/v/4"), 2);
+}
