@@ -165,8 +165,13 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
     ));
     // Protection windows: their switches are shared through Redis; one tick a second decides
     // what is on (and holds the purge queue while CDN purges are deferred).
-    let protection = Protection::new(config.protection.clone(), shared.clone(), queue.clone())
-        .map_err(std::io::Error::other)?;
+    let protection = Protection::new(
+        config.protection.clone(),
+        shared.clone(),
+        queue.clone(),
+        Some(config.purge.dir.clone()),
+    )
+    .map_err(std::io::Error::other)?;
     server.add_service(pingora::services::background::background_service(
         "aisle protection windows",
         Ticker(protection.clone()),
@@ -182,6 +187,10 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         )
         .with_protection(protection.clone()),
     );
+    server.add_service(pingora::services::background::background_service(
+        "aisle deferred purges",
+        crate::invalidation::protection::Deferrals(invalidator.clone()),
+    ));
     let replays = Replays::new(shared.clone()).map_err(std::io::Error::other)?;
     let locks = parts.locks;
     let live: Shared = Arc::new(ArcSwap::from_pointee(Live::new(config.clone(), locks)?));

@@ -3,7 +3,8 @@
 //! A window is a schedule in a time zone (weekdays or dates, a time of day range) plus what it
 //! changes while active: purges that would remove cached answers only mark them stale
 //! (`hard_purges = "soften"`) and CDN purges wait until it ends (`cdn_purges = "defer"`).
-//! (`serve_stale` and `hard_purges = "defer"` are refused with a clear error: not built yet.)
+//! (`serve_stale` is refused with a clear error: not built yet.) `hard_purges = "defer"` keeps
+//! purges durably until no deferring window is on ([`crate::invalidation::protection`]).
 //! This module only parses
 //! and checks the tables (errors at `file:line:col`) and answers "is it active at this instant";
 //! the runtime state (manual switches shared through Redis, what is active now) lives in
@@ -43,6 +44,8 @@ pub enum HardPurges {
     Soften,
     /// They apply as asked.
     Apply,
+    /// They are kept durably (in order) and applied once no deferring window is on.
+    Defer,
 }
 
 /// What a window does to CDN purges.
@@ -166,18 +169,11 @@ pub(super) fn compile(
         {
             None | Some(("soften", _)) => HardPurges::Soften,
             Some(("apply", _)) => HardPurges::Apply,
-            Some(("defer", span)) => {
-                diags.push(src.at(
-                    span,
-                    "hard_purges = \"defer\" is not supported yet; write \"soften\" (purges mark \
-                     answers stale while the window is on) or \"apply\"",
-                ));
-                HardPurges::Soften
-            }
+            Some(("defer", _)) => HardPurges::Defer,
             Some((other, span)) => {
                 diags.push(src.at(
                     span,
-                    format!("hard_purges = {other:?}: write \"soften\" or \"apply\""),
+                    format!("hard_purges = {other:?}: write \"soften\", \"defer\" or \"apply\""),
                 ));
                 HardPurges::Soften
             }
@@ -364,7 +360,7 @@ mod tests {
     #[test]
     fn mistakes_are_named_where_they_are() {
         let errs = windows(
-            "[[protection]]\nname = \"a\"\nwhen = { days = [\"saturday\"], from = \"7am\", tz = \"Mars/Olympus\" }\nhard_purges = \"defer\"\nserve_stale = \"6h\"\n[[protection]]\nname = \"a\"\nwhen = { days = [\"sat\"], dates = [\"2027-13-01\"] }\n",
+            "[[protection]]\nname = \"a\"\nwhen = { days = [\"saturday\"], from = \"7am\", tz = \"Mars/Olympus\" }\nhard_purges = \"later\"\nserve_stale = \"6h\"\n[[protection]]\nname = \"a\"\nwhen = { days = [\"sat\"], dates = [\"2027-13-01\"] }\n",
         )
         .unwrap_err();
         let all = errs.join("\n");
@@ -372,7 +368,7 @@ mod tests {
             "gateway.toml:3:18: \"saturday\" is not a day",
             "\"7am\" is not a time of day",
             "unknown time zone \"Mars/Olympus\"",
-            "gateway.toml:4:15: hard_purges = \"defer\" is not supported yet",
+            "gateway.toml:4:15: hard_purges = \"later\": write \"soften\", \"defer\" or \"apply\"",
             "gateway.toml:5:15: serve_stale is not supported yet",
             "gateway.toml:7:8: a protection window named \"a\" is defined twice",
             "\"2027-13-01\" is not a date",

@@ -69,7 +69,8 @@ pub struct Request {
     pub force: bool,
 }
 
-/// A validated request.
+/// A validated request (kept as JSON while a protection window defers it).
+#[derive(serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Tags as entries carry them ([`tag_key`]).
     tags: Vec<String>,
@@ -85,6 +86,9 @@ pub struct Plan {
     cdn: bool,
     /// What protection windows did to it (for the answer and the audit record).
     protection: Option<Value>,
+    /// A window defers it: [`Invalidator::execute`] keeps it instead of applying it.
+    #[serde(default)]
+    defer: bool,
 }
 
 /// What an invalidation did.
@@ -94,11 +98,12 @@ pub struct Summary {
     pub tags: usize,
     pub urls: usize,
     pub prefixes: usize,
-    /// `queued`, `none` or `unavailable`.
+    /// `queued`, `none` or `unavailable`; `deferred` while a protection window keeps the purge.
     pub cdn: String,
     /// Whether the other instances have been told: `told` (Redis took every write), `pending`
     /// (some wait in the outbox and are re-sent when Redis answers), `lost` (the outbox was
-    /// full), or `none` (no Redis: no fleet).
+    /// full), `none` (no Redis: no fleet), or `deferred` (kept until no deferring protection
+    /// window is on; see [`protection`]).
     pub fleet: String,
     /// Set when a protection window changed what this did, or it was forced past one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -271,10 +276,21 @@ impl Invalidator {
         told.sort();
         told.dedup();
         let mut soft = req.soft;
+        let mut defer = false;
         let active = self.protection.as_ref().map(|p| p.active().clone());
         let protection = match active.filter(|a| a.any()) {
             None => None,
             Some(_) if req.force => Some(serde_json::json!({ "forced": true })),
+            Some(a) if a.defer_purges => {
+                // Kept as asked (not softened) and applied when no deferring window is on.
+                defer = true;
+                Some(serde_json::json!({
+                    "windows": a.names,
+                    "softened": false,
+                    "deferred": a.defer_cdn && cdn,
+                    "deferred_purge": true,
+                }))
+            }
             Some(a) => {
                 // Tag and prefix purges mark answers stale instead of removing them; a URL
                 // purge names one answer deliberately and stays as asked.
@@ -298,6 +314,7 @@ impl Invalidator {
             actor: req.actor,
             cdn,
             protection,
+            defer,
         })
     }
 
@@ -307,9 +324,15 @@ impl Invalidator {
         format!("inv-{:x}-{instance:04x}-{n}", now_ms())
     }
 
-    /// Applies a plan everywhere.
-    pub async fn execute(&self, plan: Plan) -> Summary {
+    /// Applies a plan everywhere (or keeps it, while a window defers it).
+    pub async fn execute(&self, mut plan: Plan) -> Summary {
         let id = self.next_id();
+        if plan.defer {
+            match self.defer(&id, &mut plan).await {
+                Some(summary) => return summary,
+                None => plan.defer = false,
+            }
+        }
         let mark = self.redis.as_ref().map(|r| r.outbox.mark());
         let at_ms = now_ms();
         self.prune(at_ms);
@@ -428,6 +451,70 @@ impl Invalidator {
             }
         }
         summary
+    }
+}
+
+impl Invalidator {
+    /// Keeps a deferred plan durably; answers and audits that. `None`: no store took it, so
+    /// it is applied now (a purge is never lost to a window).
+    async fn defer(&self, id: &str, plan: &mut Plan) -> Option<Summary> {
+        let p = self.protection.as_ref()?;
+        let mut kept_as = plan.protection.clone().unwrap_or(Value::Null);
+        let stored = Plan {
+            defer: false,
+            protection: Some(
+                serde_json::json!({ "deferred_id": id, "applied_after": kept_as["windows"] }),
+            ),
+            tags: plan.tags.clone(),
+            told: plan.told.clone(),
+            urls: plan.urls.clone(),
+            prefixes: plan.prefixes.clone(),
+            events: plan.events.clone(),
+            soft: plan.soft,
+            source: plan.source.clone(),
+            actor: plan.actor.clone(),
+            cdn: plan.cdn,
+        };
+        let json = serde_json::to_string(&stored).ok()?;
+        let store = match p.defer(&json).await {
+            Ok(store) => store,
+            Err(e) => {
+                tracing::error!("invalidation {id} could not be deferred ({e}); applying it now");
+                if let Some(v) = plan.protection.as_mut() {
+                    v["deferred_purge"] = Value::Bool(false);
+                    v["error"] = Value::from(e);
+                }
+                return None;
+            }
+        };
+        kept_as["store"] = Value::from(store);
+        let at_ms = now_ms();
+        let cdn = if plan.cdn { "deferred" } else { "none" };
+        self.audit.record(AuditEntry {
+            id: id.to_string(),
+            at_ms,
+            source: plan.source.clone(),
+            actor: plan.actor.clone(),
+            tags: plan.told.clone(),
+            urls: plan.urls.iter().map(|(u, _, _)| u.clone()).collect(),
+            prefixes: plan.prefixes.clone(),
+            events: plan.events.clone(),
+            soft: plan.soft,
+            cdn: cdn.to_string(),
+            cdn_answers: Vec::new(),
+            refused: None,
+            reload: None,
+            protection: Some(kept_as.clone()),
+        });
+        Some(Summary {
+            id: id.to_string(),
+            tags: plan.tags.len(),
+            urls: plan.urls.len(),
+            prefixes: plan.prefixes.len(),
+            cdn: cdn.to_string(),
+            fleet: "deferred".to_string(),
+            protection: Some(kept_as),
+        })
     }
 }
 

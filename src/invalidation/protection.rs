@@ -7,11 +7,22 @@
 //! one field per window), so they reach every instance within a tick and survive restarts; an
 //! instance without Redis keeps them in memory. Every second a tick reads the switches and
 //! computes the [`Active`] snapshot the hot path reads with one atomic load: the `Cache-Status`
-//! parameter, whether purges are softened and whether CDN purges wait (the purge queue is
-//! held). `aisle_protection_active{name}` shows it.
+//! parameter, whether purges are softened or deferred and whether CDN purges wait (the purge
+//! queue is held). `aisle_protection_active{name}` shows it.
+//!
+//! Deferred purges (`hard_purges = "defer"`) are kept durably in the order they were accepted:
+//! with Redis, a list in the protection keyspace (`{prefix}protection:deferred`), so any
+//! instance can apply them when the last deferring window ends, also when the one that accepted
+//! them has died; without Redis, or when Redis does not take one, a JSON-lines file in `[purge]
+//! dir` (`deferred.log`, fsynced before the 202), applied by this instance (also after a
+//! restart). [`Deferrals`] applies them, in order, once no deferring window is on: under a short
+//! Redis lock (one instance at a time), each item is read, run through
+//! [`Invalidator::execute`] and only then removed (at-least-once: a crash mid-way re-applies
+//! one purge, which is harmless, rather than losing it).
 
 use crate::clock::{calendar_now_ms, now_ms};
 use crate::config::protection::{CdnPurges, HardPurges, ProtectionWindow};
+use crate::invalidation::{Invalidator, Plan};
 use crate::purge::queue::PurgeQueue;
 use crate::redis::{Keyspace, Redis};
 use arc_swap::ArcSwap;
@@ -23,6 +34,9 @@ use pingora::services::background::BackgroundService;
 use prometheus::{register_int_gauge_vec, IntGaugeVec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +49,21 @@ static ACTIVE: Lazy<IntGaugeVec> = Lazy::new(|| {
     )
     .expect("register aisle_protection_active")
 });
+
+/// `aisle_protection_deferred_purges`: purges kept until no deferring window is on.
+static DEFERRED: Lazy<prometheus::IntGauge> = Lazy::new(|| {
+    prometheus::register_int_gauge!(
+        "aisle_protection_deferred_purges",
+        "Purges accepted while a hard_purges = \"defer\" window was on, not applied yet"
+    )
+    .expect("register aisle_protection_deferred_purges")
+});
+
+/// The local file of deferred purges in `[purge] dir`.
+pub const DEFERRED_FILE: &str = "deferred.log";
+
+/// How long the applying instance's Redis lock lasts (renewed after each purge applied).
+const LOCK_MS: u64 = 30_000;
 
 /// A manual switch of one window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +86,8 @@ pub struct Active {
     pub soften: bool,
     /// A window that defers CDN purges is on.
     pub defer_cdn: bool,
+    /// A window that defers hard purges is on.
+    pub defer_purges: bool,
 }
 
 impl Active {
@@ -72,6 +103,12 @@ pub struct Protection {
     active: ArcSwap<Active>,
     redis: Option<(Arc<Redis>, Keyspace)>,
     queue: Option<Arc<PurgeQueue>>,
+    /// `[purge] dir`: where deferred purges go without Redis (`None`: in tests only).
+    dir: Option<PathBuf>,
+    /// Serializes this instance's writes to the local file.
+    file: Mutex<()>,
+    /// Deferred purges known now (Redis list + local file), for the status and the gauge.
+    deferred: AtomicI64,
 }
 
 /// Whether `name` is on at `now` (unix ms): a switch in force decides, else the schedule.
@@ -89,6 +126,7 @@ impl Protection {
         windows: Vec<ProtectionWindow>,
         redis: Option<Arc<Redis>>,
         queue: Option<Arc<PurgeQueue>>,
+        dir: Option<PathBuf>,
     ) -> Result<Arc<Self>, String> {
         let redis = match redis {
             Some(r) => {
@@ -103,6 +141,9 @@ impl Protection {
             active: ArcSwap::from_pointee(Active::default()),
             redis,
             queue,
+            dir,
+            file: Mutex::new(()),
+            deferred: AtomicI64::new(0),
         });
         p.refresh();
         Ok(p)
@@ -133,12 +174,16 @@ impl Protection {
                     "on": is_on(w, switches.get(&w.name), now),
                     "scheduled": w.schedule.as_ref().is_some_and(|s| s.active_at(now)),
                     "switch": switches.get(&w.name),
-                    "hard_purges": match w.hard_purges { HardPurges::Soften => "soften", HardPurges::Apply => "apply" },
+                    "hard_purges": match w.hard_purges { HardPurges::Soften => "soften", HardPurges::Apply => "apply", HardPurges::Defer => "defer" },
                     "cdn_purges": match w.cdn_purges { CdnPurges::Defer => "defer", CdnPurges::Send => "send" },
                 })
             })
             .collect();
-        serde_json::json!({ "now_ms": now, "windows": windows })
+        serde_json::json!({
+            "now_ms": now,
+            "windows": windows,
+            "deferred_purges": self.deferred.load(Ordering::Relaxed),
+        })
     }
 
     /// Recomputes [`Active`] at the calendar's now; holds or releases the purge queue.
@@ -153,6 +198,7 @@ impl Protection {
                 active.names.push(w.name.clone());
                 active.soften |= w.hard_purges == HardPurges::Soften;
                 active.defer_cdn |= w.cdn_purges == CdnPurges::Defer;
+                active.defer_purges |= w.hard_purges == HardPurges::Defer;
             }
         }
         if let Some(q) = &self.queue {
@@ -237,6 +283,217 @@ impl Protection {
     }
 }
 
+impl Protection {
+    /// Whether any configured window defers hard purges (else no Redis traffic for them).
+    fn defers(&self) -> bool {
+        self.windows
+            .load()
+            .iter()
+            .any(|w| w.hard_purges == HardPurges::Defer)
+    }
+
+    fn file_path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.join(DEFERRED_FILE))
+    }
+
+    fn set_count(&self, n: i64) {
+        self.deferred.store(n, Ordering::Relaxed);
+        DEFERRED.set(n);
+    }
+
+    /// Keeps one plan (JSON) durably until no deferring window is on. `Ok`: where (`redis` or
+    /// `local`); `Err`: neither took it (the caller applies it now rather than lose it).
+    pub async fn defer(&self, plan: &str) -> Result<&'static str, String> {
+        if let Some((redis, keys)) = &self.redis {
+            let n: Option<i64> = redis
+                .background(
+                    "protection",
+                    redis::cmd("RPUSH").arg(keys.key("deferred")).arg(plan),
+                )
+                .await;
+            if n.is_some() {
+                self.deferred.fetch_add(1, Ordering::Relaxed);
+                DEFERRED.inc();
+                return Ok("redis");
+            }
+            tracing::warn!("Redis did not take a deferred purge; keeping it in [purge] dir");
+        }
+        let path = self
+            .file_path()
+            .ok_or("no [purge] dir for deferred purges")?;
+        let _guard = self.file.lock();
+        append_line(&path, plan).map_err(|e| format!("{}: {e}", path.display()))?;
+        self.deferred.fetch_add(1, Ordering::Relaxed);
+        DEFERRED.inc();
+        Ok("local")
+    }
+
+    /// Counts the deferred purges (a tick, when a window defers them).
+    async fn count(&self) {
+        let mut n = 0;
+        if let Some((redis, keys)) = &self.redis {
+            let len: Option<i64> = redis
+                .background("protection", redis::cmd("LLEN").arg(keys.key("deferred")))
+                .await;
+            match len {
+                Some(len) => n += len,
+                None => return,
+            }
+        }
+        if let Some(path) = self.file_path() {
+            let _guard = self.file.lock();
+            n += read_lines(&path).map_or(0, |l| l.len() as i64);
+        }
+        self.set_count(n);
+    }
+
+    /// Applies the deferred purges, in order, once: the fleet's (under a Redis lock) first, then
+    /// this instance's file.
+    async fn apply_deferred(&self, inv: &Invalidator) {
+        if let Some((redis, keys)) = &self.redis {
+            let lock = keys.key("deferred-lock");
+            let token = format!("{}-{}", std::process::id(), now_ms());
+            let got: Option<Option<String>> = redis
+                .background(
+                    "protection",
+                    redis::cmd("SET")
+                        .arg(&lock)
+                        .arg(&token)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(LOCK_MS),
+                )
+                .await;
+            if let Some(Some(_)) = got {
+                let list = keys.key("deferred");
+                loop {
+                    if self.active().defer_purges {
+                        break;
+                    }
+                    let item: Option<Option<String>> = redis
+                        .background("protection", redis::cmd("LINDEX").arg(&list).arg(0))
+                        .await;
+                    let Some(Some(item)) = item else { break };
+                    apply_one(inv, &item).await;
+                    let _: Option<Option<String>> = redis
+                        .background("protection", redis::cmd("LPOP").arg(&list))
+                        .await;
+                    let _: Option<i64> = redis
+                        .background("protection", redis::cmd("PEXPIRE").arg(&lock).arg(LOCK_MS))
+                        .await;
+                }
+                let _: Option<i64> = redis
+                    .background("protection", redis::cmd("DEL").arg(&lock))
+                    .await;
+            }
+        }
+        if let Some(path) = self.file_path() {
+            let lines = {
+                let _guard = self.file.lock();
+                read_lines(&path).unwrap_or_default()
+            };
+            if lines.is_empty() {
+                return;
+            }
+            for line in &lines {
+                apply_one(inv, line).await;
+            }
+            let _guard = self.file.lock();
+            if let Err(e) = drop_first(&path, lines.len()) {
+                tracing::error!(
+                    "deferred purges in {} were applied but not removed: {e}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
+/// Runs one kept plan through the normal execute path.
+async fn apply_one(inv: &Invalidator, item: &str) {
+    match serde_json::from_str::<Plan>(item) {
+        Ok(plan) => {
+            let s = inv.execute(plan).await;
+            tracing::warn!(id = %s.id, "deferred purge applied (no deferring window is on)");
+        }
+        Err(e) => tracing::error!("a deferred purge is unreadable and skipped: {e}: {item}"),
+    }
+}
+
+/// Appends one line and fsyncs it.
+fn append_line(path: &Path, line: &str) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        // `[purge] dir` exists only once something needed it (no CDN configured: not yet).
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(format!("{line}\n").as_bytes())?;
+    f.sync_all()
+}
+
+/// The file's lines (none when it does not exist).
+fn read_lines(path: &Path) -> std::io::Result<Vec<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(s) => Ok(s
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes the first `n` lines (applied), keeping any appended since (write, fsync, rename).
+fn drop_first(path: &Path, n: usize) -> std::io::Result<()> {
+    let rest: Vec<String> = read_lines(path)?.into_iter().skip(n).collect();
+    if rest.is_empty() {
+        return std::fs::remove_file(path);
+    }
+    let tmp = path.with_extension("log.tmp");
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        for l in &rest {
+            f.write_all(format!("{l}\n").as_bytes())?;
+        }
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
+/// Every second: counts the deferred purges and applies them once no deferring window is on.
+pub struct Deferrals(pub Arc<Invalidator>);
+
+#[async_trait]
+impl BackgroundService for Deferrals {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // The first round looks whatever the windows: purges kept before a restart or a reload
+        // that removed the deferring window are still applied. Later rounds touch Redis only
+        // while a window defers purges or some are known to be kept.
+        let mut first = true;
+        loop {
+            if let Some(p) = self.0.protection() {
+                let local = p.file_path().is_some_and(|f| f.exists());
+                if first || local || p.defers() || p.deferred.load(Ordering::Relaxed) > 0 {
+                    p.count().await;
+                    if p.deferred.load(Ordering::Relaxed) > 0 && !p.active().defer_purges {
+                        p.apply_deferred(&self.0).await;
+                        p.count().await;
+                    }
+                }
+            }
+            first = false;
+            tokio::select! {
+                _ = tokio::time::sleep(TICK) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
 /// The tick: every second, the fleet's switches and the schedule decide what is active.
 pub struct Ticker(pub Arc<Protection>);
 
@@ -280,6 +537,7 @@ mod tests {
             ],
             None,
             None,
+            None,
         )
         .unwrap();
         assert!(!p.active().any(), "no schedule, no switch: off");
@@ -299,5 +557,37 @@ mod tests {
         assert_eq!(p.active().names, vec!["a"]);
         let err = p.switch("nope", true, None, "test").await.unwrap_err();
         assert!(err.contains("no protection window named \"nope\""), "{err}");
+    }
+
+    /// Deferred purges kept in the local file come back in the order they were accepted, and
+    /// removing the applied ones keeps those appended meanwhile.
+    #[tokio::test]
+    async fn the_local_file_keeps_deferred_purges_in_order() {
+        let dir = std::env::temp_dir().join(format!("aisle-deferred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = Protection::new(
+            vec![window("d", HardPurges::Defer, CdnPurges::Send)],
+            None,
+            None,
+            Some(dir.clone()),
+        )
+        .unwrap();
+        for i in 0..3 {
+            assert_eq!(p.defer(&format!("{{\"n\":{i}}}")).await.unwrap(), "local");
+        }
+        let path = dir.join(DEFERRED_FILE);
+        let lines = read_lines(&path).unwrap();
+        assert_eq!(lines, vec!["{\"n\":0}", "{\"n\":1}", "{\"n\":2}"]);
+        // Two applied; one more arrives before they are removed.
+        p.defer("{\"n\":3}").await.unwrap();
+        drop_first(&path, 2).unwrap();
+        assert_eq!(read_lines(&path).unwrap(), vec!["{\"n\":2}", "{\"n\":3}"]);
+        p.count().await;
+        assert_eq!(p.status()["deferred_purges"], serde_json::json!(2));
+        drop_first(&path, 2).unwrap();
+        assert!(!path.exists(), "all applied: the file is gone");
+        p.count().await;
+        assert_eq!(p.status()["deferred_purges"], serde_json::json!(0));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

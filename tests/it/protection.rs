@@ -2,7 +2,8 @@
 //! (`AISLE_FAKE_NOW`, test-only) marks answers and softens purges, a forced purge goes through;
 //! a manual switch on one instance reaches the other through Redis, and a CDN purge accepted
 //! during the window waits in the durable queue and is delivered once after it ends, even when
-//! the instance that accepted it was killed.
+//! the instance that accepted it was killed; a hard purge accepted during a deferring window is
+//! kept and applied once after it ends by a surviving instance.
 
 use crate::harness::cdn::FakeCloudflare;
 use crate::harness::redis::{RedisServer, SharedRedis};
@@ -265,4 +266,168 @@ async fn a_switch_reaches_the_fleet_and_cdn_purges_wait_for_the_end() {
             "{tag} once: {tags:?}"
         );
     }
+}
+
+/// Two instances on one Redis, a window that defers hard purges switched on by hand for 4 s. A
+/// tag purge accepted on B is kept (202, `deferred_purge`), the answer stays a hit on both while
+/// the window is on; B is killed; after the window ends A applies it: a miss on A, fetched anew
+/// exactly once, and one application in the audit log.
+#[tokio::test(flavor = "multi_thread")]
+async fn deferred_purges_are_applied_once_after_the_window_by_a_survivor() {
+    let redis = RedisServer::start();
+    let origin = origin();
+    let config = format!(
+        "{}\n[admin]\ntoken = \"{TOKEN}\"\n{}\n[[protection]]\nname = \"freeze\"\nhard_purges = \"defer\"\ncdn_purges = \"send\"\n",
+        config_for(&origin.url()),
+        redis.section("defer:"),
+    );
+    let rules = [("r.toml", RULES)];
+    let (a, b) = tokio::join!(
+        Gateway::start(&config, &rules),
+        Gateway::start(&config, &rules)
+    );
+    let mut b = b;
+    a.get("/v/3").await;
+    assert!(a.get("/v/3").await.is_hit());
+    b.get("/v/3").await;
+    assert!(b.get("/v/3").await.is_hit());
+    let fetched = origin.count("/v/3");
+
+    let switched = Instant::now();
+    let (status, v) = admin(
+        &a,
+        "POST",
+        "/admin/protection",
+        json!({"name": "freeze", "on": true, "for": "4s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    b.wait_metric(
+        "aisle_protection_active",
+        &[("name", "freeze")],
+        "== 1 on B (switched on A)",
+        |v| v == 1.0,
+    )
+    .await;
+    let (status, v) = admin(
+        &b,
+        "POST",
+        "/admin/invalidate",
+        json!({"tags": ["vendor:3"]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["protection"]["deferred_purge"], json!(true), "{v}");
+    assert_eq!(v["protection"]["windows"], json!(["freeze"]), "{v}");
+    assert_eq!(v["protection"]["store"], json!("redis"), "{v}");
+    let id = v["id"].as_str().expect("an id").to_string();
+    // Kept, not applied: still a hit on both while the window is on.
+    assert!(a.get("/v/3").await.is_hit(), "a hit on A during the window");
+    assert!(b.get("/v/3").await.is_hit(), "a hit on B during the window");
+    assert!(
+        switched.elapsed() < Duration::from_secs(4),
+        "the checks above ran inside the window ({:?}); the machine is too slow for this test",
+        switched.elapsed()
+    );
+    assert_eq!(origin.count("/v/3"), fetched);
+    b.kill_now();
+
+    // A applies it once the window is over: the audit log shows the application.
+    let applied = |records: &Value| -> Vec<Value> {
+        records["records"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| r["protection"]["deferred_id"] == json!(id))
+            .cloned()
+            .collect()
+    };
+    poll_until(
+        Duration::from_secs(30),
+        "A to apply the deferred purge",
+        || async {
+            let (_, records) = admin(&a, "GET", "/admin/audit", Value::Null).await;
+            (!applied(&records).is_empty()).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "deferred purge applied {:?} after the switch (a 4 s window)",
+        switched.elapsed()
+    );
+    assert!(switched.elapsed() >= Duration::from_secs(4));
+    let r = a.get("/v/3").await;
+    assert!(!r.is_hit(), "purged on A: {}", r.cache_status());
+    assert_eq!(origin.count("/v/3"), fetched + 1, "fetched anew once");
+    assert!(a.get("/v/3").await.is_hit());
+    poll_until(
+        Duration::from_secs(10),
+        "no purge deferred any more",
+        || async {
+            let (_, s) = admin(&a, "GET", "/admin/protection", Value::Null).await;
+            (s["deferred_purges"] == json!(0)).then_some(())
+        },
+    )
+    .await;
+    let (_, records) = admin(&a, "GET", "/admin/audit", Value::Null).await;
+    assert_eq!(applied(&records).len(), 1, "applied once: {records}");
+    assert_eq!(origin.count("/v/3"), fetched + 1);
+}
+
+/// Without Redis a deferred purge is kept in `deferred.log` in `[purge] dir` and applied by the
+/// same instance when the window ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_redis_deferred_purges_wait_in_a_local_file() {
+    let origin = origin();
+    let config = format!(
+        "{}\n[admin]\ntoken = \"{TOKEN}\"\n\n[[protection]]\nname = \"freeze\"\nhard_purges = \"defer\"\n",
+        config_for(&origin.url())
+    );
+    let gw = Gateway::start(&config, &[("r.toml", RULES)]).await;
+    gw.get("/v/4").await;
+    assert!(gw.get("/v/4").await.is_hit());
+    let switched = Instant::now();
+    let (status, v) = admin(
+        &gw,
+        "POST",
+        "/admin/protection",
+        json!({"name": "freeze", "on": true, "for": "3s"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = admin(
+        &gw,
+        "POST",
+        "/admin/invalidate",
+        json!({"tags": ["vendor:4"]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    assert_eq!(v["protection"]["deferred_purge"], json!(true), "{v}");
+    assert_eq!(v["protection"]["store"], json!("local"), "{v}");
+    assert!(gw.get("/v/4").await.is_hit(), "kept, not applied");
+    assert!(
+        switched.elapsed() < Duration::from_secs(3),
+        "checked inside the window"
+    );
+    assert_eq!(origin.count("/v/4"), 1);
+    poll_until(
+        Duration::from_secs(20),
+        "the deferred purge to be applied",
+        || async {
+            let (_, s) = admin(&gw, "GET", "/admin/protection", Value::Null).await;
+            let (_, a) = admin(&gw, "GET", "/admin/audit", Value::Null).await;
+            let applied = a["records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["protection"]["deferred_id"] == v["id"]);
+            (applied && s["deferred_purges"] == json!(0)).then_some(())
+        },
+    )
+    .await;
+    assert!(switched.elapsed() >= Duration::from_secs(3));
+    let r = gw.get("/v/4").await;
+    assert!(!r.is_hit(), "purged after the window: {}", r.cache_status());
+    assert_eq!(origin.count("/v/4"), 2);
 }
