@@ -699,7 +699,18 @@ pub fn protection_table(v: &Value) -> String {
     if rows.len() == 1 {
         return "no protection windows ([[protection]] in gateway.toml)\n".to_string();
     }
-    table(&rows)
+    let mut out = table(&rows);
+    if let Some(n) = v
+        .get("deferred_purges")
+        .and_then(Value::as_u64)
+        .filter(|n| *n > 0)
+    {
+        out.push_str(&format!(
+            "{n} purge{} deferred: applied once no deferring window is on\n",
+            if n == 1 { "" } else { "s" }
+        ));
+    }
+    out
 }
 
 /// The purge queue of `GET /admin/purges`.
