@@ -860,6 +860,9 @@ mod tests {
         assert!(t.contains("gala         no   no         -"), "{t}");
         assert!(protection_table(&serde_json::json!({"windows": []}))
             .starts_with("no protection windows"));
+        let mut deferred = v.clone();
+        deferred["deferred_purges"] = serde_json::json!(2);
+        assert!(protection_table(&deferred).contains("2 purges deferred"));
     }
 
     #[test]
