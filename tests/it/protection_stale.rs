@@ -196,6 +196,11 @@ async fn the_extension_survives_the_redis_tier() {
     );
     switch(&a, true).await;
     wait_window(&b, true).await;
-    let r = fetch(&client(), "GET", &b.url(path), &[]).await;
+    // B's metric and its snapshot are updated by one tick, the metric first: poll briefly.
+    let r = poll_until(Duration::from_secs(3), "B serving stale", || async {
+        let r = fetch(&client(), "GET", &b.url(path), &[]).await;
+        (r.status == 200).then_some(r)
+    })
+    .await;
     assert_extended_stale(&r, old);
 }
