@@ -250,17 +250,72 @@ pub struct Limits<'a> {
     /// The `[[season]]` on at fill time (name, `ttl_multiplier`): the rule's TTL is
     /// [`Rule::ttl_in`] it. Only new fills see a season change; keys never do.
     pub season: Option<(&'a str, f64)>,
+    /// The longest `serve_stale` of the configured `[[protection]]` windows: stored windows are
+    /// this much longer than the entry's own (kept in [`STALE_HEADER`]), so that a window
+    /// switched on later can serve it stale longer ([`stale_allowed`]). Not capped by
+    /// `max_ttl`: the operator asked for exactly this much.
+    pub serve_stale: Duration,
 }
 
 impl Limits<'static> {
-    /// `max_ttl` with the default heuristic cap, outside every season.
+    /// `max_ttl` with the default heuristic cap, outside every season, no protection window.
     pub fn new(max_ttl: Duration) -> Limits<'static> {
         Limits {
             max_ttl,
             heuristic_max: HEURISTIC_MAX,
             season: None,
+            serve_stale: Duration::ZERO,
         }
     }
+}
+
+/// A stored-only field with the entry's own stale windows (`swr=60, sie=3600`) when the stored
+/// ones include a protection window's `serve_stale`. Stored with the header so it survives
+/// both tiers; never sent (the response filter removes it) and never taken from an origin.
+pub const STALE_HEADER: &str = "aisle-stale";
+
+/// Why a 5xx answer was not stored: request-specific for the predictor (see `server.rs`).
+pub const ORIGIN_ERROR: &str = "origin-error";
+
+/// Which stale window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    WhileRevalidate,
+    IfError,
+}
+
+/// The entry's own window of `kind`, in seconds: from [`STALE_HEADER`], else the stored one.
+fn own_window(meta: &CacheMeta, kind: Stale) -> u32 {
+    let (name, stored) = match kind {
+        Stale::WhileRevalidate => ("swr", meta.stale_while_revalidate_sec()),
+        Stale::IfError => ("sie", meta.stale_if_error_sec()),
+    };
+    let Some(value) = meta.response_header().headers.get(STALE_HEADER) else {
+        return stored;
+    };
+    value
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| v.parse().ok())
+        .map_or(stored, |own: u32| own.min(stored))
+}
+
+/// Whether `meta` may be served stale (`kind`) at `now`: within its own window, or, while a
+/// protection window is on (`extension`: its `serve_stale`), up to that much longer, never
+/// past the window it was stored with.
+pub fn stale_allowed(meta: &CacheMeta, kind: Stale, now: SystemTime, extension: Duration) -> bool {
+    let stored = match kind {
+        Stale::WhileRevalidate => meta.serve_stale_while_revalidate(now),
+        Stale::IfError => meta.serve_stale_if_error(now),
+    };
+    if !stored {
+        return false;
+    }
+    let stale_for = now.duration_since(meta.fresh_until()).unwrap_or_default();
+    stale_for <= Duration::from_secs(own_window(meta, kind).into()).saturating_add(extension)
 }
 
 /// Heuristic freshness (RFC 9111 §4.2.2): 10% of the time since `Last-Modified` (on the origin's
@@ -302,7 +357,26 @@ fn vary_star(resp: &ResponseHeader) -> bool {
 }
 
 /// Decides whether `resp` may be stored under `rule`, and builds its `CacheMeta` if so.
+///
+/// A 5xx not stored says nothing lasting about the key: its reason is [`ORIGIN_ERROR`], which
+/// the predictor ignores, or the key's lookups would be skipped and a stored answer could no
+/// longer be served stale (a protection window switched on after the origin failed).
 pub fn cacheability(
+    rule: &Rule,
+    resp: &ResponseHeader,
+    authorization_present: bool,
+    now: SystemTime,
+    limits: Limits<'_>,
+) -> RespCacheable {
+    match decide(rule, resp, authorization_present, now, limits) {
+        RespCacheable::Uncacheable(_) if resp.status.is_server_error() => {
+            RespCacheable::Uncacheable(NoCacheReason::Custom(ORIGIN_ERROR))
+        }
+        decision => decision,
+    }
+}
+
+fn decide(
     rule: &Rule,
     resp: &ResponseHeader,
     authorization_present: bool,
@@ -313,7 +387,15 @@ pub fn cacheability(
     let max_ttl = limits.max_ttl;
     let status = resp.status.as_u16();
     if !storable_status(status) {
-        return Uncacheable(NoCacheReason::Custom("status"));
+        // A 5xx says nothing lasting about the key: the predictor must not skip its lookups, or
+        // a stored answer could no longer be served stale (a protection window switched on
+        // after the origin failed) nor stored again once the origin recovers.
+        let reason = if status >= 500 {
+            ORIGIN_ERROR
+        } else {
+            "status"
+        };
+        return Uncacheable(NoCacheReason::Custom(reason));
     }
     if vary_star(resp) {
         return Uncacheable(NoCacheReason::Custom("vary-star"));
@@ -419,6 +501,20 @@ pub fn cacheability(
     stored.remove_header(&http::header::AGE);
     strip_hop_by_hop(&mut stored);
 
+    // Never the origin's (nor a 304's merged into the stored one): only this decision says
+    // what the entry's own windows are.
+    stored.remove_header(STALE_HEADER);
+    let extra = if no_stale {
+        0
+    } else {
+        limits.serve_stale.as_secs().min(u32::MAX as u64) as u32
+    };
+    if extra > 0 {
+        let own = format!("swr={swr}, sie={sie}");
+        // Only digits, '=', ',' and spaces: always a valid field value.
+        let _ = stored.insert_header(STALE_HEADER, own);
+    }
+    let (swr, sie) = (swr.saturating_add(extra), sie.saturating_add(extra));
     let mut meta = CacheMeta::new(fresh_until, now, swr, sie, stored);
     if age > 0 {
         // Not before 1970: pingora serializes the epoch as time since then (the Redis tier).
@@ -903,6 +999,73 @@ mod tests {
             false,
         );
         assert!(m.is_none());
+    }
+
+    /// Issue 14, `serve_stale`: stored windows include the longest protection extension, the
+    /// entry's own ones are kept apart and rule outside a window; RFC prohibitions keep 0.
+    #[test]
+    fn protection_extends_stored_stale_windows() {
+        let r = rule("ttl = \"1m\"\nstale_if_error = \"10s\"");
+        let fill = |cc: &str, now: SystemTime| {
+            let limits = Limits {
+                serve_stale: Duration::from_secs(3600),
+                ..Limits::new(Duration::from_secs(86_400))
+            };
+            let origin = resp(200, &[("cache-control", cc), (STALE_HEADER, "sie=99999")]);
+            match cacheability(&r, &origin, false, now, limits) {
+                RespCacheable::Cacheable(m) => m,
+                RespCacheable::Uncacheable(why) => panic!("{why:?}"),
+            }
+        };
+        let t0 = SystemTime::now();
+        let m = fill("max-age=60", t0);
+        assert_eq!(m.stale_if_error_sec(), 3610, "own 10s + 1h");
+        assert_eq!(m.stale_while_revalidate_sec(), 3600, "own 0 + 1h");
+        let header = m.response_header().headers.get(STALE_HEADER).unwrap();
+        assert_eq!(header, "swr=0, sie=10", "the origin's value is never kept");
+        let at = |secs: u64| t0 + Duration::from_secs(60 + secs);
+        let hour = Duration::from_secs(3600);
+        assert!(stale_allowed(&m, Stale::IfError, at(5), Duration::ZERO));
+        assert!(
+            !stale_allowed(&m, Stale::IfError, at(20), Duration::ZERO),
+            "own window over"
+        );
+        assert!(
+            stale_allowed(&m, Stale::IfError, at(20), hour),
+            "a window is on"
+        );
+        assert!(
+            !stale_allowed(&m, Stale::IfError, at(3700), hour),
+            "past own + 1h"
+        );
+        assert!(!stale_allowed(
+            &m,
+            Stale::WhileRevalidate,
+            at(1),
+            Duration::ZERO
+        ));
+        assert!(stale_allowed(
+            &m,
+            Stale::WhileRevalidate,
+            at(1),
+            Duration::from_secs(60)
+        ));
+        // A longer window than the entry was stored with cannot stretch it further.
+        assert!(!stale_allowed(&m, Stale::IfError, at(3700), hour * 2));
+        for no_stale in [
+            "max-age=60, must-revalidate",
+            "no-cache",
+            "max-age=60, s-maxage=60",
+        ] {
+            let m = fill(no_stale, t0);
+            assert_eq!(m.stale_if_error_sec(), 0, "{no_stale}");
+            assert_eq!(m.stale_while_revalidate_sec(), 0, "{no_stale}");
+            assert!(m.response_header().headers.get(STALE_HEADER).is_none());
+        }
+        // Without a serve_stale window configured nothing changes, and no field is stored.
+        let plain = stored(&r, &resp(200, &[(STALE_HEADER, "sie=99999")]), false).unwrap();
+        assert_eq!(plain.stale_if_error_sec(), 10);
+        assert!(plain.response_header().headers.get(STALE_HEADER).is_none());
     }
 
     /// Seasons change the rule's ttl at fill time; priorities give default stale windows that

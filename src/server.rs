@@ -67,9 +67,13 @@ fn cache_parts(
     // once), so waiters follow it that long and no longer. Reloads add ages as needed.
     let locks: &'static Locks = Box::leak(Box::default());
     // The predictor remembers keys whose responses were not storable, to skip their lookups. A
-    // response refused only because *its request* had Authorization says nothing about the key.
+    // response refused only because *its request* had Authorization says nothing about the key,
+    // nor does an origin error.
     fn request_specific(reason: &'static str) -> bool {
-        matches!(reason, "authorization" | "post-status")
+        matches!(
+            reason,
+            "authorization" | "post-status" | crate::policy::ORIGIN_ERROR
+        )
     }
     let predictor: &'static Predictor<16> =
         Box::leak(Box::new(Predictor::new(1024, Some(request_specific))));

@@ -2,18 +2,20 @@
 //!
 //! A window is a schedule in a time zone (weekdays or dates, a time of day range) plus what it
 //! changes while active: purges that would remove cached answers only mark them stale
-//! (`hard_purges = "soften"`) and CDN purges wait until it ends (`cdn_purges = "defer"`).
-//! (`serve_stale` is refused with a clear error: not built yet.) `hard_purges = "defer"` keeps
-//! purges durably until no deferring window is on ([`crate::invalidation::protection`]).
+//! (`hard_purges = "soften"`, or kept until it ends with `"defer"`:
+//! [`crate::invalidation::protection`]), CDN purges wait until it ends (`cdn_purges = "defer"`)
+//! and cached answers may be served stale `serve_stale` longer than their own windows allow.
 //! This module only parses
 //! and checks the tables (errors at `file:line:col`) and answers "is it active at this instant";
 //! the runtime state (manual switches shared through Redis, what is active now) lives in
 //! [`crate::invalidation::protection`].
 
 use crate::diag::{Diagnostic, SourceFile};
+use crate::units::parse_duration;
 use chrono::{Datelike, NaiveDate, NaiveTime, TimeZone, Timelike, Weekday};
 use chrono_tz::Tz;
 use serde::Deserialize;
+use std::time::Duration;
 use toml::Spanned;
 
 /// `[[protection]]` as written.
@@ -100,6 +102,10 @@ pub struct ProtectionWindow {
     pub name: String,
     /// `None`: only switched by hand (`POST /admin/protection`).
     pub schedule: Option<Schedule>,
+    /// Extra stale-if-error and stale-while-revalidate while the window is on (zero: none).
+    /// Only entries stored since a window with it was configured can use it (see
+    /// [`crate::policy::Limits::serve_stale`]).
+    pub serve_stale: Duration,
     pub hard_purges: HardPurges,
     pub cdn_purges: CdnPurges,
 }
@@ -155,13 +161,13 @@ pub(super) fn compile(
                 format!("a protection window named {name:?} is defined twice; names must differ"),
             ));
         }
-        if let Some(s) = &p.serve_stale {
-            diags.push(src.at(
-                s.span(),
-                "serve_stale is not supported yet (a window cannot lengthen stale windows); set \
-                 stale_if_error and stale_while_revalidate on the rules instead",
-            ));
-        }
+        let serve_stale = match &p.serve_stale {
+            None => Duration::ZERO,
+            Some(s) => parse_duration(s.get_ref()).unwrap_or_else(|e| {
+                diags.push(src.at(s.span(), format!("serve_stale: {e}")));
+                Duration::ZERO
+            }),
+        };
         let hard_purges = match p
             .hard_purges
             .as_ref()
@@ -197,6 +203,7 @@ pub(super) fn compile(
         out.push(ProtectionWindow {
             name,
             schedule,
+            serve_stale,
             hard_purges,
             cdn_purges,
         });
@@ -338,6 +345,9 @@ mod tests {
         assert!(!s.active_at(ms("2027-06-11T15:00:00Z")), "a Friday");
         assert_eq!(w[0].hard_purges, HardPurges::Soften);
         assert_eq!(w[0].cdn_purges, CdnPurges::Defer);
+        assert_eq!(w[0].serve_stale, Duration::ZERO, "no serve_stale: none");
+        let w = windows("[[protection]]\nname = \"w\"\nserve_stale = \"6h\"\n").unwrap();
+        assert_eq!(w[0].serve_stale, Duration::from_secs(6 * 3600));
     }
 
     #[test]
@@ -360,7 +370,7 @@ mod tests {
     #[test]
     fn mistakes_are_named_where_they_are() {
         let errs = windows(
-            "[[protection]]\nname = \"a\"\nwhen = { days = [\"saturday\"], from = \"7am\", tz = \"Mars/Olympus\" }\nhard_purges = \"later\"\nserve_stale = \"6h\"\n[[protection]]\nname = \"a\"\nwhen = { days = [\"sat\"], dates = [\"2027-13-01\"] }\n",
+            "[[protection]]\nname = \"a\"\nwhen = { days = [\"saturday\"], from = \"7am\", tz = \"Mars/Olympus\" }\nhard_purges = \"later\"\nserve_stale = \"six hours\"\n[[protection]]\nname = \"a\"\nwhen = { days = [\"sat\"], dates = [\"2027-13-01\"] }\n",
         )
         .unwrap_err();
         let all = errs.join("\n");
@@ -369,7 +379,7 @@ mod tests {
             "\"7am\" is not a time of day",
             "unknown time zone \"Mars/Olympus\"",
             "gateway.toml:4:15: hard_purges = \"later\": write \"soften\", \"defer\" or \"apply\"",
-            "gateway.toml:5:15: serve_stale is not supported yet",
+            "gateway.toml:5:15: serve_stale: bad duration \"six hours\"",
             "gateway.toml:7:8: a protection window named \"a\" is defined twice",
             "\"2027-13-01\" is not a date",
             "write either `days` or `dates`",

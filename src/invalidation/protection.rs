@@ -88,6 +88,9 @@ pub struct Active {
     pub defer_cdn: bool,
     /// A window that defers hard purges is on.
     pub defer_purges: bool,
+    /// The longest `serve_stale` of the windows on: stale answers may be served this much past
+    /// an entry's own stale windows (zero: not at all).
+    pub serve_stale: Duration,
 }
 
 impl Active {
@@ -199,6 +202,7 @@ impl Protection {
                 active.soften |= w.hard_purges == HardPurges::Soften;
                 active.defer_cdn |= w.cdn_purges == CdnPurges::Defer;
                 active.defer_purges |= w.hard_purges == HardPurges::Defer;
+                active.serve_stale = active.serve_stale.max(w.serve_stale);
             }
         }
         if let Some(q) = &self.queue {
@@ -523,6 +527,7 @@ mod tests {
         ProtectionWindow {
             name: name.into(),
             schedule: None,
+            serve_stale: Duration::from_secs(if name == "a" { 60 } else { 3600 }),
             hard_purges: hard,
             cdn_purges: cdn,
         }
@@ -550,11 +555,13 @@ mod tests {
             .unwrap();
         let both = p.active();
         assert!(both.soften && both.defer_cdn);
+        assert_eq!(both.serve_stale, Duration::from_secs(3600), "the longest");
         // An expired switch no longer counts.
         p.switch("b", true, Some(calendar_now_ms().saturating_sub(1)), "test")
             .await
             .unwrap();
         assert_eq!(p.active().names, vec!["a"]);
+        assert_eq!(p.active().serve_stale, Duration::from_secs(60));
         let err = p.switch("nope", true, None, "test").await.unwrap_err();
         assert!(err.contains("no protection window named \"nope\""), "{err}");
     }

@@ -17,8 +17,8 @@
 //! | `upstream_response_filter` | origin tags; upstream metrics                      | [`crate::policy`] |
 //! | `response_cache_filter`  | RFC 9111 storability; attach the entry's facts        | [`crate::policy::cacheability`] |
 //! | `cache_vary_filter`      | the response `Vary` variance key                      | [`crate::policy::variance`] |
-//! | `should_serve_stale`     | stale-while-revalidate / stale-if-error               | |
-//! | `response_filter`        | `Cache-Status`; invalidate after unsafe success       | [`cache_status::decide`], [`invalidate`] |
+//! | `should_serve_stale`     | stale-while-revalidate / stale-if-error: the entry's own windows, longer while a protection window's `serve_stale` is on | [`crate::policy::stale_allowed`] |
+//! | `response_filter`        | `Cache-Status`; drop the stored-only `aisle-stale`; invalidate after unsafe success | [`cache_status::decide`], [`invalidate`] |
 //! | `logging`                | metrics, the debug line                               | |
 
 pub mod access;
@@ -216,6 +216,19 @@ impl Gateway {
     fn fill_horizon(&self, ctx: &Ctx) -> Duration {
         let u = &ctx.live.config.upstreams[ctx.rule().upstream];
         u.connect_timeout + u.read_timeout + Duration::from_secs(1)
+    }
+
+    /// Whether `meta` may be served stale now: its own window, or a protection window's
+    /// `serve_stale` beyond it while one is on ([`policy::stale_allowed`]).
+    fn stale_allowed(&self, meta: &CacheMeta, kind: policy::Stale) -> bool {
+        let extension =
+            (self.invalidator.protection()).map_or(Duration::ZERO, |p| p.active().serve_stale);
+        policy::stale_allowed(meta, kind, SystemTime::now(), extension)
+    }
+
+    /// [`Self::stale_allowed`] for the session's entry (none: pingora's own check stands).
+    fn stale_allowed_now(&self, session: &Session, kind: policy::Stale) -> bool {
+        (session.cache.maybe_cache_meta()).is_none_or(|meta| self.stale_allowed(meta, kind))
     }
 
     /// What the phases observed, for `Cache-Status` and the outcome metric.
@@ -475,7 +488,7 @@ impl ProxyHttp for Gateway {
         let stale_fallback = !is_fresh
             && !directives.any()
             && session.subrequest_ctx.is_none()
-            && meta.serve_stale_if_error(SystemTime::now());
+            && self.stale_allowed(meta, policy::Stale::IfError);
         if stale_fallback
             && self.stale_after(session, ctx).is_some()
             && self
@@ -570,7 +583,9 @@ impl ProxyHttp for Gateway {
         let mut peer = ctx.live.peers.http_peer(index, &picked);
         ctx.upstream.picked = Some(picked);
         if let Some(after) = self.stale_after(session, ctx) {
-            if session.cache.enabled() && session.cache.can_serve_stale_error() {
+            let stale_ok = session.cache.can_serve_stale_error()
+                && self.stale_allowed(session.cache.cache_meta(), policy::Stale::IfError);
+            if session.cache.enabled() && stale_ok {
                 // A stale entry stands by: give the origin `stale_after` to answer; past it the
                 // entry is served (`should_serve_stale`) and a background fill takes over.
                 let o = &mut peer.options;
@@ -681,6 +696,10 @@ impl ProxyHttp for Gateway {
                     .config
                     .season_at(crate::clock::calendar_now_ms())
                     .map(|s| (s.name.as_str(), s.ttl_multiplier)),
+                serve_stale: (ctx.live.config.protection.iter())
+                    .map(|w| w.serve_stale)
+                    .max()
+                    .unwrap_or_default(),
             };
             policy::cacheability(rule, resp, auth, now, limits)
         };
@@ -749,11 +768,16 @@ impl ProxyHttp for Gateway {
             // A background fill fetches; it has no client to serve stale to.
             return false;
         }
+        // Pingora checked the stored windows, which include any `serve_stale` extension: the
+        // entry's own window decides unless a protection window is on.
         let Some(e) = error else {
-            // stale-while-revalidate (the entry's window is checked by pingora), unless the
-            // request itself asked for a validated response.
-            return ctx.cache.lookup != Lookup::Refused;
+            // stale-while-revalidate, unless the request itself asked for a validated response.
+            return ctx.cache.lookup != Lookup::Refused
+                && self.stale_allowed_now(session, policy::Stale::WhileRevalidate);
         };
+        if !self.stale_allowed_now(session, policy::Stale::IfError) {
+            return false;
+        }
         let status = match e.etype() {
             ErrorType::HTTPStatus(code) => Some(*code),
             _ => None,
@@ -868,6 +892,8 @@ impl ProxyHttp for Gateway {
             }
         }
         resp.insert_header("cache-status", answered.0.to_header_value())?;
+        // Stored only (the entry's own stale windows), never sent.
+        resp.remove_header(policy::STALE_HEADER);
         if ctx.upstream.age > 0 && !resp.headers.contains_key(http::header::AGE) {
             // A miss forwards the origin's Age (RFC 9111 §5.1); answers from storage carry
             // pingora's, which already includes it.

@@ -31,6 +31,7 @@ mod hit_ratio;
 mod invalidation;
 mod listener;
 mod protection;
+mod protection_stale;
 mod purge_queue;
 mod quota;
 mod readme;
