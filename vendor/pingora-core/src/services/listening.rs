@@ -18,6 +18,10 @@
 //! Each [Service] can be configured with custom application logic (e.g. an `HTTPProxy`) and one or
 //! more endpoints to listen to.
 
+/// Aisle patch: how long connections waiting for a request are still read after the accept loops
+/// stop at shutdown (see `start_service`).
+const DRAIN_READ_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 use crate::apps::ServerApp;
 use crate::listeners::tls::TlsSettings;
 #[cfg(feature = "connection_filter")]
@@ -317,6 +321,12 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
 
         futures::future::join_all(handlers).await;
         self.listeners.cleanup();
+        // Aisle patch: the accept loops have stopped; before the app aborts every connection
+        // still waiting for a request (`cleanup`), give those a moment: a connection accepted
+        // just before the shutdown may have its first request on the wire, and a busy kept-alive
+        // client is about to send its next one. Both are then served (with `Connection: close`,
+        // since the shutdown has started) instead of being dropped unanswered.
+        tokio::time::sleep(DRAIN_READ_GRACE).await;
         app_logic.cleanup().await;
     }
 
