@@ -153,6 +153,10 @@ async fn a_client_beyond_its_connection_limit_gets_503_and_is_counted() {
     )
     .await;
     let addr = gw.listen();
+    // The harness's own readiness probe connection is gone first: counted, it would take one
+    // of this client's two slots and turn the second connection below into a refused one.
+    gw.wait_metric("aisle_connections_open", &[], "to be 0", |n| n == 0.0)
+        .await;
     let first = TcpStream::connect(addr).await.expect("connect");
     let _second = TcpStream::connect(addr).await.expect("connect");
     gw.wait_metric("aisle_connections_open", &[], "to be 2", |n| n == 2.0)
