@@ -136,6 +136,28 @@ fn time_of_day(text: &str, end: bool) -> Result<NaiveTime, String> {
     })
 }
 
+/// `tz = "..."`: an IANA zone (default UTC); an unknown name is reported where it is written.
+/// Shared with `[[season]]`.
+pub(super) fn time_zone(
+    src: &SourceFile,
+    tz: &Option<Spanned<String>>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Tz> {
+    let Some(s) = tz else { return Some(Tz::UTC) };
+    s.get_ref()
+        .parse::<Tz>()
+        .map_err(|_| {
+            diags.push(src.at(
+                s.span(),
+                format!(
+                    "unknown time zone {:?}; write an IANA name such as \"America/New_York\" or \"UTC\"",
+                    s.get_ref()
+                ),
+            ))
+        })
+        .ok()
+}
+
 /// Compiles the `[[protection]]` tables; problems go to `diags` at their position.
 pub(super) fn compile(
     src: &SourceFile,
@@ -268,22 +290,7 @@ fn schedule(
     };
     let from = time(&w.from, "00:00", false, diags);
     let to = time(&w.to, "23:59", true, diags);
-    let tz = match &w.tz {
-        None => Some(Tz::UTC),
-        Some(s) => s
-            .get_ref()
-            .parse::<Tz>()
-            .map_err(|_| {
-                diags.push(src.at(
-                    s.span(),
-                    format!(
-                        "unknown time zone {:?}; write an IANA name such as \"America/New_York\" or \"UTC\"",
-                        s.get_ref()
-                    ),
-                ))
-            })
-            .ok(),
-    };
+    let tz = time_zone(src, &w.tz, diags);
     if diags.len() > before {
         return None;
     }

@@ -107,18 +107,7 @@ pub(super) fn compile(
         }
         let from = month_day(s.from.get_ref()).map_err(|e| diags.push(src.at(s.from.span(), e)));
         let to = month_day(s.to.get_ref()).map_err(|e| diags.push(src.at(s.to.span(), e)));
-        let tz = match &s.tz {
-            None => Ok(Tz::UTC),
-            Some(t) => t.get_ref().parse::<Tz>().map_err(|_| {
-                diags.push(src.at(
-                    t.span(),
-                    format!(
-                        "unknown time zone {:?}; write an IANA name such as \"America/New_York\" or \"UTC\"",
-                        t.get_ref()
-                    ),
-                ))
-            }),
-        };
+        let tz = super::protection::time_zone(src, &s.tz, diags).ok_or(());
         let ttl_multiplier = match &s.ttl_multiplier {
             None => 1.0,
             Some(m) => {

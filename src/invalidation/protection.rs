@@ -82,6 +82,9 @@ pub struct Switch {
 pub struct Active {
     /// Names of the windows on, in config order.
     pub names: Vec<String>,
+    /// The same names joined by `,` (the `Cache-Status` parameter), made once per change so
+    /// answers only clone an `Arc`.
+    pub label: Option<Arc<str>>,
     /// A window that softens hard purges is on.
     pub soften: bool,
     /// A window that defers CDN purges is on.
@@ -204,6 +207,9 @@ impl Protection {
                 active.defer_purges |= w.hard_purges == HardPurges::Defer;
                 active.serve_stale = active.serve_stale.max(w.serve_stale);
             }
+        }
+        if active.any() {
+            active.label = Some(Arc::from(active.names.join(",")));
         }
         if let Some(q) = &self.queue {
             q.hold(active.defer_cdn);

@@ -210,7 +210,7 @@ pub struct CacheStatus {
     /// requests did or did not share an entry.
     pub key: Option<String>,
     /// The protection windows on (an extension parameter, RFC 9211 §2: `protection="a,b"`).
-    pub protection: Option<String>,
+    pub protection: Option<std::sync::Arc<str>>,
 }
 
 impl CacheStatus {

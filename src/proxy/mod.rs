@@ -885,11 +885,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let mut answered = self.status(session, ctx);
-        if let Some(active) = self.invalidator.protection().map(|p| p.active()) {
-            if active.any() {
-                // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
-                answered.0.protection = Some(active.names.join(","));
-            }
+        if let Some(p) = self.invalidator.protection() {
+            // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
+            answered.0.protection = p.active().label.clone();
         }
         resp.insert_header("cache-status", answered.0.to_header_value())?;
         // Stored only (the entry's own stale windows), never sent.

@@ -50,6 +50,29 @@ async fn admin(gw: &Gateway, method: &str, path: &str, body: Value) -> (u16, Val
     (r.status, v)
 }
 
+/// Switches the `freeze` window on through A for `duration` and waits until B has it on too;
+/// returns the instant taken before the switch was sent (the window ends no earlier than
+/// `duration` after it).
+async fn switch_for(a: &Gateway, b: &Gateway, duration: &str) -> Instant {
+    let switched = Instant::now();
+    let (status, v) = admin(
+        a,
+        "POST",
+        "/admin/protection",
+        json!({"name": "freeze", "on": true, "for": duration}),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    b.wait_metric(
+        "aisle_protection_active",
+        &[("name", "freeze")],
+        "== 1 on B (switched on A)",
+        |v| v == 1.0,
+    )
+    .await;
+    switched
+}
+
 /// A Saturday morning in New York (2027-06-12 is a Saturday) on the calendar clock: the
 /// scheduled window is on; answers say so, a tag purge only marks the answer stale (it is served
 /// while revalidating), and a forced purge removes it.
@@ -184,23 +207,7 @@ async fn a_switch_reaches_the_fleet_and_cdn_purges_wait_for_the_end() {
     );
     let mut b = b;
 
-    // Taken before the switch is sent: the window ends no earlier than 6 s after this.
-    let switched = Instant::now();
-    let (status, v) = admin(
-        &a,
-        "POST",
-        "/admin/protection",
-        json!({"name": "freeze", "on": true, "for": "6s"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    b.wait_metric(
-        "aisle_protection_active",
-        &[("name", "freeze")],
-        "== 1 on B (switched on A)",
-        |v| v == 1.0,
-    )
-    .await;
+    let switched = switch_for(&a, &b, "6s").await;
     let (status, v) = admin(
         &b,
         "POST",
@@ -293,22 +300,7 @@ async fn deferred_purges_are_applied_once_after_the_window_by_a_survivor() {
     assert!(b.get("/v/3").await.is_hit());
     let fetched = origin.count("/v/3");
 
-    let switched = Instant::now();
-    let (status, v) = admin(
-        &a,
-        "POST",
-        "/admin/protection",
-        json!({"name": "freeze", "on": true, "for": "4s"}),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
-    b.wait_metric(
-        "aisle_protection_active",
-        &[("name", "freeze")],
-        "== 1 on B (switched on A)",
-        |v| v == 1.0,
-    )
-    .await;
+    let switched = switch_for(&a, &b, "4s").await;
     let (status, v) = admin(
         &b,
         "POST",

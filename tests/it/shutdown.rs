@@ -43,20 +43,7 @@ async fn sigterm_lets_a_stream_in_flight_finish() {
         ])
     });
     let mut gw = Gateway::start(&config(&origin.url(), "6s"), &[]).await;
-    let mut resp = gw
-        .client()
-        .get(gw.url("/v1/stream"))
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await
-        .expect("stream starts");
-    assert_eq!(resp.status().as_u16(), 200);
-    let mut got = resp
-        .chunk()
-        .await
-        .expect("first chunk")
-        .expect("a first chunk")
-        .to_vec();
+    let (mut resp, mut got) = start_stream(&gw, "/v1/stream").await;
     assert_eq!(got, b"data: first\n\n");
 
     let signalled = Instant::now();

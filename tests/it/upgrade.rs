@@ -135,20 +135,7 @@ async fn an_upgrade_drops_no_connection_no_stream_and_no_purge() {
         .map(|fresh| client_loop(gw.url(""), stop.clone(), fresh))
         .collect();
 
-    let mut stream = gw
-        .client()
-        .get(gw.url("/v1/stream"))
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .expect("stream starts");
-    assert_eq!(stream.status().as_u16(), 200);
-    let mut got = stream
-        .chunk()
-        .await
-        .expect("first chunk")
-        .expect("a chunk")
-        .to_vec();
+    let (mut stream, mut got) = start_stream(&gw, "/v1/stream").await;
 
     let socket = gw.config_path().parent().unwrap().join("upgrade.sock");
     let started = Instant::now();

@@ -537,6 +537,25 @@ async fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process
     }
 }
 
+/// Starts a streamed GET of `path` (status 200 asserted) and reads its first chunk.
+pub async fn start_stream(gw: &Gateway, path: &str) -> (reqwest::Response, Vec<u8>) {
+    let mut resp = gw
+        .client()
+        .get(gw.url(path))
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await
+        .expect("stream starts");
+    assert_eq!(resp.status().as_u16(), 200);
+    let first = resp
+        .chunk()
+        .await
+        .expect("first chunk")
+        .expect("a first chunk")
+        .to_vec();
+    (resp, first)
+}
+
 /// Reads the rest of a streamed answer into `got`, panicking (with what was read and how long
 /// after `since`) if the stream is cut.
 pub async fn read_rest(
