@@ -15,6 +15,21 @@ pub fn now_ms() -> u64 {
     millis(SystemTime::now())
 }
 
+/// Returns once the wall clock has left the millisecond it reads now (at most about 1 ms;
+/// bounded at 5 ms in case the clock is stepped back meanwhile).
+///
+/// A purge recorded at millisecond `m` judges entries created in `m` as purged, since they may
+/// come from a fill that was already in flight. A purge that answers only after `m` is over
+/// guarantees that nothing requested after its answer is created in `m`, so a refill right
+/// after a purge is never mistaken for the fill it replaced.
+pub async fn leave_this_ms() {
+    let this = now_ms();
+    let give_up = Instant::now() + Duration::from_millis(5);
+    while now_ms() <= this && Instant::now() < give_up {
+        tokio::time::sleep(Duration::from_micros(250)).await;
+    }
+}
+
 /// Unix milliseconds of `t`, saturating at 0 before 1970 and at `u64::MAX` far in the future.
 pub fn millis(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)

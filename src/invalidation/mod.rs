@@ -450,6 +450,8 @@ impl Invalidator {
                 self.audit.set_cdn(&id, "unavailable");
             }
         }
+        // Every epoch above is at or before this millisecond: answer once it is over.
+        crate::clock::leave_this_ms().await;
         summary
     }
 }
@@ -561,6 +563,57 @@ mod tests {
         );
         assert!(url_parts("http://a@h/x").is_err());
         assert!(url_parts("/a/b").unwrap_err().contains("absolute"));
+    }
+
+    /// A purge answers only after its millisecond is over, so an entry created by a request sent
+    /// after the answer (a refill) is never judged purged by it, while everything created up to
+    /// the purge still is. Without the wait, most of these purges and refills share a millisecond.
+    #[tokio::test]
+    async fn a_refill_after_the_answer_is_not_judged_purged() {
+        use crate::storage::epochs::Verdict;
+        use crate::storage::memory::{Eviction, MemoryStorage};
+        use std::time::{Duration, SystemTime};
+        let eviction: &'static Eviction = Box::leak(Box::new(Eviction::with_capacity(1 << 20, 64)));
+        let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
+        let epochs = Arc::new(Epochs::default());
+        let wait = Duration::from_secs(1);
+        let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
+            memory,
+            epochs.clone(),
+            None,
+            true,
+            wait,
+            wait,
+        )));
+        let audit = Arc::new(Audit::new(None).expect("an audit log without Redis"));
+        let inv = Invalidator::new(storage, epochs.clone(), None, None, audit, wait);
+        let rules = RuleSet::default();
+        let uri = key::uri_id("h", "/a");
+        for round in 0..50 {
+            let before = SystemTime::now();
+            let request = Request {
+                tags: vec!["t".into()],
+                urls: vec!["http://h/a".into()],
+                prefixes: Vec::new(),
+                events: Vec::new(),
+                soft: false,
+                source: "admin".into(),
+                actor: "test".into(),
+                cdn: Cdn::Never,
+                force: false,
+            };
+            inv.execute(inv.plan(request, &rules).expect("a valid purge"))
+                .await;
+            assert!(
+                matches!(epochs.judge(before, ["t"], "h/a", uri), Verdict::Gone),
+                "round {round}: an entry created before the purge is purged"
+            );
+            let refill = SystemTime::now();
+            assert!(
+                matches!(epochs.judge(refill, ["t"], "h/a", uri), Verdict::Valid),
+                "round {round}: a refill after the answer is kept"
+            );
+        }
     }
 
     /// Issue 9 item 13: metric labels come from a fixed set.
