@@ -197,9 +197,9 @@ impl Protection {
         let now = calendar_now_ms();
         let switches = self.switches.lock().clone();
         let mut active = Active::default();
-        for w in self.windows.load().iter() {
+        let windows = self.windows.load();
+        for w in windows.iter() {
             let on = is_on(w, switches.get(&w.name), now);
-            ACTIVE.with_label_values(&[&w.name]).set(i64::from(on));
             if on {
                 active.names.push(w.name.clone());
                 active.soften |= w.hard_purges == HardPurges::Soften;
@@ -219,6 +219,11 @@ impl Protection {
                 tracing::warn!(on = ?active.names, "protection windows changed");
             }
             self.active.store(Arc::new(active));
+        }
+        // Shown last: once the gauge says a window is on, answers and purges already obey it.
+        for w in windows.iter() {
+            let on = self.active.load().names.contains(&w.name);
+            ACTIVE.with_label_values(&[&w.name]).set(i64::from(on));
         }
     }
 
