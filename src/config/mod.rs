@@ -464,6 +464,17 @@ impl Config {
         } else {
             None
         };
+        // Configuration warnings ride with the rules' own, which `aisle check`, start and every
+        // reload print.
+        let mut rules = rules;
+        if let Some(r) = rules.as_mut() {
+            r.warnings.extend(protection::overlaps(
+                &src,
+                &raw.protection,
+                &protection,
+                crate::clock::calendar_now_ms(),
+            ));
+        }
         let cdn = match &raw.cdn {
             None => None,
             Some(c) => match cdn::check(c) {

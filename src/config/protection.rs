@@ -96,6 +96,86 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The instants (unix ms) this window starts at within `span_days` days of `from_ms`
+    /// (beginning a day earlier, so a window already on at `from_ms` counts).
+    fn starts(&self, from_ms: u64, span_days: i64) -> Vec<u64> {
+        let Some(utc) = chrono::DateTime::from_timestamp_millis(from_ms as i64) else {
+            return Vec::new();
+        };
+        let first = self.tz.from_utc_datetime(&utc.naive_utc()).date_naive();
+        let days = (first.iter_days().take(span_days as usize + 1)).chain(first.pred_opt());
+        let days: Vec<NaiveDate> = if self.dates.is_empty() {
+            days.filter(|d| self.days[d.weekday().num_days_from_monday() as usize])
+                .collect()
+        } else {
+            days.filter(|d| self.dates.contains(d)).collect()
+        };
+        days.into_iter()
+            .filter_map(|d| {
+                self.tz
+                    .from_local_datetime(&d.and_time(self.from))
+                    .earliest()
+            })
+            .map(|t| t.timestamp_millis().max(0) as u64)
+            .collect()
+    }
+}
+
+/// Warnings (not errors: overlapping windows combine, each setting taking its strictest value)
+/// for scheduled windows that are on at the same time within a year of `now_ms`, each at the
+/// later window's `when`, naming the first instant both are on. Two intervals overlap exactly
+/// when one starts inside the other, so only the windows' start instants are looked at.
+pub(super) fn overlaps(
+    src: &SourceFile,
+    raw: &[Spanned<RawProtection>],
+    windows: &[ProtectionWindow],
+    now_ms: u64,
+) -> Vec<Diagnostic> {
+    let mut out = Vec::new();
+    for (j, b) in windows.iter().enumerate() {
+        for a in &windows[..j] {
+            let (Some(sa), Some(sb)) = (&a.schedule, &b.schedule) else {
+                continue;
+            };
+            let first = (sa
+                .starts(now_ms, 366)
+                .into_iter()
+                .filter(|&t| sb.active_at(t)))
+            .chain(
+                sb.starts(now_ms, 366)
+                    .into_iter()
+                    .filter(|&t| sa.active_at(t)),
+            )
+            .min();
+            let (Some(at), Some(table)) = (first, raw.get(j)) else {
+                continue;
+            };
+            let when = chrono::DateTime::from_timestamp_millis(at as i64)
+                .map(|t| {
+                    sb.tz
+                        .from_utc_datetime(&t.naive_utc())
+                        .format("%Y-%m-%d %H:%M %Z")
+                        .to_string()
+                })
+                .unwrap_or_default();
+            let span = table
+                .get_ref()
+                .when
+                .as_ref()
+                .map_or(table.span(), |w| w.span());
+            out.push(src.at(
+                span,
+                format!(
+                    "warning: protection window {:?} overlaps {:?} (both on at {when}); while both are on they combine, each setting taking its strictest value; narrow one of them if that is not meant",
+                    b.name, a.name
+                ),
+            ));
+        }
+    }
+    out
+}
+
 /// A compiled `[[protection]]` window.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProtectionWindow {
@@ -329,6 +409,47 @@ mod tests {
         chrono::DateTime::parse_from_rfc3339(rfc3339)
             .unwrap()
             .timestamp_millis() as u64
+    }
+
+    fn overlap_warnings(text: &str, now: &str) -> Vec<String> {
+        let src = SourceFile::new(Path::new("gateway.toml"), text);
+        let doc: Doc = toml::from_str(text).unwrap();
+        let mut diags = Vec::new();
+        let out = compile(&src, &doc.protection, &mut diags);
+        assert!(diags.is_empty(), "{diags:?}");
+        overlaps(&src, &doc.protection, &out, ms(now))
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// Issue 14: `aisle check` names overlapping windows (a warning: they combine).
+    #[test]
+    fn overlapping_windows_are_named_with_the_first_shared_instant() {
+        let sat = "[[protection]]\nname = \"wedding-day\"\nwhen = { days = [\"sat\"], from = \"07:00\", to = \"23:59\", tz = \"America/New_York\" }\n";
+        // 18:00 in London is 13:00 in New York on that Saturday.
+        let london = "[[protection]]\nname = \"launch\"\nwhen = { dates = [\"2027-06-12\"], from = \"18:00\", to = \"20:00\", tz = \"Europe/London\" }\n";
+        let w = overlap_warnings(&format!("{sat}{london}"), "2027-06-01T00:00:00Z");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("gateway.toml:6:8: warning: protection window \"launch\" overlaps \"wedding-day\" (both on at 2027-06-12 18:00 BST)"),
+            "{w:?}"
+        );
+        // A window starting inside the other counts too (the other way round).
+        let evening = "[[protection]]\nname = \"evening\"\nwhen = { days = [\"fri\"], from = \"22:00\", to = \"08:00\", tz = \"America/New_York\" }\n";
+        let w = overlap_warnings(&format!("{sat}{evening}"), "2027-06-01T00:00:00Z");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("(both on at 2027-06-05 07:00 EDT)"), "{w:?}");
+        // Sunday does not meet Saturday; a date a year away or in the past is not looked at.
+        let sun = sat.replace("wedding-day", "sunday").replace("sat", "sun");
+        let past = london.replace("2027-06-12", "2026-06-13");
+        assert_eq!(
+            overlap_warnings(&format!("{sat}{sun}{past}"), "2027-06-01T00:00:00Z"),
+            Vec::<String>::new()
+        );
+        // A window only switched by hand has no schedule to compare.
+        let manual = "[[protection]]\nname = \"freeze\"\n";
+        assert!(overlap_warnings(&format!("{sat}{manual}"), "2027-06-01T00:00:00Z").is_empty());
     }
 
     #[test]

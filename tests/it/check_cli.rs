@@ -426,3 +426,35 @@ invalidate_on = ["vendor_update", "availability_change", "never_fired"]
         run.output
     );
 }
+
+/// Issue 14: `aisle check` names overlapping protection windows, at the later window's `when`
+/// (a warning, exit 0: while both are on they combine); windows that never meet are not named.
+#[test]
+fn overlapping_protection_windows_are_warned_about() {
+    let gateway = format!(
+        "{GATEWAY}\n[[protection]]\nname = \"wedding-day\"\nwhen = {{ days = [\"sat\"], from = \"07:00\", to = \"23:59\", tz = \"America/New_York\" }}\n\n[[protection]]\nname = \"sunday\"\nwhen = {{ days = [\"sun\"], from = \"09:00\", to = \"12:00\", tz = \"America/New_York\" }}\n\n[[protection]]\nname = \"chicago-brunch\"\nwhen = {{ days = [\"sat\"], from = \"08:00\", to = \"10:00\", tz = \"America/Chicago\" }}\n"
+    );
+    let run = run_check(&gateway, &[]);
+    assert_eq!(
+        run.code,
+        Some(0),
+        "a warning is no error; output:\n{}",
+        run.output
+    );
+    let warnings: Vec<&str> = (run.output.lines())
+        .filter(|l| l.contains("warning"))
+        .collect();
+    let line = gateway
+        .lines()
+        .position(|l| l.contains("America/Chicago"))
+        .unwrap()
+        + 1;
+    assert_eq!(warnings.len(), 1, "output:\n{}", run.output);
+    assert!(
+        warnings[0].contains(&format!("gateway.toml:{line}:"))
+            && warnings[0].contains("\"chicago-brunch\" overlaps \"wedding-day\"")
+            && warnings[0].contains("08:00 C"),
+        "the warning names the place, both windows and when; output:\n{}",
+        run.output
+    );
+}
