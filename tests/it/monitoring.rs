@@ -477,6 +477,12 @@ async fn prometheus_scrapes_the_gateway_and_the_rules_and_dashboard_give_the_exp
     let redis = RedisServer::start();
     let origin = Origin::start(|req| OriginResponse::ok(format!("{} #{}", req.path, req.count)));
     let cdn = Origin::start(|_| OriginResponse::ok(""));
+    // Upstream `limited` (the same origin) has a quota of one request.
+    let base = format!(
+        "{}\n[upstreams.limited]\nurl = \"{}\"\n",
+        config_for(&origin.url()),
+        origin.url()
+    );
     let config = format!(
         r#"{base}quota = {{ requests = 1, per = "1h", burst = 1, on_exhausted = "reject" }}
 [redis]
@@ -499,11 +505,6 @@ fire = {{ event = "priced_changed" }}
 name = "wedding-day"
 serve_stale = "1h"
 "#,
-        base = format!(
-            "{}\n[upstreams.limited]\nurl = \"{}\"\n",
-            config_for(&origin.url()),
-            origin.url()
-        ),
         redis = redis.url(),
         cdn = cdn.url(),
     );
