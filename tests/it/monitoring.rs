@@ -635,11 +635,13 @@ serve_stale = "1h"
         "Prometheus loaded every rule of alerts.yml"
     );
 
-    // The recording rules: the hit ratio exactly (every series of the ratio is sampled at the
-    // same instants, so rate()'s extrapolation cancels out), the saved cost per request saved
-    // exactly, and the saved cost rate as 3.0 over 5 minutes (extrapolation only adds).
+    // The recording rules: the hit ratio exactly (to 1e-9: every series of the ratio is sampled
+    // at the same instants, so rate()'s extrapolation cancels out), the saved cost per request
+    // saved exactly, and the saved cost rate as 3.0 over 5 minutes: rate() extrapolates to the
+    // end of its window by up to 1.1 scrape intervals, which is within 25% once Prometheus has
+    // about 5 s of samples (until then this keeps polling).
     let (ratio, cost_rate) = poll_until(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         "the recording rules to give the hit ratio and saved cost",
         || async {
             let ratio = prom
@@ -658,15 +660,12 @@ serve_stale = "1h"
                 .await?;
             (close(ratio.value, expected_ratio)
                 && close(per_request.value, COST)
-                && cost.value * 300.0 >= expected_cost * (1.0 - 1e-9))
+                && cost.value * 300.0 >= expected_cost * (1.0 - 1e-9)
+                && cost.value * 300.0 <= expected_cost * 1.25)
                 .then_some((ratio.value, cost.value))
         },
     )
     .await;
-    assert!(
-        cost_rate * 300.0 <= expected_cost * 2.0,
-        "aisle:cost_saved:rate5m {cost_rate} is far above {expected_cost} per 5 minutes"
-    );
 
     // The dashboard: every expression names exported or recorded metrics only, and Prometheus
     // evaluates it.
@@ -695,6 +694,34 @@ serve_stale = "1h"
         vars.contains(&"rule") && vars.contains(&"instance"),
         "{vars:?}"
     );
+    // Each panel: a unique id, the data source variable, and `$instance` in every query (the
+    // rule panels `$rule` too), so the variables filter everything shown.
+    let mut ids = BTreeSet::new();
+    for p in dashboard["panels"].as_array().expect("panels") {
+        let title = p["title"].as_str().unwrap_or_default();
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "{title}: id repeated"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap_or_default();
+            assert!(expr.contains("instance=~\"$instance\""), "{title}: {expr}");
+            let per_rule = [
+                "aisle_requests_total",
+                "aisle_request_duration",
+                "_saved_total",
+            ];
+            if per_rule.iter().any(|m| expr.contains(m)) {
+                assert!(expr.contains("rule=~\"$rule\""), "{title}: {expr}");
+            }
+        }
+    }
 
     // Its main queries give the expected values: hit ratio (by rule, and overall for the
     // selected rule), and the saved cost and requests over the range, evaluated at the last
