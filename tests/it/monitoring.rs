@@ -358,6 +358,10 @@ fn metric_names_of_an_expression() {
                 / on (rule) group_left aisle:b:rate5m > 0.5 and bool aisle_c offset 1m * 3600";
     let got: Vec<String> = metric_names(expr).into_iter().collect();
     assert_eq!(got, ["aisle:b:rate5m", "aisle_a_bucket", "aisle_c"]);
+    // As Prometheus prints rules back (`/api/v1/rules`): no space before label lists.
+    let printed = "histogram_quantile(0.99, sum by(rule, le) (rate(aisle_d_bucket[5m]))) > on(rule) group_left() max without(instance) (aisle_e)";
+    let got: Vec<String> = metric_names(printed).into_iter().collect();
+    assert_eq!(got, ["aisle_d_bucket", "aisle_e"]);
 }
 
 /// Sample names of a text exposition (histograms as their `_bucket`, `_sum`, `_count`).
@@ -627,6 +631,15 @@ serve_stale = "1h"
                 "rule {} failed: {}",
                 r["name"], r["lastError"]
             );
+            // And reads only metrics the gateway exports (or that alerts.yml records).
+            let query = r["query"].as_str().expect("rule query");
+            for n in metric_names(query) {
+                assert!(
+                    exported.contains(&n) || recorded.contains(&n),
+                    "rule {}: {n} is neither in the gateway's scrape nor recorded",
+                    r["name"]
+                );
+            }
         }
     }
     assert_eq!(
