@@ -5,6 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_packages cmake:cmake redis-server:redis-server redis-cli:redis-tools curl:curl  # curl: tests/it/readme.rs runs README's commands
+# prometheus + promtool (Debian's prometheus package ships both): tests/it/monitoring.rs runs a real
+# Prometheus and promtool; the package's own service (if systemd starts it) is never used.
+ensure_packages promtool:prometheus prometheus:prometheus
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # The fuzz targets (src/fuzz/) run a bounded number of cases here (2000 per unit of weight,

@@ -415,6 +415,11 @@ pub struct RuleMetrics {
 impl RuleMetrics {
     pub fn new(rule: &str) -> Self {
         let m = metrics();
+        // The savings series exist (at 0) from the start, like the request counters: a counter
+        // that appears only at its first increment loses that increment to `rate()` and
+        // `increase()` in Prometheus (the first sample has nothing before it to differ from).
+        m.cost_saved.with_label_values(&[rule]);
+        m.tokens_saved.with_label_values(&[rule]);
         RuleMetrics {
             saved: m.saved_requests.with_label_values(&[rule]),
             rule: rule.into(),
