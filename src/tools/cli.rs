@@ -128,7 +128,7 @@ pub fn target(
         if !base.starts_with("http://") && !base.starts_with("https://") {
             return Err(Failure::new(
                 EXIT_USAGE,
-                format!("--admin {url:?}: give a URL like http://127.0.0.1:9090"),
+                format!("--admin {url:?}: give a URL like http://127.0.0.1:9180"),
             ));
         }
         return Ok(Target {

@@ -110,7 +110,7 @@ async fn replay_and_gateway_admit_and_key_every_request_alike() {
     let shipped = std::fs::read_to_string(root.join("gateway.toml")).unwrap();
     let config = shipped
         .replace("127.0.0.1:8080", "{listen}")
-        .replace("127.0.0.1:9090", "{admin}")
+        .replace("127.0.0.1:9180", "{admin}")
         .replace("http://127.0.0.1:3000", &origin.url())
         // Both sides hash API keys with one secret (unset, each process would make its own).
         .replace(

@@ -8,7 +8,7 @@
 //!   and stderr together; trailing blank lines ignored). A `# comment` on a command line is the
 //!   shell's.
 //! - README's addresses are the shipped ones: the proxy `127.0.0.1:8080`, the admin listener
-//!   `127.0.0.1:9090`, the demo origin `127.0.0.1:3000`. The test serves the same files on free
+//!   `127.0.0.1:9180`, the demo origin `127.0.0.1:3000`. The test serves the same files on free
 //!   ports and swaps the addresses in each command, and back in its output.
 //! - In expected output, `<anything>` (a placeholder) stands for one run of non-space
 //!   characters that changes from run to run: seconds left, ids, times.
@@ -119,7 +119,7 @@ impl Demo {
         let dir = tempfile::tempdir().expect("tempdir");
         let addresses = vec![
             ("127.0.0.1:8080", format!("127.0.0.1:{}", free_port())),
-            ("127.0.0.1:9090", format!("127.0.0.1:{}", free_port())),
+            ("127.0.0.1:9180", format!("127.0.0.1:{}", free_port())),
             ("127.0.0.1:3000", format!("127.0.0.1:{}", free_port())),
         ];
         let shipped = std::fs::read_to_string(repo.join("gateway.toml")).expect("gateway.toml");
@@ -300,7 +300,7 @@ fn shipped_config_fires_its_events_and_takes_loopback_purges() {
     for event in ["vendor_update", "availability_change"] {
         let out = demo.run(&format!(
             "curl -s -o /dev/null -w '%{{http_code}}\\n' -X POST -H \"Authorization: Bearer $AISLE_ADMIN_TOKEN\" \
-             http://127.0.0.1:9090/admin/invalidate -d '{{\"events\":[{{\"name\":\"{event}\",\"params\":{{}}}}]}}'"
+             http://127.0.0.1:9180/admin/invalidate -d '{{\"events\":[{{\"name\":\"{event}\",\"params\":{{}}}}]}}'"
         ));
         assert_eq!(out.trim(), "202", "firing {event}\n{}", demo.logs());
     }
