@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/deps.sh
 ensure_packages cmake:cmake redis-server:redis-server redis-cli:redis-tools curl:curl  # curl: tests/it/readme.rs runs README's commands
+# The schema-driven fuzzer of the admin API (tests/it/openapi.rs), pinned, in its own venv.
+ensure_schemathesis
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # The fuzz targets (src/fuzz/) run a bounded number of cases here (2000 per unit of weight,

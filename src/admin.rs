@@ -134,10 +134,15 @@ struct InvalidateBody {
 struct ProtectBody {
     name: String,
     on: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     until: Option<String>,
-    #[serde(default, rename = "for")]
+    #[serde(default, rename = "for", deserialize_with = "present")]
     r#for: Option<String>,
+}
+
+/// An optional string that, when given, is a string (`null` is refused, as the spec says).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -166,15 +171,30 @@ fn parse_since(query: Option<&str>) -> Result<u64, String> {
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
+    let too_large = || {
+        error(
+            Code::TooLarge,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        session.set_keepalive(None);
+        return Err(too_large());
+    }
     let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY {
-                    return Err(error(
-                        Code::TooLarge,
-                        format!("the body is larger than {MAX_BODY} bytes"),
-                    ));
+                    session.set_keepalive(None);
+                    return Err(too_large());
                 }
                 body.extend_from_slice(&chunk);
             }

@@ -116,7 +116,8 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
         } else {
             Some(path)
         };
-        (inner.to_string(), field)
+        // A field can only be named by a non-empty name (`{"": 1}` is refused without one).
+        (inner.to_string(), field.filter(|f| !f.is_empty()))
     })?;
     // Trailing text after the value is refused, as `serde_json::from_slice` does.
     de.end().map_err(|e| (e.to_string(), None))?;
@@ -180,6 +181,7 @@ mod tests {
             Some("tags[1]")
         );
         assert_eq!(field("{"), None);
+        assert_eq!(field(r#"{"": null}"#), None, "an empty name names nothing");
         assert_eq!(field(r#"{"name": "a", "tags": ["x""#), None);
         assert_eq!(field(r#"{"name": "a"} x"#), None);
         assert!(parse_json::<B>(br#"{"name": "a"}"#).is_ok());

@@ -30,6 +30,7 @@ mod eviction;
 mod hit_ratio;
 mod invalidation;
 mod listener;
+mod openapi;
 mod protection;
 mod protection_stale;
 mod purge_queue;
