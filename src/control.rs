@@ -253,7 +253,19 @@ pub async fn webhook(
         refuse("bad_signature", reason);
         return respond_json(session, 401, error_json(code, msg), CS).await;
     }
-    let json: serde_json::Value = match serde_json::from_slice(&body) {
+    let json = match serde_json::from_slice::<serde_json::Value>(&body) {
+        // Every supported vendor sends an object; anything else maps to nothing and is refused
+        // rather than accepted as a delivery that fired no event (found by the OpenAPI fuzzer).
+        Ok(v) if !v.is_object() => {
+            refuse("malformed", "malformed");
+            return respond_json(
+                session,
+                400,
+                error_json(Code::InvalidJson, "the delivery must be a JSON object"),
+                CS,
+            )
+            .await;
+        }
         Ok(v) => v,
         Err(e) => {
             refuse("malformed", "malformed");

@@ -85,7 +85,8 @@ impl Run {
     }
 }
 
-/// Runs `schemathesis run <spec> <args>` in `dir`, killed past [`RUN_DEADLINE`].
+/// Runs `schemathesis run <spec> <args>` in `dir`, killed past [`RUN_DEADLINE`], with the hook
+/// that signs `tave` deliveries (`sign_webhooks.py`, beside this file).
 async fn fuzz(dir: &Path, args: &[&str]) -> Run {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemathesis.toml");
     let mut cmd = tokio::process::Command::new(schemathesis());
@@ -106,6 +107,12 @@ async fn fuzz(dir: &Path, args: &[&str]) -> Run {
         ])
         .args(args)
         .current_dir(dir)
+        .env(
+            "PYTHONPATH",
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/openapi"),
+        )
+        .env("SCHEMATHESIS_HOOKS", "sign_webhooks")
+        .env("AISLE_FUZZ_WEBHOOK_SECRET", TAVE_SECRET)
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null());
     let out = tokio::time::timeout(RUN_DEADLINE, cmd.output())
@@ -291,6 +298,30 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
         webhooks.ok,
         "the webhook endpoint broke its contract:\n{}",
         webhooks.failures()
+    );
+    // The hook signed the `tave` deliveries, so more than the signature check was fuzzed.
+    let count = |outcome: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric(
+                "aisle_webhooks_total",
+                &[("source", "tave"), ("outcome", outcome)],
+            )
+            .await
+            .unwrap_or(0.0)
+        }
+    };
+    let (accepted, malformed, duplicate) = (
+        count("accepted").await,
+        count("malformed").await,
+        count("duplicate").await,
+    );
+    println!(
+        "openapi webhooks: signed deliveries accepted {accepted}, refused as malformed {malformed}, duplicates {duplicate}"
+    );
+    assert!(
+        accepted >= 1.0 && malformed >= 1.0,
+        "the signing hook did not take"
     );
 
     // 4. `PURGE` as `x-aisle-purge` says, and the event stream's opening.
