@@ -24,3 +24,21 @@ ensure_packages() {
     return 1
   fi
 }
+
+# Installs the pinned schemathesis (PyPI) in a venv under ~/.cache/aisle, where
+# tests/it/openapi.rs looks for it (AISLE_SCHEMATHESIS overrides). Needs python3 with venv;
+# on Debian that is python3-venv, installed here when missing.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv="${HOME}/.cache/aisle/schemathesis-${SCHEMATHESIS_VERSION}"
+  [[ -x "$venv/bin/schemathesis" ]] && return 0
+  ensure_packages python3:python3
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    # No command tells venv apart, so name one that never exists: the package is installed.
+    ensure_packages python3-venv-missing:python3-venv
+  fi
+  echo "installing schemathesis ${SCHEMATHESIS_VERSION} in $venv" >&2
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==${SCHEMATHESIS_VERSION}"
+}

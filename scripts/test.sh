@@ -8,6 +8,8 @@ ensure_packages cmake:cmake redis-server:redis-server redis-cli:redis-tools curl
 # prometheus + promtool (Debian's prometheus package ships both): tests/it/monitoring.rs runs a real
 # Prometheus and promtool; the package's own service (if systemd starts it) is never used.
 ensure_packages promtool:prometheus prometheus:prometheus
+# The schema-driven fuzzer of the admin API (tests/it/openapi.rs), pinned, in its own venv.
+ensure_schemathesis
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 # The fuzz targets (src/fuzz/) run a bounded number of cases here (2000 per unit of weight,

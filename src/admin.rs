@@ -6,6 +6,7 @@
 //! because `/admin/events` streams (server-sent events) for as long as the client listens.
 //! Every `/admin/*` route needs `Authorization: Bearer <[admin] token>`, compared in constant time.
 
+use crate::api_error::{self, Code};
 use crate::control::bearer_ok;
 use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
 use crate::reload::Reloader;
@@ -42,6 +43,8 @@ struct Reply {
     status: u16,
     content_type: &'static str,
     body: Vec<u8>,
+    /// `Allow`, on a 405.
+    allow: Option<&'static str>,
 }
 
 fn reply(status: u16, body: Value) -> Reply {
@@ -49,22 +52,58 @@ fn reply(status: u16, body: Value) -> Reply {
         status,
         content_type: "application/json",
         body: format!("{body}\n").into_bytes(),
+        allow: None,
     }
 }
 
-fn error(status: u16, message: impl std::fmt::Display) -> Reply {
-    reply(status, json!({ "error": message.to_string() }))
+/// An error answer: the status goes with the code ([`api_error`]).
+fn error(code: Code, message: impl std::fmt::Display) -> Reply {
+    reply(code.status(), api_error::value(code, message, None))
+}
+
+/// An error answer naming the input at fault.
+fn error_at(code: Code, message: impl std::fmt::Display, field: &str) -> Reply {
+    reply(code.status(), api_error::value(code, message, Some(field)))
+}
+
+/// 405 with the methods the path takes.
+fn wrong_method(allow: &'static str) -> Reply {
+    Reply {
+        allow: Some(allow),
+        ..error(Code::MethodNotAllowed, format!("use {allow}"))
+    }
+}
+
+/// The methods each admin path takes (the rest answer 405 with `Allow`).
+fn admin_methods(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/admin/invalidate" | "/admin/purges/retry" | "/admin/reload" => "POST",
+        "/admin/purges" | "/admin/stats" | "/admin/audit" | "/admin/events" => "GET",
+        "/admin/protection" => "GET, POST",
+        _ => return None,
+    })
+}
+
+/// A JSON body parsed, or a 400 naming the input at fault.
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8], what: &str, hint: &str) -> Result<T, Reply> {
+    api_error::parse_json(body).map_err(|(message, field)| {
+        let message = format!("bad {what}: {message}{hint}");
+        match field {
+            Some(f) => error_at(Code::InvalidJson, message, &f),
+            None => error(Code::InvalidJson, message),
+        }
+    })
 }
 
 /// The 401 of `/admin/*`: a wrong token, or none configured (then the API is disabled).
 fn unauthorized(token: Option<&str>) -> Reply {
     match token {
         Some(_) => error(
-            401,
+            Code::Unauthorized,
             "missing or wrong admin token (Authorization: Bearer <[admin] token>)",
         ),
         None => error(
-            401,
+            Code::Unauthorized,
             "the admin API is disabled: the configuration has no [admin] token (the shipped gateway.toml reads AISLE_ADMIN_TOKEN; set it, at least 16 characters, and restart)",
         ),
     }
@@ -95,10 +134,15 @@ struct InvalidateBody {
 struct ProtectBody {
     name: String,
     on: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     until: Option<String>,
-    #[serde(default, rename = "for")]
+    #[serde(default, rename = "for", deserialize_with = "present")]
     r#for: Option<String>,
+}
+
+/// An optional string that, when given, is a string (`null` is refused, as the spec says).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -127,20 +171,40 @@ fn parse_since(query: Option<&str>) -> Result<u64, String> {
 }
 
 async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
+    let too_large = || {
+        error(
+            Code::TooLarge,
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )
+    };
+    // A declared length over the limit is refused before a byte of the body is read.
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        session.set_keepalive(None);
+        return Err(too_large());
+    }
     let mut body = BytesMut::new();
     loop {
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_BODY {
-                    return Err(error(
-                        413,
-                        format!("the body is larger than {MAX_BODY} bytes"),
-                    ));
+                    session.set_keepalive(None);
+                    return Err(too_large());
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body.freeze()),
-            Err(e) => return Err(error(400, format!("cannot read the body: {e}"))),
+            Err(e) => {
+                return Err(error(
+                    Code::BadRequest,
+                    format!("cannot read the body: {e}"),
+                ))
+            }
         }
     }
 }
@@ -210,9 +274,9 @@ impl Admin {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let parsed: InvalidateBody = match serde_json::from_slice(&body) {
+        let parsed: InvalidateBody = match parse(&body, "invalidation request", "") {
             Ok(p) => p,
-            Err(e) => return error(400, format!("bad invalidation request: {e}")),
+            Err(r) => return r,
         };
         let request = Request {
             tags: parsed.tags,
@@ -240,7 +304,7 @@ impl Admin {
                 let summary = self.invalidator.execute(plan).await;
                 reply(202, serde_json::to_value(summary).unwrap_or_default())
             }
-            Err(e) => error(400, e),
+            Err(e) => error_at(Code::InvalidField, &e.message, &e.field),
         }
     }
 
@@ -251,31 +315,43 @@ impl Admin {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let parsed: ProtectBody = match serde_json::from_slice(&body) {
+        let parsed: ProtectBody = match parse(
+            &body,
+            "protection switch",
+            "; send {\"name\": \"...\", \"on\": true} (optional \"until\" or \"for\")",
+        ) {
             Ok(p) => p,
-            Err(e) => {
-                return error(
-                    400,
-                    format!("bad protection switch: {e}; send {{\"name\": \"...\", \"on\": true}} (optional \"until\" or \"for\")"),
-                )
-            }
+            Err(r) => return r,
         };
         let until_ms = match (&parsed.until, &parsed.r#for) {
-            (Some(_), Some(_)) => return error(400, "give \"until\" or \"for\", not both"),
+            (Some(_), Some(_)) => {
+                return error_at(
+                    Code::InvalidField,
+                    "give \"until\" or \"for\", not both",
+                    "for",
+                )
+            }
             (Some(t), None) => match chrono::DateTime::parse_from_rfc3339(t) {
                 Ok(t) => Some(t.timestamp_millis().max(0) as u64),
-                Err(e) => return error(400, format!("\"until\": {t:?} is not RFC 3339 ({e})")),
+                Err(e) => {
+                    return error_at(
+                        Code::InvalidField,
+                        format!("\"until\": {t:?} is not RFC 3339 ({e})"),
+                        "until",
+                    )
+                }
             },
             (None, Some(d)) => match crate::units::parse_duration(d) {
-                Ok(d) => Some(crate::clock::calendar_now_ms() + d.as_millis() as u64),
-                Err(e) => return error(400, format!("\"for\": {e}")),
+                Ok(d) => Some(crate::clock::calendar_now_ms().saturating_add(d.as_millis() as u64)),
+                Err(e) => return error_at(Code::InvalidField, format!("\"for\": {e}"), "for"),
             },
             (None, None) => None,
         };
         let Some(protection) = self.invalidator.protection() else {
-            return error(
-                404,
+            return error_at(
+                Code::NotFound,
                 "no protection windows: add [[protection]] to gateway.toml",
+                "name",
             );
         };
         match protection
@@ -301,8 +377,8 @@ impl Admin {
                     json!({"name": parsed.name, "switch": switch, "status": protection.status()}),
                 )
             }
-            Err(e) if e.starts_with("no protection window") => error(404, e),
-            Err(e) => error(503, e),
+            Err(e) if e.starts_with("no protection window") => error_at(Code::NotFound, e, "name"),
+            Err(e) => error(Code::Unavailable, e),
         }
     }
 
@@ -316,14 +392,16 @@ impl Admin {
                 status: 200,
                 content_type: "text/plain; version=0.0.4; charset=utf-8",
                 body: crate::metrics::render().into_bytes(),
+                allow: None,
             },
             ("GET", "/healthz") => Reply {
                 status: 200,
                 content_type: "text/plain",
                 body: b"ok\n".to_vec(),
+                allow: None,
             },
             ("GET", "/readyz") => reply(200, self.readiness()),
-            (_, "/metrics" | "/healthz" | "/readyz") => error(405, "use GET"),
+            (_, "/metrics" | "/healthz" | "/readyz") => wrong_method("GET"),
             (_, p) if p.starts_with("/admin/") => {
                 let token = self.reloader.config().admin.token.clone();
                 if !bearer_ok(&req.headers, token.as_deref()) {
@@ -353,20 +431,38 @@ impl Admin {
                     ("POST", "/admin/protection") => self.protect(session).await,
                     ("POST", "/admin/reload") => match self.reloader.reload("admin").await {
                         Ok(changes) => reply(200, json!({ "reloaded": true, "changes": changes })),
-                        Err(errors) => reply(422, json!({ "errors": errors })),
+                        Err(errors) => {
+                            let n = errors.len();
+                            let mut body = api_error::value(
+                                Code::InvalidConfig,
+                                format!(
+                                    "the new configuration was refused ({n} problem{}); the running one stays in force",
+                                    if n == 1 { "" } else { "s" }
+                                ),
+                                None,
+                            );
+                            body["errors"] = json!(errors);
+                            reply(Code::InvalidConfig.status(), body)
+                        }
                     },
                     ("GET", "/admin/audit") => match parse_since(query.as_deref()) {
                         Ok(since) => reply(
                             200,
                             json!({"records": self.invalidator.audit.since(since).await}),
                         ),
-                        Err(e) => error(400, e),
+                        Err(e) => error_at(Code::BadRequest, e, "since"),
                     },
-                    _ => error(404, "no such admin endpoint; see README (Admin API)"),
+                    (_, p) => match admin_methods(p) {
+                        Some(allow) => wrong_method(allow),
+                        None => error(
+                            Code::NotFound,
+                            "no such admin endpoint; see docs/admin-api.yaml",
+                        ),
+                    },
                 }
             }
             _ => error(
-                404,
+                Code::NotFound,
                 "not found: try /metrics, /healthz, /readyz or /admin/*",
             ),
         }
@@ -443,6 +539,9 @@ impl HttpServerApp for Admin {
         if r.status == 401 {
             resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")
                 .ok()?;
+        }
+        if let Some(allow) = r.allow {
+            resp.insert_header(http::header::ALLOW, allow).ok()?;
         }
         session.write_response_header(Box::new(resp)).await.ok()?;
         if !r.body.is_empty() {

@@ -5,6 +5,7 @@
 //! Every check happens before anything is invalidated, so a delivery with a bad signature,
 //! malformed JSON or a missing parameter changes nothing.
 
+use crate::api_error::{self, Code};
 use crate::config::Config;
 use crate::invalidation::webhook::{map_delivery, Rejection};
 use crate::invalidation::{Cdn, EventCall, Invalidator, Request};
@@ -40,14 +41,18 @@ pub async fn respond_json(
     if status == 401 {
         resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
     }
+    if status == 405 {
+        resp.insert_header(http::header::ALLOW, "POST")?;
+    }
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
         .await
 }
 
-fn error_json(message: impl std::fmt::Display) -> String {
-    serde_json::json!({ "error": message.to_string() }).to_string()
+/// The error body ([`crate::api_error`]), with no single input at fault.
+fn error_json(code: Code, message: impl std::fmt::Display) -> String {
+    api_error::body(code, message, None)
 }
 
 /// `Authorization: Bearer <token>` compared in constant time; false when no token is configured.
@@ -179,9 +184,12 @@ pub async fn webhook(
         return respond_json(
             session,
             404,
-            error_json(format!(
+            error_json(
+                Code::NotFound,
+                format!(
                 "no webhook source {source:?} is configured; deliveries go to /_aisle/webhooks/<name of a [webhooks.<name>] table>"
-            )),
+            ),
+            ),
             CS,
         )
         .await;
@@ -204,7 +212,7 @@ pub async fn webhook(
         return respond_json(
             session,
             405,
-            error_json("webhooks are delivered with POST"),
+            error_json(Code::MethodNotAllowed, "webhooks are delivered with POST"),
             CS,
         )
         .await;
@@ -215,10 +223,10 @@ pub async fn webhook(
         return respond_json(
             session,
             413,
-            error_json(format!(
-                "the delivery is larger than {} bytes",
-                hook.max_body
-            )),
+            error_json(
+                Code::TooLarge,
+                format!("the delivery is larger than {} bytes", hook.max_body),
+            ),
             CS,
         )
         .await;
@@ -232,21 +240,39 @@ pub async fn webhook(
         .verify(&session.req_header().headers, &body, now)
     {
         tracing::warn!(source, "webhook refused: {rejection}");
-        let (msg, reason) = match rejection {
-            Rejection::StaleTimestamp { .. } => ("stale timestamp", "stale-timestamp"),
-            _ => ("bad or missing signature", "bad-signature"),
+        let (code, msg, reason) = match rejection {
+            Rejection::StaleTimestamp { .. } => {
+                (Code::StaleTimestamp, "stale timestamp", "stale-timestamp")
+            }
+            _ => (
+                Code::BadSignature,
+                "bad or missing signature",
+                "bad-signature",
+            ),
         };
         refuse("bad_signature", reason);
-        return respond_json(session, 401, error_json(msg), CS).await;
+        return respond_json(session, 401, error_json(code, msg), CS).await;
     }
-    let json: serde_json::Value = match serde_json::from_slice(&body) {
+    let json = match serde_json::from_slice::<serde_json::Value>(&body) {
+        // Every supported vendor sends an object; anything else maps to nothing and is refused
+        // rather than accepted as a delivery that fired no event (found by the OpenAPI fuzzer).
+        Ok(v) if !v.is_object() => {
+            refuse("malformed", "malformed");
+            return respond_json(
+                session,
+                400,
+                error_json(Code::InvalidJson, "the delivery must be a JSON object"),
+                CS,
+            )
+            .await;
+        }
         Ok(v) => v,
         Err(e) => {
             refuse("malformed", "malformed");
             return respond_json(
                 session,
                 400,
-                error_json(format!("the body is not JSON: {e}")),
+                error_json(Code::InvalidJson, format!("the body is not JSON: {e}")),
                 CS,
             )
             .await;
@@ -271,7 +297,7 @@ pub async fn webhook(
         Err(e) => {
             replays.release(&claim).await;
             refuse("malformed", "unmapped");
-            return respond_json(session, 400, error_json(e), CS).await;
+            return respond_json(session, 400, error_json(Code::InvalidField, e), CS).await;
         }
     };
     let request = Request {
@@ -294,7 +320,7 @@ pub async fn webhook(
         Err(e) => {
             replays.release(&claim).await;
             refuse("malformed", "unmapped");
-            return respond_json(session, 400, error_json(e), CS).await;
+            return respond_json(session, 400, error_json(Code::InvalidField, e), CS).await;
         }
     };
     let summary = invalidator.execute(plan).await;
@@ -329,7 +355,10 @@ pub async fn purge(
         return respond_json(
             session,
             401,
-            error_json("PURGE needs the admin token or a client address in [admin] purge_allow"),
+            error_json(
+                Code::Unauthorized,
+                "PURGE needs the admin token or a client address in [admin] purge_allow",
+            ),
             CS,
         )
         .await;
@@ -345,7 +374,9 @@ pub async fn purge(
         let authority = req.uri.authority().map(|a| a.as_str());
         let host = match crate::admission::host(&req.headers, authority) {
             Ok(host) => host,
-            Err(bad) => return respond_json(session, 400, error_json(bad), CS).await,
+            Err(bad) => {
+                return respond_json(session, 400, error_json(Code::BadRequest, bad), CS).await
+            }
         };
         vec![format!(
             "http://{host}{}",
@@ -380,7 +411,17 @@ pub async fn purge(
             )
             .await
         }
-        Err(e) => respond_json(session, 400, error_json(e), CS).await,
+        Err(e) => {
+            // The tags came from `Surrogate-Key`; a URL purge's only input is the request line.
+            let field = e.field.starts_with("tags").then_some("Surrogate-Key");
+            respond_json(
+                session,
+                400,
+                api_error::body(Code::InvalidField, &e.message, field),
+                CS,
+            )
+            .await
+        }
     }
 }
 

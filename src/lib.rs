@@ -22,6 +22,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod api_error;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -138,6 +138,26 @@ fn source_label(source: &str) -> &'static str {
     }
 }
 
+/// Why a request cannot be planned: the message, and the input at fault as the admin API's
+/// JSON names it (`tags[1]`, `events[0].name`, `events[0].params`, `urls[0]`, `prefixes[2]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanError {
+    pub field: String,
+    pub message: String,
+}
+
+impl PlanError {
+    fn at(field: String, message: String) -> Self {
+        PlanError { field, message }
+    }
+}
+
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// Longest tag sent to a CDN: Cloudflare and Fastly take tags of up to 1,024 bytes.
 const CDN_TAG_LEN: usize = 1024;
 
@@ -233,8 +253,9 @@ impl Invalidator {
         }
     }
 
-    /// Checks everything a request names; an error says what is wrong and nothing is applied.
-    pub fn plan(&self, req: Request, rules: &RuleSet) -> Result<Plan, String> {
+    /// Checks everything a request names; an error says what is wrong, and which input
+    /// (`tags[1]`, `events[0].params`), and nothing is applied.
+    pub fn plan(&self, req: Request, rules: &RuleSet) -> Result<Plan, PlanError> {
         let mut tags = Vec::new();
         let mut told = Vec::new();
         let mut add = |t: &str| -> Result<(), String> {
@@ -243,33 +264,42 @@ impl Invalidator {
             told.push(cdn);
             Ok(())
         };
-        for t in &req.tags {
-            add(t)?;
+        for (i, t) in req.tags.iter().enumerate() {
+            add(t).map_err(|e| PlanError::at(format!("tags[{i}]"), e))?;
         }
         let mut cdn = req.cdn == Cdn::Always;
         let mut events = Vec::new();
-        for call in &req.events {
+        for (i, call) in req.events.iter().enumerate() {
             let def = rules.event(&call.name).ok_or_else(|| {
-                format!(
-                    "unknown event {:?}; define it with [[event]] in a rules file",
-                    call.name
+                PlanError::at(
+                    format!("events[{i}].name"),
+                    format!(
+                        "unknown event {:?}; define it with [[event]] in a rules file",
+                        call.name
+                    ),
                 )
             })?;
-            for t in def.tags(&call.params)? {
-                add(&t)?;
+            let params = || format!("events[{i}].params");
+            for t in def
+                .tags(&call.params)
+                .map_err(|e| PlanError::at(params(), e))?
+            {
+                add(&t).map_err(|e| PlanError::at(params(), e))?;
             }
             cdn |= req.cdn == Cdn::EventsOnly && def.cdn;
             events.push(call.name.clone());
         }
         let mut urls = Vec::new();
-        for u in &req.urls {
-            let (host, path) = url_parts(u)?;
+        for (i, u) in req.urls.iter().enumerate() {
+            let (host, path) = url_parts(u).map_err(|e| PlanError::at(format!("urls[{i}]"), e))?;
             urls.push((u.clone(), host, path));
         }
         let mut prefixes = Vec::new();
-        for p in &req.prefixes {
+        for (i, p) in req.prefixes.iter().enumerate() {
             // The host normalized, the path normalized but case-sensitive: as entries store it.
-            prefixes.push(key::normalize_prefix(p)?);
+            prefixes.push(
+                key::normalize_prefix(p).map_err(|e| PlanError::at(format!("prefixes[{i}]"), e))?,
+            );
         }
         tags.sort();
         tags.dedup();

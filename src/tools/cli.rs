@@ -353,16 +353,29 @@ impl Client {
         })?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text.clone()));
         if !status.is_success() {
-            let why = value
-                .get("error")
-                .and_then(Value::as_str)
-                .map_or_else(|| text.trim().to_string(), str::to_string);
+            let why = error_text(&value, &text);
             return Err(Failure::new(
                 EXIT_REFUSED,
                 format!("{method} {url}: {status}: {why}"),
             ));
         }
         Ok(value)
+    }
+}
+
+/// What a refusal says: the error body's `message` (and `field`, when one input is at fault;
+/// see `docs/admin-api.yaml`), an older gateway's `{"error": "..."}`, or the raw text.
+fn error_text(value: &Value, text: &str) -> String {
+    match value.get("error") {
+        Some(Value::Object(e)) => {
+            let message = e.get("message").and_then(Value::as_str).unwrap_or("");
+            match e.get("field").and_then(Value::as_str) {
+                Some(field) => format!("{message} (field: {field})"),
+                None => message.to_string(),
+            }
+        }
+        Some(Value::String(s)) => s.clone(),
+        _ => text.trim().to_string(),
     }
 }
 
@@ -496,10 +509,7 @@ async fn execute(target: &Target, action: &Action, json: bool) -> Result<(), Fai
                     "this gateway has no /admin/reload (an older version?); restart it or send it SIGHUP",
                 ));
             } else {
-                let why = v
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .map_or_else(|| text.trim().to_string(), str::to_string);
+                let why = error_text(&v, &text);
                 return Err(Failure::new(
                     EXIT_REFUSED,
                     format!("reload failed: {status}: {why}"),
@@ -828,6 +838,20 @@ fn summary(v: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_print_message_and_field() {
+        let v = serde_json::json!({"error": {"code": "invalid_field", "message": "a tag must not be empty", "field": "tags[0]"}});
+        assert_eq!(
+            error_text(&v, ""),
+            "a tag must not be empty (field: tags[0])"
+        );
+        let v = serde_json::json!({"error": {"code": "not_found", "message": "no such endpoint"}});
+        assert_eq!(error_text(&v, ""), "no such endpoint");
+        let v = serde_json::json!({"error": "old shape"});
+        assert_eq!(error_text(&v, ""), "old shape");
+        assert_eq!(error_text(&Value::Null, " raw \n"), "raw");
+    }
 
     #[test]
     fn wildcard_listen_connects_to_loopback() {

@@ -176,6 +176,20 @@ async fn stats_and_purges_through_the_config() {
     let stray = aisle(&["purge", "--config", &cfg, "--tag", "t", "k=v"], &env).await;
     // `--tag` takes several values, so `k=v` is a tag here, not a stray parameter.
     assert_eq!(stray.code, Some(0), "{}", stray.stderr);
+
+    // A refusal (exit 1) prints the error body's message and the input at fault.
+    let unknown = aisle(
+        &["purge", "--config", &cfg, "--event", "no_such_event"],
+        &env,
+    )
+    .await;
+    assert_eq!(unknown.code, Some(1), "unknown event: {}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("unknown event \"no_such_event\"")
+            && unknown.stderr.contains("(field: events[0].name)"),
+        "{:?}",
+        unknown.stderr
+    );
 }
 
 /// `aisle purges` and `--retry` answer with the queue; `aisle events` prints one line per

@@ -770,38 +770,70 @@ async fn admin_api_auth_validation_and_audit() {
     }
     assert_hit(&gw.get(v1).await, "after unauthenticated invalidations");
 
-    let malformed = [
-        ("not JSON", "{\"tags\": [\"vendors\""),
-        ("unknown key", r#"{"tagz": ["vendors"]}"#),
+    // (what, body, the error's code, the input it names)
+    let malformed: [(&str, &str, &str, Option<&str>); 8] = [
+        ("not JSON", "{\"tags\": [\"vendors\"", "invalid_json", None),
+        (
+            "unknown key",
+            r#"{"tagz": ["vendors"]}"#,
+            "invalid_json",
+            Some("tagz"),
+        ),
         (
             "unknown key next to a valid tag",
             r#"{"tags": ["vendors"], "hard": true}"#,
+            "invalid_json",
+            Some("hard"),
         ),
         (
             "unknown event",
             r#"{"events": [{"name": "no_such_event", "params": {}}]}"#,
+            "invalid_field",
+            Some("events[0].name"),
         ),
         (
             "missing event parameter",
             r#"{"tags": ["vendors"], "events": [{"name": "availability_changed", "params": {}}]}"#,
+            "invalid_field",
+            Some("events[0].params"),
         ),
         (
             "relative URL",
             r#"{"tags": ["vendors"], "urls": ["/api/vendors/a1"]}"#,
+            "invalid_field",
+            Some("urls[0]"),
         ),
         // A tag with a space is a valid purge since issue 9 (it is escaped as entries carry
         // it); an empty one is not.
-        ("empty tag", r#"{"tags": ["vendors", ""]}"#),
-        ("tags not a list", r#"{"tags": "vendors"}"#),
+        (
+            "empty tag",
+            r#"{"tags": ["vendors", ""]}"#,
+            "invalid_field",
+            Some("tags[1]"),
+        ),
+        (
+            "tags not a list",
+            r#"{"tags": "vendors"}"#,
+            "invalid_json",
+            Some("tags"),
+        ),
     ];
-    for (what, body) in malformed {
+    for (what, body, code, field) in malformed {
         let r = admin(&gw, "POST", "/admin/invalidate", Some(TOKEN), body).await;
         assert_eq!(r.status, 400, "{what} ({body}): {:?}", r.text());
         let err = json_of(&r, what);
         assert!(
-            err["error"].as_str().is_some_and(|e| !e.is_empty()),
+            err["error"]["message"]
+                .as_str()
+                .is_some_and(|e| !e.is_empty()),
             "{what}: a 400 says why: {err}"
         );
+        assert_eq!(
+            err["error"]["field"].as_str(),
+            field,
+            "{what}: a 400 names the input at fault: {err}"
+        );
+        assert_eq!(err["error"]["code"], code, "{what}: {err}");
         assert_hit(&gw.get(v1).await, &format!("{v1} after a 400 ({what})"));
         assert_hit(&gw.get(v2).await, &format!("{v2} after a 400 ({what})"));
     }

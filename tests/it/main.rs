@@ -31,6 +31,7 @@ mod hit_ratio;
 mod invalidation;
 mod listener;
 mod monitoring;
+mod openapi;
 mod protection;
 mod protection_stale;
 mod purge_queue;

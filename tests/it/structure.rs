@@ -10,7 +10,15 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
-    &["diag", "units", "clock", "metrics", "usage", "statedir"],
+    &[
+        "diag",
+        "units",
+        "clock",
+        "metrics",
+        "usage",
+        "statedir",
+        "api_error",
+    ],
     &["rules"],
     &["config", "trust"],
     &["key", "policy", "admission"],

@@ -257,8 +257,23 @@ fn assert_refused(r: &Resp, status: u16, what: &str) {
     assert_eq!(r.status, status, "{what}: answer {:?}", r.text());
     let v = json_of(r);
     assert!(
-        v["error"].as_str().is_some_and(|e| !e.is_empty()),
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
         "{what}: a refusal says why: {v}"
+    );
+    let code = v["error"]["code"].as_str().unwrap_or_default();
+    let expected: &[&str] = match status {
+        401 => &["bad_signature", "stale_timestamp"],
+        400 => &["invalid_json", "invalid_field"],
+        404 => &["not_found"],
+        405 => &["method_not_allowed"],
+        413 => &["too_large"],
+        _ => &[],
+    };
+    assert!(
+        expected.contains(&code),
+        "{what}: code {code:?} for {status}: {v}"
     );
 }
 
