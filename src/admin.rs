@@ -35,6 +35,8 @@ pub struct Admin {
     /// The configuration in force (read per request: a reload changes it) and `/admin/reload`.
     pub reloader: Arc<Reloader>,
     pub invalidator: Arc<Invalidator>,
+    /// Warm jobs (`/admin/warm`, `/admin/jobs`).
+    pub warmer: Option<Arc<crate::warm::Warmer>>,
 }
 
 /// An answer with a complete body.
@@ -306,6 +308,26 @@ impl Admin {
         }
     }
 
+    /// `POST /admin/warm`: starts a warm job (see `crate::warm`); `202 {"id": ...}`.
+    async fn warm(&self, session: &mut ServerSession) -> Reply {
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let Some(warmer) = &self.warmer else {
+            return error(503, "warm jobs are not running");
+        };
+        let spec = match crate::config::warm::parse(&body) {
+            Ok(s) => s,
+            Err(e) => return error(400, e),
+        };
+        match warmer.start(spec, None).await {
+            Ok(id) => reply(202, json!({ "id": id })),
+            Err(e) if e.starts_with("busy") => error(429, e),
+            Err(e) => error(400, e),
+        }
+    }
+
     async fn route(&self, session: &mut ServerSession) -> Reply {
         let req = session.req_header();
         let method = req.method.as_str().to_string();
@@ -362,6 +384,24 @@ impl Admin {
                         ),
                         Err(e) => error(400, e),
                     },
+                    ("POST", "/admin/warm") => self.warm(session).await,
+                    ("GET", "/admin/jobs") => match &self.warmer {
+                        Some(w) => reply(200, w.list().await),
+                        None => reply(200, json!({"jobs": [], "schedules": []})),
+                    },
+                    ("GET", p) if p.starts_with("/admin/jobs/") => {
+                        let id = &p["/admin/jobs/".len()..];
+                        match self.warmer.as_ref() {
+                            Some(w) => match w.status(id).await {
+                                Some(s) => reply(200, s),
+                                None => error(
+                                    404,
+                                    format!("no warm job {id:?} (jobs are kept: the last 100)"),
+                                ),
+                            },
+                            None => error(404, "warm jobs are not running"),
+                        }
+                    }
                     _ => error(404, "no such admin endpoint; see README (Admin API)"),
                 }
             }

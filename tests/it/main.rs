@@ -47,4 +47,5 @@ mod stale;
 mod structure;
 mod upgrade;
 mod upstreams;
+mod warm;
 mod webhooks;

@@ -17,7 +17,7 @@ const LAYERS: &[&[&str]] = &[
     &["redis"],
     &["storage", "purge"],
     &["invalidation"],
-    &["proxy", "admin", "control", "reload"],
+    &["proxy", "admin", "control", "reload", "warm"],
     &["server"],
     &["tools"],
     &["fuzz"],
