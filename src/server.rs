@@ -388,6 +388,8 @@ mod tests {
         )
         .unwrap();
         Replays::new(Some(shared.clone())).unwrap();
+        crate::warm::store::Store::new(shared.clone()).unwrap();
+        crate::warm::popular::Popular::new(Some(shared.clone())).unwrap();
         // The on-Redis names stay what they were before the keyspaces were registered.
         assert_eq!(tier.entry_key(0xab), format!("aisle:{{{:032x}}}:e", 0xab));
         assert_eq!(tier.channel(), "aisle:inv");

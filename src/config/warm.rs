@@ -581,6 +581,51 @@ mod tests {
         assert!(cron_of("whenever").is_err());
     }
 
+    /// `[[warm]]` problems are reported where they are written; a good table loads.
+    #[test]
+    fn warm_tables_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(
+            dir.path().join("rules/r.toml"),
+            "[[rule]]\nname = \"search\"\nmatch = { method = \"GET\", path = \"/s\" }\nupstream = \"api\"\nvary = [\"query.q\"]\n",
+        )
+        .unwrap();
+        let base = "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3000\"\n";
+        let load = |warm: &str| {
+            let path = dir.path().join("gateway.toml");
+            std::fs::write(&path, format!("{base}{warm}")).unwrap();
+            crate::config::Config::load(&path)
+        };
+        let ok = load("[[warm]]\nname = \"m\"\nschedule = \"daily 05:00\"\ntz = \"Europe/Paris\"\njob = { rule = \"search\", grid = { \"query.q\" = [\"a\", \"b\"] } }\n").unwrap();
+        assert_eq!(ok.warm[0].name, "m");
+        let errors = |warm: &str| -> Vec<String> {
+            load(warm)
+                .unwrap_err()
+                .iter()
+                .map(|d| d.to_string())
+                .collect()
+        };
+        let e =
+            errors("[[warm]]\nname = \"m\"\nschedule = \"at dawn\"\njob = { urls = [\"/a\"] }\n");
+        assert!(
+            e[0].contains("gateway.toml:8:12:") && e[0].contains("cron"),
+            "{e:?}"
+        );
+        let e = errors("[[warm]]\nname = \"m\"\nschedule = \"daily 05:00\"\njob = { rule = \"nope\", grid = { \"query.q\" = [\"a\"] } }\n");
+        assert!(
+            e[0].contains("gateway.toml:9:7:") && e[0].contains("unknown rule"),
+            "{e:?}"
+        );
+        let e = errors("[[warm]]\nname = \"m\"\nschedule = \"daily 05:00\"\ntz = \"Mars/Base\"\njob = { urls = [\"/a\"], color = 1 }\n");
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e.iter().any(|m| m.contains("unknown time zone")), "{e:?}");
+        assert!(
+            e.iter().any(|m| m.contains("unknown field `color`")),
+            "{e:?}"
+        );
+    }
+
     #[test]
     fn pointers_build_objects() {
         let mut doc = json!({"model": "m"});

@@ -844,110 +844,6 @@ fn summary(v: &Value) -> String {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wildcard_listen_connects_to_loopback() {
-        assert_eq!(connect_address("0.0.0.0:9090"), "127.0.0.1:9090");
-        assert_eq!(connect_address("[::]:9090"), "[::1]:9090");
-        assert_eq!(connect_address("10.0.0.2:9090"), "10.0.0.2:9090");
-    }
-
-    #[test]
-    fn reads_admin_settings_only() {
-        let (listen, token) = admin_settings(
-            "[server]\nadmin_listen = \"127.0.0.1:9\"\n[admin]\ntoken = \"${X}\"\n[cache]\nbogus = 1\n",
-        )
-        .unwrap();
-        assert_eq!(listen, "127.0.0.1:9");
-        assert_eq!(token.as_deref(), Some("${X}"));
-        assert!(admin_settings("[server]\n").is_err());
-    }
-
-    #[test]
-    fn protection_table_says_what_is_on_and_why() {
-        let v = serde_json::json!({"windows": [
-            {"name": "wedding-day", "on": true, "scheduled": false,
-             "switch": {"on": true, "actor": "admin-token", "at_ms": 1, "until_ms": 1_812_000_000_000u64}},
-            {"name": "gala", "on": false, "scheduled": false, "switch": null}
-        ]});
-        let t = protection_table(&v);
-        assert!(t.contains("wedding-day  yes"), "{t}");
-        assert!(t.contains("on by admin-token until 2027-06-03T"), "{t}");
-        assert!(t.contains("gala         no   no         -"), "{t}");
-        assert!(protection_table(&serde_json::json!({"windows": []}))
-            .starts_with("no protection windows"));
-        let mut deferred = v.clone();
-        deferred["deferred_purges"] = serde_json::json!(2);
-        assert!(protection_table(&deferred).contains("2 purges deferred"));
-    }
-
-    #[test]
-    fn purges_table_shows_what_was_skipped_and_why() {
-        let v = serde_json::json!({
-            "redis": "disabled", "depth": 1, "in_flight": 0, "dead_letters": 0,
-            "providers": [
-                {"provider": "fastly", "configured": true, "depth": 0, "in_flight": 0,
-                 "dead_letters": 0, "local": 0, "skipped": 2, "skipped_recent": [
-                    {"job": "j1", "kind": "prefix", "item": "/api/", "reason": "unsupported"},
-                    {"job": "j2", "kind": "host", "item": "a.example", "reason": "unsupported"}]},
-                {"provider": "cloudflare", "configured": false, "depth": 1, "in_flight": 0,
-                 "dead_letters": 0, "local": 1, "skipped": 0, "skipped_recent": []}
-            ]
-        });
-        let t = purges_table(&v);
-        assert!(t.contains("SKIPPED"), "{t}");
-        assert!(t.contains("cloudflare (removed)"), "{t}");
-        assert!(
-            t.contains("fastly skipped host a.example (unsupported)"),
-            "{t}"
-        );
-        assert!(
-            t.contains("fastly skipped prefix /api/ (unsupported)"),
-            "{t}"
-        );
-    }
-
-    #[test]
-    fn purge_body() {
-        let p = Purge {
-            event: Some("vendor_updated".into()),
-            params: vec!["vendor_id=v1".into(), "city=a=b".into()],
-            soft: true,
-            ..Default::default()
-        };
-        let b = invalidate_body(&p).unwrap();
-        assert_eq!(b["events"][0]["name"], "vendor_updated");
-        assert_eq!(b["events"][0]["params"]["vendor_id"], "v1");
-        assert_eq!(b["events"][0]["params"]["city"], "a=b");
-        assert_eq!(b["soft"], true);
-        assert_eq!(
-            invalidate_body(&Purge::default()).unwrap_err().code,
-            EXIT_USAGE
-        );
-        let stray = Purge {
-            tags: vec!["t".into()],
-            params: vec!["k=v".into()],
-            ..Default::default()
-        };
-        assert_eq!(invalidate_body(&stray).unwrap_err().code, EXIT_USAGE);
-    }
-
-    #[test]
-    fn tables_align() {
-        let v = serde_json::json!({"rules": {"a-long-rule": {"requests": 10, "hits": 5,
-            "hit_ratio": 0.5, "bytes_stored": 2048, "cost_saved": 0.25, "tokens_saved": 7}}});
-        let t = stats_table(&v);
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 2);
-        assert!(lines[1].starts_with("a-long-rule  10"), "{t}");
-        assert!(lines[1].contains("50.0%"), "{t}");
-        assert_eq!(lines[0].find("REQUESTS"), lines[1].find("10"));
-    }
-}
-
 /// The job `aisle warm` sends: the file's JSON, then the flags over it.
 pub fn warm_body(w: &Warm) -> Result<Value, Failure> {
     let mut body = match &w.file {
@@ -1114,4 +1010,108 @@ async fn warm(client: &Client, w: &Warm, json: bool) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listen_connects_to_loopback() {
+        assert_eq!(connect_address("0.0.0.0:9090"), "127.0.0.1:9090");
+        assert_eq!(connect_address("[::]:9090"), "[::1]:9090");
+        assert_eq!(connect_address("10.0.0.2:9090"), "10.0.0.2:9090");
+    }
+
+    #[test]
+    fn reads_admin_settings_only() {
+        let (listen, token) = admin_settings(
+            "[server]\nadmin_listen = \"127.0.0.1:9\"\n[admin]\ntoken = \"${X}\"\n[cache]\nbogus = 1\n",
+        )
+        .unwrap();
+        assert_eq!(listen, "127.0.0.1:9");
+        assert_eq!(token.as_deref(), Some("${X}"));
+        assert!(admin_settings("[server]\n").is_err());
+    }
+
+    #[test]
+    fn protection_table_says_what_is_on_and_why() {
+        let v = serde_json::json!({"windows": [
+            {"name": "wedding-day", "on": true, "scheduled": false,
+             "switch": {"on": true, "actor": "admin-token", "at_ms": 1, "until_ms": 1_812_000_000_000u64}},
+            {"name": "gala", "on": false, "scheduled": false, "switch": null}
+        ]});
+        let t = protection_table(&v);
+        assert!(t.contains("wedding-day  yes"), "{t}");
+        assert!(t.contains("on by admin-token until 2027-06-03T"), "{t}");
+        assert!(t.contains("gala         no   no         -"), "{t}");
+        assert!(protection_table(&serde_json::json!({"windows": []}))
+            .starts_with("no protection windows"));
+        let mut deferred = v.clone();
+        deferred["deferred_purges"] = serde_json::json!(2);
+        assert!(protection_table(&deferred).contains("2 purges deferred"));
+    }
+
+    #[test]
+    fn purges_table_shows_what_was_skipped_and_why() {
+        let v = serde_json::json!({
+            "redis": "disabled", "depth": 1, "in_flight": 0, "dead_letters": 0,
+            "providers": [
+                {"provider": "fastly", "configured": true, "depth": 0, "in_flight": 0,
+                 "dead_letters": 0, "local": 0, "skipped": 2, "skipped_recent": [
+                    {"job": "j1", "kind": "prefix", "item": "/api/", "reason": "unsupported"},
+                    {"job": "j2", "kind": "host", "item": "a.example", "reason": "unsupported"}]},
+                {"provider": "cloudflare", "configured": false, "depth": 1, "in_flight": 0,
+                 "dead_letters": 0, "local": 1, "skipped": 0, "skipped_recent": []}
+            ]
+        });
+        let t = purges_table(&v);
+        assert!(t.contains("SKIPPED"), "{t}");
+        assert!(t.contains("cloudflare (removed)"), "{t}");
+        assert!(
+            t.contains("fastly skipped host a.example (unsupported)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("fastly skipped prefix /api/ (unsupported)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn purge_body() {
+        let p = Purge {
+            event: Some("vendor_updated".into()),
+            params: vec!["vendor_id=v1".into(), "city=a=b".into()],
+            soft: true,
+            ..Default::default()
+        };
+        let b = invalidate_body(&p).unwrap();
+        assert_eq!(b["events"][0]["name"], "vendor_updated");
+        assert_eq!(b["events"][0]["params"]["vendor_id"], "v1");
+        assert_eq!(b["events"][0]["params"]["city"], "a=b");
+        assert_eq!(b["soft"], true);
+        assert_eq!(
+            invalidate_body(&Purge::default()).unwrap_err().code,
+            EXIT_USAGE
+        );
+        let stray = Purge {
+            tags: vec!["t".into()],
+            params: vec!["k=v".into()],
+            ..Default::default()
+        };
+        assert_eq!(invalidate_body(&stray).unwrap_err().code, EXIT_USAGE);
+    }
+
+    #[test]
+    fn tables_align() {
+        let v = serde_json::json!({"rules": {"a-long-rule": {"requests": 10, "hits": 5,
+            "hit_ratio": 0.5, "bytes_stored": 2048, "cost_saved": 0.25, "tokens_saved": 7}}});
+        let t = stats_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert!(lines[1].starts_with("a-long-rule  10"), "{t}");
+        assert!(lines[1].contains("50.0%"), "{t}");
+        assert_eq!(lines[0].find("REQUESTS"), lines[1].find("10"));
+    }
 }

@@ -14,7 +14,6 @@ use super::spec::Target;
 use crate::redis::{Keyspace, Redis};
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 /// Most candidates kept per minute and per hour, and the largest `top`.
@@ -49,9 +48,8 @@ impl Minute {
     fn add(&mut self, key: &str) -> u64 {
         let mut estimate = u32::MAX;
         for row in 0..DEPTH {
-            let mut h = ahash::RandomState::with_seeds(row as u64, 7, 11, 13).build_hasher();
-            key.hash(&mut h);
-            let cell = &mut self.sketch[row * WIDTH + (h.finish() as usize % WIDTH)];
+            let h = ahash::RandomState::with_seeds(row as u64, 7, 11, 13).hash_one(key);
+            let cell = &mut self.sketch[row * WIDTH + (h as usize % WIDTH)];
             *cell = cell.saturating_add(1);
             estimate = estimate.min(*cell);
         }

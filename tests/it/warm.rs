@@ -483,3 +483,28 @@ async fn the_warm_command_reports_and_fails_on_errors() {
     assert_eq!(failed.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("1 error"), "{stderr}");
 }
+
+/// While a protection window is on, a job pauses (state `paused`, nothing sent); when the
+/// window ends it goes on and finishes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_pauses_while_a_protection_window_is_on() {
+    let origin = origin();
+    let cfg = config(&origin, "\n[[protection]]\nname = \"freeze\"\n");
+    let gw = start(&cfg, &[]).await;
+    let switch = |on: bool| json!({"name": "freeze", "on": on});
+    let (status, v) = admin(&gw, "POST", "/admin/protection", Some(switch(true))).await;
+    assert_eq!(status, 200, "{v}");
+    gw.wait_metric("aisle_protection_active", &[], "== 1", |v| v == 1.0)
+        .await;
+    let id = post_job(&gw, json!({"urls": ["/w/p1", "/w/p2"]})).await;
+    poll_until(Duration::from_secs(10), "the job paused", || async {
+        let (_, v) = admin(&gw, "GET", &format!("/admin/jobs/{id}"), None).await;
+        (v["state"] == "paused").then_some(())
+    })
+    .await;
+    assert_eq!(origin.total(), 0, "nothing is sent during the window");
+    let (status, v) = admin(&gw, "POST", "/admin/protection", Some(switch(false))).await;
+    assert_eq!(status, 200, "{v}");
+    let s = wait_done(&gw, &id, Duration::from_secs(20)).await;
+    assert_eq!(n(&s, "warmed"), 2, "{s}");
+}
