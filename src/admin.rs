@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the authenticated `/admin/*` API
-//! (invalidate, purge queue, audit log, live event stream, reload).
+//! (invalidate, purge queue, audit log, live event stream, reload, warm jobs).
 //!
 //! Kept apart from the proxy listener so operational endpoints are never reachable through the
 //! public port and never touch the cache. It is a small `HttpServerApp` rather than a `ServeHttp`

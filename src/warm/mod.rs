@@ -65,13 +65,13 @@ static REQUESTS: Lazy<IntCounterVec> = Lazy::new(|| {
 static JOBS: Lazy<IntGaugeVec> = Lazy::new(|| {
     register_int_gauge_vec!(
         "aisle_warm_jobs",
-        "Warm jobs this instance runs or ran, by state (queued, running, paused, done, failed)",
+        "Warm jobs this instance runs or ran, by state (queued, running, paused, done)",
         &["state"]
     )
     .expect("register aisle_warm_jobs")
 });
 
-const STATES: [&str; 5] = ["queued", "running", "paused", "done", "failed"];
+const STATES: [&str; 4] = ["queued", "running", "paused", "done"];
 
 /// What a request's `Aisle-Warm` header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,6 +99,8 @@ pub struct Warmer {
     /// For CDN fronts (certificates checked).
     fronts: reqwest::Client,
     jobs: Mutex<VecDeque<Arc<Job>>>,
+    /// Jobs seen done in Redis (not looked at again by takeovers), at most the index's size.
+    finished: Mutex<std::collections::HashSet<String>>,
     /// Per schedule: the last due time seen, and the id of the job it last started.
     schedules: Mutex<HashMap<String, (u64, Option<String>)>>,
 }
@@ -159,6 +161,7 @@ impl Warmer {
             local,
             fronts,
             jobs: Mutex::new(VecDeque::new()),
+            finished: Mutex::default(),
             schedules: Mutex::new(schedules),
         }))
     }
@@ -247,10 +250,7 @@ impl Warmer {
         jobs.push_back(job);
         while jobs.len() > MAX_KEPT {
             // The oldest finished job goes first; running ones stay (at most MAX_RUNNING).
-            match jobs
-                .iter()
-                .position(|j| matches!(j.state(), "done" | "failed"))
-            {
+            match jobs.iter().position(|j| j.state() == "done") {
                 Some(i) => {
                     jobs.remove(i);
                 }
@@ -564,14 +564,17 @@ impl Warmer {
     async fn take_over(self: &Arc<Self>) {
         let Some(store) = &self.store else { return };
         let Some(ids) = store.ids().await else { return };
+        self.finished.lock().retain(|f| ids.contains(f));
         for id in ids {
-            if self.local(&id).is_some_and(|j| !j.cancelled()) {
+            if self.finished.lock().contains(&id) || self.local(&id).is_some_and(|j| !j.cancelled())
+            {
                 continue;
             }
             let Some(cp) = store.checkpoint(&id).await else {
                 continue;
             };
-            if matches!(cp.state.as_str(), "done" | "failed") {
+            if cp.state == "done" {
+                self.finished.lock().insert(id);
                 continue;
             }
             if !store.claim(&id, &self.instance).await {

@@ -33,6 +33,9 @@ struct Minute {
     start_ms: u64,
     sketch: Vec<u32>,
     candidates: HashMap<String, u64>,
+    /// The smallest candidate count while the list is full (a new key must beat it), so the
+    /// common case, a rare key, costs no scan of the list.
+    floor: u64,
 }
 
 impl Minute {
@@ -41,6 +44,7 @@ impl Minute {
             start_ms,
             sketch: vec![0; DEPTH * WIDTH],
             candidates: HashMap::new(),
+            floor: 0,
         }
     }
 
@@ -58,16 +62,20 @@ impl Minute {
             *c = estimate;
         } else if self.candidates.len() < TOP_K {
             self.candidates.insert(key.to_string(), estimate);
-        } else if let Some((min_key, min)) = self
-            .candidates
-            .iter()
-            .min_by_key(|(_, c)| **c)
-            .map(|(k, c)| (k.clone(), *c))
-        {
-            if estimate > min {
-                self.candidates.remove(&min_key);
-                self.candidates.insert(key.to_string(), estimate);
+            if self.candidates.len() == TOP_K {
+                self.floor = self.candidates.values().copied().min().unwrap_or(0);
             }
+        } else if estimate > self.floor {
+            let min_key = self
+                .candidates
+                .iter()
+                .min_by_key(|(_, c)| **c)
+                .map(|(k, _)| k.clone());
+            if let Some(k) = min_key {
+                self.candidates.remove(&k);
+            }
+            self.candidates.insert(key.to_string(), estimate);
+            self.floor = self.candidates.values().copied().min().unwrap_or(0);
         }
         estimate
     }
