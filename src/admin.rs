@@ -391,7 +391,12 @@ impl Admin {
                     },
                     ("GET", p) if p.starts_with("/admin/jobs/") => {
                         let id = &p["/admin/jobs/".len()..];
-                        match self.warmer.as_ref() {
+                        // Ids are short and alphanumeric; anything else names no job (and never
+                        // reaches a Redis key).
+                        let valid = !id.is_empty()
+                            && id.len() <= 64
+                            && id.bytes().all(|b| b.is_ascii_alphanumeric());
+                        match self.warmer.as_ref().filter(|_| valid) {
                             Some(w) => match w.status(id).await {
                                 Some(s) => reply(200, s),
                                 None => error(
@@ -399,7 +404,7 @@ impl Admin {
                                     format!("no warm job {id:?} (jobs are kept: the last 100)"),
                                 ),
                             },
-                            None => error(404, "warm jobs are not running"),
+                            None => error(404, format!("no warm job {id:?}")),
                         }
                     }
                     _ => error(404, "no such admin endpoint; see README (Admin API)"),

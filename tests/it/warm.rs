@@ -118,9 +118,13 @@ async fn urls_job_warms_then_skips_fresh_entries_then_refreshes() {
     println!("second job: {s}");
     assert_eq!((n(&s, "skipped"), n(&s, "warmed")), (5, 0), "{s}");
     assert_eq!(origin.total(), 5, "a fresh entry is not fetched again");
-    let refresh = post_job(&gw, json!({ "urls": urls, "refresh": true })).await;
+    // Refreshed at 20 requests a second: 5 requests are at least 4 x 50 ms apart end to end.
+    let refresh = post_job(&gw, json!({ "urls": urls, "refresh": true, "rate": 20 })).await;
     let s = wait_done(&gw, &refresh, Duration::from_secs(20)).await;
     assert_eq!((n(&s, "warmed"), n(&s, "skipped")), (5, 0), "{s}");
+    let took = n(&s, "finished_ms") - n(&s, "started_ms");
+    println!("refresh job at rate 20/s: 5 requests in {took} ms");
+    assert!(took >= 200, "rate 20/s: 5 requests took {took} ms");
     for u in &urls {
         assert_eq!(origin.count(u), 2, "{u} refetched by refresh");
         // The refreshed entry is what clients get.
@@ -314,6 +318,10 @@ async fn bad_jobs_are_refused_and_start_nothing() {
             v["error"].as_str().unwrap_or("").contains(says),
             "{job}: {v}"
         );
+    }
+    for id in ["nope", "..%2f..%2fx", "w1%7Bx%7D"] {
+        let (status, _) = admin(&gw, "GET", &format!("/admin/jobs/{id}"), None).await;
+        assert_eq!(status, 404, "{id}");
     }
     let r = fetch(gw.client(), "POST", &gw.admin_url("/admin/warm"), &[]).await;
     assert_eq!(r.status, 401, "the admin token is required");
