@@ -516,3 +516,49 @@ async fn a_job_pauses_while_a_protection_window_is_on() {
     let s = wait_done(&gw, &id, Duration::from_secs(20)).await;
     assert_eq!(n(&s, "warmed"), 2, "{s}");
 }
+
+/// Popularity is fleet-wide through Redis: clients' traffic on one instance, once its minute is
+/// flushed to Redis (polled, at most a minute), makes a `top` job on another instance warm the
+/// most requested keys.
+#[tokio::test(flavor = "multi_thread")]
+async fn top_is_fleet_wide_through_redis() {
+    let redis = RedisServer::start();
+    let origin = origin();
+    let cfg = config(&origin, &redis.section("warm-pop:"));
+    let (a, b) = tokio::join!(start(&cfg, &[]), start(&cfg, &[]));
+    for (path, times) in [("/w/x", 3), ("/w/y", 2), ("/w/z", 1)] {
+        for _ in 0..times {
+            a.get(path).await;
+        }
+    }
+    let started = Instant::now();
+    poll_until(
+        Duration::from_secs(75),
+        "A's minute of popularity in Redis",
+        || async { (!redis.keys("warm-pop:warm:pop:*").is_empty()).then_some(()) },
+    )
+    .await;
+    println!(
+        "popularity reached Redis {:?} after the traffic",
+        started.elapsed()
+    );
+    let (status, v) = admin(
+        &b,
+        "POST",
+        "/admin/invalidate",
+        Some(json!({"tags": ["warmset"]})),
+    )
+    .await;
+    assert_eq!(status, 202, "{v}");
+    let id = post_job(&b, json!({"top": 2})).await;
+    let s = wait_done(&b, &id, Duration::from_secs(20)).await;
+    assert_eq!((n(&s, "total"), n(&s, "warmed")), (2, 2), "{s}");
+    assert_eq!(
+        (
+            origin.count("/w/x"),
+            origin.count("/w/y"),
+            origin.count("/w/z")
+        ),
+        (2, 2, 1)
+    );
+}
