@@ -204,7 +204,7 @@ impl Job {
             ("done", _) => Some(0.0),
             (_, Some(start)) if done_here > 0 => {
                 let per = start.elapsed().as_secs_f64() / done_here as f64;
-                Some(((total - c.done) as f64 * per * 10.0).round() / 10.0)
+                Some((total.saturating_sub(c.done) as f64 * per * 10.0).round() / 10.0)
             }
             _ => None,
         };
