@@ -1,5 +1,5 @@
 //! The admin listener: `/metrics`, `/healthz`, `/readyz`, and the authenticated `/admin/*` API
-//! (invalidate, purge queue, audit log, live event stream, reload).
+//! (invalidate, purge queue, audit log, live event stream, reload, warm jobs).
 //!
 //! Kept apart from the proxy listener so operational endpoints are never reachable through the
 //! public port and never touch the cache. It is a small `HttpServerApp` rather than a `ServeHttp`
@@ -36,6 +36,8 @@ pub struct Admin {
     /// The configuration in force (read per request: a reload changes it) and `/admin/reload`.
     pub reloader: Arc<Reloader>,
     pub invalidator: Arc<Invalidator>,
+    /// Warm jobs (`/admin/warm`, `/admin/jobs`).
+    pub warmer: Option<Arc<crate::warm::Warmer>>,
 }
 
 /// An answer with a complete body.
@@ -77,8 +79,11 @@ fn wrong_method(allow: &'static str) -> Reply {
 /// The methods each admin path takes (the rest answer 405 with `Allow`).
 fn admin_methods(path: &str) -> Option<&'static str> {
     Some(match path {
-        "/admin/invalidate" | "/admin/purges/retry" | "/admin/reload" => "POST",
-        "/admin/purges" | "/admin/stats" | "/admin/audit" | "/admin/events" => "GET",
+        "/admin/invalidate" | "/admin/purges/retry" | "/admin/reload" | "/admin/warm" => "POST",
+        "/admin/purges" | "/admin/stats" | "/admin/audit" | "/admin/events" | "/admin/jobs" => {
+            "GET"
+        }
+        p if p.starts_with("/admin/jobs/") => "GET",
         "/admin/protection" => "GET, POST",
         _ => return None,
     })
@@ -382,6 +387,26 @@ impl Admin {
         }
     }
 
+    /// `POST /admin/warm`: starts a warm job (see `crate::warm`); `202 {"id": ...}`.
+    async fn warm(&self, session: &mut ServerSession) -> Reply {
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let Some(warmer) = &self.warmer else {
+            return error(Code::Unavailable, "warm jobs are not running");
+        };
+        let spec = match crate::config::warm::parse(&body) {
+            Ok(s) => s,
+            Err(e) => return error(Code::InvalidField, e),
+        };
+        match warmer.start(spec, None).await {
+            Ok(id) => reply(202, json!({ "id": id })),
+            Err(e) if e.starts_with("busy") => error(Code::Busy, e),
+            Err(e) => error(Code::InvalidField, e),
+        }
+    }
+
     async fn route(&self, session: &mut ServerSession) -> Reply {
         let req = session.req_header();
         let method = req.method.as_str().to_string();
@@ -452,6 +477,29 @@ impl Admin {
                         ),
                         Err(e) => error_at(Code::BadRequest, e, "since"),
                     },
+                    ("POST", "/admin/warm") => self.warm(session).await,
+                    ("GET", "/admin/jobs") => match &self.warmer {
+                        Some(w) => reply(200, w.list().await),
+                        None => reply(200, json!({"jobs": [], "schedules": []})),
+                    },
+                    ("GET", p) if p.starts_with("/admin/jobs/") => {
+                        let id = &p["/admin/jobs/".len()..];
+                        // Ids are short and alphanumeric; anything else names no job (and never
+                        // reaches a Redis key).
+                        let valid = !id.is_empty()
+                            && id.len() <= 64
+                            && id.bytes().all(|b| b.is_ascii_alphanumeric());
+                        match self.warmer.as_ref().filter(|_| valid) {
+                            Some(w) => match w.status(id).await {
+                                Some(s) => reply(200, s),
+                                None => error(
+                                    Code::NotFound,
+                                    format!("no warm job {id:?} (jobs are kept: the last 100)"),
+                                ),
+                            },
+                            None => error(Code::NotFound, format!("no warm job {id:?}")),
+                        }
+                    }
                     (_, p) => match admin_methods(p) {
                         Some(allow) => wrong_method(allow),
                         None => error(

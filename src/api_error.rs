@@ -33,8 +33,10 @@ pub enum Code {
     TooLarge,
     /// A new configuration was refused; the running one stays (422).
     InvalidConfig,
-    /// A dependency (Redis) did not answer (503).
+    /// A dependency (Redis) did not answer, or the feature is not running (503).
     Unavailable,
+    /// Too much of this is running already (429: 8 warm jobs per instance).
+    Busy,
 }
 
 impl Code {
@@ -52,6 +54,7 @@ impl Code {
             Code::TooLarge => "too_large",
             Code::InvalidConfig => "invalid_config",
             Code::Unavailable => "unavailable",
+            Code::Busy => "busy",
         }
     }
 
@@ -65,11 +68,12 @@ impl Code {
             Code::TooLarge => 413,
             Code::InvalidConfig => 422,
             Code::Unavailable => 503,
+            Code::Busy => 429,
         }
     }
 
     /// Every code, for tests and the spec's enum.
-    pub const ALL: [Code; 11] = [
+    pub const ALL: [Code; 12] = [
         Code::Unauthorized,
         Code::BadSignature,
         Code::StaleTimestamp,
@@ -81,6 +85,7 @@ impl Code {
         Code::TooLarge,
         Code::InvalidConfig,
         Code::Unavailable,
+        Code::Busy,
     ];
 }
 

@@ -15,6 +15,7 @@
 //! | what does `Cache-Status` say?          | [`cache_status`]  |
 //! | the request phases (Pingora hooks)     | [`proxy`]         |
 //! | `/metrics`, `/healthz`                 | [`admin`], [`metrics`] |
+//! | warm jobs: preloading the cache        | [`warm`]          |
 //! | wiring it all into a Pingora server    | [`server`]        |
 //!
 //! Configuration is compiled once at load time ([`config::Config::load`]) into matchers
@@ -43,6 +44,7 @@ pub mod tools;
 pub mod trust;
 pub mod units;
 pub mod usage;
+pub mod warm;
 
 #[cfg(test)]
 mod fuzz;

@@ -115,6 +115,43 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Start a warm job on a running gateway (POST /admin/warm) and follow it with a progress
+    /// bar; exits 1 if any of its requests failed.
+    Warm {
+        /// A job as JSON (`{"urls": [...]}`, `{"rule": ..., "grid": {...}}`, `{"top": N}`);
+        /// the flags below are set over it.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// A URL (path or absolute) to warm (repeatable).
+        #[arg(long = "url", num_args = 1.., value_name = "URL")]
+        urls: Vec<String>,
+        /// A rule whose grid to render.
+        #[arg(long)]
+        rule: Option<String>,
+        /// A grid axis: SOURCE=V1,V2 (e.g. query.location=NYC,LA; repeatable).
+        #[arg(long = "grid", value_name = "SOURCE=VALUES")]
+        grid: Vec<String>,
+        /// The N most requested keys of recent traffic.
+        #[arg(long)]
+        top: Option<usize>,
+        /// How far back `--top` looks (default 24h).
+        #[arg(long)]
+        since: Option<String>,
+        /// Requests in flight at once (default 4).
+        #[arg(long)]
+        concurrency: Option<usize>,
+        /// Requests per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Refetch entries that are still fresh.
+        #[arg(long)]
+        refresh: bool,
+        /// Also request each URL through this CDN front (repeatable).
+        #[arg(long = "warm-via", value_name = "URL")]
+        warm_via: Vec<String>,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
     /// Show the protection windows, or switch one for the fleet: `aisle protect on NAME --for 3h`,
     /// `aisle protect off NAME` (POST /admin/protection).
     Protect {
@@ -298,6 +335,34 @@ fn main() -> ExitCode {
         }
         Command::Events { admin } => operate(&cli.config, &admin, cli::Action::Events),
         Command::Reload { admin } => operate(&cli.config, &admin, cli::Action::Reload),
+        Command::Warm {
+            file,
+            urls,
+            rule,
+            grid,
+            top,
+            since,
+            concurrency,
+            rate,
+            refresh,
+            warm_via,
+            admin,
+        } => operate(
+            &cli.config,
+            &admin,
+            cli::Action::Warm(cli::Warm {
+                file,
+                urls,
+                rule,
+                grid,
+                top,
+                since,
+                concurrency,
+                rate,
+                refresh,
+                warm_via,
+            }),
+        ),
         Command::Protect {
             state,
             name,

@@ -220,8 +220,20 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         UpstreamHealth(live.clone()),
     ));
     let quotas = Quotas::new(shared.clone()).map_err(std::io::Error::other)?;
-    let gateway =
-        Gateway::new(live.clone(), parts, invalidator.clone(), replays).with_quotas(quotas);
+    // Warm jobs (issue 15): requests to this gateway's own listener; durable through Redis.
+    let warmer = crate::warm::Warmer::new(
+        live.clone(),
+        shared.clone(),
+        invalidator.protection().cloned(),
+    )
+    .map_err(std::io::Error::other)?;
+    server.add_service(pingora::services::background::background_service(
+        "aisle warm jobs",
+        crate::warm::Tick(warmer.clone()),
+    ));
+    let gateway = Gateway::new(live.clone(), parts, invalidator.clone(), replays)
+        .with_quotas(quotas)
+        .with_warm(warmer.clone());
     let proxy = listener(&server, gateway, live, &config)?;
     if let Some(redis) = &redis {
         let subscriber = Subscriber {
@@ -248,6 +260,7 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
             redis,
             reloader,
             invalidator,
+            warmer: Some(warmer),
         },
     );
     admin.add_tcp(&config.admin_listen);
@@ -375,6 +388,8 @@ mod tests {
         )
         .unwrap();
         Replays::new(Some(shared.clone())).unwrap();
+        crate::warm::store::Store::new(shared.clone()).unwrap();
+        crate::warm::popular::Popular::new(Some(shared.clone())).unwrap();
         // The on-Redis names stay what they were before the keyspaces were registered.
         assert_eq!(tier.entry_key(0xab), format!("aisle:{{{:032x}}}:e", 0xab));
         assert_eq!(tier.channel(), "aisle:inv");

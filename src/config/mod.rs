@@ -20,6 +20,7 @@ pub mod season;
 pub mod secret;
 pub mod tls;
 pub mod upstream;
+pub mod warm;
 pub mod webhook;
 
 pub use upstream::{Balance, Upstream};
@@ -70,6 +71,8 @@ pub struct Config {
     pub rules: RuleSet,
     /// `[[protection]]` windows ("Saturday mode"), in file order.
     pub protection: Vec<protection::ProtectionWindow>,
+    /// `[[warm]]` scheduled warm jobs, in file order.
+    pub warm: Vec<warm::WarmSchedule>,
     /// `[[season]]`s (no two overlap), in file order.
     pub seasons: Vec<season::Season>,
     /// `[server] trusted_proxies` / `trusted_clients`: whose forwarding and control headers count.
@@ -519,6 +522,7 @@ impl Config {
                 }
             }
         }
+        let warm = warm::compile(&src, &raw.warm, rules.as_ref(), &mut diags);
         if !diags.is_empty() {
             return Err(diags);
         }
@@ -560,6 +564,7 @@ impl Config {
             rules: rules.expect("no diagnostics means rules loaded"),
             protection,
             seasons,
+            warm,
             trust,
             log,
             listener,

@@ -32,6 +32,9 @@ pub(super) struct RawConfig {
     pub(super) protection: Vec<Spanned<super::protection::RawProtection>>,
     #[serde(default)]
     pub(super) season: Vec<Spanned<super::season::RawSeason>>,
+    /// Scheduled warm jobs (issue 15), checked in [`super::warm`].
+    #[serde(default)]
+    pub(super) warm: Vec<Spanned<super::warm::RawWarm>>,
 }
 
 /// `[log]`: the access log.

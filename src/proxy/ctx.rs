@@ -79,6 +79,8 @@ pub struct Ctx {
     pub quota: super::quota::QuotaCtx,
     /// What `Cache-Status` said and what metrics count (set in `response_filter`).
     pub answered: Option<(CacheStatus, CacheOutcome)>,
+    /// Whether a warm job sent this request (`Aisle-Warm` with the process's secret).
+    pub warm: crate::warm::Mark,
 }
 
 impl Ctx {
@@ -95,6 +97,7 @@ impl Ctx {
             upstream: UpstreamCtx::default(),
             quota: Default::default(),
             answered: None,
+            warm: Default::default(),
         }
     }
 

@@ -140,6 +140,8 @@ pub struct Gateway {
     refreshing: Refreshing,
     /// The upstreams' request quotas (this instance's only until [`Gateway::with_quotas`]).
     quotas: Arc<quota::Quotas>,
+    /// Warm jobs: which requests are theirs, and the popularity of clients' requests.
+    warm: Option<Arc<crate::warm::Warmer>>,
 }
 
 /// Background fills started because the origin was slower than `stale_after`, by key.
@@ -192,7 +194,15 @@ impl Gateway {
             cache,
             refreshing: Refreshing::default(),
             quotas: quota::Quotas::new(None).expect("no keyspace to claim without Redis"),
+            warm: None,
         }
+    }
+
+    /// Warm jobs: their requests are recognised (`refresh` forces a refetch), clients'
+    /// requests are counted for `top` jobs.
+    pub fn with_warm(mut self, warm: Arc<crate::warm::Warmer>) -> Self {
+        self.warm = Some(warm);
+        self
     }
 
     /// The quotas to count requests in (shared through Redis when configured).
@@ -383,6 +393,10 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.peer = config.trust.peer(peer, &session.req_header().headers);
+        if let Some(warm) = &self.warm {
+            let value = session.req_header().headers.get(crate::warm::HEADER);
+            ctx.warm = warm.mark(value.map(|v| v.as_bytes()));
+        }
         match body::read(session, &rule).await? {
             Ok(body) => ctx.body = body.map(Arc::new),
             Err(reason) => ctx.body_refused = Some(reason),
@@ -450,6 +464,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<Option<ForcedFreshness>> {
         ctx.cache.partial_hit = hit_handler.as_any().is::<PartialHit>();
+        if ctx.warm == crate::warm::Mark::Refresh {
+            // A warm job's `refresh`: refetch even a fresh entry (clients cannot ask this).
+            ctx.cache.lookup = Lookup::Refused;
+            return Ok(Some(ForcedFreshness::ForceMiss));
+        }
         // Every hit path (memory, a fill still streaming, Redis) attaches the entry's facts.
         if let Some(info) = EntryInfo::of(meta) {
             ctx.cache.hit_tokens = info.tokens;
@@ -941,6 +960,15 @@ impl ProxyHttp for Gateway {
         };
         rule.metrics
             .observe(outcome, ctx.start.elapsed().as_secs_f64());
+        if let (Some(warm), crate::warm::Mark::Client, Some(Admission::Cache(_))) =
+            (&self.warm, ctx.warm, &ctx.admission)
+        {
+            let req = session.req_header();
+            if req.method == http::Method::GET && session.subrequest_ctx.is_none() {
+                let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+                warm.popular.record(host_of(req), path);
+            }
+        }
         if let (Some(cost), CacheOutcome::Hit | CacheOutcome::Stale) = (&rule.cost, outcome) {
             let tokens = ctx.cache.hit_tokens;
             let money = cost.per_request + tokens as f64 / 1000.0 * cost.per_1k_tokens;

@@ -82,6 +82,24 @@ pub enum Action {
     Reload,
     /// `aisle protect` (status), or `aisle protect on|off NAME [--for D | --until T]`.
     Protect(Option<Protect>),
+    /// `aisle warm`: start a warm job and follow it.
+    Warm(Warm),
+}
+
+/// A warm job from flags and/or a JSON file (`aisle warm`); flags win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Warm {
+    pub file: Option<std::path::PathBuf>,
+    pub urls: Vec<String>,
+    pub rule: Option<String>,
+    /// `source=v1,v2` (e.g. `query.location=NYC,LA`).
+    pub grid: Vec<String>,
+    pub top: Option<usize>,
+    pub since: Option<String>,
+    pub concurrency: Option<usize>,
+    pub rate: Option<f64>,
+    pub refresh: bool,
+    pub warm_via: Vec<String>,
 }
 
 /// A protection window switch.
@@ -414,6 +432,7 @@ async fn execute(target: &Target, action: &Action, json: bool) -> Result<(), Fai
                 );
             }
         }
+        Action::Warm(w) => warm(&client, w, json).await?,
         Action::Protect(switch) => {
             if let Some(p) = switch {
                 let mut body = serde_json::json!({"name": p.name, "on": p.on});
@@ -833,6 +852,174 @@ fn summary(v: &Value) -> String {
             .join(" "),
         None => plain(v),
     }
+}
+
+/// The job `aisle warm` sends: the file's JSON, then the flags over it.
+pub fn warm_body(w: &Warm) -> Result<Value, Failure> {
+    let mut body = match &w.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::new(EXIT_USAGE, format!("cannot read {}: {e}", path.display()))
+            })?;
+            let v: Value = serde_json::from_str(&text).map_err(|e| {
+                Failure::new(EXIT_USAGE, format!("{}: not JSON: {e}", path.display()))
+            })?;
+            if !v.is_object() {
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    format!("{}: a warm job is a JSON object", path.display()),
+                ));
+            }
+            v
+        }
+        None => Value::Object(Default::default()),
+    };
+    let set = |body: &mut Value, k: &str, v: Value| {
+        body[k] = v;
+    };
+    if !w.urls.is_empty() {
+        set(&mut body, "urls", serde_json::json!(w.urls));
+    }
+    if let Some(r) = &w.rule {
+        set(&mut body, "rule", Value::String(r.clone()));
+    }
+    if !w.grid.is_empty() {
+        let mut grid = serde_json::Map::new();
+        for g in &w.grid {
+            let (k, vals) = g.split_once('=').ok_or_else(|| {
+                Failure::new(
+                    EXIT_USAGE,
+                    format!("--grid {g:?}: write SOURCE=V1,V2 (e.g. query.location=NYC,LA)"),
+                )
+            })?;
+            grid.insert(
+                k.to_string(),
+                serde_json::json!(vals.split(',').collect::<Vec<_>>()),
+            );
+        }
+        set(&mut body, "grid", Value::Object(grid));
+    }
+    if let Some(t) = w.top {
+        set(&mut body, "top", serde_json::json!(t));
+    }
+    if let Some(s) = &w.since {
+        set(&mut body, "since", Value::String(s.clone()));
+    }
+    if let Some(c) = w.concurrency {
+        set(&mut body, "concurrency", serde_json::json!(c));
+    }
+    if let Some(r) = w.rate {
+        set(&mut body, "rate", serde_json::json!(r));
+    }
+    if w.refresh {
+        set(&mut body, "refresh", Value::Bool(true));
+    }
+    if !w.warm_via.is_empty() {
+        set(&mut body, "warm_via", serde_json::json!(w.warm_via));
+    }
+    Ok(body)
+}
+
+/// How often `aisle warm` asks for the job's progress.
+const WARM_POLL: Duration = Duration::from_millis(250);
+
+fn count_of(v: &Value, field: &str) -> u64 {
+    v.get(field).and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// One line of a job's progress.
+fn warm_line(v: &Value) -> String {
+    let mut line = format!(
+        "warm job {}: {}/{} done: {} warmed, {} skipped, {} errors",
+        str_of(v, "id"),
+        num_of(v, "done"),
+        num_of(v, "total"),
+        num_of(v, "warmed"),
+        num_of(v, "skipped"),
+        num_of(v, "errors"),
+    );
+    if count_of(v, "throttled") > 0 {
+        line.push_str(&format!(", {} throttled (retried)", num_of(v, "throttled")));
+    }
+    for f in v["fronts"].as_array().into_iter().flatten() {
+        line.push_str(&format!(
+            "; via {}: {} ok, {} errors",
+            str_of(f, "front"),
+            num_of(f, "ok"),
+            num_of(f, "errors")
+        ));
+    }
+    line
+}
+
+/// `aisle warm`: starts the job, shows its progress (a bar on a terminal, lines otherwise)
+/// until it is done, and fails (exit 1) if any request failed.
+async fn warm(client: &Client, w: &Warm, json: bool) -> Result<(), Failure> {
+    use std::io::IsTerminal;
+    let body = warm_body(w)?;
+    let started = client
+        .json(reqwest::Method::POST, "/admin/warm", Some(&body))
+        .await?;
+    let id = str_of(&started, "id");
+    let path = format!("/admin/jobs/{id}");
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} warm {msg} [{bar:30}] {pos}/{len} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut last = String::new();
+    let status = loop {
+        let v = client.json(reqwest::Method::GET, &path, None).await?;
+        match &bar {
+            Some(bar) => {
+                bar.set_length(count_of(&v, "total"));
+                bar.set_position(count_of(&v, "done"));
+                bar.set_message(format!(
+                    "{id} ({} skipped, {} errors)",
+                    num_of(&v, "skipped"),
+                    num_of(&v, "errors")
+                ));
+            }
+            None => {
+                let line = warm_line(&v);
+                if line != last {
+                    eprintln!("{line}");
+                    last = line;
+                }
+            }
+        }
+        if matches!(v["state"].as_str(), Some("done" | "failed")) {
+            break v;
+        }
+        tokio::time::sleep(WARM_POLL).await;
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+        eprintln!("{}", warm_line(&status));
+    }
+    if json {
+        println!("{status}");
+    }
+    let front_errors: u64 = status["fronts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| count_of(f, "errors"))
+        .sum();
+    let errors = count_of(&status, "errors") + front_errors;
+    if errors > 0 {
+        return Err(Failure::new(
+            EXIT_REFUSED,
+            format!("warm job {id}: {errors} requests failed"),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -49,4 +49,5 @@ mod stale;
 mod structure;
 mod upgrade;
 mod upstreams;
+mod warm;
 mod webhooks;

@@ -25,7 +25,7 @@ const LAYERS: &[&[&str]] = &[
     &["redis"],
     &["storage", "purge"],
     &["invalidation"],
-    &["proxy", "admin", "control", "reload"],
+    &["proxy", "admin", "control", "reload", "warm"],
     &["server"],
     &["tools"],
     &["fuzz"],
