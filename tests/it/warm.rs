@@ -315,9 +315,10 @@ async fn bad_jobs_are_refused_and_start_nothing() {
         let (status, v) = admin(&gw, "POST", "/admin/warm", Some(job.clone())).await;
         assert_eq!(status, 400, "{job}: {v}");
         assert!(
-            v["error"].as_str().unwrap_or("").contains(says),
+            v["error"]["message"].as_str().unwrap_or("").contains(says),
             "{job}: {v}"
         );
+        assert_eq!(v["error"]["code"], "invalid_field", "{job}: {v}");
     }
     for id in ["nope", "..%2f..%2fx", "w1%7Bx%7D"] {
         let (status, _) = admin(&gw, "GET", &format!("/admin/jobs/{id}"), None).await;
