@@ -35,6 +35,7 @@ mod protection_stale;
 mod purge_queue;
 mod quota;
 mod readme;
+mod refresh_ahead;
 mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
