@@ -1575,7 +1575,10 @@ mod tests {
         assert!(!refresh_due(1000, 3000, 1999, 0.5));
         assert!(refresh_due(1000, 3000, 2000, 0.5), "at the point");
         assert!(refresh_due(1000, 3000, 2999, 0.5));
-        assert!(!refresh_due(1000, 3000, 3000, 0.5), "stale: not refresh-ahead's");
+        assert!(
+            !refresh_due(1000, 3000, 3000, 0.5),
+            "stale: not refresh-ahead's"
+        );
         assert!(!refresh_due(1000, 1000, 1000, 0.5), "no lifetime");
         // 0.8 of 300 s.
         assert!(!refresh_due(0, 300_000, 239_999, 0.8));

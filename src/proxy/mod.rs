@@ -32,8 +32,8 @@ mod invalidate;
 pub mod quota;
 mod upstream;
 
-pub use ctx::Ctx;
 use ctx::Ahead;
+pub use ctx::Ctx;
 pub use upstream::Background as UpstreamHealth;
 
 use crate::admission::{self, Admission};
@@ -286,7 +286,11 @@ impl Gateway {
             && self
                 .cache
                 .storage
-                .claim_refresh(session.cache.cache_key(), created_ms, self.fill_horizon(ctx))
+                .claim_refresh(
+                    session.cache.cache_key(),
+                    created_ms,
+                    self.fill_horizon(ctx),
+                )
                 .await;
         if !claimed {
             // Replaced already (another instance's refresh landed), or claimed by another.

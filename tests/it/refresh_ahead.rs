@@ -104,8 +104,17 @@ async fn hits_past_the_point_answer_at_once_and_refresh_once() {
     .await;
     let after = gw.get("/ra/a").await;
     assert_hit(&after, "after the refresh");
-    assert_eq!(after.text(), "/ra/a #2", "the refreshed entry replaced the old one");
-    assert_eq!(after.age().unwrap_or(0), 0, "a fresh entry's Age: {:?}", after.headers);
+    assert_eq!(
+        after.text(),
+        "/ra/a #2",
+        "the refreshed entry replaced the old one"
+    );
+    assert_eq!(
+        after.age().unwrap_or(0),
+        0,
+        "a fresh entry's Age: {:?}",
+        after.headers
+    );
     assert!(
         !after.cache_status().contains("refresh-ahead"),
         "the new entry is before its point: {}",
@@ -159,12 +168,19 @@ async fn two_gateways_on_one_redis_refresh_once() {
         assert_hit(r, "past the point");
         assert!(r.elapsed < REFRESH_DELAY, "waited {:?}", r.elapsed);
     }
-    poll_until(Duration::from_secs(10), "one refresh in the fleet", || async {
-        let done = refreshes(&a, "refreshed").await + refreshes(&b, "refreshed").await;
-        (done >= 1.0).then_some(())
-    })
+    poll_until(
+        Duration::from_secs(10),
+        "one refresh in the fleet",
+        || async {
+            let done = refreshes(&a, "refreshed").await + refreshes(&b, "refreshed").await;
+            (done >= 1.0).then_some(())
+        },
+    )
     .await;
-    let started = (refreshes(&a, "started").await, refreshes(&b, "started").await);
+    let started = (
+        refreshes(&a, "started").await,
+        refreshes(&b, "started").await,
+    );
     assert_eq!(started, (1.0, 1.0), "each instance started one refresh");
     // The instance that lost the claim ends its refresh as coalesced: wait for both to end.
     poll_until(Duration::from_secs(10), "both refreshes to end", || async {
@@ -177,7 +193,11 @@ async fn two_gateways_on_one_redis_refresh_once() {
         (ended == 1.0 && coalesced >= 19.0).then_some(())
     })
     .await;
-    assert_eq!(origin.count("/ra/f"), 2, "one refresh between the two gateways");
+    assert_eq!(
+        origin.count("/ra/f"),
+        2,
+        "one refresh between the two gateways"
+    );
     for (name, gw) in [("A", &a), ("B", &b)] {
         let r = poll_until(Duration::from_secs(5), "the refreshed entry", || async {
             let r = gw.get("/ra/f").await;
