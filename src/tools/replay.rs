@@ -526,6 +526,8 @@ fn simulate(
     let latency = settings.origin_latency.as_millis().min(i64::MAX as u128) as i64;
     // Each entry with the URI identity it was stored under (for unsafe-method invalidation).
     let mut cache: HashMap<HashBinary, (u64, Entry)> = HashMap::new();
+    // Keys ever stored (an invalidated key stored again is still one key).
+    let mut stored: std::collections::HashSet<HashBinary> = std::collections::HashSet::new();
     let mut per_rule = vec![Counts::default(); rules.rules().len()];
     let mut bypassed = BTreeMap::new();
     for req in trace {
@@ -581,7 +583,7 @@ fn simulate(
                     }
                 } else if store {
                     cache.insert(key, (uri, Entry::new(now, ttl_ms, swr_ms)));
-                    stats.keys += 1;
+                    stats.keys += u64::from(stored.insert(key));
                 }
             }
         }
@@ -656,7 +658,7 @@ fn rfc3339(ms: i64) -> String {
 /// hit ratio and distinct keys (entries) as modelled (refresh-ahead and stale-while-revalidate
 /// included), the hits without those two, and the hits and keys without the normalizers.
 pub fn render(report: &Report, settings: &Settings) -> String {
-    const COLUMNS: usize = 12;
+    const COLUMNS: usize = 13;
     let mut rows: Vec<[String; COLUMNS]> = Vec::new();
     let mut footnote = false;
     let ahead = |a: Option<f64>| a.map_or_else(|| "-".to_string(), |a| format!("{a}"));
@@ -685,9 +687,11 @@ pub fn render(report: &Report, settings: &Settings) -> String {
             ratio(r.hits_plain, r.requests),
             r.hits_raw.to_string(),
             ratio(r.hits_raw, r.requests),
+            r.keys_raw.to_string(),
         ]);
     }
     let keys: u64 = report.rules.iter().map(|r| r.keys).sum();
+    let keys_raw: u64 = report.rules.iter().map(|r| r.keys_raw).sum();
     rows.push([
         "total (cacheable)".into(),
         String::new(),
@@ -701,6 +705,7 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         ratio(report.hits_plain(), report.cacheable()),
         report.hits_raw().to_string(),
         ratio(report.hits_raw(), report.cacheable()),
+        keys_raw.to_string(),
     ]);
     let header = [
         "rule",
@@ -715,6 +720,7 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         "hit ratio",
         "hits",
         "hit ratio",
+        "keys",
     ];
     // Columns that open a group (after a `|`).
     const GROUPS: [usize; 2] = [8, 10];
@@ -735,7 +741,7 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         }
         l.trim_end().to_string()
     };
-    // Group labels over columns 5..=7, 8..=9 and 10..=11.
+    // Group labels over columns 5..=7, 8..=9 and 10..=12.
     let lead: usize = widths[..5].iter().sum::<usize>() + 2 * 5;
     let all_w = widths[5..8].iter().sum::<usize>() + 2 * 2;
     let plain_w = widths[8..10].iter().sum::<usize>() + 2;
