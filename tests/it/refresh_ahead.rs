@@ -208,3 +208,37 @@ async fn two_gateways_on_one_redis_refresh_once() {
     }
     assert_eq!(origin.count("/ra/f"), 2);
 }
+
+/// A refresh is background work: with the upstream's quota down to the share kept for clients,
+/// the refresh is skipped (counted `quota`), the origin sees nothing, and hits go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_yields_to_the_quota() {
+    let origin = origin();
+    // Burst 2: the fill takes one, and background work keeps burst / 2 = 1 for clients.
+    let cfg = format!(
+        "{}quota = {{ requests = 2, per = \"1h\" }}\n",
+        config_for(&origin.url())
+    );
+    let gw = Gateway::start(&cfg, &[("r.toml", RULES)]).await;
+    assert_stored_miss(&gw.get("/ra/q").await, "first request");
+    let stored = Instant::now();
+    wait_until(stored, Duration::from_millis(1100)).await;
+    let r = gw.get("/ra/q").await;
+    assert_hit(&r, "past the point");
+    assert!(r.cache_status().contains("detail=refresh-ahead"));
+    gw.wait_metric(
+        "aisle_refresh_ahead_total",
+        &[("rule", "ahead"), ("result", "quota")],
+        "the refresh skipped for the quota",
+        |v| v == 1.0,
+    )
+    .await;
+    assert_eq!(refreshes(&gw, "refreshed").await, 0.0);
+    assert_eq!(refreshes(&gw, "failed").await, 0.0);
+    assert_eq!(
+        origin.count("/ra/q"),
+        1,
+        "the refresh never reached the origin"
+    );
+    assert_hit(&gw.get("/ra/q").await, "still answered from the entry");
+}
