@@ -622,7 +622,8 @@ impl ProxyHttp for Gateway {
             ctx.cache.lookup = Lookup::Refused;
             return Ok(Some(ForcedFreshness::ForceExpired));
         }
-        // A fresh hit: past the rule's refresh point, it also starts a background refresh.
+        // A fresh GET hit: past the rule's refresh point, it also starts a background refresh
+        // (not a HEAD: the refresh replays the request, and a HEAD brings back no body).
         if let Some(ahead) = ctx.rule().refresh_ahead {
             let now = policy::unix_ms(SystemTime::now());
             let (created, fresh_until) = (meta.created(), meta.fresh_until());
@@ -632,6 +633,7 @@ impl ProxyHttp for Gateway {
                 now,
                 ahead,
             ) && session.subrequest_ctx.is_none()
+                && session.req_header().method == http::Method::GET
             {
                 self.refresh_ahead(session, ctx, meta);
             }

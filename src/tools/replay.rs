@@ -568,10 +568,12 @@ fn simulate(
                     if use_stored && (fresh || stale) {
                         stats.hits += 1;
                         stats.stale_hits += u64::from(stale);
+                        // As the proxy: refresh-ahead starts from GET hits only.
                         let due = stale
-                            || ahead.is_some_and(|a| {
-                                crate::policy::refresh_due(e.stored, e.fresh_until, now, a)
-                            });
+                            || (req.method == http::Method::GET
+                                && ahead.is_some_and(|a| {
+                                    crate::policy::refresh_due(e.stored, e.fresh_until, now, a)
+                                }));
                         if due && e.refresh.is_none() {
                             e.refresh = Some((now.saturating_add(latency), ttl_ms));
                             stats.refreshes += 1;
