@@ -669,7 +669,7 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
         if let Err(seconds) = self.quotas.take(session, ctx).await {
-            if ctx.cache.ahead.is_some() {
+            if ahead_run(session).is_some() {
                 // A refresh-ahead is background work: it yields to clients' share of the quota.
                 ctx.cache.ahead = Some(Ahead::Quota);
             }
@@ -1050,7 +1050,9 @@ impl ProxyHttp for Gateway {
             Some(a) => a,
             None => self.status(session, ctx),
         };
-        match ctx.cache.ahead {
+        // A refresh whose entry was gone by its lookup (evicted) filled it as a miss.
+        let ahead = (ctx.cache.ahead).or(ahead_run(session).map(|_| Ahead::Refreshing));
+        match ahead {
             // A refresh-ahead is not a client request: counted as what it did, not as an answer.
             Some(ahead) => {
                 let result = match ahead {
