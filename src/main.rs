@@ -53,6 +53,9 @@ enum Command {
         /// by default a trace's requests are untrusted clients, as a trace has no peer address.
         #[arg(long)]
         trusted: bool,
+        /// How long a background refresh (refresh-ahead, stale-while-revalidate) takes to land.
+        #[arg(long, default_value = "50ms", value_parser = duration_arg)]
+        origin_latency: std::time::Duration,
     },
     /// Write a synthetic, seeded wedding-planning request trace for `aisle replay`.
     Trace {
@@ -292,6 +295,7 @@ fn main() -> ExitCode {
             trace,
             default_ttl,
             trusted,
+            origin_latency,
         } => match load(&cli.config) {
             Ok(c) => {
                 let client = if trusted {
@@ -299,7 +303,7 @@ fn main() -> ExitCode {
                 } else {
                     aisle::trust::Client::Untrusted
                 };
-                aisle::tools::replay::run(&c, &trace, default_ttl, client)
+                aisle::tools::replay::run(&c, &trace, default_ttl, client, origin_latency)
             }
             Err(code) => code,
         },

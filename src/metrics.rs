@@ -409,6 +409,7 @@ pub struct RuleMetrics {
     requests: [IntCounter; 6],
     duration: [Histogram; 6],
     saved: IntCounter,
+    refresh_ahead: [IntCounter; 5],
     rule: Box<str>,
 }
 
@@ -422,6 +423,8 @@ impl RuleMetrics {
         m.tokens_saved.with_label_values(&[rule]);
         RuleMetrics {
             saved: m.saved_requests.with_label_values(&[rule]),
+            refresh_ahead: RefreshResult::ALL
+                .map(|r| REFRESH_AHEAD.with_label_values(&[rule, r.as_str()])),
             rule: rule.into(),
             requests: CacheOutcome::ALL.map(|o| m.requests.with_label_values(&[rule, o.as_str()])),
             duration: CacheOutcome::ALL
@@ -448,11 +451,62 @@ impl RuleMetrics {
             .inc_by(tokens);
     }
 
+    /// Counts one step of a refresh-ahead (`aisle_refresh_ahead_total`).
+    pub fn refresh_ahead(&self, result: RefreshResult) {
+        self.refresh_ahead[result as usize].inc();
+    }
+
     /// Requests answered, by outcome.
     pub fn counts(&self) -> [(CacheOutcome, u64); 6] {
         CacheOutcome::ALL.map(|o| (o, self.requests[o as usize].get()))
     }
 }
+
+/// What became of a refresh-ahead (a rule's `refresh_ahead`), as counted in
+/// `aisle_refresh_ahead_total{rule,result}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefreshResult {
+    /// A hit past the refresh point started a background refresh on this instance.
+    Started,
+    /// A hit past the refresh point found one already under way (here or, through Redis, on
+    /// another instance), or the entry already replaced.
+    Coalesced,
+    /// The refresh stored a new entry (or the origin confirmed the old one: 304).
+    Refreshed,
+    /// The refresh got no storable answer; the entry stays until it expires.
+    Failed,
+    /// The upstream's quota had no room for background work: the refresh was skipped.
+    Quota,
+}
+
+impl RefreshResult {
+    pub const ALL: [RefreshResult; 5] = [
+        RefreshResult::Started,
+        RefreshResult::Coalesced,
+        RefreshResult::Refreshed,
+        RefreshResult::Failed,
+        RefreshResult::Quota,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefreshResult::Started => "started",
+            RefreshResult::Coalesced => "coalesced",
+            RefreshResult::Refreshed => "refreshed",
+            RefreshResult::Failed => "failed",
+            RefreshResult::Quota => "quota",
+        }
+    }
+}
+
+static REFRESH_AHEAD: Lazy<IntCounterVec> = Lazy::new(|| {
+    register_int_counter_vec!(
+        "aisle_refresh_ahead_total",
+        "Refresh-ahead of entries past their rule's refresh_ahead point, by rule and result (started, coalesced, refreshed, failed, quota)",
+        &["rule", "result"]
+    )
+    .expect("register aisle_refresh_ahead_total")
+});
 
 /// The text exposition of every registered metric.
 pub fn render() -> String {

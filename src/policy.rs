@@ -318,6 +318,26 @@ pub fn stale_allowed(meta: &CacheMeta, kind: Stale, now: SystemTime, extension: 
     stale_for <= Duration::from_secs(own_window(meta, kind).into()).saturating_add(extension)
 }
 
+/// Refresh-ahead (a rule's `refresh_ahead`, the fraction `ahead`): whether a hit at `now_ms` on
+/// an entry stored at `stored_ms` and fresh until `fresh_until_ms` (unix ms) is past its refresh
+/// point, so it should start a background refresh. Only fresh entries are due (a stale one is
+/// stale-while-revalidate's or a refetch's business). The one predicate the proxy
+/// (`cache_hit_filter`) and `aisle replay` both use, so the replay predicts the gateway.
+pub fn refresh_due(stored_ms: i64, fresh_until_ms: i64, now_ms: i64, ahead: f64) -> bool {
+    let lifetime = fresh_until_ms.saturating_sub(stored_ms);
+    if now_ms >= fresh_until_ms || lifetime <= 0 {
+        return false;
+    }
+    let point = stored_ms.saturating_add((lifetime as f64 * ahead).ceil() as i64);
+    now_ms >= point
+}
+
+/// Unix milliseconds of `t` (0 before 1970), for [`refresh_due`].
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64)
+}
+
 /// Heuristic freshness (RFC 9111 §4.2.2): 10% of the time since `Last-Modified` (on the origin's
 /// clock: `Date`, or the time of receipt), at most `cap`. `None`
 /// without a valid `Last-Modified`, or when it is not before `Date`.
@@ -1546,5 +1566,23 @@ mod tests {
             200,
             &[("cache-control", "s-maxage=60")]
         )));
+    }
+
+    #[test]
+    fn refresh_due_past_the_fraction_of_a_fresh_lifetime() {
+        // Stored at 1000, fresh for 2000 ms, refresh_ahead 0.5: the point is 2000.
+        assert!(!refresh_due(1000, 3000, 1000, 0.5), "just stored");
+        assert!(!refresh_due(1000, 3000, 1999, 0.5));
+        assert!(refresh_due(1000, 3000, 2000, 0.5), "at the point");
+        assert!(refresh_due(1000, 3000, 2999, 0.5));
+        assert!(
+            !refresh_due(1000, 3000, 3000, 0.5),
+            "stale: not refresh-ahead's"
+        );
+        assert!(!refresh_due(1000, 1000, 1000, 0.5), "no lifetime");
+        // 0.8 of 300 s.
+        assert!(!refresh_due(0, 300_000, 239_999, 0.8));
+        assert!(refresh_due(0, 300_000, 240_000, 0.8));
+        assert_eq!(unix_ms(UNIX_EPOCH + Duration::from_millis(1234)), 1234);
     }
 }

@@ -69,6 +69,8 @@ pub struct Observed {
     /// Answered from another request's fill: after waiting on its cache lock, or reading it
     /// while it streamed (RFC 9211 §2.6 `collapsed`).
     pub collapsed: bool,
+    /// A fresh hit past its rule's `refresh_ahead` point (a background refresh follows).
+    pub refresh_ahead: bool,
 }
 
 /// The `Cache-Status` facts and the outcome counted in metrics.
@@ -114,6 +116,9 @@ pub fn decide(o: &Observed) -> (CacheStatus, CacheOutcome) {
             s.hit = true;
             s.ttl = o.ttl;
             s.collapsed = o.collapsed;
+            if o.refresh_ahead {
+                s.detail = Some("refresh-ahead");
+            }
             CacheOutcome::Hit
         }
         Phase::Stale => {

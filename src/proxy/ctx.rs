@@ -33,6 +33,21 @@ pub struct CacheCtx {
     /// This instance's fleet fill lock for the key, released when the request ends (or handed
     /// to the fill that stores the answer).
     pub fill_lock: Option<FillLock>,
+    /// The hit was past its rule's `refresh_ahead` point (`Cache-Status: hit; detail=refresh-ahead`).
+    pub refresh_ahead: bool,
+    /// This request is a refresh-ahead's background subrequest, and how it went so far.
+    pub ahead: Option<Ahead>,
+}
+
+/// A refresh-ahead subrequest's progress, for `aisle_refresh_ahead_total` when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ahead {
+    /// Claimed: it refreshes the entry (stored or revalidated: `refreshed`, else `failed`).
+    Refreshing,
+    /// Another instance claimed it, or the entry was replaced already (counted).
+    Coalesced,
+    /// The upstream's quota kept it from the origin.
+    Quota,
 }
 
 /// What the upstream said, when the request went there.

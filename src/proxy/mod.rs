@@ -32,6 +32,7 @@ mod invalidate;
 pub mod quota;
 mod upstream;
 
+use ctx::Ahead;
 pub use ctx::Ctx;
 pub use upstream::Background as UpstreamHealth;
 
@@ -40,7 +41,7 @@ use crate::config::{Config, Upstream};
 use crate::control::{self, Replays};
 use crate::invalidation::Invalidator;
 use crate::key::{self, BadHost};
-use crate::metrics::{metrics, CacheOutcome};
+use crate::metrics::{metrics, CacheOutcome, RefreshResult};
 use crate::policy;
 use crate::storage::epochs::Verdict;
 use crate::storage::memory::{Eviction, PartialHit};
@@ -138,6 +139,9 @@ pub struct Gateway {
     /// Keys whose origin did not answer within `stale_after` and whose fill goes on in the
     /// background, with when that started: readers are served the stale entry meanwhile.
     refreshing: Refreshing,
+    /// Refresh-aheads started here, by key and the stored version's creation time (unix ms):
+    /// one background refresh per version at a time in this process.
+    ahead: Refreshing<(u128, i64)>,
     /// The upstreams' request quotas (this instance's only until [`Gateway::with_quotas`]).
     quotas: Arc<quota::Quotas>,
     /// Warm jobs: which requests are theirs, and the popularity of clients' requests.
@@ -145,13 +149,18 @@ pub struct Gateway {
 }
 
 /// Background fills started because the origin was slower than `stale_after`, by key.
-#[derive(Default)]
-struct Refreshing(parking_lot::Mutex<HashMap<u128, Instant>>);
+struct Refreshing<K = u128>(parking_lot::Mutex<HashMap<K, Instant>>);
 
-impl Refreshing {
+impl<K> Default for Refreshing<K> {
+    fn default() -> Self {
+        Refreshing(parking_lot::Mutex::new(HashMap::new()))
+    }
+}
+
+impl<K: std::hash::Hash + Eq + Copy> Refreshing<K> {
     /// Records a background fill of `key`; false if one is already running (`horizon`: how long
     /// one may run, after which it no longer counts and its record is dropped).
-    fn start(&self, key: u128, horizon: Duration) -> bool {
+    fn start(&self, key: K, horizon: Duration) -> bool {
         let mut map = self.0.lock();
         map.retain(|_, at| at.elapsed() < horizon);
         if map.contains_key(&key) {
@@ -162,16 +171,27 @@ impl Refreshing {
     }
 
     /// Whether a background fill of `key` runs (started within `horizon`).
-    fn running(&self, key: u128, horizon: Duration) -> bool {
+    fn running(&self, key: K, horizon: Duration) -> bool {
         self.0
             .lock()
             .get(&key)
             .is_some_and(|at| at.elapsed() < horizon)
     }
 
-    fn finish(&self, key: u128) {
+    fn finish(&self, key: K) {
         self.0.lock().remove(&key);
     }
+}
+
+/// The user context of a refresh-ahead's background subrequest: the version it refreshes.
+struct AheadRun {
+    created_ms: i64,
+}
+
+/// The refresh-ahead a session runs, when it is one's background subrequest.
+fn ahead_run(session: &Session) -> Option<&AheadRun> {
+    let user = session.subrequest_ctx.as_ref()?.user_ctx()?;
+    user.downcast_ref::<AheadRun>()
 }
 
 /// The key as a number, for [`Refreshing`].
@@ -193,6 +213,7 @@ impl Gateway {
             invalidator,
             cache,
             refreshing: Refreshing::default(),
+            ahead: Refreshing::default(),
             quotas: quota::Quotas::new(None).expect("no keyspace to claim without Redis"),
             warm: None,
         }
@@ -226,6 +247,69 @@ impl Gateway {
     fn fill_horizon(&self, ctx: &Ctx) -> Duration {
         let u = &ctx.live.config.upstreams[ctx.rule().upstream];
         u.connect_timeout + u.read_timeout + Duration::from_secs(1)
+    }
+
+    /// A fresh hit past its rule's `refresh_ahead` point: start one background refresh of this
+    /// version of the entry unless this process has one under way. The subrequest claims it
+    /// fleet-wide before going upstream ([`Self::ahead_lookup`]); the client is answered from
+    /// the entry now, whatever the refresh does.
+    fn refresh_ahead(&self, session: &Session, ctx: &mut Ctx, meta: &CacheMeta) {
+        ctx.cache.refresh_ahead = true;
+        let created_ms = policy::unix_ms(meta.created());
+        let id = (key_id(session.cache.cache_key()), created_ms);
+        let metrics = &ctx.rule().metrics;
+        if !self.ahead.start(id, self.fill_horizon(ctx)) {
+            metrics.refresh_ahead(RefreshResult::Coalesced);
+            return;
+        }
+        let Some(spawner) = session.subrequest_spawner.as_ref() else {
+            self.ahead.finish(id);
+            return;
+        };
+        spawner.spawn_background_subrequest(
+            session.as_ref(),
+            pingora::proxy::subrequest::Ctx::builder()
+                .user_ctx(Box::new(AheadRun { created_ms }))
+                .build(),
+        );
+        metrics.refresh_ahead(RefreshResult::Started);
+    }
+
+    /// The lookup of a refresh-ahead's subrequest: go upstream (force the entry expired) when
+    /// the version it was started for is still the stored one and this instance wins the
+    /// fleet's claim on it; otherwise end quietly with the stored entry (`None`).
+    async fn ahead_lookup(
+        &self,
+        session: &Session,
+        ctx: &mut Ctx,
+        meta: &CacheMeta,
+        is_fresh: bool,
+        run_created_ms: i64,
+    ) -> Option<ForcedFreshness> {
+        if !is_fresh {
+            // Stale by now: refetched as any stale entry is.
+            ctx.cache.ahead = Some(Ahead::Refreshing);
+            return None;
+        }
+        let created_ms = policy::unix_ms(meta.created());
+        let claimed = created_ms == run_created_ms
+            && self
+                .cache
+                .storage
+                .claim_refresh(
+                    session.cache.cache_key(),
+                    created_ms,
+                    self.fill_horizon(ctx),
+                )
+                .await;
+        if !claimed {
+            // Replaced already (another instance's refresh landed), or claimed by another.
+            ctx.cache.ahead = Some(Ahead::Coalesced);
+            ctx.rule().metrics.refresh_ahead(RefreshResult::Coalesced);
+            return None;
+        }
+        ctx.cache.ahead = Some(Ahead::Refreshing);
+        Some(ForcedFreshness::ForceExpired)
     }
 
     /// Whether `meta` may be served stale now: its own window, or a protection window's
@@ -278,6 +362,7 @@ impl Gateway {
             stored: ctx.cache.stored,
             ttl,
             key,
+            refresh_ahead: ctx.cache.refresh_ahead,
             collapsed: ctx.cache.partial_hit
                 || (session.cache.lock_duration().is_some() && !session.cache.upstream_used()),
         }
@@ -469,6 +554,12 @@ impl ProxyHttp for Gateway {
             ctx.cache.lookup = Lookup::Refused;
             return Ok(Some(ForcedFreshness::ForceMiss));
         }
+        if let Some(run) = ahead_run(session) {
+            let created_ms = run.created_ms;
+            return Ok(self
+                .ahead_lookup(session, ctx, meta, is_fresh, created_ms)
+                .await);
+        }
         // Every hit path (memory, a fill still streaming, Redis) attaches the entry's facts.
         if let Some(info) = EntryInfo::of(meta) {
             ctx.cache.hit_tokens = info.tokens;
@@ -540,7 +631,7 @@ impl ProxyHttp for Gateway {
             // The quota is used up: the entry, however old, rather than a 429.
             return Ok(Some(ForcedFreshness::ForceFresh));
         }
-        if !is_fresh || !directives.any() {
+        if !is_fresh {
             return Ok(None);
         }
         let too_old = directives
@@ -549,6 +640,22 @@ impl ProxyHttp for Gateway {
         if directives.no_cache || too_old {
             ctx.cache.lookup = Lookup::Refused;
             return Ok(Some(ForcedFreshness::ForceExpired));
+        }
+        // A fresh GET hit: past the rule's refresh point, it also starts a background refresh
+        // (not a HEAD: the refresh replays the request, and a HEAD brings back no body).
+        if let Some(ahead) = ctx.rule().refresh_ahead {
+            let now = policy::unix_ms(SystemTime::now());
+            let (created, fresh_until) = (meta.created(), meta.fresh_until());
+            if policy::refresh_due(
+                policy::unix_ms(created),
+                policy::unix_ms(fresh_until),
+                now,
+                ahead,
+            ) && session.subrequest_ctx.is_none()
+                && session.req_header().method == http::Method::GET
+            {
+                self.refresh_ahead(session, ctx, meta);
+            }
         }
         Ok(None)
     }
@@ -581,6 +688,10 @@ impl ProxyHttp for Gateway {
             return Ok(false);
         }
         if let Err(seconds) = self.quotas.take(session, ctx).await {
+            if ahead_run(session).is_some() {
+                // A refresh-ahead is background work: it yields to clients' share of the quota.
+                ctx.cache.ahead = Some(Ahead::Quota);
+            }
             quota::answer(session, ctx, seconds).await?;
             return Ok(false);
         }
@@ -958,8 +1069,30 @@ impl ProxyHttp for Gateway {
             Some(a) => a,
             None => self.status(session, ctx),
         };
-        rule.metrics
-            .observe(outcome, ctx.start.elapsed().as_secs_f64());
+        // A refresh whose entry was gone by its lookup (evicted) filled it as a miss.
+        let ahead = (ctx.cache.ahead).or(ahead_run(session).map(|_| Ahead::Refreshing));
+        match ahead {
+            // A refresh-ahead is not a client request: counted as what it did, not as an answer.
+            Some(ahead) => {
+                let result = match ahead {
+                    Ahead::Coalesced => None,
+                    Ahead::Quota => Some(RefreshResult::Quota),
+                    Ahead::Refreshing
+                        if ctx.cache.stored
+                            || matches!(session.cache.phase(), CachePhase::Revalidated) =>
+                    {
+                        Some(RefreshResult::Refreshed)
+                    }
+                    Ahead::Refreshing => Some(RefreshResult::Failed),
+                };
+                if let Some(result) = result {
+                    rule.metrics.refresh_ahead(result);
+                }
+            }
+            None => rule
+                .metrics
+                .observe(outcome, ctx.start.elapsed().as_secs_f64()),
+        }
         if let (Some(warm), crate::warm::Mark::Client, Some(Admission::Cache(_))) =
             (&self.warm, ctx.warm, &ctx.admission)
         {

@@ -235,6 +235,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
             priority: Priority::Normal,
             stale_while_revalidate: None,
             stale_if_error: None,
+            refresh_ahead: None,
             vary: Vec::new(),
             tags: Vec::new(),
             invalidate_on: Vec::new(),
@@ -560,11 +561,14 @@ fn compile_rule(
     });
     let client_revalidation = client_revalidation(src, r, &mut diags);
     let authorization = authorization(src, r, ctx, upstream, &mut diags);
+    let keyed_on_body =
+        body_key.is_some() || vary.iter().any(|f| matches!(f.source, Source::Body(_)));
+    let refresh_ahead = refresh_ahead(src, r, keyed_on_body, &mut diags);
     if !diags.is_empty() {
         return Err(diags);
     }
     let path = path.expect("checked above");
-    let needs_body = body_key.is_some() || vary.iter().any(|f| matches!(f.source, Source::Body(_)));
+    let needs_body = keyed_on_body;
     let key_path = !path.determined_by(|i| {
         vary.iter()
             .any(|f| matches!(f.source, Source::Path(p, _) if p == i))
@@ -582,6 +586,8 @@ fn compile_rule(
         for d in [ttl, swr, sie] {
             put(&mut h, format!("{:?}", d.map(|d| d.as_millis())).as_bytes());
         }
+        // Not in the generation: `refresh_ahead` changes when a hit refreshes an entry, never
+        // what the entry holds, so turning it on keeps the stored entries.
         // The rule's own season TTLs, as written; never the active season nor the seasons'
         // multipliers, so a season starting or ending does not empty the cache. The priority
         // travels in the key's user_tag: a changed priority starts afresh like any rule change.
@@ -652,6 +658,7 @@ fn compile_rule(
         priority,
         stale_while_revalidate: swr,
         stale_if_error: sie,
+        refresh_ahead,
         vary,
         tags,
         invalidate_on,
@@ -667,6 +674,40 @@ fn compile_rule(
         authorization,
         metrics: RuleMetrics::new(name),
     })
+}
+
+/// `refresh_ahead = 0.8`: a fraction strictly between 0 and 1, on a rule whose background
+/// refresh can replay the request (not keyed on the body: pingora's background subrequests
+/// carry no body).
+fn refresh_ahead(
+    src: &SourceFile<'_>,
+    r: &RawRule,
+    keyed_on_body: bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<f64> {
+    let v = r.refresh_ahead.as_ref()?;
+    let x = *v.get_ref();
+    if !(x > 0.0 && x < 1.0) {
+        diags.push(src.at(
+            v.span(),
+            format!(
+                "refresh_ahead = {x}: write a fraction of the entry's freshness lifetime between 0 and 1 (exclusive), e.g. 0.8"
+            ),
+        ));
+        return None;
+    }
+    if keyed_on_body {
+        diags.push(src.at(
+            v.span(),
+            "refresh_ahead on a rule keyed on the request body: a background refresh replays the request without its body, so it could not refresh this entry",
+        ));
+        return None;
+    }
+    if r.cache == Some(false) {
+        diags.push(src.at(v.span(), "refresh_ahead on a rule with cache = false"));
+        return None;
+    }
+    Some(x)
 }
 
 /// `authorization = "rfc" | "isolate" | "share"` and `credential_header`.
@@ -814,6 +855,7 @@ struct RawRule {
     invalidate_on: Vec<Spanned<String>>,
     stale_while_revalidate: Option<Spanned<String>>,
     stale_if_error: Option<Spanned<String>>,
+    refresh_ahead: Option<Spanned<f64>>,
     cache: Option<bool>,
     cache_set_cookie: Option<bool>,
     encrypt: Option<Spanned<bool>>,
@@ -936,6 +978,32 @@ pub(super) mod tests {
         assert!(
             e.iter()
                 .any(|e| e.starts_with("rules/a.toml:5:23: bad duration")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn refresh_ahead_is_a_fraction_on_a_rule_without_a_body_key() {
+        let set = compile_one(
+            "[[rule]]\nname = \"a\"\nmatch = { path = \"/a\" }\nttl = \"5m\"\nrefresh_ahead = 0.8\n",
+        )
+        .unwrap();
+        assert_eq!(set.rules()[0].refresh_ahead, Some(0.8));
+        for bad in ["1.5", "1", "0", "-0.2", "nan"] {
+            let e = errors(&format!(
+                "[[rule]]\nname = \"a\"\nmatch = {{ path = \"/a\" }}\nrefresh_ahead = {bad}\n"
+            ));
+            assert!(
+                e[0].starts_with("rules/a.toml:4:17: refresh_ahead =")
+                    && e[0].contains("between 0 and 1"),
+                "{bad}: {e:?}"
+            );
+        }
+        let e = errors(
+            "[[rule]]\nname = \"a\"\nmatch = { method = \"POST\", path = \"/a\" }\nvary = [\"body./q\"]\nrefresh_ahead = 0.5\n",
+        );
+        assert!(
+            e[0].starts_with("rules/a.toml:5:17:") && e[0].contains("keyed on the request body"),
             "{e:?}"
         );
     }

@@ -273,6 +273,9 @@ pub struct Rule {
     pub priority: Priority,
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
+    /// `refresh_ahead`: past this fraction of an entry's freshness lifetime, a fresh hit starts
+    /// one background refresh (the predicate is `policy::refresh_due`); in (0, 1).
+    pub refresh_ahead: Option<f64>,
     pub vary: Vec<VaryField>,
     pub tags: Vec<Template>,
     pub invalidate_on: Vec<Box<str>>,
@@ -374,6 +377,7 @@ impl Rule {
             priority: self.priority,
             stale_while_revalidate: self.stale_while_revalidate,
             stale_if_error: self.stale_if_error,
+            refresh_ahead: self.refresh_ahead,
             vary: self
                 .vary
                 .iter()

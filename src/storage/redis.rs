@@ -10,6 +10,7 @@
 //! entry and its fill lock in one cluster slot):
 //!   `{prefix}{<key hash>}:e`  an entry ([`super::record`]), expiring with its last servable moment
 //!   `{prefix}{<key hash>}:l`  a fill lock: an instance is fetching this key from the origin
+//!   `{prefix}{<key hash>}:r<ms>` a refresh-ahead claim on the version stored at `<ms>`
 //!   `{prefix}u:<uri id>`      the set of entry keys stored for one URI (to invalidate all variants)
 //!   `{prefix}inv`             the pub/sub channel of invalidations ([`Message`])
 //!   `{prefix}epochs`          tag, prefix and URI purge epochs (`t:<tag>` / `p:<prefix>` /
@@ -170,6 +171,22 @@ impl RedisTier {
             .arg("NX")
             .arg("PX")
             .arg(ttl.as_millis().max(1) as u64)
+            .clone();
+        let r: Option<Option<String>> = self.redis.request("lock", &cmd).await;
+        r.map(|v| v.is_some())
+    }
+
+    /// Claims the refresh-ahead of the version of `key` stored at `created_ms` for this
+    /// instance, for `lease` (never released: a refreshed entry is a new version with a claim
+    /// of its own, and a failed refresh is not retried before the lease ends). `Some(true)`:
+    /// ours; `Some(false)`: another instance's; `None`: Redis unavailable.
+    pub async fn try_refresh(&self, key: u128, created_ms: i64, lease: Duration) -> Option<bool> {
+        let cmd = redis::cmd("SET")
+            .arg(format!("{}:r{created_ms}", self.slot(key)))
+            .arg(self.instance.to_string())
+            .arg("NX")
+            .arg("PX")
+            .arg(lease.as_millis().max(1) as u64)
             .clone();
         let r: Option<Option<String>> = self.redis.request("lock", &cmd).await;
         r.map(|v| v.is_some())

@@ -125,6 +125,18 @@ impl Tiered {
             .map(|(_, lock)| lock)
     }
 
+    /// Claims the refresh-ahead of the version of `key` stored at `created_ms` fleet-wide:
+    /// `false` when another instance has claimed it. Without Redis (or when it does not answer)
+    /// this instance decides alone: a refresh too many costs one origin request, a refresh
+    /// skipped costs a miss.
+    pub async fn claim_refresh(&self, key: &CacheKey, created_ms: i64, lease: Duration) -> bool {
+        let Some(redis) = &self.redis else {
+            return true;
+        };
+        let k = id(key.combined_bin());
+        redis.try_refresh(k, created_ms, lease).await != Some(false)
+    }
+
     fn hold(&self, lock: FillLock) {
         let mut held = self.held.lock();
         // A lock no request took (the request failed between lookup and miss) is released once

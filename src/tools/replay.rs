@@ -33,11 +33,18 @@
 //! gateway keys it: an entry is shared among requests with the same credential) or `"share"`. There is no origin, so a rule without `ttl` (whose freshness would come from the
 //! origin) uses `--default-ttl`, and the output says so.
 //!
-//! The replay runs twice, with the rules as configured and with every normalizer removed
-//! ([`RuleSet::without_normalizers`]), so the table shows what normalizers buy. It is a model of
+//! Background refreshes are modelled as the gateway runs them: a fresh hit past a rule's
+//! `refresh_ahead` point (the proxy's own predicate, `policy::refresh_due`) and a hit on an entry
+//! stale within the rule's `stale_while_revalidate` are hits that start one refresh per key, whose
+//! answer replaces the entry `--origin-latency` later (default 50ms).
+//!
+//! The replay runs three times: as configured, without refresh-ahead and stale-while-revalidate
+//! (expired entries are misses), and with every normalizer removed
+//! ([`RuleSet::without_normalizers`]), so the table shows what each buys. It is a model of
 //! the key design, not of the whole gateway: every origin answer is assumed storable, the cache is
-//! unbounded (no evictions), there are no invalidations, and stale entries are misses (stale
-//! serving is not simulated). Bypassed requests (rules with `cache = false`, the default route,
+//! unbounded (no evictions), the only invalidations are those of unsafe requests (a `POST`, `PUT`,
+//! `PATCH` or `DELETE` that bypasses drops the stored variants of its URI, as the gateway does
+//! after the origin's success), and the origin never fails. Bypassed requests (rules with `cache = false`, the default route,
 //! methods other than GET/HEAD/POST, request `no-store`, POSTs whose body cannot be keyed) are
 //! listed but left out of the ratios, which cover cacheable requests only.
 
@@ -236,6 +243,10 @@ pub struct Settings {
     pub max_ttl: Duration,
     /// Whom the trace's requests come from (`--trusted`: `[server] trusted_clients`).
     pub client: Client,
+    /// How long the origin takes to answer a background refresh (refresh-ahead or
+    /// stale-while-revalidate): the refreshed entry replaces the old one this long after the
+    /// request that started it (`--origin-latency`).
+    pub origin_latency: Duration,
 }
 
 /// One cacheable rule's results.
@@ -250,6 +261,12 @@ pub struct RuleStats {
     pub requests: u64,
     /// Hits with the rules as configured.
     pub hits: u64,
+    /// Of `hits`, those answered stale within the rule's `stale_while_revalidate`.
+    pub stale_hits: u64,
+    /// Hits without refresh-ahead and stale-while-revalidate (expired entries are misses).
+    pub hits_plain: u64,
+    /// Background refreshes started (refresh-ahead and stale-while-revalidate).
+    pub refreshes: u64,
     /// Hits with every normalizer removed.
     pub hits_raw: u64,
     /// Distinct keys with and without normalizers.
@@ -257,6 +274,9 @@ pub struct RuleStats {
     pub keys_raw: u64,
     /// `cost.per_request` of the rule, if it has one.
     pub per_request: Option<f64>,
+    /// The rule's `refresh_ahead` and `stale_while_revalidate`.
+    pub refresh_ahead: Option<f64>,
+    pub stale_while_revalidate: Option<Duration>,
     /// Requests with `Authorization` that RFC 9111 §3.5 kept from the cache (the rule says
     /// `authorization = "rfc"`): neither answered from nor stored in it.
     pub authorized: u64,
@@ -283,6 +303,10 @@ impl Report {
     pub fn hits_raw(&self) -> u64 {
         self.rules.iter().map(|r| r.hits_raw).sum()
     }
+    /// Hits without refresh-ahead and stale-while-revalidate.
+    pub fn hits_plain(&self) -> u64 {
+        self.rules.iter().map(|r| r.hits_plain).sum()
+    }
     pub fn bypassed_total(&self) -> u64 {
         self.bypassed.values().sum()
     }
@@ -293,11 +317,21 @@ impl Report {
 pub enum Decision {
     /// Not cached; the reason as the replay report lists it.
     Bypass(String),
+    /// Not cached, and an unsafe method: the gateway drops every stored variant of the URI
+    /// (`uri`: [`Route::uri`]) once the origin answers it with success (RFC 9111 §4.4), as
+    /// the model assumes it does.
+    Invalidate(String, u64),
     Cache {
         /// Index into `RuleSet::rules()`.
         rule: usize,
         key: HashBinary,
+        /// [`Route::uri`]: the URI identity unsafe requests invalidate.
+        uri: u64,
         ttl_ms: i64,
+        /// The rule's `stale_while_revalidate` (ms; 0 without).
+        swr_ms: i64,
+        /// The rule's `refresh_ahead`.
+        ahead: Option<f64>,
         /// Request directives: never use a stored entry older than this (ms); -1 (`no-cache`):
         /// never use one.
         max_age_ms: Option<i64>,
@@ -388,7 +422,12 @@ fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision 
             )
         }
         Err(Bypassed::Admission(route, reason)) => {
-            return Decision::Bypass(reason.describe(&route.rule.name, &req.method))
+            let reason = reason.describe(&route.rule.name, &req.method);
+            // As the proxy's `response_filter`: not for body-keyed rules, whose POST is a query.
+            if crate::policy::is_unsafe(&req.method) && !route.rule.needs_body {
+                return Decision::Invalidate(reason, route.uri);
+            }
+            return Decision::Bypass(reason);
         }
         Err(Bypassed::BadHost(e)) => return Decision::Bypass(format!("{e} (400)")),
     };
@@ -419,7 +458,12 @@ fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision 
             .position(|r| Arc::ptr_eq(r, rule))
             .expect("a matched rule is in its set"),
         key,
+        uri: route.uri,
         ttl_ms: ttl.as_millis().min(i64::MAX as u128) as i64,
+        swr_ms: rule
+            .stale_while_revalidate
+            .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64),
+        ahead: rule.refresh_ahead,
         max_age_ms,
         store: !directives.authorization && !directives.only_if_cached,
         use_stored: !directives.authorization,
@@ -431,29 +475,75 @@ fn decide(rules: &RuleSet, req: &TraceRequest, settings: &Settings) -> Decision 
 struct Counts {
     requests: u64,
     hits: u64,
+    /// Of `hits`, answered stale (stale-while-revalidate).
+    stale_hits: u64,
+    /// Background refreshes started.
+    refreshes: u64,
     /// Distinct keys stored.
     keys: u64,
     /// Requests whose `Authorization` kept them from the cache.
     authorized: u64,
 }
 
+/// One simulated entry (unix ms).
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    stored: i64,
+    fresh_until: i64,
+    /// Servable stale (stale-while-revalidate) until then.
+    stale_until: i64,
+    /// A background refresh under way: when its answer lands, and the lifetime it gets.
+    refresh: Option<(i64, i64)>,
+}
+
+impl Entry {
+    fn new(stored: i64, ttl_ms: i64, swr_ms: i64) -> Entry {
+        let fresh_until = stored.saturating_add(ttl_ms);
+        Entry {
+            stored,
+            fresh_until,
+            stale_until: fresh_until.saturating_add(swr_ms),
+            refresh: None,
+        }
+    }
+}
+
 /// Counts per rule for one rule set, indexed like `rules.rules()`, and the bypass reasons.
+/// `background`: model refresh-ahead and stale-while-revalidate (else expired entries are
+/// misses and nothing refreshes ahead).
+///
+/// The model of the gateway's background refreshes: a fresh hit past the rule's refresh point
+/// ([`crate::policy::refresh_due`], the proxy's own predicate) and a hit on an entry stale
+/// within `stale_while_revalidate` each start a refresh unless one is under way for the key;
+/// its answer replaces the entry `origin_latency` later (stored then, with a full lifetime).
+/// Requests in between are answered from the old entry (fresh, or stale within its window).
 fn simulate(
     rules: &RuleSet,
     trace: &[TraceRequest],
     settings: &Settings,
+    background: bool,
 ) -> (Vec<Counts>, BTreeMap<String, u64>) {
-    // key -> (stored at, expires at), unix ms.
-    let mut cache: HashMap<HashBinary, (i64, i64)> = HashMap::new();
+    let latency = settings.origin_latency.as_millis().min(i64::MAX as u128) as i64;
+    // Each entry with the URI identity it was stored under (for unsafe-method invalidation).
+    let mut cache: HashMap<HashBinary, (u64, Entry)> = HashMap::new();
+    // Keys ever stored (an invalidated key stored again is still one key).
+    let mut stored: std::collections::HashSet<HashBinary> = std::collections::HashSet::new();
     let mut per_rule = vec![Counts::default(); rules.rules().len()];
     let mut bypassed = BTreeMap::new();
     for req in trace {
         match decide(rules, req, settings) {
             Decision::Bypass(reason) => *bypassed.entry(reason).or_insert(0) += 1,
+            Decision::Invalidate(reason, uri) => {
+                *bypassed.entry(reason).or_insert(0) += 1;
+                cache.retain(|_, (u, _)| *u != uri);
+            }
             Decision::Cache {
                 rule,
                 key,
+                uri,
                 ttl_ms,
+                swr_ms,
+                ahead,
                 max_age_ms,
                 store,
                 use_stored,
@@ -464,16 +554,38 @@ fn simulate(
                 if !use_stored {
                     stats.authorized += 1;
                 }
-                let usable = cache.get(&key).is_some_and(|&(stored, expires)| {
-                    now < expires && max_age_ms.is_none_or(|max| now - stored <= max)
-                });
-                if usable && use_stored {
-                    stats.hits += 1;
-                } else if store {
-                    let fresh = cache.insert(key, (now, now.saturating_add(ttl_ms)));
-                    if fresh.is_none() {
-                        stats.keys += 1;
+                let swr_ms = if background { swr_ms } else { 0 };
+                let ahead = ahead.filter(|_| background);
+                let entry = cache.get_mut(&key).map(|(_, e)| e);
+                if let Some(e) = entry {
+                    if let Some((lands, ttl)) = e.refresh.filter(|&(lands, _)| lands <= now) {
+                        *e = Entry::new(lands, ttl, swr_ms);
                     }
+                    let fresh =
+                        now < e.fresh_until && max_age_ms.is_none_or(|max| now - e.stored <= max);
+                    // The gateway serves stale only to requests without directives of their own.
+                    let stale = !fresh && max_age_ms.is_none() && now < e.stale_until;
+                    if use_stored && (fresh || stale) {
+                        stats.hits += 1;
+                        stats.stale_hits += u64::from(stale);
+                        // As the proxy: refresh-ahead starts from GET hits only.
+                        let due = stale
+                            || (req.method == http::Method::GET
+                                && ahead.is_some_and(|a| {
+                                    crate::policy::refresh_due(e.stored, e.fresh_until, now, a)
+                                }));
+                        if due && e.refresh.is_none() {
+                            e.refresh = Some((now.saturating_add(latency), ttl_ms));
+                            stats.refreshes += 1;
+                        }
+                        continue;
+                    }
+                    if store {
+                        *e = Entry::new(now, ttl_ms, swr_ms);
+                    }
+                } else if store {
+                    cache.insert(key, (uri, Entry::new(now, ttl_ms, swr_ms)));
+                    stats.keys += u64::from(stored.insert(key));
                 }
             }
         }
@@ -485,14 +597,15 @@ fn simulate(
 /// without normalizers.
 pub fn replay(rules: &RuleSet, trace: &[TraceRequest], settings: &Settings) -> Report {
     let raw_rules = rules.without_normalizers();
-    let (normalized, bypassed) = simulate(rules, trace, settings);
-    let (raw, _) = simulate(&raw_rules, trace, settings);
+    let (normalized, bypassed) = simulate(rules, trace, settings, true);
+    let (plain, _) = simulate(rules, trace, settings, false);
+    let (raw, _) = simulate(&raw_rules, trace, settings, true);
     let stats = rules
         .rules()
         .iter()
-        .zip(normalized.iter().zip(&raw))
+        .zip(normalized.iter().zip(&raw).zip(&plain))
         .filter(|(rule, _)| rule.cache)
-        .map(|(rule, (n, r))| RuleStats {
+        .map(|(rule, ((n, r), p))| RuleStats {
             name: rule.name.to_string(),
             ttl: rule
                 .ttl
@@ -501,10 +614,15 @@ pub fn replay(rules: &RuleSet, trace: &[TraceRequest], settings: &Settings) -> R
             ttl_from_rule: rule.ttl.is_some(),
             requests: n.requests,
             hits: n.hits,
+            stale_hits: n.stale_hits,
+            hits_plain: p.hits,
+            refreshes: n.refreshes,
             hits_raw: r.hits,
             keys: n.keys,
             keys_raw: r.keys,
             per_request: rule.cost.as_ref().map(|c| c.per_request),
+            refresh_ahead: rule.refresh_ahead,
+            stale_while_revalidate: rule.stale_while_revalidate,
             authorized: n.authorized,
         })
         .collect();
@@ -538,11 +656,20 @@ fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// The report as the table `aisle replay` prints: per rule, requests, then hits, hit ratio and
-/// distinct keys (entries) with the normalizers and without them.
+/// The report as the table `aisle replay` prints: per rule, its lifetimes, requests, then hits,
+/// hit ratio and distinct keys (entries) as modelled (refresh-ahead and stale-while-revalidate
+/// included), the hits without those two, and the hits and keys without the normalizers.
 pub fn render(report: &Report, settings: &Settings) -> String {
-    let mut rows: Vec<[String; 9]> = Vec::new();
+    const COLUMNS: usize = 13;
+    let mut rows: Vec<[String; COLUMNS]> = Vec::new();
     let mut footnote = false;
+    let ahead = |a: Option<f64>| a.map_or_else(|| "-".to_string(), |a| format!("{a}"));
+    let swr = |d: Option<Duration>| {
+        d.map_or_else(
+            || "-".to_string(),
+            |d| humantime::format_duration(d).to_string(),
+        )
+    };
     for r in &report.rules {
         let mut ttl = humantime::format_duration(r.ttl).to_string();
         if !r.ttl_from_rule {
@@ -552,10 +679,14 @@ pub fn render(report: &Report, settings: &Settings) -> String {
         rows.push([
             r.name.clone(),
             ttl,
+            ahead(r.refresh_ahead),
+            swr(r.stale_while_revalidate),
             r.requests.to_string(),
             r.hits.to_string(),
             ratio(r.hits, r.requests),
             r.keys.to_string(),
+            r.hits_plain.to_string(),
+            ratio(r.hits_plain, r.requests),
             r.hits_raw.to_string(),
             ratio(r.hits_raw, r.requests),
             r.keys_raw.to_string(),
@@ -566,10 +697,14 @@ pub fn render(report: &Report, settings: &Settings) -> String {
     rows.push([
         "total (cacheable)".into(),
         String::new(),
+        String::new(),
+        String::new(),
         report.cacheable().to_string(),
         report.hits().to_string(),
         ratio(report.hits(), report.cacheable()),
         keys.to_string(),
+        report.hits_plain().to_string(),
+        ratio(report.hits_plain(), report.cacheable()),
         report.hits_raw().to_string(),
         ratio(report.hits_raw(), report.cacheable()),
         keys_raw.to_string(),
@@ -577,39 +712,46 @@ pub fn render(report: &Report, settings: &Settings) -> String {
     let header = [
         "rule",
         "ttl",
+        "ahead",
+        "swr",
         "requests",
         "hits",
         "hit ratio",
         "keys",
         "hits",
         "hit ratio",
+        "hits",
+        "hit ratio",
         "keys",
     ];
+    // Columns that open a group (after a `|`).
+    const GROUPS: [usize; 2] = [8, 10];
     let mut widths = header.map(str::len);
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
         }
     }
-    let line = |cells: [&str; 9]| {
+    let line = |cells: [&str; COLUMNS]| {
         let mut l = String::new();
         for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
             match i {
                 0 => l.push_str(&format!("{cell:<w$}")),
-                6 => l.push_str(&format!("  |  {cell:>w$}")),
+                i if GROUPS.contains(&i) => l.push_str(&format!("  |  {cell:>w$}")),
                 _ => l.push_str(&format!("  {cell:>w$}")),
             }
         }
         l.trim_end().to_string()
     };
-    // Group labels over columns 3..=5 and 6..=8.
-    let lead: usize = widths[..3].iter().sum::<usize>() + 2 * 3;
-    let with_w = widths[3..6].iter().sum::<usize>() + 2 * 2;
+    // Group labels over columns 5..=7, 8..=9 and 10..=12.
+    let lead: usize = widths[..5].iter().sum::<usize>() + 2 * 5;
+    let all_w = widths[5..8].iter().sum::<usize>() + 2 * 2;
+    let plain_w = widths[8..10].iter().sum::<usize>() + 2;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:lead$}{:^with_w$}  |  without normalizers",
-        "", "with normalizers"
+        "{:lead$}{:^all_w$}  |  {:^plain_w$}  |  without normalizers",
+        "", "modelled", "no ahead/swr"
     );
     let _ = writeln!(out, "{}", line(header));
     for row in &rows {
@@ -691,7 +833,13 @@ pub fn read_trace(path: &Path) -> Result<(Vec<TraceRequest>, Vec<String>), Strin
 }
 
 /// `aisle replay`: reads the trace, replays it against `config`'s rules, prints the table.
-pub fn run(config: &Config, trace: &Path, default_ttl: Duration, client: Client) -> ExitCode {
+pub fn run(
+    config: &Config,
+    trace: &Path,
+    default_ttl: Duration,
+    client: Client,
+    origin_latency: Duration,
+) -> ExitCode {
     let (requests, problems) = match read_trace(trace) {
         Ok(r) => r,
         Err(e) => {
@@ -720,6 +868,7 @@ pub fn run(config: &Config, trace: &Path, default_ttl: Duration, client: Client)
         default_ttl,
         max_ttl: config.cache.max_ttl,
         client,
+        origin_latency,
     };
     let report = replay(&config.rules, &requests, &settings);
     let (from, to) = report.span_ms.expect("at least one request");
@@ -740,7 +889,8 @@ pub fn run(config: &Config, trace: &Path, default_ttl: Duration, client: Client)
         }
     };
     println!(
-        "(simulated cache: unbounded, no invalidations, expired entries are misses; {clients})\n"
+        "(simulated cache: unbounded, invalidated only by unsafe requests; refresh-ahead and stale-while-revalidate refreshes land {} after they start; {clients})\n",
+        humantime::format_duration(origin_latency)
     );
     print!("{}", render(&report, &settings));
     ExitCode::SUCCESS
@@ -797,6 +947,7 @@ cache = false
         default_ttl: Duration::from_secs(300),
         max_ttl: Duration::from_secs(86_400),
         client: Client::Untrusted,
+        origin_latency: Duration::from_millis(50),
     };
 
     fn trace(lines: &[&str]) -> Vec<TraceRequest> {
@@ -805,6 +956,59 @@ cache = false
 
     fn stats<'a>(r: &'a Report, name: &str) -> &'a RuleStats {
         r.rules.iter().find(|s| s.name == name).unwrap()
+    }
+
+    #[test]
+    fn refresh_ahead_and_stale_while_revalidate_on_a_hand_made_trace() {
+        let ups = vec!["api".to_string()];
+        let ctx = Context {
+            upstreams: &ups,
+            default_upstream: Some(0),
+            encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
+        };
+        let text = "[[rule]]\nname = \"t\"\nmatch = { path = \"/t\" }\nttl = \"10s\"\n\
+                    refresh_ahead = 0.5\nstale_while_revalidate = \"5s\"\n";
+        let rules = compile(&[(Path::new("r.toml"), text)], &ctx).unwrap();
+        let at = |s: f64| format!(r#"{{"timestamp": {}, "path": "/t"}}"#, 1_700_000_000.0 + s);
+        // Seconds from the start; the origin takes 1 s to answer a background refresh.
+        let times = [0.0, 3.0, 6.0, 6.5, 12.0, 40.0, 52.0, 53.5];
+        let lines: Vec<String> = times.iter().map(|&s| at(s)).collect();
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let settings = Settings {
+            origin_latency: Duration::from_secs(1),
+            ..SETTINGS
+        };
+        let report = replay(&rules, &trace(&lines), &settings);
+        let t = stats(&report, "t");
+        // 0 miss (fresh to 10, refresh point 5); 3 hit; 6 hit past the point: a refresh
+        // lands at 7; 6.5 hit (one refresh at a time); 12 hit on the refreshed entry (stored at
+        // 7, point 12): another refresh, landing at 13; 40 miss (the entry of 13 was servable
+        // to 28); 52 stale hit (fresh to 50, stale to 55): a refresh lands at 53; 53.5 hit.
+        assert_eq!(
+            (t.requests, t.hits, t.stale_hits, t.refreshes),
+            (8, 6, 1, 3)
+        );
+        // Without them: 0 miss, 3, 6, 6.5 hit, 12 miss, 40 miss, 52 miss, 53.5 hit.
+        assert_eq!(t.hits_plain, 4);
+        let table = render(&report, &settings);
+        assert!(table.contains("0.5   5s"), "{table}");
+    }
+
+    #[test]
+    fn unsafe_requests_invalidate_their_uri() {
+        let lines = [
+            r#"{"timestamp": 1700000000, "path": "/search", "query": "location=nyc"}"#,
+            r#"{"timestamp": 1700000001, "path": "/search", "query": "location=nyc"}"#,
+            r#"{"timestamp": 1700000002, "method": "POST", "path": "/search"}"#,
+            r#"{"timestamp": 1700000003, "path": "/search", "query": "location=nyc"}"#,
+            r#"{"timestamp": 1700000004, "path": "/search", "query": "location=nyc"}"#,
+        ];
+        let report = replay(&rules(), &trace(&lines), &SETTINGS);
+        let search = stats(&report, "search");
+        // miss, hit, (the POST drops every variant of /search), miss, hit.
+        assert_eq!((search.requests, search.hits), (4, 2));
     }
 
     #[test]
@@ -978,10 +1182,11 @@ cache = false
         let report = replay(&rules(), &trace(&lines), &SETTINGS);
         let search = stats(&report, "search");
         // 00:00 miss (stored for the default 5m), 04:59 hit, 05:00 expired: miss (HEAD keys as
-        // GET), 05:02 no-cache: miss, stored again; 05:08 Authorization: miss (nothing used or
-        // stored); 05:09 only-if-cached: hit; 05:10 only-if-cached: miss, not stored, so
-        // 05:11 is a miss too.
-        assert_eq!((search.requests, search.hits, search.hits_raw), (8, 2, 1));
+        // GET), 05:02 no-cache: miss, stored again; 05:03 the POST drops /search's entries;
+        // 05:08 Authorization: miss (nothing used or stored); 05:09 only-if-cached: miss (the
+        // POST dropped the entry); 05:10 only-if-cached: miss, not stored, so 05:11 is a miss
+        // too.
+        assert_eq!((search.requests, search.hits, search.hits_raw), (8, 1, 0));
         assert!(!search.ttl_from_rule);
         assert_eq!(search.ttl, Duration::from_secs(300));
         assert_eq!(report.cacheable(), 8);
@@ -1101,13 +1306,25 @@ cache = false
         let bad = dir.path().join("bad.jsonl");
         std::fs::write(&bad, "nope\n{\"path\": \"/search\"}\n").unwrap();
         assert_eq!(
-            run(&config, &bad, SETTINGS.default_ttl, Client::Untrusted),
+            run(
+                &config,
+                &bad,
+                SETTINGS.default_ttl,
+                Client::Untrusted,
+                SETTINGS.origin_latency
+            ),
             ExitCode::FAILURE
         );
         let good = dir.path().join("good.jsonl");
         std::fs::write(&good, "nope\n{\"timestamp\": 1, \"path\": \"/search\"}\n").unwrap();
         assert_eq!(
-            run(&config, &good, SETTINGS.default_ttl, Client::Untrusted),
+            run(
+                &config,
+                &good,
+                SETTINGS.default_ttl,
+                Client::Untrusted,
+                SETTINGS.origin_latency
+            ),
             ExitCode::SUCCESS
         );
     }
@@ -1130,9 +1347,8 @@ cache = false
             .map(|l| parse_line(l).unwrap())
             .collect();
         let settings = Settings {
-            default_ttl: SETTINGS.default_ttl,
             max_ttl: config.cache.max_ttl,
-            client: Client::Untrusted,
+            ..SETTINGS
         };
         let report = replay(&config.rules, &trace, &settings);
         assert_eq!(report.cacheable() + report.bypassed_total(), 5000);

@@ -457,4 +457,19 @@ fn overlapping_protection_windows_are_warned_about() {
         "the warning names the place, both windows and when; output:\n{}",
         run.output
     );
+
+/// `refresh_ahead` is a fraction of the freshness lifetime, strictly between 0 and 1.
+#[test]
+fn refresh_ahead_out_of_range_is_refused_with_its_position() {
+    let text = rule(
+        "name = \"r\"\nmatch = { path = \"/r\" }\nupstream = \"api\"\nttl = \"5m\"\nrefresh_ahead = 1.5\n",
+    );
+    let run = run_check(GATEWAY, &[("r.toml", &text)]);
+    assert_reports(
+        &run,
+        "r.toml",
+        &[line_of(&text, "refresh_ahead")],
+        &["refresh_ahead = 1.5"],
+    );
+    assert!(run.output.contains("r.toml:6:17:"), "{}", run.output);
 }
