@@ -32,6 +32,8 @@ pub(super) struct RawConfig {
     pub(super) protection: Vec<Spanned<super::protection::RawProtection>>,
     #[serde(default)]
     pub(super) season: Vec<Spanned<super::season::RawSeason>>,
+    /// `[region]` and its peers (issue 15), checked in [`super::region`].
+    pub(super) region: Option<Spanned<super::region::RawRegion>>,
 }
 
 /// `[log]`: the access log.
