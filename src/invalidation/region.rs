@@ -565,7 +565,7 @@ async fn pause(d: Duration, shutdown: &mut ShutdownWatch) -> bool {
 }
 
 /// Flushes unsent records and refreshes each peer's backlog, last success and connection
-/// state (a standby instance pings the peer, so its `connected` is true too).
+/// state (a ping to the peer's Redis).
 async fn watch(r: Arc<Region>, mut shutdown: ShutdownWatch) {
     let m = region_metrics();
     loop {
@@ -586,9 +586,9 @@ async fn watch(r: Arc<Region>, mut shutdown: ShutdownWatch) {
             if let Some(at) = status.as_ref().and_then(|s| s.get(&p.name)) {
                 p.state.last_success_ms.fetch_max(*at, Ordering::Relaxed);
             }
-            if !p.state.forwarding.load(Ordering::Relaxed) {
-                let _: Option<String> = p.redis.background("region", &redis::cmd("PING")).await;
-            }
+            // Keeps `connected` true to life on every instance, forwarding or not (a forwarder
+            // with nothing to send would otherwise not find out).
+            let _: Option<String> = p.redis.background("region", &redis::cmd("PING")).await;
         }
         if pause(STANDBY, &mut shutdown).await {
             return;

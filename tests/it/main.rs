@@ -38,6 +38,7 @@ mod readme;
 mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
+mod regions;
 mod reload;
 mod rfc9111;
 mod scripts;
