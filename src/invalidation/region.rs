@@ -821,25 +821,36 @@ async fn apply_batch(r: &Region, inv: &Invalidator, stream: &str, batch: Vec<Rec
     };
     let mut done = redis::pipe();
     let mut in_batch = HashSet::new();
+    let mut fresh = Vec::new();
     for ((plan, rel), seen) in parsed.into_iter().zip(seen) {
-        let label = r.label(&rel.region).to_string();
         if seen || !in_batch.insert(rel.id.clone()) {
-            m.duplicates.with_label_values(&[&label]).inc();
+            m.duplicates.with_label_values(&[r.label(&rel.region)]).inc();
             continue;
         }
-        let (id, accepted) = (rel.id.clone(), rel.accepted_ms);
+        fresh.push((plan, rel));
+    }
+    // A batch's invalidations are applied together (their Redis writes share the multiplexed
+    // connection's pipeline): order between them does not matter, each purges by its own
+    // application time.
+    let applied = futures_util::future::join_all(fresh.into_iter().map(|(plan, rel)| async move {
+        let (id, region, accepted) = (rel.id.clone(), rel.region.clone(), rel.accepted_ms);
         let summary = inv.apply_relayed(plan, rel).await;
-        tracing::debug!("region relay: applied {id} from {label}: {summary:?}");
+        tracing::debug!("region relay: applied {id} from {region}: {summary:?}");
+        (id, region, accepted, now_ms())
+    }))
+    .await;
+    for (id, region, accepted, at) in applied {
+        let label = r.label(&region);
         done.cmd("SET")
             .arg(r.applied_key(&id))
             .arg(1)
             .arg("EX")
             .arg(APPLIED_TTL_SECS)
             .ignore();
-        m.applied.with_label_values(&[&label]).inc();
+        m.applied.with_label_values(&[label]).inc();
         m.lag
-            .with_label_values(&[&label])
-            .observe(now_ms().saturating_sub(accepted) as f64 / 1000.0);
+            .with_label_values(&[label])
+            .observe(at.saturating_sub(accepted) as f64 / 1000.0);
     }
     ack_pipe(&mut done, stream, APPLY_GROUP, &ids);
     // If this fails, the batch stays pending and is read again; what was applied is not
