@@ -36,7 +36,9 @@ fn redis(dir: &std::path::Path, name: &str) -> (Proc, u16) {
             .spawn()
             .expect("redis-server must be installed (apt-get install -y redis-server)"),
     );
-    wait_for("redis-server", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_for("redis-server", || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     (proc, port)
 }
 

@@ -434,9 +434,10 @@ impl Invalidator {
             None => source_label(&plan.source),
         };
         // What the other regions are sent: the plan as applied here, without this region's
-        // protection notes (theirs apply there).
+        // protection notes (theirs apply there). RFC 9111 §4.4 invalidations stay in the
+        // region the unsafe request went through, as they stay in the cache it passed.
         let relay = match (&self.region, &plan.relayed) {
-            (Some(region), None) => {
+            (Some(region), None) if plan.source != "unsafe-request" => {
                 let mut copy = plan.clone();
                 copy.protection = None;
                 copy.defer = false;

@@ -72,6 +72,9 @@ const MAX_STREAM: u64 = 1_000_000;
 /// The record format's version.
 const VERSION: &str = "1";
 
+/// A record's fields, in order.
+type Fields = Vec<(String, String)>;
+
 /// Where a relayed invalidation came from (carried in its [`Plan`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Relayed {
@@ -115,7 +118,7 @@ pub struct Region {
     instance: String,
     peers: Vec<Peer>,
     /// (peer index, record fields) Redis did not take yet, oldest first.
-    unsent: Mutex<VecDeque<(usize, Vec<(String, String)>)>>,
+    unsent: Mutex<VecDeque<(usize, Fields)>>,
     /// One flush of `unsent` at a time, so records keep their order.
     flushing: tokio::sync::Mutex<()>,
     /// This instance holds the applying lease.
@@ -233,7 +236,7 @@ impl Region {
     }
 
     /// Keeps a record Redis did not take; `pending`, or `lost` when memory is full.
-    fn keep(&self, peer: usize, fields: Vec<(String, String)>) -> &'static str {
+    fn keep(&self, peer: usize, fields: Fields) -> &'static str {
         let mut unsent = self.unsent.lock();
         if unsent.len() >= UNSENT {
             tracing::error!(
@@ -824,7 +827,9 @@ async fn apply_batch(r: &Region, inv: &Invalidator, stream: &str, batch: Vec<Rec
     let mut fresh = Vec::new();
     for ((plan, rel), seen) in parsed.into_iter().zip(seen) {
         if seen || !in_batch.insert(rel.id.clone()) {
-            m.duplicates.with_label_values(&[r.label(&rel.region)]).inc();
+            m.duplicates
+                .with_label_values(&[r.label(&rel.region)])
+                .inc();
             continue;
         }
         fresh.push((plan, rel));

@@ -305,7 +305,7 @@ async fn invalidations_queue_while_the_peer_is_down_and_arrive_once() {
     let us_cfg = region_config(&origin, US, &us_redis, EU, &eu_redis, None);
     let eu_cfg = region_config(&origin, EU, &eu_redis, US, &us_redis, None);
     let ((a1, a2), (b1, b2)) = tokio::join!(start_two(&us_cfg, "us"), start_two(&eu_cfg, "eu"));
-    let mut us = vec![a1, a2];
+    let mut us = [a1, a2];
     let f = forwarder(&[&us[0], &us[1]], EU.0).await;
     println!("us-east {} forwards to eu-west", f + 1);
 
