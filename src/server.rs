@@ -395,6 +395,17 @@ mod tests {
         )
         .unwrap();
         Replays::new(Some(shared.clone())).unwrap();
+        let region = crate::config::region::RegionConfig {
+            name: "us-east".into(),
+            peers: vec![crate::config::region::PeerConfig {
+                name: "eu-west".into(),
+                redis: RedisConfig {
+                    url: "redis://127.0.0.1:2".into(),
+                    ..cfg.clone()
+                },
+            }],
+        };
+        crate::invalidation::region::Region::new(&region, shared.clone(), 1).unwrap();
         // The on-Redis names stay what they were before the keyspaces were registered.
         assert_eq!(tier.entry_key(0xab), format!("aisle:{{{:032x}}}:e", 0xab));
         assert_eq!(tier.channel(), "aisle:inv");
