@@ -204,13 +204,16 @@ impl Region {
             ("force".to_string(), (force as u8).to_string()),
             ("plan".to_string(), plan),
         ];
-        // Records waiting already go first, so they keep their order.
-        self.flush().await;
+        // While records wait, this one waits behind them (the watch loop flushes them in
+        // order, off the request path), so a peer gets them in order.
         let mut outcome = "queued";
         for (i, peer) in self.peers.iter().enumerate() {
             let waiting = !self.unsent.lock().is_empty();
             if waiting || !self.add(&self.out_key(peer), &fields, false).await {
-                outcome = self.keep(i, fields.clone());
+                let kept = self.keep(i, fields.clone());
+                if outcome != "lost" {
+                    outcome = kept;
+                }
             }
         }
         outcome

@@ -382,3 +382,46 @@ async fn invalidations_queue_while_the_peer_is_down_and_arrive_once() {
     let again = audit_counts(&b1, &ids).await;
     assert!(again.values().all(|&n| n == 1), "{again:?}");
 }
+
+/// An invalidation accepted while the accepting region's own Redis is down waits in memory
+/// (`"regions": "pending"`) and reaches the peer once that Redis is back, even though it
+/// restarted empty (the stream, its group and the lease are made again).
+#[tokio::test(flavor = "multi_thread")]
+async fn an_invalidation_accepted_while_the_own_redis_is_down_is_relayed_when_it_returns() {
+    let (mut us_redis, eu_redis) = (RedisServer::start(), RedisServer::start());
+    let origin = origin();
+    let us_cfg = region_config(&origin, US, &us_redis, EU, &eu_redis, None);
+    let eu_cfg = region_config(&origin, EU, &eu_redis, US, &us_redis, None);
+    let rules = [("rules.toml", RULES)];
+    let (a, b) = tokio::join!(
+        Gateway::start_with_env(&us_cfg, &rules, ENV),
+        Gateway::start_with_env(&eu_cfg, &rules, ENV)
+    );
+    wait_subscribed(&a, "us").await;
+    wait_subscribed(&b, "eu").await;
+    forwarder(&[&a], EU.0).await;
+    let old = b.get("/c/tag/p1").await;
+    assert_stored_miss(&old, "first GET on eu-west");
+    assert_hit(&b.get("/c/tag/p1").await, "second GET on eu-west");
+
+    us_redis.kill();
+    let v = invalidate(&a, json!({"tags": ["item:p1"]})).await;
+    assert_eq!(v["regions"], "pending", "us-east's Redis is down: {v}");
+    let id = v["id"].as_str().unwrap().to_string();
+    assert_eq!(readyz(&a).await["region"]["unsent"], 1);
+    assert_hit(
+        &b.get("/c/tag/p1").await,
+        "eu-west before us-east's Redis returns",
+    );
+
+    us_redis.restart();
+    let took = wait_refilled(&b, "eu-west", "/c/tag/p1", &old).await;
+    println!("eu-west purged {took:?} after us-east's Redis returned");
+    let counts = poll_until(REACH, "eu-west's audit record", || async {
+        let c = audit_counts(&b, std::slice::from_ref(&id)).await;
+        (c[&id] >= 1).then_some(c)
+    })
+    .await;
+    assert_eq!(counts[&id], 1, "{counts:?}");
+    assert_eq!(readyz(&a).await["region"]["unsent"], 0);
+}
