@@ -515,11 +515,54 @@ async fn claim_pending(redis: &Redis, stream: &str, group: &str, me: &str) -> bo
             return false;
         };
         if next == "0-0" {
+            forget_consumers(redis, stream, group, me).await;
             return true;
         }
         cursor = next;
     }
     true
+}
+
+/// Removes the group's other consumers that hold nothing (earlier lease holders, one per
+/// process that ever held it), so a group does not grow with every restart.
+async fn forget_consumers(redis: &Redis, stream: &str, group: &str, me: &str) {
+    let v: Option<Value> = redis
+        .background(
+            "region",
+            redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group),
+        )
+        .await;
+    let Some(Value::Array(consumers)) = v else {
+        return;
+    };
+    for c in consumers.iter().take(1000) {
+        let fields: HashMap<String, String> = match c {
+            Value::Array(kv) => kv
+                .chunks(2)
+                .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
+                .collect(),
+            Value::Map(kv) => kv
+                .iter()
+                .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                .collect(),
+            _ => continue,
+        };
+        let (Some(name), Some(pending)) = (fields.get("name"), fields.get("pending")) else {
+            continue;
+        };
+        if name != me && pending == "0" {
+            let _: Option<i64> = redis
+                .background(
+                    "region",
+                    redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(stream)
+                        .arg(group)
+                        .arg(name),
+                )
+                .await;
+        }
+    }
 }
 
 /// Acknowledges and deletes `ids` from `stream` (so its length is what still waits).

@@ -381,6 +381,15 @@ async fn invalidations_queue_while_the_peer_is_down_and_arrive_once() {
     // Counted once more, later: still 50 records.
     let again = audit_counts(&b1, &ids).await;
     assert!(again.values().all(|&n| n == 1), "{again:?}");
+    // The dead forwarder's consumer was emptied and removed: the group holds its holder only.
+    let mut con = connect(&us_redis.url()).expect("connect us-east redis");
+    let consumers: Vec<::redis::Value> = ::redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(format!("{}region:out:eu-west", US.1))
+        .arg("relay")
+        .query(&mut con)
+        .expect("XINFO CONSUMERS");
+    assert_eq!(consumers.len(), 1, "{consumers:?}");
 }
 
 /// An invalidation accepted while the accepting region's own Redis is down waits in memory
