@@ -217,6 +217,14 @@ async fn read_body(session: &mut ServerSession) -> Result<Bytes, Reply> {
 impl Admin {
     /// `/readyz`: always 200 (the gateway serves without Redis); the body says how Redis is.
     fn readiness(&self) -> Value {
+        let mut body = self.redis_readiness();
+        if let Some(region) = self.invalidator.region() {
+            body["region"] = region.readiness();
+        }
+        body
+    }
+
+    fn redis_readiness(&self) -> Value {
         match &self.redis {
             None => json!({"ready": true, "redis": "disabled"}),
             Some(r) => {

@@ -545,3 +545,67 @@ static RELOAD: Lazy<ReloadMetrics> = Lazy::new(|| {
 pub fn reload_metrics() -> &'static ReloadMetrics {
     &RELOAD
 }
+
+/// The region relay (issue 15). Every `peer` label value is a `[[region.peer]]` name from the
+/// configuration, or `other` for a record from a region this one does not list.
+pub struct RegionMetrics {
+    /// `aisle_region_relay_lag_seconds{peer}`: from acceptance in `peer` to application here,
+    /// measured by this (receiving) region from the record's acceptance time.
+    pub lag: HistogramVec,
+    /// `aisle_region_relay_backlog{peer}`: invalidations accepted here waiting for `peer`.
+    pub backlog: IntGaugeVec,
+    /// `aisle_region_relayed_total{peer}`: invalidations this instance delivered to `peer`.
+    pub relayed: IntCounterVec,
+    /// `aisle_region_applied_total{peer}`: invalidations from `peer` applied to this fleet.
+    pub applied: IntCounterVec,
+    /// `aisle_region_duplicates_total{peer}`: redeliveries from `peer` found already applied.
+    pub duplicates: IntCounterVec,
+    /// `aisle_region_malformed_total`: inbound records that could not be read (dropped, logged).
+    pub malformed: IntCounter,
+}
+
+static REGION: Lazy<RegionMetrics> = Lazy::new(|| {
+    RegionMetrics {
+    lag: register_histogram_vec!(
+        "aisle_region_relay_lag_seconds",
+        "Time from an invalidation's acceptance in another region (peer) to its application to this region's fleet, measured here from the relayed record's acceptance time",
+        &["peer"],
+        vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0]
+    )
+    .expect("register aisle_region_relay_lag_seconds"),
+    backlog: register_int_gauge_vec!(
+        "aisle_region_relay_backlog",
+        "Invalidations accepted in this region still waiting to be delivered to the peer region",
+        &["peer"]
+    )
+    .expect("register aisle_region_relay_backlog"),
+    relayed: register_int_counter_vec!(
+        "aisle_region_relayed_total",
+        "Invalidations this instance delivered to the peer region's inbound stream",
+        &["peer"]
+    )
+    .expect("register aisle_region_relayed_total"),
+    applied: register_int_counter_vec!(
+        "aisle_region_applied_total",
+        "Invalidations relayed from the peer region and applied to this region's fleet",
+        &["peer"]
+    )
+    .expect("register aisle_region_applied_total"),
+    duplicates: register_int_counter_vec!(
+        "aisle_region_duplicates_total",
+        "Redelivered invalidations from the peer region that were already applied here (skipped)",
+        &["peer"]
+    )
+    .expect("register aisle_region_duplicates_total"),
+    malformed: register_int_counter!(
+        "aisle_region_malformed_total",
+        "Inbound relay records that could not be read (dropped and logged)"
+    )
+    .expect("register aisle_region_malformed_total"),
+}
+});
+
+/// The region relay metrics.
+pub fn region_metrics() -> &'static RegionMetrics {
+    &REGION
+}

@@ -339,6 +339,8 @@ pub fn compare(running: &Config, new: &mut Config) -> Changes {
     if differs(need, "[redis]", redis_differs) {
         new.redis = running.redis.clone();
     }
+    // The region relay's loops and peer connections are built at start (issue 15).
+    keep_running(need, "[region]", &running.region, &mut new.region);
     if differs(
         need,
         "[purge]",

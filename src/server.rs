@@ -180,17 +180,37 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         "aisle protection windows",
         Ticker(protection.clone()),
     ));
-    let invalidator = Arc::new(
-        Invalidator::new(
-            parts.storage,
-            epochs.clone(),
-            redis.clone(),
-            queue.clone(),
-            audit.clone(),
-            config.cache.max_ttl,
-        )
-        .with_protection(protection.clone()),
-    );
+    let invalidator = Invalidator::new(
+        parts.storage,
+        epochs.clone(),
+        redis.clone(),
+        queue.clone(),
+        audit.clone(),
+        config.cache.max_ttl,
+    )
+    .with_protection(protection.clone());
+    // `[region]` (issue 15): accepted invalidations are relayed to the other regions, and
+    // theirs applied here (`[region]` needs `[redis]`, checked at load).
+    let region = match (&config.region, &redis) {
+        (Some(cfg), Some(tier)) => Some(Arc::new(
+            crate::invalidation::region::Region::new(cfg, tier.redis().clone(), tier.instance)
+                .map_err(std::io::Error::other)?,
+        )),
+        _ => None,
+    };
+    let invalidator = Arc::new(match &region {
+        Some(r) => invalidator.with_region(r.clone()),
+        None => invalidator,
+    });
+    if let Some(region) = region {
+        server.add_service(pingora::services::background::background_service(
+            "aisle region relay",
+            crate::invalidation::region::RegionRelay {
+                region,
+                invalidator: invalidator.clone(),
+            },
+        ));
+    }
     server.add_service(pingora::services::background::background_service(
         "aisle deferred purges",
         crate::invalidation::protection::Deferrals(invalidator.clone()),
@@ -390,6 +410,17 @@ mod tests {
         Replays::new(Some(shared.clone())).unwrap();
         crate::warm::store::Store::new(shared.clone()).unwrap();
         crate::warm::popular::Popular::new(Some(shared.clone())).unwrap();
+        let region = crate::config::region::RegionConfig {
+            name: "us-east".into(),
+            peers: vec![crate::config::region::PeerConfig {
+                name: "eu-west".into(),
+                redis: RedisConfig {
+                    url: "redis://127.0.0.1:2".into(),
+                    ..cfg.clone()
+                },
+            }],
+        };
+        crate::invalidation::region::Region::new(&region, shared.clone(), 1).unwrap();
         // The on-Redis names stay what they were before the keyspaces were registered.
         assert_eq!(tier.entry_key(0xab), format!("aisle:{{{:032x}}}:e", 0xab));
         assert_eq!(tier.channel(), "aisle:inv");

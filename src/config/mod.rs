@@ -16,6 +16,7 @@ pub mod cdn;
 mod env;
 pub mod protection;
 mod raw;
+pub mod region;
 pub mod season;
 pub mod secret;
 pub mod tls;
@@ -81,6 +82,8 @@ pub struct Config {
     pub log: LogConfig,
     /// `[server]`'s listener: TLS, HTTP/2 and the downstream limits.
     pub listener: ListenerConfig,
+    /// `[region]`: this fleet's region and the peers its invalidations are relayed to.
+    pub region: Option<region::RegionConfig>,
 }
 
 /// `[server]`'s listener settings: how clients are served and how much of the gateway one
@@ -397,6 +400,9 @@ impl Config {
             .redis
             .as_ref()
             .and_then(|r| redis_config(&src, r, &mut diags));
+        let region = raw.region.as_ref().and_then(|r| {
+            region::compile(&src, r, redis.as_ref(), raw.redis.is_some(), &mut diags)
+        });
         let names: Vec<String> = raw.upstreams.keys().cloned().collect();
         let upstream_credentials: Vec<bool> = raw
             .upstreams
@@ -568,6 +574,7 @@ impl Config {
             trust,
             log,
             listener,
+            region,
         })
     }
 }

@@ -35,6 +35,8 @@ pub(super) struct RawConfig {
     /// Scheduled warm jobs (issue 15), checked in [`super::warm`].
     #[serde(default)]
     pub(super) warm: Vec<Spanned<super::warm::RawWarm>>,
+    /// `[region]` and its peers (issue 15), checked in [`super::region`].
+    pub(super) region: Option<Spanned<super::region::RawRegion>>,
 }
 
 /// `[log]`: the access log.

@@ -76,6 +76,10 @@ pub struct AuditEntry {
     /// it was `softened`, whether its CDN purge is `deferred`), or when it was `forced` past one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection: Option<serde_json::Value>,
+    /// Set on the record of an invalidation relayed from another region (issue 15): the
+    /// region that accepted it (the id is the one it was given there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
 }
 
 /// Refusal records kept per webhook source per minute: a flood of forged deliveries must not

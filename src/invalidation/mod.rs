@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod protection;
+pub mod region;
 pub mod relay;
 pub mod subscriber;
 pub mod webhook;
@@ -69,8 +70,9 @@ pub struct Request {
     pub force: bool,
 }
 
-/// A validated request (kept as JSON while a protection window defers it).
-#[derive(serde::Serialize, serde::Deserialize)]
+/// A validated request (kept as JSON while a protection window defers it, and relayed as JSON
+/// to other regions).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct Plan {
     /// Tags as entries carry them ([`tag_key`]).
     tags: Vec<String>,
@@ -89,6 +91,10 @@ pub struct Plan {
     /// A window defers it: [`Invalidator::execute`] keeps it instead of applying it.
     #[serde(default)]
     defer: bool,
+    /// Set when another region accepted it ([`region`]): applied here under its id, never
+    /// sent to the CDNs or relayed again.
+    #[serde(default)]
+    relayed: Option<region::Relayed>,
 }
 
 /// What an invalidation did.
@@ -108,6 +114,11 @@ pub struct Summary {
     /// Set when a protection window changed what this did, or it was forced past one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protection: Option<Value>,
+    /// With `[region]`: whether the other regions will get it: `queued` (every peer's outbound
+    /// stream took it), `pending` (waits in memory for this region's Redis), `lost` (that
+    /// memory queue was full).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regions: Option<String>,
 }
 
 /// Applies invalidations.
@@ -124,6 +135,8 @@ pub struct Invalidator {
     pruned_at: AtomicU64,
     /// Protection windows: while one is on, tag and prefix purges are softened.
     protection: Option<Arc<protection::Protection>>,
+    /// `[region]`: where accepted invalidations are queued for the other regions.
+    region: Option<Arc<region::Region>>,
 }
 
 /// The `source` label of `aisle_invalidations_total`: one of a fixed set, whatever the
@@ -134,6 +147,7 @@ fn source_label(source: &str) -> &'static str {
         "webhook" => "webhook",
         "purge-method" => "purge-method",
         "unsafe-request" => "unsafe-request",
+        "region" => "region",
         _ => "other",
     }
 }
@@ -221,7 +235,19 @@ impl Invalidator {
             retention: max_ttl * 2,
             pruned_at: AtomicU64::new(now_ms()),
             protection: None,
+            region: None,
         }
+    }
+
+    /// Relays what this invalidator accepts to the other regions of `region`.
+    pub fn with_region(mut self, region: Arc<region::Region>) -> Self {
+        self.region = Some(region);
+        self
+    }
+
+    /// The region relay, with `[region]`.
+    pub fn region(&self) -> Option<&Arc<region::Region>> {
+        self.region.as_ref()
     }
 
     /// The protection windows, when configured at start (`None` only in tests).
@@ -305,12 +331,34 @@ impl Invalidator {
         tags.dedup();
         told.sort();
         told.dedup();
-        let mut soft = req.soft;
+        let mut plan = Plan {
+            tags,
+            told,
+            urls,
+            prefixes,
+            events,
+            soft: req.soft,
+            source: req.source,
+            actor: req.actor,
+            cdn,
+            protection: None,
+            defer: false,
+            relayed: None,
+        };
+        self.protect(&mut plan, req.force);
+        Ok(plan)
+    }
+
+    /// What the protection windows on now do to `plan` (soften it, defer it, or note that it
+    /// was forced past them).
+    fn protect(&self, plan: &mut Plan, force: bool) {
+        let (tags, prefixes, cdn) = (&plan.tags, &plan.prefixes, plan.cdn);
+        let mut soft = plan.soft;
         let mut defer = false;
         let active = self.protection.as_ref().map(|p| p.active().clone());
         let protection = match active.filter(|a| a.any()) {
             None => None,
-            Some(_) if req.force => Some(serde_json::json!({ "forced": true })),
+            Some(_) if force => Some(serde_json::json!({ "forced": true })),
             Some(a) if a.defer_purges => {
                 // Kept as asked (not softened) and applied when no deferring window is on.
                 defer = true;
@@ -333,19 +381,23 @@ impl Invalidator {
                 }))
             }
         };
-        Ok(Plan {
-            tags,
-            told,
-            urls,
-            prefixes,
-            events,
-            soft,
-            source: req.source,
-            actor: req.actor,
-            cdn,
-            protection,
-            defer,
-        })
+        plan.soft = soft;
+        plan.defer = defer;
+        plan.protection = protection;
+    }
+
+    /// Applies an invalidation another region accepted (see [`region`]) to this region's
+    /// fleet, under the id it was given there: epochs, deletes and broadcasts as for any
+    /// invalidation, this region's protection windows obeyed, but never a CDN purge (the
+    /// accepting region sends those, once per provider) and never relayed again.
+    pub async fn apply_relayed(&self, mut plan: Plan, relayed: region::Relayed) -> Summary {
+        plan.cdn = false;
+        plan.defer = false;
+        plan.protection = None;
+        let force = relayed.force;
+        plan.relayed = Some(relayed);
+        self.protect(&mut plan, force);
+        self.execute(plan).await
     }
 
     fn next_id(&self) -> String {
@@ -356,7 +408,10 @@ impl Invalidator {
 
     /// Applies a plan everywhere (or keeps it, while a window defers it).
     pub async fn execute(&self, mut plan: Plan) -> Summary {
-        let id = self.next_id();
+        let id = match &plan.relayed {
+            Some(r) => r.id.clone(),
+            None => self.next_id(),
+        };
         if plan.defer {
             match self.defer(&id, &mut plan).await {
                 Some(summary) => return summary,
@@ -404,7 +459,28 @@ impl Invalidator {
                     .await;
             }
         }
-        let source_label = source_label(&plan.source);
+        let source_label = match plan.relayed {
+            Some(_) => "region",
+            None => source_label(&plan.source),
+        };
+        // What the other regions are sent: the plan as applied here, without this region's
+        // protection notes (theirs apply there). RFC 9111 §4.4 invalidations stay in the
+        // region the unsafe request went through, as they stay in the cache it passed.
+        let relay = match (&self.region, &plan.relayed) {
+            (Some(region), None) if plan.source != "unsafe-request" => {
+                let mut copy = plan.clone();
+                copy.protection = None;
+                copy.defer = false;
+                copy.cdn = false;
+                let force = plan
+                    .protection
+                    .as_ref()
+                    .is_some_and(|p| p["forced"] == Value::Bool(true));
+                Some((region, copy, force))
+            }
+            _ => None,
+        };
+        let origin_region = plan.relayed.as_ref().map(|r| r.region.clone());
         for (kind, n) in [
             ("tag", plan.tags.len()),
             ("url", plan.urls.len()),
@@ -444,6 +520,7 @@ impl Invalidator {
             }
             .to_string(),
             protection: plan.protection.clone(),
+            regions: None,
         };
         if summary.fleet != "told" && summary.fleet != "none" {
             tracing::warn!(
@@ -472,6 +549,7 @@ impl Invalidator {
             refused: None,
             reload: None,
             protection: plan.protection,
+            region: origin_region,
         });
         if let Some((queue, job)) = job {
             if let Err(e) = queue.enqueue(&job).await {
@@ -479,6 +557,9 @@ impl Invalidator {
                 summary.cdn = "unavailable".to_string();
                 self.audit.set_cdn(&id, "unavailable");
             }
+        }
+        if let Some((region, copy, force)) = relay {
+            summary.regions = Some(region.enqueue(&id, at_ms, &copy, force).await.to_string());
         }
         // Every epoch above is at or before this millisecond: answer once it is over.
         crate::clock::leave_this_ms().await;
@@ -506,6 +587,7 @@ impl Invalidator {
             source: plan.source.clone(),
             actor: plan.actor.clone(),
             cdn: plan.cdn,
+            relayed: plan.relayed.clone(),
         };
         let json = serde_json::to_string(&stored).ok()?;
         let store = match p.defer(&json).await {
@@ -537,6 +619,7 @@ impl Invalidator {
             refused: None,
             reload: None,
             protection: Some(kept_as.clone()),
+            region: plan.relayed.as_ref().map(|r| r.region.clone()),
         });
         Some(Summary {
             id: id.to_string(),
@@ -546,6 +629,7 @@ impl Invalidator {
             cdn: cdn.to_string(),
             fleet: "deferred".to_string(),
             protection: Some(kept_as),
+            regions: None,
         })
     }
 }

@@ -159,6 +159,7 @@ mod tests {
             ("purge queue", "purge:"),
             ("audit log", "audit"),
             ("webhook replays", "webhook:"),
+            ("region relay", "region:"),
         ] {
             r.register(domain, tag).unwrap();
         }

@@ -42,6 +42,7 @@ mod redis_cluster;
 mod redis_encryption;
 mod redis_tier;
 mod refresh_ahead;
+mod regions;
 mod reload;
 mod rfc9111;
 mod scripts;
