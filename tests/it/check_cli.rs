@@ -457,6 +457,7 @@ fn overlapping_protection_windows_are_warned_about() {
         "the warning names the place, both windows and when; output:\n{}",
         run.output
     );
+}
 
 /// `refresh_ahead` is a fraction of the freshness lifetime, strictly between 0 and 1.
 #[test]
