@@ -12,9 +12,8 @@
 //!
 //! Each fake can be told to fail its next N valid requests (`fail_next`: 500, `throttle_next`:
 //! 429 with `Retry-After`), to be down (`set_down`: 503 to every valid request, an outage), to
-//! enforce a request rate (`enforce_rate`: a request sooner than the rate allows gets a 429, as
-//! the real token buckets answer, counted in `rate_limited()`; stricter than the real APIs,
-//! which allow a small burst), or to hold requests unanswered (`hold`, then `release_held`),
+//! enforce a request rate (`enforce_rate`: a token bucket with a small burst, as the real APIs
+//! have; a request that finds it empty gets a 429, counted in `rate_limited()`), or to hold requests unanswered (`hold`, then `release_held`),
 //! and records what it accepted with the time of each request. The servers are hyper HTTP/1.1 on
 //! 127.0.0.1:0, spawned on the test's tokio runtime and stopped when the fake is dropped.
 
@@ -86,8 +85,11 @@ enum Injected {
 
 /// A request rate a fake enforces: the least spacing between two valid requests, and when the
 /// last one allowed came.
+/// A token bucket: `burst` tokens, refilled at `per_second`; a request takes one.
 struct RateLimit {
-    spacing: Duration,
+    per_second: f64,
+    burst: f64,
+    tokens: f64,
     last: Option<Instant>,
 }
 
@@ -145,9 +147,14 @@ impl Common {
         } else {
             let mut rate = self.rate.lock().unwrap();
             let limited = rate.as_mut().is_some_and(|r| {
-                let early = r.last.is_some_and(|l| now.duration_since(l) < r.spacing);
+                let refill = r
+                    .last
+                    .map_or(r.burst, |l| now.duration_since(l).as_secs_f64() * r.per_second);
+                r.tokens = (r.tokens + refill).min(r.burst);
+                r.last = Some(now);
+                let early = r.tokens < 1.0;
                 if !early {
-                    r.last = Some(now);
+                    r.tokens -= 1.0;
                 }
                 early
             });
@@ -292,12 +299,17 @@ macro_rules! common_api {
         pub fn refused_down(&self) -> usize {
             self.common.refused_down.load(Ordering::SeqCst)
         }
-        /// From now on a valid request sooner than `1/per_second` (less `slack`) after the
-        /// last one allowed gets a 429 with `Retry-After: 1`.
+        /// From now on valid requests take a token from a bucket of `burst` tokens refilled at
+        /// `per_second`, as the real APIs' token buckets do; one that finds none gets a 429 with
+        /// `Retry-After: 1`. A small burst absorbs the jitter of arrival times under load (a
+        /// request sent on time can arrive after the next one's share of the interval) while any
+        /// sustained excess over the rate is still refused.
         #[allow(dead_code)] // not every fake's tests use it
-        pub fn enforce_rate(&self, per_second: f64, slack: Duration) {
+        pub fn enforce_rate(&self, per_second: f64, burst: u32) {
             *self.common.rate.lock().unwrap() = Some(RateLimit {
-                spacing: Duration::from_secs_f64(1.0 / per_second).saturating_sub(slack),
+                per_second,
+                burst: f64::from(burst),
+                tokens: f64::from(burst),
                 last: None,
             });
         }
