@@ -28,39 +28,89 @@ pub const MAX_CONCURRENCY: usize = 64;
 pub const DEFAULT_CONCURRENCY: usize = 4;
 /// The largest `top` (the popularity tracker keeps this many candidates).
 pub const MAX_TOP: usize = 1000;
+/// The lowest `rate`: one request every 1000 s (a rate's interval must be a time the pacer
+/// can wait; `1e-300` once panicked the job's task and left it "running" for ever).
+pub const MIN_RATE: f64 = 0.001;
 
 /// The job as the client sent it (`deny_unknown_fields`: a misspelt option is a 400, not a
 /// silently different job).
 #[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub urls: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub rule: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub grid: Option<BTreeMap<String, Vec<Value>>>,
     /// The JSON body template of a body-keyed rule; `body./pointer` grid values are set in it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub body: Option<Value>,
     /// The `Host` of the rendered requests (default: the rule's host pattern when it is a plain
     /// name, else the listener's address).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub host: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub top: Option<usize>,
     /// How far back `top` looks (`24h`; default 24h).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub since: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub concurrency: Option<usize>,
     /// Requests per second (all fronts included), unlimited when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "given",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub rate: Option<f64>,
     #[serde(default)]
     pub refresh: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warm_via: Vec<String>,
+}
+
+/// An optional field that, when given, has a value: `null` is refused rather than read as
+/// absent, so `{"urls": null, "top": 5}` is not silently a `top` job (and the job's JSON means
+/// what `docs/admin-api.yaml` says it means).
+fn given<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// One request a job sends to the gateway's own listener.
@@ -130,9 +180,9 @@ pub fn check_options(spec: &JobSpec) -> Result<(), String> {
         }
     }
     if let Some(r) = spec.rate {
-        if !(r.is_finite() && r > 0.0) {
+        if !(r.is_finite() && r >= MIN_RATE) {
             return Err(format!(
-                "\"rate\" must be a positive number of requests per second, not {r}"
+                "\"rate\" must be a number of requests per second, at least {MIN_RATE}, not {r}"
             ));
         }
     }
@@ -539,6 +589,18 @@ mod tests {
         assert!(e.starts_with("bad warm job"), "{e}");
         let e = parse(br#"{"rule": "x"}"#).unwrap_err();
         assert!(e.contains("go together"), "{e}");
+    }
+
+    /// Found by fuzzing `POST /admin/warm` against `docs/admin-api.yaml`.
+    #[test]
+    fn null_is_not_absent_and_rates_have_a_floor() {
+        let e = parse(br#"{"urls": null, "top": 5}"#).unwrap_err();
+        assert!(e.contains("invalid type: null"), "{e}");
+        let e = parse(br#"{"urls": ["/a"], "body": null}"#).unwrap_err();
+        assert!(e.contains("belong to a rule job"), "{e}");
+        let e = parse(br#"{"urls": ["/a"], "rate": 1e-300}"#).unwrap_err();
+        assert!(e.contains("at least 0.001"), "{e}");
+        assert!(parse(br#"{"urls": ["/a"], "rate": 0.001}"#).is_ok());
     }
 
     #[test]

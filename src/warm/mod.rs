@@ -651,8 +651,13 @@ struct Pacer {
 
 impl Pacer {
     fn new(rate: f64) -> Pacer {
+        // `rate` is checked (>= MIN_RATE) when a job is made; a definition stored in Redis by
+        // an older version is not, and must not panic the task that takes it over.
+        let longest = Duration::from_secs_f64(1.0 / spec::MIN_RATE);
         Pacer {
-            interval: Duration::from_secs_f64(1.0 / rate),
+            interval: Duration::try_from_secs_f64(1.0 / rate)
+                .unwrap_or(longest)
+                .min(longest),
             next: tokio::sync::Mutex::new(tokio::time::Instant::now()),
         }
     }
@@ -681,5 +686,20 @@ impl pingora::services::background::BackgroundService for Tick {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stored job's rate, whatever it is, gives an interval the pacer can wait.
+    #[test]
+    fn a_pacer_takes_any_rate() {
+        for rate in [1e-300, 0.0, -1.0, f64::NAN, 0.001, 20.0, 1e308] {
+            let p = Pacer::new(rate);
+            assert!(p.interval <= Duration::from_secs(1000), "{rate}");
+        }
+        assert_eq!(Pacer::new(20.0).interval, Duration::from_millis(50));
     }
 }

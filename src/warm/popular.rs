@@ -179,6 +179,9 @@ impl Popular {
 
     /// The `n` most requested over the last `since_ms` (whole hours, plus the current minute).
     pub async fn top(&self, n: usize, since_ms: u64, now_ms: u64) -> Vec<Target> {
+        // Nothing older than the history is kept: a longer `since` (`"30y"`) reads no more,
+        // and must not walk (one Redis read per hour) back to 1970.
+        let since_ms = since_ms.min(HOURS as u64 * HOUR_MS);
         let from_hour = now_ms.saturating_sub(since_ms) / HOUR_MS * HOUR_MS;
         let mut sum: HashMap<String, u64> = self.current.lock().candidates.clone();
         match &self.redis {

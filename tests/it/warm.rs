@@ -563,3 +563,42 @@ async fn top_is_fleet_wide_through_redis() {
         (2, 2, 1)
     );
 }
+
+/// What fuzzing `POST /admin/warm` against `docs/admin-api.yaml` found: a `top` job looking back
+/// further than popularity is kept (`"since": "100y"`) read one Redis hour after another back
+/// to 1970 while the admin request waited; it is answered at once now. A rate too small for the
+/// pacer to wait (`1e-300`) panicked the job's task and left the job `running` for ever; it is
+/// refused. `null` for an option is refused rather than read as absent.
+#[tokio::test(flavor = "multi_thread")]
+async fn fuzzed_jobs_are_answered_at_once_or_refused() {
+    let redis = RedisServer::start();
+    let origin = origin();
+    let gw = start(&config(&origin, &redis.section("warm-fuzzed:")), &[]).await;
+    let asked = Instant::now();
+    let (status, v) = tokio::time::timeout(
+        Duration::from_secs(10),
+        admin(
+            &gw,
+            "POST",
+            "/admin/warm",
+            Some(json!({"top": 5, "since": "100y"})),
+        ),
+    )
+    .await
+    .expect("a top job reaching back 100 years is answered within 10 s");
+    assert_eq!(status, 202, "{v}");
+    println!("top job with since=100y answered in {:?}", asked.elapsed());
+    for (job, says) in [
+        (json!({"urls": ["/w/1"], "rate": 1e-300}), "at least 0.001"),
+        (json!({"urls": null, "top": 5}), "null"),
+    ] {
+        let (status, v) = admin(&gw, "POST", "/admin/warm", Some(job.clone())).await;
+        assert_eq!(status, 400, "{job}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap_or("").contains(says),
+            "{job}: {v}"
+        );
+    }
+    let (_, list) = admin(&gw, "GET", "/admin/jobs", None).await;
+    assert_eq!(list["jobs"].as_array().map(Vec::len), Some(1), "{list}");
+}

@@ -85,9 +85,10 @@ impl Run {
     }
 }
 
-/// Runs `schemathesis run <spec> <args>` in `dir`, killed past [`RUN_DEADLINE`], with the hook
-/// that signs `tave` deliveries (`sign_webhooks.py`, beside this file).
-async fn fuzz(dir: &Path, args: &[&str]) -> Run {
+/// Runs `schemathesis run <spec> <args>` in `dir`, killed past [`RUN_DEADLINE`], with the hooks
+/// beside this file (`hooks.py`): one signs `tave` deliveries (`sign_webhooks.py`), one points
+/// warm jobs' CDN fronts at `front`, the test's loopback origin (`warm_fronts.py`).
+async fn fuzz(dir: &Path, front: &str, args: &[&str]) -> Run {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/schemathesis.toml");
     let mut cmd = tokio::process::Command::new(schemathesis());
     cmd.arg("--config-file")
@@ -113,8 +114,9 @@ async fn fuzz(dir: &Path, args: &[&str]) -> Run {
             "PYTHONPATH",
             Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/openapi"),
         )
-        .env("SCHEMATHESIS_HOOKS", "sign_webhooks")
+        .env("SCHEMATHESIS_HOOKS", "hooks")
         .env("AISLE_FUZZ_WEBHOOK_SECRET", TAVE_SECRET)
+        .env("AISLE_FUZZ_FRONT", front)
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null());
     let out = tokio::time::timeout(RUN_DEADLINE, cmd.output())
@@ -129,7 +131,8 @@ async fn fuzz(dir: &Path, args: &[&str]) -> Run {
     }
 }
 
-/// The `/admin/*` paths the spec describes (its `paths:` keys, two spaces in).
+/// The `/admin/*` paths the spec describes (its `paths:` keys, two spaces in), templates such as
+/// `/admin/jobs/{id}` as written.
 fn spec_admin_paths() -> BTreeSet<String> {
     let text = std::fs::read_to_string(spec()).unwrap();
     text.lines()
@@ -137,6 +140,25 @@ fn spec_admin_paths() -> BTreeSet<String> {
         .filter_map(|l| l.strip_suffix(':'))
         .map(|p| format!("/admin/{p}"))
         .collect()
+}
+
+/// The spec path a request's path is an instance of (`/admin/jobs/w1` of `/admin/jobs/{id}`),
+/// or the path itself.
+fn template_of(path: &str, documented: &BTreeSet<String>) -> String {
+    documented
+        .iter()
+        .find(|t| match t.split_once('{') {
+            Some((prefix, _)) => path.starts_with(prefix),
+            None => *t == path,
+        })
+        .cloned()
+        .unwrap_or_else(|| path.to_string())
+}
+
+/// The origin's address as a front's base URL with `scheme`.
+fn front_base(scheme: &str, origin: &Origin) -> String {
+    let url = origin.url();
+    format!("{scheme}{}", &url[url.find("://").unwrap()..])
 }
 
 async fn start() -> (RedisServer, Origin, Gateway) {
@@ -183,7 +205,8 @@ hard_purges = "soften"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_live_gateway_keeps_the_openapi_contract() {
     let st = schemathesis();
-    let (_redis, _origin, gw) = start().await;
+    let (_redis, origin, gw) = start().await;
+    let front = origin.url();
     let dir = tempfile::tempdir().unwrap();
     let admin = gw.admin_url("");
     let admin = admin.trim_end_matches('/');
@@ -192,8 +215,10 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
 
     // 1. With the token. `/admin/events` streams until the client leaves, so it is left to
     // the runs below and to the check at the end.
+    let with_token_har = dir.path().join("with-token.har");
     let with_token = fuzz(
         dir.path(),
+        &front,
         &[
             "--url",
             admin,
@@ -207,6 +232,10 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
             "/admin/events",
             "--max-examples",
             "60",
+            "--report",
+            "har",
+            "--report-har-path",
+            with_token_har.to_str().unwrap(),
         ],
     )
     .await;
@@ -217,11 +246,66 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
         with_token.failures()
     );
 
+    // The fuzzer started warm jobs of every kind (the examples, at least), and every CDN front
+    // a job was given is the loopback origin (`warm_fronts.py`): nothing left the machine.
+    let bearer = format!("Bearer {TOKEN}");
+    let jobs: Value = gw
+        .client()
+        .get(gw.admin_url("/admin/jobs"))
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let jobs = jobs["jobs"].as_array().expect("a job list").clone();
+    let mut by: BTreeMap<(String, String), usize> = BTreeMap::new();
+    for job in &jobs {
+        let text = |f: &str| job[f].as_str().unwrap_or("?").to_string();
+        let key = (text("kind"), text("state"));
+        *by.entry(key).or_default() += 1;
+        for front in job["fronts"].as_array().unwrap() {
+            let url = front["front"].as_str().unwrap().to_ascii_lowercase();
+            assert!(
+                url.starts_with(&front_base("http", &origin))
+                    || url.starts_with(&front_base("https", &origin)),
+                "a warm job's front left loopback: {job}"
+            );
+        }
+    }
+    println!("openapi: warm jobs the fuzzer started (kind, state): {by:?}");
+    // The stateful phase followed the spec's link from a started job to its progress, so
+    // `JobStatus` was checked against live answers, not only the refusals of unknown ids.
+    let har: Value =
+        serde_json::from_slice(&std::fs::read(&with_token_har).expect("HAR report")).unwrap();
+    let statuses = har["log"]["entries"]
+        .as_array()
+        .expect("HAR entries")
+        .iter()
+        .filter(|e| {
+            e["request"]["method"] == "GET"
+                && e["request"]["url"]
+                    .as_str()
+                    .is_some_and(|u| u.contains("/admin/jobs/"))
+                && e["response"]["status"] == 200
+        })
+        .count();
+    println!("openapi: {statuses} warm job statuses (200) checked against JobStatus");
+    assert!(statuses >= 1, "no GET /admin/jobs/{{id}} answered 200");
+    for kind in ["urls", "grid", "top"] {
+        assert!(
+            jobs.iter().any(|j| j["kind"] == kind),
+            "no {kind} job started: {by:?}"
+        );
+    }
+
     // 2. Without the token: every admin route, `/admin/events` included, answers 401 with the
     // error body; the recorded exchanges (HAR) show it for each request sent.
     let har = dir.path().join("no-token.har");
     let without = fuzz(
         dir.path(),
+        &front,
         &[
             "--url",
             admin,
@@ -245,6 +329,7 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
         without.failures()
     );
     let har: Value = serde_json::from_slice(&std::fs::read(&har).expect("HAR report")).unwrap();
+    let documented = spec_admin_paths();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
     for entry in har["log"]["entries"].as_array().expect("HAR entries") {
         let url = entry["request"]["url"].as_str().unwrap();
@@ -263,9 +348,8 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
             body["error"]["code"], "unauthorized",
             "{path} without the token: {text}"
         );
-        *seen.entry(path).or_default() += 1;
+        *seen.entry(template_of(&path, &documented)).or_default() += 1;
     }
-    let documented = spec_admin_paths();
     assert!(documented.len() >= 8, "{documented:?}");
     for path in &documented {
         assert!(
@@ -283,6 +367,7 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
     let proxy = gw.url("");
     let webhooks = fuzz(
         dir.path(),
+        &front,
         &[
             "--url",
             proxy.trim_end_matches('/'),
@@ -290,6 +375,10 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
             "all",
             "--include-tag",
             "webhooks",
+            // No stateful phase: the spec's one link (a warm job to its progress) is an admin
+            // route, outside this run.
+            "--phases",
+            "examples,coverage,fuzzing",
             "--max-examples",
             "40",
         ],
@@ -334,7 +423,6 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
     assert!(v["error"]["message"]
         .as_str()
         .is_some_and(|m| !m.is_empty()));
-    let bearer = format!("Bearer {TOKEN}");
     let r = gw
         .request(
             "PURGE",
@@ -363,7 +451,9 @@ async fn the_live_gateway_keeps_the_openapi_contract() {
 }
 
 /// The spec names every admin route the code serves (and the code every route the spec
-/// names): a route added to `src/admin.rs` without its description fails here.
+/// names): a route added to `src/admin.rs` without its description fails here. A route the
+/// code matches by prefix (`"/admin/jobs/"`) is a spec path with a parameter after that prefix
+/// (`/admin/jobs/{id}`).
 #[test]
 fn the_spec_lists_every_admin_route() {
     let code = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("src/admin.rs"))
@@ -379,5 +469,12 @@ fn the_spec_lists_every_admin_route() {
         }
         rest = &tail[end..];
     }
-    assert_eq!(routes, spec_admin_paths());
+    let documented = spec_admin_paths()
+        .into_iter()
+        .map(|p| match p.split_once('{') {
+            Some((prefix, _)) => prefix.to_string(),
+            None => p,
+        })
+        .collect::<BTreeSet<_>>();
+    assert_eq!(routes, documented);
 }
