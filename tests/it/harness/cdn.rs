@@ -147,9 +147,9 @@ impl Common {
         } else {
             let mut rate = self.rate.lock().unwrap();
             let limited = rate.as_mut().is_some_and(|r| {
-                let refill = r
-                    .last
-                    .map_or(r.burst, |l| now.duration_since(l).as_secs_f64() * r.per_second);
+                let refill = r.last.map_or(r.burst, |l| {
+                    now.duration_since(l).as_secs_f64() * r.per_second
+                });
                 r.tokens = (r.tokens + refill).min(r.burst);
                 r.last = Some(now);
                 let early = r.tokens < 1.0;
