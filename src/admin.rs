@@ -395,7 +395,8 @@ impl Admin {
         }
     }
 
-    /// `POST /admin/warm`: starts a warm job (see `crate::warm`); `202 {"id": ...}`.
+    /// `POST /admin/warm`: starts a warm job (see `crate::warm`); `202 {"id": ...}`, with
+    /// `"regions"`: the job's id per region.
     async fn warm(&self, session: &mut ServerSession) -> Reply {
         let body = match read_body(session).await {
             Ok(b) => b,
@@ -408,10 +409,13 @@ impl Admin {
             Ok(s) => s,
             Err(e) => return error(Code::InvalidField, e),
         };
-        match warmer.start(spec, None).await {
-            Ok(id) => reply(202, json!({ "id": id })),
-            Err(e) if e.starts_with("busy") => error(Code::Busy, e),
-            Err(e) => error(Code::InvalidField, e),
+        match warmer.submit(spec, None).await {
+            Ok(answer) => reply(202, answer),
+            Err(e) if e.busy => error(Code::Busy, e.message),
+            Err(e) => match e.field {
+                Some(field) => error_at(Code::InvalidField, e.message, &field),
+                None => error(Code::InvalidField, e.message),
+            },
         }
     }
 

@@ -152,6 +152,9 @@ enum Command {
         /// Also request each URL through this CDN front (repeatable).
         #[arg(long = "warm-via", value_name = "URL")]
         warm_via: Vec<String>,
+        /// Run the job in this region (`[region] name` or a peer's; repeatable); default: here.
+        #[arg(long = "region", value_name = "NAME")]
+        regions: Vec<String>,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -350,6 +353,7 @@ fn main() -> ExitCode {
             rate,
             refresh,
             warm_via,
+            regions,
             admin,
         } => operate(
             &cli.config,
@@ -365,6 +369,7 @@ fn main() -> ExitCode {
                 rate,
                 refresh,
                 warm_via,
+                regions,
             }),
         ),
         Command::Protect {

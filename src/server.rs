@@ -202,6 +202,7 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         Some(r) => invalidator.with_region(r.clone()),
         None => invalidator,
     });
+    let region_peers = region.as_ref().map(|r| r.peer_redis()).unwrap_or_default();
     if let Some(region) = region {
         server.add_service(pingora::services::background::background_service(
             "aisle region relay",
@@ -245,6 +246,7 @@ pub fn build(config: Config, upgrade: bool) -> std::io::Result<Server> {
         live.clone(),
         shared.clone(),
         invalidator.protection().cloned(),
+        region_peers,
     )
     .map_err(std::io::Error::other)?;
     server.add_service(pingora::services::background::background_service(

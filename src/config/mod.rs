@@ -528,7 +528,7 @@ impl Config {
                 }
             }
         }
-        let warm = warm::compile(&src, &raw.warm, rules.as_ref(), &mut diags);
+        let warm = warm::compile(&src, &raw.warm, rules.as_ref(), region.as_ref(), &mut diags);
         if !diags.is_empty() {
             return Err(diags);
         }

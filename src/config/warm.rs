@@ -100,6 +100,9 @@ pub struct JobSpec {
     pub refresh: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warm_via: Vec<String>,
+    /// The regions the job runs in (`[region] name` or a `[[region.peer]]` name); empty: here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// An optional field that, when given, has a value: `null` is refused rather than read as
@@ -141,7 +144,7 @@ pub fn parse(body: &[u8]) -> Result<JobSpec, String> {
     let spec: JobSpec = serde_json::from_slice(body).map_err(|e| {
         format!(
             "bad warm job: {e}; send {{\"urls\": [...]}}, {{\"rule\": \"...\", \"grid\": {{...}}}} \
-             or {{\"top\": N}} (options: concurrency, rate, refresh, warm_via)"
+             or {{\"top\": N}} (options: concurrency, rate, refresh, warm_via, regions)"
         )
     })?;
     check_options(&spec)?;
@@ -219,6 +222,50 @@ pub fn check_options(spec: &JobSpec) -> Result<(), String> {
             return Err(format!(
                 "at most {MAX_TARGETS} URLs per job, not {}",
                 urls.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks `regions` against this gateway's `[region]`. `Err((message, field))`: `regions`
+/// without `[region]`, an empty list, or a name (`regions[i]`) that is neither this region nor a
+/// peer, or is listed twice.
+pub fn check_regions(
+    spec: &JobSpec,
+    region: Option<&crate::config::region::RegionConfig>,
+) -> Result<(), (String, String)> {
+    if spec.regions.is_empty() {
+        return Ok(());
+    }
+    let Some(region) = region else {
+        return Err((
+            "\"regions\" needs [region] in the configuration (this gateway knows no other region); leave it out to warm here".into(),
+            "regions".into(),
+        ));
+    };
+    let known: Vec<&str> = std::iter::once(region.name.as_str())
+        .chain(region.peers.iter().map(|p| p.name.as_str()))
+        .collect();
+    for (i, name) in spec.regions.iter().enumerate() {
+        if !known.contains(&name.as_str()) {
+            let shown: String = name.chars().take(64).collect();
+            return Err((
+                format!(
+                    "unknown region {shown:?}: this gateway knows {}",
+                    known
+                        .iter()
+                        .map(|k| format!("{k:?}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                format!("regions[{i}]"),
+            ));
+        }
+        if spec.regions[..i].contains(name) {
+            return Err((
+                format!("region {name:?} is listed twice"),
+                format!("regions[{i}]"),
             ));
         }
     }
@@ -503,6 +550,7 @@ pub(super) fn compile(
     src: &SourceFile,
     raw: &[Spanned<RawWarm>],
     rules: Option<&RuleSet>,
+    region: Option<&crate::config::region::RegionConfig>,
     diags: &mut Vec<Diagnostic>,
 ) -> Vec<WarmSchedule> {
     let mut out: Vec<WarmSchedule> = Vec::new();
@@ -548,6 +596,11 @@ pub(super) fn compile(
                 None
             }
         };
+        if let Some(job) = &job {
+            if let Err((e, field)) = check_regions(job, region) {
+                diags.push(src.at(w.job.span(), format!("[[warm]] {name}: job: {field}: {e}")));
+            }
+        }
         if let (Some(job), Some(rules)) = (&job, rules) {
             if let Err(e) = targets(job, rules) {
                 diags.push(src.at(w.job.span(), format!("[[warm]] {name}: job: {e}")));
@@ -580,7 +633,7 @@ mod tests {
         assert!(e.contains("only one"), "{e}");
         let e = parse(br#"{"urls": ["/a"], "concurrency": 0}"#).unwrap_err();
         assert!(e.contains("concurrency"), "{e}");
-        let e = parse(br#"{"urls": ["/a"], "regions": ["eu"]}"#).unwrap_err();
+        let e = parse(br#"{"urls": ["/a"], "regionz": ["eu"]}"#).unwrap_err();
         assert!(e.contains("unknown field"), "{e}");
         let e =
             parse(br#"{"urls": ["/a"], "warm_via": ["https://cdn.example.com/x"]}"#).unwrap_err();
@@ -679,6 +732,12 @@ mod tests {
             e[0].contains("gateway.toml:9:7:") && e[0].contains("unknown rule"),
             "{e:?}"
         );
+        let e = errors("[[warm]]\nname = \"m\"\nschedule = \"daily 05:00\"\njob = { urls = [\"/a\"], regions = [\"eu-west\"] }\n");
+        assert!(
+            e[0].contains("gateway.toml:9:7:")
+                && e[0].contains("regions: \"regions\" needs [region]"),
+            "{e:?}"
+        );
         let e = errors("[[warm]]\nname = \"m\"\nschedule = \"daily 05:00\"\ntz = \"Mars/Base\"\njob = { urls = [\"/a\"], color = 1 }\n");
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e.iter().any(|m| m.contains("unknown time zone")), "{e:?}");
@@ -686,6 +745,42 @@ mod tests {
             e.iter().any(|m| m.contains("unknown field `color`")),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn regions_name_this_region_or_a_peer() {
+        use crate::config::region::{PeerConfig, RegionConfig};
+        let region = RegionConfig {
+            name: "us-east".into(),
+            peers: vec![PeerConfig {
+                name: "eu-west".into(),
+                redis: crate::config::RedisConfig {
+                    url: "redis://127.0.0.1:2".into(),
+                    cluster: Vec::new(),
+                    prefix: "eu:".into(),
+                    timeout: std::time::Duration::from_millis(50),
+                    keys: None,
+                },
+            }],
+        };
+        let job =
+            |r: Value| parse(json!({"urls": ["/a"], "regions": r}).to_string().as_bytes()).unwrap();
+        assert!(check_regions(&job(json!(["us-east", "eu-west"])), Some(&region)).is_ok());
+        assert!(check_regions(&parse(br#"{"urls": ["/a"]}"#).unwrap(), None).is_ok());
+        let (e, field) =
+            check_regions(&job(json!(["eu-west", "mars"])), Some(&region)).unwrap_err();
+        assert_eq!(field, "regions[1]");
+        assert!(
+            e.contains("unknown region \"mars\"") && e.contains("\"eu-west\""),
+            "{e}"
+        );
+        let (e, field) =
+            check_regions(&job(json!(["eu-west", "eu-west"])), Some(&region)).unwrap_err();
+        assert_eq!(field, "regions[1]");
+        assert!(e.contains("twice"), "{e}");
+        let (e, field) = check_regions(&job(json!(["eu-west"])), None).unwrap_err();
+        assert_eq!(field, "regions");
+        assert!(e.contains("[region]"), "{e}");
     }
 
     #[test]

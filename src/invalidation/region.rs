@@ -273,6 +273,15 @@ impl Region {
         }
     }
 
+    /// Each peer's name and Redis client (warm jobs aimed at a peer region are written into its
+    /// warm-job store through the same connection the relay uses).
+    pub fn peer_redis(&self) -> Vec<(String, Arc<Redis>)> {
+        self.peers
+            .iter()
+            .map(|p| (p.name.clone(), p.redis.clone()))
+            .collect()
+    }
+
     /// `/readyz`'s `region` object: this region, each peer's state as this instance sees it.
     pub fn readiness(&self) -> serde_json::Value {
         let mut peers = serde_json::Map::new();

@@ -100,6 +100,8 @@ pub struct Warm {
     pub rate: Option<f64>,
     pub refresh: bool,
     pub warm_via: Vec<String>,
+    /// `--region NAME` (repeatable): the regions the job runs in.
+    pub regions: Vec<String>,
 }
 
 /// A protection window switch.
@@ -917,6 +919,9 @@ pub fn warm_body(w: &Warm) -> Result<Value, Failure> {
     if !w.warm_via.is_empty() {
         set(&mut body, "warm_via", serde_json::json!(w.warm_via));
     }
+    if !w.regions.is_empty() {
+        set(&mut body, "regions", serde_json::json!(w.regions));
+    }
     Ok(body)
 }
 
@@ -960,6 +965,36 @@ async fn warm(client: &Client, w: &Warm, json: bool) -> Result<(), Failure> {
     let started = client
         .json(reqwest::Method::POST, "/admin/warm", Some(&body))
         .await?;
+    // With `regions`: each region's job id (or "unavailable"); only this region's job can be
+    // followed here (a peer's shows in that region's /admin/jobs).
+    let mut unavailable: Vec<String> = Vec::new();
+    if let Some(regions) = started["regions"].as_object() {
+        for (name, id) in regions {
+            let id = id.as_str().unwrap_or("?");
+            eprintln!("region {name}: {id}");
+            if id == "unavailable" {
+                unavailable.push(name.clone());
+            }
+        }
+    }
+    let not_started = |unavailable: &[String]| {
+        Failure::new(
+            EXIT_REFUSED,
+            format!(
+                "warm job not started in {} (its Redis did not answer)",
+                unavailable.join(", ")
+            ),
+        )
+    };
+    if started.get("id").is_none() {
+        if json {
+            println!("{started}");
+        }
+        if !unavailable.is_empty() {
+            return Err(not_started(&unavailable));
+        }
+        return Ok(());
+    }
     let id = str_of(&started, "id");
     let path = format!("/admin/jobs/{id}");
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -1018,6 +1053,9 @@ async fn warm(client: &Client, w: &Warm, json: bool) -> Result<(), Failure> {
             EXIT_REFUSED,
             format!("warm job {id}: {errors} requests failed"),
         ));
+    }
+    if !unavailable.is_empty() {
+        return Err(not_started(&unavailable));
     }
     Ok(())
 }
@@ -1137,5 +1175,22 @@ mod tests {
         assert!(lines[1].starts_with("a-long-rule  10"), "{t}");
         assert!(lines[1].contains("50.0%"), "{t}");
         assert_eq!(lines[0].find("REQUESTS"), lines[1].find("10"));
+    }
+
+    #[test]
+    fn warm_flags_name_the_regions() {
+        let w = Warm {
+            urls: vec!["/a".into()],
+            regions: vec!["us-east".into(), "eu-west".into()],
+            ..Default::default()
+        };
+        let body = warm_body(&w).unwrap();
+        assert_eq!(body["regions"], serde_json::json!(["us-east", "eu-west"]));
+        let plain = warm_body(&Warm {
+            urls: vec!["/a".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(plain.get("regions").is_none(), "{plain}");
     }
 }

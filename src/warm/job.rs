@@ -77,6 +77,10 @@ pub struct Definition {
     pub created_ms: u64,
     #[serde(default)]
     pub schedule: Option<String>,
+    /// The region that started the job, when another region's gateway wrote it into this
+    /// region's store (`"regions"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_region: Option<String>,
 }
 
 pub(super) struct Progress {
@@ -230,6 +234,7 @@ impl Job {
             "rate": self.def.spec.rate,
             "fronts": fronts,
             "schedule": self.def.schedule,
+            "from_region": self.def.from_region,
             "created_ms": self.def.created_ms,
             "started_ms": p.started_ms,
             "finished_ms": p.finished_ms,
@@ -260,6 +265,7 @@ mod tests {
                 .collect(),
             created_ms: 0,
             schedule: None,
+            from_region: None,
         }
     }
 

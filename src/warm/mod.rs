@@ -16,6 +16,10 @@
 //! last checkpoint. Without Redis, jobs live in this process only. Scheduled `[[warm]]` jobs are
 //! started by the same tick, once per due time for the fleet (a `SET NX` on the due time), on
 //! the calendar clock (`AISLE_FAKE_NOW`).
+//!
+//! A job naming `regions` ([`Warmer::submit`]) runs here when it names this region, and is
+//! written, unleased, into each named peer region's store (its own Redis), so that region's
+//! fleet takes it over through the same takeover: one mechanism for durability and for regions.
 
 pub mod job;
 pub mod popular;
@@ -103,6 +107,34 @@ pub struct Warmer {
     finished: Mutex<std::collections::HashSet<String>>,
     /// Per schedule: the last due time seen, and the id of the job it last started.
     schedules: Mutex<HashMap<String, (u64, Option<String>)>>,
+    /// `[region]` as it was at start (what the relay uses too), for jobs' `regions`.
+    region: Option<crate::config::region::RegionConfig>,
+    /// Each peer region's warm-job store (in its own Redis).
+    peers: Vec<(String, Store)>,
+}
+
+/// A new job id (alphanumeric: `GET /admin/jobs/{id}` takes nothing else).
+fn new_id() -> String {
+    format!("w{:x}{}", crate::clock::now_ms(), random_hex(3))
+}
+
+/// Why `POST /admin/warm` refused a job: the message, the field at fault, and whether it is
+/// the per-instance limit (429) rather than the job (400).
+#[derive(Debug)]
+pub struct Refused {
+    pub message: String,
+    pub field: Option<String>,
+    pub busy: bool,
+}
+
+impl From<String> for Refused {
+    fn from(message: String) -> Self {
+        Refused {
+            busy: message.starts_with("busy"),
+            message,
+            field: None,
+        }
+    }
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -117,8 +149,14 @@ impl Warmer {
         live: Shared,
         redis: Option<Arc<Redis>>,
         protection: Option<Arc<Protection>>,
+        peers: Vec<(String, Arc<Redis>)>,
     ) -> Result<Arc<Warmer>, String> {
         let store = redis.clone().map(Store::new).transpose()?;
+        let peers = peers
+            .into_iter()
+            .map(|(name, r)| Ok((name, Store::new(r)?)))
+            .collect::<Result<Vec<_>, String>>()?;
+        let region = live.load().config.region.clone();
         let popular = Popular::new(redis)?;
         for s in STATES {
             JOBS.with_label_values(&[s]).set(0);
@@ -163,6 +201,8 @@ impl Warmer {
             jobs: Mutex::new(VecDeque::new()),
             finished: Mutex::default(),
             schedules: Mutex::new(schedules),
+            region,
+            peers,
         }))
     }
 
@@ -184,13 +224,92 @@ impl Warmer {
         }
     }
 
-    /// Starts a job: checks and expands it, stores it (Redis), and runs it here. The error is
-    /// the client's (400) unless it starts with "busy" (429).
+    /// Starts a job here: checks and expands it, stores it (Redis), and runs it here. The
+    /// error is the client's (400) unless it starts with "busy" (429).
     pub async fn start(
         self: &Arc<Self>,
         spec: JobSpec,
         schedule: Option<String>,
     ) -> Result<String, String> {
+        let def = self.prepare(spec, schedule, true).await?;
+        Ok(self.launch(def).await)
+    }
+
+    /// Starts a job in each region of its `regions` (here only, without): the answer of
+    /// `POST /admin/warm`, `{"id": <this region's job>, "regions": {<name>: <id> |
+    /// "unavailable"}}`. A peer's job (same spec and targets, its own id) is written into the
+    /// peer's warm-job store without a lease, so the peer's first instance to tick takes it
+    /// over and runs it; a peer whose Redis does not take it is `"unavailable"`.
+    pub async fn submit(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        schedule: Option<String>,
+    ) -> Result<Value, Refused> {
+        if spec.regions.is_empty() {
+            let id = self.start(spec, schedule).await.map_err(Refused::from)?;
+            return Ok(json!({ "id": id }));
+        }
+        spec::check_regions(&spec, self.region.as_ref()).map_err(|(message, field)| Refused {
+            message,
+            field: Some(field),
+            busy: false,
+        })?;
+        let own = self
+            .region
+            .as_ref()
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        let here = spec.regions.contains(&own);
+        let def = self
+            .prepare(spec.clone(), schedule, here)
+            .await
+            .map_err(Refused::from)?;
+        let offers = spec.regions.iter().filter(|r| **r != own).map(|name| {
+            let mut d = def.clone();
+            d.id = new_id();
+            d.spec.regions.clear();
+            d.from_region = Some(own.clone());
+            let store = self
+                .peers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| s);
+            async move {
+                let cp = Job::new(d.clone(), None, "").checkpoint();
+                let taken = match store {
+                    Some(store) => store.offer(&d, &cp).await,
+                    None => false,
+                };
+                if taken {
+                    tracing::info!(job = %d.id, region = %name, "warm job written into the peer region's store");
+                    (name.clone(), Value::String(d.id))
+                } else {
+                    tracing::warn!(region = %name, "warm job: the peer region's Redis did not take it; not started there");
+                    (name.clone(), Value::String("unavailable".into()))
+                }
+            }
+        });
+        let offers = futures_util::future::join_all(offers).await;
+        let mut regions = serde_json::Map::new();
+        let mut answer = json!({});
+        if here {
+            let id = self.launch(def).await;
+            regions.insert(own, Value::String(id.clone()));
+            answer["id"] = Value::String(id);
+        }
+        regions.extend(offers);
+        answer["regions"] = Value::Object(regions);
+        Ok(answer)
+    }
+
+    /// Checks and expands a job (`busy_check`: it would run here, so the per-instance limit
+    /// applies).
+    async fn prepare(
+        &self,
+        spec: JobSpec,
+        schedule: Option<String>,
+        busy_check: bool,
+    ) -> Result<Definition, String> {
         spec::check_options(&spec)?;
         let running = self
             .jobs
@@ -198,7 +317,7 @@ impl Warmer {
             .iter()
             .filter(|j| matches!(j.state(), "queued" | "running" | "paused"))
             .count();
-        if running >= MAX_RUNNING {
+        if busy_check && running >= MAX_RUNNING {
             return Err(format!(
                 "busy: {running} warm jobs already run on this instance (at most {MAX_RUNNING}); try again when one is done"
             ));
@@ -218,14 +337,19 @@ impl Warmer {
             }
             None => spec::targets(&spec, &config.rules)?,
         };
-        let def = Definition {
-            id: format!("w{:x}{}", crate::clock::now_ms(), random_hex(3)),
+        Ok(Definition {
+            id: new_id(),
             kind: spec::kind(&spec).to_string(),
             spec,
             targets,
             created_ms: crate::clock::now_ms(),
             schedule,
-        };
+            from_region: None,
+        })
+    }
+
+    /// Stores a prepared job (Redis) and runs it here.
+    async fn launch(self: &Arc<Self>, def: Definition) -> String {
         let job = Arc::new(Job::new(def, None, &self.instance));
         if let Some(store) = &self.store {
             if !store
@@ -241,7 +365,7 @@ impl Warmer {
         let id = job.id().to_string();
         self.keep(job.clone());
         tokio::spawn(self.clone().run(job));
-        Ok(id)
+        id
     }
 
     fn keep(&self, job: Arc<Job>) {
@@ -616,14 +740,16 @@ impl Warmer {
             if ours != Some(true) {
                 continue;
             }
-            match self.start(s.job.clone(), Some(s.name.clone())).await {
-                Ok(id) => {
-                    tracing::info!(schedule = %s.name, job = %id, "scheduled warm job started");
+            match self.submit(s.job.clone(), Some(s.name.clone())).await {
+                Ok(answer) => {
+                    tracing::info!(schedule = %s.name, job = %answer, "scheduled warm job started");
                     if let Some(e) = self.schedules.lock().get_mut(&s.name) {
-                        e.1 = Some(id);
+                        e.1 = answer["id"].as_str().map(str::to_string);
                     }
                 }
-                Err(e) => tracing::warn!(schedule = %s.name, "scheduled warm job not started: {e}"),
+                Err(e) => {
+                    tracing::warn!(schedule = %s.name, "scheduled warm job not started: {}", e.message)
+                }
             }
         }
     }

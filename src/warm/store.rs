@@ -52,6 +52,17 @@ impl Store {
     /// Stores a new job and takes its lease for `owner`. `false`: Redis did not take it (the
     /// job then runs here, in memory only).
     pub async fn create(&self, def: &Definition, cp: &Checkpoint, owner: &str) -> bool {
+        self.put(def, cp, Some(owner)).await
+    }
+
+    /// Stores a new job nobody holds (one another region's gateway wrote here): the first
+    /// instance of this region whose tick sees it takes its lease and runs it. `false`: Redis
+    /// did not take it.
+    pub async fn offer(&self, def: &Definition, cp: &Checkpoint) -> bool {
+        self.put(def, cp, None).await
+    }
+
+    async fn put(&self, def: &Definition, cp: &Checkpoint, owner: Option<&str>) -> bool {
         let Ok(def_json) = serde_json::to_string(def) else {
             return false;
         };
@@ -64,14 +75,16 @@ impl Store {
             .cmd("SET")
             .arg(self.jobs.key(format_args!("{{{}}}:cp", def.id)))
             .arg(cp_json)
-            .ignore()
-            .cmd("SET")
-            .arg(self.jobs.key(format_args!("{{{}}}:lease", def.id)))
-            .arg(owner)
-            .arg("PX")
-            .arg(LEASE_MS)
-            .ignore()
-            .cmd("ZADD")
+            .ignore();
+        if let Some(owner) = owner {
+            pipe.cmd("SET")
+                .arg(self.jobs.key(format_args!("{{{}}}:lease", def.id)))
+                .arg(owner)
+                .arg("PX")
+                .arg(LEASE_MS)
+                .ignore();
+        }
+        pipe.cmd("ZADD")
             .arg(self.jobs.key("index"))
             .arg(def.created_ms)
             .arg(&def.id)

@@ -434,3 +434,120 @@ async fn an_invalidation_accepted_while_the_own_redis_is_down_is_relayed_when_it
     assert_eq!(counts[&id], 1, "{counts:?}");
     assert_eq!(readyz(&a).await["region"]["unsent"], 0);
 }
+
+/// `POST /admin/warm` on `gw`: (status, JSON answer).
+async fn post_warm(gw: &Gateway, job: &Value) -> (u16, Value) {
+    let r = fetch_with_body(
+        gw.client(),
+        "POST",
+        &gw.admin_url("/admin/warm"),
+        &[
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {TOKEN}")),
+        ],
+        job.to_string(),
+    )
+    .await;
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+/// `GET /admin/jobs/{id}` on `gw` until the job is done; its status.
+async fn warm_done(gw: &Gateway, id: &str) -> Value {
+    poll_until(REACH, &format!("warm job {id} done"), || async {
+        let r = fetch(
+            gw.client(),
+            "GET",
+            &gw.admin_url(&format!("/admin/jobs/{id}")),
+            &[("authorization", &format!("Bearer {TOKEN}"))],
+        )
+        .await;
+        let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        (r.status == 200 && v["state"] == "done").then_some(v)
+    })
+    .await
+}
+
+/// Warm jobs target regions: a job posted in us-east with `"regions": ["eu-west"]` is written
+/// into eu-west's Redis and run by eu-west's gateway (its origin sees each URL once, the next
+/// eu-west client request is a hit) while us-east's origin sees nothing. An unknown region is
+/// a 400 naming `regions[i]`; with eu-west's Redis down, a job for both regions still runs in
+/// us-east and says eu-west is `"unavailable"`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_job_runs_in_the_regions_it_names() {
+    let us_redis = RedisServer::start();
+    let mut eu_redis = RedisServer::start();
+    let (us_origin, eu_origin) = (origin(), origin());
+    let us_cfg = region_config(&us_origin, US, &us_redis, EU, &eu_redis, None);
+    let eu_cfg = region_config(&eu_origin, EU, &eu_redis, US, &us_redis, None);
+    let rules = [("rules.toml", RULES)];
+    let (us, eu) = tokio::join!(
+        Gateway::start_with_env(&us_cfg, &rules, ENV),
+        Gateway::start_with_env(&eu_cfg, &rules, ENV)
+    );
+    let urls: Vec<String> = (1..=4).map(|i| format!("/c/warm/{i}")).collect();
+
+    let started = Instant::now();
+    let (status, answer) = post_warm(&us, &json!({"urls": urls, "regions": ["eu-west"]})).await;
+    assert_eq!(status, 202, "{answer}");
+    assert!(answer.get("id").is_none(), "no job here: {answer}");
+    let eu_id = answer["regions"]["eu-west"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an id for eu-west: {answer}"))
+        .to_string();
+    assert_ne!(eu_id, "unavailable", "{answer}");
+    let s = warm_done(&eu, &eu_id).await;
+    println!(
+        "eu-west ran the job posted in us-east in {:?}: {s}",
+        started.elapsed()
+    );
+    assert_eq!(
+        (s["total"].as_u64(), s["warmed"].as_u64()),
+        (Some(4), Some(4)),
+        "{s}"
+    );
+    assert_eq!(s["errors"].as_u64(), Some(0), "{s}");
+    assert_eq!(s["from_region"], "us-east", "{s}");
+    for u in &urls {
+        assert_eq!(eu_origin.count(u), 1, "{u}: eu-west's origin saw it once");
+        assert_hit(&eu.get(u).await, u);
+    }
+    assert_eq!(us_origin.total(), 0, "us-east's origin sees none of it");
+
+    let (status, refused) =
+        post_warm(&us, &json!({"urls": urls, "regions": ["eu-west", "mars"]})).await;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["field"], "regions[1]", "{refused}");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("unknown region \"mars\""),
+        "{refused}"
+    );
+
+    eu_redis.kill();
+    let started = Instant::now();
+    let (status, answer) = post_warm(
+        &us,
+        &json!({"urls": urls, "regions": ["us-east", "eu-west"]}),
+    )
+    .await;
+    println!(
+        "with eu-west's Redis down, answered in {:?}: {answer}",
+        started.elapsed()
+    );
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["regions"]["eu-west"], "unavailable", "{answer}");
+    let us_id = answer["id"].as_str().expect("the job here").to_string();
+    assert_eq!(answer["regions"]["us-east"], us_id.as_str(), "{answer}");
+    let s = warm_done(&us, &us_id).await;
+    assert_eq!(s["warmed"].as_u64(), Some(4), "{s}");
+    for u in &urls {
+        assert_eq!(us_origin.count(u), 1, "{u}: warmed in us-east");
+        assert_hit(&us.get(u).await, u);
+    }
+    assert_eq!(eu_origin.total(), 4, "nothing more reached eu-west");
+}

@@ -303,7 +303,7 @@ async fn bad_jobs_are_refused_and_start_nothing() {
         ),
         (
             json!({"urls": ["/w/1"], "regions": ["eu-west"]}),
-            "unknown field",
+            "\"regions\" needs [region]",
         ),
         (
             json!({"rule": "vendor-search", "grid": {"query.location": ["a"]}, "concurrency": 0}),
