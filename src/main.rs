@@ -121,40 +121,8 @@ enum Command {
     /// Start a warm job on a running gateway (POST /admin/warm) and follow it with a progress
     /// bar; exits 1 if any of its requests failed.
     Warm {
-        /// A job as JSON (`{"urls": [...]}`, `{"rule": ..., "grid": {...}}`, `{"top": N}`);
-        /// the flags below are set over it.
-        #[arg(long, value_name = "FILE")]
-        file: Option<PathBuf>,
-        /// A URL (path or absolute) to warm (repeatable).
-        #[arg(long = "url", num_args = 1.., value_name = "URL")]
-        urls: Vec<String>,
-        /// A rule whose grid to render.
-        #[arg(long)]
-        rule: Option<String>,
-        /// A grid axis: SOURCE=V1,V2 (e.g. query.location=NYC,LA; repeatable).
-        #[arg(long = "grid", value_name = "SOURCE=VALUES")]
-        grid: Vec<String>,
-        /// The N most requested keys of recent traffic.
-        #[arg(long)]
-        top: Option<usize>,
-        /// How far back `--top` looks (default 24h).
-        #[arg(long)]
-        since: Option<String>,
-        /// Requests in flight at once (default 4).
-        #[arg(long)]
-        concurrency: Option<usize>,
-        /// Requests per second.
-        #[arg(long)]
-        rate: Option<f64>,
-        /// Refetch entries that are still fresh.
-        #[arg(long)]
-        refresh: bool,
-        /// Also request each URL through this CDN front (repeatable).
-        #[arg(long = "warm-via", value_name = "URL")]
-        warm_via: Vec<String>,
-        /// Run the job in this region (`[region] name` or a peer's; repeatable); default: here.
-        #[arg(long = "region", value_name = "NAME")]
-        regions: Vec<String>,
+        #[command(flatten)]
+        job: aisle::tools::cli::Warm,
         #[command(flatten)]
         admin: AdminArgs,
     },
@@ -342,36 +310,7 @@ fn main() -> ExitCode {
         }
         Command::Events { admin } => operate(&cli.config, &admin, cli::Action::Events),
         Command::Reload { admin } => operate(&cli.config, &admin, cli::Action::Reload),
-        Command::Warm {
-            file,
-            urls,
-            rule,
-            grid,
-            top,
-            since,
-            concurrency,
-            rate,
-            refresh,
-            warm_via,
-            regions,
-            admin,
-        } => operate(
-            &cli.config,
-            &admin,
-            cli::Action::Warm(cli::Warm {
-                file,
-                urls,
-                rule,
-                grid,
-                top,
-                since,
-                concurrency,
-                rate,
-                refresh,
-                warm_via,
-                regions,
-            }),
-        ),
+        Command::Warm { job, admin } => operate(&cli.config, &admin, cli::Action::Warm(job)),
         Command::Protect {
             state,
             name,
@@ -538,4 +477,17 @@ fn demo(path: &Path) -> ExitCode {
     });
     println!("{}", aisle::tools::demo::banner(&config, &origin, token));
     serve(config, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks of every subcommand (names, groups, flags), which clap
+    /// otherwise runs only when that subcommand is parsed.
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

@@ -87,20 +87,42 @@ pub enum Action {
 }
 
 /// A warm job from flags and/or a JSON file (`aisle warm`); flags win over the file.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
+#[group(id = "warm_job")] // not "Warm": that is the subcommand's name
 pub struct Warm {
+    /// A job as JSON (`{"urls": [...]}`, `{"rule": ..., "grid": {...}}`, `{"top": N}`);
+    /// the flags below are set over it.
+    #[arg(long, value_name = "FILE")]
     pub file: Option<std::path::PathBuf>,
+    /// A URL (path or absolute) to warm (repeatable).
+    #[arg(long = "url", num_args = 1.., value_name = "URL")]
     pub urls: Vec<String>,
+    /// A rule whose grid to render.
+    #[arg(long)]
     pub rule: Option<String>,
-    /// `source=v1,v2` (e.g. `query.location=NYC,LA`).
+    /// A grid axis: SOURCE=V1,V2 (e.g. query.location=NYC,LA; repeatable).
+    #[arg(long = "grid", value_name = "SOURCE=VALUES")]
     pub grid: Vec<String>,
+    /// The N most requested keys of recent traffic.
+    #[arg(long)]
     pub top: Option<usize>,
+    /// How far back `--top` looks (default 24h).
+    #[arg(long)]
     pub since: Option<String>,
+    /// Requests in flight at once (default 4).
+    #[arg(long)]
     pub concurrency: Option<usize>,
+    /// Requests per second.
+    #[arg(long)]
     pub rate: Option<f64>,
+    /// Refetch entries that are still fresh.
+    #[arg(long)]
     pub refresh: bool,
+    /// Also request each URL through this CDN front (repeatable).
+    #[arg(long = "warm-via", value_name = "URL")]
     pub warm_via: Vec<String>,
-    /// `--region NAME` (repeatable): the regions the job runs in.
+    /// Run the job in this region (`[region] name` or a peer's; repeatable); default: here.
+    #[arg(long = "region", value_name = "NAME")]
     pub regions: Vec<String>,
 }
 
