@@ -32,7 +32,8 @@ const MAX_LEN: usize = 2048;
 struct Minute {
     start_ms: u64,
     sketch: Vec<u32>,
-    candidates: HashMap<String, u64>,
+    /// By the key's hash: its count and the key (built once, when it enters the list).
+    candidates: HashMap<u64, (u64, String)>,
     /// The smallest candidate count while the list is full (a new key must beat it), so the
     /// common case, a rare key, costs no scan of the list.
     floor: u64,
@@ -48,38 +49,53 @@ impl Minute {
         }
     }
 
-    /// Counts one request and returns its estimate.
-    fn add(&mut self, key: &str) -> u64 {
+    /// Counts one request and returns its estimate. One hash of the key serves every sketch
+    /// row (double hashing) and the candidate list, so a request allocates only when its key
+    /// enters the list. Two keys with one 64-bit hash would share a count.
+    fn add(&mut self, host: &str, path: &str) -> u64 {
+        let h = HASHER.hash_one((host, path));
+        let (h1, h2) = (h as usize, ((h >> 32) as usize) | 1);
         let mut estimate = u32::MAX;
         for row in 0..DEPTH {
-            let h = ahash::RandomState::with_seeds(row as u64, 7, 11, 13).hash_one(key);
-            let cell = &mut self.sketch[row * WIDTH + (h as usize % WIDTH)];
+            let col = h1.wrapping_add(row.wrapping_mul(h2)) % WIDTH;
+            let cell = &mut self.sketch[row * WIDTH + col];
             *cell = cell.saturating_add(1);
             estimate = estimate.min(*cell);
         }
         let estimate = u64::from(estimate);
-        if let Some(c) = self.candidates.get_mut(key) {
-            *c = estimate;
+        if let Some(c) = self.candidates.get_mut(&h) {
+            c.0 = estimate;
         } else if self.candidates.len() < TOP_K {
-            self.candidates.insert(key.to_string(), estimate);
+            self.candidates.insert(h, (estimate, encode(host, path)));
             if self.candidates.len() == TOP_K {
-                self.floor = self.candidates.values().copied().min().unwrap_or(0);
+                self.floor = self.lowest().map_or(0, |(_, c)| c);
             }
         } else if estimate > self.floor {
-            let min_key = self
-                .candidates
-                .iter()
-                .min_by_key(|(_, c)| **c)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = min_key {
+            if let Some((k, _)) = self.lowest() {
                 self.candidates.remove(&k);
             }
-            self.candidates.insert(key.to_string(), estimate);
-            self.floor = self.candidates.values().copied().min().unwrap_or(0);
+            self.candidates.insert(h, (estimate, encode(host, path)));
+            self.floor = self.lowest().map_or(0, |(_, c)| c);
         }
         estimate
     }
+
+    /// The candidate with the smallest count: its hash and count.
+    fn lowest(&self) -> Option<(u64, u64)> {
+        (self.candidates.iter())
+            .min_by_key(|(_, (c, _))| *c)
+            .map(|(k, (c, _))| (*k, *c))
+    }
+
+    /// The candidates as key -> count.
+    fn counts(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.candidates.values().map(|(c, k)| (k.as_str(), *c))
+    }
 }
+
+/// The one hasher of popularity keys (fixed seeds: a key lands in the same counters all minute).
+static HASHER: once_cell::sync::Lazy<ahash::RandomState> =
+    once_cell::sync::Lazy::new(|| ahash::RandomState::with_seeds(7, 11, 13, 17));
 
 /// The popularity tracker (one per process).
 pub struct Popular {
@@ -119,14 +135,14 @@ impl Popular {
         }))
     }
 
-    /// Counts one request (cheap: a few hashes under a short lock). A minute that ended is
+    /// Counts one request (cheap: one hash and no allocation under a short lock, unless the
+    /// key enters the minute's list). A minute that ended is
     /// handed to [`Self::flush`] by the caller's next tick, not here.
     pub fn record(&self, host: &str, path: &str) {
         if host.len() + path.len() + 1 > MAX_LEN {
             return;
         }
-        let key = encode(host, path);
-        self.current.lock().add(&key);
+        self.current.lock().add(host, path);
     }
 
     /// Ends the minute if it is over: its candidates go to the hour's list (Redis or local).
@@ -146,8 +162,8 @@ impl Popular {
             Some((redis, keys)) => {
                 let key = keys.key(hour);
                 let mut pipe = redis::pipe();
-                for (k, c) in &ended.candidates {
-                    pipe.cmd("ZINCRBY").arg(&key).arg(*c).arg(k).ignore();
+                for (k, c) in ended.counts() {
+                    pipe.cmd("ZINCRBY").arg(&key).arg(c).arg(k).ignore();
                 }
                 pipe.cmd("ZREMRANGEBYRANK")
                     .arg(&key)
@@ -169,7 +185,7 @@ impl Popular {
                     }
                 }
                 let list = &mut history.back_mut().expect("pushed above").1;
-                for (k, c) in ended.candidates {
+                for (c, k) in ended.candidates.into_values() {
                     *list.entry(k).or_default() += c;
                 }
                 trim(list);
@@ -183,7 +199,9 @@ impl Popular {
         // and must not walk (one Redis read per hour) back to 1970.
         let since_ms = since_ms.min(HOURS as u64 * HOUR_MS);
         let from_hour = now_ms.saturating_sub(since_ms) / HOUR_MS * HOUR_MS;
-        let mut sum: HashMap<String, u64> = self.current.lock().candidates.clone();
+        let mut sum: HashMap<String, u64> = (self.current.lock().counts())
+            .map(|(k, c)| (k.to_string(), c))
+            .collect();
         match &self.redis {
             Some((redis, keys)) => {
                 let mut hour = from_hour;
