@@ -611,6 +611,14 @@ impl BackgroundService for RegionRelay {
     }
 }
 
+/// [`pause`] for `Some(d)`; with `None` (more work waiting) only looks at the shutdown.
+async fn pause_then(wait: Option<Duration>, shutdown: &mut ShutdownWatch) -> bool {
+    match wait {
+        Some(d) => pause(d, shutdown).await,
+        None => *shutdown.borrow(),
+    }
+}
+
 /// Waits `d`, or less when shutting down; `true` when the loop should end.
 async fn pause(d: Duration, shutdown: &mut ShutdownWatch) -> bool {
     if *shutdown.borrow() {
@@ -751,11 +759,7 @@ async fn forward(r: Arc<Region>, i: usize, mut shutdown: ShutdownWatch) {
             }
             wait
         };
-        let stop = match wait {
-            Some(w) => pause(w, &mut shutdown).await,
-            None => *shutdown.borrow(),
-        };
-        if stop {
+        if pause_then(wait, &mut shutdown).await {
             break;
         }
     }
@@ -807,11 +811,7 @@ async fn apply(r: Arc<Region>, inv: Arc<Invalidator>, mut shutdown: ShutdownWatc
                 }
             }
         };
-        let stop = match wait {
-            Some(w) => pause(w, &mut shutdown).await,
-            None => *shutdown.borrow(),
-        };
-        if stop {
+        if pause_then(wait, &mut shutdown).await {
             break;
         }
     }

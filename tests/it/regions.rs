@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use crate::harness::cdn::FakeCloudflare;
 use crate::harness::redis::{connect, wait_plain_entry, wait_subscribed, RedisServer, SharedRedis};
 use crate::harness::{
-    assert_hit, assert_stored_miss, config_for, fetch, fetch_with_body, poll_until, Gateway,
-    Origin, OriginResponse, Resp,
+    assert_hit, assert_stored_miss, config_for, fetch, poll_until, Gateway, Origin, OriginResponse,
+    Resp,
 };
 use serde_json::{json, Value};
 
@@ -87,32 +87,21 @@ async fn start_two(cfg: &str, region: &str) -> (Gateway, Gateway) {
 
 /// `POST /admin/invalidate` on `gw`, which must be accepted; its answer.
 async fn invalidate(gw: &Gateway, body: Value) -> Value {
-    let r = fetch_with_body(
-        gw.client(),
-        "POST",
-        &gw.admin_url("/admin/invalidate"),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &format!("Bearer {TOKEN}")),
-        ],
-        body.to_string(),
-    )
-    .await;
-    assert_eq!(r.status, 202, "POST /admin/invalidate {body}: {}", r.text());
-    serde_json::from_slice(&r.body).expect("a JSON answer")
+    let (status, v) = gw
+        .admin_json("POST", "/admin/invalidate", TOKEN, &body)
+        .await;
+    assert_eq!(status, 202, "POST /admin/invalidate {body}: {v}");
+    assert!(v.is_object(), "a JSON answer: {v}");
+    v
 }
 
 /// The region's fleet audit log (read from its Redis by `gw`).
 async fn audit(gw: &Gateway) -> Vec<Value> {
-    let r = fetch(
-        gw.client(),
-        "GET",
-        &gw.admin_url("/admin/audit"),
-        &[("authorization", &format!("Bearer {TOKEN}"))],
-    )
-    .await;
-    assert_eq!(r.status, 200, "GET /admin/audit: {}", r.text());
-    let v: Value = serde_json::from_slice(&r.body).expect("JSON");
+    let (status, v) = gw
+        .admin_json("GET", "/admin/audit", TOKEN, &Value::Null)
+        .await;
+    assert_eq!(status, 200, "GET /admin/audit: {v}");
+    assert!(v.is_object(), "a JSON answer: {v}");
     v["records"].as_array().cloned().unwrap_or_default()
 }
 
@@ -437,21 +426,7 @@ async fn an_invalidation_accepted_while_the_own_redis_is_down_is_relayed_when_it
 
 /// `POST /admin/warm` on `gw`: (status, JSON answer).
 async fn post_warm(gw: &Gateway, job: &Value) -> (u16, Value) {
-    let r = fetch_with_body(
-        gw.client(),
-        "POST",
-        &gw.admin_url("/admin/warm"),
-        &[
-            ("content-type", "application/json"),
-            ("authorization", &format!("Bearer {TOKEN}")),
-        ],
-        job.to_string(),
-    )
-    .await;
-    (
-        r.status,
-        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-    )
+    gw.admin_json("POST", "/admin/warm", TOKEN, job).await
 }
 
 /// `GET /admin/jobs/{id}` on `gw` until the job is done; its status.

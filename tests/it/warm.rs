@@ -44,20 +44,8 @@ async fn start(cfg: &str, env: &[(&str, &str)]) -> Gateway {
 }
 
 async fn admin(gw: &Gateway, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let r = fetch_with_body(
-        gw.client(),
-        method,
-        &gw.admin_url(path),
-        &[
-            ("authorization", &auth),
-            ("content-type", "application/json"),
-        ],
-        body.map(|b| b.to_string()).unwrap_or_default(),
-    )
-    .await;
-    let v = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-    (r.status, v)
+    gw.admin_json(method, path, TOKEN, &body.unwrap_or(Value::Null))
+        .await
 }
 
 async fn post_job(gw: &Gateway, job: Value) -> String {

@@ -813,6 +813,36 @@ impl Gateway {
         format!("http://{}{}", self.admin, path)
     }
 
+    /// `method path` on the admin listener with `Authorization: Bearer token` and a JSON body
+    /// (none when `Null`): the status and the answer as JSON (`Null` when it is not JSON).
+    pub async fn admin_json(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let auth = format!("Bearer {token}");
+        let text = if body.is_null() {
+            String::new()
+        } else {
+            body.to_string()
+        };
+        let r = fetch_with_body(
+            &self.client,
+            method,
+            &self.admin_url(path),
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            text,
+        )
+        .await;
+        let v = serde_json::from_slice(&r.body).unwrap_or(serde_json::Value::Null);
+        (r.status, v)
+    }
+
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }
