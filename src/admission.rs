@@ -31,6 +31,7 @@ use crate::rules::source::{RequestView, Unkeyable};
 use crate::rules::{Authorization, ClientRevalidation, Rule, RuleSet};
 use crate::trust::Client;
 use http::{HeaderMap, Method};
+use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -361,13 +362,22 @@ impl<'a> KeyParts<'a> {
 
 /// Step 5: the cache key of an admitted request.
 pub fn cache_key(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> CacheKey {
-    let input = KeyInput {
+    key::cache_key(&route.rule, &key_input(route, terms, parts))
+}
+
+/// The hash [`cache_key`]'s key is stored under before any `Vary` variance: what a fresh hit
+/// looks up, computed without building the key (no allocation).
+pub fn key_hash(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> HashBinary {
+    key::primary_hash(&route.rule, &key_input(route, terms, parts))
+}
+
+fn key_input<'a>(route: &'a Route, terms: &'a Terms, parts: &'a KeyParts<'a>) -> KeyInput<'a> {
+    KeyInput {
         host: parts.host,
         method: parts.method,
         view: parts.view(&route.params),
         namespace: terms.namespace.as_deref(),
-    };
-    key::cache_key(&route.rule, &input)
+    }
 }
 
 #[cfg(test)]

@@ -46,40 +46,71 @@ pub struct KeyInput<'a> {
 /// Builds the primary key bytes for a request matched to `rule`.
 pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(96 + input.view.path.len());
-    push(&mut out, KEY_VERSION);
-    push(&mut out, SCHEME.as_bytes());
+    write_primary(rule, input, &mut out);
+    out
+}
+
+/// The hash of [`primary`] (what [`cache_key`] stores under), streamed into the hasher: no
+/// buffer is built, so a hit's key costs no allocation (issue 16). One writer serves both, so
+/// the two cannot disagree.
+pub fn primary_hash(rule: &Rule, input: &KeyInput<'_>) -> HashBinary {
+    let mut hasher = blake3::Hasher::new();
+    write_primary(rule, input, &mut hasher);
+    truncate(hasher.finalize())
+}
+
+/// Where key bytes go: a buffer ([`primary`]) or straight into the hash ([`primary_hash`]).
+trait KeySink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl KeySink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+impl KeySink for blake3::Hasher {
+    fn put(&mut self, bytes: &[u8]) {
+        self.update(bytes);
+    }
+}
+
+fn write_primary(rule: &Rule, input: &KeyInput<'_>, out: &mut impl KeySink) {
+    push(out, KEY_VERSION);
+    push(out, SCHEME.as_bytes());
     // `input.host` is normalized ([`normalize_host`]); lowercasing again costs nothing.
-    push_lowercase(&mut out, input.host.as_bytes());
+    push_lowercase(out, input.host.as_bytes());
     // HEAD is answered from GET entries (pingora turns HEAD into GET upstream).
     let method = if input.method == http::Method::HEAD {
         http::Method::GET.as_str()
     } else {
         input.method.as_str()
     };
-    push(&mut out, method.as_bytes());
-    push(&mut out, rule.name.as_bytes());
+    push(out, method.as_bytes());
+    push(out, rule.name.as_bytes());
     // A rule whose definition changed (by a reload, or between the versions of a fleet) no
     // longer finds the entries stored under the old one.
-    push(&mut out, &rule.generation.to_le_bytes());
+    push(out, &rule.generation.to_le_bytes());
     if rule.key_path {
-        push(&mut out, normalize_path(input.view.path).as_bytes());
+        push(out, normalize_path(input.view.path).as_bytes());
     }
     match input.namespace {
         Some(ns) => {
-            out.push(1);
-            push(&mut out, ns.as_bytes());
+            out.put(&[1]);
+            push(out, ns.as_bytes());
         }
-        None => out.push(0),
+        None => out.put(&[0]),
     }
     if let Authorization::Isolate { header, key } = &rule.authorization {
         // `authorization = "isolate"`: the credential's keyed hash, never the credential (a
         // key is logged at debug level, shown in `Cache-Status` and stored in Redis).
         match input.view.headers.get(header) {
             Some(credential) => {
-                out.push(1);
-                push(&mut out, &key.digest(credential.as_bytes()));
+                out.put(&[1]);
+                push(out, &key.digest(credential.as_bytes()));
             }
-            None => out.push(0),
+            None => out.put(&[0]),
         }
     }
     if let Some(ignore) = &rule.body_key {
@@ -89,35 +120,37 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
                 for pointer in ignore {
                     remove_pointer(&mut body, pointer);
                 }
-                out.push(1);
-                push(&mut out, canonical(&body).as_bytes());
+                out.put(&[1]);
+                push(out, canonical(&body).as_bytes());
             }
-            None => out.push(0),
+            None => out.put(&[0]),
         }
     }
     if rule.is_default {
-        push(&mut out, input.view.query.unwrap_or("").as_bytes());
+        push(out, input.view.query.unwrap_or("").as_bytes());
     } else {
         for field in &rule.vary {
             match field.keyed_value(&input.view) {
                 Ok(Some(v)) => {
-                    out.push(1);
-                    push(&mut out, v.as_bytes());
+                    out.put(&[1]);
+                    push(out, v.as_bytes());
                 }
-                Ok(None) => out.push(0),
+                Ok(None) => out.put(&[0]),
                 // Not reached: admission bypasses such requests (`admission::keyable`). Should a
                 // caller skip that check, the value still shares a key with no keyable request.
-                Err(_) => out.push(2),
+                Err(_) => out.put(&[2]),
             }
         }
     }
-    out
 }
 
 /// The 128-bit hash a key is stored under: BLAKE3 (collision-resistant, so keys cannot be forged
 /// to collide, and the same on every instance of a fleet).
 pub fn hash(primary: &[u8]) -> HashBinary {
-    let full = blake3::hash(primary);
+    truncate(blake3::hash(primary))
+}
+
+fn truncate(full: blake3::Hash) -> HashBinary {
     let mut out = [0u8; 16];
     out.copy_from_slice(&full.as_bytes()[..16]);
     out
@@ -365,14 +398,20 @@ fn unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-fn push(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend_from_slice(bytes);
+fn push(out: &mut impl KeySink, bytes: &[u8]) {
+    out.put(&(bytes.len() as u32).to_le_bytes());
+    out.put(bytes);
 }
 
-fn push_lowercase(out: &mut Vec<u8>, bytes: &[u8]) {
-    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-    out.extend(bytes.iter().map(u8::to_ascii_lowercase));
+fn push_lowercase(out: &mut impl KeySink, bytes: &[u8]) {
+    out.put(&(bytes.len() as u32).to_le_bytes());
+    let mut buf = [0u8; 64];
+    for chunk in bytes.chunks(buf.len()) {
+        let lower = &mut buf[..chunk.len()];
+        lower.copy_from_slice(chunk);
+        lower.make_ascii_lowercase();
+        out.put(lower);
+    }
 }
 
 #[cfg(test)]
@@ -447,7 +486,23 @@ match = { path = "/items/:id" }
             },
             namespace: None,
         };
-        primary(m.rule, &input)
+        let bytes = primary(m.rule, &input);
+        // The streamed hash a hit uses is the hash of these bytes, for every key any test builds.
+        assert_eq!(primary_hash(m.rule, &input), hash(&bytes));
+        bytes
+    }
+
+    /// The streamed writer lowercases a host in 64-byte pieces: a long host keys as its
+    /// lowercase spelling does, and both writers agree on it.
+    #[test]
+    fn streamed_hash_equals_the_hash_of_the_bytes_for_long_hosts() {
+        let set = rules();
+        let long = format!("{}.Example.COM", "Sub".repeat(40));
+        let a = key(&set, "GET", &long, "/items/1?x=1", &[]);
+        let b = key(&set, "GET", &long.to_ascii_lowercase(), "/items/1?x=1", &[]);
+        assert_eq!(a, b);
+        let other = key(&set, "GET", "example.com", "/items/1", &[]);
+        assert_ne!(a, other);
     }
 
     /// Issue 13: an isolating rule keys on a keyed hash of the credential: the same credential

@@ -37,6 +37,9 @@ pub struct CacheCtx {
     pub refresh_ahead: bool,
     /// This request is a refresh-ahead's background subrequest, and how it went so far.
     pub ahead: Option<Ahead>,
+    /// The key hash a fresh hit answered from without pingora's cache phases (which then hold
+    /// no key), for the debug line.
+    pub fresh_hit_key: Option<pingora::cache::key::HashBinary>,
 }
 
 /// A refresh-ahead subrequest's progress, for `aisle_refresh_ahead_total` when it ends.

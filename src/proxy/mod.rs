@@ -5,7 +5,7 @@
 //!
 //! | phase                    | job                                                   | decided in |
 //! |--------------------------|-------------------------------------------------------|------------|
-//! | `request_filter`         | check `Host`, normalize host and path; PURGE / webhooks; route; read a keyed body | [`crate::key`], [`crate::control`], [`crate::admission::route`], [`body`] |
+//! | `request_filter`         | check `Host`, normalize host and path; PURGE / webhooks; route; read a keyed body; answer a plain fresh memory hit | [`crate::key`], [`crate::control`], [`crate::admission::route`], [`body`], [`fresh_hit`] |
 //! | `request_cache_filter`   | admit the request to the cache (or not); enable it    | [`crate::admission::admit`] |
 //! | `cache_key_callback`     | build the key                                         | [`crate::admission::cache_key`] |
 //! | `cache_miss`             | take the fleet fill lock; note `vary-miss`            | [`crate::storage::tiered`] |
@@ -28,6 +28,7 @@ pub mod listener;
 mod body;
 mod ctx;
 mod forwarding;
+pub mod fresh_hit;
 mod invalidate;
 pub mod quota;
 mod upstream;
@@ -371,14 +372,47 @@ impl Gateway {
     fn status(&self, session: &Session, ctx: &Ctx) -> (CacheStatus, CacheOutcome) {
         cache_status::decide(&self.observed(session, ctx))
     }
+
+    /// What every answer's head gets (a hit's from either path): `Cache-Status`, with the
+    /// protection windows on; the stored-only stale windows removed.
+    fn finish_header(
+        &self,
+        resp: &mut ResponseHeader,
+        answered: &mut (CacheStatus, CacheOutcome),
+    ) -> Result<()> {
+        if let Some(p) = self.invalidator.protection() {
+            // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
+            answered.0.protection = p.active().label.clone();
+        }
+        resp.insert_header("cache-status", answered.0.to_header_value())?;
+        // Stored only (the entry's own stale windows), never sent.
+        resp.remove_header(policy::STALE_HEADER);
+        Ok(())
+    }
 }
 
 /// Seconds of freshness left (negative once stale).
 fn seconds_left(meta: &CacheMeta) -> i64 {
-    match meta.fresh_until().duration_since(SystemTime::now()) {
+    seconds_until(meta.fresh_until(), SystemTime::now())
+}
+
+/// Seconds from `now` to `fresh_until` (negative once past).
+fn seconds_until(fresh_until: SystemTime, now: SystemTime) -> i64 {
+    match fresh_until.duration_since(now) {
         Ok(d) => d.as_secs() as i64,
         Err(e) => -(e.duration().as_secs() as i64) - 1,
     }
+}
+
+/// Step 4 of admission for this request ([`admission::admit`], then the keyability check), as
+/// both the fresh-hit path and `request_cache_filter` ask it.
+fn admission_of(ctx: &Ctx, req: &RequestHeader) -> Admission {
+    let body = match ctx.body_refused {
+        Some(reason) => Err(reason),
+        None => Ok(()),
+    };
+    admission::admit(ctx.rule(), &req.method, &req.headers, body, ctx.peer.client)
+        .unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)))
 }
 
 /// The host rules match and keys contain: `Host`, which [`normalize_identity`] has checked and
@@ -486,18 +520,15 @@ impl ProxyHttp for Gateway {
             Ok(body) => ctx.body = body.map(Arc::new),
             Err(reason) => ctx.body_refused = Some(reason),
         }
-        Ok(false)
+        Ok(fresh_hit::serve(self, session, ctx).await? == fresh_hit::Served::Yes)
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        let req = session.req_header();
-        let body = match ctx.body_refused {
-            Some(reason) => Err(reason),
-            None => Ok(()),
+        // Decided already when the fresh-hit path looked at the request.
+        let admission = match ctx.admission.take() {
+            Some(admission) => admission,
+            None => admission_of(ctx, session.req_header()),
         };
-        let admission =
-            admission::admit(ctx.rule(), &req.method, &req.headers, body, ctx.peer.client)
-                .unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)));
         let admitted = matches!(admission, Admission::Cache(_));
         ctx.admission = Some(admission);
         if admitted {
@@ -1015,13 +1046,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let mut answered = self.status(session, ctx);
-        if let Some(p) = self.invalidator.protection() {
-            // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
-            answered.0.protection = p.active().label.clone();
-        }
-        resp.insert_header("cache-status", answered.0.to_header_value())?;
-        // Stored only (the entry's own stale windows), never sent.
-        resp.remove_header(policy::STALE_HEADER);
+        self.finish_header(resp, &mut answered)?;
         if ctx.upstream.age > 0 && !resp.headers.contains_key(http::header::AGE) {
             // A miss forwards the origin's Age (RFC 9111 §5.1); answers from storage carry
             // pingora's, which already includes it.
@@ -1120,7 +1145,9 @@ impl ProxyHttp for Gateway {
             let key = session
                 .cache
                 .maybe_cache_key()
-                .map(|k| hex::encode(pingora::cache::key::CacheHashKey::primary_bin(k)));
+                .map(pingora::cache::key::CacheHashKey::primary_bin)
+                .or(ctx.cache.fresh_hit_key)
+                .map(hex::encode);
             tracing::debug!(
                 rule = %rule.name,
                 method = %session.req_header().method,

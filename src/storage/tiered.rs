@@ -93,6 +93,11 @@ impl Tiered {
         }
     }
 
+    /// The memory tier, when it is on (a fresh hit is answered from it directly).
+    pub fn memory_tier(&self) -> Option<&'static MemoryStorage> {
+        self.memory_enabled.then_some(self.memory)
+    }
+
     /// Whether any variant of the URI is stored locally (`vary-miss` reporting).
     pub fn has_uri(&self, uri: u64) -> bool {
         self.memory.has_uri(uri)

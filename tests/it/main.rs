@@ -27,6 +27,7 @@ mod coalescing;
 mod coherence;
 mod credentials;
 mod eviction;
+mod fresh_hit;
 mod hit_ratio;
 mod invalidation;
 mod listener;

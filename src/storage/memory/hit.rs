@@ -4,17 +4,102 @@
 //! count, with range seeks; [`PartialHit`] follows a fill that is still streaming, chunk by
 //! chunk, so a client coalesced behind a streamed answer receives it as it is produced. Neither
 //! carries the entry's facts: those travel in the meta (see [`crate::storage::EntryInfo`]).
+//!
+//! [`Stored`] is the other way a complete entry is read: by the proxy's fresh-hit path, which
+//! answers the plainest hits without pingora's cache phases (`crate::proxy::fresh_hit`). It
+//! reads the entry in place (its times under the meta's read lock, the header cloned only when
+//! it is served) and moves it up the LRU as a hit through pingora's phases does.
 
 use super::fill::{Partial, Progress};
+use super::{clock_ms, id, Entry, MemoryStorage, LRU_INTERVAL_MS};
+use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
+use pingora::cache::eviction::{CacheEntryKey, EvictionManager};
+use pingora::cache::key::HashBinary;
 use pingora::cache::storage::{HandleHit, HitHandler};
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, Storage};
+use pingora::http::ResponseHeader;
 use pingora::Result;
 use std::any::Any;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::SystemTime;
 use tokio::sync::watch;
+
+impl Entry {
+    /// Whether this hit moves the entry up the LRU (and records that it did). Like Varnish's
+    /// `lru_interval`: a hot entry moves at most once a second, instead of taking the LRU
+    /// shard's lock on every hit.
+    pub(super) fn lru_due(&self) -> bool {
+        let now = clock_ms();
+        let due = now.saturating_sub(self.touched.load(Ordering::Relaxed)) >= LRU_INTERVAL_MS;
+        if due {
+            self.touched.store(now, Ordering::Relaxed);
+        }
+        due
+    }
+}
+
+/// A complete entry of the memory tier, read in place by a fresh hit ([`MemoryStorage::complete`]).
+pub struct Stored(Arc<Entry>);
+
+/// The times and shape a hit is judged by.
+pub struct StoredTimes {
+    pub fresh_until: SystemTime,
+    /// When the origin last vouched for the content (what purges are judged against).
+    pub confirmed: SystemTime,
+    /// When the entry's age starts.
+    pub epoch: SystemTime,
+    /// The entry has variants (`Vary`): its lookup needs the request's variance.
+    pub varies: bool,
+}
+
+impl MemoryStorage {
+    /// The complete entry stored under `key` (a key hash without variance), if any; a fill
+    /// still streaming is not complete.
+    pub fn complete(&self, key: HashBinary) -> Option<Stored> {
+        let id = id(key);
+        self.shard(id).read().get(&id).cloned().map(Stored)
+    }
+
+    /// `stored` answered a request: it moves up the LRU when due, as a hit through pingora's
+    /// phases does (`should_count_access`, then the eviction manager's `access`).
+    pub fn count_hit(&self, stored: &Stored, fresh_until: SystemTime) {
+        let entry = &stored.0;
+        if entry.lru_due() {
+            let key = CacheEntryKey::key_only(entry.compact.clone());
+            self.eviction.access(&key, entry.weight, fresh_until);
+        }
+    }
+}
+
+impl Stored {
+    pub fn times(&self) -> StoredTimes {
+        let meta = self.0.meta.read();
+        StoredTimes {
+            fresh_until: meta.fresh_until,
+            confirmed: meta.confirmed,
+            epoch: meta.epoch,
+            varies: meta.variance.is_some() || meta.header.headers.contains_key(http::header::VARY),
+        }
+    }
+
+    pub fn info(&self) -> &EntryInfo {
+        &self.0.info
+    }
+
+    /// A copy of the stored response header, to send.
+    pub fn header(&self) -> ResponseHeader {
+        self.0.meta.read().header.clone()
+    }
+
+    /// The body (a reference count, not a copy).
+    pub fn body(&self) -> Bytes {
+        self.0.body.clone()
+    }
+}
 
 /// Reads one body held in memory: hands out the `Bytes` (a reference count, not a copy).
 pub struct BodyHit {

@@ -17,7 +17,7 @@ mod fill;
 mod hit;
 mod priority;
 
-pub use hit::{BodyHit, PartialHit};
+pub use hit::{BodyHit, PartialHit, Stored, StoredTimes};
 pub use priority::PriorityEviction;
 
 use super::EntryInfo;
@@ -410,15 +410,8 @@ impl Storage for MemoryStorage {
         };
         let meta = entry.meta.read().to_meta(&entry.info);
         let body = entry.body.clone();
-        // Like Varnish's lru_interval: a hot entry moves up the LRU at most once a second,
-        // instead of taking the LRU shard's lock on every hit.
-        let now = clock_ms();
-        let count = now.saturating_sub(entry.touched.load(Ordering::Relaxed)) >= LRU_INTERVAL_MS;
-        if count {
-            entry.touched.store(now, Ordering::Relaxed);
-        }
         let mut hit = BodyHit::new(body, entry.weight);
-        hit.count_access = count;
+        hit.count_access = entry.lru_due();
         Ok(Some((meta, Box::new(hit))))
     }
 

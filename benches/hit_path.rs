@@ -1,0 +1,293 @@
+//! What a fresh memory hit costs Aisle, in allocations and time (issue 16).
+//!
+//! `cargo bench --bench hit_path` runs the decisions the fresh-hit path makes for one request
+//! (`aisle::proxy::fresh_hit`: route, admission, eligibility, the key's hash, the memory
+//! lookup, freshness, purge epochs, refresh-ahead) against a memory tier holding the entry,
+//! under a global allocator that counts allocations on the calling thread. It prints, per
+//! case, the allocations of those decisions (target: 0) and of the answer's head handed to
+//! pingora (the stored header copied, `Age` and `Cache-Status` added: pingora's write takes
+//! the head by value), and the time per decision.
+//!
+//! Cases: the default route and the plain rule of `benches/compare-rules/` (what `compare.sh`
+//! requests; their decisions must allocate nothing), and a realistic rule (path parameter,
+//! three normalized query fields, tags) as in `benches/compare-rules-on/`, whose normalizers
+//! build the values they key on; each with no purge epochs and with unrelated purges recorded
+//! (the epoch check then runs).
+//!
+//! Run by `cargo test --benches` it checks the counts only (a few iterations): an allocation
+//! added to the decisions fails it.
+
+use aisle::admission::{self, Admission, KeyParts};
+use aisle::proxy::cache_status::{self, Lookup, Observed, Phase};
+use aisle::proxy::fresh_hit;
+use aisle::rules::{compile, Context, RuleSet};
+use aisle::storage::epochs::Epochs;
+use aisle::storage::memory::{MemoryStorage, PriorityEviction};
+use aisle::storage::EntryInfo;
+use aisle::trust::Client;
+use bytes::Bytes;
+use pingora::cache::CacheMeta;
+use pingora::http::{RequestHeader, ResponseHeader};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// Counts allocations made on the current thread (the thread-local is const-initialised, so
+/// reading it never allocates).
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|c| c.set(c.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(|c| c.get())
+}
+
+/// The rule of `benches/compare-rules/`: path and one query field, as they are.
+const PLAIN: &str = r#"
+[[rule]]
+name = "bench"
+match = { method = "GET", path = "/bench/*" }
+vary = ["query.v"]
+"#;
+
+/// The realistic rule of `benches/compare-rules-on/` (path parameter, three normalized query
+/// fields, tags).
+const RULES: &str = r#"
+[tables.market]
+map = { "new york" = "nyc", brooklyn = "nyc", manhattan = "nyc" }
+fallback = "state"
+
+[[rule]]
+name = "vendor-search"
+match = { method = "GET", path = "/bench/:size/:id" }
+vary = ["path.id", "query.location", "query.type", "query.budget"]
+normalize = { "query.location" = ["trim", "market"], "query.type" = "lowercase", "query.budget" = "bucket:1000" }
+tags = ["vendor:{path.id}", "size:{path.size}"]
+"#;
+
+fn rules(text: &str) -> RuleSet {
+    let ups = vec!["origin".to_string()];
+    let ctx = Context {
+        upstreams: &ups,
+        default_upstream: Some(0),
+        encryption: false,
+        upstream_credentials: &[],
+        key_secret: None,
+    };
+    compile(&[(Path::new("bench.toml"), text)], &ctx).expect("bench rules compile")
+}
+
+fn request(target: &str) -> RequestHeader {
+    let mut req = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+    req.insert_header("host", "127.0.0.1").unwrap();
+    req.insert_header("user-agent", "wrk").unwrap();
+    req
+}
+
+/// The stored answer: the headers a typical API answer has, a 1 KiB body.
+fn stored_answer() -> (ResponseHeader, Bytes) {
+    let mut h = ResponseHeader::build(200, None).unwrap();
+    for (k, v) in [
+        ("content-type", "application/json"),
+        ("content-length", "1024"),
+        ("cache-control", "public, max-age=3600"),
+        ("date", "Sat, 05 Dec 2026 12:00:00 GMT"),
+        ("etag", "\"5f2a-1024\""),
+        ("last-modified", "Sat, 05 Dec 2026 11:00:00 GMT"),
+    ] {
+        h.insert_header(k, v).unwrap();
+    }
+    (h, Bytes::from(vec![b'a'; 1024]))
+}
+
+struct Case {
+    name: &'static str,
+    rules: RuleSet,
+    req: RequestHeader,
+    /// Whether the decisions must allocate nothing: keys read as they are. Normalizers
+    /// (decoding, trimming, tables, buckets) build the normalized values they key on.
+    allocation_free: bool,
+}
+
+struct Figures {
+    decide_allocs: f64,
+    head_allocs: f64,
+    ns: f64,
+}
+
+/// Stores the case's entry, then runs the fresh-hit decisions `n` times.
+fn run(case: &Case, epochs: &Epochs, n: u32) -> Figures {
+    let eviction: &'static PriorityEviction =
+        Box::leak(Box::new(PriorityEviction::with_capacity(64 << 20, 1024)));
+    let memory = MemoryStorage::new(eviction);
+    let req = &case.req;
+    let host = "127.0.0.1";
+    let path = req.uri.path();
+    let parts = KeyParts {
+        method: &req.method,
+        host,
+        path,
+        query: req.uri.query(),
+        headers: &req.headers,
+        body: None,
+    };
+    let route = admission::route(&case.rules, &req.method, host, path).expect("a route");
+    let admitted = admission::admit(
+        &route.rule,
+        &req.method,
+        &req.headers,
+        Ok(()),
+        Client::default(),
+    )
+    .unless_unkeyable(&route.rule, &parts.view(&route.params));
+    let Admission::Cache(terms) = &admitted else {
+        panic!("{}: not admitted: {admitted:?}", case.name);
+    };
+    let (header, body) = stored_answer();
+    let now = SystemTime::now();
+    let meta = CacheMeta::new(now + Duration::from_secs(3600), now, 0, 0, header);
+    let key = admission::cache_key(&route, terms, &parts);
+    let info = EntryInfo {
+        uri: route.uri,
+        host_path: aisle::key::host_path(host, path).into_boxed_str(),
+        tags: Arc::from(vec!["vendor:k17".into(), "size:1k".into()]),
+        rule: Arc::from(&*route.rule.name),
+        ..EntryInfo::default()
+    };
+    memory.promote(&key, &meta, body, Arc::new(info));
+
+    let decide = || {
+        let route = admission::route(&case.rules, &req.method, host, path).unwrap();
+        let admitted = admission::admit(
+            &route.rule,
+            &req.method,
+            &req.headers,
+            Ok(()),
+            Client::default(),
+        )
+        .unless_unkeyable(&route.rule, &parts.view(&route.params));
+        let (terms, head) = fresh_hit::eligible(req, &route.rule, &admitted).expect("eligible");
+        fresh_hit::find(
+            &memory,
+            epochs,
+            &route,
+            terms,
+            &parts,
+            head,
+            SystemTime::now(),
+        )
+    };
+    // Once outside the count: lazily initialised statics (metrics, tables) are not per hit.
+    let hit = decide().expect("a fresh hit");
+    drop(hit);
+
+    let before = allocations();
+    let start = Instant::now();
+    let mut last = None;
+    for _ in 0..n {
+        last = black_box(decide());
+    }
+    let ns = start.elapsed().as_nanos() as f64 / f64::from(n);
+    let decide_allocs = (allocations() - before) as f64 / f64::from(n);
+    let hit = last.expect("a fresh hit");
+
+    let before = allocations();
+    for _ in 0..n {
+        let (status, _) = cache_status::decide(&Observed {
+            phase: Some(Phase::Hit),
+            lookup: Lookup::Fresh,
+            ttl: Some(hit.ttl),
+            ..Observed::default()
+        });
+        let mut resp = hit.stored.header();
+        resp.insert_header(http::header::AGE, hit.age).unwrap();
+        resp.insert_header("cache-status", status.to_header_value())
+            .unwrap();
+        black_box(Box::new(resp));
+    }
+    let head_allocs = (allocations() - before) as f64 / f64::from(n);
+    Figures {
+        decide_allocs,
+        head_allocs,
+        ns,
+    }
+}
+
+fn main() {
+    let full = std::env::args().any(|a| a == "--bench");
+    let n = if full { 1_000_000 } else { 100 };
+    let cases = [
+        Case {
+            name: "default route",
+            rules: rules(""),
+            req: request("/bench/1k/k17?v=1"),
+            allocation_free: true,
+        },
+        Case {
+            name: "plain rule",
+            rules: rules(PLAIN),
+            req: request("/bench/1k/k17?v=1"),
+            allocation_free: true,
+        },
+        Case {
+            name: "rules on",
+            allocation_free: false,
+            rules: rules(RULES),
+            req: request(
+                "/bench/1k/k17?location=%20Brooklyn&type=Photographer&budget=5400&utm_source=mail",
+            ),
+        },
+    ];
+    let purged = Epochs::default();
+    let past = aisle::storage::epochs::Epoch {
+        at_ms: aisle::clock::now_ms() - 60_000,
+        soft: false,
+    };
+    purged.purge_tag("vendor:other", past);
+    purged.purge_prefix("example.com/other/", past);
+    println!("fresh memory hit, per request ({n} iterations):");
+    println!(
+        "{:<16} {:<14} {:>16} {:>18} {:>12}",
+        "case", "epochs", "decision allocs", "head allocs", "decision ns"
+    );
+    let mut worst = 0.0f64;
+    for case in &cases {
+        for (label, epochs) in [("none", &Epochs::default()), ("unrelated", &purged)] {
+            let f = run(case, epochs, n);
+            println!(
+                "{:<16} {:<14} {:>16.2} {:>18.2} {:>12.0}",
+                case.name, label, f.decide_allocs, f.head_allocs, f.ns
+            );
+            if case.allocation_free {
+                worst = worst.max(f.decide_allocs);
+            }
+        }
+    }
+    assert!(
+        worst == 0.0,
+        "the fresh-hit decisions allocated ({worst} per request) on a route that keys values as \
+         they are: see the table above"
+    );
+}

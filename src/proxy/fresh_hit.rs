@@ -1,0 +1,192 @@
+//! Fresh memory hits, answered in `request_filter` without pingora's cache phases.
+//!
+//! A hit through pingora's phases rebuilds a `CacheMeta` from the entry (header clone, boxed
+//! meta, extensions), boxes a hit handler, builds the `CacheKey` and its compact copy, and
+//! clones the header again to send it: most of what a hit cost beyond writing the answer
+//! (issue 16, profile in README "Performance"). The plainest and commonest hit is answered
+//! here instead: a GET or HEAD, admitted with no request cache directive, no `Range` and no
+//! conditional, whose entry is complete in the memory tier, fresh, without variants, not
+//! purged and not due for a refresh-ahead.
+//!
+//! Every other case returns [`Served::No`] having changed nothing but the admission it
+//! computed (kept in [`Ctx`] for `request_cache_filter`), and the cache phases answer as
+//! before. So the decisions stay where they are: admission, the key, purge epochs, the
+//! refresh-ahead point and `Cache-Status` are the same functions the phases call; this module
+//! only chooses which requests may skip them. Tests compare both paths answer for answer.
+
+use super::cache_status::{self, Lookup, Observed, Phase};
+use super::{host_of, Ctx, Gateway};
+use crate::admission::{self, Admission, KeyParts, Route, Terms};
+use crate::metrics::metrics;
+use crate::policy;
+use crate::rules::Rule;
+use crate::storage::epochs::{Epochs, Verdict};
+use crate::storage::memory::{MemoryStorage, Stored, StoredTimes};
+use http::header;
+use pingora::cache::key::HashBinary;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use pingora::Result;
+use std::time::SystemTime;
+
+/// Request fields that make a hit more than "send the stored answer": pingora's hit phases
+/// handle them (`Range` and `If-Range`: a part; the conditionals: a 304 or 412).
+const DEFERRED: [header::HeaderName; 6] = [
+    header::RANGE,
+    header::IF_RANGE,
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+];
+
+/// The multipart limit of pingora's default `ProxyHttp::range_header_filter` (Aisle keeps the
+/// default), passed to the same function here.
+const PINGORA_MAX_RANGES: Option<usize> = Some(200);
+
+/// Whether the request was answered here.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Served {
+    Yes,
+    No,
+}
+
+/// A fresh hit found: the entry and what its answer says of it.
+pub struct Hit {
+    /// The key hash it was found under.
+    pub key: HashBinary,
+    pub stored: Stored,
+    pub times: StoredTimes,
+    /// Seconds of freshness left (`Cache-Status` `ttl`).
+    pub ttl: i64,
+    /// The entry's age in seconds (`Age`).
+    pub age: u64,
+}
+
+/// The request's terms if it is a plain request this path may answer (a GET or HEAD, admitted
+/// with no cache directive, no `Authorization` left to judge, no `Range` and no conditional,
+/// on a rule that does not key on the body), with whether it is a HEAD.
+pub fn eligible<'a>(
+    req: &RequestHeader,
+    rule: &Rule,
+    admission: &'a Admission,
+) -> Option<(&'a Terms, bool)> {
+    let head = match req.method {
+        http::Method::GET => false,
+        http::Method::HEAD => true,
+        _ => return None,
+    };
+    if rule.needs_body || DEFERRED.iter().any(|h| req.headers.contains_key(h)) {
+        return None;
+    }
+    let Admission::Cache(terms) = admission else {
+        return None;
+    };
+    if terms.directives.any() || terms.directives.authorization {
+        return None;
+    }
+    Some((terms, head))
+}
+
+/// The fresh entry an eligible request is answered from, if the memory tier holds one that is
+/// complete, fresh at `now`, without variants, not purged ([`Epochs::judge`]) and, for a GET,
+/// not past its rule's refresh-ahead point ([`policy::refresh_due`]: the phases start that
+/// refresh). Allocates nothing (`benches/hit_path.rs` counts).
+pub fn find(
+    memory: &MemoryStorage,
+    epochs: &Epochs,
+    route: &Route,
+    terms: &Terms,
+    parts: &KeyParts<'_>,
+    head: bool,
+    now: SystemTime,
+) -> Option<Hit> {
+    let key = admission::key_hash(route, terms, parts);
+    let stored = memory.complete(key)?;
+    let times = stored.times();
+    if times.varies || now >= times.fresh_until {
+        return None;
+    }
+    let info = stored.info();
+    if !epochs.is_empty() {
+        let tags = info.tags.iter().map(|t| &**t);
+        if epochs.judge(times.confirmed, tags, &info.host_path, info.uri) != Verdict::Valid {
+            return None;
+        }
+    }
+    if let (Some(ahead), false) = (route.rule.refresh_ahead, head) {
+        let created = policy::unix_ms(times.confirmed);
+        let until = policy::unix_ms(times.fresh_until);
+        if policy::refresh_due(created, until, policy::unix_ms(now), ahead) {
+            return None;
+        }
+    }
+    Some(Hit {
+        ttl: super::seconds_until(times.fresh_until, now),
+        // As pingora's hit header: the entry's age (RFC 9111 §4).
+        age: now
+            .duration_since(times.epoch)
+            .unwrap_or_default()
+            .as_secs(),
+        key,
+        stored,
+        times,
+    })
+}
+
+/// Answers the request from a fresh memory entry if it is the plain case (see the module
+/// comment); otherwise leaves it to the cache phases, with the admission it computed kept.
+pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) -> Result<Served> {
+    let Some(memory) = gw.cache.storage.memory_tier() else {
+        return Ok(Served::No);
+    };
+    if session.subrequest_ctx.is_some() || ctx.warm == crate::warm::Mark::Refresh {
+        return Ok(Served::No);
+    }
+    let req = session.req_header();
+    let admission = super::admission_of(ctx, req);
+    let found = eligible(req, ctx.rule(), &admission).and_then(|(terms, head)| {
+        let parts = ctx.key_parts(req, host_of(req));
+        let epochs = &gw.invalidator.epochs;
+        let hit = find(
+            memory,
+            epochs,
+            ctx.route(),
+            terms,
+            &parts,
+            head,
+            SystemTime::now(),
+        );
+        hit.map(|hit| (hit, head))
+    });
+    ctx.admission = Some(admission);
+    let Some((hit, head)) = found else {
+        return Ok(Served::No);
+    };
+    let mut answered = cache_status::decide(&Observed {
+        phase: Some(Phase::Hit),
+        lookup: Lookup::Fresh,
+        ttl: Some(hit.ttl),
+        ..Observed::default()
+    });
+    let mut resp = hit.stored.header();
+    resp.insert_header(header::AGE, hit.age)?;
+    resp.set_version(http::Version::HTTP_11);
+    // As the phases' default `range_header_filter`: with no `Range`, it only advertises
+    // `Accept-Ranges` on a 200 of known length.
+    pingora::proxy::range_header_filter(session.req_header(), &mut resp, PINGORA_MAX_RANGES);
+    gw.finish_header(&mut resp, &mut answered)?;
+    ctx.cache.lookup = Lookup::Fresh;
+    ctx.cache.fresh_hit_key = Some(hit.key);
+    ctx.cache.hit_tokens = hit.stored.info().tokens;
+    ctx.answered = Some(answered);
+    metrics().tier_hits_memory.inc();
+    memory.count_hit(&hit.stored, hit.times.fresh_until);
+    session.write_response_header(Box::new(resp), head).await?;
+    if !head {
+        session
+            .write_response_body(Some(hit.stored.body()), true)
+            .await?;
+    }
+    Ok(Served::Yes)
+}

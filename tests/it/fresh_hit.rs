@@ -1,0 +1,138 @@
+//! The fresh-hit path (`src/proxy/fresh_hit.rs`) answers plain fresh memory hits without
+//! pingora's cache phases: it must answer exactly what those phases answer, count what they
+//! count, and leave every other request (ranges, conditionals, request directives, HEAD's
+//! and GET's differences, purged entries) to them.
+
+use crate::harness::*;
+
+/// An origin whose answers carry the fields a typical API answer has, cacheable for 10 min.
+fn origin() -> Origin {
+    Origin::start(|req| {
+        OriginResponse::ok(format!("{} #{} {}", req.path, req.count, "x".repeat(900)))
+            .header(
+                "cache-control",
+                "public, max-age=600, stale-while-revalidate=30",
+            )
+            .header("content-type", "application/json")
+            .header("etag", "\"v1\"")
+            .header("last-modified", "Sat, 05 Dec 2026 11:00:00 GMT")
+            .header("x-vendor", "venues")
+    })
+}
+
+/// The answer's fields, without `Age` and `Cache-Status`'s `ttl` (which move with the clock):
+/// name and value, in the order sent.
+fn fields(r: &Resp) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k.as_str() != "age")
+        .map(|(k, v)| {
+            let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+            let v = if k.as_str() == "cache-status" {
+                v.split("; ")
+                    .filter(|p| !p.starts_with("ttl="))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            } else {
+                v
+            };
+            (k.as_str().to_string(), v)
+        })
+        .collect()
+}
+
+fn assert_close(a: Option<u64>, b: Option<u64>, what: &str) {
+    let (a, b) = (a.expect(what), b.expect(what));
+    assert!(a.abs_diff(b) <= 1, "{what}: {a} vs {b}");
+}
+
+/// A plain GET hit (the fresh-hit path) and the same hit taken through pingora's phases (a
+/// conditional that does not match sends it there, and is answered in full) are the same
+/// answer: status, every field in order, body; `Age` and `ttl` within the second they are
+/// read in. HEAD gets the same fields and no body. Both count as memory hits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fresh_hit_answers_as_the_cache_phases_do() {
+    let origin = origin();
+    let gw = Gateway::start(&config_for(&origin.url()), &[]).await;
+    let miss = gw.get("/v1/venues/7?city=paris").await;
+    assert_stored_miss(&miss, "first GET");
+    let before = gw
+        .metric("aisle_tier_hits_total", &[("tier", "memory")])
+        .await
+        .unwrap_or(0.0);
+
+    let fast = gw.get("/v1/venues/7?city=paris").await;
+    let phases = gw
+        .get_with("/v1/venues/7?city=paris", &[("if-none-match", "\"other\"")])
+        .await;
+    let head = gw.request("HEAD", "/v1/venues/7?city=paris", &[]).await;
+    assert_hit(&fast, "plain GET");
+    assert_hit(&phases, "GET with a conditional that does not match");
+    assert_eq!(fast.status, phases.status);
+    assert_eq!(fast.body, miss.body, "the stored body");
+    assert_eq!(fast.body, phases.body);
+    assert_eq!(
+        fields(&fast),
+        fields(&phases),
+        "the same fields, in the same order"
+    );
+    assert_close(fast.age(), phases.age(), "Age");
+    assert!(fast.ttl().unwrap().abs_diff(phases.ttl().unwrap()) <= 1);
+    assert!(
+        fast.header("aisle-stale").is_none(),
+        "stored-only field sent"
+    );
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty(), "HEAD answered with a body");
+    assert_eq!(fields(&head), fields(&fast), "HEAD's fields");
+    assert_eq!(origin.count("/v1/venues/7"), 1);
+
+    let after = gw
+        .wait_metric(
+            "aisle_tier_hits_total",
+            &[("tier", "memory")],
+            "counts the three hits",
+            |v| v >= before + 3.0,
+        )
+        .await;
+    assert_eq!(after, before + 3.0);
+}
+
+/// What the fresh-hit path leaves to the phases still gets their answer: a range, a matching
+/// conditional, a request's own `no-cache`, a purged entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_phases_still_answer_ranges_conditionals_directives_and_purges() {
+    let origin = origin();
+    let config = config_for(&origin.url()) + "\n[admin]\npurge_allow = [\"127.0.0.1/32\"]\n";
+    let gw = Gateway::start(&config, &[]).await;
+    let path = "/v1/venues/8";
+    assert_stored_miss(&gw.get(path).await, "first GET");
+    assert_hit(&gw.get(path).await, "plain GET");
+
+    let part = gw.get_with(path, &[("range", "bytes=0-3")]).await;
+    assert_eq!(part.status, 206, "a range of a stored answer");
+    assert_eq!(&part.body[..], b"/v1/");
+
+    let not_modified = gw.get_with(path, &[("if-none-match", "\"v1\"")]).await;
+    assert_eq!(not_modified.status, 304, "a matching conditional");
+    assert!(not_modified.body.is_empty());
+    assert_eq!(origin.count(path), 1);
+
+    let refused = gw.get_with(path, &[("cache-control", "no-cache")]).await;
+    assert!(
+        !refused.is_hit(),
+        "no-cache answered from the cache: {:?}",
+        refused.cache_status()
+    );
+    assert_eq!(origin.count(path), 2, "no-cache goes to the origin");
+
+    let purge = gw.request("PURGE", path, &[]).await;
+    assert_eq!(purge.status, 200, "PURGE: {}", purge.text());
+    let after = gw.get(path).await;
+    assert!(
+        !after.is_hit(),
+        "a purged entry served: {:?}",
+        after.cache_status()
+    );
+    assert_eq!(origin.count(path), 3);
+}
