@@ -18,6 +18,7 @@ const LAYERS: &[&[&str]] = &[
         "usage",
         "statedir",
         "api_error",
+        "prehashed",
     ],
     &["rules"],
     &["config", "trust"],
