@@ -8,8 +8,9 @@
 //! into one buffer of exactly their total length (every value a slice of it: one allocation, not
 //! one per field), names are rebuilt (standard names are static, custom ones own their bytes),
 //! and the body is copied into an exactly sized buffer. The header is kept as a [`StoredHeader`]
-//! (names and value ends), not a `HeaderMap`, whose slots cost several times the fields' bytes. This costs one copy per fill, never one
-//! per hit: a hit still hands out reference counts.
+//! (a shared list of names, and value ends), not a `HeaderMap`, whose slots cost several times
+//! the fields' bytes. This costs one copy per fill, never one per hit: a hit still hands out
+//! reference counts.
 //!
 //! [`header_weight`] and [`body_weight`] charge what the kept parts really hold on the heap,
 //! including the map's spare capacity and the allocator's size classes (mimalloc rounds a request
@@ -17,12 +18,18 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
 use pingora::http::ResponseHeader;
+use std::collections::HashSet;
 use std::mem::size_of;
+use std::sync::Arc;
 
 /// Bytes of the reference count block a `Bytes` allocates when a stored buffer is first
 /// shared (a hit's clone, a header value's slice).
 const SHARED: usize = 32;
+/// An `Arc`'s two reference counts.
+const ARC_COUNTS: usize = 2 * size_of::<usize>();
 
 /// What the allocator really reserves for a request of `n` bytes: sizes round up to one of four
 /// classes per power of two (mimalloc's bins; glibc's are finer), at least 8 bytes.
@@ -67,29 +74,55 @@ pub(super) fn body_weight(len: usize) -> usize {
     }
 }
 
-/// One field of a [`StoredHeader`]: its name (standard names are static, custom ones own their
-/// bytes) and where its value ends in the header's value buffer.
-#[derive(Clone)]
-struct Field {
-    name: HeaderName,
-    end: u32,
-    sensitive: bool,
+/// The high bit of a value end: the value is sensitive (never logged, not HPACK-indexed).
+const SENSITIVE: u32 = 1 << 31;
+
+/// Most answers of an origin carry the same fields in the same order, so an entry's field names
+/// are one shared list ([`interned`]). The table keeps at most this many lists, each of at
+/// most [`MAX_SHARED_NAMES`] bytes, so it is bounded (a few MiB at worst) whatever origins
+/// send; a list beyond either bound is the entry's own and charged to it.
+const MAX_NAME_LISTS: usize = 4096;
+const MAX_SHARED_NAMES: usize = 1024;
+
+static NAME_LISTS: Lazy<Mutex<HashSet<Arc<[HeaderName]>>>> = Lazy::new(Mutex::default);
+
+/// The shared copy of a list of names, if the table has (or can take) it.
+fn interned(names: &[HeaderName]) -> Option<Arc<[HeaderName]>> {
+    let bytes: usize = names.iter().map(|n| n.as_str().len()).sum();
+    if bytes > MAX_SHARED_NAMES {
+        return None;
+    }
+    let mut lists = NAME_LISTS.lock();
+    if let Some(list) = lists.get(names) {
+        return Some(list.clone());
+    }
+    if lists.len() >= MAX_NAME_LISTS {
+        return None;
+    }
+    let list: Arc<[HeaderName]> = names.into();
+    lists.insert(list.clone());
+    Some(list)
 }
 
 /// A response header as an entry keeps it: status, version, reason phrase, and the fields in
-/// order (repeated fields kept) as names and the ends of their values in one exactly sized
-/// buffer. Not a `HeaderMap`: a map keeps a 104-byte slot per field for a power-of-two capacity
-/// (12 slots for 7 fields) and an index, about 1.4 KB for a typical API answer whose fields are
-/// 200 bytes; this form keeps 40 bytes a field (issue 16: per-entry overhead at 1M entries).
-/// A hit builds the `ResponseHeader` pingora writes from it ([`StoredHeader::to_response_header`]):
-/// the same two allocations a `HeaderMap` clone makes, values shared by reference count.
+/// order (repeated fields kept) as a list of names (shared between entries with the same
+/// fields) and the ends of their values in one exactly sized buffer. Not a `HeaderMap`: a map
+/// keeps a 104-byte slot per field for a power-of-two capacity (12 slots for 7 fields) and an
+/// index, about 1.4 KB for a typical API answer whose fields are 200 bytes; this form keeps 4
+/// bytes a field (issue 16: per-entry overhead at 1M entries). A hit builds the
+/// `ResponseHeader` pingora writes from it ([`StoredHeader::to_response_header`]): the same two
+/// allocations a `HeaderMap` clone makes, names and values shared by reference count.
 #[derive(Clone)]
 pub(super) struct StoredHeader {
     status: http::StatusCode,
     version: http::Version,
+    /// Whether `names` is the shared table's (else the entry's own, and charged to it).
+    shared_names: bool,
     reason: Option<Box<str>>,
     values: Bytes,
-    fields: Box<[Field]>,
+    names: Arc<[HeaderName]>,
+    /// Per field, where its value ends in `values`, with [`SENSITIVE`].
+    ends: Box<[u32]>,
 }
 
 impl StoredHeader {
@@ -98,42 +131,51 @@ impl StoredHeader {
     pub(super) fn new(h: &ResponseHeader) -> StoredHeader {
         let total: usize = h.headers.values().map(HeaderValue::len).sum();
         let mut buf = Vec::with_capacity(total);
-        let mut fields = Vec::with_capacity(h.headers.len());
+        let mut names = Vec::with_capacity(h.headers.len());
+        let mut ends = Vec::with_capacity(h.headers.len());
         for (name, value) in h.headers.iter() {
             buf.extend_from_slice(value.as_bytes());
             // A stored name owns its bytes (a custom name parsed by pingora is a slice too).
-            let name =
-                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-            fields.push(Field {
-                name,
-                // Header blocks are bounded far below 4 GiB by pingora's parser.
-                end: u32::try_from(buf.len()).unwrap_or(u32::MAX),
-                sensitive: value.is_sensitive(),
+            names.push(
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone()),
+            );
+            // Header blocks are bounded far below 2 GiB by pingora's parser.
+            let end = u32::try_from(buf.len()).unwrap_or(u32::MAX) & !SENSITIVE;
+            ends.push(if value.is_sensitive() {
+                end | SENSITIVE
+            } else {
+                end
             });
         }
+        let (names, shared_names) = match interned(&names) {
+            Some(list) => (list, true),
+            None => (names.into(), false),
+        };
         StoredHeader {
             status: h.status,
             version: h.version,
+            shared_names,
             // Only a phrase other than the status's canonical one is stored.
             reason: h.get_reason_phrase().map(Box::from),
             values: Bytes::from(buf),
-            fields: fields.into_boxed_slice(),
+            names,
+            ends: ends.into_boxed_slice(),
         }
     }
 
     /// The header pingora writes: fields in their stored order, values slices of the one buffer.
     pub(super) fn to_response_header(&self) -> ResponseHeader {
-        let mut headers = HeaderMap::with_capacity(self.fields.len());
+        let mut headers = HeaderMap::with_capacity(self.ends.len());
         let mut at = 0;
-        for f in self.fields.iter() {
-            let end = f.end as usize;
+        for (name, end) in self.names.iter().zip(self.ends.iter()) {
+            let stop = (end & !SENSITIVE) as usize;
             // SAFETY: the bytes are those of a `HeaderValue` (checked when it was made),
             // copied unchanged in `new`; `from_maybe_shared_unchecked` only skips the check.
             let mut value =
-                unsafe { HeaderValue::from_maybe_shared_unchecked(self.values.slice(at..end)) };
-            value.set_sensitive(f.sensitive);
-            headers.append(f.name.clone(), value);
-            at = end;
+                unsafe { HeaderValue::from_maybe_shared_unchecked(self.values.slice(at..stop)) };
+            value.set_sensitive(end & SENSITIVE != 0);
+            headers.append(name.clone(), value);
+            at = stop;
         }
         let mut parts = http::Response::new(()).into_parts().0;
         parts.status = self.status;
@@ -146,7 +188,7 @@ impl StoredHeader {
 
     /// Whether a field of this name is stored.
     pub(super) fn contains(&self, name: &HeaderName) -> bool {
-        self.fields.iter().any(|f| f.name == *name)
+        self.names.iter().any(|n| n == name)
     }
 
     pub(super) fn status(&self) -> u16 {
@@ -159,24 +201,29 @@ impl StoredHeader {
     }
 }
 
-/// Heap bytes a stored header holds, each allocation with the allocator's rounding: the field
-/// list, the value buffer (and the reference count block its first slice makes), custom names
-/// (and theirs) and the reason phrase.
+/// Heap bytes a stored header holds, each allocation with the allocator's rounding: the value
+/// ends, the value buffer (and the reference count block its first slice makes), the reason
+/// phrase, and the names when they are the entry's own (the list, custom names and theirs).
 pub(super) fn header_weight(h: &StoredHeader) -> usize {
-    let fields = alloc_size(h.fields.len() * size_of::<Field>());
+    let ends = alloc_size(h.ends.len() * size_of::<u32>());
     let values = if h.values.is_empty() {
         0
     } else {
         alloc_size(h.values.len()) + SHARED
     };
-    let names: usize = h
-        .fields
-        .iter()
-        .filter(|f| !is_standard(&f.name))
-        .map(|f| alloc_size(f.name.as_str().len()) + SHARED)
-        .sum();
+    let names = if h.shared_names {
+        0
+    } else {
+        ARC_COUNTS
+            + alloc_size(h.names.len() * size_of::<HeaderName>())
+            + h.names
+                .iter()
+                .filter(|n| !is_standard(n))
+                .map(|n| alloc_size(n.as_str().len()) + SHARED)
+                .sum::<usize>()
+    };
     let reason = h.reason.as_ref().map_or(0, |r| alloc_size(r.len()));
-    fields + values + names + reason
+    ends + values + names + reason
 }
 
 /// Whether a name is one of `http`'s static standard names (no heap bytes of its own).
@@ -274,7 +321,19 @@ mod tests {
             total,
             "the values fill one buffer of exactly their length"
         );
-        assert!(header_weight(&stored) >= total + c.headers.len() * size_of::<HeaderName>());
+        assert!(header_weight(&stored) >= total + c.headers.len() * size_of::<u32>());
+        // The same field names share one list; a list too large to share is the entry's own
+        // and charged to it, custom names and all.
+        let again = StoredHeader::new(&h);
+        assert!(stored.shared_names && Arc::ptr_eq(&stored.names, &again.names));
+        let mut big = ResponseHeader::build(200, None).unwrap();
+        for i in 0..40 {
+            big.append_header(format!("x-custom-field-with-a-long-name-{i:02}"), "v")
+                .unwrap();
+        }
+        let own = StoredHeader::new(&big);
+        assert!(!own.shared_names);
+        assert!(header_weight(&own) >= 40 * (size_of::<HeaderName>() + 32));
         assert!(
             !is_standard(&HeaderName::from_static("x-request-id"))
                 && is_standard(&http::header::CONTENT_TYPE)

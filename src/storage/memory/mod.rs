@@ -789,10 +789,11 @@ mod tests {
             );
         }
         // What the entry holds, from the parts themselves: the body, the header values'
-        // buffer, a name and a value end per field, the facts, the key, and the entry struct.
+        // buffer, a value end per field (the names are a list shared by entries with the same
+        // fields), the facts, the key, and the entry struct.
         let held = entry.body.len()
             + meta.header.values().len()
-            + header.headers.len() * (size_of::<http::HeaderName>() + size_of::<u32>())
+            + header.headers.len() * size_of::<u32>()
             + entry.info.host_path.len()
             + entry.info.tags.iter().map(|t| t.len()).sum::<usize>()
             + entry.info.rule.len()
