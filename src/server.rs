@@ -44,10 +44,7 @@ fn cache_parts(
     epochs: Arc<Epochs>,
 ) -> (CacheParts, &'static MemoryStorage) {
     let budget = config.cache.memory as usize;
-    // Capacity hint: entries expected at ~4 KiB each, bounded so tiny test budgets stay tiny.
-    let capacity = (budget / 4096).clamp(64, 1 << 20);
-    let eviction: &'static Eviction =
-        Box::leak(Box::new(Eviction::with_capacity(budget, capacity)));
+    let eviction: &'static Eviction = Box::leak(Box::new(Eviction::for_budget(budget)));
     let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
     let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
         memory,

@@ -7,8 +7,10 @@
 //! (issue 10 item 3). So an entry is rebuilt when it is stored: the header's values are copied
 //! into one buffer of exactly their total length (every value a slice of it: one allocation, not
 //! one per field), names are rebuilt (standard names are static, custom ones own their bytes),
-//! and the body is copied into an exactly sized buffer. This costs one copy per fill, never one
-//! per hit: a hit still hands out reference counts.
+//! and the body is copied into an exactly sized buffer. The header is kept as a [`StoredHeader`]
+//! (a shared list of names, and value ends), not a `HeaderMap`, whose slots cost several times
+//! the fields' bytes. This costs one copy per fill, never one per hit: a hit still hands out
+//! reference counts.
 //!
 //! [`header_weight`] and [`body_weight`] charge what the kept parts really hold on the heap,
 //! including the map's spare capacity and the allocator's size classes (mimalloc rounds a request
@@ -16,12 +18,18 @@
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use once_cell::sync::Lazy;
+use parking_lot::Mutex;
 use pingora::http::ResponseHeader;
+use std::collections::HashSet;
 use std::mem::size_of;
+use std::sync::Arc;
 
 /// Bytes of the reference count block a `Bytes` allocates when a stored buffer is first
 /// shared (a hit's clone, a header value's slice).
 const SHARED: usize = 32;
+/// An `Arc`'s two reference counts.
+const ARC_COUNTS: usize = 2 * size_of::<usize>();
 
 /// What the allocator really reserves for a request of `n` bytes: sizes round up to one of four
 /// classes per power of two (mimalloc's bins; glibc's are finer), at least 8 bytes.
@@ -66,58 +74,167 @@ pub(super) fn body_weight(len: usize) -> usize {
     }
 }
 
-/// A copy of `h` that owns exactly what it keeps: status, version, reason phrase and fields
-/// (in order, repeated fields kept), values in one exactly sized buffer, no header-name case map
-/// (a hit clones the header: half the allocations without it).
-pub(super) fn compact_header(h: &ResponseHeader) -> ResponseHeader {
-    let total: usize = h.headers.values().map(HeaderValue::len).sum();
-    let mut buf = Vec::with_capacity(total);
-    for v in h.headers.values() {
-        buf.extend_from_slice(v.as_bytes());
+/// The high bit of a value end: the value is sensitive (never logged, not HPACK-indexed).
+const SENSITIVE: u32 = 1 << 31;
+
+/// Most answers of an origin carry the same fields in the same order, so an entry's field names
+/// are one shared list ([`interned`]). The table keeps at most this many lists, each of at
+/// most [`MAX_SHARED_NAMES`] bytes, so it is bounded (a few MiB at worst) whatever origins
+/// send; a list beyond either bound is the entry's own and charged to it.
+const MAX_NAME_LISTS: usize = 4096;
+const MAX_SHARED_NAMES: usize = 1024;
+
+static NAME_LISTS: Lazy<Mutex<HashSet<Arc<[HeaderName]>>>> = Lazy::new(Mutex::default);
+
+/// The shared copy of a list of names, if the table has (or can take) it.
+fn interned(names: &[HeaderName]) -> Option<Arc<[HeaderName]>> {
+    let bytes: usize = names.iter().map(|n| n.as_str().len()).sum();
+    if bytes > MAX_SHARED_NAMES {
+        return None;
     }
-    let buf = Bytes::from(buf);
-    let mut headers = HeaderMap::with_capacity(h.headers.len());
-    let mut at = 0;
-    for (name, value) in h.headers.iter() {
-        let end = at + value.len();
-        // The bytes were a valid value a moment ago; the fallback (sharing the original) is
-        // unreachable but keeps this free of panics.
-        let mut kept =
-            HeaderValue::from_maybe_shared(buf.slice(at..end)).unwrap_or_else(|_| value.clone());
-        kept.set_sensitive(value.is_sensitive());
-        at = end;
-        let name =
-            HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone());
-        headers.append(name, kept);
+    let mut lists = NAME_LISTS.lock();
+    if let Some(list) = lists.get(names) {
+        return Some(list.clone());
     }
-    let mut parts = http::Response::new(()).into_parts().0;
-    parts.status = h.status;
-    parts.version = h.version;
-    parts.headers = headers;
-    let mut out = ResponseHeader::from(parts);
-    // Only a phrase other than the status's canonical one is stored.
-    let _ = out.set_reason_phrase(h.get_reason_phrase());
-    out
+    if lists.len() >= MAX_NAME_LISTS {
+        return None;
+    }
+    let list: Arc<[HeaderName]> = names.into();
+    lists.insert(list.clone());
+    Some(list)
 }
 
-/// Heap bytes a compacted header holds (before the allocator's slack): the map's slots for its
-/// whole capacity (entries and index), extra values of repeated fields, the names, the one value
-/// buffer and the reason phrase. An upper bound for a header [`compact_header`] built.
-pub(super) fn header_weight(h: &ResponseHeader) -> usize {
-    // One slot of the map's entry table: hash, name, value, links to extra values.
-    const BUCKET: usize = size_of::<(u16, HeaderName, HeaderValue, Option<(usize, usize)>)>();
-    // One extra value of a repeated field: its value and two links.
-    const EXTRA: usize = size_of::<(HeaderValue, (usize, usize), (usize, usize))>();
-    let map = &h.headers;
-    let capacity = map.capacity();
-    // The index has a power-of-two number of 4-byte slots, at most 4/3 of the capacity, rounded up.
-    let index = 4 * (capacity * 4 / 3 + 1).next_power_of_two();
-    // Repeated fields' extra values live in a vector that grows by doubling.
-    let extras = 2 * (map.len() - map.keys_len()) * EXTRA;
-    let names: usize = map.keys().map(|k| k.as_str().len() + SHARED).sum();
-    let values: usize = map.values().map(HeaderValue::len).sum();
-    let reason = h.get_reason_phrase().map_or(0, str::len);
-    capacity * BUCKET + index + extras + names + values + SHARED + reason
+/// A response header as an entry keeps it: status, version, reason phrase, and the fields in
+/// order (repeated fields kept) as a list of names (shared between entries with the same
+/// fields) and the ends of their values in one exactly sized buffer. Not a `HeaderMap`: a map
+/// keeps a 104-byte slot per field for a power-of-two capacity (12 slots for 7 fields) and an
+/// index, about 1.4 KB for a typical API answer whose fields are 200 bytes; this form keeps 4
+/// bytes a field (issue 16: per-entry overhead at 1M entries). A hit builds the
+/// `ResponseHeader` pingora writes from it ([`StoredHeader::to_response_header`]): the same two
+/// allocations a `HeaderMap` clone makes, names and values shared by reference count.
+#[derive(Clone)]
+pub(super) struct StoredHeader {
+    status: http::StatusCode,
+    version: http::Version,
+    /// Whether `names` is the shared table's (else the entry's own, and charged to it).
+    shared_names: bool,
+    reason: Option<Box<str>>,
+    values: Bytes,
+    names: Arc<[HeaderName]>,
+    /// Per field, where its value ends in `values`, with [`SENSITIVE`].
+    ends: Box<[u32]>,
+}
+
+impl StoredHeader {
+    /// A copy of `h` that owns exactly what it keeps (no slice of pingora's read buffer) and no
+    /// header-name case map.
+    pub(super) fn new(h: &ResponseHeader) -> StoredHeader {
+        let total: usize = h.headers.values().map(HeaderValue::len).sum();
+        let mut buf = Vec::with_capacity(total);
+        let mut names = Vec::with_capacity(h.headers.len());
+        let mut ends = Vec::with_capacity(h.headers.len());
+        for (name, value) in h.headers.iter() {
+            buf.extend_from_slice(value.as_bytes());
+            // A stored name owns its bytes (a custom name parsed by pingora is a slice too).
+            names.push(
+                HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone()),
+            );
+            // Header blocks are bounded far below 2 GiB by pingora's parser.
+            let end = u32::try_from(buf.len()).unwrap_or(u32::MAX) & !SENSITIVE;
+            ends.push(if value.is_sensitive() {
+                end | SENSITIVE
+            } else {
+                end
+            });
+        }
+        let (names, shared_names) = match interned(&names) {
+            Some(list) => (list, true),
+            None => (names.into(), false),
+        };
+        StoredHeader {
+            status: h.status,
+            version: h.version,
+            shared_names,
+            // Only a phrase other than the status's canonical one is stored.
+            reason: h.get_reason_phrase().map(Box::from),
+            values: Bytes::from(buf),
+            names,
+            ends: ends.into_boxed_slice(),
+        }
+    }
+
+    /// The header pingora writes: fields in their stored order, values slices of the one buffer.
+    pub(super) fn to_response_header(&self) -> ResponseHeader {
+        let mut headers = HeaderMap::with_capacity(self.ends.len());
+        let mut at = 0;
+        for (name, end) in self.names.iter().zip(self.ends.iter()) {
+            let stop = (end & !SENSITIVE) as usize;
+            // SAFETY: the bytes are those of a `HeaderValue` (checked when it was made),
+            // copied unchanged in `new`; `from_maybe_shared_unchecked` only skips the check.
+            let mut value =
+                unsafe { HeaderValue::from_maybe_shared_unchecked(self.values.slice(at..stop)) };
+            value.set_sensitive(end & SENSITIVE != 0);
+            headers.append(name.clone(), value);
+            at = stop;
+        }
+        let mut parts = http::Response::new(()).into_parts().0;
+        parts.status = self.status;
+        parts.version = self.version;
+        parts.headers = headers;
+        let mut out = ResponseHeader::from(parts);
+        let _ = out.set_reason_phrase(self.reason.as_deref());
+        out
+    }
+
+    /// Whether a field of this name is stored.
+    pub(super) fn contains(&self, name: &HeaderName) -> bool {
+        self.names.iter().any(|n| n == name)
+    }
+
+    pub(super) fn status(&self) -> u16 {
+        self.status.as_u16()
+    }
+
+    #[cfg(test)]
+    pub(super) fn values(&self) -> &Bytes {
+        &self.values
+    }
+}
+
+/// Heap bytes a stored header holds, each allocation with the allocator's rounding: the value
+/// ends, the value buffer (and the reference count block its first slice makes), the reason
+/// phrase, and the names when they are the entry's own (the list, custom names and theirs).
+pub(super) fn header_weight(h: &StoredHeader) -> usize {
+    let ends = alloc_size(h.ends.len() * size_of::<u32>());
+    let values = if h.values.is_empty() {
+        0
+    } else {
+        alloc_size(h.values.len()) + SHARED
+    };
+    let names = if h.shared_names {
+        0
+    } else {
+        ARC_COUNTS
+            + alloc_size(h.names.len() * size_of::<HeaderName>())
+            + h.names
+                .iter()
+                .filter(|n| !is_standard(n))
+                .map(|n| alloc_size(n.as_str().len()) + SHARED)
+                .sum::<usize>()
+    };
+    let reason = h.reason.as_ref().map_or(0, |r| alloc_size(r.len()));
+    ends + values + names + reason
+}
+
+/// Whether a name is one of `http`'s static standard names (no heap bytes of its own).
+fn is_standard(name: &HeaderName) -> bool {
+    HeaderName::from_bytes(name.as_str().as_bytes())
+        .map(|n| {
+            // A standard name's `as_str` points into static memory, the same for every copy;
+            // a custom one's into its own buffer.
+            n.as_str().as_ptr() == name.as_str().as_ptr()
+        })
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
@@ -165,7 +282,8 @@ mod tests {
             at += 900;
         }
         h.set_reason_phrase(Some("Fine")).unwrap();
-        let c = compact_header(&h);
+        let stored = StoredHeader::new(&h);
+        let c = stored.to_response_header();
         let got: Vec<(String, String)> = c
             .headers
             .iter()
@@ -203,9 +321,22 @@ mod tests {
             total,
             "the values fill one buffer of exactly their length"
         );
+        assert!(header_weight(&stored) >= total + c.headers.len() * size_of::<u32>());
+        // The same field names share one list; a list too large to share is the entry's own
+        // and charged to it, custom names and all.
+        let again = StoredHeader::new(&h);
+        assert!(stored.shared_names && Arc::ptr_eq(&stored.names, &again.names));
+        let mut big = ResponseHeader::build(200, None).unwrap();
+        for i in 0..40 {
+            big.append_header(format!("x-custom-field-with-a-long-name-{i:02}"), "v")
+                .unwrap();
+        }
+        let own = StoredHeader::new(&big);
+        assert!(!own.shared_names);
+        assert!(header_weight(&own) >= 40 * (size_of::<HeaderName>() + 32));
         assert!(
-            header_weight(&c)
-                >= total + c.headers.capacity() * size_of::<(HeaderName, HeaderValue)>()
+            !is_standard(&HeaderName::from_static("x-request-id"))
+                && is_standard(&http::header::CONTENT_TYPE)
         );
     }
 

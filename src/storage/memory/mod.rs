@@ -24,7 +24,7 @@ use super::EntryInfo;
 use crate::metrics::metrics;
 use async_trait::async_trait;
 use bytes::Bytes;
-use compact::{body_weight, compact_header, header_weight, owned_body, with_slack};
+use compact::{body_weight, header_weight, owned_body, with_slack, StoredHeader};
 use fill::{MemoryMiss, Partial, Progress};
 use parking_lot::{Mutex, RwLock};
 use pingora::cache::eviction::EvictionManager;
@@ -32,7 +32,6 @@ use pingora::cache::key::{CacheHashKey, CompactCacheKey, HashBinary};
 use pingora::cache::storage::{HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType};
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheEntryKey, CacheEntryKeyRef, CacheKey, CacheMeta, Storage};
-use pingora::http::ResponseHeader;
 use pingora::Result;
 use std::any::Any;
 use std::collections::HashMap;
@@ -86,7 +85,7 @@ pub(super) struct StoredMeta {
     swr: u32,
     sie: u32,
     variance: Option<HashBinary>,
-    header: ResponseHeader,
+    header: StoredHeader,
 }
 
 impl StoredMeta {
@@ -94,16 +93,16 @@ impl StoredMeta {
     /// `Content-Length`, so hits carry it and byte ranges can be served from it (pingora's range
     /// filter needs it; RFC 9110 §14).
     pub(super) fn set_length(&mut self, len: usize) {
-        let h = &mut self.header;
-        if matches!(h.status.as_u16(), 204 | 304)
-            || h.headers.contains_key(http::header::CONTENT_LENGTH)
+        if matches!(self.header.status(), 204 | 304)
+            || self.header.contains(&http::header::CONTENT_LENGTH)
         {
             return;
         }
+        let mut h = self.header.to_response_header();
         h.remove_header(&http::header::TRANSFER_ENCODING);
         let _ = h.insert_header(http::header::CONTENT_LENGTH, len);
-        // Compacted again, so the new value shares the one exactly sized buffer.
-        self.header = compact_header(&self.header);
+        // Stored again, so the new value shares the one exactly sized buffer.
+        self.header = StoredHeader::new(&h);
     }
 
     fn from_meta(meta: &CacheMeta) -> Self {
@@ -120,7 +119,7 @@ impl StoredMeta {
             swr: meta.stale_while_revalidate_sec(),
             sie: meta.stale_if_error_sec(),
             variance: meta.variance(),
-            header: compact_header(meta.response_header()),
+            header: StoredHeader::new(meta.response_header()),
         }
     }
 
@@ -131,7 +130,7 @@ impl StoredMeta {
             self.confirmed,
             self.swr,
             self.sie,
-            self.header.clone(),
+            self.header.to_response_header(),
         );
         if self.epoch != self.confirmed {
             meta.set_epoch_override(self.epoch);
@@ -392,7 +391,8 @@ pub(super) fn entry_weight(
     key: &CompactCacheKey,
 ) -> usize {
     body_weight(body)
-        + with_slack(header_weight(&meta.header) + info.size() + key_weight(key) + ENTRY_OVERHEAD)
+        + header_weight(&meta.header)
+        + with_slack(info.size() + key_weight(key) + ENTRY_OVERHEAD)
 }
 
 #[async_trait]
@@ -516,6 +516,7 @@ impl Storage for MemoryStorage {
 mod tests {
     use super::*;
     use once_cell::sync::Lazy;
+    use pingora::http::ResponseHeader;
     use std::time::Duration;
 
     static EVICTION: Lazy<Eviction> = Lazy::new(|| Eviction::with_capacity(1 << 20, 64));
@@ -769,32 +770,23 @@ mod tests {
             !within(&body_buf, entry.body.as_ptr()),
             "the stored body is a slice of the 64 KiB read buffer: it keeps all of it alive"
         );
-        for v in meta.header.headers.values() {
+        let header = meta.header.to_response_header();
+        for v in header.headers.values() {
             assert!(
                 !within(&read_buf, v.as_bytes().as_ptr()),
                 "a stored header value is a slice of the 4 KiB read buffer: it keeps all of it alive"
             );
+            assert!(
+                within(meta.header.values(), v.as_bytes().as_ptr()),
+                "a hit's header values are slices of the entry's one value buffer"
+            );
         }
         // What the entry holds, from the parts themselves: the body, the header values'
-        // backing bytes (the span they point into), the header map's slots, the facts, the
-        // key, and the entry struct.
-        let lo = meta
-            .header
-            .headers
-            .values()
-            .map(|v| v.as_bytes().as_ptr() as usize)
-            .min()
-            .unwrap();
-        let hi = meta
-            .header
-            .headers
-            .values()
-            .map(|v| v.as_bytes().as_ptr() as usize + v.len())
-            .max()
-            .unwrap();
+        // buffer, a value end per field (the names are a list shared by entries with the same
+        // fields), the facts, the key, and the entry struct.
         let held = entry.body.len()
-            + (hi - lo)
-            + meta.header.headers.capacity() * size_of::<(http::HeaderName, http::HeaderValue)>()
+            + meta.header.values().len()
+            + header.headers.len() * size_of::<u32>()
             + entry.info.host_path.len()
             + entry.info.tags.iter().map(|t| t.len()).sum::<usize>()
             + entry.info.rule.len()

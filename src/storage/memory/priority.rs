@@ -34,6 +34,16 @@ pub struct PriorityEviction {
 }
 
 impl PriorityEviction {
+    /// The memory tier's eviction for a `[cache] memory` budget of `budget` bytes (what the
+    /// server builds; `benches/memory_scale.rs` measures the same).
+    pub fn for_budget(budget: usize) -> Self {
+        // Capacity hint: entries expected at ~4 KiB each, bounded so tiny test budgets stay
+        // tiny, spread over the shards (pingora's LRU preallocates `capacity` in *each* shard:
+        // a total here made a 2 GiB budget preallocate 16 times the table, 285 MiB of RSS).
+        let capacity = (budget / 4096).clamp(64, 1 << 20) / SHARDS;
+        Self::with_capacity(budget, capacity.max(64))
+    }
+
     /// A budget of `limit` bytes, `capacity` entries expected per shard, priorities on.
     pub fn with_capacity(limit: usize, capacity: usize) -> Self {
         Self::new(limit, capacity, true)
