@@ -82,7 +82,7 @@ impl Stored {
             fresh_until: meta.fresh_until,
             confirmed: meta.confirmed,
             epoch: meta.epoch,
-            varies: meta.variance.is_some() || meta.header.headers.contains_key(http::header::VARY),
+            varies: meta.variance.is_some() || meta.header.contains(&http::header::VARY),
         }
     }
 
@@ -92,7 +92,7 @@ impl Stored {
 
     /// A copy of the stored response header, to send.
     pub fn header(&self) -> ResponseHeader {
-        self.0.meta.read().header.clone()
+        self.0.meta.read().header.to_response_header()
     }
 
     /// The body (a reference count, not a copy).
