@@ -32,7 +32,6 @@ pub mod invalidation;
 pub mod key;
 pub mod metrics;
 pub mod policy;
-pub mod prehashed;
 pub mod proxy;
 pub mod purge;
 pub mod redis;

@@ -32,9 +32,9 @@ const MAX_LEN: usize = 2048;
 struct Minute {
     start_ms: u64,
     sketch: Vec<u32>,
-    /// By the key's hash: its count and the key (built once, when it enters the list). The
-    /// hash is already uniform: the map uses it as it is rather than hashing it again.
-    candidates: crate::prehashed::Map<u64, (u64, String)>,
+    /// By the key's hash: its count and the key (built once, when it enters the list). Looked
+    /// up on every counted hit: aHash (keyed per process) rather than SipHash.
+    candidates: ahash::AHashMap<u64, (u64, String)>,
     /// The smallest candidate count while the list is full (a new key must beat it), so the
     /// common case, a rare key, costs no scan of the list.
     floor: u64,
@@ -45,7 +45,7 @@ impl Minute {
         Minute {
             start_ms,
             sketch: vec![0; DEPTH * WIDTH],
-            candidates: HashMap::default(),
+            candidates: ahash::AHashMap::new(),
             floor: 0,
         }
     }

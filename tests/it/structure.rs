@@ -18,7 +18,6 @@ const LAYERS: &[&[&str]] = &[
         "usage",
         "statedir",
         "api_error",
-        "prehashed",
     ],
     &["rules"],
     &["config", "trust"],

@@ -22,6 +22,7 @@ pub use priority::PriorityEviction;
 
 use super::EntryInfo;
 use crate::metrics::metrics;
+use ahash::AHashMap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use compact::{body_weight, header_weight, owned_body, with_slack, StoredHeader};
@@ -153,8 +154,9 @@ pub(super) struct Entry {
     pub(super) weight: usize,
 }
 
-/// One shard of entries, by combined key hash.
-type Shard = RwLock<HashMap<u128, Arc<Entry>>>;
+/// One shard of entries, by combined key hash. Looked up on every hit: aHash (keyed per process,
+/// so keys an attacker computes offline cannot be made to collide) rather than SipHash.
+type Shard = RwLock<AHashMap<u128, Arc<Entry>>>;
 /// One shard of the URI index: URI id -> combined key hashes of its variants.
 type UriShard = Mutex<HashMap<u64, Vec<u128>>>;
 
@@ -183,7 +185,7 @@ impl MemoryStorage {
     /// A memory tier whose admissions are accounted by `eviction`.
     pub fn new(eviction: &'static Eviction) -> Self {
         MemoryStorage {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(AHashMap::new())).collect(),
             uris: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             partials: Mutex::new(HashMap::new()),
             rule_bytes: Mutex::new(HashMap::new()),
