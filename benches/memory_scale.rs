@@ -339,8 +339,9 @@ fn main() {
         64 << 20
     };
 
-    // Overhead: nothing evicted (a budget far above what the entries take).
-    let o = phase("overhead", entries, 1024, 64 * GIB);
+    // Overhead: nothing evicted (a budget of 4 KiB an entry, about twice what one takes, and
+    // so an LRU capacity hint of exactly `entries`: see `PriorityEviction::for_budget`).
+    let o = phase("overhead", entries, 1024, entries * 4096);
     assert_eq!(o.evictions, 0, "the overhead phase must not evict");
     let overhead = (o.growth() as f64 - o.body as f64 - o.header as f64) / o.entries as f64;
     println!(

@@ -104,49 +104,62 @@ fn interned(names: &[HeaderName]) -> Option<Arc<[HeaderName]>> {
     Some(list)
 }
 
-/// A response header as an entry keeps it: status, version, reason phrase, and the fields in
-/// order (repeated fields kept) as a list of names (shared between entries with the same
-/// fields) and the ends of their values in one exactly sized buffer. Not a `HeaderMap`: a map
-/// keeps a 104-byte slot per field for a power-of-two capacity (12 slots for 7 fields) and an
-/// index, about 1.4 KB for a typical API answer whose fields are 200 bytes; this form keeps 4
-/// bytes a field (issue 16: per-entry overhead at 1M entries). A hit builds the
-/// `ResponseHeader` pingora writes from it ([`StoredHeader::to_response_header`]): the same two
-/// allocations a `HeaderMap` clone makes, names and values shared by reference count.
+/// A response header as an entry keeps it: status, version, and the fields in order (repeated
+/// fields kept) as a list of names (shared between entries with the same fields) and one
+/// exactly sized buffer holding, in turn, each field's value end (4 bytes, with
+/// [`SENSITIVE`]), the values, and a reason phrase other than the status's canonical one. Not a
+/// `HeaderMap`: a map keeps a 104-byte slot per field for a power-of-two capacity (12 slots for
+/// 7 fields) and an index, about 1.4 KB for a typical API answer whose fields are 200 bytes;
+/// this form keeps 4 bytes a field, in one allocation (issue 16: per-entry overhead at 1M
+/// entries; the struct is 56 bytes, so an `Entry` stays in mimalloc's 256-byte class). A hit
+/// builds the `ResponseHeader` pingora writes from it ([`StoredHeader::to_response_header`]):
+/// the same two allocations a `HeaderMap` clone makes, names and values shared by reference
+/// count.
 #[derive(Clone)]
 pub(super) struct StoredHeader {
     status: http::StatusCode,
     version: http::Version,
     /// Whether `names` is the shared table's (else the entry's own, and charged to it).
     shared_names: bool,
-    reason: Option<Box<str>>,
-    values: Bytes,
+    /// Bytes of the reason phrase at the end of `buf` (a longer phrase than this can say is
+    /// not kept: the canonical one is sent).
+    reason_len: u16,
+    buf: Bytes,
     names: Arc<[HeaderName]>,
-    /// Per field, where its value ends in `values`, with [`SENSITIVE`].
-    ends: Box<[u32]>,
 }
 
 impl StoredHeader {
     /// A copy of `h` that owns exactly what it keeps (no slice of pingora's read buffer) and no
     /// header-name case map.
     pub(super) fn new(h: &ResponseHeader) -> StoredHeader {
+        let fields = h.headers.len();
         let total: usize = h.headers.values().map(HeaderValue::len).sum();
-        let mut buf = Vec::with_capacity(total);
-        let mut names = Vec::with_capacity(h.headers.len());
-        let mut ends = Vec::with_capacity(h.headers.len());
+        let reason = h
+            .get_reason_phrase()
+            .filter(|r| u16::try_from(r.len()).is_ok())
+            .unwrap_or("");
+        let mut buf = Vec::with_capacity(4 * fields + total + reason.len());
+        let mut names = Vec::with_capacity(fields);
+        let mut end = 0usize;
         for (name, value) in h.headers.iter() {
-            buf.extend_from_slice(value.as_bytes());
             // A stored name owns its bytes (a custom name parsed by pingora is a slice too).
             names.push(
                 HeaderName::from_bytes(name.as_str().as_bytes()).unwrap_or_else(|_| name.clone()),
             );
+            end += value.len();
             // Header blocks are bounded far below 2 GiB by pingora's parser.
-            let end = u32::try_from(buf.len()).unwrap_or(u32::MAX) & !SENSITIVE;
-            ends.push(if value.is_sensitive() {
-                end | SENSITIVE
+            let at = u32::try_from(end).unwrap_or(u32::MAX) & !SENSITIVE;
+            let at = if value.is_sensitive() {
+                at | SENSITIVE
             } else {
-                end
-            });
+                at
+            };
+            buf.extend_from_slice(&at.to_le_bytes());
         }
+        for value in h.headers.values() {
+            buf.extend_from_slice(value.as_bytes());
+        }
+        buf.extend_from_slice(reason.as_bytes());
         let (names, shared_names) = match interned(&names) {
             Some(list) => (list, true),
             None => (names.into(), false),
@@ -155,24 +168,24 @@ impl StoredHeader {
             status: h.status,
             version: h.version,
             shared_names,
-            // Only a phrase other than the status's canonical one is stored.
-            reason: h.get_reason_phrase().map(Box::from),
-            values: Bytes::from(buf),
+            reason_len: reason.len() as u16,
+            buf: Bytes::from(buf),
             names,
-            ends: ends.into_boxed_slice(),
         }
     }
 
     /// The header pingora writes: fields in their stored order, values slices of the one buffer.
     pub(super) fn to_response_header(&self) -> ResponseHeader {
-        let mut headers = HeaderMap::with_capacity(self.ends.len());
-        let mut at = 0;
-        for (name, end) in self.names.iter().zip(self.ends.iter()) {
-            let stop = (end & !SENSITIVE) as usize;
+        let base = 4 * self.names.len();
+        let mut headers = HeaderMap::with_capacity(self.names.len());
+        let mut at = base;
+        for (name, end) in self.names.iter().zip(self.buf[..base].chunks_exact(4)) {
+            let end = u32::from_le_bytes([end[0], end[1], end[2], end[3]]);
+            let stop = base + (end & !SENSITIVE) as usize;
             // SAFETY: the bytes are those of a `HeaderValue` (checked when it was made),
             // copied unchanged in `new`; `from_maybe_shared_unchecked` only skips the check.
             let mut value =
-                unsafe { HeaderValue::from_maybe_shared_unchecked(self.values.slice(at..stop)) };
+                unsafe { HeaderValue::from_maybe_shared_unchecked(self.buf.slice(at..stop)) };
             value.set_sensitive(end & SENSITIVE != 0);
             headers.append(name.clone(), value);
             at = stop;
@@ -182,7 +195,10 @@ impl StoredHeader {
         parts.version = self.version;
         parts.headers = headers;
         let mut out = ResponseHeader::from(parts);
-        let _ = out.set_reason_phrase(self.reason.as_deref());
+        if self.reason_len > 0 {
+            let reason = &self.buf[self.buf.len() - self.reason_len as usize..];
+            let _ = out.set_reason_phrase(std::str::from_utf8(reason).ok());
+        }
         out
     }
 
@@ -195,21 +211,21 @@ impl StoredHeader {
         self.status.as_u16()
     }
 
+    /// The one buffer (value ends, values, reason phrase).
     #[cfg(test)]
     pub(super) fn values(&self) -> &Bytes {
-        &self.values
+        &self.buf
     }
 }
 
-/// Heap bytes a stored header holds, each allocation with the allocator's rounding: the value
-/// ends, the value buffer (and the reference count block its first slice makes), the reason
-/// phrase, and the names when they are the entry's own (the list, custom names and theirs).
+/// Heap bytes a stored header holds, each allocation with the allocator's rounding: the one
+/// buffer (and the reference count block its first slice makes), and the names when they are
+/// the entry's own (the list, custom names and theirs).
 pub(super) fn header_weight(h: &StoredHeader) -> usize {
-    let ends = alloc_size(h.ends.len() * size_of::<u32>());
-    let values = if h.values.is_empty() {
+    let buf = if h.buf.is_empty() {
         0
     } else {
-        alloc_size(h.values.len()) + SHARED
+        alloc_size(h.buf.len()) + SHARED
     };
     let names = if h.shared_names {
         0
@@ -222,8 +238,7 @@ pub(super) fn header_weight(h: &StoredHeader) -> usize {
                 .map(|n| alloc_size(n.as_str().len()) + SHARED)
                 .sum::<usize>()
     };
-    let reason = h.reason.as_ref().map_or(0, |r| alloc_size(r.len()));
-    ends + values + names + reason
+    buf + names
 }
 
 /// Whether a name is one of `http`'s static standard names (no heap bytes of its own).
@@ -331,6 +346,17 @@ mod tests {
             big.append_header(format!("x-custom-field-with-a-long-name-{i:02}"), "v")
                 .unwrap();
         }
+        // Sensitivity survives; the struct stays small enough for an `Entry` to keep its size
+        // class (see `StoredHeader`).
+        let mut secret = ResponseHeader::build(200, None).unwrap();
+        let mut v = HeaderValue::from_static("s3cr3t");
+        v.set_sensitive(true);
+        secret.append_header("set-cookie", v).unwrap();
+        secret.append_header("etag", "\"x\"").unwrap();
+        let back = StoredHeader::new(&secret).to_response_header();
+        assert!(back.headers["set-cookie"].is_sensitive() && !back.headers["etag"].is_sensitive());
+        assert_eq!(back.headers["set-cookie"], "s3cr3t");
+        assert!(size_of::<StoredHeader>() <= 56);
         let own = StoredHeader::new(&big);
         assert!(!own.shared_names);
         assert!(header_weight(&own) >= 40 * (size_of::<HeaderName>() + 32));
