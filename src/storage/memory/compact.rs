@@ -25,6 +25,8 @@ use std::collections::HashSet;
 use std::mem::size_of;
 use std::sync::Arc;
 
+/// Fields a hit adds to the stored header before it is sent.
+const HIT_FIELDS: usize = 4;
 /// Bytes of the reference count block a `Bytes` allocates when a stored buffer is first
 /// shared (a hit's clone, a header value's slice).
 const SHARED: usize = 32;
@@ -175,9 +177,11 @@ impl StoredHeader {
     }
 
     /// The header pingora writes: fields in their stored order, values slices of the one buffer.
+    /// Room is made for the fields every hit adds (`Age`, `Accept-Ranges`, `Cache-Status`,
+    /// `Connection`), so adding them does not grow the map again.
     pub(super) fn to_response_header(&self) -> ResponseHeader {
         let base = 4 * self.names.len();
-        let mut headers = HeaderMap::with_capacity(self.names.len());
+        let mut headers = HeaderMap::with_capacity(self.names.len() + HIT_FIELDS);
         let mut at = base;
         for (name, end) in self.names.iter().zip(self.buf[..base].chunks_exact(4)) {
             let end = u32::from_le_bytes([end[0], end[1], end[2], end[3]]);
