@@ -40,7 +40,7 @@ run redis-only "hit-1k" benches/redis-only.sh
 run default-route "hit-1k" target/release/aisle run --config benches/compare-default.toml
 run rules-on "hit-1k" target/release/aisle run --config benches/compare-rules-on.toml
 
-ratio() { awk -v s="$2" '$1 == "ratio" && $2 == s":" {print $5}' "$OUT/$1.txt"; }
+ratio() { awk -v s="$2" '$1 == "ratio" && $2 == s":" {sub(",", "", $5); print $5}' "$OUT/$1.txt"; }
 d=$(ratio default-route hit-1k); r=$(ratio rules-on hit-1k)
 echo
 echo "summary (gateway/nginx, medians of $REPS x ${DURATION}s; raw output in $OUT):"
