@@ -18,8 +18,8 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,57 +39,30 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 /// The origin: `GET /<size>/<anything>` answers `size` bytes, cacheable for an hour, with the
 /// headers a typical API answer has; `GET /nostore/<size>/...` the same with `no-store`.
 fn origin() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || serve(stream));
-        }
-    });
-    port
+    support::origin(answer)
 }
 
-fn serve(stream: TcpStream) {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-            return;
-        }
-        let path = line.split(' ').nth(1).unwrap_or("/").to_string();
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if line.trim_end().is_empty() {
-                break;
-            }
-        }
-        let (cc, rest) = match path.strip_prefix("/nostore") {
-            Some(rest) => ("no-store", rest),
-            None => ("public, max-age=3600", path.as_str()),
-        };
-        let size: usize = rest
-            .trim_start_matches('/')
-            .split('/')
-            .next()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        let head = format!(
-            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: {cc}\r\n\
-             ETag: \"{:016x}\"\r\nX-Request-Id: 6f1c2a9e-0b7d-4e59-9a43-{:012x}\r\n\
-             Date: Fri, 04 Dec 2026 21:00:00 GMT\r\nContent-Length: {size}\r\n\r\n",
-            path.len() * 7919,
-            path.len()
-        );
-        let mut out = head.into_bytes();
-        out.resize(out.len() + size, b'x');
-        if reader.get_mut().write_all(&out).is_err() {
-            return;
-        }
-    }
+fn answer(path: &str) -> Vec<u8> {
+    let (cc, rest) = match path.strip_prefix("/nostore") {
+        Some(rest) => ("no-store", rest),
+        None => ("public, max-age=3600", path),
+    };
+    let size: usize = rest
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let head = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: {cc}\r\n\
+         ETag: \"{:016x}\"\r\nX-Request-Id: 6f1c2a9e-0b7d-4e59-9a43-{:012x}\r\n\
+         Date: Fri, 04 Dec 2026 21:00:00 GMT\r\nContent-Length: {size}\r\n\r\n",
+        path.len() * 7919,
+        path.len()
+    );
+    let mut out = head.into_bytes();
+    out.resize(out.len() + size, b'x');
+    out
 }
 
 struct Gateway {

@@ -21,7 +21,7 @@
 mod support;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,41 +34,15 @@ const TOKEN: &str = "startup-bench-token";
 
 /// A loopback origin: every request gets a small cacheable JSON answer.
 fn origin() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || serve(stream));
-        }
-    });
-    port
-}
-
-fn serve(stream: TcpStream) {
-    let mut reader = BufReader::new(stream);
-    let mut line = String::new();
-    loop {
-        // Read one request's header (the bench sends no bodies to the origin).
-        loop {
-            line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                return;
-            }
-            if line.trim_end().is_empty() {
-                break;
-            }
-        }
+    support::origin(|_| {
         let body = b"{\"ok\":true}";
         let head = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nCache-Control: public, max-age=60\r\n\
              Content-Length: {}\r\n\r\n",
             body.len()
         );
-        let out = [head.as_bytes(), body].concat();
-        if reader.get_mut().write_all(&out).is_err() {
-            return;
-        }
-    }
+        [head.as_bytes(), body].concat()
+    })
 }
 
 /// The configuration: 2 GiB of memory, `UPSTREAMS` upstreams (all on the loopback origin's

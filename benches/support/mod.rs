@@ -115,3 +115,41 @@ impl Client {
         }
     }
 }
+
+/// A loopback origin in this process (a thread per connection): each request's head is read
+/// (the benchmarks send origins no bodies) and `answer(path)` is written back whole, a complete
+/// HTTP/1.1 response. Returns its port.
+pub fn origin(answer: fn(&str) -> Vec<u8>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || serve(stream, answer));
+        }
+    });
+    port
+}
+
+fn serve(stream: TcpStream, answer: fn(&str) -> Vec<u8>) {
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            if line.trim_end().is_empty() {
+                break;
+            }
+        }
+        if reader.get_mut().write_all(&answer(&path)).is_err() {
+            return;
+        }
+    }
+}
