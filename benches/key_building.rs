@@ -36,13 +36,7 @@ vary = ["path.id"]
 
 fn bench(c: &mut Criterion) {
     let ups = vec!["api".to_string()];
-    let ctx = Context {
-        upstreams: &ups,
-        default_upstream: Some(0),
-        encryption: false,
-        upstream_credentials: &[],
-        key_secret: None,
-    };
+    let ctx = Context::with_upstreams(&ups);
     let set = compile(&[(Path::new("bench.toml"), RULES)], &ctx).expect("bench rules compile");
     let headers = http::HeaderMap::new();
     let cases = [

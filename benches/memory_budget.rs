@@ -172,11 +172,7 @@ fn mib(bytes: f64) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let bin = std::env::var_os("AISLE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_aisle")));
-    // The gateway runs in its own directory: a relative path would not find the binary there.
-    let bin = std::fs::canonicalize(&bin).unwrap_or(bin);
+    let bin = support::aisle_bin();
     let budget_mib = env_or("MEMORY_BUDGET_MIB", if full { 64 } else { 4 });
     let fill: usize = env_or("MEMORY_BUDGET_FILL", 3);
     let sizes: Vec<usize> = std::env::var("MEMORY_BUDGET_SIZES")

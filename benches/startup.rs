@@ -181,10 +181,7 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     let full = std::env::args().any(|a| a == "--bench");
-    let bin = std::env::var_os("AISLE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_aisle")));
-    let bin = std::fs::canonicalize(&bin).unwrap_or(bin);
+    let bin = support::aisle_bin();
     let (starts, reloads) = if full { (5, 10) } else { (1, 1) };
     let origin = origin();
     let tmp = std::env::temp_dir().join(format!("aisle-startup-{}", std::process::id()));

@@ -388,13 +388,7 @@ mod tests {
 
     fn rules() -> RuleSet {
         let ups = vec!["api".to_string()];
-        let ctx = Context {
-            upstreams: &ups,
-            default_upstream: Some(0),
-            encryption: false,
-            upstream_credentials: &[],
-            key_secret: None,
-        };
+        let ctx = Context::with_upstreams(&ups);
         compile(
             &[(
                 Path::new("r.toml"),
@@ -495,13 +489,7 @@ match = { path = "/s/:id" }
 vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
 "#,
             )],
-            &Context {
-                upstreams: &["api".to_string()],
-                default_upstream: Some(0),
-                encryption: false,
-                upstream_credentials: &[],
-                key_secret: None,
-            },
+            &Context::with_upstreams(&["api".to_string()]),
         )
         .unwrap();
         let check = |path: &str, query: &str, h: &[(&str, &[u8])]| {
@@ -586,13 +574,7 @@ authorization = "isolate"
 credential_header = "x-api-key"
 "#,
             )],
-            &Context {
-                upstreams: &["api".to_string()],
-                default_upstream: Some(0),
-                encryption: false,
-                upstream_credentials: &[],
-                key_secret: None,
-            },
+            &Context::with_upstreams(&["api".to_string()]),
         )
         .unwrap();
         let check = |path: &str, h: &[(&str, &str)]| {

@@ -423,13 +423,7 @@ mod tests {
 
     fn rules() -> RuleSet {
         let ups = vec!["api".to_string()];
-        let ctx = Context {
-            upstreams: &ups,
-            default_upstream: Some(0),
-            encryption: false,
-            upstream_credentials: &[],
-            key_secret: None,
-        };
+        let ctx = Context::with_upstreams(&ups);
         compile(
             &[(
                 Path::new("r.toml"),

@@ -757,13 +757,7 @@ mod tests {
 
     fn rule(extra: &str) -> Arc<Rule> {
         let ups = vec!["api".to_string()];
-        let ctx = Context {
-            upstreams: &ups,
-            default_upstream: Some(0),
-            encryption: false,
-            upstream_credentials: &[],
-            key_secret: None,
-        };
+        let ctx = Context::with_upstreams(&ups);
         let text = format!("[[rule]]\nname = \"r\"\nmatch = {{ path = \"/r\" }}\n{extra}\n");
         compile(&[(Path::new("r.toml"), &text)], &ctx)
             .unwrap()

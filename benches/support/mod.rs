@@ -153,3 +153,12 @@ fn serve(stream: TcpStream, answer: fn(&str) -> Vec<u8>) {
         }
     }
 }
+
+/// The `aisle` binary to measure: `AISLE_BIN` (another build, e.g. an older commit's), else the
+/// one cargo built for this benchmark; absolute, since gateways run in directories of their own.
+pub fn aisle_bin() -> std::path::PathBuf {
+    let bin = std::env::var_os("AISLE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_aisle")));
+    std::fs::canonicalize(&bin).unwrap_or(bin)
+}

@@ -176,13 +176,7 @@ fn headers_of(lines: &[(&'static str, Vec<u8>)]) -> http::HeaderMap {
 
 fn rules() -> Vec<Arc<Rule>> {
     let ups = vec!["api".to_string()];
-    let ctx = Context {
-        upstreams: &ups,
-        default_upstream: Some(0),
-        encryption: false,
-        upstream_credentials: &[],
-        key_secret: None,
-    };
+    let ctx = Context::with_upstreams(&ups);
     let text = r#"
 [[rule]]
 name = "origin"

@@ -42,6 +42,20 @@ pub struct Context<'a> {
     pub key_secret: Option<&'a CredentialKey>,
 }
 
+impl<'a> Context<'a> {
+    /// The plainest gateway: `upstreams`, the first of them the default; no encryption key, no
+    /// upstream credentials, no `key_secret` (tests, benchmarks, `aisle replay`'s own checks).
+    pub fn with_upstreams(upstreams: &'a [String]) -> Self {
+        Context {
+            upstreams,
+            default_upstream: Some(0),
+            encryption: false,
+            upstream_credentials: &[],
+            key_secret: None,
+        }
+    }
+}
+
 /// Loads and compiles every `*.toml` in `dir`, in file-name order.
 /// Compiles every `*.toml` file of `dir`, in name order; also returns a BLAKE3 digest of their
 /// names and texts (the configuration's identity, `aisle_config_info{hash}`).
@@ -915,13 +929,7 @@ pub(super) mod tests {
     pub(crate) fn ctx() -> Context<'static> {
         static UPS: once_cell::sync::Lazy<Vec<String>> =
             once_cell::sync::Lazy::new(|| vec!["api".to_string(), "ai".to_string()]);
-        Context {
-            upstreams: &UPS,
-            default_upstream: Some(0),
-            encryption: false,
-            upstream_credentials: &[],
-            key_secret: None,
-        }
+        Context::with_upstreams(&UPS)
     }
 
     pub(crate) fn compile_one(text: &str) -> Result<RuleSet, Vec<Diagnostic>> {

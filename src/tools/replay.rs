@@ -933,13 +933,7 @@ cache = false
 
     fn rules() -> RuleSet {
         let ups = vec!["api".to_string()];
-        let ctx = Context {
-            upstreams: &ups,
-            default_upstream: Some(0),
-            encryption: false,
-            upstream_credentials: &[],
-            key_secret: None,
-        };
+        let ctx = Context::with_upstreams(&ups);
         compile(&[(Path::new("r.toml"), RULES)], &ctx).unwrap()
     }
 
@@ -961,13 +955,7 @@ cache = false
     #[test]
     fn refresh_ahead_and_stale_while_revalidate_on_a_hand_made_trace() {
         let ups = vec!["api".to_string()];
-        let ctx = Context {
-            upstreams: &ups,
-            default_upstream: Some(0),
-            encryption: false,
-            upstream_credentials: &[],
-            key_secret: None,
-        };
+        let ctx = Context::with_upstreams(&ups);
         let text = "[[rule]]\nname = \"t\"\nmatch = { path = \"/t\" }\nttl = \"10s\"\n\
                     refresh_ahead = 0.5\nstale_while_revalidate = \"5s\"\n";
         let rules = compile(&[(Path::new("r.toml"), text)], &ctx).unwrap();
@@ -1225,13 +1213,7 @@ cache = false
         );
         let set = compile(
             &[(Path::new("r.toml"), &text)],
-            &Context {
-                upstreams: &["api".to_string()],
-                default_upstream: Some(0),
-                encryption: false,
-                upstream_credentials: &[],
-                key_secret: None,
-            },
+            &Context::with_upstreams(&["api".to_string()]),
         )
         .unwrap();
         let line = |t: u32, auth: &str| {
