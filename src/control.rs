@@ -34,15 +34,26 @@ pub async fn respond_json(
     body: String,
     cache_status: &str,
 ) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
+    respond_json_with(session, status, body, cache_status, &[]).await
+}
+
+/// [`respond_json`] with fields of the caller's own (`Allow` on a 405).
+async fn respond_json_with(
+    session: &mut Session,
+    status: u16,
+    body: String,
+    cache_status: &str,
+    fields: &[(http::HeaderName, &'static str)],
+) -> Result<()> {
+    let mut resp = ResponseHeader::build(status, Some(4 + fields.len()))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header("cache-status", cache_status)?;
     if status == 401 {
         resp.insert_header(http::header::WWW_AUTHENTICATE, "Bearer")?;
     }
-    if status == 405 {
-        resp.insert_header(http::header::ALLOW, "POST")?;
+    for (name, value) in fields {
+        resp.insert_header(name, *value)?;
     }
     session.write_response_header(Box::new(resp), false).await?;
     session
@@ -209,11 +220,12 @@ pub async fn webhook(
     };
     if session.req_header().method != http::Method::POST {
         refuse("error", "wrong-method");
-        return respond_json(
+        return respond_json_with(
             session,
             405,
             error_json(Code::MethodNotAllowed, "webhooks are delivered with POST"),
             CS,
+            &[(http::header::ALLOW, "POST")],
         )
         .await;
     }
