@@ -23,7 +23,7 @@ use aisle::proxy::fresh_hit;
 use aisle::rules::{compile, Context, RuleSet};
 use aisle::storage::epochs::Epochs;
 use aisle::storage::memory::{MemoryStorage, PriorityEviction};
-use aisle::storage::EntryInfo;
+use aisle::storage::{EntryInfo, Names};
 use aisle::trust::Client;
 use bytes::Bytes;
 use pingora::cache::CacheMeta;
@@ -183,8 +183,10 @@ fn run(case: &Case, epochs: &Epochs, n: u32) -> Figures {
     let key = admission::cache_key(&route, terms, &parts);
     let info = EntryInfo {
         uri: route.uri,
-        host_path: aisle::key::host_path(host, path).into_boxed_str(),
-        tags: Arc::from(vec!["vendor:k17".into(), "size:1k".into()]),
+        names: Names::new(
+            &aisle::key::host_path(host, path),
+            &["vendor:k17", "size:1k"],
+        ),
         rule: Arc::from(&*route.rule.name),
         ..EntryInfo::default()
     };

@@ -31,7 +31,7 @@
 use aisle::key;
 use aisle::rules::Priority;
 use aisle::storage::memory::{Eviction, MemoryStorage};
-use aisle::storage::EntryInfo;
+use aisle::storage::{EntryInfo, Names};
 use bytes::Bytes;
 use pingora::cache::eviction::EvictionManager;
 use pingora::cache::storage::{MissFinishType, PurgeTarget, PurgeType};
@@ -248,8 +248,7 @@ fn fill(entries: usize, body: usize, budget: usize) -> Figures {
             .unwrap();
             Arc::new(EntryInfo {
                 uri: key::uri_id(host, &path),
-                host_path: key::host_path(host, &path).into(),
-                tags,
+                names: Names::new(&key::host_path(host, &path), &tags),
                 encrypt: false,
                 rule: rule.clone(),
                 tokens_at: None,

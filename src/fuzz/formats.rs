@@ -10,7 +10,7 @@ use crate::purge::queue::Item;
 use crate::purge::{Batch, Kind};
 use crate::rules::source::{canonical, remove_pointer};
 use crate::storage::record::{DecodeError, Keys, Record};
-use crate::storage::EntryInfo;
+use crate::storage::{EntryInfo, Names};
 use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -423,8 +423,7 @@ fn record() -> impl Strategy<Value = Record> {
                 header,
                 info: EntryInfo {
                     uri,
-                    host_path: host_path.into_boxed_str(),
-                    tags: tags.into_iter().map(String::into_boxed_str).collect(),
+                    names: Names::new(&host_path, &tags),
                     encrypt,
                     rule: Arc::from(rule),
                     tokens_at: None,

@@ -108,11 +108,10 @@ pub fn find(
         return None;
     }
     let info = stored.info();
-    if !epochs.is_empty() {
-        let tags = info.tags.iter().map(|t| &**t);
-        if epochs.judge(times.confirmed, tags, &info.host_path, info.uri) != Verdict::Valid {
-            return None;
-        }
+    if !epochs.is_empty()
+        && epochs.judge(times.confirmed, info.tags(), info.host_path(), info.uri) != Verdict::Valid
+    {
+        return None;
     }
     if let (Some(ahead), false) = (route.rule.refresh_ahead, head) {
         let created = policy::unix_ms(times.confirmed);
@@ -181,7 +180,7 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
     ctx.cache.hit_tokens = hit.stored.info().tokens;
     ctx.answered = Some(answered);
     metrics().tier_hits_memory.inc();
-    memory.count_hit(&hit.stored, hit.times.fresh_until);
+    memory.count_hit(&hit.stored);
     session.write_response_header(Box::new(resp), head).await?;
     if !head {
         session

@@ -47,7 +47,7 @@ use crate::policy;
 use crate::storage::epochs::Verdict;
 use crate::storage::memory::{Eviction, PartialHit};
 use crate::storage::tiered::Tiered;
-use crate::storage::EntryInfo;
+use crate::storage::{EntryInfo, Names};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use cache_status::{CacheStatus, Lookup, Observed, Phase};
@@ -596,8 +596,7 @@ impl ProxyHttp for Gateway {
             ctx.cache.hit_tokens = info.tokens;
             let epochs = &self.invalidator.epochs;
             if !epochs.is_empty() {
-                let tags = info.tags.iter().map(|t| &**t);
-                match epochs.judge(meta.created(), tags, &info.host_path, info.uri) {
+                match epochs.judge(meta.created(), info.tags(), info.host_path(), info.uri) {
                     Verdict::Valid => {}
                     Verdict::Gone => {
                         ctx.cache.lookup = Lookup::Purged;
@@ -890,8 +889,7 @@ impl ProxyHttp for Gateway {
         };
         Arc::new(EntryInfo {
             uri: ctx.route().uri,
-            host_path: key::host_path(host, req.uri.path()).into_boxed_str(),
-            tags,
+            names: Names::new(&key::host_path(host, req.uri.path()), &tags),
             encrypt: rule.encrypt,
             rule: Arc::from(&*rule.name),
             tokens_at: rule

@@ -1,8 +1,8 @@
 //! Where cached bytes live.
 //!
 //! Pingora's cache machinery talks to a [`pingora::cache::Storage`]; Aisle's tiers implement it.
-//! The memory tier ([`memory::MemoryStorage`]) is bounded by pingora's sharded LRU eviction
-//! manager and holds bodies as `Bytes`, so a hit hands out a reference, never a copy. A shared
+//! The memory tier ([`memory::MemoryStorage`]) is bounded by its own sharded LRU (a pingora
+//! eviction manager, [`memory::PriorityEviction`]) and holds bodies as `Bytes`, so a hit hands out a reference, never a copy. A shared
 //! tier (Redis) plugs in behind the same trait as a second layer.
 //!
 //! What the cache needs to know about an entry beyond pingora's `CacheMeta` (the URI it was
@@ -25,10 +25,9 @@ use std::sync::Arc;
 pub struct EntryInfo {
     /// [`crate::key::uri_id`] of the URI the entry was stored for; shared by its variants.
     pub uri: u64,
-    /// `host/path` the entry was stored for (prefix purges match it).
-    pub host_path: Box<str>,
-    /// Tags from the rule's templates and `invalidate_on` names.
-    pub tags: Arc<[Box<str>]>,
+    /// `host/path` the entry was stored for (prefix purges match it) and its tags (from the
+    /// rule's templates and `invalidate_on` names), in one buffer.
+    pub names: Names,
     /// Seal the entry when it is written to a shared tier (rule `encrypt = true`).
     pub encrypt: bool,
     /// The rule it was stored under (per-rule bytes in `/admin/stats`).
@@ -72,7 +71,7 @@ impl EntryInfo {
     /// in the canonical form purges name ([`tag_key`]: escaped, at most 256 bytes), without
     /// repeats. More than [`MAX_TAGS`] is refused rather than cut: a dropped tag would be a purge
     /// that silently misses the entry.
-    pub fn tags_from(rule: Vec<String>, origin: &[String]) -> Result<Arc<[Box<str>]>, TooManyTags> {
+    pub fn tags_from(rule: Vec<String>, origin: &[String]) -> Result<Vec<Box<str>>, TooManyTags> {
         let mut tags: Vec<Box<str>> = rule
             .into_iter()
             .map(String::into_boxed_str)
@@ -83,7 +82,7 @@ impl EntryInfo {
         if tags.len() > MAX_TAGS {
             return Err(TooManyTags(tags.len()));
         }
-        Ok(tags.into())
+        Ok(tags)
     }
 
     /// Bytes these facts hold: the struct, the `host_path`, every tag (and its slot), the rule
@@ -92,26 +91,136 @@ impl EntryInfo {
     pub fn size(&self) -> usize {
         const ARC_COUNTS: usize = 2 * std::mem::size_of::<usize>();
         std::mem::size_of::<EntryInfo>()
-            + ARC_COUNTS
-            + self.host_path.len()
-            + ARC_COUNTS
-            + self
-                .tags
-                .iter()
-                .map(|t| std::mem::size_of::<Box<str>>() + t.len())
-                .sum::<usize>()
+            + self.names.heap_bytes()
             + ARC_COUNTS
             + self.rule.len()
             + self.tokens_at.as_ref().map_or(0, |t| ARC_COUNTS + t.len())
     }
 }
 
+impl EntryInfo {
+    /// `host/path` the entry was stored for.
+    pub fn host_path(&self) -> &str {
+        self.names.host_path()
+    }
+
+    /// The entry's tags.
+    pub fn tags(&self) -> Tags<'_> {
+        self.names.tags()
+    }
+}
+
+/// An entry's `host/path` and tags in one exactly sized buffer: the end of `host/path` and of
+/// each tag (4 bytes each), then their text. Not a `Box<str>` and a list of boxed tags: at a
+/// million entries those were five allocations and about 150 bytes an entry (issue 16).
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Names {
+    /// `4 * (1 + tags)` bytes of ends (little-endian, relative to the text), then the text:
+    /// valid UTF-8, built only from `&str`s by [`Names::new`] and never changed.
+    buf: Box<[u8]>,
+    tags: u32,
+}
+
+impl Names {
+    pub fn new<T: AsRef<str>>(host_path: &str, tags: &[T]) -> Self {
+        let text: usize = host_path.len() + tags.iter().map(|t| t.as_ref().len()).sum::<usize>();
+        let head = 4 * (1 + tags.len());
+        let mut buf = Vec::with_capacity(head + text);
+        let mut end = host_path.len();
+        buf.extend_from_slice(&(end as u32).to_le_bytes());
+        for t in tags {
+            end += t.as_ref().len();
+            buf.extend_from_slice(&(end as u32).to_le_bytes());
+        }
+        buf.extend_from_slice(host_path.as_bytes());
+        for t in tags {
+            buf.extend_from_slice(t.as_ref().as_bytes());
+        }
+        Names {
+            buf: buf.into_boxed_slice(),
+            tags: tags.len() as u32,
+        }
+    }
+
+    fn end(&self, i: usize) -> usize {
+        let at = 4 * i;
+        u32::from_le_bytes([
+            self.buf[at],
+            self.buf[at + 1],
+            self.buf[at + 2],
+            self.buf[at + 3],
+        ]) as usize
+    }
+
+    fn text(&self, from: usize, to: usize) -> &str {
+        let head = 4 * (1 + self.tags as usize);
+        let bytes = &self.buf[head + from..head + to];
+        // SAFETY: the text is the concatenation of `&str`s (`Names::new`), and every end is at
+        // the boundary between two of them, so every slice between two ends is valid UTF-8.
+        unsafe { std::str::from_utf8_unchecked(bytes) }
+    }
+
+    pub fn host_path(&self) -> &str {
+        if self.buf.is_empty() {
+            return "";
+        }
+        self.text(0, self.end(0))
+    }
+
+    pub fn tags(&self) -> Tags<'_> {
+        Tags {
+            names: self,
+            next: 0,
+        }
+    }
+
+    /// Bytes held on the heap.
+    pub fn heap_bytes(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+impl std::fmt::Debug for Names {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Names")
+            .field("host_path", &self.host_path())
+            .field("tags", &self.tags().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// The tags of a [`Names`], in order.
+#[derive(Clone)]
+pub struct Tags<'a> {
+    names: &'a Names,
+    next: usize,
+}
+
+impl<'a> Iterator for Tags<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        if self.next >= self.names.tags as usize {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        Some(self.names.text(self.names.end(i), self.names.end(i + 1)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = self.names.tags as usize - self.next;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Tags<'_> {}
+
 impl Default for EntryInfo {
     fn default() -> Self {
         EntryInfo {
             uri: 0,
-            host_path: "".into(),
-            tags: Arc::from(Vec::new()),
+            names: Names::default(),
             encrypt: false,
             rule: Arc::from(""),
             tokens_at: None,
@@ -124,6 +233,23 @@ impl Default for EntryInfo {
 mod tests {
     use super::*;
 
+    #[test]
+    fn names_give_back_what_they_were_built_from() {
+        let n = Names::new("api.example/v1/lieux/é", &["venue:42", "", "城市:nyc"]);
+        assert_eq!(n.host_path(), "api.example/v1/lieux/é");
+        assert_eq!(n.tags().collect::<Vec<_>>(), ["venue:42", "", "城市:nyc"]);
+        assert_eq!(n.tags().len(), 3);
+        let none = Names::new::<&str>("h/p", &[]);
+        assert_eq!((none.host_path(), none.tags().count()), ("h/p", 0));
+        let empty = Names::default();
+        assert_eq!((empty.host_path(), empty.tags().count()), ("", 0));
+        // One buffer: four bytes an end, then the text.
+        assert_eq!(
+            n.heap_bytes(),
+            4 * 4 + n.host_path().len() + "venue:42".len() + "城市:nyc".len()
+        );
+    }
+
     /// Issue 9 item 12: what an entry's facts hold is counted, tags and `host_path` included.
     #[test]
     fn size_counts_every_byte_of_the_facts() {
@@ -131,8 +257,7 @@ mod tests {
         let base = small.size();
         assert!(base >= std::mem::size_of::<EntryInfo>());
         let big = EntryInfo {
-            host_path: "h".repeat(10_000).into(),
-            tags: Arc::from(vec!["t".repeat(200).into_boxed_str(); 3]),
+            names: Names::new(&"h".repeat(10_000), &vec!["t".repeat(200); 3]),
             rule: Arc::from("rule-name"),
             tokens_at: Some(Arc::from("/usage/total_tokens")),
             ..EntryInfo::default()

@@ -11,7 +11,7 @@
 //! The key id is derived from the key itself, so rotating keys needs no bookkeeping: records
 //! sealed with a `previous_keys` entry still open, and an unknown id is simply a miss.
 
-use super::EntryInfo;
+use super::{EntryInfo, Names};
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use bytes::{Buf, Bytes};
@@ -84,7 +84,7 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
 
 impl Record {
     fn payload(&self) -> Vec<u8> {
-        let tags_len: usize = self.info.tags.iter().map(|t| t.len() + 4).sum();
+        let tags_len: usize = self.info.tags().map(|t| t.len() + 4).sum();
         let mut out = Vec::with_capacity(
             32 + self.internal.len() + self.header.len() + tags_len + self.body.len(),
         );
@@ -92,10 +92,10 @@ impl Record {
         put(&mut out, &self.internal);
         put(&mut out, &self.header);
         out.extend_from_slice(&self.info.uri.to_be_bytes());
-        put(&mut out, self.info.host_path.as_bytes());
+        put(&mut out, self.info.host_path().as_bytes());
         put(&mut out, self.info.rule.as_bytes());
-        out.extend_from_slice(&(self.info.tags.len() as u32).to_be_bytes());
-        for t in self.info.tags.iter() {
+        out.extend_from_slice(&(self.info.tags().len() as u32).to_be_bytes());
+        for t in self.info.tags() {
             put(&mut out, t.as_bytes());
         }
         let mut flags = if self.info.encrypt { FLAG_ENCRYPT } else { 0 };
@@ -205,11 +205,7 @@ impl Record {
         let mut tags = Vec::with_capacity(ntags.min(1024));
         for _ in 0..ntags {
             let t = take(&mut b)?;
-            tags.push(
-                String::from_utf8(t.to_vec())
-                    .map_err(|_| DecodeError::Malformed)?
-                    .into_boxed_str(),
-            );
+            tags.push(String::from_utf8(t.to_vec()).map_err(|_| DecodeError::Malformed)?);
         }
         if b.remaining() < 1 {
             return Err(DecodeError::Malformed);
@@ -228,9 +224,8 @@ impl Record {
             header,
             info: EntryInfo {
                 uri,
-                host_path: host_path.into_boxed_str(),
+                names: Names::new(&host_path, &tags),
                 rule: Arc::from(rule),
-                tags: Arc::from(tags),
                 encrypt: flags & FLAG_ENCRYPT != 0,
                 tokens_at: None,
                 tokens,
@@ -250,9 +245,8 @@ mod tests {
             header: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
             info: EntryInfo {
                 uri: 77,
-                host_path: "h/p".into(),
+                names: Names::new("h/p", &["a", "wedding:42"]),
                 rule: Arc::from("r"),
-                tags: Arc::from(vec!["a".into(), "wedding:42".into()]),
                 encrypt,
                 tokens_at: None,
                 tokens: 0,

@@ -11,10 +11,9 @@ use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::RwLock;
-use pingora::cache::key::CompactCacheKey;
 use pingora::cache::storage::{HandleMiss, MissFinishType};
 use pingora::Result;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -42,7 +41,6 @@ pub(super) struct MemoryMiss {
     pub(super) id: u128,
     pub(super) write: u64,
     pub(super) write_tag: [u8; 8],
-    pub(super) compact: CompactCacheKey,
     pub(super) partial: Arc<Partial>,
     /// Set by `finish`; a fill dropped before it is abandoned.
     pub(super) finished: bool,
@@ -83,16 +81,16 @@ impl HandleMiss for MemoryMiss {
         let mut meta = self.partial.meta.clone();
         meta.set_length(body.len());
         let info = self.partial.info.completed(&body);
-        let weight = entry_weight(body.len(), &meta, &info, &self.compact);
+        let weight = entry_weight(body.len(), &meta, &info);
         self.finished = true;
         self.storage.insert(
             self.id,
             Entry {
-                touched: AtomicU64::new(clock_ms()),
+                id: self.id,
+                touched: AtomicU32::new(clock_ms() as u32),
                 meta: RwLock::new(meta),
                 body,
                 info,
-                compact: self.compact.clone(),
                 weight,
             },
         );

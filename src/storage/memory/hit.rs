@@ -15,7 +15,6 @@ use super::{clock_ms, id, Entry, MemoryStorage, LRU_INTERVAL_MS};
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
-use pingora::cache::eviction::{CacheEntryKey, EvictionManager};
 use pingora::cache::key::HashBinary;
 use pingora::cache::storage::{HandleHit, HitHandler};
 use pingora::cache::trace::SpanHandle;
@@ -33,8 +32,8 @@ impl Entry {
     /// `lru_interval`: a hot entry moves at most once a second, instead of taking the LRU
     /// shard's lock on every hit.
     pub(super) fn lru_due(&self) -> bool {
-        let now = clock_ms();
-        let due = now.saturating_sub(self.touched.load(Ordering::Relaxed)) >= LRU_INTERVAL_MS;
+        let now = clock_ms() as u32;
+        let due = now.wrapping_sub(self.touched.load(Ordering::Relaxed)) >= LRU_INTERVAL_MS as u32;
         if due {
             self.touched.store(now, Ordering::Relaxed);
         }
@@ -61,16 +60,14 @@ impl MemoryStorage {
     /// still streaming is not complete.
     pub fn complete(&self, key: HashBinary) -> Option<Stored> {
         let id = id(key);
-        self.shard(id).read().get(&id).cloned().map(Stored)
+        self.get(id).map(Stored)
     }
 
     /// `stored` answered a request: it moves up the LRU when due, as a hit through pingora's
     /// phases does (`should_count_access`, then the eviction manager's `access`).
-    pub fn count_hit(&self, stored: &Stored, fresh_until: SystemTime) {
-        let entry = &stored.0;
-        if entry.lru_due() {
-            let key = CacheEntryKey::key_only(entry.compact.clone());
-            self.eviction.access(&key, entry.weight, fresh_until);
+    pub fn count_hit(&self, stored: &Stored) {
+        if stored.0.lru_due() {
+            self.eviction.access_id(stored.0.id);
         }
     }
 }
@@ -79,9 +76,9 @@ impl Stored {
     pub fn times(&self) -> StoredTimes {
         let meta = self.0.meta.read();
         StoredTimes {
-            fresh_until: meta.fresh_until,
-            confirmed: meta.confirmed,
-            epoch: meta.epoch,
+            fresh_until: meta.fresh_until.time(),
+            confirmed: meta.confirmed.time(),
+            epoch: meta.epoch.time(),
             varies: meta.variance.is_some() || meta.header.contains(&http::header::VARY),
         }
     }
