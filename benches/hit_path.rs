@@ -72,8 +72,8 @@ match = { method = "GET", path = "/bench/*" }
 vary = ["query.v"]
 "#;
 
-/// The realistic rule of `benches/compare-rules-on/` (path parameter, three normalized query
-/// fields, tags).
+/// A realistic rule, modelled on `benches/compare-rules-on/`'s `vendor-search` but matched on this
+/// bench's path (a path parameter, three normalized query fields, tags).
 const RULES: &str = r#"
 [tables.market]
 map = { "new york" = "nyc", brooklyn = "nyc", manhattan = "nyc" }

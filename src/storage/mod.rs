@@ -2,8 +2,9 @@
 //!
 //! Pingora's cache machinery talks to a [`pingora::cache::Storage`]; Aisle's tiers implement it.
 //! The memory tier ([`memory::MemoryStorage`]) is bounded by its own sharded LRU (a pingora
-//! eviction manager, [`memory::PriorityEviction`]) and holds bodies as `Bytes`, so a hit hands out a reference, never a copy. A shared
-//! tier (Redis) plugs in behind the same trait as a second layer.
+//! eviction manager, [`memory::PriorityEviction`]) and holds bodies as `Bytes`, so a hit hands
+//! out a reference, never a copy. A shared tier (Redis) plugs in behind the same trait as a
+//! second layer.
 //!
 //! What the cache needs to know about an entry beyond pingora's `CacheMeta` (the URI it was
 //! stored for, its tags) travels in the meta's extensions as an [`EntryInfo`], set by the proxy

@@ -410,11 +410,11 @@ impl MemoryStorage {
                 .entry(old.info.rule.clone())
                 .or_default() -= old.weight as i64;
         } else {
-            let link = (uri, id as u64);
-            let mut uris = self.uri_shard(uri).lock();
-            if uris.find(self.slot(uri), |l| *l == link).is_none() {
-                uris.insert_unique(self.slot(uri), link, |l| self.slot(l.0));
-            }
+            // One link per entry, even if another entry of the URI shares the low half: removing
+            // either then leaves the other's.
+            self.uri_shard(uri)
+                .lock()
+                .insert_unique(self.slot(uri), (uri, id as u64), |l| self.slot(l.0));
         }
         self.account(1, weight);
     }
@@ -550,7 +550,9 @@ impl Storage for MemoryStorage {
                         self.evictions.fetch_add(1, Ordering::Relaxed);
                         metrics().evictions.inc();
                     }
-                    PurgeType::Invalidation => self.eviction.remove_id(id),
+                    PurgeType::Invalidation => {
+                        self.eviction.remove_id(id);
+                    }
                 }
                 Ok(PurgeOutcome::Purged(None))
             }

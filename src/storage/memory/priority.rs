@@ -6,9 +6,9 @@
 //! victims are taken from the least recently used end of the lowest non-empty class: low, then
 //! normal, then high, and critical only when nothing else is left.
 //!
-//! Why not pingora's `lru::Manager`: at a million entries its node (a boxed copy of the whole
-//! compact key, a lookup slot and a list link per entry) cost about 180 bytes an entry, a fifth
-//! of the tier's overhead (issue 16). Here an entry is one 40-byte node in its shard's slab,
+//! Why not pingora's `lru::Manager`: its node (a boxed copy of the whole compact key, a lookup
+//! slot and a list link per entry) made the tier's per-entry overhead at a million entries 836
+//! bytes; with this one it was 757 (issue 16, `benches/memory_scale.rs`). Here an entry is one 40-byte node in its shard's slab,
 //! linked into its class's list by `u32` indices, and one 4-byte slot in the shard's index,
 //! found by the key's combined hash alone. A victim is handed back as a key whose primary hash
 //! *is* that combined hash (no variance), which is all the storage's `purge` reads. A hit costs
@@ -254,14 +254,14 @@ impl PriorityEviction {
         add(&self.items[class], items);
     }
 
-    /// Removes the entry stored under combined key hash `id`, if it is tracked.
-    pub fn remove_id(&self, id: u128) {
+    /// Removes the entry stored under combined key hash `id`; its weight, if it was tracked.
+    pub fn remove_id(&self, id: u128) -> Option<usize> {
         let mut shard = self.shard(id).lock();
-        if let Some(i) = shard.find(&self.hasher, id) {
-            let (weight, class) = shard.remove(&self.hasher, i);
-            drop(shard);
-            self.account(class, -(weight as isize), -1);
-        }
+        let i = shard.find(&self.hasher, id)?;
+        let (weight, class) = shard.remove(&self.hasher, i);
+        drop(shard);
+        self.account(class, -(weight as isize), -1);
+        Some(weight)
     }
 
     /// A hit on the entry under `id`: it becomes its class's most recently used. False if it
@@ -337,11 +337,7 @@ impl PriorityEviction {
         }
         if self.total_size() > self.limit {
             // Nothing else is left: the new entry alone is over the budget.
-            let mut shard = self.shard(admitted).lock();
-            if let Some(i) = shard.find(&self.hasher, admitted) {
-                let (weight, class) = shard.remove(&self.hasher, i);
-                drop(shard);
-                self.account(class, -(weight as isize), -1);
+            if let Some(weight) = self.remove_id(admitted) {
                 take(admitted, weight);
             }
         }
@@ -406,7 +402,7 @@ impl EvictionManager for PriorityEviction {
     }
 
     fn remove(&self, item: CacheEntryKeyRef<'_>) {
-        self.remove_id(id_of(item.key()));
+        let _ = self.remove_id(id_of(item.key()));
     }
 
     fn access(&self, item: &CacheEntryKey, _size: usize, _fresh_until: SystemTime) -> bool {
