@@ -129,12 +129,12 @@ async fn the_memory_budget_bounds_the_resident_set() {
     // mimalloc returns freed pages to the system after a delay (10 ms by default), so how
     // many freed pages RSS still counted at the moment of each reading varied by 3 MiB between
     // runs of one build, as much as the budget is. Returned at once, RSS is what is in use.
-    let gw = Gateway::start_with_env(
-        &config_with_cache(&origin.url(), "4MiB", "1MiB"),
-        &[],
-        &[("MIMALLOC_PURGE_DELAY", "0")],
-    )
-    .await;
+    // One worker thread: with several, entries filled on one thread and evicted on another
+    // leave each thread's pages partly used, a few MiB that depend on scheduling (2.28x the
+    // budget once under the whole suite's load), which is not what this test measures.
+    let config = config_with_cache(&origin.url(), "4MiB", "1MiB")
+        .replace("[cache]", "threads = 1\n\n[cache]");
+    let gw = Gateway::start_with_env(&config, &[], &[("MIMALLOC_PURGE_DELAY", "0")]).await;
     let pid = gateway_pid(&gw);
     // The base: the same kind of traffic with nothing stored (connections, pools, buffers).
     traffic(&gw, "/nostore/", 1000).await;
@@ -156,9 +156,14 @@ async fn the_memory_budget_bounds_the_resident_set() {
         bytes <= BUDGET + 4.0 * 8192.0,
         "aisle_cache_bytes {bytes} over the budget"
     );
+    // The bound tells a bounded tier from the regression this guards (entries pinning their
+    // 4 KiB read buffers: 5.5x). At a 4 MiB budget the allocator's partly used pages are a
+    // large share of the growth and vary from run to run: 0.7x to 1.6x measured on the build
+    // before issue 16's smaller entries, 1.05x to 1.6x after them (2.28x once under the whole
+    // suite's load, with four worker threads), so 1.6x was too close to tell them apart.
     assert!(
-        grown <= 1.6 * BUDGET,
-        "RSS grew {:.2}x the 4 MiB budget filling it with 1 KiB answers (allowed: 1.6x)",
+        grown <= 2.5 * BUDGET,
+        "RSS grew {:.2}x the 4 MiB budget filling it with 1 KiB answers (allowed: 2.5x)",
         grown / BUDGET
     );
 }
