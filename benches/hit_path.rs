@@ -187,7 +187,7 @@ fn run(case: &Case, epochs: &Epochs, n: u32) -> Figures {
             &aisle::key::host_path(host, path),
             &["vendor:k17", "size:1k"],
         ),
-        rule: Arc::from(&*route.rule.name),
+        rule: route.rule.stored.clone(),
         ..EntryInfo::default()
     };
     memory.promote(&key, &meta, body, Arc::new(info));

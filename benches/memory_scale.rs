@@ -24,12 +24,15 @@
 //!   `MemoryStorage::bytes()` (what the tier charges) against the real growth, which must cover
 //!   it (charged ≥ real: no uncounted part can push the process past the budget).
 //!
+//! - **eviction**: the same budget offered half as many entries again, so it evicts while full:
+//!   RSS / budget and charged / real growth again.
+//!
 //! Run by `cargo test --benches` (no `--bench` argument) it is a smoke test: 60,000 entries, a
 //! 64 MiB budget (so eviction runs), asserting that the charge covers the real growth and the
 //! budget holds.
 
 use aisle::key;
-use aisle::rules::Priority;
+use aisle::rules::{Priority, StoredRule};
 use aisle::storage::memory::{Eviction, MemoryStorage};
 use aisle::storage::{EntryInfo, Names};
 use bytes::Bytes;
@@ -199,7 +202,8 @@ fn fill(entries: usize, body: usize, budget: usize) -> Figures {
         .build()
         .unwrap();
     let payload = Bytes::from(vec![b'x'; body]);
-    let rule: Arc<str> = Arc::from("vendor-reviews");
+    // One copy for all entries, as a compiled rule's is.
+    let rule = StoredRule::of("vendor-reviews", false, None);
     let span = Span::inactive().handle();
     let before = rss();
     let (heap_before, allocs_before) = (LIVE_BYTES.load(Relaxed), LIVE_ALLOCS.load(Relaxed));
@@ -249,9 +253,7 @@ fn fill(entries: usize, body: usize, budget: usize) -> Figures {
             Arc::new(EntryInfo {
                 uri: key::uri_id(host, &path),
                 names: Names::new(&key::host_path(host, &path), &tags),
-                encrypt: false,
                 rule: rule.clone(),
-                tokens_at: None,
                 tokens: 0,
             })
             .attach(&mut meta);
@@ -401,5 +403,31 @@ fn main() {
     );
     if !full {
         assert!(b.evictions > 0, "the smoke budget is small enough to evict");
+        return;
     }
+
+    // Under eviction: half as many again as the budget holds (the budget phase may evict
+    // nothing), so the tier is full and evicting for the last part of the fill.
+    let offered = entries + entries / 2;
+    let e = phase("eviction", offered, 1024, budget);
+    println!(
+        "eviction at {:.0} MiB: {offered} offered, {} held, {} evicted; RSS/budget {:.3}; \
+         charged/real growth {:.3} (must be >= 1)",
+        mib(budget),
+        e.entries,
+        e.evictions,
+        e.after as f64 / budget as f64,
+        e.charged as f64 / e.growth() as f64
+    );
+    assert!(
+        e.evictions > 0,
+        "offered more than the budget holds, nothing was evicted"
+    );
+    assert!(e.charged <= budget, "the tier holds more than its budget");
+    assert!(
+        e.charged >= e.growth(),
+        "uncounted bytes under eviction: the tier charges {} but the process grew by {}",
+        e.charged,
+        e.growth()
+    );
 }

@@ -181,11 +181,14 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
+/// The largest `max_object`: an entry is held whole in memory, and its weight in 32 bits.
+pub const MAX_OBJECT: u64 = 1 << 30;
+
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     /// Memory tier budget in bytes.
     pub memory: u64,
-    /// Responses larger than this are passed through, not stored.
+    /// Responses larger than this are passed through, not stored. At most [`MAX_OBJECT`].
     pub max_object: u64,
     pub rules_dir: PathBuf,
     /// How long a fill may show no sign of life before its waiters stop waiting for it: the
@@ -296,6 +299,21 @@ impl Config {
             };
         let memory = size(&raw.cache.memory, 256 << 20, &mut diags);
         let max_object = size(&raw.cache.max_object, 8 << 20, &mut diags);
+        if let Some(s) = raw
+            .cache
+            .max_object
+            .as_ref()
+            .filter(|_| max_object > MAX_OBJECT)
+        {
+            diags.push(src.at(
+                s.span(),
+                format!(
+                    "max_object {:?} is over 1GiB: an entry is held whole in memory (and in one \
+                     Redis value); write at most \"1GiB\"",
+                    s.get_ref()
+                ),
+            ));
+        }
         let lock_timeout = dur(&raw.cache.lock_timeout, Duration::from_secs(10), &mut diags);
         let base = path.parent().unwrap_or(Path::new("."));
         let max_ttl = dur(&raw.cache.max_ttl, Duration::from_secs(86_400), &mut diags);

@@ -38,6 +38,22 @@ fn spec_example_is_accepted() {
     );
 }
 
+/// An entry is held whole in memory and weighed in 32 bits: `max_object` over 1 GiB is refused
+/// where it is written; 1 GiB itself is taken.
+#[test]
+fn max_object_is_at_most_one_gib() {
+    let text = SPEC.replace("max_object = \"8MiB\"", "max_object = \"2GiB\"");
+    let e = load(&text, &[]).unwrap_err();
+    assert_eq!(e.len(), 1);
+    assert!(
+        e[0].to_string().contains(":14:") && e[0].message.contains("over 1GiB"),
+        "{}",
+        e[0]
+    );
+    let text = SPEC.replace("max_object = \"8MiB\"", "max_object = \"1GiB\"");
+    assert_eq!(load(&text, &[]).unwrap().cache.max_object, 1 << 30);
+}
+
 #[test]
 fn bad_values_are_positioned() {
     let text = SPEC.replace("\"256MiB\"", "\"lots\"");

@@ -20,7 +20,6 @@ use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use serde_json::Value;
 use sha2::Sha256;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Any text, control characters, separators and all.
@@ -424,9 +423,7 @@ fn record() -> impl Strategy<Value = Record> {
                 info: EntryInfo {
                     uri,
                     names: Names::new(&host_path, &tags),
-                    encrypt,
-                    rule: Arc::from(rule),
-                    tokens_at: None,
+                    rule: crate::rules::StoredRule::decoded(&rule, encrypt),
                     tokens,
                 },
                 body: Bytes::from(body),
@@ -456,7 +453,7 @@ fn redis_record() {
                 .map_err(|e| TestCaseError::fail(format!("round trip: {e:?}")))?;
             check(back == r, || "round trip changed the record".into())?;
             let _ = CacheMeta::deserialize(&back.internal, &back.header);
-            if r.info.encrypt {
+            if r.info.encrypt() {
                 // Another storage key (a record moved), another instance's keys: never opens.
                 if sk != b"moved" {
                     check(

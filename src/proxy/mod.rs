@@ -890,13 +890,7 @@ impl ProxyHttp for Gateway {
         Arc::new(EntryInfo {
             uri: ctx.route().uri,
             names: Names::new(&key::host_path(host, req.uri.path()), &tags),
-            encrypt: rule.encrypt,
-            rule: Arc::from(&*rule.name),
-            tokens_at: rule
-                .cost
-                .as_ref()
-                .and_then(|c| c.tokens.as_deref())
-                .map(Arc::from),
+            rule: rule.stored.clone(),
             tokens: 0,
         })
         .attach(&mut meta);

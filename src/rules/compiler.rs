@@ -14,7 +14,7 @@ use super::path::PathPattern;
 use super::source::{Source, Template};
 use super::{
     Authorization, ClientRevalidation, Cost, CredentialKey, Priority, Rule, SeasonTtl,
-    SeasonTtlEntry, VaryField, DEFAULT_ROUTE,
+    SeasonTtlEntry, StoredRule, VaryField, DEFAULT_ROUTE,
 };
 use crate::diag::{Diagnostic, SourceFile};
 use crate::metrics::RuleMetrics;
@@ -271,6 +271,7 @@ pub fn compile(files: &[(&Path, &str)], ctx: &Context<'_>) -> Result<RuleSet, Ve
                 finish(&h)
             },
             metrics: RuleMetrics::new(DEFAULT_ROUTE),
+            stored: StoredRule::of(DEFAULT_ROUTE, false, None),
         })
     });
     Ok(RuleSet {
@@ -657,6 +658,7 @@ fn compile_rule(
         }
         finish(&h)
     };
+    let stored = StoredRule::of(name, encrypt, cost.as_ref());
     Ok(Rule {
         key_path,
         generation,
@@ -687,6 +689,7 @@ fn compile_rule(
         client_revalidation,
         authorization,
         metrics: RuleMetrics::new(name),
+        stored,
     })
 }
 

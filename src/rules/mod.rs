@@ -31,6 +31,7 @@ use normalize::Normalizer;
 use path::PathPattern;
 use source::{RequestView, Source, Template, Unkeyable};
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The name the default route reports in metrics and logs.
@@ -253,6 +254,46 @@ pub struct SeasonTtl {
     pub off: Option<Duration>,
 }
 
+/// What every entry stored under a rule keeps of it: the rule's name (per-rule bytes in
+/// `/admin/stats`), whether shared tiers seal its entries, and where its answers' token count
+/// is. Built once when the rule is compiled ([`StoredRule::of`]) and shared by reference, so a
+/// stored entry holds one pointer rather than its own copies of the name and the pointer
+/// (issue 16: per-entry overhead at a million entries).
+#[derive(Debug, PartialEq, Eq, Default)]
+pub struct StoredRule {
+    pub name: Box<str>,
+    /// Rule `encrypt = true`: sealed when written to a shared tier.
+    pub encrypt: bool,
+    /// Rule `cost.tokens`: a JSON pointer to the answer's token count.
+    pub tokens_at: Option<Box<str>>,
+    /// One copy for all of the rule's entries (the compiled rule's), so not charged to them;
+    /// false for a copy decoded from a shared tier's record, which is the entry's own.
+    pub shared: bool,
+}
+
+impl StoredRule {
+    /// The shared facts of a compiled rule named `name`.
+    pub fn of(name: &str, encrypt: bool, cost: Option<&Cost>) -> Arc<StoredRule> {
+        Arc::new(StoredRule {
+            name: name.into(),
+            encrypt,
+            tokens_at: cost.and_then(|c| c.tokens.as_deref()).map(Box::from),
+            shared: true,
+        })
+    }
+
+    /// An entry's own copy, as a shared tier's record states it (records carry no token
+    /// pointer: the count was read when the answer was stored).
+    pub fn decoded(name: &str, encrypt: bool) -> Arc<StoredRule> {
+        Arc::new(StoredRule {
+            name: name.into(),
+            encrypt,
+            tokens_at: None,
+            shared: false,
+        })
+    }
+}
+
 /// A compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -311,6 +352,9 @@ pub struct Rule {
     /// the rule, its old entries are no longer found, while an unchanged rule's still are.
     pub generation: u64,
     pub metrics: RuleMetrics,
+    /// What its stored entries keep of it, built from `name`, `encrypt` and `cost` when the
+    /// rule is compiled.
+    pub stored: Arc<StoredRule>,
 }
 
 impl Rule {
@@ -401,6 +445,7 @@ impl Rule {
             authorization: self.authorization.clone(),
             generation: self.generation,
             metrics: RuleMetrics::new(&self.name),
+            stored: self.stored.clone(),
         }
     }
 }

@@ -18,25 +18,24 @@ pub mod redis;
 pub mod tiered;
 
 use crate::rules::template::{tag_key, MAX_TAGS};
+use crate::rules::StoredRule;
 use pingora::cache::CacheMeta;
 use std::sync::Arc;
 
 /// Aisle's facts about a stored entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EntryInfo {
     /// [`crate::key::uri_id`] of the URI the entry was stored for; shared by its variants.
     pub uri: u64,
     /// `host/path` the entry was stored for (prefix purges match it) and its tags (from the
     /// rule's templates and `invalidate_on` names), in one buffer.
     pub names: Names,
-    /// Seal the entry when it is written to a shared tier (rule `encrypt = true`).
-    pub encrypt: bool,
-    /// The rule it was stored under (per-rule bytes in `/admin/stats`).
-    pub rule: Arc<str>,
-    /// Where the answer's token count is (rule `cost.tokens`, a JSON pointer); read once when
-    /// the fill completes, into `tokens`. Not stored in shared tiers.
-    pub tokens_at: Option<Arc<str>>,
-    /// Tokens the stored answer reports (0 when unknown): what each hit saves.
+    /// What the entry keeps of the rule it was stored under (its name, for per-rule bytes in
+    /// `/admin/stats`; whether shared tiers seal it; where its token count is), shared with
+    /// every other entry of that rule.
+    pub rule: Arc<StoredRule>,
+    /// Tokens the stored answer reports (0 when unknown): what each hit saves. Read once,
+    /// when the fill completes, from where the rule's `cost.tokens` points.
     pub tokens: u64,
 }
 
@@ -53,13 +52,23 @@ impl EntryInfo {
 
     /// The facts of a completed fill: `tokens` read from the body, once.
     pub fn completed(self: &Arc<Self>, body: &[u8]) -> Arc<EntryInfo> {
-        match &self.tokens_at {
+        match &self.rule.tokens_at {
             Some(pointer) => Arc::new(EntryInfo {
                 tokens: crate::usage::tokens(body, pointer),
                 ..(**self).clone()
             }),
             None => self.clone(),
         }
+    }
+
+    /// Seal the entry when it is written to a shared tier (rule `encrypt = true`).
+    pub fn encrypt(&self) -> bool {
+        self.rule.encrypt
+    }
+
+    /// The name of the rule it was stored under.
+    pub fn rule_name(&self) -> &str {
+        &self.rule.name
     }
 }
 
@@ -84,18 +93,6 @@ impl EntryInfo {
             return Err(TooManyTags(tags.len()));
         }
         Ok(tags)
-    }
-
-    /// Bytes these facts hold: the struct, the `host_path`, every tag (and its slot), the rule
-    /// name and token pointer, and the reference counts of the shared parts. The memory tier
-    /// charges them to the entry's weight.
-    pub fn size(&self) -> usize {
-        const ARC_COUNTS: usize = 2 * std::mem::size_of::<usize>();
-        std::mem::size_of::<EntryInfo>()
-            + self.names.heap_bytes()
-            + ARC_COUNTS
-            + self.rule.len()
-            + self.tokens_at.as_ref().map_or(0, |t| ARC_COUNTS + t.len())
     }
 }
 
@@ -217,19 +214,6 @@ impl<'a> Iterator for Tags<'a> {
 
 impl ExactSizeIterator for Tags<'_> {}
 
-impl Default for EntryInfo {
-    fn default() -> Self {
-        EntryInfo {
-            uri: 0,
-            names: Names::default(),
-            encrypt: false,
-            rule: Arc::from(""),
-            tokens_at: None,
-            tokens: 0,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,25 +232,6 @@ mod tests {
         assert_eq!(
             n.heap_bytes(),
             4 * 4 + n.host_path().len() + "venue:42".len() + "城市:nyc".len()
-        );
-    }
-
-    /// Issue 9 item 12: what an entry's facts hold is counted, tags and `host_path` included.
-    #[test]
-    fn size_counts_every_byte_of_the_facts() {
-        let small = EntryInfo::default();
-        let base = small.size();
-        assert!(base >= std::mem::size_of::<EntryInfo>());
-        let big = EntryInfo {
-            names: Names::new(&"h".repeat(10_000), &vec!["t".repeat(200); 3]),
-            rule: Arc::from("rule-name"),
-            tokens_at: Some(Arc::from("/usage/total_tokens")),
-            ..EntryInfo::default()
-        };
-        assert!(
-            big.size() >= base + 10_000 + 600 + "rule-name".len() + "/usage/total_tokens".len(),
-            "{} vs {base}",
-            big.size()
         );
     }
 

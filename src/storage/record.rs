@@ -12,11 +12,11 @@
 //! sealed with a `previous_keys` entry still open, and an unknown id is simply a miss.
 
 use super::{EntryInfo, Names};
+use crate::rules::StoredRule;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use bytes::{Buf, Bytes};
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
 
 const MAGIC: &[u8; 4] = b"AIS3";
 const PLAIN: u8 = 0;
@@ -93,12 +93,12 @@ impl Record {
         put(&mut out, &self.header);
         out.extend_from_slice(&self.info.uri.to_be_bytes());
         put(&mut out, self.info.host_path().as_bytes());
-        put(&mut out, self.info.rule.as_bytes());
+        put(&mut out, self.info.rule_name().as_bytes());
         out.extend_from_slice(&(self.info.tags().len() as u32).to_be_bytes());
         for t in self.info.tags() {
             put(&mut out, t.as_bytes());
         }
-        let mut flags = if self.info.encrypt { FLAG_ENCRYPT } else { 0 };
+        let mut flags = if self.info.encrypt() { FLAG_ENCRYPT } else { 0 };
         if self.info.tokens > 0 {
             flags |= FLAG_TOKENS;
         }
@@ -113,7 +113,7 @@ impl Record {
     /// Encodes the record; sealed when the entry asks for encryption (`keys` must then be set).
     pub fn encode(&self, storage_key: &[u8], keys: Option<&Keys>) -> Vec<u8> {
         let payload = self.payload();
-        match (self.info.encrypt, keys) {
+        match (self.info.encrypt(), keys) {
             (true, Some(keys)) => {
                 let (id, cipher) = &keys.current;
                 let nonce = Aes256Gcm::generate_nonce(&mut OsRng);
@@ -225,9 +225,7 @@ impl Record {
             info: EntryInfo {
                 uri,
                 names: Names::new(&host_path, &tags),
-                rule: Arc::from(rule),
-                encrypt: flags & FLAG_ENCRYPT != 0,
-                tokens_at: None,
+                rule: StoredRule::decoded(&rule, flags & FLAG_ENCRYPT != 0),
                 tokens,
             },
             body: b,
@@ -246,9 +244,7 @@ mod tests {
             info: EntryInfo {
                 uri: 77,
                 names: Names::new("h/p", &["a", "wedding:42"]),
-                rule: Arc::from("r"),
-                encrypt,
-                tokens_at: None,
+                rule: StoredRule::decoded("r", encrypt),
                 tokens: 0,
             },
             body: Bytes::from_static(b"{\"secret\":\"guest list\"}"),

@@ -88,14 +88,14 @@ impl HandleMiss for MemoryMiss {
             Entry {
                 id: self.id,
                 touched: AtomicU32::new(clock_ms() as u32),
-                meta: RwLock::new(meta),
+                weight,
+                meta,
                 body,
                 info,
-                weight,
             },
         );
         self.end(true);
-        Ok(MissFinishType::Created(weight))
+        Ok(MissFinishType::Created(weight as usize))
     }
 
     fn streaming_write_tag(&self) -> Option<&[u8]> {

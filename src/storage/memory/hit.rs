@@ -74,7 +74,7 @@ impl MemoryStorage {
 
 impl Stored {
     pub fn times(&self) -> StoredTimes {
-        let meta = self.0.meta.read();
+        let meta = &self.0.meta;
         StoredTimes {
             fresh_until: meta.fresh_until.time(),
             confirmed: meta.confirmed.time(),
@@ -89,7 +89,7 @@ impl Stored {
 
     /// A copy of the stored response header, to send.
     pub fn header(&self) -> ResponseHeader {
-        self.0.meta.read().header.to_response_header()
+        self.0.meta.header.to_response_header()
     }
 
     /// The body (a reference count, not a copy).

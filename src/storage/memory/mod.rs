@@ -25,10 +25,11 @@ pub use priority::PriorityEviction;
 
 use super::EntryInfo;
 use crate::metrics::metrics;
+use crate::rules::StoredRule;
 use ahash::RandomState;
 use async_trait::async_trait;
 use bytes::Bytes;
-use compact::{body_weight, header_weight, owned_body, with_slack, StoredHeader};
+use compact::{alloc_size, body_weight, header_weight, owned_body, StoredHeader, ARC_COUNTS};
 use fill::{MemoryMiss, Partial, Progress};
 use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
@@ -53,11 +54,10 @@ const SHARDS: usize = 16;
 const fn map_slot(slot: usize) -> usize {
     (slot + 1) * 16 / 7
 }
-/// Bytes every entry costs beyond its body, header, facts and key (before the allocator's
-/// slack): the entry and its reference counts, its table slot, its slot in the URI index, and
-/// its LRU node ([`priority::LRU_BYTES`]).
-const ENTRY_OVERHEAD: usize = 2 * size_of::<usize>()
-    + size_of::<Entry>()
+/// Bytes every entry costs beyond its body, header and facts: the entry with its reference
+/// counts (in the allocator's size class), its table slot, its slot in the URI index, and its
+/// LRU node ([`priority::LRU_BYTES`]).
+const ENTRY_OVERHEAD: usize = alloc_size(ARC_COUNTS + size_of::<Entry>())
     + map_slot(size_of::<Arc<Entry>>())
     + map_slot(size_of::<(u64, u64)>())
     + priority::LRU_BYTES;
@@ -180,10 +180,15 @@ pub(super) struct Entry {
     /// [`clock_ms`] (its low 32 bits, compared wrapping) when a hit last moved this entry up
     /// the LRU.
     pub(super) touched: AtomicU32,
-    pub(super) meta: RwLock<StoredMeta>,
+    /// What it charges the budget ([`entry_weight`]; under 4 GiB, as `max_object` is at most
+    /// 1 GiB).
+    pub(super) weight: u32,
+    /// Never changed in place: a revalidation stores a new entry with the same body
+    /// ([`Storage::update_meta`]), so a reader holding this one sees one consistent answer
+    /// and a hit takes no lock.
+    pub(super) meta: StoredMeta,
     pub(super) body: Bytes,
     pub(super) info: Arc<EntryInfo>,
-    pub(super) weight: usize,
 }
 
 /// One shard of entries, found by combined key hash (which each entry holds: an 8-byte slot
@@ -205,7 +210,7 @@ pub struct MemoryStorage {
     /// id, fill).
     partials: Mutex<HashMap<u128, (u64, Arc<Partial>)>>,
     /// Bytes held per rule (for `/admin/stats`); updated on fills and removals only.
-    rule_bytes: Mutex<HashMap<Arc<str>, i64>>,
+    rule_bytes: Mutex<HashMap<Box<str>, i64>>,
     next_write: AtomicU64,
     eviction: &'static Eviction,
     entries: AtomicI64,
@@ -355,15 +360,15 @@ impl MemoryStorage {
             Entry {
                 id,
                 touched: AtomicU32::new(clock_ms() as u32),
-                meta: RwLock::new(stored),
+                weight,
+                meta: stored,
                 body,
                 info,
-                weight,
             },
         );
         let victims = self.eviction.admit(
             CacheEntryKey::key_only(key.to_compact()),
-            weight,
+            weight as usize,
             meta.fresh_until(),
         );
         for victim in victims {
@@ -385,12 +390,8 @@ impl MemoryStorage {
 
     pub(super) fn insert(&self, id: u128, entry: Entry) {
         let uri = entry.info.uri;
-        let weight = entry.weight as i64;
-        *self
-            .rule_bytes
-            .lock()
-            .entry(entry.info.rule.clone())
-            .or_default() += weight;
+        let weight = i64::from(entry.weight);
+        self.charge_rule(entry.info.rule_name(), weight);
         let entry = Arc::new(entry);
         let old = {
             let mut shard = self.shard(id).write();
@@ -403,12 +404,8 @@ impl MemoryStorage {
             }
         };
         if let Some(old) = old {
-            self.account(-1, -(old.weight as i64));
-            *self
-                .rule_bytes
-                .lock()
-                .entry(old.info.rule.clone())
-                .or_default() -= old.weight as i64;
+            self.account(-1, -i64::from(old.weight));
+            self.charge_rule(old.info.rule_name(), -i64::from(old.weight));
         } else {
             // One link per entry, even if another entry of the URI shares the low half: removing
             // either then leaves the other's.
@@ -419,6 +416,20 @@ impl MemoryStorage {
         self.account(1, weight);
     }
 
+    /// Puts `updated` in the place of `current`, if the table still holds it (a fill that
+    /// replaced it since is newer, and stays).
+    fn replace(&self, current: &Arc<Entry>, updated: Arc<Entry>) -> bool {
+        let id = current.id;
+        let mut shard = self.shard(id).write();
+        match shard.find_mut(self.slot(id as u64), |e| e.id == id) {
+            Some(slot) if Arc::ptr_eq(slot, current) => {
+                *slot = updated;
+                true
+            }
+            _ => false,
+        }
+    }
+
     fn remove(&self, id: u128) -> Option<Arc<Entry>> {
         let entry = self
             .shard(id)
@@ -427,12 +438,8 @@ impl MemoryStorage {
             .ok()?
             .remove()
             .0;
-        self.account(-1, -(entry.weight as i64));
-        *self
-            .rule_bytes
-            .lock()
-            .entry(entry.info.rule.clone())
-            .or_default() -= entry.weight as i64;
+        self.account(-1, -i64::from(entry.weight));
+        self.charge_rule(entry.info.rule_name(), -i64::from(entry.weight));
         let uri = entry.info.uri;
         let link = (uri, id as u64);
         if let Ok(slot) = self
@@ -443,6 +450,17 @@ impl MemoryStorage {
             slot.remove();
         }
         Some(entry)
+    }
+
+    /// Adds `bytes` to what rule `name` holds (a name is copied only the first time).
+    fn charge_rule(&self, name: &str, bytes: i64) {
+        let mut rules = self.rule_bytes.lock();
+        match rules.get_mut(name) {
+            Some(held) => *held += bytes,
+            None => {
+                rules.insert(name.into(), bytes);
+            }
+        }
     }
 
     fn account(&self, entries: i64, bytes: i64) {
@@ -456,12 +474,35 @@ impl MemoryStorage {
 
 /// The eviction weight of an entry: every byte it holds, so that `cache.memory` bounds what the
 /// memory tier really uses (issue 9 item 12): the body, the stored header, the entry's facts
-/// (`host_path`, tags, rule name: [`EntryInfo::size`]) and its bookkeeping.
-pub(super) fn entry_weight(body: usize, meta: &StoredMeta, info: &EntryInfo) -> usize {
-    body_weight(body)
+/// ([`info_weight`]) and its bookkeeping. In 32 bits, as the LRU keeps it: `max_object` is at
+/// most 1 GiB, so it never saturates (and if it did, the entry and the LRU would still agree on
+/// the same figure).
+pub(super) fn entry_weight(body: usize, meta: &StoredMeta, info: &EntryInfo) -> u32 {
+    let weight = body_weight(body)
         + header_weight(&meta.header)
-        + with_slack(info.size() + ENTRY_OVERHEAD)
-        + CHURN_ALLOWANCE
+        + info_weight(info)
+        + ENTRY_OVERHEAD
+        + CHURN_ALLOWANCE;
+    u32::try_from(weight).unwrap_or(u32::MAX)
+}
+
+/// Heap bytes an entry's facts hold, each allocation in its size class: the facts with their
+/// reference counts, the `host/path` and tags buffer, and the rule's facts when they are the
+/// entry's own (decoded from a shared tier's record; a compiled rule's `StoredRule` is one copy
+/// shared by all of its entries, and not charged to them).
+fn info_weight(info: &EntryInfo) -> usize {
+    let rule = if info.rule.shared {
+        0
+    } else {
+        alloc_size(ARC_COUNTS + size_of::<StoredRule>())
+            + alloc_size(info.rule.name.len())
+            + info
+                .rule
+                .tokens_at
+                .as_ref()
+                .map_or(0, |t| alloc_size(t.len()))
+    };
+    alloc_size(ARC_COUNTS + size_of::<EntryInfo>()) + alloc_size(info.names.heap_bytes()) + rule
 }
 
 #[async_trait]
@@ -477,9 +518,9 @@ impl Storage for MemoryStorage {
             let partial = self.partials.lock().get(&id).map(|(_, p)| p.clone());
             return Ok(partial.map(|p| (p.meta.to_meta(&p.info), PartialHit::start(p))));
         };
-        let meta = entry.meta.read().to_meta(&entry.info);
+        let meta = entry.meta.to_meta(&entry.info);
         let body = entry.body.clone();
-        let mut hit = BodyHit::new(body, entry.weight);
+        let mut hit = BodyHit::new(body, entry.weight as usize);
         hit.count_access = entry.lru_due();
         Ok(Some((meta, Box::new(hit))))
     }
@@ -570,8 +611,17 @@ impl Storage for MemoryStorage {
         let Some(entry) = self.get(id) else {
             return Ok(false);
         };
-        *entry.meta.write() = StoredMeta::from_meta(meta);
-        Ok(true)
+        // The same body and facts with the new header and times; its charge and LRU place
+        // stay the entry's (a 304's fields replace stored ones, RFC 9111 section 4.3.4).
+        let updated = Arc::new(Entry {
+            id,
+            touched: AtomicU32::new(entry.touched.load(Ordering::Relaxed)),
+            weight: entry.weight,
+            meta: StoredMeta::from_meta(meta),
+            body: entry.body.clone(),
+            info: entry.info.clone(),
+        });
+        Ok(self.replace(&entry, updated))
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
@@ -598,9 +648,15 @@ mod tests {
         Arc::new(EntryInfo {
             uri,
             names: Names::new("h/p", &["t1"]),
-            encrypt: false,
-            rule: Arc::from("r"),
-            tokens_at: Some(Arc::from("/usage/total_tokens")),
+            rule: crate::rules::StoredRule::of(
+                "r",
+                false,
+                Some(&crate::rules::Cost {
+                    per_request: 0.0,
+                    tokens: Some("/usage/total_tokens".into()),
+                    per_1k_tokens: 1.0,
+                }),
+            ),
             tokens: 0,
         })
         .attach(&mut m);
@@ -765,7 +821,7 @@ mod tests {
                     .map(|i| format!("{i:03}{}", "t".repeat(253)))
                     .collect::<Vec<_>>(),
             ),
-            rule: Arc::from("weight-rule"),
+            rule: crate::rules::StoredRule::decoded("weight-rule", false),
             ..EntryInfo::default()
         })
         .attach(&mut m);
@@ -815,7 +871,7 @@ mod tests {
         Arc::new(EntryInfo {
             uri: 91,
             names: Names::new("h/compact", &["t-compact"]),
-            rule: Arc::from("compact-rule"),
+            rule: crate::rules::StoredRule::of("compact-rule", false, None),
             ..EntryInfo::default()
         })
         .attach(&mut m);
@@ -829,7 +885,7 @@ mod tests {
 
         let id = id(key.combined_bin());
         let entry = STORE.get(id).unwrap();
-        let meta = entry.meta.read();
+        let meta = &entry.meta;
         let within = |buf: &Bytes, p: *const u8| {
             (buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len()).contains(&(p as usize))
         };
@@ -857,10 +913,9 @@ mod tests {
             + header.headers.len() * size_of::<u32>()
             + entry.info.host_path().len()
             + entry.info.tags().map(|t| t.len()).sum::<usize>()
-            + entry.info.rule.len()
             + size_of::<Entry>();
         assert!(
-            entry.weight >= held,
+            entry.weight as usize >= held,
             "charged {} bytes for an entry holding at least {held}",
             entry.weight
         );
@@ -879,11 +934,61 @@ mod tests {
         assert!(!STORE.has_uri(22));
     }
 
+    /// Issue 9 item 12: what an entry's facts hold is charged, tags and `host_path` included;
+    /// a rule's facts decoded from a record are the entry's own and charged, a compiled rule's
+    /// are shared by all of its entries and are not.
+    #[test]
+    fn the_facts_weigh_every_byte_they_hold() {
+        let base = info_weight(&EntryInfo {
+            rule: StoredRule::of("r", false, None),
+            ..EntryInfo::default()
+        });
+        assert!(base >= ARC_COUNTS + size_of::<EntryInfo>());
+        let big = EntryInfo {
+            names: Names::new(&"h".repeat(10_000), &vec!["t".repeat(200); 3]),
+            rule: StoredRule::of("r", false, None),
+            ..EntryInfo::default()
+        };
+        assert!(info_weight(&big) >= base + 10_000 + 600);
+        let name = "r".repeat(1000);
+        let own = EntryInfo {
+            rule: StoredRule::decoded(&name, false),
+            ..EntryInfo::default()
+        };
+        assert!(info_weight(&own) >= base + size_of::<StoredRule>() + 1000);
+        let cost = crate::rules::Cost {
+            per_request: 0.0,
+            tokens: Some("/usage/total_tokens".into()),
+            per_1k_tokens: 1.0,
+        };
+        let compiled = EntryInfo {
+            rule: StoredRule::of(&name, false, Some(&cost)),
+            ..EntryInfo::default()
+        };
+        assert_eq!(info_weight(&compiled), base);
+    }
+
+    /// Issue 16: with its `Arc`'s two counts, an entry fits mimalloc's 192-byte class and its
+    /// facts the 64-byte one, and an LRU node is 32 bytes: a field more would cost each of a
+    /// million entries the next class up (measured by `benches/memory_scale.rs`).
+    #[test]
+    fn an_entry_its_facts_and_its_lru_node_keep_their_sizes() {
+        let arc = 2 * size_of::<usize>();
+        assert!(arc + size_of::<Entry>() <= 192, "{}", size_of::<Entry>());
+        assert!(
+            arc + size_of::<EntryInfo>() <= 64,
+            "{}",
+            size_of::<EntryInfo>()
+        );
+        assert_eq!(priority::LRU_BYTES, 2 * 32 + map_slot(size_of::<u32>()));
+    }
+
     #[tokio::test]
     async fn update_meta_keeps_the_body() {
         let span = pingora::cache::trace::Span::inactive().handle();
         let key = CacheKey::new("k-upd", "");
         fill(&key, &["body"], &meta(0, 33)).await;
+        let before = STORE.get(id(key.combined_bin())).unwrap();
         let mut newer = meta(600, 33);
         newer.update_freshness(SystemTime::now() + Duration::from_secs(600), 1, 2);
         assert!(STORE.update_meta(&key, &newer, &span).await.unwrap());
@@ -891,6 +996,31 @@ mod tests {
         assert!(got.is_fresh(SystemTime::now()));
         assert_eq!(got.stale_if_error_sec(), 2);
         assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"body");
+        // The entry was replaced, not changed under a reader: one taken before still has the
+        // old times, and shares the body; the charge is the entry's as before (`replace`
+        // accounts nothing).
+        let after = STORE.get(id(key.combined_bin())).unwrap();
+        assert!(!Arc::ptr_eq(&before, &after));
+        assert!(before.meta.fresh_until.time() <= SystemTime::now());
+        assert_eq!(before.body.as_ptr(), after.body.as_ptr());
+        assert_eq!(before.weight, after.weight);
+        // A replacement of an entry the table no longer holds (a newer fill took its place)
+        // is refused, and the newer one stays.
+        fill(&key, &["newer body"], &meta(600, 33)).await;
+        let newest = STORE.get(id(key.combined_bin())).unwrap();
+        let stale_update = Arc::new(Entry {
+            id: after.id,
+            touched: AtomicU32::new(0),
+            weight: after.weight,
+            meta: after.meta.clone(),
+            body: after.body.clone(),
+            info: after.info.clone(),
+        });
+        assert!(!STORE.replace(&after, stale_update));
+        assert!(Arc::ptr_eq(
+            &STORE.get(id(key.combined_bin())).unwrap(),
+            &newest
+        ));
         let purged = STORE
             .purge(
                 PurgeTarget::Active(&key.to_compact()),

@@ -8,7 +8,7 @@
 //!
 //! Why not pingora's `lru::Manager`: its node (a boxed copy of the whole compact key, a lookup
 //! slot and a list link per entry) made the tier's per-entry overhead at a million entries 836
-//! bytes; with this one it was 757 (issue 16, `benches/memory_scale.rs`). Here an entry is one 40-byte node in its shard's slab,
+//! bytes; with this one it was 757 (issue 16, `benches/memory_scale.rs`). Here an entry is one 32-byte node in its shard's slab,
 //! linked into its class's list by `u32` indices, and one 4-byte slot in the shard's index,
 //! found by the key's combined hash alone. A victim is handed back as a key whose primary hash
 //! *is* that combined hash (no variance), which is all the storage's `purge` reads. A hit costs
@@ -35,15 +35,22 @@ const CLASSES: usize = 4;
 /// What one entry costs here: its node in a slab that grows by doubling, and its index slot.
 pub(super) const LRU_BYTES: usize =
     2 * std::mem::size_of::<Node>() + super::map_slot(std::mem::size_of::<u32>());
+/// A weight as a node keeps it. The memory tier's weights fit (`max_object` is at most 1 GiB);
+/// a larger one, from another caller, is kept and accounted as `u32::MAX`.
+fn weight_u32(weight: usize) -> u32 {
+    u32::try_from(weight).unwrap_or(u32::MAX)
+}
+
 /// No node: the end of a list, an empty free list.
 const NIL: u32 = u32::MAX;
 
 /// One entry: its combined key hash, its weight, its class and its place in the class's list.
+/// 32 bytes.
 struct Node {
-    /// The combined key hash, as two words (a `u128` would align the node to 16 bytes: 48
-    /// instead of 40).
+    /// The combined key hash, as two words (a `u128` would align the node to 16 bytes).
     id: [u64; 2],
-    weight: usize,
+    /// As the memory tier charges it ([`super::entry_weight`]: 32 bits).
+    weight: u32,
     /// Towards the most recently used end, and away from it.
     newer: u32,
     older: u32,
@@ -126,7 +133,7 @@ impl Shard {
     fn insert(&mut self, hasher: &RandomState, id: u128, weight: usize, class: u8) -> u32 {
         let node = Node {
             id: [(id >> 64) as u64, id as u64],
-            weight,
+            weight: weight_u32(weight),
             newer: NIL,
             older: NIL,
             class,
@@ -155,7 +162,7 @@ impl Shard {
         self.unlink(i);
         let (id, weight, class) = {
             let n = &self.nodes[i as usize];
-            (n.id(), n.weight, n.class as usize)
+            (n.id(), n.weight as usize, n.class as usize)
         };
         if let Ok(slot) = self.index.find_entry(hasher.hash_one(id), |&j| j == i) {
             slot.remove();
@@ -285,6 +292,8 @@ impl PriorityEviction {
     /// Tracks `id` with `weight` in `class` (replacing an earlier weight and class), as the
     /// class's most recently used.
     fn track(&self, id: u128, weight: usize, class: u8) {
+        // Accounted as the node keeps it, so that its removal takes back the same figure.
+        let weight = weight_u32(weight) as usize;
         let mut shard = self.shard(id).lock();
         let old = shard
             .find(&self.hasher, id)
@@ -391,7 +400,7 @@ impl EvictionManager for PriorityEviction {
             let shard = self.shard(id).lock();
             shard
                 .find(&self.hasher, id)
-                .map(|i| shard.nodes[i as usize].weight)
+                .map(|i| shard.nodes[i as usize].weight as usize)
         };
         let mut weight = old.unwrap_or(0).saturating_add(delta);
         if let Some(max) = max_weight {
