@@ -22,7 +22,7 @@
 //! on its runtime once the shared one is up ([`Link::local`]): a request's command and its reply
 //! are then handled on the request's own thread. Through the shared connection each one woke
 //! another thread and back; with the gateway on one core, a fifth of its time went to that
-//! thread and a third to switching (issue 16, Redis-only benchmark: 33k to 41k requests/s).
+//! thread and a third to switching (issue 16, Redis-only benchmark: 33k to 43k requests/s).
 //! Until a thread's own connection is ready, and if it cannot be made, the thread uses the
 //! shared one. The shared connection stays the one whose state counts: own connections are
 //! valid only for its generation, and are dropped with it.
@@ -288,7 +288,9 @@ impl Redis {
             self.link.breaker.skipped();
             return None;
         };
-        let local = Link::local(&self.link, generation);
+        // Read before the query: the task may be resumed on another thread of the runtime.
+        let thread = std::thread::current().id();
+        let local = Link::local(&self.link, thread, generation);
         let own = local.is_some();
         let mut conn = local.unwrap_or(shared);
         let start = Instant::now();
@@ -299,7 +301,7 @@ impl Redis {
                     // This thread's connection alone (Redis may have closed it as idle): the
                     // next operation makes another. If Redis itself is gone, the shared
                     // connection's users find out and drop it.
-                    self.link.forget_local(generation);
+                    self.link.forget_local(thread, generation);
                 } else {
                     self.link.drop_connection(generation);
                 }
@@ -342,11 +344,10 @@ impl Redis {
 }
 
 impl Link {
-    /// This thread's own connection for the shared connection's `generation`, if it is ready.
-    /// When the thread has none yet for this generation, one is started in the background on
-    /// the thread's runtime (the caller uses the shared connection meanwhile).
-    fn local(link: &Arc<Link>, generation: u64) -> Option<Conn> {
-        let thread = std::thread::current().id();
+    /// `thread`'s (the caller's) own connection for the shared connection's `generation`, if it
+    /// is ready. When the thread has none yet for this generation, one is started in the
+    /// background on the thread's runtime (the caller uses the shared connection meanwhile).
+    fn local(link: &Arc<Link>, thread: ThreadId, generation: u64) -> Option<Conn> {
         let mut locals = link.locals.lock();
         match locals.get(&thread) {
             Some(Local::Ready(g, c)) if *g == generation => return Some(c.clone()),
@@ -379,9 +380,8 @@ impl Link {
         None
     }
 
-    /// Forgets this thread's own connection of `generation` (it broke).
-    fn forget_local(&self, generation: u64) {
-        let thread = std::thread::current().id();
+    /// Forgets `thread`'s own connection of `generation` (it broke).
+    fn forget_local(&self, thread: ThreadId, generation: u64) {
         let mut locals = self.locals.lock();
         if matches!(locals.get(&thread), Some(Local::Ready(g, _)) if *g == generation) {
             locals.remove(&thread);
