@@ -130,10 +130,10 @@ impl Shard {
         self.lists[class].newest = i;
     }
 
-    fn insert(&mut self, hasher: &RandomState, id: u128, weight: usize, class: u8) -> u32 {
+    fn insert(&mut self, hasher: &RandomState, id: u128, weight: u32, class: u8) -> u32 {
         let node = Node {
             id: [(id >> 64) as u64, id as u64],
-            weight: weight_u32(weight),
+            weight,
             newer: NIL,
             older: NIL,
             class,
@@ -293,7 +293,7 @@ impl PriorityEviction {
     /// class's most recently used.
     fn track(&self, id: u128, weight: usize, class: u8) {
         // Accounted as the node keeps it, so that its removal takes back the same figure.
-        let weight = weight_u32(weight) as usize;
+        let weight = weight_u32(weight);
         let mut shard = self.shard(id).lock();
         let old = shard
             .find(&self.hasher, id)
