@@ -55,3 +55,4 @@ mod upgrade;
 mod upstreams;
 mod warm;
 mod webhooks;
+mod write_buffer;
