@@ -129,10 +129,14 @@ impl<W: AsyncWrite + Unpin> CoalescingWriter<W> {
             return Poll::Ready(Ok(self.hold(bufs)));
         }
         if pending == 0 {
-            // Nothing held: a write this large goes straight through.
+            // Nothing held: a write this large goes straight through (a single slice as a
+            // plain write, as `BufWriter` sent it: `send`, not `writev`).
             self.buf.clear();
             self.written = 0;
-            return Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+            return match bufs {
+                [one] => Pin::new(&mut self.inner).poll_write(cx, one),
+                _ => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
+            };
         }
         // The held bytes and as many of the caller's slices as one call takes, together.
         loop {
