@@ -24,12 +24,21 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// any system's `IOV_MAX`.
 const MAX_SLICES: usize = 64;
 
+/// The error of a socket that took none of the held bytes (as `BufWriter` reports it).
+fn write_zero() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WriteZero,
+        "failed to write the buffered data",
+    )
+}
+
 /// A write buffer over `W` that coalesces its content with an overflowing write (see the module
 /// comment). Reads pass through to `W`.
 #[derive(Debug)]
 pub struct CoalescingWriter<W> {
     inner: W,
-    /// Held bytes; those before `written` have already been sent.
+    /// Held bytes; those before `written` have already been sent. Once all are sent it is
+    /// emptied ([`Self::consumed`]), so nothing pending means an empty buffer.
     buf: Vec<u8>,
     written: usize,
     capacity: usize,
@@ -101,15 +110,10 @@ impl<W: AsyncWrite + Unpin> CoalescingWriter<W> {
         while self.pending() > 0 {
             let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.written..]))?;
             if n == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "failed to write the buffered data",
-                )));
+                return Poll::Ready(Err(write_zero()));
             }
             self.consumed(n);
         }
-        self.buf.clear();
-        self.written = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -131,8 +135,6 @@ impl<W: AsyncWrite + Unpin> CoalescingWriter<W> {
         if pending == 0 {
             // Nothing held: a write this large goes straight through (a single slice as a
             // plain write, as `BufWriter` sent it: `send`, not `writev`).
-            self.buf.clear();
-            self.written = 0;
             return match bufs {
                 [one] => Pin::new(&mut self.inner).poll_write(cx, one),
                 _ => Pin::new(&mut self.inner).poll_write_vectored(cx, bufs),
@@ -151,10 +153,7 @@ impl<W: AsyncWrite + Unpin> CoalescingWriter<W> {
                 ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, &slices[..count]))?
             };
             if n == 0 {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    "failed to write the buffered data",
-                )));
+                return Poll::Ready(Err(write_zero()));
             }
             let own = self.consumed(n);
             if own > 0 {
