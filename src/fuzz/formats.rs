@@ -1,6 +1,6 @@
 //! Fuzz targets for byte formats: the canonical JSON a body key is built from, webhook signatures
 //! (every scheme), the purge queue's log records, and the Redis entry record (plain and sealed,
-//! with pingora's `CacheMeta` inside).
+//! with the meta's facts and the response header inside).
 
 use super::{check, run};
 use crate::admission;
@@ -9,13 +9,15 @@ use crate::purge::queue::local::{decode_log, encode_line, LogLine, LogState};
 use crate::purge::queue::Item;
 use crate::purge::{Batch, Kind};
 use crate::rules::source::{canonical, remove_pointer};
+use crate::storage::meta::{MetaFacts, Stamp};
 use crate::storage::record::{DecodeError, Keys, Record};
 use crate::storage::{EntryInfo, Names};
 use base64::Engine;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use pingora::cache::CacheMeta;
+use pingora::http::ResponseHeader;
 use proptest::collection::vec;
+use proptest::option;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
 use serde_json::Value;
@@ -410,15 +412,68 @@ fn purge_queue_log() {
     );
 }
 
+/// Facts of any values, and a header of 0 to 6 fields drawn from standard and custom names,
+/// with visible-ASCII values (what a `HeaderValue` may hold), some sensitive.
+fn facts_and_header() -> impl Strategy<Value = (MetaFacts, ResponseHeader)> {
+    let names = select(vec![
+        "content-type",
+        "vary",
+        "x-vendor",
+        "etag",
+        "set-cookie",
+        "x-a-b",
+    ]);
+    (
+        (
+            any::<[i64; 3]>(),
+            any::<(u32, u32)>(),
+            any::<Option<[u8; 16]>>(),
+        ),
+        (100u16..1000, 0u8..5, option::of("[ -~]{0,12}")),
+        vec((names, "[!-~][ -~]{0,20}", any::<bool>()), 0..6),
+    )
+        .prop_map(
+            |((times, (swr, sie), variance), (status, v, reason), fields)| {
+                let facts = MetaFacts {
+                    fresh_until: Stamp::from_nanos(times[0]),
+                    confirmed: Stamp::from_nanos(times[1]),
+                    epoch: Stamp::from_nanos(times[2]),
+                    swr,
+                    sie,
+                    variance,
+                };
+                let mut h = ResponseHeader::build(status, None).expect("a status in 100..1000");
+                h.set_version(
+                    [
+                        http::Version::HTTP_09,
+                        http::Version::HTTP_10,
+                        http::Version::HTTP_11,
+                        http::Version::HTTP_2,
+                        http::Version::HTTP_3,
+                    ][v as usize],
+                );
+                for (name, value, sensitive) in fields {
+                    let mut value = http::HeaderValue::from_str(&value).expect("visible ASCII");
+                    value.set_sensitive(sensitive);
+                    h.append_header(name, value).expect("a valid field");
+                }
+                if let Some(r) = reason.filter(|r| !r.is_empty()) {
+                    h.set_reason_phrase(Some(&r)).expect("visible ASCII");
+                }
+                (facts, h)
+            },
+        )
+}
+
 fn record() -> impl Strategy<Value = Record> {
     (
-        (vec(any::<u8>(), 0..48), vec(any::<u8>(), 0..48)),
+        facts_and_header(),
         (any::<u64>(), text(24), text(8), vec(text(12), 0..4)),
         (any::<bool>(), any::<u64>(), vec(any::<u8>(), 0..64)),
     )
         .prop_map(
-            |((internal, header), (uri, host_path, rule, tags), (encrypt, tokens, body))| Record {
-                internal,
+            |((meta, header), (uri, host_path, rule, tags), (encrypt, tokens, body))| Record {
+                meta,
                 header,
                 info: EntryInfo {
                     uri,
@@ -452,7 +507,7 @@ fn redis_record() {
             let back = Record::decode(Bytes::from(raw.clone()), sk, Some(&keys))
                 .map_err(|e| TestCaseError::fail(format!("round trip: {e:?}")))?;
             check(back == r, || "round trip changed the record".into())?;
-            let _ = CacheMeta::deserialize(&back.internal, &back.header);
+            let _ = back.into_meta();
             if r.info.encrypt() {
                 // Another storage key (a record moved), another instance's keys: never opens.
                 if sk != b"moved" {
@@ -490,9 +545,10 @@ fn redis_record() {
                 garbage.clone(),
                 [&[0u8][..], &garbage].concat(),
                 [&b"\x00AIS3"[..], &garbage].concat(),
+                [&b"\x00AIS4"[..], &garbage].concat(),
             ] {
                 if let Ok(rec) = Record::decode(Bytes::from(bytes), sk, Some(&keys)) {
-                    let _ = CacheMeta::deserialize(&rec.internal, &rec.header);
+                    let _ = rec.into_meta();
                 }
             }
             let mut mutated = r.encode(sk, None);
@@ -502,7 +558,7 @@ fn redis_record() {
             }
             let at = cut.index(mutated.len() + 1);
             if let Ok(rec) = Record::decode(Bytes::copy_from_slice(&mutated[..at]), sk, None) {
-                let _ = CacheMeta::deserialize(&rec.internal, &rec.header);
+                let _ = rec.into_meta();
             }
             Ok(())
         },

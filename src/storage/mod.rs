@@ -13,6 +13,7 @@
 pub mod epochs;
 pub mod fill_lock;
 pub mod memory;
+pub mod meta;
 pub mod record;
 pub mod redis;
 pub mod tiered;

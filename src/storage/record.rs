@@ -1,39 +1,189 @@
-//! The byte form of an entry in a shared tier: pingora's serialized `CacheMeta`, Aisle's
-//! [`EntryInfo`], and the body, optionally sealed with AES-256-GCM.
+//! The byte form of an entry in a shared tier: the facts both tiers keep of pingora's meta
+//! ([`MetaFacts`]), the response header, Aisle's [`EntryInfo`], and the body, optionally
+//! sealed with AES-256-GCM.
 //!
 //! ```text
 //! envelope  = 0x00 payload                                   (plain)
 //!           | 0x01 key_id[4] nonce[12] AES-256-GCM(payload)  (encrypted; AAD = the storage key)
-//! payload   = "AIS3" len32 internal_meta len32 header uri64 len32 host_path len32 rule
-//!             ntags32 (len32 tag)*
-//!             flags8 [tokens64 if flags & 2] body
+//! payload   = "AIS4" facts header info body
+//!           | "AIS3" len32 internal_meta len32 header info body   (read, no longer written)
+//! facts     = fresh_until64 confirmed64 epoch64 swr32 sie32 (0x00 | 0x01 variance[16])
+//! header    = status16 version8 len16 reason nfields16
+//!             (len16 name len32 value)*                      (bit 31 of a value's len: sensitive)
+//! info      = uri64 len32 host_path len32 rule ntags32 (len32 tag)* flags8 [tokens64 if flags & 2]
 //! ```
+//! The header is written as it is, not compressed: `AIS3` held pingora's serialized meta, whose
+//! header is zstd-compressed, and decompressing and re-parsing it was 13% of a Redis hit's CPU
+//! (issue 16). Every name and value read back is checked as pingora's parser would (a record
+//! in a shared Redis is not trusted to be well formed).
+//!
 //! The key id is derived from the key itself, so rotating keys needs no bookkeeping: records
 //! sealed with a `previous_keys` entry still open, and an unknown id is simply a miss.
 
+use super::meta::MetaFacts;
 use super::{EntryInfo, Names};
 use crate::rules::StoredRule;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use bytes::{Buf, Bytes};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use pingora::cache::CacheMeta;
+use pingora::http::ResponseHeader;
 use sha2::{Digest, Sha256};
 
-const MAGIC: &[u8; 4] = b"AIS3";
+const MAGIC: &[u8; 4] = b"AIS4";
+/// The previous payload (pingora's serialized meta): still read, so that the entries an older
+/// instance of the fleet wrote stay hits through an upgrade.
+const MAGIC_V3: &[u8; 4] = b"AIS3";
 const PLAIN: u8 = 0;
 const SEALED: u8 = 1;
 const FLAG_ENCRYPT: u8 = 1;
 /// The answer's token count follows the flags (records written before it was kept have none).
 const FLAG_TOKENS: u8 = 2;
+/// The high bit of a value's length: the value is sensitive (never logged, not HPACK-indexed).
+const SENSITIVE: u32 = 1 << 31;
+/// More fields than a header map can hold would make it panic; no answer pingora parsed comes
+/// near this.
+const MAX_FIELDS: usize = 8192;
+/// Room left in a decoded header for the fields a hit adds (`Age`, `Accept-Ranges`,
+/// `Cache-Status`, `Connection`), as the memory tier's headers have.
+const HIT_FIELDS: usize = 4;
 
 /// A decoded entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Record {
-    /// `CacheMeta::serialize()`, first half.
-    pub internal: Vec<u8>,
-    /// `CacheMeta::serialize()`, second half.
-    pub header: Vec<u8>,
+    pub meta: MetaFacts,
+    pub header: ResponseHeader,
     pub info: EntryInfo,
     pub body: Bytes,
+}
+
+impl Record {
+    /// The meta pingora sees, with the entry's facts attached.
+    pub fn into_meta(self) -> (CacheMeta, EntryInfo, Bytes) {
+        (self.meta.to_meta(self.header), self.info, self.body)
+    }
+}
+
+/// Equal when they say the same: facts, status, version, reason phrase, fields in order (with
+/// their sensitivity), facts and body.
+impl PartialEq for Record {
+    fn eq(&self, other: &Self) -> bool {
+        let fields = |h: &ResponseHeader| {
+            h.headers
+                .iter()
+                .map(|(n, v)| (n.clone(), v.clone(), v.is_sensitive()))
+                .collect::<Vec<_>>()
+        };
+        self.meta == other.meta
+            && self.header.status == other.header.status
+            && self.header.version == other.header.version
+            && self.header.get_reason_phrase() == other.header.get_reason_phrase()
+            && fields(&self.header) == fields(&other.header)
+            && self.info == other.info
+            && self.body == other.body
+    }
+}
+
+impl Eq for Record {}
+
+fn version_code(v: Version) -> u8 {
+    match v {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 2,
+    }
+}
+
+fn version_of(code: u8) -> Option<Version> {
+    Some(match code {
+        0 => Version::HTTP_09,
+        1 => Version::HTTP_10,
+        2 => Version::HTTP_11,
+        3 => Version::HTTP_2,
+        4 => Version::HTTP_3,
+        _ => return None,
+    })
+}
+
+/// Appends `h` in the record's header form.
+fn put_header(out: &mut Vec<u8>, h: &ResponseHeader) {
+    out.extend_from_slice(&h.status.as_u16().to_be_bytes());
+    out.push(version_code(h.version));
+    let reason = h
+        .get_reason_phrase()
+        .filter(|r| u16::try_from(r.len()).is_ok())
+        .unwrap_or("");
+    out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    out.extend_from_slice(reason.as_bytes());
+    // Pingora's parser bounds a header block far below these limits.
+    let fields = h.headers.len().min(MAX_FIELDS);
+    out.extend_from_slice(&(fields as u16).to_be_bytes());
+    for (name, value) in h.headers.iter().take(fields) {
+        out.extend_from_slice(&(name.as_str().len() as u16).to_be_bytes());
+        out.extend_from_slice(name.as_str().as_bytes());
+        let len = value.len() as u32 & !SENSITIVE;
+        let len = if value.is_sensitive() {
+            len | SENSITIVE
+        } else {
+            len
+        };
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(value.as_bytes());
+    }
+}
+
+/// Reads what [`put_header`] wrote. Values are slices of `b` (no copy), each checked as a
+/// `HeaderValue`; names are parsed as `HeaderName`s.
+fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
+    const M: DecodeError = DecodeError::Malformed;
+    if b.remaining() < 5 {
+        return Err(M);
+    }
+    let status = StatusCode::from_u16(b.get_u16()).map_err(|_| M)?;
+    let version = version_of(b.get_u8()).ok_or(M)?;
+    let reason_len = b.get_u16() as usize;
+    if b.remaining() < reason_len + 2 {
+        return Err(M);
+    }
+    let reason = b.split_to(reason_len);
+    let fields = b.get_u16() as usize;
+    // Each field takes at least 6 bytes: a count beyond what is left is not a record.
+    if fields > MAX_FIELDS || fields * 6 > b.remaining() {
+        return Err(M);
+    }
+    let mut headers = HeaderMap::with_capacity(fields + HIT_FIELDS);
+    for _ in 0..fields {
+        if b.remaining() < 2 {
+            return Err(M);
+        }
+        let n = b.get_u16() as usize;
+        if b.remaining() < n + 4 {
+            return Err(M);
+        }
+        let name = HeaderName::from_bytes(&b[..n]).map_err(|_| M)?;
+        b.advance(n);
+        let len = b.get_u32();
+        let n = (len & !SENSITIVE) as usize;
+        if b.remaining() < n {
+            return Err(M);
+        }
+        let mut value = HeaderValue::from_maybe_shared(b.split_to(n)).map_err(|_| M)?;
+        value.set_sensitive(len & SENSITIVE != 0);
+        headers.append(name, value);
+    }
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    let mut h = ResponseHeader::from(parts);
+    if !reason.is_empty() {
+        let reason = std::str::from_utf8(&reason).map_err(|_| M)?;
+        h.set_reason_phrase(Some(reason)).map_err(|_| M)?;
+    }
+    Ok(h)
 }
 
 /// Why a stored record could not be used (always treated as a miss).
@@ -85,12 +235,18 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
 impl Record {
     fn payload(&self) -> Vec<u8> {
         let tags_len: usize = self.info.tags().map(|t| t.len() + 4).sum();
+        let header_len: usize = self
+            .header
+            .headers
+            .iter()
+            .map(|(n, v)| 6 + n.as_str().len() + v.len())
+            .sum();
         let mut out = Vec::with_capacity(
-            32 + self.internal.len() + self.header.len() + tags_len + self.body.len(),
+            128 + header_len + self.info.host_path().len() + tags_len + self.body.len(),
         );
         out.extend_from_slice(MAGIC);
-        put(&mut out, &self.internal);
-        put(&mut out, &self.header);
+        self.meta.encode(&mut out);
+        put_header(&mut out, &self.header);
         out.extend_from_slice(&self.info.uri.to_be_bytes());
         put(&mut out, self.info.host_path().as_bytes());
         put(&mut out, self.info.rule_name().as_bytes());
@@ -185,12 +341,23 @@ impl Record {
             }
             Ok(b.split_to(n))
         }
-        if b.remaining() < 4 || &b[..4] != MAGIC {
+        if b.remaining() < 4 {
             return Err(DecodeError::Malformed);
         }
-        b.advance(4);
-        let internal = take(&mut b)?.to_vec();
-        let header = take(&mut b)?.to_vec();
+        let (meta, header) = if &b[..4] == MAGIC {
+            b.advance(4);
+            let meta = MetaFacts::decode(&mut b).ok_or(DecodeError::Malformed)?;
+            (meta, take_header(&mut b)?)
+        } else if &b[..4] == MAGIC_V3 {
+            b.advance(4);
+            let internal = take(&mut b)?;
+            let header = take(&mut b)?;
+            let meta =
+                CacheMeta::deserialize(&internal, &header).map_err(|_| DecodeError::Malformed)?;
+            (MetaFacts::of(&meta), meta.response_header().clone())
+        } else {
+            return Err(DecodeError::Malformed);
+        };
         if b.remaining() < 12 {
             return Err(DecodeError::Malformed);
         }
@@ -220,7 +387,7 @@ impl Record {
             0
         };
         Ok(Record {
-            internal,
+            meta,
             header,
             info: EntryInfo {
                 uri,
@@ -237,10 +404,35 @@ impl Record {
 mod tests {
     use super::*;
 
+    fn header() -> ResponseHeader {
+        let mut h = ResponseHeader::build(203, None).unwrap();
+        h.append_header("content-type", "application/json").unwrap();
+        h.append_header("x-vendor-trace", "abc").unwrap();
+        h.append_header("vary", "accept").unwrap();
+        h.append_header("vary", "accept-language").unwrap();
+        let mut secret = HeaderValue::from_static("s=1");
+        secret.set_sensitive(true);
+        h.append_header("set-cookie", secret).unwrap();
+        h.set_reason_phrase(Some("Fine Indeed")).unwrap();
+        h
+    }
+
+    fn facts() -> MetaFacts {
+        let now = std::time::SystemTime::now();
+        let m = CacheMeta::new(
+            now + std::time::Duration::from_secs(60),
+            now,
+            5,
+            600,
+            ResponseHeader::build(200, None).unwrap(),
+        );
+        MetaFacts::of(&m)
+    }
+
     fn record(encrypt: bool) -> Record {
         Record {
-            internal: vec![1, 2, 3],
-            header: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+            meta: facts(),
+            header: header(),
             info: EntryInfo {
                 uri: 77,
                 names: Names::new("h/p", &["a", "wedding:42"]),
@@ -317,12 +509,128 @@ mod tests {
         );
     }
 
+    /// The header comes back field for field: order, repeats, sensitivity, reason phrase, and
+    /// the variance with the facts.
+    #[test]
+    fn the_header_and_facts_round_trip_uncompressed() {
+        let mut r = record(false);
+        r.meta.variance = Some([3; 16]);
+        let raw = r.encode(b"k", None);
+        assert!(
+            raw.windows(15).any(|w| w == b"accept-language"),
+            "the header is written as it is"
+        );
+        let back = Record::decode(Bytes::from(raw), b"k", None).unwrap();
+        assert_eq!(back, r);
+        let values: Vec<_> = back.header.headers.get_all("vary").iter().collect();
+        assert_eq!(values, ["accept", "accept-language"]);
+        assert!(back.header.headers["set-cookie"].is_sensitive());
+        assert!(!back.header.headers["content-type"].is_sensitive());
+        assert_eq!(back.header.get_reason_phrase(), Some("Fine Indeed"));
+        let (meta, _, _) = back.into_meta();
+        assert_eq!(meta.variance(), Some([3; 16]));
+        assert_eq!(meta.response_header().status.as_u16(), 203);
+    }
+
+    /// A record an instance of the previous version wrote (pingora's serialized meta, `AIS3`)
+    /// still reads, to the same facts and header: a fleet being upgraded keeps its hits.
+    #[test]
+    fn records_written_before_ais4_still_read() {
+        let now = std::time::SystemTime::now();
+        let mut meta = CacheMeta::new(
+            now + std::time::Duration::from_secs(90),
+            now,
+            7,
+            70,
+            header(),
+        );
+        meta.set_epoch_override(now - std::time::Duration::from_secs(4));
+        let (internal, h) = meta.serialize().unwrap();
+        let mut raw = vec![PLAIN];
+        raw.extend_from_slice(MAGIC_V3);
+        put(&mut raw, &internal);
+        put(&mut raw, &h);
+        let r = record(false);
+        // The tail is the same in both versions.
+        let tail = r.payload();
+        let facts_and_header = 4 + {
+            let mut out = Vec::new();
+            r.meta.encode(&mut out);
+            put_header(&mut out, &r.header);
+            out.len()
+        };
+        raw.extend_from_slice(&tail[facts_and_header..]);
+        let back = Record::decode(Bytes::from(raw), b"k", None).unwrap();
+        assert_eq!(back.meta, MetaFacts::of(&meta));
+        assert_eq!(back.header.status.as_u16(), 203);
+        assert_eq!(back.header.headers.get_all("vary").iter().count(), 2);
+        assert_eq!(back.info, r.info);
+        assert_eq!(back.body, r.body);
+    }
+
+    /// What a shared Redis holds is not trusted: a value with a line break (response
+    /// splitting), a bad name, a field count a header map cannot hold, an unknown status or
+    /// version, and every cut of a good record are refused, never served or panicked on.
+    #[test]
+    fn a_bad_header_in_a_record_is_refused() {
+        let good = record(false).encode(b"k", None);
+        for cut in 0..good.len() - record(false).body.len() {
+            assert!(Record::decode(Bytes::copy_from_slice(&good[..cut]), b"k", None).is_err());
+        }
+        let forged = |h: &dyn Fn(&mut Vec<u8>)| {
+            let mut raw = vec![PLAIN];
+            raw.extend_from_slice(MAGIC);
+            facts().encode(&mut raw);
+            h(&mut raw);
+            raw.extend_from_slice(&[0; 8 + 4 + 4 + 4 + 1]);
+            Record::decode(Bytes::from(raw), b"k", None)
+        };
+        let field = |out: &mut Vec<u8>, name: &[u8], value: &[u8]| {
+            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            out.extend_from_slice(name);
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        };
+        let head = |out: &mut Vec<u8>, status: u16, version: u8, fields: u16| {
+            out.extend_from_slice(&status.to_be_bytes());
+            out.push(version);
+            out.extend_from_slice(&0u16.to_be_bytes());
+            out.extend_from_slice(&fields.to_be_bytes());
+        };
+        assert!(forged(&|o| {
+            head(o, 200, 2, 1);
+            field(o, b"x-ok", b"fine");
+        })
+        .is_ok());
+        for bad in [
+            &(|o: &mut Vec<u8>| {
+                head(o, 200, 2, 1);
+                field(o, b"x-a", b"1\r\nset-cookie: evil=1");
+            }) as &dyn Fn(&mut Vec<u8>),
+            &|o| {
+                head(o, 200, 2, 1);
+                field(o, b"bad name", b"1");
+            },
+            &|o| {
+                head(o, 200, 2, u16::MAX);
+                for _ in 0..11_000 {
+                    field(o, b"x", b"1");
+                }
+            },
+            &|o| head(o, 1000, 2, 0),
+            &|o| head(o, 200, 9, 0),
+        ] {
+            assert_eq!(forged(bad).unwrap_err(), DecodeError::Malformed);
+        }
+    }
+
     #[test]
     fn garbage_is_malformed() {
         for raw in [
             &b""[..],
             b"\x00",
             b"\x00AIS3\x00\x00",
+            b"\x00AIS4\x00\x00",
             b"\x05xyz",
             b"\x00NOPE",
         ] {

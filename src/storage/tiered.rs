@@ -19,6 +19,7 @@
 use super::epochs::{Epoch, Epochs};
 use super::fill_lock::FillLock;
 use super::memory::{id, BodyHit, MemoryStorage};
+use super::meta::MetaFacts;
 use super::record::{DecodeError, Record};
 use super::redis::{Message, RedisTier};
 use super::EntryInfo;
@@ -33,6 +34,7 @@ use pingora::cache::storage::{
 };
 use pingora::cache::trace::SpanHandle;
 use pingora::cache::{CacheKey, CacheMeta, Storage};
+use pingora::http::ResponseHeader;
 use pingora::Result;
 use std::any::Any;
 use std::collections::HashMap;
@@ -265,22 +267,11 @@ impl Storage for Tiered {
         let Some(record) = Self::decode(redis, k, raw) else {
             return Ok(None);
         };
-        let meta = match CacheMeta::deserialize(&record.internal, &record.header) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!("undecodable meta in redis: {e}");
-                metrics()
-                    .redis_undecryptable
-                    .with_label_values(&["meta"])
-                    .inc();
-                return Ok(None);
-            }
-        };
         metrics().tier_hits_redis.inc();
-        let info = Arc::new(record.info);
+        let (meta, info, body) = record.into_meta();
+        let info = Arc::new(info);
         if self.memory_enabled {
-            self.memory
-                .promote(key, &meta, record.body.clone(), info.clone());
+            self.memory.promote(key, &meta, body.clone(), info.clone());
             if let Some(hit) = self.memory.lookup(key, trace).await? {
                 return Ok(Some(hit));
             }
@@ -288,7 +279,7 @@ impl Storage for Tiered {
         }
         let mut meta = meta;
         info.attach(&mut meta);
-        Ok(Some((meta, Box::new(BodyHit::new(record.body, 0)))))
+        Ok(Some((meta, Box::new(BodyHit::new(body, 0)))))
     }
 
     async fn lookup_streaming_write(
@@ -328,7 +319,6 @@ impl Storage for Tiered {
                 return Ok(inner.expect("without redis the memory tier is always on"));
             }
         };
-        let (internal, header) = meta.serialize()?;
         let info = EntryInfo::of(meta).cloned().unwrap_or_default();
         Ok(Box::new(TieredMiss {
             inner,
@@ -336,8 +326,8 @@ impl Storage for Tiered {
             // Held until the Redis write lands, so waiters find the entry, not a free lock.
             lock: meta.extensions().get::<FillLock>().cloned(),
             k: id(key.combined_bin()),
-            internal,
-            header,
+            meta: MetaFacts::of(meta),
+            header: meta.response_header().clone(),
             info,
             ttl: servable_for(meta, SystemTime::now()),
             chunks: Vec::new(),
@@ -369,10 +359,9 @@ impl Storage for Tiered {
         if let Some(redis) = &self.redis {
             let k = id(key.combined_bin());
             if let Some((body, info)) = self.memory.body_and_info(k) {
-                let (internal, header) = meta.serialize()?;
                 let record = Record {
-                    internal,
-                    header,
+                    meta: MetaFacts::of(meta),
+                    header: meta.response_header().clone(),
                     info,
                     body,
                 };
@@ -415,8 +404,8 @@ struct TieredMiss {
     redis: Arc<RedisTier>,
     lock: Option<FillLock>,
     k: u128,
-    internal: Vec<u8>,
-    header: Vec<u8>,
+    meta: MetaFacts,
+    header: ResponseHeader,
     info: Arc<EntryInfo>,
     ttl: Duration,
     chunks: Vec<Bytes>,
@@ -454,7 +443,7 @@ impl HandleMiss for TieredMiss {
             }
         };
         let record = Record {
-            internal: this.internal,
+            meta: this.meta,
             header: this.header,
             info: (*this.info.completed(&body)).clone(),
             body,
@@ -468,7 +457,6 @@ impl HandleMiss for TieredMiss {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pingora::http::ResponseHeader;
 
     #[test]
     fn servable_window_includes_the_longer_stale_window() {

@@ -473,3 +473,78 @@ async fn a_live_fill_slower_than_lock_timeout_holds_the_other_instance() {
         "B's clients must wait for A's live fill, not fetch once the lease would have expired"
     );
 }
+
+/// With the memory tier off (`cache.memory = "0"`) every hit is read from Redis and decoded
+/// (issue 16: the record holds the header uncompressed): B answers A's fill with the fields
+/// A's memory tier answers with, in order and with a repeated field kept, the origin's `Age`
+/// carried into the entry's age, and never asks the origin.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_memory_tier_off_a_redis_hit_answers_as_a_memory_hit() {
+    let redis = RedisServer::start();
+    let origin = Origin::start(|req| {
+        OriginResponse::ok(format!("{} #{} rich", req.path, req.count))
+            .header("content-type", "application/vnd.wedding+json")
+            .header("x-vendor-trace", "abc-123")
+            .header("link", "</a.css>; rel=preload")
+            .header("link", "</b.js>; rel=preload")
+            .header("age", "5")
+    });
+    let prefix = "t-only:";
+    let section = redis.section(prefix);
+    let rules = [("rules.toml", fixtures::SHARED_TIER_RULES)];
+    let a = Gateway::start(&gateway_config(&origin.url(), &section), &rules).await;
+    let redis_only = format!("{}{section}", config_with_cache(&origin.url(), "0", "8MiB"));
+    let b = Gateway::start(&redis_only, &rules).await;
+    wait_subscribed(&a, "A").await;
+    wait_subscribed(&b, "B").await;
+    let path = "/r/rich";
+
+    let filled = a.get(path).await;
+    assert_stored_miss(&filled, "first GET on A");
+    wait_plain_entry(&redis, prefix, &filled.body).await;
+    let from_memory = a.get(path).await;
+    assert_hit(&from_memory, "second GET on A (memory)");
+
+    // Every field but the two a hit computes (`Age`, `Cache-Status`), in order.
+    let fields = |r: &Resp| {
+        r.headers
+            .iter()
+            .filter(|(n, _)| *n != "age" && *n != "cache-status")
+            .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
+            .collect::<Vec<_>>()
+    };
+    for n in 1..=2 {
+        let from_redis = b.get(path).await;
+        let what = format!("GET {n} on B (Redis only)");
+        assert_hit(&from_redis, &what);
+        assert_eq!(from_redis.body, filled.body, "{what}: A's fill");
+        assert_eq!(fields(&from_redis), fields(&from_memory), "{what}: fields");
+        let links: Vec<_> = from_redis.headers.get_all("link").iter().collect();
+        assert_eq!(
+            links,
+            ["</a.css>; rel=preload", "</b.js>; rel=preload"],
+            "{what}"
+        );
+        let (age, memory_age) = (from_redis.age().unwrap(), from_memory.age().unwrap());
+        assert!(
+            age >= 5 && age + 2 >= memory_age && age <= memory_age + 2,
+            "{what}: age {age}, the memory hit's {memory_age}"
+        );
+        assert_eq!(
+            b.metric("aisle_tier_hits_total", &[("tier", "redis")])
+                .await,
+            Some(n as f64),
+            "{what}: read from Redis each time"
+        );
+    }
+    assert_eq!(origin.count(path), 1, "only A's fill reached the origin");
+    assert_eq!(
+        b.metric(
+            "aisle_redis_unusable_entries_total",
+            &[("reason", "malformed")]
+        )
+        .await
+        .unwrap_or(0.0),
+        0.0
+    );
+}

@@ -75,11 +75,12 @@ impl MemoryStorage {
 impl Stored {
     pub fn times(&self) -> StoredTimes {
         let meta = &self.0.meta;
+        let facts = &meta.facts;
         StoredTimes {
-            fresh_until: meta.fresh_until.time(),
-            confirmed: meta.confirmed.time(),
-            epoch: meta.epoch.time(),
-            varies: meta.variance.is_some() || meta.header.contains(&http::header::VARY),
+            fresh_until: facts.fresh_until.time(),
+            confirmed: facts.confirmed.time(),
+            epoch: facts.epoch.time(),
+            varies: facts.variance.is_some() || meta.header.contains(&http::header::VARY),
         }
     }
 

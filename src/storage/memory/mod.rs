@@ -23,6 +23,7 @@ mod priority;
 pub use hit::{BodyHit, PartialHit, Stored, StoredTimes};
 pub use priority::PriorityEviction;
 
+use super::meta::MetaFacts;
 use super::EntryInfo;
 use crate::metrics::metrics;
 use crate::rules::StoredRule;
@@ -44,7 +45,6 @@ use std::collections::HashMap;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 const SHARDS: usize = 16;
@@ -80,42 +80,11 @@ pub(super) fn clock_ms() -> u64 {
 /// The eviction manager type the memory tier is bounded by: one LRU per rule priority.
 pub type Eviction = PriorityEviction;
 
-/// A point in time in 8 bytes rather than `SystemTime`'s 16: nanoseconds from the Unix epoch
-/// (exact for the years 1678 to 2262; later times are kept as 2262, still "far future").
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) struct Stamp(i64);
-
-impl Stamp {
-    fn of(t: SystemTime) -> Stamp {
-        let nanos = |d: Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-        match t.duration_since(UNIX_EPOCH) {
-            Ok(d) => Stamp(nanos(d)),
-            Err(before) => Stamp(-nanos(before.duration())),
-        }
-    }
-
-    pub(super) fn time(self) -> SystemTime {
-        let d = Duration::from_nanos(self.0.unsigned_abs());
-        if self.0 >= 0 {
-            UNIX_EPOCH + d
-        } else {
-            UNIX_EPOCH - d
-        }
-    }
-}
-
-/// What is needed to rebuild a `CacheMeta` without deserialising.
+/// What the entry keeps of pingora's meta: the facts both tiers keep ([`MetaFacts`]) and the
+/// compact header.
 #[derive(Clone)]
 pub(super) struct StoredMeta {
-    pub(super) fresh_until: Stamp,
-    /// When the origin last vouched for this content: its fetch, or a later revalidation.
-    /// Purges are judged against it (a refetch after a soft purge is newer than the purge).
-    pub(super) confirmed: Stamp,
-    /// When the entry's age starts (its store or last revalidation, minus upstream `Age`).
-    pub(super) epoch: Stamp,
-    swr: u32,
-    sie: u32,
-    variance: Option<HashBinary>,
+    pub(super) facts: MetaFacts,
     header: StoredHeader,
 }
 
@@ -138,37 +107,14 @@ impl StoredMeta {
 
     fn from_meta(meta: &CacheMeta) -> Self {
         StoredMeta {
-            fresh_until: Stamp::of(meta.fresh_until()),
-            confirmed: Stamp::of(meta.created().max(meta.updated())),
-            // The epoch override carries the upstream `Age` at store time; once the entry is
-            // revalidated (`updated` moves past `created`) its age restarts from then.
-            epoch: Stamp::of(if meta.updated() > meta.created() {
-                meta.updated()
-            } else {
-                meta.epoch()
-            }),
-            swr: meta.stale_while_revalidate_sec(),
-            sie: meta.stale_if_error_sec(),
-            variance: meta.variance(),
+            facts: MetaFacts::of(meta),
             header: StoredHeader::new(meta.response_header()),
         }
     }
 
     /// The meta pingora sees, with the entry's facts attached.
     fn to_meta(&self, info: &Arc<EntryInfo>) -> CacheMeta {
-        let mut meta = CacheMeta::new(
-            self.fresh_until.time(),
-            self.confirmed.time(),
-            self.swr,
-            self.sie,
-            self.header.to_response_header(),
-        );
-        if self.epoch != self.confirmed {
-            meta.set_epoch_override(self.epoch.time());
-        }
-        if let Some(v) = self.variance {
-            meta.set_variance(v);
-        }
+        let mut meta = self.facts.to_meta(self.header.to_response_header());
         info.clone().attach(&mut meta);
         meta
     }
@@ -636,7 +582,7 @@ mod tests {
     use crate::storage::Names;
     use once_cell::sync::Lazy;
     use pingora::http::ResponseHeader;
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
 
     static EVICTION: Lazy<Eviction> = Lazy::new(|| Eviction::with_capacity(1 << 20, 64));
     static STORE: Lazy<MemoryStorage> = Lazy::new(|| MemoryStorage::new(&EVICTION));
@@ -1005,7 +951,7 @@ mod tests {
         // accounts nothing).
         let after = STORE.get(id(key.combined_bin())).unwrap();
         assert!(!Arc::ptr_eq(&before, &after));
-        assert!(before.meta.fresh_until.time() <= SystemTime::now());
+        assert!(before.meta.facts.fresh_until.time() <= SystemTime::now());
         assert_eq!(before.body.as_ptr(), after.body.as_ptr());
         assert_eq!(before.weight, after.weight);
         // A replacement of an entry the table no longer holds (a newer fill took its place)
@@ -1057,16 +1003,5 @@ mod tests {
         assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"b");
         assert!(STORE.has_uri(41) && !STORE.has_uri(40));
         assert_eq!(STORE.purge_uri(41), 1);
-    }
-
-    #[test]
-    fn stamps_keep_times_to_the_nanosecond() {
-        let now = SystemTime::now();
-        assert_eq!(Stamp::of(now).time(), now);
-        let before = UNIX_EPOCH - Duration::new(86_400, 123);
-        assert_eq!(Stamp::of(before).time(), before);
-        // Past what 64 bits of nanoseconds hold: kept as a time still centuries away.
-        let far = UNIX_EPOCH + Duration::from_secs(400 * 365 * 86_400);
-        assert!(Stamp::of(far).time() > now + Duration::from_secs(200 * 365 * 86_400));
     }
 }
