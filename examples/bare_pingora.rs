@@ -11,7 +11,9 @@
 //! ```
 //!
 //! `/bench/64k/*` gets 64 KiB, anything else 1 KiB, with `Cache-Control` as the origin sends it;
-//! one worker thread on 127.0.0.1:17480, like `benches/compare.toml`.
+//! `/pass/*` is proxied to compare.sh's origin (127.0.0.1:17490) with no hook of its own, the
+//! floor of the `pass` scenario. One worker thread on 127.0.0.1:17480, like
+//! `benches/compare.toml`.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -35,7 +37,7 @@ impl ProxyHttp for Bare {
         let (body, cache_control) = if path.starts_with("/bench/64k/") {
             (self.large.clone(), "public, max-age=3600")
         } else if path.starts_with("/pass/") {
-            (self.small.clone(), "no-store")
+            return Ok(false);
         } else {
             (self.small.clone(), "public, max-age=3600")
         };
@@ -49,10 +51,11 @@ impl ProxyHttp for Bare {
     }
 
     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
-        Error::e_explain(
-            ErrorType::InternalError,
-            "bare_pingora answers every request itself",
-        )
+        Ok(Box::new(HttpPeer::new(
+            "127.0.0.1:17490",
+            false,
+            String::new(),
+        )))
     }
 }
 

@@ -38,6 +38,11 @@ pub const FORWARDING_HEADERS: [&str; 13] = [
     "x-host",
 ];
 
+/// Whether `name` (lowercase, as `http` stores it) is one of [`FORWARDING_HEADERS`].
+pub fn is_forwarding_header(name: &str) -> bool {
+    (name.starts_with("x-") || name == "forwarded") && FORWARDING_HEADERS.contains(&name)
+}
+
 /// Request headers with this prefix control the cache (`Aisle-Cache-TTL`, ...); none of them is
 /// ever sent upstream.
 pub const CONTROL_PREFIX: &str = "aisle-";
@@ -175,6 +180,24 @@ fn parse_node(entry: &str) -> Option<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarding_headers_are_exactly_the_list() {
+        for name in FORWARDING_HEADERS {
+            assert!(is_forwarding_header(name), "{name}");
+        }
+        for name in [
+            "x-forwarded",
+            "x-forwarded-fo",
+            "x-forwarded-for2",
+            "x-request-id",
+            "forwarded-for",
+            "host",
+            "",
+        ] {
+            assert!(!is_forwarding_header(name), "{name}");
+        }
+    }
 
     fn nets(list: &[&str]) -> Networks {
         Networks::new(
