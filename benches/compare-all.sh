@@ -7,7 +7,9 @@
 #   4. the realistic rule set, hit-1k (benches/compare-rules-on.toml): the rules' cost is
 #      1 - ratio(4) / ratio(3), each ratio taken against nginx in its own run. The cost is a
 #      few percent, about the drift between two runs, so 3 and 4 are run in turn, one rep each,
-#      N times, and the medians of their ratios (from the req/s, not the rounded ratio) compared.
+#      N times, and the medians of their ratios (from the req/s, not the rounded ratio) compared;
+#   5. when built (cargo build --release --example bare_pingora), the floor: pingora answering
+#      hits itself with no cache and proxying /pass/* with no hooks, hit-1k and pass.
 # Usage: benches/compare-all.sh [--duration S] [--reps N] [OUT_DIR]   (defaults 8, 3, a temp dir)
 # Needs a release build (cargo build --release) and compare.sh's packages (its README).
 set -euo pipefail
@@ -44,6 +46,9 @@ for i in $(seq 1 "$REPS"); do
   run "rules-on-$i" "hit-1k" 1 target/release/aisle run --config benches/compare-rules-on.toml
 done
 
+FLOOR=target/release/examples/bare_pingora
+[[ -x $FLOOR ]] && run floor "hit-1k pass" "$REPS" "$FLOOR"
+
 ratio() { awk -v s="$2" '$1 == "ratio" && $2 == s":" {sub(",", "", $5); print $5}' "$OUT/$1.txt"; }
 # gateway/nginx of one hit-1k run from its req/s, to four places.
 exact() { awk '$1 == "hit-1k" && $2 == "gateway" {g = $3} $1 == "hit-1k" && $2 == "nginx" {n = $3}
@@ -56,3 +61,6 @@ echo "summary (gateway/nginx, medians of $REPS x ${DURATION}s; raw output in $OU
 echo "  memory tier   hit-1k $(ratio memory hit-1k)  hit-64k $(ratio memory hit-64k)  pass $(ratio memory pass)"
 echo "  Redis only    hit-1k $(ratio redis-only hit-1k)"
 echo "  default route hit-1k $d   rules on hit-1k $r (each the median of $REPS runs in turn)   rules cost $(awk -v d="$d" -v r="$r" 'BEGIN {printf "%.1f%%", (1 - r / d) * 100}')"
+if [[ -x $FLOOR ]]; then
+  echo "  floor (bare pingora) hit-1k $(ratio floor hit-1k)  pass $(ratio floor pass)"
+fi
