@@ -298,6 +298,11 @@ impl Record {
         }
     }
 
+    /// Whether `raw` is sealed: only a sealed record needs its storage key to open.
+    pub fn is_sealed(raw: &[u8]) -> bool {
+        raw.first() == Some(&SEALED)
+    }
+
     /// Decodes a record read from `storage_key`.
     pub fn decode(
         raw: Bytes,
@@ -362,18 +367,26 @@ impl Record {
             return Err(DecodeError::Malformed);
         }
         let uri = b.get_u64();
-        let host_path =
-            String::from_utf8(take(&mut b)?.to_vec()).map_err(|_| DecodeError::Malformed)?;
-        let rule = String::from_utf8(take(&mut b)?.to_vec()).map_err(|_| DecodeError::Malformed)?;
+        // Slices of the record, checked as text where they are read: no copy of each
+        // (`Names` makes the entry's one copy).
+        let host_path = take(&mut b)?;
+        let rule = take(&mut b)?;
         if b.remaining() < 4 {
             return Err(DecodeError::Malformed);
         }
         let ntags = b.get_u32() as usize;
-        let mut tags = Vec::with_capacity(ntags.min(1024));
-        for _ in 0..ntags {
-            let t = take(&mut b)?;
-            tags.push(String::from_utf8(t.to_vec()).map_err(|_| DecodeError::Malformed)?);
+        // A tag takes at least its 4-byte length: a count beyond what is left is not a record.
+        if ntags > b.remaining() / 4 {
+            return Err(DecodeError::Malformed);
         }
+        let tags = (0..ntags)
+            .map(|_| take(&mut b))
+            .collect::<Result<Vec<Bytes>, _>>()?;
+        fn text(x: &Bytes) -> Result<&str, DecodeError> {
+            std::str::from_utf8(x).map_err(|_| DecodeError::Malformed)
+        }
+        let (host_path, rule) = (text(&host_path)?, text(&rule)?);
+        let tags = tags.iter().map(text).collect::<Result<Vec<&str>, _>>()?;
         if b.remaining() < 1 {
             return Err(DecodeError::Malformed);
         }
@@ -391,8 +404,8 @@ impl Record {
             header,
             info: EntryInfo {
                 uri,
-                names: Names::new(&host_path, &tags),
-                rule: StoredRule::decoded(&rule, flags & FLAG_ENCRYPT != 0),
+                names: Names::new(host_path, &tags),
+                rule: StoredRule::decoded(rule, flags & FLAG_ENCRYPT != 0),
                 tokens,
             },
             body: b,

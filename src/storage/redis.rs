@@ -118,17 +118,28 @@ impl RedisTier {
         self.redis.connected()
     }
 
-    fn slot(&self, key: u128) -> String {
-        self.entries.key(format_args!("{key:032x}}}"))
+    /// `{root}<32 hex digits>}{suffix}`, the key hash in the hash tag the root opens. Built
+    /// directly rather than through two `format!`s: an entry's key is made on every Redis read
+    /// (2% of a Redis hit in a profile, issue 16).
+    fn slot_key(&self, key: u128, suffix: &str) -> String {
+        let root = self.entries.root();
+        let mut hex = [0u8; 32];
+        hex::encode_to_slice(key.to_be_bytes(), &mut hex).expect("32 hex digits for 16 bytes");
+        let mut out = String::with_capacity(root.len() + hex.len() + 1 + suffix.len());
+        out.push_str(root);
+        out.push_str(std::str::from_utf8(&hex).expect("hex digits are ASCII"));
+        out.push('}');
+        out.push_str(suffix);
+        out
     }
 
     /// The Redis key of an entry.
     pub fn entry_key(&self, key: u128) -> String {
-        format!("{}:e", self.slot(key))
+        self.slot_key(key, ":e")
     }
 
     fn lock_key(&self, key: u128) -> String {
-        format!("{}:l", self.slot(key))
+        self.slot_key(key, ":l")
     }
 
     fn uri_key(&self, uri: u64) -> String {
@@ -182,7 +193,7 @@ impl RedisTier {
     /// ours; `Some(false)`: another instance's; `None`: Redis unavailable.
     pub async fn try_refresh(&self, key: u128, created_ms: i64, lease: Duration) -> Option<bool> {
         let cmd = redis::cmd("SET")
-            .arg(format!("{}:r{created_ms}", self.slot(key)))
+            .arg(self.slot_key(key, &format!(":r{created_ms}")))
             .arg(self.instance.to_string())
             .arg("NX")
             .arg("PX")

@@ -217,7 +217,13 @@ impl Tiered {
     }
 
     fn decode(redis: &RedisTier, k: u128, raw: Bytes) -> Option<Record> {
-        match Record::decode(raw, redis.entry_key(k).as_bytes(), redis.keys.as_ref()) {
+        // The storage key authenticates a sealed record; a plain one does not need it made.
+        let storage_key = if Record::is_sealed(&raw) {
+            redis.entry_key(k)
+        } else {
+            String::new()
+        };
+        match Record::decode(raw, storage_key.as_bytes(), redis.keys.as_ref()) {
             Ok(r) => Some(r),
             Err(e) => {
                 let reason = match e {
