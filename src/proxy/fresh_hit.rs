@@ -1,12 +1,16 @@
-//! Fresh memory hits, answered in `request_filter` without pingora's cache phases.
+//! Fresh hits, answered in `request_filter` without pingora's cache phases.
 //!
 //! A hit through pingora's phases rebuilds a `CacheMeta` from the entry (header clone, boxed
 //! meta, extensions), boxes a hit handler, builds the `CacheKey` and its compact copy, and
 //! clones the header again to send it: most of what a hit cost beyond writing the answer
 //! (issue 16, profile in README "Performance"). The plainest and commonest hit is answered
 //! here instead: a GET or HEAD, admitted with no request cache directive, no `Range` and no
-//! conditional, whose entry is complete in the memory tier, fresh, without variants, not
-//! purged and not due for a refresh-ahead.
+//! conditional, whose entry is complete, fresh, without variants, not purged and not due for a
+//! refresh-ahead ([`judge`], one decision for both tiers). The entry is the memory tier's; with
+//! the memory tier off (`cache.memory = "0"`) it is the Redis record, read as the phases'
+//! lookup reads it ([`Tiered::prefetch`](crate::storage::tiered::Tiered::prefetch)). A record
+//! this path does not answer (a miss, a stale or varied entry) is handed to that lookup, so a
+//! request reads Redis once and a miss keeps the fleet fill lock it took.
 //!
 //! Every other case returns [`Served::No`] having changed nothing but the admission it
 //! computed (kept in [`Ctx`] for `request_cache_filter`), and the cache phases answer as
@@ -22,9 +26,11 @@ use crate::policy;
 use crate::rules::Rule;
 use crate::storage::epochs::{Epochs, Verdict};
 use crate::storage::memory::{MemoryStorage, Stored, StoredTimes};
+use crate::storage::EntryInfo;
+use bytes::Bytes;
 use http::header;
 use pingora::cache::key::HashBinary;
-use pingora::http::RequestHeader;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::Result;
 use std::time::SystemTime;
@@ -104,10 +110,31 @@ pub fn find(
     let key = admission::key_hash(route, terms, parts);
     let stored = memory.complete(key)?;
     let times = stored.times();
+    let (ttl, age) = judge(epochs, route, &times, stored.info(), head, now)?;
+    Some(Hit {
+        ttl,
+        age,
+        key,
+        stored,
+        times,
+    })
+}
+
+/// Whether an entry of either tier with these times and facts may be answered here, and its
+/// `ttl` and age if so: fresh at `now`, without variants, not purged ([`Epochs::judge`]) and,
+/// for a GET, not past its rule's refresh-ahead point ([`policy::refresh_due`]: the phases
+/// start that refresh).
+fn judge(
+    epochs: &Epochs,
+    route: &Route,
+    times: &StoredTimes,
+    info: &EntryInfo,
+    head: bool,
+    now: SystemTime,
+) -> Option<(i64, u64)> {
     if times.varies || now >= times.fresh_until {
         return None;
     }
-    let info = stored.info();
     if !epochs.is_empty()
         && epochs.judge(times.confirmed, info.tags(), info.host_path(), info.uri) != Verdict::Valid
     {
@@ -120,72 +147,123 @@ pub fn find(
             return None;
         }
     }
-    Some(Hit {
-        ttl: super::seconds_until(times.fresh_until, now),
+    Some((
+        super::seconds_until(times.fresh_until, now),
         // As pingora's hit header: the entry's age (RFC 9111 §4).
-        age: now
-            .duration_since(times.epoch)
+        now.duration_since(times.epoch)
             .unwrap_or_default()
             .as_secs(),
-        key,
-        stored,
-        times,
-    })
+    ))
 }
 
-/// Answers the request from a fresh memory entry if it is the plain case (see the module
-/// comment); otherwise leaves it to the cache phases, with the admission it computed kept.
+/// What a fresh hit is answered with, from either tier.
+struct Answer {
+    key: HashBinary,
+    header: ResponseHeader,
+    body: Bytes,
+    ttl: i64,
+    age: u64,
+    tokens: u64,
+}
+
+/// Answers the request from a fresh entry if it is the plain case (see the module comment);
+/// otherwise leaves it to the cache phases, with the admission it computed kept (and, with the
+/// memory tier off, the Redis record it read, for their lookup).
 pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) -> Result<Served> {
-    let Some(memory) = gw.cache.storage.memory_tier() else {
+    let storage = &gw.cache.storage;
+    let memory = storage.memory_tier();
+    if memory.is_none() && storage.redis.is_none() {
         return Ok(Served::No);
-    };
+    }
     if session.subrequest_ctx.is_some() || ctx.warm == crate::warm::Mark::Refresh {
         return Ok(Served::No);
     }
     let req = session.req_header();
     let admission = super::admission_of(ctx, req);
-    let found = eligible(req, ctx.rule(), &admission).and_then(|(terms, head)| {
+    let plain = eligible(req, ctx.rule(), &admission).map(|(terms, head)| {
         let parts = ctx.key_parts(req, host_of(req));
-        let epochs = &gw.invalidator.epochs;
-        let hit = find(
-            memory,
-            epochs,
-            ctx.route(),
-            terms,
-            &parts,
-            head,
-            SystemTime::now(),
-        );
-        hit.map(|hit| (hit, head))
+        (admission::key_hash(ctx.route(), terms, &parts), head)
     });
     ctx.admission = Some(admission);
-    let Some((hit, head)) = found else {
+    let Some((key, head)) = plain else {
         return Ok(Served::No);
+    };
+    let epochs = &gw.invalidator.epochs;
+    let now = SystemTime::now();
+    let answer = match memory {
+        Some(memory) => {
+            let Some(stored) = memory.complete(key) else {
+                return Ok(Served::No);
+            };
+            let times = stored.times();
+            let Some((ttl, age)) = judge(epochs, ctx.route(), &times, stored.info(), head, now)
+            else {
+                return Ok(Served::No);
+            };
+            metrics().tier_hits_memory.inc();
+            memory.count_hit(&stored);
+            Answer {
+                key,
+                header: stored.header(),
+                body: stored.body(),
+                ttl,
+                age,
+                tokens: stored.info().tokens,
+            }
+        }
+        None => {
+            // Redis only: the record is read here, as the lookup would read it; if it cannot
+            // be answered here, the lookup gets what was read instead of asking again.
+            let Some(read) = storage.prefetch(key).await else {
+                return Ok(Served::No);
+            };
+            let Some((record, raw)) = read else {
+                storage.keep_prefetched(key, None);
+                return Ok(Served::No);
+            };
+            let times = StoredTimes {
+                fresh_until: record.meta.fresh_until.time(),
+                confirmed: record.meta.confirmed.time(),
+                epoch: record.meta.epoch.time(),
+                varies: record.meta.variance.is_some()
+                    || record.header.headers.contains_key(header::VARY),
+            };
+            let Some((ttl, age)) = judge(epochs, ctx.route(), &times, &record.info, head, now)
+            else {
+                storage.keep_prefetched(key, Some(raw));
+                return Ok(Served::No);
+            };
+            metrics().tier_hits_redis.inc();
+            Answer {
+                key,
+                tokens: record.info.tokens,
+                header: record.header,
+                body: record.body,
+                ttl,
+                age,
+            }
+        }
     };
     let mut answered = cache_status::decide(&Observed {
         phase: Some(Phase::Hit),
         lookup: Lookup::Fresh,
-        ttl: Some(hit.ttl),
+        ttl: Some(answer.ttl),
         ..Observed::default()
     });
-    let mut resp = hit.stored.header();
-    resp.insert_header(header::AGE, hit.age)?;
+    let mut resp = answer.header;
+    resp.insert_header(header::AGE, answer.age)?;
     resp.set_version(http::Version::HTTP_11);
     // As the phases' default `range_header_filter`: with no `Range`, it only advertises
     // `Accept-Ranges` on a 200 of known length.
     pingora::proxy::range_header_filter(session.req_header(), &mut resp, PINGORA_MAX_RANGES);
     gw.finish_header(&mut resp, &mut answered)?;
     ctx.cache.lookup = Lookup::Fresh;
-    ctx.cache.fresh_hit_key = Some(hit.key);
-    ctx.cache.hit_tokens = hit.stored.info().tokens;
+    ctx.cache.fresh_hit_key = Some(answer.key);
+    ctx.cache.hit_tokens = answer.tokens;
     ctx.answered = Some(answered);
-    metrics().tier_hits_memory.inc();
-    memory.count_hit(&hit.stored);
     session.write_response_header(Box::new(resp), head).await?;
     if !head {
-        session
-            .write_response_body(Some(hit.stored.body()), true)
-            .await?;
+        session.write_response_body(Some(answer.body), true).await?;
     }
     Ok(Served::Yes)
 }

@@ -28,7 +28,7 @@ use crate::metrics::metrics;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use pingora::cache::key::CacheHashKey;
+use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::storage::{
     HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
 };
@@ -63,6 +63,10 @@ pub struct Tiered {
     waits: Mutex<HashMap<u128, Arc<OnceCell<Option<Bytes>>>>>,
     /// Fill locks taken by lookups, until the request that missed takes them (or they age out).
     held: Mutex<HashMap<u128, (Instant, FillLock)>>,
+    /// What [`Tiered::prefetch`] read for a request that the fresh-hit path did not answer,
+    /// until that request's lookup takes it (or it ages out), so the lookup does not ask Redis
+    /// again.
+    prefetched: Mutex<HashMap<u128, (Instant, Option<Bytes>)>>,
 }
 
 /// How long an entry stays servable from now: freshness plus the longer stale window.
@@ -92,6 +96,7 @@ impl Tiered {
             wait_limit: wait_limit.max(lease),
             waits: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
+            prefetched: Mutex::new(HashMap::new()),
         }
     }
 
@@ -142,6 +147,28 @@ impl Tiered {
         };
         let k = id(key.combined_bin());
         redis.try_refresh(k, created_ms, lease).await != Some(false)
+    }
+
+    /// With the memory tier off, the first half of a lookup of the key whose hash is `key`,
+    /// for the fresh-hit path (`proxy/fresh_hit.rs`): the record as a lookup reads it (sharing
+    /// the round trip with concurrent lookups, and taking the fleet fill lock on a miss), with
+    /// its raw bytes; `Some(None)` when Redis has no usable record. `None` without Redis or
+    /// with the memory tier on.
+    pub async fn prefetch(&self, key: HashBinary) -> Option<Option<(Record, Bytes)>> {
+        let redis = self.redis.as_ref().filter(|_| !self.memory_enabled)?;
+        let k = id(key);
+        let raw = self.redis_fetch(redis, k).await;
+        Some(raw.and_then(|raw| Some((Self::decode(redis, k, raw.clone())?, raw))))
+    }
+
+    /// Hands what [`Tiered::prefetch`] read (`None`: nothing in Redis) to this request's
+    /// lookup, which the fresh-hit path left it to. Kept at most one lease: a request that
+    /// ends before its lookup leaves it to age out.
+    pub fn keep_prefetched(&self, key: HashBinary, raw: Option<Bytes>) {
+        let mut kept = self.prefetched.lock();
+        let horizon = self.lease;
+        kept.retain(|_, (at, _)| at.elapsed() < horizon);
+        kept.insert(id(key), (Instant::now(), raw));
     }
 
     fn hold(&self, lock: FillLock) {
@@ -260,7 +287,20 @@ impl Storage for Tiered {
             return Ok(None);
         };
         let k = id(key.combined_bin());
-        let Some(raw) = self.redis_fetch(redis, k).await else {
+        // What the fresh-hit path read for this request (memory tier off), if it left it.
+        let kept = if self.memory_enabled {
+            None
+        } else {
+            match self.prefetched.lock().remove(&k) {
+                Some((at, raw)) if at.elapsed() < self.lease => Some(raw),
+                _ => None,
+            }
+        };
+        let raw = match kept {
+            Some(raw) => raw,
+            None => self.redis_fetch(redis, k).await,
+        };
+        let Some(raw) = raw else {
             return Ok(None);
         };
         if self.memory_enabled {

@@ -548,3 +548,76 @@ async fn with_the_memory_tier_off_a_redis_hit_answers_as_a_memory_hit() {
         0.0
     );
 }
+
+/// The reads (`GET`, and `MGET` while polling another fill's lock) this gateway has sent to
+/// Redis: its own count, so the fill lock's scripts and the test's own reads are not in it.
+async fn redis_reads(gw: &Gateway) -> f64 {
+    gw.metric("aisle_redis_duration_seconds_count", &[("op", "get")])
+        .await
+        .unwrap_or(0.0)
+}
+
+/// With the memory tier off, a request reads its record from Redis once. The fresh-hit path
+/// reads it as the cache phases' lookup would (taking the fleet fill lock on a miss); a hit is
+/// answered from it, and what it leaves to the phases reaches their lookup with the read
+/// already done. Without that hand-over a miss would ask Redis again and then wait, polling
+/// with `MGET`, on the fill lock the same request had just taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_memory_tier_off_a_request_reads_redis_once() {
+    let redis = RedisServer::start();
+    let origin = origin();
+    let prefix = "t-once:";
+    let rules = [("rules.toml", fixtures::SHARED_TIER_RULES)];
+    let cfg = format!(
+        "{}{}",
+        config_with_cache(&origin.url(), "0", "8MiB"),
+        redis.section(prefix)
+    );
+    let gw = Gateway::start(&cfg, &rules).await;
+    wait_subscribed(&gw, "gateway").await;
+    let path = "/r/once";
+
+    let before = redis_reads(&gw).await;
+    let miss = gw.get(path).await;
+    assert_stored_miss(&miss, "first GET");
+    // The read, and the read again once the fill lock is taken (another instance may have
+    // finished just before), as a lookup makes them; none by the phases' lookup, and no
+    // polling of the request's own lock.
+    let reads = redis_reads(&gw).await - before;
+    assert!(reads <= 2.0, "the miss read Redis {reads} times");
+    assert_eq!(origin.count(path), 1);
+    wait_plain_entry(&redis, prefix, &miss.body).await;
+
+    for what in ["a fresh hit", "a second fresh hit"] {
+        let before = redis_reads(&gw).await;
+        let hit = gw.get(path).await;
+        assert_hit(&hit, what);
+        assert_eq!(hit.body, miss.body, "{what}");
+        assert_eq!(
+            redis_reads(&gw).await - before,
+            1.0,
+            "{what}: one Redis read"
+        );
+    }
+    // A conditional request is the phases' (a 304 or the answer): their lookup reads once.
+    let before = redis_reads(&gw).await;
+    let phases = gw
+        .get_with(path, &[("if-none-match", "\"not-this-one\"")])
+        .await;
+    assert_hit(&phases, "a conditional GET (the phases)");
+    assert_eq!(
+        redis_reads(&gw).await - before,
+        1.0,
+        "the phases' lookup: one Redis read"
+    );
+    assert_eq!(
+        origin.count(path),
+        1,
+        "only the first GET reached the origin"
+    );
+    assert_eq!(
+        gw.metric("aisle_tier_hits_total", &[("tier", "redis")])
+            .await,
+        Some(3.0)
+    );
+}
