@@ -108,6 +108,18 @@ pub fn find(
     now: SystemTime,
 ) -> Option<Hit> {
     let key = admission::key_hash(route, terms, parts);
+    find_at(memory, epochs, route, key, head, now)
+}
+
+/// [`find`] for a key hash already computed.
+fn find_at(
+    memory: &MemoryStorage,
+    epochs: &Epochs,
+    route: &Route,
+    key: HashBinary,
+    head: bool,
+    now: SystemTime,
+) -> Option<Hit> {
     let stored = memory.complete(key)?;
     let times = stored.times();
     let (ttl, age) = judge(epochs, route, &times, stored.info(), head, now)?;
@@ -192,23 +204,18 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
     let now = SystemTime::now();
     let answer = match memory {
         Some(memory) => {
-            let Some(stored) = memory.complete(key) else {
-                return Ok(Served::No);
-            };
-            let times = stored.times();
-            let Some((ttl, age)) = judge(epochs, ctx.route(), &times, stored.info(), head, now)
-            else {
+            let Some(hit) = find_at(memory, epochs, ctx.route(), key, head, now) else {
                 return Ok(Served::No);
             };
             metrics().tier_hits_memory.inc();
-            memory.count_hit(&stored);
+            memory.count_hit(&hit.stored);
             Answer {
                 key,
-                header: stored.header(),
-                body: stored.body(),
-                ttl,
-                age,
-                tokens: stored.info().tokens,
+                header: hit.stored.header(),
+                body: hit.stored.body(),
+                ttl: hit.ttl,
+                age: hit.age,
+                tokens: hit.stored.info().tokens,
             }
         }
         None => {
@@ -221,13 +228,9 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
                 storage.keep_prefetched(key, None);
                 return Ok(Served::No);
             };
-            let times = StoredTimes {
-                fresh_until: record.meta.fresh_until.time(),
-                confirmed: record.meta.confirmed.time(),
-                epoch: record.meta.epoch.time(),
-                varies: record.meta.variance.is_some()
-                    || record.header.headers.contains_key(header::VARY),
-            };
+            let times = record
+                .meta
+                .times(record.header.headers.contains_key(header::VARY));
             let Some((ttl, age)) = judge(epochs, ctx.route(), &times, &record.info, head, now)
             else {
                 storage.keep_prefetched(key, Some(raw));

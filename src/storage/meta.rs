@@ -1,5 +1,5 @@
-//! What a stored entry keeps of pingora's `CacheMeta` besides its header, and how the meta is
-//! rebuilt from it: one form for both tiers.
+//! What a stored entry keeps of pingora's `CacheMeta` besides its header, and how the meta
+//! (and the header, [`response_header`]) is rebuilt from it: one form for both tiers.
 //!
 //! The memory tier keeps these facts in every entry, and the Redis record (`record.rs`, `AIS4`)
 //! writes the same facts in a fixed 33- or 49-byte form. So an entry means the same thing
@@ -9,6 +9,7 @@
 //! decompressing and re-parsing it was 13% of a Redis hit (issue 16, README "Performance").
 
 use bytes::{Buf, Bytes};
+use http::{HeaderMap, StatusCode, Version};
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheMeta;
 use pingora::http::ResponseHeader;
@@ -57,6 +58,32 @@ pub struct MetaFacts {
     pub variance: Option<HashBinary>,
 }
 
+/// Fields a hit adds to a stored header before it is sent (`Age`, `Accept-Ranges`,
+/// `Cache-Status`, `Connection`): room is kept for them when a stored header is rebuilt, so
+/// adding them does not grow the map again.
+pub const HIT_FIELDS: usize = 4;
+
+/// A stored response header rebuilt from its parts, as both tiers rebuild one: no header-name
+/// case map (the names are sent as stored). `headers` should have room for [`HIT_FIELDS`] more.
+pub fn response_header(status: StatusCode, version: Version, headers: HeaderMap) -> ResponseHeader {
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = version;
+    parts.headers = headers;
+    ResponseHeader::from(parts)
+}
+
+/// The times and shape a hit is judged by (`proxy::fresh_hit::judge`), from either tier.
+pub struct StoredTimes {
+    pub fresh_until: SystemTime,
+    /// When the origin last vouched for the content (what purges are judged against).
+    pub confirmed: SystemTime,
+    /// When the entry's age starts.
+    pub epoch: SystemTime,
+    /// The entry has variants (`Vary`): its lookup needs the request's variance.
+    pub varies: bool,
+}
+
 /// Bytes of [`MetaFacts::encode`]'s form without and with a variance.
 const PLAIN_LEN: usize = 3 * 8 + 2 * 4 + 1;
 const VARIANCE_LEN: usize = 16;
@@ -76,6 +103,16 @@ impl MetaFacts {
             swr: meta.stale_while_revalidate_sec(),
             sie: meta.stale_if_error_sec(),
             variance: meta.variance(),
+        }
+    }
+
+    /// The times a hit is judged by; `header_varies`: the stored header has a `Vary` field.
+    pub fn times(&self, header_varies: bool) -> StoredTimes {
+        StoredTimes {
+            fresh_until: self.fresh_until.time(),
+            confirmed: self.confirmed.time(),
+            epoch: self.epoch.time(),
+            varies: self.variance.is_some() || header_varies,
         }
     }
 

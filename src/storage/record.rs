@@ -20,7 +20,7 @@
 //! The key id is derived from the key itself, so rotating keys needs no bookkeeping: records
 //! sealed with a `previous_keys` entry still open, and an unknown id is simply a miss.
 
-use super::meta::MetaFacts;
+use super::meta::{self, MetaFacts, HIT_FIELDS};
 use super::{EntryInfo, Names};
 use crate::rules::StoredRule;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
@@ -45,9 +45,6 @@ const SENSITIVE: u32 = 1 << 31;
 /// More fields than a header map can hold would make it panic; no answer pingora parsed comes
 /// near this.
 const MAX_FIELDS: usize = 8192;
-/// Room left in a decoded header for the fields a hit adds (`Age`, `Accept-Ranges`,
-/// `Cache-Status`, `Connection`), as the memory tier's headers have.
-const HIT_FIELDS: usize = 4;
 
 /// A decoded entry.
 #[derive(Debug, Clone)]
@@ -59,14 +56,14 @@ pub struct Record {
 }
 
 impl Record {
-    /// The meta pingora sees, with the entry's facts attached.
+    /// The meta pingora sees, with the entry's info and body beside it.
     pub fn into_meta(self) -> (CacheMeta, EntryInfo, Bytes) {
         (self.meta.to_meta(self.header), self.info, self.body)
     }
 }
 
 /// Equal when they say the same: facts, status, version, reason phrase, fields in order (with
-/// their sensitivity), facts and body.
+/// their sensitivity), entry info and body.
 impl PartialEq for Record {
     fn eq(&self, other: &Self) -> bool {
         let fields = |h: &ResponseHeader| {
@@ -174,11 +171,7 @@ fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
         value.set_sensitive(len & SENSITIVE != 0);
         headers.append(name, value);
     }
-    let mut parts = http::Response::new(()).into_parts().0;
-    parts.status = status;
-    parts.version = version;
-    parts.headers = headers;
-    let mut h = ResponseHeader::from(parts);
+    let mut h = meta::response_header(status, version, headers);
     if !reason.is_empty() {
         let reason = std::str::from_utf8(&reason).map_err(|_| M)?;
         h.set_reason_phrase(Some(reason)).map_err(|_| M)?;

@@ -16,6 +16,7 @@
 //! including the map's spare capacity and the allocator's size classes (mimalloc rounds a request
 //! up by at most a quarter: four size classes per power of two).
 
+use crate::storage::meta::{response_header, HIT_FIELDS};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use once_cell::sync::Lazy;
@@ -25,8 +26,6 @@ use std::collections::HashSet;
 use std::mem::size_of;
 use std::sync::Arc;
 
-/// Fields a hit adds to the stored header before it is sent.
-const HIT_FIELDS: usize = 4;
 /// Bytes of the reference count block a `Bytes` allocates when a stored buffer is first
 /// shared (a hit's clone, a header value's slice).
 const SHARED: usize = 32;
@@ -187,11 +186,7 @@ impl StoredHeader {
             headers.append(name.clone(), value);
             at = stop;
         }
-        let mut parts = http::Response::new(()).into_parts().0;
-        parts.status = self.status;
-        parts.version = self.version;
-        parts.headers = headers;
-        let mut out = ResponseHeader::from(parts);
+        let mut out = response_header(self.status, self.version, headers);
         if self.reason_len > 0 {
             let reason = &self.buf[self.buf.len() - self.reason_len as usize..];
             let _ = out.set_reason_phrase(std::str::from_utf8(reason).ok());

@@ -12,6 +12,7 @@
 
 use super::fill::{Partial, Progress};
 use super::{clock_ms, id, Entry, MemoryStorage, LRU_INTERVAL_MS};
+use crate::storage::meta::StoredTimes;
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -24,7 +25,6 @@ use pingora::Result;
 use std::any::Any;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::SystemTime;
 use tokio::sync::watch;
 
 impl Entry {
@@ -43,17 +43,6 @@ impl Entry {
 
 /// A complete entry of the memory tier, read in place by a fresh hit ([`MemoryStorage::complete`]).
 pub struct Stored(Arc<Entry>);
-
-/// The times and shape a hit is judged by.
-pub struct StoredTimes {
-    pub fresh_until: SystemTime,
-    /// When the origin last vouched for the content (what purges are judged against).
-    pub confirmed: SystemTime,
-    /// When the entry's age starts.
-    pub epoch: SystemTime,
-    /// The entry has variants (`Vary`): its lookup needs the request's variance.
-    pub varies: bool,
-}
 
 impl MemoryStorage {
     /// The complete entry stored under `key` (a key hash without variance), if any; a fill
@@ -75,13 +64,7 @@ impl MemoryStorage {
 impl Stored {
     pub fn times(&self) -> StoredTimes {
         let meta = &self.0.meta;
-        let facts = &meta.facts;
-        StoredTimes {
-            fresh_until: facts.fresh_until.time(),
-            confirmed: facts.confirmed.time(),
-            epoch: facts.epoch.time(),
-            varies: facts.variance.is_some() || meta.header.contains(&http::header::VARY),
-        }
+        meta.facts.times(meta.header.contains(&http::header::VARY))
     }
 
     pub fn info(&self) -> &EntryInfo {

@@ -20,7 +20,8 @@ mod fill;
 mod hit;
 mod priority;
 
-pub use hit::{BodyHit, PartialHit, Stored, StoredTimes};
+pub use super::meta::StoredTimes;
+pub use hit::{BodyHit, PartialHit, Stored};
 pub use priority::PriorityEviction;
 
 use super::meta::MetaFacts;
