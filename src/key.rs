@@ -54,9 +54,38 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
 /// buffer is built, so a hit's key costs no allocation (issue 16). One writer serves both, so
 /// the two cannot disagree.
 pub fn primary_hash(rule: &Rule, input: &KeyInput<'_>) -> HashBinary {
-    let mut hasher = blake3::Hasher::new();
-    write_primary(rule, input, &mut hasher);
-    truncate(hasher.finalize())
+    let mut sink = HashSink::new();
+    write_primary(rule, input, &mut sink);
+    truncate(sink.finalize())
+}
+
+/// A key's bytes gathered on the stack and handed to BLAKE3 in as few calls as the key's length
+/// allows: a key is a score of short pieces (length prefixes, names, values), and each
+/// `Hasher::update` has a fixed cost that outweighed hashing the piece (issue 16: 18 updates,
+/// 2.5k instructions, of a hit's 58k). The hash is the same as of one call over the whole key,
+/// which is what streaming BLAKE3 guarantees.
+struct HashSink {
+    hasher: blake3::Hasher,
+    len: usize,
+    buf: [u8; HashSink::SIZE],
+}
+
+impl HashSink {
+    /// Room for a typical key (BLAKE3's chunk); a longer one is hashed a buffer at a time.
+    const SIZE: usize = 1024;
+
+    fn new() -> Self {
+        HashSink {
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            buf: [0; HashSink::SIZE],
+        }
+    }
+
+    fn finalize(mut self) -> blake3::Hash {
+        self.hasher.update(&self.buf[..self.len]);
+        self.hasher.finalize()
+    }
 }
 
 /// Where key bytes go: a buffer ([`primary`]) or straight into the hash ([`primary_hash`]).
@@ -70,9 +99,18 @@ impl KeySink for Vec<u8> {
     }
 }
 
-impl KeySink for blake3::Hasher {
+impl KeySink for HashSink {
     fn put(&mut self, bytes: &[u8]) {
-        self.update(bytes);
+        if self.len + bytes.len() > HashSink::SIZE {
+            self.hasher.update(&self.buf[..self.len]);
+            self.len = 0;
+            if bytes.len() > HashSink::SIZE {
+                self.hasher.update(bytes);
+                return;
+            }
+        }
+        self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+        self.len += bytes.len();
     }
 }
 
@@ -484,6 +522,23 @@ match = { path = "/items/:id" }
         // The streamed hash a hit uses is the hash of these bytes, for every key any test builds.
         assert_eq!(primary_hash(m.rule, &input), hash(&bytes));
         bytes
+    }
+
+    /// The buffered sink hashes as one call over the whole key would, whatever the pieces'
+    /// lengths: across its buffer's end, exactly filling it, and longer than it.
+    #[test]
+    fn the_buffered_hash_is_the_hash_of_the_concatenation() {
+        let sizes = [0, 1, 7, 1023, 1, 1024, 1025, 3000, 16, 1008, 2, 5000, 64];
+        for start in 0..sizes.len() {
+            let mut sink = HashSink::new();
+            let mut all = Vec::new();
+            for (i, &n) in sizes[start..].iter().enumerate() {
+                let piece: Vec<u8> = (0..n).map(|j| (i * 31 + j) as u8).collect();
+                sink.put(&piece);
+                all.extend_from_slice(&piece);
+            }
+            assert_eq!(sink.finalize(), blake3::hash(&all), "from piece {start}");
+        }
     }
 
     /// The streamed writer lowercases a host in 64-byte pieces: a long host keys as its
