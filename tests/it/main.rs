@@ -28,6 +28,7 @@ mod coherence;
 mod credentials;
 mod eviction;
 mod fresh_hit;
+mod header_patch;
 mod hit_ratio;
 mod invalidation;
 mod listener;

@@ -1,0 +1,105 @@
+//! The vendored pingora-http's patches (`vendor/pingora-http/PATCHES.md`): a header inserted by
+//! `HeaderName` is the header the old spell-and-parse made, and a header built for a parsed
+//! message takes the fields a gateway adds without its maps growing (issue 16: both were a
+//! share of every request's instructions).
+
+use http::header::{self, HeaderName, HeaderValue};
+use pingora::http::{IntoCaseHeaderName, RequestHeader, ResponseHeader, PROXY_HEADROOM};
+
+/// Names of every kind: standard ones pingora spells in title case, standard ones it does not,
+/// and custom ones.
+fn names() -> Vec<HeaderName> {
+    vec![
+        header::HOST,
+        header::AGE,
+        header::ACCEPT_RANGES,
+        header::CONTENT_LENGTH,
+        header::SET_COOKIE,
+        header::VARY,
+        header::ETAG,
+        header::FORWARDED,
+        HeaderName::from_static("cache-status"),
+        HeaderName::from_static("x-forwarded-for"),
+    ]
+}
+
+#[test]
+fn a_header_name_becomes_what_its_spelling_parses_to() {
+    for name in names() {
+        let spelled = name.clone().into_case_header_name();
+        let parsed = HeaderName::from_bytes(spelled.as_slice()).unwrap();
+        for with_case in [true, false] {
+            let (fast, case) = name.clone().into_names(with_case).unwrap();
+            assert_eq!(fast, parsed, "{name}");
+            assert_eq!(
+                case.map(|c| c.as_slice().to_vec()),
+                with_case.then(|| spelled.as_slice().to_vec()),
+                "{name}"
+            );
+            let (by_ref, _) = (&name).into_names(with_case).unwrap();
+            assert_eq!(by_ref, parsed, "{name}");
+        }
+    }
+    assert!("bad name".into_names(true).is_err());
+    assert!("bad name".into_names(false).is_err());
+}
+
+/// What a client sees is unchanged: the case a request's fields were received in is what goes
+/// upstream, and an inserted `HeaderName` is sent in pingora's spelling.
+#[test]
+fn inserted_names_are_sent_as_before() {
+    let mut req = RequestHeader::build("GET", b"/x", Some(2)).unwrap();
+    req.append_header("hOsT", "a.example").unwrap();
+    req.append_header("X-Custom", "1").unwrap();
+    req.insert_header(header::HOST, "b.example").unwrap();
+    let xff = HeaderName::from_static("x-forwarded-for");
+    req.insert_header(&xff, "10.0.0.1").unwrap();
+    assert!(req.headers.contains_key(&xff));
+    req.append_header(header::AGE, "5").unwrap();
+    let mut wire = Vec::new();
+    req.header_to_h1_wire(&mut wire);
+    assert_eq!(
+        String::from_utf8(wire).unwrap(),
+        "Host: b.example\r\nX-Custom: 1\r\nx-forwarded-for: 10.0.0.1\r\nAge: 5\r\n"
+    );
+}
+
+#[test]
+fn a_parsed_request_takes_the_forwarding_fields_without_growing() {
+    // As pingora's HTTP/1 reader builds it: a hint of the fields it parsed.
+    for parsed in [0, 1, 3, 7, 20] {
+        let mut req = RequestHeader::build("GET", b"/x", Some(parsed)).unwrap();
+        for i in 0..parsed {
+            req.append_header(format!("x-field-{i}"), "v").unwrap();
+        }
+        let room = req.headers.capacity();
+        assert!(room >= parsed + PROXY_HEADROOM, "{parsed}: {room}");
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "forwarded",
+        ] {
+            req.insert_header(HeaderName::from_static(name), HeaderValue::from_static("v"))
+                .unwrap();
+        }
+        assert_eq!(req.headers.capacity(), room, "{parsed} fields grew");
+    }
+}
+
+#[test]
+fn an_upstream_answer_takes_the_gateway_fields_without_growing() {
+    let mut resp = ResponseHeader::build(200, Some(5)).unwrap();
+    for i in 0..5 {
+        resp.append_header(format!("x-field-{i}"), "v").unwrap();
+    }
+    let room = resp.headers.capacity();
+    resp.insert_header(
+        HeaderName::from_static("cache-status"),
+        "aisle; fwd=uri-miss",
+    )
+    .unwrap();
+    resp.insert_header(header::AGE, 0).unwrap();
+    resp.insert_header(header::ACCEPT_RANGES, "bytes").unwrap();
+    assert_eq!(resp.headers.capacity(), room);
+}

@@ -1,0 +1,181 @@
+// Copyright 2026 Cloudflare, Inc.
+//
+// Licensed under the Apache License, Version 2.0 (the "License");
+// you may not use this file except in compliance with the License.
+// You may obtain a copy of the License at
+//
+// http://www.apache.org/licenses/LICENSE-2.0
+//
+// Unless required by applicable law or agreed to in writing, software
+// distributed under the License is distributed on an "AS IS" BASIS,
+// WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+// See the License for the specific language governing permissions and
+// limitations under the License.
+
+use crate::*;
+use bytes::Bytes;
+use http::header;
+
+#[derive(Debug, Clone)]
+pub struct CaseHeaderName(Bytes);
+
+impl CaseHeaderName {
+    pub fn new(name: String) -> Self {
+        CaseHeaderName(name.into())
+    }
+}
+
+impl CaseHeaderName {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn from_slice(buf: &[u8]) -> Self {
+        CaseHeaderName(Bytes::copy_from_slice(buf))
+    }
+}
+
+/// A trait that converts into case-sensitive header names.
+pub trait IntoCaseHeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName;
+
+    /// Aisle patch: the name as a `HeaderName`, and its case-preserving spelling only when the
+    /// header keeps one (`with_case`). The default spells the name, then parses that back, as
+    /// 0.9.1 did for every name; a `HeaderName` is used as it is (its titled spelling parses back
+    /// to the same name), which saves a parse on every insert of a known name (issue 16).
+    fn into_names(self, with_case: bool) -> Result<(HeaderName, Option<CaseHeaderName>)>
+    where
+        Self: Sized,
+    {
+        let case_header_name = self.into_case_header_name();
+        let header_name: HeaderName = case_header_name
+            .as_slice()
+            .try_into()
+            .or_err(InvalidHTTPHeader, "invalid header name")?;
+        Ok((header_name, with_case.then_some(case_header_name)))
+    }
+}
+
+impl IntoCaseHeaderName for CaseHeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        self
+    }
+}
+
+impl IntoCaseHeaderName for String {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(self.into())
+    }
+}
+
+impl IntoCaseHeaderName for &'static str {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(self.into())
+    }
+}
+
+impl IntoCaseHeaderName for HeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(titled_header_name(&self))
+    }
+
+    fn into_names(self, with_case: bool) -> Result<(HeaderName, Option<CaseHeaderName>)> {
+        let case = with_case.then(|| CaseHeaderName(titled_header_name(&self)));
+        Ok((self, case))
+    }
+}
+
+impl IntoCaseHeaderName for &HeaderName {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(titled_header_name(self))
+    }
+
+    fn into_names(self, with_case: bool) -> Result<(HeaderName, Option<CaseHeaderName>)> {
+        self.clone().into_names(with_case)
+    }
+}
+
+impl IntoCaseHeaderName for Bytes {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        CaseHeaderName(self)
+    }
+}
+
+fn titled_header_name(header_name: &HeaderName) -> Bytes {
+    titled_header_name_str(header_name).map_or_else(
+        || Bytes::copy_from_slice(header_name.as_str().as_bytes()),
+        |s| Bytes::from_static(s.as_bytes()),
+    )
+}
+
+pub(crate) fn titled_header_name_str(header_name: &HeaderName) -> Option<&'static str> {
+    Some(match *header_name {
+        header::ACCEPT_RANGES => "Accept-Ranges",
+        header::AGE => "Age",
+        header::CACHE_CONTROL => "Cache-Control",
+        header::CONNECTION => "Connection",
+        header::CONTENT_TYPE => "Content-Type",
+        header::CONTENT_ENCODING => "Content-Encoding",
+        header::CONTENT_LENGTH => "Content-Length",
+        header::DATE => "Date",
+        header::TRANSFER_ENCODING => "Transfer-Encoding",
+        header::HOST => "Host",
+        header::SERVER => "Server",
+        header::SET_COOKIE => "Set-Cookie",
+        // TODO: add more const header here to map to their titled case
+        // TODO: automatically upper case the first letter?
+        _ => {
+            return None;
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_case_header_name() {
+        assert_eq!("FoO".into_case_header_name().as_slice(), b"FoO");
+        assert_eq!("FoO".to_string().into_case_header_name().as_slice(), b"FoO");
+        assert_eq!(header::SERVER.into_case_header_name().as_slice(), b"Server");
+    }
+
+    /// Aisle patch: a `HeaderName` becomes the name its spelling would parse to (so skipping
+    /// the parse changes nothing), with the same case spelling when one is asked for.
+    #[test]
+    fn a_header_name_is_used_as_the_parse_of_its_spelling_would_be() {
+        let names = [
+            header::ACCEPT_RANGES,
+            header::AGE,
+            header::CACHE_CONTROL,
+            header::CONNECTION,
+            header::CONTENT_TYPE,
+            header::CONTENT_ENCODING,
+            header::CONTENT_LENGTH,
+            header::DATE,
+            header::TRANSFER_ENCODING,
+            header::HOST,
+            header::SERVER,
+            header::SET_COOKIE,
+            header::VARY,
+            header::ETAG,
+            HeaderName::from_static("cache-status"),
+            HeaderName::from_static("x-custom-thing"),
+        ];
+        for name in names {
+            let spelled = name.clone().into_case_header_name();
+            let parsed = HeaderName::from_bytes(spelled.as_slice()).unwrap();
+            let (fast, case) = name.clone().into_names(true).unwrap();
+            assert_eq!(fast, parsed);
+            assert_eq!(case.unwrap().as_slice(), spelled.as_slice());
+            let (fast, case) = (&name).into_names(false).unwrap();
+            assert_eq!(fast, parsed);
+            assert!(case.is_none());
+            // A spelled name still takes the parse, and a bad one is still refused.
+            let (slow, _) = spelled.into_names(false).unwrap();
+            assert_eq!(slow, parsed);
+        }
+        assert!("bad name".into_names(false).is_err());
+    }
+}
