@@ -8,7 +8,10 @@
 //! through a live session; [`CacheStatus::to_header_value`] spells the facts.
 
 use crate::metrics::CacheOutcome;
-use std::fmt::Write;
+
+/// The field every answer carries (RFC 9211), as a header name: inserted per request without
+/// parsing its spelling.
+pub const HEADER: http::HeaderName = http::HeaderName::from_static("cache-status");
 
 /// What the lookup found, as the phases learnt it (one value, not a set of flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -230,11 +233,15 @@ impl CacheStatus {
             s.push_str("; fwd=");
             s.push_str(fwd.as_str());
         }
+        // `itoa`, not `write!`: this is spelled for every answer (issue 16).
+        let mut num = itoa::Buffer::new();
         if let Some(code) = self.fwd_status {
-            let _ = write!(s, "; fwd-status={code}");
+            s.push_str("; fwd-status=");
+            s.push_str(num.format(code));
         }
         if let Some(ttl) = self.ttl {
-            let _ = write!(s, "; ttl={ttl}");
+            s.push_str("; ttl=");
+            s.push_str(num.format(ttl));
         }
         if self.stored {
             s.push_str("; stored");

@@ -384,9 +384,9 @@ impl Gateway {
             // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
             answered.0.protection = p.active().label.clone();
         }
-        resp.insert_header("cache-status", answered.0.to_header_value())?;
+        resp.insert_header(&cache_status::HEADER, answered.0.to_header_value())?;
         // Stored only (the entry's own stale windows), never sent.
-        resp.remove_header(policy::STALE_HEADER);
+        resp.remove_header(&policy::STALE_FIELD);
         Ok(())
     }
 }

@@ -270,7 +270,7 @@ pub async fn answer(session: &mut Session, ctx: &mut Ctx, seconds: u64) -> pingo
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
-    resp.insert_header("cache-status", header)?;
+    resp.insert_header(&super::cache_status::HEADER, header)?;
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
