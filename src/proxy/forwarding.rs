@@ -57,11 +57,13 @@ pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
         req.remove_header(&name);
     }
 
+    // The peer's address, spelled once for both headers below.
+    let peer = seen.peer.addr.map(addr_text);
     // X-Forwarded-For: a trusted proxy's list, then the peer.
-    if let Some(peer) = seen.peer.addr {
+    if let Some(peer) = &peer {
         let value = match joined(req, &X_FORWARDED_FOR) {
             Some(list) => format!("{list}, {peer}"),
-            None => peer.to_string(),
+            None => peer.clone(),
         };
         set(req, &X_FORWARDED_FOR, value.as_bytes());
     }
@@ -75,7 +77,7 @@ pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
         }
     }
     // Forwarded: a trusted proxy's elements, then this hop's.
-    let element = forwarded_element(seen);
+    let element = forwarded_element(seen, peer.as_deref());
     let value = match joined(req, &http::header::FORWARDED) {
         Some(list) => format!("{list}, {element}"),
         None => element,
@@ -104,15 +106,40 @@ pub fn for_upstream(req: &mut RequestHeader, upstream: &Upstream, host: Option<&
     }
 }
 
-/// One RFC 7239 element for this hop: `for=192.0.2.7;host=example.com;proto=http`.
-fn forwarded_element(seen: &Seen<'_>) -> String {
-    let node = match seen.peer.addr {
-        Some(IpAddr::V4(ip)) => ip.to_string(),
+/// An address as `Display` spells it; an IPv4 address without the formatting machinery, which
+/// cost 1.3k instructions a time (issue 16: it was spelled twice on every proxied request).
+fn addr_text(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(ip) => {
+            let mut out = String::with_capacity(15);
+            let mut num = itoa::Buffer::new();
+            for (i, octet) in ip.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(num.format(octet));
+            }
+            out
+        }
+        IpAddr::V6(ip) => ip.to_string(),
+    }
+}
+
+/// One RFC 7239 element for this hop: `for=192.0.2.7;host=example.com;proto=http`; `peer` is
+/// the peer's address as [`addr_text`] spells it.
+fn forwarded_element(seen: &Seen<'_>, peer: Option<&str>) -> String {
+    let mut out = String::with_capacity(64);
+    out.push_str("for=");
+    match (seen.peer.addr, peer) {
         // RFC 7239 §6: an IPv6 node is bracketed, and so must be quoted.
-        Some(IpAddr::V6(ip)) => format!("\"[{ip}]\""),
-        None => "unknown".to_string(),
-    };
-    let mut out = format!("for={node}");
+        (Some(IpAddr::V6(_)), Some(peer)) => {
+            out.push_str("\"[");
+            out.push_str(peer);
+            out.push_str("]\"");
+        }
+        (Some(IpAddr::V4(_)), Some(peer)) => out.push_str(peer),
+        _ => out.push_str("unknown"),
+    }
     if let Some(host) = seen.host.and_then(|h| std::str::from_utf8(h).ok()) {
         out.push_str(";host=");
         out.push_str(&value(host));
@@ -283,6 +310,30 @@ mod tests {
         assert!(!req.headers.keys().any(|k| k.as_str().starts_with("aisle-")));
     }
 
+    fn element(seen: &Seen<'_>) -> String {
+        forwarded_element(seen, seen.peer.addr.map(addr_text).as_deref())
+    }
+
+    /// The peer is spelled as `Display` spells it, for every kind of address.
+    #[test]
+    fn addresses_are_spelled_as_display_spells_them() {
+        for addr in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "127.0.0.1",
+            "192.168.100.254",
+            "255.255.255.255",
+            "1.22.133.9",
+            "::1",
+            "2001:db8::1",
+            "::ffff:192.0.2.1",
+        ] {
+            let ip: IpAddr = addr.parse().unwrap();
+            assert_eq!(addr_text(ip), ip.to_string());
+            assert_eq!(addr_text(ip), addr);
+        }
+    }
+
     #[test]
     fn forwarded_values_are_quoted_where_rfc_7239_says() {
         let seen = |addr: &str, host: &'static [u8]| Seen {
@@ -291,11 +342,11 @@ mod tests {
             host: Some(host),
         };
         assert_eq!(
-            forwarded_element(&seen("2001:db8::1", b"h.example:8080")),
+            element(&seen("2001:db8::1", b"h.example:8080")),
             "for=\"[2001:db8::1]\";host=\"h.example:8080\";proto=http"
         );
         assert_eq!(
-            forwarded_element(&seen("::ffff:192.0.2.1", b"a\"b\\c")),
+            element(&seen("::ffff:192.0.2.1", b"a\"b\\c")),
             "for=\"[::ffff:192.0.2.1]\";host=\"a\\\"b\\\\c\";proto=http"
         );
         let unknown = Seen {
@@ -303,7 +354,7 @@ mod tests {
             proto: "https",
             host: None,
         };
-        assert_eq!(forwarded_element(&unknown), "for=unknown;proto=https");
+        assert_eq!(element(&unknown), "for=unknown;proto=https");
         // Without a peer address there is nothing to add to X-Forwarded-For.
         let mut req = request(&[("x-forwarded-for", "10.9.9.9")]);
         rewrite(&mut req, &unknown);
