@@ -308,7 +308,8 @@ impl Admission {
 /// only ([`crate::rules::source::Source::keyed`]), and the target was UTF-8 (a target that is
 /// not reaches the rules as U+FFFD, which would fold different targets into one key).
 pub fn keyable(rule: &Rule, view: &RequestView<'_>) -> Result<(), Bypass> {
-    let lossy = |s: &str| s.contains(char::REPLACEMENT_CHARACTER);
+    // An ASCII text (nearly every target) holds no U+FFFD: checked a word at a time first.
+    let lossy = |s: &str| !s.is_ascii() && s.contains(char::REPLACEMENT_CHARACTER);
     if lossy(view.path) || view.query.is_some_and(lossy) {
         return Err(Bypass::BadEncoding);
     }

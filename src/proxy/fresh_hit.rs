@@ -46,6 +46,16 @@ const DEFERRED: [header::HeaderName; 6] = [
     header::IF_UNMODIFIED_SINCE,
 ];
 
+/// Whether the request has a [`DEFERRED`] field: a look at each of its few names, or for a
+/// request with many, a lookup of each deferred name (whichever is fewer steps).
+fn deferred(headers: &http::HeaderMap) -> bool {
+    if headers.keys_len() <= DEFERRED.len() {
+        headers.keys().any(|name| DEFERRED.contains(name))
+    } else {
+        DEFERRED.iter().any(|h| headers.contains_key(h))
+    }
+}
+
 /// The multipart limit of pingora's default `ProxyHttp::range_header_filter` (Aisle keeps the
 /// default), passed to the same function here.
 const PINGORA_MAX_RANGES: Option<usize> = Some(200);
@@ -82,7 +92,7 @@ pub fn eligible<'a>(
         http::Method::HEAD => true,
         _ => return None,
     };
-    if rule.needs_body || DEFERRED.iter().any(|h| req.headers.contains_key(h)) {
+    if rule.needs_body || deferred(&req.headers) {
         return None;
     }
     let Admission::Cache(terms) = admission else {
