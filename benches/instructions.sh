@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Instructions the gateway executes per request, counted by callgrind: the same figure for the
+# same binary and requests whatever else the machine is doing, unlike req/s on a shared 2-core
+# machine (where compare.sh's ratios drift by +-20% between runs). Issue 16 measures each change
+# of the hit and pass paths with it, beside compare.sh.
+#
+# Usage: benches/instructions.sh [--requests N] [--scenario hit-1k|hit-64k|pass] -- GATEWAY_CMD...
+#   benches/instructions.sh -- target/release/aisle run --config benches/compare.toml
+#   benches/instructions.sh --scenario pass -- target/release/examples/bare_pingora   # the floor
+#   benches/instructions.sh -- benches/redis-only.sh                                   # Redis only
+# The gateway must listen on 127.0.0.1:17480 and forward to 127.0.0.1:17490, as for
+# ../shared/bench/compare.sh; this script runs that origin (nginx, the same fixed bodies). It
+# warms 50 keys, then counts N requests (default 2000) from 8 kept-alive connections (curl
+# --parallel), from callgrind's instrumentation switched on to switched off, and prints the
+# total over N. Kernel time is not counted: system calls are counted by `perf stat` instead.
+# Needs valgrind, nginx and curl (apt-get install -y valgrind nginx-light curl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+N=2000; SCENARIO=hit-1k
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --requests) N="$2"; shift 2 ;;
+    --scenario) SCENARIO="$2"; shift 2 ;;
+    --) shift; break ;;
+    *) echo "unknown option $1 (usage: see the top of $0)" >&2; exit 2 ;;
+  esac
+done
+[[ $# -gt 0 ]] || { echo "no gateway command (usage: see the top of $0)" >&2; exit 2; }
+for tool in valgrind callgrind_control callgrind_annotate nginx curl; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y valgrind nginx-light curl)" >&2; exit 2; }
+done
+case "$SCENARIO" in
+  hit-1k) PREFIX=/bench/1k/k ;;
+  hit-64k) PREFIX=/bench/64k/k ;;
+  pass) PREFIX=/pass/k ;;
+  *) echo "unknown scenario $SCENARIO (hit-1k, hit-64k or pass)" >&2; exit 2 ;;
+esac
+for p in 17480 17490; do
+  if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is already in use" >&2; exit 2; fi
+done
+
+RUN=$(mktemp -d /tmp/aisle-instructions.XXXXXX); chmod 755 "$RUN"
+GW=""
+cleanup() {
+  [[ -n $GW ]] && kill -TERM -- "-$GW" 2>/dev/null || true
+  [[ -f $RUN/nginx.pid ]] && kill "$(cat "$RUN/nginx.pid")" 2>/dev/null || true
+}
+trap cleanup EXIT
+
+mkdir -p "$RUN/www" "$RUN/tmp"
+head -c 1024 /dev/zero | tr '\0' 'a' > "$RUN/www/body1k"
+head -c 65536 /dev/zero | tr '\0' 'b' > "$RUN/www/body64k"
+cat > "$RUN/nginx.conf" <<EOC
+user root; worker_processes 1; pid $RUN/nginx.pid; error_log $RUN/error.log;
+events { worker_connections 1024; }
+http {
+  access_log off; keepalive_requests 1000000;
+  client_body_temp_path $RUN/tmp; proxy_temp_path $RUN/tmp; fastcgi_temp_path $RUN/tmp;
+  uwsgi_temp_path $RUN/tmp; scgi_temp_path $RUN/tmp;
+  server {
+    listen 127.0.0.1:17490; root $RUN/www; default_type application/json;
+    location /bench/1k/  { add_header Cache-Control "public, max-age=3600"; try_files /body1k =404; }
+    location /bench/64k/ { add_header Cache-Control "public, max-age=3600"; try_files /body64k =404; }
+    location /pass/      { add_header Cache-Control "no-store"; try_files /body1k =404; }
+  }
+}
+EOC
+nginx -c "$RUN/nginx.conf" -e "$RUN/error.log"
+
+# Children are followed (benches/redis-only.sh execs aisle), except the servers it starts.
+setsid valgrind --tool=callgrind --instr-atstart=no --trace-children=yes \
+  --trace-children-skip='*redis-server*,*redis-cli*,*taskset*,*mktemp*,*dirname*,*seq*,*sleep*' \
+  --callgrind-out-file="$RUN/callgrind.%p" "$@" >"$RUN/gateway.log" 2>&1 &
+GW=$!
+ready=""
+for _ in $(seq 1 600); do
+  curl -s -o /dev/null "http://127.0.0.1:17480${PREFIX}ready" && { ready=1; break; }
+  sleep 0.1
+done
+[[ -n $ready ]] || { echo "the gateway did not answer within 60 s" >&2; tail -20 "$RUN/gateway.log" >&2; exit 1; }
+
+urls() {  # count -> a curl config of that many requests over 50 keys
+  for i in $(seq 1 "$1"); do
+    echo "url = \"http://127.0.0.1:17480${PREFIX}$((i % 50 + 1))?v=1\""
+    echo "output = /dev/null"
+  done
+}
+urls 100 > "$RUN/warm.cfg"
+urls "$N" > "$RUN/load.cfg"
+curl -s --parallel --parallel-max 8 -K "$RUN/warm.cfg"
+curl -s --parallel --parallel-max 8 -K "$RUN/warm.cfg"
+callgrind_control -i on "$GW" >/dev/null
+curl -s --parallel --parallel-max 8 -K "$RUN/load.cfg"
+callgrind_control -i off "$GW" >/dev/null
+callgrind_control -d "$GW" >/dev/null
+out=$(ls -S "$RUN"/callgrind.* | head -1)
+total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+echo "$SCENARIO: $((total / N)) instructions per request ($total over $N requests; profile: $out)"
+echo "(callgrind_annotate --inclusive=yes $out | less   shows where they go; the directory is kept)"
+trap - EXIT
+cleanup
