@@ -87,12 +87,12 @@ urls() {  # count -> a curl config of that many requests over 50 keys
 }
 urls 100 > "$RUN/warm.cfg"
 urls "$N" > "$RUN/load.cfg"
-curl -s --parallel --parallel-max 8 -K "$RUN/warm.cfg"
-curl -s --parallel --parallel-max 8 -K "$RUN/warm.cfg"
-callgrind_control -i on "$GW" >/dev/null
-curl -s --parallel --parallel-max 8 -K "$RUN/load.cfg"
-callgrind_control -i off "$GW" >/dev/null
-callgrind_control -d "$GW" >/dev/null
+curl -s --parallel --parallel-max 8 -K "$RUN/warm.cfg" 2>/dev/null
+curl -s --parallel --parallel-max 8 -K "$RUN/warm.cfg" 2>/dev/null
+callgrind_control -i on "$GW" >/dev/null 2>&1
+curl -s --parallel --parallel-max 8 -K "$RUN/load.cfg" 2>/dev/null
+callgrind_control -i off "$GW" >/dev/null 2>&1
+callgrind_control -d "$GW" >/dev/null 2>&1
 out=$(ls -S "$RUN"/callgrind.* | head -1)
 total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
 echo "$SCENARIO: $((total / N)) instructions per request ($total over $N requests; profile: $out)"
