@@ -130,15 +130,16 @@ fn addr_text(ip: IpAddr) -> String {
 fn forwarded_element(seen: &Seen<'_>, peer: Option<&str>) -> String {
     let mut out = String::with_capacity(64);
     out.push_str("for=");
-    match (seen.peer.addr, peer) {
-        // RFC 7239 §6: an IPv6 node is bracketed, and so must be quoted.
-        (Some(IpAddr::V6(_)), Some(peer)) => {
+    match peer {
+        // RFC 7239 §6: an IPv6 node (the only spelling with colons) is bracketed, and so must
+        // be quoted.
+        Some(peer) if peer.contains(':') => {
             out.push_str("\"[");
             out.push_str(peer);
             out.push_str("]\"");
         }
-        (Some(IpAddr::V4(_)), Some(peer)) => out.push_str(peer),
-        _ => out.push_str("unknown"),
+        Some(peer) => out.push_str(peer),
+        None => out.push_str("unknown"),
     }
     if let Some(host) = seen.host.and_then(|h| std::str::from_utf8(h).ok()) {
         out.push_str(";host=");
