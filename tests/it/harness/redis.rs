@@ -637,6 +637,8 @@ pub async fn scenario_shared_fill(redis: &dyn SharedRedis) {
     let prefix = "t-share:";
     let (a, b) = start_pair(redis, prefix, &origin).await;
     let path = "/r/share";
+    let applied = "aisle_invalidation_broadcast_lag_seconds_count";
+    let applied_before = b.metric(applied, &[]).await.unwrap_or(0.0);
 
     let r = a.get(path).await;
     assert_stored_miss(&r, "first GET on A");
@@ -644,6 +646,16 @@ pub async fn scenario_shared_fill(redis: &dyn SharedRedis) {
 
     let key = wait_plain_entry(redis, prefix, &r.body).await;
     assert_entry_key_shape(&key, prefix);
+    // A's fill tells the fleet to drop its copies of the key once the write is in. Through a
+    // Redis Cluster that message can reach B after B has read and promoted the entry, and then
+    // drop the copy the check below expects: so B reads only once the message has arrived.
+    b.wait_metric(
+        applied,
+        &[],
+        &format!("> {applied_before} on B (A's fill announced)"),
+        |v| v > applied_before,
+    )
+    .await;
 
     let rb = b.get(path).await;
     assert_hit(&rb, "GET on B after A's fill");
