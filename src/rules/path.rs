@@ -126,17 +126,19 @@ impl PathPattern {
         self.params.iter().position(|p| &**p == name)
     }
 
-    /// Matches a request path (without query), capturing parameters.
+    /// Matches a request path (without query), capturing parameters. The path is split on
+    /// `/` bytes by a plain loop: every rule is tried on every request, and `str::split`'s
+    /// searcher setup cost more than the short segments it scanned (issue 16).
     pub fn matches(&self, path: &str) -> Option<PathParams> {
-        let rest = path.strip_prefix('/')?;
+        let rest = path.strip_prefix('/')?.as_bytes();
         let mut params = PathParams::default();
         let mut offset = 1;
-        let mut parts = rest.split('/');
+        let mut parts = rest.split(|&b| b == b'/');
         for seg in &self.segments {
             let part = parts.next()?;
             match seg {
                 Segment::Literal(lit) => {
-                    if **lit != *part {
+                    if lit.as_bytes() != part {
                         return None;
                     }
                 }
@@ -205,6 +207,30 @@ mod tests {
         assert!(p("/api/vendors/search")
             .matches("/api/vendors/searchx")
             .is_none());
+    }
+
+    /// The byte split captures the same ranges as splitting the text did, whatever the
+    /// segments hold (multi-byte characters, escapes, empty trailing segments).
+    #[test]
+    fn captures_are_ranges_of_the_path() {
+        let pat = p("/v/:a/x/:b");
+        for (path, a, b) in [
+            ("/v/é-1/x/ü", "é-1", "ü"),
+            ("/v/%2F/x/%C3%A9", "%2F", "%C3%A9"),
+            ("/v/日本/x/語", "日本", "語"),
+        ] {
+            let m = pat.matches(path).unwrap();
+            assert_eq!(
+                (m.get(path, 0), m.get(path, 1)),
+                (Some(a), Some(b)),
+                "{path}"
+            );
+        }
+        assert!(pat.matches("/v/a/y/b").is_none());
+        assert!(pat.matches("/v/a/x/").is_none(), "empty last parameter");
+        assert!(pat.matches("/v/a/x/b/").is_none(), "trailing segment");
+        assert!(p("/v/").matches("/v/").is_some());
+        assert!(p("/v/").matches("/v").is_none());
     }
 
     #[test]
