@@ -19,6 +19,9 @@
 //!    Then [`Admission::unless_unkeyable`]: a request whose keyed values the origin could read
 //!    differently from the key ([`keyable`]: repeated, or not UTF-8) bypasses after all.
 //! 5. [`cache_key`]: the key, built by [`crate::key`] from the route and terms.
+//!    [`keyed_hash`] makes the keyability check of step 4 and gives the key's hash in one
+//!    reading of the keyed values (the fresh-hit path, which wants the hash of every plain
+//!    request): the same checks in the same order, through the same reader.
 //!
 //! Reading the body itself is the caller's job (the proxy reads the socket, replay the trace);
 //! everything decided about it is decided here.
@@ -308,6 +311,16 @@ impl Admission {
 /// only ([`crate::rules::source::Source::keyed`]), and the target was UTF-8 (a target that is
 /// not reaches the rules as U+FFFD, which would fold different targets into one key).
 pub fn keyable(rule: &Rule, view: &RequestView<'_>) -> Result<(), Bypass> {
+    target_keyable(rule, view)?;
+    for field in &rule.vary {
+        field.source.keyed(view).map_err(unkeyable)?;
+    }
+    Ok(())
+}
+
+/// The part of [`keyable`] that is not a keyed value: the target is UTF-8, and an isolated
+/// credential is given once.
+fn target_keyable(rule: &Rule, view: &RequestView<'_>) -> Result<(), Bypass> {
     // An ASCII text (nearly every target) holds no U+FFFD: checked a word at a time first.
     let lossy = |s: &str| !s.is_ascii() && s.contains(char::REPLACEMENT_CHARACTER);
     if lossy(view.path) || view.query.is_some_and(lossy) {
@@ -319,15 +332,15 @@ pub fn keyable(rule: &Rule, view: &RequestView<'_>) -> Result<(), Bypass> {
             return Err(Bypass::RepeatedParam);
         }
     }
-    for field in &rule.vary {
-        if let Err(e) = field.source.keyed(view) {
-            return Err(match e {
-                Unkeyable::Repeated => Bypass::RepeatedParam,
-                Unkeyable::BadEncoding => Bypass::BadEncoding,
-            });
-        }
-    }
     Ok(())
+}
+
+/// The bypass a keyed value that cannot be keyed causes.
+fn unkeyable(e: Unkeyable) -> Bypass {
+    match e {
+        Unkeyable::Repeated => Bypass::RepeatedParam,
+        Unkeyable::BadEncoding => Bypass::BadEncoding,
+    }
 }
 
 /// `Aisle-Cache-TTL: 5m` (or a number of seconds): a shorter lifetime for this entry.
@@ -370,6 +383,23 @@ pub fn cache_key(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> CacheKey
 /// looks up, computed without building the key (no allocation).
 pub fn key_hash(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> HashBinary {
     key::primary_hash(&route.rule, &key_input(route, terms, parts))
+}
+
+/// [`Admission::unless_unkeyable`] and [`key_hash`] in one reading of the keyed values, for a
+/// caller that wants the hash of every admitted request (the fresh-hit path): `Err` is the
+/// bypass [`keyable`] would give, found by the same checks in the same order (the target, then
+/// each keyed value through [`crate::rules::source::Source::keyed`], which [`key::checked_hash`]
+/// reads them with); `Ok` is [`key_hash`]'s hash.
+pub fn keyed_hash(
+    route: &Route,
+    terms: &Terms,
+    parts: &KeyParts<'_>,
+) -> Result<HashBinary, Bypass> {
+    let input = key_input(route, terms, parts);
+    target_keyable(&route.rule, &input.view)?;
+    let (hash, keyed) = key::checked_hash(&route.rule, &input);
+    keyed.map_err(unkeyable)?;
+    Ok(hash)
 }
 
 fn key_input<'a>(route: &'a Route, terms: &'a Terms, parts: &'a KeyParts<'a>) -> KeyInput<'a> {
@@ -510,11 +540,52 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
                 body: None,
             };
             let admitted = admit(m.rule, &Method::GET, &headers, Ok(()), Client::Untrusted);
-            match admitted.unless_unkeyable(m.rule, &view) {
+            let reason = match admitted.unless_unkeyable(m.rule, &view) {
                 Admission::Cache(_) => None,
                 Admission::Bypass(reason) => Some(reason),
+            };
+            // The fresh-hit path's one reading of the values gives the same bypass, and when
+            // it gives none, the key's hash.
+            let Admission::Cache(terms) =
+                admit(m.rule, &Method::GET, &headers, Ok(()), Client::Untrusted)
+            else {
+                panic!("admitted before the keyability check");
+            };
+            let r = route(&set, &Method::GET, "h", path).unwrap();
+            let parts = KeyParts {
+                method: &Method::GET,
+                host: "h",
+                path,
+                query: Some(query),
+                headers: &headers,
+                body: None,
+            };
+            match keyed_hash(&r, &terms, &parts) {
+                Ok(hash) => {
+                    assert_eq!(reason, None, "{path}?{query}");
+                    assert_eq!(hash, key_hash(&r, &terms, &parts), "{path}?{query}");
+                }
+                Err(bypass) => assert_eq!(Some(bypass), reason, "{path}?{query}"),
             }
+            reason
         };
+        // The first reason found, in the same order: the target, then the values in `vary` order.
+        assert_eq!(
+            check("/s/\u{FFFD}", "location=a&location=b", &[]),
+            Some(Bypass::BadEncoding)
+        );
+        assert_eq!(
+            check(
+                "/s/1",
+                "location=%FF",
+                &[("cookie", b"session=a; session=b")]
+            ),
+            Some(Bypass::BadEncoding)
+        );
+        assert_eq!(
+            check("/s/1", "location=a&location=b", &[("x-tenant", b"\xff")]),
+            Some(Bypass::RepeatedParam)
+        );
         assert_eq!(check("/s/1", "location=Paris", &[]), None);
         assert_eq!(
             check("/s/1", "location=Paris&location=Boston", &[]),

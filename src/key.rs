@@ -19,7 +19,7 @@
 //! The primary bytes are hashed once here (BLAKE3) and handed to pingora as an override, so later
 //! phases reuse the hash instead of rehashing the key.
 
-use crate::rules::source::{canonical, remove_pointer, RequestView};
+use crate::rules::source::{canonical, remove_pointer, RequestView, Unkeyable};
 use crate::rules::{Authorization, Rule};
 use pingora::cache::key::HashBinary;
 use pingora::cache::CacheKey;
@@ -46,7 +46,8 @@ pub struct KeyInput<'a> {
 /// Builds the primary key bytes for a request matched to `rule`.
 pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(96 + input.view.path.len());
-    write_primary(rule, input, &mut out);
+    // Keyability is admission's to judge (`admission::keyable`); the bytes are the same either way.
+    let _ = write_primary(rule, input, &mut out);
     out
 }
 
@@ -54,9 +55,18 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
 /// buffer is built, so a hit's key costs no allocation (issue 16). One writer serves both, so
 /// the two cannot disagree.
 pub fn primary_hash(rule: &Rule, input: &KeyInput<'_>) -> HashBinary {
+    checked_hash(rule, input).0
+}
+
+/// [`primary_hash`], and whether every keyed value could be read one way only: the first that
+/// cannot ([`crate::rules::source::Source::keyed`]), in `vary` order. The values are read once
+/// for both (issue 16: reading them for the check, then again for the key, was most of what a
+/// realistic rule added to a hit); [`crate::admission::keyed_hash`] makes its admission check
+/// from it.
+pub fn checked_hash(rule: &Rule, input: &KeyInput<'_>) -> (HashBinary, Result<(), Unkeyable>) {
     let mut sink = HashSink::new();
-    write_primary(rule, input, &mut sink);
-    truncate(sink.finalize())
+    let keyed = write_primary(rule, input, &mut sink);
+    (truncate(sink.finalize()), keyed)
 }
 
 /// A key's bytes gathered on the stack and handed to BLAKE3 in as few calls as the key's length
@@ -114,7 +124,14 @@ impl KeySink for HashSink {
     }
 }
 
-fn write_primary(rule: &Rule, input: &KeyInput<'_>, out: &mut impl KeySink) {
+/// Writes the key; `Err`: the first keyed value that cannot be keyed (the key is still written,
+/// see below).
+fn write_primary(
+    rule: &Rule,
+    input: &KeyInput<'_>,
+    out: &mut impl KeySink,
+) -> Result<(), Unkeyable> {
+    let mut keyed = Ok(());
     push(out, KEY_VERSION);
     push(out, SCHEME.as_bytes());
     // `input.host` is normalized ([`normalize_host`]); lowercasing again costs nothing.
@@ -174,12 +191,18 @@ fn write_primary(rule: &Rule, input: &KeyInput<'_>, out: &mut impl KeySink) {
                     push(out, v.as_bytes());
                 }
                 Ok(None) => out.put(&[0]),
-                // Not reached: admission bypasses such requests (`admission::keyable`). Should a
-                // caller skip that check, the value still shares a key with no keyable request.
-                Err(_) => out.put(&[2]),
+                // Admission bypasses such requests (`admission::keyable`, or this `Err` through
+                // `admission::keyed_hash`). Should a caller skip that check, the value still
+                // shares a key with no keyable request.
+                Err(e) => {
+                    out.put(&[2]);
+                    keyed = keyed.and(Err(e));
+                }
             }
         }
     }
+    // The default route has no `vary` (`rules::compiler`): its query is keyed whole.
+    keyed
 }
 
 /// The 128-bit hash a key is stored under: BLAKE3 (collision-resistant, so keys cannot be forged

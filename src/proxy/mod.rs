@@ -404,15 +404,19 @@ fn seconds_until(fresh_until: SystemTime, now: SystemTime) -> i64 {
     }
 }
 
-/// Step 4 of admission for this request ([`admission::admit`], then the keyability check), as
-/// both the fresh-hit path and `request_cache_filter` ask it.
+/// Step 4 of admission for this request ([`admitted`], then the keyability check), as
+/// `request_cache_filter` asks it (the fresh-hit path makes the check with its key hash).
 fn admission_of(ctx: &Ctx, req: &RequestHeader) -> Admission {
+    admitted(ctx, req).unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)))
+}
+
+/// [`admission::admit`] for this request, before the keyability check.
+fn admitted(ctx: &Ctx, req: &RequestHeader) -> Admission {
     let body = match ctx.body_refused {
         Some(reason) => Err(reason),
         None => Ok(()),
     };
     admission::admit(ctx.rule(), &req.method, &req.headers, body, ctx.peer.client)
-        .unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req)))
 }
 
 /// The host rules match and keys contain: `Host`, which [`normalize_identity`] has checked and
