@@ -13,6 +13,7 @@ use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora::http::ResponseHeader;
+use smallvec::SmallVec;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the request's own `Cache-Control` / `Pragma` ask of the cache.
@@ -586,30 +587,40 @@ pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
 pub fn strip_connection_fields(resp: &mut ResponseHeader) {
     // Read in one pass over the fields the answer has, instead of a removal by spelled name
     // (a parse and a lookup each) for every candidate present or not (issue 16: 3k of a `pass`
-    // request's instructions). Nothing is allocated unless `Connection` names a field.
-    let named: Vec<http::HeaderName> = resp
-        .headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| http::HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    drop_fields(resp, |name| {
+    // request's instructions). The names `Connection` lists are kept as the text they are
+    // (compared ignoring case, as a parsed name would be), on the stack: nothing is parsed or
+    // allocated for the `keep-alive` or `close` nearly every answer sends.
+    let mut named: SmallVec<[&str; 4]> = SmallVec::new();
+    for value in resp.headers.get_all(http::header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        named.extend(value.split(',').map(str::trim).filter(|t| !t.is_empty()));
+    }
+    let doomed = doomed_fields(resp, |name| {
         matches!(
             name.as_str(),
             "connection" | "keep-alive" | "proxy-connection"
-        ) || (named.contains(name)
+        ) || (named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
             && !matches!(name.as_str(), "content-length" | "transfer-encoding"))
     });
+    drop(named);
+    for name in &doomed {
+        resp.remove_header(name);
+    }
 }
 
 /// Removes every field whose name `drop` picks, looking at each name the header has once.
 fn drop_fields(resp: &mut ResponseHeader, drop: impl Fn(&http::HeaderName) -> bool) {
-    let doomed: Vec<http::HeaderName> = resp.headers.keys().filter(|n| drop(n)).cloned().collect();
-    for name in &doomed {
+    for name in &doomed_fields(resp, drop) {
         resp.remove_header(name);
     }
+}
+
+/// The names of the fields `drop` picks, on the stack for the few a message drops.
+fn doomed_fields(
+    resp: &ResponseHeader,
+    drop: impl Fn(&http::HeaderName) -> bool,
+) -> SmallVec<[http::HeaderName; 4]> {
+    resp.headers.keys().filter(|n| drop(n)).cloned().collect()
 }
 
 /// The stored answer's fields updated by a `304` (RFC 9111 §4.3.4, §3.2): every field the 304
@@ -1302,6 +1313,35 @@ mod tests {
             assert!(!h.contains_key(gone), "{gone} stored");
         }
         assert!(h.contains_key("x-kept"));
+    }
+
+    /// The fields `Connection` names are matched ignoring case, over several lines and lists;
+    /// its own options name nothing; the framing stays whatever it names; a name that cannot be
+    /// a field removes nothing.
+    #[test]
+    fn connection_names_fields_to_remove() {
+        let mut r = resp(
+            200,
+            &[
+                ("connection", "Keep-Alive, X-Hop, close"),
+                ("connection", " x-other ,, Content-Length,bad name"),
+                ("x-hop", "1"),
+                ("X-Other", "2"),
+                ("content-length", "3"),
+                ("keep-alive", "timeout=5"),
+                ("proxy-connection", "keep-alive"),
+                ("x-kept", "4"),
+                ("close", "5"),
+            ],
+        );
+        strip_connection_fields(&mut r);
+        let mut left: Vec<&str> = r.headers.keys().map(|n| n.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "x-kept"]);
+        let mut plain = resp(200, &[("connection", "close"), ("x-kept", "1")]);
+        strip_connection_fields(&mut plain);
+        assert_eq!(plain.headers.len(), 1);
+        assert!(plain.headers.contains_key("x-kept"));
     }
 
     /// Issue 11: RFC 9213 structured parsing, RFC 9111 §5.1 `Age`, §4.1 normalized Vary.

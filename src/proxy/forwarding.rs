@@ -23,6 +23,7 @@ use crate::config::Upstream;
 use crate::trust::{self, Peer};
 use http::header::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
+use smallvec::SmallVec;
 use std::net::IpAddr;
 
 /// What the gateway itself saw of the request.
@@ -44,7 +45,7 @@ pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
     // name) for each of the thirteen forwarding names whether present or not: that was most
     // of this function's cost on every proxied request (issue 16, the `pass` profile).
     let from_proxy = seen.peer.proxy;
-    let dropped: Vec<HeaderName> = req
+    let dropped: SmallVec<[HeaderName; 4]> = req
         .headers
         .keys()
         .filter(|name| {
