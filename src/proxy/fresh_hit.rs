@@ -107,7 +107,10 @@ pub fn eligible<'a>(
 /// The fresh entry an eligible request is answered from, if the memory tier holds one that is
 /// complete, fresh at `now`, without variants, not purged ([`Epochs::judge`]) and, for a GET,
 /// not past its rule's refresh-ahead point ([`policy::refresh_due`]: the phases start that
-/// refresh). Allocates nothing (`benches/hit_path.rs` counts).
+/// refresh). `terms` are the admission before its keyability check: an unkeyable request finds
+/// nothing, the check made in the one reading of the keyed values that gives the key
+/// ([`admission::keyed_hash`]), as [`serve`] makes it. Allocates nothing for values keyed as
+/// they are (`benches/hit_path.rs` counts).
 pub fn find(
     memory: &MemoryStorage,
     epochs: &Epochs,
@@ -117,7 +120,7 @@ pub fn find(
     head: bool,
     now: SystemTime,
 ) -> Option<Hit> {
-    let key = admission::key_hash(route, terms, parts);
+    let key = admission::keyed_hash(route, terms, parts).ok()?;
     find_at(memory, epochs, route, key, head, now)
 }
 
