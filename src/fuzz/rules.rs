@@ -635,6 +635,29 @@ fn keyed(set: &RuleSet, r: &KeyRequest) -> Option<(Vec<String>, Vec<u8>)> {
         params: &m.params,
         body: r.body.as_ref(),
     };
+    // The fresh-hit path's one reading of the values (`key::checked_hash`, through
+    // `admission::keyed_hash`) refuses the first value `keyable` refuses, in the same order,
+    // and hashes what `key::primary` writes.
+    let checked = KeyInput {
+        host: &r.host,
+        method: &method,
+        view: RequestView {
+            path,
+            query,
+            headers: &headers,
+            params: &m.params,
+            body: r.body.as_ref(),
+        },
+        namespace: r.namespace.as_deref(),
+    };
+    let (hash, found) = key::checked_hash(m.rule, &checked);
+    let first = m
+        .rule
+        .vary
+        .iter()
+        .find_map(|f| f.source.keyed(&checked.view).err());
+    assert_eq!(found.err(), first, "{r:?}");
+    assert_eq!(hash, key::hash(&key::primary(m.rule, &checked)), "{r:?}");
     // What the gateway would not key (a keyed value repeated or not UTF-8) bypasses the cache:
     // its key is never used, so it is left out of the property, as admission leaves it out.
     crate::admission::keyable(m.rule, &view).ok()?;
