@@ -3,8 +3,8 @@
 # table: the memory tier (hit-1k, hit-64k, pass), Redis only, the default route against the
 # realistic rule set (the rules' cost, which a timed comparison cannot show on a machine whose
 # runs drift by more than the 5% bound), and the floor (examples/bare_pingora) when it is built.
-# Each figure is the same for the same build however busy the machine is; a pass request's moves
-# by about +-300 between runs (its reads from the origin split differently).
+# Each figure hardly moves for the same build however busy the machine is (within about 1%
+# between runs; a pass request's reads from the origin split differently from run to run).
 # Usage: benches/instructions-all.sh [--requests N] [AISLE_BINARY]   (about 6 minutes)
 #   AISLE_BINARY defaults to target/release/aisle; give another build's copy to compare builds.
 # Needs what benches/instructions.sh needs (valgrind, nginx, curl) and redis-server.
