@@ -379,17 +379,12 @@ pub fn cache_key(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> CacheKey
     key::cache_key(&route.rule, &key_input(route, terms, parts))
 }
 
-/// The hash [`cache_key`]'s key is stored under before any `Vary` variance: what a fresh hit
-/// looks up, computed without building the key (no allocation).
-pub fn key_hash(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> HashBinary {
-    key::primary_hash(&route.rule, &key_input(route, terms, parts))
-}
-
-/// [`Admission::unless_unkeyable`] and [`key_hash`] in one reading of the keyed values, for a
-/// caller that wants the hash of every admitted request (the fresh-hit path): `Err` is the
+/// [`Admission::unless_unkeyable`] and the key's hash in one reading of the keyed values, for
+/// a caller that wants the hash of every admitted request (the fresh-hit path): `Err` is the
 /// bypass [`keyable`] would give, found by the same checks in the same order (the target, then
 /// each keyed value through [`crate::rules::source::Source::keyed`], which [`key::checked_hash`]
-/// reads them with); `Ok` is [`key_hash`]'s hash.
+/// reads them with); `Ok` is the hash [`cache_key`]'s key is stored under before any `Vary`
+/// variance, what a fresh hit looks up, computed without building the key (no allocation).
 pub fn keyed_hash(
     route: &Route,
     terms: &Terms,
@@ -415,6 +410,7 @@ fn key_input<'a>(route: &'a Route, terms: &'a Terms, parts: &'a KeyParts<'a>) ->
 mod tests {
     use super::*;
     use crate::rules::{compile, Context};
+    use pingora::cache::key::CacheHashKey;
     use std::path::Path;
 
     fn rules() -> RuleSet {
@@ -563,7 +559,11 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
             match keyed_hash(&r, &terms, &parts) {
                 Ok(hash) => {
                     assert_eq!(reason, None, "{path}?{query}");
-                    assert_eq!(hash, key_hash(&r, &terms, &parts), "{path}?{query}");
+                    assert_eq!(
+                        hash,
+                        cache_key(&r, &terms, &parts).primary_bin(),
+                        "{path}?{query}"
+                    );
                 }
                 Err(bypass) => assert_eq!(Some(bypass), reason, "{path}?{query}"),
             }
