@@ -53,16 +53,11 @@ pub fn primary(rule: &Rule, input: &KeyInput<'_>) -> Vec<u8> {
 
 /// The hash of [`primary`] (what [`cache_key`] stores under), streamed into the hasher: no
 /// buffer is built, so a hit's key costs no allocation (issue 16). One writer serves both, so
-/// the two cannot disagree.
-pub fn primary_hash(rule: &Rule, input: &KeyInput<'_>) -> HashBinary {
-    checked_hash(rule, input).0
-}
-
-/// [`primary_hash`], and whether every keyed value could be read one way only: the first that
-/// cannot ([`crate::rules::source::Source::keyed`]), in `vary` order. The values are read once
-/// for both (issue 16: reading them for the check, then again for the key, was most of what a
-/// realistic rule added to a hit); [`crate::admission::keyed_hash`] makes its admission check
-/// from it.
+/// the two cannot disagree. With it, whether every keyed value could be read one way only: the
+/// first that cannot ([`crate::rules::source::Source::keyed`]), in `vary` order. The values are
+/// read once for both (issue 16: reading them for the check, then again for the key, was most
+/// of what a realistic rule added to a hit); [`crate::admission::keyed_hash`] makes its
+/// admission check from it.
 pub fn checked_hash(rule: &Rule, input: &KeyInput<'_>) -> (HashBinary, Result<(), Unkeyable>) {
     let mut sink = HashSink::new();
     let keyed = write_primary(rule, input, &mut sink);
@@ -98,7 +93,7 @@ impl HashSink {
     }
 }
 
-/// Where key bytes go: a buffer ([`primary`]) or straight into the hash ([`primary_hash`]).
+/// Where key bytes go: a buffer ([`primary`]) or straight into the hash ([`checked_hash`]).
 trait KeySink {
     fn put(&mut self, bytes: &[u8]);
 }
@@ -565,7 +560,7 @@ match = { path = "/items/:id" }
         };
         let bytes = primary(m.rule, &input);
         // The streamed hash a hit uses is the hash of these bytes, for every key any test builds.
-        assert_eq!(primary_hash(m.rule, &input), hash(&bytes));
+        assert_eq!(checked_hash(m.rule, &input).0, hash(&bytes));
         bytes
     }
 

@@ -207,19 +207,18 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
     let admitted = super::admitted(ctx, req);
     // An eligible request's keyed values are read once, for the keyability check and the key
     // hash together (`admission::keyed_hash`); any other gets the check alone.
-    let mut plain = None;
-    let admission = match eligible(req, ctx.rule(), &admitted) {
+    let (admission, plain) = match eligible(req, ctx.rule(), &admitted) {
         Some((terms, head)) => {
             let parts = ctx.key_parts(req, host_of(req));
             match admission::keyed_hash(ctx.route(), terms, &parts) {
-                Ok(key) => {
-                    plain = Some((key, head));
-                    admitted
-                }
-                Err(reason) => Admission::Bypass(reason),
+                Ok(key) => (admitted, Some((key, head))),
+                Err(reason) => (Admission::Bypass(reason), None),
             }
         }
-        None => admitted.unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req))),
+        None => (
+            admitted.unless_unkeyable(ctx.rule(), &ctx.view(req, host_of(req))),
+            None,
+        ),
     };
     ctx.admission = Some(admission);
     let Some((key, head)) = plain else {

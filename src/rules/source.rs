@@ -272,8 +272,9 @@ pub fn combined<'a>(
 /// splits them (the WHATWG URL standard, and every common framework): on `&`, empty pairs
 /// skipped, a pair without `=` has an empty value.
 ///
-/// One byte loop finds both separators: every keyed query field reads the query (twice a request,
-/// for [`crate::admission::keyable`] and for the key), and `str::split` and `split_once` cost a
+/// One byte loop finds both separators: every keyed query field reads the query (for the
+/// keyability check and the key: once for a plain request, [`crate::admission::keyed_hash`],
+/// else twice), and `str::split` and `split_once` cost a
 /// searcher's setup each, which outweighed the few bytes of a typical query (issue 16: 1.2k
 /// instructions of a hit through a rule with three query fields).
 fn query_pairs(query: &str) -> QueryPairs<'_> {
