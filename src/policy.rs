@@ -14,6 +14,9 @@ use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
 use pingora::http::ResponseHeader;
 use smallvec::SmallVec;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// What the request's own `Cache-Control` / `Pragma` ask of the cache.
@@ -38,14 +41,7 @@ impl RequestDirectives {
             authorization: headers.contains_key(http::header::AUTHORIZATION),
             ..RequestDirectives::default()
         };
-        // Looked up by `HeaderName` first: most requests have none, and the spelled name the
-        // parser takes costs a parse.
-        let cc = if headers.contains_key(http::header::CACHE_CONTROL) {
-            CacheControl::from_headers_named("cache-control", headers)
-        } else {
-            None
-        };
-        if let Some(cc) = cc {
+        if let Some(cc) = cache_control(headers) {
             d.no_store = cc.no_store();
             d.no_cache = cc.no_cache();
             d.max_age = cc.max_age().ok().flatten();
@@ -104,8 +100,51 @@ fn rule_ttl_status(status: u16) -> bool {
 
 /// The response's caching directives: `CDN-Cache-Control` (RFC 9213) when present and valid,
 /// since a gateway is the CDN-like cache it targets; otherwise `Cache-Control`.
-pub fn response_cache_control(resp: &ResponseHeader) -> Option<CacheControl> {
-    cdn_cache_control(&resp.headers).or_else(|| CacheControl::from_resp_headers(resp))
+pub fn response_cache_control(resp: &ResponseHeader) -> Option<Arc<CacheControl>> {
+    cdn_cache_control(&resp.headers)
+        .map(Arc::new)
+        .or_else(|| cache_control(&resp.headers))
+}
+
+/// Field lines longer than this are parsed every time rather than remembered.
+const REMEMBERED_LINE: usize = 256;
+/// Distinct lines a thread remembers; when full, it forgets them all and starts again.
+const REMEMBERED_LINES: usize = 256;
+
+thread_local! {
+    /// `Cache-Control` lines parsed on this thread, by their bytes.
+    static PARSED: RefCell<HashMap<Box<[u8]>, Arc<CacheControl>, ahash::RandomState>> =
+        RefCell::new(HashMap::with_hasher(ahash::RandomState::new()));
+}
+
+/// A message's `Cache-Control`, as pingora's parser reads it (`None` when it has none).
+///
+/// An origin sends a handful of distinct lines (`no-store`, `public, max-age=3600`) over and
+/// over, and the parser (a regex, then a map of owned directives) cost 4k instructions of every
+/// proxied answer (issue 16, the `pass` profile). So a single line of at most
+/// [`REMEMBERED_LINE`] bytes is parsed once per thread and its result shared; the memory is
+/// bounded ([`REMEMBERED_LINES`] lines a thread, forgotten together when full), so a peer
+/// sending endless distinct lines only costs the parse it always cost. Several lines are one
+/// list (RFC 9110 §5.3) and are parsed together, as before.
+fn cache_control(headers: &http::HeaderMap) -> Option<Arc<CacheControl>> {
+    let mut lines = headers.get_all(http::header::CACHE_CONTROL).iter();
+    let line = lines.next()?.as_bytes();
+    let parse = || CacheControl::from_headers_named("cache-control", headers).map(Arc::new);
+    if lines.next().is_some() || line.len() > REMEMBERED_LINE {
+        return parse();
+    }
+    PARSED.with(|parsed| {
+        if let Some(cc) = parsed.borrow().get(line) {
+            return Some(cc.clone());
+        }
+        let cc = parse()?;
+        let mut parsed = parsed.borrow_mut();
+        if parsed.len() >= REMEMBERED_LINES {
+            parsed.clear();
+        }
+        parsed.insert(line.into(), cc.clone());
+        Some(cc)
+    })
 }
 
 /// `CDN-Cache-Control` read as RFC 9213 §2.1 says: a Structured Field Dictionary (RFC 8941)
@@ -1622,6 +1661,67 @@ mod tests {
             200,
             &[("cache-control", "s-maxage=60")]
         )));
+    }
+
+    #[test]
+    fn cache_control_lines_are_parsed_once_per_thread_and_as_before() {
+        let map = |lines: &[&[u8]]| {
+            let mut h = http::HeaderMap::new();
+            for l in lines {
+                h.append(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_bytes(l).unwrap(),
+                );
+            }
+            h
+        };
+        let direct = |h: &http::HeaderMap| {
+            CacheControl::from_headers_named("cache-control", h).map(|cc| format!("{cc:?}"))
+        };
+        let remembered = |h: &http::HeaderMap| cache_control(h).map(|cc| format!("{cc:?}"));
+        // Every line reads as the parser reads it, the first time and when remembered.
+        let long = format!("max-age=60, x=\"{}\"", "a".repeat(REMEMBERED_LINE));
+        let lines: [&[u8]; 9] = [
+            b"no-store",
+            b"public, max-age=3600",
+            b"Public, MAX-AGE=10, s-maxage=\"20\"",
+            b"private=\"set-cookie, x-a\", no-cache",
+            b"max-age=60;stale-while-revalidate=30",
+            b"",
+            b",,,",
+            b"max-age=99999999999999999999",
+            long.as_bytes(),
+        ];
+        for line in lines {
+            let h = map(&[line]);
+            assert_eq!(remembered(&h), direct(&h), "{line:?}");
+            assert_eq!(remembered(&h), direct(&h), "{line:?}, remembered");
+        }
+        // A line is parsed once: the second answer is the first one's result.
+        let h = map(&[b"public, max-age=77"]);
+        assert!(Arc::ptr_eq(
+            &cache_control(&h).unwrap(),
+            &cache_control(&h).unwrap()
+        ));
+        // A line longer than the bound is parsed anew each time.
+        let h = map(&[long.as_bytes()]);
+        assert!(!Arc::ptr_eq(
+            &cache_control(&h).unwrap(),
+            &cache_control(&h).unwrap()
+        ));
+        // Several lines are one list, read together, not as the first line remembered.
+        let h = map(&[b"max-age=60", b"private"]);
+        assert_eq!(remembered(&h), direct(&h));
+        assert!(cache_control(&h).unwrap().private());
+        assert!(!cache_control(&map(&[b"max-age=60"])).unwrap().private());
+        assert!(cache_control(&http::HeaderMap::new()).is_none());
+        // Endless distinct lines do not grow the thread's memory past its bound.
+        for i in 0..3 * REMEMBERED_LINES {
+            let line = format!("max-age={i}");
+            let got = cache_control(&map(&[line.as_bytes()])).unwrap();
+            assert_eq!(got.max_age().unwrap(), Some(i as u32));
+            assert!(PARSED.with(|p| p.borrow().len()) <= REMEMBERED_LINES);
+        }
     }
 
     #[test]
