@@ -379,6 +379,17 @@ pub fn cache_key(route: &Route, terms: &Terms, parts: &KeyParts<'_>) -> CacheKey
     key::cache_key(&route.rule, &key_input(route, terms, parts))
 }
 
+/// [`cache_key`] for a request whose hash [`keyed_hash`] gave: the same key, not hashed again
+/// (issue 16: the second BLAKE3 hash of every miss and pass request).
+pub fn cache_key_hashed(
+    route: &Route,
+    terms: &Terms,
+    parts: &KeyParts<'_>,
+    hash: HashBinary,
+) -> CacheKey {
+    key::cache_key_hashed(&route.rule, &key_input(route, terms, parts), hash)
+}
+
 /// [`Admission::unless_unkeyable`] and the key's hash in one reading of the keyed values, for
 /// a caller that wants the hash of every admitted request (the fresh-hit path): `Err` is the
 /// bypass [`keyable`] would give, found by the same checks in the same order (the target, then
@@ -559,11 +570,12 @@ vary = ["query.location", "path.id", "header.x-tenant", "cookie.session"]
             match keyed_hash(&r, &terms, &parts) {
                 Ok(hash) => {
                     assert_eq!(reason, None, "{path}?{query}");
-                    assert_eq!(
-                        hash,
-                        cache_key(&r, &terms, &parts).primary_bin(),
-                        "{path}?{query}"
-                    );
+                    let key = cache_key(&r, &terms, &parts);
+                    assert_eq!(hash, key.primary_bin(), "{path}?{query}");
+                    // The phases' key, stored under that hash, is the same key.
+                    let hashed = cache_key_hashed(&r, &terms, &parts, hash);
+                    assert_eq!(hashed.primary_key(), key.primary_key());
+                    assert_eq!(hashed.combined_bin(), key.combined_bin());
                 }
                 Err(bypass) => assert_eq!(Some(bypass), reason, "{path}?{query}"),
             }

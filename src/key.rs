@@ -216,6 +216,22 @@ fn truncate(full: blake3::Hash) -> HashBinary {
 pub fn cache_key(rule: &Rule, input: &KeyInput<'_>) -> CacheKey {
     let primary = primary(rule, input);
     let hash = hash(&primary);
+    stored_under(rule, primary, hash)
+}
+
+/// [`cache_key`] for a request whose hash [`checked_hash`] gave: the one writer makes both, so
+/// the bytes built here hash to it (debug builds, which the test suite runs, check every one).
+pub fn cache_key_hashed(rule: &Rule, input: &KeyInput<'_>, hash: HashBinary) -> CacheKey {
+    let primary = primary(rule, input);
+    debug_assert_eq!(
+        hash,
+        self::hash(&primary),
+        "a key hashed by checked_hash is the hash of its bytes"
+    );
+    stored_under(rule, primary, hash)
+}
+
+fn stored_under(rule: &Rule, primary: Vec<u8>, hash: HashBinary) -> CacheKey {
     // The user_tag (not hashed) tells the memory tier's eviction the rule's priority class.
     let mut key = CacheKey::new(primary, rule.priority.tag());
     key.set_primary_bin_override(hash);

@@ -37,9 +37,10 @@ pub struct CacheCtx {
     pub refresh_ahead: bool,
     /// This request is a refresh-ahead's background subrequest, and how it went so far.
     pub ahead: Option<Ahead>,
-    /// The key hash a fresh hit answered from without pingora's cache phases (which then hold
-    /// no key), for the debug line.
-    pub fresh_hit_key: Option<pingora::cache::key::HashBinary>,
+    /// The key hash the fresh-hit path computed ([`crate::admission::keyed_hash`], for every
+    /// request it may answer): the cache phases' key is stored under it rather than hashed
+    /// again, and the debug line shows it when a fresh hit left the phases no key.
+    pub key_hash: Option<pingora::cache::key::HashBinary>,
 }
 
 /// A refresh-ahead subrequest's progress, for `aisle_refresh_ahead_total` when it ends.

@@ -224,6 +224,7 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
     let Some((key, head)) = plain else {
         return Ok(Served::No);
     };
+    ctx.cache.key_hash = Some(key);
     let epochs = &gw.invalidator.epochs;
     let now = SystemTime::now();
     let answer = match memory {
@@ -285,7 +286,6 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
     pingora::proxy::range_header_filter(session.req_header(), &mut resp, PINGORA_MAX_RANGES);
     gw.finish_header(&mut resp, &mut answered)?;
     ctx.cache.lookup = Lookup::Fresh;
-    ctx.cache.fresh_hit_key = Some(answer.key);
     ctx.cache.hit_tokens = answer.tokens;
     ctx.answered = Some(answered);
     session.write_response_header(Box::new(resp), head).await?;

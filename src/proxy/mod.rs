@@ -556,11 +556,12 @@ impl ProxyHttp for Gateway {
         let terms = ctx
             .terms()
             .expect("the cache is enabled only for admitted requests");
-        Ok(admission::cache_key(
-            ctx.route(),
-            terms,
-            &ctx.key_parts(req, host_of(req)),
-        ))
+        let parts = ctx.key_parts(req, host_of(req));
+        Ok(match ctx.cache.key_hash {
+            // Hashed already, from the same reading of the request (the fresh-hit path).
+            Some(hash) => admission::cache_key_hashed(ctx.route(), terms, &parts, hash),
+            None => admission::cache_key(ctx.route(), terms, &parts),
+        })
     }
 
     fn cache_miss(&self, session: &mut Session, ctx: &mut Ctx) {
@@ -1142,7 +1143,7 @@ impl ProxyHttp for Gateway {
                 .cache
                 .maybe_cache_key()
                 .map(pingora::cache::key::CacheHashKey::primary_bin)
-                .or(ctx.cache.fresh_hit_key)
+                .or(ctx.cache.key_hash)
                 .map(hex::encode);
             tracing::debug!(
                 rule = %rule.name,
