@@ -183,7 +183,6 @@ fn judge(
 
 /// What a fresh hit is answered with, from either tier.
 struct Answer {
-    key: HashBinary,
     header: ResponseHeader,
     body: Bytes,
     ttl: i64,
@@ -235,7 +234,6 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
             metrics().tier_hits_memory.inc();
             memory.count_hit(&hit.stored);
             Answer {
-                key,
                 header: hit.stored.header(),
                 body: hit.stored.body(),
                 ttl: hit.ttl,
@@ -263,7 +261,6 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
             };
             metrics().tier_hits_redis.inc();
             Answer {
-                key,
                 tokens: record.info.tokens,
                 header: record.header,
                 body: record.body,
