@@ -46,32 +46,20 @@ pub struct VaryField {
 
 impl VaryField {
     /// The normalized value of this field in a request (`None`: the request lacks it).
-    pub fn value<'a>(&self, req: &RequestView<'a>) -> Option<Cow<'a, str>> {
+    pub fn value<'a>(&'a self, req: &RequestView<'a>) -> Option<Cow<'a, str>> {
         let raw = self.source.extract(req)?;
-        if self.normalizers.is_empty() {
-            return Some(raw);
-        }
-        Some(match raw {
-            Cow::Borrowed(b) => normalize::apply_all(&self.normalizers, b),
-            Cow::Owned(o) => Cow::Owned(normalize::apply_all(&self.normalizers, &o).into_owned()),
-        })
+        Some(normalize::apply_all(&self.normalizers, raw))
     }
 
     /// The normalized value of this field as a key component ([`Source::keyed`]).
     pub fn keyed_value<'a>(
-        &self,
+        &'a self,
         req: &RequestView<'a>,
     ) -> Result<Option<Cow<'a, str>>, Unkeyable> {
         let Some(raw) = self.source.keyed(req)? else {
             return Ok(None);
         };
-        if self.normalizers.is_empty() {
-            return Ok(Some(raw));
-        }
-        Ok(Some(match raw {
-            Cow::Borrowed(b) => normalize::apply_all(&self.normalizers, b),
-            Cow::Owned(o) => Cow::Owned(normalize::apply_all(&self.normalizers, &o).into_owned()),
-        }))
+        Ok(Some(normalize::apply_all(&self.normalizers, raw)))
     }
 }
 

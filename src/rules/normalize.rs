@@ -59,26 +59,82 @@ impl Table {
         }
     }
 
-    fn lookup<'a>(&self, value: &'a str) -> Cow<'a, str> {
-        let folded = fold(value);
-        if let Some(hit) = self.map.get(folded.as_str()) {
-            return Cow::Owned(hit.to_string());
+    /// The table's value for `value` (compared folded), else the fallback's. A hit borrows the
+    /// table's value, and a short ASCII value is folded on the stack: a lookup allocates only
+    /// when it answers with a value of its own (issue 16: a realistic rule's keyed values).
+    fn lookup<'a>(&'a self, value: Cow<'a, str>) -> Cow<'a, str> {
+        let already = is_folded(&value);
+        let mut stack = [0u8; STACK_FOLD];
+        let heap: String;
+        let folded: &str = if already {
+            &value
+        } else if let Some(f) = fold_ascii(&value, &mut stack) {
+            f
+        } else {
+            heap = fold(&value);
+            &heap
+        };
+        if let Some(hit) = self.map.get(folded) {
+            return Cow::Borrowed(hit);
         }
         // "Brooklyn, NY": try the city part before the first comma.
         if let Some((city, _)) = folded.split_once(',') {
             if let Some(hit) = self.map.get(city.trim()) {
-                return Cow::Owned(hit.to_string());
+                return Cow::Borrowed(hit);
             }
         }
         match self.fallback {
-            Fallback::State => match folded.rsplit_once(',') {
-                Some((_, state)) => Cow::Owned(state.trim().to_string()),
-                None => Cow::Owned(folded),
-            },
-            Fallback::Keep => Cow::Owned(folded),
-            Fallback::Drop => Cow::Borrowed(""),
+            Fallback::State => {
+                if let Some((_, state)) = folded.rsplit_once(',') {
+                    return Cow::Owned(state.trim().to_string());
+                }
+            }
+            Fallback::Keep => {}
+            Fallback::Drop => return Cow::Borrowed(""),
+        }
+        // The folded value itself.
+        if already {
+            value
+        } else {
+            Cow::Owned(folded.to_string())
         }
     }
+}
+
+/// Values up to this long are folded on the stack for a table lookup.
+const STACK_FOLD: usize = 128;
+
+/// Whether [`fold`] leaves `s` as it is, told without allocating. Exact for ASCII (no
+/// uppercase letter, no whitespace but single spaces between words); any other text is
+/// reported as not folded, and folded the slow way.
+fn is_folded(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.first() != Some(&b' ')
+        && b.last() != Some(&b' ')
+        && !b.windows(2).any(|w| w == b"  ")
+        && b.iter().all(|&c| {
+            c.is_ascii() && !c.is_ascii_uppercase() && (c == b' ' || !(c as char).is_whitespace())
+        })
+}
+
+/// [`fold`] of an ASCII value into `buf`, if it fits (`None`: not ASCII, or too long).
+fn fold_ascii<'b>(s: &str, buf: &'b mut [u8]) -> Option<&'b str> {
+    if !s.is_ascii() || s.len() > buf.len() {
+        return None;
+    }
+    let mut n = 0;
+    for word in s.split_whitespace() {
+        if n > 0 {
+            buf[n] = b' ';
+            n += 1;
+        }
+        for &c in word.as_bytes() {
+            buf[n] = c.to_ascii_lowercase();
+            n += 1;
+        }
+    }
+    // ASCII in, ASCII out.
+    std::str::from_utf8(&buf[..n]).ok()
 }
 
 /// Lowercase, whitespace collapsed, trimmed.
@@ -175,8 +231,9 @@ impl Normalizer {
         })
     }
 
-    /// Applies this step.
-    pub fn apply<'a>(&self, value: Cow<'a, str>) -> Cow<'a, str> {
+    /// Applies this step. The result borrows the value, or a lookup table's entry, where it
+    /// can.
+    pub fn apply<'a>(&'a self, value: Cow<'a, str>) -> Cow<'a, str> {
         match self {
             Normalizer::Lowercase => {
                 if value.chars().any(char::is_uppercase) {
@@ -194,7 +251,13 @@ impl Normalizer {
             }
             Normalizer::Trim => match value {
                 Cow::Borrowed(s) => Cow::Borrowed(s.trim()),
-                Cow::Owned(s) => Cow::Owned(s.trim().to_string()),
+                // Trimmed where it is (a decoded query value is owned).
+                Cow::Owned(mut s) => {
+                    s.truncate(s.trim_end().len());
+                    let start = s.len() - s.trim_start().len();
+                    s.drain(..start);
+                    Cow::Owned(s)
+                }
             },
             Normalizer::SortedList => {
                 let mut items: Vec<&str> = value
@@ -217,8 +280,9 @@ impl Normalizer {
                 Some(s) => Cow::Borrowed(s),
                 None => value,
             },
+            Normalizer::Text if is_folded(&value) => value,
             Normalizer::Text => Cow::Owned(fold(&value)),
-            Normalizer::Table(table) => Cow::Owned(table.lookup(&value).into_owned()),
+            Normalizer::Table(table) => table.lookup(value),
         }
     }
 }
@@ -284,8 +348,8 @@ fn season(s: &str) -> Option<&'static str> {
 }
 
 /// Applies a list of normalizers in order.
-pub(crate) fn apply_all<'a>(steps: &[Normalizer], value: &'a str) -> Cow<'a, str> {
-    let mut v = Cow::Borrowed(value);
+pub(crate) fn apply_all<'a>(steps: &'a [Normalizer], value: Cow<'a, str>) -> Cow<'a, str> {
+    let mut v = value;
     for step in steps {
         v = step.apply(v);
     }
@@ -318,7 +382,7 @@ mod tests {
             .iter()
             .map(|n| Normalizer::parse(n, &t).unwrap())
             .collect();
-        apply_all(&steps, v).into_owned()
+        apply_all(&steps, Cow::Borrowed(v)).into_owned()
     }
 
     #[test]
@@ -405,10 +469,108 @@ mod tests {
     #[test]
     fn table_fallbacks() {
         let keep = Table::new("t", [("a".to_string(), "x".to_string())], Fallback::Keep);
-        assert_eq!(keep.lookup("B, C"), "b, c");
+        assert_eq!(keep.lookup(Cow::Borrowed("B, C")), "b, c");
+        assert_eq!(keep.lookup(Cow::Borrowed("b, c")), "b, c");
+        assert_eq!(keep.lookup(Cow::Borrowed(" B,\u{0B}Ç ")), "b, ç");
         let drop = Table::new("t", [("a".to_string(), "x".to_string())], Fallback::Drop);
-        assert_eq!(drop.lookup("zzz"), "");
+        assert_eq!(drop.lookup(Cow::Borrowed("zzz")), "");
         assert!(Fallback::parse("nope").is_err());
+    }
+
+    /// Every string of up to `len` characters from `alphabet`.
+    fn strings(alphabet: &[char], len: usize) -> Vec<String> {
+        let mut all = vec![String::new()];
+        let mut last = vec![String::new()];
+        for _ in 0..len {
+            last = last
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            all.extend(last.iter().cloned());
+        }
+        all
+    }
+
+    #[test]
+    fn folding_without_allocating_is_folding() {
+        // Cased letters, each kind of whitespace fold treats alike (\x0B is Unicode White_Space
+        // but not `u8::is_ascii_whitespace`), punctuation, and a non-ASCII letter.
+        let alphabet = ['a', 'Z', ' ', '\t', '\u{0B}', '\n', ',', 'é', 'Ñ'];
+        let all = strings(&alphabet, 5);
+        assert_eq!(all.len(), 66_430);
+        let mut stack = [0u8; STACK_FOLD];
+        for s in &all {
+            let folded = fold(s);
+            if is_folded(s) {
+                assert_eq!(folded, *s, "{s:?} is not folded");
+            } else if s.is_ascii() {
+                assert_ne!(folded, *s, "{s:?} is folded");
+            }
+            match fold_ascii(s, &mut stack) {
+                Some(f) => assert_eq!(f, folded, "{s:?}"),
+                None => assert!(!s.is_ascii(), "{s:?}"),
+            }
+            // Trimmed in place or borrowed, the same text.
+            let step = Normalizer::Trim;
+            assert_eq!(step.apply(Cow::Owned(s.clone())), s.trim(), "{s:?}");
+            assert_eq!(step.apply(Cow::Borrowed(s)), s.trim(), "{s:?}");
+        }
+        let long = "A".repeat(STACK_FOLD + 1);
+        assert_eq!(fold_ascii(&long, &mut stack), None);
+    }
+
+    #[test]
+    fn table_lookups_answer_as_before_and_borrow_their_hits() {
+        // The lookup as it was, allocating: what every answer must still be.
+        fn reference(t: &Table, value: &str) -> String {
+            let folded = fold(value);
+            if let Some(hit) = t.map.get(folded.as_str()) {
+                return hit.to_string();
+            }
+            if let Some((city, _)) = folded.split_once(',') {
+                if let Some(hit) = t.map.get(city.trim()) {
+                    return hit.to_string();
+                }
+            }
+            match t.fallback {
+                Fallback::State => match folded.rsplit_once(',') {
+                    Some((_, state)) => state.trim().to_string(),
+                    None => folded,
+                },
+                Fallback::Keep => folded,
+                Fallback::Drop => String::new(),
+            }
+        }
+        let tables = [
+            Table::new(
+                "t",
+                [
+                    ("a z".to_string(), "x".to_string()),
+                    ("é".to_string(), "y".to_string()),
+                ],
+                Fallback::State,
+            ),
+            Table::new("t", [("a".to_string(), "x".to_string())], Fallback::Keep),
+            Table::new("t", [("z".to_string(), "x".to_string())], Fallback::Drop),
+        ];
+        let alphabet = ['a', 'Z', ' ', '\t', ',', 'é'];
+        for s in strings(&alphabet, 5) {
+            for t in &tables {
+                assert_eq!(t.lookup(Cow::Borrowed(&s)), reference(t, &s), "{s:?}");
+                assert_eq!(t.lookup(Cow::Owned(s.clone())), reference(t, &s), "{s:?}");
+            }
+        }
+        // A hit is the table's own value, however the request spelled it: nothing allocated.
+        let market = market();
+        for spelled in ["brooklyn", "Brooklyn", " BROOKLYN ", "Brooklyn,  NY"] {
+            let got = market.lookup(Cow::Borrowed(spelled));
+            assert!(matches!(got, Cow::Borrowed("nyc")), "{spelled:?}: {got:?}");
+        }
+        // A value already folded is kept as it came.
+        assert!(matches!(
+            market.lookup(Cow::Borrowed("smallville")),
+            Cow::Borrowed("smallville")
+        ));
     }
 
     #[test]
