@@ -52,6 +52,11 @@ pub struct Slot {
     metrics: OnceLock<AddressMetrics>,
 }
 
+/// The results `aisle_upstream_address_requests_total` counts for an address.
+const RESULT_ANSWERED: &str = "answered";
+const RESULT_ERROR: &str = "error";
+const RESULT_CONNECT_ERROR: &str = "connect_error";
+
 /// An address's series of `aisle_upstream_address_*`.
 struct AddressMetrics {
     answered: IntCounter,
@@ -80,7 +85,8 @@ impl UpstreamMetrics {
         }
     }
 
-    fn requests(&self, name: &str, status: &str) -> IntCounter {
+    /// Counts one request of upstream `name` that ended in `status`.
+    fn count(&self, name: &str, status: &str) {
         let index = match status {
             "error" => Some(Self::ERROR),
             code => code
@@ -95,8 +101,8 @@ impl UpstreamMetrics {
                 .with_label_values(&[name, status])
         };
         match index {
-            Some(i) => self.requests[i].get_or_init(lookup).clone(),
-            None => lookup(),
+            Some(i) => self.requests[i].get_or_init(lookup).inc(),
+            None => lookup().inc(),
         }
     }
 }
@@ -312,7 +318,7 @@ impl Peers {
     ) {
         let pool = &self.0[index];
         let name = pool.upstream.name.as_str();
-        pool.metrics.requests(name, status).inc();
+        pool.metrics.count(name, status);
         if let Some(s) = seconds {
             pool.metrics
                 .duration
@@ -324,12 +330,16 @@ impl Peers {
             let series = p.slot.metrics.get_or_init(|| {
                 let m = metrics();
                 AddressMetrics {
-                    answered: m
-                        .upstream_address_requests
-                        .with_label_values(&[name, label, "answered"]),
-                    error: m
-                        .upstream_address_requests
-                        .with_label_values(&[name, label, "error"]),
+                    answered: m.upstream_address_requests.with_label_values(&[
+                        name,
+                        label,
+                        RESULT_ANSWERED,
+                    ]),
+                    error: m.upstream_address_requests.with_label_values(&[
+                        name,
+                        label,
+                        RESULT_ERROR,
+                    ]),
                     duration: m
                         .upstream_address_duration
                         .with_label_values(&[name, label]),
@@ -350,7 +360,7 @@ impl Peers {
     pub fn connect_failed(&self, index: usize, picked: &Picked) {
         metrics()
             .upstream_address_requests
-            .with_label_values(&[self.name(index), &picked.slot.label, "connect_error"])
+            .with_label_values(&[self.name(index), &picked.slot.label, RESULT_CONNECT_ERROR])
             .inc();
     }
 }
@@ -655,10 +665,22 @@ impl Resolve {
             b.ext.insert(slot);
             set.insert(b);
         }
+        let m = metrics();
         for (addr, slot) in slots.iter() {
             if !kept.contains_key(addr) {
-                // Gone from DNS: its series goes too (labels stay bounded).
-                let _ = health.remove_label_values(&[&self.name, &slot.label]);
+                // Gone from DNS: its series go too, so that the labels stay bounded however
+                // often a name's addresses change (a request still in flight to it counts into
+                // a series no longer exported).
+                let labels = [self.name.as_str(), slot.label.as_str()];
+                let _ = health.remove_label_values(&labels);
+                let _ = m.upstream_address_duration.remove_label_values(&labels);
+                for result in [RESULT_ANSWERED, RESULT_ERROR, RESULT_CONNECT_ERROR] {
+                    let _ = m.upstream_address_requests.remove_label_values(&[
+                        &self.name,
+                        &slot.label,
+                        result,
+                    ]);
+                }
             }
         }
         *slots = kept;
@@ -852,7 +874,7 @@ mod tests {
         };
         for (status, times) in [("100", 1), ("200", 3), ("599", 2), ("error", 4), ("999", 2)] {
             for _ in 0..times {
-                kept.requests(name, status).inc();
+                kept.count(name, status);
             }
             assert_eq!(series(status), times, "status {status}");
         }
@@ -864,7 +886,7 @@ mod tests {
         assert!(kept.requests[100].get().is_some(), "200 is kept at 100");
         assert!(kept.requests[UpstreamMetrics::ERROR].get().is_some());
         for not_kept in ["99", "600", "abc", ""] {
-            kept.requests(name, not_kept).inc();
+            kept.count(name, not_kept);
             assert_eq!(series(not_kept), 1, "status {not_kept:?}");
         }
         assert_eq!(

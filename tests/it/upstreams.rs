@@ -605,6 +605,36 @@ async fn resolve_every_picks_up_a_changed_address_from_the_hosts_file() {
             "the old address is gone"
         );
     }
+    // Its metric series go with it (a name whose addresses keep changing must not grow the
+    // metrics without bound); the new address's are there.
+    let (old, new) = (
+        format!("address=\"127.0.0.1:{port}\""),
+        format!("address=\"127.0.0.2:{port}\""),
+    );
+    let address_series = |text: &str, address: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("aisle_upstream_") && l.contains(address))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let text = gw.metrics().await;
+    for series in [
+        "aisle_upstream_address_requests_total{",
+        "aisle_upstream_address_duration_seconds_count{",
+        "aisle_upstream_health{",
+    ] {
+        assert!(
+            address_series(&text, &new)
+                .iter()
+                .any(|l| l.starts_with(series)),
+            "{series} for the new address:\n{text}"
+        );
+    }
+    assert_eq!(
+        address_series(&text, &old),
+        Vec::<String>::new(),
+        "no series of the address that left"
+    );
 }
 
 #[tokio::test]
