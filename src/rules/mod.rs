@@ -63,6 +63,22 @@ impl VaryField {
     }
 }
 
+/// Every string of up to `len` pieces from `alphabet`, for the exhaustive checks of the rules'
+/// text handling (decoding, folding, trimming) against the forms they replaced.
+#[cfg(test)]
+pub(crate) fn every_string<T: std::fmt::Display>(alphabet: &[T], len: usize) -> Vec<String> {
+    let mut all = vec![String::new()];
+    let mut last = vec![String::new()];
+    for _ in 0..len {
+        last = last
+            .iter()
+            .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+            .collect();
+        all.extend(last.iter().cloned());
+    }
+    all
+}
+
 /// What one origin request of a rule costs (`cost = { ... }`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cost {

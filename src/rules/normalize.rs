@@ -123,30 +123,29 @@ fn fold_ascii<'b>(s: &str, buf: &'b mut [u8]) -> Option<&'b str> {
         return None;
     }
     let mut n = 0;
-    for word in s.split_whitespace() {
-        if n > 0 {
-            buf[n] = b' ';
-            n += 1;
-        }
-        for &c in word.as_bytes() {
-            buf[n] = c.to_ascii_lowercase();
-            n += 1;
-        }
+    // ASCII in, ASCII out, one byte a character and never longer than `s`.
+    for c in folded_chars(s) {
+        buf[n] = c as u8;
+        n += 1;
     }
-    // ASCII in, ASCII out.
     std::str::from_utf8(&buf[..n]).ok()
 }
 
 /// Lowercase, whitespace collapsed, trimmed.
 fn fold(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
-    for word in s.split_whitespace() {
-        if !out.is_empty() {
-            out.push(' ');
-        }
-        out.extend(word.chars().flat_map(char::to_lowercase));
-    }
+    out.extend(folded_chars(s));
     out
+}
+
+/// The characters [`fold`] (and [`fold_ascii`]) write: the words lowercased, one space between.
+fn folded_chars(s: &str) -> impl Iterator<Item = char> + '_ {
+    s.split_whitespace().enumerate().flat_map(|(i, word)| {
+        (i > 0)
+            .then_some(' ')
+            .into_iter()
+            .chain(word.chars().flat_map(char::to_lowercase))
+    })
 }
 
 /// One normalization step.
@@ -477,26 +476,12 @@ mod tests {
         assert!(Fallback::parse("nope").is_err());
     }
 
-    /// Every string of up to `len` characters from `alphabet`.
-    fn strings(alphabet: &[char], len: usize) -> Vec<String> {
-        let mut all = vec![String::new()];
-        let mut last = vec![String::new()];
-        for _ in 0..len {
-            last = last
-                .iter()
-                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
-                .collect();
-            all.extend(last.iter().cloned());
-        }
-        all
-    }
-
     #[test]
     fn folding_without_allocating_is_folding() {
         // Cased letters, each kind of whitespace fold treats alike (\x0B is Unicode White_Space
         // but not `u8::is_ascii_whitespace`), punctuation, and a non-ASCII letter.
         let alphabet = ['a', 'Z', ' ', '\t', '\u{0B}', '\n', ',', 'é', 'Ñ'];
-        let all = strings(&alphabet, 5);
+        let all = crate::rules::every_string(&alphabet, 5);
         assert_eq!(all.len(), 66_430);
         let mut stack = [0u8; STACK_FOLD];
         for s in &all {
@@ -554,7 +539,7 @@ mod tests {
             Table::new("t", [("z".to_string(), "x".to_string())], Fallback::Drop),
         ];
         let alphabet = ['a', 'Z', ' ', '\t', ',', 'é'];
-        for s in strings(&alphabet, 5) {
+        for s in crate::rules::every_string(&alphabet, 5) {
             for t in &tables {
                 assert_eq!(t.lookup(Cow::Borrowed(&s)), reference(t, &s), "{s:?}");
                 assert_eq!(t.lookup(Cow::Owned(s.clone())), reference(t, &s), "{s:?}");

@@ -509,15 +509,7 @@ mod tests {
             }
         };
         let alphabet = ["a", "+", "%", "2", "B", "F", "z", "é", "%C3", "%A9"];
-        let mut all = vec![String::new()];
-        let mut last = vec![String::new()];
-        for _ in 0..5 {
-            last = last
-                .iter()
-                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
-                .collect();
-            all.extend(last.iter().cloned());
-        }
+        let all = crate::rules::every_string(&alphabet, 5);
         assert_eq!(all.len(), 111_111);
         for raw in &all {
             for strict in [true, false] {
