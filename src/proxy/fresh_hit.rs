@@ -183,7 +183,7 @@ fn judge(
 
 /// What a fresh hit is answered with, from either tier.
 struct Answer {
-    header: ResponseHeader,
+    header: Head,
     body: Bytes,
     ttl: i64,
     age: u64,
@@ -234,11 +234,11 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
             metrics().tier_hits_memory.inc();
             memory.count_hit(&hit.stored);
             Answer {
-                header: hit.stored.header(),
                 body: hit.stored.body(),
                 ttl: hit.ttl,
                 age: hit.age,
                 tokens: hit.stored.info().tokens,
+                header: Head::Stored(hit.stored),
             }
         }
         None => {
@@ -262,7 +262,7 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
             metrics().tier_hits_redis.inc();
             Answer {
                 tokens: record.info.tokens,
-                header: record.header,
+                header: Head::Map(record.header),
                 body: record.body,
                 ttl,
                 age,
@@ -275,19 +275,119 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
         ttl: Some(answer.ttl),
         ..Observed::default()
     });
-    let mut resp = answer.header;
-    resp.insert_header(header::AGE, answer.age)?;
-    resp.set_version(http::Version::HTTP_11);
-    // As the phases' default `range_header_filter`: with no `Range`, it only advertises
-    // `Accept-Ranges` on a 200 of known length.
-    pingora::proxy::range_header_filter(session.req_header(), &mut resp, PINGORA_MAX_RANGES);
-    gw.finish_header(&mut resp, &mut answered)?;
     ctx.cache.lookup = Lookup::Fresh;
     ctx.cache.hit_tokens = answer.tokens;
-    ctx.answered = Some(answered);
-    session.write_response_header(Box::new(resp), head).await?;
+    match answer.header {
+        // Over HTTP/1 a memory entry's fields are written as stored, without a map.
+        Head::Stored(stored) if session.downstream_session.is_http1() => {
+            let (resp, fields) =
+                wire_head(gw, session.req_header(), &stored, answer.age, &mut answered);
+            ctx.answered = Some(answered);
+            session
+                .downstream_session
+                .write_response_header_fields(Box::new(resp), &fields)
+                .await?;
+        }
+        header => {
+            let mut resp = match header {
+                Head::Stored(stored) => stored.header(),
+                Head::Map(resp) => resp,
+            };
+            resp.insert_header(header::AGE, answer.age)?;
+            resp.set_version(http::Version::HTTP_11);
+            // As the phases' default `range_header_filter`: with no `Range`, it only
+            // advertises `Accept-Ranges` on a 200 of known length.
+            pingora::proxy::range_header_filter(
+                session.req_header(),
+                &mut resp,
+                PINGORA_MAX_RANGES,
+            );
+            gw.finish_header(&mut resp, &mut answered)?;
+            ctx.answered = Some(answered);
+            session.write_response_header(Box::new(resp), head).await?;
+        }
+    }
     if !head {
         session.write_response_body(Some(answer.body), true).await?;
     }
     Ok(Served::Yes)
+}
+
+/// A fresh hit's header: a memory entry's, or a Redis record's, already a map.
+enum Head {
+    Stored(Stored),
+    Map(ResponseHeader),
+}
+
+/// Stored fields the HTTP/1 writer decides by (pingora's reads the framing and `Date`, the
+/// range filter `Accept-Ranges`): they are kept in the header it is given, as well as sent.
+const DECIDING: [header::HeaderName; 4] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::DATE,
+    header::ACCEPT_RANGES,
+];
+
+/// A fresh memory hit's head for an HTTP/1 session, whose writer takes the fields serialized
+/// (vendored pingora-core, patch 7): the header the writer decides by (status line and the
+/// [`DECIDING`] fields) and the field lines. They are the lines pingora would write for the
+/// map the other path builds: the stored fields in order, `Age`, the range filter's
+/// `Accept-Ranges` and [`Gateway::finish_header`]'s `Cache-Status` each in the place of its
+/// stored lines (as `insert_header` puts it) or after them in that order, without the
+/// stored-only stale field or a stored `Connection` (the writer adds its own, after `Date`
+/// when it adds one). Building a map of every field and serializing it was about 3,000
+/// instructions of a hit (README "Performance"). `tests/it/fresh_hit.rs` compares both paths'
+/// answers line for line.
+fn wire_head(
+    gw: &Gateway,
+    req: &RequestHeader,
+    stored: &Stored,
+    age: u64,
+    answered: &mut (cache_status::CacheStatus, crate::metrics::CacheOutcome),
+) -> (ResponseHeader, Vec<u8>) {
+    let mut resp = stored.header_with(DECIDING.len() + 2, |n| DECIDING.contains(n));
+    resp.set_version(http::Version::HTTP_11);
+    pingora::proxy::range_header_filter(req, &mut resp, PINGORA_MAX_RANGES);
+    let status = gw.cache_status(answered);
+    let mut age_text = itoa::Buffer::new();
+    let age = age_text.format(age).as_bytes();
+    let set: [&header::HeaderName; 3] =
+        [&header::AGE, &header::ACCEPT_RANGES, &cache_status::HEADER];
+    let mut written = [false; 3];
+    let mut out = Vec::with_capacity(stored.fields_len() + status.len() + 64);
+    let line = |out: &mut Vec<u8>, name: &header::HeaderName, value: &[u8]| {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    };
+    let set_lines = |out: &mut Vec<u8>, i: usize| match i {
+        0 => line(out, set[0], age),
+        1 => {
+            for v in resp.headers.get_all(header::ACCEPT_RANGES) {
+                line(out, set[1], v.as_bytes());
+            }
+        }
+        _ => line(out, set[2], status.as_bytes()),
+    };
+    for (name, value) in stored.fields() {
+        if *name == header::CONNECTION || *name == policy::STALE_FIELD {
+            continue;
+        }
+        match set.iter().position(|s| *s == name) {
+            Some(i) => {
+                if !written[i] {
+                    set_lines(&mut out, i);
+                    written[i] = true;
+                }
+            }
+            None => line(&mut out, name, value),
+        }
+    }
+    for i in 0..set.len() {
+        if !written[i] {
+            set_lines(&mut out, i);
+        }
+    }
+    (resp, out)
 }

@@ -380,14 +380,20 @@ impl Gateway {
         resp: &mut ResponseHeader,
         answered: &mut (CacheStatus, CacheOutcome),
     ) -> Result<()> {
+        resp.insert_header(&cache_status::HEADER, self.cache_status(answered))?;
+        // Stored only (the entry's own stale windows), never sent.
+        resp.remove_header(&policy::STALE_FIELD);
+        Ok(())
+    }
+
+    /// An answer's `Cache-Status` value, naming the protection window in force: what
+    /// [`Gateway::finish_header`] sets, and what the fresh-hit path's own writer sends.
+    fn cache_status(&self, answered: &mut (CacheStatus, CacheOutcome)) -> String {
         if let Some(p) = self.invalidator.protection() {
             // Window names are `[A-Za-z0-9_-]` (checked at load): a valid sf-string.
             answered.0.protection = p.active().label.clone();
         }
-        resp.insert_header(&cache_status::HEADER, answered.0.to_header_value())?;
-        // Stored only (the entry's own stale windows), never sent.
-        resp.remove_header(&policy::STALE_FIELD);
-        Ok(())
+        answered.0.to_header_value()
     }
 }
 
@@ -469,6 +475,12 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> Ctx {
         Ctx::new(self.live.load_full())
     }
+
+    /// No downstream modules: Aisle sends answers as origins encoded them (it neither
+    /// compresses nor decompresses; pingora's default adds a compression module switched off).
+    /// The fresh-hit path's HTTP/1 writer relies on it: it writes its head without the
+    /// modules' header filter (`fresh_hit::wire_head`).
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
         // `stale_after` hands a slow fill to a background request (see `should_serve_stale`).

@@ -136,3 +136,95 @@ async fn the_phases_still_answer_ranges_conditionals_directives_and_purges() {
     );
     assert_eq!(origin.count(path), 3);
 }
+
+/// A head's lines as sent, without `Age`'s value and `Cache-Status`'s `ttl` (which move with
+/// the clock) and `Date` (the origin's, the same for both, unless a writer adds its own).
+fn wire_lines(r: &RawResp) -> Vec<(String, String)> {
+    r.headers
+        .iter()
+        .map(|(k, v)| {
+            let k = k.to_ascii_lowercase();
+            let v = match k.as_str() {
+                "age" => "(age)".to_string(),
+                "cache-status" => v
+                    .split("; ")
+                    .filter(|p| !p.starts_with("ttl="))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                _ => v.clone(),
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+/// Over HTTP/1 the fresh-hit path writes the stored fields itself instead of building a map
+/// of them (vendored pingora-core, patch 7). Its head is the phases' head line for line, in
+/// the order sent: the fields a hit sets (`Age`, `Accept-Ranges`, `Cache-Status`) in the
+/// place of the stored ones, repeated fields kept, the stored-only field left out, and the
+/// writer's own `Connection`, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn over_http1_a_fresh_hit_head_is_the_phases_head_line_for_line() {
+    let origin = Origin::start(|req| {
+        OriginResponse::ok(format!("{} #{}", req.path, req.count))
+            .header(
+                "cache-control",
+                "public, max-age=600, stale-while-revalidate=30",
+            )
+            .header("x-vendor", "venues")
+            .header("age", "40")
+            .header("cache-status", "upstream-cdn; hit")
+            .header("accept-ranges", "none")
+            .header("x-vendor", "caterers")
+            .header("etag", "\"v1\"")
+    });
+    let gw = Gateway::start(&config_for(&origin.url()), &[]).await;
+    let ask = |extra: &str| {
+        format!(
+            "GET /v1/venues/9?city=rome HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}Connection: close\r\n\r\n"
+        )
+    };
+    let timeout = std::time::Duration::from_secs(10);
+    let miss = raw_request(gw.listen(), ask("").as_bytes(), timeout).await;
+    assert_eq!(miss.status, 200);
+    let fast = raw_request(gw.listen(), ask("").as_bytes(), timeout).await;
+    let phases = raw_request(
+        gw.listen(),
+        ask("If-None-Match: \"other\"\r\n").as_bytes(),
+        timeout,
+    )
+    .await;
+    assert_eq!(origin.count("/v1/venues/9"), 1, "both were hits");
+    assert_eq!((fast.status, &fast.body), (phases.status, &phases.body));
+    assert_eq!(
+        wire_lines(&fast),
+        wire_lines(&phases),
+        "the same lines in the same order"
+    );
+    let count = |name: &str| {
+        fast.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .count()
+    };
+    for (name, n) in [
+        ("age", 1),
+        ("cache-status", 1),
+        ("accept-ranges", 1),
+        ("connection", 1),
+        ("date", 1),
+        ("x-vendor", 2),
+        ("aisle-stale", 0),
+    ] {
+        assert_eq!(count(name), n, "{name} lines in {:?}", fast.headers);
+    }
+    assert_eq!(fast.header("accept-ranges"), Some("bytes"));
+    assert_eq!(fast.header("connection"), Some("close"));
+    assert!(fast
+        .header("cache-status")
+        .unwrap()
+        .starts_with("aisle; hit"));
+    // The entry's age, which counts the origin's 40 s (RFC 9111 §4.2.3), not the stored field.
+    let age: u64 = fast.header("age").unwrap().parse().unwrap();
+    assert!((40..40 + 30).contains(&age), "age {age}");
+}

@@ -172,19 +172,27 @@ impl StoredHeader {
     /// Room is made for the fields every hit adds (`Age`, `Accept-Ranges`, `Cache-Status`,
     /// `Connection`), so adding them does not grow the map again.
     pub(super) fn to_response_header(&self) -> ResponseHeader {
-        let base = 4 * self.names.len();
-        let mut headers = HeaderMap::with_capacity(self.names.len() + HIT_FIELDS);
-        let mut at = base;
-        for (name, end) in self.names.iter().zip(self.buf[..base].chunks_exact(4)) {
-            let end = u32::from_le_bytes([end[0], end[1], end[2], end[3]]);
-            let stop = base + (end & !SENSITIVE) as usize;
+        self.header_with(self.names.len() + HIT_FIELDS, |_| true)
+    }
+
+    /// The stored status line and the stored fields `keep` selects, in a map with room for
+    /// `capacity` fields.
+    pub(super) fn header_with(
+        &self,
+        capacity: usize,
+        keep: impl Fn(&HeaderName) -> bool,
+    ) -> ResponseHeader {
+        let mut headers = HeaderMap::with_capacity(capacity);
+        for (name, range, sensitive) in self.spans() {
+            if !keep(name) {
+                continue;
+            }
             // SAFETY: the bytes are those of a `HeaderValue` (checked when it was made),
             // copied unchanged in `new`; `from_maybe_shared_unchecked` only skips the check.
             let mut value =
-                unsafe { HeaderValue::from_maybe_shared_unchecked(self.buf.slice(at..stop)) };
-            value.set_sensitive(end & SENSITIVE != 0);
+                unsafe { HeaderValue::from_maybe_shared_unchecked(self.buf.slice(range)) };
+            value.set_sensitive(sensitive);
             headers.append(name.clone(), value);
-            at = stop;
         }
         let mut out = response_header(self.status, self.version, headers);
         if self.reason_len > 0 {
@@ -192,6 +200,41 @@ impl StoredHeader {
             let _ = out.set_reason_phrase(std::str::from_utf8(reason).ok());
         }
         out
+    }
+
+    /// Each stored field in order: its name, where its value is in the buffer, and whether
+    /// the value is sensitive.
+    fn spans(&self) -> impl Iterator<Item = (&HeaderName, std::ops::Range<usize>, bool)> + '_ {
+        let base = 4 * self.names.len();
+        let mut at = base;
+        self.names
+            .iter()
+            .zip(self.buf[..base].chunks_exact(4))
+            .map(move |(name, end)| {
+                let end = u32::from_le_bytes([end[0], end[1], end[2], end[3]]);
+                let stop = base + (end & !SENSITIVE) as usize;
+                let range = at..stop;
+                at = stop;
+                (name, range, end & SENSITIVE != 0)
+            })
+    }
+
+    /// Each stored field in order, name and value bytes (checked when they were stored: no
+    /// CR or LF), for a writer that serializes them itself.
+    pub(super) fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> + '_ {
+        self.spans()
+            .map(|(name, range, _)| (name, &self.buf[range]))
+    }
+
+    /// Bytes of the stored fields in HTTP/1 form (`name: value\r\n` each).
+    pub(super) fn wire_len(&self) -> usize {
+        let values = self.buf.len() - 4 * self.names.len() - self.reason_len as usize;
+        values
+            + self
+                .names
+                .iter()
+                .map(|n| n.as_str().len() + 4)
+                .sum::<usize>()
     }
 
     /// Whether a field of this name is stored.

@@ -16,6 +16,7 @@ use crate::storage::meta::StoredTimes;
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::HeaderName;
 use pingora::cache::key::HashBinary;
 use pingora::cache::storage::{HandleHit, HitHandler};
 use pingora::cache::trace::SpanHandle;
@@ -74,6 +75,28 @@ impl Stored {
     /// A copy of the stored response header, to send.
     pub fn header(&self) -> ResponseHeader {
         self.0.meta.header.to_response_header()
+    }
+
+    /// The stored fields in order, name and value bytes: what a writer serializing the header
+    /// itself copies (`crate::proxy::fresh_hit`; no map is built).
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &[u8])> + '_ {
+        self.0.meta.header.fields()
+    }
+
+    /// Bytes of [`Stored::fields`] in HTTP/1 form.
+    pub fn fields_len(&self) -> usize {
+        self.0.meta.header.wire_len()
+    }
+
+    /// The stored status line with only the stored fields `keep` selects, in a map with room
+    /// for `capacity` fields: the header a writer decides by when the fields are sent from
+    /// [`Stored::fields`].
+    pub fn header_with(
+        &self,
+        capacity: usize,
+        keep: impl Fn(&HeaderName) -> bool,
+    ) -> ResponseHeader {
+        self.0.meta.header.header_with(capacity, keep)
     }
 
     /// The body (a reference count, not a copy).

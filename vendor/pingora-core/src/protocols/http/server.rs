@@ -25,7 +25,7 @@ use crate::protocols::{Digest, SocketAddr, Stream};
 use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 use http::{header::AsHeaderName, HeaderMap};
-use pingora_error::{Error, Result};
+use pingora_error::{Error, ErrorType::InternalError, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use std::any::Any;
 use std::time::Duration;
@@ -203,6 +203,30 @@ impl Session {
                 Ok(())
             }
             Self::Custom(s) => s.write_response_header(resp, false).await,
+        }
+    }
+
+    /// Aisle patch 7: whether this is an HTTP/1.x session, which
+    /// [`Self::write_response_header_fields`] can write to.
+    pub fn is_http1(&self) -> bool {
+        matches!(self, Self::H1(_))
+    }
+
+    /// Aisle patch 7: an HTTP/1.x session's
+    /// [`SessionV1::write_response_header_fields`]: `resp` decides and is recorded, `fields`
+    /// (already serialized field lines) are sent in place of its fields. Any other session
+    /// gets an error and nothing is written: check [`Self::is_http1`] first.
+    pub async fn write_response_header_fields(
+        &mut self,
+        resp: Box<ResponseHeader>,
+        fields: &[u8],
+    ) -> Result<()> {
+        match self {
+            Self::H1(s) => s.write_response_header_fields(resp, Some(fields)).await,
+            _ => Error::e_explain(
+                InternalError,
+                "serialized response fields can only be written to an HTTP/1.x session",
+            ),
         }
     }
 

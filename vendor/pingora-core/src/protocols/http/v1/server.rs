@@ -710,9 +710,25 @@ impl HttpSession {
 
     /// Write the response header to the client.
     /// This function can be called more than once to send 1xx informational headers excluding 101.
-    pub async fn write_response_header(&mut self, mut header: Box<ResponseHeader>) -> Result<()> {
+    pub async fn write_response_header(&mut self, header: Box<ResponseHeader>) -> Result<()> {
+        self.write_response_header_fields(header, None).await
+    }
+
+    /// Aisle patch 7: writes a response header most of whose fields the caller has already
+    /// serialized. `header` is the header this session decides by and records
+    /// (`response_written`): status, version, reason phrase and the fields it reads (framing,
+    /// `Date`). On the wire its own fields are replaced by `fields` (field lines, each
+    /// `name: value\r\n`), followed by the fields this writer adds itself (`Date` when `header`
+    /// has none, `Connection`). The caller's `fields` must carry the fields of `header` it wants
+    /// sent. With `None`, this is [`Self::write_response_header`].
+    pub async fn write_response_header_fields(
+        &mut self,
+        mut header: Box<ResponseHeader>,
+        fields: Option<&[u8]>,
+    ) -> Result<()> {
         // Prepare header (handle upgrades, set headers, initialize body writer, serialize to bytes)
-        let Some((write_buf, flush)) = self.prepare_response_header(&mut header)? else {
+        let Some((write_buf, flush)) = self.prepare_response_header_with(&mut header, fields)?
+        else {
             // Header already sent or should be ignored
             return Ok(());
         };
@@ -893,6 +909,19 @@ impl HttpSession {
         &mut self,
         header: &mut ResponseHeader,
     ) -> Result<Option<(Bytes, bool)>> {
+        self.prepare_response_header_with(header, None)
+    }
+
+    /// [`Self::prepare_response_header`], with the field block given already serialized (Aisle
+    /// patch 7, see [`Self::write_response_header_fields`]).
+    fn prepare_response_header_with(
+        &mut self,
+        header: &mut ResponseHeader,
+        fields: Option<&[u8]>,
+    ) -> Result<Option<(Bytes, bool)>> {
+        // Aisle patch 7: which fields this writer adds, to follow the caller's `fields`.
+        let mut added_date = false;
+        let mut added_connection = false;
         // Check if we should ignore informational responses
         if header.status.is_informational() && self.ignore_info_resp(header.status.into()) {
             debug!("ignoring informational headers");
@@ -923,6 +952,7 @@ impl HttpSession {
             // `Date` (the `Age` field says how old the response is).
             if header.headers.get(header::DATE).is_none() {
                 header.insert_header(header::DATE, date::get_cached_date())?;
+                added_date = true;
             }
 
             // TODO: make these lazy static
@@ -932,6 +962,7 @@ impl HttpSession {
                 "close"
             };
             header.insert_header(header::CONNECTION, connection_value)?;
+            added_connection = true;
         }
 
         if header.status == 101 {
@@ -988,8 +1019,23 @@ impl HttpSession {
 
         // Serialize header to bytes
         let mut write_buf = BytesMut::with_capacity(INIT_HEADER_BUF_SIZE);
-        http_resp_header_to_buf(header, &mut write_buf)
-            .map_err(|_| Error::explain(WriteError, "serializing response header"))?;
+        match fields {
+            None => http_resp_header_to_buf(header, &mut write_buf),
+            Some(fields) => {
+                let mut added = [None, None];
+                if added_date {
+                    added[0] = header.headers.get(header::DATE).map(|v| (header::DATE, v));
+                }
+                if added_connection {
+                    added[1] = header
+                        .headers
+                        .get(header::CONNECTION)
+                        .map(|v| (header::CONNECTION, v));
+                }
+                http_resp_fields_to_buf(header, fields, added.iter().flatten(), &mut write_buf)
+            }
+        }
+        .map_err(|_| Error::explain(WriteError, "serializing response header"))?;
 
         // Determine if we should flush
         // Don't have to flush response with content length because it is less
@@ -1912,6 +1958,37 @@ fn http_resp_header_to_buf(
     resp: &ResponseHeader,
     buf: &mut BytesMut,
 ) -> std::result::Result<(), ()> {
+    http_status_line_to_buf(resp, buf)?;
+
+    // headers
+    // TODO: style: make sure Server and Date headers are the first two
+    resp.header_to_h1_wire(buf);
+
+    buf.put_slice(CRLF);
+    Ok(())
+}
+
+/// Aisle patch 7: the status line of `resp`, then `fields` as given, then `added` (the fields
+/// the writer added to `resp`), then the blank line.
+fn http_resp_fields_to_buf<'a>(
+    resp: &ResponseHeader,
+    fields: &[u8],
+    added: impl Iterator<Item = &'a (http::HeaderName, &'a http::HeaderValue)>,
+    buf: &mut BytesMut,
+) -> std::result::Result<(), ()> {
+    http_status_line_to_buf(resp, buf)?;
+    buf.put_slice(fields);
+    for (name, value) in added {
+        buf.put_slice(name.as_str().as_bytes());
+        buf.put_slice(b": ");
+        buf.put_slice(value.as_bytes());
+        buf.put_slice(CRLF);
+    }
+    buf.put_slice(CRLF);
+    Ok(())
+}
+
+fn http_status_line_to_buf(resp: &ResponseHeader, buf: &mut BytesMut) -> std::result::Result<(), ()> {
     // Status-Line
     let version = match resp.version {
         Version::HTTP_09 => "HTTP/0.9 ",
@@ -1929,12 +2006,6 @@ fn http_resp_header_to_buf(
     if let Some(reason_buf) = reason {
         buf.put_slice(reason_buf.as_bytes());
     }
-    buf.put_slice(CRLF);
-
-    // headers
-    // TODO: style: make sure Server and Date headers are the first two
-    resp.header_to_h1_wire(buf);
-
     buf.put_slice(CRLF);
     Ok(())
 }
