@@ -357,7 +357,9 @@ fn wire_head(
     let mut written = [false; 3];
     let mut out = Vec::with_capacity(stored.fields_len() + status.len() + 64);
     let line = |out: &mut Vec<u8>, name: &header::HeaderName, value: &[u8]| {
-        out.extend_from_slice(name.as_str().as_bytes());
+        // Spelled as pingora writes a header without a case map (standard names titled).
+        let spelled = pingora::http::titled_header_name_str(name).unwrap_or(name.as_str());
+        out.extend_from_slice(spelled.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");

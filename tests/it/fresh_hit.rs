@@ -137,14 +137,14 @@ async fn the_phases_still_answer_ranges_conditionals_directives_and_purges() {
     assert_eq!(origin.count(path), 3);
 }
 
-/// A head's lines as sent, without `Age`'s value and `Cache-Status`'s `ttl` (which move with
-/// the clock) and `Date` (the origin's, the same for both, unless a writer adds its own).
+/// A head's lines as sent (names spelled as sent), without `Age`'s value and `Cache-Status`'s
+/// `ttl`, which move with the clock.
 fn wire_lines(r: &RawResp) -> Vec<(String, String)> {
     r.headers
         .iter()
         .map(|(k, v)| {
-            let k = k.to_ascii_lowercase();
-            let v = match k.as_str() {
+            let k = k.clone();
+            let v = match k.to_ascii_lowercase().as_str() {
                 "age" => "(age)".to_string(),
                 "cache-status" => v
                     .split("; ")
@@ -162,7 +162,8 @@ fn wire_lines(r: &RawResp) -> Vec<(String, String)> {
 /// of them (vendored pingora-core, patch 7). Its head is the phases' head line for line, in
 /// the order sent: the fields a hit sets (`Age`, `Accept-Ranges`, `Cache-Status`) in the
 /// place of the stored ones, repeated fields kept, the stored-only field left out, and the
-/// writer's own `Connection`, once.
+/// writer's own `Connection`, once; every name spelled as pingora spells it (`Age`,
+/// `Content-Type`: titled; others as stored).
 #[tokio::test(flavor = "multi_thread")]
 async fn over_http1_a_fresh_hit_head_is_the_phases_head_line_for_line() {
     let origin = Origin::start(|req| {
@@ -218,6 +219,23 @@ async fn over_http1_a_fresh_hit_head_is_the_phases_head_line_for_line() {
     ] {
         assert_eq!(count(name), n, "{name} lines in {:?}", fast.headers);
     }
+    let names: Vec<&str> = fast.headers.iter().map(|(k, _)| k.as_str()).collect();
+    for titled in [
+        "Age",
+        "Date",
+        "Content-Length",
+        "Cache-Control",
+        "Accept-Ranges",
+    ] {
+        assert!(
+            names.contains(&titled),
+            "{titled} spelled otherwise in {names:?}"
+        );
+    }
+    assert!(
+        names.contains(&"x-vendor") && names.contains(&"etag"),
+        "{names:?}"
+    );
     assert_eq!(fast.header("accept-ranges"), Some("bytes"));
     assert_eq!(fast.header("connection"), Some("close"));
     assert!(fast

@@ -108,7 +108,9 @@ fn titled_header_name(header_name: &HeaderName) -> Bytes {
     )
 }
 
-pub(crate) fn titled_header_name_str(header_name: &HeaderName) -> Option<&'static str> {
+/// The spelling HTTP/1 writes for a standard name when the header keeps no case map, if it has
+/// one (Aisle patch 3: public, so a writer that serializes fields itself spells them the same).
+pub fn titled_header_name_str(header_name: &HeaderName) -> Option<&'static str> {
     Some(match *header_name {
         header::ACCEPT_RANGES => "Accept-Ranges",
         header::AGE => "Age",

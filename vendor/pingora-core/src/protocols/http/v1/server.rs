@@ -1979,7 +1979,9 @@ fn http_resp_fields_to_buf<'a>(
     http_status_line_to_buf(resp, buf)?;
     buf.put_slice(fields);
     for (name, value) in added {
-        buf.put_slice(name.as_str().as_bytes());
+        // Spelled as `header_to_h1_wire` spells an inserted standard name.
+        let spelled = pingora_http::titled_header_name_str(name).unwrap_or(name.as_str());
+        buf.put_slice(spelled.as_bytes());
         buf.put_slice(b": ");
         buf.put_slice(value.as_bytes());
         buf.put_slice(CRLF);
