@@ -42,7 +42,15 @@ done
 RUN=$(mktemp -d /tmp/aisle-instructions.XXXXXX); chmod 755 "$RUN"
 GW=""
 cleanup() {
-  [[ -n $GW ]] && kill -TERM -- "-$GW" 2>/dev/null || true
+  # TERM, then KILL what is left after 10 s: under valgrind, pingora's graceful shutdown (the
+  # floor's default grace period is minutes) outlived the script and kept its port.
+  if [[ -n $GW ]] && kill -TERM -- "-$GW" 2>/dev/null; then
+    for _ in $(seq 1 100); do
+      kill -0 -- "-$GW" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL -- "-$GW" 2>/dev/null || true
+  fi
   [[ -f $RUN/nginx.pid ]] && kill "$(cat "$RUN/nginx.pid")" 2>/dev/null || true
 }
 trap cleanup EXIT

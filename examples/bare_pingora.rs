@@ -62,6 +62,10 @@ impl ProxyHttp for Bare {
 fn main() {
     let conf = ServerConf {
         threads: 1,
+        // Exit promptly on SIGTERM, as the gateway does in the benchmarks: pingora's default
+        // grace period (minutes) outlived the scripts that started it and kept its port.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
