@@ -277,35 +277,43 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
     });
     ctx.cache.lookup = Lookup::Fresh;
     ctx.cache.hit_tokens = answer.tokens;
-    match answer.header {
-        // Over HTTP/1 a memory entry's fields are written as stored, without a map.
-        Head::Stored(stored) if session.downstream_session.is_http1() => {
-            let (resp, fields) =
-                wire_head(gw, session.req_header(), &stored, answer.age, &mut answered);
-            ctx.answered = Some(answered);
-            session
-                .downstream_session
-                .write_response_header_fields(Box::new(resp), &fields)
-                .await?;
-        }
-        header => {
-            let mut resp = match header {
-                Head::Stored(stored) => Box::new(stored.header()),
-                Head::Map(resp) => resp,
-            };
-            resp.insert_header(header::AGE, answer.age)?;
-            resp.set_version(http::Version::HTTP_11);
-            // As the phases' default `range_header_filter`: with no `Range`, it only
-            // advertises `Accept-Ranges` on a 200 of known length.
-            pingora::proxy::range_header_filter(
-                session.req_header(),
-                &mut resp,
-                PINGORA_MAX_RANGES,
-            );
-            gw.finish_header(&mut resp, &mut answered)?;
-            ctx.answered = Some(answered);
-            session.write_response_header(resp, head).await?;
-        }
+    if session.downstream_session.is_http1() {
+        // Over HTTP/1 the field lines are written from the entry, without a map of them
+        // (a memory entry) or without inserting into the record's (a Redis record).
+        let (resp, lines) = match answer.header {
+            Head::Stored(stored) => {
+                let mut resp = stored.header_with(DECIDING.len() + 2, |n| DECIDING.contains(n));
+                let status = hit_fields(gw, session.req_header(), &mut resp, &mut answered);
+                let len = stored.fields_len();
+                let lines = field_lines(stored.fields(), &resp, answer.age, &status, len);
+                (Box::new(resp), lines)
+            }
+            Head::Map(mut resp) => {
+                let status = hit_fields(gw, session.req_header(), &mut resp, &mut answered);
+                let fields = resp.headers.iter().map(|(n, v)| (n, v.as_bytes()));
+                // A typical record's header; a larger one grows the buffer once or twice.
+                let lines = field_lines(fields, &resp, answer.age, &status, 512);
+                (resp, lines)
+            }
+        };
+        ctx.answered = Some(answered);
+        session
+            .downstream_session
+            .write_response_header_fields(resp, &lines)
+            .await?;
+    } else {
+        let mut resp = match answer.header {
+            Head::Stored(stored) => Box::new(stored.header()),
+            Head::Map(resp) => resp,
+        };
+        resp.insert_header(header::AGE, answer.age)?;
+        resp.set_version(http::Version::HTTP_11);
+        // As the phases' default `range_header_filter`: with no `Range`, it only advertises
+        // `Accept-Ranges` on a 200 of known length.
+        pingora::proxy::range_header_filter(session.req_header(), &mut resp, PINGORA_MAX_RANGES);
+        gw.finish_header(&mut resp, &mut answered)?;
+        ctx.answered = Some(answered);
+        session.write_response_header(resp, head).await?;
     }
     if !head {
         session.write_response_body(Some(answer.body), true).await?;
@@ -329,33 +337,44 @@ const DECIDING: [header::HeaderName; 4] = [
     header::ACCEPT_RANGES,
 ];
 
-/// A fresh memory hit's head for an HTTP/1 session, whose writer takes the fields serialized
-/// (vendored pingora-core, patch 7): the header the writer decides by (status line and the
-/// [`DECIDING`] fields) and the field lines. They are the lines pingora would write for the
-/// map the other path builds: the stored fields in order, `Age`, the range filter's
-/// `Accept-Ranges` and [`Gateway::finish_header`]'s `Cache-Status` each in the place of its
-/// stored lines (as `insert_header` puts it) or after them in that order, without the
-/// stored-only stale field or a stored `Connection` (the writer adds its own, after `Date`
-/// when it adds one). Building a map of every field and serializing it cost a hit about 2,400
-/// instructions more than this (README "Performance"). `tests/it/fresh_hit.rs` compares both paths'
-/// answers line for line.
-fn wire_head(
+/// What a fresh hit's header gets before it is written over HTTP/1, on the header the writer
+/// decides by: version 1.1 and pingora's range filter (`Accept-Ranges`), as on the other path;
+/// returns the `Cache-Status` value ([`Gateway::cache_status`]) for [`field_lines`].
+fn hit_fields(
     gw: &Gateway,
     req: &RequestHeader,
-    stored: &Stored,
-    age: u64,
+    resp: &mut ResponseHeader,
     answered: &mut (cache_status::CacheStatus, crate::metrics::CacheOutcome),
-) -> (ResponseHeader, Vec<u8>) {
-    let mut resp = stored.header_with(DECIDING.len() + 2, |n| DECIDING.contains(n));
+) -> String {
     resp.set_version(http::Version::HTTP_11);
-    pingora::proxy::range_header_filter(req, &mut resp, PINGORA_MAX_RANGES);
-    let status = gw.cache_status(answered);
+    pingora::proxy::range_header_filter(req, resp, PINGORA_MAX_RANGES);
+    gw.cache_status(answered)
+}
+
+/// A fresh hit's field lines for an HTTP/1 writer that takes them serialized (vendored
+/// pingora-core, patch 7), from the stored `fields` in order (a memory entry's, or a Redis
+/// record's map). They are the lines pingora writes for the map the other path builds: the
+/// stored fields, with `Age`, the range filter's `Accept-Ranges` (read from `deciding`, the
+/// header the writer decides by) and [`Gateway::finish_header`]'s `Cache-Status` each in the
+/// place of its stored lines (as `insert_header` puts it) or after them in that order; without
+/// the stored-only stale field or a stored `Connection` (the writer adds its own, after `Date`
+/// when it adds one); names spelled as pingora spells them in a header without a case map.
+/// Building a map of every field and serializing it cost a memory hit about 2,400
+/// instructions more than this (README "Performance"). `tests/it/fresh_hit.rs` compares both
+/// paths' heads line for line, from either tier.
+fn field_lines<'a>(
+    fields: impl Iterator<Item = (&'a header::HeaderName, &'a [u8])>,
+    deciding: &ResponseHeader,
+    age: u64,
+    status: &str,
+    capacity: usize,
+) -> Vec<u8> {
     let mut age_text = itoa::Buffer::new();
     let age = age_text.format(age).as_bytes();
     let set: [&header::HeaderName; 3] =
         [&header::AGE, &header::ACCEPT_RANGES, &cache_status::HEADER];
     let mut written = [false; 3];
-    let mut out = Vec::with_capacity(stored.fields_len() + status.len() + 64);
+    let mut out = Vec::with_capacity(capacity + status.len() + 64);
     let line = |out: &mut Vec<u8>, name: &header::HeaderName, value: &[u8]| {
         // Spelled as pingora writes a header without a case map (standard names titled).
         let spelled = pingora::http::titled_header_name_str(name).unwrap_or(name.as_str());
@@ -367,13 +386,13 @@ fn wire_head(
     let set_lines = |out: &mut Vec<u8>, i: usize| match i {
         0 => line(out, set[0], age),
         1 => {
-            for v in resp.headers.get_all(header::ACCEPT_RANGES) {
+            for v in deciding.headers.get_all(header::ACCEPT_RANGES) {
                 line(out, set[1], v.as_bytes());
             }
         }
         _ => line(out, set[2], status.as_bytes()),
     };
-    for (name, value) in stored.fields() {
+    for (name, value) in fields {
         if *name == header::CONNECTION || *name == policy::STALE_FIELD {
             continue;
         }
@@ -392,5 +411,5 @@ fn wire_head(
             set_lines(&mut out, i);
         }
     }
-    (resp, out)
+    out
 }

@@ -479,7 +479,7 @@ impl ProxyHttp for Gateway {
     /// No downstream modules: Aisle sends answers as origins encoded them (it neither
     /// compresses nor decompresses; pingora's default adds a compression module switched off).
     /// The fresh-hit path's HTTP/1 writer relies on it: it writes its head without the
-    /// modules' header filter (`fresh_hit::wire_head`).
+    /// modules' header filter (`fresh_hit::field_lines`).
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn allow_spawning_subrequest(&self, session: &Session, _ctx: &Ctx) -> bool {
