@@ -5,8 +5,9 @@
 //! lookup, freshness, purge epochs, refresh-ahead) against a memory tier holding the entry,
 //! under a global allocator that counts allocations on the calling thread. It prints, per
 //! case, the allocations of those decisions (target: 0) and of the answer's head handed to
-//! pingora (the stored header copied, `Age` and `Cache-Status` added: pingora's write takes
-//! the head by value), and the time per decision.
+//! pingora's HTTP/1 writer (`fresh_hit::http1_head`: the header it decides by, which its write
+//! takes by value, and the field lines with `Age` and `Cache-Status`), and the time per
+//! decision.
 //!
 //! Cases: the default route and the plain rule of `benches/compare-rules/` (what `compare.sh`
 //! requests; their decisions must allocate nothing), and a realistic rule (path parameter,
@@ -220,11 +221,10 @@ fn run(case: &Case, epochs: &Epochs, n: u32) -> Figures {
             ttl: Some(hit.ttl),
             ..Observed::default()
         });
-        let mut resp = hit.stored.header();
-        resp.insert_header(http::header::AGE, hit.age).unwrap();
-        resp.insert_header("cache-status", status.to_header_value())
-            .unwrap();
-        Box::new(resp)
+        // As an HTTP/1 answer is handed to pingora's writer (`write_response_header_fields`).
+        let (resp, lines) =
+            fresh_hit::http1_head(req, &hit.stored, hit.age, &status.to_header_value());
+        (Box::new(resp), lines)
     });
     Figures {
         decide_allocs,

@@ -282,14 +282,13 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
         // (a memory entry) or without inserting into the record's (a Redis record).
         let (resp, lines) = match answer.header {
             Head::Stored(stored) => {
-                let mut resp = stored.header_with(DECIDING.len() + 2, |n| DECIDING.contains(n));
-                let status = hit_fields(gw, session.req_header(), &mut resp, &mut answered);
-                let len = stored.fields_len();
-                let lines = field_lines(stored.fields(), &resp, answer.age, &status, len);
+                let status = gw.cache_status(&mut answered);
+                let (resp, lines) = http1_head(session.req_header(), &stored, answer.age, &status);
                 (Box::new(resp), lines)
             }
             Head::Map(mut resp) => {
-                let status = hit_fields(gw, session.req_header(), &mut resp, &mut answered);
+                decide_head(session.req_header(), &mut resp);
+                let status = gw.cache_status(&mut answered);
                 let fields = resp.headers.iter().map(|(n, v)| (n, v.as_bytes()));
                 // A typical record's header; a larger one grows the buffer once or twice.
                 let lines = field_lines(fields, &resp, answer.age, &status, 512);
@@ -337,18 +336,27 @@ const DECIDING: [header::HeaderName; 4] = [
     header::ACCEPT_RANGES,
 ];
 
-/// What a fresh hit's header gets before it is written over HTTP/1, on the header the writer
-/// decides by: version 1.1 and pingora's range filter (`Accept-Ranges`), as on the other path;
-/// returns the `Cache-Status` value ([`Gateway::cache_status`]) for [`field_lines`].
-fn hit_fields(
-    gw: &Gateway,
-    req: &RequestHeader,
-    resp: &mut ResponseHeader,
-    answered: &mut (cache_status::CacheStatus, crate::metrics::CacheOutcome),
-) -> String {
+/// What the header an HTTP/1 writer decides by gets before it is written, as on the other
+/// path: version 1.1 and pingora's range filter (`Accept-Ranges`).
+fn decide_head(req: &RequestHeader, resp: &mut ResponseHeader) {
     resp.set_version(http::Version::HTTP_11);
     pingora::proxy::range_header_filter(req, resp, PINGORA_MAX_RANGES);
-    gw.cache_status(answered)
+}
+
+/// A fresh memory hit's head for pingora's HTTP/1 writer (`write_response_header_fields`): the
+/// header it decides by (the stored status line and [`DECIDING`] fields) and the field lines,
+/// with `Age` and the `Cache-Status` value `status` set. `benches/hit_path.rs` counts its
+/// allocations.
+pub fn http1_head(
+    req: &RequestHeader,
+    stored: &Stored,
+    age: u64,
+    status: &str,
+) -> (ResponseHeader, Vec<u8>) {
+    let mut resp = stored.header_with(DECIDING.len() + 2, |n| DECIDING.contains(n));
+    decide_head(req, &mut resp);
+    let lines = field_lines(stored.fields(), &resp, age, status, stored.fields_len());
+    (resp, lines)
 }
 
 /// A fresh hit's field lines for an HTTP/1 writer that takes them serialized (vendored
