@@ -306,10 +306,7 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
             Head::Map(resp) => resp,
         };
         resp.insert_header(header::AGE, answer.age)?;
-        resp.set_version(http::Version::HTTP_11);
-        // As the phases' default `range_header_filter`: with no `Range`, it only advertises
-        // `Accept-Ranges` on a 200 of known length.
-        pingora::proxy::range_header_filter(session.req_header(), &mut resp, PINGORA_MAX_RANGES);
+        decide_head(session.req_header(), &mut resp);
         gw.finish_header(&mut resp, &mut answered)?;
         ctx.answered = Some(answered);
         session.write_response_header(resp, head).await?;
@@ -336,8 +333,9 @@ const DECIDING: [header::HeaderName; 4] = [
     header::ACCEPT_RANGES,
 ];
 
-/// What the header an HTTP/1 writer decides by gets before it is written, as on the other
-/// path: version 1.1 and pingora's range filter (`Accept-Ranges`).
+/// What a fresh hit's header gets before it is written, on either path: version 1.1 and, as
+/// the phases' default `range_header_filter` does with no `Range`, `Accept-Ranges` on a 200
+/// of known length.
 fn decide_head(req: &RequestHeader, resp: &mut ResponseHeader) {
     resp.set_version(http::Version::HTTP_11);
     pingora::proxy::range_header_filter(req, resp, PINGORA_MAX_RANGES);
