@@ -4,8 +4,8 @@
 //! pingora's combined key hash (primary + variance), which each entry holds. The eviction
 //! manager ([`PriorityEviction`], `priority.rs`) decides what to drop when a fill would exceed
 //! `cache.memory`; victims are then purged through [`Storage::purge`]. Every per-entry part is
-//! kept small (issue 16: 499 B an entry beyond body and header at a million entries, from 2.5 KB):
-//! 8-byte table slots, a 16-byte URI-index slot, times in 8 bytes, path and tags in one buffer.
+//! kept small (issue 16: 474 B an entry beyond body and header at a million entries, from 2.5 KB):
+//! 8-byte slots in the table and the URI index, times in 8 bytes, path and tags in one buffer.
 //!
 //! A hit must be cheap: rather than deserialising `CacheMeta` (zstd + header parsing), an entry
 //! keeps the response header parsed and the few timestamps needed to rebuild the meta, and the
@@ -56,11 +56,10 @@ const fn map_slot(slot: usize) -> usize {
     (slot + 1) * 16 / 7
 }
 /// Bytes every entry costs beyond its body, header and facts: the entry with its reference
-/// counts (in the allocator's size class), its table slot, its slot in the URI index, and its
+/// counts (in the allocator's size class), its slots in the table and in the URI index, and its
 /// LRU node ([`priority::LRU_BYTES`]).
 const ENTRY_OVERHEAD: usize = alloc_size(ARC_COUNTS + size_of::<Entry>())
-    + map_slot(size_of::<Arc<Entry>>())
-    + map_slot(size_of::<(u64, u64)>())
+    + 2 * map_slot(size_of::<Arc<Entry>>())
     + priority::LRU_BYTES;
 /// What the allocator holds beyond an entry's own bytes while a full tier churns: entries are
 /// freed by eviction on other threads and in another order than they were made, so their
@@ -143,10 +142,12 @@ pub(super) struct Entry {
 /// low 64 bits of the key hash with aHash (keyed per process, so keys an attacker computes
 /// offline cannot be made to collide) rather than SipHash.
 type Shard = RwLock<HashTable<Arc<Entry>>>;
-/// One shard of the URI index: a `(URI id, low 64 bits of the key hash)` pair per entry, so all
-/// variants of a URI are found without scanning (16 bytes an entry, no list per URI). The entry
-/// itself is then found in its shard and checked against both halves.
-type UriShard = Mutex<HashTable<(u64, u64)>>;
+/// One shard of the URI index: every entry once more, found by its URI id, so all variants of a
+/// URI are found without scanning (an 8-byte slot an entry, no list per URI; it was a 16-byte
+/// `(URI id, low half of the key hash)` pair, issue 16). A link is changed only under the lock of
+/// its entry's shard, taken first ([`MemoryStorage::relink`]), so the index holds exactly the
+/// entries the table holds: a link left behind would keep its entry's body alive.
+type UriShard = Mutex<HashTable<Arc<Entry>>>;
 
 /// The memory tier.
 pub struct MemoryStorage {
@@ -231,29 +232,23 @@ impl MemoryStorage {
     pub fn has_uri(&self, uri: u64) -> bool {
         self.uri_shard(uri)
             .lock()
-            .find(self.slot(uri), |l| l.0 == uri)
+            .find(self.slot(uri), |e| e.info.uri == uri)
             .is_some()
     }
 
     /// Removes every variant stored for a URI; returns how many were removed.
     pub fn purge_uri(&self, uri: u64) -> usize {
-        let mut lows = Vec::new();
-        {
-            let mut uris = self.uri_shard(uri).lock();
-            while let Ok(link) = uris.find_entry(self.slot(uri), |l| l.0 == uri) {
-                lows.push(link.remove().0 .1);
-            }
-        }
+        // The ids first, under the index's lock alone: `remove` takes the entry's shard lock,
+        // then this one (the one order in which both are taken).
+        let ids: Vec<u128> = self
+            .uri_shard(uri)
+            .lock()
+            .iter_hash(self.slot(uri))
+            .filter(|e| e.info.uri == uri)
+            .map(|e| e.id)
+            .collect();
         let mut n = 0;
-        for low in lows {
-            // The shard is chosen by the low bits, so the low half finds it; the URI tells the
-            // entry from another whose low half is the same.
-            let found = self
-                .shard(u128::from(low))
-                .read()
-                .find(self.slot(low), |e| e.id as u64 == low && e.info.uri == uri)
-                .map(|e| e.id);
-            let Some(id) = found else { continue };
+        for id in ids {
             if self.remove(id).is_some() {
                 self.eviction.remove_id(id);
                 n += 1;
@@ -337,29 +332,26 @@ impl MemoryStorage {
     }
 
     pub(super) fn insert(&self, id: u128, entry: Entry) {
-        let uri = entry.info.uri;
         let weight = i64::from(entry.weight);
         self.charge_rule(entry.info.rule_name(), weight);
         let entry = Arc::new(entry);
         let old = {
             let mut shard = self.shard(id).write();
-            match shard.find_entry(self.slot(id as u64), |e| e.id == id) {
-                Ok(mut slot) => Some(std::mem::replace(slot.get_mut(), entry)),
+            let old = match shard.find_entry(self.slot(id as u64), |e| e.id == id) {
+                Ok(mut slot) => Some(std::mem::replace(slot.get_mut(), entry.clone())),
                 Err(_) => {
-                    shard.insert_unique(self.slot(id as u64), entry, |e| self.slot(e.id as u64));
+                    shard.insert_unique(self.slot(id as u64), entry.clone(), |e| {
+                        self.slot(e.id as u64)
+                    });
                     None
                 }
-            }
+            };
+            self.relink(old.as_ref(), Some(entry));
+            old
         };
         if let Some(old) = old {
             self.account(-1, -i64::from(old.weight));
             self.charge_rule(old.info.rule_name(), -i64::from(old.weight));
-        } else {
-            // One link per entry, even if another entry of the URI shares the low half: removing
-            // either then leaves the other's.
-            self.uri_shard(uri)
-                .lock()
-                .insert_unique(self.slot(uri), (uri, id as u64), |l| self.slot(l.0));
         }
         self.account(1, weight);
     }
@@ -371,7 +363,8 @@ impl MemoryStorage {
         let mut shard = self.shard(id).write();
         match shard.find_mut(self.slot(id as u64), |e| e.id == id) {
             Some(slot) if Arc::ptr_eq(slot, current) => {
-                *slot = updated;
+                *slot = updated.clone();
+                self.relink(Some(current), Some(updated));
                 true
             }
             _ => false,
@@ -379,25 +372,41 @@ impl MemoryStorage {
     }
 
     fn remove(&self, id: u128) -> Option<Arc<Entry>> {
-        let entry = self
-            .shard(id)
-            .write()
-            .find_entry(self.slot(id as u64), |e| e.id == id)
-            .ok()?
-            .remove()
-            .0;
+        let entry = {
+            let mut shard = self.shard(id).write();
+            let entry = shard
+                .find_entry(self.slot(id as u64), |e| e.id == id)
+                .ok()?
+                .remove()
+                .0;
+            self.relink(Some(&entry), None);
+            entry
+        };
         self.account(-1, -i64::from(entry.weight));
         self.charge_rule(entry.info.rule_name(), -i64::from(entry.weight));
-        let uri = entry.info.uri;
-        let link = (uri, id as u64);
-        if let Ok(slot) = self
-            .uri_shard(uri)
-            .lock()
-            .find_entry(self.slot(uri), |l| *l == link)
-        {
-            slot.remove();
-        }
         Some(entry)
+    }
+
+    /// Moves an entry's link in the URI index from the entry the table held (`old`) to the one
+    /// it holds now (`new`). Called with the entry's shard locked for writing, so that a link
+    /// changes in the same order as its entry, and the index never keeps a removed entry.
+    fn relink(&self, old: Option<&Arc<Entry>>, new: Option<Arc<Entry>>) {
+        if let Some(old) = old {
+            let uri = old.info.uri;
+            if let Ok(link) = self
+                .uri_shard(uri)
+                .lock()
+                .find_entry(self.slot(uri), |e| Arc::ptr_eq(e, old))
+            {
+                link.remove();
+            }
+        }
+        if let Some(new) = new {
+            let uri = new.info.uri;
+            self.uri_shard(uri)
+                .lock()
+                .insert_unique(self.slot(uri), new, |e| self.slot(e.info.uri));
+        }
     }
 
     /// Adds `bytes` to what rule `name` holds (a name is copied only the first time).
@@ -869,6 +878,52 @@ mod tests {
         );
     }
 
+    /// The URI index holds each entry the table holds, once, and nothing else: a link left to
+    /// a replaced or removed entry would keep its body alive and make `has_uri` lie.
+    #[tokio::test]
+    async fn the_uri_index_follows_every_replacement_and_removal() {
+        let span = pingora::cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("k-links", "");
+        let id = id(key.combined_bin());
+        let links = |uri: u64| {
+            let uris = STORE.uri_shard(uri).lock();
+            let found: Vec<Arc<Entry>> = uris
+                .iter_hash(STORE.slot(uri))
+                .filter(|e| e.info.uri == uri)
+                .cloned()
+                .collect();
+            found
+        };
+        fill(&key, &["one"], &meta(60, 50)).await;
+        let first = STORE.get(id).unwrap();
+        assert!(matches!(&links(50)[..], [e] if Arc::ptr_eq(e, &first)));
+        // A new fill of the same key replaces the entry and its link.
+        fill(&key, &["two"], &meta(60, 50)).await;
+        let second = STORE.get(id).unwrap();
+        assert!(matches!(&links(50)[..], [e] if Arc::ptr_eq(e, &second)));
+        assert_eq!(
+            Arc::strong_count(&first),
+            1,
+            "nothing else holds a replaced entry"
+        );
+        // A revalidation's replacement too.
+        assert!(STORE
+            .update_meta(&key, &meta(600, 50), &span)
+            .await
+            .unwrap());
+        let third = STORE.get(id).unwrap();
+        assert!(matches!(&links(50)[..], [e] if Arc::ptr_eq(e, &third)));
+        assert_eq!(Arc::strong_count(&second), 1);
+        // A removal takes the link with it.
+        assert!(STORE.purge_id(id));
+        assert!(links(50).is_empty() && !STORE.has_uri(50));
+        assert_eq!(
+            Arc::strong_count(&third),
+            1,
+            "the index keeps no removed entry"
+        );
+    }
+
     #[tokio::test]
     async fn purge_by_uri_removes_every_variant() {
         let span = pingora::cache::trace::Span::inactive().handle();
@@ -984,8 +1039,8 @@ mod tests {
         assert!(!STORE.update_meta(&key, &newer, &span).await.unwrap());
     }
 
-    /// The URI index keeps only the low half of a key hash: an entry of another URI whose low
-    /// half is the same is told apart by its URI, and stays.
+    /// Two entries whose key hashes share the low half (what the table's slots are hashed by)
+    /// but not their URI: a URI purge removes its own only.
     #[tokio::test]
     async fn purge_by_uri_spares_another_uri_with_the_same_low_half() {
         let span = pingora::cache::trace::Span::inactive().handle();
