@@ -94,6 +94,20 @@ impl Reloader {
         self.live.load().config.clone()
     }
 
+    /// Whether the files on disk are not the configuration in force: their hash differs, or
+    /// they no longer compile (a reload then says why). What an edit leaves behind when it
+    /// lands after the start-up read but before the file watch is set up, so that no event
+    /// tells of it (`watch.rs`).
+    pub async fn stale(&self) -> bool {
+        let path = self.path.clone();
+        let running = self.config().hash.clone();
+        tokio::task::spawn_blocking(move || {
+            Config::load(&path).map_or(true, |config| config.hash != running)
+        })
+        .await
+        .unwrap_or(false)
+    }
+
     /// Compiles the configuration file again and swaps it in; on any problem, changes nothing
     /// and returns every problem as a `file:line:col: message` line. `trigger` names what asked
     /// (`sighup`, `admin`) in the log.

@@ -103,6 +103,12 @@ impl pingora::services::background::BackgroundService for Watch {
         };
         let mut watched = Vec::new();
         rewatch(&mut watcher, &mut watched, &targets);
+        // An edit between the start-up's read of the files and the watch above raised no
+        // event: catch up once, now that later edits will be seen. (A loaded machine let a
+        // test's edit fall in that gap, and the edit was never applied.)
+        if self.0.config().watch && self.0.stale().await {
+            let _ = self.0.reload("watch").await;
+        }
         loop {
             tokio::select! {
                 got = rx.recv() => if got.is_none() { return },
@@ -155,7 +161,74 @@ fn rewatch(watcher: &mut impl Watcher, watched: &mut Vec<PathBuf>, targets: &Tar
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::invalidation::audit::Audit;
+    use crate::proxy::{Live, Locks, Shared};
     use notify::event::{AccessKind, CreateKind, DataChange, MetadataKind, ModifyKind};
+    use pingora::services::background::BackgroundService;
+    use std::time::{Duration, Instant};
+
+    /// An edit made after the configuration was read but before the watch exists raises no
+    /// event; the watch catches up with it when it starts.
+    #[tokio::test]
+    async fn an_edit_made_before_the_watch_starts_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+        let rules = dir.path().join("rules/r.toml");
+        std::fs::write(
+            &rules,
+            "[[rule]]\nname = \"one\"\nmatch = { path = \"/one\" }\n",
+        )
+        .unwrap();
+        let path = dir.path().join("gateway.toml");
+        std::fs::write(
+            &path,
+            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[cache]\n\
+             rules_dir = \"rules\"\nmemory = \"1MiB\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3\"\n",
+        )
+        .unwrap();
+        let config = Arc::new(Config::load(&path).unwrap());
+        let locks: &'static Locks = Box::leak(Box::default());
+        let live: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(
+            Live::new(config.clone(), locks).unwrap(),
+        ));
+        let reloader = Arc::new(Reloader::new(
+            path,
+            live,
+            locks,
+            Arc::new(Audit::new(None).unwrap()),
+        ));
+        // The edit lands before the watch is set up.
+        std::fs::write(
+            &rules,
+            "[[rule]]\nname = \"two\"\nmatch = { path = \"/two\" }\n",
+        )
+        .unwrap();
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let watch = Watch(reloader.clone());
+        let watching = tokio::spawn(async move { watch.start(shutdown).await });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while reloader.config().hash == config.hash {
+            assert!(
+                Instant::now() < deadline,
+                "the edit made before the watch started was not applied"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let names: Vec<String> = reloader
+            .config()
+            .rules
+            .rules()
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["two"]);
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), watching)
+            .await
+            .expect("the watch stops on shutdown")
+            .unwrap();
+    }
 
     #[test]
     fn only_the_configuration_files_concern_a_reload() {
