@@ -477,17 +477,18 @@ async fn hash_balancing_keeps_one_key_on_one_address() {
         b.url()
     );
     let gw = Gateway::start(&config(&upstream), &[("r.toml", RULES)]).await;
+    // The ring depends on the origins' ports, which differ per run: with 8 keys, all of them
+    // fell on one address in about 1 run in 128 (CI saw it). 32 keys leave one in 2^31.
     let mut answers = std::collections::HashSet::new();
-    for path in [
-        "/k/1", "/k/2", "/k/3", "/k/4", "/k/5", "/k/6", "/k/7", "/k/8",
-    ] {
-        let first = gw.get(path).await.text();
+    for i in 1..=32 {
+        let path = format!("/k/{i}");
+        let first = gw.get(&path).await.text();
         for _ in 0..3 {
-            assert_eq!(gw.get(path).await.text(), first, "{path} moved");
+            assert_eq!(gw.get(&path).await.text(), first, "{path} moved");
         }
         answers.insert(first);
     }
-    assert_eq!(answers.len(), 2, "eight keys spread over both addresses");
+    assert_eq!(answers.len(), 2, "32 keys spread over both addresses");
 }
 
 #[tokio::test]
