@@ -35,45 +35,9 @@ case "$SCENARIO" in
   pass) PREFIX=/pass/k ;;
   *) echo "unknown scenario $SCENARIO (hit-1k, hit-64k or pass)" >&2; exit 2 ;;
 esac
-for p in 17480 17490; do
-  if (exec 3<>/dev/tcp/127.0.0.1/$p) 2>/dev/null; then echo "port $p is already in use" >&2; exit 2; fi
-done
-
-RUN=$(mktemp -d /tmp/aisle-instructions.XXXXXX); chmod 755 "$RUN"
-GW=""
-cleanup() {
-  # TERM, then KILL what is left after 10 s: under valgrind, pingora's graceful shutdown (the
-  # floor's default grace period is minutes) outlived the script and kept its port.
-  if [[ -n $GW ]] && kill -TERM -- "-$GW" 2>/dev/null; then
-    for _ in $(seq 1 100); do
-      kill -0 -- "-$GW" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL -- "-$GW" 2>/dev/null || true
-  fi
-  [[ -f $RUN/nginx.pid ]] && kill "$(cat "$RUN/nginx.pid")" 2>/dev/null || true
-}
-trap cleanup EXIT
-
-mkdir -p "$RUN/www" "$RUN/tmp"
-head -c 1024 /dev/zero | tr '\0' 'a' > "$RUN/www/body1k"
-head -c 65536 /dev/zero | tr '\0' 'b' > "$RUN/www/body64k"
-cat > "$RUN/nginx.conf" <<EOC
-user root; worker_processes 1; pid $RUN/nginx.pid; error_log $RUN/error.log;
-events { worker_connections 1024; }
-http {
-  access_log off; keepalive_requests 1000000;
-  client_body_temp_path $RUN/tmp; proxy_temp_path $RUN/tmp; fastcgi_temp_path $RUN/tmp;
-  uwsgi_temp_path $RUN/tmp; scgi_temp_path $RUN/tmp;
-  server {
-    listen 127.0.0.1:17490; root $RUN/www; default_type application/json;
-    location /bench/1k/  { add_header Cache-Control "public, max-age=3600"; try_files /body1k =404; }
-    location /bench/64k/ { add_header Cache-Control "public, max-age=3600"; try_files /body64k =404; }
-    location /pass/      { add_header Cache-Control "no-store"; try_files /body1k =404; }
-  }
-}
-EOC
-nginx -c "$RUN/nginx.conf" -e "$RUN/error.log"
+. benches/origin.sh
+bench_setup instructions
+bench_origin
 
 # Children are followed (benches/redis-only.sh execs aisle), except the servers it starts.
 setsid valgrind --tool=callgrind --instr-atstart=no --trace-children=yes \
@@ -106,4 +70,4 @@ total=$(callgrind_annotate "$out" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",",
 echo "$SCENARIO: $((total / N)) instructions per request ($total over $N requests; profile: $out)"
 echo "(callgrind_annotate --inclusive=yes $out | less   shows where they go; the directory is kept)"
 trap - EXIT
-cleanup
+bench_cleanup
