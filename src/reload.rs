@@ -375,14 +375,16 @@ mod tests {
     use super::*;
     use std::path::Path;
 
-    fn load(dir: &Path, gateway: &str, rules: &str) -> Config {
+    /// Writes `gateway.toml` and `rules/r.toml` into `dir` and loads them (also for
+    /// `watch.rs`'s tests).
+    pub(super) fn load(dir: &Path, gateway: &str, rules: &str) -> Config {
         std::fs::create_dir_all(dir.join("rules")).unwrap();
         std::fs::write(dir.join("rules/r.toml"), rules).unwrap();
         std::fs::write(dir.join("gateway.toml"), gateway).unwrap();
         Config::load(&dir.join("gateway.toml")).unwrap()
     }
 
-    const GATEWAY: &str = "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[cache]\nrules_dir = \"rules\"\nmemory = \"1MiB\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3\"\n";
+    pub(super) const GATEWAY: &str = "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[cache]\nrules_dir = \"rules\"\nmemory = \"1MiB\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3\"\n";
 
     #[test]
     fn rules_added_removed_changed_and_restart_only_settings() {

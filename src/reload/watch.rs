@@ -160,8 +160,8 @@ fn rewatch(watcher: &mut impl Watcher, watched: &mut Vec<PathBuf>, targets: &Tar
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{load, GATEWAY};
     use super::*;
-    use crate::config::Config;
     use crate::invalidation::audit::Audit;
     use crate::proxy::{Live, Locks, Shared};
     use notify::event::{AccessKind, CreateKind, DataChange, MetadataKind, ModifyKind};
@@ -173,34 +173,24 @@ mod tests {
     #[tokio::test]
     async fn an_edit_made_before_the_watch_starts_is_applied() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(dir.path().join("rules")).unwrap();
-        let rules = dir.path().join("rules/r.toml");
-        std::fs::write(
-            &rules,
+        let config = Arc::new(load(
+            dir.path(),
+            GATEWAY,
             "[[rule]]\nname = \"one\"\nmatch = { path = \"/one\" }\n",
-        )
-        .unwrap();
-        let path = dir.path().join("gateway.toml");
-        std::fs::write(
-            &path,
-            "[server]\nlisten = \"127.0.0.1:1\"\nadmin_listen = \"127.0.0.1:2\"\n[cache]\n\
-             rules_dir = \"rules\"\nmemory = \"1MiB\"\n[upstreams.api]\nurl = \"http://127.0.0.1:3\"\n",
-        )
-        .unwrap();
-        let config = Arc::new(Config::load(&path).unwrap());
+        ));
         let locks: &'static Locks = Box::leak(Box::default());
         let live: Shared = Arc::new(arc_swap::ArcSwap::from_pointee(
             Live::new(config.clone(), locks).unwrap(),
         ));
         let reloader = Arc::new(Reloader::new(
-            path,
+            dir.path().join("gateway.toml"),
             live,
             locks,
             Arc::new(Audit::new(None).unwrap()),
         ));
         // The edit lands before the watch is set up.
         std::fs::write(
-            &rules,
+            dir.path().join("rules/r.toml"),
             "[[rule]]\nname = \"two\"\nmatch = { path = \"/two\" }\n",
         )
         .unwrap();

@@ -236,19 +236,23 @@ impl MemoryStorage {
             .is_some()
     }
 
-    /// Removes every variant stored for a URI; returns how many were removed.
-    pub fn purge_uri(&self, uri: u64) -> usize {
-        // The ids first, under the index's lock alone: `remove` takes the entry's shard lock,
-        // then this one (the one order in which both are taken).
-        let ids: Vec<u128> = self
-            .uri_shard(uri)
+    /// The entries the URI index links to a URI, taken under the index's lock alone.
+    fn variants(&self, uri: u64) -> Vec<Arc<Entry>> {
+        self.uri_shard(uri)
             .lock()
             .iter_hash(self.slot(uri))
             .filter(|e| e.info.uri == uri)
-            .map(|e| e.id)
-            .collect();
+            .cloned()
+            .collect()
+    }
+
+    /// Removes every variant stored for a URI; returns how many were removed.
+    pub fn purge_uri(&self, uri: u64) -> usize {
+        // Collected first: `remove` takes the entry's shard lock, then the index's (the one
+        // order in which both are taken).
         let mut n = 0;
-        for id in ids {
+        for entry in self.variants(uri) {
+            let id = entry.id;
             if self.remove(id).is_some() {
                 self.eviction.remove_id(id);
                 n += 1;
@@ -885,22 +889,13 @@ mod tests {
         let span = pingora::cache::trace::Span::inactive().handle();
         let key = CacheKey::new("k-links", "");
         let id = id(key.combined_bin());
-        let links = |uri: u64| {
-            let uris = STORE.uri_shard(uri).lock();
-            let found: Vec<Arc<Entry>> = uris
-                .iter_hash(STORE.slot(uri))
-                .filter(|e| e.info.uri == uri)
-                .cloned()
-                .collect();
-            found
-        };
         fill(&key, &["one"], &meta(60, 50)).await;
         let first = STORE.get(id).unwrap();
-        assert!(matches!(&links(50)[..], [e] if Arc::ptr_eq(e, &first)));
+        assert!(matches!(&STORE.variants(50)[..], [e] if Arc::ptr_eq(e, &first)));
         // A new fill of the same key replaces the entry and its link.
         fill(&key, &["two"], &meta(60, 50)).await;
         let second = STORE.get(id).unwrap();
-        assert!(matches!(&links(50)[..], [e] if Arc::ptr_eq(e, &second)));
+        assert!(matches!(&STORE.variants(50)[..], [e] if Arc::ptr_eq(e, &second)));
         assert_eq!(
             Arc::strong_count(&first),
             1,
@@ -912,11 +907,11 @@ mod tests {
             .await
             .unwrap());
         let third = STORE.get(id).unwrap();
-        assert!(matches!(&links(50)[..], [e] if Arc::ptr_eq(e, &third)));
+        assert!(matches!(&STORE.variants(50)[..], [e] if Arc::ptr_eq(e, &third)));
         assert_eq!(Arc::strong_count(&second), 1);
         // A removal takes the link with it.
         assert!(STORE.purge_id(id));
-        assert!(links(50).is_empty() && !STORE.has_uri(50));
+        assert!(STORE.variants(50).is_empty() && !STORE.has_uri(50));
         assert_eq!(
             Arc::strong_count(&third),
             1,
