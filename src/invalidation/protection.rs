@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,6 +106,9 @@ impl Active {
 pub struct Protection {
     windows: ArcSwap<Vec<ProtectionWindow>>,
     switches: Mutex<BTreeMap<String, Switch>>,
+    /// Counts this instance's own switches (changed under the `switches` lock), so a tick's read
+    /// of Redis that began before one does not put the older state back ([`Protection::install`]).
+    switched: AtomicU64,
     active: ArcSwap<Active>,
     redis: Option<(Arc<Redis>, Keyspace)>,
     queue: Option<Arc<PurgeQueue>>,
@@ -144,6 +147,7 @@ impl Protection {
         let p = Arc::new(Protection {
             windows: ArcSwap::from_pointee(windows),
             switches: Mutex::new(BTreeMap::new()),
+            switched: AtomicU64::new(0),
             active: ArcSwap::from_pointee(Active::default()),
             redis,
             queue,
@@ -193,9 +197,12 @@ impl Protection {
     }
 
     /// Recomputes [`Active`] at the calendar's now; holds or releases the purge queue.
+    /// Holds the switches' lock throughout, so two refreshes (the tick's and a switch's) cannot
+    /// cross: one computed from the switches before a change never lands after one computed
+    /// from them after it.
     pub fn refresh(&self) {
         let now = calendar_now_ms();
-        let switches = self.switches.lock().clone();
+        let switches = self.switches.lock();
         let mut active = Active::default();
         let windows = self.windows.load();
         for w in windows.iter() {
@@ -266,9 +273,11 @@ impl Protection {
                 );
             }
         }
-        self.switches
-            .lock()
-            .insert(name.to_string(), switch.clone());
+        {
+            let mut switches = self.switches.lock();
+            switches.insert(name.to_string(), switch.clone());
+            self.switched.fetch_add(1, Ordering::Relaxed);
+        }
         self.refresh();
         Ok(switch)
     }
@@ -282,6 +291,7 @@ impl Protection {
             // No window configured: nothing to read (no Redis traffic for a feature not used).
             return;
         }
+        let started = self.switched.load(Ordering::Relaxed);
         let all: Option<BTreeMap<String, String>> = redis
             .background(
                 "protection",
@@ -289,11 +299,23 @@ impl Protection {
             )
             .await;
         if let Some(all) = all {
-            let parsed: BTreeMap<String, Switch> = all
+            let parsed = all
                 .into_iter()
                 .filter_map(|(k, v)| Some((k, serde_json::from_str(&v).ok()?)))
                 .collect();
-            *self.switches.lock() = parsed;
+            self.install(started, parsed);
+        }
+    }
+
+    /// Takes the fleet's switches as read from Redis by a read that began when `switched` was
+    /// `started`. A switch made here since is newer than that read (it was written to Redis
+    /// before it was taken here), so the read is dropped and the next tick reads again: without
+    /// this, a tick in flight during `POST /admin/protection` switched the window back off on
+    /// the instance that switched it, for a second (stop 31's CI failure).
+    fn install(&self, started: u64, read: BTreeMap<String, Switch>) {
+        let mut switches = self.switches.lock();
+        if self.switched.load(Ordering::Relaxed) == started {
+            *switches = read;
         }
     }
 }
@@ -575,6 +597,32 @@ mod tests {
         assert_eq!(p.active().serve_stale, Duration::from_secs(60));
         let err = p.switch("nope", true, None, "test").await.unwrap_err();
         assert!(err.contains("no protection window named \"nope\""), "{err}");
+    }
+
+    /// A tick's read of the fleet's switches that began before a switch made here does not undo
+    /// it; one that began after it is taken (another instance may have switched since).
+    #[tokio::test]
+    async fn a_read_begun_before_a_switch_does_not_undo_it() {
+        let p = Protection::new(
+            vec![window("a", HardPurges::Soften, CdnPurges::Defer)],
+            None,
+            None,
+            None,
+        )
+        .unwrap();
+        let started = p.switched.load(Ordering::Relaxed);
+        p.switch("a", true, None, "test").await.unwrap();
+        // The read began before the switch: Redis did not hold it yet.
+        p.install(started, BTreeMap::new());
+        p.refresh();
+        assert_eq!(p.active().names, vec!["a"], "the switch stays on");
+        // A read begun after it is the fleet's word: here another instance switched it off.
+        let started = p.switched.load(Ordering::Relaxed);
+        let mut off = p.switches.lock().clone();
+        off.get_mut("a").unwrap().on = false;
+        p.install(started, off);
+        p.refresh();
+        assert!(!p.active().any(), "the fleet's later switch is taken");
     }
 
     /// Deferred purges kept in the local file come back in the order they were accepted, and
