@@ -60,26 +60,39 @@ pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
 
     // The peer's address, spelled once for both headers below.
     let peer = seen.peer.addr.map(addr_text);
+    // A client's forwarding fields were all removed above: only a trusted proxy's can be
+    // extended or kept, so only then are they looked up (four lookups a proxied request).
+    let prior = |req: &RequestHeader, name: &HeaderName| {
+        if from_proxy {
+            joined(req, name)
+        } else {
+            None
+        }
+    };
+    let absent =
+        |req: &RequestHeader, name: &HeaderName| !from_proxy || !req.headers.contains_key(name);
     // X-Forwarded-For: a trusted proxy's list, then the peer.
     if let Some(peer) = &peer {
-        let value = match joined(req, &X_FORWARDED_FOR) {
-            Some(list) => format!("{list}, {peer}"),
-            None => peer.clone(),
-        };
-        set(req, &X_FORWARDED_FOR, value.as_bytes());
+        match prior(req, &X_FORWARDED_FOR) {
+            Some(list) => set(req, &X_FORWARDED_FOR, format!("{list}, {peer}").as_bytes()),
+            None => set(req, &X_FORWARDED_FOR, peer.as_bytes()),
+        }
     }
     // X-Forwarded-Proto / -Host: a trusted proxy's own, else what the gateway saw.
-    if !req.headers.contains_key(&X_FORWARDED_PROTO) {
-        set(req, &X_FORWARDED_PROTO, seen.proto.as_bytes());
+    if absent(req, &X_FORWARDED_PROTO) {
+        let _ = req.insert_header(
+            X_FORWARDED_PROTO.clone(),
+            HeaderValue::from_static(seen.proto),
+        );
     }
-    if !req.headers.contains_key(&X_FORWARDED_HOST) {
+    if absent(req, &X_FORWARDED_HOST) {
         if let Some(host) = seen.host {
             set(req, &X_FORWARDED_HOST, host);
         }
     }
     // Forwarded: a trusted proxy's elements, then this hop's.
     let element = forwarded_element(seen, peer.as_deref());
-    let value = match joined(req, &http::header::FORWARDED) {
+    let value = match prior(req, &http::header::FORWARDED) {
         Some(list) => format!("{list}, {element}"),
         None => element,
     };
