@@ -466,6 +466,27 @@ fn info_weight(info: &EntryInfo) -> usize {
     alloc_size(ARC_COUNTS + size_of::<EntryInfo>()) + alloc_size(info.names.heap_bytes()) + rule
 }
 
+/// What a lookup finds: the stored entry (`Ok`), else the fill in progress (`Err`), else
+/// nothing. A fill that finishes between the first two looks has put its entry in the table
+/// before taking its partial away ([`fill`]: `finish` inserts, then `end` removes), so when
+/// neither look found anything the table is looked at once more. Without that third look, a
+/// request that looked up just as the fill finished found neither, became a second fill and
+/// went to the origin again: coalescing broke under load (stop 32, `caching::
+/// concurrent_cold_requests_are_coalesced` in a loaded run). The table is looked at first
+/// because a hit, the common case, then takes no global lock.
+fn stored_or_filling<E, P>(
+    stored: impl Fn() -> Option<E>,
+    filling: impl FnOnce() -> Option<P>,
+) -> Option<Result<E, P>> {
+    if let Some(entry) = stored() {
+        return Some(Ok(entry));
+    }
+    if let Some(partial) = filling() {
+        return Some(Err(partial));
+    }
+    stored().map(Ok)
+}
+
 #[async_trait]
 impl Storage for MemoryStorage {
     async fn lookup(
@@ -474,10 +495,15 @@ impl Storage for MemoryStorage {
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let id = id(key.combined_bin());
-        let Some(entry) = self.get(id) else {
+        let found = stored_or_filling(
+            || self.get(id),
+            || self.partials.lock().get(&id).map(|(_, p)| p.clone()),
+        );
+        let entry = match found {
+            None => return Ok(None),
             // A fill in progress is readable as it streams.
-            let partial = self.partials.lock().get(&id).map(|(_, p)| p.clone());
-            return Ok(partial.map(|p| (p.meta.to_meta(&p.info), PartialHit::start(p))));
+            Some(Err(p)) => return Ok(Some((p.meta.to_meta(&p.info), PartialHit::start(p)))),
+            Some(Ok(entry)) => entry,
         };
         let meta = entry.meta.to_meta(&entry.info);
         let body = entry.body.clone();
@@ -600,6 +626,31 @@ mod tests {
 
     static EVICTION: Lazy<Eviction> = Lazy::new(|| Eviction::with_capacity(1 << 20, 64));
     static STORE: Lazy<MemoryStorage> = Lazy::new(|| MemoryStorage::new(&EVICTION));
+
+    /// A fill that finishes between a lookup's look at the table and its look at the fills in
+    /// progress (its entry inserted, then its partial removed) is found, not missed; and each
+    /// of the other cases finds what is there.
+    #[test]
+    fn a_fill_finishing_between_the_looks_is_found() {
+        use std::cell::Cell;
+        let table = Cell::new(None::<&str>);
+        let found = stored_or_filling(
+            || table.get(),
+            || {
+                // The fill finishes now: entry in, partial out.
+                table.set(Some("entry"));
+                None::<&str>
+            },
+        );
+        assert_eq!(found, Some(Ok("entry")));
+        let stored = stored_or_filling(|| Some("entry"), || -> Option<&str> { unreachable!() });
+        assert_eq!(stored, Some(Ok("entry")));
+        assert_eq!(
+            stored_or_filling(|| None::<&str>, || Some("partial")),
+            Some(Err("partial"))
+        );
+        assert_eq!(stored_or_filling(|| None::<&str>, || None::<&str>), None);
+    }
 
     fn meta(max_age: u64, uri: u64) -> CacheMeta {
         let now = SystemTime::now();
