@@ -141,6 +141,81 @@ async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues(
         .await;
 }
 
+/// The client address of the per-client limit test's connections: 127.0.0.2, not the
+/// harness's 127.0.0.1. The harness's readiness probe (a connect and a close on the proxy
+/// port) is taken and counted whenever pingora gets to it, which can be after the test has
+/// begun; from another address it can never hold one of this client's slots.
+const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+/// A connection to `addr` from [`CLIENT`].
+async fn connect_from_client(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::new(CLIENT, 0))
+        .expect("bind 127.0.0.2 (any 127/8 address is loopback on Linux)");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// Writes `request` on `stream` and reads one answer: its header and a `Content-Length`
+/// body, or (without one) until the gateway closes. Bounded by 5 s.
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> RawResp {
+    let read = async {
+        stream.write_all(request).await.expect("write the request");
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head_text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
+                let length = head_text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if length.is_some_and(|n| buf.len() >= head + 4 + n) {
+                    return buf;
+                }
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return buf,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let buf = tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .expect("an answer within 5 s");
+    parse_raw_response(&buf)
+}
+
+/// A connection from [`CLIENT`] that holds a slot: a keep-alive request on it was served
+/// (`200`), and the gateway keeps it counted while it waits for the next one. A `503` means a
+/// slot given back a moment ago was not free yet: tried again, bounded.
+async fn held_connection(addr: SocketAddr) -> TcpStream {
+    let keep_alive = b"GET /limited HTTP/1.1\r\nHost: gateway\r\n\r\n";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut stream = connect_from_client(addr).await;
+        let answer = exchange(&mut stream, keep_alive).await;
+        if answer.status == 200 {
+            return stream;
+        }
+        assert!(
+            answer.status == 503 && Instant::now() < deadline,
+            "a connection to hold a slot: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One `Connection: close` request from [`CLIENT`] on a new connection.
+async fn request_from_client(addr: SocketAddr) -> RawResp {
+    let mut stream = connect_from_client(addr).await;
+    exchange(
+        &mut stream,
+        b"GET /limited HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+    )
+    .await
+}
+
 /// `max_connections_per_client`: a client address holding its connections gets `503` with
 /// `Retry-After` on the next one (counted), and is served again once one closes or the limit
 /// is raised by a reload.
@@ -153,16 +228,10 @@ async fn a_client_beyond_its_connection_limit_gets_503_and_is_counted() {
     )
     .await;
     let addr = gw.listen();
-    // The harness's own readiness probe connection is gone first: counted, it would take one
-    // of this client's two slots and turn the second connection below into a refused one.
-    gw.wait_metric("aisle_connections_open", &[], "to be 0", |n| n == 0.0)
-        .await;
-    let first = TcpStream::connect(addr).await.expect("connect");
-    let _second = TcpStream::connect(addr).await.expect("connect");
-    gw.wait_metric("aisle_connections_open", &[], "to be 2", |n| n == 2.0)
-        .await;
-    let get = b"GET /limited HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n";
-    let refused = raw_request(addr, get, Duration::from_secs(5)).await;
+    let first = held_connection(addr).await;
+    let _second = held_connection(addr).await;
+    let fetched = origin.total();
+    let refused = request_from_client(addr).await;
     assert_eq!(refused.status, 503, "{refused:?}");
     assert_eq!(refused.header("retry-after"), Some("1"));
     assert!(
@@ -180,49 +249,59 @@ async fn a_client_beyond_its_connection_limit_gets_503_and_is_counted() {
     );
     assert_eq!(
         origin.total(),
-        0,
+        fetched,
         "a refused request never reaches the origin"
     );
+    // Other clients are not limited by this one's connections.
+    let other = raw_request(
+        addr,
+        b"GET /limited HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(other.status, 200, "a request from 127.0.0.1: {other:?}");
+
     drop(first);
     let served = poll_until(
         Duration::from_secs(5),
         "a request once a connection closed",
         || async {
-            let r = raw_request(addr, get, Duration::from_secs(5)).await;
+            let r = request_from_client(addr).await;
             (r.status == 200).then_some(r)
         },
     )
     .await;
     assert_eq!(String::from_utf8_lossy(&served.body), "answer #1");
-    // The served connection is closed and no longer counted before the next one is opened
-    // (otherwise the "2 open" below could still be that one, not the third).
-    gw.wait_metric("aisle_connections_open", &[], "to be 1", |n| n == 1.0)
-        .await;
 
     // The limits are read live: with a third connection held, raising the limit in
     // gateway.toml (reloaded by the file watch) lets the next one in without a restart.
-    let _third = TcpStream::connect(addr).await.expect("connect");
-    gw.wait_metric("aisle_connections_open", &[], "to be 2", |n| n == 2.0)
-        .await;
-    assert_eq!(
-        raw_request(addr, get, Duration::from_secs(5)).await.status,
-        503
-    );
+    let _third = held_connection(addr).await;
+    let before = request_from_client(addr).await;
+    assert_eq!(before.status, 503, "{before:?}");
     gw.edit_config(|text| {
         text.replace(
             "max_connections_per_client = 2",
             "max_connections_per_client = 3",
         )
     });
-    poll_until(
-        Duration::from_secs(10),
-        "a third connection to be served after the reload",
-        || async {
-            let r = raw_request(addr, get, Duration::from_secs(5)).await;
-            (r.status == 200).then_some(())
-        },
+    gw.wait_metric(
+        "aisle_config_reloads_total",
+        &[("result", "ok")],
+        "to count the file watch's reload",
+        |n| n >= 1.0,
     )
     .await;
+    let mut last = None;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let r = request_from_client(addr).await;
+        if r.status == 200 {
+            return;
+        }
+        last = Some(r);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("a third connection is not served after the reload; the last answer: {last:?}");
 }
 
 /// `keepalive_timeout`: an idle keep-alive connection is closed by the gateway after it (here
