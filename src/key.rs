@@ -67,12 +67,16 @@ pub fn checked_hash(rule: &Rule, input: &KeyInput<'_>) -> (HashBinary, Result<()
 /// A key's bytes gathered on the stack and handed to BLAKE3 in as few calls as the key's length
 /// allows: a key is a score of short pieces (length prefixes, names, values), and each
 /// `Hasher::update` has a fixed cost that outweighed hashing the piece (issue 16: 18 updates,
-/// 2.5k instructions, of a hit's 58k). The hash is the same as of one call over the whole key,
-/// which is what streaming BLAKE3 guarantees.
+/// 2.5k instructions, of a hit's 58k). A key that fits the buffer (nearly all) is hashed in one
+/// call of `blake3::hash`, with no `Hasher`: BLAKE3's streaming hasher is about 1.9 KB, and
+/// building it in the sink and moving the sink was a 2.9 KB copy on every hit (issue 16,
+/// README "Performance"). A longer key streams through a boxed hasher. Either way the hash is
+/// the same as of one call over the whole key, which is what streaming BLAKE3 guarantees.
 struct HashSink {
-    hasher: blake3::Hasher,
     len: usize,
     buf: [u8; HashSink::SIZE],
+    /// The hasher of a key longer than the buffer, holding what was flushed so far.
+    long: Option<Box<blake3::Hasher>>,
 }
 
 impl HashSink {
@@ -81,15 +85,21 @@ impl HashSink {
 
     fn new() -> Self {
         HashSink {
-            hasher: blake3::Hasher::new(),
             len: 0,
             buf: [0; HashSink::SIZE],
+            long: None,
         }
     }
 
-    fn finalize(mut self) -> blake3::Hash {
-        self.hasher.update(&self.buf[..self.len]);
-        self.hasher.finalize()
+    fn finalize(&mut self) -> blake3::Hash {
+        let rest = &self.buf[..self.len];
+        match &mut self.long {
+            None => blake3::hash(rest),
+            Some(hasher) => {
+                hasher.update(rest);
+                hasher.finalize()
+            }
+        }
     }
 }
 
@@ -107,10 +117,13 @@ impl KeySink for Vec<u8> {
 impl KeySink for HashSink {
     fn put(&mut self, bytes: &[u8]) {
         if self.len + bytes.len() > HashSink::SIZE {
-            self.hasher.update(&self.buf[..self.len]);
+            let hasher = self
+                .long
+                .get_or_insert_with(|| Box::new(blake3::Hasher::new()));
+            hasher.update(&self.buf[..self.len]);
             self.len = 0;
             if bytes.len() > HashSink::SIZE {
-                self.hasher.update(bytes);
+                hasher.update(bytes);
                 return;
             }
         }

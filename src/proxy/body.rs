@@ -20,6 +20,16 @@ pub async fn read(
         BodyPlan::Refuse(reason) => return Ok(Err(reason)),
         BodyPlan::Read(length) => length,
     };
+    // Boxed: only a rule keyed on the body reads it, and the read's state held inline in
+    // `request_filter`'s future would be copied on every request (issue 16).
+    Box::pin(read_body(session, length)).await
+}
+
+/// Reads the whole request body (`length` expected) and parses it.
+async fn read_body(
+    session: &mut Session,
+    length: usize,
+) -> Result<std::result::Result<Option<serde_json::Value>, Bypass>> {
     session.as_mut().enable_retry_buffering();
     let mut body = Vec::with_capacity(length);
     while let Some(chunk) = session.read_request_body().await? {

@@ -488,13 +488,16 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // The answers made here other than a fresh hit are boxed: this future is moved into
+        // pingora's box on every request, and a cold path's state held inline is bytes copied
+        // on every hit (issue 16, README "Performance").
         if let Err(bad) = normalize_identity(session.req_header_mut()) {
-            control::respond_json(
+            Box::pin(control::respond_json(
                 session,
                 400,
                 serde_json::json!({ "error": bad.to_string() }).to_string(),
                 "aisle; fwd=bypass; detail=bad-host",
-            )
+            ))
             .await?;
             return Ok(true);
         }
@@ -502,22 +505,28 @@ impl ProxyHttp for Gateway {
         let config = &*live.config;
         let req = session.req_header();
         if req.method.as_str() == "PURGE" {
-            control::purge(session, config, &self.invalidator).await?;
+            Box::pin(control::purge(session, config, &self.invalidator)).await?;
             return Ok(true);
         }
         if req.uri.path().starts_with(control::WEBHOOK_PREFIX) {
-            control::webhook(session, config, &self.invalidator, &self.replays).await?;
+            Box::pin(control::webhook(
+                session,
+                config,
+                &self.invalidator,
+                &self.replays,
+            ))
+            .await?;
             return Ok(true);
         }
         let Some(route) =
             admission::route(&config.rules, &req.method, host_of(req), req.uri.path())
         else {
-            control::respond_json(
+            Box::pin(control::respond_json(
                 session,
                 404,
                 "{\"error\":\"no rule matches this request and no default upstream is configured\"}".into(),
                 "aisle; fwd=bypass; detail=no-route",
-            )
+            ))
             .await?;
             return Ok(true);
         };
