@@ -350,7 +350,19 @@ async fn bad_token_and_unreachable_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_applies_a_good_edit_and_refuses_a_broken_one() {
     let origin = origin();
-    let gw = start(&origin).await;
+    // The file watcher off: it would apply the edit on its own first (a race this test lost
+    // on a loaded machine: `aisle reload` then found no change to report).
+    let gw = Gateway::start_with_env(
+        &format!(
+            "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n",
+            config_for(&origin.url()).replacen("[server]\n", "[server]\nwatch = false\n", 1)
+        ),
+        &[("rules.toml", fixtures::INVALIDATION_RULES)],
+        &[("AISLE_ADMIN_TOKEN", TOKEN)],
+    )
+    .await;
+    let written = std::fs::read_to_string(gw.config_path()).expect("read gateway.toml");
+    assert!(written.contains("watch = false"), "{written}");
     let config = config_arg(&gw);
     let env = [("AISLE_ADMIN_TOKEN", TOKEN)];
     let rules = gw.config_path().parent().unwrap().join("rules/rules.toml");
