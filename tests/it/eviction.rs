@@ -160,10 +160,12 @@ async fn the_memory_budget_bounds_the_resident_set() {
     // 4 KiB read buffers: 5.5x). At a 4 MiB budget the allocator's partly used pages are a
     // large share of the growth and vary from run to run: 0.7x to 1.6x measured on the build
     // before issue 16's smaller entries, 1.05x to 1.6x after them (2.28x once under the whole
-    // suite's load, with four worker threads), so 1.6x was too close to tell them apart.
+    // suite's load, with four worker threads), so 1.6x was too close to tell them apart. Stop
+    // 33's machine: 1.41x to 1.51x alone, 1.54x to 1.79x beside six busy loops, and 2.60x once
+    // under the whole suite in CI; 3x still tells any of these from 5.5x.
     assert!(
-        grown <= 2.5 * BUDGET,
-        "RSS grew {:.2}x the 4 MiB budget filling it with 1 KiB answers (allowed: 2.5x)",
+        grown <= 3.0 * BUDGET,
+        "RSS grew {:.2}x the 4 MiB budget filling it with 1 KiB answers (allowed: 3x)",
         grown / BUDGET
     );
 }
