@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::harness::{
-    assert_hit, assert_purged, assert_stored_miss, closed_url, config_for, fixtures, Gateway,
-    Origin, OriginResponse,
+    assert_hit, assert_purged, assert_stored_miss, closed_url, config_for, fixtures, without_watch,
+    Gateway, Origin, OriginResponse,
 };
 use serde_json::Value;
 
@@ -56,11 +56,13 @@ async fn aisle(args: &[&str], env: &[(&str, &str)]) -> Run {
 }
 
 async fn start(origin: &Origin) -> Gateway {
+    start_with(&config_for(&origin.url())).await
+}
+
+/// [`start`] on `config` (a [`config_for`] edited), with the admin token.
+async fn start_with(config: &str) -> Gateway {
     Gateway::start_with_env(
-        &format!(
-            "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n",
-            config_for(&origin.url())
-        ),
+        &format!("{config}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n"),
         &[("rules.toml", fixtures::INVALIDATION_RULES)],
         &[("AISLE_ADMIN_TOKEN", TOKEN)],
     )
@@ -352,17 +354,7 @@ async fn reload_applies_a_good_edit_and_refuses_a_broken_one() {
     let origin = origin();
     // The file watcher off: it would apply the edit on its own first (a race this test lost
     // on a loaded machine: `aisle reload` then found no change to report).
-    let gw = Gateway::start_with_env(
-        &format!(
-            "{}\n[admin]\ntoken = \"${{AISLE_ADMIN_TOKEN}}\"\n",
-            config_for(&origin.url()).replacen("[server]\n", "[server]\nwatch = false\n", 1)
-        ),
-        &[("rules.toml", fixtures::INVALIDATION_RULES)],
-        &[("AISLE_ADMIN_TOKEN", TOKEN)],
-    )
-    .await;
-    let written = std::fs::read_to_string(gw.config_path()).expect("read gateway.toml");
-    assert!(written.contains("watch = false"), "{written}");
+    let gw = start_with(&without_watch(&config_for(&origin.url()))).await;
     let config = config_arg(&gw);
     let env = [("AISLE_ADMIN_TOKEN", TOKEN)];
     let rules = gw.config_path().parent().unwrap().join("rules/rules.toml");

@@ -147,73 +147,49 @@ async fn slowloris_clients_are_cut_at_the_header_deadline_and_service_continues(
 /// begun; from another address it can never hold one of this client's slots.
 const CLIENT: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 
-/// A connection to `addr` from [`CLIENT`].
-async fn connect_from_client(addr: SocketAddr) -> TcpStream {
+/// A kept-alive connection to `addr` from [`CLIENT`] (the harness's [`RawConn`]).
+async fn connect_from_client(addr: SocketAddr) -> RawConn {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
     socket
         .bind(SocketAddr::new(CLIENT, 0))
         .expect("bind 127.0.0.2 (any 127/8 address is loopback on Linux)");
-    socket.connect(addr).await.expect("connect")
+    let stream = socket.connect(addr).await.expect("connect");
+    RawConn::from_stream(stream.into_std().expect("a std stream")).expect("set up the connection")
 }
 
-/// Writes `request` on `stream` and reads one answer: its header and a `Content-Length`
-/// body, or (without one) until the gateway closes. Bounded by 5 s.
-async fn exchange(stream: &mut TcpStream, request: &[u8]) -> RawResp {
-    let read = async {
-        stream.write_all(request).await.expect("write the request");
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(head) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head_text = String::from_utf8_lossy(&buf[..head]).to_ascii_lowercase();
-                let length = head_text
-                    .lines()
-                    .find_map(|l| l.strip_prefix("content-length:"))
-                    .and_then(|v| v.trim().parse::<usize>().ok());
-                if length.is_some_and(|n| buf.len() >= head + 4 + n) {
-                    return buf;
-                }
-            }
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return buf,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-    };
-    let buf = tokio::time::timeout(Duration::from_secs(5), read)
-        .await
-        .expect("an answer within 5 s");
-    parse_raw_response(&buf)
+/// `GET /limited` on `conn` (blocking reads, so off the async threads); the connection is
+/// handed back with the answer.
+async fn get_limited(mut conn: RawConn) -> (RawConn, RawResp) {
+    tokio::task::spawn_blocking(move || {
+        let answer = conn.get("gateway", "/limited").expect("an answer");
+        (conn, answer)
+    })
+    .await
+    .expect("request task")
 }
 
 /// A connection from [`CLIENT`] that holds a slot: a keep-alive request on it was served
 /// (`200`), and the gateway keeps it counted while it waits for the next one. A `503` means a
 /// slot given back a moment ago was not free yet: tried again, bounded.
-async fn held_connection(addr: SocketAddr) -> TcpStream {
-    let keep_alive = b"GET /limited HTTP/1.1\r\nHost: gateway\r\n\r\n";
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut stream = connect_from_client(addr).await;
-        let answer = exchange(&mut stream, keep_alive).await;
-        if answer.status == 200 {
-            return stream;
-        }
-        assert!(
-            answer.status == 503 && Instant::now() < deadline,
-            "a connection to hold a slot: {answer:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// One `Connection: close` request from [`CLIENT`] on a new connection.
-async fn request_from_client(addr: SocketAddr) -> RawResp {
-    let mut stream = connect_from_client(addr).await;
-    exchange(
-        &mut stream,
-        b"GET /limited HTTP/1.1\r\nHost: gateway\r\nConnection: close\r\n\r\n",
+async fn held_connection(addr: SocketAddr) -> RawConn {
+    poll_until(
+        Duration::from_secs(10),
+        "a connection to hold a slot (a 200 on it)",
+        || async {
+            let (conn, answer) = get_limited(connect_from_client(addr).await).await;
+            match answer.status {
+                200 => Some(conn),
+                503 => None,
+                _ => panic!("a connection to hold a slot: {answer:?}"),
+            }
+        },
     )
     .await
+}
+
+/// One request from [`CLIENT`] on a new connection, which is then closed.
+async fn request_from_client(addr: SocketAddr) -> RawResp {
+    get_limited(connect_from_client(addr).await).await.1
 }
 
 /// `max_connections_per_client`: a client address holding its connections gets `503` with

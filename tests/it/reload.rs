@@ -15,7 +15,7 @@ const DEBOUNCE_TIMES_5: Duration = Duration::from_millis(1000);
 /// The tests that count reloads by one trigger turn the file watcher off (`watch = false`), so
 /// their own writes do not reload too (and an ignored setting would show as extra reloads).
 fn config(origin_url: &str) -> String {
-    watched_config(origin_url).replacen("[server]\n", "[server]\nwatch = false\n", 1)
+    without_watch(&watched_config(origin_url))
 }
 
 /// The file watcher on (its default).

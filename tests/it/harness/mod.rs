@@ -956,7 +956,12 @@ pub struct RawConn {
 
 impl RawConn {
     pub fn connect(addr: SocketAddr) -> std::io::Result<RawConn> {
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        RawConn::from_stream(TcpStream::connect_timeout(&addr, Duration::from_secs(5))?)
+    }
+
+    /// A connection made otherwise (e.g. from a chosen local address), set up as `connect`'s.
+    pub fn from_stream(stream: TcpStream) -> std::io::Result<RawConn> {
+        stream.set_nonblocking(false)?;
         stream.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(RawConn {
             stream,
@@ -1119,6 +1124,18 @@ pub fn http_date(t: SystemTime) -> String {
         "{weekday}, {day:02} {} {year} {hh:02}:{mm:02}:{ss:02} GMT",
         MONTHS[(month - 1) as usize]
     )
+}
+
+/// `config` (a gateway.toml of [`config_for`]'s shape) with the file watcher off (`watch =
+/// false`), for tests whose own writes must not reload the gateway: a test that reloads by
+/// another trigger, or counts reloads by one.
+pub fn without_watch(config: &str) -> String {
+    let off = config.replacen("[server]\n", "[server]\nwatch = false\n", 1);
+    assert!(
+        off.contains("watch = false"),
+        "no [server] table in {config}"
+    );
+    off
 }
 
 /// A minimal gateway.toml for one upstream `api` pointing at `origin_url`.
