@@ -13,6 +13,8 @@
 # warms 50 keys, then counts N requests (default 2000) from 8 kept-alive connections (curl
 # --parallel), from callgrind's instrumentation switched on to switched off, and prints the
 # total over N. Kernel time is not counted: system calls are counted by `perf stat` instead.
+# CALLGRIND_EXTRA adds callgrind options (e.g. CALLGRIND_EXTRA=--dump-instr=yes, to see which
+# instructions of a function the count is in).
 # Needs valgrind, nginx and curl (apt-get install -y valgrind nginx-light curl).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,7 @@ bench_setup instructions
 bench_origin
 
 # Children are followed (benches/redis-only.sh execs aisle), except the servers it starts.
-setsid valgrind --tool=callgrind --instr-atstart=no --trace-children=yes \
+setsid valgrind --tool=callgrind ${CALLGRIND_EXTRA:-} --instr-atstart=no --trace-children=yes \
   --trace-children-skip='*redis-server*,*redis-cli*,*taskset*,*mktemp*,*dirname*,*seq*,*sleep*' \
   --callgrind-out-file="$RUN/callgrind.%p" "$@" >"$RUN/gateway.log" 2>&1 &
 GW=$!

@@ -465,6 +465,19 @@ fn facts_and_header() -> impl Strategy<Value = (MetaFacts, ResponseHeader)> {
         )
 }
 
+/// Whether what a decoded record would put on the wire as it is (the reason phrase; names and
+/// values are `HeaderName`s and `HeaderValue`s, checked when made) has no line break or other
+/// control character but the tab: a record from a shared Redis cannot split an answer.
+fn writable(rec: &Record) -> Result<(), TestCaseError> {
+    let reason = rec.header.get_reason_phrase().unwrap_or("");
+    check(
+        reason
+            .bytes()
+            .all(|c| c == b'\t' || (c >= 0x20 && c != 0x7f)),
+        || format!("a decoded record's reason phrase {reason:?} has a control character"),
+    )
+}
+
 fn record() -> impl Strategy<Value = Record> {
     (
         facts_and_header(),
@@ -548,6 +561,7 @@ fn redis_record() {
                 [&b"\x00AIS4"[..], &garbage].concat(),
             ] {
                 if let Ok(rec) = Record::decode(Bytes::from(bytes), sk, Some(&keys)) {
+                    writable(&rec)?;
                     let _ = rec.into_meta();
                 }
             }
@@ -558,6 +572,7 @@ fn redis_record() {
             }
             let at = cut.index(mutated.len() + 1);
             if let Ok(rec) = Record::decode(Bytes::copy_from_slice(&mutated[..at]), sk, None) {
+                writable(&rec)?;
                 let _ = rec.into_meta();
             }
             Ok(())

@@ -173,6 +173,10 @@ fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
     }
     let mut h = meta::response_header(status, version, headers);
     if !reason.is_empty() {
+        // Pingora writes a reason phrase as it is given: one with a line break would split
+        // the answer (a forged record adding a cookie to every client it is served to). It is
+        // checked as a field value is, which allows no control character but the tab.
+        HeaderValue::from_maybe_shared(reason.clone()).map_err(|_| M)?;
         let reason = std::str::from_utf8(&reason).map_err(|_| M)?;
         h.set_reason_phrase(Some(reason)).map_err(|_| M)?;
     }
@@ -625,6 +629,15 @@ mod tests {
             },
             &|o| head(o, 1000, 2, 0),
             &|o| head(o, 200, 9, 0),
+            // A reason phrase with a line break: pingora writes it as given.
+            &|o| {
+                let reason = b"OK\r\nSet-Cookie: evil=1";
+                o.extend_from_slice(&200u16.to_be_bytes());
+                o.push(2);
+                o.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+                o.extend_from_slice(reason);
+                o.extend_from_slice(&0u16.to_be_bytes());
+            },
         ] {
             assert_eq!(forged(bad).unwrap_err(), DecodeError::Malformed);
         }

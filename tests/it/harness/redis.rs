@@ -430,6 +430,17 @@ pub trait SharedRedis {
         }
     }
 
+    /// Replace a string value (TTL kept).
+    fn set_bytes(&self, key: &str, value: &[u8]) {
+        let mut con = self.owner(key).expect("key to replace exists");
+        let _: () = ::redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .arg("KEEPTTL")
+            .query(&mut con)
+            .expect("SET KEEPTTL");
+    }
+
     /// Overwrite one byte of a string value in place (TTL kept).
     fn set_byte(&self, key: &str, offset: usize, byte: u8) {
         let mut con = self.owner(key).expect("key to tamper with exists");
