@@ -140,6 +140,11 @@ fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
         return Err(M);
     }
     let status = StatusCode::from_u16(b.get_u16()).map_err(|_| M)?;
+    // No interim answer (1xx) is stored: served, it would leave the client waiting for the
+    // final one (or, a 101, switch its connection's protocol).
+    if status.is_informational() {
+        return Err(M);
+    }
     let version = version_of(b.get_u8()).ok_or(M)?;
     let reason_len = b.get_u16() as usize;
     if b.remaining() < reason_len + 2 {
@@ -579,7 +584,7 @@ mod tests {
     }
 
     /// What a shared Redis holds is not trusted: a value with a line break (response
-    /// splitting), a bad name, a field count a header map cannot hold, an unknown status or
+    /// splitting), a bad name, a field count a header map cannot hold, an unknown or interim status or
     /// version, and every cut of a good record are refused, never served or panicked on.
     #[test]
     fn a_bad_header_in_a_record_is_refused() {
@@ -628,6 +633,8 @@ mod tests {
                 }
             },
             &|o| head(o, 1000, 2, 0),
+            &|o| head(o, 100, 2, 0),
+            &|o| head(o, 101, 2, 0),
             &|o| head(o, 200, 9, 0),
             // A reason phrase with a line break: pingora writes it as given.
             &|o| {
