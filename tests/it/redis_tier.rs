@@ -549,56 +549,77 @@ async fn with_the_memory_tier_off_a_redis_hit_answers_as_a_memory_hit() {
     );
 }
 
-/// A record in a shared Redis is not trusted: one whose reason phrase carries a line break
-/// (written by anything with access to Redis) would split the answer and add a field, a
-/// cookie here, to every client it is served to. It is refused as malformed, a miss: the
+/// A record in a shared Redis is not trusted (anything with access to Redis can write one), and
+/// what a forged one would do to every client it is served to is refused: a reason phrase with
+/// a line break would split the answer and add a field (a cookie here); an interim status
+/// (1xx) would leave the client waiting for a final answer. Each is malformed, a miss: the
 /// origin's answer is served and stored again.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_record_whose_reason_phrase_would_split_the_answer_is_a_miss() {
+async fn a_forged_record_that_would_split_or_stall_the_answer_is_a_miss() {
     let redis = RedisServer::start();
     let origin = origin();
-    let prefix = "t-split:";
+    let prefix = "t-forged:";
     let section = redis.section(prefix);
     let rules = [("rules.toml", fixtures::SHARED_TIER_RULES)];
     let redis_only = format!("{}{section}", config_with_cache(&origin.url(), "0", "8MiB"));
     let gw = Gateway::start(&redis_only, &rules).await;
-    let path = "/r/split";
-    let filled = gw.get(path).await;
-    assert_stored_miss(&filled, "first GET");
-    let key = wait_plain_entry(&redis, prefix, &filled.body).await;
-    assert_hit(&gw.get(path).await, "second GET (the record as written)");
-
     // The record: 0x00 "AIS4", 33 bytes of facts (no variance), then status16 version8
     // reason_len16 reason (src/storage/record.rs).
-    let raw = redis.get_bytes(&key).expect("the entry");
-    assert_eq!(&raw[..5], b"\x00AIS4", "a plain AIS4 record");
-    assert_eq!(raw[37], 0, "no variance");
-    assert_eq!(u16::from_be_bytes([raw[38], raw[39]]), 200, "the status");
-    let reason_len = u16::from_be_bytes([raw[41], raw[42]]) as usize;
-    assert_eq!(&raw[43..43 + reason_len], b"OK", "the reason phrase");
-    let evil = b"OK\r\nSet-Cookie: session=attacker";
-    let mut forged = raw[..41].to_vec();
-    forged.extend_from_slice(&(evil.len() as u16).to_be_bytes());
-    forged.extend_from_slice(evil);
-    forged.extend_from_slice(&raw[43 + reason_len..]);
-    redis.set_bytes(&key, &forged);
+    let reason_split = |raw: &[u8], reason_len: usize| {
+        let evil = b"OK\r\nSet-Cookie: session=attacker";
+        let mut forged = raw[..41].to_vec();
+        forged.extend_from_slice(&(evil.len() as u16).to_be_bytes());
+        forged.extend_from_slice(evil);
+        forged.extend_from_slice(&raw[43 + reason_len..]);
+        forged
+    };
+    let interim = |raw: &[u8], _: usize| {
+        let mut forged = raw.to_vec();
+        forged[38..40].copy_from_slice(&100u16.to_be_bytes());
+        forged
+    };
+    let forgeries: [(&str, &dyn Fn(&[u8], usize) -> Vec<u8>); 2] =
+        [("reason-split", &reason_split), ("interim", &interim)];
+    for (n, (what, forge)) in forgeries.into_iter().enumerate() {
+        let path = format!("/r/{what}");
+        let filled = gw.get(&path).await;
+        assert_stored_miss(&filled, &format!("{what}: first GET"));
+        let key = wait_plain_entry(&redis, prefix, &filled.body).await;
+        assert_hit(
+            &gw.get(&path).await,
+            &format!("{what}: the record as written"),
+        );
 
-    let after = gw.get(path).await;
-    assert!(
-        after.headers.get("set-cookie").is_none(),
-        "the forged reason phrase split the answer: {:?}",
-        after.headers
-    );
-    assert_stored_miss(&after, "GET after the record was forged");
-    assert_eq!(origin.count(path), 2, "the forged record was a miss");
-    assert_eq!(
-        gw.metric(
-            "aisle_redis_unusable_entries_total",
-            &[("reason", "malformed")]
-        )
-        .await,
-        Some(1.0)
-    );
+        let raw = redis.get_bytes(&key).expect("the entry");
+        assert_eq!(&raw[..5], b"\x00AIS4", "a plain AIS4 record");
+        assert_eq!(raw[37], 0, "no variance");
+        assert_eq!(u16::from_be_bytes([raw[38], raw[39]]), 200, "the status");
+        let reason_len = u16::from_be_bytes([raw[41], raw[42]]) as usize;
+        assert_eq!(&raw[43..43 + reason_len], b"OK", "the reason phrase");
+        redis.set_bytes(&key, &forge(&raw, reason_len));
+
+        let after = gw.get(&path).await;
+        assert!(
+            after.headers.get("set-cookie").is_none(),
+            "{what}: the forged record split the answer: {:?}",
+            after.headers
+        );
+        assert_stored_miss(&after, &format!("{what}: GET after the record was forged"));
+        assert_eq!(
+            origin.count(&path),
+            2,
+            "{what}: the forged record was a miss"
+        );
+        assert_eq!(
+            gw.metric(
+                "aisle_redis_unusable_entries_total",
+                &[("reason", "malformed")]
+            )
+            .await,
+            Some(n as f64 + 1.0),
+            "{what}"
+        );
+    }
 }
 
 /// The reads (`GET`, and `MGET` while polling another fill's lock) this gateway has sent to
