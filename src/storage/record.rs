@@ -29,6 +29,7 @@ use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use pingora::cache::CacheMeta;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::v1::common::content_length_parse_all;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 4] = b"AIS4";
@@ -175,6 +176,17 @@ fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
         let mut value = HeaderValue::from_maybe_shared(b.split_to(n)).map_err(|_| M)?;
         value.set_sensitive(len & SENSITIVE != 0);
         headers.append(name, value);
+    }
+    // The framing a client reads must be the one pingora writes: Aisle stores no
+    // `Transfer-Encoding` (hop-by-hop, `policy::strip_hop_by_hop`), and conflicting
+    // `Content-Length` values (which pingora's reader refuses in an upstream's answer) would be
+    // written close-delimited while a client took one of them, and read the rest of the body
+    // as the answer to its next request.
+    if headers.contains_key(http::header::TRANSFER_ENCODING)
+        || (headers.contains_key(http::header::CONTENT_LENGTH)
+            && content_length_parse_all(&headers).is_none())
+    {
+        return Err(M);
     }
     let mut h = meta::response_header(status, version, headers);
     if !reason.is_empty() {
@@ -617,6 +629,13 @@ mod tests {
             field(o, b"x-ok", b"fine");
         })
         .is_ok());
+        // Identical `Content-Length` values, as pingora's reader accepts from an upstream.
+        assert!(forged(&|o| {
+            head(o, 200, 2, 2);
+            field(o, b"content-length", b"0");
+            field(o, b"content-length", b"0");
+        })
+        .is_ok());
         for bad in [
             &(|o: &mut Vec<u8>| {
                 head(o, 200, 2, 1);
@@ -633,6 +652,23 @@ mod tests {
                 }
             },
             &|o| head(o, 1000, 2, 0),
+            &|o| {
+                head(o, 200, 2, 1);
+                field(o, b"transfer-encoding", b"chunked");
+            },
+            &|o| {
+                head(o, 200, 2, 2);
+                field(o, b"content-length", b"5");
+                field(o, b"content-length", b"500");
+            },
+            &|o| {
+                head(o, 200, 2, 1);
+                field(o, b"content-length", b"5, 6");
+            },
+            &|o| {
+                head(o, 200, 2, 1);
+                field(o, b"content-length", b"-1");
+            },
             &|o| head(o, 100, 2, 0),
             &|o| head(o, 101, 2, 0),
             &|o| head(o, 200, 9, 0),

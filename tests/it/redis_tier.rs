@@ -552,7 +552,9 @@ async fn with_the_memory_tier_off_a_redis_hit_answers_as_a_memory_hit() {
 /// A record in a shared Redis is not trusted (anything with access to Redis can write one), and
 /// what a forged one would do to every client it is served to is refused: a reason phrase with
 /// a line break would split the answer and add a field (a cookie here); an interim status
-/// (1xx) would leave the client waiting for a final answer. Each is malformed, a miss: the
+/// (1xx) would leave the client waiting for a final answer; a second, different
+/// `Content-Length` would be read one way by the client and written another. Each is
+/// malformed, a miss: the
 /// origin's answer is served and stored again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_record_that_would_split_or_stall_the_answer_is_a_miss() {
@@ -578,8 +580,26 @@ async fn a_forged_record_that_would_split_or_stall_the_answer_is_a_miss() {
         forged[38..40].copy_from_slice(&100u16.to_be_bytes());
         forged
     };
-    let forgeries: [(&str, &dyn Fn(&[u8], usize) -> Vec<u8>); 2] =
-        [("reason-split", &reason_split), ("interim", &interim)];
+    // A second `Content-Length` that disagrees with the stored one: pingora would write the
+    // body close-delimited, and a client reading the first value would take the rest of the
+    // body for the answer to its next request.
+    let conflicting_length = |raw: &[u8], reason_len: usize| {
+        let at = 43 + reason_len;
+        let count = u16::from_be_bytes([raw[at], raw[at + 1]]);
+        let mut forged = raw[..at].to_vec();
+        forged.extend_from_slice(&(count + 1).to_be_bytes());
+        forged.extend_from_slice(&14u16.to_be_bytes());
+        forged.extend_from_slice(b"content-length");
+        forged.extend_from_slice(&1u32.to_be_bytes());
+        forged.extend_from_slice(b"1");
+        forged.extend_from_slice(&raw[at + 2..]);
+        forged
+    };
+    let forgeries: [(&str, &dyn Fn(&[u8], usize) -> Vec<u8>); 3] = [
+        ("reason-split", &reason_split),
+        ("interim", &interim),
+        ("conflicting-length", &conflicting_length),
+    ];
     for (n, (what, forge)) in forgeries.into_iter().enumerate() {
         let path = format!("/r/{what}");
         let filled = gw.get(&path).await;

@@ -330,7 +330,10 @@ fn from_digits(bytes: &[u8]) -> Option<u64> {
 /// 8.6](https://www.rfc-editor.org/rfc/rfc9110#section-8.6) this lets identical
 /// duplicates (e.g. `Content-Length: 42, 42`) be collapsed to a single value
 /// while genuinely conflicting framing is rejected.
-pub(crate) fn content_length_parse_all(headers: &HMap) -> Option<u64> {
+///
+/// Aisle patch 8: public, so that a stored header read back from a shared cache is held to the
+/// framing rule the reader holds an upstream's answer to.
+pub fn content_length_parse_all(headers: &HMap) -> Option<u64> {
     // If multiple Content-Length headers were sent, everything can still be
     // alright if they all contain the same value, and all parse correctly. If
     // not, then it's an error.
