@@ -595,7 +595,8 @@ async fn a_forged_record_that_would_split_or_stall_the_answer_is_a_miss() {
         forged.extend_from_slice(&raw[at + 2..]);
         forged
     };
-    let forgeries: [(&str, &dyn Fn(&[u8], usize) -> Vec<u8>); 3] = [
+    type Forge<'a> = &'a dyn Fn(&[u8], usize) -> Vec<u8>;
+    let forgeries: [(&str, Forge); 3] = [
         ("reason-split", &reason_split),
         ("interim", &interim),
         ("conflicting-length", &conflicting_length),
