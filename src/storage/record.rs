@@ -141,11 +141,6 @@ fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
         return Err(M);
     }
     let status = StatusCode::from_u16(b.get_u16()).map_err(|_| M)?;
-    // No interim answer (1xx) is stored: served, it would leave the client waiting for the
-    // final one (or, a 101, switch its connection's protocol).
-    if status.is_informational() {
-        return Err(M);
-    }
     let version = version_of(b.get_u8()).ok_or(M)?;
     let reason_len = b.get_u16() as usize;
     if b.remaining() < reason_len + 2 {
@@ -177,27 +172,40 @@ fn take_header(b: &mut Bytes) -> Result<ResponseHeader, DecodeError> {
         value.set_sensitive(len & SENSITIVE != 0);
         headers.append(name, value);
     }
-    // The framing a client reads must be the one pingora writes: Aisle stores no
-    // `Transfer-Encoding` (hop-by-hop, `policy::strip_hop_by_hop`), and conflicting
-    // `Content-Length` values (which pingora's reader refuses in an upstream's answer) would be
-    // written close-delimited while a client took one of them, and read the rest of the body
-    // as the answer to its next request.
-    if headers.contains_key(http::header::TRANSFER_ENCODING)
-        || (headers.contains_key(http::header::CONTENT_LENGTH)
-            && content_length_parse_all(&headers).is_none())
-    {
-        return Err(M);
-    }
     let mut h = meta::response_header(status, version, headers);
     if !reason.is_empty() {
-        // Pingora writes a reason phrase as it is given: one with a line break would split
-        // the answer (a forged record adding a cookie to every client it is served to). It is
-        // checked as a field value is, which allows no control character but the tab.
-        HeaderValue::from_maybe_shared(reason.clone()).map_err(|_| M)?;
         let reason = std::str::from_utf8(&reason).map_err(|_| M)?;
         h.set_reason_phrase(Some(reason)).map_err(|_| M)?;
     }
     Ok(h)
+}
+
+/// Whether a header read back from a record (of either format) may be served as it is. Its
+/// names and values are checked as they are made; what else a forged record could do to every
+/// client it is served to is refused here:
+/// - a reason phrase with a control character: pingora writes it as it is given, so a line
+///   break would split the answer (RFC 9112 §4: tab, space, visible characters and obs-text);
+/// - an interim status (1xx), which Aisle never stores: the client would wait for the final
+///   answer (or, a 101, switch its connection's protocol);
+/// - framing a client could read otherwise than pingora writes it: a `Transfer-Encoding`
+///   (hop-by-hop, stripped before storing: `policy::strip_hop_by_hop`), or `Content-Length`
+///   values that disagree, which pingora's reader refuses in an upstream's answer; the body
+///   would be written close-delimited while a client took one of the lengths, and read the
+///   rest as the answer to its next request.
+fn servable(h: &ResponseHeader) -> Result<(), DecodeError> {
+    let reason = h.get_reason_phrase().unwrap_or("");
+    let headers = &h.headers;
+    if h.status.is_informational()
+        || !reason
+            .bytes()
+            .all(|c| c == b'\t' || (c >= b' ' && c != 0x7f))
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
+        || (headers.contains_key(http::header::CONTENT_LENGTH)
+            && content_length_parse_all(headers).is_none())
+    {
+        return Err(DecodeError::Malformed);
+    }
+    Ok(())
 }
 
 /// Why a stored record could not be used (always treated as a miss).
@@ -377,6 +385,7 @@ impl Record {
         } else {
             return Err(DecodeError::Malformed);
         };
+        servable(&header)?;
         if b.remaining() < 12 {
             return Err(DecodeError::Malformed);
         }
@@ -564,35 +573,50 @@ mod tests {
     #[test]
     fn records_written_before_ais4_still_read() {
         let now = std::time::SystemTime::now();
-        let mut meta = CacheMeta::new(
-            now + std::time::Duration::from_secs(90),
-            now,
-            7,
-            70,
-            header(),
-        );
-        meta.set_epoch_override(now - std::time::Duration::from_secs(4));
-        let (internal, h) = meta.serialize().unwrap();
-        let mut raw = vec![PLAIN];
-        raw.extend_from_slice(MAGIC_V3);
-        put(&mut raw, &internal);
-        put(&mut raw, &h);
-        let r = record(false);
-        // The tail is the same in both versions.
-        let tail = r.payload();
-        let facts_and_header = 4 + {
-            let mut out = Vec::new();
-            r.meta.encode(&mut out);
-            put_header(&mut out, &r.header);
-            out.len()
+        let v3 = |h: ResponseHeader| {
+            let mut meta = CacheMeta::new(now + std::time::Duration::from_secs(90), now, 7, 70, h);
+            meta.set_epoch_override(now - std::time::Duration::from_secs(4));
+            let (internal, h) = meta.serialize().unwrap();
+            let mut raw = vec![PLAIN];
+            raw.extend_from_slice(MAGIC_V3);
+            put(&mut raw, &internal);
+            put(&mut raw, &h);
+            let r = record(false);
+            // The tail is the same in both versions.
+            let tail = r.payload();
+            let facts_and_header = 4 + {
+                let mut out = Vec::new();
+                r.meta.encode(&mut out);
+                put_header(&mut out, &r.header);
+                out.len()
+            };
+            raw.extend_from_slice(&tail[facts_and_header..]);
+            (
+                Record::decode(Bytes::from(raw), b"k", None),
+                MetaFacts::of(&meta),
+            )
         };
-        raw.extend_from_slice(&tail[facts_and_header..]);
-        let back = Record::decode(Bytes::from(raw), b"k", None).unwrap();
-        assert_eq!(back.meta, MetaFacts::of(&meta));
+        let (back, facts) = v3(header());
+        let back = back.unwrap();
+        let r = record(false);
+        assert_eq!(back.meta, facts);
         assert_eq!(back.header.status.as_u16(), 203);
         assert_eq!(back.header.headers.get_all("vary").iter().count(), 2);
         assert_eq!(back.info, r.info);
         assert_eq!(back.body, r.body);
+        // An old record is held to the same rules as a new one (`servable`).
+        let mut interim = header();
+        interim.set_status(100).unwrap();
+        let mut chunked = header();
+        chunked
+            .append_header("transfer-encoding", "chunked")
+            .unwrap();
+        let mut lengths = header();
+        lengths.append_header("content-length", "5").unwrap();
+        lengths.append_header("content-length", "50").unwrap();
+        for forged in [interim, chunked, lengths] {
+            assert_eq!(v3(forged).0, Err(DecodeError::Malformed));
+        }
     }
 
     /// What a shared Redis holds is not trusted: a value with a line break (response
