@@ -619,9 +619,10 @@ mod tests {
         }
     }
 
-    /// What a shared Redis holds is not trusted: a value with a line break (response
-    /// splitting), a bad name, a field count a header map cannot hold, an unknown or interim status or
-    /// version, and every cut of a good record are refused, never served or panicked on.
+    /// What a shared Redis holds is not trusted: a value or reason phrase with a line break
+    /// (response splitting), a bad name, a field count a header map cannot hold, an unknown or
+    /// interim status, an unknown version, ambiguous framing, and every cut of a good record
+    /// are refused, never served or panicked on.
     #[test]
     fn a_bad_header_in_a_record_is_refused() {
         let good = record(false).encode(b"k", None);
