@@ -200,12 +200,24 @@ fn servable(h: &ResponseHeader) -> Result<(), DecodeError> {
             .bytes()
             .all(|c| c == b'\t' || (c >= b' ' && c != 0x7f))
         || headers.contains_key(http::header::TRANSFER_ENCODING)
-        || (headers.contains_key(http::header::CONTENT_LENGTH)
-            && content_length_parse_all(headers).is_none())
     {
         return Err(DecodeError::Malformed);
     }
-    Ok(())
+    let mut lengths = headers.get_all(http::header::CONTENT_LENGTH).iter();
+    match (lengths.next(), lengths.next()) {
+        (None, _) => Ok(()),
+        // The common case, without pingora's general parse (a list, spaces, an overflow):
+        // one value of at most 19 digits, which always fits its u64.
+        (Some(v), None)
+            if (1..=19).contains(&v.len()) && v.as_bytes().iter().all(u8::is_ascii_digit) =>
+        {
+            Ok(())
+        }
+        _ => match content_length_parse_all(headers) {
+            Some(_) => Ok(()),
+            None => Err(DecodeError::Malformed),
+        },
+    }
 }
 
 /// Why a stored record could not be used (always treated as a miss).
@@ -708,6 +720,37 @@ mod tests {
             },
         ] {
             assert_eq!(forged(bad).unwrap_err(), DecodeError::Malformed);
+        }
+    }
+
+    /// `servable`'s shortcut for one plain `Content-Length` decides as pingora's general rule
+    /// does, on either side of its bounds.
+    #[test]
+    fn one_content_length_is_judged_as_pingora_judges_it() {
+        for value in [
+            "0",
+            "1024",
+            "0001",
+            "9999999999999999999",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999999",
+            " 5",
+            "5 ",
+            "+5",
+            "-5",
+            "5,5",
+            "5, 6",
+            "abc",
+            "",
+        ] {
+            let mut h = ResponseHeader::build(200, None).unwrap();
+            h.append_header("content-length", value).unwrap();
+            assert_eq!(
+                servable(&h).is_ok(),
+                content_length_parse_all(&h.headers).is_some(),
+                "Content-Length: {value:?}"
+            );
         }
     }
 
