@@ -554,8 +554,7 @@ async fn with_the_memory_tier_off_a_redis_hit_answers_as_a_memory_hit() {
 /// a line break would split the answer and add a field (a cookie here); an interim status
 /// (1xx) would leave the client waiting for a final answer; a second, different
 /// `Content-Length` would be read one way by the client and written another. Each is
-/// malformed, a miss: the
-/// origin's answer is served and stored again.
+/// malformed, a miss: the origin's answer is served and stored again.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_forged_record_that_would_split_or_stall_the_answer_is_a_miss() {
     let redis = RedisServer::start();
