@@ -48,7 +48,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-/// mimalloc (as in `aisle`), counting live heap bytes and allocations, so the figures can tell
+/// mimalloc as `aisle` asks it (`aisle::alloc`), counting live heap bytes and allocations, so the figures can tell
 /// what the entries requested from what the allocator made resident.
 struct Counting;
 
@@ -59,22 +59,22 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE_BYTES.fetch_add(layout.size(), Relaxed);
         LIVE_ALLOCS.fetch_add(1, Relaxed);
-        unsafe { mimalloc::MiMalloc.alloc(layout) }
+        unsafe { aisle::alloc::Allocator.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         LIVE_BYTES.fetch_add(layout.size(), Relaxed);
         LIVE_ALLOCS.fetch_add(1, Relaxed);
-        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) }
+        unsafe { aisle::alloc::Allocator.alloc_zeroed(layout) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
         LIVE_ALLOCS.fetch_sub(1, Relaxed);
-        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) }
+        unsafe { aisle::alloc::Allocator.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         LIVE_BYTES.fetch_add(new_size, Relaxed);
         LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
-        unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) }
+        unsafe { aisle::alloc::Allocator.realloc(ptr, layout, new_size) }
     }
 }
 

@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alloc;
 pub mod api_error;
 pub mod clock;
 pub mod config;

@@ -6,9 +6,9 @@ use aisle::config::Config;
 use aisle::tools::cli;
 
 /// mimalloc: the request path allocates small short-lived objects (headers, keys, contexts);
-/// a thread-caching allocator serves them faster than the system one.
+/// a thread-caching allocator serves them faster than the system one ([`aisle::alloc`]).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: aisle::alloc::Allocator = aisle::alloc::Allocator;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 /// Top-level modules by layer, lowest first.
 const LAYERS: &[&[&str]] = &[
     &[
+        "alloc",
         "diag",
         "units",
         "clock",
