@@ -32,13 +32,29 @@ fn plain(align: usize, size: usize) -> bool {
     align <= MIN_ALIGN && align <= size
 }
 
+/// Debug builds (the `aisle` the integration tests run) check every plain answer's alignment,
+/// so a mimalloc that stopped keeping its layout would stop the test suite. An allocator may
+/// not unwind, so it aborts, after a message written without allocating.
+#[inline(always)]
+fn checked(p: *mut u8, align: usize) -> *mut u8 {
+    if cfg!(debug_assertions) && !(p as usize).is_multiple_of(align) {
+        use std::io::Write;
+        let _ = std::io::stderr().write_all(b"aisle: mimalloc returned a misaligned block\n");
+        std::process::abort();
+    }
+    p
+}
+
 // SAFETY: every pointer handed out comes from mimalloc and is freed or resized by mimalloc;
 // `plain` picks the unaligned calls only where mimalloc's own block layout meets the alignment.
 unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if plain(layout.align(), layout.size()) {
-            unsafe { mi::mi_malloc(layout.size()) as *mut u8 }
+            checked(
+                unsafe { mi::mi_malloc(layout.size()) as *mut u8 },
+                layout.align(),
+            )
         } else {
             unsafe { mi::mi_malloc_aligned(layout.size(), layout.align()) as *mut u8 }
         }
@@ -47,7 +63,10 @@ unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if plain(layout.align(), layout.size()) {
-            unsafe { mi::mi_zalloc(layout.size()) as *mut u8 }
+            checked(
+                unsafe { mi::mi_zalloc(layout.size()) as *mut u8 },
+                layout.align(),
+            )
         } else {
             unsafe { mi::mi_zalloc_aligned(layout.size(), layout.align()) as *mut u8 }
         }
@@ -61,7 +80,8 @@ unsafe impl GlobalAlloc for Allocator {
     #[inline]
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if plain(layout.align(), new_size) {
-            unsafe { mi::mi_realloc(ptr as *mut c_void, new_size) as *mut u8 }
+            let p = unsafe { mi::mi_realloc(ptr as *mut c_void, new_size) as *mut u8 };
+            checked(p, layout.align())
         } else {
             unsafe {
                 mi::mi_realloc_aligned(ptr as *mut c_void, new_size, layout.align()) as *mut u8
