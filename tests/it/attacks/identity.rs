@@ -227,7 +227,20 @@ async fn malformed_hosts_are_refused_without_a_panic() {
             assert_bypass(&r, "bad-host", &what);
         }
     }
-    assert_eq!(origin.total(), 0, "no malformed Host reached the origin");
+    // Judged by the paths this test sent (no other test file uses them), not by the origin's
+    // total. In one full-suite run (stop 35) the origin counted one request while every answer
+    // here was a 400: most likely another test's client or gateway reaching this origin
+    // through a loopback port freed and reused in between, which the test cannot prevent.
+    let reached: Vec<String> = origin
+        .requests()
+        .iter()
+        .filter(|r| targets.iter().any(|(_, path)| r.path == *path))
+        .map(|r| format!("{} {} Host: {:?}", r.method, r.path, r.header("host")))
+        .collect();
+    assert!(
+        reached.is_empty(),
+        "malformed Hosts reached the origin: {reached:?}"
+    );
     assert!(!gw.logs().contains("panicked"), "{}", gw.logs());
     // Still serving, and the valid forms of those hosts work.
     for host in [
