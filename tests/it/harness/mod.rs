@@ -59,10 +59,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// `http://127.0.0.1:PORT` where nothing listens (a port bound and released at once): an
-/// upstream or CDN API that refuses connections.
+/// `http://127.0.0.1:PORT` where nothing listens: an upstream or CDN API that refuses
+/// connections. The port stays bound, without `listen`, until the test process ends, so a
+/// connection to it is refused and no other test's origin can be handed it. (Released at once,
+/// as it once was, another test's origin could take the port and receive this test's traffic.)
 pub fn closed_url() -> String {
-    format!("http://127.0.0.1:{}", free_port())
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("a TCP socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .expect("local_addr")
+        .as_socket()
+        .expect("an inet address")
+        .port();
+    // Held for the life of the test process: a few sockets at most.
+    std::mem::forget(socket);
+    format!("http://127.0.0.1:{port}")
 }
 
 // ---------------------------------------------------------------------------
