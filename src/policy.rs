@@ -12,6 +12,7 @@ use pingora::cache::filters::calculate_expires_header_time;
 use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
+use http::header::{self, HeaderName};
 use pingora::http::ResponseHeader;
 use smallvec::SmallVec;
 use std::cell::RefCell;
@@ -609,14 +610,19 @@ pub fn ensure_date(resp: &mut ResponseHeader) {
 
 /// Hop-by-hop fields beyond those [`strip_connection_fields`] removes: they describe one
 /// message's transfer, not the response (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 4] = ["te", "transfer-encoding", "upgrade", "trailer"];
+static HOP_BY_HOP: [HeaderName; 4] = [
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::TRAILER,
+];
 
 /// Removes the hop-by-hop fields and every field `Connection` names (RFC 9110 §7.6.1): a
 /// cache removes them before storing (RFC 9111 §3.1). Framing (`Transfer-Encoding`) goes too:
 /// pingora frames every answer from storage itself.
 pub fn strip_hop_by_hop(resp: &mut ResponseHeader) {
     strip_connection_fields(resp);
-    drop_fields(resp, |name| HOP_BY_HOP.contains(&name.as_str()));
+    drop_fields(resp, |name| HOP_BY_HOP.contains(name));
 }
 
 /// Removes the fields `Connection` names and the connection-describing ones (`Connection`,
@@ -628,24 +634,38 @@ pub fn strip_connection_fields(resp: &mut ResponseHeader) {
     // (a parse and a lookup each) for every candidate present or not (issue 16: 3k of a `pass`
     // request's instructions). The names `Connection` lists are kept as the text they are
     // (compared ignoring case, as a parsed name would be), on the stack: nothing is parsed or
-    // allocated for the `keep-alive` or `close` nearly every answer sends.
+    // allocated for the `keep-alive` or `close` nearly every answer sends. `keep-alive` is not
+    // kept: the field it names goes anyway. Each field's name is compared as a `HeaderName`
+    // (a standard name is one byte), not spelled out, and only against what it could be.
     let mut named: SmallVec<[&str; 4]> = SmallVec::new();
-    for value in resp.headers.get_all(http::header::CONNECTION) {
+    for value in resp.headers.get_all(header::CONNECTION) {
         let Ok(value) = value.to_str() else { continue };
-        named.extend(value.split(',').map(str::trim).filter(|t| !t.is_empty()));
+        named.extend(
+            value
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("keep-alive")),
+        );
     }
     let doomed = doomed_fields(resp, |name| {
-        matches!(
-            name.as_str(),
-            "connection" | "keep-alive" | "proxy-connection"
-        ) || (named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str()))
-            && !matches!(name.as_str(), "content-length" | "transfer-encoding"))
+        CONNECTION_FIELDS.contains(name)
+            || (!named.is_empty()
+                && *name != header::CONTENT_LENGTH
+                && *name != header::TRANSFER_ENCODING
+                && named.iter().any(|t| t.eq_ignore_ascii_case(name.as_str())))
     });
     drop(named);
     for name in &doomed {
         resp.remove_header(name);
     }
 }
+
+/// The fields that describe the connection itself (RFC 9110 §7.6.1).
+static CONNECTION_FIELDS: [HeaderName; 3] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+];
 
 /// Removes every field whose name `drop` picks, looking at each name the header has once.
 fn drop_fields(resp: &mut ResponseHeader, drop: impl Fn(&http::HeaderName) -> bool) {
@@ -751,7 +771,12 @@ fn normalize_list_value(name: &str, value: &[u8]) -> Vec<u8> {
 }
 
 /// Response headers through which an origin tags its responses.
-const TAG_HEADERS: [&str; 4] = ["surrogate-key", "cache-tag", "xkey", "cache-groups"];
+static TAG_HEADERS: [HeaderName; 4] = [
+    HeaderName::from_static("surrogate-key"),
+    HeaderName::from_static("cache-tag"),
+    HeaderName::from_static("xkey"),
+    HeaderName::from_static("cache-groups"),
+];
 
 /// RFC 9875 `Cache-Groups` / `Cache-Group-Invalidation`: a list of quoted strings.
 pub fn cache_groups(resp: &ResponseHeader, name: &str) -> Vec<String> {
@@ -774,7 +799,7 @@ pub fn origin_tags(resp: &ResponseHeader) -> Vec<String> {
     if !resp
         .headers
         .keys()
-        .any(|n| TAG_HEADERS.contains(&n.as_str()))
+        .any(|n| TAG_HEADERS.contains(n))
     {
         return tags;
     }
@@ -809,7 +834,7 @@ pub fn origin_tags(resp: &ResponseHeader) -> Vec<String> {
 
 /// Removes the origin's tag headers (they are for the gateway, not for clients).
 pub fn strip_tag_headers(resp: &mut ResponseHeader) {
-    drop_fields(resp, |name| TAG_HEADERS.contains(&name.as_str()));
+    drop_fields(resp, |name| TAG_HEADERS.contains(name));
 }
 
 /// Methods whose success invalidates stored responses for the URI (RFC 9111 §4.4).
