@@ -63,8 +63,20 @@ pub fn host<'a>(
     headers: &'a HeaderMap,
     uri_authority: Option<&'a str>,
 ) -> Result<Cow<'a, str>, BadHost> {
-    let text = match headers.get(http::header::HOST) {
-        Some(h) => h.as_bytes(),
+    host_from(
+        headers.get(http::header::HOST).map(|h| h.as_bytes()),
+        uri_authority,
+    )
+}
+
+/// [`host`] from the `Host` field's bytes (`None`: no `Host`), for a caller that has looked
+/// the field up already.
+pub fn host_from<'a>(
+    field: Option<&'a [u8]>,
+    uri_authority: Option<&'a str>,
+) -> Result<Cow<'a, str>, BadHost> {
+    let text = match field {
+        Some(h) => h,
         None => uri_authority.ok_or(BadHost::Missing)?.as_bytes(),
     };
     key::normalize_host(text)

@@ -440,8 +440,9 @@ fn host_of(req: &RequestHeader) -> &str {
 /// the upstream request all read these, so the origin answers for exactly what the key names.
 fn normalize_identity(req: &mut RequestHeader) -> std::result::Result<(), BadHost> {
     let authority = req.uri.authority().map(|a| a.as_str());
-    let host = admission::host(&req.headers, authority)?;
+    // One look at `Host`, for both the normal form and whether it is already in it.
     let current = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+    let host = admission::host_from(current, authority)?;
     if current != Some(host.as_bytes()) {
         let host = host.into_owned();
         // A normalized host is a valid header value; failing that, refuse it rather than key it.
