@@ -7,12 +7,12 @@
 
 use crate::rules::source::combined;
 use crate::rules::Rule;
+use http::header::{self, HeaderName};
 use pingora::cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora::cache::filters::calculate_expires_header_time;
 use pingora::cache::key::HashBinary;
 use pingora::cache::VarianceBuilder;
 use pingora::cache::{CacheMeta, NoCacheReason, RespCacheable};
-use http::header::{self, HeaderName};
 use pingora::http::ResponseHeader;
 use smallvec::SmallVec;
 use std::cell::RefCell;
@@ -796,11 +796,7 @@ pub fn origin_tags(resp: &ResponseHeader) -> Vec<String> {
     let mut tags = Vec::new();
     // Most answers carry no tag field: one look at the names the answer has, rather than four
     // lookups by spelled name.
-    if !resp
-        .headers
-        .keys()
-        .any(|n| TAG_HEADERS.contains(n))
-    {
+    if !resp.headers.keys().any(|n| TAG_HEADERS.contains(n)) {
         return tags;
     }
     for name in ["surrogate-key", "xkey"] {

@@ -6,7 +6,9 @@
 //! - Selection: `round_robin` and `hash` (ketama, on the cache key) are pingora's selectors;
 //!   pingora has no least-connections one, so `least_conn` picks, among the healthy addresses,
 //!   the one with the fewest requests in flight from this process (counted by [`Picked`]).
-//!   `max_connections` bounds those in-flight requests per address.
+//!   `max_connections` bounds those in-flight requests per address. An upstream with one
+//!   address has nothing to select: that address is judged by the same health state, without
+//!   the selector's walk ([`Selector::pick`]).
 //! - Health checks and re-resolution run in one background service ([`Background`]) that reads
 //!   the [`Live`](super::Live) in force each tick, so the pools a reload builds are checked from
 //!   then on and the old ones are dropped with their `Live` (their health state with them).
@@ -173,14 +175,33 @@ impl Selector {
         }
     }
 
-    fn select_with(&self, key: &[u8], accept: impl Fn(&Backend, bool) -> bool) -> Option<Backend> {
+    /// The address pingora's selector picks for `key` among those `accept` takes (given each
+    /// one's health), with its slot. With a single address there is nothing to select: it is
+    /// judged directly, by the same health state the selector reads, without the selector's
+    /// walk (a set of visited addresses allocated and hashed into, and a copy of the address's
+    /// `Backend` with its extension map: 1,400 instructions of a proxied request, issue 16).
+    fn pick(
+        &self,
+        key: &[u8],
+        accept: impl Fn(&Backend, bool) -> bool,
+    ) -> Option<(SocketAddr, Arc<Slot>)> {
+        let backends = self.backends();
+        let set = backends.get_backend();
+        if set.len() == 1 {
+            let only = set.first()?;
+            if !accept(only, backends.ready(only)) {
+                return None;
+            }
+            return Some((inet(only)?, only.ext.get::<Arc<Slot>>()?.clone()));
+        }
         // Enough steps to visit every address: round robin falls back to hashing after its
         // first pick; ketama walks the ring, 160 points per address.
-        let n = self.backends().get_backend().len().max(1);
-        match self {
+        let n = set.len().max(1);
+        let chosen = match self {
             Selector::RoundRobin(lb) => lb.select_with(key, 16 * n + 16, accept),
             Selector::Hash(lb) => lb.select_with(key, 160 * n + 1, accept),
-        }
+        }?;
+        Some((inet(&chosen)?, chosen.ext.get::<Arc<Slot>>()?.clone()))
     }
 }
 
@@ -436,13 +457,11 @@ impl Pool {
                 .min_by_key(|(_, s)| s.in_flight.load(Ordering::Relaxed))
                 .cloned()
         } else {
-            self.selector
-                .select_with(key, |b, healthy| {
-                    healthy
-                        && inet(b).is_some_and(|a| !tried.contains(&a))
-                        && b.ext.get::<Arc<Slot>>().is_some_and(|s| under(s))
-                })
-                .and_then(|b| Some((inet(&b)?, b.ext.get::<Arc<Slot>>()?.clone())))
+            self.selector.pick(key, |b, healthy| {
+                healthy
+                    && inet(b).is_some_and(|a| !tried.contains(&a))
+                    && b.ext.get::<Arc<Slot>>().is_some_and(|s| under(s))
+            })
         };
         match chosen {
             Some((addr, slot)) => {
