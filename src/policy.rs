@@ -43,10 +43,10 @@ impl RequestDirectives {
             ..RequestDirectives::default()
         };
         if let Some(cc) = cache_control(headers) {
-            d.no_store = cc.no_store();
-            d.no_cache = cc.no_cache();
-            d.max_age = cc.max_age().ok().flatten();
-            d.only_if_cached = cc.only_if_cached();
+            d.no_store = cc.no_store;
+            d.no_cache = cc.no_cache;
+            d.max_age = cc.parsed().max_age().ok().flatten();
+            d.only_if_cached = cc.parsed().only_if_cached();
         } else if headers
             .get_all(http::header::PRAGMA)
             .iter()
@@ -66,7 +66,7 @@ impl RequestDirectives {
 
 /// Whether a stored response may answer a request with `Authorization` (RFC 9111 §3.5).
 pub fn serves_authorized(stored: &ResponseHeader) -> bool {
-    response_cache_control(stored).is_some_and(|cc| cc.allow_caching_authorized_req())
+    response_cache_control(stored).is_some_and(|cc| cc.authorized)
 }
 
 /// Statuses RFC 9110 §15.1 makes heuristically cacheable: stored with explicit freshness, or
@@ -101,10 +101,60 @@ fn rule_ttl_status(status: u16) -> bool {
 
 /// The response's caching directives: `CDN-Cache-Control` (RFC 9213) when present and valid,
 /// since a gateway is the CDN-like cache it targets; otherwise `Cache-Control`.
-pub fn response_cache_control(resp: &ResponseHeader) -> Option<Arc<CacheControl>> {
+pub fn response_cache_control(resp: &ResponseHeader) -> Option<Arc<Directives>> {
     cdn_cache_control(&resp.headers)
-        .map(Arc::new)
+        .map(|cc| Arc::new(Directives::new(cc)))
         .or_else(|| cache_control(&resp.headers))
+}
+
+/// A message's caching directives as pingora's parser reads them, with the answers the storing
+/// decision ([`cacheability`]) asks of every proxied answer read out once, when the line is
+/// parsed. Each of pingora's accessors is a lookup in its map of directives (a SipHash of the
+/// name, about 250 instructions), and a remembered line ([`cache_control`]) was asked the same
+/// questions again on every answer that sent it: three on a pass, a dozen on a miss (issue 16).
+/// The answers are pingora's own accessors', so the two cannot disagree.
+#[derive(Debug)]
+pub struct Directives {
+    cc: CacheControl,
+    pub private: bool,
+    pub no_store: bool,
+    /// RFC 9111 §5.2.2.3.
+    pub must_understand: bool,
+    pub no_cache: bool,
+    pub public: bool,
+    /// `must-revalidate`, `proxy-revalidate` or `s-maxage`: no serving stale (RFC 9111 §4.2.4,
+    /// §5.2.2.10).
+    pub revalidate: bool,
+    /// A directive that lets a shared cache store an answer to a request with `Authorization`
+    /// (RFC 9111 §3.5).
+    pub authorized: bool,
+    /// `s-maxage`, else `max-age` (zero with `no-cache`), as pingora reads them.
+    pub fresh: Option<Duration>,
+    pub stale_while_revalidate: Option<Duration>,
+    pub stale_if_error: Option<Duration>,
+}
+
+impl Directives {
+    fn new(cc: CacheControl) -> Self {
+        Directives {
+            private: cc.private(),
+            no_store: cc.no_store(),
+            must_understand: cc.has_key("must-understand"),
+            no_cache: cc.no_cache(),
+            public: cc.public(),
+            revalidate: cc.must_revalidate() || cc.proxy_revalidate() || cc.has_key("s-maxage"),
+            authorized: cc.allow_caching_authorized_req(),
+            fresh: cc.fresh_duration(),
+            stale_while_revalidate: cc.serve_stale_while_revalidate_duration(),
+            stale_if_error: cc.serve_stale_if_error_duration(),
+            cc,
+        }
+    }
+
+    /// Pingora's parse, for what the summary does not answer.
+    pub fn parsed(&self) -> &CacheControl {
+        &self.cc
+    }
 }
 
 /// Field lines longer than this are parsed every time rather than remembered.
@@ -114,7 +164,7 @@ const REMEMBERED_LINES: usize = 256;
 
 thread_local! {
     /// `Cache-Control` lines parsed on this thread, by their bytes.
-    static PARSED: RefCell<HashMap<Box<[u8]>, Arc<CacheControl>, ahash::RandomState>> =
+    static PARSED: RefCell<HashMap<Box<[u8]>, Arc<Directives>, ahash::RandomState>> =
         RefCell::new(HashMap::with_hasher(ahash::RandomState::new()));
 }
 
@@ -127,10 +177,13 @@ thread_local! {
 /// bounded ([`REMEMBERED_LINES`] lines a thread, forgotten together when full), so a peer
 /// sending endless distinct lines only costs the parse it always cost. Several lines are one
 /// list (RFC 9110 §5.3) and are parsed together, as before.
-fn cache_control(headers: &http::HeaderMap) -> Option<Arc<CacheControl>> {
+fn cache_control(headers: &http::HeaderMap) -> Option<Arc<Directives>> {
     let mut lines = headers.get_all(http::header::CACHE_CONTROL).iter();
     let line = lines.next()?.as_bytes();
-    let parse = || CacheControl::from_headers_named("cache-control", headers).map(Arc::new);
+    let parse = || {
+        CacheControl::from_headers_named("cache-control", headers)
+            .map(|cc| Arc::new(Directives::new(cc)))
+    };
     if lines.next().is_some() || line.len() > REMEMBERED_LINE {
         return parse();
     }
@@ -478,13 +531,13 @@ fn decide(
     let cc = response_cache_control(resp);
     // RFC 9111 §5.2.2.3: `must-understand` stores only statuses whose caching rules this cache
     // knows, and for those it overrides the `no-store` sent along for older caches.
-    let must_understand = cc.as_ref().is_some_and(|cc| cc.has_key("must-understand"));
+    let must_understand = cc.as_ref().is_some_and(|cc| cc.must_understand);
     if must_understand && !understood_status(status) {
         return Uncacheable(NoCacheReason::Custom("must-understand"));
     }
     if cc
         .as_ref()
-        .is_some_and(|cc| cc.private() || (cc.no_store() && !must_understand))
+        .is_some_and(|cc| cc.private || (cc.no_store && !must_understand))
     {
         return Uncacheable(NoCacheReason::OriginNotCache);
     }
@@ -492,18 +545,16 @@ fn decide(
     // own; §3.5 is for caches that cannot tell callers apart.
     if authorization_present
         && !rule.authorization.handles_authorization()
-        && !cc
-            .as_ref()
-            .is_some_and(|cc| cc.allow_caching_authorized_req())
+        && !cc.as_ref().is_some_and(|cc| cc.authorized)
     {
         return Uncacheable(NoCacheReason::Custom("authorization"));
     }
 
     let age = upstream_age(resp);
-    let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache());
+    let no_cache = cc.as_ref().is_some_and(|cc| cc.no_cache);
     let explicit = cc
         .as_ref()
-        .and_then(|cc| cc.fresh_duration())
+        .and_then(|cc| cc.fresh)
         // Every delta-seconds past 2^31 is 2^31 (pingora keeps up to 2^32 - 1), so an
         // overflowed Age is always at least the max-age it is compared with.
         .map(|d| d.min(Duration::from_secs(DELTA_SECONDS_OVERFLOW)))
@@ -513,7 +564,7 @@ fn decide(
         // Without explicit freshness only heuristically cacheable statuses, or any status
         // marked `public`, are stored, and only when `Last-Modified` allows a heuristic
         // (§4.2.2, §3): nothing gets a default TTL.
-        None if heuristic_status(status) || cc.as_ref().is_some_and(|cc| cc.public()) => {
+        None if heuristic_status(status) || cc.as_ref().is_some_and(|cc| cc.public) => {
             heuristic_lifetime(resp, now, limits.heuristic_max.min(max_ttl))
         }
         None => None,
@@ -539,10 +590,7 @@ fn decide(
     // RFC 9111 §4.2.4: these forbid serving the response stale; `s-maxage` carries
     // `proxy-revalidate` for shared caches (§5.2.2.10), and `no-cache` requires a validation
     // before every reuse (§5.2.2.4).
-    let no_stale = no_cache
-        || cc.as_ref().is_some_and(|cc| {
-            cc.must_revalidate() || cc.proxy_revalidate() || cc.has_key("s-maxage")
-        });
+    let no_stale = no_cache || cc.as_ref().is_some_and(|cc| cc.revalidate);
     let window = |rule_value: Option<Duration>, origin: Option<Duration>| -> u32 {
         if no_stale {
             return 0;
@@ -553,18 +601,16 @@ fn decide(
     };
     let swr = window(
         rule.stale_while_revalidate,
-        cc.as_ref()
-            .and_then(|cc| cc.serve_stale_while_revalidate_duration()),
+        cc.as_ref().and_then(|cc| cc.stale_while_revalidate),
     );
     let sie = window(
         rule.stale_if_error,
-        cc.as_ref()
-            .and_then(|cc| cc.serve_stale_if_error_duration()),
+        cc.as_ref().and_then(|cc| cc.stale_if_error),
     );
 
     let mut stored = resp.clone();
     if let Some(cc) = &cc {
-        cc.strip_private_headers(&mut stored);
+        cc.parsed().strip_private_headers(&mut stored);
     }
     // A cookie is never replayed to another client, even when the rule allows storing.
     stored.remove_header(&http::header::SET_COOKIE);
@@ -1684,6 +1730,66 @@ mod tests {
         )));
     }
 
+    /// The summary's answers are pingora's accessors' own, for every directive `decide` reads,
+    /// with and without values, in both fields that carry them.
+    #[test]
+    fn directives_answer_as_pingoras_accessors() {
+        let lines = [
+            "no-store",
+            "private",
+            "private=\"set-cookie\", max-age=60",
+            "no-cache, public",
+            "no-cache=\"x-a\", max-age=10",
+            "public, max-age=3600, stale-while-revalidate=30, stale-if-error=600",
+            "s-maxage=20, max-age=10, stale-while-revalidate=5",
+            "must-revalidate, max-age=5, stale-if-error=9",
+            "proxy-revalidate, stale-while-revalidate=9",
+            "must-understand, no-store",
+            "max-age=99999999999999999999",
+            "",
+        ];
+        for line in lines {
+            for field in ["cache-control", "cdn-cache-control"] {
+                let mut resp = ResponseHeader::build(200, None).unwrap();
+                resp.insert_header(field, line).unwrap();
+                let cc = CacheControl::from_headers_named(field, &resp.headers);
+                let Some(d) = response_cache_control(&resp) else {
+                    assert!(
+                        cc.is_none() || field == "cdn-cache-control",
+                        "{field}: {line}"
+                    );
+                    continue;
+                };
+                let cc = d.parsed();
+                let want = (
+                    cc.private(),
+                    cc.no_store(),
+                    cc.has_key("must-understand"),
+                    cc.no_cache(),
+                    cc.public(),
+                    cc.must_revalidate() || cc.proxy_revalidate() || cc.has_key("s-maxage"),
+                    cc.allow_caching_authorized_req(),
+                    cc.fresh_duration(),
+                    cc.serve_stale_while_revalidate_duration(),
+                    cc.serve_stale_if_error_duration(),
+                );
+                let got = (
+                    d.private,
+                    d.no_store,
+                    d.must_understand,
+                    d.no_cache,
+                    d.public,
+                    d.revalidate,
+                    d.authorized,
+                    d.fresh,
+                    d.stale_while_revalidate,
+                    d.stale_if_error,
+                );
+                assert_eq!(got, want, "{field}: {line}");
+            }
+        }
+    }
+
     #[test]
     fn cache_control_lines_are_parsed_once_per_thread_and_as_before() {
         let map = |lines: &[&[u8]]| {
@@ -1699,7 +1805,8 @@ mod tests {
         let direct = |h: &http::HeaderMap| {
             CacheControl::from_headers_named("cache-control", h).map(|cc| format!("{cc:?}"))
         };
-        let remembered = |h: &http::HeaderMap| cache_control(h).map(|cc| format!("{cc:?}"));
+        let remembered =
+            |h: &http::HeaderMap| cache_control(h).map(|cc| format!("{:?}", cc.parsed()));
         // Every line reads as the parser reads it, the first time and when remembered.
         let long = format!("max-age=60, x=\"{}\"", "a".repeat(REMEMBERED_LINE));
         let lines: [&[u8]; 9] = [
@@ -1733,14 +1840,14 @@ mod tests {
         // Several lines are one list, read together, not as the first line remembered.
         let h = map(&[b"max-age=60", b"private"]);
         assert_eq!(remembered(&h), direct(&h));
-        assert!(cache_control(&h).unwrap().private());
-        assert!(!cache_control(&map(&[b"max-age=60"])).unwrap().private());
+        assert!(cache_control(&h).unwrap().private);
+        assert!(!cache_control(&map(&[b"max-age=60"])).unwrap().private);
         assert!(cache_control(&http::HeaderMap::new()).is_none());
         // Endless distinct lines do not grow the thread's memory past its bound.
         for i in 0..3 * REMEMBERED_LINES {
             let line = format!("max-age={i}");
             let got = cache_control(&map(&[line.as_bytes()])).unwrap();
-            assert_eq!(got.max_age().unwrap(), Some(i as u32));
+            assert_eq!(got.parsed().max_age().unwrap(), Some(i as u32));
             assert!(PARSED.with(|p| p.borrow().len()) <= REMEMBERED_LINES);
         }
     }
