@@ -394,7 +394,7 @@ fn own_window(meta: &CacheMeta, kind: Stale) -> u32 {
         Stale::WhileRevalidate => ("swr", meta.stale_while_revalidate_sec()),
         Stale::IfError => ("sie", meta.stale_if_error_sec()),
     };
-    let Some(value) = meta.response_header().headers.get(STALE_HEADER) else {
+    let Some(value) = meta.response_header().headers.get(STALE_FIELD) else {
         return stored;
     };
     value
@@ -620,7 +620,7 @@ fn decide(
 
     // Never the origin's (nor a 304's merged into the stored one): only this decision says
     // what the entry's own windows are.
-    stored.remove_header(STALE_HEADER);
+    stored.remove_header(&STALE_FIELD);
     let extra = if no_stale {
         0
     } else {

@@ -539,7 +539,7 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         ctx.peer = config.trust.peer(peer, &session.req_header().headers);
         if let Some(warm) = &self.warm {
-            let value = session.req_header().headers.get(crate::warm::HEADER);
+            let value = session.req_header().headers.get(crate::warm::HEADER_NAME);
             ctx.warm = warm.mark(value.map(|v| v.as_bytes()));
         }
         match body::read(session, &rule).await? {

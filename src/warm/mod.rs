@@ -48,6 +48,8 @@ pub const MAX_KEPT: usize = 100;
 pub const MAX_RUNNING: usize = 8;
 /// The request header marking a warm job's request.
 pub const HEADER: &str = "aisle-warm";
+/// [`HEADER`] as a header name, for the request path (no parse of the name per request).
+pub const HEADER_NAME: http::HeaderName = http::HeaderName::from_static(HEADER);
 /// Retries of one request the upstream's quota refused (429) before it counts as an error.
 const THROTTLE_RETRIES: u32 = 8;
 /// How often a running job saves its checkpoint (and renews its lease).
