@@ -179,7 +179,7 @@ impl Selector {
     /// one's health), with its slot. With a single address there is nothing to select: it is
     /// judged directly, by the same health state the selector reads, without the selector's
     /// walk (a set of visited addresses allocated and hashed into, and a copy of the address's
-    /// `Backend` with its extension map: 1,400 instructions of a proxied request, issue 16).
+    /// `Backend` with its extension map: about 1,200 instructions of a proxied request, issue 16).
     fn pick(
         &self,
         key: &[u8],
