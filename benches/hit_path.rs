@@ -19,7 +19,8 @@
 //! Run by `cargo test --benches` it checks the counts only (a few iterations): an allocation
 //! added to the decisions fails it. It first checks vendored pingora-http's patch 4 the same
 //! way: the fields a gateway adds to pingora's copy of a request for the upstream cost no more
-//! allocations than adding them to the parsed request (no map of the copy grows).
+//! allocations than adding them to the parsed request (no map of the copy grows), and patch 5:
+//! added with their static spellings, they allocate nothing.
 
 use aisle::admission::{self, Admission, KeyParts};
 use aisle::proxy::cache_status::{self, Lookup, Observed, Phase};
@@ -250,23 +251,31 @@ fn parsed_request() -> RequestHeader {
     req
 }
 
-/// Allocations made adding the fields a gateway adds upstream (the four forwarding fields and
-/// four more: vendored pingora-http's headroom is eight) to `req`.
-fn proxy_fields_allocs(req: &mut RequestHeader) -> u64 {
+/// The fields a gateway adds upstream (the four forwarding fields and four more: vendored
+/// pingora-http's headroom is eight), as it spells them.
+const PROXY_FIELDS: [(&str, &str); 8] = [
+    ("x-forwarded-for", "X-Forwarded-For"),
+    ("x-forwarded-proto", "X-Forwarded-Proto"),
+    ("x-forwarded-host", "X-Forwarded-Host"),
+    ("forwarded", "Forwarded"),
+    ("via", "Via"),
+    ("x-request-id", "X-Request-Id"),
+    ("traceparent", "Traceparent"),
+    ("x-vendor-key", "X-Vendor-Key"),
+];
+
+/// Allocations made adding [`PROXY_FIELDS`] to `req`, by name alone or (`spelled`) with their
+/// static spelling (pingora-http patch 5).
+fn proxy_fields_allocs(req: &mut RequestHeader, spelled: bool) -> u64 {
     let before = allocations();
-    for name in [
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "forwarded",
-        "via",
-        "x-request-id",
-        "traceparent",
-        "x-vendor-key",
-    ] {
+    for (name, spelling) in PROXY_FIELDS {
         let name = http::HeaderName::from_static(name);
-        req.insert_header(name, http::HeaderValue::from_static("v"))
-            .unwrap();
+        let value = http::HeaderValue::from_static("v");
+        if spelled {
+            req.insert_header((name, spelling), value).unwrap();
+        } else {
+            req.insert_header(name, value).unwrap();
+        }
     }
     allocations() - before
 }
@@ -276,8 +285,8 @@ fn main() {
     // copy takes the gateway's fields with no more allocations than the parsed request itself
     // (each custom name's spelling), where a copy of exactly its fields grew both its maps.
     let (parsed, cloned) = (
-        proxy_fields_allocs(&mut parsed_request()),
-        proxy_fields_allocs(&mut parsed_request().clone()),
+        proxy_fields_allocs(&mut parsed_request(), false),
+        proxy_fields_allocs(&mut parsed_request().clone(), false),
     );
     println!(
         "a proxied request's added fields: {parsed} allocations into the parsed request, {cloned} into pingora's copy of it"
@@ -285,6 +294,14 @@ fn main() {
     assert_eq!(
         cloned, parsed,
         "the upstream copy of a request grew its maps (vendor/pingora-http PATCHES.md, patch 4)"
+    );
+    // Patch 5: with their static spellings (as `proxy::forwarding` sets its fields), the names
+    // are not copied: nothing is allocated.
+    let spelled = proxy_fields_allocs(&mut parsed_request().clone(), true);
+    println!("the same fields with static spellings: {spelled} allocations");
+    assert_eq!(
+        spelled, 0,
+        "a field's static spelling was copied (vendor/pingora-http PATCHES.md, patch 5)"
     );
     let full = std::env::args().any(|a| a == "--bench");
     let n = if full { 1_000_000 } else { 100 };

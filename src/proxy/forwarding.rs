@@ -31,13 +31,29 @@ pub struct Seen<'a> {
     pub peer: Peer,
     /// `http` or `https`: the listener's scheme.
     pub proto: &'static str,
-    /// The `Host` header (or the request target's authority) as received.
-    pub host: Option<&'a [u8]>,
+    /// The `Host` field (or the request target's authority) as received: `X-Forwarded-Host`
+    /// shares its bytes rather than copying them.
+    pub host: Option<&'a HeaderValue>,
 }
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// A field the gateway sets, with the spelling it is sent in: a request relayed keeps its own
+/// fields' spelling, and pingora stores the spelling of a custom name by copying it on every
+/// insert (pingora-http patch 5 takes a static one; issue 16). Spelled as nginx spells them.
+type Field = (HeaderName, &'static str);
+
+static X_FORWARDED_FOR: Field = (
+    HeaderName::from_static("x-forwarded-for"),
+    "X-Forwarded-For",
+);
+static X_FORWARDED_PROTO: Field = (
+    HeaderName::from_static("x-forwarded-proto"),
+    "X-Forwarded-Proto",
+);
+static X_FORWARDED_HOST: Field = (
+    HeaderName::from_static("x-forwarded-host"),
+    "X-Forwarded-Host",
+);
+static FORWARDED: Field = (http::header::FORWARDED, "Forwarded");
 
 /// Rewrites the upstream request's forwarding and control headers.
 pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
@@ -62,41 +78,45 @@ pub fn rewrite(req: &mut RequestHeader, seen: &Seen<'_>) {
     let peer = seen.peer.addr.map(addr_text);
     // A client's forwarding fields were all removed above: only a trusted proxy's can be
     // extended or kept, so only then are they looked up (four lookups a proxied request).
-    let prior = |req: &RequestHeader, name: &HeaderName| {
+    let prior = |req: &RequestHeader, field: &Field| {
         if from_proxy {
-            joined(req, name)
+            joined(req, &field.0)
         } else {
             None
         }
     };
     let absent =
-        |req: &RequestHeader, name: &HeaderName| !from_proxy || !req.headers.contains_key(name);
+        |req: &RequestHeader, field: &Field| !from_proxy || !req.headers.contains_key(&field.0);
+    // This hop's `Forwarded` element, spelled before the peer's text goes to X-Forwarded-For.
+    let element = forwarded_element(seen, peer.as_deref());
     // X-Forwarded-For: a trusted proxy's list, then the peer.
-    if let Some(peer) = &peer {
+    if let Some(peer) = peer {
         match prior(req, &X_FORWARDED_FOR) {
-            Some(list) => set(req, &X_FORWARDED_FOR, format!("{list}, {peer}").as_bytes()),
-            None => set(req, &X_FORWARDED_FOR, peer.as_bytes()),
+            Some(list) => set(req, &X_FORWARDED_FOR, format!("{list}, {peer}")),
+            None => set(req, &X_FORWARDED_FOR, peer),
         }
     }
     // X-Forwarded-Proto / -Host: a trusted proxy's own, else what the gateway saw.
     if absent(req, &X_FORWARDED_PROTO) {
-        let _ = req.insert_header(
-            X_FORWARDED_PROTO.clone(),
-            HeaderValue::from_static(seen.proto),
-        );
+        let value = HeaderValue::from_static(seen.proto);
+        let _ = req.insert_header(named(&X_FORWARDED_PROTO), value);
     }
     if absent(req, &X_FORWARDED_HOST) {
         if let Some(host) = seen.host {
-            set(req, &X_FORWARDED_HOST, host);
+            let _ = req.insert_header(named(&X_FORWARDED_HOST), host.clone());
         }
     }
     // Forwarded: a trusted proxy's elements, then this hop's.
-    let element = forwarded_element(seen, peer.as_deref());
-    let value = match prior(req, &http::header::FORWARDED) {
+    let value = match prior(req, &FORWARDED) {
         Some(list) => format!("{list}, {element}"),
         None => element,
     };
-    set(req, &http::header::FORWARDED, value.as_bytes());
+    set(req, &FORWARDED, value);
+}
+
+/// A field's name and spelling, as `insert_header` takes them.
+fn named(field: &Field) -> Field {
+    (field.0.clone(), field.1)
 }
 
 /// Applies the upstream's `remove_headers`, `set_headers` and `Host` (`host`: `None` keeps the
@@ -155,22 +175,23 @@ fn forwarded_element(seen: &Seen<'_>, peer: Option<&str>) -> String {
         Some(peer) => out.push_str(peer),
         None => out.push_str("unknown"),
     }
-    if let Some(host) = seen.host.and_then(|h| std::str::from_utf8(h).ok()) {
+    if let Some(host) = seen.host.and_then(|h| h.to_str().ok()) {
         out.push_str(";host=");
-        out.push_str(&value(host));
+        push_value(&mut out, host);
     }
     out.push_str(";proto=");
     out.push_str(seen.proto);
     out
 }
 
-/// An RFC 7239 value: a token as it is, anything else as a quoted-string.
-fn value(v: &str) -> String {
+/// Appends an RFC 7239 value: a token as it is, anything else as a quoted-string.
+fn push_value(out: &mut String, v: &str) {
     let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
     if !v.is_empty() && v.chars().all(tchar) {
-        return v.to_string();
+        out.push_str(v);
+        return;
     }
-    let mut out = String::with_capacity(v.len() + 2);
+    out.reserve(v.len() + 2);
     out.push('"');
     for c in v.chars() {
         if c == '"' || c == '\\' {
@@ -179,7 +200,6 @@ fn value(v: &str) -> String {
         out.push(c);
     }
     out.push('"');
-    out
 }
 
 /// Every line of a header, joined with `, ` (RFC 9110 §5.3); `None` when absent or not text.
@@ -198,11 +218,12 @@ fn joined(req: &RequestHeader, name: &HeaderName) -> Option<String> {
     out
 }
 
-/// Replaces every line of `name` with one value (skipped if not a valid header value, which
-/// cannot happen for values built from a received header and an address).
-fn set(req: &mut RequestHeader, name: &HeaderName, value: &[u8]) {
-    if let Ok(v) = HeaderValue::from_bytes(value) {
-        let _ = req.insert_header(name.clone(), v);
+/// Replaces every line of `field` with one value, which becomes the value's buffer (checked,
+/// not copied; skipped if not a valid header value, which cannot happen for values built from
+/// a received header and an address).
+fn set(req: &mut RequestHeader, field: &Field, value: String) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        let _ = req.insert_header(named(field), v);
     }
 }
 
@@ -261,7 +282,7 @@ mod tests {
         let seen = Seen {
             peer: peer("192.0.2.7", false),
             proto: "http",
-            host: Some(b"api.example.com"),
+            host: Some(&HeaderValue::from_static("api.example.com")),
         };
         rewrite(&mut req, &seen);
         assert_eq!(
@@ -295,6 +316,30 @@ mod tests {
         assert_eq!(header(&req, "host").as_deref(), Some("api.example.com"));
     }
 
+    /// Sent upstream in the spelling nginx uses, from a request that keeps its fields' case (as
+    /// pingora parses every request).
+    #[test]
+    fn the_fields_set_are_sent_spelled_as_proxies_spell_them() {
+        let mut req = RequestHeader::build("GET", b"/x", Some(1)).unwrap();
+        req.append_header("host", "api.example.com").unwrap();
+        let seen = Seen {
+            peer: peer("192.0.2.7", false),
+            proto: "http",
+            host: Some(&HeaderValue::from_static("api.example.com")),
+        };
+        rewrite(&mut req, &seen);
+        let mut wire = Vec::new();
+        req.header_to_h1_wire(&mut wire);
+        assert_eq!(
+            String::from_utf8(wire).unwrap(),
+            "host: api.example.com\r\n\
+             X-Forwarded-For: 192.0.2.7\r\n\
+             X-Forwarded-Proto: http\r\n\
+             X-Forwarded-Host: api.example.com\r\n\
+             Forwarded: for=192.0.2.7;host=api.example.com;proto=http\r\n"
+        );
+    }
+
     #[test]
     fn a_trusted_proxys_headers_are_kept_and_extended() {
         let mut req = request(CLIENT_SAYS);
@@ -302,7 +347,7 @@ mod tests {
         let seen = Seen {
             peer: peer("10.0.0.1", true),
             proto: "http",
-            host: Some(b"api.example.com"),
+            host: Some(&HeaderValue::from_static("api.example.com")),
         };
         rewrite(&mut req, &seen);
         assert_eq!(
@@ -351,17 +396,21 @@ mod tests {
 
     #[test]
     fn forwarded_values_are_quoted_where_rfc_7239_says() {
-        let seen = |addr: &str, host: &'static [u8]| Seen {
+        let hosts = [
+            HeaderValue::from_static("h.example:8080"),
+            HeaderValue::from_static("a\"b\\c"),
+        ];
+        let seen = |addr: &str, host: usize| Seen {
             peer: peer(addr, false),
             proto: "http",
-            host: Some(host),
+            host: Some(&hosts[host]),
         };
         assert_eq!(
-            element(&seen("2001:db8::1", b"h.example:8080")),
+            element(&seen("2001:db8::1", 0)),
             "for=\"[2001:db8::1]\";host=\"h.example:8080\";proto=http"
         );
         assert_eq!(
-            element(&seen("::ffff:192.0.2.1", b"a\"b\\c")),
+            element(&seen("::ffff:192.0.2.1", 1)),
             "for=\"[::ffff:192.0.2.1]\";host=\"a\\\"b\\\\c\";proto=http"
         );
         let unknown = Seen {

@@ -792,11 +792,18 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         let req = session.req_header();
-        let host = req.headers.get(http::header::HOST).map(|h| h.as_bytes());
+        let authority;
+        let host = match req.headers.get(http::header::HOST) {
+            Some(field) => Some(field),
+            None => {
+                authority = req.uri.authority().and_then(|a| a.as_str().parse().ok());
+                authority.as_ref()
+            }
+        };
         let seen = forwarding::Seen {
             peer: ctx.peer,
             proto: crate::key::SCHEME,
-            host: host.or_else(|| req.uri.authority().map(|a| a.as_str().as_bytes())),
+            host,
         };
         forwarding::rewrite(upstream_request, &seen);
         let (peers, index) = (&ctx.live.peers, ctx.rule().upstream);

@@ -1,8 +1,9 @@
 //! The vendored pingora-http's patches (`vendor/pingora-http/PATCHES.md`): a header inserted by
 //! `HeaderName` is the header the old spell-and-parse made, and a header built for a parsed
 //! message takes the fields a gateway adds without its maps growing (issue 16: both were a
-//! share of every request's instructions), and a cloned request (patch 4: rebuilt with that
-//! room) is sent exactly as the original.
+//! share of every request's instructions), a cloned request (patch 4: rebuilt with that room)
+//! is sent exactly as the original, and a name inserted with a static spelling (patch 5) is
+//! sent in it.
 
 use http::header::{self, HeaderName, HeaderValue};
 use pingora::http::{IntoCaseHeaderName, RequestHeader, ResponseHeader, PROXY_HEADROOM};
@@ -62,6 +63,49 @@ fn inserted_names_are_sent_as_before() {
     assert_eq!(
         String::from_utf8(wire).unwrap(),
         "Host: b.example\r\nX-Custom: 1\r\nx-forwarded-for: 10.0.0.1\r\nAge: 5\r\n"
+    );
+}
+
+/// Patch 5: a name given with a static spelling is stored as the name and sent in that
+/// spelling; a spelling of another length is not used (the name is spelled as pingora spells a
+/// `HeaderName`); a header without a case map is sent as it always was.
+#[test]
+fn a_name_with_its_spelling_is_sent_so() {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let mut req = RequestHeader::build("GET", b"/x", Some(2)).unwrap();
+    req.insert_header((xff.clone(), "X-Forwarded-For"), "10.0.0.1")
+        .unwrap();
+    req.insert_header((header::FORWARDED, "Forwarded"), "for=10.0.0.1")
+        .unwrap();
+    req.insert_header((HeaderName::from_static("x-custom"), "X-Longer-Name"), "1")
+        .unwrap();
+    assert!(req.headers.contains_key(&xff));
+    assert!(req.headers.contains_key(header::FORWARDED));
+    let mut wire = Vec::new();
+    req.header_to_h1_wire(&mut wire);
+    assert_eq!(
+        String::from_utf8(wire).unwrap(),
+        "X-Forwarded-For: 10.0.0.1\r\nForwarded: for=10.0.0.1\r\nx-custom: 1\r\n"
+    );
+    for with_case in [true, false] {
+        let (name, case) = (xff.clone(), "X-Forwarded-For")
+            .into_names(with_case)
+            .unwrap();
+        assert_eq!(name, xff);
+        assert_eq!(
+            case.map(|c| c.as_slice().to_vec()),
+            with_case.then(|| b"X-Forwarded-For".to_vec())
+        );
+    }
+    let mut plain = RequestHeader::build_no_case("GET", b"/x", None).unwrap();
+    plain
+        .insert_header((xff, "X-Forwarded-For"), "10.0.0.1")
+        .unwrap();
+    let mut wire = Vec::new();
+    plain.header_to_h1_wire(&mut wire);
+    assert_eq!(
+        String::from_utf8(wire).unwrap(),
+        "x-forwarded-for: 10.0.0.1\r\n"
     );
 }
 

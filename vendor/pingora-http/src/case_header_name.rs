@@ -95,6 +95,33 @@ impl IntoCaseHeaderName for &HeaderName {
     }
 }
 
+/// Aisle patch 5: a name with the spelling to keep for it, both static (`X-Forwarded-For`): a
+/// header that keeps a case map stores the spelling without copying it, where a custom
+/// `HeaderName` alone was copied into a new buffer on every insert (issue 16). A spelling of
+/// another length than the name's is not used: the name is spelled as a `HeaderName` is.
+impl IntoCaseHeaderName for (HeaderName, &'static str) {
+    fn into_case_header_name(self) -> CaseHeaderName {
+        spelled(&self.0, self.1)
+    }
+
+    fn into_names(self, with_case: bool) -> Result<(HeaderName, Option<CaseHeaderName>)> {
+        let case = with_case.then(|| spelled(&self.0, self.1));
+        Ok((self.0, case))
+    }
+}
+
+/// The spelling is checked by its length (a spelling of another length is surely another
+/// name); that it spells the name is asserted in debug builds, where the callers' tests run:
+/// comparing it byte by byte cost more than the copy it saves.
+fn spelled(name: &HeaderName, spelling: &'static str) -> CaseHeaderName {
+    if spelling.len() == name.as_str().len() {
+        debug_assert!(spelling.eq_ignore_ascii_case(name.as_str()), "{spelling} is not {name}");
+        CaseHeaderName(Bytes::from_static(spelling.as_bytes()))
+    } else {
+        CaseHeaderName(titled_header_name(name))
+    }
+}
+
 impl IntoCaseHeaderName for Bytes {
     fn into_case_header_name(self) -> CaseHeaderName {
         CaseHeaderName(self)
