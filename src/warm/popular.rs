@@ -4,7 +4,8 @@
 //! Memory is fixed: the sketch is [`DEPTH`] x [`WIDTH`] counters, the minute's candidates at
 //! most [`TOP_K`] entries (a request enters when its sketch estimate beats the smallest
 //! candidate, the classic "heavy hitters" scheme), and the local history at most [`HOURS`]
-//! lists of [`TOP_K`]. Only GET requests the cache admitted, that no warm job sent, are counted,
+//! lists of [`TOP_K`]. Only GET requests the cache admitted and whose answer it held or stored (a
+//! `no-store` answer would store nothing when warmed), that no warm job sent, are counted,
 //! identified by `Host` and path with query (what a `top` job replays) and skipped above
 //! [`MAX_LEN`] bytes. With Redis, each instance adds its minute's list to the hour's sorted set
 //! (`ZINCRBY`, trimmed to [`TOP_K`], expiring after a day) when the minute ends, so the fleet's

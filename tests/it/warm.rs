@@ -75,6 +75,9 @@ fn origin() -> Origin {
         if req.path.starts_with("/w/fail") {
             return OriginResponse::with_status(500).body("broken");
         }
+        if req.path.starts_with("/w/nostore") {
+            return OriginResponse::ok("mine alone").header("cache-control", "no-store");
+        }
         OriginResponse::ok(format!("{}?{} #{}", req.path, req.query, req.count))
     })
 }
@@ -193,12 +196,15 @@ async fn grid_job_renders_every_combination_within_its_concurrency() {
 }
 
 /// `{"top": K}` warms the K most requested keys of recent traffic: after clients' traffic and a
-/// purge of all of it, the job fetches exactly the three most requested again.
+/// purge of all of it, the job fetches exactly the three most requested again. A URL requested
+/// more often whose answers the origin marks `no-store` is not counted: warming it would store
+/// nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn top_job_warms_the_most_requested_after_a_purge() {
     let origin = origin();
     let gw = start(&config(&origin, ""), &[]).await;
     for (path, times) in [
+        ("/w/nostore", 9),
         ("/w/a", 6),
         ("/w/b", 5),
         ("/w/c", 4),
@@ -228,6 +234,7 @@ async fn top_job_warms_the_most_requested_after_a_purge() {
         assert_hit(&gw.get(p).await, p);
     }
     assert_eq!(origin.count("/w/d"), 1, "not among the top 3");
+    assert_eq!(origin.count("/w/nostore"), 9, "uncacheable: not counted");
 }
 
 /// `warm_via`: each URL is also requested through every CDN front, with a report per front.
