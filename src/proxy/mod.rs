@@ -1144,18 +1144,18 @@ impl ProxyHttp for Gateway {
                 .metrics
                 .observe(outcome, ctx.start.elapsed().as_secs_f64()),
         }
-        // Popularity counts what a `top` warm job could store again: an answer the cache held or
-        // took, not one the origin marked uncacheable (refetching that would store nothing).
-        let held = ctx.cache.stored
-            || matches!(
-                outcome,
-                CacheOutcome::Hit | CacheOutcome::Stale | CacheOutcome::Revalidated
-            );
-        if let (Some(warm), crate::warm::Mark::Client, Some(Admission::Cache(_)), true) =
-            (&self.warm, ctx.warm, &ctx.admission, held)
+        if let (Some(warm), crate::warm::Mark::Client, Some(Admission::Cache(_))) =
+            (&self.warm, ctx.warm, &ctx.admission)
         {
+            // Popularity counts what a `top` warm job could store again: an answer the cache
+            // held or took, not one the origin marked uncacheable (refetching it stores nothing).
+            let held = ctx.cache.stored
+                || matches!(
+                    outcome,
+                    CacheOutcome::Hit | CacheOutcome::Stale | CacheOutcome::Revalidated
+                );
             let req = session.req_header();
-            if req.method == http::Method::GET && session.subrequest_ctx.is_none() {
+            if held && req.method == http::Method::GET && session.subrequest_ctx.is_none() {
                 let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
                 warm.popular.record(host_of(req), path);
             }
