@@ -6,7 +6,9 @@
 //! sent in it.
 
 use http::header::{self, HeaderName, HeaderValue};
-use pingora::http::{IntoCaseHeaderName, RequestHeader, ResponseHeader, PROXY_HEADROOM};
+use pingora::http::{
+    CaseHeaderName, IntoCaseHeaderName, RequestHeader, ResponseHeader, PROXY_HEADROOM,
+};
 
 /// Names of every kind: standard ones pingora spells in title case, standard ones it does not,
 /// and custom ones.
@@ -107,6 +109,37 @@ fn a_name_with_its_spelling_is_sent_so() {
         String::from_utf8(wire).unwrap(),
         "x-forwarded-for: 10.0.0.1\r\n"
     );
+}
+
+/// Patch 5 for a spelling made at run time (an upstream's `set_headers` name as configured):
+/// the case map shares the one spelling's bytes, the wire carries it, and a spelling of another
+/// length is not used.
+#[test]
+fn a_name_with_a_spelling_built_at_load_is_sent_so() {
+    let key = HeaderName::from_static("x-api-key");
+    let spelling = CaseHeaderName::new("X-API-Key".to_string());
+    let wrong = CaseHeaderName::new("X-Key".to_string());
+    let mut req = RequestHeader::build("GET", b"/x", Some(2)).unwrap();
+    req.insert_header((key.clone(), &spelling), "k1").unwrap();
+    req.insert_header((HeaderName::from_static("x-other"), &wrong), "2")
+        .unwrap();
+    assert_eq!(req.headers.get(&key).unwrap(), "k1");
+    let mut wire = Vec::new();
+    req.header_to_h1_wire(&mut wire);
+    assert_eq!(
+        String::from_utf8(wire).unwrap(),
+        "X-API-Key: k1\r\nx-other: 2\r\n"
+    );
+    let (name, case) = (key.clone(), &spelling).into_names(true).unwrap();
+    assert_eq!(name, key);
+    let case = case.unwrap();
+    assert_eq!(case.as_slice(), b"X-API-Key");
+    assert_eq!(
+        case.as_slice().as_ptr(),
+        spelling.as_slice().as_ptr(),
+        "the spelling's bytes are shared, not copied"
+    );
+    assert!((key, &spelling).into_names(false).unwrap().1.is_none());
 }
 
 #[test]

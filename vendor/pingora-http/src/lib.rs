@@ -42,7 +42,8 @@ pub mod authority;
 use authority::{raw_target_authority, RawTargetAuthority};
 
 mod case_header_name;
-use case_header_name::CaseHeaderName;
+// Aisle patch 5: public, so a spelling made at run time can be built once and shared.
+pub use case_header_name::CaseHeaderName;
 pub use case_header_name::IntoCaseHeaderName;
 // Aisle patch 3: the spelling of a name in a header without a case map.
 pub use case_header_name::titled_header_name_str;
