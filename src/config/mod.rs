@@ -24,7 +24,7 @@ pub mod upstream;
 pub mod warm;
 pub mod webhook;
 
-pub use upstream::{Balance, Upstream};
+pub use upstream::{Balance, SetHeader, Upstream};
 
 // Re-exported for the operator CLI, which reads `admin_listen` and the token without compiling the rest.
 pub(crate) use env::expand_env;
@@ -894,6 +894,17 @@ fn redis_config(
         timeout,
         keys,
     })
+}
+
+/// A configuration loaded from `text` as `gateway.toml` (with an empty `rules/`), for other
+/// modules' unit tests; panics with the diagnostics if it does not load.
+#[cfg(test)]
+pub(crate) fn load_text(text: &str) -> Config {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("rules")).unwrap();
+    let path = dir.path().join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path).unwrap_or_else(|e| panic!("{e:?}"))
 }
 
 #[cfg(test)]

@@ -408,7 +408,7 @@ fn upstream_pools_headers_and_tls_files() {
     let ok = SPEC.replace(
         "url = \"http://127.0.0.1:3000\"      # https:// upstreams use TLS with SNI from the host",
         "urls = [\"http://127.0.0.1:3000\", \"http://127.0.0.1:3001\"]\nhost = \"API.Vendor.example\"\n\
-         set_headers = { \"x-api-key\" = \"${AISLE_TEST_UPSTREAM_SECRET}\" }\nremove_headers = [\"cookie\"]\n\
+         set_headers = { \"X-API-Key\" = \"${AISLE_TEST_UPSTREAM_SECRET}\" }\nremove_headers = [\"cookie\"]\n\
          balance = \"least_conn\"\nhealth_check = { path = \"/health\", interval = \"2s\" }\n\
          resolve_every = \"30s\"\nretries = 2\nmax_connections = 8",
     );
@@ -416,7 +416,15 @@ fn upstream_pools_headers_and_tls_files() {
     let u = &c.upstreams[0];
     assert_eq!(u.addresses.len(), 2);
     assert_eq!(u.host.as_deref(), Some("api.vendor.example"));
-    assert_eq!(u.set_headers[0].1.expose(), "sk-unit-4b3a2c1d");
+    assert_eq!(u.set_headers[0].value.expose(), "sk-unit-4b3a2c1d");
+    assert_eq!(
+        (
+            u.set_headers[0].name.as_str(),
+            u.set_headers[0].spelling.as_str()
+        ),
+        ("x-api-key", "X-API-Key"),
+        "the name is matched case-insensitively and sent as written"
+    );
     assert_eq!(u.balance, Balance::LeastConn);
     let hc = u.health_check.as_ref().unwrap();
     assert_eq!(

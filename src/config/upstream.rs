@@ -40,7 +40,7 @@ pub struct Upstream {
     /// `Host` for http.
     pub host: Option<String>,
     /// Added to (replacing) every upstream request's headers.
-    pub set_headers: Vec<(HeaderName, Secret)>,
+    pub set_headers: Vec<SetHeader>,
     /// Never forwarded upstream.
     pub remove_headers: Vec<HeaderName>,
     /// `ca_file`: the trust roots for this upstream's certificates (DER), replacing the system's.
@@ -184,6 +184,17 @@ pub struct Address {
     pub host: String,
     /// `Host` for https: the host, with the port unless it is the default.
     pub host_header: String,
+}
+
+/// One `set_headers` field.
+#[derive(Debug, Clone)]
+pub struct SetHeader {
+    pub name: HeaderName,
+    /// The name as the configuration spells it, which is how it is sent: some vendors' APIs
+    /// read `X-API-Key` and not `x-api-key`, though names are case-insensitive (RFC 9110
+    /// §5.1), and nginx's `proxy_set_header` sends a name as written too.
+    pub spelling: String,
+    pub value: Secret,
 }
 
 /// A client certificate chain and its key, DER. The key is never printed.
@@ -373,7 +384,11 @@ pub(super) fn compile(
             ));
             continue;
         }
-        set_headers.push((header, Secret::from(value)));
+        set_headers.push(SetHeader {
+            name: header,
+            spelling: k.clone(),
+            value: Secret::from(value),
+        });
     }
     let mut remove_headers = Vec::new();
     for h in r.remove_headers.iter().flatten() {

@@ -22,7 +22,7 @@
 use crate::config::Upstream;
 use crate::trust::{self, Peer};
 use http::header::{HeaderName, HeaderValue};
-use pingora::http::RequestHeader;
+use pingora::http::{CaseHeaderName, RequestHeader};
 use smallvec::SmallVec;
 use std::net::IpAddr;
 
@@ -119,24 +119,75 @@ fn named(field: &Field) -> Field {
     (field.0.clone(), field.1)
 }
 
+/// What every request to one upstream carries, in the form it is sent, built once with the
+/// upstream's pool rather than on each request: each `set_headers` value was parsed and copied
+/// and its name copied again into the case map, on every proxied request (issue 16). The
+/// upstream's health check sends the same fields ([`UpstreamFields::set`]).
+pub struct UpstreamFields {
+    remove: Vec<HeaderName>,
+    /// `set_headers`: name, spelling as configured, value (sensitive: pingora's debug log of
+    /// the upstream request hides a credential).
+    set: Vec<(HeaderName, CaseHeaderName, HeaderValue)>,
+    /// `host`, if configured.
+    host: Option<HeaderValue>,
+    /// Per configured address, its `Host` for https.
+    address_hosts: Vec<Option<HeaderValue>>,
+}
+
+impl UpstreamFields {
+    pub fn of(upstream: &Upstream) -> Self {
+        // Checked at load: valid header values, a host name, `host:port`.
+        let value = |text: &str| HeaderValue::from_str(text).ok();
+        UpstreamFields {
+            remove: upstream.remove_headers.clone(),
+            set: upstream
+                .set_headers
+                .iter()
+                .filter_map(|h| {
+                    let mut v = value(h.value.expose())?;
+                    v.set_sensitive(true);
+                    let spelling = CaseHeaderName::new(h.spelling.clone());
+                    Some((h.name.clone(), spelling, v))
+                })
+                .collect(),
+            host: upstream.host.as_deref().and_then(value),
+            address_hosts: upstream
+                .addresses
+                .iter()
+                .map(|a| value(&a.host_header))
+                .collect(),
+        }
+    }
+
+    /// `set_headers`, as a request carries them.
+    pub fn set(&self) -> impl Iterator<Item = (&HeaderName, &CaseHeaderName, &HeaderValue)> {
+        self.set.iter().map(|(n, s, v)| (n, s, v))
+    }
+
+    /// The `Host` a request sent to configured address `address` carries: `host`, else the
+    /// address's own for https, else `None` (the client's).
+    pub fn host(&self, tls: bool, address: Option<usize>) -> Option<&HeaderValue> {
+        if let Some(h) = &self.host {
+            return Some(h);
+        }
+        match (tls, address) {
+            (true, Some(a)) => self.address_hosts.get(a)?.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 /// Applies the upstream's `remove_headers`, `set_headers` and `Host` (`host`: `None` keeps the
-/// client's).
-pub fn for_upstream(req: &mut RequestHeader, upstream: &Upstream, host: Option<&str>) {
-    for name in &upstream.remove_headers {
+/// client's). Nothing is parsed or copied: values and spellings are shared with `fields`.
+pub fn for_upstream(req: &mut RequestHeader, fields: &UpstreamFields, host: Option<&HeaderValue>) {
+    for name in &fields.remove {
         req.remove_header(name);
     }
-    for (name, value) in &upstream.set_headers {
-        // Checked at load: a valid header value.
-        if let Ok(mut v) = HeaderValue::from_str(value.expose()) {
-            // A credential: `Debug` (pingora's debug log of the upstream request) hides it.
-            v.set_sensitive(true);
-            let _ = req.insert_header(name.clone(), v);
-        }
+    for (name, spelling, value) in fields.set() {
+        let _ = req.insert_header((name.clone(), spelling), value.clone());
     }
     if let Some(host) = host {
-        if let Ok(v) = HeaderValue::from_str(host) {
-            let _ = req.insert_header(http::header::HOST, v);
-        }
+        let _ = req.insert_header(http::header::HOST, host.clone());
     }
 }
 
@@ -424,5 +475,60 @@ mod tests {
         rewrite(&mut req, &unknown);
         assert_eq!(header(&req, "x-forwarded-for"), None);
         assert_eq!(header(&req, "x-forwarded-host"), None);
+    }
+
+    /// The upstream `api` of a configuration.
+    fn upstream(toml: &str) -> Upstream {
+        crate::config::load_text(toml).upstreams[0].clone()
+    }
+
+    /// `set_headers` and `host` are built once with the pool: each request shares their values
+    /// and spellings (no parse, no copy), a credential is sensitive, and a name is sent as the
+    /// configuration spells it.
+    #[test]
+    fn an_upstreams_fields_are_shared_with_each_request_and_sent_as_written() {
+        std::env::set_var("AISLE_TEST_FORWARDING_KEY", "sk-test-0f9e8d");
+        let u = upstream(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n\
+             [upstreams.api]\nurl = \"https://127.0.0.1:8443\"\nhost = \"vendor.example\"\n\
+             set_headers = { \"X-API-Key\" = \"${AISLE_TEST_FORWARDING_KEY}\" }\n\
+             remove_headers = [\"cookie\"]\n",
+        );
+        let fields = UpstreamFields::of(&u);
+        let host = fields.host(true, Some(0));
+        assert_eq!(host.map(|h| h.as_bytes()), Some(&b"vendor.example"[..]));
+        let mut req = request(&[
+            ("host", "api.example.com"),
+            ("cookie", "a=1"),
+            ("x-api-key", "the client's"),
+        ]);
+        for_upstream(&mut req, &fields, host);
+        let (_, _, key) = fields.set().next().unwrap();
+        let sent = req.headers.get("x-api-key").unwrap();
+        assert_eq!(sent, "sk-test-0f9e8d");
+        assert!(sent.is_sensitive(), "a credential is never printed");
+        assert_eq!(
+            sent.as_bytes().as_ptr(),
+            key.as_bytes().as_ptr(),
+            "the value is the pool's, not parsed and copied again"
+        );
+        assert_eq!(
+            req.headers.get("host").unwrap().as_bytes().as_ptr(),
+            host.unwrap().as_bytes().as_ptr()
+        );
+        assert!(req.headers.get("cookie").is_none());
+        let mut wire = Vec::new();
+        req.header_to_h1_wire(&mut wire);
+        let wire = String::from_utf8(wire).unwrap();
+        assert!(wire.contains("X-API-Key: sk-test-0f9e8d\r\n"), "{wire}");
+        // An https upstream without `host` sends the picked address's own; http, the client's.
+        let bare = UpstreamFields::of(&upstream(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n[upstreams.api]\nurl = \"https://127.0.0.1:8443\"\n",
+        ));
+        assert_eq!(
+            bare.host(true, Some(0)).map(|h| h.as_bytes()),
+            Some(&b"127.0.0.1:8443"[..])
+        );
+        assert!(bare.host(true, None).is_none() && bare.host(false, Some(0)).is_none());
     }
 }

@@ -807,8 +807,8 @@ impl ProxyHttp for Gateway {
         };
         forwarding::rewrite(upstream_request, &seen);
         let (peers, index) = (&ctx.live.peers, ctx.rule().upstream);
-        let host = peers.host_header(index, ctx.upstream.picked.as_ref());
-        forwarding::for_upstream(upstream_request, peers.upstream(index), host);
+        let (fields, host) = peers.fields(index, ctx.upstream.picked.as_ref());
+        forwarding::for_upstream(upstream_request, fields, host);
         Ok(())
     }
 

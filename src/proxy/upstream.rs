@@ -23,6 +23,7 @@
 //! healthy), is answered from the entry as a hit, on the ordinary path that keeps the client
 //! connection.
 
+use super::forwarding::UpstreamFields;
 use crate::config::{Balance, Config, Upstream};
 use crate::metrics::metrics;
 use async_trait::async_trait;
@@ -208,6 +209,8 @@ impl Selector {
 /// One upstream's pool.
 pub struct Pool {
     upstream: Upstream,
+    /// What each request to it carries, built once.
+    fields: UpstreamFields,
     selector: Selector,
     ca: Option<Arc<[WrappedX509]>>,
     client_cert: Option<Arc<CertKey>>,
@@ -279,22 +282,19 @@ impl Peers {
         p
     }
 
-    /// The `Host` the upstream request carries: `host`, else the address's own for https, else
-    /// `None` (the client's).
-    pub fn host_header(&self, index: usize, picked: Option<&Picked>) -> Option<&str> {
-        let u = &self.0[index].upstream;
-        if let Some(h) = &u.host {
-            return Some(h);
-        }
-        match (u.tls, picked) {
-            (true, Some(p)) => Some(&u.addresses[p.slot.address].host_header),
-            _ => None,
-        }
-    }
-
-    /// The upstream's configuration (headers to set and remove).
-    pub fn upstream(&self, index: usize) -> &Upstream {
-        &self.0[index].upstream
+    /// What a request to upstream `index` carries ([`UpstreamFields`], built with the pool),
+    /// and its `Host`: `host`, else the picked address's own for https, else `None` (the
+    /// client's).
+    pub fn fields(
+        &self,
+        index: usize,
+        picked: Option<&Picked>,
+    ) -> (&UpstreamFields, Option<&http::HeaderValue>) {
+        let pool = &self.0[index];
+        let host = pool
+            .fields
+            .host(pool.upstream.tls, picked.map(|p| p.slot.address));
+        (&pool.fields, host)
     }
 
     /// Records whether upstream `index` could be reached (a failed connect, or an answer).
@@ -405,8 +405,9 @@ impl Pool {
             )));
         }
         let (ca, client_cert) = tls_material(u)?;
+        let fields = UpstreamFields::of(u);
         if let Some(hc) = &u.health_check {
-            let check = health_check(u, hc, ca.clone(), client_cert.clone());
+            let check = health_check(u, hc, &fields, ca.clone(), client_cert.clone());
             match &mut selector {
                 Selector::RoundRobin(lb) => lb.set_health_check(check),
                 Selector::Hash(lb) => lb.set_health_check(check),
@@ -414,6 +415,7 @@ impl Pool {
         }
         Ok(Pool {
             upstream: u.clone(),
+            fields,
             selector,
             ca,
             client_cert,
@@ -567,6 +569,7 @@ fn tls_material(
 fn health_check(
     u: &Upstream,
     hc: &crate::config::upstream::HealthCheck,
+    fields: &UpstreamFields,
     ca: Option<Arc<[WrappedX509]>>,
     client_cert: Option<Arc<CertKey>>,
 ) -> Box<HttpHealthCheck> {
@@ -584,11 +587,8 @@ fn health_check(
     check.peer_template.client_cert_key = client_cert;
     if let Ok(mut req) = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None) {
         let _ = req.insert_header(http::header::HOST, host.as_str());
-        for (name, value) in &u.set_headers {
-            if let Ok(mut v) = http::HeaderValue::from_str(value.expose()) {
-                v.set_sensitive(true);
-                let _ = req.insert_header(name.clone(), v);
-            }
+        for (name, spelling, value) in fields.set() {
+            let _ = req.insert_header((name.clone(), spelling), value.clone());
         }
         check.req = req;
     }
