@@ -759,8 +759,8 @@ impl ProxyHttp for Gateway {
         ctx.upstream.start = Some(Instant::now());
         let index = ctx.rule().upstream;
         ctx.upstream.picked = None;
-        let key = upstream::balance_key(session);
-        let picked = match ctx.live.peers.pick(index, &key, &ctx.upstream.tried) {
+        let key = || upstream::balance_key(session);
+        let picked = match ctx.live.peers.pick(index, key, &ctx.upstream.tried) {
             Ok(picked) => picked,
             Err(why) => {
                 ctx.upstream.no_address = Some(why);

@@ -183,7 +183,7 @@ impl Selector {
     /// `Backend` with its extension map: about 1,200 instructions of a proxied request, issue 16).
     fn pick(
         &self,
-        key: &[u8],
+        key: impl FnOnce() -> Vec<u8>,
         accept: impl Fn(&Backend, bool) -> bool,
     ) -> Option<(SocketAddr, Arc<Slot>)> {
         let backends = self.backends();
@@ -198,9 +198,10 @@ impl Selector {
         // Enough steps to visit every address: round robin falls back to hashing after its
         // first pick; ketama walks the ring, 160 points per address.
         let n = set.len().max(1);
+        let key = key();
         let chosen = match self {
-            Selector::RoundRobin(lb) => lb.select_with(key, 16 * n + 16, accept),
-            Selector::Hash(lb) => lb.select_with(key, 160 * n + 1, accept),
+            Selector::RoundRobin(lb) => lb.select_with(&key, 16 * n + 16, accept),
+            Selector::Hash(lb) => lb.select_with(&key, 160 * n + 1, accept),
         }?;
         Some((inet(&chosen)?, chosen.ext.get::<Arc<Slot>>()?.clone()))
     }
@@ -245,12 +246,12 @@ impl Peers {
         &self.0[index].upstream.name
     }
 
-    /// Picks an address of upstream `index` for a request (`key`: the cache key, for `hash`),
-    /// skipping those in `tried`.
+    /// Picks an address of upstream `index` for a request (`key`: the cache key, for `hash`;
+    /// asked only when there is a choice to make by it), skipping those in `tried`.
     pub fn pick(
         &self,
         index: usize,
-        key: &[u8],
+        key: impl FnOnce() -> Vec<u8>,
         tried: &[SocketAddr],
     ) -> Result<Picked, NoAddress> {
         self.0[index].pick(key, tried)
@@ -272,7 +273,14 @@ impl Peers {
         let pool = &self.0[index];
         let u = &pool.upstream;
         let address = &u.addresses[picked.slot.address];
-        let mut p = HttpPeer::new(picked.addr, u.tls, address.host.clone());
+        // SNI is for TLS: a plain HTTP peer takes none rather than a copy of the host name
+        // on every proxied request (it is in the pool's reuse hash, as the same empty value).
+        let sni = if u.tls {
+            address.host.clone()
+        } else {
+            String::new()
+        };
+        let mut p = HttpPeer::new(picked.addr, u.tls, sni);
         p.options.connection_timeout = Some(u.connect_timeout);
         p.options.total_connection_timeout = Some(u.connect_timeout);
         p.options.read_timeout = Some(u.read_timeout);
@@ -440,7 +448,11 @@ impl Pool {
             .collect()
     }
 
-    fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Result<Picked, NoAddress> {
+    fn pick(
+        &self,
+        key: impl FnOnce() -> Vec<u8>,
+        tried: &[SocketAddr],
+    ) -> Result<Picked, NoAddress> {
         let limit = self
             .upstream
             .max_connections
@@ -880,6 +892,36 @@ fn tls_failure(e: &pingora::Error, rule: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The balance key (a copy of the cache key, or of host and path) is made only when an
+    /// address is chosen by it: not for an upstream with one address or for `least_conn`.
+    #[test]
+    fn the_balance_key_is_made_only_when_there_is_a_choice() {
+        let config = crate::config::load_text(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nadmin_listen = \"127.0.0.1:9090\"\n\
+             [upstreams.one]\nurl = \"http://127.0.0.1:9\"\n\
+             [upstreams.least]\nurls = [\"http://127.0.0.1:9\", \"http://127.0.0.1:10\"]\nbalance = \"least_conn\"\n\
+             [upstreams.hashed]\nurls = [\"http://127.0.0.1:9\", \"http://127.0.0.1:10\"]\nbalance = \"hash\"\n\
+             [upstreams.rr]\nurls = [\"http://127.0.0.1:9\", \"http://127.0.0.1:10\"]\n",
+        );
+        let peers = Peers::resolve(&config).unwrap();
+        let index = |name: &str| (0..config.upstreams.len()).find(|&i| peers.name(i) == name);
+        for (name, asked) in [("one", 0), ("least", 0), ("hashed", 1), ("rr", 1)] {
+            let made = std::cell::Cell::new(0);
+            let key = || {
+                made.set(made.get() + 1);
+                b"example.com/a".to_vec()
+            };
+            let picked = peers.pick(index(name).unwrap(), key, &[]);
+            assert!(picked.is_ok(), "{name}: an address is picked");
+            assert_eq!(
+                made.get(),
+                asked,
+                "{name}: the key was made {} times",
+                made.get()
+            );
+        }
+    }
 
     #[test]
     fn kept_series_are_the_labelled_ones() {
