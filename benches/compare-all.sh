@@ -11,6 +11,8 @@
 #   5. when built (cargo build --release --example bare_pingora), the floor: pingora answering
 #      hits itself with no cache and proxying /pass/* with no hooks, hit-1k and pass.
 # Usage: benches/compare-all.sh [--duration S] [--reps N] [OUT_DIR]   (defaults 8, 3, a temp dir)
+# The gateway is target/release/aisle, or the build AISLE_BIN names (the profile-guided build of
+# scripts/build-pgo.sh: AISLE_BIN=target/pgo/release/aisle). The floor stays the plain build.
 # Needs a release build (cargo build --release) and compare.sh's packages (its README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +27,9 @@ done
 OUT=${1:-$(mktemp -d /tmp/aisle-compare.XXXXXX)}
 mkdir -p "$OUT"
 COMPARE=../shared/bench/compare.sh
-[[ -x target/release/aisle ]] || { echo "no target/release/aisle: run cargo build --release" >&2; exit 2; }
+AISLE=${AISLE_BIN:-target/release/aisle}
+export AISLE_BIN=$AISLE   # benches/redis-only.sh runs the same build
+[[ -x $AISLE ]] || { echo "no $AISLE: run cargo build --release (or scripts/build-pgo.sh)" >&2; exit 2; }
 [[ -x $COMPARE ]] || { echo "no $COMPARE (the shared benchmark)" >&2; exit 2; }
 
 run() {  # name scenarios reps gateway-command...
@@ -39,11 +43,11 @@ run() {  # name scenarios reps gateway-command...
   "$COMPARE" --duration "$DURATION" --reps "$reps" --scenarios "$scenarios" -- "$@" | tee "$OUT/$name.txt"
 }
 
-run memory "hit-1k hit-64k pass" "$REPS" target/release/aisle run --config benches/compare.toml
+run memory "hit-1k hit-64k pass" "$REPS" "$AISLE" run --config benches/compare.toml
 run redis-only "hit-1k" "$REPS" benches/redis-only.sh
 for i in $(seq 1 "$REPS"); do
-  run "default-route-$i" "hit-1k" 1 target/release/aisle run --config benches/compare-default.toml
-  run "rules-on-$i" "hit-1k" 1 target/release/aisle run --config benches/compare-rules-on.toml
+  run "default-route-$i" "hit-1k" 1 "$AISLE" run --config benches/compare-default.toml
+  run "rules-on-$i" "hit-1k" 1 "$AISLE" run --config benches/compare-rules-on.toml
 done
 
 FLOOR=target/release/examples/bare_pingora
@@ -58,6 +62,7 @@ d=$(for i in $(seq 1 "$REPS"); do exact "default-route-$i"; done | median)
 r=$(for i in $(seq 1 "$REPS"); do exact "rules-on-$i"; done | median)
 echo
 echo "summary (gateway/nginx, medians of $REPS x ${DURATION}s; raw output in $OUT):"
+echo "  gateway: $AISLE"
 echo "  memory tier   hit-1k $(ratio memory hit-1k)  hit-64k $(ratio memory hit-64k)  pass $(ratio memory pass)"
 echo "  Redis only    hit-1k $(ratio redis-only hit-1k)"
 echo "  default route hit-1k $d   rules on hit-1k $r (each the median of $REPS runs in turn)   rules cost $(awk -v d="$d" -v r="$r" 'BEGIN {printf "%.1f%%", (1 - r / d) * 100}')"

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Builds target/pgo/release/aisle with profile-guided optimisation (issue 16): the compiler lays
+# out and inlines the code by what a running gateway actually executes, where a plain release
+# build guesses. A hit runs about 10% more instructions than pingora alone but took 30-45% more
+# CPU time (README "Performance"): much of the gap is code spread over more cache lines, which
+# is what PGO reorders.
+#
+# Usage: scripts/build-pgo.sh [--seconds N]
+#   1. builds an instrumented gateway (target/pgo-gen, RUSTFLAGS=-Cprofile-generate);
+#   2. trains it on loopback, against benches/origin.sh's nginx origin on 127.0.0.1:17490 (the
+#      gateway listens on 127.0.0.1:17480): for each of benches/compare.toml (the memory tier,
+#      a plain rule), benches/compare-rules-on.toml (path parameters, normalized query fields,
+#      tags) and benches/compare-redis.toml (the memory tier off, a private redis-server on
+#      127.0.0.1:17495), misses that fill, then N seconds (default 10) each of 1 KiB hits,
+#      64 KiB hits, uncacheable passes, conditional and ranged hits, and PURGEs of single keys;
+#   3. merges the profiles (llvm-profdata, from `rustup component add llvm-tools`) into
+#      target/pgo/aisle-HASH.profdata (named by its content, so a new profile rebuilds) and
+#      builds target/pgo/release/aisle with it (RUSTFLAGS=-Cprofile-use).
+# The training requests are the benchmark's request shapes: say so when quoting figures of the
+# binary it builds. The test suite and `cargo build` are unchanged: this is a separate build.
+# Needs nginx, wrk, curl, redis-server (apt-get install -y nginx-light wrk curl redis-server)
+# and llvm-tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=10
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --seconds) SECS="$2"; shift 2 ;;
+    *) echo "unknown option $1 (usage: see the top of $0)" >&2; exit 2 ;;
+  esac
+done
+for tool in nginx wrk curl redis-server redis-cli; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y nginx-light wrk curl redis-server)" >&2; exit 2; }
+done
+PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/null | head -1 || true)
+[[ -n $PROFDATA && -x $PROFDATA ]] || {
+  echo "missing llvm-profdata: run 'rustup component add llvm-tools' (it must match rustc's LLVM)" >&2; exit 2; }
+
+# With --target, RUSTFLAGS reach the gateway's code and not build scripts or proc macros (whose
+# runs at build time would write profiles of their own).
+TARGET=$(rustc -vV | awk '/^host:/ {print $2}')
+. benches/origin.sh
+bench_setup pgo
+# A fixed directory, so the instrumented build is not redone when only the training changes.
+DATA="$PWD/target/pgo-gen/profiles"
+rm -rf "$DATA"; mkdir -p "$DATA"
+GEN="target/pgo-gen/$TARGET/release/aisle"
+
+echo "== 1. instrumented build (target/pgo-gen)"
+CARGO_TARGET_DIR=target/pgo-gen RUSTFLAGS="-Cprofile-generate=$DATA" \
+  cargo build --release --locked --bin aisle --target "$TARGET"
+bench_origin
+
+cat > "$RUN/keys.lua" <<'EOL'
+-- BENCH_PREFIX plus a key of 1..1000, "?v=1" as compare.sh asks; BENCH_HEADER adds one field.
+local header = os.getenv("BENCH_HEADER")
+request = function()
+  local headers = {}
+  if header and header ~= "" then
+    local k, v = header:match("^([^:]+):%s*(.*)$")
+    headers[k] = v
+  end
+  return wrk.format("GET", os.getenv("BENCH_PREFIX") .. math.random(1, 1000) .. "?v=1", headers)
+end
+EOL
+load() { BENCH_PREFIX="$1" BENCH_HEADER="${2:-}" wrk -t1 -c32 -d"${SECS}s" -s "$RUN/keys.lua" http://127.0.0.1:17480 >/dev/null; }
+
+train() {  # command...: the gateway (its last process execs aisle, which SIGINT stops)
+  echo "== 2. training on $*"
+  setsid "$@" >"$RUN/gateway.log" 2>&1 &
+  GW=$!
+  local ready=""
+  for _ in $(seq 1 300); do
+    curl -s -o /dev/null http://127.0.0.1:17480/pass/k1 && { ready=1; break; }
+    sleep 0.1
+  done
+  [[ -n $ready ]] || { echo "the gateway did not answer within 30 s" >&2; tail -20 "$RUN/gateway.log" >&2; exit 1; }
+  for i in $(seq 1 1000); do   # misses: every key filled once
+    curl -s -o /dev/null -o /dev/null "http://127.0.0.1:17480/bench/1k/k$i?v=1" "http://127.0.0.1:17480/bench/64k/k$i?v=1"
+  done
+  load /bench/1k/k
+  load /bench/64k/k
+  load /pass/k
+  load /bench/1k/k "If-None-Match: *"
+  load /bench/1k/k "Range: bytes=0-99"
+  for i in $(seq 1 200); do   # a purge, then the miss that fills again
+    curl -s -o /dev/null -X PURGE "http://127.0.0.1:17480/bench/1k/k$i?v=1"
+    curl -s -o /dev/null "http://127.0.0.1:17480/bench/1k/k$i?v=1"
+  done
+  # SIGINT: pingora exits at once through exit(), which writes the profile; then the rest of
+  # its process group (redis-only.sh's Redis) is stopped.
+  kill -INT "$GW"
+  for _ in $(seq 1 100); do kill -0 "$GW" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$GW" 2>/dev/null; then echo "the instrumented gateway did not exit" >&2; exit 1; fi
+  kill -TERM -- "-$GW" 2>/dev/null || true
+  GW=""
+}
+train "$GEN" run --config benches/compare.toml
+train "$GEN" run --config benches/compare-rules-on.toml
+train env AISLE_BIN="$GEN" benches/redis-only.sh
+
+ls "$DATA"/*.profraw >/dev/null 2>&1 || { echo "no profile was written in $DATA" >&2; exit 1; }
+echo "== 3. merging $(ls "$DATA"/*.profraw | wc -l) profiles; optimised build (target/pgo)"
+"$PROFDATA" merge -o "$DATA/merged.profdata" "$DATA"/*.profraw
+mkdir -p target/pgo
+PROFILE="$PWD/target/pgo/aisle-$(sha256sum "$DATA/merged.profdata" | cut -c1-16).profdata"
+cp "$DATA/merged.profdata" "$PROFILE"
+CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$PROFILE" \
+  cargo build --release --locked --bin aisle --target "$TARGET"
+mkdir -p target/pgo/release
+cp "target/pgo/$TARGET/release/aisle" target/pgo/release/aisle
+echo "profile: $PROFILE"
+echo "built target/pgo/release/aisle"
