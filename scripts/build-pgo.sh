@@ -5,7 +5,7 @@
 # CPU time (README "Performance"): much of the gap is code spread over more cache lines, which
 # is what PGO reorders.
 #
-# Usage: scripts/build-pgo.sh [--seconds N]
+# Usage: scripts/build-pgo.sh [--seconds N] [--no-check]
 #   1. builds an instrumented gateway (target/pgo-gen, RUSTFLAGS=-Cprofile-generate);
 #   2. trains it on loopback, against benches/origin.sh's nginx origin on 127.0.0.1:17490 (the
 #      gateway listens on 127.0.0.1:17480): for each of benches/compare.toml (the memory tier,
@@ -15,17 +15,20 @@
 #      64 KiB hits, uncacheable passes, conditional and ranged hits, and PURGEs of single keys;
 #   3. merges the profiles (llvm-profdata, from `rustup component add llvm-tools`) into
 #      target/pgo/aisle-HASH.profdata (named by its content, so a new profile rebuilds) and
-#      builds target/pgo/release/aisle with it (RUSTFLAGS=-Cprofile-use).
+#      builds target/pgo/release/aisle with it (RUSTFLAGS=-Cprofile-use);
+#   4. unless --no-check, runs the integration suite against that binary (AISLE_TEST_BIN), so
+#      the binary shipped is a binary tested (about 5 more minutes).
 # The training requests are the benchmark's request shapes: say so when quoting figures of the
 # binary it builds. The test suite and `cargo build` are unchanged: this is a separate build.
 # Needs nginx, wrk, curl, redis-server (apt-get install -y nginx-light wrk curl redis-server)
 # and llvm-tools.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=10
+SECS=10; CHECK=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --seconds) SECS="$2"; shift 2 ;;
+    --no-check) CHECK=0; shift ;;
     *) echo "unknown option $1 (usage: see the top of $0)" >&2; exit 2 ;;
   esac
 done
@@ -110,4 +113,8 @@ CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$PROFILE" \
 mkdir -p target/pgo/release
 cp "target/pgo/$TARGET/release/aisle" target/pgo/release/aisle
 echo "profile: $PROFILE"
+if [[ $CHECK -eq 1 ]]; then
+  echo "== 4. the integration suite against target/pgo/release/aisle"
+  AISLE_TEST_BIN="$PWD/target/pgo/release/aisle" cargo test --locked --test it
+fi
 echo "built target/pgo/release/aisle"

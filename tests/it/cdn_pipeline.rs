@@ -708,7 +708,7 @@ async fn documented_cdn_table_form_loads() {
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &text).unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aisle"))
+    let out = std::process::Command::new(crate::harness::aisle_bin())
         .arg("check")
         .arg("--config")
         .arg(&path)

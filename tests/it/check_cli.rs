@@ -44,7 +44,7 @@ fn run_check_env(gateway: &str, rules: &[(&str, &str)], env: &[(&str, &str)]) ->
         std::fs::write(dir.path().join("rules").join(name), text).unwrap();
     }
     let elsewhere = tempfile::tempdir().expect("tempdir");
-    let out = Command::new(env!("CARGO_BIN_EXE_aisle"))
+    let out = Command::new(crate::harness::aisle_bin())
         .arg("check")
         .arg("--config")
         .arg(&config)
@@ -360,7 +360,7 @@ fn unknown_log_format() {
 fn shipped_config_checks_clean() {
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("gateway.toml");
     for token in [None, Some("a-demo-token-of-32-characters-xx")] {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_aisle"));
+        let mut cmd = Command::new(crate::harness::aisle_bin());
         cmd.arg("check").arg("--config").arg(&config);
         cmd.env_remove("AISLE_ADMIN_TOKEN");
         if let Some(t) = token {

@@ -38,7 +38,7 @@ async fn aisle(args: &[&str], env: &[(&str, &str)]) -> Run {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_aisle"))
+        let out = Command::new(crate::harness::aisle_bin())
             .args(&args)
             .env_remove("AISLE_ADMIN_TOKEN")
             .envs(env)
@@ -214,7 +214,7 @@ async fn purge_queue_and_event_stream() {
         q.stdout
     );
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_aisle"))
+    let mut child = Command::new(crate::harness::aisle_bin())
         .args(["events", "--admin", &admin])
         .env("AISLE_ADMIN_TOKEN", TOKEN)
         .stdin(Stdio::null())

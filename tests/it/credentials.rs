@@ -237,7 +237,7 @@ fn check(gateway: &str, rules: &str) -> (Option<i32>, String) {
     std::fs::write(&config, gateway).unwrap();
     std::fs::create_dir_all(dir.path().join("rules")).unwrap();
     std::fs::write(dir.path().join("rules").join("ai.toml"), rules).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_aisle"))
+    let out = Command::new(crate::harness::aisle_bin())
         .arg("check")
         .arg("--config")
         .arg(&config)

@@ -256,7 +256,7 @@ fn a_bad_quota_is_reported_with_its_position() {
         + "quota = { requests = 0, per = \"1h\", on_exhausted = \"later\" }\n";
     let path = dir.path().join("gateway.toml");
     std::fs::write(&path, &cfg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_aisle"))
+    let out = std::process::Command::new(crate::harness::aisle_bin())
         .arg("check")
         .arg("--config")
         .arg(&path)

@@ -145,7 +145,7 @@ impl Demo {
         }
         let stdout = dir.path().join("demo.out");
         let stderr = dir.path().join("demo.err");
-        let child = Command::new(env!("CARGO_BIN_EXE_aisle"))
+        let child = Command::new(crate::harness::aisle_bin())
             .args(["demo", "--config", "gateway.toml"])
             .current_dir(dir.path())
             .env("AISLE_ADMIN_TOKEN", TOKEN)
@@ -188,7 +188,8 @@ impl Demo {
 
     /// Runs a README command (addresses swapped) under `sh`; its output, addresses swapped back.
     fn run(&self, command: &str) -> String {
-        let aisle_dir = Path::new(env!("CARGO_BIN_EXE_aisle")).parent().unwrap();
+        let aisle = crate::harness::aisle_bin();
+        let aisle_dir = aisle.parent().unwrap();
         let path = format!(
             "{}:{}",
             aisle_dir.display(),

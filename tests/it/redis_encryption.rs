@@ -197,7 +197,7 @@ fn check_rejects_encrypt_without_a_key() {
         ),
     ] {
         std::fs::write(dir.path().join("gateway.toml"), format!("{gateway}{extra}")).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_aisle"))
+        let out = Command::new(crate::harness::aisle_bin())
             .arg("check")
             .arg("--config")
             .arg(dir.path().join("gateway.toml"))

@@ -447,7 +447,7 @@ async fn the_warm_command_reports_and_fails_on_errors() {
     let config_path = gw.config_path().display().to_string();
     let run = |args: Vec<String>| async move {
         tokio::task::spawn_blocking(move || {
-            Command::new(env!("CARGO_BIN_EXE_aisle"))
+            Command::new(crate::harness::aisle_bin())
                 .arg("warm")
                 .args(&args)
                 .env("AISLE_ADMIN_TOKEN", TOKEN)

@@ -51,6 +51,15 @@ where
 
 /// A free loopback port (bound then released; collisions are retried by the
 /// gateway start-up code).
+/// The `aisle` binary the tests run: cargo's build of this package, or the one
+/// `AISLE_TEST_BIN` names (`scripts/build-pgo.sh` runs the suite against its profile-guided
+/// build, so the binary shipped is the binary tested).
+pub fn aisle_bin() -> PathBuf {
+    std::env::var_os("AISLE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_aisle")))
+}
+
 pub fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")
@@ -926,7 +935,7 @@ fn spawn_aisle(dir: &Path, config_path: &Path, env: &[(String, String)], upgrade
             .open(dir.join(name))
             .expect("open log")
     };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_aisle"));
+    let mut cmd = Command::new(aisle_bin());
     cmd.arg("run").arg("--config").arg(config_path);
     if upgrade {
         cmd.arg("--upgrade");
