@@ -122,7 +122,7 @@ fn named(field: &Field) -> Field {
 /// What every request to one upstream carries, in the form it is sent, built once with the
 /// upstream's pool rather than on each request: each `set_headers` value was parsed and copied
 /// and its name copied again into the case map, on every proxied request (issue 16). The
-/// upstream's health check sends the same fields ([`UpstreamFields::set`]).
+/// upstream's health check sends the same fields ([`UpstreamFields::set_on`]).
 pub struct UpstreamFields {
     remove: Vec<HeaderName>,
     /// `set_headers`: name, spelling as configured, value (sensitive: pingora's debug log of
@@ -159,9 +159,12 @@ impl UpstreamFields {
         }
     }
 
-    /// `set_headers`, as a request carries them.
-    pub fn set(&self) -> impl Iterator<Item = (&HeaderName, &CaseHeaderName, &HeaderValue)> {
-        self.set.iter().map(|(n, s, v)| (n, s, v))
+    /// Sets `set_headers` on `req` (replacing what it had), values and spellings shared: what
+    /// every request and the health check's request carry.
+    pub fn set_on(&self, req: &mut RequestHeader) {
+        for (name, spelling, value) in &self.set {
+            let _ = req.insert_header((name.clone(), spelling), value.clone());
+        }
     }
 
     /// The `Host` a request sent to configured address `address` carries: `host`, else the
@@ -183,9 +186,7 @@ pub fn for_upstream(req: &mut RequestHeader, fields: &UpstreamFields, host: Opti
     for name in &fields.remove {
         req.remove_header(name);
     }
-    for (name, spelling, value) in fields.set() {
-        let _ = req.insert_header((name.clone(), spelling), value.clone());
-    }
+    fields.set_on(req);
     if let Some(host) = host {
         let _ = req.insert_header(http::header::HOST, host.clone());
     }
@@ -503,7 +504,7 @@ mod tests {
             ("x-api-key", "the client's"),
         ]);
         for_upstream(&mut req, &fields, host);
-        let (_, _, key) = fields.set().next().unwrap();
+        let (_, _, key) = &fields.set[0];
         let sent = req.headers.get("x-api-key").unwrap();
         assert_eq!(sent, "sk-test-0f9e8d");
         assert!(sent.is_sensitive(), "a credential is never printed");

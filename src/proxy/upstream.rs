@@ -599,9 +599,7 @@ fn health_check(
     check.peer_template.client_cert_key = client_cert;
     if let Ok(mut req) = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None) {
         let _ = req.insert_header(http::header::HOST, host.as_str());
-        for (name, spelling, value) in fields.set() {
-            let _ = req.insert_header((name.clone(), spelling), value.clone());
-        }
+        fields.set_on(&mut req);
         check.req = req;
     }
     check.consecutive_failure = hc.unhealthy_after as usize;

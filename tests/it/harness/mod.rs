@@ -49,8 +49,6 @@ where
     }
 }
 
-/// A free loopback port (bound then released; collisions are retried by the
-/// gateway start-up code).
 /// The `aisle` binary the tests run: cargo's build of this package, or the one
 /// `AISLE_TEST_BIN` names (`scripts/build-pgo.sh` runs the suite against its profile-guided
 /// build, so the binary shipped is the binary tested).
@@ -60,6 +58,8 @@ pub fn aisle_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_aisle")))
 }
 
+/// A free loopback port (bound then released; collisions are retried by the
+/// gateway start-up code).
 pub fn free_port() -> u16 {
     StdTcpListener::bind("127.0.0.1:0")
         .expect("bind 127.0.0.1:0")

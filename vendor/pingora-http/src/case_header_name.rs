@@ -101,11 +101,12 @@ impl IntoCaseHeaderName for &HeaderName {
 /// another length than the name's is not used: the name is spelled as a `HeaderName` is.
 impl IntoCaseHeaderName for (HeaderName, &'static str) {
     fn into_case_header_name(self) -> CaseHeaderName {
-        spelled(&self.0, self.1)
+        spelled(&self.0, CaseHeaderName(Bytes::from_static(self.1.as_bytes())))
     }
 
     fn into_names(self, with_case: bool) -> Result<(HeaderName, Option<CaseHeaderName>)> {
-        let case = with_case.then(|| spelled(&self.0, self.1));
+        let case = with_case
+            .then(|| spelled(&self.0, CaseHeaderName(Bytes::from_static(self.1.as_bytes()))));
         Ok((self.0, case))
     }
 }
@@ -113,38 +114,29 @@ impl IntoCaseHeaderName for (HeaderName, &'static str) {
 /// Aisle patch 5, for a spelling known only at run time (an operator's `set_headers` name, as
 /// written in the configuration): the spelling is a `CaseHeaderName` built once, and each insert
 /// shares its bytes (a reference count) instead of copying the name. The caller makes the
-/// spelling from the same text as the name; debug builds assert that it spells the name, and
-/// one of another length is not used.
+/// spelling from the same text as the name; it is checked as a static one is ([`spelled`]).
 impl IntoCaseHeaderName for (HeaderName, &CaseHeaderName) {
     fn into_case_header_name(self) -> CaseHeaderName {
-        respelled(&self.0, self.1)
+        spelled(&self.0, self.1.clone())
     }
 
     fn into_names(self, with_case: bool) -> Result<(HeaderName, Option<CaseHeaderName>)> {
-        let case = with_case.then(|| respelled(&self.0, self.1));
+        let case = with_case.then(|| spelled(&self.0, self.1.clone()));
         Ok((self.0, case))
     }
 }
 
-fn respelled(name: &HeaderName, spelling: &CaseHeaderName) -> CaseHeaderName {
+/// `spelling` if it spells `name`, else the name spelled as a `HeaderName` is. The spelling is
+/// checked by its length (a spelling of another length is surely another name); that it spells
+/// the name is asserted in debug builds, where the callers' tests run: comparing it byte by byte
+/// cost more than the copy it saves.
+fn spelled(name: &HeaderName, spelling: CaseHeaderName) -> CaseHeaderName {
     if spelling.0.len() == name.as_str().len() {
         debug_assert!(
             spelling.0.eq_ignore_ascii_case(name.as_str().as_bytes()),
             "{spelling:?} is not {name}"
         );
-        spelling.clone()
-    } else {
-        CaseHeaderName(titled_header_name(name))
-    }
-}
-
-/// The spelling is checked by its length (a spelling of another length is surely another
-/// name); that it spells the name is asserted in debug builds, where the callers' tests run:
-/// comparing it byte by byte cost more than the copy it saves.
-fn spelled(name: &HeaderName, spelling: &'static str) -> CaseHeaderName {
-    if spelling.len() == name.as_str().len() {
-        debug_assert!(spelling.eq_ignore_ascii_case(name.as_str()), "{spelling} is not {name}");
-        CaseHeaderName(Bytes::from_static(spelling.as_bytes()))
+        spelling
     } else {
         CaseHeaderName(titled_header_name(name))
     }
