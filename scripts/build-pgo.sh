@@ -5,7 +5,7 @@
 # CPU time (README "Performance"): much of the gap is code spread over more cache lines, which
 # is what PGO reorders.
 #
-# Usage: scripts/build-pgo.sh [--seconds N] [--no-check]
+# Usage: scripts/build-pgo.sh [--seconds N] [--no-bolt] [--no-check]
 #   1. builds an instrumented gateway (target/pgo-gen, RUSTFLAGS=-Cprofile-generate);
 #   2. trains it on loopback, against benches/origin.sh's nginx origin on 127.0.0.1:17490 (the
 #      gateway listens on 127.0.0.1:17480): for each of benches/compare.toml (the memory tier,
@@ -15,19 +15,27 @@
 #      64 KiB hits, uncacheable passes, conditional and ranged hits, and PURGEs of single keys;
 #   3. merges the profiles (llvm-profdata, from `rustup component add llvm-tools`) into
 #      target/pgo/aisle-HASH.profdata (named by its content, so a new profile rebuilds) and
-#      builds target/pgo/release/aisle with it (RUSTFLAGS=-Cprofile-use);
-#   4. unless --no-check, runs the integration suite against that binary (AISLE_TEST_BIN), so
-#      the binary shipped is a binary tested (about 5 more minutes).
+#      builds the gateway with it (RUSTFLAGS=-Cprofile-use), kept as target/pgo/release/aisle-pgo;
+#   4. unless --no-bolt, lays that binary out again after linking with BOLT (llvm-bolt, Debian's
+#      bolt-19): instruments it, trains it as in step 2, and reorders its blocks and functions
+#      by what ran, hot code together and cold code split off (rustc's own release build does
+#      the same). PGO chose inlining and block order inside each compilation unit; BOLT orders
+#      the whole linked binary, which is where the floor comparison's gap was (on stop 39's
+#      training, taken branches -33% against the PGO binary's). The result is
+#      target/pgo/release/aisle (with --no-bolt, a copy of aisle-pgo);
+#   5. unless --no-check, runs the integration suite against target/pgo/release/aisle
+#      (AISLE_TEST_BIN), so the binary shipped is a binary tested (about 5 more minutes).
 # The training requests are the benchmark's request shapes: say so when quoting figures of the
 # binary it builds. The test suite and `cargo build` are unchanged: this is a separate build.
-# Needs nginx, wrk, curl, redis-server (apt-get install -y nginx-light wrk curl redis-server)
-# and llvm-tools.
+# Needs nginx, wrk, curl, redis-server (apt-get install -y nginx-light wrk curl redis-server),
+# llvm-tools and, for step 4, llvm-bolt and merge-fdata (apt-get install -y bolt-19).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SECS=10; CHECK=1
+SECS=10; CHECK=1; BOLT=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --seconds) SECS="$2"; shift 2 ;;
+    --no-bolt) BOLT=0; shift ;;
     --no-check) CHECK=0; shift ;;
     *) echo "unknown option $1 (usage: see the top of $0)" >&2; exit 2 ;;
   esac
@@ -38,6 +46,23 @@ done
 PROFDATA=$(ls "$(rustc --print sysroot)"/lib/rustlib/*/bin/llvm-profdata 2>/dev/null | head -1 || true)
 [[ -n $PROFDATA && -x $PROFDATA ]] || {
   echo "missing llvm-profdata: run 'rustup component add llvm-tools' (it must match rustc's LLVM)" >&2; exit 2; }
+# BOLT reads the linked binary, so any recent release does (it need not match rustc's LLVM).
+# Resolved through Debian's /usr/bin/llvm-bolt-19 link: llvm-bolt finds its instrumentation
+# runtime (libbolt_rt_instr.a) beside its own real path.
+find_tool() {
+  local t
+  t=$(command -v "$1" || ls /usr/bin/"$1"-[0-9]* 2>/dev/null | sort -V | tail -1)
+  [[ -z $t ]] || readlink -f "$t"
+}
+if [[ $BOLT -eq 1 ]]; then
+  LLVM_BOLT=$(find_tool llvm-bolt); MERGE_FDATA=$(find_tool merge-fdata)
+  [[ -n $LLVM_BOLT && -n $MERGE_FDATA ]] || {
+    echo "missing llvm-bolt: apt-get install -y bolt-19 (or run with --no-bolt)" >&2; exit 2; }
+fi
+# v0 symbol names hold no dots: BOLT 19 takes a legacy name with '.warm' in it (every function
+# of aisle::config::warm, 'aisle..config..warm..') for a split-off part of another function,
+# finds no parent and stops. The same names in both builds, or the profile would not match.
+FLAGS="-Csymbol-mangling-version=v0"
 
 # With --target, RUSTFLAGS reach the gateway's code and not build scripts or proc macros (whose
 # runs at build time would write profiles of their own).
@@ -50,7 +75,7 @@ rm -rf "$DATA"; mkdir -p "$DATA"
 GEN="target/pgo-gen/$TARGET/release/aisle"
 
 echo "== 1. instrumented build (target/pgo-gen)"
-CARGO_TARGET_DIR=target/pgo-gen RUSTFLAGS="-Cprofile-generate=$DATA" \
+CARGO_TARGET_DIR=target/pgo-gen RUSTFLAGS="$FLAGS -Cprofile-generate=$DATA" \
   cargo build --release --locked --bin aisle --target "$TARGET"
 bench_origin
 
@@ -108,13 +133,39 @@ echo "== 3. merging $(ls "$DATA"/*.profraw | wc -l) profiles; optimised build (t
 mkdir -p target/pgo
 PROFILE="$PWD/target/pgo/aisle-$(sha256sum "$DATA/merged.profdata" | cut -c1-16).profdata"
 cp "$DATA/merged.profdata" "$PROFILE"
-CARGO_TARGET_DIR=target/pgo RUSTFLAGS="-Cprofile-use=$PROFILE" \
+# --emit-relocs keeps the relocations BOLT needs to move code; it only makes the file larger.
+CARGO_TARGET_DIR=target/pgo RUSTFLAGS="$FLAGS -Cprofile-use=$PROFILE -Clink-arg=-Wl,--emit-relocs" \
   cargo build --release --locked --bin aisle --target "$TARGET"
 mkdir -p target/pgo/release
-cp "target/pgo/$TARGET/release/aisle" target/pgo/release/aisle
+cp "target/pgo/$TARGET/release/aisle" target/pgo/release/aisle-pgo
 echo "profile: $PROFILE"
+if [[ $BOLT -eq 1 ]]; then
+  echo "== 4. BOLT: instrumenting target/pgo/release/aisle-pgo"
+  BDATA="$PWD/target/pgo/bolt-profiles"
+  rm -rf "$BDATA"; mkdir -p "$BDATA"
+  "$LLVM_BOLT" target/pgo/release/aisle-pgo -instrument --instrumentation-file-append-pid \
+    --instrumentation-file="$BDATA/prof" -o target/pgo/aisle-bolt-gen >"$BDATA/instrument.log" 2>&1 ||
+    { tail -20 "$BDATA/instrument.log" >&2; exit 1; }
+  GEN="$PWD/target/pgo/aisle-bolt-gen"
+  train "$GEN" run --config benches/compare.toml
+  train "$GEN" run --config benches/compare-rules-on.toml
+  train env AISLE_BIN="$GEN" benches/redis-only.sh
+  ls "$BDATA"/prof.*.fdata >/dev/null 2>&1 || { echo "no BOLT profile was written in $BDATA" >&2; exit 1; }
+  "$MERGE_FDATA" "$BDATA"/prof.*.fdata >"$BDATA/merged.fdata" 2>"$BDATA/merge.log"
+  "$LLVM_BOLT" target/pgo/release/aisle-pgo -data="$BDATA/merged.fdata" -o target/pgo/release/aisle \
+    -reorder-blocks=ext-tsp -reorder-functions=cdsort -split-functions -split-all-cold -split-eh \
+    -icf=1 -use-gnu-stack -dyno-stats >"$BDATA/optimize.log" 2>&1 ||
+    { tail -20 "$BDATA/optimize.log" >&2; exit 1; }
+  grep -E "^ +[0-9]+ : (executed instructions|taken branches)" "$BDATA/optimize.log" || true
+else
+  cp target/pgo/release/aisle-pgo target/pgo/release/aisle
+fi
 if [[ $CHECK -eq 1 ]]; then
-  echo "== 4. the integration suite against target/pgo/release/aisle"
+  echo "== 5. the integration suite against target/pgo/release/aisle"
+  # What scripts/test.sh installs for the suite (Prometheus, the pinned schemathesis).
+  source scripts/deps.sh
+  ensure_packages promtool:prometheus prometheus:prometheus
+  ensure_schemathesis
   AISLE_TEST_BIN="$PWD/target/pgo/release/aisle" cargo test --locked --test it
 fi
 echo "built target/pgo/release/aisle"
