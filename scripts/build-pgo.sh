@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Builds target/pgo/release/aisle with profile-guided optimisation (issue 16): the compiler lays
-# out and inlines the code by what a running gateway actually executes, where a plain release
-# build guesses. A hit runs about 10% more instructions than pingora alone but took 30-45% more
-# CPU time (README "Performance"): much of the gap is code spread over more cache lines, which
-# is what PGO reorders.
+# Builds target/pgo/release/aisle with profile-guided optimisation and BOLT (issue 16): the
+# compiler lays out and inlines the code by what a running gateway actually executes, where a
+# plain release build guesses. A hit runs about 10% more instructions than pingora alone but
+# took 30-45% more CPU time (README "Performance"): much of the gap is code spread over more
+# cache lines, which is what PGO and BOLT reorder.
 #
 # Usage: scripts/build-pgo.sh [--seconds N] [--no-bolt] [--no-check]
 #   1. builds an instrumented gateway (target/pgo-gen, RUSTFLAGS=-Cprofile-generate);
@@ -94,7 +94,7 @@ EOL
 load() { BENCH_PREFIX="$1" BENCH_HEADER="${2:-}" wrk -t1 -c32 -d"${SECS}s" -s "$RUN/keys.lua" http://127.0.0.1:17480 >/dev/null; }
 
 train() {  # command...: the gateway (its last process execs aisle, which SIGINT stops)
-  echo "== 2. training on $*"
+  echo "== training on $*"
   setsid "$@" >"$RUN/gateway.log" 2>&1 &
   GW=$!
   local ready=""
@@ -123,9 +123,13 @@ train() {  # command...: the gateway (its last process execs aisle, which SIGINT
   kill -TERM -- "-$GW" 2>/dev/null || true
   GW=""
 }
-train "$GEN" run --config benches/compare.toml
-train "$GEN" run --config benches/compare-rules-on.toml
-train env AISLE_BIN="$GEN" benches/redis-only.sh
+train_all() {  # binary: the three configurations step 2 names, PGO's and BOLT's training alike
+  train "$1" run --config benches/compare.toml
+  train "$1" run --config benches/compare-rules-on.toml
+  train env AISLE_BIN="$1" benches/redis-only.sh
+}
+echo "== 2. training the instrumented build"
+train_all "$GEN"
 
 ls "$DATA"/*.profraw >/dev/null 2>&1 || { echo "no profile was written in $DATA" >&2; exit 1; }
 echo "== 3. merging $(ls "$DATA"/*.profraw | wc -l) profiles; optimised build (target/pgo)"
@@ -146,12 +150,10 @@ if [[ $BOLT -eq 1 ]]; then
   "$LLVM_BOLT" target/pgo/release/aisle-pgo -instrument --instrumentation-file-append-pid \
     --instrumentation-file="$BDATA/prof" -o target/pgo/aisle-bolt-gen >"$BDATA/instrument.log" 2>&1 ||
     { tail -20 "$BDATA/instrument.log" >&2; exit 1; }
-  GEN="$PWD/target/pgo/aisle-bolt-gen"
-  train "$GEN" run --config benches/compare.toml
-  train "$GEN" run --config benches/compare-rules-on.toml
-  train env AISLE_BIN="$GEN" benches/redis-only.sh
+  train_all "$PWD/target/pgo/aisle-bolt-gen"
   ls "$BDATA"/prof.*.fdata >/dev/null 2>&1 || { echo "no BOLT profile was written in $BDATA" >&2; exit 1; }
-  "$MERGE_FDATA" "$BDATA"/prof.*.fdata >"$BDATA/merged.fdata" 2>"$BDATA/merge.log"
+  "$MERGE_FDATA" "$BDATA"/prof.*.fdata >"$BDATA/merged.fdata" 2>"$BDATA/merge.log" ||
+    { tail -20 "$BDATA/merge.log" >&2; exit 1; }
   "$LLVM_BOLT" target/pgo/release/aisle-pgo -data="$BDATA/merged.fdata" -o target/pgo/release/aisle \
     -reorder-blocks=ext-tsp -reorder-functions=cdsort -split-functions -split-all-cold -split-eh \
     -icf=1 -use-gnu-stack -dyno-stats >"$BDATA/optimize.log" 2>&1 ||
