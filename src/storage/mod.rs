@@ -177,6 +177,11 @@ impl Names {
     pub fn heap_bytes(&self) -> usize {
         self.buf.len()
     }
+
+    /// The encoded buffer (ends, then text): what a record that packs an entry copies.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
 }
 
 impl std::fmt::Debug for Names {

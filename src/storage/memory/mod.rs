@@ -19,6 +19,7 @@ mod compact;
 mod fill;
 mod hit;
 mod priority;
+pub mod segments;
 
 pub use super::meta::StoredTimes;
 pub use hit::{BodyHit, PartialHit, Stored};

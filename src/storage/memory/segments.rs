@@ -1,0 +1,932 @@
+//! Segments: a store of records packed back to back in large buffers, evicted a buffer at a
+//! time. It is what the memory tier's entries are to live in (issue 16: 300 B an entry beyond
+//! body and header at a million entries; the `Arc<Entry>` store costs 480 B); this file is the
+//! store alone, and `benches/memory_scale.rs` (its `segments` phases) measures it with records of a
+//! real entry's size. DEVELOPERS.md ("Seams") says what moving the tier onto it takes.
+//!
+//! Why this shape. Every allocation an entry makes costs its size-class rounding, plus the
+//! counts of whatever shares it, and each piece of today's entry sits near the top of its class
+//! (README "Stop 36"). Here an entry is one *record*: bytes the caller lays out, appended to the
+//! active segment of its priority class. A segment is a `BytesMut` from which each record is split
+//! off as a frozen `Bytes`, so a record costs its own bytes and nothing more, a reader holds a
+//! `Bytes` slice of it (a reference count on the segment, no allocation), and a segment's memory
+//! goes back to the allocator when its last record and its last reader let go. No unsafe code:
+//! `bytes` does the sharing.
+//!
+//! Eviction takes whole segments, oldest first in the lowest non-empty class (Segcache's FIFO
+//! segments, NSDI '21), so the budget counts whole segments and nothing is freed piecemeal
+//! behind its back. A record hit since it was written gets a second chance: it is copied to its
+//! class's active segment rather than dropped (CLOCK's rule, which is how a FIFO keeps the hot
+//! set an LRU keeps), for at most one segment's bytes per insert, so that every insert ends.
+//!
+//! Finding a record: each shard has a slab of slots (the record's `Bytes`, its segment, its hit
+//! bit), a table of slot numbers by id and one by URI id (4-byte slots), searched under the
+//! shard's lock. A segment lists the slots its records were put in (8 bytes a record), so its
+//! eviction unlinks them without a scan; a slot freed since, or reused by a record of another
+//! segment, is skipped.
+//!
+//! Locks: `insert` takes the writer lock, then shard locks one at a time; reads and removals
+//! take one shard lock. A removed record's bytes stay in their segment, dead but counted, until
+//! the segment is evicted.
+
+use ahash::RandomState;
+use bytes::{Bytes, BytesMut};
+use hashbrown::HashTable;
+use parking_lot::{Mutex, RwLock};
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+/// Priority classes, evicted lowest first (as `PriorityEviction`'s).
+pub const CLASSES: usize = 4;
+const SHARDS: usize = super::SHARDS;
+/// Bytes every record starts with: its id and its URI id, which the store finds it by.
+pub const HEAD: usize = 24;
+/// No slot: the end of a shard's free list.
+const NIL: u32 = u32::MAX;
+/// What a record costs outside its segment, charged to the segment so that the budget bounds
+/// all of it: its slot (twice: a slab that outgrows its capacity hint doubles, and the
+/// allocator may keep the old copy), its 4-byte slots in the id and URI tables (at hashbrown's
+/// load) and its entry in the segment's member list (4 bytes, up to twice that as the list
+/// doubles).
+const INDEX: usize = 2 * std::mem::size_of::<Slot>() + 2 * super::map_slot(4) + 8;
+/// What a segment costs beyond its bytes: its bookkeeping, and the reference count block
+/// `bytes` allocates when the first record is split off.
+const SEGMENT_EXTRA: usize = 128;
+/// Bits of a member that number the slot; the shard is above them.
+const SLOT_BITS: u32 = 28;
+
+/// A segment's member: slot `slot` of shard `shard`.
+fn member(shard: usize, slot: u32) -> u32 {
+    ((shard as u32) << SLOT_BITS) | slot
+}
+
+/// One stored record: its id, its URI id and the caller's payload (a reference count on its
+/// segment; cloning it is one atomic increment).
+#[derive(Clone, Debug)]
+pub struct Record(Bytes);
+
+/// The id a record starts with.
+fn id_in(rec: &[u8]) -> u128 {
+    let mut b = [0; 16];
+    b.copy_from_slice(&rec[..16]);
+    u128::from_le_bytes(b)
+}
+
+/// The URI id that follows it.
+fn uri_in(rec: &[u8]) -> u64 {
+    let mut b = [0; 8];
+    b.copy_from_slice(&rec[16..HEAD]);
+    u64::from_le_bytes(b)
+}
+
+impl Record {
+    pub fn id(&self) -> u128 {
+        id_in(&self.0)
+    }
+
+    pub fn uri(&self) -> u64 {
+        uri_in(&self.0)
+    }
+
+    /// The caller's bytes.
+    pub fn payload(&self) -> &[u8] {
+        &self.0[HEAD..]
+    }
+
+    /// `range` of the payload, as `Bytes` that share the segment (no copy).
+    pub fn slice(&self, range: Range<usize>) -> Bytes {
+        self.0.slice(HEAD + range.start..HEAD + range.end)
+    }
+
+    /// Bytes the record takes in its segment.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Whether `other` is this very record (not an equal copy).
+    pub fn same(&self, other: &Record) -> bool {
+        self.0.as_ptr() == other.0.as_ptr() && self.0.len() == other.0.len()
+    }
+}
+
+/// What an insert did besides storing its record.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// The record that was stored under the same id, replaced.
+    pub replaced: Option<Record>,
+    /// Records dropped with their segments to make room.
+    pub evicted: Vec<Record>,
+    /// False when `insert_if` found its expected record gone: nothing was linked.
+    pub linked: bool,
+}
+
+/// Why an insert stored nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The record alone is larger than the budget.
+    TooLarge { len: usize, budget: usize },
+}
+
+struct Slot {
+    rec: Option<Bytes>,
+    /// The segment `rec` is in; the next free slot when `rec` is `None`.
+    seg: u32,
+    /// Set by a hit, cleared when the record is given its second chance.
+    hit: AtomicBool,
+}
+
+#[derive(Default)]
+struct Shard {
+    slots: Vec<Slot>,
+    free: u32,
+    ids: HashTable<u32>,
+    uris: HashTable<u32>,
+}
+
+impl Shard {
+    fn with_capacity(n: usize) -> Self {
+        Shard {
+            slots: Vec::with_capacity(n),
+            free: NIL,
+            ids: HashTable::with_capacity(n),
+            uris: HashTable::with_capacity(n),
+        }
+    }
+
+    fn rec(&self, i: u32) -> Option<&Bytes> {
+        self.slots.get(i as usize).and_then(|s| s.rec.as_ref())
+    }
+
+    fn id_at(&self, i: u32) -> Option<u128> {
+        self.rec(i).map(|r| id_in(r))
+    }
+
+    fn uri_at(&self, i: u32) -> Option<u64> {
+        self.rec(i).map(|r| uri_in(r))
+    }
+
+    fn find(&self, h: &RandomState, id: u128) -> Option<u32> {
+        self.ids
+            .find(h.hash_one(id as u64), |&i| self.id_at(i) == Some(id))
+            .copied()
+    }
+
+    /// Puts `rec` in a free slot and links it by id and URI; returns the slot.
+    fn put(&mut self, h: &RandomState, rec: Bytes, seg: u32) -> u32 {
+        let (id, uri) = (id_in(&rec), uri_in(&rec));
+        let slot = Slot {
+            rec: Some(rec),
+            seg,
+            hit: AtomicBool::new(false),
+        };
+        let i = match self.free {
+            NIL => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+            i => {
+                self.free = self.slots[i as usize].seg;
+                self.slots[i as usize] = slot;
+                i
+            }
+        };
+        let Shard {
+            slots, ids, uris, ..
+        } = self;
+        // Slots linked in the tables always hold a record; the `0` is never hashed.
+        let rec_at = |j: &u32| slots[*j as usize].rec.as_deref();
+        ids.insert_unique(h.hash_one(id as u64), i, |j| {
+            h.hash_one(rec_at(j).map_or(0, |r| id_in(r) as u64))
+        });
+        uris.insert_unique(h.hash_one(uri), i, |j| {
+            h.hash_one(rec_at(j).map_or(0, uri_in))
+        });
+        i
+    }
+
+    /// Unlinks slot `i` and frees it; returns its record.
+    fn take(&mut self, h: &RandomState, i: u32) -> Option<Bytes> {
+        let id = self.id_at(i)?;
+        let uri = self.uri_at(i)?;
+        if let Ok(e) = self.ids.find_entry(h.hash_one(id as u64), |&j| j == i) {
+            e.remove();
+        }
+        if let Ok(e) = self.uris.find_entry(h.hash_one(uri), |&j| j == i) {
+            e.remove();
+        }
+        let free = self.free;
+        let slot = &mut self.slots[i as usize];
+        let rec = slot.rec.take();
+        slot.seg = free;
+        self.free = i;
+        rec
+    }
+}
+
+/// A segment's bookkeeping (its bytes are shared by its records' `Bytes`).
+struct SegInfo {
+    /// What it is charged: its bytes and [`INDEX`] for each record written in it.
+    size: usize,
+    class: u8,
+    /// `(shard << 28) | slot` of every record put in it ([`member`]).
+    members: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// The segment records of this class are appended to, with its number.
+    active: Option<(u32, BytesMut)>,
+    /// Full segments, oldest first.
+    sealed: VecDeque<u32>,
+}
+
+#[derive(Default)]
+struct Writer {
+    queues: [Queue; CLASSES],
+    segs: Vec<Option<SegInfo>>,
+    /// Numbers free for new segments.
+    free: Vec<u32>,
+    /// Numbers of segments evicted during the current insert, freed when it ends (a record
+    /// given its second chance still names its old segment until it is copied).
+    retired: Vec<u32>,
+    /// Bytes of every segment held.
+    allocated: usize,
+}
+
+/// A record given its second chance, waiting to be copied: where it is and what it was.
+struct Survivor {
+    shard: usize,
+    slot: u32,
+    rec: Bytes,
+    class: u8,
+}
+
+/// The store. See the module comment.
+pub struct Segments {
+    segment: usize,
+    budget: usize,
+    shards: Box<[RwLock<Shard>]>,
+    writer: Mutex<Writer>,
+    hasher: RandomState,
+    entries: AtomicUsize,
+    live: AtomicUsize,
+    allocated: AtomicUsize,
+    evicted: AtomicU64,
+}
+
+impl Segments {
+    /// A store of `budget` bytes in segments of `segment` bytes (a record larger than a
+    /// segment gets one of its own size), with room for `capacity` records before its
+    /// tables grow.
+    pub fn new(budget: usize, segment: usize, capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS);
+        Segments {
+            segment: segment.max(HEAD),
+            budget,
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(Shard::with_capacity(per_shard)))
+                .collect(),
+            writer: Mutex::new(Writer::default()),
+            hasher: RandomState::new(),
+            entries: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
+            allocated: AtomicUsize::new(0),
+            evicted: AtomicU64::new(0),
+        }
+    }
+
+    /// A store of `budget` bytes with segments of a 64th of it, between 4 KiB and 64 KiB: fine
+    /// enough that a class's part-filled active segment is a small share of a small budget,
+    /// coarse enough that a segment's bookkeeping is little per record. Not larger: mimalloc
+    /// gives an allocation of a MiB pages of its own, and at a million entries that cost 106 B
+    /// an entry more than 64 KiB segments did (`benches/memory_scale.rs`,
+    /// `MEMORY_SCALE_SEGMENT`: 64 KiB 14 B, 256 KiB 32 B, 1 MiB 109 B of RSS beyond the heap
+    /// requested). Its tables are sized
+    /// for a record per 4 KiB of budget (as the LRU's are): preallocated, they do not leave
+    /// the copies a doubling table frees behind in the allocator.
+    pub fn for_budget(budget: usize) -> Self {
+        Self::new(
+            budget,
+            (budget / 64).clamp(4 << 10, 64 << 10),
+            (budget / 4096).clamp(64, 1 << 20),
+        )
+    }
+
+    fn shard_of(id: u128) -> usize {
+        (id as usize) % SHARDS
+    }
+
+    /// The record stored under `id`.
+    pub fn get(&self, id: u128) -> Option<Record> {
+        let shard = self.shards[Self::shard_of(id)].read();
+        let i = shard.find(&self.hasher, id)?;
+        shard.rec(i).cloned().map(Record)
+    }
+
+    /// The record stored under `id`, noted as hit (it gets a second chance when its segment
+    /// is evicted).
+    pub fn hit(&self, id: u128) -> Option<Record> {
+        let shard = self.shards[Self::shard_of(id)].read();
+        let i = shard.find(&self.hasher, id)?;
+        let slot = &shard.slots[i as usize];
+        // Read first: a hot record's slot is not written on every hit.
+        if !slot.hit.load(Ordering::Relaxed) {
+            slot.hit.store(true, Ordering::Relaxed);
+        }
+        slot.rec.clone().map(Record)
+    }
+
+    /// Removes the record stored under `id`.
+    pub fn remove(&self, id: u128) -> Option<Record> {
+        let rec = {
+            let mut shard = self.shards[Self::shard_of(id)].write();
+            let i = shard.find(&self.hasher, id)?;
+            shard.take(&self.hasher, i)?
+        };
+        self.unlinked(rec.len());
+        Some(Record(rec))
+    }
+
+    /// Every record stored for URI id `uri` (its variants).
+    pub fn variants(&self, uri: u64) -> Vec<Record> {
+        let h = self.hasher.hash_one(uri);
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.read();
+            for &i in shard.uris.iter_hash(h) {
+                if shard.uri_at(i) == Some(uri) {
+                    found.extend(shard.rec(i).cloned().map(Record));
+                }
+            }
+        }
+        found
+    }
+
+    /// Whether any record is stored for URI id `uri`.
+    pub fn has_uri(&self, uri: u64) -> bool {
+        let h = self.hasher.hash_one(uri);
+        self.shards.iter().any(|shard| {
+            let shard = shard.read();
+            shard
+                .uris
+                .iter_hash(h)
+                .any(|&i| shard.uri_at(i) == Some(uri))
+        })
+    }
+
+    /// Records stored.
+    pub fn len(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of the records stored.
+    pub fn live_bytes(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Bytes of every segment held: what the budget bounds.
+    pub fn allocated(&self) -> usize {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Records dropped to make room so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Stores a record of `parts` under `id` and `uri` in priority class `class` (0 is
+    /// evicted first), replacing any record stored under `id`.
+    pub fn insert(
+        &self,
+        id: u128,
+        uri: u64,
+        class: u8,
+        parts: &[&[u8]],
+    ) -> Result<Inserted, Refused> {
+        self.insert_if(id, uri, class, parts, None)
+    }
+
+    /// As [`Segments::insert`], but only if `expect` is still the record stored under `id`
+    /// (a revalidation must not put back what a purge removed); when it is not, `linked` is
+    /// false and the written bytes are dead.
+    pub fn insert_if(
+        &self,
+        id: u128,
+        uri: u64,
+        class: u8,
+        parts: &[&[u8]],
+        expect: Option<&Record>,
+    ) -> Result<Inserted, Refused> {
+        let class = class.min(CLASSES as u8 - 1);
+        let len = HEAD + parts.iter().map(|p| p.len()).sum::<usize>();
+        if len > self.budget {
+            return Err(Refused::TooLarge {
+                len,
+                budget: self.budget,
+            });
+        }
+        let mut out = Inserted::default();
+        let mut w = self.writer.lock();
+        // A second chance is given to at most one segment's bytes per insert.
+        let mut keep = self.segment;
+        let mut survivors = Vec::new();
+        let (seg, rec) = self.append(
+            &mut w,
+            class,
+            len,
+            &mut out,
+            &mut survivors,
+            &mut keep,
+            |buf| {
+                buf.extend_from_slice(&id.to_le_bytes());
+                buf.extend_from_slice(&uri.to_le_bytes());
+                for p in parts {
+                    buf.extend_from_slice(p);
+                }
+            },
+        );
+        let shard_i = Self::shard_of(id);
+        {
+            let mut shard = self.shards[shard_i].write();
+            let current = shard.find(&self.hasher, id);
+            let holds_expected = match (expect, current) {
+                (None, _) => true,
+                (Some(e), Some(i)) => shard
+                    .rec(i)
+                    .is_some_and(|r| r.as_ptr() == e.0.as_ptr() && r.len() == e.len()),
+                (Some(_), None) => false,
+            };
+            if holds_expected {
+                if let Some(i) = current {
+                    out.replaced = shard.take(&self.hasher, i).map(Record);
+                }
+                let slot = shard.put(&self.hasher, rec, seg);
+                out.linked = true;
+                if let Some(Some(info)) = w.segs.get_mut(seg as usize) {
+                    info.members.push(member(shard_i, slot));
+                }
+            }
+        }
+        if let Some(old) = &out.replaced {
+            self.unlinked(old.len());
+        }
+        if out.linked {
+            self.linked(len);
+        }
+        // Copy the records given a second chance; copying may evict further segments, whose
+        // survivors join the queue while `keep` lasts.
+        while let Some(s) = survivors.pop() {
+            self.relocate(&mut w, s, &mut out, &mut survivors, &mut keep);
+        }
+        let Writer { retired, free, .. } = &mut *w;
+        free.append(retired);
+        self.allocated.store(w.allocated, Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Drops every record and segment; returns the records dropped.
+    pub fn clear(&self) -> Vec<Record> {
+        let mut w = self.writer.lock();
+        let mut dropped = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.write();
+            let linked: Vec<u32> = shard.ids.iter().copied().collect();
+            for i in linked {
+                if let Some(rec) = shard.take(&self.hasher, i) {
+                    dropped.push(Record(rec));
+                }
+            }
+        }
+        for r in &dropped {
+            self.unlinked(r.len());
+        }
+        *w = Writer::default();
+        self.allocated.store(0, Ordering::Relaxed);
+        dropped
+    }
+
+    fn linked(&self, len: usize) {
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.live.fetch_add(len, Ordering::Relaxed);
+    }
+
+    fn unlinked(&self, len: usize) {
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+        self.live.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    /// Writes a record of `len` bytes (by `write`) in class `class`, making room first;
+    /// returns its segment and its bytes.
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &self,
+        w: &mut Writer,
+        class: u8,
+        len: usize,
+        out: &mut Inserted,
+        survivors: &mut Vec<Survivor>,
+        keep: &mut usize,
+        write: impl FnOnce(&mut BytesMut),
+    ) -> (u32, Bytes) {
+        let c = class as usize;
+        // A record larger than a segment gets a segment of its own, sealed at once (the
+        // class's active one stays).
+        let dedicated = len > self.segment;
+        let fits = loop {
+            let fits = !dedicated
+                && w.queues[c]
+                    .active
+                    .as_ref()
+                    .is_some_and(|(_, b)| b.capacity() - b.len() >= len);
+            let need = INDEX
+                + match (dedicated, fits) {
+                    (true, _) => len + SEGMENT_EXTRA,
+                    (false, true) => 0,
+                    (false, false) => self.segment + SEGMENT_EXTRA,
+                };
+            // Evicting may take this class's active segment: look again. With nothing left
+            // to evict the budget is smaller than a segment; the record is written anyway.
+            if w.allocated + need <= self.budget || !self.evict_one(w, out, survivors, keep) {
+                break fits;
+            }
+        };
+        let (seg, rec) = if dedicated {
+            let seg = self.open(w, class, len);
+            let mut buf = BytesMut::with_capacity(len);
+            write(&mut buf);
+            w.queues[c].sealed.push_back(seg);
+            (seg, buf.freeze())
+        } else {
+            if !fits {
+                if let Some((seg, _)) = w.queues[c].active.take() {
+                    w.queues[c].sealed.push_back(seg);
+                }
+                let seg = self.open(w, class, self.segment);
+                w.queues[c].active = Some((seg, BytesMut::with_capacity(self.segment)));
+            }
+            let Some((seg, buf)) = w.queues[c].active.as_mut() else {
+                unreachable!("an active segment was just opened")
+            };
+            write(buf);
+            (*seg, buf.split().freeze())
+        };
+        // The record's share of the index is charged to its segment.
+        if let Some(Some(info)) = w.segs.get_mut(seg as usize) {
+            info.size += INDEX;
+        }
+        w.allocated += INDEX;
+        (seg, rec)
+    }
+
+    /// Numbers a new segment of `size` bytes and counts it.
+    fn open(&self, w: &mut Writer, class: u8, size: usize) -> u32 {
+        let size = size + SEGMENT_EXTRA;
+        let info = SegInfo {
+            size,
+            class,
+            members: Vec::new(),
+        };
+        w.allocated += size;
+        match w.free.pop() {
+            Some(n) => {
+                w.segs[n as usize] = Some(info);
+                n
+            }
+            None => {
+                w.segs.push(Some(info));
+                (w.segs.len() - 1) as u32
+            }
+        }
+    }
+
+    /// Evicts one segment: the oldest full one of the lowest class that has one, else the
+    /// lowest class's active one. False if there is none.
+    fn evict_one(
+        &self,
+        w: &mut Writer,
+        out: &mut Inserted,
+        survivors: &mut Vec<Survivor>,
+        keep: &mut usize,
+    ) -> bool {
+        let victim = match w.queues.iter_mut().find_map(|q| q.sealed.pop_front()) {
+            Some(seg) => seg,
+            None => match w
+                .queues
+                .iter_mut()
+                .find_map(|q| q.active.take().map(|(seg, _)| seg))
+            {
+                Some(seg) => seg,
+                None => return false,
+            },
+        };
+        self.evict(w, victim, out, survivors, keep);
+        true
+    }
+
+    /// Drops segment `seg`: unlinks its records, except those hit since they were written,
+    /// which wait in `survivors` to be copied (while `keep` lasts).
+    fn evict(
+        &self,
+        w: &mut Writer,
+        seg: u32,
+        out: &mut Inserted,
+        survivors: &mut Vec<Survivor>,
+        keep: &mut usize,
+    ) {
+        let Some(info) = w.segs.get_mut(seg as usize).and_then(Option::take) else {
+            return;
+        };
+        w.allocated -= info.size;
+        w.retired.push(seg);
+        let mut members = info.members;
+        members.sort_unstable();
+        let mut evicted = 0;
+        for group in members.chunk_by(|a, b| a >> SLOT_BITS == b >> SLOT_BITS) {
+            let shard_i = (group[0] >> SLOT_BITS) as usize;
+            let mut shard = self.shards[shard_i].write();
+            for &m in group {
+                let i = m & ((1 << SLOT_BITS) - 1);
+                let Some(slot) = shard.slots.get(i as usize) else {
+                    continue;
+                };
+                let Some(rec) = slot.rec.as_ref().filter(|_| slot.seg == seg) else {
+                    continue;
+                };
+                let len = rec.len();
+                if len <= *keep && slot.hit.swap(false, Ordering::Relaxed) {
+                    *keep -= len;
+                    survivors.push(Survivor {
+                        shard: shard_i,
+                        slot: i,
+                        rec: rec.clone(),
+                        class: info.class,
+                    });
+                } else if let Some(rec) = shard.take(&self.hasher, i) {
+                    self.unlinked(rec.len());
+                    out.evicted.push(Record(rec));
+                    evicted += 1;
+                }
+            }
+        }
+        self.evicted.fetch_add(evicted, Ordering::Relaxed);
+    }
+
+    /// Copies a record given its second chance to its class's active segment, and points its
+    /// slot at the copy if the slot still holds the record (a purge since then wins).
+    fn relocate(
+        &self,
+        w: &mut Writer,
+        s: Survivor,
+        out: &mut Inserted,
+        survivors: &mut Vec<Survivor>,
+        keep: &mut usize,
+    ) {
+        let (seg, copy) = self.append(w, s.class, s.rec.len(), out, survivors, keep, |buf| {
+            buf.extend_from_slice(&s.rec)
+        });
+        let mut shard = self.shards[s.shard].write();
+        let Some(slot) = shard.slots.get_mut(s.slot as usize) else {
+            return;
+        };
+        let still = slot
+            .rec
+            .as_ref()
+            .is_some_and(|r| r.as_ptr() == s.rec.as_ptr() && r.len() == s.rec.len());
+        if still {
+            slot.rec = Some(copy);
+            slot.seg = seg;
+            drop(shard);
+            if let Some(Some(info)) = w.segs.get_mut(seg as usize) {
+                info.members.push(member(s.shard, s.slot));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(n: usize) -> Vec<u8> {
+        vec![b'x'; n]
+    }
+
+    #[test]
+    fn a_record_is_found_by_id_and_uri_and_shares_its_segment() {
+        let s = Segments::new(1 << 20, 64 << 10, 64);
+        let out = s.insert(7, 70, 1, &[b"head", b"body"]).unwrap();
+        assert!(out.linked && out.replaced.is_none() && out.evicted.is_empty());
+        let r = s.get(7).unwrap();
+        assert_eq!((r.id(), r.uri(), r.payload()), (7, 70, &b"headbody"[..]));
+        let body = r.slice(4..8);
+        assert_eq!(&body[..], b"body");
+        assert_eq!(
+            body.as_ptr(),
+            r.payload()[4..].as_ptr(),
+            "a slice is the stored bytes, not a copy"
+        );
+        s.insert(8, 70, 1, &[b"other variant"]).unwrap();
+        s.insert(9, 71, 1, &[b"other uri"]).unwrap();
+        let mut ids: Vec<u128> = s.variants(70).iter().map(Record::id).collect();
+        ids.sort();
+        assert_eq!(ids, [7, 8]);
+        assert!(s.has_uri(71) && !s.has_uri(72));
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.remove(7).unwrap().payload(), b"headbody");
+        assert!(s.get(7).is_none() && s.remove(7).is_none());
+        assert_eq!(s.variants(70).len(), 1);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.live_bytes(), 2 * HEAD + 13 + 9);
+    }
+
+    #[test]
+    fn a_second_insert_replaces_and_insert_if_respects_a_purge() {
+        let s = Segments::new(1 << 20, 64 << 10, 64);
+        s.insert(1, 10, 1, &[b"v1"]).unwrap();
+        let v1 = s.get(1).unwrap();
+        let out = s.insert(1, 10, 1, &[b"v2"]).unwrap();
+        assert!(out.replaced.unwrap().same(&v1));
+        assert_eq!(s.len(), 1);
+        assert_eq!(s.variants(10).len(), 1, "the URI index holds one link");
+        // A revalidation of a record purged meanwhile does not put it back.
+        let v2 = s.get(1).unwrap();
+        s.remove(1);
+        let out = s.insert_if(1, 10, 1, &[b"v3"], Some(&v2)).unwrap();
+        assert!(!out.linked);
+        assert!(s.get(1).is_none());
+        s.insert(1, 10, 1, &[b"v4"]).unwrap();
+        let out = s.insert_if(1, 10, 1, &[b"v5"], Some(&v2)).unwrap();
+        assert!(!out.linked, "v2 is no longer what is stored");
+        assert_eq!(s.get(1).unwrap().payload(), b"v4");
+        let v4 = s.get(1).unwrap();
+        assert!(s.insert_if(1, 10, 1, &[b"v6"], Some(&v4)).unwrap().linked);
+        assert_eq!(s.get(1).unwrap().payload(), b"v6");
+    }
+
+    #[test]
+    fn the_budget_holds_and_the_oldest_segment_goes_first() {
+        let seg = 8 << 10;
+        let s = Segments::new(64 << 10, seg, 64);
+        let per = HEAD + 1000;
+        let mut evicted = Vec::new();
+        for id in 0..500u128 {
+            let out = s.insert(id, id as u64, 1, &[&rec(1000)]).unwrap();
+            assert!(s.allocated() <= 64 << 10, "{} held", s.allocated());
+            evicted.extend(out.evicted.iter().map(Record::id));
+        }
+        // FIFO without hits: what was evicted is exactly the oldest ids.
+        let n = evicted.len();
+        assert!(n > 400, "{n} evicted");
+        evicted.sort();
+        assert_eq!(evicted, (0..n as u128).collect::<Vec<_>>());
+        assert_eq!(s.len(), 500 - n);
+        assert!(s.get(499).is_some() && s.get(0).is_none());
+        assert_eq!(s.evicted(), n as u64);
+        // The budget is used: what is charged is within a segment (and its records' index
+        // charges) of it, and full segments are full.
+        assert!(
+            s.allocated() + seg + SEGMENT_EXTRA + 8 * INDEX > 64 << 10,
+            "{}",
+            s.allocated()
+        );
+        assert_eq!(s.live_bytes() % per, 0);
+    }
+
+    #[test]
+    fn a_hit_record_survives_the_eviction_of_its_segment() {
+        let s = Segments::new(32 << 10, 8 << 10, 64);
+        for id in 0..8u128 {
+            s.insert(id, 0, 1, &[&rec(1000)]).unwrap();
+        }
+        assert!(s.hit(3).is_some());
+        let before = s.get(3).unwrap();
+        // Until the first segment goes.
+        let mut id = 100u128;
+        while s.get(0).is_some() && id < 200 {
+            s.insert(id, 0, 1, &[&rec(1000)]).unwrap();
+            id += 1;
+        }
+        for id in (0..8u128).filter(|&i| i != 3) {
+            assert!(s.get(id).is_none(), "{id} was not hit and is gone");
+        }
+        let after = s.get(3).expect("the hit record was kept");
+        assert_eq!(after.payload(), before.payload());
+        assert!(!after.same(&before), "it was copied to a newer segment");
+        assert!(s.allocated() <= 32 << 10);
+        // Without a new hit it gets no third chance.
+        for id in 200..300u128 {
+            s.insert(id, 0, 1, &[&rec(1000)]).unwrap();
+        }
+        assert!(s.get(3).is_none());
+    }
+
+    #[test]
+    fn a_lower_class_is_evicted_first() {
+        let s = Segments::new(64 << 10, 8 << 10, 64);
+        for id in 0..20u128 {
+            s.insert(id, 0, 2, &[&rec(1000)]).unwrap();
+        }
+        for id in 100..200u128 {
+            s.insert(id, 0, 0, &[&rec(1000)]).unwrap();
+        }
+        assert!(
+            (0..20u128).all(|id| s.get(id).is_some()),
+            "the high class kept everything while the low one had segments to give"
+        );
+        assert!(s.get(100).is_none() && s.get(199).is_some());
+    }
+
+    #[test]
+    fn a_large_record_has_its_own_segment_and_one_over_budget_is_refused() {
+        let s = Segments::new(64 << 10, 8 << 10, 64);
+        s.insert(1, 0, 1, &[&rec(100)]).unwrap();
+        s.insert(2, 0, 1, &[&rec(20_000)]).unwrap();
+        s.insert(3, 0, 1, &[&rec(100)]).unwrap();
+        assert_eq!(s.get(2).unwrap().payload().len(), 20_000);
+        assert_eq!(
+            s.allocated(),
+            (8 << 10) + HEAD + 20_000 + 2 * SEGMENT_EXTRA + 3 * INDEX
+        );
+        assert_eq!(
+            s.insert(4, 0, 1, &[&rec(64 << 10)]).unwrap_err(),
+            Refused::TooLarge {
+                len: HEAD + (64 << 10),
+                budget: 64 << 10
+            }
+        );
+        assert!(s.get(4).is_none() && s.get(1).is_some());
+    }
+
+    #[test]
+    fn a_reader_keeps_its_bytes_after_the_segment_is_evicted_and_clear_drops_all() {
+        let s = Segments::new(16 << 10, 4 << 10, 64);
+        s.insert(1, 0, 1, &[b"kept by a reader"]).unwrap();
+        let held = s.get(1).unwrap().slice(0..16);
+        for id in 2..100u128 {
+            s.insert(id, 0, 1, &[&rec(1000)]).unwrap();
+        }
+        assert!(s.get(1).is_none());
+        assert_eq!(&held[..], b"kept by a reader");
+        let n = s.len();
+        assert_eq!(s.clear().len(), n);
+        assert_eq!((s.len(), s.live_bytes(), s.allocated()), (0, 0, 0));
+        s.insert(5, 0, 1, &[b"after"]).unwrap();
+        assert_eq!(s.get(5).unwrap().payload(), b"after");
+    }
+
+    #[test]
+    fn concurrent_writers_readers_and_purges_keep_the_books() {
+        let s = std::sync::Arc::new(Segments::new(256 << 10, 16 << 10, 64));
+        let threads: Vec<_> = (0..4u128)
+            .map(|t| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for i in 0..3000u128 {
+                        let id = (i * 7 + t) % 900;
+                        match i % 4 {
+                            0 => {
+                                s.insert(id, (id % 50) as u64, (id % 4) as u8, &[&rec(500)])
+                                    .unwrap();
+                            }
+                            1 => {
+                                if let Some(r) = s.hit(id) {
+                                    assert_eq!(r.id(), id);
+                                }
+                            }
+                            2 => {
+                                s.remove(id);
+                            }
+                            _ => {
+                                for r in s.variants((id % 50) as u64) {
+                                    assert_eq!(r.uri(), (id % 50) as u64);
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut n = 0;
+        let mut bytes = 0;
+        for id in 0..900u128 {
+            if let Some(r) = s.get(id) {
+                n += 1;
+                bytes += r.len();
+            }
+        }
+        assert_eq!((s.len(), s.live_bytes()), (n, bytes));
+        assert!(s.allocated() <= 256 << 10);
+    }
+}
