@@ -1,13 +1,13 @@
 //! Segments: a store of records packed back to back in large buffers, evicted a buffer at a
-//! time. It is what the memory tier's entries are to live in (issue 16: 300 B an entry beyond
-//! body and header at a million entries; the `Arc<Entry>` store costs 480 B); this file is the
-//! store alone, and `benches/memory_scale.rs` (its `segments` phases) measures it with records of a
-//! real entry's size. DEVELOPERS.md ("Seams") says what moving the tier onto it takes.
+//! time. The memory tier's entries live in it (issue 16: at most 300 B an entry beyond body and
+//! header at a million entries; the `Arc<Entry>` store it replaced cost 480 B, this one 268 B,
+//! `benches/memory_scale.rs`). The store knows records only by id and URI id; how an entry is
+//! laid out in one is `layout.rs`'s business.
 //!
 //! Why this shape. Every allocation an entry makes costs its size-class rounding, plus the
 //! counts of whatever shares it, and each piece of today's entry sits near the top of its class
 //! (README "Stop 36"). Here an entry is one *record*: bytes the caller lays out, appended to the
-//! active segment of its priority class. A segment is a `BytesMut` from which each record is split
+//! open segment of its priority class. A segment is a `BytesMut` from which each record is split
 //! off as a frozen `Bytes`, so a record costs its own bytes and nothing more, a reader holds a
 //! `Bytes` slice of it (a reference count on the segment, no allocation), and a segment's memory
 //! goes back to the allocator when its last record and its last reader let go. No unsafe code:
@@ -15,9 +15,11 @@
 //!
 //! Eviction takes whole segments, oldest first in the lowest non-empty class (Segcache's FIFO
 //! segments, NSDI '21), so the budget counts whole segments and nothing is freed piecemeal
-//! behind its back. A record hit since it was written gets a second chance: it is copied to its
-//! class's active segment rather than dropped (CLOCK's rule, which is how a FIFO keeps the hot
-//! set an LRU keeps), for at most one segment's bytes per insert, so that every insert ends.
+//! behind its back. A record hit since it was written gets a second chance: it is copied to one
+//! of its class's open segments rather than dropped (CLOCK's rule, which is how a FIFO keeps
+//! the hot set an LRU keeps), for at most one segment's bytes per insert, so that every insert
+//! ends. A class appends to two open segments, so that later small records fill what a large
+//! one could not.
 //!
 //! Finding a record: each shard has a slab of slots (the record's `Bytes`, its segment, its hit
 //! bit), a table of slot numbers by id and one by URI id (4-byte slots), searched under the
@@ -35,13 +37,23 @@ use hashbrown::HashTable;
 use parking_lot::{Mutex, RwLock};
 use std::collections::VecDeque;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
-/// Priority classes, evicted lowest first (as `PriorityEviction`'s).
+/// Priority classes, evicted lowest first (`rules::Priority::class`).
 pub const CLASSES: usize = 4;
 const SHARDS: usize = super::SHARDS;
 /// Bytes every record starts with: its id and its URI id, which the store finds it by.
 pub const HEAD: usize = 24;
+/// Hits a slot counts (more are not counted): a record survives as many evictions of its
+/// segment as it has hits, each survival spending one.
+/// One, as CLOCK keeps: on the replay trace, counting 2, 3 or 7 hits kept no more hits
+/// (`benches/hit_ratio.rs`; 3 lost 1 point at the largest budget).
+const MAX_HITS: u8 = 1;
+/// Segments a class appends to at once. With one, a record that does not fit in what is left
+/// of it seals it and its tail is lost: records of a few KiB in segments of tens left a tenth
+/// of the budget empty (`benches/hit_ratio.rs`). With two, later smaller records fill the
+/// older one's tail; when neither has room, the older one is sealed.
+const OPEN: usize = 2;
 /// No slot: the end of a shard's free list.
 const NIL: u32 = u32::MAX;
 /// What a record costs outside its segment, charged to the segment so that the budget bounds
@@ -123,6 +135,8 @@ pub struct Inserted {
     pub evicted: Vec<Record>,
     /// False when `insert_if` found its expected record gone: nothing was linked.
     pub linked: bool,
+    /// Bytes of the record written.
+    pub len: usize,
 }
 
 /// Why an insert stored nothing.
@@ -137,7 +151,7 @@ struct Slot {
     /// The segment `rec` is in; the next free slot when `rec` is `None`.
     seg: u32,
     /// Set by a hit, cleared when the record is given its second chance.
-    hit: AtomicBool,
+    hits: AtomicU8,
 }
 
 #[derive(Default)]
@@ -182,7 +196,7 @@ impl Shard {
         let slot = Slot {
             rec: Some(rec),
             seg,
-            hit: AtomicBool::new(false),
+            hits: AtomicU8::new(0),
         };
         let i = match self.free {
             NIL => {
@@ -239,8 +253,9 @@ struct SegInfo {
 
 #[derive(Default)]
 struct Queue {
-    /// The segment records of this class are appended to, with its number.
-    active: Option<(u32, BytesMut)>,
+    /// The segments records of this class are appended to (at most [`OPEN`]), with their
+    /// numbers, oldest first.
+    open: Vec<(u32, BytesMut)>,
     /// Full segments, oldest first.
     sealed: VecDeque<u32>,
 }
@@ -300,19 +315,20 @@ impl Segments {
         }
     }
 
-    /// A store of `budget` bytes with segments of a 64th of it, between 4 KiB and 64 KiB: fine
-    /// enough that a class's part-filled active segment is a small share of a small budget,
-    /// coarse enough that a segment's bookkeeping is little per record. Not larger: mimalloc
+    /// A store of `budget` bytes with segments of a 16th of it, between 4 KiB and 64 KiB: large
+    /// against the records they hold, so little of a segment is left empty (a 64th lost two to
+    /// five points of hit ratio at small budgets, `benches/hit_ratio.rs`), and a segment's
+    /// bookkeeping is little per record. Not larger than 64 KiB: mimalloc
     /// gives an allocation of a MiB pages of its own, and at a million entries that cost 106 B
     /// an entry more than 64 KiB segments did (`benches/memory_scale.rs`,
     /// `MEMORY_SCALE_SEGMENT`: 64 KiB 14 B, 256 KiB 32 B, 1 MiB 109 B of RSS beyond the heap
     /// requested). Its tables are sized
-    /// for a record per 4 KiB of budget (as the LRU's are): preallocated, they do not leave
+    /// for a record per 4 KiB of budget: preallocated, they do not leave
     /// the copies a doubling table frees behind in the allocator.
     pub fn for_budget(budget: usize) -> Self {
         Self::new(
             budget,
-            (budget / 64).clamp(4 << 10, 64 << 10),
+            (budget / 16).clamp(4 << 10, 64 << 10),
             (budget / 4096).clamp(64, 1 << 20),
         )
     }
@@ -335,8 +351,9 @@ impl Segments {
         let i = shard.find(&self.hasher, id)?;
         let slot = &shard.slots[i as usize];
         // Read first: a hot record's slot is not written on every hit.
-        if !slot.hit.load(Ordering::Relaxed) {
-            slot.hit.store(true, Ordering::Relaxed);
+        let hits = slot.hits.load(Ordering::Relaxed);
+        if hits < MAX_HITS {
+            slot.hits.store(hits + 1, Ordering::Relaxed);
         }
         slot.rec.clone().map(Record)
     }
@@ -434,7 +451,10 @@ impl Segments {
                 budget: self.budget,
             });
         }
-        let mut out = Inserted::default();
+        let mut out = Inserted {
+            len,
+            ..Inserted::default()
+        };
         let mut w = self.writer.lock();
         // A second chance is given to at most one segment's bytes per insert.
         let mut keep = self.segment;
@@ -539,24 +559,26 @@ impl Segments {
     ) -> (u32, Bytes) {
         let c = class as usize;
         // A record larger than a segment gets a segment of its own, sealed at once (the
-        // class's active one stays).
+        // class's open ones stay).
         let dedicated = len > self.segment;
-        let fits = loop {
-            let fits = !dedicated
-                && w.queues[c]
-                    .active
-                    .as_ref()
-                    .is_some_and(|(_, b)| b.capacity() - b.len() >= len);
+        let room = |w: &Writer| {
+            w.queues[c]
+                .open
+                .iter()
+                .position(|(_, b)| b.capacity() - b.len() >= len)
+        };
+        let found = loop {
+            let found = if dedicated { None } else { room(w) };
             let need = INDEX
-                + match (dedicated, fits) {
+                + match (dedicated, found) {
                     (true, _) => len + SEGMENT_EXTRA,
-                    (false, true) => 0,
-                    (false, false) => self.segment + SEGMENT_EXTRA,
+                    (false, Some(_)) => 0,
+                    (false, None) => self.segment + SEGMENT_EXTRA,
                 };
-            // Evicting may take this class's active segment: look again. With nothing left
-            // to evict the budget is smaller than a segment; the record is written anyway.
+            // Evicting may take one of this class's open segments: look again. With nothing
+            // left to evict the budget is smaller than a segment; the record is written anyway.
             if w.allocated + need <= self.budget || !self.evict_one(w, out, survivors, keep) {
-                break fits;
+                break found;
             }
         };
         let (seg, rec) = if dedicated {
@@ -566,16 +588,26 @@ impl Segments {
             w.queues[c].sealed.push_back(seg);
             (seg, buf.freeze())
         } else {
-            if !fits {
-                if let Some((seg, _)) = w.queues[c].active.take() {
-                    w.queues[c].sealed.push_back(seg);
+            let at = match found {
+                Some(at) => at,
+                None => {
+                    let queue = &mut w.queues[c];
+                    if queue.open.len() >= OPEN {
+                        // Seal the older one: it had its chance to fill its tail, and sealing
+                        // it keeps the queue in write order (sealing the fuller one could keep
+                        // a segment with a useless tail open, and its records, forever).
+                        let (seg, _) = queue.open.remove(0);
+                        queue.sealed.push_back(seg);
+                    }
+                    let seg = self.open(w, class, self.segment);
+                    let queue = &mut w.queues[c];
+                    queue
+                        .open
+                        .push((seg, BytesMut::with_capacity(self.segment)));
+                    queue.open.len() - 1
                 }
-                let seg = self.open(w, class, self.segment);
-                w.queues[c].active = Some((seg, BytesMut::with_capacity(self.segment)));
-            }
-            let Some((seg, buf)) = w.queues[c].active.as_mut() else {
-                unreachable!("an active segment was just opened")
             };
+            let (seg, buf) = &mut w.queues[c].open[at];
             write(buf);
             (*seg, buf.split().freeze())
         };
@@ -608,8 +640,9 @@ impl Segments {
         }
     }
 
-    /// Evicts one segment: the oldest full one of the lowest class that has one, else the
-    /// lowest class's active one. False if there is none.
+    /// Evicts one segment of the lowest class that has one: its oldest full one, else its
+    /// oldest open one (a strict order: a class's segments all go before a higher class's).
+    /// False if there is none.
     fn evict_one(
         &self,
         w: &mut Writer,
@@ -617,19 +650,18 @@ impl Segments {
         survivors: &mut Vec<Survivor>,
         keep: &mut usize,
     ) -> bool {
-        let victim = match w.queues.iter_mut().find_map(|q| q.sealed.pop_front()) {
-            Some(seg) => seg,
-            None => match w
-                .queues
-                .iter_mut()
-                .find_map(|q| q.active.take().map(|(seg, _)| seg))
-            {
-                Some(seg) => seg,
-                None => return false,
-            },
-        };
-        self.evict(w, victim, out, survivors, keep);
-        true
+        let victim = w.queues.iter_mut().find_map(|q| {
+            q.sealed
+                .pop_front()
+                .or_else(|| (!q.open.is_empty()).then(|| q.open.remove(0).0))
+        });
+        match victim {
+            Some(seg) => {
+                self.evict(w, seg, out, survivors, keep);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Drops segment `seg`: unlinks its records, except those hit since they were written,
@@ -662,7 +694,9 @@ impl Segments {
                     continue;
                 };
                 let len = rec.len();
-                if len <= *keep && slot.hit.swap(false, Ordering::Relaxed) {
+                let hits = slot.hits.load(Ordering::Relaxed);
+                if len <= *keep && hits > 0 {
+                    slot.hits.store(hits - 1, Ordering::Relaxed);
                     *keep -= len;
                     survivors.push(Survivor {
                         shard: shard_i,
@@ -680,7 +714,7 @@ impl Segments {
         self.evicted.fetch_add(evicted, Ordering::Relaxed);
     }
 
-    /// Copies a record given its second chance to its class's active segment, and points its
+    /// Copies a record given its second chance to one of its class's open segments, and points its
     /// slot at the copy if the slot still holds the record (a purge since then wins).
     fn relocate(
         &self,
