@@ -27,7 +27,7 @@ use aisle::proxy::cache_status::{self, Lookup, Observed, Phase};
 use aisle::proxy::fresh_hit;
 use aisle::rules::{compile, Context, RuleSet};
 use aisle::storage::epochs::Epochs;
-use aisle::storage::memory::{MemoryStorage, PriorityEviction};
+use aisle::storage::memory::MemoryStorage;
 use aisle::storage::{EntryInfo, Names};
 use aisle::trust::Client;
 use bytes::Bytes;
@@ -152,9 +152,7 @@ fn measure<T>(n: u32, mut f: impl FnMut() -> T) -> (f64, f64, T) {
 
 /// Stores the case's entry, then runs the fresh-hit decisions `n` times.
 fn run(case: &Case, epochs: &Epochs, n: u32) -> Figures {
-    let eviction: &'static PriorityEviction =
-        Box::leak(Box::new(PriorityEviction::with_capacity(64 << 20, 1024)));
-    let memory = MemoryStorage::new(eviction);
+    let memory = MemoryStorage::new(64 << 20);
     let req = &case.req;
     let host = "127.0.0.1";
     let path = req.uri.path();

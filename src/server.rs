@@ -20,7 +20,7 @@ use crate::redis::Redis;
 use crate::reload::{Hangup, Reloader, Watch};
 use crate::statedir::DirLock;
 use crate::storage::epochs::Epochs;
-use crate::storage::memory::{Eviction, MemoryStorage};
+use crate::storage::memory::MemoryStorage;
 use crate::storage::redis::RedisTier;
 use crate::storage::tiered::Tiered;
 use arc_swap::ArcSwap;
@@ -44,8 +44,7 @@ fn cache_parts(
     epochs: Arc<Epochs>,
 ) -> (CacheParts, &'static MemoryStorage) {
     let budget = config.cache.memory as usize;
-    let eviction: &'static Eviction = Box::leak(Box::new(Eviction::for_budget(budget)));
-    let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
+    let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(budget)));
     let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(
         memory,
         epochs,
@@ -77,7 +76,6 @@ fn cache_parts(
     (
         CacheParts {
             storage,
-            eviction,
             locks,
             predictor,
         },

@@ -685,10 +685,9 @@ mod tests {
     #[tokio::test]
     async fn a_refill_after_the_answer_is_not_judged_purged() {
         use crate::storage::epochs::Verdict;
-        use crate::storage::memory::{Eviction, MemoryStorage};
+        use crate::storage::memory::MemoryStorage;
         use std::time::{Duration, SystemTime};
-        let eviction: &'static Eviction = Box::leak(Box::new(Eviction::with_capacity(1 << 20, 64)));
-        let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(eviction)));
+        let memory: &'static MemoryStorage = Box::leak(Box::new(MemoryStorage::new(1 << 20)));
         let epochs = Arc::new(Epochs::default());
         let wait = Duration::from_secs(1);
         let storage: &'static Tiered = Box::leak(Box::new(Tiered::new(

@@ -26,7 +26,7 @@ use crate::policy;
 use crate::rules::Rule;
 use crate::storage::epochs::{Epochs, Verdict};
 use crate::storage::memory::{MemoryStorage, Stored, StoredTimes};
-use crate::storage::EntryInfo;
+use crate::storage::NamesRef;
 use bytes::Bytes;
 use http::header;
 use pingora::cache::key::HashBinary;
@@ -135,7 +135,14 @@ fn find_at(
 ) -> Option<Hit> {
     let stored = memory.complete(key)?;
     let times = stored.times();
-    let (ttl, age) = judge(epochs, route, &times, stored.info(), head, now)?;
+    let (ttl, age) = judge(
+        epochs,
+        route,
+        &times,
+        (stored.names(), stored.uri()),
+        head,
+        now,
+    )?;
     Some(Hit {
         ttl,
         age,
@@ -153,7 +160,7 @@ fn judge(
     epochs: &Epochs,
     route: &Route,
     times: &StoredTimes,
-    info: &EntryInfo,
+    (names, uri): (NamesRef<'_>, u64),
     head: bool,
     now: SystemTime,
 ) -> Option<(i64, u64)> {
@@ -161,7 +168,7 @@ fn judge(
         return None;
     }
     if !epochs.is_empty()
-        && epochs.judge(times.confirmed, info.tags(), info.host_path(), info.uri) != Verdict::Valid
+        && epochs.judge(times.confirmed, names.tags(), names.host_path(), uri) != Verdict::Valid
     {
         return None;
     }
@@ -232,12 +239,11 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
                 return Ok(Served::No);
             };
             metrics().tier_hits_memory.inc();
-            memory.count_hit(&hit.stored);
             Answer {
                 body: hit.stored.body(),
                 ttl: hit.ttl,
                 age: hit.age,
-                tokens: hit.stored.info().tokens,
+                tokens: hit.stored.tokens(),
                 header: Head::Stored(hit.stored),
             }
         }
@@ -254,8 +260,8 @@ pub(super) async fn serve(gw: &Gateway, session: &mut Session, ctx: &mut Ctx) ->
             let times = record
                 .meta
                 .times(record.header.headers.contains_key(header::VARY));
-            let Some((ttl, age)) = judge(epochs, ctx.route(), &times, &record.info, head, now)
-            else {
+            let facts = (record.info.names.view(), record.info.uri);
+            let Some((ttl, age)) = judge(epochs, ctx.route(), &times, facts, head, now) else {
                 storage.keep_prefetched(key, Some(raw));
                 return Ok(Served::No);
             };

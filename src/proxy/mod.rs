@@ -45,7 +45,7 @@ use crate::key::{self, BadHost};
 use crate::metrics::{metrics, CacheOutcome, RefreshResult};
 use crate::policy;
 use crate::storage::epochs::Verdict;
-use crate::storage::memory::{Eviction, PartialHit};
+use crate::storage::memory::PartialHit;
 use crate::storage::tiered::Tiered;
 use crate::storage::{EntryInfo, Names};
 use arc_swap::ArcSwap;
@@ -69,7 +69,6 @@ use upstream::Peers;
 /// Long-lived pieces the cache needs as `&'static` (pingora's requirement).
 pub struct CacheParts {
     pub storage: &'static Tiered,
-    pub eviction: &'static Eviction,
     /// The in-process cache locks, by the fill age they allow: see [`fill_age_limit`].
     pub locks: &'static Locks,
     pub predictor: &'static Predictor<16>,
@@ -559,9 +558,10 @@ impl ProxyHttp for Gateway {
         ctx.admission = Some(admission);
         if admitted {
             let c = &self.cache;
+            // No eviction manager: the memory tier evicts as it fills (`storage::memory`).
             session.cache.enable(
                 c.storage,
-                Some(c.eviction),
+                None,
                 Some(c.predictor),
                 Some(ctx.live.locks[ctx.rule().upstream]),
                 None,

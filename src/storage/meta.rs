@@ -34,6 +34,11 @@ impl Stamp {
         Stamp(n)
     }
 
+    /// Nanoseconds from the Unix epoch.
+    pub const fn nanos(self) -> i64 {
+        self.0
+    }
+
     pub fn time(self) -> SystemTime {
         let d = Duration::from_nanos(self.0.unsigned_abs());
         if self.0 >= 0 {

@@ -1,9 +1,9 @@
 //! Where cached bytes live.
 //!
 //! Pingora's cache machinery talks to a [`pingora::cache::Storage`]; Aisle's tiers implement it.
-//! The memory tier ([`memory::MemoryStorage`]) is bounded by its own sharded LRU (a pingora
-//! eviction manager, [`memory::PriorityEviction`]) and holds bodies as `Bytes`, so a hit hands
-//! out a reference, never a copy. A shared tier (Redis) plugs in behind the same trait as a
+//! The memory tier ([`memory::MemoryStorage`]) packs its entries into segments that it evicts
+//! by priority class as it fills ([`memory::segments`]) and hands a hit's body out as a slice of
+//! its segment, a reference, never a copy. A shared tier (Redis) plugs in behind the same trait as a
 //! second layer.
 //!
 //! What the cache needs to know about an entry beyond pingora's `CacheMeta` (the URI it was
@@ -141,35 +141,32 @@ impl Names {
         }
     }
 
-    fn end(&self, i: usize) -> usize {
-        let at = 4 * i;
-        u32::from_le_bytes([
-            self.buf[at],
-            self.buf[at + 1],
-            self.buf[at + 2],
-            self.buf[at + 3],
-        ]) as usize
-    }
-
-    fn text(&self, from: usize, to: usize) -> &str {
-        let head = 4 * (1 + self.tags as usize);
-        let bytes = &self.buf[head + from..head + to];
-        // SAFETY: the text is the concatenation of `&str`s (`Names::new`), and every end is at
-        // the boundary between two of them, so every slice between two ends is valid UTF-8.
-        unsafe { std::str::from_utf8_unchecked(bytes) }
+    /// The names as a view (what a record of the memory tier's segments also gives).
+    pub fn view(&self) -> NamesRef<'_> {
+        NamesRef {
+            buf: &self.buf,
+            tags: self.tags,
+        }
     }
 
     pub fn host_path(&self) -> &str {
-        if self.buf.is_empty() {
-            return "";
-        }
-        self.text(0, self.end(0))
+        self.view().host_path()
     }
 
     pub fn tags(&self) -> Tags<'_> {
-        Tags {
-            names: self,
-            next: 0,
+        self.view().tags()
+    }
+
+    /// Tags stored.
+    pub fn tag_count(&self) -> u32 {
+        self.tags
+    }
+
+    /// Names from a buffer [`Names::as_bytes`] gave, with `tags` tags.
+    pub fn from_encoded(buf: &[u8], tags: u32) -> Names {
+        Names {
+            buf: buf.into(),
+            tags,
         }
     }
 
@@ -193,10 +190,56 @@ impl std::fmt::Debug for Names {
     }
 }
 
+/// A [`Names`] buffer, borrowed: from a `Names`, or from a memory-tier record that holds the
+/// same bytes. Reading it checks what it reads (bounds, UTF-8) rather than trusting how the
+/// bytes were made, so a view of any bytes is safe; anything out of place reads as empty.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NamesRef<'a> {
+    buf: &'a [u8],
+    tags: u32,
+}
+
+impl<'a> NamesRef<'a> {
+    /// A view of `buf`, as [`Names::as_bytes`] lays it out, holding `tags` tags.
+    pub fn new(buf: &'a [u8], tags: u32) -> Self {
+        NamesRef { buf, tags }
+    }
+
+    fn end(&self, i: usize) -> usize {
+        let at = 4 * i;
+        match self.buf.get(at..at + 4) {
+            Some(b) => u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize,
+            None => 0,
+        }
+    }
+
+    fn text(&self, from: usize, to: usize) -> &'a str {
+        let head = 4 * (1 + self.tags as usize);
+        self.buf
+            .get(head + from..head + to)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .unwrap_or("")
+    }
+
+    pub fn host_path(&self) -> &'a str {
+        if self.buf.is_empty() {
+            return "";
+        }
+        self.text(0, self.end(0))
+    }
+
+    pub fn tags(&self) -> Tags<'a> {
+        Tags {
+            names: *self,
+            next: 0,
+        }
+    }
+}
+
 /// The tags of a [`Names`], in order.
 #[derive(Clone)]
 pub struct Tags<'a> {
-    names: &'a Names,
+    names: NamesRef<'a>,
     next: usize,
 }
 

@@ -1,4 +1,4 @@
-//! Compact entries: an entry owns exactly the bytes it keeps, and is charged for all of them.
+//! Compact entries: an entry owns exactly the bytes it keeps.
 //!
 //! Pingora hands the cache slices of its I/O buffers: each response header value it parses is a
 //! `Bytes` slice of the (at least 4 KiB) buffer the header was read into, and a body chunk may be
@@ -12,36 +12,19 @@
 //! the fields' bytes. This costs one copy per fill, never one per hit: a hit still hands out
 //! reference counts.
 //!
-//! [`header_weight`] and [`body_weight`] charge what the kept parts really hold on the heap,
-//! including the map's spare capacity and the allocator's size classes (mimalloc rounds a request
-//! up by at most a quarter: four size classes per power of two).
+//! A segment record (`layout.rs`) then holds the header's one buffer and names its list of
+//! field names by number.
 
 use crate::storage::meta::{response_header, HIT_FIELDS};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, Version};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use pingora::http::ResponseHeader;
-use std::collections::HashSet;
-use std::mem::size_of;
+use std::collections::HashMap;
 use std::sync::Arc;
-
-/// Bytes of the reference count block a `Bytes` allocates when a stored buffer is first
-/// shared (a hit's clone, a header value's slice).
-const SHARED: usize = 32;
-/// An `Arc`'s two reference counts.
-pub(super) const ARC_COUNTS: usize = 2 * size_of::<usize>();
-
-/// What the allocator really reserves for a request of `n` bytes: sizes round up to one of four
-/// classes per power of two (mimalloc's bins; glibc's are finer), at least 8 bytes.
-pub(super) const fn alloc_size(n: usize) -> usize {
-    if n <= 64 {
-        return n.next_multiple_of(8);
-    }
-    // Four classes between 2^k and 2^(k+1): steps of 2^(k-2).
-    let step = 1usize << (usize::BITS - 1 - n.leading_zeros()).saturating_sub(2);
-    n.next_multiple_of(step)
-}
+use std::sync::OnceLock;
 
 /// The body as the entry keeps it: a copy in a buffer of exactly its length, so that a slice of
 /// a larger buffer does not keep that buffer alive.
@@ -59,43 +42,48 @@ pub(super) fn owned_body(chunks: &[Bytes]) -> Bytes {
     }
 }
 
-/// Heap bytes a stored body holds: its buffer and the shared reference count.
-pub(super) fn body_weight(len: usize) -> usize {
-    if len == 0 {
-        0
-    } else {
-        alloc_size(len) + SHARED
-    }
-}
-
 /// The high bit of a value end: the value is sensitive (never logged, not HPACK-indexed).
 const SENSITIVE: u32 = 1 << 31;
 
 /// Most answers of an origin carry the same fields in the same order, so an entry's field names
-/// are one shared list ([`interned`]). The table keeps at most this many lists, each of at
-/// most [`MAX_SHARED_NAMES`] bytes, so it is bounded (a few MiB at worst) whatever origins
-/// send; a list beyond either bound is the entry's own and charged to it.
+/// are one shared list ([`interned`]), which a segment record names by number. The table keeps
+/// at most this many lists, each of at most [`MAX_SHARED_NAMES`] bytes, so it is bounded (a
+/// few MiB at worst) whatever origins send; a list beyond either bound is the entry's own.
 const MAX_NAME_LISTS: usize = 4096;
 const MAX_SHARED_NAMES: usize = 1024;
+/// The list number of names that are the entry's own (not in the table).
+pub(super) const OWN_NAMES: u16 = u16::MAX;
 
-static NAME_LISTS: Lazy<Mutex<HashSet<Arc<[HeaderName]>>>> = Lazy::new(Mutex::default);
+/// The lists by content, for interning (a fill's path, under a lock).
+static NAME_LISTS: Lazy<Mutex<HashMap<Arc<[HeaderName]>, u16>>> = Lazy::new(Mutex::default);
+/// The lists by number, for hits: read without a lock, each set once and never changed.
+type NameList = Arc<[HeaderName]>;
+static LISTS_BY_NUMBER: Lazy<Box<[OnceLock<NameList>]>> =
+    Lazy::new(|| (0..MAX_NAME_LISTS).map(|_| OnceLock::new()).collect());
 
-/// The shared copy of a list of names, if the table has (or can take) it.
-fn interned(names: &[HeaderName]) -> Option<Arc<[HeaderName]>> {
+/// The shared copy of a list of names and its number, if the table has (or can take) it.
+fn interned(names: &[HeaderName]) -> Option<(u16, Arc<[HeaderName]>)> {
     let bytes: usize = names.iter().map(|n| n.as_str().len()).sum();
     if bytes > MAX_SHARED_NAMES {
         return None;
     }
     let mut lists = NAME_LISTS.lock();
-    if let Some(list) = lists.get(names) {
-        return Some(list.clone());
+    if let Some((list, n)) = lists.get_key_value(names) {
+        return Some((*n, list.clone()));
     }
     if lists.len() >= MAX_NAME_LISTS {
         return None;
     }
+    let n = lists.len() as u16;
     let list: Arc<[HeaderName]> = names.into();
-    lists.insert(list.clone());
-    Some(list)
+    let _ = LISTS_BY_NUMBER[n as usize].set(list.clone());
+    lists.insert(list.clone(), n);
+    Some((n, list))
+}
+
+/// Shared list number `n`.
+pub(super) fn shared_list(n: u16) -> Option<Arc<[HeaderName]>> {
+    LISTS_BY_NUMBER.get(n as usize)?.get().cloned()
 }
 
 /// A response header as an entry keeps it: status, version, and the fields in order (repeated
@@ -104,8 +92,8 @@ fn interned(names: &[HeaderName]) -> Option<Arc<[HeaderName]>> {
 /// [`SENSITIVE`]), the values, and a reason phrase other than the status's canonical one. Not a
 /// `HeaderMap`: a map keeps a 104-byte slot per field for a power-of-two capacity (12 slots for
 /// 7 fields) and an index, about 1.4 KB for a typical API answer whose fields are 200 bytes;
-/// this form keeps 4 bytes a field, in one allocation (issue 16: per-entry overhead at 1M
-/// entries; the struct is 56 bytes, and an `Entry` with it fits mimalloc's 192-byte class). A hit
+/// this form keeps 4 bytes a field, in one buffer (issue 16: per-entry overhead at 1M
+/// entries), which a hit reads as a slice of the entry's record. A hit
 /// builds the `ResponseHeader` pingora writes from it ([`StoredHeader::to_response_header`]):
 /// the same two allocations a `HeaderMap` clone makes, names and values shared by reference
 /// count.
@@ -113,8 +101,8 @@ fn interned(names: &[HeaderName]) -> Option<Arc<[HeaderName]>> {
 pub(super) struct StoredHeader {
     status: http::StatusCode,
     version: http::Version,
-    /// Whether `names` is the shared table's (else the entry's own, and charged to it).
-    shared_names: bool,
+    /// The number of `names` in the shared table, or [`OWN_NAMES`].
+    list: u16,
     /// Bytes of the reason phrase at the end of `buf` (a longer phrase than this can say is
     /// not kept: the canonical one is sent).
     reason_len: u16,
@@ -156,14 +144,14 @@ impl StoredHeader {
             buf.extend_from_slice(value.as_bytes());
         }
         buf.extend_from_slice(reason.as_bytes());
-        let (names, shared_names) = match interned(&names) {
-            Some(list) => (list, true),
-            None => (names.into(), false),
+        let (list, names) = match interned(&names) {
+            Some((n, list)) => (n, list),
+            None => (OWN_NAMES, names.into()),
         };
         StoredHeader {
             status: h.status,
             version: h.version,
-            shared_names,
+            list,
             reason_len: reason.len() as u16,
             buf: Bytes::from(buf),
             names,
@@ -248,6 +236,38 @@ impl StoredHeader {
         self.status.as_u16()
     }
 
+    /// What a record keeps of the header: status, version, reason phrase length, list
+    /// number, the names (for a list of the entry's own) and the one buffer.
+    pub(super) fn parts(&self) -> (StatusCode, Version, u16, u16, &[HeaderName], &Bytes) {
+        (
+            self.status,
+            self.version,
+            self.reason_len,
+            self.list,
+            &self.names,
+            &self.buf,
+        )
+    }
+
+    /// The header a record's parts describe (`buf` a slice of the record: no copy).
+    pub(super) fn from_parts(
+        status: StatusCode,
+        version: Version,
+        reason_len: u16,
+        list: u16,
+        names: Arc<[HeaderName]>,
+        buf: Bytes,
+    ) -> StoredHeader {
+        StoredHeader {
+            status,
+            version,
+            list,
+            reason_len,
+            buf,
+            names,
+        }
+    }
+
     /// The one buffer (value ends, values, reason phrase).
     #[cfg(test)]
     pub(super) fn values(&self) -> &Bytes {
@@ -255,57 +275,9 @@ impl StoredHeader {
     }
 }
 
-/// Heap bytes a stored header holds, each allocation with the allocator's rounding: the one
-/// buffer (and the reference count block its first slice makes), and the names when they are
-/// the entry's own (the list, custom names and theirs).
-pub(super) fn header_weight(h: &StoredHeader) -> usize {
-    let buf = if h.buf.is_empty() {
-        0
-    } else {
-        alloc_size(h.buf.len()) + SHARED
-    };
-    let names = if h.shared_names {
-        0
-    } else {
-        ARC_COUNTS
-            + alloc_size(h.names.len() * size_of::<HeaderName>())
-            + h.names
-                .iter()
-                .filter(|n| !is_standard(n))
-                .map(|n| alloc_size(n.as_str().len()) + SHARED)
-                .sum::<usize>()
-    };
-    buf + names
-}
-
-/// Whether a name is one of `http`'s static standard names (no heap bytes of its own).
-fn is_standard(name: &HeaderName) -> bool {
-    HeaderName::from_bytes(name.as_str().as_bytes())
-        .map(|n| {
-            // A standard name's `as_str` points into static memory, the same for every copy;
-            // a custom one's into its own buffer.
-            n.as_str().as_ptr() == name.as_str().as_ptr()
-        })
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn alloc_size_rounds_up_to_a_size_class() {
-        assert_eq!(alloc_size(0), 0);
-        assert_eq!(alloc_size(1), 8);
-        assert_eq!(alloc_size(100), 112);
-        assert_eq!(alloc_size(1024), 1024);
-        assert_eq!(alloc_size(1025), 1280);
-        assert_eq!(alloc_size(65_536), 65_536);
-        for n in 1..100_000 {
-            let a = alloc_size(n);
-            assert!(a >= n && a < n + n / 4 + 8, "{n} -> {a}");
-        }
-    }
 
     /// Pingora parses a header into slices of its read buffer: the compacted copy shares none
     /// of it, keeps every field in order, and its values fill one buffer of exactly their length.
@@ -377,18 +349,20 @@ mod tests {
             total,
             "the values fill one buffer of exactly their length"
         );
-        assert!(header_weight(&stored) >= total + c.headers.len() * size_of::<u32>());
-        // The same field names share one list; a list too large to share is the entry's own
-        // and charged to it, custom names and all.
+        // The same field names share one list, found again by its number; a list too large
+        // to share is the entry's own.
         let again = StoredHeader::new(&h);
-        assert!(stored.shared_names && Arc::ptr_eq(&stored.names, &again.names));
+        assert!(stored.list != OWN_NAMES && Arc::ptr_eq(&stored.names, &again.names));
+        assert!(Arc::ptr_eq(
+            &shared_list(stored.list).unwrap(),
+            &stored.names
+        ));
         let mut big = ResponseHeader::build(200, None).unwrap();
         for i in 0..40 {
             big.append_header(format!("x-custom-field-with-a-long-name-{i:02}"), "v")
                 .unwrap();
         }
-        // Sensitivity survives; the struct stays small enough for an `Entry` to keep its size
-        // class (see `StoredHeader`).
+        // Sensitivity survives.
         let mut secret = ResponseHeader::build(200, None).unwrap();
         let mut v = HeaderValue::from_static("s3cr3t");
         v.set_sensitive(true);
@@ -397,14 +371,8 @@ mod tests {
         let back = StoredHeader::new(&secret).to_response_header();
         assert!(back.headers["set-cookie"].is_sensitive() && !back.headers["etag"].is_sensitive());
         assert_eq!(back.headers["set-cookie"], "s3cr3t");
-        assert!(size_of::<StoredHeader>() <= 56);
         let own = StoredHeader::new(&big);
-        assert!(!own.shared_names);
-        assert!(header_weight(&own) >= 40 * (size_of::<HeaderName>() + 32));
-        assert!(
-            !is_standard(&HeaderName::from_static("x-request-id"))
-                && is_standard(&http::header::CONTENT_TYPE)
-        );
+        assert_eq!(own.list, OWN_NAMES);
     }
 
     #[test]

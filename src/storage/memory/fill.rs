@@ -2,18 +2,18 @@
 //!
 //! A [`MemoryMiss`] collects the body as it streams into a [`Partial`] that readers can follow
 //! ([`super::hit::PartialHit`]), and stores the entry when the fill completes, with the token
-//! count read once from the complete body, its body copied into a buffer of exactly its length. Dropped without `finish` (a broken upstream stream),
-//! nothing is stored and the readers are told.
+//! count read once from the complete body: its chunks are copied into the entry's record (so a
+//! chunk that is a slice of a larger read buffer does not keep that buffer alive). Dropped
+//! without `finish` (a broken upstream stream), nothing is stored and the readers are told.
 
 use super::compact::owned_body;
-use super::{clock_ms, entry_weight, Entry, MemoryStorage, StoredMeta};
+use super::{MemoryStorage, StoredMeta};
 use crate::storage::EntryInfo;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use pingora::cache::storage::{HandleMiss, MissFinishType};
 use pingora::Result;
-use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -39,6 +39,8 @@ pub(super) struct Partial {
 pub(super) struct MemoryMiss {
     pub(super) storage: &'static MemoryStorage,
     pub(super) id: u128,
+    /// Its priority class (from the key's `user_tag`).
+    pub(super) class: u8,
     pub(super) write: u64,
     pub(super) write_tag: [u8; 8],
     pub(super) partial: Arc<Partial>,
@@ -75,27 +77,24 @@ impl HandleMiss for MemoryMiss {
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
-        // A copy, even of a single chunk: the chunks may be slices of larger read buffers,
-        // which a stored slice would keep alive (see `compact.rs`).
-        let body = owned_body(&self.partial.chunks.read());
-        let mut meta = self.partial.meta.clone();
-        meta.set_length(body.len());
-        let info = self.partial.info.completed(&body);
-        let weight = entry_weight(body.len(), &meta, &info);
+        let stored = {
+            let chunks = self.partial.chunks.read();
+            let len = chunks.iter().map(Bytes::len).sum();
+            let mut meta = self.partial.meta.clone();
+            meta.set_length(len);
+            // The token count is read from the whole body, made contiguous only for that.
+            let info = match (&self.partial.info.rule.tokens_at, chunks.len()) {
+                (None, _) => self.partial.info.clone(),
+                (Some(_), 1) => self.partial.info.completed(&chunks[0]),
+                (Some(_), _) => self.partial.info.completed(&owned_body(&chunks)),
+            };
+            let body: Vec<&[u8]> = chunks.iter().map(|c| &c[..]).collect();
+            self.storage
+                .store_entry(self.id, self.class, &meta, &info, &body, None)
+        };
         self.finished = true;
-        self.storage.insert(
-            self.id,
-            Entry {
-                id: self.id,
-                touched: AtomicU32::new(clock_ms() as u32),
-                weight,
-                meta,
-                body,
-                info,
-            },
-        );
         self.end(true);
-        Ok(MissFinishType::Created(weight as usize))
+        Ok(MissFinishType::Created(stored.unwrap_or(0)))
     }
 
     fn streaming_write_tag(&self) -> Option<&[u8]> {

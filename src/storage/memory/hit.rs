@@ -7,13 +7,14 @@
 //!
 //! [`Stored`] is the other way a complete entry is read: by the proxy's fresh-hit path, which
 //! answers the plainest hits without pingora's cache phases (`crate::proxy::fresh_hit`). It
-//! reads the entry in place (its times under the meta's read lock, the header cloned only when
-//! it is served) and moves it up the LRU as a hit through pingora's phases does.
+//! reads the entry in its record (its times decoded, its names read in place, the header
+//! cloned only when it is served); finding it notes the hit, as a lookup does.
 
 use super::fill::{Partial, Progress};
-use super::{clock_ms, id, Entry, MemoryStorage, LRU_INTERVAL_MS};
+use super::layout::Entry;
+use super::{id, MemoryStorage};
 use crate::storage::meta::StoredTimes;
-use crate::storage::EntryInfo;
+use crate::storage::NamesRef;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderName;
@@ -24,41 +25,17 @@ use pingora::cache::{CacheKey, Storage};
 use pingora::http::ResponseHeader;
 use pingora::Result;
 use std::any::Any;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::sync::watch;
 
-impl Entry {
-    /// Whether this hit moves the entry up the LRU (and records that it did). Like Varnish's
-    /// `lru_interval`: a hot entry moves at most once a second, instead of taking the LRU
-    /// shard's lock on every hit.
-    pub(super) fn lru_due(&self) -> bool {
-        let now = clock_ms() as u32;
-        let due = now.wrapping_sub(self.touched.load(Ordering::Relaxed)) >= LRU_INTERVAL_MS as u32;
-        if due {
-            self.touched.store(now, Ordering::Relaxed);
-        }
-        due
-    }
-}
-
 /// A complete entry of the memory tier, read in place by a fresh hit ([`MemoryStorage::complete`]).
-pub struct Stored(Arc<Entry>);
+pub struct Stored(Entry);
 
 impl MemoryStorage {
-    /// The complete entry stored under `key` (a key hash without variance), if any; a fill
-    /// still streaming is not complete.
+    /// The complete entry stored under `key` (a key hash without variance), if any, noted as
+    /// hit; a fill still streaming is not complete.
     pub fn complete(&self, key: HashBinary) -> Option<Stored> {
-        let id = id(key);
-        self.get(id).map(Stored)
-    }
-
-    /// `stored` answered a request: it moves up the LRU when due, as a hit through pingora's
-    /// phases does (`should_count_access`, then the eviction manager's `access`).
-    pub fn count_hit(&self, stored: &Stored) {
-        if stored.0.lru_due() {
-            self.eviction.access_id(stored.0.id);
-        }
+        self.hit(id(key)).map(Stored)
     }
 }
 
@@ -68,8 +45,19 @@ impl Stored {
         meta.facts.times(meta.header.contains(&http::header::VARY))
     }
 
-    pub fn info(&self) -> &EntryInfo {
-        &self.0.info
+    /// The URI id it was stored for.
+    pub fn uri(&self) -> u64 {
+        self.0.uri()
+    }
+
+    /// Its `host/path` and tags.
+    pub fn names(&self) -> NamesRef<'_> {
+        self.0.names()
+    }
+
+    /// Tokens the stored answer reports (0 when unknown).
+    pub fn tokens(&self) -> u64 {
+        self.0.tokens
     }
 
     /// A copy of the stored response header, to send.
@@ -101,7 +89,7 @@ impl Stored {
 
     /// The body (a reference count, not a copy).
     pub fn body(&self) -> Bytes {
-        self.0.body.clone()
+        self.0.body()
     }
 }
 
@@ -113,8 +101,6 @@ pub struct BodyHit {
     done: bool,
     /// The eviction weight to report; 0 for a body that is not in the memory tier.
     weight: usize,
-    /// Whether this hit moves the entry up the LRU.
-    pub(super) count_access: bool,
 }
 
 impl BodyHit {
@@ -125,7 +111,6 @@ impl BodyHit {
             range: None,
             done: false,
             weight,
-            count_access: weight > 0,
         }
     }
 }
@@ -170,8 +155,9 @@ impl HandleHit for BodyHit {
         Ok(())
     }
 
+    /// Pingora is given no eviction manager (the memory tier's store notes hits itself).
     fn should_count_access(&self) -> bool {
-        self.count_access && self.weight > 0
+        false
     }
 
     fn get_eviction_weight(&self) -> usize {

@@ -1,51 +1,51 @@
 //! The bounded in-process memory tier.
 //!
-//! Entries sit in a sharded table (one `RwLock` per shard, held only to clone an `Arc`), found by
-//! pingora's combined key hash (primary + variance), which each entry holds. The eviction
-//! manager ([`PriorityEviction`], `priority.rs`) decides what to drop when a fill would exceed
-//! `cache.memory`; victims are then purged through [`Storage::purge`]. Every per-entry part is
-//! kept small (issue 16: 474 B an entry beyond body and header at a million entries, from 2.5 KB):
-//! 8-byte slots in the table and the URI index, times in 8 bytes, path and tags in one buffer.
+//! Entries are records in [`Segments`] (`segments.rs`): each entry one run of bytes, laid out by
+//! `layout.rs`, packed with others in segments that are evicted a segment at a time, oldest
+//! first within the lowest priority class, with a second chance for entries hit since they
+//! were written. That is what brought an entry's cost beyond its body and header from 480 B to
+//! under 300 B at a million entries (issue 16: five allocations an entry, each rounded up to
+//! its size class, became none). The budget (`cache.memory`) counts whole segments and every
+//! record's share of the index, so what the tier charges covers what it holds; the store
+//! evicts as it fills, so pingora is given no eviction manager.
 //!
-//! A hit must be cheap: rather than deserialising `CacheMeta` (zstd + header parsing), an entry
-//! keeps the response header parsed and the few timestamps needed to rebuild the meta, and the
-//! body as one `Bytes`. A per-URI index finds every variant of a URI (RFC 9111 §4.4 invalidation,
-//! and `vary-miss` reporting) without scanning.
+//! A hit must be cheap: rather than deserialising `CacheMeta` (zstd + header parsing), a record
+//! keeps the response header as stored fields and the few timestamps needed to rebuild the
+//! meta; the header buffer and the body are handed out as slices of the segment (reference
+//! counts). Variants of a URI are found through the store's URI index (RFC 9111 §4.4
+//! invalidation, and `vary-miss` reporting) without scanning.
 //!
-//! This file is the store (shards, URI index, accounting, the `Storage` impl); how a found
+//! This file is the tier (fills in progress, accounting, the `Storage` impl); how a found
 //! body is read is in `hit.rs`, how a fetched body becomes an entry in `fill.rs`.
 
 mod compact;
 mod fill;
 mod hit;
-mod priority;
+mod layout;
 pub mod segments;
 
 pub use super::meta::StoredTimes;
 pub use hit::{BodyHit, PartialHit, Stored};
-pub use priority::PriorityEviction;
 
 use super::meta::MetaFacts;
 use super::EntryInfo;
 use crate::metrics::metrics;
-use crate::rules::StoredRule;
-use ahash::RandomState;
+use crate::rules::Priority;
 use async_trait::async_trait;
 use bytes::Bytes;
-use compact::{alloc_size, body_weight, header_weight, owned_body, StoredHeader, ARC_COUNTS};
+use compact::StoredHeader;
 use fill::{MemoryMiss, Partial, Progress};
-use hashbrown::HashTable;
+use layout::{Encoded, Entry};
 use parking_lot::{Mutex, RwLock};
-use pingora::cache::eviction::EvictionManager;
 use pingora::cache::key::{CacheHashKey, HashBinary};
 use pingora::cache::storage::{HitHandler, MissHandler, PurgeOutcome, PurgeTarget, PurgeType};
 use pingora::cache::trace::SpanHandle;
-use pingora::cache::{CacheEntryKey, CacheKey, CacheMeta, Storage};
+use pingora::cache::{CacheKey, CacheMeta, Storage};
 use pingora::Result;
+use segments::{Inserted, Record, Segments};
 use std::any::Any;
 use std::collections::HashMap;
-use std::mem::size_of;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
 
@@ -56,30 +56,6 @@ const SHARDS: usize = 16;
 const fn map_slot(slot: usize) -> usize {
     (slot + 1) * 16 / 7
 }
-/// Bytes every entry costs beyond its body, header and facts: the entry with its reference
-/// counts (in the allocator's size class), its slots in the table and in the URI index, and its
-/// LRU node ([`priority::LRU_BYTES`]).
-const ENTRY_OVERHEAD: usize = alloc_size(ARC_COUNTS + size_of::<Entry>())
-    + 2 * map_slot(size_of::<Arc<Entry>>())
-    + priority::LRU_BYTES;
-/// What the allocator holds beyond an entry's own bytes while a full tier churns: entries are
-/// freed by eviction on other threads and in another order than they were made, so their
-/// pages are not all reused at once. Measured through the gateway (`tests/it/eviction.rs`, 4 MiB
-/// of 1 KiB answers filled twice over): about 1 KB an entry held beyond what the library-level
-/// fill of `benches/memory_scale.rs` (evicting in order, one thread) sees. Charged in part, so
-/// that the budget holds about as many entries as before the entries shrank (issue 16) and the
-/// process's growth stays within the test's bound.
-const CHURN_ALLOWANCE: usize = 300;
-/// A hit moves its entry up the LRU at most this often (milliseconds).
-const LRU_INTERVAL_MS: u64 = 1000;
-
-/// A monotonic millisecond clock, offset so that a fresh entry (last promoted at 0) is due.
-pub(super) fn clock_ms() -> u64 {
-    crate::clock::mono_ms() + LRU_INTERVAL_MS
-}
-
-/// The eviction manager type the memory tier is bounded by: one LRU per rule priority.
-pub type Eviction = PriorityEviction;
 
 /// What the entry keeps of pingora's meta: the facts both tiers keep ([`MetaFacts`]) and the
 /// compact header.
@@ -121,49 +97,20 @@ impl StoredMeta {
     }
 }
 
-pub(super) struct Entry {
-    /// Its combined key hash: what the shard's table finds it by.
-    pub(super) id: u128,
-    /// [`clock_ms`] (its low 32 bits, compared wrapping) when a hit last moved this entry up
-    /// the LRU.
-    pub(super) touched: AtomicU32,
-    /// What it charges the budget ([`entry_weight`]; under 4 GiB, as `max_object` is at most
-    /// 1 GiB).
-    pub(super) weight: u32,
-    /// Never changed in place: a revalidation stores a new entry with the same body
-    /// ([`Storage::update_meta`]), so a reader holding this one sees one consistent answer
-    /// and a hit takes no lock.
-    pub(super) meta: StoredMeta,
-    pub(super) body: Bytes,
-    pub(super) info: Arc<EntryInfo>,
+/// The priority class of a key: its rule's `priority`, carried in the key's `user_tag`.
+fn class_of(key: &CacheKey) -> u8 {
+    Priority::from_tag(key.user_tag()).class() as u8
 }
-
-/// One shard of entries, found by combined key hash (which each entry holds: an 8-byte slot
-/// per entry, not a 32-byte `(u128, Arc)` pair). Looked up on every hit. The table hashes the
-/// low 64 bits of the key hash with aHash (keyed per process, so keys an attacker computes
-/// offline cannot be made to collide) rather than SipHash.
-type Shard = RwLock<HashTable<Arc<Entry>>>;
-/// One shard of the URI index: every entry once more, found by its URI id, so all variants of a
-/// URI are found without scanning (an 8-byte slot an entry, no list per URI; it was a 16-byte
-/// `(URI id, low half of the key hash)` pair, issue 16). A link is changed only under the lock of
-/// its entry's shard, taken first ([`MemoryStorage::relink`]), so the index holds exactly the
-/// entries the table holds: a link left behind would keep its entry's body alive.
-type UriShard = Mutex<HashTable<Arc<Entry>>>;
 
 /// The memory tier.
 pub struct MemoryStorage {
-    shards: Box<[Shard]>,
-    uris: Box<[UriShard]>,
-    hasher: RandomState,
+    store: Segments,
     /// Fills in progress, readable while they stream (e.g. server-sent events): key -> (write
     /// id, fill).
     partials: Mutex<HashMap<u128, (u64, Arc<Partial>)>>,
     /// Bytes held per rule (for `/admin/stats`); updated on fills and removals only.
     rule_bytes: Mutex<HashMap<Box<str>, i64>>,
     next_write: AtomicU64,
-    eviction: &'static Eviction,
-    entries: AtomicI64,
-    bytes: AtomicI64,
     evictions: AtomicU64,
 }
 
@@ -173,55 +120,39 @@ pub fn id(hash: HashBinary) -> u128 {
 }
 
 impl MemoryStorage {
-    /// A memory tier whose admissions are accounted by `eviction`.
-    pub fn new(eviction: &'static Eviction) -> Self {
+    /// A memory tier of `budget` bytes.
+    pub fn new(budget: usize) -> Self {
         MemoryStorage {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashTable::new())).collect(),
-            uris: (0..SHARDS).map(|_| Mutex::new(HashTable::new())).collect(),
-            hasher: RandomState::new(),
+            store: Segments::for_budget(budget),
             partials: Mutex::new(HashMap::new()),
             rule_bytes: Mutex::new(HashMap::new()),
             next_write: AtomicU64::new(1),
-            eviction,
-            entries: AtomicI64::new(0),
-            bytes: AtomicI64::new(0),
             evictions: AtomicU64::new(0),
         }
     }
 
-    fn shard(&self, id: u128) -> &Shard {
-        &self.shards[(id as usize) % SHARDS]
-    }
-
-    fn uri_shard(&self, uri: u64) -> &UriShard {
-        &self.uris[(uri as usize) % SHARDS]
-    }
-
-    /// Where an entry, or a URI, sits in its table: aHash of 64 bits of it.
-    fn slot(&self, word: u64) -> u64 {
-        self.hasher.hash_one(word)
-    }
-
     /// The entry stored under `id`.
-    pub(super) fn get(&self, id: u128) -> Option<Arc<Entry>> {
-        self.shard(id)
-            .read()
-            .find(self.slot(id as u64), |e| e.id == id)
-            .cloned()
+    fn get(&self, id: u128) -> Option<Entry> {
+        self.store.get(id).and_then(Entry::decode)
+    }
+
+    /// The entry stored under `id`, noted as hit (it gets a second chance at eviction).
+    fn hit(&self, id: u128) -> Option<Entry> {
+        self.store.hit(id).and_then(Entry::decode)
     }
 
     /// Entries currently stored.
     pub fn len(&self) -> usize {
-        self.entries.load(Ordering::Relaxed).max(0) as usize
+        self.store.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Bytes currently charged (bodies, headers and per-entry overhead).
+    /// Bytes currently charged: whole segments and the index's share of every record.
     pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed).max(0) as usize
+        self.store.allocated()
     }
 
     /// Entries evicted so far.
@@ -231,100 +162,52 @@ impl MemoryStorage {
 
     /// Whether any variant of this URI is stored (a miss on it is then a `vary-miss`).
     pub fn has_uri(&self, uri: u64) -> bool {
-        self.uri_shard(uri)
-            .lock()
-            .find(self.slot(uri), |e| e.info.uri == uri)
-            .is_some()
-    }
-
-    /// The entries the URI index links to a URI, taken under the index's lock alone.
-    fn variants(&self, uri: u64) -> Vec<Arc<Entry>> {
-        self.uri_shard(uri)
-            .lock()
-            .iter_hash(self.slot(uri))
-            .filter(|e| e.info.uri == uri)
-            .cloned()
-            .collect()
+        self.store.has_uri(uri)
     }
 
     /// Removes every variant stored for a URI; returns how many were removed.
     pub fn purge_uri(&self, uri: u64) -> usize {
-        // Collected first: `remove` takes the entry's shard lock, then the index's (the one
-        // order in which both are taken).
-        let mut n = 0;
-        for entry in self.variants(uri) {
-            let id = entry.id;
-            if self.remove(id).is_some() {
-                self.eviction.remove_id(id);
-                n += 1;
-            }
-        }
-        n
+        self.store
+            .variants(uri)
+            .iter()
+            .filter(|r| self.remove(r.id()).is_some())
+            .count()
     }
 
     /// Removes one entry (an invalidation from another instance); true if it was stored.
     pub fn purge_id(&self, id: u128) -> bool {
-        match self.remove(id) {
-            Some(_) => {
-                self.eviction.remove_id(id);
-                true
-            }
-            None => false,
-        }
+        self.remove(id).is_some()
     }
 
     /// Drops every entry; returns how many. Used when this instance may have missed
     /// invalidations (its subscription to the fleet's broadcasts was lost).
     pub fn clear(&self) -> usize {
-        let mut n = 0;
-        for shard in self.shards.iter() {
-            let ids: Vec<u128> = shard.read().iter().map(|e| e.id).collect();
-            for id in ids {
-                if self.purge_id(id) {
-                    n += 1;
-                }
-            }
+        let dropped = self.store.clear();
+        for rec in &dropped {
+            self.uncharge(rec);
         }
-        n
+        self.publish();
+        dropped.len()
     }
 
     /// The body and facts of a stored entry (to rewrite it in a shared tier).
     pub fn body_and_info(&self, id: u128) -> Option<(Bytes, EntryInfo)> {
         let entry = self.get(id)?;
-        Some((entry.body.clone(), (*entry.info).clone()))
+        Some((entry.body(), (*entry.info()).clone()))
     }
 
-    /// Stores an entry read from a shared tier, admitting it to the LRU (and evicting what
-    /// no longer fits) as a fill would.
+    /// Stores an entry read from a shared tier, evicting what no longer fits, as a fill would.
     pub fn promote(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes, info: Arc<EntryInfo>) {
-        // The body read from Redis may be a slice of the whole record: keep only the body.
-        let body = owned_body(&[body]);
         let mut stored = StoredMeta::from_meta(meta);
         stored.set_length(body.len());
-        let weight = entry_weight(body.len(), &stored, &info);
-        let id = id(key.combined_bin());
-        self.insert(
-            id,
-            Entry {
-                id,
-                touched: AtomicU32::new(clock_ms() as u32),
-                weight,
-                meta: stored,
-                body,
-                info,
-            },
+        self.store_entry(
+            id(key.combined_bin()),
+            class_of(key),
+            &stored,
+            &info,
+            &[&body],
+            None,
         );
-        let victims = self.eviction.admit(
-            CacheEntryKey::key_only(key.to_compact()),
-            weight as usize,
-            meta.fresh_until(),
-        );
-        for victim in victims {
-            if self.remove(self::id(victim.key().combined_bin())).is_some() {
-                self.evictions.fetch_add(1, Ordering::Relaxed);
-                metrics().evictions.inc();
-            }
-        }
     }
 
     /// Bytes held per rule.
@@ -336,81 +219,60 @@ impl MemoryStorage {
             .collect()
     }
 
-    pub(super) fn insert(&self, id: u128, entry: Entry) {
-        let weight = i64::from(entry.weight);
-        self.charge_rule(entry.info.rule_name(), weight);
-        let entry = Arc::new(entry);
-        let old = {
-            let mut shard = self.shard(id).write();
-            let old = match shard.find_entry(self.slot(id as u64), |e| e.id == id) {
-                Ok(mut slot) => Some(std::mem::replace(slot.get_mut(), entry.clone())),
-                Err(_) => {
-                    shard.insert_unique(self.slot(id as u64), entry.clone(), |e| {
-                        self.slot(e.id as u64)
-                    });
-                    None
-                }
-            };
-            self.relink(old.as_ref(), Some(entry));
-            old
-        };
-        if let Some(old) = old {
-            self.account(-1, -i64::from(old.weight));
-            self.charge_rule(old.info.rule_name(), -i64::from(old.weight));
+    /// Stores an entry whose body is `body` (in parts) under `id` in priority class `class`,
+    /// only if `expect` is still what is stored there when given; returns the record's length
+    /// if it was stored.
+    pub(super) fn store_entry(
+        &self,
+        id: u128,
+        class: u8,
+        meta: &StoredMeta,
+        info: &EntryInfo,
+        body: &[&[u8]],
+        expect: Option<&Record>,
+    ) -> Option<usize> {
+        let encoded = Encoded::new(meta, info);
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(4 + body.len());
+        parts.extend_from_slice(&encoded.parts());
+        parts.extend_from_slice(body);
+        let out = self
+            .store
+            .insert_if(id, info.uri, class, &parts, expect)
+            .ok()?;
+        if out.linked {
+            self.charge_rule(info.rule_name(), out.len as i64);
         }
-        self.account(1, weight);
+        self.settle(&out);
+        out.linked.then_some(out.len)
     }
 
-    /// Puts `updated` in the place of `current`, if the table still holds it (a fill that
-    /// replaced it since is newer, and stays).
-    fn replace(&self, current: &Arc<Entry>, updated: Arc<Entry>) -> bool {
-        let id = current.id;
-        let mut shard = self.shard(id).write();
-        match shard.find_mut(self.slot(id as u64), |e| e.id == id) {
-            Some(slot) if Arc::ptr_eq(slot, current) => {
-                *slot = updated.clone();
-                self.relink(Some(current), Some(updated));
-                true
-            }
-            _ => false,
+    /// Accounts what an insert replaced and evicted.
+    fn settle(&self, out: &Inserted) {
+        if let Some(old) = &out.replaced {
+            self.uncharge(old);
         }
+        for rec in &out.evicted {
+            self.uncharge(rec);
+        }
+        if !out.evicted.is_empty() {
+            let n = out.evicted.len() as u64;
+            self.evictions.fetch_add(n, Ordering::Relaxed);
+            metrics().evictions.inc_by(n);
+        }
+        self.publish();
     }
 
-    fn remove(&self, id: u128) -> Option<Arc<Entry>> {
-        let entry = {
-            let mut shard = self.shard(id).write();
-            let entry = shard
-                .find_entry(self.slot(id as u64), |e| e.id == id)
-                .ok()?
-                .remove()
-                .0;
-            self.relink(Some(&entry), None);
-            entry
-        };
-        self.account(-1, -i64::from(entry.weight));
-        self.charge_rule(entry.info.rule_name(), -i64::from(entry.weight));
-        Some(entry)
+    fn remove(&self, id: u128) -> Option<Record> {
+        let rec = self.store.remove(id)?;
+        self.uncharge(&rec);
+        self.publish();
+        Some(rec)
     }
 
-    /// Moves an entry's link in the URI index from the entry the table held (`old`) to the one
-    /// it holds now (`new`). Called with the entry's shard locked for writing, so that a link
-    /// changes in the same order as its entry, and the index never keeps a removed entry.
-    fn relink(&self, old: Option<&Arc<Entry>>, new: Option<Arc<Entry>>) {
-        if let Some(old) = old {
-            let uri = old.info.uri;
-            if let Ok(link) = self
-                .uri_shard(uri)
-                .lock()
-                .find_entry(self.slot(uri), |e| Arc::ptr_eq(e, old))
-            {
-                link.remove();
-            }
-        }
-        if let Some(new) = new {
-            let uri = new.info.uri;
-            self.uri_shard(uri)
-                .lock()
-                .insert_unique(self.slot(uri), new, |e| self.slot(e.info.uri));
+    /// Takes a record that left the store off its rule's bytes.
+    fn uncharge(&self, rec: &Record) {
+        if let Some(entry) = Entry::decode(rec.clone()) {
+            self.charge_rule(&entry.rule().name, -(rec.len() as i64));
         }
     }
 
@@ -425,46 +287,12 @@ impl MemoryStorage {
         }
     }
 
-    fn account(&self, entries: i64, bytes: i64) {
-        let e = self.entries.fetch_add(entries, Ordering::Relaxed) + entries;
-        let b = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    /// Publishes the entry count and the bytes charged.
+    fn publish(&self) {
         let m = metrics();
-        m.cache_entries.set(e);
-        m.cache_bytes.set(b);
+        m.cache_entries.set(self.store.len() as i64);
+        m.cache_bytes.set(self.store.allocated() as i64);
     }
-}
-
-/// The eviction weight of an entry: every byte it holds, so that `cache.memory` bounds what the
-/// memory tier really uses (issue 9 item 12): the body, the stored header, the entry's facts
-/// ([`info_weight`]) and its bookkeeping. In 32 bits, as the LRU keeps it: `max_object` is at
-/// most 1 GiB, so it never saturates (and if it did, the entry and the LRU would still agree on
-/// the same figure).
-pub(super) fn entry_weight(body: usize, meta: &StoredMeta, info: &EntryInfo) -> u32 {
-    let weight = body_weight(body)
-        + header_weight(&meta.header)
-        + info_weight(info)
-        + ENTRY_OVERHEAD
-        + CHURN_ALLOWANCE;
-    u32::try_from(weight).unwrap_or(u32::MAX)
-}
-
-/// Heap bytes an entry's facts hold, each allocation in its size class: the facts with their
-/// reference counts, the `host/path` and tags buffer, and the rule's facts when they are the
-/// entry's own (decoded from a shared tier's record; a compiled rule's `StoredRule` is one copy
-/// shared by all of its entries, and not charged to them).
-fn info_weight(info: &EntryInfo) -> usize {
-    let rule = if info.rule.shared {
-        0
-    } else {
-        alloc_size(ARC_COUNTS + size_of::<StoredRule>())
-            + alloc_size(info.rule.name.len())
-            + info
-                .rule
-                .tokens_at
-                .as_ref()
-                .map_or(0, |t| alloc_size(t.len()))
-    };
-    alloc_size(ARC_COUNTS + size_of::<EntryInfo>()) + alloc_size(info.names.heap_bytes()) + rule
 }
 
 /// What a lookup finds: the stored entry (`Ok`), else the fill in progress (`Err`), else
@@ -497,7 +325,7 @@ impl Storage for MemoryStorage {
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let id = id(key.combined_bin());
         let found = stored_or_filling(
-            || self.get(id),
+            || self.hit(id),
             || self.partials.lock().get(&id).map(|(_, p)| p.clone()),
         );
         let entry = match found {
@@ -506,10 +334,8 @@ impl Storage for MemoryStorage {
             Some(Err(p)) => return Ok(Some((p.meta.to_meta(&p.info), PartialHit::start(p)))),
             Some(Ok(entry)) => entry,
         };
-        let meta = entry.meta.to_meta(&entry.info);
-        let body = entry.body.clone();
-        let mut hit = BodyHit::new(body, entry.weight as usize);
-        hit.count_access = entry.lru_due();
+        let meta = entry.meta.to_meta(&entry.info());
+        let hit = BodyHit::new(entry.body(), entry.weight());
         Ok(Some((meta, Box::new(hit))))
     }
 
@@ -558,6 +384,7 @@ impl Storage for MemoryStorage {
         Ok(Box::new(MemoryMiss {
             storage: self,
             id,
+            class: class_of(key),
             write,
             write_tag: write.to_be_bytes(),
             partial,
@@ -574,14 +401,9 @@ impl Storage for MemoryStorage {
         let id = id(target.key().combined_bin());
         match self.remove(id) {
             Some(_) => {
-                match purge_type {
-                    PurgeType::Eviction => {
-                        self.evictions.fetch_add(1, Ordering::Relaxed);
-                        metrics().evictions.inc();
-                    }
-                    PurgeType::Invalidation => {
-                        self.eviction.remove_id(id);
-                    }
+                if let PurgeType::Eviction = purge_type {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                    metrics().evictions.inc();
                 }
                 Ok(PurgeOutcome::Purged(None))
             }
@@ -599,17 +421,20 @@ impl Storage for MemoryStorage {
         let Some(entry) = self.get(id) else {
             return Ok(false);
         };
-        // The same body and facts with the new header and times; its charge and LRU place
-        // stay the entry's (a 304's fields replace stored ones, RFC 9111 section 4.3.4).
-        let updated = Arc::new(Entry {
+        // A revalidation stores a new record with the same body; a purge since the entry was
+        // read wins (the record is put only where the read one still is).
+        let body = entry.body();
+        let mut stored = StoredMeta::from_meta(meta);
+        stored.set_length(body.len());
+        let stored = self.store_entry(
             id,
-            touched: AtomicU32::new(entry.touched.load(Ordering::Relaxed)),
-            weight: entry.weight,
-            meta: StoredMeta::from_meta(meta),
-            body: entry.body.clone(),
-            info: entry.info.clone(),
-        });
-        Ok(self.replace(&entry, updated))
+            class_of(key),
+            &stored,
+            &entry.info(),
+            &[&body],
+            Some(&entry.rec),
+        );
+        Ok(stored.is_some())
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
@@ -625,8 +450,7 @@ mod tests {
     use pingora::http::ResponseHeader;
     use std::time::{Duration, SystemTime};
 
-    static EVICTION: Lazy<Eviction> = Lazy::new(|| Eviction::with_capacity(1 << 20, 64));
-    static STORE: Lazy<MemoryStorage> = Lazy::new(|| MemoryStorage::new(&EVICTION));
+    static STORE: Lazy<MemoryStorage> = Lazy::new(|| MemoryStorage::new(16 << 20));
 
     /// A fill that finishes between a lookup's look at the table and its look at the fills in
     /// progress (its entry inserted, then its partial removed) is found, not missed; and each
@@ -841,7 +665,7 @@ mod tests {
         fill(&CacheKey::new("k-weight", ""), &["body"], &m).await;
         let charged = STORE.bytes_by_rule()["weight-rule"] as usize;
         assert!(
-            charged >= 4 + 20_000 + tag_bytes + size_of::<Entry>(),
+            charged >= 4 + 20_000 + tag_bytes + layout::FIXED,
             "charged {charged} bytes for an entry holding more than {}",
             20_000 + tag_bytes
         );
@@ -902,9 +726,10 @@ mod tests {
         let within = |buf: &Bytes, p: *const u8| {
             (buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len()).contains(&(p as usize))
         };
-        assert_eq!(&entry.body[..], &body_buf[100..1124]);
+        let body = entry.body();
+        assert_eq!(&body[..], &body_buf[100..1124]);
         assert!(
-            !within(&body_buf, entry.body.as_ptr()),
+            !within(&body_buf, body.as_ptr()),
             "the stored body is a slice of the 64 KiB read buffer: it keeps all of it alive"
         );
         let header = meta.header.to_response_header();
@@ -918,57 +743,49 @@ mod tests {
                 "a hit's header values are slices of the entry's one value buffer"
             );
         }
+        // The header values and the body are slices of the entry's one record.
+        let record = entry.rec.slice(0..entry.rec.payload().len());
+        assert!(within(&record, body.as_ptr()) && within(&record, meta.header.values().as_ptr()));
         // What the entry holds, from the parts themselves: the body, the header values'
         // buffer, a value end per field (the names are a list shared by entries with the same
-        // fields), the facts, the key, and the entry struct.
-        let held = entry.body.len()
+        // fields), the names and the fixed part.
+        let held = body.len()
             + meta.header.values().len()
-            + header.headers.len() * size_of::<u32>()
-            + entry.info.host_path().len()
-            + entry.info.tags().map(|t| t.len()).sum::<usize>()
-            + size_of::<Entry>();
+            + entry.names().host_path().len()
+            + entry.names().tags().map(|t| t.len()).sum::<usize>()
+            + layout::FIXED;
         assert!(
-            entry.weight as usize >= held,
+            entry.weight() >= held,
             "charged {} bytes for an entry holding at least {held}",
-            entry.weight
+            entry.weight()
         );
     }
 
     /// The URI index holds each entry the table holds, once, and nothing else: a link left to
-    /// a replaced or removed entry would keep its body alive and make `has_uri` lie.
+    /// a replaced or removed entry would make `has_uri` lie and purges miss.
     #[tokio::test]
     async fn the_uri_index_follows_every_replacement_and_removal() {
         let span = pingora::cache::trace::Span::inactive().handle();
         let key = CacheKey::new("k-links", "");
         let id = id(key.combined_bin());
+        let linked = |rec: &Record| matches!(&STORE.store.variants(50)[..], [r] if r.same(rec));
         fill(&key, &["one"], &meta(60, 50)).await;
         let first = STORE.get(id).unwrap();
-        assert!(matches!(&STORE.variants(50)[..], [e] if Arc::ptr_eq(e, &first)));
+        assert!(linked(&first.rec));
         // A new fill of the same key replaces the entry and its link.
         fill(&key, &["two"], &meta(60, 50)).await;
         let second = STORE.get(id).unwrap();
-        assert!(matches!(&STORE.variants(50)[..], [e] if Arc::ptr_eq(e, &second)));
-        assert_eq!(
-            Arc::strong_count(&first),
-            1,
-            "nothing else holds a replaced entry"
-        );
+        assert!(linked(&second.rec) && !second.rec.same(&first.rec));
         // A revalidation's replacement too.
         assert!(STORE
             .update_meta(&key, &meta(600, 50), &span)
             .await
             .unwrap());
         let third = STORE.get(id).unwrap();
-        assert!(matches!(&STORE.variants(50)[..], [e] if Arc::ptr_eq(e, &third)));
-        assert_eq!(Arc::strong_count(&second), 1);
+        assert!(linked(&third.rec) && !third.rec.same(&second.rec));
         // A removal takes the link with it.
         assert!(STORE.purge_id(id));
-        assert!(STORE.variants(50).is_empty() && !STORE.has_uri(50));
-        assert_eq!(
-            Arc::strong_count(&third),
-            1,
-            "the index keeps no removed entry"
-        );
+        assert!(STORE.store.variants(50).is_empty() && !STORE.has_uri(50));
     }
 
     #[tokio::test]
@@ -982,58 +799,6 @@ mod tests {
         assert!(STORE.lookup(&k1, &span).await.unwrap().is_none());
         assert!(STORE.lookup(&k2, &span).await.unwrap().is_none());
         assert!(!STORE.has_uri(22));
-    }
-
-    /// Issue 9 item 12: what an entry's facts hold is charged, tags and `host_path` included;
-    /// a rule's facts decoded from a record are the entry's own and charged, a compiled rule's
-    /// are shared by all of its entries and are not.
-    #[test]
-    fn the_facts_weigh_every_byte_they_hold() {
-        let base = info_weight(&EntryInfo {
-            rule: StoredRule::of("r", false, None),
-            ..EntryInfo::default()
-        });
-        assert!(base >= ARC_COUNTS + size_of::<EntryInfo>());
-        let big = EntryInfo {
-            names: Names::new(&"h".repeat(10_000), &vec!["t".repeat(200); 3]),
-            rule: StoredRule::of("r", false, None),
-            ..EntryInfo::default()
-        };
-        assert!(info_weight(&big) >= base + 10_000 + 600);
-        let name = "r".repeat(1000);
-        let own = EntryInfo {
-            rule: StoredRule::decoded(&name, false),
-            ..EntryInfo::default()
-        };
-        assert!(info_weight(&own) >= base + size_of::<StoredRule>() + 1000);
-        let cost = crate::rules::Cost {
-            per_request: 0.0,
-            tokens: Some("/usage/total_tokens".into()),
-            per_1k_tokens: 1.0,
-        };
-        let compiled = EntryInfo {
-            rule: StoredRule::of(&name, false, Some(&cost)),
-            ..EntryInfo::default()
-        };
-        assert_eq!(info_weight(&compiled), base);
-    }
-
-    /// Issue 16: with its `Arc`'s two counts, an entry fits mimalloc's 192-byte class and its
-    /// facts the 64-byte one, and an LRU node is 32 bytes: a field more would cost each of a
-    /// million entries the next class up (measured by `benches/memory_scale.rs`).
-    #[test]
-    fn an_entry_its_facts_and_its_lru_node_keep_their_sizes() {
-        assert!(
-            ARC_COUNTS + size_of::<Entry>() <= 192,
-            "{}",
-            size_of::<Entry>()
-        );
-        assert!(
-            ARC_COUNTS + size_of::<EntryInfo>() <= 64,
-            "{}",
-            size_of::<EntryInfo>()
-        );
-        assert_eq!(priority::LRU_BYTES, 2 * 32 + map_slot(size_of::<u32>()));
     }
 
     #[tokio::test]
@@ -1050,30 +815,29 @@ mod tests {
         assert_eq!(got.stale_if_error_sec(), 2);
         assert_eq!(&hit.read_body().await.unwrap().unwrap()[..], b"body");
         // The entry was replaced, not changed under a reader: one taken before still has the
-        // old times, and shares the body; the charge is the entry's as before (`replace`
-        // accounts nothing).
+        // old times and the same body.
         let after = STORE.get(id(key.combined_bin())).unwrap();
-        assert!(!Arc::ptr_eq(&before, &after));
+        assert!(!before.rec.same(&after.rec));
         assert!(before.meta.facts.fresh_until.time() <= SystemTime::now());
-        assert_eq!(before.body.as_ptr(), after.body.as_ptr());
-        assert_eq!(before.weight, after.weight);
+        assert_eq!(before.body(), after.body());
         // A replacement of an entry the table no longer holds (a newer fill took its place)
         // is refused, and the newer one stays.
         fill(&key, &["newer body"], &meta(600, 33)).await;
         let newest = STORE.get(id(key.combined_bin())).unwrap();
-        let stale_update = Arc::new(Entry {
-            id: after.id,
-            touched: AtomicU32::new(0),
-            weight: after.weight,
-            meta: after.meta.clone(),
-            body: after.body.clone(),
-            info: after.info.clone(),
-        });
-        assert!(!STORE.replace(&after, stale_update));
-        assert!(Arc::ptr_eq(
-            &STORE.get(id(key.combined_bin())).unwrap(),
-            &newest
-        ));
+        let refused = STORE.store_entry(
+            id(key.combined_bin()),
+            1,
+            &after.meta,
+            &after.info(),
+            &[&after.body()],
+            Some(&after.rec),
+        );
+        assert!(refused.is_none());
+        assert!(STORE
+            .get(id(key.combined_bin()))
+            .unwrap()
+            .rec
+            .same(&newest.rec));
         let purged = STORE
             .purge(
                 PurgeTarget::Active(&key.to_compact()),
