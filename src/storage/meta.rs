@@ -89,6 +89,29 @@ pub struct StoredTimes {
     pub varies: bool,
 }
 
+/// A stored header's HTTP version in one byte, as both tiers write it.
+pub fn version_code(v: Version) -> u8 {
+    match v {
+        Version::HTTP_09 => 0,
+        Version::HTTP_10 => 1,
+        Version::HTTP_2 => 3,
+        Version::HTTP_3 => 4,
+        _ => 2,
+    }
+}
+
+/// The version [`version_code`] wrote; `None` for a byte it never writes.
+pub fn version_of(code: u8) -> Option<Version> {
+    Some(match code {
+        0 => Version::HTTP_09,
+        1 => Version::HTTP_10,
+        2 => Version::HTTP_11,
+        3 => Version::HTTP_2,
+        4 => Version::HTTP_3,
+        _ => return None,
+    })
+}
+
 /// Bytes of [`MetaFacts::encode`]'s form without and with a variance.
 const PLAIN_LEN: usize = 3 * 8 + 2 * 4 + 1;
 const VARIANCE_LEN: usize = 16;

@@ -20,13 +20,13 @@
 //! The key id is derived from the key itself, so rotating keys needs no bookkeeping: records
 //! sealed with a `previous_keys` entry still open, and an unknown id is simply a miss.
 
-use super::meta::{self, MetaFacts, HIT_FIELDS};
+use super::meta::{self, version_code, version_of, MetaFacts, HIT_FIELDS};
 use super::{EntryInfo, Names};
 use crate::rules::StoredRule;
 use aes_gcm::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use pingora::cache::CacheMeta;
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::v1::common::content_length_parse_all;
@@ -84,27 +84,6 @@ impl PartialEq for Record {
 }
 
 impl Eq for Record {}
-
-fn version_code(v: Version) -> u8 {
-    match v {
-        Version::HTTP_09 => 0,
-        Version::HTTP_10 => 1,
-        Version::HTTP_2 => 3,
-        Version::HTTP_3 => 4,
-        _ => 2,
-    }
-}
-
-fn version_of(code: u8) -> Option<Version> {
-    Some(match code {
-        0 => Version::HTTP_09,
-        1 => Version::HTTP_10,
-        2 => Version::HTTP_11,
-        3 => Version::HTTP_2,
-        4 => Version::HTTP_3,
-        _ => return None,
-    })
-}
 
 /// Appends `h` in the record's header form.
 fn put_header(out: &mut Vec<u8>, h: &ResponseHeader) {

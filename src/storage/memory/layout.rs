@@ -32,10 +32,10 @@ use super::compact::{shared_list, StoredHeader, OWN_NAMES};
 use super::segments::Record;
 use super::StoredMeta;
 use crate::rules::StoredRule;
-use crate::storage::meta::{MetaFacts, Stamp};
+use crate::storage::meta::{version_code, version_of, MetaFacts, Stamp};
 use crate::storage::{EntryInfo, Names, NamesRef};
 use bytes::Bytes;
-use http::{HeaderName, StatusCode, Version};
+use http::{HeaderName, StatusCode};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -86,26 +86,6 @@ fn rule_number(rule: &StoredRule) -> Option<u16> {
     }));
     rules.insert(key, n);
     Some(n)
-}
-
-fn version_code(v: Version) -> u8 {
-    match v {
-        Version::HTTP_09 => 0,
-        Version::HTTP_10 => 1,
-        Version::HTTP_2 => 3,
-        Version::HTTP_3 => 4,
-        _ => 2,
-    }
-}
-
-fn version_of(code: u8) -> Version {
-    match code {
-        0 => Version::HTTP_09,
-        1 => Version::HTTP_10,
-        3 => Version::HTTP_2,
-        4 => Version::HTTP_3,
-        _ => Version::HTTP_11,
-    }
 }
 
 /// An entry as a record's parts: the fixed part, the header buffer, the names buffer and
@@ -317,7 +297,7 @@ impl Entry {
             _ => r.u32()? as usize,
         };
         let status = StatusCode::from_u16(r.u16()?).ok()?;
-        let version = version_of(r.u8()?);
+        let version = version_of(r.u8()?)?;
         let list = r.u16()?;
         let tags = r.u32()?;
         let names_len = r.u32()? as usize;
