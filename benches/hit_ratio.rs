@@ -20,7 +20,7 @@
 //! Run by `cargo test --benches` it is a smoke test: 20,000 requests, the same comparison.
 
 use aisle::config::Config;
-use aisle::storage::memory::segments::{Segments, HEAD};
+use aisle::storage::memory::segments::{Segments, HEAD, INDEX};
 use aisle::tools::replay::{admit, key_of, parse_line};
 use aisle::tools::tracegen::{generate, Options};
 use aisle::trust::Client;
@@ -35,9 +35,6 @@ use std::time::SystemTime;
 /// What a record holds besides its body: the fixed part, a typical header and names
 /// (`benches/memory_scale.rs`'s entry: about 320 bytes).
 const ENTRY_BYTES: usize = 320;
-/// What the segment store charges a record outside its segment (its `INDEX`), charged to the
-/// LRU's entries too so that both hold the same bytes per entry.
-const INDEX_BYTES: usize = 110;
 
 /// The answer's body size for a key: 256 B to 16 KiB, log-uniform over seven doublings.
 fn body_size(id: u128) -> usize {
@@ -54,13 +51,15 @@ fn key(id: u128) -> CacheEntryKey {
 }
 
 /// Hits of pingora's LRU over `ids` with `budget` bytes.
+/// Each entry is charged what the store charges a record outside its segment too (`INDEX`),
+/// so that both hold the same bytes per entry.
 fn lru(ids: &[u128], budget: usize) -> usize {
     let lru = Manager::<16>::with_capacity(budget, 1024);
     let mut held = HashSet::new();
     let mut hits = 0;
     let never = SystemTime::UNIX_EPOCH;
     for &id in ids {
-        let size = HEAD + ENTRY_BYTES + body_size(id) + INDEX_BYTES;
+        let size = HEAD + ENTRY_BYTES + body_size(id) + INDEX;
         if held.contains(&id) {
             hits += 1;
             lru.access(&key(id), size, never);
@@ -120,7 +119,7 @@ fn main() {
     let distinct: HashMap<u128, usize> = ids.iter().map(|&id| (id, body_size(id))).collect();
     let bytes: usize = distinct
         .values()
-        .map(|b| HEAD + ENTRY_BYTES + b + INDEX_BYTES)
+        .map(|b| HEAD + ENTRY_BYTES + b + INDEX)
         .sum();
     println!(
         "{} cacheable requests of {requests}, {} distinct keys, {:.1} MiB of answers; \

@@ -17,14 +17,13 @@
 
 use crate::storage::meta::{response_header, HIT_FIELDS};
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
-use http::{StatusCode, Version};
+use hashbrown::Equivalent;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version};
 use once_cell::sync::Lazy;
 use parking_lot::Mutex;
 use pingora::http::ResponseHeader;
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::OnceLock;
+use std::hash::Hash;
+use std::sync::{Arc, OnceLock};
 
 /// The body as the entry keeps it: a copy in a buffer of exactly its length, so that a slice of
 /// a larger buffer does not keep that buffer alive.
@@ -45,6 +44,53 @@ pub(super) fn owned_body(chunks: &[Bytes]) -> Bytes {
 /// The high bit of a value end: the value is sensitive (never logged, not HPACK-indexed).
 const SENSITIVE: u32 = 1 << 31;
 
+/// A bounded table that numbers what many entries share, so a segment record keeps a 2-byte
+/// number instead of its own copy: header-name lists here, rules' stored facts in `layout.rs`.
+/// Numbering takes a lock (a fill's path); reading a number does not (a hit's path): each
+/// number is set once and never changed, and nothing is ever removed, so the table is bounded
+/// by its size whatever is numbered.
+pub(super) struct Numbered<K, V> {
+    by_key: Mutex<hashbrown::HashMap<K, u16>>,
+    by_number: Box<[OnceLock<V>]>,
+}
+
+impl<K: Hash + Eq, V: Clone> Numbered<K, V> {
+    /// A table of at most `size` numbers (below `u16::MAX`, which records keep for "not
+    /// numbered").
+    pub(super) fn new(size: usize) -> Self {
+        Numbered {
+            by_key: Mutex::default(),
+            by_number: (0..size.min(u16::MAX as usize))
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    /// The number of what `key` stands for and its value, numbering it (with `make`'s key and
+    /// value) if it is new and the table has room. Looked up by `key` without making anything.
+    pub(super) fn number<Q>(&self, key: &Q, make: impl FnOnce() -> (K, V)) -> Option<(u16, V)>
+    where
+        Q: Hash + Equivalent<K> + ?Sized,
+    {
+        let mut by_key = self.by_key.lock();
+        if let Some(&n) = by_key.get(key) {
+            return Some((n, self.get(n)?.clone()));
+        }
+        let n = u16::try_from(by_key.len())
+            .ok()
+            .filter(|&n| (n as usize) < self.by_number.len())?;
+        let (k, v) = make();
+        let _ = self.by_number[n as usize].set(v.clone());
+        by_key.insert(k, n);
+        Some((n, v))
+    }
+
+    /// The value numbered `n`.
+    pub(super) fn get(&self, n: u16) -> Option<&V> {
+        self.by_number.get(n as usize)?.get()
+    }
+}
+
 /// Most answers of an origin carry the same fields in the same order, so an entry's field names
 /// are one shared list ([`interned`]), which a segment record names by number. The table keeps
 /// at most this many lists, each of at most [`MAX_SHARED_NAMES`] bytes, so it is bounded (a
@@ -54,36 +100,24 @@ const MAX_SHARED_NAMES: usize = 1024;
 /// The list number of names that are the entry's own (not in the table).
 pub(super) const OWN_NAMES: u16 = u16::MAX;
 
-/// The lists by content, for interning (a fill's path, under a lock).
-static NAME_LISTS: Lazy<Mutex<HashMap<Arc<[HeaderName]>, u16>>> = Lazy::new(Mutex::default);
-/// The lists by number, for hits: read without a lock, each set once and never changed.
 type NameList = Arc<[HeaderName]>;
-static LISTS_BY_NUMBER: Lazy<Box<[OnceLock<NameList>]>> =
-    Lazy::new(|| (0..MAX_NAME_LISTS).map(|_| OnceLock::new()).collect());
+static NAME_LISTS: Lazy<Numbered<NameList, NameList>> = Lazy::new(|| Numbered::new(MAX_NAME_LISTS));
 
 /// The shared copy of a list of names and its number, if the table has (or can take) it.
-fn interned(names: &[HeaderName]) -> Option<(u16, Arc<[HeaderName]>)> {
+fn interned(names: &[HeaderName]) -> Option<(u16, NameList)> {
     let bytes: usize = names.iter().map(|n| n.as_str().len()).sum();
     if bytes > MAX_SHARED_NAMES {
         return None;
     }
-    let mut lists = NAME_LISTS.lock();
-    if let Some((list, n)) = lists.get_key_value(names) {
-        return Some((*n, list.clone()));
-    }
-    if lists.len() >= MAX_NAME_LISTS {
-        return None;
-    }
-    let n = lists.len() as u16;
-    let list: Arc<[HeaderName]> = names.into();
-    let _ = LISTS_BY_NUMBER[n as usize].set(list.clone());
-    lists.insert(list.clone(), n);
-    Some((n, list))
+    NAME_LISTS.number(names, || {
+        let list: NameList = names.into();
+        (list.clone(), list)
+    })
 }
 
 /// Shared list number `n`.
-pub(super) fn shared_list(n: u16) -> Option<Arc<[HeaderName]>> {
-    LISTS_BY_NUMBER.get(n as usize)?.get().cloned()
+pub(super) fn shared_list(n: u16) -> Option<NameList> {
+    NAME_LISTS.get(n).cloned()
 }
 
 /// A response header as an entry keeps it: status, version, and the fields in order (repeated
@@ -234,6 +268,11 @@ impl StoredHeader {
 
     pub(super) fn status(&self) -> u16 {
         self.status.as_u16()
+    }
+
+    /// The number of its names in the shared table, or [`OWN_NAMES`].
+    pub(super) fn list(&self) -> u16 {
+        self.list
     }
 
     /// What a record keeps of the header: status, version, reason phrase length, list

@@ -22,25 +22,24 @@
 //! ```
 //!
 //! What many entries share is named by number rather than kept: a header's list of field
-//! names (`compact.rs`'s table) and the rule's stored facts ([`RULES`], bounded the same way;
+//! names and the rule's stored facts (`compact.rs`'s `Numbered` tables, [`RULES`] here;
 //! beyond the bound a rule is written out in `extra`). A hit reads the fixed part, slices the
 //! header buffer and the body out of the record (reference counts on the segment) and clones
 //! the shared name list: no allocation. Only pingora's own lookup path builds the entry's facts
 //! as an `Arc<EntryInfo>` for its meta.
 
-use super::compact::{shared_list, StoredHeader, OWN_NAMES};
+use super::compact::{shared_list, Numbered, StoredHeader, OWN_NAMES};
 use super::segments::Record;
 use super::StoredMeta;
 use crate::rules::StoredRule;
 use crate::storage::meta::{version_code, version_of, MetaFacts, Stamp};
 use crate::storage::{EntryInfo, Names, NamesRef};
 use bytes::Bytes;
+use hashbrown::Equivalent;
 use http::{HeaderName, StatusCode};
 use once_cell::sync::Lazy;
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// Bytes of a record's fixed part at most (see the module comment).
 const MAX_FIXED: usize = 79;
@@ -60,32 +59,39 @@ const MAX_RULES: usize = 4096;
 /// The rule number of a rule written out in the record.
 const OWN_RULE: u16 = u16::MAX;
 
+/// What an entry keeps of a rule (name, `encrypt`, token pointer): what the table numbers by.
 type RuleKey = (Box<str>, bool, Option<Box<str>>);
-/// Rules by what an entry keeps of them, for numbering (a fill's path, under a lock).
-static RULES: Lazy<Mutex<HashMap<RuleKey, u16>>> = Lazy::new(Mutex::default);
-/// Rules by number, read without a lock; each set once and never changed.
-static RULES_BY_NUMBER: Lazy<Box<[OnceLock<Arc<StoredRule>>]>> =
-    Lazy::new(|| (0..MAX_RULES).map(|_| OnceLock::new()).collect());
+
+/// A [`RuleKey`] borrowed from a `StoredRule`, to look one up without copying its strings on
+/// every fill. It hashes as the owned key does (a `Box<str>` and a `&str` hash as their `str`).
+#[derive(Hash)]
+struct RuleRef<'a>(&'a str, bool, Option<&'a str>);
+
+impl Equivalent<RuleKey> for RuleRef<'_> {
+    fn equivalent(&self, key: &RuleKey) -> bool {
+        self.0 == &*key.0 && self.1 == key.1 && self.2 == key.2.as_deref()
+    }
+}
+
+/// The rules' stored facts by number.
+static RULES: Lazy<Numbered<RuleKey, Arc<StoredRule>>> = Lazy::new(|| Numbered::new(MAX_RULES));
 
 /// The number of `rule`'s stored facts, if the table has (or can take) them.
 fn rule_number(rule: &StoredRule) -> Option<u16> {
-    let key: RuleKey = (rule.name.clone(), rule.encrypt, rule.tokens_at.clone());
-    let mut rules = RULES.lock();
-    if let Some(n) = rules.get(&key) {
-        return Some(*n);
-    }
-    if rules.len() >= MAX_RULES {
-        return None;
-    }
-    let n = rules.len() as u16;
-    let _ = RULES_BY_NUMBER[n as usize].set(Arc::new(StoredRule {
-        name: rule.name.clone(),
-        encrypt: rule.encrypt,
-        tokens_at: rule.tokens_at.clone(),
-        shared: true,
-    }));
-    rules.insert(key, n);
-    Some(n)
+    let key = RuleRef(&rule.name, rule.encrypt, rule.tokens_at.as_deref());
+    let numbered = RULES.number(&key, || {
+        let shared = StoredRule {
+            name: rule.name.clone(),
+            encrypt: rule.encrypt,
+            tokens_at: rule.tokens_at.clone(),
+            shared: true,
+        };
+        (
+            (rule.name.clone(), rule.encrypt, rule.tokens_at.clone()),
+            Arc::new(shared),
+        )
+    });
+    numbered.map(|(n, _)| n)
 }
 
 /// An entry as a record's parts: the fixed part, the header buffer, the names buffer and
@@ -374,10 +380,7 @@ impl Entry {
     /// The facts of the rule it was stored under.
     pub(super) fn rule(&self) -> Arc<StoredRule> {
         if self.rule != OWN_RULE {
-            if let Some(rule) = RULES_BY_NUMBER
-                .get(self.rule as usize)
-                .and_then(OnceLock::get)
-            {
+            if let Some(rule) = RULES.get(self.rule) {
                 return rule.clone();
             }
         }
@@ -385,7 +388,7 @@ impl Entry {
         let mut x = Reader {
             b: &self.rec.payload()[self.extra.clone()],
         };
-        if self.meta.header.parts().3 == OWN_NAMES {
+        if self.meta.header.list() == OWN_NAMES {
             let n = x.u16().unwrap_or(0);
             for _ in 0..n {
                 let _ = x.str();
@@ -482,7 +485,7 @@ mod tests {
                 .unwrap();
         }
         let meta = StoredMeta::from_meta(&CacheMeta::new(now, now, 0, 0, big));
-        assert_eq!(meta.header.parts().3, OWN_NAMES);
+        assert_eq!(meta.header.list(), OWN_NAMES);
         let mut own = StoredRule::decoded(&"r".repeat(300), false);
         Arc::get_mut(&mut own).unwrap().tokens_at = Some("/usage/x".into());
         let info = EntryInfo { rule: own, ..info };
@@ -495,6 +498,23 @@ mod tests {
             (&*"r".repeat(300), Some("/usage/x"))
         );
         assert!(e.body().is_empty());
+    }
+
+    /// A rule is numbered once by what an entry keeps of it, however many copies of it there
+    /// are (a compiled rule's, one decoded from a Redis record), and looked up without a copy.
+    #[test]
+    fn a_rule_is_numbered_once_by_its_facts() {
+        let compiled = StoredRule::of("numbered-once", true, None);
+        let decoded = StoredRule::decoded("numbered-once", true);
+        let n = rule_number(&compiled).unwrap();
+        assert_eq!(rule_number(&decoded), Some(n));
+        assert_eq!(rule_number(&compiled), Some(n));
+        assert_ne!(
+            rule_number(&StoredRule::decoded("numbered-once", false)),
+            Some(n)
+        );
+        let numbered = RULES.get(n).unwrap();
+        assert_eq!((&*numbered.name, numbered.encrypt), ("numbered-once", true));
     }
 
     /// A record whose lengths do not add up is not an entry.

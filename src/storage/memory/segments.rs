@@ -61,7 +61,7 @@ const NIL: u32 = u32::MAX;
 /// allocator may keep the old copy), its 4-byte slots in the id and URI tables (at hashbrown's
 /// load) and its entry in the segment's member list (4 bytes, up to twice that as the list
 /// doubles).
-const INDEX: usize = 2 * std::mem::size_of::<Slot>() + 2 * super::map_slot(4) + 8;
+pub const INDEX: usize = 2 * std::mem::size_of::<Slot>() + 2 * super::map_slot(4) + 8;
 /// What a segment costs beyond its bytes: its bookkeeping, and the reference count block
 /// `bytes` allocates when the first record is split off.
 const SEGMENT_EXTRA: usize = 128;
@@ -122,8 +122,13 @@ impl Record {
 
     /// Whether `other` is this very record (not an equal copy).
     pub fn same(&self, other: &Record) -> bool {
-        self.0.as_ptr() == other.0.as_ptr() && self.0.len() == other.0.len()
+        same_bytes(&self.0, &other.0)
     }
+}
+
+/// Whether two handles are to the very same bytes of a segment.
+fn same_bytes(a: &Bytes, b: &Bytes) -> bool {
+    a.as_ptr() == b.as_ptr() && a.len() == b.len()
 }
 
 /// What an insert did besides storing its record.
@@ -480,9 +485,7 @@ impl Segments {
             let current = shard.find(&self.hasher, id);
             let holds_expected = match (expect, current) {
                 (None, _) => true,
-                (Some(e), Some(i)) => shard
-                    .rec(i)
-                    .is_some_and(|r| r.as_ptr() == e.0.as_ptr() && r.len() == e.len()),
+                (Some(e), Some(i)) => shard.rec(i).is_some_and(|r| same_bytes(r, &e.0)),
                 (Some(_), None) => false,
             };
             if holds_expected {
@@ -731,10 +734,7 @@ impl Segments {
         let Some(slot) = shard.slots.get_mut(s.slot as usize) else {
             return;
         };
-        let still = slot
-            .rec
-            .as_ref()
-            .is_some_and(|r| r.as_ptr() == s.rec.as_ptr() && r.len() == s.rec.len());
+        let still = slot.rec.as_ref().is_some_and(|r| same_bytes(r, &s.rec));
         if still {
             slot.rec = Some(copy);
             slot.seg = seg;
