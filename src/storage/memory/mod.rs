@@ -2,8 +2,9 @@
 //!
 //! Entries are records in [`Segments`] (`segments.rs`): each entry one run of bytes, laid out by
 //! `layout.rs`, packed with others in segments that are evicted a segment at a time, oldest
-//! first within the lowest priority class, with a second chance for entries hit since they
-//! were written. That is what brought an entry's cost beyond its body and header from 480 B to
+//! first within the lowest priority class, in S3-FIFO's queues: new entries on probation,
+//! entries hit there or asked for again kept in the main queue, with a second chance for
+//! entries hit since they were written. That is what brought an entry's cost beyond its body and header from 480 B to
 //! under 300 B at a million entries (issue 16: five allocations an entry, each rounded up to
 //! its size class, became none). The budget (`cache.memory`) counts whole segments and every
 //! record's share of the index, so what the tier charges covers what it holds; the store
