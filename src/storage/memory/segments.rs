@@ -295,7 +295,8 @@ impl Queue {
 /// straight to the main queue (S3-FIFO's ghost queue). A direct-mapped table of 32-bit
 /// fingerprints, one per slot: a newer id overwrites an older one in its slot, so it
 /// remembers about as many ids as it has slots, at 4 bytes each, and never grows. A false
-/// match (one in four billion) only sends a new record to the main queue.
+/// match (about one in two billion: the fingerprint's low bit is always set) only sends a new
+/// record to the main queue.
 struct Ghost {
     prints: Box<[u32]>,
 }
@@ -338,8 +339,6 @@ struct Writer {
     /// Numbers of segments evicted during the current insert, freed when it ends (a record
     /// given its second chance still names its old segment until it is copied).
     retired: Vec<u32>,
-    /// Bytes of every segment held.
-    allocated: usize,
 }
 
 impl Writer {
@@ -350,12 +349,16 @@ impl Writer {
             segs: Vec::new(),
             free: Vec::new(),
             retired: Vec::new(),
-            allocated: 0,
         }
     }
 
     fn queue(&mut self, class: u8, lane: Lane) -> &mut Queue {
         &mut self.queues[class as usize][lane as usize]
+    }
+
+    /// Bytes of every segment held: what its queues are charged.
+    fn allocated(&self) -> usize {
+        self.queues.iter().flatten().map(|q| q.bytes).sum()
     }
 }
 
@@ -627,7 +630,7 @@ impl Segments {
         }
         let Writer { retired, free, .. } = &mut *w;
         free.append(retired);
-        self.allocated.store(w.allocated, Ordering::Relaxed);
+        self.allocated.store(w.allocated(), Ordering::Relaxed);
         Ok(out)
     }
 
@@ -696,7 +699,7 @@ impl Segments {
                 };
             // Evicting may take one of this class's open segments: look again. With nothing
             // left to evict the budget is smaller than a segment; the record is written anyway.
-            if w.allocated + need <= self.budget || !self.evict_one(w, out, survivors, keep) {
+            if w.allocated() + need <= self.budget || !self.evict_one(w, out, survivors, keep) {
                 break found;
             }
         };
@@ -734,7 +737,6 @@ impl Segments {
         if let Some(Some(info)) = w.segs.get_mut(seg as usize) {
             info.size += INDEX;
         }
-        w.allocated += INDEX;
         w.queue(class, lane).bytes += INDEX;
         (seg, rec)
     }
@@ -748,7 +750,6 @@ impl Segments {
             lane,
             members: Vec::new(),
         };
-        w.allocated += size;
         w.queue(class, lane).bytes += size;
         match w.free.pop() {
             Some(n) => {
@@ -806,7 +807,6 @@ impl Segments {
         let Some(info) = w.segs.get_mut(seg as usize).and_then(Option::take) else {
             return;
         };
-        w.allocated -= info.size;
         w.queue(info.class, info.lane).bytes -= info.size;
         w.retired.push(seg);
         let mut members = info.members;
